@@ -1,0 +1,13 @@
+"""topkattn: forgetful causal top-k attention, MLA and a LoRANN index in NumPy/CuPy.
+
+Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim,
+Dv value dim, C latent dim, R rope dim, K selected keys per query.
+"""
+from topkattn.topk_attention import (
+    topk_attention,
+    topk_attention_backward,
+    topk_attention_forward,
+)
+
+__version__ = "0.1.0"
+__all__ = ["topk_attention", "topk_attention_forward", "topk_attention_backward"]
