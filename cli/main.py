@@ -1,0 +1,11 @@
+"""The `topkattn` command line: a thin Click group; each command lives in its own module."""
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="topkattn")
+def main():
+    """Forgetful top-k attention, MLA and LoRANN: train, evaluate and embed."""
+
+
+# Commands register here, one line each (import inside the module keeps startup light).

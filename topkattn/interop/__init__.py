@@ -1,0 +1,1 @@
+"""Lazy bridges to PyTorch and JAX (never imported by topkattn itself)."""

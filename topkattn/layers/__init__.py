@@ -1,0 +1,1 @@
+"""Transformer layers with hand-written forward/backward pairs (MLA, RMSNorm, RoPE, FFN, ...)."""

@@ -1,0 +1,1 @@
+"""Pretrained models re-implemented with the engine (BERT-style encoders)."""
