@@ -1,0 +1,87 @@
+"""Slow, obviously correct reference implementations every fast path is tested against.
+
+Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim, Dv value dim.
+Everything is computed in float64 with full (T, S) score matrices and plain loops.
+"""
+import numpy as np
+
+from topkattn.backend import to_numpy
+from topkattn.selection import RowBounds, forget_draws
+
+
+def rank_row(scores, candidates):
+    """Candidate key indices of one row sorted by score, descending; ties to the lower index.
+
+    NaN ranks above every number (so NaN inputs reach the output).
+    scores: (S,) float; candidates: (S,) bool.  Returns an int64 array.
+    """
+    js = np.flatnonzero(candidates)
+    key = np.where(np.isnan(scores[js]), np.inf, scores[js])
+    return js[np.argsort(-key, kind="stable")]
+
+
+def topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, temperature=1.0,
+                             forget_rate=0.0, seed=None, sinks=0, window=0):
+    """Dense reference of ``topk_attention_forward``.
+
+    Returns (out (B, H, T, Dv), mask (B, H, T, S) bool of attended keys, lse (B, H, T)),
+    all float64 / bool NumPy arrays.  Uses the same forgetting draws as the fast paths.
+    """
+    q, k, v = (to_numpy(a).astype(np.float64) for a in (q, k, v))
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rep = H // G
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    bounds = RowBounds(S, T, topk=topk, causal=causal, sinks=sinks, window=window)
+    drop = forget_draws(seed, (B, H, T, bounds.n_sel), forget_rate)
+    out = np.zeros((B, H, T, Dv))
+    lse = np.full((B, H, T), -np.inf)
+    mask = np.zeros((B, H, T, S), dtype=bool)
+    js = np.arange(S)
+    for b in range(B):
+        for h in range(H):
+            g = h // rep
+            scores = (q[b, h] @ k[b, g].T) * (scale / temperature)  # (T, S)
+            for t in range(T):
+                end, lo, hi = bounds.end[t], bounds.win_lo[t], bounds.win_hi[t]
+                visible = js < end
+                forced = visible & ((js < sinks) | ((js >= lo) & (js < hi)))
+                ranked = rank_row(scores[t], visible & ~forced)
+                n = bounds.n_sel
+                if drop is None:
+                    chosen = ranked[:n]
+                else:
+                    d = drop[b, h, t]
+                    head = ranked[:n]
+                    kept = head[~d[:len(head)]]
+                    chosen = np.concatenate([kept, ranked[n:n + int(d.sum())]])
+                row = forced.copy()
+                row[chosen] = True
+                mask[b, h, t] = row
+                if not row.any():
+                    continue
+                s = scores[t, row]
+                if np.isnan(s).any():
+                    out[b, h, t] = np.nan
+                    lse[b, h, t] = np.nan
+                    continue
+                m = s.max()
+                p = np.exp(s - m)
+                lse[b, h, t] = m + np.log(p.sum())
+                out[b, h, t] = (p / p.sum()) @ v[b, g][row]
+    return out, mask, lse
+
+
+def masked_attention_reference(q, k, v, mask, scale):
+    """Softmax attention restricted to ``mask`` (B, H, T, S) in float64: out (B, H, T, Dv)."""
+    q, k, v = (to_numpy(a).astype(np.float64) for a in (q, k, v))
+    H, G = q.shape[1], k.shape[1]
+    kh = np.repeat(k, H // G, axis=1)
+    vh = np.repeat(v, H // G, axis=1)
+    s = np.einsum("bhtd,bhsd->bhts", q, kh) * scale
+    s = np.where(mask, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.where(mask, np.exp(s - m), 0.0)
+    l = p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bhsd->bhtd", p / np.where(l > 0, l, 1.0), vh)

@@ -1,0 +1,227 @@
+"""Selection: which keys each query row attends, as an index tensor (B, H, T, K).
+
+Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim.
+
+A row's index list has three regions, each padded with -1 (an empty slot):
+
+    [ sinks (P' slots) | window (W' slots) | selected (K' slots) ]
+
+with P' = min(sinks, S), W' = min(window, S), K' = min(topk, S).  Sinks and the
+window are *forced* keys: always attended, never counted in ``topk``, never
+forgotten.  The selected region holds the ``topk`` best-scoring remaining
+visible keys, ranked by score (descending; ties go to the lower key index; a
+NaN score ranks above every number so that NaN inputs reach the output).
+
+Causal alignment: query t sits at absolute position pos = S - T + t and sees
+keys j <= pos; without ``causal`` it sees all S keys.  The window of query t
+is the keys pos - W + 1 .. pos (those it may see).
+
+Forgetful masking (rate r): each selected key is dropped with probability r
+and the freed slots are refilled, in rank order, by the keys ranked K'+1,
+K'+2, ... -- what an ANN index with recall 1 - r returns.  The drop draws
+(B, H, T, K') come from :func:`forget_draws` so every implementation (NumPy,
+Numba, CUDA, the reference) makes the same choices for one seed.
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module
+
+try:  # Numba CPU kernels are optional at run time: the NumPy path needs no compiler.
+    from topkattn import cpu_kernels as _cpu_kernels
+except Exception:  # pragma: no cover - numba missing or broken
+    _cpu_kernels = None
+
+# Default budget for one chunk's (rows, S) score tile, in bytes.
+TILE_BYTES = 32 * 2**20
+
+
+class RowBounds:
+    """Per-query-row geometry shared by every implementation.
+
+    Attributes (all int64 arrays of shape (T,)):
+      end     -- one past the last visible key (pos + 1 if causal else S, clipped to [0, S])
+      win_lo  -- first window key (inclusive); win_lo == win_hi when there is no window
+      win_hi  -- one past the last window key
+    and the ints ``sinks`` (P), ``n_sink`` (P'), ``n_win`` (W'), ``n_sel`` (K').
+    Candidates of row t are the keys j with sinks <= j < end[t] and not win_lo[t] <= j < win_hi[t].
+    """
+
+    def __init__(self, S, T, *, topk, causal, sinks, window):
+        pos = np.arange(T, dtype=np.int64) + (S - T)  # (T,)
+        self.S, self.T = S, T
+        self.sinks = int(sinks)
+        self.end = np.clip(pos + 1, 0, S) if causal else np.full(T, S, dtype=np.int64)
+        if window > 0:
+            self.win_lo = np.clip(pos - window + 1, sinks, S)
+            self.win_hi = np.clip(np.minimum(pos + 1, self.end), self.win_lo, S)
+        else:
+            self.win_lo = np.zeros(T, dtype=np.int64)
+            self.win_hi = np.zeros(T, dtype=np.int64)
+        self.n_sink = min(int(sinks), S)
+        self.n_win = min(int(window), S)
+        self.n_sel = min(int(topk), S)
+
+    @property
+    def n_slots(self):
+        return self.n_sink + self.n_win + self.n_sel
+
+    def forced_indices(self):
+        """(T, P' + W') int64: sink and window key indices of each row, -1 where absent."""
+        T = self.T
+        sink = np.broadcast_to(np.arange(self.n_sink, dtype=np.int64), (T, self.n_sink)).copy()
+        sink[sink >= self.end[:, None]] = -1
+        # window slot w of row t holds key win_hi - 1 - w (most recent first)
+        win = self.win_hi[:, None] - 1 - np.arange(self.n_win, dtype=np.int64)[None, :]
+        win[win < self.win_lo[:, None]] = -1
+        return np.concatenate([sink, win], axis=1)
+
+    def candidate_mask(self, t0, t1, n_cols):
+        """(t1 - t0, n_cols) bool: True where key j is a selection candidate of row t."""
+        j = np.arange(n_cols, dtype=np.int64)[None, :]
+        sl = slice(t0, t1)
+        return ((j >= self.sinks) & (j < self.end[sl, None])
+                & ~((j >= self.win_lo[sl, None]) & (j < self.win_hi[sl, None])))
+
+
+def make_rng(seed):
+    """A numpy Generator from an int seed, a Generator (used as is) or None (fresh entropy)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)
+
+
+def forget_draws(seed, shape, forget_rate):
+    """Bool drop mask of ``shape`` (B, H, T, K'): True = this ranked slot is forgotten.
+
+    Drawn on the host with NumPy so every implementation sees the same draws for a seed.
+    """
+    if forget_rate <= 0.0:
+        return None
+    return make_rng(seed).random(shape) < forget_rate
+
+
+def apply_forgetting(ranked, drop, n_sel):
+    """Compose the forgetful selection from ranked candidates.
+
+    ranked: (R, M) int64 key indices in rank order (-1 = none), M >= n_sel.
+    drop:   (R, n_sel) bool, True where the ranked slot is forgotten.
+    Returns (R, n_sel): the kept top-n_sel keys followed by refills from ranks n_sel, n_sel+1, ...
+    (as many as were dropped), -1 padded.
+    """
+    xp = get_array_module(ranked)
+    R, M = ranked.shape
+    n_drop = drop.sum(axis=-1, keepdims=True)  # (R, 1)
+    extra = xp.arange(M - n_sel)[None, :] < n_drop  # (R, M - n_sel)
+    keep = xp.concatenate([~drop, extra], axis=1) & (ranked >= 0)  # (R, M)
+    order = xp.argsort(~keep, axis=-1, kind="stable")[:, :n_sel]  # kept slots first, rank order
+    out = xp.take_along_axis(ranked, order, axis=-1)
+    out[~xp.take_along_axis(keep, order, axis=-1)] = -1
+    return out
+
+
+def ranked_topm_xp(tile, cand, m):
+    """Top-``m`` columns of each row of ``tile`` among ``cand``, in rank order (NumPy/CuPy path).
+
+    tile: (R, N) scores; cand: (R, N) bool candidates.  Returns (R, m) int64, -1 where a row
+    has fewer than m candidates.  Ties go to the lower column; NaN ranks above every number.
+    Reference: :func:`topkattn.reference.rank_row`.
+    """
+    xp = get_array_module(tile)
+    R, N = tile.shape
+    work = xp.where(xp.isnan(tile), xp.inf, tile)
+    work = xp.where(cand, work, -xp.inf)
+    if m >= N:
+        cols = xp.argsort(-work, axis=-1, kind="stable")
+        pad = xp.full((R, m - N), -1, dtype=xp.int64)
+        valid = xp.take_along_axis(cand, cols, axis=-1)
+        cols = xp.where(valid, cols, -1).astype(xp.int64)
+        return xp.concatenate([cols, pad], axis=1)
+    th = xp.partition(work, N - m, axis=-1)[:, N - m:N - m + 1]  # (R, 1) the m-th largest
+    gt = work > th
+    eq = work == th
+    need = m - gt.sum(axis=-1, keepdims=True)
+    take = gt | (eq & (xp.cumsum(eq, axis=-1, dtype=xp.int32) <= need))  # lowest-index ties
+    cols = xp.nonzero(take)[1].reshape(R, m)  # ascending column order
+    vals = xp.take_along_axis(work, cols, axis=-1)
+    order = xp.argsort(-vals, axis=-1, kind="stable")
+    cols = xp.take_along_axis(cols, order, axis=-1)
+    valid = xp.take_along_axis(cand, cols, axis=-1)
+    return xp.where(valid, cols, -1).astype(xp.int64)
+
+
+def select_topk(q, k, *, topk, causal=True, scale, sinks=0, window=0, forget_rate=0.0,
+                seed=None, chunk_size=None, impl="auto"):
+    """Indices (B, H, T, K) of the keys each query attends (forced + top-k), -1 padded.
+
+    q (B, H, T, D), k (B, G, S, D); ``scale`` multiplies q.k (already divided by the
+    temperature).  Scores are computed chunk by chunk: peak extra memory is one
+    (B, H, chunk, S) tile plus the (B, H, T, K) result.  ``impl``: "auto" (Numba
+    on CPU when available), "numba" or "numpy" (vectorised NumPy/CuPy).
+    Inputs are validated by :func:`topkattn.topk_attention_forward`.
+    """
+    xp = get_array_module(q, k)
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    rep = H // G
+    bounds = RowBounds(S, T, topk=topk, causal=causal, sinks=sinks, window=window)
+    n_sel = bounds.n_sel
+    use_numba = _choose_numba(impl, xp)
+
+    drop = forget_draws(seed, (B, H, T, n_sel), forget_rate)  # host (B, H, T, K') or None
+    n_drop_max = 0 if drop is None else int(drop.sum(axis=-1).max(initial=0))
+    m = n_sel + n_drop_max  # ranked candidates needed per row
+
+    idx = xp.empty((B, H, T, bounds.n_slots), dtype=xp.int64)
+    forced = xp.asarray(bounds.forced_indices())  # (T, P' + W')
+    n_forced = forced.shape[1]
+    idx[..., :n_forced] = forced
+    if n_sel == 0:
+        return idx
+
+    if chunk_size is None:
+        chunk_size = max(1, TILE_BYTES // max(1, B * H * S * q.dtype.itemsize))
+    qs = (q * q.dtype.type(scale)).reshape(B, G, rep, T, D)
+    kt = k.swapaxes(-1, -2)  # (B, G, D, S)
+    for t0 in range(0, T, chunk_size):
+        t1 = min(T, t0 + chunk_size)
+        c = t1 - t0
+        n_cols = int(bounds.end[t1 - 1]) if causal else S  # keys any row of the chunk may see
+        if n_cols == 0:
+            idx[:, :, t0:t1, n_forced:] = -1
+            continue
+        qc = qs[:, :, :, t0:t1].reshape(B, G, rep * c, D)
+        tile = xp.matmul(qc, kt[..., :n_cols]).reshape(B * H * c, n_cols)  # rows (b, h, t)
+        if use_numba:
+            rows_t = np.tile(np.arange(t0, t1), B * H)
+            ranked = np.full((B * H * c, m), -1, dtype=np.int64)
+            _cpu_kernels.ranked_topm_rows(
+                tile, ranked, bounds.end[rows_t], bounds.win_lo[rows_t], bounds.win_hi[rows_t],
+                bounds.sinks, m)
+        else:
+            cand = xp.asarray(bounds.candidate_mask(t0, t1, n_cols))  # (c, n_cols)
+            cand = xp.broadcast_to(cand[None], (B * H, c, n_cols)).reshape(B * H * c, n_cols)
+            ranked = ranked_topm_xp(tile, cand, m)
+        if drop is not None:
+            d = xp.asarray(drop[:, :, t0:t1].reshape(B * H * c, n_sel))
+            ranked = apply_forgetting(ranked, d, n_sel)
+        idx[:, :, t0:t1, n_forced:] = ranked.reshape(B, H, c, n_sel)
+    return idx
+
+
+def _choose_numba(impl, xp):
+    if impl not in ("auto", "numba", "numpy"):
+        raise ValueError(f"impl must be 'auto', 'numba' or 'numpy', got {impl!r}")
+    if xp is not np:
+        if impl == "numba":
+            raise ValueError("impl='numba' runs on the CPU; got CuPy arrays")
+        return False
+    if impl == "numpy":
+        return False
+    if _cpu_kernels is None:
+        if impl == "numba":
+            raise RuntimeError("impl='numba' requested but numba is not importable")
+        return False
+    return True
+
+
+__all__ = ["RowBounds", "select_topk", "forget_draws", "apply_forgetting", "ranked_topm_xp", "make_rng"]

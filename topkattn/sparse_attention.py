@@ -1,0 +1,130 @@
+"""Sparse attention over selected keys: the attend stage every selection policy feeds.
+
+Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim,
+Dv value dim, K selected slots per query (index -1 = empty slot).
+
+    s[b,h,t,i]  = scale * q[b,h,t] . k[b, g(h), idx[b,h,t,i]]      (g(h) = h // (H/G))
+    p           = softmax_i(s)          (empty slots get p = 0)
+    out[b,h,t]  = sum_i p[b,h,t,i] * v[b, g(h), idx[b,h,t,i]]
+
+Forward saves (q, k, v, idx, out, lse); backward costs O(T*K*D): only selected
+keys receive gradient.  Work is done in query chunks so gathers stay small.
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module
+
+try:
+    from topkattn import cpu_kernels as _cpu_kernels
+except Exception:  # pragma: no cover
+    _cpu_kernels = None
+
+GATHER_BYTES = 32 * 2**20  # budget for one chunk's gathered (B, H, c, K, D) keys
+
+
+class SparseAttentionSaved:
+    """What backward needs: inputs, indices (B, H, T, K), output and row logsumexp (B, H, T)."""
+
+    __slots__ = ("q", "k", "v", "idx", "out", "lse", "scale")
+
+    def __init__(self, q, k, v, idx, out, lse, scale):
+        self.q, self.k, self.v, self.idx, self.out, self.lse, self.scale = q, k, v, idx, out, lse, scale
+
+
+def sparse_attention_forward(q, k, v, idx, scale):
+    """out (B, H, T, Dv), saved.  Inputs are assumed validated (see topk_attention_forward)."""
+    xp = get_array_module(q, k, v)
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    K = idx.shape[-1]
+    out = xp.zeros((B, H, T, Dv), dtype=q.dtype)
+    lse = xp.full((B, H, T), -xp.inf, dtype=q.dtype)
+    if K == 0 or T == 0:
+        return out, SparseAttentionSaved(q, k, v, idx, out, lse, scale)
+    kf, vf = k.reshape(B * G * S, D), v.reshape(B * G * S, Dv)
+    sc = q.dtype.type(scale)
+    for t0, t1 in _chunks(T, B * H * K * max(D, Dv) * q.dtype.itemsize):
+        flat, valid = _flat_rows(xp, idx[:, :, t0:t1], G, S)  # (B, H, c, K)
+        ks = kf[flat]  # (B, H, c, K, D)
+        s = ((q[:, :, t0:t1, None, :] * sc) * ks).sum(-1)  # (B, H, c, K)
+        s = xp.where(valid, s, -xp.inf)
+        mx = s.max(-1, keepdims=True)  # (B, H, c, 1)
+        mx_safe = xp.where(xp.isfinite(mx), mx, 0).astype(q.dtype)
+        p = xp.exp(s - mx_safe)  # empty slots -> 0; NaN rows stay NaN
+        l = p.sum(-1, keepdims=True)
+        l_safe = xp.where(l > 0, l, 1)
+        out[:, :, t0:t1] = ((p / l_safe)[..., None] * vf[flat]).sum(-2)
+        lse[:, :, t0:t1] = xp.where(l[..., 0] > 0, mx_safe[..., 0] + xp.log(l_safe[..., 0]), -xp.inf)
+        # a NaN anywhere in a row's scores makes the whole row NaN
+        nan_row = xp.isnan(s).any(-1)
+        lse[:, :, t0:t1][nan_row] = xp.nan
+        out[:, :, t0:t1][nan_row] = xp.nan
+    return out, SparseAttentionSaved(q, k, v, idx, out, lse, scale)
+
+
+def sparse_attention_backward(dout, saved):
+    """(dq, dk, dv) from dout (B, H, T, Dv).  Unselected keys get exactly zero gradient.
+
+    Rows whose forward output is NaN get a NaN dq and send nothing to dk/dv, so one
+    bad query cannot poison the gradients of keys other rows share.
+
+    dk and dv are accumulated with a deterministic serial scatter-add (Numba on CPU,
+    ``numpy.add.at`` without Numba, ``cupyx.scatter_add`` on the GPU).
+    """
+    q, k, v, idx, out, lse = saved.q, saved.k, saved.v, saved.idx, saved.out, saved.lse
+    xp = get_array_module(q, k, v)
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    K = idx.shape[-1]
+    dq = xp.zeros_like(q)
+    dk = xp.zeros((B * G * S, D), dtype=k.dtype)
+    dv = xp.zeros((B * G * S, Dv), dtype=v.dtype)
+    if K == 0 or T == 0:
+        return dq, dk.reshape(k.shape), dv.reshape(v.shape)
+    kf, vf = k.reshape(B * G * S, D), v.reshape(B * G * S, Dv)
+    sc = q.dtype.type(saved.scale)
+    for t0, t1 in _chunks(T, B * H * K * max(D, Dv) * q.dtype.itemsize):
+        flat, valid = _flat_rows(xp, idx[:, :, t0:t1], G, S)  # (B, H, c, K)
+        qc, doc = q[:, :, t0:t1], dout[:, :, t0:t1]  # (B, H, c, D), (B, H, c, Dv)
+        ks, vs = kf[flat], vf[flat]  # (B, H, c, K, D), (B, H, c, K, Dv)
+        s = ((qc[..., None, :] * sc) * ks).sum(-1)  # (B, H, c, K)
+        lse_c = lse[:, :, t0:t1, None]
+        p = xp.where(valid & xp.isfinite(lse_c), xp.exp(s - xp.where(xp.isinf(lse_c), 0, lse_c)), 0)
+        dp = (vs * doc[..., None, :]).sum(-1)  # (B, H, c, K)
+        delta = (doc * out[:, :, t0:t1]).sum(-1, keepdims=True)  # (B, H, c, 1)
+        ds = p * (dp - delta) * sc  # (B, H, c, K)
+        dq_c = (ds[..., None] * ks).sum(-2)  # (B, H, c, D)
+        dq[:, :, t0:t1] = xp.where(xp.isnan(lse_c), xp.nan, dq_c)  # NaN rows stay NaN
+        rows = xp.where(valid, flat, -1).reshape(-1)
+        _scatter_add(xp, dk, rows, (ds[..., None] * qc[..., None, :]).reshape(-1, D))
+        _scatter_add(xp, dv, rows, (p[..., None] * doc[..., None, :]).reshape(-1, Dv))
+    return dq, dk.reshape(k.shape), dv.reshape(v.shape)
+
+
+def _chunks(T, bytes_per_query):
+    c = max(1, GATHER_BYTES // max(1, bytes_per_query))
+    return [(t0, min(T, t0 + c)) for t0 in range(0, T, c)]
+
+
+def _flat_rows(xp, idx, G, S):
+    """Row numbers into k.reshape(B*G*S, D) for idx (B, H, c, K); empty slots point at row 0."""
+    B, H = idx.shape[:2]
+    rep = H // G
+    base = (xp.arange(B)[:, None] * G + xp.arange(H)[None, :] // rep) * S  # (B, H)
+    valid = idx >= 0
+    flat = xp.where(valid, idx + base[:, :, None, None], 0)
+    return flat, valid
+
+
+def _scatter_add(xp, out, rows, vals):
+    if xp is np:
+        if _cpu_kernels is not None:
+            _cpu_kernels.scatter_add_rows(out, rows, np.ascontiguousarray(vals))
+        else:
+            keep = rows >= 0
+            np.add.at(out, rows[keep], vals[keep])
+    else:
+        import cupyx
+
+        keep = rows >= 0
+        cupyx.scatter_add(out, rows[keep], vals[keep])

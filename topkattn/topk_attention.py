@@ -1,0 +1,138 @@
+"""Forgetful causal top-k attention: the public op (select, then sparse attend).
+
+Shape letters: B batch, H query heads, G KV heads (H % G == 0), T queries, S keys,
+D head dim, Dv value dim, K index slots per query.
+"""
+import numbers
+
+import numpy as np
+
+from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module, to_caller_kind
+from topkattn.selection import select_topk
+from topkattn.sparse_attention import (
+    SparseAttentionSaved,
+    sparse_attention_backward,
+    sparse_attention_forward,
+)
+
+
+def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, forget_rate=0.0,
+                   seed=None, sinks=0, window=0, chunk_size=None, impl="auto"):
+    """Top-k attention: each query attends softmax-weighted to its ``topk`` best keys.
+
+    Args:
+      q: (B, H, T, D) queries; k: (B, G, S, D) keys; v: (B, G, S, Dv) values, with H a
+        multiple of G (MHA G=H, GQA, MQA G=1).  float32 or float64, all the same dtype.
+        NumPy or CuPy arrays, or anything with ``__dlpack__`` (PyTorch, JAX): the result
+        comes back in the caller's kind.
+      topk: keys kept per query among those it may see (ties to the lower key index);
+        ``topk >= S`` is exactly dense attention.
+      causal: query t sits at absolute position S - T + t and sees keys j <= S - T + t.
+      scale: multiplies q.k (default 1/sqrt(D)); temperature divides it.
+      forget_rate: training-time forgetful masking: each selected key is dropped with this
+        probability and refilled from the next-ranked keys (as an ANN index of recall
+        1 - forget_rate would); ``seed`` (int or numpy Generator) makes it reproducible.
+      sinks: the first ``sinks`` keys are always attended, in addition to the top-k.
+      window: the ``window`` most recent visible keys are always attended, in addition.
+      chunk_size: queries per chunk (default: automatic, about 32 MiB of scores per chunk);
+        peak extra memory is O(chunk_size * S + T * K).
+      impl: "auto", "numba" (CPU kernel) or "numpy" (vectorised NumPy/CuPy).
+
+    Returns:
+      out: (B, H, T, Dv).  Rows that see no key give zeros; a NaN among the scores a row
+      attends gives a NaN row (and only that row).
+    """
+    out, _ = topk_attention_forward(q, k, v, topk=topk, causal=causal, scale=scale,
+                                    temperature=temperature, forget_rate=forget_rate, seed=seed,
+                                    sinks=sinks, window=window, chunk_size=chunk_size, impl=impl)
+    return out
+
+
+def topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, temperature=1.0,
+                           forget_rate=0.0, seed=None, sinks=0, window=0, chunk_size=None,
+                           impl="auto"):
+    """Forward pass of :func:`topk_attention`: returns ``(out, saved)``.
+
+    ``saved`` (a :class:`TopkAttentionSaved`) keeps only what backward needs: q, k, v,
+    the output, the selected indices ``saved.idx`` (B, H, T, K; -1 = empty slot, the
+    first sinks + window slots hold the forced keys) and the row logsumexp
+    ``saved.lse`` (B, H, T).  No (T, S) matrix is kept.
+    """
+    like = q
+    q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
+    _check_inputs(q, k, v, topk=topk, scale=scale, temperature=temperature,
+                  forget_rate=forget_rate, sinks=sinks, window=window, chunk_size=chunk_size)
+    D = q.shape[-1]
+    scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
+    eff_scale = scale / float(temperature)
+    idx = select_topk(q, k, topk=int(topk), causal=bool(causal), scale=eff_scale,
+                      sinks=int(sinks), window=int(window), forget_rate=float(forget_rate),
+                      seed=seed, chunk_size=chunk_size, impl=impl)
+    out, s = sparse_attention_forward(q, k, v, idx, eff_scale)
+    saved = TopkAttentionSaved(s.q, s.k, s.v, s.idx, s.out, s.lse, s.scale)
+    saved.like = like
+    return to_caller_kind(out, like), saved
+
+
+def topk_attention_backward(dout, saved):
+    """Gradients ``(dq, dk, dv)`` of :func:`topk_attention` from ``dout`` (B, H, T, Dv).
+
+    The selection is constant: gradients reach only the selected keys; every other key
+    gets exactly zero.  Cost O(T * K * D).
+    """
+    if not isinstance(saved, SparseAttentionSaved):
+        raise TypeError(f"saved must come from topk_attention_forward, got {type(saved).__name__}")
+    dout = as_engine_array(dout, "dout")
+    if tuple(dout.shape) != tuple(saved.out.shape):
+        raise ValueError(f"dout must have shape {tuple(saved.out.shape)} (B, H, T, Dv), "
+                         f"got {tuple(dout.shape)}")
+    if get_array_module(dout) is not get_array_module(saved.q):
+        raise TypeError("dout must live on the same device as the forward inputs")
+    dout = dout.astype(saved.q.dtype, copy=False)
+    grads = sparse_attention_backward(dout, saved)
+    like = getattr(saved, "like", None)
+    return tuple(to_caller_kind(g, like) for g in grads) if like is not None else grads
+
+
+class TopkAttentionSaved(SparseAttentionSaved):
+    """Saved state of :func:`topk_attention_forward` (see its docstring)."""
+
+    __slots__ = ("like",)
+
+
+def _check_inputs(q, k, v, *, topk, scale, temperature, forget_rate, sinks, window, chunk_size):
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a.ndim != 4:
+            letters = {"q": "(B, H, T, D)", "k": "(B, G, S, D)", "v": "(B, G, S, Dv)"}[name]
+            raise ValueError(f"{name} must be 4-D {letters}, got shape {tuple(a.shape)}")
+        if a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if len({get_array_module(a).__name__ for a in (q, k, v)}) != 1:
+        raise TypeError("q, k, v must all be NumPy arrays or all CuPy arrays")
+    B, H, T, D = q.shape
+    Bk, G, S, Dk = k.shape
+    if Bk != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {v.shape[0]}")
+    if Dk != D:
+        raise ValueError(f"k head dim must equal q's ({D}), got k shape {tuple(k.shape)}")
+    if v.shape[1] != G or v.shape[2] != S:
+        raise ValueError(f"v must have shape (B, G, S, Dv) = ({B}, {G}, {S}, Dv) like k, "
+                         f"got {tuple(v.shape)}")
+    if G == 0 or H % G != 0:
+        raise ValueError(f"query heads H={H} must be a multiple of KV heads G={G}")
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
+        raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
+    if not isinstance(forget_rate, numbers.Real) or not 0.0 <= forget_rate < 1.0:
+        raise ValueError(f"forget_rate must be in [0, 1), got {forget_rate!r}")
+    for name, val in (("sinks", sinks), ("window", window)):
+        if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {val!r}")
+    if not isinstance(temperature, numbers.Real) or not temperature > 0 or not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if scale is not None and (not isinstance(scale, numbers.Real) or not np.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool)
+                                   or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
