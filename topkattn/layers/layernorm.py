@@ -1,0 +1,100 @@
+"""Layer normalisation over the last axis, with a learned gain and bias (BERT's LayerNorm).
+
+Shape letters: x (..., C), gamma and beta (C,).
+
+    mu   = mean_c x,   var = mean_c (x - mu)^2,   rstd = 1 / sqrt(var + eps)
+    xhat = (x - mu) * rstd
+    y    = xhat * gamma + beta
+
+Backward (per row, N = C):
+    dbeta  = sum_rows dy,   dgamma = sum_rows dy * xhat
+    g      = dy * gamma
+    dx     = rstd * (g - mean_c g - xhat * mean_c (g * xhat))
+"""
+import numbers
+
+import numpy as np
+
+from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module
+
+
+def layer_norm(x, gamma, beta, eps=1e-5):
+    """LayerNorm of ``x`` (..., C) over its last axis; gamma, beta (C,).
+
+    float32/float64, NumPy or CuPy; the result has x's dtype.  The variance is the
+    biased one (divide by C), as in PyTorch and BERT; ``eps`` is added to it.
+    """
+    y, _ = layer_norm_forward(x, gamma, beta, eps=eps)
+    return y
+
+
+def layer_norm_forward(x, gamma, beta, eps=1e-5):
+    """Returns ``(y, saved)``; ``saved`` keeps xhat (..., C), rstd (..., 1) and gamma."""
+    x, gamma, beta = (as_engine_array(a, n) for a, n in ((x, "x"), (gamma, "gamma"), (beta, "beta")))
+    _check(x, gamma, beta, eps)
+    xp = get_array_module(x, gamma, beta)
+    mu = x.mean(-1, keepdims=True)  # (..., 1)
+    xc = x - mu  # (..., C)
+    var = (xc * xc).mean(-1, keepdims=True)  # (..., 1)
+    rstd = 1.0 / xp.sqrt(var + x.dtype.type(eps))  # (..., 1)
+    xhat = xc * rstd  # (..., C)
+    y = xhat * gamma.astype(x.dtype, copy=False) + beta.astype(x.dtype, copy=False)
+    return y, (xhat, rstd, gamma)
+
+
+def layer_norm_backward(dy, saved):
+    """``(dx, dgamma, dbeta)`` from dy (..., C)."""
+    xhat, rstd, gamma = saved
+    dy = as_engine_array(dy, "dy")
+    if tuple(dy.shape) != tuple(xhat.shape):
+        raise ValueError(f"dy must have the shape of x {tuple(xhat.shape)}, got {tuple(dy.shape)}")
+    dy = dy.astype(xhat.dtype, copy=False)
+    C = xhat.shape[-1]
+    rows = dy.reshape(-1, C)  # (N, C)
+    dbeta = rows.sum(0)  # (C,)
+    dgamma = (rows * xhat.reshape(-1, C)).sum(0)  # (C,)
+    g = dy * gamma.astype(xhat.dtype, copy=False)  # (..., C)
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    return dx, dgamma.astype(gamma.dtype, copy=False), dbeta.astype(gamma.dtype, copy=False)
+
+
+class LayerNorm:
+    """A LayerNorm layer: ``params`` {"weight", "bias"} (C,), ``grads`` of the same keys.
+
+    ``forward(x)`` keeps what ``backward(dy)`` needs; backward returns dx and
+    accumulates into ``grads``.
+    """
+
+    def __init__(self, dim, eps=1e-5, dtype=np.float32, xp=np):
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        self.eps = eps
+        self.params = {"weight": xp.ones(dim, dtype=dtype), "bias": xp.zeros(dim, dtype=dtype)}
+        self.grads = {name: xp.zeros_like(p) for name, p in self.params.items()}
+        self._saved = None
+
+    def forward(self, x):
+        y, self._saved = layer_norm_forward(x, self.params["weight"], self.params["bias"], self.eps)
+        return y
+
+    def backward(self, dy):
+        if self._saved is None:
+            raise RuntimeError("LayerNorm.backward called before forward")
+        dx, dgamma, dbeta = layer_norm_backward(dy, self._saved)
+        self.grads["weight"] += dgamma
+        self.grads["bias"] += dbeta
+        return dx
+
+
+def _check(x, gamma, beta, eps):
+    for name, a in (("x", x), ("gamma", gamma), ("beta", beta)):
+        if a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least one axis (..., C), got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    for name, a in (("gamma", gamma), ("beta", beta)):
+        if tuple(a.shape) != (C,):
+            raise ValueError(f"{name} must have shape (C,) = ({C},), got {tuple(a.shape)}")
+    if not isinstance(eps, numbers.Real) or not eps >= 0 or not np.isfinite(eps):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
