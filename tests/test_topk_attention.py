@@ -1,0 +1,365 @@
+"""The top-k attention op against the dense float64 reference."""
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import topkattn as ta
+from topkattn.reference import masked_attention_reference, topk_attention_reference
+from topkattn.selection import RowBounds
+
+IMPLS = ["numpy", "numba"]
+TOL = {np.float64: dict(rtol=1e-10, atol=1e-10), np.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
+def make_qkv(B=1, H=2, G=2, T=5, S=9, D=8, Dv=6, dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, H, T, D)).astype(dtype)
+    k = rng.standard_normal((B, G, S, D)).astype(dtype)
+    v = rng.standard_normal((B, G, S, Dv)).astype(dtype)
+    return q, k, v
+
+
+def mask_from_idx(idx, S):
+    B, H, T, K = idx.shape
+    m = np.zeros((B, H, T, S), dtype=bool)
+    b, h, t, i = np.nonzero(idx >= 0)
+    m[b, h, t, idx[b, h, t, i]] = True
+    return m
+
+
+GRID = [
+    # B, H, G, T, S, topk, sinks, window, temperature, causal
+    (2, 4, 2, 5, 9, 3, 0, 0, 1.0, True),      # T < S, GQA
+    (1, 2, 2, 8, 8, 3, 0, 0, 1.0, True),      # T == S, MHA
+    (1, 4, 1, 1, 12, 4, 0, 0, 1.0, True),     # T = 1 (decode), MQA
+    (1, 2, 2, 6, 6, 1, 0, 0, 1.0, True),      # topk = 1
+    (1, 2, 1, 6, 6, 50, 0, 0, 1.0, True),     # topk >= S: dense
+    (1, 2, 2, 7, 10, 2, 2, 0, 1.0, True),     # sinks
+    (1, 2, 2, 7, 10, 2, 0, 3, 1.0, True),     # window
+    (1, 2, 2, 7, 10, 2, 1, 2, 0.5, True),     # sinks + window + temperature
+    (2, 2, 1, 4, 7, 3, 1, 1, 2.0, False),     # non-causal
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("B,H,G,T,S,topk,sinks,window,temp,causal", GRID)
+def test_forward_matches_reference(impl, dtype, B, H, G, T, S, topk, sinks, window, temp, causal):
+    q, k, v = make_qkv(B, H, G, T, S, dtype=dtype, seed=T * S + topk)
+    kw = dict(topk=topk, causal=causal, sinks=sinks, window=window, temperature=temp)
+    out, saved = ta.topk_attention_forward(q, k, v, impl=impl, chunk_size=3, **kw)
+    ref, ref_mask, ref_lse = topk_attention_reference(q, k, v, **kw)
+    assert out.dtype == dtype and out.shape == (B, H, T, v.shape[-1])
+    np.testing.assert_allclose(out, ref, **TOL[dtype])
+    np.testing.assert_allclose(saved.lse, ref_lse, **TOL[dtype])
+    if dtype == np.float64:  # float32 rounding may legitimately reorder near-ties
+        np.testing.assert_array_equal(mask_from_idx(saved.idx, S), ref_mask)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_topk_at_least_S_is_dense_attention(causal):
+    q, k, v = make_qkv(1, 4, 2, 6, 6, seed=3)
+    out = ta.topk_attention(q, k, v, topk=6, causal=causal)
+    T, S = 6, 6
+    allowed = np.tril(np.ones((T, S), dtype=bool)) if causal else np.ones((T, S), dtype=bool)
+    dense = masked_attention_reference(q, k, v, np.broadcast_to(allowed, (1, 4, T, S)), 1 / np.sqrt(8))
+    np.testing.assert_allclose(out, dense, rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_size_and_impl_do_not_change_results():
+    q, k, v = make_qkv(2, 4, 2, 33, 40, seed=5)
+    outs = [ta.topk_attention_forward(q, k, v, topk=5, sinks=1, window=2, impl=impl, chunk_size=c)
+            for impl in IMPLS for c in (1, 7, None)]
+    for out, saved in outs[1:]:
+        np.testing.assert_array_equal(saved.idx, outs[0][1].idx)
+        np.testing.assert_allclose(out, outs[0][0], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ties_go_to_lower_key_index(impl):
+    # q = 0 makes every score equal: the selection must be the lowest visible indices.
+    q, k, v = make_qkv(1, 1, 1, 4, 10, seed=1)
+    q[:] = 0.0
+    _, saved = ta.topk_attention_forward(q, k, v, topk=3, impl=impl)
+    sel = np.sort(saved.idx[0, 0], axis=-1)
+    # query t sits at position 6 + t and sees keys 0..6+t: lowest three are 0, 1, 2
+    np.testing.assert_array_equal(sel, np.tile([0, 1, 2], (4, 1)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_with_fewer_than_k_candidates(impl):
+    q, k, v = make_qkv(1, 2, 2, 6, 6, seed=2)
+    out, saved = ta.topk_attention_forward(q, k, v, topk=4, impl=impl)
+    assert np.isfinite(out).all()
+    n_valid = (saved.idx[0, 0] >= 0).sum(-1)
+    np.testing.assert_array_equal(n_valid, [1, 2, 3, 4, 4, 4])
+    ref, _, _ = topk_attention_reference(q, k, v, topk=4)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_rows_that_see_no_key_give_zeros():
+    q, k, v = make_qkv(1, 1, 1, 6, 3, seed=2)  # T > S: the first 3 queries see nothing
+    out, saved = ta.topk_attention_forward(q, k, v, topk=2)
+    np.testing.assert_array_equal(out[0, 0, :3], 0.0)
+    assert np.all(np.isneginf(saved.lse[0, 0, :3]))
+    dq, dk, dv = ta.topk_attention_backward(np.ones_like(out), saved)
+    np.testing.assert_array_equal(dq[0, 0, :3], 0.0)
+    assert np.isfinite(dk).all() and np.isfinite(dv).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_logits_are_finite(impl, dtype):
+    q, k, v = make_qkv(1, 2, 2, 6, 8, seed=4, dtype=dtype)
+    q *= dtype(1e4)
+    out, saved = ta.topk_attention_forward(q, k, v, topk=3, scale=1.0, impl=impl)
+    assert np.isfinite(out).all() and np.isfinite(saved.lse).all()
+    ref, _, _ = topk_attention_reference(q, k, v, topk=3, scale=1.0)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    grads = ta.topk_attention_backward(np.ones_like(out), saved)
+    assert all(np.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_query_affects_only_its_row(impl):
+    q, k, v = make_qkv(1, 2, 2, 5, 8, seed=6)
+    q[0, 1, 2, 3] = np.nan
+    out = ta.topk_attention(q, k, v, topk=3, impl=impl)
+    assert np.isnan(out[0, 1, 2]).all()
+    bad = np.zeros(out.shape, dtype=bool)
+    bad[0, 1, 2] = True
+    assert np.isfinite(out[~bad]).all()
+    clean = q.copy()
+    clean[0, 1, 2] = 0.0
+    ref, _, _ = topk_attention_reference(clean, k, v, topk=3)
+    np.testing.assert_allclose(out[~bad], ref[~bad], rtol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_key_reaches_only_the_rows_that_see_it(impl):
+    q, k, v = make_qkv(1, 1, 1, 6, 6, seed=7)
+    k[0, 0, 4, 0] = np.nan  # key 4: visible to queries 4 and 5 only
+    out = ta.topk_attention(q, k, v, topk=2, impl=impl)
+    assert np.isnan(out[0, 0, 4:]).all()
+    assert np.isfinite(out[0, 0, :4]).all()
+
+
+# ---------------------------------------------------------------- gradients
+
+def margin_inputs(B=1, H=4, G=2, T=6, S=10, D=5, Dv=3, topk=3, seed=0, **kw):
+    """float64 inputs whose k-th and (k+1)-th candidate scores differ by a margin."""
+    for s in range(seed, seed + 200):
+        q, k, v = make_qkv(B, H, G, T, S, D, Dv, seed=s)
+        out, mask, _ = topk_attention_reference(q, k, v, topk=topk, **kw)
+        scores = np.einsum("bhtd,bhsd->bhts", q, np.repeat(k, H // G, axis=1)) / np.sqrt(D)
+        bounds = RowBounds(S, T, topk=topk, causal=kw.get("causal", True),
+                           sinks=kw.get("sinks", 0), window=kw.get("window", 0))
+        gap = np.inf
+        for t in range(T):
+            cand = bounds.candidate_mask(t, t + 1, S)[0]
+            sc = scores[..., t, :]
+            sel = mask[..., t, :] & cand
+            rest = ~mask[..., t, :] & cand
+            if sel.any() and rest.any():
+                lo = np.where(sel, sc, np.inf).min(-1)
+                hi = np.where(rest, sc, -np.inf).max(-1)
+                gap = min(gap, np.min(lo - hi))
+        if gap > 1e-3:
+            return q, k, v
+    raise RuntimeError("no margin seed found")
+
+
+def directional_check(f, x, grad, rng, eps=1e-6):
+    d = rng.standard_normal(x.shape)
+    x0 = x.copy()
+    x[...] = x0 + eps * d
+    fp = f()
+    x[...] = x0 - eps * d
+    fm = f()
+    x[...] = x0
+    num = (fp - fm) / (2 * eps)
+    np.testing.assert_allclose(num, np.sum(grad * d), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kw", [dict(), dict(sinks=1, window=2), dict(causal=False),
+                                dict(temperature=0.7, scale=0.9)])
+def test_gradients_central_differences(impl, kw):
+    rng = np.random.default_rng(0)
+    topk = 3
+    sel_kw = {k_: v_ for k_, v_ in kw.items() if k_ in ("causal", "sinks", "window")}
+    q, k, v = margin_inputs(topk=topk, **sel_kw)
+    dout = rng.standard_normal((1, 4, 6, 3))
+    out, saved = ta.topk_attention_forward(q, k, v, topk=topk, impl=impl, **kw)
+    dq, dk, dv = ta.topk_attention_backward(dout, saved)
+
+    def f():
+        return np.sum(ta.topk_attention(q, k, v, topk=topk, impl=impl, **kw) * dout)
+
+    for x, g in ((q, dq), (k, dk), (v, dv)):
+        for _ in range(3):
+            directional_check(f, x, g, rng)
+    # every coordinate of dv for a couple of entries, to catch a misplaced scatter
+    for (b, g_, s_, d_) in [(0, 0, 2, 1), (0, 1, 7, 0)]:
+        e = np.zeros_like(v)
+        e[b, g_, s_, d_] = 1.0
+        v0 = v.copy()
+        v[...] = v0 + 1e-6 * e
+        fp = f()
+        v[...] = v0 - 1e-6 * e
+        fm = f()
+        v[...] = v0
+        np.testing.assert_allclose((fp - fm) / 2e-6, dv[b, g_, s_, d_], rtol=1e-6, atol=1e-9)
+
+
+def test_unselected_keys_get_exactly_zero_gradient():
+    q, k, v = margin_inputs(T=4, S=12, topk=2)
+    out, saved = ta.topk_attention_forward(q, k, v, topk=2)
+    dq, dk, dv = ta.topk_attention_backward(np.ones_like(out), saved)
+    # a key is used if any head of its group selected it
+    used = np.zeros(k.shape[:3], dtype=bool)
+    m = mask_from_idx(saved.idx, 12)  # (B, H, T, S)
+    used[:, :] = m.reshape(1, 2, 2, 4, 12).any(axis=(2, 3))
+    assert (~used).any()
+    assert np.all(dk[~used] == 0.0) and np.all(dv[~used] == 0.0)
+    assert np.all(np.abs(dk[used]).sum(-1) > 0)
+
+
+def test_backward_matches_gradient_of_masked_reference():
+    """The backward equals the exact gradient of softmax attention restricted to the selection."""
+    q, k, v = make_qkv(1, 4, 2, 5, 9, 6, 4, seed=11)
+    rng = np.random.default_rng(1)
+    dout = rng.standard_normal((1, 4, 5, 4))
+    out, saved = ta.topk_attention_forward(q, k, v, topk=3, sinks=1, window=1)
+    mask = mask_from_idx(saved.idx, 9)
+    dq, dk, dv = ta.topk_attention_backward(dout, saved)
+
+    def f():
+        return np.sum(masked_attention_reference(q, k, v, mask, 1 / np.sqrt(6)) * dout)
+
+    for x, g in ((q, dq), (k, dk), (v, dv)):
+        directional_check(f, x, g, rng)
+
+
+def test_gradients_match_torch_autograd_on_the_reference():
+    torch = pytest.importorskip("torch")
+    q, k, v = make_qkv(2, 4, 2, 6, 10, 8, 5, seed=13)
+    rng = np.random.default_rng(2)
+    dout = rng.standard_normal((2, 4, 6, 5))
+    kw = dict(topk=3, sinks=1, window=1, forget_rate=0.3, seed=9)
+    out, saved = ta.topk_attention_forward(q, k, v, **kw)
+    dq, dk, dv = ta.topk_attention_backward(dout, saved)
+    _, mask, _ = topk_attention_reference(q, k, v, **kw)
+
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    kh = tk.repeat_interleave(2, dim=1)
+    vh = tv.repeat_interleave(2, dim=1)
+    s = torch.einsum("bhtd,bhsd->bhts", tq, kh) / np.sqrt(8)
+    s = s.masked_fill(~torch.tensor(mask), float("-inf"))
+    tout = torch.softmax(s, dim=-1) @ vh
+    (tout * torch.tensor(dout)).sum().backward()
+    np.testing.assert_allclose(out, tout.detach().numpy(), rtol=1e-12, atol=1e-12)
+    for mine, theirs in ((dq, tq.grad), (dk, tk.grad), (dv, tv.grad)):
+        np.testing.assert_allclose(mine, theirs.numpy(), rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- forgetful masking
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forgetting_is_reproducible_and_matches_reference(impl):
+    q, k, v = make_qkv(1, 2, 2, 12, 16, seed=8)
+    kw = dict(topk=4, forget_rate=0.4, sinks=1, window=1)
+    o1, s1 = ta.topk_attention_forward(q, k, v, seed=123, impl=impl, chunk_size=5, **kw)
+    o2, s2 = ta.topk_attention_forward(q, k, v, seed=123, impl=impl, **kw)
+    o3, s3 = ta.topk_attention_forward(q, k, v, seed=124, impl=impl, **kw)
+    np.testing.assert_array_equal(s1.idx, s2.idx)
+    np.testing.assert_array_equal(o1, o2)
+    assert not np.array_equal(s1.idx, s3.idx)
+    ref, mask, _ = topk_attention_reference(q, k, v, seed=123, **kw)
+    np.testing.assert_array_equal(mask_from_idx(s1.idx, 16), mask)
+    np.testing.assert_allclose(o1, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_forgetting_recall_matches_rate(rate):
+    # many rows, each with plenty of candidates so refills always exist
+    q, k, v = make_qkv(2, 4, 4, 256, 512, D=16, Dv=4, dtype=np.float32, seed=21)
+    topk = 8
+    _, exact = ta.topk_attention_forward(q, k, v, topk=topk)
+    _, forgot = ta.topk_attention_forward(q, k, v, topk=topk, forget_rate=rate, seed=0)
+    e = np.sort(exact.idx, -1)
+    hits = [np.isin(forgot.idx[b, h, t], e[b, h, t]).sum()
+            for b in range(2) for h in range(4) for t in range(256)]
+    recall = np.sum(hits) / (2 * 4 * 256 * topk)
+    assert abs(recall - (1 - rate)) < 0.02
+    assert np.all((forgot.idx >= 0).sum(-1) == topk)  # every dropped slot was refilled
+
+
+def test_forgetting_never_drops_forced_keys():
+    q, k, v = make_qkv(1, 2, 2, 20, 40, seed=3)
+    _, s = ta.topk_attention_forward(q, k, v, topk=2, sinks=3, window=4, forget_rate=0.9, seed=0)
+    pos = 40 - 20 + np.arange(20)
+    np.testing.assert_array_equal(s.idx[0, 0, :, :3], np.tile([0, 1, 2], (20, 1)))
+    np.testing.assert_array_equal(s.idx[0, 0, :, 3:7], pos[:, None] - np.arange(4)[None, :])
+
+
+# ---------------------------------------------------------------- memory, interop, bad input
+
+def test_forward_never_materialises_the_full_score_matrix():
+    T = S = 2048
+    q, k, v = make_qkv(1, 1, 1, T, S, D=16, Dv=16, dtype=np.float32, seed=0)
+    ta.topk_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], topk=4)  # compile outside the trace
+    tracemalloc.start()
+    out, saved = ta.topk_attention_forward(q, k, v, topk=4, chunk_size=32)
+    ta.topk_attention_backward(np.ones_like(out), saved)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    full = T * S * 4
+    assert peak < full / 4, f"peak {peak} bytes vs a full score matrix of {full}"
+
+
+def test_torch_tensors_in_torch_tensors_out():
+    torch = pytest.importorskip("torch")
+    q, k, v = make_qkv(1, 2, 1, 4, 6, seed=0)
+    out = ta.topk_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), topk=2)
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_allclose(out.numpy(), ta.topk_attention(q, k, v, topk=2), rtol=1e-14)
+
+
+BAD = [
+    (dict(q=np.zeros((2, 3, 4))), ValueError, "q must be 4-D"),
+    (dict(k=np.zeros((1, 2, 9, 7))), ValueError, "k head dim"),
+    (dict(k=np.zeros((2, 2, 9, 8))), ValueError, "batch sizes differ"),
+    (dict(v=np.zeros((1, 2, 8, 6))), ValueError, "v must have shape"),
+    (dict(k=np.zeros((1, 3, 9, 8)), v=np.zeros((1, 3, 9, 6))), ValueError, "multiple of KV heads"),
+    (dict(topk=0), ValueError, "topk must be an integer >= 1"),
+    (dict(topk=2.5), ValueError, "topk"),
+    (dict(q=np.zeros((1, 4, 5, 8), dtype=np.int64)), TypeError, "q must be float32 or float64"),
+    (dict(v=np.zeros((1, 2, 9, 6), dtype=np.float32)), TypeError, "share one dtype"),
+    (dict(forget_rate=1.0), ValueError, "forget_rate"),
+    (dict(forget_rate=-0.1), ValueError, "forget_rate"),
+    (dict(sinks=-1), ValueError, "sinks"),
+    (dict(window=-2), ValueError, "window"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(impl="fast"), ValueError, "impl"),
+]
+
+
+@pytest.mark.parametrize("override,exc,msg", BAD)
+def test_bad_input_raises_a_clear_error(override, exc, msg):
+    q, k, v = make_qkv(1, 4, 2, 5, 9, 8, 6)
+    args = dict(q=q, k=k, v=v, topk=3)
+    args.update(override)
+    with pytest.raises(exc, match=msg):
+        ta.topk_attention(**args)
+
+
+def test_backward_rejects_wrong_dout_shape():
+    q, k, v = make_qkv()
+    out, saved = ta.topk_attention_forward(q, k, v, topk=2)
+    with pytest.raises(ValueError, match=r"dout must have shape \(1, 2, 5, 6\)"):
+        ta.topk_attention_backward(np.zeros((1, 2, 5, 5)), saved)
+    with pytest.raises(TypeError, match="saved must come from"):
+        ta.topk_attention_backward(np.zeros(out.shape), {"idx": 1})
