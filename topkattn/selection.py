@@ -32,7 +32,7 @@ except Exception:  # pragma: no cover - numba missing or broken
     _cpu_kernels = None
 
 # Default budget for one chunk's (rows, S) score tile, in bytes.
-TILE_BYTES = 32 * 2**20
+TILE_BYTES = 16 * 2**20
 
 
 class RowBounds:

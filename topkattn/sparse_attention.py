@@ -19,7 +19,7 @@ try:
 except Exception:  # pragma: no cover
     _cpu_kernels = None
 
-GATHER_BYTES = 32 * 2**20  # budget for one chunk's gathered (B, H, c, K, D) keys
+GATHER_BYTES = 8 * 2**20  # budget for one chunk's gathered (B, H, c, K, D) keys
 
 
 class SparseAttentionSaved:

@@ -34,7 +34,7 @@ def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, f
         1 - forget_rate would); ``seed`` (int or numpy Generator) makes it reproducible.
       sinks: the first ``sinks`` keys are always attended, in addition to the top-k.
       window: the ``window`` most recent visible keys are always attended, in addition.
-      chunk_size: queries per chunk (default: automatic, about 32 MiB of scores per chunk);
+      chunk_size: queries per chunk (default: automatic, about 16 MiB of scores per chunk);
         peak extra memory is O(chunk_size * S + T * K).
       impl: "auto", "numba" (CPU kernel) or "numpy" (vectorised NumPy/CuPy).
 

@@ -1,0 +1,164 @@
+"""Time and peak memory of topk_attention vs dense attention (NumPy, PyTorch SDPA).
+
+Each (method, size) runs in its own subprocess so peak RSS is measured cleanly:
+peak extra memory = max RSS of the process - RSS after the inputs were created.
+Report ratios from one run: this machine is shared and noisy.
+
+    python benchmarks/bench_topk_attention.py                      # the issue's grid
+    python benchmarks/bench_topk_attention.py --sizes 1024 4096 --json out.json
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+METHODS = ["topkattn", "numpy-dense", "torch-sdpa", "torch-topk-seed"]
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(method, T, H, D, k, repeat):
+    rng = np.random.default_rng(0)
+    shape = (1, H, T, D)
+    q, kk, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+    dout = rng.standard_normal(shape, dtype=np.float32)
+    if method == "topkattn":
+        import topkattn as ta
+
+        ta.topk_attention(q[:, :, :64], kk[:, :, :64], v[:, :, :64], topk=k)  # compile/warm
+        ta.topk_attention_backward(dout[:, :, :64], ta.topk_attention_forward(
+            q[:, :, :64], kk[:, :, :64], v[:, :, :64], topk=k)[1])
+
+        def fwd():
+            return ta.topk_attention_forward(q, kk, v, topk=k, causal=True)
+
+        def bwd(state):
+            ta.topk_attention_backward(dout, state[1])
+    elif method == "numpy-dense":
+        def fwd():
+            s = np.matmul(q, kk.swapaxes(-1, -2)) * np.float32(1 / np.sqrt(D))
+            s += np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)
+            s -= s.max(-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(-1, keepdims=True)
+            return s, s @ v
+
+        def bwd(state):
+            p, out = state
+            dp = dout @ v.swapaxes(-1, -2)
+            dv = p.swapaxes(-1, -2) @ dout
+            ds = p * (dp - (dout * out).sum(-1, keepdims=True))
+            dq = ds @ kk
+            dk = ds.swapaxes(-1, -2) @ q
+            return dq, dk, dv
+    else:
+        import torch
+
+        torch.set_num_threads(os.cpu_count())
+        tq, tk, tv = (torch.from_numpy(a).requires_grad_() for a in (q, kk, v))
+        tdout = torch.from_numpy(dout)
+        if method == "torch-sdpa":
+            def fwd():
+                return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+        else:  # the seed-style top-k: full scores, topk, scatter, softmax
+            def fwd():
+                s = (tq @ tk.transpose(-1, -2)) / np.sqrt(D)
+                s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+                val, ind = s.topk(min(k, T), dim=-1)
+                masked = torch.full_like(s, float("-inf")).scatter(-1, ind, val)
+                return torch.softmax(masked, -1) @ tv
+
+        def bwd(state):
+            state.backward(tdout)
+    base = rss_bytes()
+    t_fwd, t_both = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        state = fwd()
+        t1 = time.perf_counter()
+        bwd(state)
+        t2 = time.perf_counter()
+        del state
+        t_fwd.append(t1 - t0)
+        t_both.append(t2 - t0)
+    peak = peak_rss_bytes() - base
+    print(json.dumps(dict(method=method, T=T, H=H, fwd_s=min(t_fwd), fwd_bwd_s=min(t_both),
+                          peak_extra_mib=max(peak, 0) / 2**20)))
+
+
+def run_case(method, T, H, D, k, repeat, timeout):
+    cmd = [sys.executable, __file__, "--worker", method, str(T), str(H), "--dim", str(D),
+           "--k", str(k), "--repeat", str(repeat)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(method=method, T=T, H=H, error=f"timeout {timeout}s")
+    if r.returncode != 0:
+        return dict(method=method, T=T, H=H, error=(r.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--long", type=int, default=65536, help="extra H=1 run of topkattn at this T (0: skip)")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--dense-max", type=int, default=8192, help="largest T for numpy-dense/torch-topk-seed")
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--json", help="write the rows to this JSON file")
+    ap.add_argument("--worker", nargs=3, metavar=("METHOD", "T", "H"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        worker(a.worker[0], int(a.worker[1]), int(a.worker[2]), a.dim, a.k, a.repeat)
+        return
+    have_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+    rows = []
+    cases = [(m, T, a.heads) for T in a.sizes for m in a.methods]
+    if a.long:
+        cases += [("topkattn", a.long, 1), ("torch-sdpa", a.long, 1)]
+    for m, T, H in cases:
+        if m.startswith("torch") and not have_torch:
+            continue
+        if m in ("numpy-dense", "torch-topk-seed") and T > a.dense_max:
+            continue
+        row = run_case(m, T, H, a.dim, a.k, a.repeat, a.timeout)
+        rows.append(row)
+        print(_fmt(row), flush=True)
+    print()
+    print(f"{'T':>6} {'H':>2}  {'topk fwd/sdpa':>13} {'topk f+b/sdpa':>13} {'topk mem/sdpa':>13}")
+    by = {(r["method"], r["T"], r["H"]): r for r in rows if "error" not in r}
+    for (m, T, H), r in sorted(by.items(), key=lambda x: (x[0][2], x[0][1])):
+        s = by.get(("torch-sdpa", T, H))
+        if m == "topkattn" and s:
+            print(f"{T:>6} {H:>2}  {r['fwd_s'] / s['fwd_s']:>13.2f} {r['fwd_bwd_s'] / s['fwd_bwd_s']:>13.2f} "
+                  f"{r['peak_extra_mib'] / max(s['peak_extra_mib'], 1e-9):>13.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(device="cpu", cores=os.cpu_count(), k=a.k, D=a.dim, rows=rows), f, indent=1)
+
+
+def _fmt(r):
+    if "error" in r:
+        return f"{r['method']:>16} T={r['T']:>6} H={r['H']}: {r['error']}"
+    return (f"{r['method']:>16} T={r['T']:>6} H={r['H']}: fwd {r['fwd_s']:8.3f}s  fwd+bwd {r['fwd_bwd_s']:8.3f}s"
+            f"  peak +{r['peak_extra_mib']:8.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
