@@ -1,0 +1,140 @@
+"""Checkpoints: exact round trip, atomic replace, clear errors for corrupt/truncated files and config mismatch."""
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+from topkattn import checkpoint as ck
+from topkattn.optim import AdamW
+
+
+def _arrays():
+    rng = np.random.default_rng(0)
+    return {"param/w": rng.standard_normal((3, 4)).astype(np.float32),
+            "param/b": rng.standard_normal(5),
+            "history/loss": np.arange(4.0), "idx": np.arange(6, dtype=np.int64)}
+
+
+def test_roundtrip_exact(tmp_path):
+    path = tmp_path / "c.npz"
+    meta = {"step": 3, "config": {"k": 8, "task": "mqar"}, "rng": {"seed": 1}}
+    ck.save_checkpoint(path, _arrays(), meta)
+    arrays, got = ck.load_checkpoint(path)
+    assert got == meta
+    ref = _arrays()
+    assert set(arrays) == set(ref)
+    for k in ref:
+        assert arrays[k].dtype == ref[k].dtype
+        np.testing.assert_array_equal(arrays[k], ref[k])
+    with np.load(path, allow_pickle=False) as z:        # a plain npz, readable without topkattn
+        np.testing.assert_array_equal(z["param/w"], ref["param/w"])
+
+
+def test_atomic_replace_leaves_no_temp_and_survives_failure(tmp_path, monkeypatch):
+    path = tmp_path / "c.npz"
+    ck.save_checkpoint(path, {"a": np.zeros(3)}, {"step": 1})
+    ck.save_checkpoint(path, {"a": np.ones(3)}, {"step": 2})
+    assert os.listdir(tmp_path) == ["c.npz"]
+    np.testing.assert_array_equal(ck.load_checkpoint(path)[0]["a"], np.ones(3))
+
+    def boom(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(ck.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_checkpoint(path, {"a": np.full(3, 7.0)}, {"step": 3})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["c.npz"]               # temp file removed
+    arrays, meta = ck.load_checkpoint(path)                 # old checkpoint intact
+    assert meta == {"step": 2}
+    np.testing.assert_array_equal(arrays["a"], np.ones(3))
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.3, 0.9, 0.999])
+def test_truncated_is_an_error(tmp_path, keep):
+    path = tmp_path / "c.npz"
+    ck.save_checkpoint(path, _arrays(), {"step": 1})
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(ck.CheckpointError, match="truncated or corrupted"):
+        ck.load_checkpoint(path)
+
+
+def test_flipped_byte_is_an_error(tmp_path):
+    path = tmp_path / "c.npz"
+    arrays = {"w": np.zeros(1000)}
+    ck.save_checkpoint(path, arrays, {"step": 1})
+    data = bytearray(path.read_bytes())
+    pos = data.find(np.zeros(1000).tobytes()[:64])          # inside the array payload
+    assert pos > 0
+    data[pos + 100] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match="corrupted"):
+        ck.load_checkpoint(path)
+
+
+def test_rewritten_member_fails_checksum(tmp_path):
+    path = tmp_path / "c.npz"
+    ck.save_checkpoint(path, {"w": np.zeros(4), "v": np.ones(2)}, {"step": 1})
+    with np.load(path, allow_pickle=False) as z:
+        members = {n: z[n] for n in z.files}
+    members["w"] = np.array([0.0, 0.0, 1.0, 0.0])          # a valid zip, wrong content
+    np.savez(path, **members)
+    with pytest.raises(ck.CheckpointError, match="array 'w' fails its checksum"):
+        ck.load_checkpoint(path)
+
+
+def test_not_a_checkpoint_and_missing(tmp_path):
+    with pytest.raises(ck.CheckpointError, match="does not exist"):
+        ck.load_checkpoint(tmp_path / "nope.npz")
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, a=np.zeros(2))
+    with pytest.raises(ck.CheckpointError, match="not a topkattn checkpoint"):
+        ck.load_checkpoint(plain)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"hello world" * 10)
+    with pytest.raises(ck.CheckpointError, match="truncated or corrupted"):
+        ck.load_checkpoint(junk)
+
+
+def test_object_arrays_refused(tmp_path):
+    with pytest.raises(TypeError, match="must be numeric"):
+        ck.save_checkpoint(tmp_path / "c.npz", {"o": np.array([{"a": 1}], dtype=object)}, {})
+
+
+def test_config_mismatch_names_fields():
+    saved = {"k": 8, "task": "mqar", "d_model": 64, "lr": 1e-3}
+    ck.check_config(saved, dict(saved))
+    with pytest.raises(ck.ConfigMismatchError) as e:
+        ck.check_config(saved, {"k": 4, "task": "mqar", "d_model": 128, "lr": 1e-3, "new": 1},
+                        path="run/checkpoint.npz")
+    assert e.value.fields == ["d_model", "k", "new"]
+    msg = str(e.value)
+    assert "k (checkpoint 8, now 4)" in msg and "d_model (checkpoint 64, now 128)" in msg
+    assert "new (checkpoint '<absent>', now 1)" in msg and "run/checkpoint.npz" in msg
+
+
+def test_training_state_roundtrip(tmp_path):
+    rng = np.random.default_rng(4)
+    params = {"a.W": rng.standard_normal((3, 2)).astype(np.float32), "a.g": np.ones(2, np.float32)}
+    opt = AdamW(lr=0.01, weight_decay=0.1)
+    for _ in range(3):
+        opt.step(params, {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()})
+    path = tmp_path / "s.npz"
+    ck.save_training_state(path, params=params, optimizer=opt, step=3, config={"k": 8},
+                           rng={"seed": 5, "scheme": "x"}, history={"loss": np.array([3.0, 2.0, 1.0])})
+    st = ck.load_training_state(path)
+    assert st["step"] == 3 and st["config"] == {"k": 8} and st["rng"] == {"seed": 5, "scheme": "x"}
+    np.testing.assert_array_equal(st["history"]["loss"], [3.0, 2.0, 1.0])
+    for k in params:
+        np.testing.assert_array_equal(st["params"][k], params[k])
+    opt2 = AdamW()
+    opt2.load_state_dict(st["optimizer"])
+    assert opt2.t == 3 and opt2.lr == 0.01 and opt2.weight_decay == 0.1
+    for k in params:
+        np.testing.assert_array_equal(opt2.m[k], opt.m[k])
+        np.testing.assert_array_equal(opt2.v[k], opt.v[k])
+    meta_only = tmp_path / "m.npz"
+    ck.save_checkpoint(meta_only, {"a": np.zeros(1)}, {"step": 1})
+    with pytest.raises(ck.CheckpointError, match="not a training checkpoint"):
+        ck.load_training_state(meta_only)

@@ -1,0 +1,162 @@
+"""Optimisation on flat ``name -> array`` dicts: AdamW, global-norm clipping, LR schedule.
+
+Works in place on NumPy or CuPy arrays (the library of each parameter array); no
+autograd engine, no PyTorch.  The layers own ``params``/``grads`` dicts with the same
+keys; the training loop calls, per step::
+
+    norm = clip_grad_norm(grads, max_norm)          # scales grads in place, returns the pre-clip norm
+    opt.step(params, grads, lr=warmup_cosine_lr(step, ...))
+"""
+import math
+import numbers
+
+import numpy as np
+
+from topkattn.backend import get_array_module, to_numpy
+
+
+def warmup_cosine_lr(step, *, base_lr, warmup_steps, total_steps, min_lr=0.0):
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine decay.
+
+    Steps 0 .. warmup_steps-1 ramp linearly from base_lr/warmup_steps to base_lr; from
+    warmup_steps to total_steps the rate follows half a cosine from base_lr down to
+    min_lr, and stays at min_lr after total_steps.
+    """
+    for name, val in (("step", step), ("warmup_steps", warmup_steps), ("total_steps", total_steps)):
+        if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {val!r}")
+    if not (isinstance(base_lr, numbers.Real) and base_lr >= 0 and math.isfinite(base_lr)):
+        raise ValueError(f"base_lr must be a finite number >= 0, got {base_lr!r}")
+    if not (isinstance(min_lr, numbers.Real) and 0 <= min_lr <= base_lr):
+        raise ValueError(f"min_lr must be a number in [0, base_lr={base_lr}], got {min_lr!r}")
+    if step < warmup_steps:
+        return float(base_lr) * (step + 1) / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    if decay_steps <= 0:
+        return float(base_lr)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return float(min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress)))
+
+
+def global_grad_norm(grads):
+    """The L2 norm of all gradient arrays together, as a Python float (accumulated in float64)."""
+    total = 0.0
+    for g in grads.values():
+        xp = get_array_module(g)
+        g64 = g.astype(xp.float64, copy=False)
+        total += float(xp.vdot(g64.ravel(), g64.ravel()).real)
+    return math.sqrt(total)
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale every gradient in place so the global L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping (a float).  A non-finite norm leaves the gradients
+    untouched and is returned as is, so the caller can skip the step.
+    """
+    if not (isinstance(max_norm, numbers.Real) and max_norm > 0):
+        raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+    norm = global_grad_norm(grads)
+    if math.isfinite(norm) and norm > max_norm:
+        factor = max_norm / (norm + 1e-6)
+        for g in grads.values():
+            g *= g.dtype.type(factor)
+    return norm
+
+
+def default_decay_filter(name, param):
+    """Decay matrices (embeddings, projections); leave vectors (norm gains, biases) alone."""
+    return param.ndim >= 2
+
+
+class AdamW:
+    """Adam with bias correction and decoupled weight decay (Loshchilov & Hutter, 2019).
+
+    One step t (1-based) for a parameter p with gradient g, at learning rate lr::
+
+        p <- p - lr * weight_decay * p                 (decoupled; only where decay_filter says so)
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g^2
+        p <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+
+    The moments live in the parameter's dtype and library (NumPy or CuPy); updates are in place.
+    """
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                 decay_filter=default_decay_filter):
+        if not (isinstance(lr, numbers.Real) and lr >= 0):
+            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+        if len(betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not (isinstance(eps, numbers.Real) and eps > 0):
+            raise ValueError(f"eps must be a number > 0, got {eps!r}")
+        if not (isinstance(weight_decay, numbers.Real) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        self.lr = float(lr)
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.decay_filter = decay_filter
+        self.t = 0        # number of steps taken
+        self.m = {}       # name -> first moment
+        self.v = {}       # name -> second moment
+
+    def step(self, params, grads, lr=None):
+        """Update ``params`` in place from ``grads`` (same keys); ``lr`` overrides ``self.lr``."""
+        if set(params) != set(grads):
+            missing = sorted(set(params) - set(grads))
+            extra = sorted(set(grads) - set(params))
+            raise ValueError(f"grads must have the keys of params; missing {missing}, extra {extra}")
+        lr = self.lr if lr is None else float(lr)
+        self.t += 1
+        b1, b2, t = self.beta1, self.beta2, self.t
+        bc1 = 1.0 - b1 ** t
+        bc2 = 1.0 - b2 ** t
+        for name, p in params.items():
+            g = grads[name]
+            if g.shape != p.shape:
+                raise ValueError(f"grads[{name!r}] must have shape {p.shape}, got {g.shape}")
+            xp = get_array_module(p)
+            m = self.m.get(name)
+            if m is None:
+                m = self.m[name] = xp.zeros_like(p)
+                self.v[name] = xp.zeros_like(p)
+            v = self.v[name]
+            dt = p.dtype.type
+            if self.weight_decay and self.decay_filter(name, p):
+                p *= dt(1.0 - lr * self.weight_decay)
+            m *= dt(b1)
+            m += dt(1.0 - b1) * g
+            v *= dt(b2)
+            v += dt(1.0 - b2) * (g * g)
+            denom = xp.sqrt(v / dt(bc2))
+            denom += dt(self.eps)
+            p -= dt(lr / bc1) * m / denom
+
+    def state_dict(self):
+        """The optimizer state as host arrays and scalars (for checkpoints)."""
+        return {
+            "t": self.t,
+            "m": {k: to_numpy(a) for k, a in self.m.items()},
+            "v": {k: to_numpy(a) for k, a in self.v.items()},
+            "hyper": {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2,
+                      "eps": self.eps, "weight_decay": self.weight_decay},
+        }
+
+    def load_state_dict(self, state, like=None):
+        """Restore from :meth:`state_dict`; ``like`` (a params dict) picks the array library."""
+        t = state["t"]
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+            raise ValueError(f"state['t'] must be an integer >= 0, got {t!r}")
+        if set(state["m"]) != set(state["v"]):
+            raise ValueError("state['m'] and state['v'] must have the same keys")
+        self.t = int(t)
+        self.m, self.v = {}, {}
+        for key in state["m"]:
+            xp = get_array_module(like[key]) if like is not None and key in like else np
+            self.m[key] = xp.asarray(state["m"][key])
+            self.v[key] = xp.asarray(state["v"][key])
+        hyper = state.get("hyper")
+        if hyper:
+            self.lr, self.beta1, self.beta2 = hyper["lr"], hyper["beta1"], hyper["beta2"]
+            self.eps, self.weight_decay = hyper["eps"], hyper["weight_decay"]
