@@ -363,3 +363,65 @@ def test_backward_rejects_wrong_dout_shape():
         ta.topk_attention_backward(np.zeros((1, 2, 5, 5)), saved)
     with pytest.raises(TypeError, match="saved must come from"):
         ta.topk_attention_backward(np.zeros(out.shape), {"idx": 1})
+
+
+# ---------------------------------------------------------------- dynamic k
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("eps,max_topk,kw", [
+    (1e-2, None, dict()), (1e-1, 6, dict(sinks=1, window=2)), (1e-2, 8, dict(causal=False)),
+])
+def test_dynamic_k_matches_reference_and_bound_holds(impl, eps, max_topk, kw):
+    from topkattn.reference import dynamic_topk_reference
+
+    q, k, v = make_qkv(2, 4, 2, 16, 24, D=8, seed=17)
+    q *= 3.0  # peaked rows need few keys, flat rows many
+    out, saved = ta.topk_attention_forward(q, k, v, topk="auto", tail_bound=eps, max_topk=max_topk,
+                                           impl=impl, chunk_size=5, **kw)
+    k_ref, cert_ref, bound_ref, true_out = dynamic_topk_reference(
+        q, k, tail_bound=eps, max_topk=max_topk, **kw)
+    info = saved.info
+    np.testing.assert_array_equal(info["k"], k_ref)
+    np.testing.assert_array_equal(info["certified"], cert_ref)
+    np.testing.assert_allclose(info["bound"], bound_ref, rtol=1e-9, atol=1e-15)
+    # the certificate is sound: on every certified row the true left-out mass is within the bound
+    c = info["certified"]
+    assert c.any() and (info["k"] > 1).any()
+    assert np.all(true_out[c] <= info["bound"][c] * (1 + 1e-9) + 1e-15)
+    assert np.all(info["bound"][c] <= eps)
+    # and the output is top-k attention at each row's own k
+    ref = np.zeros_like(out)
+    for kk in np.unique(info["k"]):
+        o, _, _ = topk_attention_reference(q, k, v, topk=max(int(kk), 1), **kw)
+        ref[info["k"] == kk] = o[info["k"] == kk]
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_dynamic_k_with_zero_bound_takes_every_key():
+    q, k, v = make_qkv(1, 2, 2, 8, 8, seed=4)
+    out, saved = ta.topk_attention_forward(q, k, v, topk="auto", tail_bound=0.0)
+    dense = ta.topk_attention(q, k, v, topk=8)
+    np.testing.assert_allclose(out, dense, rtol=1e-13)
+    np.testing.assert_array_equal(saved.info["k"][0, 0], np.arange(1, 9))
+    assert saved.info["certified"].all()
+
+
+def test_dynamic_k_cap_reports_uncertified_rows():
+    q, k, v = make_qkv(1, 1, 1, 1, 64, seed=2)
+    q[:] = 0.0  # flat row: the bound needs every key
+    _, saved = ta.topk_attention_forward(q, k, v, topk="auto", tail_bound=1e-3, max_topk=8)
+    assert saved.info["k"][0, 0, 0] == 8 and not saved.info["certified"][0, 0, 0]
+    np.testing.assert_allclose(saved.info["bound"][0, 0, 0], 56 / 8)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(topk="auto"), "tail_bound"),
+    (dict(topk="auto", tail_bound=1.5), "tail_bound"),
+    (dict(topk="auto", tail_bound=0.1, max_topk=0), "max_topk"),
+    (dict(topk="auto", tail_bound=0.1, forget_rate=0.2), "forget_rate"),
+    (dict(topk=3, tail_bound=0.1), "only with topk='auto'"),
+])
+def test_dynamic_k_bad_input(kw, msg):
+    q, k, v = make_qkv()
+    with pytest.raises(ValueError, match=msg):
+        ta.topk_attention(q, k, v, **kw)

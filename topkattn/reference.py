@@ -85,3 +85,44 @@ def masked_attention_reference(q, k, v, mask, scale):
     p = np.where(mask, np.exp(s - m), 0.0)
     l = p.sum(-1, keepdims=True)
     return np.einsum("bhts,bhsd->bhtd", p / np.where(l > 0, l, 1.0), vh)
+
+
+def dynamic_topk_reference(q, k, *, tail_bound, max_topk=None, causal=True, scale=None,
+                           sinks=0, window=0):
+    """Dense reference of ``selection.select_dynamic_topk`` with the true left-out mass.
+
+    Returns (k_chosen, certified, bound, true_out_mass), each (B, H, T): for every row the
+    smallest k (1 <= k <= max_topk) with n_rest * exp(s_(k) - lse(selected)) <= tail_bound
+    (tail_bound = 0: all candidates), and the exact softmax mass of the unselected keys.
+    """
+    q, k = (to_numpy(a).astype(np.float64) for a in (q, k))
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    max_topk = S if max_topk is None else max_topk
+    bounds = RowBounds(S, T, topk=max_topk, causal=causal, sinks=sinks, window=window)
+    out = [np.zeros((B, H, T), dtype=t) for t in (np.int64, bool, np.float64, np.float64)]
+    js = np.arange(S)
+    for b in range(B):
+        for h in range(H):
+            scores = q[b, h] @ k[b, h // (H // G)].T * scale
+            for t in range(T):
+                visible = js < bounds.end[t]
+                forced = visible & ((js < sinks) | ((js >= bounds.win_lo[t]) & (js < bounds.win_hi[t])))
+                ranked = rank_row(scores[t], visible & ~forced)
+                n = len(ranked)
+                chosen, ok, bnd = min(n, bounds.n_sel), False, 0.0
+                for kk in range(1, min(n, bounds.n_sel) + 1):
+                    sel = np.concatenate([scores[t, forced], scores[t, ranked[:kk]]])
+                    lse = np.logaddexp.reduce(sel)
+                    bnd = (n - kk) * np.exp(scores[t, ranked[kk - 1]] - lse)
+                    if n - kk == 0 or (tail_bound > 0 and bnd <= tail_bound):
+                        chosen, ok = kk, True
+                        break
+                attended = forced.copy()
+                attended[ranked[:chosen]] = True
+                total = np.logaddexp.reduce(scores[t, visible]) if visible.any() else 0.0
+                true_out = np.exp(scores[t, visible & ~attended] - total).sum()
+                out[0][b, h, t], out[1][b, h, t] = chosen, ok or chosen >= n
+                out[2][b, h, t], out[3][b, h, t] = (bnd if n else 0.0), true_out
+    return tuple(out)

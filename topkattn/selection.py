@@ -160,24 +160,99 @@ def select_topk(q, k, *, topk, causal=True, scale, sinks=0, window=0, forget_rat
     Inputs are validated by :func:`topkattn.topk_attention_forward`.
     """
     xp = get_array_module(q, k)
-    B, H, T, D = q.shape
-    G, S = k.shape[1], k.shape[2]
-    rep = H // G
+    B, H, T, _ = q.shape
+    S = k.shape[2]
     bounds = RowBounds(S, T, topk=topk, causal=causal, sinks=sinks, window=window)
     n_sel = bounds.n_sel
-    use_numba = _choose_numba(impl, xp)
-
     drop = forget_draws(seed, (B, H, T, n_sel), forget_rate)  # host (B, H, T, K') or None
     n_drop_max = 0 if drop is None else int(drop.sum(axis=-1).max(initial=0))
     m = n_sel + n_drop_max  # ranked candidates needed per row
 
-    idx = xp.empty((B, H, T, bounds.n_slots), dtype=xp.int64)
-    forced = xp.asarray(bounds.forced_indices())  # (T, P' + W')
-    n_forced = forced.shape[1]
-    idx[..., :n_forced] = forced
-    if n_sel == 0:
-        return idx
+    idx, n_forced = _forced_prefix(xp, bounds, B, H)
+    for t0, t1, _tile, ranked in _ranked_chunks(q, k, bounds, m, causal, scale, chunk_size, impl):
+        c = t1 - t0
+        if drop is not None:
+            d = xp.asarray(drop[:, :, t0:t1].reshape(B * H * c, n_sel))
+            ranked = apply_forgetting(ranked, d, n_sel)
+        idx[:, :, t0:t1, n_forced:] = ranked.reshape(B, H, c, n_sel)
+    return idx
 
+
+def select_dynamic_topk(q, k, *, tail_bound, max_topk=None, causal=True, scale, sinks=0,
+                        window=0, chunk_size=None, impl="auto"):
+    """Dynamic k: per query the smallest k whose left-out softmax mass is provably <= tail_bound.
+
+    With the selected keys (forced + the k best candidates) and s_(k) the k-th best
+    candidate score, every unselected candidate scores at most s_(k), so
+
+        mass outside the selection <= n_rest * exp(s_(k) - logsumexp(selected scores))
+
+    with n_rest the candidates not selected.  k grows from 1 until that bound is at most
+    ``tail_bound`` (``tail_bound = 0`` takes every candidate), capped at ``max_topk``
+    (default: S); a row that hits the cap uncertified is reported in ``certified``.
+
+    Returns (idx (B, H, T, P' + W' + max_topk), info) where info holds, each (B, H, T):
+    ``k`` the chosen k, ``certified`` bool, ``bound`` the certified bound on the outside mass.
+    """
+    xp = get_array_module(q, k)
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    max_topk = S if max_topk is None else max_topk
+    bounds = RowBounds(S, T, topk=max_topk, causal=causal, sinks=sinks, window=window)
+    m = bounds.n_sel
+    idx, n_forced = _forced_prefix(xp, bounds, B, H)
+    k_chosen = xp.zeros((B, H, T), dtype=xp.int64)
+    certified = xp.ones((B, H, T), dtype=bool)
+    bound_out = xp.zeros((B, H, T), dtype=xp.float64)
+    forced_all = xp.asarray(bounds.forced_indices())  # (T, F)
+    n_cand_all = (np.maximum(bounds.end - bounds.sinks, 0) - (bounds.win_hi - bounds.win_lo))
+    ks = xp.arange(1, m + 1)  # candidate k values
+    for t0, t1, tile, ranked in _ranked_chunks(q, k, bounds, m, causal, scale, chunk_size, impl):
+        c = t1 - t0
+        R = B * H * c
+        vals = xp.take_along_axis(tile, xp.maximum(ranked, 0), axis=-1).astype(xp.float64)
+        vals = xp.where(ranked >= 0, vals, -xp.inf)  # (R, m) ranked scores
+        f = xp.broadcast_to(forced_all[None, t0:t1], (B * H, c, forced_all.shape[1])).reshape(R, -1)
+        fvals = xp.where(f >= 0, xp.take_along_axis(tile, xp.maximum(f, 0), axis=-1), -xp.inf)
+        lse_forced = _logsumexp(xp, fvals.astype(xp.float64))  # (R,)
+        top = xp.maximum(lse_forced, vals[:, 0])  # vals are sorted: this is the row max
+        top = xp.where(xp.isfinite(top), top, 0.0)[:, None]
+        with np.errstate(divide="ignore"):  # lse over forced + the first k ranked, for every k
+            lse_k = top + xp.log(xp.exp(lse_forced[:, None] - top) + xp.cumsum(xp.exp(vals - top), -1))
+        n_cand = xp.asarray(np.tile(n_cand_all[t0:t1], B * H))[:, None]  # (R, 1)
+        n_rest = n_cand - ks[None, :]  # (R, m)
+        with np.errstate(invalid="ignore", over="ignore"):
+            bnd = xp.where(n_rest > 0, n_rest * xp.exp(vals - lse_k), 0.0)  # (R, m)
+        ok = (n_rest <= 0) | ((tail_bound > 0) & (bnd <= tail_bound))
+        has = ok.any(axis=-1)
+        kc = xp.where(has, xp.argmax(ok, axis=-1) + 1, m)
+        kc = xp.minimum(kc, xp.maximum(n_cand[:, 0], 0))  # rows with fewer candidates
+        row_bound = xp.where(kc > 0, xp.take_along_axis(bnd, xp.maximum(kc - 1, 0)[:, None], -1)[:, 0], 0.0)
+        sel = xp.where(xp.arange(m)[None, :] < kc[:, None], ranked, -1)
+        idx[:, :, t0:t1, n_forced:] = sel.reshape(B, H, c, m)
+        k_chosen[:, :, t0:t1] = kc.reshape(B, H, c)
+        certified[:, :, t0:t1] = (has | (kc >= n_cand[:, 0])).reshape(B, H, c)
+        bound_out[:, :, t0:t1] = row_bound.reshape(B, H, c)
+    return idx, dict(k=k_chosen, certified=certified, bound=bound_out)
+
+
+def _forced_prefix(xp, bounds, B, H):
+    """The (B, H, T, n_slots) index tensor with its forced prefix filled and the rest -1."""
+    idx = xp.full((B, H, bounds.T, bounds.n_slots), -1, dtype=xp.int64)
+    forced = xp.asarray(bounds.forced_indices())  # (T, P' + W')
+    idx[..., :forced.shape[1]] = forced
+    return idx, forced.shape[1]
+
+
+def _ranked_chunks(q, k, bounds, m, causal, scale, chunk_size, impl):
+    """Yield (t0, t1, tile (B*H*c, n_cols), ranked (B*H*c, m)) per query chunk; rows are (b, h, t)."""
+    xp = get_array_module(q, k)
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    rep = H // G
+    use_numba = _choose_numba(impl, xp)
+    if m == 0:
+        return
     if chunk_size is None:
         chunk_size = max(1, TILE_BYTES // max(1, B * H * S * q.dtype.itemsize))
     qs = (q * q.dtype.type(scale)).reshape(B, G, rep, T, D)
@@ -187,10 +262,9 @@ def select_topk(q, k, *, topk, causal=True, scale, sinks=0, window=0, forget_rat
         c = t1 - t0
         n_cols = int(bounds.end[t1 - 1]) if causal else S  # keys any row of the chunk may see
         if n_cols == 0:
-            idx[:, :, t0:t1, n_forced:] = -1
             continue
         qc = qs[:, :, :, t0:t1].reshape(B, G, rep * c, D)
-        tile = xp.matmul(qc, kt[..., :n_cols]).reshape(B * H * c, n_cols)  # rows (b, h, t)
+        tile = xp.matmul(qc, kt[..., :n_cols]).reshape(B * H * c, n_cols)  # (B*H*c, n_cols)
         if use_numba:
             rows_t = np.tile(np.arange(t0, t1), B * H)
             ranked = np.full((B * H * c, m), -1, dtype=np.int64)
@@ -201,11 +275,17 @@ def select_topk(q, k, *, topk, causal=True, scale, sinks=0, window=0, forget_rat
             cand = xp.asarray(bounds.candidate_mask(t0, t1, n_cols))  # (c, n_cols)
             cand = xp.broadcast_to(cand[None], (B * H, c, n_cols)).reshape(B * H * c, n_cols)
             ranked = ranked_topm_xp(tile, cand, m)
-        if drop is not None:
-            d = xp.asarray(drop[:, :, t0:t1].reshape(B * H * c, n_sel))
-            ranked = apply_forgetting(ranked, d, n_sel)
-        idx[:, :, t0:t1, n_forced:] = ranked.reshape(B, H, c, n_sel)
-    return idx
+        yield t0, t1, tile, ranked
+
+
+def _logsumexp(xp, a):
+    """Row logsumexp of a (R, F) float array; -inf for empty or all -inf rows."""
+    if a.shape[-1] == 0:
+        return xp.full(a.shape[:-1], -xp.inf)
+    mx = a.max(axis=-1)
+    safe = xp.where(xp.isfinite(mx), mx, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + xp.log(xp.exp(a - safe[:, None]).sum(axis=-1))
 
 
 def _choose_numba(impl, xp):
@@ -224,4 +304,4 @@ def _choose_numba(impl, xp):
     return True
 
 
-__all__ = ["RowBounds", "select_topk", "forget_draws", "apply_forgetting", "ranked_topm_xp", "make_rng"]
+__all__ = ["RowBounds", "select_topk", "select_dynamic_topk", "forget_draws", "apply_forgetting", "ranked_topm_xp", "make_rng"]

@@ -8,7 +8,7 @@ import numbers
 import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module, to_caller_kind
-from topkattn.selection import select_topk
+from topkattn.selection import select_dynamic_topk, select_topk
 from topkattn.sparse_attention import (
     SparseAttentionSaved,
     sparse_attention_backward,
@@ -17,7 +17,8 @@ from topkattn.sparse_attention import (
 
 
 def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, forget_rate=0.0,
-                   seed=None, sinks=0, window=0, chunk_size=None, impl="auto"):
+                   seed=None, sinks=0, window=0, chunk_size=None, tail_bound=None, max_topk=None,
+                   impl="auto"):
     """Top-k attention: each query attends softmax-weighted to its ``topk`` best keys.
 
     Args:
@@ -26,7 +27,9 @@ def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, f
         NumPy or CuPy arrays, or anything with ``__dlpack__`` (PyTorch, JAX): the result
         comes back in the caller's kind.
       topk: keys kept per query among those it may see (ties to the lower key index);
-        ``topk >= S`` is exactly dense attention.
+        ``topk >= S`` is exactly dense attention.  ``topk="auto"``: dynamic k, the
+        smallest k per query whose left-out softmax mass is provably <= ``tail_bound``
+        (capped at ``max_topk``, default S); see ``selection.select_dynamic_topk``.
       causal: query t sits at absolute position S - T + t and sees keys j <= S - T + t.
       scale: multiplies q.k (default 1/sqrt(D)); temperature divides it.
       forget_rate: training-time forgetful masking: each selected key is dropped with this
@@ -44,33 +47,41 @@ def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, f
     """
     out, _ = topk_attention_forward(q, k, v, topk=topk, causal=causal, scale=scale,
                                     temperature=temperature, forget_rate=forget_rate, seed=seed,
-                                    sinks=sinks, window=window, chunk_size=chunk_size, impl=impl)
+                                    sinks=sinks, window=window, chunk_size=chunk_size,
+                                    tail_bound=tail_bound, max_topk=max_topk, impl=impl)
     return out
 
 
 def topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, temperature=1.0,
                            forget_rate=0.0, seed=None, sinks=0, window=0, chunk_size=None,
-                           impl="auto"):
+                           tail_bound=None, max_topk=None, impl="auto"):
     """Forward pass of :func:`topk_attention`: returns ``(out, saved)``.
 
     ``saved`` (a :class:`TopkAttentionSaved`) keeps only what backward needs: q, k, v,
     the output, the selected indices ``saved.idx`` (B, H, T, K; -1 = empty slot, the
     first sinks + window slots hold the forced keys) and the row logsumexp
-    ``saved.lse`` (B, H, T).  No (T, S) matrix is kept.
+    ``saved.lse`` (B, H, T).  No (T, S) matrix is kept.  With ``topk="auto"``,
+    ``saved.info`` holds the dynamic-k report: ``k``, ``certified`` and ``bound`` (B, H, T).
     """
     like = q
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
     _check_inputs(q, k, v, topk=topk, scale=scale, temperature=temperature,
-                  forget_rate=forget_rate, sinks=sinks, window=window, chunk_size=chunk_size)
+                  forget_rate=forget_rate, sinks=sinks, window=window, chunk_size=chunk_size,
+                  tail_bound=tail_bound, max_topk=max_topk)
     D = q.shape[-1]
     scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
     eff_scale = scale / float(temperature)
-    idx = select_topk(q, k, topk=int(topk), causal=bool(causal), scale=eff_scale,
-                      sinks=int(sinks), window=int(window), forget_rate=float(forget_rate),
-                      seed=seed, chunk_size=chunk_size, impl=impl)
+    common = dict(causal=bool(causal), scale=eff_scale, sinks=int(sinks), window=int(window),
+                  chunk_size=chunk_size, impl=impl)
+    info = None
+    if topk == "auto":
+        idx, info = select_dynamic_topk(q, k, tail_bound=float(tail_bound), max_topk=max_topk, **common)
+    else:
+        idx = select_topk(q, k, topk=int(topk), forget_rate=float(forget_rate), seed=seed, **common)
     out, s = sparse_attention_forward(q, k, v, idx, eff_scale)
     saved = TopkAttentionSaved(s.q, s.k, s.v, s.idx, s.out, s.lse, s.scale)
     saved.like = like
+    saved.info = info
     return to_caller_kind(out, like), saved
 
 
@@ -97,10 +108,11 @@ def topk_attention_backward(dout, saved):
 class TopkAttentionSaved(SparseAttentionSaved):
     """Saved state of :func:`topk_attention_forward` (see its docstring)."""
 
-    __slots__ = ("like",)
+    __slots__ = ("like", "info")
 
 
-def _check_inputs(q, k, v, *, topk, scale, temperature, forget_rate, sinks, window, chunk_size):
+def _check_inputs(q, k, v, *, topk, scale, temperature, forget_rate, sinks, window, chunk_size,
+                  tail_bound=None, max_topk=None):
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4:
             letters = {"q": "(B, H, T, D)", "k": "(B, G, S, D)", "v": "(B, G, S, Dv)"}[name]
@@ -122,8 +134,18 @@ def _check_inputs(q, k, v, *, topk, scale, temperature, forget_rate, sinks, wind
                          f"got {tuple(v.shape)}")
     if G == 0 or H % G != 0:
         raise ValueError(f"query heads H={H} must be a multiple of KV heads G={G}")
-    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
-        raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
+    if topk == "auto":
+        if tail_bound is None or not isinstance(tail_bound, numbers.Real) or not 0 <= tail_bound < 1:
+            raise ValueError(f"topk='auto' needs tail_bound in [0, 1), got {tail_bound!r}")
+        if max_topk is not None and (isinstance(max_topk, bool) or not isinstance(max_topk, numbers.Integral)
+                                     or max_topk < 1):
+            raise ValueError(f"max_topk must be an integer >= 1 or None, got {max_topk!r}")
+        if forget_rate != 0:
+            raise ValueError(f"forget_rate must be 0 with topk='auto', got {forget_rate!r}")
+    elif isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
+        raise ValueError(f"topk must be an integer >= 1 or 'auto', got {topk!r}")
+    elif tail_bound is not None or max_topk is not None:
+        raise ValueError("tail_bound and max_topk apply only with topk='auto'")
     if not isinstance(forget_rate, numbers.Real) or not 0.0 <= forget_rate < 1.0:
         raise ValueError(f"forget_rate must be in [0, 1), got {forget_rate!r}")
     for name, val in (("sinks", sinks), ("window", window)):
