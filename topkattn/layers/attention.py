@@ -1,0 +1,201 @@
+"""Plain causal self-attention (MHA / GQA / MQA) over top-k or dense attention.
+
+Shape letters: B batch, T queries, S = P + T keys (P persistent tokens first), H query
+heads, G = n_kv_heads (H % G == 0: G = H MHA, 1 < G < H GQA, G = 1 MQA), D = head_dim
+(query/key width), Dv = v_head_dim (value width; Sigma-style D > Dv allowed), d model width.
+
+    q = rope(W_Q x) (B, H, T, D);  k = rope(W_K x) (B, G, T, D);  v = W_V x (B, G, T, Dv)
+    k, v = [persist_k ; k], [persist_v ; v]      learnable (G, P, D), (G, P, Dv), not rotated
+    y = W_O attn(q, k, v)                          scale 1/sqrt(D), sinks=P
+Decoding keeps the full K and V cache: G (D + Dv) numbers per token.
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module
+from topkattn.dense_attention import dense_attention_backward, dense_attention_forward
+from topkattn.layers.decode import GrowingBuffer, attend_all, attend_selected, exact_topk_selector
+from topkattn.layers.module import Module, as_input, check_int, float_dtype, make_rng, normal
+from topkattn.layers.rope import rope_angles, rope_apply
+from topkattn.topk_attention import topk_attention_backward, topk_attention_forward
+
+
+class Attention(Module):
+    """``params``: W_Q (H*D, d), W_K (G*D, d), W_V (G*Dv, d), W_O (d, H*Dv), and with P
+    persistent tokens persist_k (G, P, D), persist_v (G, P, Dv).
+
+    ``topk=None`` is dense causal attention.  ``rope=False`` leaves q and k unrotated.
+    backward accumulates into ``grads``.  ``selector`` picks each decode step's keys.
+    """
+
+    def __init__(self, d_model, n_heads, n_kv_heads=None, head_dim=None, v_head_dim=None, topk=None,
+                 seed=0, dtype="float32", *, persistent_tokens=0, window=0, forget_rate=0.0,
+                 rope=True, rope_base=10000.0):
+        super().__init__()
+        self.d_model = d = check_int("d_model", d_model, 1)
+        self.n_heads = H = check_int("n_heads", n_heads, 1)
+        self.n_kv_heads = G = H if n_kv_heads is None else check_int("n_kv_heads", n_kv_heads, 1)
+        if H % G:
+            raise ValueError(f"n_heads={H} must be a multiple of n_kv_heads, got n_kv_heads={G}")
+        if head_dim is None:
+            if d % H:
+                raise ValueError(f"d_model={d} must be divisible by n_heads={H} when head_dim is None")
+            head_dim = d // H
+        self.head_dim = D = check_int("head_dim", head_dim, 1)
+        self.v_head_dim = Dv = D if v_head_dim is None else check_int("v_head_dim", v_head_dim, 1)
+        self.rope = bool(rope)
+        if self.rope and D % 2:
+            raise ValueError(f"head_dim must be even for rotary embedding, got {D}")
+        self.topk = None if topk is None else check_int("topk", topk, 1)
+        self.persistent_tokens = P = check_int("persistent_tokens", persistent_tokens, 0)
+        self.window = check_int("window", window, 0)
+        if not 0.0 <= float(forget_rate) < 1.0:
+            raise ValueError(f"forget_rate must be in [0, 1), got {forget_rate!r}")
+        self.forget_rate = float(forget_rate)
+        self.rope_base = float(rope_base)
+        self.scale = 1.0 / np.sqrt(D)
+        self.training = True
+        self.selector = exact_topk_selector
+        dt = float_dtype(dtype)
+        rng = make_rng(seed)
+        self.add_param("W_Q", normal(rng, (H * D, d), 1 / np.sqrt(d), dt))
+        self.add_param("W_K", normal(rng, (G * D, d), 1 / np.sqrt(d), dt))
+        self.add_param("W_V", normal(rng, (G * Dv, d), 1 / np.sqrt(d), dt))
+        self.add_param("W_O", normal(rng, (d, H * Dv), 1 / np.sqrt(H * Dv), dt))
+        if P:
+            self.add_param("persist_k", normal(rng, (G, P, D), 1.0, dt))
+            self.add_param("persist_v", normal(rng, (G, P, Dv), 1.0, dt))
+        self._saved = None
+
+    def _check_x(self, x):
+        d = self.d_model
+        return as_input(x, "x", self.params["W_Q"].dtype, ndim=3, letters=f"(B, T, d_model={d})",
+                        last_dim=d)
+
+    def _rot(self, a, cs, inverse=False):
+        return rope_apply(a, *cs, inverse=inverse) if self.rope else a
+
+    def forward(self, x, seed=None):
+        """y (B, T, d) from x (B, T, d), causal.  ``seed`` drives forgetful masking."""
+        x = self._check_x(x)
+        xp = get_array_module(x)
+        p = self.params
+        B, T, _ = x.shape
+        H, G, D, Dv, P = self.n_heads, self.n_kv_heads, self.head_dim, self.v_head_dim, self.persistent_tokens
+        cs = rope_angles(np.arange(T), D, self.rope_base, xp, x.dtype) if self.rope else None
+        q = self._rot((x @ p["W_Q"].T).reshape(B, T, H, D).transpose(0, 2, 1, 3), cs)
+        k = self._rot((x @ p["W_K"].T).reshape(B, T, G, D).transpose(0, 2, 1, 3), cs)
+        v = (x @ p["W_V"].T).reshape(B, T, G, Dv).transpose(0, 2, 1, 3)
+        if P:
+            k = xp.concatenate([xp.broadcast_to(p["persist_k"][None], (B, G, P, D)), k], axis=2)
+            v = xp.concatenate([xp.broadcast_to(p["persist_v"][None], (B, G, P, Dv)), v], axis=2)
+        if self.topk is None:
+            o, att = dense_attention_forward(q, k, v, causal=True, scale=self.scale)
+        else:
+            fr = self.forget_rate if self.training else 0.0
+            o, att = topk_attention_forward(q, k, v, topk=self.topk, causal=True, scale=self.scale,
+                                            forget_rate=fr, seed=seed, sinks=P, window=self.window)
+        of = o.transpose(0, 2, 1, 3).reshape(B, T, H * Dv)
+        self._saved = (x, cs, att, of)
+        return of @ p["W_O"].T
+
+    def backward(self, dy):
+        """dx (B, T, d) from dy (B, T, d); accumulates parameter gradients into ``grads``."""
+        if self._saved is None:
+            raise RuntimeError("Attention.backward called before forward")
+        x, cs, att, of = self._saved
+        p, g = self.params, self.grads
+        B, T, d = x.shape
+        H, G, D, Dv, P = self.n_heads, self.n_kv_heads, self.head_dim, self.v_head_dim, self.persistent_tokens
+        dy = dy.astype(x.dtype, copy=False)
+        g["W_O"] += dy.reshape(-1, d).T @ of.reshape(-1, H * Dv)
+        do = (dy @ p["W_O"]).reshape(B, T, H, Dv).transpose(0, 2, 1, 3)
+        if self.topk is None:
+            dq, dk, dv = dense_attention_backward(do, att)
+        else:
+            dq, dk, dv = topk_attention_backward(do, att)
+        if P:
+            g["persist_k"] += dk[:, :, :P].sum(0)
+            g["persist_v"] += dv[:, :, :P].sum(0)
+            dk, dv = dk[:, :, P:], dv[:, :, P:]
+        dqf = self._rot(dq, cs, inverse=True).transpose(0, 2, 1, 3).reshape(B * T, H * D)
+        dkf = self._rot(dk, cs, inverse=True).transpose(0, 2, 1, 3).reshape(B * T, G * D)
+        dvf = dv.transpose(0, 2, 1, 3).reshape(B * T, G * Dv)
+        xf = x.reshape(-1, d)
+        g["W_Q"] += dqf.T @ xf
+        g["W_K"] += dkf.T @ xf
+        g["W_V"] += dvf.T @ xf
+        return (dqf @ p["W_Q"] + dkf @ p["W_K"] + dvf @ p["W_V"]).reshape(B, T, d)
+
+    # -- decoding ------------------------------------------------------------------------
+    def init_cache(self, batch):
+        """An empty :class:`KVCache` (full keys and values) for ``batch`` rows."""
+        batch = check_int("batch", batch, 1)
+        p = self.params
+        xp = get_array_module(p["W_Q"])
+        cache = KVCache(xp, batch, self.n_kv_heads, self.head_dim, self.v_head_dim, p["W_Q"].dtype, self)
+        if self.persistent_tokens:
+            P, G = self.persistent_tokens, self.n_kv_heads
+            cache.kbuf.append(xp.broadcast_to(p["persist_k"][None], (batch, G, P, self.head_dim)))
+            cache.vbuf.append(xp.broadcast_to(p["persist_v"][None], (batch, G, P, self.v_head_dim)))
+            cache.prefix = P
+        return cache
+
+    def step(self, x_t, cache):
+        """y_t (B, 1, d) for x_t (B, 1, d); appends this token's keys and values to ``cache``."""
+        x_t = self._check_x(x_t)
+        if not isinstance(cache, KVCache) or cache.owner is not self:
+            raise TypeError("cache must come from this layer's init_cache")
+        B = x_t.shape[0]
+        if x_t.shape[1] != 1:
+            raise ValueError(f"x_t must have shape (B, 1, d_model), got {tuple(x_t.shape)}")
+        if B != cache.batch:
+            raise ValueError(f"x_t has batch {B} but the cache was made for batch {cache.batch}")
+        xp = get_array_module(x_t)
+        p = self.params
+        H, G, D, Dv = self.n_heads, self.n_kv_heads, self.head_dim, self.v_head_dim
+        x1 = x_t[:, 0]
+        cs = rope_angles([cache.n_tokens], D, self.rope_base, xp, x_t.dtype) if self.rope else None
+        q = self._rot((x1 @ p["W_Q"].T).reshape(B, H, 1, D), cs)[:, :, 0]  # (B, H, D)
+        k = self._rot((x1 @ p["W_K"].T).reshape(B, G, 1, D), cs)  # (B, G, 1, D)
+        cache.kbuf.append(k)
+        cache.vbuf.append((x1 @ p["W_V"].T).reshape(B, G, 1, Dv))
+        keys, values = cache.keys, cache.values
+        if self.topk is None:
+            o = attend_all(q, keys, values, self.scale)
+        else:
+            idx = self.selector(q, cache, topk=self.topk, sinks=self.persistent_tokens,
+                                window=self.window, scale=self.scale)
+            o = attend_selected(q, keys, values, idx, self.scale)
+        return (o.reshape(B, H * Dv) @ p["W_O"].T)[:, None]
+
+
+class KVCache:
+    """Full KV cache: ``keys`` (B, G, S, D), ``values`` (B, G, S, Dv), persistent rows first."""
+
+    def __init__(self, xp, batch, G, D, Dv, dtype, owner):
+        self.batch = batch
+        self.kbuf = GrowingBuffer(xp, (batch, G, 0, D), axis=2, dtype=dtype)
+        self.vbuf = GrowingBuffer(xp, (batch, G, 0, Dv), axis=2, dtype=dtype)
+        self.owner = owner
+        self.prefix = 0
+
+    @property
+    def keys(self):
+        return self.kbuf.view()
+
+    @property
+    def values(self):
+        return self.vbuf.view()
+
+    @property
+    def n_tokens(self):
+        return self.kbuf.n - self.prefix
+
+    @property
+    def floats_per_token(self):
+        k, v = self.kbuf.data, self.vbuf.data
+        return k.shape[1] * k.shape[3] + v.shape[1] * v.shape[3]
+
+    @property
+    def bytes_per_token(self):
+        return self.floats_per_token * self.kbuf.data.dtype.itemsize

@@ -1,0 +1,39 @@
+"""Pre-norm decoder block: h = x + attn(norm1(x));  y = h + ffn(norm2(h)).
+
+Shape letters: x, h, y (B, T, d).  Backward: dh = dy + ffn'(norm2'(dy));  dx = dh + attn'(norm1'(dh)).
+"""
+from topkattn.layers.module import Module
+from topkattn.layers.rmsnorm import RMSNorm
+
+
+class Block(Module):
+    """Children "attn_norm", "attn" (MLA or Attention), "ffn_norm", "ffn" (SwiGLU or MoE).
+
+    backward accumulates into every child's ``grads``.
+    """
+
+    def __init__(self, attn, ffn, d_model, dtype="float32", eps=1e-6):
+        super().__init__()
+        self.attn_norm = self.add("attn_norm", RMSNorm(d_model, eps=eps, dtype=dtype))
+        self.attn = self.add("attn", attn)
+        self.ffn_norm = self.add("ffn_norm", RMSNorm(d_model, eps=eps, dtype=dtype))
+        self.ffn = self.add("ffn", ffn)
+
+    @property
+    def aux_loss(self):
+        return getattr(self.ffn, "aux_loss", 0.0)
+
+    def forward(self, x, seed=None):
+        h = x + self.attn.forward(self.attn_norm.forward(x), seed=seed)
+        return h + self.ffn.forward(self.ffn_norm.forward(h))
+
+    def backward(self, dy):
+        dh = dy + self.ffn_norm.backward(self.ffn.backward(dy))
+        return dh + self.attn_norm.backward(self.attn.backward(dh))
+
+    def init_cache(self, batch):
+        return self.attn.init_cache(batch)
+
+    def step(self, x_t, cache):
+        h = x_t + self.attn.step(self.attn_norm.step(x_t), cache)
+        return h + self.ffn.step(self.ffn_norm.step(h))

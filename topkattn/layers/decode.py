@@ -1,0 +1,111 @@
+"""Incremental decoding helpers: growing caches, the exact top-k selector, attend-one-query.
+
+Shape letters: B batch, H query heads, G KV heads, S cached keys (persistent rows first),
+D key dim, Dv value dim, K selected slots, C latent dim, R rope dim.
+
+A selector is any callable ``selector(query, cache, *, topk, sinks, window, scale) -> idx``
+with query (B, H, D) and ``cache.keys`` (B, S, D) (MLA: one key set shared by all heads)
+or (B, G, S, D); idx (B, H, K) int64 with -1 for empty slots.  :func:`exact_topk_selector`
+applies the rule of :func:`topkattn.topk_attention` to the last query position S - 1:
+forced sinks and window first, then the ``topk`` best remaining keys in rank order.
+An ANN-backed selector (LoRANN over the cached latents) can replace it on a layer.
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module
+from topkattn.selection import RowBounds, ranked_topm_xp
+
+
+class GrowingBuffer:
+    """An array that grows along ``axis`` by doubling; ``view()`` is the filled part."""
+
+    def __init__(self, xp, shape, axis, dtype, capacity=64):
+        shape = list(shape)
+        shape[axis] = max(1, capacity)
+        self.axis = axis
+        self.data = xp.zeros(tuple(shape), dtype=dtype)
+        self.n = 0
+
+    def _sl(self, a, b):
+        sl = [slice(None)] * self.data.ndim
+        sl[self.axis] = slice(a, b)
+        return tuple(sl)
+
+    def append(self, rows):
+        """Append ``rows`` (the buffer's shape with ``rows.shape[axis]`` entries on the axis)."""
+        xp = get_array_module(self.data)
+        m = rows.shape[self.axis]
+        cap = self.data.shape[self.axis]
+        if self.n + m > cap:
+            new_cap = max(2 * cap, self.n + m)
+            shape = list(self.data.shape)
+            shape[self.axis] = new_cap
+            grown = xp.zeros(tuple(shape), dtype=self.data.dtype)
+            grown[self._sl(0, self.n)] = self.data[self._sl(0, self.n)]
+            self.data = grown
+        self.data[self._sl(self.n, self.n + m)] = rows
+        self.n += m
+
+    def view(self):
+        return self.data[self._sl(0, self.n)]
+
+
+def exact_topk_selector(query, cache, *, topk, sinks=0, window=0, scale=1.0):
+    """Exact selection for one query per row: idx (B, H, K), forced keys first, -1 padded.
+
+    query (B, H, D); cache.keys (B, S, D) shared by all heads, or (B, G, S, D) with H % G == 0.
+    The rule (ranking, ties to the lower index, sinks and window forced and not counted in
+    ``topk``) is that of :func:`topkattn.selection.select_topk` at query position S - 1.
+    """
+    keys = cache.keys
+    xp = get_array_module(query, keys)
+    B, H, D = query.shape
+    kg = keys[:, None] if keys.ndim == 3 else keys  # (B, G, S, D)
+    G, S = kg.shape[1], kg.shape[2]
+    bounds = RowBounds(S, 1, topk=topk, causal=True, sinks=sinks, window=window)
+    forced = xp.asarray(bounds.forced_indices())  # (1, P' + W')
+    parts = [xp.broadcast_to(forced[None], (B, H, forced.shape[1]))]
+    if bounds.n_sel:
+        s = xp.matmul(query.reshape(B, G, H // G, D) * query.dtype.type(scale),
+                      kg.swapaxes(-1, -2)).reshape(B * H, S)  # (B*H, S)
+        cand = xp.broadcast_to(xp.asarray(bounds.candidate_mask(0, 1, S)), (B * H, S))
+        parts.append(ranked_topm_xp(s, cand, bounds.n_sel).reshape(B, H, bounds.n_sel))
+    return xp.concatenate(parts, axis=-1).astype(xp.int64)
+
+
+def attend_selected(query, keys, values, idx, scale):
+    """Softmax over the selected keys of one query per row.
+
+    query (B, H, D); keys (B, G, S, D); values (B, G, S, Dv); idx (B, H, K) (-1 = empty).
+    Returns (B, H, Dv); a row with no selected key gives zeros.  ``values is keys`` gathers once.
+    """
+    xp = get_array_module(query, keys)
+    B, H, D = query.shape
+    G = keys.shape[1]
+    bi = xp.arange(B)[:, None, None]
+    gi = (xp.arange(H) // (H // G))[None, :, None]
+    valid = idx >= 0
+    j = xp.where(valid, idx, 0)
+    kk = keys[bi, gi, j]  # (B, H, K, D)
+    s = (kk * (query * query.dtype.type(scale))[:, :, None, :]).sum(-1)  # (B, H, K)
+    s = xp.where(valid, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)
+    p = xp.exp(s - m)
+    l = p.sum(-1, keepdims=True)
+    p = p / xp.where(l > 0, l, 1)
+    vv = kk if values is keys else values[bi, gi, j]  # (B, H, K, Dv)
+    return (p[..., None] * vv).sum(-2)  # (B, H, Dv)
+
+
+def attend_all(query, keys, values, scale):
+    """Dense softmax of one query per row over all S keys: (B, H, D) -> (B, H, Dv)."""
+    xp = get_array_module(query, keys)
+    B, H, D = query.shape
+    G, S = keys.shape[1], keys.shape[2]
+    qg = query.reshape(B, G, H // G, D) * query.dtype.type(scale)
+    s = xp.matmul(qg, keys.swapaxes(-1, -2))  # (B, G, H/G, S)
+    s -= s.max(-1, keepdims=True)
+    p = xp.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    return xp.matmul(p, values).reshape(B, H, values.shape[-1])  # (B, H, Dv)

@@ -1,0 +1,77 @@
+"""Token embedding, optionally tied with the output head.
+
+Shape letters: tokens (B, T) int, E (V, C) weight, x (B, T, C), logits (B, T, V).
+    forward:  x = E[tokens]            backward: dE[tokens] += dx  (scatter-add)
+    logits:   logits = h E^T           backward: dh = dlogits E;  dE += dlogits^T h
+"""
+import numbers
+
+import numpy as np
+
+from topkattn.backend import as_engine_array, get_array_module
+from topkattn.layers.module import Module, as_input, check_int, float_dtype, make_rng, normal
+
+
+class Embedding(Module):
+    """``params`` {"weight" (V, C)}, init N(0, 1/C).  backward/backward_logits accumulate."""
+
+    def __init__(self, vocab_size, dim, seed=0, dtype="float32", std=None):
+        super().__init__()
+        self.vocab_size = check_int("vocab_size", vocab_size, 1)
+        self.dim = check_int("dim", dim, 1)
+        std = 1.0 / np.sqrt(dim) if std is None else std
+        self.add_param("weight", normal(make_rng(seed), (vocab_size, dim), std, float_dtype(dtype)))
+        self._tokens = None
+        self._h = None
+
+    def check_tokens(self, tokens):
+        tokens = as_engine_array(tokens, "tokens")
+        if tokens.dtype.kind not in "iu":
+            raise TypeError(f"tokens must be an integer array, got {tokens.dtype}")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be 2-D (B, T), got shape {tuple(tokens.shape)}")
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got values in "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        return tokens
+
+    def forward(self, tokens):
+        tokens = self.check_tokens(tokens)
+        self._tokens = tokens
+        return self.params["weight"][tokens]  # (B, T, C)
+
+    def step(self, tokens):
+        return self.params["weight"][self.check_tokens(tokens)]
+
+    def backward(self, dx):
+        if self._tokens is None:
+            raise RuntimeError("Embedding.backward called before forward")
+        xp = get_array_module(dx)
+        W = self.params["weight"]
+        rows = self._tokens.reshape(-1)
+        vals = dx.reshape(-1, self.dim).astype(W.dtype, copy=False)
+        if xp is np:
+            np.add.at(self.grads["weight"], rows, vals)
+        else:  # pragma: no cover - GPU
+            import cupyx
+            cupyx.scatter_add(self.grads["weight"], rows, vals)
+        return None
+
+    # -- tied output head -----------------------------------------------------------------
+    def logits(self, h):
+        """Tied head: logits (B, T, V) = h E^T; keeps h for :meth:`backward_logits`."""
+        W = self.params["weight"]
+        h = as_input(h, "h", W.dtype, last_dim=self.dim)
+        self._h = h
+        return h @ W.T
+
+    def logits_step(self, h):
+        return h @ self.params["weight"].T
+
+    def backward_logits(self, dlogits):
+        if self._h is None:
+            raise RuntimeError("Embedding.backward_logits called before logits")
+        W = self.params["weight"]
+        dlogits = dlogits.astype(W.dtype, copy=False)
+        self.grads["weight"] += dlogits.reshape(-1, self.vocab_size).T @ self._h.reshape(-1, self.dim)
+        return dlogits @ W  # (B, T, C)

@@ -1,0 +1,321 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) over top-k or dense causal attention.
+
+Shape letters: B batch, T queries, S = P + T keys (P persistent tokens first), H heads,
+d model width, Lq query rank, C kv latent rank, N = qk_nope_dim, R = qk_rope_dim, V = v_head_dim.
+
+Training (``forward``/``backward``):
+    cq = rms(W_DQ x)                     (B, T, Lq)
+    q  = [W_UQ cq ; rope(W_QR cq)]       (B, H, T, N + R)   per-head nope and rope parts
+    c  = rms(W_DKV x)                    (B, T, C)          the latent that decoding caches
+    kr = rope(W_KR x)                    (B, T, R)          shared by all heads
+    k  = [W_UK c ; kr],  v = W_UV c      (B, H, S, N + R), (B, H, S, V)
+    y  = W_O attn(q, k, v)               scale 1/sqrt(N + R); top-k (or dense with topk=None)
+Persistent tokens are learnable latents ``persist_c`` (P, C) and rope keys ``persist_kr``
+(P, R) (no rotation) prepended to every sequence and passed as sinks=P, so every query
+attends them; query t sits at position P + t.
+
+Decoding (``init_cache``/``step``) with absorbed weights (:func:`absorb_mla_weights`):
+    q_abs_h = [W_UK_h^T W_UQ_h cq ; rope(W_QR_h cq)]       (B, H, C + R)
+    score_h(j) = scale * q_abs_h . [c_j ; kr_j]            (the cache holds only [c_j ; kr_j])
+    y = sum_h (W_O_h W_UV_h) (sum_j p_h(j) c_j)
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module
+from topkattn.dense_attention import dense_attention_backward, dense_attention_forward
+from topkattn.layers.decode import GrowingBuffer, attend_all, attend_selected, exact_topk_selector
+from topkattn.layers.module import Module, as_input, check_int, float_dtype, make_rng, normal
+from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
+from topkattn.layers.rope import rope_angles, rope_apply
+from topkattn.topk_attention import topk_attention_backward, topk_attention_forward
+
+
+class MLA(Module):
+    """MLA layer.  ``params``: W_DQ (Lq, d), q_norm (Lq,), W_UQ (H*N, Lq), W_QR (H*R, Lq),
+    W_DKV (C, d), kv_norm (C,), W_UK (H*N, C), W_UV (H*V, C), W_KR (R, d), W_O (d, H*V),
+    and with P persistent tokens persist_c (P, C), persist_kr (P, R).
+
+    ``topk=None`` is dense causal attention; an int is top-k attention (sinks=P, window,
+    forget_rate passed to :func:`topkattn.topk_attention`).  ``window`` only matters with
+    top-k (dense attention already sees every key).  backward accumulates into ``grads``.
+    ``selector`` (default :func:`exact_topk_selector`) picks each decode step's keys.
+    """
+
+    def __init__(self, d_model, n_heads, q_lora_rank, kv_lora_rank, qk_nope_dim, qk_rope_dim,
+                 v_head_dim, topk=None, seed=0, dtype="float32", *, persistent_tokens=0, window=0,
+                 forget_rate=0.0, rope_base=10000.0, eps=1e-6):
+        super().__init__()
+        self.d_model = check_int("d_model", d_model, 1)
+        self.n_heads = H = check_int("n_heads", n_heads, 1)
+        self.q_lora_rank = Lq = check_int("q_lora_rank", q_lora_rank, 1)
+        self.kv_lora_rank = C = check_int("kv_lora_rank", kv_lora_rank, 1)
+        self.qk_nope_dim = N = check_int("qk_nope_dim", qk_nope_dim, 1)
+        self.qk_rope_dim = R = check_int("qk_rope_dim", qk_rope_dim, 2)
+        if R % 2:
+            raise ValueError(f"qk_rope_dim must be even (rotary pairs), got {R}")
+        self.v_head_dim = V = check_int("v_head_dim", v_head_dim, 1)
+        self.topk = None if topk is None else check_int("topk", topk, 1)
+        self.persistent_tokens = P = check_int("persistent_tokens", persistent_tokens, 0)
+        self.window = check_int("window", window, 0)
+        if not 0.0 <= float(forget_rate) < 1.0:
+            raise ValueError(f"forget_rate must be in [0, 1), got {forget_rate!r}")
+        self.forget_rate = float(forget_rate)
+        self.rope_base = float(rope_base)
+        self.eps = float(eps)
+        self.scale = 1.0 / np.sqrt(N + R)
+        self.training = True
+        self.selector = exact_topk_selector
+        dt = float_dtype(dtype)
+        rng = make_rng(seed)
+        d = d_model
+        self.add_param("W_DQ", normal(rng, (Lq, d), 1 / np.sqrt(d), dt))
+        self.add_param("q_norm", np.ones(Lq, dtype=dt))
+        self.add_param("W_UQ", normal(rng, (H * N, Lq), 1 / np.sqrt(Lq), dt))
+        self.add_param("W_QR", normal(rng, (H * R, Lq), 1 / np.sqrt(Lq), dt))
+        self.add_param("W_DKV", normal(rng, (C, d), 1 / np.sqrt(d), dt))
+        self.add_param("kv_norm", np.ones(C, dtype=dt))
+        self.add_param("W_UK", normal(rng, (H * N, C), 1 / np.sqrt(C), dt))
+        self.add_param("W_UV", normal(rng, (H * V, C), 1 / np.sqrt(C), dt))
+        self.add_param("W_KR", normal(rng, (R, d), 1 / np.sqrt(d), dt))
+        self.add_param("W_O", normal(rng, (d, H * V), 1 / np.sqrt(H * V), dt))
+        if P:
+            self.add_param("persist_c", normal(rng, (P, C), 1.0, dt))
+            self.add_param("persist_kr", normal(rng, (P, R), 1.0, dt))
+        self._saved = None
+
+    # -- training ----------------------------------------------------------------------
+    def _check_x(self, x):
+        d = self.d_model
+        return as_input(x, "x", self.params["W_DQ"].dtype, ndim=3, letters=f"(B, T, d_model={d})",
+                        last_dim=d)
+
+    def _queries(self, x, positions):
+        """q (B, H, T, N+R) and what backward needs."""
+        p = self.params
+        B, T, _ = x.shape
+        H, N, R = self.n_heads, self.qk_nope_dim, self.qk_rope_dim
+        cq, sq = rms_norm_forward(x @ p["W_DQ"].T, p["q_norm"], self.eps)  # (B, T, Lq)
+        qn = (cq @ p["W_UQ"].T).reshape(B, T, H, N).transpose(0, 2, 1, 3)  # (B, H, T, N)
+        cs = rope_angles(positions, R, self.rope_base, get_array_module(x), x.dtype)
+        qr = rope_apply((cq @ p["W_QR"].T).reshape(B, T, H, R).transpose(0, 2, 1, 3), *cs)
+        xp = get_array_module(x)
+        return xp.concatenate([qn, qr], axis=-1), (cq, sq, cs)
+
+    def _latents(self, x, cs):
+        """c (B, T, C) normalised latent, kr (B, T, R) rotated rope key."""
+        p = self.params
+        c, skv = rms_norm_forward(x @ p["W_DKV"].T, p["kv_norm"], self.eps)
+        kr = rope_apply(x @ p["W_KR"].T, *cs)  # (B, T, R)
+        return c, kr, skv
+
+    def latent_keys(self, x):
+        """Cached-key form [c_j ; kr_j] (B, P + T, C + R) of a sequence x (B, T, d), no state kept."""
+        x = self._check_x(x)
+        xp = get_array_module(x)
+        cs = rope_angles(np.arange(x.shape[1]), self.qk_rope_dim, self.rope_base, xp, x.dtype)
+        c, kr, _ = self._latents(x, cs)
+        c_all, kr_all = self._with_persistent(c, kr)
+        return xp.concatenate([c_all, kr_all], axis=-1)
+
+    def _with_persistent(self, c, kr):
+        if not self.persistent_tokens:
+            return c, kr
+        xp = get_array_module(c)
+        B, P = c.shape[0], self.persistent_tokens
+        pc = xp.broadcast_to(self.params["persist_c"][None], (B, P, c.shape[2]))
+        pk = xp.broadcast_to(self.params["persist_kr"][None], (B, P, kr.shape[2]))
+        return xp.concatenate([pc, c], axis=1), xp.concatenate([pk, kr], axis=1)
+
+    def project(self, x):
+        """Unabsorbed q (B, H, T, N+R), k (B, H, S, N+R), v (B, H, S, V) of x (B, T, d)."""
+        x = self._check_x(x)
+        q, (_, _, cs) = self._queries(x, np.arange(x.shape[1]))
+        c, kr, _ = self._latents(x, cs)
+        k, v, _ = self._keys_values(*self._with_persistent(c, kr))
+        return q, k, v
+
+    def _keys_values(self, c_all, kr_all):
+        p = self.params
+        xp = get_array_module(c_all)
+        B, S, _ = c_all.shape
+        H, N, R, V = self.n_heads, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim
+        kn = (c_all @ p["W_UK"].T).reshape(B, S, H, N).transpose(0, 2, 1, 3)  # (B, H, S, N)
+        v = (c_all @ p["W_UV"].T).reshape(B, S, H, V).transpose(0, 2, 1, 3)  # (B, H, S, V)
+        krh = xp.broadcast_to(kr_all[:, None], (B, H, S, R))
+        return xp.concatenate([kn, krh], axis=-1), v, None
+
+    def forward(self, x, seed=None):
+        """y (B, T, d) from x (B, T, d), causal.  ``seed`` drives forgetful masking."""
+        x = self._check_x(x)
+        xp = get_array_module(x)
+        B, T, _ = x.shape
+        q, (cq, sq, cs) = self._queries(x, np.arange(T))
+        c, kr, skv = self._latents(x, cs)
+        c_all, kr_all = self._with_persistent(c, kr)
+        k, v, _ = self._keys_values(c_all, kr_all)
+        if self.topk is None:
+            o, att = dense_attention_forward(q, k, v, causal=True, scale=self.scale)
+        else:
+            fr = self.forget_rate if self.training else 0.0
+            o, att = topk_attention_forward(q, k, v, topk=self.topk, causal=True, scale=self.scale,
+                                            forget_rate=fr, seed=seed, sinks=self.persistent_tokens,
+                                            window=self.window)
+        of = o.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H*V)
+        self._saved = (x, cq, sq, cs, c_all, kr_all, skv, att, of)
+        return of @ self.params["W_O"].T
+
+    def backward(self, dy):
+        """dx (B, T, d) from dy (B, T, d); accumulates parameter gradients into ``grads``."""
+        if self._saved is None:
+            raise RuntimeError("MLA.backward called before forward")
+        x, cq, sq, cs, c_all, kr_all, skv, att, of = self._saved
+        p, g = self.params, self.grads
+        xp = get_array_module(x)
+        B, T, d = x.shape
+        H, N, R, V, P = self.n_heads, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim, self.persistent_tokens
+        S = P + T
+        dy = dy.astype(x.dtype, copy=False)
+        g["W_O"] += dy.reshape(-1, d).T @ of.reshape(-1, H * V)
+        do = (dy @ p["W_O"]).reshape(B, T, H, V).transpose(0, 2, 1, 3)  # (B, H, T, V)
+        if self.topk is None:
+            dq, dk, dv = dense_attention_backward(do, att)
+        else:
+            dq, dk, dv = topk_attention_backward(do, att)
+        # keys and values -> latents
+        dkn = dk[..., :N].transpose(0, 2, 1, 3).reshape(B * S, H * N)
+        dvf = dv.transpose(0, 2, 1, 3).reshape(B * S, H * V)
+        cf = c_all.reshape(B * S, -1)
+        g["W_UK"] += dkn.T @ cf
+        g["W_UV"] += dvf.T @ cf
+        dc_all = (dkn @ p["W_UK"] + dvf @ p["W_UV"]).reshape(B, S, -1)  # (B, S, C)
+        dkr_all = dk[..., N:].sum(1)  # (B, S, R)
+        if P:
+            g["persist_c"] += dc_all[:, :P].sum(0)
+            g["persist_kr"] += dkr_all[:, :P].sum(0)
+        dckv, dg = rms_norm_backward(dc_all[:, P:], skv)
+        g["kv_norm"] += dg
+        dkr = rope_apply(dkr_all[:, P:], *cs, inverse=True)  # (B, T, R)
+        xf = x.reshape(-1, d)
+        g["W_DKV"] += dckv.reshape(-1, dckv.shape[-1]).T @ xf
+        g["W_KR"] += dkr.reshape(-1, R).T @ xf
+        # queries
+        dqn = dq[..., :N].transpose(0, 2, 1, 3).reshape(B * T, H * N)
+        dqr = rope_apply(dq[..., N:], *cs, inverse=True).transpose(0, 2, 1, 3).reshape(B * T, H * R)
+        cqf = cq.reshape(B * T, -1)
+        g["W_UQ"] += dqn.T @ cqf
+        g["W_QR"] += dqr.T @ cqf
+        dcq = (dqn @ p["W_UQ"] + dqr @ p["W_QR"]).reshape(B, T, -1)
+        dcq_raw, dgq = rms_norm_backward(dcq, sq)
+        g["q_norm"] += dgq
+        g["W_DQ"] += dcq_raw.reshape(-1, self.q_lora_rank).T @ xf
+        return dckv @ p["W_DKV"] + dkr @ p["W_KR"] + dcq_raw @ p["W_DQ"]
+
+    # -- decoding ------------------------------------------------------------------------
+    def decode_weights(self):
+        """The absorbed (decode-mode) weights, see :func:`absorb_mla_weights`."""
+        return absorb_mla_weights(self.params, self.n_heads, self.qk_nope_dim, self.qk_rope_dim,
+                                  self.v_head_dim)
+
+    def init_cache(self, batch):
+        """An empty :class:`MLACache` for ``batch`` rows; absorbs the current weights."""
+        batch = check_int("batch", batch, 1)
+        p = self.params
+        xp = get_array_module(p["W_DQ"])
+        cache = MLACache(xp, batch, self.kv_lora_rank, self.qk_rope_dim, p["W_DQ"].dtype,
+                         self.decode_weights(), owner=self)
+        if self.persistent_tokens:
+            rows = xp.concatenate([p["persist_c"], p["persist_kr"]], axis=-1)  # (P, C + R)
+            cache.buf.append(xp.broadcast_to(rows[None], (batch,) + rows.shape))
+            cache.prefix = self.persistent_tokens
+        return cache
+
+    def absorbed_query(self, x_t, position, weights):
+        """q_abs (B, H, C + R) for x_t (B, d) at token ``position``."""
+        B = x_t.shape[0]
+        H, C, R = self.n_heads, self.kv_lora_rank, self.qk_rope_dim
+        cq = rms_norm_forward(x_t @ weights["W_DQ"].T, weights["q_norm"], self.eps)[0]  # (B, Lq)
+        q_lat = (cq @ weights["W_QK"].T).reshape(B, H, C)
+        cs = rope_angles([position], R, self.rope_base, get_array_module(x_t), x_t.dtype)
+        qr = rope_apply((cq @ weights["W_QR"].T).reshape(B, H, R), *cs)
+        return get_array_module(x_t).concatenate([q_lat, qr], axis=-1)
+
+    def step(self, x_t, cache):
+        """y_t (B, 1, d) for x_t (B, 1, d); appends [c ; kr] (C + R floats) per row to ``cache``."""
+        x_t = self._check_x(x_t)
+        if not isinstance(cache, MLACache) or cache.owner is not self:
+            raise TypeError("cache must come from this layer's init_cache")
+        B = x_t.shape[0]
+        if x_t.shape[1] != 1:
+            raise ValueError(f"x_t must have shape (B, 1, d_model), got {tuple(x_t.shape)}")
+        if B != cache.batch:
+            raise ValueError(f"x_t has batch {B} but the cache was made for batch {cache.batch}")
+        w = cache.weights
+        xp = get_array_module(x_t)
+        x1 = x_t[:, 0]  # (B, d)
+        pos = cache.n_tokens
+        q_abs = self.absorbed_query(x1, pos, w)  # (B, H, C + R)
+        c = rms_norm_forward(x1 @ w["W_DKV"].T, w["kv_norm"], self.eps)[0]  # (B, C)
+        cs = rope_angles([pos], self.qk_rope_dim, self.rope_base, xp, x_t.dtype)
+        kr = rope_apply((x1 @ w["W_KR"].T)[:, None], *cs)[:, 0]  # (B, R)
+        cache.buf.append(xp.concatenate([c, kr], axis=-1)[:, None])
+        keys = cache.keys[:, None]  # (B, 1, S, C + R)
+        if self.topk is None:
+            o = attend_all(q_abs, keys, keys, self.scale)  # (B, H, C + R)
+        else:
+            idx = self.selector(q_abs, cache, topk=self.topk, sinks=self.persistent_tokens,
+                                window=self.window, scale=self.scale)
+            o = attend_selected(q_abs, keys, keys, idx, self.scale)
+        o_lat = o[..., :self.kv_lora_rank].reshape(B, -1)  # (B, H*C)
+        return (o_lat @ w["W_OV"].T)[:, None]  # (B, 1, d)
+
+
+class MLACache:
+    """Latent KV cache: ``keys`` (B, S, C + R) = [c_j ; kr_j], persistent rows first.
+
+    Holds exactly C + R numbers per token (``floats_per_token``); ``weights`` are the
+    absorbed decode weights taken when the cache was made.
+    """
+
+    def __init__(self, xp, batch, C, R, dtype, weights, owner):
+        self.batch, self.C, self.R = batch, C, R
+        self.buf = GrowingBuffer(xp, (batch, 0, C + R), axis=1, dtype=dtype)
+        self.weights = weights
+        self.owner = owner
+        self.prefix = 0
+
+    @property
+    def keys(self):
+        return self.buf.view()
+
+    @property
+    def n_tokens(self):
+        return self.buf.n - self.prefix
+
+    @property
+    def floats_per_token(self):
+        return self.buf.data.shape[-1]
+
+    @property
+    def bytes_per_token(self):
+        return self.floats_per_token * self.buf.data.dtype.itemsize
+
+
+def absorb_mla_weights(params, n_heads, qk_nope_dim, qk_rope_dim, v_head_dim):
+    """Convert training-mode MLA params to decode mode (weight absorption).
+
+    Returns a dict with W_DQ, q_norm, W_QR, W_DKV, kv_norm, W_KR unchanged and
+      W_QK (H*C, Lq):  block h = W_UK_h^T W_UQ_h   (so q_lat_h = W_QK_h cq = W_UK_h^T q_nope_h)
+      W_OV (d, H*C):   block h = W_O_h W_UV_h      (so y = sum_h W_OV_h o_lat_h)
+    """
+    H, N, V = n_heads, qk_nope_dim, v_head_dim
+    W_UK, W_UQ, W_UV, W_O = params["W_UK"], params["W_UQ"], params["W_UV"], params["W_O"]
+    C, Lq, d = W_UK.shape[1], W_UQ.shape[1], W_O.shape[0]
+    xp = get_array_module(W_UK)
+    uk = W_UK.reshape(H, N, C)
+    uq = W_UQ.reshape(H, N, Lq)
+    W_QK = xp.matmul(uk.swapaxes(1, 2), uq).reshape(H * C, Lq)  # (H*C, Lq)
+    o = W_O.reshape(d, H, V).transpose(1, 0, 2)  # (H, d, V)
+    W_OV = xp.matmul(o, W_UV.reshape(H, V, C)).transpose(1, 0, 2).reshape(d, H * C)  # (d, H*C)
+    out = {k: params[k] for k in ("W_DQ", "q_norm", "W_QR", "W_DKV", "kv_norm", "W_KR")}
+    out.update(W_QK=W_QK, W_OV=W_OV)
+    return out

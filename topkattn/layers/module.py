@@ -1,0 +1,118 @@
+"""The layer base: ``params``/``grads`` dicts, child layers, flat dotted names, devices.
+
+A layer owns ``params`` (name -> array) and ``grads`` (the same keys, same shapes).
+``forward`` keeps what ``backward`` needs; ``backward`` returns the input gradient and
+**accumulates** into ``grads`` (call :meth:`Module.zero_grad` between steps).  Children
+are registered with :meth:`Module.add` and named ``child.param`` in :meth:`named_params`.
+"""
+import numbers
+
+import numpy as np
+
+from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module
+
+
+class Module:
+    """Base of every layer: own params/grads plus named children."""
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+        self._children = {}
+
+    # -- registration ------------------------------------------------------------------
+    def add_param(self, name, value):
+        self.params[name] = value
+        self.grads[name] = get_array_module(value).zeros_like(value)
+        return value
+
+    def add(self, name, child):
+        self._children[name] = child
+        return child
+
+    def children(self):
+        return self._children.items()
+
+    # -- flat views ----------------------------------------------------------------------
+    def named_params(self, prefix=""):
+        """Yield ``(dotted name, param array)`` for this layer and all descendants."""
+        for n, p in self.params.items():
+            yield prefix + n, p
+        for cn, c in self._children.items():
+            yield from c.named_params(f"{prefix}{cn}.")
+
+    def named_grads(self, prefix=""):
+        for n, g in self.grads.items():
+            yield prefix + n, g
+        for cn, c in self._children.items():
+            yield from c.named_grads(f"{prefix}{cn}.")
+
+    def zero_grad(self):
+        """Set every gradient to zero in place (the arrays keep their identity)."""
+        for g in self.grads.values():
+            g[...] = 0
+        for c in self._children.values():
+            c.zero_grad()
+
+    def to_device(self, xp):
+        """Move params and grads to ``xp`` (numpy or cupy); returns self."""
+        for n in list(self.params):
+            self.params[n] = _move(self.params[n], xp)
+            self.grads[n] = _move(self.grads[n], xp)
+        for c in self._children.values():
+            c.to_device(xp)
+        return self
+
+    @property
+    def xp(self):
+        for _, p in self.named_params():
+            return get_array_module(p)
+        return np
+
+
+def _move(a, xp):
+    if xp is np:
+        return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
+    return xp.asarray(a)
+
+
+def make_rng(seed):
+    """A numpy Generator from an int seed or a Generator (used as is)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or numpy.random.Generator, got {type(seed).__name__}")
+    return np.random.default_rng(int(seed))
+
+
+def float_dtype(dtype):
+    """np.dtype float32/float64 from a name or dtype; TypeError otherwise."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from e
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return dt
+
+
+def check_int(name, val, lo):
+    if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+    return int(val)
+
+
+def normal(rng, shape, std, dtype):
+    return (rng.standard_normal(shape) * std).astype(dtype)
+
+
+def as_input(x, name, dtype, last_dim=None, ndim=None, letters=None):
+    """Engine array of float ``dtype``; ValueError naming ``name`` on a bad shape."""
+    x = as_engine_array(x, name)
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {letters or ''}, got shape {tuple(x.shape)}")
+    if last_dim is not None and (x.ndim == 0 or x.shape[-1] != last_dim):
+        raise ValueError(f"{name} must have last axis {last_dim} {letters or ''}, got shape {tuple(x.shape)}")
+    return x.astype(dtype, copy=False)

@@ -1,0 +1,62 @@
+"""RMS normalisation over the last axis with a learned gain.
+
+Shape letters: x (..., C), g (C,).
+
+    rstd = 1 / sqrt(mean_c x^2 + eps),   xhat = x * rstd,   y = xhat * g
+Backward (per row):
+    dg = sum_rows dy * xhat
+    u  = dy * g,   dx = rstd * (u - xhat * mean_c(u * xhat))
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module
+from topkattn.layers.module import Module, as_input, check_int, float_dtype
+
+
+def rms_norm_forward(x, g, eps=1e-6):
+    """``(y, saved)``; saved = (xhat (..., C), rstd (..., 1), g)."""
+    xp = get_array_module(x, g)
+    ms = (x * x).mean(-1, keepdims=True)  # (..., 1)
+    rstd = 1.0 / xp.sqrt(ms + x.dtype.type(eps))
+    xhat = x * rstd
+    return xhat * g, (xhat, rstd, g)
+
+
+def rms_norm_backward(dy, saved):
+    """``(dx, dg)`` from dy (..., C)."""
+    xhat, rstd, g = saved
+    C = xhat.shape[-1]
+    dg = (dy * xhat).reshape(-1, C).sum(0)  # (C,)
+    u = dy * g
+    dx = rstd * (u - xhat * (u * xhat).mean(-1, keepdims=True))
+    return dx, dg
+
+
+class RMSNorm(Module):
+    """``params`` {"weight" (C,)} initialised to ones; backward accumulates into ``grads``."""
+
+    def __init__(self, dim, eps=1e-6, dtype="float32"):
+        super().__init__()
+        self.dim = check_int("dim", dim, 1)
+        self.eps = float(eps)
+        self.add_param("weight", np.ones(dim, dtype=float_dtype(dtype)))
+        self._saved = None
+
+    def forward(self, x):
+        g = self.params["weight"]
+        x = as_input(x, "x", g.dtype, last_dim=self.dim, letters=f"(..., C={self.dim})")
+        y, self._saved = rms_norm_forward(x, g, self.eps)
+        return y
+
+    def step(self, x):
+        """Forward without keeping state for backward (incremental decoding)."""
+        g = self.params["weight"]
+        x = as_input(x, "x", g.dtype, last_dim=self.dim, letters=f"(..., C={self.dim})")
+        return rms_norm_forward(x, g, self.eps)[0]
+
+    def backward(self, dy):
+        if self._saved is None:
+            raise RuntimeError("RMSNorm.backward called before forward")
+        dx, dg = rms_norm_backward(dy, self._saved)
+        self.grads["weight"] += dg
+        return dx

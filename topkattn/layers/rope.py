@@ -1,0 +1,64 @@
+"""Rotary position embedding (rotate-half layout) on the last axis.
+
+Shape letters: x (..., T, R) with R even, positions (T,).  For i < R/2 the pair
+(x_i, x_{i+R/2}) is rotated by the angle pos * base^(-2i/R):
+
+    y_i       = x_i cos - x_{i+R/2} sin
+    y_{i+R/2} = x_i sin + x_{i+R/2} cos
+Backward is the inverse rotation (the transpose): angle -> -angle.
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module
+from topkattn.layers.module import Module, check_int
+
+
+def rope_angles(positions, R, base, xp=np, dtype=np.float64):
+    """(cos, sin), each (T, R/2), for integer ``positions`` (T,)."""
+    half = R // 2
+    inv = base ** (-np.arange(half, dtype=np.float64) / half)  # (R/2,)
+    ang = np.asarray(positions, dtype=np.float64)[:, None] * inv[None, :]  # (T, R/2)
+    return xp.asarray(np.cos(ang).astype(dtype)), xp.asarray(np.sin(ang).astype(dtype))
+
+
+def rope_apply(x, cos, sin, inverse=False):
+    """Rotate x (..., T, R) by (cos, sin) (T, R/2); ``inverse`` rotates back (backward)."""
+    xp = get_array_module(x)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    if inverse:
+        sin = -sin
+    return xp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+class RoPE(Module):
+    """Parameter-free rotary layer: ``forward(x, positions)``, ``backward(dy)``."""
+
+    def __init__(self, dim, base=10000.0):
+        super().__init__()
+        self.dim = check_int("dim", dim, 2)
+        if dim % 2:
+            raise ValueError(f"rope dim must be even, got {dim}")
+        if not base > 1.0:
+            raise ValueError(f"rope base must be > 1, got {base!r}")
+        self.base = float(base)
+        self._cs = None
+
+    def angles(self, positions, like):
+        return rope_angles(positions, self.dim, self.base, get_array_module(like), like.dtype)
+
+    def forward(self, x, positions):
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have last axis R={self.dim}, got shape {tuple(x.shape)}")
+        if len(positions) != x.shape[-2]:
+            raise ValueError(f"positions must have length T={x.shape[-2]}, got {len(positions)}")
+        self._cs = self.angles(positions, x)
+        return rope_apply(x, *self._cs)
+
+    def step(self, x, positions):
+        return rope_apply(x, *self.angles(positions, x))
+
+    def backward(self, dy):
+        if self._cs is None:
+            raise RuntimeError("RoPE.backward called before forward")
+        return rope_apply(dy, *self._cs, inverse=True)

@@ -1,0 +1,62 @@
+"""SwiGLU feed-forward: y = W2 (silu(W1 x) * (W3 x)).
+
+Shape letters: x (..., C), W1 and W3 (F, C), W2 (C, F), a = W1 x, b = W3 x (..., F).
+    silu(a) = a * sigmoid(a),  silu'(a) = sigmoid(a) * (1 + a * (1 - sigmoid(a)))
+Backward: dh = dy W2;  da = dh * b * silu'(a);  db = dh * silu(a);  dx = da W1 + db W3.
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module
+from topkattn.layers.module import Module, as_input, check_int, float_dtype, make_rng, normal
+
+
+def _sigmoid(xp, a):
+    # stable for large |a|: exp of a non-positive number only
+    e = xp.exp(-xp.abs(a))
+    return xp.where(a >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+class SwiGLU(Module):
+    """``params`` {"W1" (F, C), "W3" (F, C), "W2" (C, F)}; backward accumulates into ``grads``."""
+
+    def __init__(self, d_model, d_ff, seed=0, dtype="float32"):
+        super().__init__()
+        self.d_model, self.d_ff = check_int("d_model", d_model, 1), check_int("d_ff", d_ff, 1)
+        dt = float_dtype(dtype)
+        rng = make_rng(seed)
+        self.add_param("W1", normal(rng, (d_ff, d_model), 1 / np.sqrt(d_model), dt))
+        self.add_param("W3", normal(rng, (d_ff, d_model), 1 / np.sqrt(d_model), dt))
+        self.add_param("W2", normal(rng, (d_model, d_ff), 1 / np.sqrt(d_ff), dt))
+        self._saved = None
+
+    def forward(self, x):
+        p = self.params
+        x = as_input(x, "x", p["W1"].dtype, last_dim=self.d_model, letters=f"(..., C={self.d_model})")
+        xp = get_array_module(x)
+        a = x @ p["W1"].T  # (..., F)
+        b = x @ p["W3"].T  # (..., F)
+        sg = _sigmoid(xp, a)
+        h = a * sg * b  # (..., F)
+        self._saved = (x, a, b, sg, h)
+        return h @ p["W2"].T  # (..., C)
+
+    def step(self, x):
+        y = self.forward(x)
+        self._saved = None
+        return y
+
+    def backward(self, dy):
+        if self._saved is None:
+            raise RuntimeError("SwiGLU.backward called before forward")
+        p, g = self.params, self.grads
+        x, a, b, sg, h = self._saved
+        C, F = self.d_model, self.d_ff
+        dy = dy.astype(x.dtype, copy=False)
+        g["W2"] += dy.reshape(-1, C).T @ h.reshape(-1, F)
+        dh = dy @ p["W2"]  # (..., F)
+        silu = a * sg
+        da = dh * b * sg * (1 + a * (1 - sg))
+        db = dh * silu
+        g["W1"] += da.reshape(-1, F).T @ x.reshape(-1, C)
+        g["W3"] += db.reshape(-1, F).T @ x.reshape(-1, C)
+        return da @ p["W1"] + db @ p["W3"]

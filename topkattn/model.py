@@ -1,0 +1,227 @@
+"""A DeepSeek-style decoder: embedding, N pre-norm blocks (MLA or plain attention + SwiGLU or
+MoE), final RMSNorm, head (tied with the embedding by default).
+
+Shape letters: tokens (B, T) int, x (B, T, d), logits (B, T, V).
+No autograd engine: ``backward`` runs the layers' backward passes in reverse order.
+"""
+import dataclasses
+import numbers
+
+import numpy as np
+
+from topkattn.backend import get_array_module
+from topkattn.layers.attention import Attention
+from topkattn.layers.block import Block
+from topkattn.layers.embedding import Embedding
+from topkattn.layers.linear import Linear
+from topkattn.layers.mla import MLA
+from topkattn.layers.module import Module, float_dtype
+from topkattn.layers.moe import MoE
+from topkattn.layers.rmsnorm import RMSNorm
+from topkattn.layers.swiglu import SwiGLU
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """Model hyper-parameters (JSON-serialisable with :meth:`to_dict`)."""
+
+    vocab_size: int
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    attention: str = "mla"  # "mla" | "mha" (plain attention; n_kv_heads for GQA/MQA)
+    q_lora_rank: int = 32
+    kv_lora_rank: int = 32
+    qk_nope_dim: int = 16
+    qk_rope_dim: int = 8
+    v_head_dim: int = 16
+    n_kv_heads: int = None  # attention="mha": None = n_heads
+    head_dim: int = None  # attention="mha": qk head dim, None = d_model // n_heads
+    ffn: str = "swiglu"  # "swiglu" | "moe"
+    d_ff: int = 128
+    n_experts: int = 4
+    moe_topk: int = 2
+    aux_loss_weight: float = 0.01
+    topk: int = None  # None = dense attention
+    forget_rate: float = 0.0
+    persistent_tokens: int = 0
+    window: int = 0
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self):
+        def pos_int(name, lo=1, none_ok=False):
+            v = getattr(self, name)
+            if v is None and none_ok:
+                return
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "q_lora_rank", "kv_lora_rank",
+                     "qk_nope_dim", "qk_rope_dim", "v_head_dim", "d_ff", "n_experts", "moe_topk"):
+            pos_int(name)
+        for name in ("n_kv_heads", "head_dim", "topk"):
+            pos_int(name, none_ok=True)
+        for name in ("persistent_tokens", "window", "seed"):
+            pos_int(name, lo=0)
+        if self.attention not in ("mla", "mha"):
+            raise ValueError(f"attention must be 'mla' or 'mha', got {self.attention!r}")
+        if self.ffn not in ("swiglu", "moe"):
+            raise ValueError(f"ffn must be 'swiglu' or 'moe', got {self.ffn!r}")
+        if not isinstance(self.forget_rate, numbers.Real) or not 0.0 <= self.forget_rate < 1.0:
+            raise ValueError(f"forget_rate must be in [0, 1), got {self.forget_rate!r}")
+        float_dtype(self.dtype)
+        self.dtype = np.dtype(self.dtype).name
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig keys: {unknown}")
+        return cls(**d)
+
+
+class Transformer(Module):
+    """The model.  ``params``/``grads``: flat dicts of dotted names ("embed.weight",
+    "blocks.0.attn.W_DQ", ...) sharing the layers' arrays (update them in place).
+
+    ``backward`` **overwrites** ``grads`` (zeros them, then accumulates every layer and,
+    with MoE, ``aux_loss_weight`` times the auxiliary loss gradient).
+    """
+
+    def __init__(self, cfg):
+        if isinstance(cfg, dict):
+            cfg = TransformerConfig.from_dict(cfg)
+        if not isinstance(cfg, TransformerConfig):
+            raise TypeError(f"cfg must be a TransformerConfig or dict, got {type(cfg).__name__}")
+        super().__init__()
+        self.cfg = c = cfg
+        seeds = np.random.SeedSequence(c.seed).spawn(c.n_layers + 2)
+        rng = lambda i: np.random.default_rng(seeds[i])  # noqa: E731
+        self.embed = self.add("embed", Embedding(c.vocab_size, c.d_model, seed=rng(0), dtype=c.dtype))
+        self.blocks = []
+        for i in range(c.n_layers):
+            r = rng(i + 1)
+            if c.attention == "mla":
+                attn = MLA(c.d_model, c.n_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_nope_dim,
+                           c.qk_rope_dim, c.v_head_dim, topk=c.topk, seed=r, dtype=c.dtype,
+                           persistent_tokens=c.persistent_tokens, window=c.window,
+                           forget_rate=c.forget_rate, rope_base=c.rope_base)
+            else:
+                attn = Attention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.v_head_dim, topk=c.topk,
+                                 seed=r, dtype=c.dtype, persistent_tokens=c.persistent_tokens,
+                                 window=c.window, forget_rate=c.forget_rate, rope_base=c.rope_base)
+            if c.ffn == "moe":
+                ffn = MoE(c.d_model, c.d_ff, c.n_experts, c.moe_topk, c.aux_loss_weight, seed=r, dtype=c.dtype)
+            else:
+                ffn = SwiGLU(c.d_model, c.d_ff, seed=r, dtype=c.dtype)
+            self.blocks.append(self.add(f"blocks.{i}", Block(attn, ffn, c.d_model, dtype=c.dtype)))
+        self.norm = self.add("norm", RMSNorm(c.d_model, dtype=c.dtype))
+        self.head = None
+        if not c.tie_embeddings:
+            self.head = self.add("head", Linear(c.d_model, c.vocab_size, seed=rng(c.n_layers + 1),
+                                                dtype=c.dtype))
+        self.aux_loss = 0.0
+        self.training = True
+        self._rebuild()
+
+    def _rebuild(self):
+        self.params = {}
+        self.grads = {}
+        self._flat_params = dict(self.named_params())
+        self._flat_grads = dict(self.named_grads())
+
+    # Module keeps own params in self.params; the model has none of its own, so expose the flat view
+    def named_params(self, prefix=""):
+        for cn, ch in self._children.items():
+            yield from ch.named_params(f"{prefix}{cn}.")
+
+    def named_grads(self, prefix=""):
+        for cn, ch in self._children.items():
+            yield from ch.named_grads(f"{prefix}{cn}.")
+
+    @property
+    def params(self):
+        return self._flat_params
+
+    @params.setter
+    def params(self, value):
+        self._flat_params = value
+
+    @property
+    def grads(self):
+        return self._flat_grads
+
+    @grads.setter
+    def grads(self, value):
+        self._flat_grads = value
+
+    def train(self, mode=True):
+        """Training mode applies forgetful masking (cfg.forget_rate); eval mode does not."""
+        self.training = bool(mode)
+        for b in self.blocks:
+            b.attn.training = self.training
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def layer_seeds(self, seed):
+        """Per-layer forgetting seeds derived from ``seed`` (None stays None)."""
+        if seed is None:
+            return [None] * len(self.blocks)
+        if isinstance(seed, np.random.Generator):
+            seed = int(seed.integers(2**63))
+        ss = np.random.SeedSequence(int(seed)).spawn(len(self.blocks))
+        return [int(s.generate_state(1, np.uint64)[0]) for s in ss]
+
+    def forward(self, tokens, seed=None):
+        """logits (B, T, V) from tokens (B, T); ``seed`` drives forgetful masking."""
+        x = self.embed.forward(tokens)
+        for blk, s in zip(self.blocks, self.layer_seeds(seed)):
+            x = blk.forward(x, seed=s)
+        h = self.norm.forward(x)
+        self.aux_loss = float(self.cfg.aux_loss_weight * sum(b.aux_loss for b in self.blocks))
+        return self.head.forward(h) if self.head is not None else self.embed.logits(h)
+
+    def backward(self, dlogits):
+        """Fill ``grads`` from dlogits (B, T, V); returns None (tokens have no gradient)."""
+        self.zero_grad()
+        dh = self.head.backward(dlogits) if self.head is not None else self.embed.backward_logits(dlogits)
+        dx = self.norm.backward(dh)
+        for blk in reversed(self.blocks):
+            dx = blk.backward(dx)
+        self.embed.backward(dx)
+        return None
+
+    def init_cache(self, batch):
+        """One decode cache per block (MLA: latent cache; mha: full KV cache)."""
+        return [b.init_cache(batch) for b in self.blocks]
+
+    def step(self, tokens_t, cache):
+        """logits (B, 1, V) for tokens_t (B, 1); appends to every block's cache."""
+        if not isinstance(cache, list) or len(cache) != len(self.blocks):
+            raise TypeError("cache must come from this model's init_cache")
+        tokens_t = self.embed.check_tokens(tokens_t)
+        if tokens_t.shape[1] != 1:
+            raise ValueError(f"tokens_t must have shape (B, 1), got {tuple(tokens_t.shape)}")
+        x = self.embed.step(tokens_t)
+        for blk, c in zip(self.blocks, cache):
+            x = blk.step(x, c)
+        h = self.norm.step(x)
+        return self.head.step(h) if self.head is not None else self.embed.logits_step(h)
+
+    def to_device(self, xp):
+        """Move every param and grad to ``xp`` (numpy or cupy); returns self."""
+        for ch in self._children.values():
+            ch.to_device(xp)
+        self._rebuild()
+        return self
+
+    def n_params(self):
+        return int(sum(p.size for p in self.params.values()))
