@@ -1,0 +1,177 @@
+"""CUDA sparse attention backward from saved indices and logsumexp: dq, dk, dv.
+
+Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim,
+Dv value dim, K index slots per query (-1 = empty), R = B*H*T rows, E = R*K entries.
+
+    s_i   = scale * q . k_{idx_i}            p_i = exp(s_i - lse)     (0 for empty slots)
+    dp_i  = dout . v_{idx_i}                 delta = dout . out
+    ds_i  = p_i (dp_i - delta) scale
+    dq    = sum_i ds_i k_{idx_i};  dk_j = sum_{(r,i): idx=j} ds_i q_r;  dv_j = sum p_i dout_r
+
+Kernel 1 (one thread per query row) computes p, ds (E,) and dq.  Kernel 2 gathers dk, dv
+per key by a **deterministic segmented reduction**, not atomics: the E entries are sorted
+by key (a sort on unique composite keys, so the order never depends on the sort
+algorithm), and one thread per (key, feature) sums its key's segment in that fixed order.
+Why: float atomics add in a run-dependent order (results differ in the last bits between
+runs), and the keys that many rows share (sinks, the window, popular keys) would serialise
+thousands of atomics on one address; the sort costs O(E log E) on O(T K) memory.
+Rows whose lse is NaN get a NaN dq and send nothing to dk/dv; rows with no key get zeros.
+Reference: :func:`topkattn.sparse_attention.sparse_attention_backward` (itself checked
+against float64 finite differences of :func:`topkattn.reference.topk_attention_reference`).
+"""
+import functools
+import math
+
+import numpy as np
+from numba import cuda, types
+
+from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
+
+THREADS = 128
+
+
+def sparse_backward(dout, q, k, v, idx, out, lse, scale):
+    """(dq (B, H, T, D), dk (B, G, S, D), dv (B, G, S, Dv)) from dout (B, H, T, Dv).
+
+    CuPy arrays (NumPy under the simulator); ``scale`` is the score scale of the forward.
+    """
+    xp = array_module(dout, q, k, v, idx)
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    K = idx.shape[-1]
+    if D > 256 or Dv > 256:
+        raise ValueError(f"the CUDA backward supports head dims up to 256, got D={D}, Dv={Dv}")
+    dq = xp.zeros_like(q)
+    dk = xp.zeros_like(k)
+    dv = xp.zeros_like(v)
+    R, NK = B * H * T, B * G * S
+    if R == 0 or K == 0 or NK == 0:
+        return dq, dk, dv
+    q, k, v, dout, out, idx, lse = (xp.ascontiguousarray(a) for a in (q, k, v, dout, out, idx, lse))
+    p = xp.empty((R, K), dtype=q.dtype)
+    ds = xp.empty((R, K), dtype=q.dtype)
+    threads = 32 if simulator_enabled() else THREADS
+    launch(_rows_kernel(pow2_at_least(D, 8), q.dtype.char), cdiv(R, threads), threads,
+           q, k, v, dout, out, idx, lse, float(scale), p, ds, dq)
+    order, seg = key_segments(xp, idx, G, S)
+    DM = max(D, Dv)
+    launch(_keys_kernel(), cdiv(NK * DM, threads), threads, q, dout, p, ds, order, seg, K, dk, dv)
+    return dq, dk, dv
+
+
+def key_segments(xp, idx, G, S):
+    """Entries grouped by key: ``order`` (E,) entry numbers sorted by key, ``seg`` (B*G*S + 1,).
+
+    Entry e = r * K + i is slot i of row r = (b, h, t); its key row is (b * G + h // (H / G)) * S
+    + idx.  Key n's entries are order[seg[n]:seg[n + 1]], ascending in e (deterministic).
+    """
+    B, H, T, K = idx.shape
+    NK, E = B * G * S, B * H * T * K
+    if (NK + 1) * E >= 2**62:
+        raise ValueError(f"too many keys x entries for the composite sort: {NK} x {E}")
+    base = (xp.arange(B, dtype=xp.int64)[:, None] * G
+            + xp.arange(H, dtype=xp.int64)[None, :] // (H // G)) * S  # (B, H)
+    flat = xp.where(idx >= 0, idx + base[:, :, None, None], NK).reshape(E)  # empty -> NK
+    order = xp.argsort(flat * E + xp.arange(E, dtype=xp.int64))  # unique keys: any sort agrees
+    seg = xp.searchsorted(flat[order], xp.arange(NK + 1, dtype=xp.int64))
+    return order.astype(xp.int64), seg.astype(xp.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_kernel(DCAP, dchar):
+    vt = types.float32 if dchar == "f" else types.float64
+    cast = np.float32 if dchar == "f" else np.float64
+    NAN = math.nan
+    INF = math.inf
+
+    @cuda.jit
+    def rows_kernel(q, k, v, dout, out, idx, lse, scale, p_out, ds_out, dq):
+        r = cuda.grid(1)
+        B, H, T, D = q.shape
+        G = k.shape[1]
+        Dv = v.shape[3]
+        K = idx.shape[3]
+        if r >= B * H * T:
+            return
+        b = r // (H * T)
+        h = (r // T) % H
+        t = r % T
+        g = h // (H // G)
+        sc = cast(scale)
+        L = lse[b, h, t]
+        if L != L or L == -INF:
+            for i in range(K):
+                p_out[r, i] = 0
+                ds_out[r, i] = 0
+            if L != L:
+                for d in range(D):
+                    dq[b, h, t, d] = NAN
+            return
+        delta = cast(0)
+        for d in range(Dv):
+            delta += dout[b, h, t, d] * out[b, h, t, d]
+        acc = cuda.local.array(DCAP, vt)
+        for d in range(D):
+            acc[d] = 0
+        for i in range(K):
+            j = idx[b, h, t, i]
+            if j < 0:
+                p_out[r, i] = 0
+                ds_out[r, i] = 0
+                continue
+            s = cast(0)
+            for d in range(D):
+                s += (q[b, h, t, d] * sc) * k[b, g, j, d]
+            pr = math.exp(s - L)
+            dp = cast(0)
+            for d in range(Dv):
+                dp += dout[b, h, t, d] * v[b, g, j, d]
+            dsv = pr * (dp - delta) * sc
+            p_out[r, i] = pr
+            ds_out[r, i] = dsv
+            for d in range(D):
+                acc[d] += dsv * k[b, g, j, d]
+        for d in range(D):
+            dq[b, h, t, d] = acc[d]
+
+    return rows_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _keys_kernel():
+    @cuda.jit
+    def keys_kernel(q, dout, p, ds, order, seg, K, dk, dv):
+        x = cuda.grid(1)
+        B, H, T, D = q.shape
+        G, S = dk.shape[1], dk.shape[2]
+        Dv = dv.shape[3]
+        DM = max(D, Dv)
+        if x >= B * G * S * DM:
+            return
+        key = x // DM
+        d = x - key * DM
+        b = key // (G * S)
+        g = (key // S) % G
+        j = key % S
+        acc_k = dk[b, g, j, 0] * 0
+        acc_v = dv[b, g, j, 0] * 0
+        for u in range(seg[key], seg[key + 1]):
+            e = order[u]
+            r = e // K
+            i = e - r * K
+            rb = r // (H * T)
+            rh = (r // T) % H
+            rt = r % T
+            if d < D:
+                acc_k += ds[r, i] * q[rb, rh, rt, d]
+            if d < Dv:
+                acc_v += p[r, i] * dout[rb, rh, rt, d]
+        if d < D:
+            dk[b, g, j, d] = acc_k
+        if d < Dv:
+            dv[b, g, j, d] = acc_v
+
+    return keys_kernel
+
+
+__all__ = ["sparse_backward", "key_segments"]
