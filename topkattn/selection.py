@@ -289,8 +289,10 @@ def _logsumexp(xp, a):
 
 
 def _choose_numba(impl, xp):
-    if impl not in ("auto", "numba", "numpy"):
-        raise ValueError(f"impl must be 'auto', 'numba' or 'numpy', got {impl!r}")
+    if impl not in ("auto", "numba", "numpy", "cuda"):
+        raise ValueError(f"impl must be 'auto', 'numba', 'numpy' or 'cuda', got {impl!r}")
+    if impl == "cuda":  # selection stages the CUDA kernels do not fuse run on the xp path
+        return False
     if xp is not np:
         if impl == "numba":
             raise ValueError("impl='numba' runs on the CPU; got CuPy arrays")

@@ -39,7 +39,10 @@ def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, f
       window: the ``window`` most recent visible keys are always attended, in addition.
       chunk_size: queries per chunk (default: automatic, about 16 MiB of scores per chunk);
         peak extra memory is O(chunk_size * S + T * K).
-      impl: "auto", "numba" (CPU kernel) or "numpy" (vectorised NumPy/CuPy).
+      impl: "auto", "numba" (CPU kernel), "numpy" (vectorised NumPy/CuPy) or "cuda" (the
+        fused Numba CUDA kernels of ``topkattn.cuda``: CuPy arrays, or NumPy arrays under
+        NUMBA_ENABLE_CUDASIM=1).  "auto" picks "cuda" for CuPy arrays when numba.cuda sees
+        a GPU and topk, D, Dv are within the kernel's limits.
 
     Returns:
       out: (B, H, T, Dv).  Rows that see no key give zeros; a NaN among the scores a row
@@ -76,10 +79,20 @@ def topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, temperatur
     info = None
     if topk == "auto":
         idx, info = select_dynamic_topk(q, k, tail_bound=float(tail_bound), max_topk=max_topk, **common)
+    elif _use_cuda(impl, q, v, min(int(topk), k.shape[2])):
+        from topkattn.cuda.topk_forward import topk_forward
+
+        out, idx, lse = topk_forward(q, k, v, topk=int(topk), scale=eff_scale,
+                                     forget_rate=float(forget_rate), seed=seed,
+                                     **{n: common[n] for n in ("causal", "sinks", "window")})
+        saved = TopkAttentionSaved(q, k, v, idx, out, lse, eff_scale)
+        saved.like, saved.info, saved.impl = like, None, "cuda"
+        return to_caller_kind(out, like), saved
     else:
         idx = select_topk(q, k, topk=int(topk), forget_rate=float(forget_rate), seed=seed, **common)
     out, s = sparse_attention_forward(q, k, v, idx, eff_scale)
     saved = TopkAttentionSaved(s.q, s.k, s.v, s.idx, s.out, s.lse, s.scale)
+    saved.impl = "cuda" if impl == "cuda" else None
     saved.like = like
     saved.info = info
     return to_caller_kind(out, like), saved
@@ -100,7 +113,13 @@ def topk_attention_backward(dout, saved):
     if get_array_module(dout) is not get_array_module(saved.q):
         raise TypeError("dout must live on the same device as the forward inputs")
     dout = dout.astype(saved.q.dtype, copy=False)
-    grads = sparse_attention_backward(dout, saved)
+    if getattr(saved, "impl", None) == "cuda" or _use_cuda("auto", saved.q, saved.v, 0):
+        from topkattn.cuda.sparse_backward import sparse_backward
+
+        grads = sparse_backward(dout, saved.q, saved.k, saved.v, saved.idx, saved.out,
+                                saved.lse, saved.scale)
+    else:
+        grads = sparse_attention_backward(dout, saved)
     like = getattr(saved, "like", None)
     return tuple(to_caller_kind(g, like) for g in grads) if like is not None else grads
 
@@ -108,7 +127,19 @@ def topk_attention_backward(dout, saved):
 class TopkAttentionSaved(SparseAttentionSaved):
     """Saved state of :func:`topk_attention_forward` (see its docstring)."""
 
-    __slots__ = ("like", "info")
+    __slots__ = ("like", "info", "impl")
+
+
+def _use_cuda(impl, q, v, n_sel):
+    """Run the fused CUDA kernels? Always for impl='cuda'; for 'auto', CuPy arrays on a usable GPU."""
+    if impl == "cuda":
+        return True
+    if impl != "auto" or get_array_module(q) is np:
+        return False
+    from topkattn.cuda.launch import cuda_usable
+    from topkattn.cuda.topk_forward import fits
+
+    return cuda_usable() and fits(2 * n_sel, q.shape[-1], v.shape[-1])
 
 
 def _check_inputs(q, k, v, *, topk, scale, temperature, forget_rate, sinks, window, chunk_size,
