@@ -1,0 +1,327 @@
+"""Layers: values against independent formulas (torch where natural), float64 gradient checks."""
+import numpy as np
+import pytest
+import torch
+
+from topkattn.dense_attention import dense_attention, dense_attention_backward, dense_attention_forward
+from topkattn.layers import (Attention, Embedding, Linear, MoE, RMSNorm, RoPE, SwiGLU,
+                             softmax_cross_entropy)
+from topkattn.layers.gradcheck import assert_grads_close, directional_grad_check
+from topkattn.reference import topk_attention_reference
+
+
+def _rng(s=0):
+    return np.random.default_rng(s)
+
+
+def _check_layer(layer, x, rng, call=None, back=None):
+    """Grad check of sum(forward(x) * R) on x and every param of ``layer``."""
+    call = call or layer.forward
+    back = back or layer.backward
+    y = call(x)
+    R = rng.standard_normal(y.shape)
+    layer.zero_grad()
+    dx = back(R)
+    arrays = dict(layer.named_params())
+    analytic = dict(layer.named_grads())
+    if dx is not None:
+        arrays["x"], analytic["x"] = x, dx
+    res = directional_grad_check(lambda: float((call(x) * R).sum()), arrays, analytic, rng)
+    assert_grads_close(res)
+    return res
+
+
+# ---------------------------------------------------------------- Linear, RMSNorm, SwiGLU
+
+def test_linear_matches_torch_and_grads():
+    rng = _rng(1)
+    lin = Linear(5, 3, bias=True, seed=2, dtype="float64")
+    lin.params["bias"][:] = rng.standard_normal(3)
+    x = rng.standard_normal((2, 4, 5))
+    want = torch.nn.functional.linear(torch.tensor(x), torch.tensor(lin.params["weight"]),
+                                      torch.tensor(lin.params["bias"])).numpy()
+    np.testing.assert_allclose(lin.forward(x), want, rtol=1e-13)
+    res = _check_layer(lin, x, rng)
+    assert set(res) == {"weight", "bias", "x"}
+
+
+def test_linear_backward_accumulates_and_init_is_seeded():
+    a, b = Linear(4, 6, seed=3), Linear(4, 6, seed=3)
+    np.testing.assert_array_equal(a.params["weight"], b.params["weight"])
+    assert a.params["weight"].dtype == np.float32
+    assert not np.array_equal(a.params["weight"], Linear(4, 6, seed=4).params["weight"])
+    x = _rng().standard_normal((3, 4)).astype(np.float32)
+    dy = np.ones((3, 6), np.float32)
+    a.forward(x)
+    a.backward(dy)
+    g1 = a.grads["weight"].copy()
+    a.backward(dy)
+    np.testing.assert_allclose(a.grads["weight"], 2 * g1, rtol=1e-6)
+    a.zero_grad()
+    assert not a.grads["weight"].any()
+
+
+def test_rmsnorm_matches_torch_and_grads():
+    rng = _rng(2)
+    n = RMSNorm(6, eps=1e-6, dtype="float64")
+    n.params["weight"][:] = rng.standard_normal(6)
+    x = rng.standard_normal((3, 2, 6))
+    want = torch.nn.functional.rms_norm(torch.tensor(x), (6,), torch.tensor(n.params["weight"]), eps=1e-6)
+    np.testing.assert_allclose(n.forward(x), want.numpy(), rtol=1e-12)
+    _check_layer(n, x, rng)
+
+
+def test_rmsnorm_large_inputs_finite():
+    n = RMSNorm(4, dtype="float32")
+    y = n.forward(np.array([[1e4, -1e4, 3e4, 0.0]], np.float32))
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose((y.astype(np.float64) ** 2).mean(), 1.0, rtol=1e-5)
+
+
+def test_swiglu_matches_torch_and_grads():
+    rng = _rng(3)
+    f = SwiGLU(5, 7, seed=1, dtype="float64")
+    x = rng.standard_normal((2, 3, 5)) * 3
+    t = {k: torch.tensor(v) for k, v in f.params.items()}
+    xt = torch.tensor(x)
+    want = (torch.nn.functional.silu(xt @ t["W1"].T) * (xt @ t["W3"].T)) @ t["W2"].T
+    np.testing.assert_allclose(f.forward(x), want.numpy(), rtol=1e-12)
+    _check_layer(f, x, rng)
+
+
+def test_swiglu_extreme_preactivations_finite():
+    f = SwiGLU(2, 3, seed=0, dtype="float32")
+    y = f.forward(np.array([[1e4, -1e4]], np.float32))
+    dx = f.backward(np.ones_like(y))
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+
+
+# ---------------------------------------------------------------- RoPE
+
+def test_rope_is_complex_rotation_and_relative():
+    rng = _rng(4)
+    R, T, base = 8, 5, 100.0
+    rope = RoPE(R, base=base)
+    x = rng.standard_normal((2, T, R))
+    y = rope.forward(x, np.arange(T))
+    z = x[..., :R // 2] + 1j * x[..., R // 2:]
+    theta = base ** (-np.arange(R // 2) / (R // 2))
+    zr = z * np.exp(1j * np.arange(T)[:, None] * theta[None, :])
+    np.testing.assert_allclose(y, np.concatenate([zr.real, zr.imag], -1), rtol=1e-12, atol=1e-14)
+    # scores depend only on the offset: <rope(q, m), rope(k, n)> == <rope(q, m+3), rope(k, n+3)>
+    q, k = rng.standard_normal(R), rng.standard_normal(R)
+    s = lambda m, n: rope.step(q[None], [m]) @ rope.step(k[None], [n]).T  # noqa: E731
+    np.testing.assert_allclose(s(4, 1), s(7, 4), rtol=1e-12)
+    # backward is the transpose of the rotation
+    res = directional_grad_check(lambda: float((rope.forward(x, np.arange(T)) * y).sum()),
+                                 {"x": x}, {"x": rope.backward(y)}, rng)
+    assert_grads_close(res)
+
+
+# ---------------------------------------------------------------- Embedding
+
+def test_embedding_gather_scatter_and_tied_head():
+    rng = _rng(5)
+    e = Embedding(7, 4, seed=0, dtype="float64")
+    tok = np.array([[1, 3, 1], [6, 1, 0]])
+    np.testing.assert_array_equal(e.forward(tok), e.params["weight"][tok])
+    dx = rng.standard_normal((2, 3, 4))
+    e.backward(dx)
+    onehot = np.eye(7)[tok.reshape(-1)]  # (6, 7)
+    np.testing.assert_allclose(e.grads["weight"], onehot.T @ dx.reshape(-1, 4), rtol=1e-13)
+    e.zero_grad()
+    h = rng.standard_normal((2, 3, 4))
+    _check_layer(e, h, rng, call=e.logits, back=e.backward_logits)
+
+
+def test_embedding_bad_tokens():
+    e = Embedding(5, 3)
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 5\)"):
+        e.forward(np.array([[0, 5]]))
+    with pytest.raises(TypeError, match="tokens must be an integer"):
+        e.forward(np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="tokens must be 2-D"):
+        e.forward(np.zeros(3, dtype=np.int64))
+
+
+# ---------------------------------------------------------------- MoE
+
+def _moe_reference(m, x):
+    """Per-token loop: softmax router, top-k (lower index on ties), renormalised gates."""
+    W = m.params["router"]
+    E, k = m.n_experts, m.moe_topk
+    xf = x.reshape(-1, x.shape[-1])
+    out = np.zeros_like(xf)
+    counts = np.zeros(E)
+    P = np.zeros(E)
+    for n, xn in enumerate(xf):
+        z = W @ xn
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        P += p / len(xf)
+        order = sorted(range(E), key=lambda e: (-p[e], e))[:k]
+        for e in order:
+            ex = m.experts[e].params
+            a, b = ex["W1"] @ xn, ex["W3"] @ xn
+            out[n] += p[e] / p[order].sum() * (ex["W2"] @ (a / (1 + np.exp(-a)) * b))
+            counts[e] += 1
+    aux = E * (counts / (len(xf) * k) * P).sum()
+    return out.reshape(x.shape), aux
+
+
+def test_moe_matches_per_token_reference_and_grads():
+    rng = _rng(6)
+    m = MoE(6, 5, n_experts=4, moe_topk=2, aux_loss_weight=0.3, seed=1, dtype="float64")
+    x = rng.standard_normal((2, 5, 6))
+    want, aux = _moe_reference(m, x)
+    np.testing.assert_allclose(m.forward(x), want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(m.aux_loss, aux, rtol=1e-12)
+    # loss = sum(y * R) + w * aux: backward includes the weighted aux gradient
+    R = rng.standard_normal(x.shape)
+    m.forward(x)
+    m.zero_grad()
+    dx = m.backward(R)
+    arrays = dict(m.named_params(), x=x)
+    analytic = dict(m.named_grads(), x=dx)
+
+    def loss():
+        y = m.forward(x)
+        return float((y * R).sum() + m.aux_loss_weight * m.aux_loss)
+    assert_grads_close(directional_grad_check(loss, arrays, analytic, rng))
+
+
+def test_moe_ties_go_to_lower_expert_and_balanced_aux_is_one():
+    m = MoE(3, 4, n_experts=4, moe_topk=2, seed=0, dtype="float64")
+    m.params["router"][:] = 0.0  # all probabilities 1/4
+    x = _rng(7).standard_normal((5, 3))
+    y = m.forward(x)
+    ex = m.experts
+    want = 0.5 * (ex[0].forward(x) + ex[1].forward(x))
+    np.testing.assert_allclose(y, want, rtol=1e-12)
+    # f = (1/2, 1/2, 0, 0), P = 1/4 each: aux = 4 * (1/8 + 1/8) = 1
+    np.testing.assert_allclose(m.aux_loss, 1.0, rtol=1e-12)
+
+
+def test_moe_bad_args():
+    with pytest.raises(ValueError, match="moe_topk must be <= n_experts=2"):
+        MoE(4, 4, n_experts=2, moe_topk=3)
+
+
+# ---------------------------------------------------------------- loss
+
+def test_cross_entropy_matches_torch_with_ignore_and_grads():
+    rng = _rng(8)
+    logits = rng.standard_normal((2, 5, 7)) * 3
+    tgt = rng.integers(0, 7, (2, 5))
+    tgt[0, 1] = tgt[1, 4] = -100
+    loss, d = softmax_cross_entropy(logits, tgt)
+    lt = torch.tensor(logits, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(lt.reshape(-1, 7), torch.tensor(tgt).reshape(-1), ignore_index=-100)
+    ref.backward()
+    np.testing.assert_allclose(loss, ref.item(), rtol=1e-13)
+    np.testing.assert_allclose(d, lt.grad.numpy(), rtol=1e-12, atol=1e-15)
+    assert not d[0, 1].any()
+    res = directional_grad_check(lambda: softmax_cross_entropy(logits, tgt)[0], {"logits": logits},
+                                 {"logits": d}, rng)
+    assert_grads_close(res)
+
+
+def test_cross_entropy_large_logits_and_all_ignored():
+    logits = np.array([[1e4, 0.0, -1e4], [0.0, 1e4, 1e4]], np.float32)
+    loss, d = softmax_cross_entropy(logits, np.array([1, 2]))
+    np.testing.assert_allclose(loss, (1e4 + np.log(2)) / 2, rtol=1e-6)
+    assert np.isfinite(d).all()
+    loss0, d0 = softmax_cross_entropy(logits, np.array([-100, -100]))
+    assert loss0 == 0.0 and not d0.any()
+    with pytest.raises(ValueError, match="targets must have shape"):
+        softmax_cross_entropy(logits, np.array([1, 2, 0]))
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 3\)"):
+        softmax_cross_entropy(logits, np.array([1, 3]))
+
+
+# ---------------------------------------------------------------- dense attention op
+
+@pytest.mark.parametrize("shape", [(2, 4, 6, 6, 2), (1, 4, 3, 9, 1), (2, 2, 7, 7, 2)])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_dense_attention_matches_reference_and_grads(shape, chunk):
+    B, H, T, S, G = shape
+    rng = _rng(9)
+    q, k = rng.standard_normal((B, H, T, 5)), rng.standard_normal((B, G, S, 5))
+    v = rng.standard_normal((B, G, S, 3))
+    out, saved = dense_attention_forward(q, k, v, scale=0.7, chunk_size=chunk)
+    want, _, lse = topk_attention_reference(q, k, v, topk=S, scale=0.7)
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(saved.lse, lse, rtol=1e-12)
+    R = rng.standard_normal(out.shape)
+    dq, dk, dv = dense_attention_backward(R, saved)
+    f = lambda: float((dense_attention(q, k, v, scale=0.7, chunk_size=chunk) * R).sum())  # noqa: E731
+    assert_grads_close(directional_grad_check(f, {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, rng))
+
+
+def test_dense_attention_large_logits_and_empty_rows():
+    q = np.full((1, 1, 3, 2), 100.0, np.float32)
+    k = np.full((1, 1, 2, 2), 100.0, np.float32)  # scores 1e4 * scale
+    v = np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)
+    out = dense_attention(q, k, v, scale=1.0)  # T=3 > S=2: query 0 sees no key
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out[0, 0, 0], 0.0)
+    np.testing.assert_allclose(out[0, 0, 2], v[0, 0].mean(0), rtol=1e-6)
+
+
+def test_dense_attention_bad_input():
+    q = np.zeros((1, 3, 2, 4))
+    with pytest.raises(ValueError, match="H=3 must be a multiple of KV heads G=2"):
+        dense_attention(q, np.zeros((1, 2, 2, 4)), np.zeros((1, 2, 2, 4)))
+    with pytest.raises(ValueError, match="k must be 4-D"):
+        dense_attention(q, np.zeros((2, 4)), np.zeros((1, 3, 2, 4)))
+    with pytest.raises(TypeError, match="q, k, v must share one dtype"):
+        dense_attention(q.astype(np.float32), np.zeros((1, 3, 2, 4)), np.zeros((1, 3, 2, 4)))
+
+
+# ---------------------------------------------------------------- plain attention layer
+
+def _attention_reference(a, x):
+    """Per-head loop with explicit rope, persistent keys and the top-k reference op."""
+    p = a.params
+    B, T, d = x.shape
+    H, G, D, Dv, P = a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim, a.persistent_tokens
+    rope = RoPE(D, a.rope_base)
+    q = rope.step((x @ p["W_Q"].T).reshape(B, T, H, D).transpose(0, 2, 1, 3), np.arange(T))
+    k = rope.step((x @ p["W_K"].T).reshape(B, T, G, D).transpose(0, 2, 1, 3), np.arange(T))
+    v = (x @ p["W_V"].T).reshape(B, T, G, Dv).transpose(0, 2, 1, 3)
+    if P:
+        k = np.concatenate([np.repeat(p["persist_k"][None], B, 0), k], 2)
+        v = np.concatenate([np.repeat(p["persist_v"][None], B, 0), v], 2)
+    topk = a.topk or (P + T)
+    o, _, _ = topk_attention_reference(q, k, v, topk=topk, scale=1 / np.sqrt(D), sinks=P, window=a.window)
+    return o.transpose(0, 2, 1, 3).reshape(B, T, H * Dv) @ p["W_O"].T
+
+
+@pytest.mark.parametrize("G,topk,P,W", [(4, None, 0, 0), (2, 3, 0, 0), (1, 3, 2, 2), (2, None, 2, 0)])
+def test_attention_layer_reference_grads_and_decode(G, topk, P, W):
+    rng = _rng(10)
+    # Sigma-style: query/key head dim 6 wider than value head dim 3
+    a = Attention(12, 4, n_kv_heads=G, head_dim=6, v_head_dim=3, topk=topk, seed=1, dtype="float64",
+                  persistent_tokens=P, window=W)
+    x = rng.standard_normal((2, 7, 12))
+    y = a.forward(x)
+    np.testing.assert_allclose(y, _attention_reference(a, x), rtol=1e-10, atol=1e-12)
+    _check_layer(a, x, rng)
+    cache = a.init_cache(2)
+    ys = np.concatenate([a.step(x[:, t:t + 1], cache) for t in range(7)], axis=1)
+    np.testing.assert_allclose(ys, y, rtol=1e-5, atol=1e-12)
+    assert cache.floats_per_token == G * (6 + 3)
+    assert cache.keys.shape == (2, G, P + 7, 6)
+
+
+def test_attention_layer_bad_input():
+    a = Attention(8, 4, n_kv_heads=2, topk=2)
+    with pytest.raises(ValueError, match=r"x must have last axis 8 \(B, T, d_model=8\), got shape \(1, 3, 9\)"):
+        a.forward(np.zeros((1, 3, 9), np.float32))
+    with pytest.raises(ValueError, match="n_heads=4 must be a multiple of n_kv_heads"):
+        Attention(8, 4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="topk must be an integer >= 1, got 0"):
+        Attention(8, 4, topk=0)
+    cache = a.init_cache(2)
+    with pytest.raises(ValueError, match="x_t has batch 3 but the cache was made for batch 2"):
+        a.step(np.zeros((3, 1, 8), np.float32), cache)
