@@ -26,7 +26,7 @@ from numba import cuda, types
 
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 
-PER_THREAD = 256  # columns one thread scans at least (also >= 4 m) before a merge level
+PER_THREAD = 256  # columns one thread scans at least (and >= 16 m) before a merge level
 THREADS = 128
 
 
@@ -74,7 +74,7 @@ def topm_rows(xp, vals, ids, m, end, win_lo, win_hi, sinks, per_thread=None):
     as +inf; else ``ids`` (R, N) int64 names each candidate (-1 = none) and bounds are ignored.
     """
     R, N = vals.shape
-    per = max(per_thread or PER_THREAD, 4 * m)
+    per = max(PER_THREAD, 16 * m) if per_thread is None else max(int(per_thread), 2 * m)
     dummy = xp.zeros((1, 1), dtype=xp.int64)
     threads = 32 if simulator_enabled() else THREADS
     while True:

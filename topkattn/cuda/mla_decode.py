@@ -1,0 +1,184 @@
+"""CUDA MLA decode step: absorbed queries against the latent cache, top-k, attend.
+
+Shape letters: B batch, H query heads, S cached tokens (persistent rows first),
+C latent dim, R rope dim, Dk = C + R, K index slots (P' sinks + W' window + K' selected).
+
+With weight absorption (:mod:`topkattn.layers.mla`) every head scores the one shared
+cache row [c_j ; kr_j] with its absorbed query, and the values are the latents c_j:
+
+    score[b, h, j] = scale * q_abs[b, h] . keys[b, j]          keys (B, S, C + R)
+    idx[b, h]      = [sinks | window | top-k of the rest]      (query position S - 1)
+    o_lat[b, h]    = sum_i softmax_i(score[b, h, idx_i]) keys[b, idx_i, :C]
+
+Three launches: (1) one thread per (b, j) reads its cache row once and scores it for all
+H heads (the (B, H, S) score vector is O(H S), smaller than the cache itself); (2) the
+split-k top-k of :mod:`topkattn.cuda.topk_select`; (3) one block per (b, h), threads
+over the C latent features, softmax over the K selected scores (max subtracted).
+Reference: :func:`topkattn.reference.topk_attention_reference` with T = 1, G = 1,
+k = keys, v = keys[..., :C] (and :func:`topkattn.layers.decode.exact_topk_selector`
+for the indices).
+"""
+import functools
+import math
+
+import numpy as np
+from numba import cuda, types
+
+from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
+from topkattn.cuda.topk_select import topm_rows
+from topkattn.selection import RowBounds
+
+THREADS = 128
+
+
+def mla_decode(q_abs, keys, *, topk, C, scale, sinks=0, window=0):
+    """One decode step: (o_lat (B, H, C), idx (B, H, K) int64, lse (B, H)).
+
+    q_abs (B, H, C + R) absorbed queries; keys (B, S, C + R) the latent cache rows
+    [c_j ; kr_j].  A row with a NaN among its attended scores gives NaN out and lse.
+    """
+    xp = array_module(q_abs, keys)
+    B, H, Dk = _check(q_abs, keys, C)
+    idx, scores = mla_select(q_abs, keys, topk=topk, scale=scale, sinks=sinks, window=window,
+                             return_scores=True)
+    o = xp.zeros((B, H, C), dtype=q_abs.dtype)
+    lse = xp.full((B, H), -np.inf, dtype=q_abs.dtype)
+    if idx.shape[-1] == 0 or C == 0:
+        return o, idx, lse
+    threads = 32 if simulator_enabled() else min(THREADS, pow2_at_least(C, 32))
+    launch(_attend_kernel(q_abs.dtype.char), B * H, threads, xp.ascontiguousarray(keys), scores, idx, C, o, lse)
+    return o, idx, lse
+
+
+def mla_select(q_abs, keys, *, topk, scale, sinks=0, window=0, return_scores=False):
+    """idx (B, H, K) of the decode query (position S - 1): forced keys first, then the top-k.
+
+    Same rule as :func:`topkattn.layers.decode.exact_topk_selector`; with ``return_scores``
+    also the (B, H, S) scores.
+    """
+    xp = array_module(q_abs, keys)
+    B, H, Dk = q_abs.shape
+    S = keys.shape[1]
+    if keys.ndim != 3 or keys.shape[0] != B or keys.shape[2] != Dk:
+        raise ValueError(f"keys must have shape (B, S, C + R) = ({B}, S, {Dk}), got {tuple(keys.shape)}")
+    bounds = RowBounds(S, 1, topk=int(topk), causal=True, sinks=int(sinks), window=int(window))
+    scores = xp.empty((B, H, S), dtype=q_abs.dtype)
+    parts = [xp.broadcast_to(xp.asarray(bounds.forced_indices())[None], (B, H, bounds.n_sink + bounds.n_win))]
+    if S > 0:
+        threads = 32 if simulator_enabled() else THREADS
+        launch(_scores_kernel(pow2_at_least(H, 1), q_abs.dtype.char), cdiv(B * S, threads), threads,
+               xp.ascontiguousarray(q_abs), xp.ascontiguousarray(keys), float(scale), scores)
+    if bounds.n_sel:
+        R = B * H
+        full = lambda val: xp.full(R, val, dtype=xp.int64)  # noqa: E731
+        _, ranked = topm_rows(xp, scores.reshape(R, S), None, bounds.n_sel, full(S),
+                              full(int(bounds.win_lo[0])), full(int(bounds.win_hi[0])),
+                              bounds.sinks)
+        parts.append(ranked.reshape(B, H, bounds.n_sel))
+    idx = xp.ascontiguousarray(xp.concatenate(parts, axis=-1).astype(xp.int64))
+    return (idx, scores) if return_scores else idx
+
+
+def cuda_topk_selector(query, cache, *, topk, sinks=0, window=0, scale=1.0):
+    """A decode selector for :class:`topkattn.layers.mla.MLA` (``layer.selector = ...``).
+
+    Same contract as :func:`topkattn.layers.decode.exact_topk_selector` for a shared
+    (B, S, C + R) latent cache, computed by the CUDA kernels.
+    """
+    keys = cache.keys
+    if keys.ndim != 3:
+        raise ValueError(f"cuda_topk_selector needs a shared (B, S, D) cache, got {tuple(keys.shape)}")
+    return mla_select(query, keys, topk=topk, scale=scale, sinks=sinks, window=window)
+
+
+def _check(q_abs, keys, C):
+    if q_abs.ndim != 3:
+        raise ValueError(f"q_abs must be (B, H, C + R), got shape {tuple(q_abs.shape)}")
+    B, H, Dk = q_abs.shape
+    if keys.ndim != 3 or keys.shape[0] != B or keys.shape[2] != Dk:
+        raise ValueError(f"keys must have shape (B, S, C + R) = ({B}, S, {Dk}), got {tuple(keys.shape)}")
+    if q_abs.dtype != keys.dtype or q_abs.dtype not in (np.float32, np.float64):
+        raise TypeError(f"q_abs and keys must share a float32/float64 dtype, got {q_abs.dtype}, {keys.dtype}")
+    if isinstance(C, bool) or not isinstance(C, (int, np.integer)) or not 0 <= C <= Dk:
+        raise ValueError(f"C must be an integer in [0, {Dk}], got {C!r}")
+    return B, H, Dk
+
+
+@functools.lru_cache(maxsize=None)
+def _scores_kernel(HCAP, dchar):
+    vt = types.float32 if dchar == "f" else types.float64
+    cast = np.float32 if dchar == "f" else np.float64
+
+    @cuda.jit
+    def scores_kernel(q, keys, scale, scores):
+        x = cuda.grid(1)
+        B, H, Dk = q.shape
+        S = keys.shape[1]
+        if x >= B * S:
+            return
+        b = x // S
+        j = x - b * S
+        acc = cuda.local.array(HCAP, vt)
+        for h in range(H):
+            acc[h] = 0
+        sc = cast(scale)
+        for d in range(Dk):
+            kv = keys[b, j, d]
+            for h in range(H):
+                acc[h] += (q[b, h, d] * sc) * kv
+        for h in range(H):
+            scores[b, h, j] = acc[h]
+
+    return scores_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _attend_kernel(dchar):
+    cast = np.float32 if dchar == "f" else np.float64
+    NAN = math.nan
+    INF = math.inf
+
+    @cuda.jit
+    def attend_kernel(keys, scores, idx, C, o, lse):
+        row = cuda.blockIdx.x
+        B, H, K = idx.shape
+        b = row // H
+        h = row - b * H
+        tx = cuda.threadIdx.x
+        mx = cast(-INF)
+        bad = False
+        for i in range(K):
+            j = idx[b, h, i]
+            if j >= 0:
+                s = scores[b, h, j]
+                if s != s or s == INF:
+                    bad = True
+                elif s > mx:
+                    mx = s
+        if bad:
+            for d in range(tx, C, cuda.blockDim.x):
+                o[b, h, d] = NAN
+            if tx == 0:
+                lse[b, h] = NAN
+            return
+        if mx == -INF:
+            return  # no key: zeros, lse -inf
+        l = cast(0)
+        for i in range(K):
+            j = idx[b, h, i]
+            if j >= 0:
+                l += math.exp(scores[b, h, j] - mx)
+        for d in range(tx, C, cuda.blockDim.x):
+            acc = cast(0)
+            for i in range(K):
+                j = idx[b, h, i]
+                if j >= 0:
+                    acc += math.exp(scores[b, h, j] - mx) * keys[b, j, d]
+            o[b, h, d] = acc / l
+        if tx == 0:
+            lse[b, h] = mx + math.log(l)
+
+    return attend_kernel
+
+
+__all__ = ["mla_decode", "mla_select", "cuda_topk_selector"]
