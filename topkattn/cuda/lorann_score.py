@@ -1,0 +1,210 @@
+"""CUDA LoRANN query scoring for batched decode: per-cluster low-rank scores with dequantisation.
+
+Shape letters: Q queries, D data dim, G reduced dim, NC clusters, R rank, W clusters
+searched per query, Z slots (cluster storage, >= points), M candidates, K results.
+
+Data layout (that of :class:`topkattn.ann.LorannIndex`, gathered by :func:`lorann_arrays`):
+  a (NC, R, G) int8 codes of each cluster's A^T (8 bits), or (NC, R, ceil(G/2)) uint8 with
+  two 4-bit codes per byte (low nibble = even column, code + 8), or (NC, G, R) float32 A
+  (no quantisation); ascale (NC, R) float32:  A_c[u, v] = code[c, v, u] * ascale[c, v]
+  b (Z, R) int8 / (Z, ceil(R/2)) uint8 / (Z, R) float32; bscale (Z,):  B[z, v] = code[z, v] * bscale[z]
+  start (NC,), size (NC,) int64: cluster c's points sit at slots start[c] .. start[c] + size[c];
+  slot_id (Z,) int64 the point id of each slot; norms (N,) |x|^2; data (N, D) for re-ranking.
+
+    score(q, z) = (qr_q A_c) . B[z]          qr = q T (Q, G);  l2: 2 score - |x|^2
+    candidates  = the M best scores over the W searched clusters (ties to the lower id)
+    results     = the K best candidates by exact q . x (re-ranking), or by score
+
+Kernels: (1) one block per (query, searched cluster): the threads first form
+tq = qr A_c (R,) in shared memory, dequantising A's codes on the fly, then each thread
+scores slots of the cluster against tq, dequantising B; (2) the split-k top-m of
+:mod:`topkattn.cuda.topk_select` keeps the M best (score, id); (3) one thread per
+candidate computes the exact score for re-ranking, and top-m again keeps K.  Routing
+(q T, centroid scores, top-W clusters) uses the same top-m kernel.
+Reference: ``LorannIndex.search`` (NumPy path; its ``_search_xp`` is the dense padded form)
+and, in the tests, an explicit float64 dequantise-and-score loop.
+"""
+import functools
+import math
+from collections import namedtuple
+
+import numpy as np
+from numba import cuda, types
+
+from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
+from topkattn.cuda.topk_select import topm_rows
+
+THREADS = 128
+
+LorannArrays = namedtuple("LorannArrays", "T cent cnorm a ascale b bscale start size slot_id norms "
+                                          "data bits rank l2 maxsz")
+LorannArrays.__doc__ = "Device arrays of a LoRANN index in the layout of this module's docstring."
+
+
+def lorann_arrays(index, xp):
+    """Gather a built :class:`topkattn.ann.LorannIndex`'s search state as device arrays of ``xp``.
+
+    Reads the index's storage (quantised codes and scales, slot layout); the arrays are
+    copied to the device once, here, not per search.
+    """
+    index._require_built()
+    bits = index.quantization_bits
+    n = index.n_samples
+    if bits is None:
+        a, b = index._adeq, index._bdeq
+        ascale, bscale = np.ones((index.n_clusters, index.rank), np.float32), np.ones(len(b), np.float32)
+    else:
+        a, b, ascale, bscale = index._acodes, index._bcodes, index._ascale, index._bscale
+    dev = lambda x: xp.asarray(np.ascontiguousarray(x))  # noqa: E731
+    return LorannArrays(
+        T=None if index._T is None else dev(index._T), cent=dev(index._cent), cnorm=dev(index._cnorm),
+        a=dev(a), ascale=dev(ascale), b=dev(b), bscale=dev(bscale), start=dev(index._start),
+        size=dev(index._size), slot_id=dev(index._slot_id), norms=dev(index._norms[:n]),
+        data=dev(index.data), bits=0 if bits is None else int(bits), rank=int(index.rank),
+        l2=index.distance == "l2", maxsz=max(1, int(index._size.max())))
+
+
+def lorann_search(arrays, q, k, clusters_to_search, points_to_rerank):
+    """Approximate top-k of queries q (Q, D) float32: (ids (Q, K) int64, scores (Q, K) float32).
+
+    Scores are larger-is-better (``q.x``; l2: ``2 q.x - |x|^2``), ids padded with -1 and
+    -inf.  ``points_to_rerank`` = 0 returns the approximate scores of the best K.
+    """
+    xp = array_module(q)
+    if q.ndim != 2 or q.shape[1] != arrays.data.shape[1]:
+        raise ValueError(f"q must have shape (Q, {arrays.data.shape[1]}), got {tuple(q.shape)}")
+    nc = arrays.cent.shape[0]
+    for name, val, lo, hi in (("k", k, 1, None), ("clusters_to_search", clusters_to_search, 1, nc),
+                              ("points_to_rerank", points_to_rerank, 0, None)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo or (
+                hi is not None and val > hi):
+            raise ValueError(f"{name} must be an integer in [{lo}, {hi or 'inf'}], got {val!r}")
+    q = xp.ascontiguousarray(q, dtype=xp.float32)
+    Q = q.shape[0]
+    qr = q if arrays.T is None else xp.ascontiguousarray(q @ arrays.T)  # (Q, G)
+    cs = qr @ arrays.cent.T  # (Q, NC)
+    if arrays.l2:
+        cs = 2 * cs - arrays.cnorm
+    full = lambda val: xp.full(Q, val, dtype=xp.int64)  # noqa: E731
+    _, clusters = topm_rows(xp, xp.ascontiguousarray(cs, dtype=xp.float32), None,
+                            int(clusters_to_search), full(nc), full(0), full(0), 0)
+    m = max(int(k), int(points_to_rerank))
+    cand_s, cand_i = lorann_score(arrays, qr, clusters, m)
+    if points_to_rerank == 0:
+        return cand_i[:, :k].copy(), cand_s[:, :k].copy()
+    ex = xp.empty((Q, m), dtype=xp.float32)
+    threads = 32 if simulator_enabled() else THREADS
+    launch(_rerank_kernel(), cdiv(Q * m, threads), threads, q, arrays.data, arrays.norms,
+           1 if arrays.l2 else 0, cand_i, ex)
+    s, i = topm_rows(xp, ex, cand_i, int(k), full(0), full(0), full(0), 0)
+    return i, s
+
+
+def lorann_score(arrays, qr, clusters, m):
+    """The M best (scores (Q, M) float32, ids (Q, M) int64) of reduced queries qr (Q, G)
+    over their searched ``clusters`` (Q, W) int64, scored by the quantised low-rank models."""
+    xp = array_module(qr, clusters)
+    Q, W = clusters.shape
+    G = qr.shape[1]
+    if arrays.bits == 0:
+        g_ok = arrays.a.shape[1] == G
+    else:
+        g_ok = arrays.a.shape[2] == (G if arrays.bits == 8 else (G + 1) // 2)
+    if not g_ok:
+        raise ValueError(f"qr has G={G} columns, which does not match the index's models")
+    maxsz = arrays.maxsz
+    buf = xp.empty((Q, W, maxsz), dtype=xp.float32)
+    bid = xp.empty((Q, W, maxsz), dtype=xp.int64)
+    threads = 32 if simulator_enabled() else THREADS
+    kern = _score_kernel(pow2_at_least(arrays.rank, 8), arrays.bits)
+    launch(kern, Q * W, threads, xp.ascontiguousarray(qr, dtype=xp.float32),
+           xp.ascontiguousarray(clusters, dtype=xp.int64), arrays.a, arrays.ascale, arrays.b,
+           arrays.bscale, arrays.start, arrays.size, arrays.slot_id, arrays.norms,
+           1 if arrays.l2 else 0, arrays.rank, buf, bid)
+    zeros = xp.zeros(Q, dtype=xp.int64)
+    return topm_rows(xp, buf.reshape(Q, W * maxsz), bid.reshape(Q, W * maxsz), int(m),
+                     zeros, zeros, zeros, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _score_kernel(RCAP, BITS):
+    INF = math.inf
+
+    @cuda.jit
+    def score_kernel(qr, clusters, a, ascale, b, bscale, start, size, slot_id, norms, l2, R,
+                     buf, bid):
+        Q, W = clusters.shape
+        G = qr.shape[1]
+        pair = cuda.blockIdx.x
+        qi = pair // W
+        w = pair - qi * W
+        c = clusters[qi, w]
+        tx = cuda.threadIdx.x
+        tq = cuda.shared.array(RCAP, types.float32)
+        for v in range(tx, R, cuda.blockDim.x):  # tq = qr A_c, dequantising A on the fly
+            acc = np.float32(0)
+            for u in range(G):
+                if BITS == 8:
+                    av = np.float32(a[c, v, u])
+                elif BITS == 4:
+                    av = np.float32(((np.int32(a[c, v, u >> 1]) >> ((u & 1) * 4)) & 15) - 8)
+                else:
+                    av = a[c, u, v]
+                acc += qr[qi, u] * av
+            tq[v] = acc * ascale[c, v]
+        cuda.syncthreads()
+        n_c = size[c]
+        p0 = start[c]
+        maxsz = buf.shape[2]
+        for t in range(tx, maxsz, cuda.blockDim.x):
+            if t >= n_c:
+                buf[qi, w, t] = -INF
+                bid[qi, w, t] = -1
+                continue
+            z = p0 + t
+            acc = np.float32(0)
+            for v in range(R):
+                if BITS == 8:
+                    bv = np.float32(b[z, v])
+                elif BITS == 4:
+                    bv = np.float32(((np.int32(b[z, v >> 1]) >> ((v & 1) * 4)) & 15) - 8)
+                else:
+                    bv = b[z, v]
+                acc += tq[v] * bv
+            acc *= bscale[z]
+            pid = slot_id[z]
+            if l2 != 0:
+                acc = 2 * acc - norms[pid]
+            buf[qi, w, t] = acc
+            bid[qi, w, t] = pid
+
+    return score_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _rerank_kernel():
+    INF = math.inf
+
+    @cuda.jit
+    def rerank_kernel(q, data, norms, l2, cand, ex):
+        x = cuda.grid(1)
+        Q, M = cand.shape
+        if x >= Q * M:
+            return
+        qi = x // M
+        i = x - qi * M
+        pid = cand[qi, i]
+        if pid < 0:
+            ex[qi, i] = -INF
+            return
+        acc = np.float32(0)
+        for d in range(q.shape[1]):
+            acc += q[qi, d] * data[pid, d]
+        if l2 != 0:
+            acc = 2 * acc - norms[pid]
+        ex[qi, i] = acc
+
+    return rerank_kernel
+
+
+__all__ = ["LorannArrays", "lorann_arrays", "lorann_search", "lorann_score"]
