@@ -9,3 +9,4 @@ def main():
 
 
 # Commands register here, one line each (import inside the module keeps startup light).
+from topkattn.cli.train_toy import train_toy; main.add_command(train_toy)  # noqa: E402
