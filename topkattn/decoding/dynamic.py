@@ -1,0 +1,104 @@
+"""Decode-time dynamic k from ranked candidate scores, with a certificate on the left-out mass.
+
+Shape letters: R rows (one per batch element and head), M ranked candidates per row.
+
+A row has forced keys (sinks, window) with logsumexp ``lse_forced`` and ``n_cand``
+selectable candidates, of which the retriever returned ``n_ret`` with exact scores,
+ranked ``vals[:, 0] >= vals[:, 1] >= ...``.  Selecting the first k of them:
+
+    lse_k   = logsumexp(forced scores, vals[:, :k])
+    nominal = (n_cand - k) * exp(vals[:, k-1] - lse_k)
+
+``nominal`` bounds the softmax mass outside the selection **if** every unselected
+candidate scores at most s_(k) = vals[:, k-1]: true for exact retrieval (all
+candidates ranked), only hoped for with an ANN index.  k is the smallest value
+(1 <= k <= max_topk) with nominal <= tail_bound (tail_bound = 0: every candidate).
+The certificate also covers the ``n_cand - n_ret`` candidates the retriever did not
+return, each scoring at most ``outside_upper`` (e.g. a Cauchy-Schwarz bound):
+
+    rigorous = (n_ret - k) * exp(s_(k) - lse_k) + (n_cand - n_ret) * exp(outside_upper - lse_k)
+
+which holds whatever the index missed (the outside mass over all keys is at most the
+outside mass measured against the selected keys alone).  A row is ``certified`` when
+rigorous <= tail_bound or k takes every candidate.
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module
+
+
+def dynamic_k_from_ranked(vals, lse_forced, n_cand, *, tail_bound, max_topk, n_ret=None,
+                          outside_upper=None):
+    """Choose k per row from exact ranked scores and certify the left-out softmax mass.
+
+    Args:
+      vals: (R, M) exact scores of the returned candidates in descending order, -inf padded.
+      lse_forced: (R,) logsumexp of the forced keys' scores (-inf when there are none).
+      n_cand: (R,) int, every selectable candidate of the row (returned or not).
+      tail_bound: eps in [0, 1): the mass left out may be at most eps.
+      max_topk: cap on k (int >= 1).
+      n_ret: (R,) int candidates returned (default: the finite entries of ``vals``).
+      outside_upper: (R,) upper bound on the score of any candidate not returned
+        (needed only where n_ret < n_cand; default +inf: nothing certified there).
+
+    Returns ``(k, certified, nominal, rigorous)``, each (R,): the chosen k (int64), the
+    certificate (bool), the bound that chose k and the bound that holds regardless of
+    what the retriever missed (float64).
+    """
+    xp = get_array_module(vals)
+    R, M = vals.shape
+    vals = vals.astype(xp.float64)
+    lse_forced = xp.asarray(lse_forced, dtype=xp.float64).reshape(R)
+    n_cand = xp.asarray(n_cand, dtype=xp.int64).reshape(R)
+    if n_ret is None:
+        n_ret = xp.isfinite(vals).sum(axis=1)
+    n_ret = xp.minimum(xp.asarray(n_ret, dtype=xp.int64).reshape(R), n_cand)
+    if outside_upper is None:
+        outside_upper = xp.full(R, xp.inf)
+    outside_upper = xp.asarray(outside_upper, dtype=xp.float64).reshape(R)
+    m = min(M, int(max_topk))
+    k_out = xp.zeros(R, dtype=xp.int64)
+    nominal = xp.zeros(R, dtype=xp.float64)
+    rigorous = xp.zeros(R, dtype=xp.float64)
+    if m == 0:
+        n_out = n_cand - n_ret
+        with np.errstate(over="ignore", invalid="ignore"):
+            rig = xp.where(n_out > 0, n_out * xp.exp(outside_upper - lse_forced), 0.0)
+        rig = xp.where(xp.isnan(rig), xp.inf, rig)
+        return k_out, (n_cand == 0) | (rig <= tail_bound), nominal, rig
+    v = vals[:, :m]  # (R, m)
+    top = xp.maximum(lse_forced, v[:, 0])
+    top = xp.where(xp.isfinite(top), top, 0.0)[:, None]  # row max (vals are sorted)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        lse_k = top + xp.log(xp.exp(lse_forced[:, None] - top) + xp.cumsum(xp.exp(v - top), axis=1))
+        ks = xp.arange(1, m + 1)[None, :]  # (1, m)
+        n_rest = n_cand[:, None] - ks  # (R, m)
+        nom = xp.where(n_rest > 0, n_rest * xp.exp(v - lse_k), 0.0)  # (R, m)
+        usable = ks <= n_ret[:, None]
+        ok = usable & ((n_rest <= 0) | ((tail_bound > 0) & (nom <= tail_bound)))
+        has = ok.any(axis=1)
+        kc = xp.where(has, xp.argmax(ok, axis=1) + 1, xp.minimum(m, n_ret))  # (R,)
+        j = xp.maximum(kc - 1, 0)[:, None]
+        s_k = xp.take_along_axis(v, j, axis=1)[:, 0]
+        lse_sel = xp.take_along_axis(lse_k, j, axis=1)[:, 0]
+        nominal = xp.where(kc > 0, xp.take_along_axis(nom, j, axis=1)[:, 0], 0.0)
+        n_out = n_cand - n_ret
+        in_part = xp.where(n_ret - kc > 0, (n_ret - kc) * xp.exp(s_k - lse_sel), 0.0)
+        lse_den = xp.where(kc > 0, lse_sel, lse_forced)
+        out_part = xp.where(n_out > 0, n_out * xp.exp(outside_upper - lse_den), 0.0)
+        rigorous = in_part + out_part
+    rigorous = xp.where(xp.isnan(rigorous), xp.inf, rigorous)
+    certified = (kc >= n_cand) | (rigorous <= tail_bound)
+    return kc.astype(xp.int64), certified, nominal, rigorous
+
+
+def logsumexp_rows(a):
+    """Row logsumexp of (R, F) float scores (-inf entries ignored); -inf for empty rows."""
+    xp = get_array_module(a)
+    a = a.astype(xp.float64)
+    if a.shape[-1] == 0:
+        return xp.full(a.shape[:-1], -xp.inf)
+    mx = a.max(axis=-1)
+    safe = xp.where(xp.isfinite(mx), mx, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + xp.log(xp.exp(a - safe[..., None]).sum(axis=-1))

@@ -1,0 +1,269 @@
+"""LoRANN-backed decode selection over the MLA latent cache.
+
+Shape letters: B batch, H query heads, S cached keys (P persistent rows first), D = C + R
+(latent + rope dims), K selected slots, M candidates fetched from the index, N indexed keys.
+
+With weight absorption the score of head h for key j is scale * q_h . [c_j ; kr_j] where
+q_h = [W_UK_h^T q_nope_h ; q_rope_h] (see :mod:`topkattn.layers.mla`), so **one** maximum
+inner product index over the cached rows [c_j ; kr_j] serves every head.  This selector
+keeps one :class:`topkattn.ann.LorannIndex` per batch element (per layer: one selector per
+layer) and per step:
+
+1. grows the index with the keys that became candidates (``add``): a key enters once it
+   is neither a sink (persistent token) nor inside the sliding window -- forced keys are
+   attended exactly and never looked up, so the index holds exactly the candidates;
+2. asks the index for each head's ``max(K, points_to_rerank)`` best keys, re-scores the
+   returned keys exactly (in the cache's dtype) and keeps the top K (ties to the lower
+   index) -- or, with ``tail_bound``, the dynamic k of :mod:`topkattn.decoding.dynamic`,
+   certified with a Cauchy-Schwarz bound on the keys the index did not return.
+
+Index life cycle: prefill (between ``begin_prefill``/``end_prefill``) selects exactly and
+records the absorbed queries; ``end_prefill`` builds the index over the prompt's
+candidate latents once, training its regressions on those queries (queries and keys come
+from different distributions).  Later steps ``add`` keys; after the index has grown by
+``refit_factor`` since its last build it is rebuilt from scratch (re-clustered, trained on
+every query seen so far), which keeps recall from decaying as the context grows.  Rows
+with at most K candidates need no search and take every candidate.
+"""
+import math
+import numbers
+
+import numpy as np
+
+from topkattn.ann import LorannIndex
+from topkattn.backend import get_array_module, to_numpy
+from topkattn.decoding.dynamic import dynamic_k_from_ranked
+from topkattn.decoding.selectors import DecodeSelector, exact_select, forced_scores_lse
+from topkattn.selection import ranked_topm_xp
+
+
+class LorannSelector(DecodeSelector):
+    """Top-k (or dynamic k) decode selection through a LoRANN index per batch element.
+
+    Args:
+      n_clusters: clusters per index, or None for ceil(sqrt(N)) at each (re)build
+        (always capped at N).
+      clusters_to_search: clusters probed per query: an int, or a float in (0, 1] for that
+        fraction of the clusters (rounded up).
+      points_to_rerank: candidates re-ranked exactly inside the index (0: approximate
+        scores only); the selector fetches max(K, points_to_rerank) keys and re-scores them.
+      rank, global_dim, quantization_bits, train_size: LoRANN settings (rank and
+        global_dim are capped by the key dim; global_dim None = no reduction).
+      refit_factor: rebuild the index when it holds this many times the keys it was built
+        with (None: never; only incremental ``add``).
+      refit_growth: the index's own lazy per-cluster regression refit (see LorannIndex).
+      max_training_queries: most recent query rows kept per batch element for (re)builds.
+      tail_bound, max_topk: dynamic k (see :class:`DecodeSelector`).
+      seed: seed of the indexes' sampling and k-means.
+    """
+
+    def __init__(self, *, n_clusters=None, clusters_to_search=0.25, points_to_rerank=0, rank=16,
+                 global_dim=None, quantization_bits=8, train_size=2, refit_factor=2.0,
+                 refit_growth=0.5, max_training_queries=8192, tail_bound=None, max_topk=None,
+                 seed=0, measure_recall=True):
+        super().__init__(tail_bound=tail_bound, max_topk=max_topk, measure_recall=measure_recall)
+        if n_clusters is not None:
+            _check_int("n_clusters", n_clusters, 1)
+        if isinstance(clusters_to_search, bool) or not isinstance(clusters_to_search, numbers.Real):
+            raise TypeError(f"clusters_to_search must be an int or a float, got {clusters_to_search!r}")
+        if isinstance(clusters_to_search, numbers.Integral):
+            _check_int("clusters_to_search", clusters_to_search, 1)
+        elif not 0 < clusters_to_search <= 1:
+            raise ValueError(f"clusters_to_search as a fraction must be in (0, 1], got {clusters_to_search!r}")
+        _check_int("points_to_rerank", points_to_rerank, 0)
+        _check_int("rank", rank, 1)
+        if global_dim is not None:
+            _check_int("global_dim", global_dim, 1)
+        if quantization_bits not in (None, 4, 8):
+            raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
+        _check_int("train_size", train_size, 1)
+        if refit_factor is not None and (not isinstance(refit_factor, numbers.Real) or not refit_factor > 1):
+            raise ValueError(f"refit_factor must be None or a number > 1, got {refit_factor!r}")
+        _check_int("max_training_queries", max_training_queries, 1)
+        self.n_clusters = n_clusters
+        self.clusters_to_search = clusters_to_search
+        self.points_to_rerank = int(points_to_rerank)
+        self.rank = int(rank)
+        self.global_dim = global_dim
+        self.quantization_bits = quantization_bits
+        self.train_size = int(train_size)
+        self.refit_factor = None if refit_factor is None else float(refit_factor)
+        self.refit_growth = refit_growth
+        self.max_training_queries = int(max_training_queries)
+        self.seed = seed
+        self.builds = 0  # index (re)builds, all batch elements
+        self.searches = 0  # index.search calls
+        self.indexes = []
+
+    # -- state ---------------------------------------------------------------------------
+    def _reset(self, cache):
+        keys = cache.keys
+        if keys.ndim != 3:
+            raise TypeError("LorannSelector needs an MLA latent cache (cache.keys of shape (B, S, C + R)); "
+                            f"got cache.keys of shape {tuple(keys.shape)}")
+        B = keys.shape[0]
+        self.indexes = [None] * B
+        self._built_size = [0] * B
+        self._n_indexed = 0  # candidate keys sinks .. sinks + n_indexed - 1 are in every index
+        self._queries = [[] for _ in range(B)]  # per batch element: list of (H, D) float32
+        self._n_queries = [0] * B
+        self._norm_max = np.zeros((B, 3))  # max |key|, |c part|, |rope part| over indexed keys
+        self._split = getattr(cache, "C", None)
+
+    def _observe(self, query, cache, ctx):
+        q = to_numpy(query).astype(np.float32)  # (B, H, D)
+        for b in range(q.shape[0]):
+            self._queries[b].append(q[b])
+            self._n_queries[b] += q.shape[1]
+            while self._n_queries[b] - len(self._queries[b][0]) >= self.max_training_queries:
+                self._n_queries[b] -= len(self._queries[b].pop(0))
+
+    def end_prefill(self):
+        """Leave prefill: build each batch element's index over the prompt's candidate keys."""
+        super().end_prefill()
+        ctx = self._ctx
+        if self._cache is None or ctx is None:
+            return
+        if ctx.n_cand > 0:
+            keys = to_numpy(self._cache.keys)
+            for b in range(keys.shape[0]):
+                self._build(b, keys[b, ctx.sinks:ctx.cand_end])
+            self._n_indexed = ctx.n_cand
+
+    def _training_queries(self, b):
+        q = np.concatenate(self._queries[b], axis=0) if self._queries[b] else None
+        if q is not None and len(q) > self.max_training_queries:
+            q = q[-self.max_training_queries:]
+        return q
+
+    def _build(self, b, data):
+        """(Re)build index b over ``data`` (N, D), the candidates in key order."""
+        N, D = data.shape
+        nc = self.n_clusters if self.n_clusters is not None else math.ceil(math.sqrt(N))
+        nc = max(1, min(nc, N))
+        gd = D if self.global_dim is None else min(self.global_dim, D)
+        rank = max(1, min(self.rank, D - 1, gd))
+        seed = np.random.SeedSequence([int(self.seed) if isinstance(self.seed, numbers.Integral) else 0,
+                                       b, self.builds])
+        idx = LorannIndex(data.astype(np.float32), nc, global_dim=gd if gd < D else None,
+                          quantization_bits=self.quantization_bits, rank=rank,
+                          train_size=min(self.train_size, nc), distance="ip",
+                          seed=np.random.default_rng(seed), refit_growth=self.refit_growth)
+        idx.build(training_queries=self._training_queries(b))
+        self.indexes[b] = idx
+        self._built_size[b] = N
+        n = np.linalg.norm(data.astype(np.float64), axis=1)
+        self._norm_max[b, 0] = n.max(initial=0.0)
+        self._update_split_norms(b, data)
+        self.builds += 1
+
+    def _update_split_norms(self, b, data):
+        C = self._split
+        if C is None or not 0 < C < data.shape[1]:
+            self._norm_max[b, 1:] = np.inf
+            return
+        d64 = data.astype(np.float64)
+        self._norm_max[b, 1] = max(self._norm_max[b, 1], np.linalg.norm(d64[:, :C], axis=1).max(initial=0.0))
+        self._norm_max[b, 2] = max(self._norm_max[b, 2], np.linalg.norm(d64[:, C:], axis=1).max(initial=0.0))
+
+    def _sync(self, keys_np, ctx):
+        """Bring every index up to the current candidates: add new keys, rebuild when grown."""
+        B = keys_np.shape[0]
+        lo = ctx.sinks + self._n_indexed
+        hi = ctx.cand_end
+        for b in range(B):
+            if self.indexes[b] is None:
+                self._build(b, keys_np[b, ctx.sinks:hi])
+                continue
+            if hi > lo:
+                new = keys_np[b, lo:hi]
+                self.indexes[b].add(new.astype(np.float32))
+                nrm = np.linalg.norm(new.astype(np.float64), axis=1)
+                self._norm_max[b, 0] = max(self._norm_max[b, 0], nrm.max(initial=0.0))
+                self._update_split_norms(b, new)
+            if self.refit_factor is not None and len(self.indexes[b]) >= self.refit_factor * self._built_size[b]:
+                self._build(b, keys_np[b, ctx.sinks:hi])
+        self._n_indexed = ctx.n_cand
+
+    def _clusters(self, index):
+        c = self.clusters_to_search
+        nc = index.n_clusters
+        if isinstance(c, numbers.Integral):
+            return min(int(c), nc)
+        return max(1, min(nc, math.ceil(c * nc - 1e-9)))
+
+    # -- selection -------------------------------------------------------------------------
+    def _select(self, query, keys, cache, ctx):
+        xp = ctx.xp
+        B, H, D = query.shape
+        k_need = ctx.bounds.n_sel
+        if ctx.n_cand <= k_need or k_need == 0:
+            # every candidate fits: nothing to look up (and indexes catch up later)
+            return exact_select(query, keys, ctx, tail_bound=self.tail_bound)
+        keys_np = to_numpy(keys)
+        self._sync(keys_np, ctx)
+        q_np = to_numpy(query).astype(np.float32)
+        m = min(max(k_need, self.points_to_rerank), ctx.n_cand)
+        pos = np.full((B, H, m), -1, dtype=np.int64)
+        for b in range(B):
+            index = self.indexes[b]
+            ids = index.search(q_np[b], m, self._clusters(index), self.points_to_rerank)  # (H, m)
+            self.searches += 1
+            pos[b] = np.where(ids >= 0, ids + ctx.sinks, -1)
+        # exact re-scoring of the returned keys, in the cache's dtype
+        pos_x = xp.asarray(np.sort(np.where(pos < 0, np.iinfo(np.int64).max, pos), axis=-1))
+        pos_x = xp.where(pos_x == np.iinfo(np.int64).max, -1, pos_x)  # (B, H, m) ascending, -1 last
+        valid = pos_x >= 0
+        bi = xp.arange(B)[:, None, None]
+        kk = keys[bi, xp.maximum(pos_x, 0)]  # (B, H, m, D)
+        s = (kk * query[:, :, None, :]).sum(-1) * query.dtype.type(ctx.scale)  # (B, H, m)
+        s = s.reshape(B * H, m)
+        valid = valid.reshape(B * H, m)
+        n_forced = ctx.n_forced
+        idx = xp.full((B, H, n_forced + k_need), -1, dtype=xp.int64)
+        forced = xp.asarray(ctx.bounds.forced_indices())  # (1, F)
+        idx[..., :n_forced] = forced[None]
+        order = ranked_topm_xp(s, valid, m)  # (B*H, m) columns, best first; ties to lower key
+        cols = xp.maximum(order, 0)
+        ranked_pos = xp.where(order >= 0, xp.take_along_axis(pos_x.reshape(B * H, m), cols, axis=1), -1)
+        if not self.dynamic:
+            sel = ranked_pos[:, :k_need]
+            idx[..., n_forced:] = sel.reshape(B, H, k_need)
+            k_row = xp.full((B, H), k_need, dtype=xp.int64)
+            return idx, k_row, None
+        vals = xp.where(order >= 0, xp.take_along_axis(s, cols, axis=1).astype(xp.float64), -xp.inf)
+        n_ret = (order >= 0).sum(axis=1)
+        upper = self._outside_upper(q_np, ctx.scale).reshape(B * H)
+        lse_f = forced_scores_lse(query, keys, ctx)
+        kc, certified, nominal, rigorous = dynamic_k_from_ranked(
+            vals, lse_f, xp.full(B * H, ctx.n_cand), tail_bound=self.tail_bound, max_topk=k_need,
+            n_ret=n_ret, outside_upper=xp.asarray(upper))
+        slot = xp.arange(k_need)[None, :]
+        sel = xp.where(slot < kc[:, None], ranked_pos[:, :k_need], -1)  # m >= k_need here
+        idx[..., n_forced:] = sel.reshape(B, H, k_need)
+        self.last_info = dict(k=kc.reshape(B, H), certified=certified.reshape(B, H),
+                              bound=nominal.reshape(B, H), certified_bound=rigorous.reshape(B, H))
+        return idx, kc.reshape(B, H), certified.reshape(B, H)
+
+    def _outside_upper(self, q_np, scale):
+        """(B, H) upper bound on scale * q . key over every indexed key (Cauchy-Schwarz)."""
+        q = q_np.astype(np.float64)
+        nm = self._norm_max  # (B, 3)
+        whole = np.linalg.norm(q, axis=-1) * nm[:, None, 0]
+        C = self._split
+        if C is not None and 0 < C < q.shape[-1] and np.isfinite(nm[:, 1:]).all():
+            split = (np.linalg.norm(q[..., :C], axis=-1) * nm[:, None, 1]
+                     + np.linalg.norm(q[..., C:], axis=-1) * nm[:, None, 2])
+            whole = np.minimum(whole, split)
+        return whole * abs(scale)
+
+
+def _check_int(name, val, lo):
+    if isinstance(val, bool) or not isinstance(val, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(val).__name__}")
+    if val < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+    return int(val)
+
+
+__all__ = ["LorannSelector"]

@@ -1,0 +1,113 @@
+"""Token-by-token decoding of a :class:`topkattn.model.Transformer` with a chosen selector.
+
+Shape letters: B batch, T tokens, V vocabulary, L layers.
+
+:func:`decode_teacher_forced` feeds the given tokens one at a time through ``model.step``
+(the incremental, latent-cache path): the first ``prompt_len`` tokens are the prefill,
+selected exactly while each layer's selector records the absorbed queries; then
+``end_prefill`` lets the selectors build their indexes, and the remaining tokens are
+decoded with the selector (LoRANN, simulated recall, exact).  The logits of every step
+come back, so accuracy can be scored at any position.  :func:`evaluate_decoding` runs it
+over a data set in batches and sums accuracy, recall and the chosen k.
+"""
+import time
+
+import numpy as np
+
+from topkattn.backend import get_array_module, to_numpy
+from topkattn.decoding.selectors import DecodeStats
+from topkattn.tasks import IGNORE
+
+
+def attention_layers(model):
+    """The attention layer of every block (MLA or Attention), in order."""
+    return [blk.attn for blk in model.blocks]
+
+
+def decode_teacher_forced(model, tokens, *, selectors, prompt_len, topk=None):
+    """Logits (B, T, V) of ``model`` fed ``tokens`` (B, T) one step at a time.
+
+    ``selectors``: one per layer (see :mod:`topkattn.decoding.selectors`); the layers'
+    own selectors are restored afterwards.  ``prompt_len``: tokens prefilled with exact
+    selection before the selectors take over.  ``topk``: decode with this k (default:
+    each layer's own ``topk``; a dense-trained model needs one to use a selector).
+    """
+    layers = attention_layers(model)
+    if len(selectors) != len(layers):
+        raise ValueError(f"selectors must hold one selector per layer ({len(layers)}), got {len(selectors)}")
+    tokens = np.asarray(to_numpy(tokens))
+    if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be an int array (B, T), got {tokens.dtype} shape {tokens.shape}")
+    B, T = tokens.shape
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, (int, np.integer)) or not 0 <= prompt_len <= T:
+        raise ValueError(f"prompt_len must be an integer in [0, {T}], got {prompt_len!r}")
+    xp = get_array_module(next(iter(model.params.values())))
+    saved = [(layer.selector, layer.topk) for layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for layer, sel in zip(layers, selectors):
+            layer.selector = sel
+            if topk is not None:
+                layer.topk = int(topk)
+            sel.begin_prefill()
+        cache = model.init_cache(B)
+        out = []
+        for t in range(T):
+            if t == prompt_len:
+                for sel in selectors:
+                    sel.end_prefill()
+            out.append(to_numpy(model.step(xp.asarray(tokens[:, t:t + 1]), cache)))
+        if prompt_len == T:
+            for sel in selectors:
+                sel.end_prefill()
+    finally:
+        for layer, (sel, k) in zip(layers, saved):
+            layer.selector, layer.topk = sel, k
+        model.train(was_training)
+    return np.concatenate(out, axis=1)  # (B, T, V)
+
+
+def evaluate_decoding(model, inputs, targets, *, make_selectors, prompt_len, topk=None, batch_size=32):
+    """Accuracy of token-by-token decoding and what the selectors did.
+
+    ``inputs``/``targets`` (N, T) int (targets ``IGNORE`` where nothing is scored);
+    ``make_selectors(batch_number) -> list`` gives fresh per-layer selectors per batch.
+    Returns a dict: accuracy, n_scored, recall (of the selection against exact top-k,
+    over decode steps, all layers), mean_k, k_quantiles (10/50/90 %), k_hist,
+    certified_fraction (dynamic k), per_layer (recall and mean_k), seconds.
+    """
+    inputs = np.asarray(inputs)
+    targets = np.asarray(targets)
+    if inputs.shape != targets.shape or inputs.ndim != 2:
+        raise ValueError(f"inputs and targets must both be (N, T), got {inputs.shape} and {targets.shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    total = DecodeStats()
+    per_layer = None
+    correct = scored = 0
+    t0 = time.perf_counter()
+    for i, b0 in enumerate(range(0, len(inputs), batch_size)):
+        x, y = inputs[b0:b0 + batch_size], targets[b0:b0 + batch_size]
+        sels = make_selectors(i)
+        logits = decode_teacher_forced(model, x, selectors=sels, prompt_len=prompt_len, topk=topk)
+        mask = y != IGNORE
+        correct += int((logits.argmax(-1)[mask] == y[mask]).sum())
+        scored += int(mask.sum())
+        if per_layer is None:
+            per_layer = [DecodeStats() for _ in sels]
+        for acc, sel in zip(per_layer, sels):
+            acc.merge(sel.stats)
+            total.merge(sel.stats)
+    seconds = time.perf_counter() - t0
+    return {
+        "accuracy": correct / scored if scored else float("nan"),
+        "n_scored": scored,
+        "recall": total.recall,
+        "mean_k": total.mean_k,
+        "k_quantiles": dict(zip(("p10", "p50", "p90"), total.k_quantiles())),
+        "k_hist": total.to_dict()["k_hist"],
+        "certified_fraction": total.certified_fraction,
+        "per_layer": [{"recall": s.recall, "mean_k": s.mean_k} for s in (per_layer or [])],
+        "seconds": seconds,
+    }

@@ -1,0 +1,327 @@
+"""Decode-step selectors with bookkeeping: exact, simulated recall, and their shared base.
+
+Shape letters: B batch, H query heads, G KV heads, S cached keys (persistent rows
+first), D key dim, K selected slots, M ranked candidates.
+
+A selector is called by a layer's ``step`` as ``selector(query, cache, *, topk, sinks,
+window, scale) -> idx (B, H, K)`` with query (B, H, D) and ``cache.keys`` (B, S, D)
+(MLA latents, shared by all heads) or (B, G, S, D).  The query sits at position S - 1
+and sees every cached key.  ``idx`` holds the forced keys (sinks, window) first, then the
+selected ones, -1 padded (see :mod:`topkattn.selection`).
+
+Every selector here records, per decode step, the k it chose and its recall against
+exact top-k (the fraction of the exact top-k_row keys it selected, k_row being the
+number it meant to select); ``stats`` sums them.  Between :meth:`begin_prefill` and
+:meth:`end_prefill` a selector selects exactly (the prompt is processed as exact top-k
+attention) and records the absorbed queries, which an index trains on.
+
+Dynamic k: with ``tail_bound=eps`` a selector picks per row the smallest k whose
+left-out softmax mass is at most eps (see :mod:`topkattn.decoding.dynamic`), capped at
+``max_topk`` (default: the layer's ``topk``).
+"""
+import numbers
+
+import numpy as np
+
+from topkattn.backend import get_array_module, to_numpy
+from topkattn.decoding.dynamic import logsumexp_rows
+from topkattn.layers.decode import exact_topk_selector
+from topkattn.selection import RowBounds, apply_forgetting, make_rng, ranked_topm_xp, select_dynamic_topk
+
+
+class DecodeStats:
+    """Running totals of a selector's decode steps (prefill steps are not counted).
+
+    ``rows``: (step, batch, head) rows seen; ``k_hist[k]``: rows that chose k keys
+    (besides forced ones); ``hits``/``wanted``: exact top-k keys found / sought;
+    ``certified``: rows whose left-out mass bound is certified (dynamic k only).
+    """
+
+    def __init__(self):
+        self.rows = 0
+        self.hits = 0
+        self.wanted = 0
+        self.certified = 0
+        self.dynamic_rows = 0
+        self.k_hist = np.zeros(1, dtype=np.int64)
+
+    def add_k(self, k_row):
+        k = to_numpy(k_row).astype(np.int64).ravel()
+        self.rows += k.size
+        if k.size:
+            h = np.bincount(k)
+            if len(h) > len(self.k_hist):
+                self.k_hist = np.concatenate([self.k_hist, np.zeros(len(h) - len(self.k_hist), np.int64)])
+            self.k_hist[:len(h)] += h
+
+    def add_recall(self, hits, wanted):
+        self.hits += int(to_numpy(hits).sum())
+        self.wanted += int(to_numpy(wanted).sum())
+
+    def add_certified(self, certified):
+        c = to_numpy(certified)
+        self.certified += int(c.sum())
+        self.dynamic_rows += c.size
+
+    def merge(self, other):
+        self.rows += other.rows
+        self.hits += other.hits
+        self.wanted += other.wanted
+        self.certified += other.certified
+        self.dynamic_rows += other.dynamic_rows
+        n = max(len(self.k_hist), len(other.k_hist))
+        h = np.zeros(n, np.int64)
+        h[:len(self.k_hist)] += self.k_hist
+        h[:len(other.k_hist)] += other.k_hist
+        self.k_hist = h
+        return self
+
+    @property
+    def recall(self):
+        """Fraction of the exact top-k keys that were selected (1.0 when none were sought)."""
+        return self.hits / self.wanted if self.wanted else 1.0
+
+    @property
+    def mean_k(self):
+        return float((self.k_hist * np.arange(len(self.k_hist))).sum() / self.rows) if self.rows else 0.0
+
+    @property
+    def certified_fraction(self):
+        return self.certified / self.dynamic_rows if self.dynamic_rows else None
+
+    def k_quantiles(self, qs=(0.1, 0.5, 0.9)):
+        """Quantiles of the chosen k (from the histogram)."""
+        if not self.rows:
+            return [0 for _ in qs]
+        c = np.cumsum(self.k_hist)
+        return [int(np.searchsorted(c, q * self.rows, side="left")) for q in qs]
+
+    def to_dict(self):
+        return {"rows": self.rows, "recall": self.recall, "mean_k": self.mean_k,
+                "certified_fraction": self.certified_fraction,
+                "k_hist": {int(k): int(n) for k, n in enumerate(self.k_hist) if n}}
+
+
+class DecodeSelector:
+    """Base of the stateful selectors: prefill handling, dynamic-k options, recall bookkeeping.
+
+    Subclasses implement ``_select(query, keys, cache, ctx) -> (idx, k_row, certified)``
+    with k_row (B, H) the number of keys each row meant to select (certified None
+    unless dynamic k).
+    """
+
+    def __init__(self, *, tail_bound=None, max_topk=None, measure_recall=True):
+        if tail_bound is not None and (isinstance(tail_bound, bool) or not isinstance(tail_bound, numbers.Real)
+                                       or not 0 <= tail_bound < 1):
+            raise ValueError(f"tail_bound must be None or in [0, 1), got {tail_bound!r}")
+        if max_topk is not None and (isinstance(max_topk, bool) or not isinstance(max_topk, numbers.Integral)
+                                     or max_topk < 1):
+            raise ValueError(f"max_topk must be an integer >= 1 or None, got {max_topk!r}")
+        if max_topk is not None and tail_bound is None:
+            raise ValueError("max_topk applies only with tail_bound (dynamic k)")
+        self.tail_bound = None if tail_bound is None else float(tail_bound)
+        self.max_topk = None if max_topk is None else int(max_topk)
+        self.measure_recall = bool(measure_recall)
+        self.prefilling = False
+        self.stats = DecodeStats()
+        self._cache = None
+        self._ctx = None
+
+    @property
+    def dynamic(self):
+        return self.tail_bound is not None
+
+    def begin_prefill(self):
+        """Select exactly and record queries until :meth:`end_prefill`."""
+        self.prefilling = True
+
+    def end_prefill(self):
+        """Leave prefill; subclasses build their index here."""
+        self.prefilling = False
+
+    def reset_stats(self):
+        self.stats = DecodeStats()
+
+    def __call__(self, query, cache, *, topk, sinks=0, window=0, scale=1.0):
+        keys = cache.keys
+        xp = get_array_module(query, keys)
+        if query.ndim != 3:
+            raise ValueError(f"query must be (B, H, D), got shape {tuple(query.shape)}")
+        if keys.ndim not in (3, 4) or keys.shape[0] != query.shape[0] or keys.shape[-1] != query.shape[-1]:
+            raise ValueError(f"cache.keys must be (B, S, D) or (B, G, S, D) matching query "
+                             f"{tuple(query.shape)}, got {tuple(keys.shape)}")
+        if cache is not self._cache:
+            self._cache = cache
+            self._reset(cache)
+        k_cap = (self.max_topk or topk) if self.dynamic else topk
+        self._ctx = ctx = _Context(S=keys.shape[-2], topk=int(topk), k_cap=int(k_cap), sinks=int(sinks),
+                                   window=int(window), scale=float(scale), xp=xp)
+        if self.prefilling:
+            self._observe(query, cache, ctx)
+            idx, _, _ = exact_select(query, keys, ctx, tail_bound=self.tail_bound)
+            return idx
+        self._observe(query, cache, ctx)
+        idx, k_row, certified = self._select(query, keys, cache, ctx)
+        self.stats.add_k(k_row)
+        if certified is not None:
+            self.stats.add_certified(certified)
+        if self.measure_recall:
+            hits, wanted = recall_hits(query, keys, idx, k_row, ctx)
+            self.stats.add_recall(hits, wanted)
+        return idx
+
+    # -- hooks -------------------------------------------------------------------------
+    def _reset(self, cache):
+        """A new cache (a new decode) begins."""
+
+    def _observe(self, query, cache, ctx):
+        """See every query (prefill and decode)."""
+
+    def _select(self, query, keys, cache, ctx):
+        raise NotImplementedError
+
+
+class _Context:
+    """The geometry of one decode step (row at position S - 1)."""
+
+    def __init__(self, *, S, topk, k_cap, sinks, window, scale, xp):
+        self.S, self.topk, self.k_cap = S, topk, k_cap
+        self.sinks, self.window, self.scale, self.xp = sinks, window, scale, xp
+        self.bounds = RowBounds(S, 1, topk=k_cap, causal=True, sinks=sinks, window=window)
+        self.n_forced = self.bounds.n_sink + self.bounds.n_win
+        # candidates: keys sinks .. cand_end - 1 (the window is the keys cand_end .. S - 1)
+        self.cand_end = int(self.bounds.win_lo[0]) if window > 0 else S
+        self.cand_end = max(self.cand_end, min(sinks, S))
+        self.n_cand = max(0, self.cand_end - sinks)
+
+
+class ExactSelector(DecodeSelector):
+    """Exact top-k (or exact dynamic k) at every step, with the bookkeeping of the base."""
+
+    def _select(self, query, keys, cache, ctx):
+        return exact_select(query, keys, ctx, tail_bound=self.tail_bound)
+
+
+class SimulatedRecallSelector(DecodeSelector):
+    """An ANN of recall ``recall`` simulated by forgetful masking of the exact ranking.
+
+    Each of the exact top-k keys is dropped with probability 1 - recall and the freed
+    slots are refilled in rank order from the keys ranked k + 1, k + 2, ... -- the rule
+    of training-time forgetful masking (:func:`topkattn.selection.apply_forgetting`).
+    ``seed``: int or numpy Generator; every step draws (B, H, K) from it.
+    """
+
+    def __init__(self, recall, *, seed=0, measure_recall=True):
+        if isinstance(recall, bool) or not isinstance(recall, numbers.Real) or not 0 < recall <= 1:
+            raise ValueError(f"recall must be in (0, 1], got {recall!r}")
+        super().__init__(measure_recall=measure_recall)
+        self.recall = float(recall)
+        self.rng = make_rng(seed)
+
+    def _select(self, query, keys, cache, ctx):
+        xp = ctx.xp
+        B, H, _ = query.shape
+        n_sel = ctx.bounds.n_sel
+        idx, _, _ = exact_select(query, keys, ctx, tail_bound=None)
+        k_row = xp.full((B, H), min(n_sel, ctx.n_cand), dtype=xp.int64)
+        if n_sel == 0 or self.recall >= 1.0:
+            return idx, k_row, None
+        drop = self.rng.random((B * H, n_sel)) < (1.0 - self.recall)  # host draws
+        m = n_sel + int(drop.sum(axis=1).max(initial=0))
+        ranked = ranked_candidates(query, keys, ctx, m)  # (B*H, m)
+        sel = apply_forgetting(ranked, xp.asarray(drop), n_sel)  # (B*H, n_sel)
+        idx = idx.copy()
+        idx[..., ctx.n_forced:] = sel.reshape(B, H, n_sel)
+        return idx, k_row, None
+
+
+# -- shared helpers -----------------------------------------------------------------------
+def head_keys(keys, H):
+    """(B, G, S, D) view of cache keys and the group of each head: (kg, group (H,))."""
+    xp = get_array_module(keys)
+    kg = keys[:, None] if keys.ndim == 3 else keys
+    G = kg.shape[1]
+    if H % G:
+        raise ValueError(f"query heads H={H} must be a multiple of the cache's KV heads G={G}")
+    return kg, xp.arange(H) // (H // G)
+
+
+def row_scores(query, keys, scale):
+    """(B*H, S) scores scale * q_h . k_j of every head against every cached key."""
+    xp = get_array_module(query, keys)
+    B, H, D = query.shape
+    kg, _ = head_keys(keys, H)
+    G, S = kg.shape[1], kg.shape[2]
+    s = xp.matmul(query.reshape(B, G, H // G, D) * query.dtype.type(scale), kg.swapaxes(-1, -2))
+    return s.reshape(B * H, S)
+
+
+def ranked_candidates(query, keys, ctx, m):
+    """(B*H, m) int64: the exact ranking of the candidates (not forced keys), -1 padded."""
+    xp = ctx.xp
+    B, H, _ = query.shape
+    s = row_scores(query, keys, ctx.scale)
+    cand = xp.broadcast_to(xp.asarray(ctx.bounds.candidate_mask(0, 1, ctx.S)), s.shape)
+    return ranked_topm_xp(s, cand, m)
+
+
+def exact_select(query, keys, ctx, *, tail_bound=None):
+    """Exact selection of one decode step: ``(idx (B, H, K), k_row (B, H), certified or None)``.
+
+    Fixed k: :func:`topkattn.layers.decode.exact_topk_selector`.  Dynamic k
+    (``tail_bound`` set): :func:`topkattn.selection.select_dynamic_topk` at position S - 1,
+    capped at ``ctx.k_cap``.
+    """
+    xp = ctx.xp
+    B, H, D = query.shape
+    if tail_bound is None:
+        idx = exact_topk_selector(query, _KeysOnly(keys), topk=ctx.k_cap, sinks=ctx.sinks,
+                                  window=ctx.window, scale=ctx.scale)
+        k_row = xp.full((B, H), min(ctx.bounds.n_sel, ctx.n_cand), dtype=xp.int64)
+        return idx, k_row, None
+    kg, _ = head_keys(keys, H)
+    idx, info = select_dynamic_topk(query[:, :, None], kg, tail_bound=tail_bound, max_topk=ctx.k_cap,
+                                    causal=True, scale=ctx.scale, sinks=ctx.sinks, window=ctx.window,
+                                    impl="numpy")
+    return idx[:, :, 0], info["k"][:, :, 0], info["certified"][:, :, 0]
+
+
+class _KeysOnly:
+    """Adapter: an object with ``keys`` for :func:`exact_topk_selector`."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+
+def recall_hits(query, keys, idx, k_row, ctx):
+    """Per row, how many of the exact top-k_row candidates ``idx`` selected: (hits, wanted), (B, H).
+
+    ``idx`` (B, H, K) with the forced prefix first; k_row (B, H) the keys the row meant to
+    select.  Ranks come from the exact scores (ties to the lower index).
+    """
+    xp = ctx.xp
+    B, H, K = idx.shape
+    m = K - ctx.n_forced
+    wanted = xp.minimum(xp.asarray(k_row).reshape(B * H), ctx.n_cand)
+    if m <= 0:
+        return xp.zeros(B * H, dtype=xp.int64), wanted
+    ranked = ranked_candidates(query, keys, ctx, m)  # (B*H, m)
+    sel = idx.reshape(B * H, K)[:, ctx.n_forced:]  # (B*H, m)
+    pos = xp.arange(m)[None, :]
+    top = xp.where(pos < wanted[:, None], ranked, -2)  # the exact top-k_row, -2 = none
+    hit = (sel[:, :, None] == top[:, None, :]) & (sel[:, :, None] >= 0)  # (B*H, m, m)
+    return hit.any(axis=2).sum(axis=1), wanted
+
+
+def forced_scores_lse(query, keys, ctx):
+    """(B*H,) logsumexp of each row's forced-key scores (-inf when there are none)."""
+    xp = ctx.xp
+    B, H, _ = query.shape
+    forced = ctx.bounds.forced_indices()[0]  # (F,)
+    forced = forced[forced >= 0]
+    if forced.size == 0:
+        return xp.full(B * H, -xp.inf)
+    kg, grp = head_keys(keys, H)
+    kf = kg[:, :, xp.asarray(forced)]  # (B, G, F, D)
+    s = (kf[:, grp] * query[:, :, None, :]).sum(-1) * ctx.scale  # (B, H, F)
+    return logsumexp_rows(s.reshape(B * H, -1))
