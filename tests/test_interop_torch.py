@@ -1,0 +1,149 @@
+"""PyTorch bridge: values against the float64 reference, gradients against torch autograd
+on the same mask, torch.autograd.gradcheck in float64, zero-copy DLPack boundaries."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from topkattn.interop.torch import from_engine, to_engine, topk_attention  # noqa: E402
+from topkattn.reference import topk_attention_reference  # noqa: E402
+
+
+def _inputs(seed, B=2, H=4, G=2, T=5, S=9, D=6, Dv=5, dtype=torch.float64, topk=3, margin=1e-3):
+    """Random q, k, v whose scores keep a margin between the topk-th and next-ranked key.
+
+    Re-draws (deterministically) until every row's gap exceeds ``margin`` so that the
+    finite-difference steps of gradcheck cannot flip the selection.
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(100):
+        q = rng.standard_normal((B, H, T, D))
+        k = rng.standard_normal((B, G, S, D))
+        v = rng.standard_normal((B, G, S, Dv))
+        s = np.einsum("bhtd,bhsd->bhts", q, np.repeat(k, H // G, axis=1))
+        srt = -np.sort(-s, axis=-1)
+        if topk >= S or np.min(srt[..., topk - 1] - srt[..., topk]) > margin:
+            break
+    else:
+        raise RuntimeError("could not draw inputs with a score margin")
+    return tuple(torch.tensor(a, dtype=dtype, requires_grad=True) for a in (q, k, v))
+
+
+def _torch_masked_attention(q, k, v, mask, scale):
+    """Dense softmax over ``mask`` (B, H, T, S) with torch autograd: the gradient oracle."""
+    H, G = q.shape[1], k.shape[1]
+    kh, vh = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
+    s = torch.einsum("bhtd,bhsd->bhts", q, kh) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhts,bhsd->bhtd", torch.softmax(s, -1), vh)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("causal, sinks, window", [(True, 0, 0), (False, 0, 0), (True, 1, 2)])
+def test_forward_matches_reference(dtype, tol, causal, sinks, window):
+    q, k, v = _inputs(0, dtype=dtype)
+    out = topk_attention(q, k, v, topk=3, causal=causal, sinks=sinks, window=window)
+    assert isinstance(out, torch.Tensor) and out.dtype == dtype and out.shape == (2, 4, 5, 5)
+    ref, _, _ = topk_attention_reference(q.detach().numpy(), k.detach().numpy(), v.detach().numpy(),
+                                         topk=3, causal=causal, sinks=sinks, window=window)
+    np.testing.assert_allclose(out.detach().numpy(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradients_match_torch_autograd_on_the_same_mask(causal):
+    q, k, v = _inputs(1)
+    w = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (topk_attention(q, k, v, topk=3, causal=causal) * w).sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    _, mask, _ = topk_attention_reference(*(t.detach().numpy() for t in (q, k, v)), topk=3, causal=causal)
+    q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    (_torch_masked_attention(q2, k2, v2, torch.from_numpy(mask), 6 ** -0.5) * w).sum().backward()
+    for a, b in zip(got, (q2.grad, k2.grad, v2.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # keys no query selected get exactly zero gradient
+    G, rep = k.shape[1], q.shape[1] // k.shape[1]
+    chosen = mask.reshape(2, G, rep, 5, 9).any(axis=(2, 3))  # (B, G, S)
+    if causal:  # the late keys are seen by few queries
+        assert (~chosen).any()
+    assert torch.all(k.grad[torch.from_numpy(~chosen)] == 0)
+    assert torch.all(v.grad[torch.from_numpy(~chosen)] == 0)
+
+
+@pytest.mark.parametrize("opts", [dict(topk=3, causal=True), dict(topk=2, causal=False, sinks=1),
+                                  dict(topk=3, causal=True, forget_rate=0.3, seed=7),
+                                  dict(topk=6, causal=True)])
+def test_gradcheck_float64(opts):
+    q, k, v = _inputs(2, B=1, H=2, G=1, T=4, S=6, D=3, Dv=2, topk=opts["topk"])
+    assert torch.autograd.gradcheck(lambda a, b, c: topk_attention(a, b, c, **opts), (q, k, v),
+                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_forgetful_selection_is_reproducible_and_reused_by_backward():
+    q, k, v = _inputs(3)
+    a = topk_attention(q, k, v, topk=3, forget_rate=0.5, seed=11)
+    b = topk_attention(q, k, v, topk=3, forget_rate=0.5, seed=11)
+    c = topk_attention(q, k, v, topk=3, forget_rate=0.0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+    ref, _, _ = topk_attention_reference(*(t.detach().numpy() for t in (q, k, v)), topk=3,
+                                         forget_rate=0.5, seed=11)
+    np.testing.assert_allclose(a.detach().numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_dlpack_boundaries_are_zero_copy():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float32)
+    a = to_engine(x)
+    assert isinstance(a, np.ndarray) and a.ctypes.data == x.data_ptr() and a.shape == (2, 3, 4, 5)
+    a[0, 0, 0, 0] = 42.0  # one buffer: the write is visible through the tensor
+    assert x[0, 0, 0, 0].item() == 42.0
+    y = np.arange(6.0).reshape(2, 3)
+    t = from_engine(y)
+    assert t.data_ptr() == y.ctypes.data and t.dtype == torch.float64
+    # a tensor that requires grad is detached, not copied
+    r = torch.randn(3, requires_grad=True)
+    assert to_engine(r).ctypes.data == r.data_ptr()
+
+
+def test_non_contiguous_inputs_and_grad_of_expanded_dout():
+    q, k, v = _inputs(4)
+    qt = q.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_(True)  # strided view
+    assert not qt.is_contiguous()
+    out = topk_attention(qt, k, v, topk=3)
+    np.testing.assert_allclose(out.detach().numpy(), topk_attention(q, k, v, topk=3).detach().numpy(),
+                               rtol=0, atol=0)
+    out.sum().backward()  # dout is an expanded (stride 0) tensor
+    q.grad = None
+    topk_attention(q, k, v, topk=3).sum().backward()
+    torch.testing.assert_close(qt.grad, q.grad, rtol=0, atol=0)
+
+
+def test_in_place_edit_after_forward_is_detected():
+    q, k, v = _inputs(5)
+    kk = k.detach().clone()
+    out = topk_attention(q, kk, v, topk=3)
+    kk.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_bad_inputs():
+    q, k, v = _inputs(6)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor, got ndarray"):
+        topk_attention(q, k.detach().numpy(), v, topk=3)
+    with pytest.raises(ValueError, match="topk must be an integer >= 1"):
+        topk_attention(q, k, v, topk=0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        topk_attention(q.half(), k.half(), v.half(), topk=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for torch")
+def test_cuda_matches_cpu():
+    pytest.importorskip("cupy")
+    q, k, v = _inputs(7, dtype=torch.float32)
+    qc, kc, vc = (t.detach().cuda().requires_grad_(True) for t in (q, k, v))
+    out = topk_attention(qc, kc, vc, topk=3)
+    assert out.is_cuda and to_engine(qc).data.ptr == qc.data_ptr()
+    out.square().sum().backward()
+    topk_attention(q, k, v, topk=3).square().sum().backward()
+    for a, b in zip((qc, kc, vc), (q, k, v)):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-5)
