@@ -325,3 +325,34 @@ def test_attention_layer_bad_input():
     cache = a.init_cache(2)
     with pytest.raises(ValueError, match="x_t has batch 3 but the cache was made for batch 2"):
         a.step(np.zeros((3, 1, 8), np.float32), cache)
+
+
+def test_embedding_lookup_gradient():
+    rng = _rng(11)
+    e = Embedding(6, 3, seed=1, dtype="float64")
+    tok = np.array([[0, 2, 2, 5]])
+    R = rng.standard_normal((1, 4, 3))
+    e.forward(tok)
+    e.zero_grad()
+    e.backward(R)
+    res = directional_grad_check(lambda: float((e.forward(tok) * R).sum()), dict(e.named_params()),
+                                 dict(e.named_grads()), rng)
+    assert_grads_close(res)
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "moe"])
+def test_block_gradients_and_step(ffn):
+    from topkattn.layers import Block
+    rng = _rng(12)
+    attn = Attention(8, 2, head_dim=4, topk=2, seed=0, dtype="float64", persistent_tokens=1)
+    f = SwiGLU(8, 12, seed=1, dtype="float64") if ffn == "swiglu" else MoE(8, 6, 3, 2, 0.0, seed=1, dtype="float64")
+    blk = Block(attn, f, 8, dtype="float64")
+    assert blk.params == {}  # everything lives in the children
+    x = rng.standard_normal((2, 5, 8))
+    names = [n for n, _ in blk.named_params()]
+    assert names[0] == "attn_norm.weight" and "ffn_norm.weight" in names and "attn.W_Q" in names
+    _check_layer(blk, x, rng)
+    y = blk.forward(x)
+    cache = blk.init_cache(2)
+    ys = np.concatenate([blk.step(x[:, t:t + 1], cache) for t in range(5)], axis=1)
+    np.testing.assert_allclose(ys, y, rtol=1e-5, atol=1e-12)

@@ -230,3 +230,14 @@ def test_mla_bad_input():
     with pytest.raises(RuntimeError, match="backward called before forward"):
         _mla().backward(np.zeros((1, 1, 16)))
     assert isinstance(cache, MLACache)
+
+
+def test_mla_decode_past_initial_cache_capacity():
+    # the cache buffer starts with room for 64 rows and doubles: decode 70 tokens through it
+    m = MLA(8, 2, 4, 4, 2, 2, 2, topk=3, seed=3, dtype="float64", persistent_tokens=1, window=2)
+    x = np.random.default_rng(11).standard_normal((1, 70, 8))
+    y = m.forward(x)
+    cache = m.init_cache(1)
+    ys = np.concatenate([m.step(x[:, t:t + 1], cache) for t in range(70)], axis=1)
+    np.testing.assert_allclose(ys, y, rtol=1e-5, atol=1e-12)
+    assert cache.buf.data.shape[1] == 128 and cache.keys.shape == (1, 71, 6)

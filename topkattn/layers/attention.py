@@ -23,7 +23,9 @@ class Attention(Module):
     """``params``: W_Q (H*D, d), W_K (G*D, d), W_V (G*Dv, d), W_O (d, H*Dv), and with P
     persistent tokens persist_k (G, P, D), persist_v (G, P, Dv).
 
-    ``topk=None`` is dense causal attention.  ``rope=False`` leaves q and k unrotated.
+    ``topk=None`` is dense causal attention; an int is top-k attention (sinks=P, window,
+    forget_rate passed to :func:`topkattn.topk_attention`); ``window`` only matters with
+    top-k.  ``rope=False`` leaves q and k unrotated.
     backward accumulates into ``grads``.  ``selector`` picks each decode step's keys.
     """
 
