@@ -85,9 +85,13 @@ def launch(kernel, grid, block, *args):
 
     CuPy arguments are wrapped with ``numba.cuda.as_cuda_array(..., sync=False)``: the
     kernel is queued on the same stream that produced them, so no extra sync is needed.
+    Strided CuPy views are passed as they are (no copy); kernels write only into arrays
+    their launcher allocated.
     """
     cuda = get_cuda()
-    if simulator_enabled():
+    if simulator_enabled():  # the simulator copies arguments whole: strided inputs go contiguous
+        args = tuple(np.ascontiguousarray(a) if isinstance(a, np.ndarray) and not (
+            a.flags.c_contiguous or a.flags.f_contiguous) else a for a in args)
         kernel[grid, block](*args)
         return
     args = tuple(cuda.as_cuda_array(a, sync=False) if is_cupy_array(a) else a for a in args)

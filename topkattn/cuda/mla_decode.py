@@ -46,7 +46,7 @@ def mla_decode(q_abs, keys, *, topk, C, scale, sinks=0, window=0):
     if idx.shape[-1] == 0 or C == 0:
         return o, idx, lse
     threads = 32 if simulator_enabled() else min(THREADS, pow2_at_least(C, 32))
-    launch(_attend_kernel(q_abs.dtype.char), B * H, threads, xp.ascontiguousarray(keys), scores, idx, C, o, lse)
+    launch(_attend_kernel(q_abs.dtype.char), B * H, threads, keys, scores, idx, C, o, lse)
     return o, idx, lse
 
 
@@ -67,7 +67,7 @@ def mla_select(q_abs, keys, *, topk, scale, sinks=0, window=0, return_scores=Fal
     if S > 0:
         threads = 32 if simulator_enabled() else THREADS
         launch(_scores_kernel(pow2_at_least(H, 1), q_abs.dtype.char), cdiv(B * S, threads), threads,
-               xp.ascontiguousarray(q_abs), xp.ascontiguousarray(keys), float(scale), scores)
+               xp.ascontiguousarray(q_abs), keys, float(scale), scores)  # keys may be strided
     if bounds.n_sel:
         R = B * H
         full = lambda val: xp.full(R, val, dtype=xp.int64)  # noqa: E731
