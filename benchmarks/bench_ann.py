@@ -1,0 +1,208 @@
+"""LoRANN benchmark: topkattn.ann.LorannIndex vs the reference ``lorann``, faiss IVF-Flat and brute force.
+
+Generated attention-like data (no download): N keys of dimension D from an
+anisotropic Gaussian mixture, Q queries from a shifted, linearly transformed
+mixture (queries and keys differ, as in attention), inner product, recall@k
+against exact search.  Sweeps clusters_to_search x points_to_rerank and prints
+recall@k, batch queries/s and single-query latency for every method at identical
+parameters, plus build times.  Peers come from the ``bench`` extra
+(``pip install 'topkattn[bench]'``: lorann, faiss-cpu); a missing peer is skipped.
+
+    python benchmarks/bench_ann.py                       # the issue's setting
+    python benchmarks/bench_ann.py --n 20000 --queries 200 --json out.json
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def make_data(n, d, n_queries, seed=0, components=64):
+    """Keys (N, D) and queries (Q, D) float32: anisotropic mixture; queries shifted and transformed."""
+    rng = np.random.default_rng(seed)
+    spectrum = (1.0 / np.sqrt(1.0 + np.arange(d))).astype(np.float64)  # decaying variances
+    rot, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    means = rng.standard_normal((components, d)) * 0.6
+    weights = rng.dirichlet(np.full(components, 2.0))
+
+    def mixture(m):
+        comp = rng.choice(components, size=m, p=weights)
+        z = rng.standard_normal((m, d)) * spectrum
+        return means[comp] + z @ rot
+
+    keys = mixture(n)
+    lin = np.eye(d) + 0.3 * rng.standard_normal((d, d)) / np.sqrt(d)
+    shift = 0.5 * rng.standard_normal(d)
+    queries = mixture(n_queries) @ lin + shift
+    train_queries = mixture(n) @ lin + shift
+    return (keys.astype(np.float32), queries.astype(np.float32),
+            train_queries.astype(np.float32))
+
+
+def recall(found, truth):
+    k = truth.shape[1]
+    return float(np.mean([len(np.intersect1d(a[a >= 0], b)) / k for a, b in zip(found, truth)]))
+
+
+def timed(fn, repeat=1):
+    best = np.inf
+    out = None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return out, best
+
+
+def single_latency(search, queries, n_single):
+    qs = queries[:n_single]
+    search(qs[0])  # warm up
+    t = time.perf_counter()
+    for q in qs:
+        search(q)
+    return (time.perf_counter() - t) / len(qs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--n-clusters", type=int, default=256)
+    ap.add_argument("--global-dim", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--clusters", type=str, default="8,16,24,32,48")
+    ap.add_argument("--rerank", type=str, default="0,50,100")
+    ap.add_argument("--single", type=int, default=200, help="queries timed one at a time")
+    ap.add_argument("--repeat", type=int, default=3, help="batch timings: best of")
+    ap.add_argument("--training-queries", action="store_true",
+                    help="also pass generated training queries to build (both LoRANNs)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip", type=str, default="", help="comma list: lorann,faiss,brute")
+    ap.add_argument("--json", type=str, default=None, help="write the rows to this path")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    cs_list = [int(c) for c in args.clusters.split(",")]
+    rr_list = [int(r) for r in args.rerank.split(",")]
+    k = args.k
+
+    keys, queries, tq = make_data(args.n, args.dim, args.queries, args.seed)
+    print(f"data: {args.n} keys x {args.dim}, {args.queries} queries, inner product, k={k}")
+    rows = []
+    builds = {}
+
+    # brute force (NumPy): ground truth and the baseline
+    def brute(qs):
+        s = qs @ keys.T
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        o = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1)
+        return np.take_along_axis(part, o, axis=1)
+
+    truth, t = timed(lambda: brute(queries), 1)
+    if "brute" not in skip:
+        lat = single_latency(lambda q: brute(q[None]), queries, min(args.single, 50))
+        rows.append(dict(method="brute-force numpy", clusters=None, rerank=None, recall=1.0,
+                         qps=len(queries) / t, latency_ms=lat * 1e3))
+
+    from topkattn.ann import LorannIndex
+
+    methods = {}
+    train = tq if args.training_queries else None
+    ours, t = timed(lambda: _build_ours(LorannIndex, keys, args, train), 1)
+    builds["topkattn"] = t
+    methods["topkattn"] = (lambda q, c, r: ours.search(q, k, c, r))
+    if "lorann" not in skip:
+        try:
+            import lorann
+
+            ref, t = timed(lambda: _build_ref(lorann, keys, args, train), 1)
+            builds["lorann"] = t
+            methods["lorann"] = (lambda q, c, r: ref.search(q, k, c, r))
+        except ImportError:
+            print("lorann not installed: skipped")
+    for name, search in methods.items():
+        for c in cs_list:
+            for r in rr_list:
+                search(queries[:8], c, r)  # warm up (JIT, caches)
+                found, t = timed(lambda: search(queries, c, r), args.repeat)
+                lat = single_latency(lambda q: search(q, c, r), queries, args.single)
+                rows.append(dict(method=name, clusters=c, rerank=r, recall=recall(found, truth),
+                                 qps=len(queries) / t, latency_ms=lat * 1e3))
+    if "faiss" not in skip:
+        try:
+            import faiss
+
+            def fbuild():
+                quantizer = faiss.IndexFlatIP(args.dim)
+                ix = faiss.IndexIVFFlat(quantizer, args.dim, args.n_clusters,
+                                        faiss.METRIC_INNER_PRODUCT)
+                ix.train(keys)
+                ix.add(keys)
+                return ix
+
+            fx, t = timed(fbuild, 1)
+            builds["faiss IVF-Flat"] = t
+            for c in cs_list:
+                fx.nprobe = c
+                (_, found), t = timed(lambda: fx.search(queries, k), args.repeat)
+                lat = single_latency(lambda q: fx.search(q[None], k), queries, args.single)
+                rows.append(dict(method="faiss IVF-Flat", clusters=c, rerank=None,
+                                 recall=recall(found, truth), qps=len(queries) / t,
+                                 latency_ms=lat * 1e3))
+            flat = faiss.IndexFlatIP(args.dim)
+            flat.add(keys)
+            (_, found), t = timed(lambda: flat.search(queries, k), args.repeat)
+            rows.append(dict(method="faiss brute-force", clusters=None, rerank=None,
+                             recall=recall(found, truth), qps=len(queries) / t,
+                             latency_ms=None))
+        except ImportError:
+            print("faiss not installed: skipped")
+
+    print(f"\nbuild time (s): " + ", ".join(f"{m} {t:.2f}" for m, t in builds.items()))
+    print(f"\n{'method':<20}{'clusters':>9}{'rerank':>8}{'recall@' + str(k):>11}"
+          f"{'batch q/s':>12}{'1-query ms':>12}")
+    for row in rows:
+        print(f"{row['method']:<20}{_s(row['clusters']):>9}{_s(row['rerank']):>8}"
+              f"{row['recall']:>11.4f}{row['qps']:>12.0f}"
+              f"{_s(row['latency_ms'], '.3f'):>12}")
+    if "lorann" in methods:
+        print("\nours / reference at identical parameters:")
+        print(f"{'clusters':>9}{'rerank':>8}{'d recall':>10}{'q/s ratio':>11}{'latency ratio':>15}")
+        ref_rows = {(r["clusters"], r["rerank"]): r for r in rows if r["method"] == "lorann"}
+        for r in rows:
+            if r["method"] != "topkattn":
+                continue
+            f = ref_rows[(r["clusters"], r["rerank"])]
+            print(f"{r['clusters']:>9}{r['rerank']:>8}{r['recall'] - f['recall']:>+10.4f}"
+                  f"{r['qps'] / f['qps']:>11.2f}{r['latency_ms'] / f['latency_ms']:>15.2f}")
+        print(f"build time ratio (ours / reference): {builds['topkattn'] / builds['lorann']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "build_s": builds, "rows": rows}, f, indent=1)
+
+
+def _build_ours(cls, keys, args, train):
+    ix = cls(keys, args.n_clusters, args.global_dim, args.bits, args.rank, 5, "ip")
+    ix.build(training_queries=train)
+    return ix
+
+
+def _build_ref(lorann, keys, args, train):
+    ix = lorann.LorannIndex(keys, args.n_clusters, args.global_dim, args.bits, args.rank, 5,
+                            lorann.IP)
+    if train is None:
+        ix.build()
+    else:
+        ix.build(training_queries=train)
+    return ix
+
+
+def _s(v, fmt=""):
+    return "-" if v is None else format(v, fmt)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,660 @@
+"""LorannIndex: the LoRANN approximate maximum-inner-product / nearest-neighbour index.
+
+LoRANN (Jaasaari, Hyvonen, Roos, NeurIPS 2024) = an IVF partition (k-means) whose
+clusters each carry a reduced-rank regression model that maps a query to the
+approximate inner products with every point of the cluster, followed by exact
+re-ranking of the best candidates.  The API mirrors the reference ``lorann``
+package (``LorannIndex(data, ...)`` -> ``build()`` -> ``search(q, k, ...)``).
+
+Shape letters: N points, D data dim, G reduced (global) dim, C clusters, R rank,
+Q queries, W clusters searched per query, K results.
+
+Distances follow the reference: ``ip`` returns ``-q.x`` and ``l2`` returns the
+squared Euclidean distance, both ascending (best first).  Ids are int64, padded
+with -1 (distance +inf) when fewer than k points are reachable.
+"""
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+
+from topkattn.ann import kernels, kmeans, quant, rrr
+from topkattn.backend import get_array_module, is_cupy_array, to_numpy
+
+KMEANS_ITERATIONS = 10
+SAMPLED_POINTS_PER_CLUSTER = 256
+GLOBAL_DIM_REDUCTION_SAMPLES = 16384
+FUSED_MAX_QUERIES = 16  # up to this many queries: fused Numba kernel, no BLAS
+SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up)
+_DISTANCES = ("ip", "l2")
+
+
+class LorannIndex:
+    """A LoRANN index over the rows of ``data`` (N, D).
+
+    Args:
+        data: index points (N, D), real and finite; stored as float32 (copied).
+        n_clusters: number of k-means clusters C (about sqrt(N) is a good start).
+        global_dim: reduced dimension G learned from the (training-query) data by
+            PCA, or None for no reduction (G = D).
+        quantization_bits: 8 or 4 (per-row scalar quantisation of the regression
+            matrices; scores use the quantised values) or None (float32).
+        rank: rank R of each cluster's regression (1 <= R < D, R <= G).
+        train_size: each training query trains the models of its ``train_size``
+            nearest clusters.
+        distance: ``"ip"`` (maximum inner product) or ``"l2"`` (squared Euclidean).
+        balanced: capacity-constrained (balanced) k-means assignment.
+        seed: seed or numpy Generator for sampling, k-means initialisation.
+        refit_growth: after ``add``, a cluster grown by more than this fraction of
+            its size at the last fit is refit at the next search that visits it;
+            None disables lazy refits (call :meth:`refit`).
+    """
+
+    def __init__(self, data, n_clusters, global_dim=None, quantization_bits=8, rank=32,
+                 train_size=5, distance="ip", balanced=False, *, seed=0, refit_growth=0.5):
+        data = _as_matrix(data, "data")
+        n, d = data.shape
+        if isinstance(distance, str):
+            distance = distance.lower()
+        if distance not in _DISTANCES:
+            raise ValueError(f"distance must be 'ip' or 'l2', got {distance!r}")
+        _check_int(n_clusters, "n_clusters", 1, n)
+        if global_dim is None:
+            global_dim = d
+        _check_int(global_dim, "global_dim", 1, d)
+        _check_int(rank, "rank", 1, None)
+        if rank >= d:
+            raise ValueError(f"rank must be smaller than the data dimension {d}, got {rank}")
+        if rank > global_dim:
+            raise ValueError(f"rank must be <= global_dim={global_dim}, got {rank}")
+        _check_int(train_size, "train_size", 1, n_clusters)
+        if quantization_bits not in (None, 4, 8):
+            raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
+        if refit_growth is not None and not refit_growth > 0:
+            raise ValueError(f"refit_growth must be None or > 0, got {refit_growth!r}")
+        self.n_clusters = int(n_clusters)
+        self.global_dim = int(global_dim)
+        self.quantization_bits = quantization_bits
+        self.rank = int(rank)
+        self.train_size = int(train_size)
+        self.distance = distance
+        self.balanced = bool(balanced)
+        self.refit_growth = refit_growth
+        self._rng = np.random.default_rng(seed)
+        self._data = np.array(data, dtype=np.float32, order="C")  # (N, D), capacity = len
+        self._n = n
+        self._norms = np.einsum("nd,nd->n", self._data, self._data)  # (N,)
+        self.built = False
+        self._device = {}
+
+    # ------------------------------------------------------------------ properties
+    def __len__(self):
+        return self._n
+
+    @property
+    def dim(self):
+        return self._data.shape[1]
+
+    @property
+    def n_samples(self):
+        return self._n
+
+    @property
+    def data(self):
+        """The stored points (N, D) float32 (a view; do not modify)."""
+        return self._data[: self._n]
+
+    @property
+    def cluster_sizes(self):
+        self._require_built()
+        return self._size.copy()
+
+    @property
+    def stale_clusters(self):
+        """Clusters that received points since their last fit (their model lags)."""
+        self._require_built()
+        return np.flatnonzero(self._size != self._fit_size)
+
+    # ------------------------------------------------------------------ build
+    def build(self, approximate=True, training_queries=None, verbose=False):
+        """Cluster the points and fit every cluster's reduced-rank model.
+
+        ``training_queries`` (M, D): queries from the search distribution (the
+        out-of-distribution case, e.g. attention queries); they define the PCA
+        reduction and train each cluster's model.  Without them the points serve
+        as training queries.  ``approximate=False`` solves the exact OLS problem
+        under dimensionality reduction instead of using the projected points.
+        """
+        if self.built:
+            raise RuntimeError("the index has already been built")
+        d = self.dim
+        data = self.data
+        if training_queries is None:
+            tq = data
+        else:
+            tq = _as_matrix(training_queries, "training_queries")
+            if tq.shape[1] != d:
+                raise ValueError(
+                    f"training_queries must have {d} columns, got shape {tq.shape}")
+            tq = np.ascontiguousarray(tq, dtype=np.float32)
+        say = print if verbose else (lambda *a, **k: None)
+        # global dimensionality reduction: top principal directions of the queries
+        if self.global_dim < d:
+            sample = tq
+            if len(tq) > GLOBAL_DIM_REDUCTION_SAMPLES:
+                sample = tq[self._rng.choice(len(tq), GLOBAL_DIM_REDUCTION_SAMPLES, replace=False)]
+            s64 = sample.astype(np.float64)
+            _, vecs = np.linalg.eigh(s64.T @ s64)  # ascending eigenvalues
+            self._T = np.ascontiguousarray(vecs[:, ::-1][:, : self.global_dim], np.float32)
+        else:
+            self._T = None
+        xr = self._reduce(data)  # (N, G)
+        qr = xr if training_queries is None else self._reduce(tq)  # (M, G)
+        c = self.n_clusters
+        sample = SAMPLED_POINTS_PER_CLUSTER * c
+        if not approximate or sample > 0.5 * len(xr):
+            sample = None
+        say(f"k-means: {c} clusters on {len(xr) if sample is None else sample} points")
+        with _blas_single_thread():
+            self._cent = kmeans.kmeans(xr, c, distance=self.distance, iters=KMEANS_ITERATIONS,
+                                       sample_size=sample, balanced=self.balanced,
+                                       rng=self._rng)
+        self._cnorm = np.einsum("cg,cg->c", self._cent, self._cent)
+        if self.balanced:
+            assign = kmeans.balanced_assign(xr, self._cent, self.distance)
+        else:
+            assign = kmeans.nearest_clusters(xr, self._cent, 1, self.distance)[:, 0]
+        members = _group(assign, c)
+        tmap = kmeans.nearest_clusters(qr, self._cent, self.train_size, self.distance)  # (M, W)
+        qmembers = _group(tmap.ravel(), c, div=tmap.shape[1])
+        # storage
+        g, r = self.global_dim, self.rank
+        self._adeq = np.zeros((c, g, r), np.float32)
+        self._acodes = None if self.quantization_bits is None else np.zeros(
+            (c, r, _code_cols(g, self.quantization_bits)),
+            np.int8 if self.quantization_bits == 8 else np.uint8)
+        self._ascale = np.zeros((c, r), np.float32)
+        self._P = np.zeros((c, r, g), np.float32)
+        self._gram = np.zeros((c, g, g), np.float32)
+        self._size = np.array([len(mm) for mm in members], np.int64)
+        self._fit_size = self._size.copy()
+        self._cap = self._size.copy()
+        self._start = np.zeros(c, np.int64)
+        self._start[1:] = np.cumsum(self._cap)[:-1]
+        self._used = int(self._cap.sum())
+        self._alloc_slots(self._used)
+        self._assign = assign.astype(np.int64)
+        say("fitting reduced-rank models")
+        T = self._T
+
+        def fit_one(ci):
+            mem = members[ci]
+            qmem = qmembers[ci]
+            pts = data[mem]  # (n_c, D)
+            if len(qmem) >= len(mem):
+                qx, qfull = qr[qmem], tq[qmem]
+            else:  # too few training queries: the points stand in (as the reference does)
+                qx, qfull = xr[mem], pts
+            gram = (qx.T @ qx).astype(np.float64)  # (G, G)
+            qgram_full = None
+            if not approximate and T is not None:
+                qgram_full = (qfull.T @ qfull).astype(np.float64)  # (D, D)
+            beta = rrr.ols_beta(xr[mem], pts, T, qgram_full, gram, approximate)  # (G, n_c)
+            return gram, rrr.fit_cluster(beta, gram, self.rank)
+
+        with _blas_single_thread(), ThreadPoolExecutor(_n_workers()) as pool:
+            for ci, (gram, fitted) in enumerate(pool.map(fit_one, range(c))):
+                mem = members[ci]
+                self._gram[ci] = gram
+                lo = self._start[ci]
+                self._slot_id[lo:lo + len(mem)] = mem
+                self._store_fit(ci, *fitted)
+        self._approximate = bool(approximate)
+        self.built = True
+        self._device = {}
+
+    def _fit(self, ci, beta, gram):
+        """Fit, quantise and store cluster ci's model from its OLS beta (G, n_c)."""
+        self._store_fit(ci, *rrr.fit_cluster(beta, gram, self.rank))
+
+    def _store_fit(self, ci, A, Bt, P):
+        self._store_A(ci, A)
+        self._P[ci] = P
+        lo = self._start[ci]
+        self._store_B(slice(lo, lo + len(Bt)), Bt)
+        self._fit_size[ci] = self._size[ci]
+
+    def _store_A(self, ci, A):
+        if self.quantization_bits is None:
+            self._adeq[ci] = A
+            return
+        codes, scale = quant.quantize_rows(A.T, self.quantization_bits)  # rows = rank components
+        self._acodes[ci] = codes
+        self._ascale[ci] = scale
+        self._adeq[ci] = quant.dequantize_rows(codes, scale, self.quantization_bits,
+                                               self.global_dim).T
+
+    def _store_B(self, slots, Bt):
+        if self.quantization_bits is None:
+            self._bdeq[slots] = Bt
+            return
+        codes, scale = quant.quantize_rows(Bt, self.quantization_bits)
+        self._bcodes[slots] = codes
+        self._bscale[slots] = scale
+        self._bdeq[slots] = quant.dequantize_rows(codes, scale, self.quantization_bits, self.rank)
+
+    def _alloc_slots(self, cap, old=None):
+        r = self.rank
+        bits = self.quantization_bits
+        new = {
+            "_bdeq": np.zeros((cap, r), np.float32),
+            "_slot_id": np.full(cap, -1, np.int64),
+            "_bscale": np.zeros(cap, np.float32),
+            "_bcodes": None if bits is None else np.zeros(
+                (cap, _code_cols(r, bits)), np.int8 if bits == 8 else np.uint8),
+        }
+        for name, arr in new.items():
+            if old is not None and arr is not None:
+                prev = getattr(self, name)
+                arr[: len(prev)] = prev
+            setattr(self, name, arr)
+
+    def _reduce(self, x):
+        return x if self._T is None else x @ self._T
+
+    # ------------------------------------------------------------------ search
+    def search(self, q, k, clusters_to_search, points_to_rerank, return_distances=False):
+        """Approximate k nearest neighbours of ``q`` (D,) or (Q, D).
+
+        Routes each query to its ``clusters_to_search`` best centroids, scores
+        their points with the quantised low-rank models, keeps the
+        max(k, points_to_rerank) best and re-ranks them exactly
+        (``points_to_rerank=0``: approximate scores only).  Returns ids (K,) or
+        (Q, K) int64 and, with ``return_distances``, float32 distances.
+        NumPy queries run on the CPU (BLAS + Numba); CuPy queries on the GPU.
+        """
+        self._require_built()
+        xp = get_array_module(q)
+        q2, single = self._check_queries(q, "q", xp)
+        k = _check_int(k, "k", 1, None)
+        w = _check_int(clusters_to_search, "clusters_to_search", 1, self.n_clusters)
+        rr = _check_int(points_to_rerank, "points_to_rerank", 0, None)
+        if xp is np:
+            ids, scores = self._search_cpu(q2, k, w, rr)
+        else:
+            ids, scores = self._search_xp(q2, k, w, rr, xp)
+        return self._output(ids, scores, q2, single, return_distances, xp)
+
+    def exact_search(self, q, k, return_distances=False):
+        """Exact k nearest neighbours by brute force (ties to the lower id)."""
+        xp = get_array_module(q)
+        q2, single = self._check_queries(q, "q", xp)
+        k = _check_int(k, "k", 1, None)
+        kk = min(k, self._n)
+        if xp is np:
+            ids = np.full((len(q2), k), -1, np.int64)
+            scores = np.full((len(q2), k), -np.inf, np.float32)
+            for b in range(0, len(q2), 256):
+                s = self._exact_scores(q2[b:b + 256], self.data)  # (Q_b, N)
+                kernels.exact_topk(s, kk, ids[b:b + 256], scores[b:b + 256])
+        else:
+            data = self._dev(xp)["data"]
+            s = self._exact_scores(q2, data)
+            order = _topk_xp(xp, s, xp.broadcast_to(xp.arange(self._n), s.shape), kk)
+            ids = xp.full((len(q2), k), -1, xp.int64)
+            scores = xp.full((len(q2), k), -np.inf, xp.float32)
+            ids[:, :kk] = order
+            scores[:, :kk] = xp.take_along_axis(s, order, axis=1)
+        return self._output(ids, scores, q2, single, return_distances, xp)
+
+    def _exact_scores(self, q, data):
+        s = q @ data.T  # (Q, N)
+        if self.distance == "l2":
+            xp = get_array_module(s)
+            norms = self._norms[: self._n] if xp is np else self._dev(xp)["norms"]
+            s = 2 * s - norms
+        return s.astype(np.float32, copy=False)
+
+    def _route(self, qr, w, xp):
+        cent = self._cent if xp is np else self._dev(xp)["cent"]
+        s = qr @ cent.T  # (Q, C)
+        if self.distance == "l2":
+            s = 2 * s - (self._cnorm if xp is np else self._dev(xp)["cnorm"])
+        if w >= self.n_clusters:
+            return xp.broadcast_to(xp.arange(self.n_clusters), s.shape).copy()
+        if xp is np:
+            return np.argpartition(-s, w - 1, axis=1)[:, :w]
+        return xp.argsort(-s, axis=1)[:, :w]
+
+    def _search_cpu(self, q, k, w, rr):
+        nq = len(q)
+        qr = np.ascontiguousarray(self._reduce(q), np.float32)  # (Q, G)
+        top = self._route(qr, w, np)  # (Q, W)
+        self._lazy_refit(top)
+        m = max(k, rr)
+        ids = np.full((nq, k), -1, np.int64)
+        scores = np.full((nq, k), -np.inf, np.float32)
+        l2 = self.distance == "l2"
+        if nq <= FUSED_MAX_QUERIES:
+            fn = kernels.fused_search_serial if nq <= SERIAL_MAX_QUERIES else kernels.fused_search
+            fn(qr, q, top.astype(np.int64), self._adeq, self._bdeq, self._start, self._size,
+               self._slot_id, self._norms, l2, self._data, m, k, rr > 0, ids, scores)
+            return ids, scores
+        with _blas_single_thread():
+            self._score_blocks(q, qr, top, w, m, k, rr, l2, ids, scores)
+        return ids, scores
+
+    def _score_blocks(self, q, qr, top, w, m, k, rr, l2, ids, scores):
+        """Batched path: per visited cluster two GEMMs over its queries, then Numba selection."""
+        nq = len(q)
+        flat = top.ravel()
+        order = np.argsort(flat, kind="stable")
+        counts = np.bincount(flat, minlength=self.n_clusters)
+        sizes = self._size
+        base = np.zeros(nq * w, np.int64)
+        blocks = counts * sizes
+        boff = np.zeros(self.n_clusters + 1, np.int64)
+        np.cumsum(blocks, out=boff[1:])
+        buf = np.empty(int(boff[-1]), np.float32)
+        pos = 0
+        for c in np.flatnonzero(counts):
+            cnt = counts[c]
+            sel = order[pos:pos + cnt]
+            pos += cnt
+            n_c = sizes[c]
+            if n_c == 0:
+                continue
+            rows = sel // w
+            lo = self._start[c]
+            t = qr[rows] @ self._adeq[c]  # (cnt, R)
+            out = buf[boff[c]:boff[c + 1]].reshape(cnt, n_c)
+            np.matmul(t, self._bdeq[lo:lo + n_c].T, out=out)  # (cnt, n_c)
+            base[sel] = boff[c] + np.arange(cnt) * n_c
+        base = base.reshape(nq, w)
+        length = sizes[top]
+        pstart = self._start[top]
+        kernels.select_rerank(buf, base, length, pstart, self._slot_id, self._norms, l2,
+                              self._data, q, m, k, rr > 0, ids, scores)
+
+    def _search_xp(self, q, k, w, rr, xp):
+        """Array-library path (CuPy, or NumPy as the reference): padded dense tensors."""
+        dev = self._dev(xp)
+        nq = len(q)
+        qr = q if dev["T"] is None else q @ dev["T"]  # (Q, G)
+        top = self._route(qr, w, xp)  # (Q, W)
+        if xp is np:
+            self._lazy_refit(top)
+            dev = self._dev(xp)
+        else:
+            stale = self._stale_in(to_numpy(top))
+            if len(stale):
+                self.refit(stale)
+                dev = self._dev(xp)
+        m = max(k, rr)
+        ids = xp.full((nq, k), -1, xp.int64)
+        scores = xp.full((nq, k), -np.inf, xp.float32)
+        maxsz = dev["bpad"].shape[1]
+        chunk = max(1, int(2 ** 24 // max(1, w * maxsz * max(self.rank, 1))))
+        for b in range(0, nq, chunk):
+            tb = top[b:b + chunk]  # (q, W)
+            t = xp.einsum("qg,qwgr->qwr", qr[b:b + chunk], dev["adeq"][tb])  # (q, W, R)
+            s = xp.einsum("qwr,qwnr->qwn", t, dev["bpad"][tb])  # (q, W, maxsz)
+            pid = dev["idpad"][tb]  # (q, W, maxsz)
+            if self.distance == "l2":
+                s = 2 * s - dev["norms"][xp.maximum(pid, 0)]
+            s = xp.where(pid >= 0, s, -np.inf).reshape(len(tb), -1).astype(xp.float32)
+            pid = pid.reshape(len(tb), -1)
+            mm = min(m, s.shape[1])
+            sel = _topk_xp(xp, s, pid, mm)  # (q, mm) positions
+            cid = xp.take_along_axis(pid, sel, axis=1)
+            cs = xp.take_along_axis(s, sel, axis=1)
+            if rr > 0:
+                ex = xp.einsum("qd,qmd->qm", q[b:b + chunk], dev["data"][xp.maximum(cid, 0)])
+                if self.distance == "l2":
+                    ex = 2 * ex - dev["norms"][xp.maximum(cid, 0)]
+                cs = xp.where(cid >= 0, ex, -np.inf).astype(xp.float32)
+            kk = min(k, mm)
+            sel2 = _topk_xp(xp, cs, cid, kk)
+            fi = xp.take_along_axis(cid, sel2, axis=1)
+            fs = xp.take_along_axis(cs, sel2, axis=1)
+            ids[b:b + chunk, :kk] = xp.where(fs > -np.inf, fi, -1)
+            scores[b:b + chunk, :kk] = fs
+        return ids, scores
+
+    def _output(self, ids, scores, q, single, return_distances, xp):
+        if not return_distances:
+            return ids[0] if single else ids
+        if self.distance == "ip":
+            dist = -scores
+        else:
+            qn = xp.einsum("qd,qd->q", q, q).astype(xp.float32)
+            dist = xp.maximum(qn[:, None] - scores, 0)
+        dist = xp.where(ids >= 0, dist, np.inf).astype(xp.float32)
+        return (ids[0], dist[0]) if single else (ids, dist)
+
+    # ------------------------------------------------------------------ streaming inserts
+    def add(self, new_points):
+        """Insert points (D,) or (P, D); returns their ids (continuing from len(index)).
+
+        Each point joins its nearest cluster and is searchable at once: its
+        column of the cluster's B is ``P_c (T^T x)``, the least-squares fit of
+        its inner products over the cluster's training queries, O(D G + G R)
+        per point, no refit.  The cluster's low-rank basis is not updated until a
+        refit (lazy, see ``refit_growth``, or :meth:`refit`).
+        """
+        x, _ = self._check_queries(new_points, "new_points", np)
+        p = len(x)
+        ids = np.arange(self._n, self._n + p, dtype=np.int64)
+        self._grow_data(self._n + p)
+        self._data[self._n:self._n + p] = x
+        self._norms[self._n:self._n + p] = np.einsum("nd,nd->n", x, x)
+        self._n += p
+        self._device = {}
+        if not self.built:
+            return ids
+        xr = np.ascontiguousarray(self._reduce(x), np.float32)  # (P, G)
+        assign = kmeans.nearest_clusters(xr, self._cent, 1, self.distance)[:, 0]
+        self._assign = np.concatenate([self._assign, assign])
+        for c in np.unique(assign):
+            sel = np.flatnonzero(assign == c)
+            bt = xr[sel].astype(np.float64) @ self._P[c].T.astype(np.float64)  # (p_c, R)
+            slots = self._reserve(c, len(sel))
+            self._slot_id[slots] = ids[sel]
+            self._store_B(slots, bt)
+        return ids
+
+    def _grow_data(self, need):
+        cap = len(self._data)
+        if need <= cap:
+            return
+        cap = max(need, 2 * cap)
+        data = np.zeros((cap, self.dim), np.float32)
+        data[: self._n] = self._data[: self._n]
+        norms = np.zeros(cap, np.float32)
+        norms[: self._n] = self._norms[: self._n]
+        self._data, self._norms = data, norms
+
+    def _reserve(self, c, p):
+        """Slots for p more points of cluster c (moved to the end with doubled capacity if full)."""
+        if self._size[c] + p > self._cap[c]:
+            cap = max(2 * self._cap[c], self._size[c] + p, 8)
+            if self._used + cap > len(self._bdeq):
+                self._alloc_slots(max(2 * len(self._bdeq), self._used + cap), old=True)
+            lo, n_c, new = self._start[c], self._size[c], self._used
+            for name in ("_bdeq", "_slot_id", "_bscale", "_bcodes"):
+                arr = getattr(self, name)
+                if arr is not None:
+                    arr[new:new + n_c] = arr[lo:lo + n_c]
+            self._slot_id[lo:lo + n_c] = -1
+            self._start[c] = new
+            self._cap[c] = cap
+            self._used += cap
+        lo = self._start[c] + self._size[c]
+        self._size[c] += p
+        return slice(lo, lo + p)
+
+    def refit(self, clusters=None):
+        """Refit the reduced-rank models of ``clusters`` (default: every cluster with new points)."""
+        self._require_built()
+        cl = self.stale_clusters if clusters is None else np.atleast_1d(
+            np.asarray(clusters, np.int64))
+        for c in cl:
+            c = int(c)
+            if not 0 <= c < self.n_clusters:
+                raise ValueError(f"clusters must be in [0, {self.n_clusters}), got {c}")
+            lo, n_c = self._start[c], self._size[c]
+            pid = self._slot_id[lo:lo + n_c]
+            beta = self._reduce(self._data[pid]).T  # (G, n_c)
+            with _blas_single_thread():
+                self._fit(c, beta, self._gram[c].astype(np.float64))
+        self._device = {}
+
+    def _stale_in(self, top):
+        if self.refit_growth is None:
+            return np.empty(0, np.int64)
+        grown = self._size > self._fit_size * (1 + self.refit_growth)
+        if not grown.any():
+            return np.empty(0, np.int64)
+        touched = np.zeros(self.n_clusters, bool)
+        touched[np.asarray(top).ravel()] = True
+        return np.flatnonzero(grown & touched)
+
+    def _lazy_refit(self, top):
+        stale = self._stale_in(top)
+        if len(stale):
+            self.refit(stale)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path):
+        """Write the index atomically to ``path`` (versioned .npz + JSON header + SHA-256)."""
+        self._require_built()
+        from topkattn.ann import persist
+
+        persist.save_index(self, path)
+
+    @classmethod
+    def load(cls, path):
+        """Load an index written by :meth:`save` (ValueError if truncated, corrupt or newer)."""
+        from topkattn.ann import persist
+
+        return persist.load_index(cls, path)
+
+    # ------------------------------------------------------------------ helpers
+    def _require_built(self):
+        if not self.built:
+            raise RuntimeError("the index is not built: call build() before searching")
+
+    def _check_queries(self, q, name, xp):
+        if xp is np:
+            q = _as_matrix(q, name, allow_1d=True)
+        elif q.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be real-valued, got dtype {q.dtype}")
+        single = q.ndim == 1
+        q2 = q[None, :] if single else q
+        if q2.ndim != 2 or q2.shape[1] != self.dim:
+            raise ValueError(f"{name} must have shape ({self.dim},) or (n, {self.dim}), "
+                             f"got {tuple(q.shape)}")
+        if xp is not np:
+            q2 = q2.astype(xp.float32)
+            if not bool(xp.isfinite(q2).all()):
+                raise ValueError(f"{name} contains non-finite values")
+        else:
+            q2 = np.ascontiguousarray(q2, dtype=np.float32)
+        return q2, single
+
+    def _dev(self, xp):
+        """Device copies (and padded per-cluster tensors) of the search state for ``xp``."""
+        key = xp.__name__
+        if key in self._device:
+            return self._device[key]
+        d = {"data": xp.asarray(self.data), "norms": xp.asarray(self._norms[: self._n]),
+             "T": None if self._T is None else xp.asarray(self._T)}
+        if self.built:
+            c = self.n_clusters
+            maxsz = max(1, int(self._size.max()))
+            bpad = np.zeros((c, maxsz, self.rank), np.float32)
+            idpad = np.full((c, maxsz), -1, np.int64)
+            for ci in range(c):
+                lo, n_c = self._start[ci], self._size[ci]
+                bpad[ci, :n_c] = self._bdeq[lo:lo + n_c]
+                idpad[ci, :n_c] = self._slot_id[lo:lo + n_c]
+            d.update(cent=xp.asarray(self._cent), cnorm=xp.asarray(self._cnorm),
+                     adeq=xp.asarray(self._adeq), bpad=xp.asarray(bpad),
+                     idpad=xp.asarray(idpad))
+        self._device[key] = d
+        return d
+
+
+_BLAS_CONTROLLER = []
+
+
+def _blas_single_thread():
+    """Context pinning BLAS to one thread (via threadpoolctl when installed).
+
+    Our loops issue many small GEMMs / eigensolves; a multi-threaded BLAS spends
+    more time waking and spinning threads than computing on them (10x slower on a
+    busy 2-core machine).  Parallelism comes from Numba and a thread pool instead.
+    """
+    if not _BLAS_CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_CONTROLLER.append(ThreadpoolController())
+        except ImportError:
+            _BLAS_CONTROLLER.append(None)
+    ctl = _BLAS_CONTROLLER[0]
+    return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1, user_api="blas")
+
+
+def _n_workers():
+    return max(1, min(numba.get_num_threads(), os.cpu_count() or 1))
+
+
+def _topk_xp(xp, s, ids, k):
+    """Positions (Q, k) of the k largest scores per row, ties to the lower id, best first."""
+    o1 = xp.argsort(ids, axis=1, kind="stable") if xp is np else xp.argsort(ids, axis=1)
+    s1 = xp.take_along_axis(s, o1, axis=1)
+    o2 = xp.argsort(-s1, axis=1, kind="stable") if xp is np else xp.argsort(-s1, axis=1)
+    return xp.take_along_axis(o1, o2[:, :k], axis=1)
+
+
+def _group(labels, c, div=1):
+    """Indices (divided by ``div``) grouped by label: a list of C int64 arrays."""
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=c)
+    splits = np.split(order // div, np.cumsum(counts)[:-1])
+    return splits
+
+
+def _code_cols(n, bits):
+    return n if bits == 8 else (n + 1) // 2
+
+
+def _as_matrix(x, name, allow_1d=False):
+    if is_cupy_array(x):
+        x = x.get()
+    try:
+        x = np.asarray(x)
+    except Exception as e:
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be real-valued, got dtype {x.dtype}")
+    if not (x.ndim == 2 or (allow_1d and x.ndim == 1)):
+        want = "1-D or 2-D" if allow_1d else "2-D"
+        raise ValueError(f"{name} must be {want}, got shape {x.shape}")
+    if x.size == 0 and x.ndim == 2 and x.shape[0] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return x
+
+
+def _check_int(v, name, lo, hi):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+    if v < lo or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {rng}, got {v}")
+    return int(v)

@@ -1,0 +1,189 @@
+"""Numba CPU kernels for LoRANN search: candidate selection, exact re-ranking, fused small-batch scoring.
+
+Shape letters: Q queries, W clusters searched per query, D data dim, G reduced dim,
+R rank, K results, M candidates kept for re-ranking.
+Scores are "larger is better" (``q.x`` for ip, ``2 q.x - |x|^2`` for l2).
+Ties go to the lower point id.  Reference: ``LorannIndex._search_xp`` (dense,
+padded array-library path); tests compare the two.
+"""
+import numba as nb
+import numpy as np
+
+
+@nb.njit(inline="always")
+def _worse(s1, i1, s2, i2):
+    return s1 < s2 or (s1 == s2 and i1 > i2)
+
+
+@nb.njit(inline="always")
+def _sift_down(hs, hi, n, p):
+    while True:
+        c = 2 * p + 1
+        if c >= n:
+            break
+        if c + 1 < n and _worse(hs[c + 1], hi[c + 1], hs[c], hi[c]):
+            c += 1
+        if _worse(hs[c], hi[c], hs[p], hi[p]):
+            hs[c], hs[p] = hs[p], hs[c]
+            hi[c], hi[p] = hi[p], hi[c]
+            p = c
+        else:
+            break
+
+
+@nb.njit(inline="always")
+def _push(hs, hi, n, m, s, i):
+    """Offer (s, i) to a bounded min-heap of capacity m holding n items; return the new n."""
+    if n < m:
+        p = n
+        hs[p] = s
+        hi[p] = i
+        n += 1
+        while p > 0:
+            q = (p - 1) // 2
+            if _worse(hs[p], hi[p], hs[q], hi[q]):
+                hs[p], hs[q] = hs[q], hs[p]
+                hi[p], hi[q] = hi[q], hi[p]
+                p = q
+            else:
+                break
+        return n
+    if _worse(hs[0], hi[0], s, i):
+        hs[0] = s
+        hi[0] = i
+        _sift_down(hs, hi, n, 0)
+    return n
+
+
+@nb.njit(inline="always")
+def _drain_sorted(hs, hi, n, out_s, out_i):
+    """Empty the heap into out_* best first."""
+    while n > 0:
+        n -= 1
+        out_s[n] = hs[0]
+        out_i[n] = hi[0]
+        hs[0] = hs[n]
+        hi[0] = hi[n]
+        _sift_down(hs, hi, n, 0)
+
+
+@nb.njit(inline="always")
+def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s):
+    """Write the k best of the nc candidates (exact re-rank if ``rerank``) into row qi."""
+    if not rerank:
+        for j in range(min(k, nc)):
+            out_i[qi, j] = cand_i[j]
+            out_s[qi, j] = cand_s[j]
+        return
+    d = data.shape[1]
+    hs = np.empty(k, np.float32)
+    hi = np.empty(k, np.int64)
+    n = 0
+    for j in range(nc):
+        pid = cand_i[j]
+        acc = np.float32(0.0)
+        for t in range(d):
+            acc += q[t] * data[pid, t]
+        if l2:
+            acc = 2 * acc - norms[pid]
+        n = _push(hs, hi, n, k, acc, pid)
+    _drain_sorted(hs, hi, n, out_s[qi], out_i[qi])
+
+
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=False)
+def select_rerank(buf, base, length, pstart, slot_id, norms, l2, data, queries, m, k, rerank,
+                  out_i, out_s):
+    """Top-k per query from precomputed cluster score blocks.
+
+    buf: flat float32 approximate scores; for query i and searched cluster j the
+    ``length[i, j]`` scores start at ``buf[base[i, j]]`` and belong to the points
+    stored at slots ``pstart[i, j] + t`` (ids ``slot_id``).  The m best candidates
+    (ties to lower id) are re-ranked exactly against ``data`` when ``rerank``.
+    out_i (Q, K) int64 pre-filled with -1, out_s (Q, K) float32 pre-filled with -inf.
+    """
+    nq, w = base.shape
+    for qi in nb.prange(nq):
+        hs = np.empty(m, np.float32)
+        hi = np.empty(m, np.int64)
+        n = 0
+        for j in range(w):
+            b0 = base[qi, j]
+            p0 = pstart[qi, j]
+            for t in range(length[qi, j]):
+                pid = slot_id[p0 + t]
+                s = buf[b0 + t]
+                if l2:
+                    s = 2 * s - norms[pid]
+                n = _push(hs, hi, n, m, s, pid)
+        cs = np.empty(n, np.float32)
+        ci = np.empty(n, np.int64)
+        _drain_sorted(hs, hi, n, cs, ci)
+        _finish(qi, queries[qi], data, norms, l2, cs, ci, n, k, rerank, out_i, out_s)
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _fused_one(qi, qr, queries, clusters, adeq, bdeq, start, size, slot_id, norms, l2, data, m,
+               k, rerank, out_i, out_s):
+    w = clusters.shape[1]
+    g = qr.shape[1]
+    r = adeq.shape[2]
+    hs = np.empty(m, np.float32)
+    hi = np.empty(m, np.int64)
+    tq = np.empty(r, np.float32)
+    n = 0
+    for j in range(w):
+        c = clusters[qi, j]
+        tq[:] = 0
+        for u in range(g):
+            x = qr[qi, u]
+            for v in range(r):
+                tq[v] += x * adeq[c, u, v]
+        p0 = start[c]
+        for t in range(size[c]):
+            acc = np.float32(0.0)
+            for v in range(r):
+                acc += tq[v] * bdeq[p0 + t, v]
+            pid = slot_id[p0 + t]
+            if l2:
+                acc = 2 * acc - norms[pid]
+            n = _push(hs, hi, n, m, acc, pid)
+    cs = np.empty(n, np.float32)
+    ci = np.empty(n, np.int64)
+    _drain_sorted(hs, hi, n, cs, ci)
+    _finish(qi, queries[qi], data, norms, l2, cs, ci, n, k, rerank, out_i, out_s)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def fused_search(qr, queries, clusters, adeq, bdeq, start, size, slot_id, norms, l2, data, m, k,
+                 rerank, out_i, out_s):
+    """Score, select and re-rank small batches in one pass, query-parallel (no BLAS calls).
+
+    qr (Q, G) reduced queries, clusters (Q, W) clusters to search, adeq (C, G, R)
+    and bdeq (slots, R) the dequantised models; cluster c's points sit at slots
+    start[c] .. start[c] + size[c].  Same output contract as :func:`select_rerank`.
+    """
+    for qi in nb.prange(qr.shape[0]):
+        _fused_one(qi, qr, queries, clusters, adeq, bdeq, start, size, slot_id, norms, l2, data,
+                   m, k, rerank, out_i, out_s)
+
+
+@nb.njit(cache=True, nogil=True)
+def fused_search_serial(qr, queries, clusters, adeq, bdeq, start, size, slot_id, norms, l2, data,
+                        m, k, rerank, out_i, out_s):
+    """:func:`fused_search` on one thread (single queries: no thread-pool wake-up)."""
+    for qi in range(qr.shape[0]):
+        _fused_one(qi, qr, queries, clusters, adeq, bdeq, start, size, slot_id, norms, l2, data,
+                   m, k, rerank, out_i, out_s)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def exact_topk(scores, k, out_i, out_s):
+    """Row-wise top-k of a (Q, N) score block, ties to the lower column; best first."""
+    nq, nn = scores.shape
+    for qi in nb.prange(nq):
+        hs = np.empty(k, np.float32)
+        hi = np.empty(k, np.int64)
+        n = 0
+        for t in range(nn):
+            n = _push(hs, hi, n, k, scores[qi, t], t)
+        _drain_sorted(hs, hi, n, out_s[qi], out_i[qi])

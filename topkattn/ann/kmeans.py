@@ -1,0 +1,175 @@
+"""k-means for the IVF partition: spherical (inner product) or Euclidean, optionally balanced.
+
+Shape letters: N points, C clusters, D dimension, W clusters per point.
+Scores are "larger is nearer": inner product ``x.c`` with unit-norm centroids for
+``ip``; ``2 x.c - |c|^2`` (= |x|^2 - |x - c|^2) for ``l2``.
+"""
+import numba as nb
+import numpy as np
+
+BLOCK = 8192
+
+
+def centroid_scores(x, centroids, distance, cnorm=None):
+    """(N, C) float32 scores of points ``x`` (N, D) against ``centroids`` (C, D)."""
+    s = x @ centroids.T  # (N, C)
+    if distance == "l2":
+        if cnorm is None:
+            cnorm = np.einsum("cd,cd->c", centroids, centroids)
+        s *= 2
+        s -= cnorm
+    return s
+
+
+def nearest_clusters(x, centroids, w, distance):
+    """Indices (N, W) int64 of the ``w`` best clusters per point, best first (ties to lower id)."""
+    n = len(x)
+    c = len(centroids)
+    w = min(w, c)
+    out = np.empty((n, w), np.int64)
+    cnorm = np.einsum("cd,cd->c", centroids, centroids)
+    for b in range(0, n, BLOCK):
+        s = centroid_scores(x[b:b + BLOCK], centroids, distance, cnorm)  # (n_b, C)
+        if w == 1:
+            out[b:b + BLOCK, 0] = np.argmax(s, axis=1)
+            continue
+        part = np.argpartition(-s, w - 1, axis=1)[:, :w] if w < c else np.broadcast_to(
+            np.arange(c), s.shape).copy()
+        ps = np.take_along_axis(s, part, axis=1)
+        order = _rank_order(ps, part)
+        out[b:b + BLOCK] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def _rank_order(scores, ids):
+    """Row-wise order putting higher scores first and, among equal scores, lower ids first."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    s = np.take_along_axis(scores, order, axis=1)
+    o2 = np.argsort(-s, axis=1, kind="stable")
+    return np.take_along_axis(order, o2, axis=1)
+
+
+def kmeans(x, n_clusters, *, distance="ip", iters=10, sample_size=None, balanced=False,
+           rng=None):
+    """Train ``n_clusters`` centroids (C, D) float32 on ``x`` (N, D).
+
+    Lloyd iterations on a random sample of ``sample_size`` rows (all rows if None);
+    initial centroids are distinct sampled rows; an emptied cluster is re-seeded by
+    splitting a large one (perturbed copy).  ``ip`` normalises centroids to unit
+    length (spherical k-means).  ``balanced`` finishes with capacity-constrained
+    assignment passes (see :func:`balanced_assign`) over all rows.
+    """
+    rng = np.random.default_rng(rng)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters must be in [1, {n}], got {n_clusters}")
+    train = x
+    if sample_size is not None and sample_size < n:
+        train = x[np.sort(rng.choice(n, sample_size, replace=False))]
+    cent = train[rng.choice(len(train), n_clusters, replace=False)].copy()  # (C, D)
+    _postprocess(cent, distance)
+    for _ in range(iters):
+        assign = np.empty(len(train), np.int64)
+        for b in range(0, len(train), BLOCK):
+            assign[b:b + BLOCK] = np.argmax(centroid_scores(train[b:b + BLOCK], cent, distance),
+                                            axis=1)
+        cent, sizes = _update(train, assign, n_clusters, cent)
+        _split_empty(cent, sizes, rng)
+        _postprocess(cent, distance)
+    if balanced:
+        for _ in range(2):
+            assign = balanced_assign(x, cent, distance)
+            cent, sizes = _update(x, assign, n_clusters, cent)
+            _postprocess(cent, distance)
+    return cent
+
+
+def _update(x, assign, c, old):
+    sizes = np.bincount(assign, minlength=c)
+    sums = np.zeros((c, x.shape[1]), np.float64)
+    _segment_sum(sums, x, assign)
+    cent = old.copy()
+    nz = sizes > 0
+    cent[nz] = (sums[nz] / sizes[nz, None]).astype(np.float32)
+    return cent, sizes
+
+
+@nb.njit(cache=True, nogil=True)
+def _segment_sum(sums, x, assign):
+    for i in range(x.shape[0]):
+        a = assign[i]
+        for j in range(x.shape[1]):
+            sums[a, j] += x[i, j]
+
+
+def _split_empty(cent, sizes, rng):
+    """Re-seed empty clusters with a perturbed copy of a cluster drawn by size."""
+    eps = 1.0 / 1024
+    sizes = sizes.astype(np.float64)
+    sign = np.where(np.arange(cent.shape[1]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    for i in np.flatnonzero(sizes == 0):
+        p = np.maximum(sizes - 1, 0)
+        if p.sum() <= 0:
+            break
+        j = rng.choice(len(sizes), p=p / p.sum())
+        cent[i] = cent[j] * (1 + eps * sign)
+        cent[j] = cent[j] * (1 - eps * sign)
+        sizes[i] = sizes[j] // 2
+        sizes[j] -= sizes[i]
+
+
+def _postprocess(cent, distance):
+    if distance == "ip":
+        norm = np.linalg.norm(cent, axis=1)
+        nz = norm > 0
+        cent[nz] /= norm[nz, None]
+
+
+def balanced_assign(x, centroids, distance, slack=0.05, candidates=16):
+    """Assign each row of ``x`` to one cluster with at most ceil(N/C*(1+slack)) rows per cluster.
+
+    Rows are placed in order of confidence (gap between their best and
+    ``candidates``-th best cluster score, largest first); each takes its best cluster
+    that still has room, falling back to the best open cluster overall.
+    Returns (N,) int64.
+    """
+    n, c = len(x), len(centroids)
+    cap = int(np.ceil(n / c * (1 + slack)))
+    w = min(candidates, c)
+    pref = nearest_clusters(x, centroids, w, distance)  # (N, W)
+    cnorm = np.einsum("cd,cd->c", centroids, centroids)
+    best = np.einsum("nd,nd->n", x, centroids[pref[:, 0]])
+    worst = np.einsum("nd,nd->n", x, centroids[pref[:, -1]])
+    if distance == "l2":
+        best = 2 * best - cnorm[pref[:, 0]]
+        worst = 2 * worst - cnorm[pref[:, -1]]
+    order = np.argsort(-(best - worst), kind="stable")
+    assign = np.full(n, -1, np.int64)
+    counts = np.zeros(c, np.int64)
+    left = _greedy_fill(order, pref, cap, counts, assign)
+    if len(left):  # rows whose candidates were all full: best open cluster by score
+        for i in left:
+            s = centroid_scores(x[i:i + 1], centroids, distance, cnorm)[0]
+            s[counts >= cap] = -np.inf
+            a = int(np.argmax(s))
+            assign[i] = a
+            counts[a] += 1
+    return assign
+
+
+@nb.njit(cache=True, nogil=True)
+def _greedy_fill(order, pref, cap, counts, assign):
+    left = []
+    for i in order:
+        placed = False
+        for j in range(pref.shape[1]):
+            a = pref[i, j]
+            if counts[a] < cap:
+                counts[a] += 1
+                assign[i] = a
+                placed = True
+                break
+        if not placed:
+            left.append(i)
+    return np.array(left, dtype=np.int64) if len(left) else np.empty(0, np.int64)
