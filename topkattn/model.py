@@ -9,7 +9,6 @@ import numbers
 
 import numpy as np
 
-from topkattn.backend import get_array_module
 from topkattn.layers.attention import Attention
 from topkattn.layers.block import Block
 from topkattn.layers.embedding import Embedding

@@ -4,8 +4,6 @@ Shape letters: tokens (B, T) int, E (V, C) weight, x (B, T, C), logits (B, T, V)
     forward:  x = E[tokens]            backward: dE[tokens] += dx  (scatter-add)
     logits:   logits = h E^T           backward: dh = dlogits E;  dE += dlogits^T h
 """
-import numbers
-
 import numpy as np
 
 from topkattn.backend import as_engine_array, get_array_module
@@ -26,6 +24,9 @@ class Embedding(Module):
 
     def check_tokens(self, tokens):
         tokens = as_engine_array(tokens, "tokens")
+        xp = get_array_module(self.params["weight"])
+        if get_array_module(tokens) is not xp:  # index on the weight's device
+            tokens = xp.asarray(tokens) if xp is not np else tokens.get()
         if tokens.dtype.kind not in "iu":
             raise TypeError(f"tokens must be an integer array, got {tokens.dtype}")
         if tokens.ndim != 2:

@@ -4,6 +4,8 @@ Shape letters: logits (..., V), targets (...) int.
     loss = mean_{n: target != ignore} [ logsumexp(logits_n) - logits_n[target_n] ]
     dlogits_n = (softmax(logits_n) - onehot(target_n)) / N   (zero rows for ignored targets)
 """
+import numpy as np
+
 from topkattn.backend import as_engine_array, get_array_module
 
 
@@ -23,6 +25,8 @@ def softmax_cross_entropy(logits, targets, ignore_index=-100):
         raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} (logits without the "
                          f"vocab axis), got {tuple(targets.shape)}")
     xp = get_array_module(logits)
+    if get_array_module(targets) is not xp:  # targets follow the logits' device
+        targets = xp.asarray(targets) if xp is not np else targets.get()
     V = logits.shape[-1]
     z = logits.reshape(-1, V)  # (N, V)
     t = targets.reshape(-1).astype(xp.int64)  # (N,)

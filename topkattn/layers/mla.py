@@ -131,7 +131,7 @@ class MLA(Module):
         x = self._check_x(x)
         q, (_, _, cs) = self._queries(x, np.arange(x.shape[1]))
         c, kr, _ = self._latents(x, cs)
-        k, v, _ = self._keys_values(*self._with_persistent(c, kr))
+        k, v = self._keys_values(*self._with_persistent(c, kr))
         return q, k, v
 
     def _keys_values(self, c_all, kr_all):
@@ -142,17 +142,16 @@ class MLA(Module):
         kn = (c_all @ p["W_UK"].T).reshape(B, S, H, N).transpose(0, 2, 1, 3)  # (B, H, S, N)
         v = (c_all @ p["W_UV"].T).reshape(B, S, H, V).transpose(0, 2, 1, 3)  # (B, H, S, V)
         krh = xp.broadcast_to(kr_all[:, None], (B, H, S, R))
-        return xp.concatenate([kn, krh], axis=-1), v, None
+        return xp.concatenate([kn, krh], axis=-1), v
 
     def forward(self, x, seed=None):
         """y (B, T, d) from x (B, T, d), causal.  ``seed`` drives forgetful masking."""
         x = self._check_x(x)
-        xp = get_array_module(x)
         B, T, _ = x.shape
         q, (cq, sq, cs) = self._queries(x, np.arange(T))
         c, kr, skv = self._latents(x, cs)
         c_all, kr_all = self._with_persistent(c, kr)
-        k, v, _ = self._keys_values(c_all, kr_all)
+        k, v = self._keys_values(c_all, kr_all)
         if self.topk is None:
             o, att = dense_attention_forward(q, k, v, causal=True, scale=self.scale)
         else:
@@ -170,7 +169,6 @@ class MLA(Module):
             raise RuntimeError("MLA.backward called before forward")
         x, cq, sq, cs, c_all, kr_all, skv, att, of = self._saved
         p, g = self.params, self.grads
-        xp = get_array_module(x)
         B, T, d = x.shape
         H, N, R, V, P = self.n_heads, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim, self.persistent_tokens
         S = P + T
