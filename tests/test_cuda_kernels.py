@@ -28,7 +28,7 @@ else:
 import topkattn as ta  # noqa: E402
 from topkattn.backend import to_numpy  # noqa: E402
 from topkattn.cuda.lorann_score import lorann_arrays, lorann_score, lorann_search  # noqa: E402
-from topkattn.cuda.mla_decode import cuda_topk_selector, mla_decode, mla_select  # noqa: E402
+from topkattn.cuda.mla_decode import attend_selected, cuda_topk_selector, mla_decode  # noqa: E402
 from topkattn.cuda.sparse_backward import sparse_backward  # noqa: E402
 from topkattn.cuda.topk_forward import MAX_RANKED, topk_forward  # noqa: E402
 from topkattn.cuda.topk_select import topk_select  # noqa: E402
@@ -337,6 +337,24 @@ def test_mla_layer_decodes_with_cuda_selector():
     cache = m.init_cache(2)
     ys = np.concatenate([m.step(x[:, t:t + 1], cache) for t in range(7)], axis=1)
     np.testing.assert_allclose(ys, y, rtol=1e-6, atol=1e-10)
+
+
+def test_attend_selected_takes_any_selectors_indices():
+    rng = np.random.default_rng(18)
+    B, H, S, C, R = 2, 3, 11, 5, 2
+    q = rng.standard_normal((B, H, C + R))
+    keys = rng.standard_normal((B, S, C + R))
+    idx = np.array([[[7, -1, 2, 9], [0, 1, 2, 3], [-1, -1, -1, -1]],
+                    [[10, 4, -1, 5], [6, 6 - 6, 8, -1], [3, 2, 1, 0]]], dtype=np.int64)
+    o, lse = attend_selected(dev(q), dev(keys), dev(idx), C=C, scale=0.4)
+    mask = _mask_from_idx(idx[:, :, None], S)  # (B, H, 1, S)
+    ref = masked_attention_reference(q[:, :, None], keys[:, None], keys[:, None, :, :C], mask, 0.4)
+    np.testing.assert_allclose(host(o), ref[:, :, 0], rtol=1e-12, atol=1e-13)
+    assert (host(o)[0, 2] == 0).all() and host(lse)[0, 2] == -np.inf  # a row with no key
+    s = 0.4 * np.einsum("bhd,bsd->bhs", q, keys)
+    has = mask[:, :, 0].any(-1)
+    want = np.log(np.where(mask[:, :, 0], np.exp(s), 0).sum(-1)[has])
+    np.testing.assert_allclose(host(lse)[has], want, rtol=1e-12)
 
 
 def test_mla_decode_bad_input():

@@ -10,10 +10,12 @@ cache row [c_j ; kr_j] with its absorbed query, and the values are the latents c
     idx[b, h]      = [sinks | window | top-k of the rest]      (query position S - 1)
     o_lat[b, h]    = sum_i softmax_i(score[b, h, idx_i]) keys[b, idx_i, :C]
 
-Three launches: (1) one thread per (b, j) reads its cache row once and scores it for all
+Launches: (1) one thread per (b, j) reads its cache row once and scores it for all
 H heads (the (B, H, S) score vector is O(H S), smaller than the cache itself); (2) the
-split-k top-k of :mod:`topkattn.cuda.topk_select`; (3) one block per (b, h), threads
-over the C latent features, softmax over the K selected scores (max subtracted).
+split-k top-k of :mod:`topkattn.cuda.topk_select`; (3) :func:`attend_selected`: one
+thread per selected slot rescores it, then one block per (b, h), threads over the C
+latent features, takes the softmax over the K selected scores (max subtracted).
+:func:`attend_selected` also serves indices from another selector (a LoRANN index).
 Reference: :func:`topkattn.reference.topk_attention_reference` with T = 1, G = 1,
 k = keys, v = keys[..., :C] (and :func:`topkattn.layers.decode.exact_topk_selector`
 for the indices).
@@ -37,17 +39,32 @@ def mla_decode(q_abs, keys, *, topk, C, scale, sinks=0, window=0):
     q_abs (B, H, C + R) absorbed queries; keys (B, S, C + R) the latent cache rows
     [c_j ; kr_j].  A row with a NaN among its attended scores gives NaN out and lse.
     """
-    xp = array_module(q_abs, keys)
+    _check(q_abs, keys, C)
+    idx = mla_select(q_abs, keys, topk=topk, scale=scale, sinks=sinks, window=window)
+    o, lse = attend_selected(q_abs, keys, idx, C=C, scale=scale)
+    return o, idx, lse
+
+
+def attend_selected(q_abs, keys, idx, *, C, scale):
+    """(o_lat (B, H, C), lse (B, H)): softmax over the keys ``idx`` (B, H, K) (-1 = empty) of
+    each absorbed query, values keys[..., :C].  Any selector's indices (exact, LoRANN) fit."""
+    xp = array_module(q_abs, keys, idx)
     B, H, Dk = _check(q_abs, keys, C)
-    idx, scores = mla_select(q_abs, keys, topk=topk, scale=scale, sinks=sinks, window=window,
-                             return_scores=True)
+    if idx.ndim != 3 or tuple(idx.shape[:2]) != (B, H):
+        raise ValueError(f"idx must have shape (B, H, K) = ({B}, {H}, K), got {tuple(idx.shape)}")
+    K = idx.shape[-1]
     o = xp.zeros((B, H, C), dtype=q_abs.dtype)
     lse = xp.full((B, H), -np.inf, dtype=q_abs.dtype)
-    if idx.shape[-1] == 0 or C == 0:
-        return o, idx, lse
+    if K == 0 or B * H == 0:
+        return o, lse
+    idx = xp.ascontiguousarray(idx, dtype=xp.int64)
+    sel = xp.empty((B, H, K), dtype=q_abs.dtype)
+    threads = 32 if simulator_enabled() else THREADS
+    launch(_sel_scores_kernel(q_abs.dtype.char), cdiv(B * H * K, threads), threads,
+           xp.ascontiguousarray(q_abs), keys, idx, float(scale), sel)
     threads = 32 if simulator_enabled() else min(THREADS, pow2_at_least(C, 32))
-    launch(_attend_kernel(q_abs.dtype.char), B * H, threads, keys, scores, idx, C, o, lse)
-    return o, idx, lse
+    launch(_attend_kernel(q_abs.dtype.char), B * H, threads, keys, sel, idx, C, o, lse)
+    return o, lse
 
 
 def mla_select(q_abs, keys, *, topk, scale, sinks=0, window=0, return_scores=False):
@@ -133,13 +150,37 @@ def _scores_kernel(HCAP, dchar):
 
 
 @functools.lru_cache(maxsize=None)
+def _sel_scores_kernel(dchar):
+    cast = np.float32 if dchar == "f" else np.float64
+
+    @cuda.jit
+    def sel_scores_kernel(q, keys, idx, scale, sel):
+        x = cuda.grid(1)
+        B, H, K = idx.shape
+        if x >= B * H * K:
+            return
+        b = x // (H * K)
+        h = (x // K) % H
+        i = x % K
+        j = idx[b, h, i]
+        acc = cast(0)
+        if j >= 0:
+            sc = cast(scale)
+            for d in range(q.shape[2]):
+                acc += (q[b, h, d] * sc) * keys[b, j, d]
+        sel[b, h, i] = acc
+
+    return sel_scores_kernel
+
+
+@functools.lru_cache(maxsize=None)
 def _attend_kernel(dchar):
     cast = np.float32 if dchar == "f" else np.float64
     NAN = math.nan
     INF = math.inf
 
     @cuda.jit
-    def attend_kernel(keys, scores, idx, C, o, lse):
+    def attend_kernel(keys, sel, idx, C, o, lse):
         row = cuda.blockIdx.x
         B, H, K = idx.shape
         b = row // H
@@ -148,9 +189,8 @@ def _attend_kernel(dchar):
         mx = cast(-INF)
         bad = False
         for i in range(K):
-            j = idx[b, h, i]
-            if j >= 0:
-                s = scores[b, h, j]
+            if idx[b, h, i] >= 0:
+                s = sel[b, h, i]
                 if s != s or s == INF:
                     bad = True
                 elif s > mx:
@@ -165,15 +205,14 @@ def _attend_kernel(dchar):
             return  # no key: zeros, lse -inf
         l = cast(0)
         for i in range(K):
-            j = idx[b, h, i]
-            if j >= 0:
-                l += math.exp(scores[b, h, j] - mx)
+            if idx[b, h, i] >= 0:
+                l += math.exp(sel[b, h, i] - mx)
         for d in range(tx, C, cuda.blockDim.x):
             acc = cast(0)
             for i in range(K):
                 j = idx[b, h, i]
                 if j >= 0:
-                    acc += math.exp(scores[b, h, j] - mx) * keys[b, j, d]
+                    acc += math.exp(sel[b, h, i] - mx) * keys[b, j, d]
             o[b, h, d] = acc / l
         if tx == 0:
             lse[b, h] = mx + math.log(l)
@@ -181,4 +220,4 @@ def _attend_kernel(dchar):
     return attend_kernel
 
 
-__all__ = ["mla_decode", "mla_select", "cuda_topk_selector"]
+__all__ = ["mla_decode", "mla_select", "attend_selected", "cuda_topk_selector"]
