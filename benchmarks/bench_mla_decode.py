@@ -4,7 +4,7 @@ MHA with a full KV cache.
 Default sizes follow issue 3: H=16 heads, head dim 64, MLA latent C=256 and rope R=32,
 d_model=1024, contexts 4k/16k/64k, batch 1, float32.  The cache is pre-filled with random
 rows (attention cost does not depend on the values) and one token is decoded on top; each
-step is timed and the cache rewound, so every timed step sees exactly ``context`` cached
+step is timed and the cache rewound (MLA and MHA steps alternate), so every timed step sees exactly ``context`` cached
 tokens; the table shows the best of ``--reps`` steps (the JSON also keeps the median).  Runs dense attention (topk=None) and top-k attention (``--topk``).  BLAS runs on
 ``--threads`` threads (default 1: OpenBLAS threads fighting over busy cores made single
 matrix products 20x slower in our runs).
@@ -44,21 +44,22 @@ def fill(cache, n, rng, xp):
     return bufs
 
 
-def time_steps(layer, cache, bufs, x_t, reps, sync):
-    n0 = [b.n for b in bufs]
-    layer.step(x_t, cache)  # warm-up
-    sync()
-    times = []
-    for _ in range(reps):
-        for b, n in zip(bufs, n0):
-            b.n = n
-        t0 = time.perf_counter()
-        layer.step(x_t, cache)
-        sync()
-        times.append(time.perf_counter() - t0)
-    for b, n in zip(bufs, n0):
-        b.n = n
-    return float(np.min(times)), float(np.median(times))
+def time_interleaved(runs, x_t, reps, sync):
+    """Best and median step seconds of each (layer, cache, bufs) run, the runs alternating so
+    that load from other processes hits them alike."""
+    times = [[] for _ in runs]
+    for rep in range(reps + 1):  # the first round warms up
+        for i, (layer, cache, bufs) in enumerate(runs):
+            n0 = [b.n for b in bufs]
+            t0 = time.perf_counter()
+            layer.step(x_t, cache)
+            sync()
+            dt = time.perf_counter() - t0
+            for b, n in zip(bufs, n0):  # rewind: every step sees the same context
+                b.n = n
+            if rep:
+                times[i].append(dt)
+    return [(float(np.min(t)), float(np.median(t))) for t in times]
 
 
 def main(argv=None):
@@ -72,7 +73,7 @@ def main(argv=None):
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--topk", type=int, default=64, help="top-k for the sparse rows (0: dense only)")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", choices=["numpy", "cupy"], default="numpy")
     ap.add_argument("--threads", default="1", help="BLAS threads (default 1: stable timings on a shared machine)")
@@ -97,14 +98,15 @@ def main(argv=None):
         mha.to_device(xp)
         for S in args.contexts:
             res = {"attention": "dense" if topk is None else f"top-{topk}", "context": S}
+            runs = []
             for name, layer in (("mla", mla), ("mha", mha)):
                 cache = layer.init_cache(B)
-                bufs = fill(cache, S, rng, xp)
+                runs.append((layer, cache, fill(cache, S, rng, xp)))
                 res[f"{name}_bytes_per_token"] = cache.bytes_per_token
                 res[f"{name}_cache_MiB"] = cache.bytes_per_token * S * B / 2**20
-                best, med = time_steps(layer, cache, bufs, x_t, args.reps, sync)
+            for name, (best, med) in zip(("mla", "mha"), time_interleaved(runs, x_t, args.reps, sync)):
                 res[f"{name}_step_ms"], res[f"{name}_step_ms_median"] = 1e3 * best, 1e3 * med
-                del cache, bufs
+            del runs
             res["cache_ratio"] = res["mha_bytes_per_token"] / res["mla_bytes_per_token"]
             res["step_speedup"] = res["mha_step_ms"] / res["mla_step_ms"]
             rows.append(res)
