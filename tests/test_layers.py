@@ -356,3 +356,27 @@ def test_block_gradients_and_step(ffn):
     cache = blk.init_cache(2)
     ys = np.concatenate([blk.step(x[:, t:t + 1], cache) for t in range(5)], axis=1)
     np.testing.assert_allclose(ys, y, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("G2", [2, 1])
+def test_attention_kv_head_conversion(G2):
+    rng = _rng(13)
+    mha = Attention(8, 4, head_dim=4, topk=3, seed=2, dtype="float64", persistent_tokens=1)
+    x = rng.standard_normal((2, 6, 8))
+    # the pooled conversion is exact when each group's KV heads are equal
+    r = 4 // G2
+    for name, width in (("W_K", 4), ("W_V", 4)):
+        w = mha.params[name].reshape(4, width, 8)
+        w[...] = np.repeat(w[::r], r, axis=0)
+    for name in ("persist_k", "persist_v"):
+        mha.params[name][...] = np.repeat(mha.params[name][::r], r, axis=0)
+    conv = mha.with_kv_heads(G2)
+    assert conv.n_kv_heads == G2 and conv.params["W_K"].shape == (G2 * 4, 8)
+    np.testing.assert_allclose(conv.forward(x), mha.forward(x), rtol=1e-12, atol=1e-13)
+    # in general each new head is the group mean
+    mha2 = Attention(8, 4, head_dim=4, seed=3, dtype="float64")
+    c2 = mha2.with_kv_heads(G2)
+    np.testing.assert_allclose(c2.params["W_V"][:4], mha2.params["W_V"][:4 * r].reshape(r, 4, 8).mean(0),
+                               rtol=1e-14)
+    with pytest.raises(ValueError, match="n_kv_heads must divide the current n_kv_heads=4, got 3"):
+        mha2.with_kv_heads(3)

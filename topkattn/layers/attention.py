@@ -128,6 +128,36 @@ class Attention(Module):
         g["W_V"] += dvf.T @ xf
         return (dqf @ p["W_Q"] + dkf @ p["W_K"] + dvf @ p["W_V"]).reshape(B, T, d)
 
+    def with_kv_heads(self, n_kv_heads):
+        """A copy converted to ``n_kv_heads`` KV heads (MHA -> GQA -> MQA) by mean-pooling
+        each group of KV heads (the GQA paper's uptraining start point).
+
+        The new KV head g is the mean of the old heads g*r .. g*r + r - 1 (r = G / n_kv_heads);
+        queries and W_O are kept.  Exact when the pooled heads were equal.
+        """
+        G2 = check_int("n_kv_heads", n_kv_heads, 1)
+        G, H, D, Dv = self.n_kv_heads, self.n_heads, self.head_dim, self.v_head_dim
+        if G % G2 or H % G2:
+            raise ValueError(f"n_kv_heads must divide the current n_kv_heads={G}, got {G2}")
+        p = self.params
+        new = Attention(self.d_model, H, G2, D, Dv, topk=self.topk, seed=0, dtype=p["W_Q"].dtype,
+                        persistent_tokens=self.persistent_tokens, window=self.window,
+                        forget_rate=self.forget_rate, rope=self.rope, rope_base=self.rope_base)
+        new.to_device(get_array_module(p["W_Q"]))
+        r = G // G2
+        pooled = {
+            "W_Q": p["W_Q"], "W_O": p["W_O"],
+            "W_K": p["W_K"].reshape(G2, r, D, -1).mean(1).reshape(G2 * D, -1),
+            "W_V": p["W_V"].reshape(G2, r, Dv, -1).mean(1).reshape(G2 * Dv, -1),
+        }
+        if self.persistent_tokens:
+            pooled["persist_k"] = p["persist_k"].reshape(G2, r, self.persistent_tokens, D).mean(1)
+            pooled["persist_v"] = p["persist_v"].reshape(G2, r, self.persistent_tokens, Dv).mean(1)
+        for name, val in pooled.items():
+            new.params[name][...] = val
+        new.selector = self.selector
+        return new
+
     # -- decoding ------------------------------------------------------------------------
     def init_cache(self, batch):
         """An empty :class:`KVCache` (full keys and values) for ``batch`` rows."""
