@@ -87,6 +87,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, numbers.Real) and 0 <= v <= 1):
                 raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+        if self.task == "mqar":  # the task's own checks (vocabulary and length fit the pairs)
+            MQAR(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
 
     def to_dict(self):
         return dataclasses.asdict(self)

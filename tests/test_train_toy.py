@@ -1,0 +1,247 @@
+"""train-toy: the CLI through CliRunner, the loop against a hand-written step, exact resume
+(in-process and after SIGKILL), checkpoint errors, one-line usage errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from topkattn.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
+from topkattn.cli.main import main
+from topkattn.layers.loss import softmax_cross_entropy
+from topkattn.model import Transformer
+from topkattn.optim import AdamW, clip_grad_norm, warmup_cosine_lr
+from topkattn.tasks import IGNORE
+from topkattn.train import (
+    FORGET_STREAM,
+    TrainConfig,
+    heldout_set,
+    make_task,
+    model_config,
+    step_seed,
+    train,
+    train_batch,
+)
+
+TINY = ["--d-model", "16", "--heads", "2", "--seq-len", "12", "--num-kv-pairs", "3",
+        "--vocab-size", "16", "--batch-size", "4", "--quiet"]
+
+
+def tiny_cfg(**kw):
+    base = dict(d_model=16, heads=2, seq_len=12, num_kv_pairs=3, vocab_size=16, batch_size=4,
+                steps=6, warmup_steps=2, eval_size=32, k=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loop_matches_hand_written_steps():
+    cfg = tiny_cfg(forget_rate=0.25, steps=4, clip_norm=0.05)
+    res = train(cfg)
+    task = make_task(cfg)
+    model = Transformer(model_config(cfg, task.vocab_size))
+    opt = AdamW(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay)
+    ref = []
+    for step in range(cfg.steps):
+        x, y = train_batch(task, cfg, step)
+        logits = model.forward(x, seed=step_seed(cfg.seed, FORGET_STREAM, step))
+        loss, d = softmax_cross_entropy(logits, y)
+        model.backward(d)
+        clip_grad_norm(model.grads, 0.05)
+        opt.step(model.params, model.grads,
+                 lr=warmup_cosine_lr(step, base_lr=cfg.lr, warmup_steps=2, total_steps=4,
+                                     min_lr=cfg.lr * cfg.min_lr_ratio))
+        ref.append(loss)
+    np.testing.assert_array_equal(res.losses, ref)
+    for name, p in model.params.items():
+        np.testing.assert_array_equal(res.model.params[name], p)
+    assert res.metrics["train_loss"] == pytest.approx(np.mean(ref))
+    # held-out accuracy recomputed from the trained weights
+    x, y = heldout_set(task, cfg)
+    model.eval()
+    pred = model.forward(x).argmax(-1)
+    keep = y != IGNORE
+    assert res.metrics["accuracy"] == pytest.approx(np.mean(pred[keep] == y[keep]))
+
+
+def test_loss_decreases_on_mqar():
+    res = train(tiny_cfg(steps=60, lr=1e-2, warmup_steps=5))
+    assert np.mean(res.losses[-10:]) < np.mean(res.losses[:10]) - 0.3
+
+
+def test_resume_after_crash_is_exact(tmp_path):
+    cfg = tiny_cfg(steps=9, forget_rate=0.3)
+    full = train(cfg)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_7(step, loss, lr, tok_s):
+        if step == 7:
+            raise Crash
+    with pytest.raises(Crash):
+        train(cfg, out_dir=str(tmp_path), checkpoint_every=3, progress=crash_at_7)
+    assert load_training_state(str(tmp_path / "checkpoint.npz"))["step"] == 6
+    resumed = train(cfg, out_dir=str(tmp_path), resume=True, checkpoint_every=3)
+    assert resumed.metrics["resumed_from"] == 6 and resumed.metrics["steps_this_run"] == 3
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+    for name, p in full.model.params.items():
+        np.testing.assert_array_equal(resumed.model.params[name], p)
+    with pytest.raises(ConfigMismatchError) as e:
+        train(tiny_cfg(steps=9, forget_rate=0.3, k=3, lr=1e-2), out_dir=str(tmp_path), resume=True)
+    assert e.value.fields == ["k", "lr"]
+
+
+def _env():
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cli_cmd(out, *extra):
+    return [sys.executable, "-c", "from topkattn.cli.main import main; main()", "train-toy",
+            *TINY, "--k", "4", "--forget-rate", "0.2", "--steps", "60", "--checkpoint-every", "5",
+            "--out", str(out), *extra]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = subprocess.run(_cli_cmd(ref_dir, "--json"), env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen(_cli_cmd(run_dir), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "checkpoint.npz"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "metrics.json").exists()            # killed mid-run, not after
+    killed_at = load_training_state(str(ckpt))["step"]
+    assert 5 <= killed_at < 60 and killed_at % 5 == 0
+    res = subprocess.run(_cli_cmd(run_dir, "--resume", "--json"), env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    m = json.loads(res.stdout)
+    assert m["resumed_from"] == killed_at and m["steps_this_run"] == 60 - killed_at
+    want = json.loads((ref_dir / "history.json").read_text())
+    got = json.loads((run_dir / "history.json").read_text())
+    assert got["loss"][killed_at:] == want["loss"][killed_at:]   # exact, from the resumed step on
+    assert got["loss"] == want["loss"] and got["lr"] == want["lr"]
+    assert m["accuracy"] == json.loads(ref.stdout)["accuracy"]
+
+
+def test_cli_runs_and_writes_metrics(tmp_path):
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "5", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(r.stdout.strip().splitlines()) == 1
+    m = json.loads(r.stdout)
+    assert m == json.loads((out / "metrics.json").read_text())
+    for key in ("task", "attention", "k", "forget_rate", "steps", "train_loss", "accuracy",
+                "tokens_per_s", "seconds"):
+        assert key in m
+    assert (m["task"], m["attention"], m["k"], m["steps"]) == ("mqar", "topk", 8, 5)
+    hist = json.loads((out / "history.json").read_text())
+    assert len(hist["loss"]) == 5
+    assert m["train_loss"] == pytest.approx(np.mean(hist["loss"]))
+    assert m["tokens_per_s"] > 0 and m["seconds"] > 0 and 0.0 <= m["accuracy"] <= 1.0
+    # warmup default: 5% of steps, at least 1; then cosine to lr/10
+    want_lr = [warmup_cosine_lr(s, base_lr=3e-3, warmup_steps=1, total_steps=5, min_lr=3e-4)
+               for s in range(5)]
+    np.testing.assert_allclose(hist["lr"], want_lr, rtol=1e-12)
+    state = load_training_state(str(out / "checkpoint.npz"))
+    assert state["step"] == 5 and state["config"]["k"] == 8 and state["optimizer"]["t"] == 5
+
+
+def test_cli_table_dense_and_text(tmp_path):
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "3", "--attention", "dense"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["task", "attention", "k"]
+    assert lines[2].split()[:4] == ["mqar", "dense", "-", "0"]
+    r = CliRunner().invoke(main, ["train-toy", "--task", "text", "--d-model", "16", "--heads", "2",
+                                  "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--quiet",
+                                  "--json", "--k", "4"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["task"] == "text" and "accuracy" not in m
+    assert m["bits_per_char"] == pytest.approx(m["heldout_loss"] / math.log(2))
+    assert 5.0 < m["bits_per_char"] < 9.0                     # ~8 bits: untrained on 256 bytes
+
+
+def test_cli_resume_fills_options_and_refuses_mismatch(tmp_path):
+    out = str(tmp_path / "o")
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "4", "--k", "3", "--out", out])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["train-toy", "--out", out, "--resume", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output                         # options come from the checkpoint
+    m = json.loads(r.stdout)
+    assert (m["k"], m["steps"], m["config"]["d_model"], m["steps_this_run"]) == (3, 4, 16, 0)
+    r = CliRunner().invoke(main, ["train-toy", "--out", out, "--resume", "--k", "5", "--d-model", "32"])
+    assert r.exit_code == 2
+    assert r.output.count("\n") == 1
+    assert "--k (checkpoint 3, now 5)" in r.output and "--d-model (checkpoint 16, now 32)" in r.output
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_cli_corrupt_checkpoint_is_an_error(tmp_path, damage):
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "4", "--out", str(out)])
+    assert r.exit_code == 0
+    ck = out / "checkpoint.npz"
+    data = ck.read_bytes()
+    ck.write_bytes(data[:len(data) // 2] if damage == "truncate" else b"\0" * len(data))
+    (out / "metrics.json").unlink()
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "4", "--out", str(out), "--resume"])
+    assert r.exit_code == 1
+    assert r.output.startswith("Error: checkpoint ") and "truncated or corrupted" in r.output
+    assert r.output.count("\n") == 1
+    assert not (out / "metrics.json").exists()                # no silent restart
+    assert ck.read_bytes() != data                            # left as found
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        train(tiny_cfg(steps=4), out_dir=str(out), resume=True)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--k", "0"], "'--k': 0 is not in the range x>=1"),
+    (["--task", "images"], "'--task'"),
+    (["--heads", "5"], "d_model (64) must be a multiple of heads (5)"),
+    (["--forget-rate", "1.0"], "'--forget-rate'"),
+    (["--steps", "ten"], "'--steps'"),
+    (["--bogus"], "--bogus"),
+    (["--resume"], "--resume needs --out"),
+    (["--num-kv-pairs", "40"], "num_kv_pairs must be at most"),
+])
+def test_cli_bad_options_exit_2_one_line(args, needle):
+    r = CliRunner().invoke(main, ["train-toy", *args])
+    assert r.exit_code == 2
+    assert r.output.startswith("Error: ") and r.output.count("\n") == 1
+    assert needle in r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_resume_without_checkpoint(tmp_path):
+    r = CliRunner().invoke(main, ["train-toy", "--out", str(tmp_path), "--resume"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert f"--resume: no checkpoint at {tmp_path}" in r.output
+
+
+def test_cli_gpu_without_cupy():
+    try:
+        from topkattn.backend import require_cupy
+        require_cupy()
+        pytest.skip("a usable GPU is present")
+    except RuntimeError:
+        pass
+    r = CliRunner().invoke(main, ["train-toy", "--device", "gpu", *TINY, "--steps", "1"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert r.output.startswith("Error: --device gpu: ")
