@@ -258,11 +258,11 @@ class MLA(Module):
         cache.buf.append(xp.concatenate([c, kr], axis=-1)[:, None])
         keys = cache.keys[:, None]  # (B, 1, S, C + R)
         if self.topk is None:
-            o = attend_all(q_abs, keys, keys, self.scale)  # (B, H, C + R)
+            o = attend_all(q_abs, keys, keys[..., :self.kv_lora_rank], self.scale)  # (B, H, C)
         else:
             idx = self.selector(q_abs, cache, topk=self.topk, sinks=self.persistent_tokens,
                                 window=self.window, scale=self.scale)
-            o = attend_selected(q_abs, keys, keys, idx, self.scale)
+            o = attend_selected(q_abs, keys, keys, idx, self.scale)  # (B, H, C + R), one gather
         o_lat = o[..., :self.kv_lora_rank].reshape(B, -1)  # (B, H*C)
         return (o_lat @ w["W_OV"].T)[:, None]  # (B, 1, d)
 
