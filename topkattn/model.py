@@ -33,7 +33,7 @@ class TransformerConfig:
     kv_lora_rank: int = 32
     qk_nope_dim: int = 16
     qk_rope_dim: int = 8
-    v_head_dim: int = 16
+    v_head_dim: int = 16  # value head dim, for "mla" and "mha" alike (may differ from the qk dim)
     n_kv_heads: int = None  # attention="mha": None = n_heads
     head_dim: int = None  # attention="mha": qk head dim, None = d_model // n_heads
     ffn: str = "swiglu"  # "swiglu" | "moe"
