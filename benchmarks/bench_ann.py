@@ -23,7 +23,7 @@ def make_data(n, d, n_queries, seed=0, components=64):
     rng = np.random.default_rng(seed)
     spectrum = (1.0 / np.sqrt(1.0 + np.arange(d))).astype(np.float64)  # decaying variances
     rot, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    means = rng.standard_normal((components, d)) * 0.6
+    means = rng.standard_normal((components, d)) * 0.2
     weights = rng.dirichlet(np.full(components, 2.0))
 
     def mixture(m):
@@ -82,8 +82,13 @@ def main():
                     help="also pass generated training queries to build (both LoRANNs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip", type=str, default="", help="comma list: lorann,faiss,brute")
+    ap.add_argument("--add-fraction", type=float, default=0.0,
+                    help="instead: build ours on the first (1-f) keys, add the rest one by one, "
+                         "and report recall without refit, after refit() and for a full build")
     ap.add_argument("--json", type=str, default=None, help="write the rows to this path")
     args = ap.parse_args()
+    if args.add_fraction > 0:
+        return add_experiment(args)
     skip = set(filter(None, args.skip.split(",")))
     cs_list = [int(c) for c in args.clusters.split(",")]
     rr_list = [int(r) for r in args.rerank.split(",")]
@@ -182,6 +187,48 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "build_s": builds, "rows": rows}, f, indent=1)
+
+
+def add_experiment(args):
+    """Recall cost of streaming ``add`` without refitting the cluster models."""
+    from topkattn.ann import LorannIndex
+
+    keys, queries, _ = make_data(args.n, args.dim, args.queries, args.seed)
+    k = args.k
+    s = queries @ keys.T
+    truth = np.argsort(-s, axis=1)[:, :k]
+    n0 = int(round(args.n * (1 - args.add_fraction)))
+    cs_list = [int(c) for c in args.clusters.split(",")]
+    rr_list = [int(r) for r in args.rerank.split(",")]
+    full = _build_ours(LorannIndex, keys, args, None)
+    ix = LorannIndex(keys[:n0], args.n_clusters, args.global_dim, args.bits, args.rank, 5, "ip",
+                     refit_growth=None)
+    ix.build()
+    t = time.perf_counter()
+    for i in range(n0, args.n):
+        ix.add(keys[i])
+    t_add = (time.perf_counter() - t) / (args.n - n0)
+    rows = []
+    for label, index in (("added, no refit", ix), ("full build", full)):
+        for c in cs_list:
+            for r in rr_list:
+                rows.append((label, c, r, recall(index.search(queries, k, c, r), truth)))
+    n_stale = len(ix.stale_clusters)
+    t = time.perf_counter()
+    ix.refit()
+    t_refit = time.perf_counter() - t
+    for c in cs_list:
+        for r in rr_list:
+            rows.append(("added, refit()", c, r, recall(ix.search(queries, k, c, r), truth)))
+    print(f"built on {n0} keys, added {args.n - n0} one at a time: {t_add * 1e6:.0f} us/add, "
+          f"refit() of {n_stale} grown clusters {t_refit:.2f} s")
+    print(f"{'index':<18}{'clusters':>9}{'rerank':>8}{'recall@' + str(k):>11}")
+    for label, c, r, rec in rows:
+        print(f"{label:<18}{c:>9}{r:>8}{rec:>11.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "add_us": t_add * 1e6, "refit_s": t_refit,
+                       "rows": rows}, f, indent=1)
 
 
 def _build_ours(cls, keys, args, train):

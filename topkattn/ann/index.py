@@ -185,7 +185,8 @@ class LorannIndex:
         self._start[1:] = np.cumsum(self._cap)[:-1]
         self._used = int(self._cap.sum())
         self._alloc_slots(self._used)
-        self._assign = assign.astype(np.int64)
+        self._assign = np.zeros(len(self._data), np.int64)  # capacity follows _data
+        self._assign[: len(assign)] = assign
         say("fitting reduced-rank models")
         T = self._T
 
@@ -454,16 +455,25 @@ class LorannIndex:
         self._device = {}
         if not self.built:
             return ids
-        xr = np.ascontiguousarray(self._reduce(x), np.float32)  # (P, G)
-        assign = kmeans.nearest_clusters(xr, self._cent, 1, self.distance)[:, 0]
-        self._assign = np.concatenate([self._assign, assign])
+        xr = self._reduce(x)  # (P, G)
+        cs = xr @ self._cent.T  # (P, C)
+        if self.distance == "l2":
+            cs = 2 * cs - self._cnorm
+        assign = np.argmax(cs, axis=1)
+        self._assign[ids[0]:ids[-1] + 1] = assign
+        if p == 1:  # the decoding case: one point per step
+            c = int(assign[0])
+            self._place(c, ids, xr[0:1] @ self._P[c].T)
+            return ids
         for c in np.unique(assign):
             sel = np.flatnonzero(assign == c)
-            bt = xr[sel].astype(np.float64) @ self._P[c].T.astype(np.float64)  # (p_c, R)
-            slots = self._reserve(c, len(sel))
-            self._slot_id[slots] = ids[sel]
-            self._store_B(slots, bt)
+            self._place(int(c), ids[sel], xr[sel] @ self._P[c].T)  # (p_c, R)
         return ids
+
+    def _place(self, c, ids, bt):
+        slots = self._reserve(c, len(ids))
+        self._slot_id[slots] = ids
+        self._store_B(slots, bt)
 
     def _grow_data(self, need):
         cap = len(self._data)
@@ -475,6 +485,10 @@ class LorannIndex:
         norms = np.zeros(cap, np.float32)
         norms[: self._n] = self._norms[: self._n]
         self._data, self._norms = data, norms
+        if self.built:
+            assign = np.zeros(cap, np.int64)
+            assign[: self._n] = self._assign[: self._n]
+            self._assign = assign
 
     def _reserve(self, c, p):
         """Slots for p more points of cluster c (moved to the end with doubled capacity if full)."""

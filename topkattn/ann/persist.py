@@ -47,7 +47,7 @@ def save_index(index, path):
         "size": index._size,
         "fit_size": index._fit_size,
         "slot_id": index._slot_id[order],
-        "assign": index._assign,
+        "assign": index._assign[: len(index)],
     }
     if index._T is not None:
         arrays["T"] = index._T
