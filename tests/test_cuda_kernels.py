@@ -233,9 +233,13 @@ def test_backward_matches_vectorised_path(case, dtype):
     q[0, 0, -1, 0] = np.nan  # a NaN row: NaN dq, nothing sent to dk/dv
     o_np, s_np = ta.topk_attention_forward(q, k, v, impl="numpy", **kw)
     dout = rng.standard_normal(o_np.shape).astype(dtype)
-    want = ta.topk_attention_backward(dout, s_np)
     got = sparse_backward(dev(dout), dev(q), dev(k), dev(v), dev(s_np.idx), dev(s_np.out),
                           dev(s_np.lse), s_np.scale)
+    want_dq = ta.topk_attention_backward(dout, s_np)[0]
+    s_np.idx = s_np.idx.copy()
+    s_np.idx[0, 0, -1] = -1  # the NaN row must send nothing to dk, dv
+    want = (want_dq,) + ta.topk_attention_backward(dout, s_np)[1:]
+    assert np.isnan(host(got[0])[0, 0, -1]).all() and np.isfinite(host(got[1])).all()
     for g, w in zip(got, want):
         np.testing.assert_allclose(host(g), w, equal_nan=True, **TOL[dtype])
 

@@ -158,7 +158,7 @@ def _score_kernel(RCAP, BITS):
         maxsz = buf.shape[2]
         for t in range(tx, maxsz, cuda.blockDim.x):
             if t >= n_c:
-                buf[qi, w, t] = -INF
+                buf[qi, w, t] = np.float32(-INF)
                 bid[qi, w, t] = -1
                 continue
             z = p0 + t
@@ -174,7 +174,7 @@ def _score_kernel(RCAP, BITS):
             acc *= bscale[z]
             pid = slot_id[z]
             if l2 != 0:
-                acc = 2 * acc - norms[pid]
+                acc = np.float32(2) * acc - norms[pid]
             buf[qi, w, t] = acc
             bid[qi, w, t] = pid
 
@@ -195,13 +195,13 @@ def _rerank_kernel():
         i = x - qi * M
         pid = cand[qi, i]
         if pid < 0:
-            ex[qi, i] = -INF
+            ex[qi, i] = np.float32(-INF)
             return
         acc = np.float32(0)
         for d in range(q.shape[1]):
             acc += q[qi, d] * data[pid, d]
         if l2 != 0:
-            acc = 2 * acc - norms[pid]
+            acc = np.float32(2) * acc - norms[pid]
         ex[qi, i] = acc
 
     return rerank_kernel

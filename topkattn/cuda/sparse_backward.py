@@ -55,7 +55,7 @@ def sparse_backward(dout, q, k, v, idx, out, lse, scale):
            q, k, v, dout, out, idx, lse, float(scale), p, ds, dq)
     order, seg = key_segments(xp, idx, G, S)
     DM = max(D, Dv)
-    launch(_keys_kernel(), cdiv(NK * DM, threads), threads, q, dout, p, ds, order, seg, K, dk, dv)
+    launch(_keys_kernel(q.dtype.char), cdiv(NK * DM, threads), threads, q, dout, p, ds, order, seg, K, dk, dv)
     return dq, dk, dv
 
 
@@ -138,7 +138,9 @@ def _rows_kernel(DCAP, dchar):
 
 
 @functools.lru_cache(maxsize=None)
-def _keys_kernel():
+def _keys_kernel(dchar):
+    cast = np.float32 if dchar == "f" else np.float64
+
     @cuda.jit
     def keys_kernel(q, dout, p, ds, order, seg, K, dk, dv):
         x = cuda.grid(1)
@@ -153,8 +155,8 @@ def _keys_kernel():
         b = key // (G * S)
         g = (key // S) % G
         j = key % S
-        acc_k = dk[b, g, j, 0] * 0
-        acc_v = dv[b, g, j, 0] * 0
+        acc_k = cast(0)
+        acc_v = cast(0)
         for u in range(seg[key], seg[key + 1]):
             e = order[u]
             r = e // K
@@ -162,10 +164,13 @@ def _keys_kernel():
             rb = r // (H * T)
             rh = (r // T) % H
             rt = r % T
+            pr = p[r, i]
+            if pr == 0:  # nothing to send (also keeps NaN rows, p = 0, out of dk/dv)
+                continue
             if d < D:
                 acc_k += ds[r, i] * q[rb, rh, rt, d]
             if d < Dv:
-                acc_v += p[r, i] * dout[rb, rh, rt, d]
+                acc_v += pr * dout[rb, rh, rt, d]
         if d < D:
             dk[b, g, j, d] = acc_k
         if d < Dv:

@@ -61,13 +61,12 @@ def topk_forward(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget
     dev = lambda a: xp.asarray(np.ascontiguousarray(a))  # noqa: E731  small host geometry
     drop_d = xp.zeros((1, 1, 1, 1), dtype=xp.uint8) if drop is None else dev(drop.astype(np.uint8))
     itemsize = q.dtype.itemsize
-    DCAP, DVCAP = pow2_at_least(D, 8), pow2_at_least(Dv, 8)
     if simulator_enabled():
         TQ, TS = 4, 4  # several blocks and tiles even at tiny test shapes
     else:
         TQ = 64
-        TS = max(1, min(64, SHARED_TILE_BYTES // (DCAP * itemsize)))
-    kern = _forward_kernel(pow2_at_least(m, 8), DCAP, DVCAP, TQ, TS, q.dtype.char)
+        TS = max(1, min(64, SHARED_TILE_BYTES // (D * itemsize)))
+    kern = _forward_kernel(pow2_at_least(m, 8), D, Dv, TQ, TS, q.dtype.char)
     q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
     launch(kern, (cdiv(T, TQ), B * H), TQ, q, k, v, float(scale), dev(bounds.end),
            dev(bounds.win_lo), dev(bounds.win_hi), bounds.sinks, bounds.n_sink, bounds.n_win,
@@ -91,7 +90,9 @@ def fits(m, D, Dv, m_auto=256):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_kernel(MCAP, DCAP, DVCAP, TQ, TS, dchar):
+def _forward_kernel(MCAP, D, Dv, TQ, TS, dchar):
+    """Specialised on the head dims: the d-loops have constant trip counts, so the compiler
+    can unroll them and keep the query and the output accumulator in registers."""
     vt = types.float32 if dchar == "f" else types.float64
     cast = np.float32 if dchar == "f" else np.float64
     _, topm_insert = device_functions()
@@ -101,9 +102,8 @@ def _forward_kernel(MCAP, DCAP, DVCAP, TQ, TS, dchar):
     @cuda.jit
     def forward_kernel(q, k, v, scale, end, win_lo, win_hi, sinks, n_sink, n_win, n_sel, m,
                        drop, has_drop, out, idx, lse):
-        B, H, T, D = q.shape
+        B, H, T = q.shape[0], q.shape[1], q.shape[2]
         G, S = k.shape[1], k.shape[2]
-        Dv = v.shape[3]
         tx = cuda.threadIdx.x
         t = cuda.blockIdx.x * TQ + tx
         bh = cuda.blockIdx.y
@@ -111,8 +111,8 @@ def _forward_kernel(MCAP, DCAP, DVCAP, TQ, TS, dchar):
         h = bh - b * H
         g = h // (H // G)
         live = t < T
-        ktile = cuda.shared.array((TS, DCAP), vt)
-        qreg = cuda.local.array(DCAP, vt)
+        ktile = cuda.shared.array((TS, D), vt)
+        qreg = cuda.local.array(D, vt)
         bv = cuda.local.array(MCAP, vt)
         bi = cuda.local.array(MCAP, types.int64)
         sc = cast(scale)
@@ -199,7 +199,7 @@ def _forward_kernel(MCAP, DCAP, DVCAP, TQ, TS, dchar):
             return
         if cnt == 0 or mx == -INF:
             return  # out stays 0, lse -inf
-        accv = cuda.local.array(DVCAP, vt)
+        accv = cuda.local.array(Dv, vt)
         for d in range(Dv):
             accv[d] = 0
         l = cast(0)

@@ -125,6 +125,7 @@ def device_functions():
 @functools.lru_cache(maxsize=None)
 def _topm_kernel(MCAP, dchar):
     vt = types.float32 if dchar == "f" else types.float64
+    cast = np.float32 if dchar == "f" else np.float64  # keep float32 kernels in float32
     _, topm_insert = device_functions()
     INF = math.inf
 
@@ -148,7 +149,7 @@ def _topm_kernel(MCAP, dchar):
                     continue
                 s = vals[r, c]
                 if s != s:  # NaN ranks above every number
-                    s = INF
+                    s = cast(INF)
                 n = topm_insert(bv, bi, n, m, s, c)
         else:
             for c in range(p, N, P):
@@ -161,7 +162,7 @@ def _topm_kernel(MCAP, dchar):
                 out_v[r, base + t] = bv[t]
                 out_i[r, base + t] = bi[t]
             else:
-                out_v[r, base + t] = -INF
+                out_v[r, base + t] = cast(-INF)
                 out_i[r, base + t] = -1
 
     return topm_kernel
