@@ -38,7 +38,7 @@ def _signatures():
                     (arr(dt, 4), arr(dt, 4), arr(dt, 4), f64, arr(i64, 1), arr(i64, 1),
                      arr(i64, 1), i64, i64, i64, i64, i64, arr(types.uint8, 4), i64, arr(dt, 4),
                      arr(i64, 4), arr(dt, 3))))
-        out.append((f"bwd_rows[{dchar}]", sparse_backward._rows_kernel(64, dchar),
+        out.append((f"bwd_rows[{dchar}]", sparse_backward._rows_kernel(64, 64, dchar),
                     (arr(dt, 4),) * 5 + (arr(i64, 4), arr(dt, 3), f64, arr(dt, 2), arr(dt, 2),
                                          arr(dt, 4))))
         out.append((f"bwd_keys[{dchar}]", sparse_backward._keys_kernel(dchar),

@@ -25,7 +25,7 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
+from topkattn.cuda.launch import array_module, cdiv, launch, simulator_enabled
 
 THREADS = 128
 
@@ -39,8 +39,8 @@ def sparse_backward(dout, q, k, v, idx, out, lse, scale):
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     K = idx.shape[-1]
-    if D > 256 or Dv > 256:
-        raise ValueError(f"the CUDA backward supports head dims up to 256, got D={D}, Dv={Dv}")
+    if not (1 <= D <= 256 and 1 <= Dv <= 256):
+        raise ValueError(f"the CUDA backward supports head dims 1..256, got D={D}, Dv={Dv}")
     dq = xp.zeros_like(q)
     dk = xp.zeros_like(k)
     dv = xp.zeros_like(v)
@@ -51,7 +51,7 @@ def sparse_backward(dout, q, k, v, idx, out, lse, scale):
     p = xp.empty((R, K), dtype=q.dtype)
     ds = xp.empty((R, K), dtype=q.dtype)
     threads = 32 if simulator_enabled() else THREADS
-    launch(_rows_kernel(pow2_at_least(D, 8), q.dtype.char), cdiv(R, threads), threads,
+    launch(_rows_kernel(D, Dv, q.dtype.char), cdiv(R, threads), threads,
            q, k, v, dout, out, idx, lse, float(scale), p, ds, dq)
     order, seg = key_segments(xp, idx, G, S)
     DM = max(D, Dv)
@@ -78,7 +78,8 @@ def key_segments(xp, idx, G, S):
 
 
 @functools.lru_cache(maxsize=None)
-def _rows_kernel(DCAP, dchar):
+def _rows_kernel(D, Dv, dchar):
+    """Specialised on the head dims (constant loop trips: dq accumulates in registers)."""
     vt = types.float32 if dchar == "f" else types.float64
     cast = np.float32 if dchar == "f" else np.float64
     NAN = math.nan
@@ -87,9 +88,8 @@ def _rows_kernel(DCAP, dchar):
     @cuda.jit
     def rows_kernel(q, k, v, dout, out, idx, lse, scale, p_out, ds_out, dq):
         r = cuda.grid(1)
-        B, H, T, D = q.shape
+        B, H, T = q.shape[0], q.shape[1], q.shape[2]
         G = k.shape[1]
-        Dv = v.shape[3]
         K = idx.shape[3]
         if r >= B * H * T:
             return
@@ -110,7 +110,7 @@ def _rows_kernel(DCAP, dchar):
         delta = cast(0)
         for d in range(Dv):
             delta += dout[b, h, t, d] * out[b, h, t, d]
-        acc = cuda.local.array(DCAP, vt)
+        acc = cuda.local.array(D, vt)
         for d in range(D):
             acc[d] = 0
         for i in range(K):

@@ -79,6 +79,8 @@ def check_limits(m, D, Dv):
     if m > MAX_RANKED:
         raise ValueError(f"the CUDA kernel keeps at most {MAX_RANKED} ranked keys per query "
                          f"(topk plus forgotten refills), got {m}; use impl='numpy'")
+    if D < 1 or Dv < 1:
+        raise ValueError(f"the CUDA kernel needs head dims >= 1, got D={D}, Dv={Dv}")
     if D > MAX_DIM or Dv > MAX_DIM:
         raise ValueError(f"the CUDA kernel supports head dims up to {MAX_DIM}, got D={D}, "
                          f"Dv={Dv}; use impl='numpy'")
@@ -86,7 +88,7 @@ def check_limits(m, D, Dv):
 
 def fits(m, D, Dv, m_auto=256):
     """True when ``impl='auto'`` should pick this kernel (small enough top-k and head dims)."""
-    return m <= m_auto and D <= MAX_DIM and Dv <= MAX_DIM
+    return m <= m_auto and 1 <= D <= MAX_DIM and 1 <= Dv <= MAX_DIM
 
 
 @functools.lru_cache(maxsize=None)
