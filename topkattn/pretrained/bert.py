@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from topkattn.backend import require_cupy, to_numpy
+from topkattn.dense_attention import dense_attention
 from topkattn.layers.gelu import gelu
 from topkattn.layers.layernorm import layer_norm
 from topkattn.topk_attention import topk_attention
@@ -116,7 +117,7 @@ class BertEncoder:
     def __call__(self, input_ids, token_type_ids=None, *, topk=None, sinks=0, window=0):
         """Hidden states (B, T, C) for ``input_ids`` (B, T) int.
 
-        topk: keys each token attends (None: all T, exactly dense attention).
+        topk: keys each token attends (None, or >= T: all T keys, through the dense op).
         sinks, window: keys always attended in addition (see ``topk_attention``);
         with ``causal=False`` the window of every query is the last ``window`` keys.
         """
@@ -137,7 +138,7 @@ class BertEncoder:
             raise ValueError(f"token_type_ids must have shape {tuple(ids.shape)}, got {tuple(tt.shape)}")
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1):
             raise ValueError(f"topk must be an integer >= 1 or None, got {topk!r}")
-        k_eff = T if topk is None else min(int(topk), T)
+        k_eff = None if topk is None or topk >= T else int(topk)
         eps = cfg.layer_norm_eps
         x = self.word[ids] + self.pos[:T][None] + self.type[tt]  # (B, T, C)
         x = layer_norm(x, *self.emb_ln, eps)
@@ -153,7 +154,10 @@ class BertEncoder:
         H, D = self.config.num_attention_heads, self.config.head_dim
         qkv = _linear(x, *L["qkv"]).reshape(B, T, 3, H, D)  # (B, T, 3, H, D)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, T, D) each
-        o = topk_attention(q, k, v, topk=max(topk, 1), causal=False, sinks=sinks, window=window)
+        if topk is None:  # every key attended: the dense op (equal to top-k with topk >= T, faster)
+            o = dense_attention(q, k, v, causal=False)
+        else:
+            o = topk_attention(q, k, v, topk=topk, causal=False, sinks=sinks, window=window)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
         return _linear(o, *L["attn_out"])
 

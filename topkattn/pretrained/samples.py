@@ -97,3 +97,9 @@ SAMPLE_PARAGRAPHS = (
     "occur. Regularly cutting sleep short impairs attention, mood and the immune system, and "
     "over the long term it is linked to a higher risk of heart disease and diabetes.",
 )
+
+
+def eval_texts():
+    """The evaluation set: the 12 paragraphs and 6 two-paragraph texts (about 190-250 tokens)."""
+    P = SAMPLE_PARAGRAPHS
+    return list(P) + [P[i] + " " + P[i + 1] for i in range(0, len(P), 2)]
