@@ -2,8 +2,10 @@
 
 Part 1, training shapes (B=1, H=16, D=64, k=64, causal, T = S): time of forward and of
 forward+backward, and peak device memory above the inputs, for
-  topk-cuda    ta.topk_attention_forward/backward(impl="cuda") (fused streaming kernel,
-               deterministic segmented backward), float32
+  topk-fused   the fused streaming forward kernel (what impl="cuda" runs) and the
+               deterministic segmented backward kernel, float32
+  topk-tiled   topk_forward_tiled: cuBLAS score tiles + the CUDA top-m kernel + the
+               vectorised sparse attend, same backward
   sdpa-bf16    torch SDPA on CUDA in bfloat16 (the FlashAttention backend where available)
   sdpa-fp32    torch SDPA on CUDA in float32 (memory-efficient backend)
   cupy-dense   without a CUDA torch: chunked dense CuPy attention, forward only
@@ -120,19 +122,21 @@ def torch_cuda():
 
 
 # ----------------------------------------------------------------------------- part 1
-def bench_topk(dev, T, H, D, k, repeat):
-    import topkattn as ta
+def bench_topk(dev, T, H, D, k, repeat, tiled=False):
+    from topkattn.cuda.sparse_backward import sparse_backward
+    from topkattn.cuda.topk_forward import topk_forward, topk_forward_tiled
 
     xp = dev.xp
     q, kk, v, dout = (dev.randn(i, (1, H, T, D)) for i in range(4))
-    kw = dict(topk=k, causal=True, impl="cuda")
-    fwd = lambda: ta.topk_attention_forward(q, kk, v, **kw)  # noqa: E731
+    scale = 1 / np.sqrt(D)
+    forward = topk_forward_tiled if tiled else topk_forward
+    fwd = lambda: forward(q, kk, v, topk=k, causal=True, scale=scale)  # noqa: E731
 
     def fwd_bwd():
-        out, saved = fwd()
-        return out, ta.topk_attention_backward(dout, saved)
+        out, idx, lse = fwd()
+        return out, sparse_backward(dout, q, kk, v, idx, out, lse, scale)
 
-    row = dict(method="topk-cuda", T=T, H=H, D=D, k=k, dtype="float32")
+    row = dict(method="topk-tiled" if tiled else "topk-fused", T=T, H=H, D=D, k=k, dtype="float32")
     row["fwd_ms"] = dev.timed(fwd, repeat)
     row["fwd_bwd_ms"] = dev.timed(fwd_bwd, repeat)
     row["fwd_peak_bytes"] = dev.peak_extra(fwd)
@@ -305,7 +309,8 @@ def main(argv=None):
         torch = torch_cuda()
     train, decode = [], []
     for T in a.sizes:
-        train.append(bench_topk(dev, T, a.heads, a.dim, a.topk, a.repeat))
+        for tiled in (False, True):
+            train.append(bench_topk(dev, T, a.heads, a.dim, a.topk, a.repeat, tiled=tiled))
         if torch is not None:
             for dt in ("bf16", "fp32"):
                 train.append(bench_sdpa(torch, T, a.heads, a.dim, a.repeat, dt))

@@ -30,7 +30,7 @@ from topkattn.backend import to_numpy  # noqa: E402
 from topkattn.cuda.lorann_score import lorann_arrays, lorann_score, lorann_search  # noqa: E402
 from topkattn.cuda.mla_decode import attend_selected, cuda_topk_selector, mla_decode  # noqa: E402
 from topkattn.cuda.sparse_backward import sparse_backward  # noqa: E402
-from topkattn.cuda.topk_forward import MAX_RANKED, topk_forward  # noqa: E402
+from topkattn.cuda.topk_forward import MAX_RANKED, topk_forward, topk_forward_tiled  # noqa: E402
 from topkattn.cuda.topk_select import topk_select  # noqa: E402
 from topkattn.layers.decode import exact_topk_selector  # noqa: E402
 from topkattn.reference import masked_attention_reference, rank_row, topk_attention_reference  # noqa: E402
@@ -155,6 +155,20 @@ def test_forward_matches_reference(case, dtype):
     if dtype == np.float64:  # the same slots in the same order as the vectorised path
         _, s_np = ta.topk_attention_forward(q, k, v, impl="numpy", **kw)
         np.testing.assert_array_equal(idx, s_np.idx)
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_tiled_forward_matches_fused(case):
+    shape, kw = _split(_scaled(case))
+    rng = np.random.default_rng(19)
+    q, k, v = _qkv(rng, dtype=np.float64, **shape)
+    scale = 1 / np.sqrt(shape["D"])
+    fused = topk_forward(dev(q), dev(k), dev(v), scale=scale, **kw)
+    tile_bytes = 8 * shape["B"] * shape["H"] * shape["S"] * 2  # two queries per chunk
+    tiled = topk_forward_tiled(dev(q), dev(k), dev(v), scale=scale, tile_bytes=tile_bytes, **kw)
+    np.testing.assert_array_equal(host(tiled[1]), host(fused[1]))
+    for a, b in ((tiled[0], fused[0]), (tiled[2], fused[2])):
+        np.testing.assert_allclose(host(a), host(b), rtol=1e-12, atol=1e-13)
 
 
 def test_forward_topk_at_least_S_is_dense_causal():

@@ -29,7 +29,7 @@ import numpy as np
 from numba import cuda, types
 
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
-from topkattn.cuda.topk_select import device_functions
+from topkattn.cuda.topk_select import device_functions, topm_rows
 from topkattn.selection import RowBounds, forget_draws
 
 MAX_RANKED = 1024  # thread-local buffer limit (topk + forgotten refills)
@@ -72,6 +72,59 @@ def topk_forward(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget
            dev(bounds.win_lo), dev(bounds.win_hi), bounds.sinks, bounds.n_sink, bounds.n_win,
            n_sel, m, drop_d, 0 if drop is None else 1, out, idx, lse)
     return out, idx, lse
+
+
+def topk_forward_tiled(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget_rate=0.0,
+                       seed=None, tile_bytes=None):
+    """The same contract as :func:`topk_forward`, scoring with matmul tiles instead.
+
+    Per query chunk the (B*H*c, S') score tile comes from ``xp.matmul`` (cuBLAS, tensor
+    cores where CuPy enables them), the split-k CUDA top-m kernel ranks each row within its
+    RowBounds candidates, forgetting is applied with :func:`selection.apply_forgetting` and
+    the vectorised sparse attend computes out and lse.  Peak extra memory is one tile
+    (``tile_bytes``, default 256 MiB on a GPU) plus O(T K).  Which of the two forwards is
+    faster depends on the GPU; ``benchmarks/bench_cuda.py`` times both.
+    """
+    from topkattn.selection import apply_forgetting
+    from topkattn.sparse_attention import sparse_attention_forward
+
+    xp = array_module(q, k, v)
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    rep = H // G
+    bounds = RowBounds(S, T, topk=topk, causal=causal, sinks=sinks, window=window)
+    n_sel = bounds.n_sel
+    drop = forget_draws(seed, (B, H, T, n_sel), forget_rate)  # host (B, H, T, K') or None
+    m = n_sel + (0 if drop is None else int(drop.sum(axis=-1).max(initial=0)))
+    idx = xp.full((B, H, T, bounds.n_slots), -1, dtype=xp.int64)
+    n_forced = bounds.n_sink + bounds.n_win
+    idx[..., :n_forced] = xp.asarray(bounds.forced_indices())
+    if m > 0 and T > 0 and B * H > 0:
+        if tile_bytes is None:
+            tile_bytes = 2**12 if simulator_enabled() else 256 * 2**20
+        chunk = max(1, int(tile_bytes) // max(1, B * H * S * q.dtype.itemsize))
+        geo = [xp.asarray(a) for a in (bounds.end, bounds.win_lo, bounds.win_hi)]  # (T,) each
+        qs = (q * q.dtype.type(scale)).reshape(B, G, rep, T, D)
+        kt = k.swapaxes(-1, -2)  # (B, G, D, S)
+        for t0 in range(0, T, chunk):
+            t1 = min(T, t0 + chunk)
+            c = t1 - t0
+            n_cols = int(bounds.end[t1 - 1])  # keys any row of the chunk may see
+            if n_cols == 0:
+                continue
+            qc = qs[:, :, :, t0:t1].reshape(B, G, rep * c, D)
+            tile = xp.matmul(qc, kt[..., :n_cols]).reshape(B * H * c, n_cols)  # rows (b, h, t)
+            end, lo, hi = (xp.tile(a[t0:t1], B * H) for a in geo)  # (B*H*c,)
+            _, ranked = topm_rows(xp, xp.ascontiguousarray(tile), None, m, end, lo, hi,
+                                  bounds.sinks)
+            if drop is not None:
+                d = xp.asarray(drop[:, :, t0:t1].reshape(B * H * c, n_sel))
+                ranked = apply_forgetting(ranked, d, n_sel)
+            else:
+                ranked = ranked[:, :n_sel]
+            idx[:, :, t0:t1, n_forced:] = ranked.reshape(B, H, c, n_sel)
+    out, saved = sparse_attention_forward(q, k, v, idx, scale)
+    return out, idx, saved.lse
 
 
 def check_limits(m, D, Dv):
@@ -227,4 +280,4 @@ def _forward_kernel(MCAP, D, Dv, TQ, TS, dchar):
     return forward_kernel
 
 
-__all__ = ["topk_forward", "check_limits", "fits", "MAX_RANKED", "MAX_DIM"]
+__all__ = ["topk_forward", "topk_forward_tiled", "check_limits", "fits", "MAX_RANKED", "MAX_DIM"]
