@@ -388,3 +388,35 @@ def test_balanced_assignment_respects_capacity(data):
     s = kmeans.centroid_scores(x, cent, "l2")
     np.testing.assert_array_equal(kmeans.nearest_clusters(x, cent, 1, "l2")[:, 0],
                                   np.argmax(s, axis=1))
+
+
+def test_single_point_add_kernel_matches_batched_add(data):
+    x, _ = data
+    a = LorannIndex(x[:800], 8, 24, 8, 8, 2, "l2", refit_growth=None)
+    a.build()
+    b = LorannIndex(x[:800], 8, 24, 8, 8, 2, "l2", refit_growth=None)
+    b.build()
+    for i in range(800, 810):
+        a.add(x[i])  # Numba single-point path
+    b.add(x[800:810])  # batched NumPy path
+    for pid in range(800, 810):
+        sa = np.flatnonzero(a._slot_id == pid)[0]
+        sb = np.flatnonzero(b._slot_id == pid)[0]
+        assert a._assign[pid] == b._assign[pid]
+        np.testing.assert_allclose(a._bdeq[sa], b._bdeq[sb], rtol=1e-5, atol=1e-6)
+        assert np.abs(a._bcodes[sa].astype(int) - b._bcodes[sb]).max() <= 1
+
+
+def test_quantize_row_kernel_matches_quantize_rows():
+    from topkattn.ann import kernels
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((20, 16)).astype(np.float32)
+    codes, scale = quant.quantize_rows(x, 8)
+    for i in range(20):
+        c = np.empty(16, np.int8)
+        d = np.empty(16, np.float32)
+        s = kernels.quantize_row_into(x[i], 127, c, d)
+        assert s == scale[i]
+        np.testing.assert_array_equal(c, codes[i])
+        np.testing.assert_array_equal(d, codes[i] * scale[i])

@@ -325,8 +325,10 @@ class LorannIndex:
             s = 2 * s - (self._cnorm if xp is np else self._dev(xp)["cnorm"])
         if w >= self.n_clusters:
             return xp.broadcast_to(xp.arange(self.n_clusters), s.shape).copy()
-        if xp is np:
-            return np.argpartition(-s, w - 1, axis=1)[:, :w]
+        if xp is np:  # the w best, best first (fills the candidate heaps with good points early)
+            part = np.argpartition(-s, w - 1, axis=1)[:, :w]
+            o = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1, kind="stable")
+            return np.take_along_axis(part, o, axis=1)
         return xp.argsort(-s, axis=1)[:, :w]
 
     def _search_cpu(self, q, k, w, rr):
@@ -359,20 +361,25 @@ class LorannIndex:
         boff = np.zeros(self.n_clusters + 1, np.int64)
         np.cumsum(blocks, out=boff[1:])
         buf = np.empty(int(boff[-1]), np.float32)
-        pos = 0
-        for c in np.flatnonzero(counts):
-            cnt = counts[c]
-            sel = order[pos:pos + cnt]
-            pos += cnt
-            n_c = sizes[c]
-            if n_c == 0:
-                continue
-            rows = sel // w
-            lo = self._start[c]
-            t = qr[rows] @ self._adeq[c]  # (cnt, R)
-            out = buf[boff[c]:boff[c + 1]].reshape(cnt, n_c)
-            np.matmul(t, self._bdeq[lo:lo + n_c].T, out=out)  # (cnt, n_c)
-            base[sel] = boff[c] + np.arange(cnt) * n_c
+        starts = np.zeros(self.n_clusters + 1, np.int64)
+        np.cumsum(counts, out=starts[1:])
+        visit = np.flatnonzero(counts * sizes)
+
+        def score(part):  # GEMMs release the GIL: parts run in parallel threads
+            for c in part:
+                sel = order[starts[c]:starts[c + 1]]
+                cnt, n_c, lo = len(sel), sizes[c], self._start[c]
+                t = qr[sel // w] @ self._adeq[c]  # (cnt, R)
+                out = buf[boff[c]:boff[c + 1]].reshape(cnt, n_c)
+                np.matmul(t, self._bdeq[lo:lo + n_c].T, out=out)  # (cnt, n_c)
+                base[sel] = boff[c] + np.arange(cnt) * n_c
+
+        nw = _n_workers() if len(visit) >= 32 else 1
+        if nw == 1:
+            score(visit)
+        else:
+            with ThreadPoolExecutor(nw) as pool:
+                list(pool.map(score, [visit[i::nw] for i in range(nw)]))
         base = base.reshape(nq, w)
         length = sizes[top]
         pstart = self._start[top]
@@ -456,15 +463,25 @@ class LorannIndex:
         if not self.built:
             return ids
         xr = self._reduce(x)  # (P, G)
+        if p == 1:  # the decoding case, one point per step: two small Numba calls
+            b = np.empty(self.rank, np.float32)
+            c = kernels.assign_column(xr[0], self._cent, self._cnorm, self.distance == "l2",
+                                      self._P, b)
+            self._assign[ids[0]] = c
+            slots = self._reserve(c, 1)
+            self._slot_id[slots] = ids
+            if self.quantization_bits == 8:
+                lo = slots.start
+                self._bscale[lo] = kernels.quantize_row_into(b, 127, self._bcodes[lo],
+                                                             self._bdeq[lo])
+            else:
+                self._store_B(slots, b[None])
+            return ids
         cs = xr @ self._cent.T  # (P, C)
         if self.distance == "l2":
             cs = 2 * cs - self._cnorm
         assign = np.argmax(cs, axis=1)
         self._assign[ids[0]:ids[-1] + 1] = assign
-        if p == 1:  # the decoding case: one point per step
-            c = int(assign[0])
-            self._place(c, ids, xr[0:1] @ self._P[c].T)
-            return ids
         for c in np.unique(assign):
             sel = np.flatnonzero(assign == c)
             self._place(int(c), ids[sel], xr[sel] @ self._P[c].T)  # (p_c, R)

@@ -90,7 +90,7 @@ def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s)
     _drain_sorted(hs, hi, n, out_s[qi], out_i[qi])
 
 
-@nb.njit(parallel=True, cache=True, nogil=True, fastmath=False)
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=True)
 def select_rerank(buf, base, length, pstart, slot_id, norms, l2, data, queries, m, k, rerank,
                   out_i, out_s):
     """Top-k per query from precomputed cluster score blocks.
@@ -187,3 +187,46 @@ def exact_topk(scores, k, out_i, out_s):
         for t in range(nn):
             n = _push(hs, hi, n, k, scores[qi, t], t)
         _drain_sorted(hs, hi, n, out_s[qi], out_i[qi])
+
+
+@nb.njit(cache=True, nogil=True)
+def assign_column(xr, cent, cnorm, l2, proj, out_b):
+    """Nearest cluster of one reduced point xr (G,) and its model column out_b = proj[c] @ xr.
+
+    cent (C, G), cnorm (C,), proj (C, R, G).  Ties go to the lower cluster (like argmax).
+    Reference: the batched ``add`` path in ``LorannIndex.add``.
+    """
+    g = xr.shape[0]
+    best = -np.inf
+    c = 0
+    for j in range(cent.shape[0]):
+        s = np.float32(0.0)
+        for u in range(g):
+            s += xr[u] * cent[j, u]
+        if l2:
+            s = 2 * s - cnorm[j]
+        if s > best:
+            best = s
+            c = j
+    for v in range(proj.shape[1]):
+        acc = np.float32(0.0)
+        for u in range(g):
+            acc += proj[c, v, u] * xr[u]
+        out_b[v] = acc
+    return c
+
+
+@nb.njit(cache=True, nogil=True)
+def quantize_row_into(b, levels, codes, deq):
+    """Quantise one row like ``quant.quantize_rows`` (8-bit codes, unpacked); returns its scale."""
+    amax = np.float32(0.0)
+    for v in range(b.shape[0]):
+        amax = max(amax, abs(b[v]))
+    scale = np.float32(amax / np.float32(levels))
+    inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+    for v in range(b.shape[0]):
+        q = np.rint(b[v] * inv)
+        q = min(max(q, -levels), levels)
+        codes[v] = np.int8(q)
+        deq[v] = np.float32(np.int8(q)) * scale
+    return scale
