@@ -25,6 +25,7 @@ from different distributions).  Later steps ``add`` keys; after the index has gr
 every query seen so far), which keeps recall from decaying as the context grows.  Rows
 with at most K candidates need no search and take every candidate.
 """
+import contextlib
 import math
 import numbers
 
@@ -94,6 +95,7 @@ class LorannSelector(DecodeSelector):
         self.builds = 0  # index (re)builds, all batch elements
         self.searches = 0  # index.search calls
         self.indexes = []
+        self.last_info = None  # dynamic k: k, certified, bound, certified_bound, n_returned (B, H), last step
 
     # -- state ---------------------------------------------------------------------------
     def _reset(self, cache):
@@ -197,19 +199,24 @@ class LorannSelector(DecodeSelector):
         xp = ctx.xp
         B, H, D = query.shape
         k_need = ctx.bounds.n_sel
+        built = bool(self.indexes) and self.indexes[0] is not None
         if ctx.n_cand <= k_need or k_need == 0:
-            # every candidate fits: nothing to look up (and indexes catch up later)
-            return exact_select(query, keys, ctx, tail_bound=self.tail_bound)
-        keys_np = to_numpy(keys)
-        self._sync(keys_np, ctx)
+            # every candidate fits: nothing to look up; a built index still takes the new keys
+            if built and ctx.n_cand > self._n_indexed:
+                self._sync(to_numpy(keys), ctx)
+            idx, k_row, certified = exact_select(query, keys, ctx, tail_bound=self.tail_bound)
+            self.last_info = dict(k=k_row, certified=certified, bound=None, certified_bound=None)
+            return idx, k_row, certified
+        self._sync(to_numpy(keys), ctx)
         q_np = to_numpy(query).astype(np.float32)
         m = min(max(k_need, self.points_to_rerank), ctx.n_cand)
         pos = np.full((B, H, m), -1, dtype=np.int64)
-        for b in range(B):
-            index = self.indexes[b]
-            ids = index.search(q_np[b], m, self._clusters(index), self.points_to_rerank)  # (H, m)
-            self.searches += 1
-            pos[b] = np.where(ids >= 0, ids + ctx.sinks, -1)
+        with _one_numba_thread():  # H queries per call: a thread pool costs more than it saves
+            for b in range(B):
+                index = self.indexes[b]
+                ids = index.search(q_np[b], m, self._clusters(index), self.points_to_rerank)  # (H, m)
+                self.searches += 1
+                pos[b] = np.where(ids >= 0, ids + ctx.sinks, -1)
         # exact re-scoring of the returned keys, in the cache's dtype
         pos_x = xp.asarray(np.sort(np.where(pos < 0, np.iinfo(np.int64).max, pos), axis=-1))
         pos_x = xp.where(pos_x == np.iinfo(np.int64).max, -1, pos_x)  # (B, H, m) ascending, -1 last
@@ -242,7 +249,8 @@ class LorannSelector(DecodeSelector):
         sel = xp.where(slot < kc[:, None], ranked_pos[:, :k_need], -1)  # m >= k_need here
         idx[..., n_forced:] = sel.reshape(B, H, k_need)
         self.last_info = dict(k=kc.reshape(B, H), certified=certified.reshape(B, H),
-                              bound=nominal.reshape(B, H), certified_bound=rigorous.reshape(B, H))
+                              bound=nominal.reshape(B, H), certified_bound=rigorous.reshape(B, H),
+                              n_returned=n_ret.reshape(B, H))
         return idx, kc.reshape(B, H), certified.reshape(B, H)
 
     def _outside_upper(self, q_np, scale):
@@ -256,6 +264,22 @@ class LorannSelector(DecodeSelector):
                      + np.linalg.norm(q[..., C:], axis=-1) * nm[:, None, 2])
             whole = np.minimum(whole, split)
         return whole * abs(scale)
+
+
+@contextlib.contextmanager
+def _one_numba_thread():
+    """Run Numba parallel kernels on one thread inside the block (restored afterwards)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency
+        yield
+        return
+    n = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(n)
 
 
 def _check_int(name, val, lo):

@@ -1,0 +1,181 @@
+"""`topkattn eval RUN_DIR`: decode a train-toy checkpoint token by token with a retriever.
+
+Thin: parses options, builds the selectors, prints the result; the work is
+:func:`topkattn.decoding.evaluate_decoding`.
+"""
+import json
+import math
+import os
+import sys
+
+import click
+
+
+class _OneLineUsageError(click.UsageError):
+    """A usage error shown as one line (``Error: ...``), exit status 2."""
+
+    def show(self, file=None):
+        click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
+
+
+class _OneLineCommand(click.Command):
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if isinstance(e, _OneLineUsageError):
+                raise
+            raise _OneLineUsageError(e.format_message(), ctx) from None
+
+
+def _clusters(value):
+    if value is None or value == "auto":
+        return None
+    try:
+        v = int(value)
+    except ValueError:
+        raise click.BadParameter(f"must be an integer >= 1 or 'auto', got {value!r}") from None
+    if v < 1:
+        raise click.BadParameter(f"must be an integer >= 1 or 'auto', got {value!r}")
+    return v
+
+
+def _search(value):
+    try:
+        v = float(value)
+    except ValueError:
+        raise click.BadParameter(f"must be a number, got {value!r}") from None
+    if v >= 1 and v == int(v) and "." not in str(value):
+        return int(v)
+    if not 0 < v <= 1:
+        raise click.BadParameter(f"must be an integer >= 1 (clusters) or a fraction in (0, 1], got {value!r}")
+    return v
+
+
+@click.command("eval", cls=_OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--retriever", type=click.Choice(["exact", "lorann", "simulated"]), default="exact",
+              show_default=True,
+              help="exact: exact top-k; lorann: a LoRANN index per sequence over the MLA latent cache; "
+                   "simulated: exact top-k with each key dropped with probability 1 - R and refilled.")
+@click.option("--recall", "recall", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Recall R of the simulated retriever (required with --retriever simulated).")
+@click.option("--k", "k", type=click.IntRange(min=1), default=None,
+              help="Keys per query at decode [default: the checkpoint's k]; the cap with --tail-bound.")
+@click.option("--tail-bound", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help="Dynamic k: per query the smallest k whose left-out softmax mass is at most this.")
+@click.option("--n-sequences", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Held-out sequences (the run's own held-out set, from its first).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Sequences decoded together.")
+@click.option("--prompt-len", type=click.IntRange(min=0), default=None,
+              help="Tokens prefilled exactly before the retriever takes over "
+                   "[default: the key-value pairs for mqar, half the sequence for text].")
+@click.option("--clusters", default="auto", show_default=True,
+              help="lorann: clusters per index, or 'auto' (ceil(sqrt(N)) at each build).")
+@click.option("--clusters-to-search", "search", default="0.25", show_default=True,
+              help="lorann: clusters probed per query, an integer or a fraction of the clusters.")
+@click.option("--rerank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="lorann: candidates re-ranked exactly inside the index (0: approximate scores).")
+@click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True,
+              help="lorann: rank of each cluster's regression.")
+@click.option("--refit-factor", type=click.FloatRange(min=1.0, min_open=True), default=2.0,
+              show_default=True, help="lorann: rebuild an index once it has grown by this factor.")
+@click.option("--no-refit", is_flag=True, help="lorann: never rebuild (only incremental adds).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the simulated drops and the indexes' k-means.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.pass_context
+def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, n_sequences, batch_size, prompt_len,
+             clusters, search, rerank, rank, refit_factor, no_refit, seed, as_json):
+    """Decode a train-toy run's held-out set token by token with a retriever; print accuracy and recall.
+
+    \b
+    Example:  topkattn eval run/ --retriever simulated --recall 0.8
+              topkattn eval run/ --retriever lorann --clusters-to-search 0.5 --rerank 16 --json
+              topkattn eval run/ --retriever exact --k 16 --tail-bound 0.01
+    """
+    from topkattn.checkpoint import CheckpointError, load_training_state
+    from topkattn.decoding import ExactSelector, LorannSelector, SimulatedRecallSelector, evaluate_decoding
+    from topkattn.model import Transformer
+    from topkattn.train import CHECKPOINT_NAME, TrainConfig, heldout_set, make_task, model_config
+
+    if retriever == "simulated" and recall is None:
+        raise _OneLineUsageError("--retriever simulated needs --recall R", ctx)
+    if retriever != "simulated" and recall is not None:
+        raise _OneLineUsageError(f"--recall applies only to --retriever simulated, not {retriever}", ctx)
+    if retriever == "simulated" and tail_bound is not None:
+        raise _OneLineUsageError("--tail-bound (dynamic k) works with --retriever exact or lorann", ctx)
+    try:
+        n_clusters = _clusters(clusters)
+        to_search = _search(search)
+    except click.BadParameter as e:
+        raise _OneLineUsageError(f"invalid lorann option: {e.format_message()}", ctx) from None
+    path = os.path.join(run_dir, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        raise _OneLineUsageError(f"no checkpoint at {path} (RUN_DIR must be a train-toy --out folder)", ctx)
+    try:
+        state = load_training_state(path)
+        cfg = TrainConfig.from_dict(state["config"])
+    except (CheckpointError, ValueError, TypeError) as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    task = make_task(cfg)
+    model = Transformer(model_config(cfg, task.vocab_size))
+    for name, p in model.params.items():
+        if name not in state["params"] or state["params"][name].shape != p.shape:
+            click.echo(f"Error: checkpoint {path} does not fit its own config (parameter {name!r})", err=True)
+            sys.exit(1)
+        p[...] = state["params"][name]
+    k_eval = k if k is not None else cfg.k
+    inputs, targets = heldout_set(task, cfg)
+    inputs, targets = inputs[:n_sequences], targets[:n_sequences]
+    if prompt_len is None:
+        prompt_len = 2 * cfg.num_kv_pairs if cfg.task == "mqar" else inputs.shape[1] // 2
+    prompt_len = min(prompt_len, inputs.shape[1])
+    n_layers = len(model.blocks)
+
+    def make(batch_no):
+        sels = []
+        for layer in range(n_layers):
+            s = [seed, batch_no, layer]
+            if retriever == "exact":
+                sels.append(ExactSelector(tail_bound=tail_bound))
+            elif retriever == "simulated":
+                import numpy as np
+                sels.append(SimulatedRecallSelector(recall, seed=np.random.default_rng(s)))
+            else:
+                sels.append(LorannSelector(n_clusters=n_clusters, clusters_to_search=to_search,
+                                           points_to_rerank=rerank, rank=rank,
+                                           refit_factor=None if no_refit else refit_factor,
+                                           tail_bound=tail_bound, seed=seed))
+        return sels
+
+    res = evaluate_decoding(model, inputs, targets, make_selectors=make, prompt_len=prompt_len,
+                            topk=k_eval, batch_size=batch_size)
+    out = {"retriever": retriever, "k": k_eval, "accuracy": res["accuracy"], "recall": res["recall"],
+           "mean_k": res["mean_k"], "seconds": res["seconds"], "target_recall": recall,
+           "tail_bound": tail_bound, "certified_fraction": res["certified_fraction"],
+           "k_quantiles": res["k_quantiles"], "k_hist": res["k_hist"], "n_sequences": len(inputs),
+           "n_scored": res["n_scored"], "prompt_len": prompt_len, "task": cfg.task,
+           "train_k": cfg.k, "train_forget_rate": cfg.forget_rate, "per_layer": res["per_layer"]}
+    if retriever == "lorann":
+        out["index"] = {"clusters": clusters, "clusters_to_search": to_search, "rerank": rerank,
+                        "rank": rank, "refit_factor": None if no_refit else refit_factor}
+    if as_json:
+        click.echo(json.dumps(out, sort_keys=True))
+        return
+    rows = [("run", run_dir), ("task", cfg.task), ("retriever", retriever), ("k", k_eval)]
+    if recall is not None:
+        rows.append(("target recall", f"{recall:.3f}"))
+    if tail_bound is not None:
+        cf = res["certified_fraction"]
+        rows += [("tail bound", tail_bound), ("k p10/p50/p90", "/".join(str(v) for v in res["k_quantiles"].values())),
+                 ("certified rows", "-" if cf is None else f"{cf:.3f}")]
+    acc = res["accuracy"]
+    rows += [("accuracy", "nan" if math.isnan(acc) else f"{acc:.4f}"), ("measured recall", f"{res['recall']:.4f}"),
+             ("mean k", f"{res['mean_k']:.2f}"), ("sequences", len(inputs)), ("scored tokens", res["n_scored"]),
+             ("seconds", f"{res['seconds']:.1f}")]
+    w = max(len(r[0]) for r in rows)
+    for name, val in rows:
+        click.echo(f"{name:<{w}}  {val}")
