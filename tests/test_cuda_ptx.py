@@ -41,9 +41,12 @@ def _signatures():
         out.append((f"bwd_rows[{dchar}]", sparse_backward._rows_kernel(64, 64, dchar),
                     (arr(dt, 4),) * 5 + (arr(i64, 4), arr(dt, 3), f64, arr(dt, 2), arr(dt, 2),
                                          arr(dt, 4))))
+        out.append((f"bwd_pieces[{dchar}]", sparse_backward._pieces_kernel(dchar),
+                    (arr(dt, 4), arr(dt, 4), arr(dt, 2), arr(dt, 2), arr(i64, 1), arr(i64, 1),
+                     arr(i64, 1), arr(i64, 1), i64, i64, arr(dt, 2), arr(dt, 2))))
         out.append((f"bwd_keys[{dchar}]", sparse_backward._keys_kernel(dchar),
                     (arr(dt, 4), arr(dt, 4), arr(dt, 2), arr(dt, 2), arr(i64, 1), arr(i64, 1),
-                     i64, arr(dt, 4), arr(dt, 4))))
+                     arr(i64, 1), i64, i64, arr(dt, 2), arr(dt, 2), arr(dt, 4), arr(dt, 4))))
         for lay in ("C", "A"):  # the latent cache may be a strided view
             out.append((f"mla_scores[{dchar},{lay}]", mla_decode._scores_kernel(16, dchar),
                         (arr(dt, 3), arr(dt, 3, lay), f64, arr(dt, 3))))

@@ -8,13 +8,16 @@ Dv value dim, K index slots per query (-1 = empty), R = B*H*T rows, E = R*K entr
     ds_i  = p_i (dp_i - delta) scale
     dq    = sum_i ds_i k_{idx_i};  dk_j = sum_{(r,i): idx=j} ds_i q_r;  dv_j = sum p_i dout_r
 
-Kernel 1 (one thread per query row) computes p, ds (E,) and dq.  Kernel 2 gathers dk, dv
-per key by a **deterministic segmented reduction**, not atomics: the E entries are sorted
-by key (a sort on unique composite keys, so the order never depends on the sort
-algorithm), and one thread per (key, feature) sums its key's segment in that fixed order.
-Why: float atomics add in a run-dependent order (results differ in the last bits between
-runs), and the keys that many rows share (sinks, the window, popular keys) would serialise
-thousands of atomics on one address; the sort costs O(E log E) on O(T K) memory.
+Kernel 1 (one thread per query row) computes p, ds (E,) and dq.  dk, dv are gathered per
+key by a **deterministic segmented reduction**, not atomics: the E entries are sorted by
+key (a sort on unique composite keys, so the order never depends on the sort algorithm);
+a key's segment longer than PIECE entries (sinks: every row selects them) is cut into
+pieces of PIECE entries that one thread per (piece, feature) sums (kernel 2), and one
+thread per (key, feature) then adds its key's short segment, or its pieces' partial
+sums, in that fixed order (kernel 3).  Why: float atomics add in a run-dependent order
+(results differ in the last bits between runs), and the keys that many rows share
+(sinks, the window, popular keys) would serialise thousands of atomics on one address;
+the sort costs O(E log E) and the pieces O(E / PIECE) memory, all O(T K).
 Rows whose lse is NaN get a NaN dq and send nothing to dk/dv; rows with no key get zeros.
 Reference: :func:`topkattn.sparse_attention.sparse_attention_backward` (itself checked
 against float64 finite differences of :func:`topkattn.reference.topk_attention_reference`).
@@ -28,6 +31,7 @@ from numba import cuda, types
 from topkattn.cuda.launch import array_module, cdiv, launch, simulator_enabled
 
 THREADS = 128
+PIECE = 512  # longest segment one thread sums directly (4 under the simulator)
 
 
 def sparse_backward(dout, q, k, v, idx, out, lse, scale):
@@ -55,7 +59,19 @@ def sparse_backward(dout, q, k, v, idx, out, lse, scale):
            q, k, v, dout, out, idx, lse, float(scale), p, ds, dq)
     order, seg = key_segments(xp, idx, G, S)
     DM = max(D, Dv)
-    launch(_keys_kernel(q.dtype.char), cdiv(NK * DM, threads), threads, q, dout, p, ds, order, seg, K, dk, dv)
+    piece = 4 if simulator_enabled() else PIECE
+    E = R * K
+    lens = seg[1:] - seg[:-1]  # (NK,) entries per key
+    n_pieces = xp.where(lens > piece, (lens + piece - 1) // piece, 0)  # long segments only
+    pstart = xp.concatenate([xp.zeros(1, dtype=xp.int64), xp.cumsum(n_pieces)])  # (NK + 1,)
+    NP = 2 * (E // piece) + 1  # >= the number of pieces, known without a device sync
+    piece_key = xp.searchsorted(pstart[1:], xp.arange(NP, dtype=xp.int64), side="right")
+    part_k = xp.empty((NP, D), dtype=q.dtype)
+    part_v = xp.empty((NP, Dv), dtype=q.dtype)
+    launch(_pieces_kernel(q.dtype.char), cdiv(NP * DM, threads), threads, q, dout, p, ds, order,
+           seg, pstart, piece_key.astype(xp.int64), piece, K, part_k, part_v)
+    launch(_keys_kernel(q.dtype.char), cdiv(NK * DM, threads), threads, q, dout, p, ds, order,
+           seg, pstart, piece, K, part_k, part_v, dk, dv)
     return dq, dk, dv
 
 
@@ -137,18 +153,67 @@ def _rows_kernel(D, Dv, dchar):
     return rows_kernel
 
 
+@cuda.jit(device=True)
+def _segment_sums(q, dout, p, ds, order, u0, u1, K, d, acc_k, acc_v):
+    """(acc_k, acc_v) plus the dk, dv contributions of sorted entries u0 .. u1 - 1 at feature d."""
+    H, T, D = q.shape[1], q.shape[2], q.shape[3]
+    Dv = dout.shape[3]
+    for u in range(u0, u1):
+        e = order[u]
+        r = e // K
+        i = e - r * K
+        pr = p[r, i]
+        if pr == 0:  # nothing to send (also keeps NaN rows, p = 0, out of dk/dv)
+            continue
+        rb = r // (H * T)
+        rh = (r // T) % H
+        rt = r % T
+        if d < D:
+            acc_k += ds[r, i] * q[rb, rh, rt, d]
+        if d < Dv:
+            acc_v += pr * dout[rb, rh, rt, d]
+    return acc_k, acc_v
+
+
+@functools.lru_cache(maxsize=None)
+def _pieces_kernel(dchar):
+    cast = np.float32 if dchar == "f" else np.float64
+
+    @cuda.jit
+    def pieces_kernel(q, dout, p, ds, order, seg, pstart, piece_key, piece, K, part_k, part_v):
+        x = cuda.grid(1)
+        D, Dv = q.shape[3], dout.shape[3]
+        DM = max(D, Dv)
+        NP = part_k.shape[0]
+        if x >= NP * DM:
+            return
+        pc = x // DM
+        d = x - pc * DM
+        key = piece_key[pc]
+        if key >= seg.shape[0] - 1:
+            return  # beyond the last piece
+        u0 = seg[key] + (pc - pstart[key]) * piece
+        u1 = min(seg[key + 1], u0 + piece)
+        acc_k, acc_v = _segment_sums(q, dout, p, ds, order, u0, u1, K, d, cast(0), cast(0))
+        if d < D:
+            part_k[pc, d] = acc_k
+        if d < Dv:
+            part_v[pc, d] = acc_v
+
+    return pieces_kernel
+
+
 @functools.lru_cache(maxsize=None)
 def _keys_kernel(dchar):
     cast = np.float32 if dchar == "f" else np.float64
 
     @cuda.jit
-    def keys_kernel(q, dout, p, ds, order, seg, K, dk, dv):
+    def keys_kernel(q, dout, p, ds, order, seg, pstart, piece, K, part_k, part_v, dk, dv):
         x = cuda.grid(1)
-        B, H, T, D = q.shape
+        D, Dv = q.shape[3], dout.shape[3]
         G, S = dk.shape[1], dk.shape[2]
-        Dv = dv.shape[3]
         DM = max(D, Dv)
-        if x >= B * G * S * DM:
+        if x >= dk.shape[0] * G * S * DM:
             return
         key = x // DM
         d = x - key * DM
@@ -157,20 +222,15 @@ def _keys_kernel(dchar):
         j = key % S
         acc_k = cast(0)
         acc_v = cast(0)
-        for u in range(seg[key], seg[key + 1]):
-            e = order[u]
-            r = e // K
-            i = e - r * K
-            rb = r // (H * T)
-            rh = (r // T) % H
-            rt = r % T
-            pr = p[r, i]
-            if pr == 0:  # nothing to send (also keeps NaN rows, p = 0, out of dk/dv)
-                continue
-            if d < D:
-                acc_k += ds[r, i] * q[rb, rh, rt, d]
-            if d < Dv:
-                acc_v += pr * dout[rb, rh, rt, d]
+        if seg[key + 1] - seg[key] > piece:  # long segment: add its pieces in order
+            for pc in range(pstart[key], pstart[key + 1]):
+                if d < D:
+                    acc_k += part_k[pc, d]
+                if d < Dv:
+                    acc_v += part_v[pc, d]
+        else:
+            acc_k, acc_v = _segment_sums(q, dout, p, ds, order, seg[key], seg[key + 1], K, d,
+                                         acc_k, acc_v)
         if d < D:
             dk[b, g, j, d] = acc_k
         if d < Dv:
