@@ -34,21 +34,22 @@ def _clusters(value):
     try:
         v = int(value)
     except ValueError:
-        raise click.BadParameter(f"must be an integer >= 1 or 'auto', got {value!r}") from None
+        v = 0
     if v < 1:
-        raise click.BadParameter(f"must be an integer >= 1 or 'auto', got {value!r}")
+        raise click.BadParameter(f"--clusters must be an integer >= 1 or 'auto', got {value!r}")
     return v
 
 
 def _search(value):
+    msg = f"--clusters-to-search must be an integer >= 1 or a fraction in (0, 1], got {value!r}"
     try:
         v = float(value)
     except ValueError:
-        raise click.BadParameter(f"must be a number, got {value!r}") from None
+        raise click.BadParameter(msg) from None
     if v >= 1 and v == int(v) and "." not in str(value):
         return int(v)
     if not 0 < v <= 1:
-        raise click.BadParameter(f"must be an integer >= 1 (clusters) or a fraction in (0, 1], got {value!r}")
+        raise click.BadParameter(msg)
     return v
 
 
@@ -110,7 +111,7 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, n_sequences, batch_
         n_clusters = _clusters(clusters)
         to_search = _search(search)
     except click.BadParameter as e:
-        raise _OneLineUsageError(f"invalid lorann option: {e.format_message()}", ctx) from None
+        raise _OneLineUsageError(e.message, ctx) from None
     path = os.path.join(run_dir, CHECKPOINT_NAME)
     if not os.path.exists(path):
         raise _OneLineUsageError(f"no checkpoint at {path} (RUN_DIR must be a train-toy --out folder)", ctx)

@@ -1,0 +1,120 @@
+"""`topkattn eval`: accuracy of token-by-token decoding against the model's own forward pass,
+LoRANN at full recall == exact, simulated recall, dynamic k, and one-line errors."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from topkattn.cli.main import main
+from topkattn.tasks import IGNORE
+from topkattn.train import TrainConfig, heldout_set, make_task, train
+
+N_SEQ = 6
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(task="mqar", k=3, layers=1, d_model=16, heads=2, seq_len=16, steps=3,
+                      batch_size=4, vocab_size=16, num_kv_pairs=2, eval_size=N_SEQ, warmup_steps=1)
+    res = train(cfg, out_dir=str(out))
+    return str(out), cfg, res.model
+
+
+def _eval(args):
+    r = CliRunner().invoke(main, ["eval", *args])
+    return r
+
+
+def _json(args):
+    r = _eval([*args, "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output.strip().splitlines()[-1])
+
+
+def _forward_accuracy(model, cfg, topk):
+    """Accuracy of the full (training-path) forward in eval mode: the reference for exact decode."""
+    x, y = heldout_set(make_task(cfg), cfg)
+    layer = model.blocks[0].attn
+    old = layer.topk
+    layer.topk = topk
+    try:
+        logits = model.eval().forward(x[:N_SEQ])
+    finally:
+        layer.topk = old
+    keep = y[:N_SEQ] != IGNORE
+    return float((logits.argmax(-1)[keep] == y[:N_SEQ][keep]).mean())
+
+
+def test_exact_decode_accuracy_equals_forward(run):
+    path, cfg, model = run
+    out = _json([path, "--retriever", "exact", "--n-sequences", str(N_SEQ), "--batch-size", "4"])
+    for key in ("retriever", "k", "accuracy", "recall", "mean_k", "seconds"):
+        assert key in out
+    assert out["retriever"] == "exact" and out["k"] == cfg.k
+    assert out["recall"] == 1.0
+    assert out["accuracy"] == pytest.approx(_forward_accuracy(model, cfg, cfg.k), abs=1e-12)
+    # decode steps after the prompt (4 tokens): rows see t + 1 keys, k = 3 -> every row takes 3
+    assert out["mean_k"] == pytest.approx(3.0)
+
+
+def test_lorann_full_recall_and_simulated_recall_one_equal_exact(run):
+    path, cfg, _ = run
+    base = [path, "--n-sequences", str(N_SEQ)]
+    ex = _json([*base, "--retriever", "exact"])
+    lo = _json([*base, "--retriever", "lorann", "--clusters-to-search", "1.0", "--rerank", "100000",
+                "--clusters", "2"])
+    sim = _json([*base, "--retriever", "simulated", "--recall", "1.0"])
+    assert lo["accuracy"] == ex["accuracy"] and lo["recall"] == 1.0
+    assert sim["accuracy"] == ex["accuracy"] and sim["recall"] == 1.0
+    assert lo["index"]["rerank"] == 100000
+
+
+def test_simulated_recall_is_measured(run):
+    path, _, _ = run
+    out = _json([path, "--retriever", "simulated", "--recall", "0.5", "--n-sequences", str(N_SEQ)])
+    # rows x 3 slots (~300 draws): the measured recall is within 4 sigma of 0.5
+    assert abs(out["recall"] - 0.5) < 4 * np.sqrt(0.25 / 300)
+    assert out["target_recall"] == 0.5
+
+
+def test_dynamic_k_zero_tail_is_dense_attention(run):
+    """tail_bound 0 with a cap above the sequence takes every key: dense attention accuracy."""
+    path, cfg, model = run
+    out = _json([path, "--retriever", "exact", "--k", "64", "--tail-bound", "0", "--n-sequences", str(N_SEQ)])
+    T, prompt = cfg.seq_len, 2 * cfg.num_kv_pairs
+    assert out["mean_k"] == pytest.approx(np.mean(np.arange(prompt, T) + 1))
+    assert out["certified_fraction"] == 1.0
+    assert out["accuracy"] == pytest.approx(_forward_accuracy(model, cfg, None), abs=1e-12)
+
+
+def test_table_output(run):
+    path, _, _ = run
+    r = _eval([path, "--retriever", "simulated", "--recall", "0.9", "--n-sequences", "2"])
+    assert r.exit_code == 0, r.output
+    lines = dict(line.split(None, 1) if len(line.split(None, 1)) == 2 else (line, "")
+                 for line in r.output.splitlines())
+    assert lines["retriever"].strip() == "simulated"
+    assert "accuracy" in lines
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--retriever", "simulated"], "needs --recall"),
+    (["--retriever", "exact", "--recall", "0.5"], "applies only"),
+    (["--retriever", "lorann", "--clusters", "zero"], "clusters"),
+    (["--retriever", "lorann", "--clusters-to-search", "1.5"], "fraction"),
+])
+def test_usage_errors_are_one_line(run, args, msg):
+    path, _, _ = run
+    r = _eval([path, *args])
+    assert r.exit_code == 2
+    assert msg in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    r = _eval([str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "no checkpoint" in r.output
+    (tmp_path / "checkpoint.npz").write_bytes(b"not a zip")
+    r = _eval([str(tmp_path)])
+    assert r.exit_code == 1 and "corrupted" in r.output
