@@ -30,7 +30,8 @@ from topkattn.backend import to_numpy  # noqa: E402
 from topkattn.cuda.lorann_score import lorann_arrays, lorann_score, lorann_search  # noqa: E402
 from topkattn.cuda.mla_decode import attend_selected, cuda_topk_selector, mla_decode  # noqa: E402
 from topkattn.cuda.sparse_backward import sparse_backward  # noqa: E402
-from topkattn.cuda.topk_forward import MAX_RANKED, topk_forward, topk_forward_tiled  # noqa: E402
+from topkattn.cuda.topk_forward import (  # noqa: E402
+    MAX_RANKED, topk_forward, topk_forward_auto, topk_forward_tiled)
 from topkattn.cuda.topk_select import topk_select  # noqa: E402
 from topkattn.layers.decode import exact_topk_selector  # noqa: E402
 from topkattn.reference import masked_attention_reference, rank_row, topk_attention_reference  # noqa: E402
@@ -169,6 +170,24 @@ def test_tiled_forward_matches_fused(case):
     np.testing.assert_array_equal(host(tiled[1]), host(fused[1]))
     for a, b in ((tiled[0], fused[0]), (tiled[2], fused[2])):
         np.testing.assert_allclose(host(a), host(b), rtol=1e-12, atol=1e-13)
+
+
+def test_auto_forward_picks_tiled_for_few_long_rows(monkeypatch):
+    import topkattn.cuda.topk_forward as tf
+
+    calls = []
+    monkeypatch.setattr(tf, "topk_forward_tiled",
+                        lambda *a, **kw: calls.append("tiled") or topk_forward_tiled(*a, **kw))
+    rng = np.random.default_rng(20)
+    q, k, v = _qkv(rng, 1, 2, 1, 1, 40, 4, 4, np.float64)  # decode-like: 2 rows, 40 keys
+    kw = dict(topk=3, sinks=1, scale=0.5)
+    want = topk_forward(dev(q), dev(k), dev(v), **kw)
+    for few, long_, path in ((16, 32, ["tiled"]), (1, 1000, [])):
+        calls.clear()
+        got = topk_forward_auto(dev(q), dev(k), dev(v), few_rows=few, long_rows=long_, **kw)
+        assert calls == path
+        np.testing.assert_array_equal(host(got[1]), host(want[1]))
+        np.testing.assert_allclose(host(got[0]), host(want[0]), rtol=1e-12, atol=1e-13)
 
 
 def test_forward_topk_at_least_S_is_dense_causal():

@@ -74,6 +74,17 @@ def topk_forward(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget
     return out, idx, lse
 
 
+def topk_forward_auto(q, k, v, *, few_rows=16384, long_rows=2048, **kw):
+    """:func:`topk_forward` (fused), or :func:`topk_forward_tiled` when there are fewer than
+    ``few_rows`` query rows B*H*T over at least ``long_rows`` keys: the fused kernel runs one
+    thread per query row, too few to fill a GPU for decode-like shapes, while the tiled
+    path splits each long row over many threads.  Same results either way (tested)."""
+    B, H, T = q.shape[:3]
+    if B * H * T < few_rows and k.shape[2] >= long_rows:
+        return topk_forward_tiled(q, k, v, **kw)
+    return topk_forward(q, k, v, **kw)
+
+
 def topk_forward_tiled(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget_rate=0.0,
                        seed=None, tile_bytes=None):
     """The same contract as :func:`topk_forward`, scoring with matmul tiles instead.
@@ -280,4 +291,4 @@ def _forward_kernel(MCAP, D, Dv, TQ, TS, dchar):
     return forward_kernel
 
 
-__all__ = ["topk_forward", "topk_forward_tiled", "check_limits", "fits", "MAX_RANKED", "MAX_DIM"]
+__all__ = ["topk_forward", "topk_forward_tiled", "topk_forward_auto", "check_limits", "fits", "MAX_RANKED", "MAX_DIM"]
