@@ -80,9 +80,9 @@ def topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, temperatur
     if topk == "auto":
         idx, info = select_dynamic_topk(q, k, tail_bound=float(tail_bound), max_topk=max_topk, **common)
     elif _use_cuda(impl, q, v, min(int(topk), k.shape[2])):
-        from topkattn.cuda.topk_forward import topk_forward
+        from topkattn.cuda.topk_forward import topk_forward_auto
 
-        out, idx, lse = topk_forward(q, k, v, topk=int(topk), scale=eff_scale,
+        out, idx, lse = topk_forward_auto(q, k, v, topk=int(topk), scale=eff_scale,
                                      forget_rate=float(forget_rate), seed=seed,
                                      **{n: common[n] for n in ("causal", "sinks", "window")})
         saved = TopkAttentionSaved(q, k, v, idx, out, lse, eff_scale)
