@@ -11,7 +11,29 @@ Q queries, W clusters searched per query, K results.
 
 Distances follow the reference: ``ip`` returns ``-q.x`` and ``l2`` returns the
 squared Euclidean distance, both ascending (best first).  Ids are int64, padded
-with -1 (distance +inf) when fewer than k points are reachable.
+with -1 (distance +inf) when fewer than k points are reachable; ties go to the
+lower id.
+
+Implementation notes
+- Model fit: the right singular vectors of the fitted values X beta come from the
+  (G, G) eigenproblem of F beta beta^T F^T with F^T F = X^T X, so a cluster costs
+  O(M G^2 + N G^2) and the (M, N) fitted-value matrix is never formed.
+- Quantisation: A (per rank component) and B (per point) are stored as 8- or
+  4-bit codes with one float32 scale per row; scoring uses exactly the
+  dequantised values (kept as a float32 cache, R floats per point, because BLAS
+  and Numba have no fast int8 GEMM); queries stay in float32.
+- Search: 1-2 queries run a fused serial Numba kernel, up to 16 a query-parallel
+  one; larger batches group queries by cluster, run two single-threaded BLAS
+  GEMMs per visited cluster (clusters split over a thread pool) and select /
+  re-rank in a parallel Numba kernel.  CuPy queries take a padded dense path.
+- Streaming ``add``: a point joins its nearest centroid and gets the B column
+  P_c (T^T x), the least-squares fit of its inner products over the cluster's
+  training queries (exact for points the model was trained on).  The cluster's
+  basis V is kept until a refit.  Measured cost (benchmarks/bench_ann.py
+  --add-fraction 0.3: build on 70k attention-like keys, add 30k one at a time):
+  recall@10 at clusters_to_search=24 falls by 0.010 (points_to_rerank=50:
+  0.870 vs 0.879 for a full build) and by 0.003 without re-ranking; refit()
+  recovers it (0.882).  Lazy refits (``refit_growth``) bound the drift.
 """
 import contextlib
 import os
@@ -213,6 +235,7 @@ class LorannIndex:
                 self._slot_id[lo:lo + len(mem)] = mem
                 self._store_fit(ci, *fitted)
         self._approximate = bool(approximate)
+        self._n_fitted = self._n  # every model is current (skips stale checks at search)
         self.built = True
         self._device = {}
 
@@ -334,7 +357,11 @@ class LorannIndex:
     def _search_cpu(self, q, k, w, rr):
         nq = len(q)
         qr = np.ascontiguousarray(self._reduce(q), np.float32)  # (Q, G)
-        top = self._route(qr, w, np)  # (Q, W)
+        if nq <= FUSED_MAX_QUERIES:
+            top = np.empty((nq, w), np.int64)
+            kernels.route_small(qr, self._cent, self._cnorm, self.distance == "l2", w, top)
+        else:
+            top = self._route(qr, w, np)  # (Q, W)
         self._lazy_refit(top)
         m = max(k, rr)
         ids = np.full((nq, k), -1, np.int64)
@@ -342,7 +369,7 @@ class LorannIndex:
         l2 = self.distance == "l2"
         if nq <= FUSED_MAX_QUERIES:
             fn = kernels.fused_search_serial if nq <= SERIAL_MAX_QUERIES else kernels.fused_search
-            fn(qr, q, top.astype(np.int64), self._adeq, self._bdeq, self._start, self._size,
+            fn(qr, q, top, self._adeq, self._bdeq, self._start, self._size,
                self._slot_id, self._norms, l2, self._data, m, k, rr > 0, ids, scores)
             return ids, scores
         with _blas_single_thread():
@@ -540,10 +567,12 @@ class LorannIndex:
             beta = self._reduce(self._data[pid]).T  # (G, n_c)
             with _blas_single_thread():
                 self._fit(c, beta, self._gram[c].astype(np.float64))
+        if np.array_equal(self._size, self._fit_size):
+            self._n_fitted = self._n
         self._device = {}
 
     def _stale_in(self, top):
-        if self.refit_growth is None:
+        if self.refit_growth is None or self._n == self._n_fitted:
             return np.empty(0, np.int64)
         grown = self._size > self._fit_size * (1 + self.refit_growth)
         if not grown.any():

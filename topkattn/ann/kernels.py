@@ -86,6 +86,8 @@ def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s)
             acc += q[t] * data[pid, t]
         if l2:
             acc = 2 * acc - norms[pid]
+        if n == k and acc < hs[0]:
+            continue
         n = _push(hs, hi, n, k, acc, pid)
     _drain_sorted(hs, hi, n, out_s[qi], out_i[qi])
 
@@ -106,15 +108,21 @@ def select_rerank(buf, base, length, pstart, slot_id, norms, l2, data, queries, 
         hs = np.empty(m, np.float32)
         hi = np.empty(m, np.int64)
         n = 0
+        full = False
+        thresh = np.float32(0.0)  # the heap's worst score once it is full
         for j in range(w):
             b0 = base[qi, j]
             p0 = pstart[qi, j]
             for t in range(length[qi, j]):
-                pid = slot_id[p0 + t]
                 s = buf[b0 + t]
                 if l2:
-                    s = 2 * s - norms[pid]
-                n = _push(hs, hi, n, m, s, pid)
+                    s = 2 * s - norms[slot_id[p0 + t]]
+                if full and s < thresh:  # most candidates stop here
+                    continue
+                n = _push(hs, hi, n, m, s, slot_id[p0 + t])
+                if n == m:
+                    full = True
+                    thresh = hs[0]
         cs = np.empty(n, np.float32)
         ci = np.empty(n, np.int64)
         _drain_sorted(hs, hi, n, cs, ci)
@@ -131,6 +139,8 @@ def _fused_one(qi, qr, queries, clusters, adeq, bdeq, start, size, slot_id, norm
     hi = np.empty(m, np.int64)
     tq = np.empty(r, np.float32)
     n = 0
+    full = False
+    thresh = np.float32(0.0)  # the heap's worst score once it is full
     for j in range(w):
         c = clusters[qi, j]
         tq[:] = 0
@@ -143,10 +153,14 @@ def _fused_one(qi, qr, queries, clusters, adeq, bdeq, start, size, slot_id, norm
             acc = np.float32(0.0)
             for v in range(r):
                 acc += tq[v] * bdeq[p0 + t, v]
-            pid = slot_id[p0 + t]
             if l2:
-                acc = 2 * acc - norms[pid]
-            n = _push(hs, hi, n, m, acc, pid)
+                acc = 2 * acc - norms[slot_id[p0 + t]]
+            if full and acc < thresh:  # most candidates stop here
+                continue
+            n = _push(hs, hi, n, m, acc, slot_id[p0 + t])
+            if n == m:
+                full = True
+                thresh = hs[0]
     cs = np.empty(n, np.float32)
     ci = np.empty(n, np.int64)
     _drain_sorted(hs, hi, n, cs, ci)
@@ -185,6 +199,8 @@ def exact_topk(scores, k, out_i, out_s):
         hi = np.empty(k, np.int64)
         n = 0
         for t in range(nn):
+            if n == k and scores[qi, t] < hs[0]:
+                continue
             n = _push(hs, hi, n, k, scores[qi, t], t)
         _drain_sorted(hs, hi, n, out_s[qi], out_i[qi])
 
@@ -230,3 +246,28 @@ def quantize_row_into(b, levels, codes, deq):
         codes[v] = np.int8(q)
         deq[v] = np.float32(np.int8(q)) * scale
     return scale
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def route_small(qr, cent, cnorm, l2, w, out):
+    """The w best clusters of each query, best first (ties to the lower cluster).
+
+    qr (Q, G), cent (C, G), out (Q, W) int64.  For a few queries, where the
+    NumPy call overhead of ``LorannIndex._route`` dominates.
+    """
+    nc, g = cent.shape
+    hs = np.empty(w, np.float32)
+    hi = np.empty(w, np.int64)
+    ss = np.empty(w, np.float32)
+    for qi in range(qr.shape[0]):
+        n = 0
+        for j in range(nc):
+            s = np.float32(0.0)
+            for u in range(g):
+                s += qr[qi, u] * cent[j, u]
+            if l2:
+                s = 2 * s - cnorm[j]
+            if n == w and s < hs[0]:
+                continue
+            n = _push(hs, hi, n, w, s, j)
+        _drain_sorted(hs, hi, n, ss, out[qi])

@@ -170,6 +170,7 @@ def load_index(cls, path):
             self._acodes.reshape(c * r, -1), self._ascale.ravel(), bits, g
         ).reshape(c, r, g).transpose(0, 2, 1))
         self._bdeq = quant.dequantize_rows(self._bcodes, self._bscale, bits, r)
+    self._n_fitted = self._n if np.array_equal(self._size, self._fit_size) else -1
     self.built = True
     self._device = {}
     return self
