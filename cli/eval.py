@@ -5,7 +5,6 @@ Thin: parses options, builds the selectors, prints the result; the work is
 """
 import json
 import math
-import os
 import sys
 
 import click
@@ -96,10 +95,9 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, n_sequences, batch_
               topkattn eval run/ --retriever lorann --clusters-to-search 0.5 --rerank 16 --json
               topkattn eval run/ --retriever exact --k 16 --tail-bound 0.01
     """
-    from topkattn.checkpoint import CheckpointError, load_training_state
-    from topkattn.decoding import ExactSelector, LorannSelector, SimulatedRecallSelector, evaluate_decoding
-    from topkattn.model import Transformer
-    from topkattn.train import CHECKPOINT_NAME, TrainConfig, heldout_set, make_task, model_config
+    from topkattn.checkpoint import CheckpointError
+    from topkattn.decoding.runner import evaluate_decoding, load_run, selector_factory
+    from topkattn.train import heldout_set, make_task
 
     if retriever == "simulated" and recall is None:
         raise _OneLineUsageError("--retriever simulated needs --recall R", ctx)
@@ -112,46 +110,26 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, n_sequences, batch_
         to_search = _search(search)
     except click.BadParameter as e:
         raise _OneLineUsageError(e.message, ctx) from None
-    path = os.path.join(run_dir, CHECKPOINT_NAME)
-    if not os.path.exists(path):
-        raise _OneLineUsageError(f"no checkpoint at {path} (RUN_DIR must be a train-toy --out folder)", ctx)
     try:
-        state = load_training_state(path)
-        cfg = TrainConfig.from_dict(state["config"])
-    except (CheckpointError, ValueError, TypeError) as e:
+        cfg, model = load_run(run_dir)
+    except FileNotFoundError as e:
+        raise _OneLineUsageError(str(e), ctx) from None
+    except CheckpointError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
     task = make_task(cfg)
-    model = Transformer(model_config(cfg, task.vocab_size))
-    for name, p in model.params.items():
-        if name not in state["params"] or state["params"][name].shape != p.shape:
-            click.echo(f"Error: checkpoint {path} does not fit its own config (parameter {name!r})", err=True)
-            sys.exit(1)
-        p[...] = state["params"][name]
     k_eval = k if k is not None else cfg.k
     inputs, targets = heldout_set(task, cfg)
     inputs, targets = inputs[:n_sequences], targets[:n_sequences]
     if prompt_len is None:
         prompt_len = 2 * cfg.num_kv_pairs if cfg.task == "mqar" else inputs.shape[1] // 2
     prompt_len = min(prompt_len, inputs.shape[1])
-    n_layers = len(model.blocks)
-
-    def make(batch_no):
-        sels = []
-        for layer in range(n_layers):
-            s = [seed, batch_no, layer]
-            if retriever == "exact":
-                sels.append(ExactSelector(tail_bound=tail_bound))
-            elif retriever == "simulated":
-                import numpy as np
-                sels.append(SimulatedRecallSelector(recall, seed=np.random.default_rng(s)))
-            else:
-                sels.append(LorannSelector(n_clusters=n_clusters, clusters_to_search=to_search,
-                                           points_to_rerank=rerank, rank=rank,
-                                           refit_factor=None if no_refit else refit_factor,
-                                           tail_bound=tail_bound, seed=seed))
-        return sels
-
+    lorann = {}
+    if retriever == "lorann":
+        lorann = dict(n_clusters=n_clusters, clusters_to_search=to_search, points_to_rerank=rerank, rank=rank,
+                      refit_factor=None if no_refit else refit_factor)
+    make = selector_factory(retriever, len(model.blocks), recall=recall, tail_bound=tail_bound, seed=seed,
+                            **lorann)
     res = evaluate_decoding(model, inputs, targets, make_selectors=make, prompt_len=prompt_len,
                             topk=k_eval, batch_size=batch_size)
     out = {"retriever": retriever, "k": k_eval, "accuracy": res["accuracy"], "recall": res["recall"],

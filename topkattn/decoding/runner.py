@@ -15,8 +15,69 @@ import time
 import numpy as np
 
 from topkattn.backend import get_array_module, to_numpy
-from topkattn.decoding.selectors import DecodeStats
+from topkattn.decoding.lorann import LorannSelector
+from topkattn.decoding.selectors import DecodeStats, ExactSelector, SimulatedRecallSelector
 from topkattn.tasks import IGNORE
+
+
+def load_run(run_dir):
+    """``(train_cfg, model)`` of a train-toy run folder (its ``checkpoint.npz``), model on the CPU.
+
+    Raises FileNotFoundError without a checkpoint and
+    :class:`topkattn.checkpoint.CheckpointError` for a corrupt or ill-fitting one.
+    """
+    import os
+
+    from topkattn.checkpoint import CheckpointError, load_training_state
+    from topkattn.model import Transformer
+    from topkattn.train import CHECKPOINT_NAME, TrainConfig, make_task, model_config
+
+    path = os.path.join(run_dir, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path} (RUN_DIR must be a train-toy --out folder)")
+    state = load_training_state(path)
+    try:
+        cfg = TrainConfig.from_dict(state["config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from e
+    model = Transformer(model_config(cfg, make_task(cfg).vocab_size))
+    for name, p in model.params.items():
+        a = state["params"].get(name)
+        if a is None or a.shape != p.shape:
+            raise CheckpointError(f"checkpoint {path} does not fit its own config (parameter {name!r})")
+        p[...] = a
+    return cfg, model
+
+
+def selector_factory(retriever, n_layers, *, recall=None, tail_bound=None, seed=0, **lorann):
+    """``make(batch_number) -> [selector per layer]`` for :func:`evaluate_decoding`.
+
+    retriever: "exact", "simulated" (needs ``recall``; draws from
+    ``SeedSequence([seed, batch_number, layer])``) or "lorann" (``lorann`` keyword
+    arguments go to :class:`LorannSelector`).  ``tail_bound``: dynamic k (exact, lorann).
+    """
+    if retriever not in ("exact", "simulated", "lorann"):
+        raise ValueError(f"retriever must be 'exact', 'simulated' or 'lorann', got {retriever!r}")
+    if retriever == "simulated" and recall is None:
+        raise ValueError("retriever='simulated' needs recall")
+    if retriever == "simulated" and tail_bound is not None:
+        raise ValueError("tail_bound (dynamic k) works with retriever 'exact' or 'lorann'")
+    if lorann and retriever != "lorann":
+        raise ValueError(f"index settings {sorted(lorann)} apply only to retriever='lorann'")
+
+    def make(batch_no):
+        sels = []
+        for layer in range(n_layers):
+            if retriever == "exact":
+                sels.append(ExactSelector(tail_bound=tail_bound))
+            elif retriever == "simulated":
+                rng = np.random.default_rng([int(seed), int(batch_no), layer])
+                sels.append(SimulatedRecallSelector(recall, seed=rng))
+            else:
+                sels.append(LorannSelector(tail_bound=tail_bound, seed=int(seed) * 1000 + layer, **lorann))
+        return sels
+
+    return make
 
 
 def attention_layers(model):
