@@ -1,0 +1,137 @@
+"""The forgetful-masking experiment: does training with forgetful top-k make a model robust to
+an ANN index's missed keys at decode time?
+
+Trains MQAR models with ``train-toy``'s library function (:func:`topkattn.train.train`) at
+the same seed and budget -- one with forget rate 0, one (or more) with forgetting -- then
+decodes each held-out set token by token with
+
+  exact                  exact top-k
+  simulated R            each exact top-k key dropped with probability 1 - R, refilled from
+                         the next-ranked keys (R = 0.9, 0.8, 0.7)
+  lorann A / lorann B    a LoRANN index per sequence over the MLA latent cache, two settings
+
+and prints accuracy (and the measured recall of the selection against exact top-k) per
+model.  The claim under test: the forgetful model loses less accuracy as recall drops.
+
+Runs are cached: a folder under ``--runs`` whose ``metrics.json`` holds the same config is
+reused, so the table can be re-made without retraining.
+
+    python benchmarks/bench_forgetful.py --json forgetful.json
+    python benchmarks/bench_forgetful.py --forget-rates 0,0.15,0.3 --steps 1000 --n-sequences 256
+
+Set OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 on a small shared machine: thread pools
+there cost more than they bring for these tiny matrices.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from topkattn.decoding.runner import evaluate_decoding, load_run, selector_factory
+from topkattn.train import TrainConfig, heldout_set, make_task, train
+
+LORANN_SETTINGS = {
+    # about sqrt(N) clusters per index; probe a quarter of them, approximate scores only
+    "lorann A": dict(n_clusters=None, clusters_to_search=0.25, points_to_rerank=0, rank=16),
+    # probe half of them and re-rank 16 candidates exactly
+    "lorann B": dict(n_clusters=None, clusters_to_search=0.5, points_to_rerank=16, rank=16),
+}
+SIM_RECALLS = (0.9, 0.8, 0.7)
+
+
+def get_run(runs_dir, cfg, log):
+    """Train (or reuse) the run of ``cfg``; returns its folder."""
+    name = f"mqar_k{cfg.k}_f{cfg.forget_rate:g}_s{cfg.seed}_n{cfg.steps}"
+    out = os.path.join(runs_dir, name)
+    metrics = os.path.join(out, "metrics.json")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            m = json.load(f)
+        if m.get("config") == cfg.to_dict():
+            log(f"reusing {out} (held-out accuracy {m.get('accuracy'):.4f})")
+            return out, m
+    resume = os.path.exists(os.path.join(out, "checkpoint.npz"))
+    log(f"training {out} (forget_rate={cfg.forget_rate}, {cfg.steps} steps{', resuming' if resume else ''})")
+    t0 = time.perf_counter()
+
+    def progress(step, loss, lr, tps):
+        if step % 100 == 0:
+            log(f"  step {step}/{cfg.steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f} s)")
+
+    res = train(cfg, out_dir=out, resume=resume, checkpoint_every=50, progress=progress)
+    return out, res.metrics
+
+
+def evaluate_run(run_dir, settings, n_sequences, batch_size, seed, log):
+    cfg, model = load_run(run_dir)
+    x, y = heldout_set(make_task(cfg), cfg)
+    x, y = x[:n_sequences], y[:n_sequences]
+    prompt = 2 * cfg.num_kv_pairs
+    rows = {}
+    for name, (retriever, kw) in settings.items():
+        make = selector_factory(retriever, len(model.blocks), seed=seed, **kw)
+        r = evaluate_decoding(model, x, y, make_selectors=make, prompt_len=prompt, topk=cfg.k,
+                              batch_size=batch_size)
+        rows[name] = {k: r[k] for k in ("accuracy", "recall", "mean_k", "seconds", "n_scored")}
+        log(f"  {os.path.basename(run_dir)} {name:<14} accuracy {r['accuracy']:.4f} recall {r['recall']:.4f} "
+            f"({r['seconds']:.0f} s)")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--forget-rates", default="0,0.15", help="comma-separated; the first is the baseline")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-sequences", type=int, default=256, help="held-out sequences decoded per setting")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--runs", default="runs/forgetful", help="folder of the cached training runs")
+    ap.add_argument("--json", dest="json_path", default=None, help="write the table and settings here")
+    args = ap.parse_args(argv)
+    rates = [float(r) for r in args.forget_rates.split(",")]
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    settings = {"exact": ("exact", {})}
+    for r in SIM_RECALLS:
+        settings[f"simulated {r:g}"] = ("simulated", {"recall": r})
+    for name, kw in LORANN_SETTINGS.items():
+        settings[name] = ("lorann", kw)
+
+    results = {}
+    for rate in rates:
+        cfg = TrainConfig(task="mqar", k=args.k, forget_rate=rate, seed=args.seed, steps=args.steps)
+        run_dir, metrics = get_run(args.runs, cfg, log)
+        rows = evaluate_run(run_dir, settings, args.n_sequences, args.batch_size, args.seed, log)
+        results[f"{rate:g}"] = {"run": run_dir, "train_accuracy": metrics.get("accuracy"), "rows": rows}
+
+    # table: one line per decode setting; per model accuracy, drop from its exact accuracy, recall
+    heads = [f"forget {r}" for r in results]
+    print(f"MQAR (seq 64, 8 pairs), k={args.k}, {args.steps} steps, seed {args.seed}, "
+          f"{args.n_sequences} held-out sequences decoded token by token")
+    line = f"{'decode':<14}" + "".join(f" | {h:>28}" for h in heads)
+    print(line)
+    print(f"{'':<14}" + "".join(f" | {'acc':>8} {'drop':>8} {'recall':>9}" for _ in heads))
+    print("-" * len(line))
+    for name in settings:
+        cells = []
+        for rate, res in results.items():
+            row = res["rows"][name]
+            drop = res["rows"]["exact"]["accuracy"] - row["accuracy"]
+            cells.append(f" | {row['accuracy']:>8.4f} {drop:>+8.4f} {row['recall']:>9.4f}")
+        print(f"{name:<14}" + "".join(cells))
+    if args.json_path:
+        doc = {"benchmark": "forgetful", "k": args.k, "steps": args.steps, "seed": args.seed,
+               "n_sequences": args.n_sequences, "settings": {n: {"retriever": r, **kw} for n, (r, kw) in settings.items()},
+               "results": results}
+        with open(args.json_path, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+        log(f"wrote {args.json_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
