@@ -100,6 +100,9 @@ SAMPLE_PARAGRAPHS = (
 
 
 def eval_texts():
-    """The evaluation set: the 12 paragraphs and 6 two-paragraph texts (about 190-250 tokens)."""
+    """The evaluation set, 18 texts of about 95-250 tokens plus 12 shorter ones (about 45-80):
+    the 12 paragraphs, 6 two-paragraph texts, and the first three sentences of each paragraph."""
     P = SAMPLE_PARAGRAPHS
-    return list(P) + [P[i] + " " + P[i + 1] for i in range(0, len(P), 2)]
+    pairs = [P[i] + " " + P[i + 1] for i in range(0, len(P), 2)]
+    heads = [". ".join(p.split(". ")[:3]) + "." for p in P]
+    return list(P) + pairs + heads
