@@ -150,8 +150,12 @@ def test_quantize_rows_roundtrip():
     assert quant.quantize_rows(x, 4)[0].shape == (50, 5)
 
 
-@pytest.mark.parametrize("nq", [1, 8, 40])
-def test_numba_paths_match_dense_reference(built, data, nq):
+@pytest.mark.parametrize("nq,min_group", [(1, 64), (8, 64), (40, 10**6), (40, 0)])
+def test_numba_paths_match_dense_reference(built, data, nq, min_group, monkeypatch):
+    """Serial fused (1), parallel fused (8, 40) and GEMM-block (40, min_group=0) paths."""
+    from topkattn.ann import index as index_module
+
+    monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP", min_group)
     _, q = data
     qq = q[:nq]
     for rr in (0, 30):

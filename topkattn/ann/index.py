@@ -22,10 +22,11 @@ Implementation notes
   4-bit codes with one float32 scale per row; scoring uses exactly the
   dequantised values (kept as a float32 cache, R floats per point, because BLAS
   and Numba have no fast int8 GEMM); queries stay in float32.
-- Search: 1-2 queries run a fused serial Numba kernel, up to 16 a query-parallel
-  one; larger batches group queries by cluster, run two single-threaded BLAS
-  GEMMs per visited cluster (clusters split over a thread pool) and select /
-  re-rank in a parallel Numba kernel.  CuPy queries take a padded dense path.
+- Search: 1-2 queries run a fused serial Numba kernel, other batches a
+  query-parallel one unless each visited cluster gets >= 64 queries on average;
+  then queries are grouped by cluster, two single-threaded BLAS GEMMs run per
+  visited cluster (clusters split over a thread pool) and a parallel Numba
+  kernel selects and re-ranks.  CuPy queries take a padded dense path.
 - Streaming ``add``: a point joins its nearest centroid and gets the B column
   P_c (T^T x), the least-squares fit of its inner products over the cluster's
   training queries (exact for points the model was trained on).  The cluster's
@@ -50,6 +51,7 @@ SAMPLED_POINTS_PER_CLUSTER = 256
 GLOBAL_DIM_REDUCTION_SAMPLES = 16384
 FUSED_MAX_QUERIES = 16  # up to this many queries: fused Numba kernel, no BLAS
 SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up)
+BLOCK_MIN_GROUP = 64  # GEMM path only when clusters get this many queries on average
 _DISTANCES = ("ip", "l2")
 
 
@@ -326,7 +328,7 @@ class LorannIndex:
         else:
             data = self._dev(xp)["data"]
             s = self._exact_scores(q2, data)
-            order = _topk_xp(xp, s, xp.broadcast_to(xp.arange(self._n), s.shape), kk)
+            order = _topk_xp(xp, s, xp.tile(xp.arange(self._n), (len(q2), 1)), kk)
             ids = xp.full((len(q2), k), -1, xp.int64)
             scores = xp.full((len(q2), k), -np.inf, xp.float32)
             ids[:, :kk] = order
@@ -357,6 +359,7 @@ class LorannIndex:
     def _search_cpu(self, q, k, w, rr):
         nq = len(q)
         qr = np.ascontiguousarray(self._reduce(q), np.float32)  # (Q, G)
+        fused = nq <= FUSED_MAX_QUERIES or nq * w < BLOCK_MIN_GROUP * self.n_clusters
         if nq <= FUSED_MAX_QUERIES:
             top = np.empty((nq, w), np.int64)
             kernels.route_small(qr, self._cent, self._cnorm, self.distance == "l2", w, top)
@@ -367,7 +370,7 @@ class LorannIndex:
         ids = np.full((nq, k), -1, np.int64)
         scores = np.full((nq, k), -np.inf, np.float32)
         l2 = self.distance == "l2"
-        if nq <= FUSED_MAX_QUERIES:
+        if fused:
             fn = kernels.fused_search_serial if nq <= SERIAL_MAX_QUERIES else kernels.fused_search
             fn(qr, q, top, self._adeq, self._bdeq, self._start, self._size,
                self._slot_id, self._norms, l2, self._data, m, k, rr > 0, ids, scores)
@@ -554,7 +557,12 @@ class LorannIndex:
         return slice(lo, lo + p)
 
     def refit(self, clusters=None):
-        """Refit the reduced-rank models of ``clusters`` (default: every cluster with new points)."""
+        """Refit the reduced-rank models of ``clusters`` (default: every cluster with new points).
+
+        Uses the cluster's stored training-query Gram and its current members
+        with beta = T^T x (the ``approximate=True`` coefficients; without a global
+        reduction they are exact).  O(N_c G^2) per cluster.
+        """
         self._require_built()
         cl = self.stale_clusters if clusters is None else np.atleast_1d(
             np.asarray(clusters, np.int64))
