@@ -60,6 +60,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     clip_norm: float = 1.0
     beta2: float = 0.98
+    rope_base: float = 10000.0
     eval_size: int = 512          # held-out sequences (mqar) or windows (text)
 
     def __post_init__(self):
@@ -79,7 +80,7 @@ class TrainConfig:
             raise ValueError(f"d_model / heads must be at least 4, got {self.d_model}/{self.heads}")
         if not (isinstance(self.forget_rate, numbers.Real) and 0.0 <= self.forget_rate < 1.0):
             raise ValueError(f"forget_rate must be in [0, 1), got {self.forget_rate!r}")
-        for name in ("lr", "clip_norm"):
+        for name in ("lr", "clip_norm", "rope_base"):
             v = getattr(self, name)
             if not (isinstance(v, numbers.Real) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
@@ -118,7 +119,7 @@ def model_config(cfg, vocab_size):
         attention="mla", q_lora_rank=max(8, cfg.d_model // 2), kv_lora_rank=max(8, cfg.d_model // 2),
         qk_nope_dim=hd, qk_rope_dim=rope, v_head_dim=hd, ffn="swiglu", d_ff=2 * cfg.d_model,
         topk=cfg.k if cfg.attention == "topk" else None, forget_rate=float(cfg.forget_rate),
-        dtype="float32", seed=cfg.seed)
+        rope_base=float(cfg.rope_base), dtype="float32", seed=cfg.seed)
 
 
 def step_seed(seed, stream, step):
@@ -192,7 +193,7 @@ def _rng_state(cfg, step):
 
 
 def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100,
-          progress=None, log=None):
+          progress=None, log=None, eval_every=None):
     """Train a toy model; returns a :class:`TrainResult` (metrics, per-step losses, model).
 
     Args:
@@ -206,6 +207,7 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
       progress: called after every step as ``progress(step, loss, lr, tokens_per_s)``
         (step counts from 1).
       log: called with one-line messages (e.g. ``tqdm.write``).
+      eval_every: also evaluate on the held-out set every this many steps and ``log`` it.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -217,7 +219,7 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir (the folder holding checkpoint.npz)")
     log = log or (lambda msg: None)
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     xp = require_cupy() if device == "gpu" else np
 
     task = make_task(cfg)
@@ -277,6 +279,9 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
             progress(done, losses[-1], lr, (done - start) * tokens / max(elapsed, 1e-9))
         if done % checkpoint_every == 0 or done == cfg.steps:
             save(done)
+        if eval_every and done % eval_every == 0 and done < cfg.steps:
+            ev = evaluate(model, task, cfg)
+            log(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     if xp is not np:
         xp.cuda.Device().synchronize()
     train_seconds = time.perf_counter() - t_train
@@ -291,6 +296,7 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
         **ev,
         "tokens_per_s": steps_run * tokens / train_seconds if steps_run and train_seconds > 0 else None,
         "seconds": time.perf_counter() - t_start,
+        "cpu_seconds": time.process_time() - c_start,
         "steps_this_run": steps_run, "resumed_from": start if resume else None,
         "device": device, "n_params": model.n_params(),
         "config": cfg.to_dict(),
