@@ -124,6 +124,10 @@ def test_in_place_edit_after_forward_is_detected():
     kk.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+    out = topk_attention(q, k, v, topk=3)  # the output shares memory with the engine's saved copy
+    out.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_bad_inputs():

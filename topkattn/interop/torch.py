@@ -56,13 +56,14 @@ class _TopkAttention(torch.autograd.Function):
         with _stream_of(q):
             qe, ke, ve = to_engine(q), to_engine(k), to_engine(v)
             out, saved = topk_attention_forward(qe, ke, ve, **opts)
-        ctx.engine_saved = saved  # holds views of q, k, v, plus idx (B, H, T, K) and lse (B, H, T)
-        ctx.save_for_backward(q, k, v)  # lets autograd detect in-place edits of the inputs
-        return from_engine(out)
+        ctx.engine_saved = saved  # views of q, k, v and out, plus idx (B, H, T, K) and lse (B, H, T)
+        result = from_engine(out)  # shares memory with saved.out
+        ctx.save_for_backward(q, k, v, result)  # lets autograd detect in-place edits of any of them
+        return result
 
     @staticmethod
     def backward(ctx, dout):
-        q, _, _ = ctx.saved_tensors  # raises if q, k or v were modified in place since forward
+        q = ctx.saved_tensors[0]  # raises if q, k, v or out were modified in place since forward
         with _stream_of(q):
             dq, dk, dv = topk_attention_backward(to_engine(dout.contiguous()), ctx.engine_saved)
             grads = tuple(from_engine(g) for g in (dq, dk, dv))
