@@ -28,8 +28,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from topkattn.decoding.runner import evaluate_decoding, load_run, selector_factory
 from topkattn.train import TrainConfig, heldout_set, make_task, train
 

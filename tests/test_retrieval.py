@@ -12,7 +12,6 @@ from topkattn.decoding import (
     dynamic_k_from_ranked,
 )
 from topkattn.decoding.selectors import _Context, recall_hits
-from topkattn.layers.decode import attend_selected
 from topkattn.model import Transformer, TransformerConfig
 from topkattn.reference import dynamic_topk_reference, rank_row
 from topkattn.selection import apply_forgetting
@@ -108,10 +107,6 @@ def test_index_holds_exactly_the_candidates(P, W):
     toks = _tokens(T=20, seed=5)
     sels = [LorannSelector(n_clusters=2, clusters_to_search=1, refit_factor=None) for _ in range(2)]
     seen = []
-
-    class Spy(LorannSelector):
-        pass
-
     sel = sels[0]
     orig = sel._select
 

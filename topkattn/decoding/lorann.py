@@ -32,7 +32,7 @@ import numbers
 import numpy as np
 
 from topkattn.ann import LorannIndex
-from topkattn.backend import get_array_module, to_numpy
+from topkattn.backend import to_numpy
 from topkattn.decoding.dynamic import dynamic_k_from_ranked
 from topkattn.decoding.selectors import DecodeSelector, exact_select, forced_scores_lse
 from topkattn.selection import ranked_topm_xp
