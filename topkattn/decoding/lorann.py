@@ -240,7 +240,7 @@ class LorannSelector(DecodeSelector):
             return idx, k_row, None
         vals = xp.where(order >= 0, xp.take_along_axis(s, cols, axis=1).astype(xp.float64), -xp.inf)
         n_ret = (order >= 0).sum(axis=1)
-        upper = self._outside_upper(q_np, ctx.scale).reshape(B * H)
+        upper = self._outside_upper(to_numpy(query), ctx.scale).reshape(B * H)
         lse_f = forced_scores_lse(query, keys, ctx)
         kc, certified, nominal, rigorous = dynamic_k_from_ranked(
             vals, lse_f, xp.full(B * H, ctx.n_cand), tail_bound=self.tail_bound, max_topk=k_need,
@@ -253,9 +253,13 @@ class LorannSelector(DecodeSelector):
                               n_returned=n_ret.reshape(B, H))
         return idx, kc.reshape(B, H), certified.reshape(B, H)
 
-    def _outside_upper(self, q_np, scale):
-        """(B, H) upper bound on scale * q . key over every indexed key (Cauchy-Schwarz)."""
-        q = q_np.astype(np.float64)
+    def _outside_upper(self, query, scale):
+        """(B, H) upper bound on scale * q . key over every indexed key (Cauchy-Schwarz).
+
+        Taken over the whole key and over its latent and rope parts separately (the smaller
+        wins), with a relative slack of 1e-5 for the rounding of float32 scores.
+        """
+        q = np.asarray(query, dtype=np.float64)
         nm = self._norm_max  # (B, 3)
         whole = np.linalg.norm(q, axis=-1) * nm[:, None, 0]
         C = self._split
@@ -263,7 +267,7 @@ class LorannSelector(DecodeSelector):
             split = (np.linalg.norm(q[..., :C], axis=-1) * nm[:, None, 1]
                      + np.linalg.norm(q[..., C:], axis=-1) * nm[:, None, 2])
             whole = np.minimum(whole, split)
-        return whole * abs(scale)
+        return whole * abs(scale) * (1 + 1e-5)
 
 
 @contextlib.contextmanager
