@@ -237,7 +237,7 @@ class LorannIndex:
                 self._slot_id[lo:lo + len(mem)] = mem
                 self._store_fit(ci, *fitted)
         self._approximate = bool(approximate)
-        self._n_fitted = self._n  # every model is current (skips stale checks at search)
+        self._overgrown = set()  # clusters grown past refit_growth, refit when next visited
         self.built = True
         self._device = {}
 
@@ -554,6 +554,9 @@ class LorannIndex:
             self._used += cap
         lo = self._start[c] + self._size[c]
         self._size[c] += p
+        if self.refit_growth is not None and (
+                self._size[c] > self._fit_size[c] * (1 + self.refit_growth)):
+            self._overgrown.add(int(c))
         return slice(lo, lo + p)
 
     def refit(self, clusters=None):
@@ -575,19 +578,15 @@ class LorannIndex:
             beta = self._reduce(self._data[pid]).T  # (G, n_c)
             with _blas_single_thread():
                 self._fit(c, beta, self._gram[c].astype(np.float64))
-        if np.array_equal(self._size, self._fit_size):
-            self._n_fitted = self._n
+        self._overgrown.difference_update(int(c) for c in cl)
         self._device = {}
 
     def _stale_in(self, top):
-        if self.refit_growth is None or self._n == self._n_fitted:
+        """Overgrown clusters among those in ``top`` (O(1) when none is overgrown)."""
+        if not self._overgrown:
             return np.empty(0, np.int64)
-        grown = self._size > self._fit_size * (1 + self.refit_growth)
-        if not grown.any():
-            return np.empty(0, np.int64)
-        touched = np.zeros(self.n_clusters, bool)
-        touched[np.asarray(top).ravel()] = True
-        return np.flatnonzero(grown & touched)
+        grown = np.fromiter(self._overgrown, np.int64)
+        return grown[np.isin(grown, np.asarray(top))]
 
     def _lazy_refit(self, top):
         stale = self._stale_in(top)
