@@ -373,6 +373,8 @@ def test_bad_input(data):
         LorannIndex(x, 8, None, 8, 32)
     with pytest.raises(ValueError, match="non-finite"):
         LorannIndex(np.where(np.arange(32) == 3, np.nan, x[:100]), 8)
+    with pytest.raises(ValueError, match="float32 range"):
+        LorannIndex(np.full((20, 32), 1e39), 2, rank=4, train_size=1)
     with pytest.raises(ValueError, match="n_clusters"):
         LorannIndex(x[:10], 11, rank=4)
     with pytest.raises(ValueError, match="distance"):
@@ -393,6 +395,8 @@ def test_bad_input(data):
         ix.search(q[:, :31], 5, 2, 10)
     with pytest.raises(ValueError, match="non-finite"):
         ix.search(np.full(32, np.inf, np.float32), 5, 2, 10)
+    with pytest.raises(ValueError, match="float32 range"):
+        ix.search(np.full(32, -1e300), 5, 2, 10)
     with pytest.raises(ValueError, match="k must"):
         ix.search(q, 0, 2, 10)
     for bad in (0, 9):

@@ -107,7 +107,10 @@ class LorannIndex:
         self.balanced = bool(balanced)
         self.refit_growth = refit_growth
         self._rng = np.random.default_rng(seed)
-        self._data = np.array(data, dtype=np.float32, order="C")  # (N, D), capacity = len
+        with np.errstate(over="ignore"):  # overflow is reported below
+            self._data = np.array(data, dtype=np.float32, order="C")  # (N, D), capacity = len
+        if not np.isfinite(self._data).all():
+            raise ValueError("data has values outside the float32 range")
         self._n = n
         self._norms = np.einsum("nd,nd->n", self._data, self._data)  # (N,)
         self.built = False
@@ -162,7 +165,10 @@ class LorannIndex:
             if tq.shape[1] != d:
                 raise ValueError(
                     f"training_queries must have {d} columns, got shape {tq.shape}")
-            tq = np.ascontiguousarray(tq, dtype=np.float32)
+            with np.errstate(over="ignore"):
+                tq = np.ascontiguousarray(tq, dtype=np.float32)
+            if not np.isfinite(tq).all():
+                raise ValueError("training_queries has values outside the float32 range")
         say = print if verbose else (lambda *a, **k: None)
         # global dimensionality reduction: top principal directions of the queries
         if self.global_dim < d:
@@ -628,7 +634,10 @@ class LorannIndex:
             if not bool(xp.isfinite(q2).all()):
                 raise ValueError(f"{name} contains non-finite values")
         else:
-            q2 = np.ascontiguousarray(q2, dtype=np.float32)
+            with np.errstate(over="ignore"):  # overflow is reported below
+                q2 = np.ascontiguousarray(q2, dtype=np.float32)
+            if q2.dtype != q.dtype and not np.isfinite(q2).all():
+                raise ValueError(f"{name} has values outside the float32 range")
         return q2, single
 
     def _dev(self, xp):
