@@ -15,11 +15,12 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "
          "far", "away", ",", ".", "and", "then", "slept", "##s", "big", "red", "ball"]
 
 
-def torch_bert(weights, cfg, ids, topk=None):
+def torch_bert(weights, cfg, ids, topk=None, dense_layers=()):
     """Hidden states (B, T, C) of a BERT encoder in plain torch.nn.functional (the oracle).
 
     With ``topk`` every query keeps its ``topk`` highest scores (torch.topk) and the
-    softmax runs over those: the same math as the engine, written independently.
+    softmax runs over those (except in ``dense_layers``, non-negative indices): the same
+    math as the engine, written independently.
     """
     F = torch.nn.functional
     W = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
@@ -39,7 +40,7 @@ def torch_bert(weights, cfg, ids, topk=None):
 
         q, k, v = (lin(x, f"attention.self.{n}").view(B, T, H, D).transpose(1, 2) for n in ("query", "key", "value"))
         s = q @ k.transpose(-1, -2) / D ** 0.5  # (B, H, T, T)
-        if topk is not None and topk < T:
+        if topk is not None and topk < T and i not in dense_layers:
             keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(topk, -1).indices, True)
             s = s.masked_fill(~keep, float("-inf"))
         a = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, T, C)
@@ -116,6 +117,21 @@ def test_encoder_matches_torch_oracle_float64(model_dir, topk):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
     if topk is not None:  # top-k really changes the result
         assert np.max(np.abs(got - torch_bert(w, cfg, ids).numpy())) > 1e-3
+
+
+def test_dense_layers_keep_chosen_layers_dense(model_dir):
+    enc = SentenceEncoder.from_dir(model_dir, dtype=np.float64)
+    from safetensors.numpy import load_file
+
+    w = {k: v.astype(np.float64) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    ids = enc.tokenize(["the big red dog ran far away and slept"])[0][None]
+    got = enc.encoder(ids, topk=3, dense_layers=(-1,))
+    np.testing.assert_allclose(got, torch_bert(w, enc.encoder.config, ids, topk=3, dense_layers=(1,)).numpy(),
+                               rtol=1e-10, atol=1e-10)
+    assert np.max(np.abs(got - enc.encoder(ids, topk=3))) > 1e-3
+    np.testing.assert_array_equal(enc.encoder(ids, topk=3, dense_layers=(0, 1)), enc.encoder(ids))
+    with pytest.raises(ValueError, match=r"dense_layers must hold layer indices in \[-2, 2\), got \(2,\)"):
+        enc.encoder(ids, topk=3, dense_layers=(2,))
 
 
 def test_encode_mean_pools_normalises_and_buckets_without_padding(model_dir):

@@ -114,12 +114,14 @@ class BertEncoder:
                 "ffn_ln": (get(p + "output.LayerNorm.weight"), get(p + "output.LayerNorm.bias")),
             })
 
-    def __call__(self, input_ids, token_type_ids=None, *, topk=None, sinks=0, window=0):
+    def __call__(self, input_ids, token_type_ids=None, *, topk=None, sinks=0, window=0, dense_layers=()):
         """Hidden states (B, T, C) for ``input_ids`` (B, T) int.
 
         topk: keys each token attends (None, or >= T: all T keys, through the dense op).
         sinks, window: keys always attended in addition (see ``topk_attention``);
         with ``causal=False`` the window of every query is the last ``window`` keys.
+        dense_layers: indices of layers that keep dense attention (negative counts from
+        the end: ``(-1,)`` keeps the last layer dense); the others use ``topk``.
         """
         xp, cfg = self.xp, self.config
         ids = xp.asarray(input_ids)
@@ -139,11 +141,12 @@ class BertEncoder:
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1):
             raise ValueError(f"topk must be an integer >= 1 or None, got {topk!r}")
         k_eff = None if topk is None or topk >= T else int(topk)
+        dense_set = _layer_set(dense_layers, cfg.num_hidden_layers)
         eps = cfg.layer_norm_eps
         x = self.word[ids] + self.pos[:T][None] + self.type[tt]  # (B, T, C)
         x = layer_norm(x, *self.emb_ln, eps)
-        for L in self.layers:
-            a = self._attention(x, L, k_eff, sinks, window)  # (B, T, C)
+        for i, L in enumerate(self.layers):
+            a = self._attention(x, L, None if i in dense_set else k_eff, sinks, window)  # (B, T, C)
             x = layer_norm(x + a, *L["attn_ln"], eps)
             h = gelu(_linear(x, *L["ffn_in"]), _ACTIVATIONS[cfg.hidden_act])  # (B, T, F)
             x = layer_norm(x + _linear(h, *L["ffn_out"]), *L["ffn_ln"], eps)
@@ -209,15 +212,17 @@ class SentenceEncoder:
         texts = _check_texts(texts)
         return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(texts)]
 
-    def token_embeddings(self, ids, *, topk=None, sinks=0, window=0):
+    def token_embeddings(self, ids, *, topk=None, sinks=0, window=0, dense_layers=()):
         """Last hidden states (T, C) of one tokenised text, as a NumPy array."""
         ids = np.asarray(ids, dtype=np.int64)
-        return to_numpy(self.encoder(ids[None], topk=topk, sinks=sinks, window=window)[0])
+        return to_numpy(self.encoder(ids[None], topk=topk, sinks=sinks, window=window,
+                                     dense_layers=dense_layers)[0])
 
-    def encode(self, texts, *, topk=None, sinks=0, window=0, batch_size=32):
+    def encode(self, texts, *, topk=None, sinks=0, window=0, dense_layers=(), batch_size=32):
         """Sentence embeddings (N, C) float NumPy for a list of N strings.
 
-        topk=None is dense attention; an int makes every attention layer top-k.
+        topk=None is dense attention; an int makes every attention layer top-k except
+        those listed in ``dense_layers`` (see :meth:`BertEncoder.__call__`).
         Texts are grouped by token count (no padding), ``batch_size`` at a time.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
@@ -232,7 +237,8 @@ class SentenceEncoder:
             for s in range(0, len(members), batch_size):
                 group = members[s:s + batch_size]
                 batch = np.stack([ids[i] for i in group])  # (B, T)
-                h = self.encoder(batch, topk=topk, sinks=sinks, window=window)  # (B, T, C)
+                h = self.encoder(batch, topk=topk, sinks=sinks, window=window,
+                                 dense_layers=dense_layers)  # (B, T, C)
                 out[group] = to_numpy(h.mean(1))  # (B, C) mean pooling: no padding to mask
         if self.normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
@@ -267,6 +273,16 @@ def load_minilm(*, device="cpu", dtype=np.float32):
 def _linear(x, w, b):
     """x (..., Cin) @ w (Cin, Cout) + b (Cout,)."""
     return x @ w + b
+
+
+def _layer_set(layers, n):
+    """{0..n-1} indices from ``layers`` (ints, negative from the end); ValueError when out of range."""
+    out = set()
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -n <= i < n:
+            raise ValueError(f"dense_layers must hold layer indices in [-{n}, {n}), got {tuple(layers)!r}")
+        out.add(int(i) % n)
+    return out
 
 
 def _check_texts(texts):
