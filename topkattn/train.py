@@ -8,7 +8,16 @@ forgetful masking from ``SeedSequence([seed, 2, s])`` -- so a run resumed from a
 checkpoint at step s reproduces the uninterrupted run's losses bit for bit.  The
 held-out MQAR set comes from ``SeedSequence([seed, 1])``, a stream training never draws.
 
-Shape letters: B batch, T sequence length, V vocabulary.
+The toy model is :class:`topkattn.model.Transformer` (MLA + SwiGLU) with, by default, a
+token shift on the embeddings (:class:`ToyTransformer`): x_t + W x_{t-1}, W initialised to
+zero.  Recall tasks need a "previous token" feature (the value at position t must know the
+key at t-1); attention alone has to discover it as a previous-token head, which on MQAR
+costs thousands of steps of plateau for dense and top-k attention alike.  The shift (the
+short convolution of RWKV / H3 / Based / Mamba, kernel 2) supplies it, so the top-k vs
+dense comparison measures what the attention does with it.  ``token_shift=False`` trains
+the bare Transformer.
+
+Shape letters: B batch, T sequence length, C model width, V vocabulary.
 """
 import dataclasses
 import json
@@ -27,6 +36,7 @@ from topkattn.checkpoint import (
     save_training_state,
 )
 from topkattn.layers.loss import softmax_cross_entropy
+from topkattn.layers.module import Module, float_dtype
 from topkattn.model import Transformer, TransformerConfig
 from topkattn.optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from topkattn.tasks import IGNORE, MQAR, TextCorpus
@@ -61,6 +71,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     beta2: float = 0.98
     rope_base: float = 10000.0
+    token_shift: bool = True      # x_t + W x_{t-1} on the embeddings (see the module docstring)
     eval_size: int = 512          # held-out sequences (mqar) or windows (text)
 
     def __post_init__(self):
@@ -88,6 +99,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, numbers.Real) and 0 <= v <= 1):
                 raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+        if not isinstance(self.token_shift, bool):
+            raise ValueError(f"token_shift must be True or False, got {self.token_shift!r}")
         if self.task == "mqar":  # the task's own checks (vocabulary and length fit the pairs)
             MQAR(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
 
@@ -223,7 +236,7 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
     xp = require_cupy() if device == "gpu" else np
 
     task = make_task(cfg)
-    model = Transformer(model_config(cfg, task.vocab_size))
+    model = ToyTransformer(model_config(cfg, task.vocab_size), token_shift=cfg.token_shift)
     if xp is not np:
         model.to_device(xp)
     opt = AdamW(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -319,3 +332,96 @@ def _load_params(model, saved, path):
             raise CheckpointError(f"checkpoint {path}: parameter {name!r} has shape {a.shape} "
                                   f"{a.dtype}, the model wants {tuple(p.shape)} {p.dtype}")
         p[...] = get_array_module(p).asarray(a)
+
+
+class TokenShift(Module):
+    """y_t = x_t + W x_{t-1} (x_{-1} = 0): a kernel-2 causal convolution mixing channels.
+
+    ``params`` {"weight" (C, C)}, initialised to zero (the identity map at step 0).
+    forward: x (B, T, C) -> y (B, T, C);  backward: dW = sum_bt dy_t x_{t-1}^T,
+    dx_t = dy_t + W^T dy_{t+1}.
+    """
+
+    def __init__(self, dim, dtype="float32"):
+        super().__init__()
+        self.dim = int(dim)
+        self.add_param("weight", np.zeros((self.dim, self.dim), dtype=float_dtype(dtype)))
+        self._prev = None
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        prev = xp.zeros_like(x)                      # (B, T, C)
+        prev[:, 1:] = x[:, :-1]
+        self._prev = prev
+        return x + prev @ self.params["weight"].T
+
+    def backward(self, dy):
+        if self._prev is None:
+            raise RuntimeError("TokenShift.backward called before forward")
+        C = self.dim
+        W = self.params["weight"]
+        self.grads["weight"] += dy.reshape(-1, C).T @ self._prev.reshape(-1, C)   # (C, C)
+        dx = dy.copy()
+        dx[:, :-1] += dy[:, 1:] @ W                  # (B, T-1, C)
+        return dx
+
+    def step(self, x_t, prev):
+        """y_t for x_t (B, 1, C) given the previous input ``prev`` (B, 1, C) or None."""
+        if prev is None:
+            return x_t.copy()
+        return x_t + prev @ self.params["weight"].T
+
+
+class ToyTransformer(Transformer):
+    """:class:`~topkattn.model.Transformer` with an optional :class:`TokenShift` after the embedding.
+
+    Same interface (params/grads/forward/backward/init_cache/step/to_device); the extra
+    parameter is ``shift.weight``.  With ``token_shift=False`` it is the plain Transformer.
+    """
+
+    def __init__(self, cfg, token_shift=True):
+        super().__init__(cfg)
+        self.shift = None
+        if token_shift:
+            self.shift = self.add("shift", TokenShift(self.cfg.d_model, dtype=self.cfg.dtype))
+            self._rebuild()
+
+    def forward(self, tokens, seed=None):
+        """logits (B, T, V) from tokens (B, T); ``seed`` drives forgetful masking."""
+        x = self.embed.forward(tokens)                               # (B, T, C)
+        if self.shift is not None:
+            x = self.shift.forward(x)
+        for blk, s in zip(self.blocks, self.layer_seeds(seed)):
+            x = blk.forward(x, seed=s)
+        h = self.norm.forward(x)
+        self.aux_loss = float(self.cfg.aux_loss_weight * sum(b.aux_loss for b in self.blocks))
+        return self.head.forward(h) if self.head is not None else self.embed.logits(h)
+
+    def backward(self, dlogits):
+        """Fill ``grads`` from dlogits (B, T, V) (overwrites them, like Transformer.backward)."""
+        self.zero_grad()
+        dh = self.head.backward(dlogits) if self.head is not None else self.embed.backward_logits(dlogits)
+        dx = self.norm.backward(dh)
+        for blk in reversed(self.blocks):
+            dx = blk.backward(dx)
+        if self.shift is not None:
+            dx = self.shift.backward(dx)
+        self.embed.backward(dx)
+
+    def init_cache(self, batch):
+        return {"blocks": super().init_cache(batch), "prev": None}
+
+    def step(self, tokens_t, cache):
+        """logits (B, 1, V) for tokens_t (B, 1); appends to the cache."""
+        if not isinstance(cache, dict) or "blocks" not in cache:
+            raise TypeError("cache must come from this model's init_cache")
+        tokens_t = self.embed.check_tokens(tokens_t)
+        if tokens_t.shape[1] != 1:
+            raise ValueError(f"tokens_t must have shape (B, 1), got {tuple(tokens_t.shape)}")
+        x = self.embed.step(tokens_t)                                # (B, 1, C)
+        if self.shift is not None:
+            x, cache["prev"] = self.shift.step(x, cache["prev"]), x
+        for blk, c in zip(self.blocks, cache["blocks"]):
+            x = blk.step(x, c)
+        h = self.norm.step(x)
+        return self.head.step(h) if self.head is not None else self.embed.logits_step(h)
