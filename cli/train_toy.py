@@ -36,7 +36,7 @@ CONFIG_OPTIONS = {
     "layers": "layers", "d_model": "d_model", "heads": "heads", "seq_len": "seq_len",
     "steps": "steps", "batch_size": "batch_size", "lr": "lr", "seed": "seed",
     "vocab_size": "vocab_size", "num_kv_pairs": "num_kv_pairs", "warmup_steps": "warmup_steps",
-    "weight_decay": "weight_decay",
+    "weight_decay": "weight_decay", "token_shift": "token_shift",
 }
 
 
@@ -76,6 +76,10 @@ CONFIG_OPTIONS = {
               help="Linear warmup steps [default: 5% of --steps].")
 @click.option("--weight-decay", type=click.FloatRange(0.0, 1.0), default=0.1, show_default=True,
               help="Decoupled AdamW weight decay (matrices only).")
+@click.option("--token-shift/--no-token-shift", default=True, show_default=True,
+              help="Add x_t + W x_{t-1} to the embeddings (a kernel-2 causal convolution): the "
+                   "previous-token feature recall needs; without it attention must discover a "
+                   "previous-token head, which takes thousands of steps.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for checkpoint.npz, metrics.json and history.json.")
 @click.option("--resume", is_flag=True,

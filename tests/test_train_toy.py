@@ -20,6 +20,7 @@ from topkattn.optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from topkattn.tasks import IGNORE
 from topkattn.train import (
     FORGET_STREAM,
+    ToyTransformer,
     TrainConfig,
     heldout_set,
     make_task,
@@ -44,7 +45,7 @@ def test_loop_matches_hand_written_steps():
     cfg = tiny_cfg(forget_rate=0.25, steps=4, clip_norm=0.05)
     res = train(cfg)
     task = make_task(cfg)
-    model = Transformer(model_config(cfg, task.vocab_size))
+    model = ToyTransformer(model_config(cfg, task.vocab_size), token_shift=True)
     opt = AdamW(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay)
     ref = []
     for step in range(cfg.steps):
@@ -245,3 +246,57 @@ def test_cli_gpu_without_cupy():
     r = CliRunner().invoke(main, ["train-toy", "--device", "gpu", *TINY, "--steps", "1"])
     assert r.exit_code == 2 and r.output.count("\n") == 1
     assert r.output.startswith("Error: --device gpu: ")
+
+
+def _tiny_model(token_shift=True, topk=3):
+    from topkattn.model import TransformerConfig
+    from topkattn.train import ToyTransformer
+    cfg = TransformerConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, q_lora_rank=8,
+                            kv_lora_rank=8, qk_nope_dim=8, qk_rope_dim=4, v_head_dim=8, d_ff=32,
+                            topk=topk, dtype="float64", seed=1)
+    return ToyTransformer(cfg, token_shift=token_shift), cfg
+
+
+def test_token_shift_gradients_by_central_differences():
+    m, _ = _tiny_model()
+    rng = np.random.default_rng(0)
+    m.params["shift.weight"][...] = rng.standard_normal((16, 16)) * 0.3
+    x, y = rng.integers(0, 11, (2, 7)), rng.integers(0, 11, (2, 7))
+    loss, d = softmax_cross_entropy(m.forward(x), y)
+    m.backward(d)
+    for name in ("shift.weight", "embed.weight", "blocks.0.attn.W_DKV"):
+        p, g = m.params[name], m.grads[name].copy()
+        u = rng.standard_normal(p.shape)
+        eps = 1e-5
+        p += eps * u
+        lp = softmax_cross_entropy(m.forward(x), y)[0]
+        p -= 2 * eps * u
+        lm = softmax_cross_entropy(m.forward(x), y)[0]
+        p += eps * u
+        assert (lp - lm) / (2 * eps) == pytest.approx(float((g * u).sum()), rel=1e-5, abs=1e-9)
+
+
+def test_token_shift_forward_formula_decode_and_off_switch():
+    from topkattn.train import TokenShift
+    rng = np.random.default_rng(1)
+    ts = TokenShift(4, dtype="float64")
+    ts.params["weight"][...] = rng.standard_normal((4, 4))
+    xin = rng.standard_normal((2, 5, 4))
+    out = ts.forward(xin)
+    np.testing.assert_allclose(out[:, 0], xin[:, 0])
+    for t in range(1, 5):
+        np.testing.assert_allclose(out[:, t], xin[:, t] + xin[:, t - 1] @ ts.params["weight"].T)
+    m, cfg = _tiny_model()
+    m.params["shift.weight"][...] = rng.standard_normal((16, 16)) * 0.3
+    toks = rng.integers(0, 11, (2, 6))
+    m.eval()
+    full = m.forward(toks)
+    cache = m.init_cache(2)
+    steps = np.concatenate([m.step(toks[:, t:t + 1], cache) for t in range(6)], axis=1)
+    np.testing.assert_allclose(steps, full, rtol=1e-10, atol=1e-12)
+    plain, _ = _tiny_model(token_shift=False)
+    base = Transformer(cfg)
+    assert set(plain.params) == set(base.params) and "shift.weight" in m.params
+    np.testing.assert_array_equal(plain.forward(toks), base.forward(toks))
+    m0, _ = _tiny_model()                                     # zero init: the plain model at step 0
+    np.testing.assert_array_equal(m0.forward(toks), base.forward(toks))
