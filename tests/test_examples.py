@@ -28,8 +28,7 @@ def test_every_example_is_covered():
 def test_example_runs(script):
     needs, pattern = CASES[script]
     for mod in needs:
-        if importlib.util.find_spec(mod) is None:
-            pytest.skip(f"{script} needs {mod}")
+        pytest.importorskip(mod, reason=f"{script} needs {mod}")
     res = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     m = re.search(pattern, res.stdout)
