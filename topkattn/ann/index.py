@@ -20,8 +20,9 @@ Implementation notes
   O(M G^2 + N G^2) and the (M, N) fitted-value matrix is never formed.
 - Quantisation: A (per rank component) and B (per point) are stored as 8- or
   4-bit codes with one float32 scale per row; scoring uses exactly the
-  dequantised values (kept as a float32 cache, R floats per point, because BLAS
-  and Numba have no fast int8 GEMM); queries stay in float32.
+  dequantised values; queries stay in float32.  The Numba kernels read the
+  8-bit codes directly (4x less memory traffic); the BLAS path uses a float32
+  dequantised cache (R floats per point; BLAS has no int8 GEMM).
 - Search: 1-2 queries run a fused serial Numba kernel, other batches a
   query-parallel one unless each visited cluster gets >= 64 queries on average;
   then queries are grouped by cluster, two single-threaded BLAS GEMMs run per
@@ -357,15 +358,22 @@ class LorannIndex:
         if w >= self.n_clusters:
             return xp.broadcast_to(xp.arange(self.n_clusters), s.shape).copy()
         if xp is np:  # the w best, best first (fills the candidate heaps with good points early)
-            part = np.argpartition(-s, w - 1, axis=1)[:, :w]
-            o = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1, kind="stable")
-            return np.take_along_axis(part, o, axis=1)
+            top = np.empty((len(s), w), np.int64)
+            kernels.exact_topk(np.ascontiguousarray(s, np.float32), w, top,
+                               np.empty((len(s), w), np.float32))
+            return top
         return xp.argsort(-s, axis=1)[:, :w]
 
     def _search_cpu(self, q, k, w, rr):
         nq = len(q)
+        if nq <= FUSED_MAX_QUERIES:  # no BLAS at all: Numba routing and scoring
+            return self._search_cpu_inner(q, k, w, rr)
+        with _blas_single_thread():  # many small GEMMs: a threaded BLAS only spins
+            return self._search_cpu_inner(q, k, w, rr)
+
+    def _search_cpu_inner(self, q, k, w, rr):
+        nq = len(q)
         qr = np.ascontiguousarray(self._reduce(q), np.float32)  # (Q, G)
-        fused = nq <= FUSED_MAX_QUERIES or nq * w < BLOCK_MIN_GROUP * self.n_clusters
         if nq <= FUSED_MAX_QUERIES:
             top = np.empty((nq, w), np.int64)
             kernels.route_small(qr, self._cent, self._cnorm, self.distance == "l2", w, top)
@@ -376,12 +384,13 @@ class LorannIndex:
         ids = np.full((nq, k), -1, np.int64)
         scores = np.full((nq, k), -np.inf, np.float32)
         l2 = self.distance == "l2"
-        if fused:
+        if nq <= FUSED_MAX_QUERIES or nq * w < BLOCK_MIN_GROUP * self.n_clusters:
             fn = kernels.fused_search_serial if nq <= SERIAL_MAX_QUERIES else kernels.fused_search
-            fn(qr, q, top, self._adeq, self._bdeq, self._start, self._size,
-               self._slot_id, self._norms, l2, self._data, m, k, rr > 0, ids, scores)
-            return ids, scores
-        with _blas_single_thread():
+            int8 = self.quantization_bits == 8
+            fn(qr, q, top, self._adeq, self._bcodes if int8 else self._bdeq, self._bscale, int8,
+               self._start, self._size, self._slot_id, self._norms, l2, self._data, m, k, rr > 0,
+               ids, scores)
+        else:
             self._score_blocks(q, qr, top, w, m, k, rr, l2, ids, scores)
         return ids, scores
 

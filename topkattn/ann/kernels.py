@@ -130,8 +130,8 @@ def select_rerank(buf, base, length, pstart, slot_id, norms, l2, data, queries, 
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
-def _fused_one(qi, qr, queries, clusters, adeq, bdeq, start, size, slot_id, norms, l2, data, m,
-               k, rerank, out_i, out_s):
+def _fused_one(qi, qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id, norms,
+               l2, data, m, k, rerank, out_i, out_s):
     w = clusters.shape[1]
     g = qr.shape[1]
     r = adeq.shape[2]
@@ -152,7 +152,9 @@ def _fused_one(qi, qr, queries, clusters, adeq, bdeq, start, size, slot_id, norm
         for t in range(size[c]):
             acc = np.float32(0.0)
             for v in range(r):
-                acc += tq[v] * bdeq[p0 + t, v]
+                acc += tq[v] * np.float32(bsrc[p0 + t, v])
+            if scaled:
+                acc *= bscale[p0 + t]
             if l2:
                 acc = 2 * acc - norms[slot_id[p0 + t]]
             if full and acc < thresh:  # most candidates stop here
@@ -168,26 +170,28 @@ def _fused_one(qi, qr, queries, clusters, adeq, bdeq, start, size, slot_id, norm
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def fused_search(qr, queries, clusters, adeq, bdeq, start, size, slot_id, norms, l2, data, m, k,
-                 rerank, out_i, out_s):
-    """Score, select and re-rank small batches in one pass, query-parallel (no BLAS calls).
+def fused_search(qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id, norms,
+                 l2, data, m, k, rerank, out_i, out_s):
+    """Score, select and re-rank in one pass, query-parallel (no BLAS calls).
 
     qr (Q, G) reduced queries, clusters (Q, W) clusters to search, adeq (C, G, R)
-    and bdeq (slots, R) the dequantised models; cluster c's points sit at slots
-    start[c] .. start[c] + size[c].  Same output contract as :func:`select_rerank`.
+    the dequantised A; B rows (slots, R) are ``bsrc`` times ``bscale`` (per slot)
+    when ``scaled`` (8-bit codes: 4x less memory traffic than float32), else
+    ``bsrc`` itself.  Cluster c's points sit at slots start[c] .. start[c] + size[c].
+    Same output contract as :func:`select_rerank`.
     """
     for qi in nb.prange(qr.shape[0]):
-        _fused_one(qi, qr, queries, clusters, adeq, bdeq, start, size, slot_id, norms, l2, data,
-                   m, k, rerank, out_i, out_s)
+        _fused_one(qi, qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id,
+                   norms, l2, data, m, k, rerank, out_i, out_s)
 
 
 @nb.njit(cache=True, nogil=True)
-def fused_search_serial(qr, queries, clusters, adeq, bdeq, start, size, slot_id, norms, l2, data,
-                        m, k, rerank, out_i, out_s):
+def fused_search_serial(qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id,
+                        norms, l2, data, m, k, rerank, out_i, out_s):
     """:func:`fused_search` on one thread (single queries: no thread-pool wake-up)."""
     for qi in range(qr.shape[0]):
-        _fused_one(qi, qr, queries, clusters, adeq, bdeq, start, size, slot_id, norms, l2, data,
-                   m, k, rerank, out_i, out_s)
+        _fused_one(qi, qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id,
+                   norms, l2, data, m, k, rerank, out_i, out_s)
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
