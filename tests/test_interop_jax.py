@@ -122,3 +122,19 @@ def test_bad_options():
         tj.topk_attention(q, k, v, topk=0)
     with pytest.raises(ValueError, match="topk must be an integer >= 1 in the JAX bridge"):
         jax.jit(lambda a, b, c: tj.topk_attention(a, b, c, topk=2.5))(q, k, v)
+
+
+def test_eager_forward_hands_the_engine_zero_copy_views(monkeypatch):
+    seen = []
+    real = tj.topk_attention_forward
+
+    def spy(q, k, v, **kw):
+        seen.append((type(q), q.ctypes.data))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(tj, "topk_attention_forward", spy)
+    q, k, v = _inputs(7)
+    out = tj.topk_attention(q, k, v, topk=3, window=1)
+    assert seen == [(np.ndarray, q.unsafe_buffer_pointer())]
+    ref, _, _ = topk_attention_reference(*(np.asarray(a) for a in (q, k, v)), topk=3, window=1)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-12, atol=1e-12)
