@@ -61,7 +61,7 @@ CONFIG_OPTIONS = {
 @click.option("--seq-len", type=click.IntRange(min=2), default=None,
               help="Tokens per training sequence [default: 64 for mqar, 128 for text].")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Optimizer steps [default: 1000 for mqar, 1500 for text].")
+              help="Optimizer steps [default: 600 for mqar, 500 for text].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Sequences per step.")
 @click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=3e-3,
@@ -70,7 +70,7 @@ CONFIG_OPTIONS = {
               help="Seed for the initialisation, the data and the forgetful masking.")
 @click.option("--vocab-size", type=click.IntRange(min=4), default=64, show_default=True,
               help="MQAR vocabulary (keys from the lower half, values from the upper).")
-@click.option("--num-kv-pairs", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--num-kv-pairs", type=click.IntRange(min=1), default=16, show_default=True,
               help="MQAR key-value pairs per sequence (each is queried once).")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
               help="Linear warmup steps [default: 5% of --steps].")
@@ -111,7 +111,7 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, as_json, quiet, **
     values = {CONFIG_OPTIONS[n]: v for n, v in options.items() if v is not None}
     task = values["task"]
     values.setdefault("seq_len", 64 if task == "mqar" else 128)
-    values.setdefault("steps", 1000 if task == "mqar" else 1500)
+    values.setdefault("steps", 600 if task == "mqar" else 500)
     values.setdefault("warmup_steps", max(1, values["steps"] // 20))
 
     if resume:

@@ -59,14 +59,14 @@ class TrainConfig:
     d_model: int = 64
     heads: int = 4
     seq_len: int = 64
-    steps: int = 1000
+    steps: int = 600
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
     vocab_size: int = 64          # mqar only (text is byte level: 256)
-    num_kv_pairs: int = 8         # mqar only
+    num_kv_pairs: int = 16        # mqar only
     weight_decay: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     clip_norm: float = 1.0
     beta2: float = 0.98
