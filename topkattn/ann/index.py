@@ -24,7 +24,7 @@ Implementation notes
   8-bit codes directly (4x less memory traffic); the BLAS path uses a float32
   dequantised cache (R floats per point; BLAS has no int8 GEMM).
 - Search: 1-2 queries run a fused serial Numba kernel, other batches a
-  query-parallel one unless each visited cluster gets >= 64 queries on average;
+  query-parallel one unless each visited cluster gets >= 8 queries on average;
   then queries are grouped by cluster, two single-threaded BLAS GEMMs run per
   visited cluster (clusters split over a thread pool) and a parallel Numba
   kernel selects and re-ranks.  CuPy queries take a padded dense path.
@@ -52,7 +52,7 @@ SAMPLED_POINTS_PER_CLUSTER = 256
 GLOBAL_DIM_REDUCTION_SAMPLES = 16384
 FUSED_MAX_QUERIES = 16  # up to this many queries: fused Numba kernel, no BLAS
 SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up)
-BLOCK_MIN_GROUP = 64  # GEMM path only when clusters get this many queries on average
+BLOCK_MIN_GROUP = 8  # GEMM path once clusters get this many queries on average
 _DISTANCES = ("ip", "l2")
 
 
