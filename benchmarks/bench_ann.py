@@ -179,7 +179,7 @@ def main():
         except ImportError:
             print("faiss not installed: skipped")
 
-    print(f"\nbuild time (s): " + ", ".join(f"{m} {t:.2f}" for m, t in builds.items()))
+    print("\nbuild time (s): " + ", ".join(f"{m} {t:.2f}" for m, t in builds.items()))
     print(f"\n{'method':<20}{'clusters':>9}{'rerank':>8}{'recall@' + str(k):>11}"
           f"{'batch q/s':>12}{'1-query ms':>12}")
     for row in rows:
