@@ -89,11 +89,15 @@ CONFIG_OPTIONS = {
               help="Steps between checkpoints (one is always written at the end).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="cpu: NumPy arrays; gpu: CuPy arrays (needs CuPy and a CUDA GPU).")
+@click.option("--blas-threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="BLAS threads while training (the toy matrices are small: with more threads "
+                   "OpenBLAS can be many times slower); 0 keeps the library's setting.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the final metrics as one JSON object on stdout (the bar stays on stderr).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def train_toy(ctx, out_dir, resume, checkpoint_every, device, as_json, quiet, **options):
+def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_json, quiet,
+              **options):
     """Train a small MLA decoder with top-k attention and report held-out quality.
 
     \b
@@ -162,8 +166,9 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, as_json, quiet, **
             click.echo(msg, err=True)
 
     try:
-        result = train(cfg, out_dir=out_dir, resume=resume, device=device,
-                       checkpoint_every=checkpoint_every, progress=progress, log=log)
+        with _blas_limit(blas_threads, log):
+            result = train(cfg, out_dir=out_dir, resume=resume, device=device,
+                           checkpoint_every=checkpoint_every, progress=progress, log=log)
     except ConfigMismatchError as e:
         _close(bar)
         raise OneLineUsageError(str(e), ctx) from None
@@ -178,6 +183,20 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, as_json, quiet, **
         click.echo(format_table([m]))
         if out_dir is not None:
             click.echo(f"checkpoint and metrics in {out_dir}")
+
+
+def _blas_limit(n, log):
+    """A context limiting BLAS threads to ``n`` (threadpoolctl); a no-op for 0 or without it."""
+    import contextlib
+    if n == 0:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        log(f"note: --blas-threads {n} needs threadpoolctl (pip install threadpoolctl); "
+            f"set OPENBLAS_NUM_THREADS={n} instead")
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
 
 
 def _close(bar):
