@@ -164,7 +164,8 @@ def test_cli_runs_and_writes_metrics(tmp_path):
 
 
 def test_cli_table_dense_and_text(tmp_path):
-    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "3", "--attention", "dense"])
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "3", "--attention", "dense",
+                                  "--blas-threads", "0"])
     assert r.exit_code == 0, r.output
     lines = r.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["task", "attention", "k"]
