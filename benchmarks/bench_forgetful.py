@@ -42,7 +42,8 @@ SIM_RECALLS = (0.9, 0.8, 0.7)
 
 def get_run(runs_dir, cfg, log):
     """Train (or reuse) the run of ``cfg``; returns its folder."""
-    name = f"mqar_k{cfg.k}_f{cfg.forget_rate:g}_s{cfg.seed}_n{cfg.steps}"
+    name = (f"mqar_k{cfg.k}_f{cfg.forget_rate:g}_s{cfg.seed}_n{cfg.steps}_p{cfg.num_kv_pairs}"
+            f"{'_ts' if cfg.token_shift else ''}")
     out = os.path.join(runs_dir, name)
     metrics = os.path.join(out, "metrics.json")
     if os.path.exists(metrics):
@@ -82,7 +83,7 @@ def evaluate_run(run_dir, settings, n_sequences, batch_size, seed, log):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--forget-rates", default="0,0.15", help="comma-separated; the first is the baseline")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=None, help="default: train-toy's default budget")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-sequences", type=int, default=256, help="held-out sequences decoded per setting")
@@ -101,15 +102,16 @@ def main(argv=None):
 
     results = {}
     for rate in rates:
-        cfg = TrainConfig(task="mqar", k=args.k, forget_rate=rate, seed=args.seed, steps=args.steps)
+        extra = {} if args.steps is None else {"steps": args.steps}
+        cfg = TrainConfig(task="mqar", k=args.k, forget_rate=rate, seed=args.seed, **extra)
         run_dir, metrics = get_run(args.runs, cfg, log)
         rows = evaluate_run(run_dir, settings, args.n_sequences, args.batch_size, args.seed, log)
         results[f"{rate:g}"] = {"run": run_dir, "train_accuracy": metrics.get("accuracy"), "rows": rows}
 
     # table: one line per decode setting; per model accuracy, drop from its exact accuracy, recall
     heads = [f"forget {r}" for r in results]
-    print(f"MQAR (seq 64, 8 pairs), k={args.k}, {args.steps} steps, seed {args.seed}, "
-          f"{args.n_sequences} held-out sequences decoded token by token")
+    print(f"MQAR (seq {cfg.seq_len}, {cfg.num_kv_pairs} pairs, token shift {cfg.token_shift}), k={args.k}, "
+          f"{cfg.steps} steps, seed {args.seed}, {args.n_sequences} held-out sequences decoded token by token")
     line = f"{'decode':<14}" + "".join(f" | {h:>28}" for h in heads)
     print(line)
     print(f"{'':<14}" + "".join(f" | {'acc':>8} {'drop':>8} {'recall':>9}" for _ in heads))
@@ -122,7 +124,7 @@ def main(argv=None):
             cells.append(f" | {row['accuracy']:>8.4f} {drop:>+8.4f} {row['recall']:>9.4f}")
         print(f"{name:<14}" + "".join(cells))
     if args.json_path:
-        doc = {"benchmark": "forgetful", "k": args.k, "steps": args.steps, "seed": args.seed,
+        doc = {"benchmark": "forgetful", "k": args.k, "train_config": cfg.to_dict(), "seed": args.seed,
                "n_sequences": args.n_sequences, "settings": {n: {"retriever": r, **kw} for n, (r, kw) in settings.items()},
                "results": results}
         with open(args.json_path, "w") as f:
