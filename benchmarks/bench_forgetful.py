@@ -74,7 +74,7 @@ def evaluate_run(run_dir, settings, n_sequences, batch_size, seed, log):
         make = selector_factory(retriever, len(model.blocks), seed=seed, **kw)
         r = evaluate_decoding(model, x, y, make_selectors=make, prompt_len=prompt, topk=cfg.k,
                               batch_size=batch_size)
-        rows[name] = {k: r[k] for k in ("accuracy", "recall", "mean_k", "seconds", "n_scored")}
+        rows[name] = {k: r[k] for k in ("accuracy", "recall", "recall_by_rank", "mean_k", "seconds", "n_scored")}
         log(f"  {os.path.basename(run_dir)} {name:<14} accuracy {r['accuracy']:.4f} recall {r['recall']:.4f} "
             f"({r['seconds']:.0f} s)")
     return rows

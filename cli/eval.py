@@ -134,6 +134,7 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, n_sequences, batch_
                             topk=k_eval, batch_size=batch_size)
     out = {"retriever": retriever, "k": k_eval, "accuracy": res["accuracy"], "recall": res["recall"],
            "mean_k": res["mean_k"], "seconds": res["seconds"], "target_recall": recall,
+           "recall_by_rank": res["recall_by_rank"],
            "tail_bound": tail_bound, "certified_fraction": res["certified_fraction"],
            "k_quantiles": res["k_quantiles"], "k_hist": res["k_hist"], "n_sequences": len(inputs),
            "n_scored": res["n_scored"], "prompt_len": prompt_len, "task": cfg.task,

@@ -168,6 +168,7 @@ def test_simulated_recall_follows_the_forgetting_rule():
     np.testing.assert_array_equal(idx.reshape(B * H, K), ref)
     expect = (~drop).sum() / drop.size
     assert sel.stats.recall == pytest.approx(expect)
+    np.testing.assert_allclose(sel.stats.recall_by_rank, (~drop).mean(0))  # drops are uniform over ranks
     # over many rows the measured recall approaches R
     big = SimulatedRecallSelector(0.8, seed=2)
     for _ in range(30):
@@ -182,6 +183,9 @@ def test_recall_hits_counts_exact_topk_members():
     idx = np.array([[[0, 4, -1]]])  # exact top-3 = {0, 2, 3}
     hits, wanted = recall_hits(q, keys, idx, np.array([[3]]), ctx)
     assert int(hits[0]) == 1 and int(wanted[0]) == 3
+    hits, wanted, rank_hits, rank_wanted = recall_hits(q, keys, idx, np.array([[3]]), ctx, by_rank=True)
+    np.testing.assert_array_equal(rank_hits, [1, 0, 0])  # found the best key, missed ranks 1 and 2
+    np.testing.assert_array_equal(rank_wanted, [1, 1, 1])
 
 
 # -- dynamic k ------------------------------------------------------------------------------

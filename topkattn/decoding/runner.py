@@ -142,7 +142,7 @@ def evaluate_decoding(model, inputs, targets, *, make_selectors, prompt_len, top
     ``inputs``/``targets`` (N, T) int (targets ``IGNORE`` where nothing is scored);
     ``make_selectors(batch_number) -> list`` gives fresh per-layer selectors per batch.
     Returns a dict: accuracy, n_scored, recall (of the selection against exact top-k,
-    over decode steps, all layers), mean_k, k_quantiles (10/50/90 %), k_hist,
+    over decode steps, all layers), recall_by_rank (per exact rank, 0 = best), mean_k, k_quantiles (10/50/90 %), k_hist,
     certified_fraction (dynamic k), per_layer (recall and mean_k), seconds.
     """
     inputs = np.asarray(inputs)
@@ -176,6 +176,7 @@ def evaluate_decoding(model, inputs, targets, *, make_selectors, prompt_len, top
         "k_quantiles": dict(zip(("p10", "p50", "p90"), total.k_quantiles())),
         "k_hist": total.to_dict()["k_hist"],
         "certified_fraction": total.certified_fraction,
+        "recall_by_rank": total.recall_by_rank,
         "per_layer": [{"recall": s.recall, "mean_k": s.mean_k} for s in (per_layer or [])],
         "seconds": seconds,
     }

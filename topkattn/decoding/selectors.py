@@ -41,6 +41,8 @@ class DecodeStats:
         self.rows = 0
         self.hits = 0
         self.wanted = 0
+        self.rank_hits = np.zeros(0, dtype=np.int64)  # [r]: rows whose exact rank-r key was selected
+        self.rank_wanted = np.zeros(0, dtype=np.int64)  # [r]: rows that sought an exact rank-r key
         self.certified = 0
         self.dynamic_rows = 0
         self.k_hist = np.zeros(1, dtype=np.int64)
@@ -54,9 +56,12 @@ class DecodeStats:
                 self.k_hist = np.concatenate([self.k_hist, np.zeros(len(h) - len(self.k_hist), np.int64)])
             self.k_hist[:len(h)] += h
 
-    def add_recall(self, hits, wanted):
+    def add_recall(self, hits, wanted, rank_hits=None, rank_wanted=None):
         self.hits += int(to_numpy(hits).sum())
         self.wanted += int(to_numpy(wanted).sum())
+        if rank_hits is not None:
+            self.rank_hits = _add_padded(self.rank_hits, to_numpy(rank_hits))
+            self.rank_wanted = _add_padded(self.rank_wanted, to_numpy(rank_wanted))
 
     def add_certified(self, certified):
         c = to_numpy(certified)
@@ -74,7 +79,14 @@ class DecodeStats:
         h[:len(self.k_hist)] += self.k_hist
         h[:len(other.k_hist)] += other.k_hist
         self.k_hist = h
+        self.rank_hits = _add_padded(self.rank_hits, other.rank_hits)
+        self.rank_wanted = _add_padded(self.rank_wanted, other.rank_wanted)
         return self
+
+    @property
+    def recall_by_rank(self):
+        """[r]: fraction of the rows seeking their exact rank-r key (0 = best) that selected it."""
+        return [float(h / w) if w else None for h, w in zip(self.rank_hits, self.rank_wanted)]
 
     @property
     def recall(self):
@@ -98,8 +110,16 @@ class DecodeStats:
 
     def to_dict(self):
         return {"rows": self.rows, "recall": self.recall, "mean_k": self.mean_k,
-                "certified_fraction": self.certified_fraction,
+                "certified_fraction": self.certified_fraction, "recall_by_rank": self.recall_by_rank,
                 "k_hist": {int(k): int(n) for k, n in enumerate(self.k_hist) if n}}
+
+
+def _add_padded(a, b):
+    n = max(len(a), len(b))
+    out = np.zeros(n, dtype=np.int64)
+    out[:len(a)] += a
+    out[:len(b)] += b
+    return out
 
 
 class DecodeSelector:
@@ -166,8 +186,8 @@ class DecodeSelector:
         if certified is not None:
             self.stats.add_certified(certified)
         if self.measure_recall:
-            hits, wanted = recall_hits(query, keys, idx, k_row, ctx)
-            self.stats.add_recall(hits, wanted)
+            hits, wanted, rank_hits, rank_wanted = recall_hits(query, keys, idx, k_row, ctx, by_rank=True)
+            self.stats.add_recall(hits, wanted, rank_hits, rank_wanted)
         return idx
 
     # -- hooks -------------------------------------------------------------------------
@@ -293,24 +313,30 @@ class _KeysOnly:
         self.keys = keys
 
 
-def recall_hits(query, keys, idx, k_row, ctx):
-    """Per row, how many of the exact top-k_row candidates ``idx`` selected: (hits, wanted), (B, H).
+def recall_hits(query, keys, idx, k_row, ctx, by_rank=False):
+    """Per row, how many of the exact top-k_row candidates ``idx`` selected: (hits, wanted), (B*H,).
 
     ``idx`` (B, H, K) with the forced prefix first; k_row (B, H) the keys the row meant to
-    select.  Ranks come from the exact scores (ties to the lower index).
+    select.  Ranks come from the exact scores (ties to the lower index).  ``by_rank`` also
+    returns, per exact rank r (M,), the rows that selected their rank-r key and the rows
+    that sought one.
     """
     xp = ctx.xp
     B, H, K = idx.shape
     m = K - ctx.n_forced
     wanted = xp.minimum(xp.asarray(k_row).reshape(B * H), ctx.n_cand)
     if m <= 0:
-        return xp.zeros(B * H, dtype=xp.int64), wanted
+        zero = xp.zeros(B * H, dtype=xp.int64)
+        return (zero, wanted, xp.zeros(0, xp.int64), xp.zeros(0, xp.int64)) if by_rank else (zero, wanted)
     ranked = ranked_candidates(query, keys, ctx, m)  # (B*H, m)
     sel = idx.reshape(B * H, K)[:, ctx.n_forced:]  # (B*H, m)
-    pos = xp.arange(m)[None, :]
-    top = xp.where(pos < wanted[:, None], ranked, -2)  # the exact top-k_row, -2 = none
-    hit = (sel[:, :, None] == top[:, None, :]) & (sel[:, :, None] >= 0)  # (B*H, m, m)
-    return hit.any(axis=2).sum(axis=1), wanted
+    sought = xp.arange(m)[None, :] < wanted[:, None]  # (B*H, m): exact ranks the row seeks
+    top = xp.where(sought, ranked, -2)  # the exact top-k_row, -2 = none
+    found = ((top[:, :, None] == sel[:, None, :]) & (sel[:, None, :] >= 0)).any(axis=2)  # (B*H, m)
+    hits = found.sum(axis=1)
+    if by_rank:
+        return hits, wanted, found.sum(axis=0), sought.sum(axis=0)
+    return hits, wanted
 
 
 def forced_scores_lse(query, keys, ctx):
