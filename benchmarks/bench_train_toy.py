@@ -99,7 +99,7 @@ def main():
     dense = [m for m in results if m["attention"] == "dense"]
     if dense:
         d = dense[0]
-        print(f"\ntime relative to dense (process wall / cpu): " + ", ".join(
+        print("\ntime relative to dense (process wall / cpu): " + ", ".join(
             f"k={m['k']}: {m['process_wall_s'] / d['process_wall_s']:.2f}x / "
             f"{m['process_cpu_s'] / d['process_cpu_s']:.2f}x" for m in results if m is not d))
     if args.json_path:

@@ -1,6 +1,5 @@
 """Checkpoints: exact round trip, atomic replace, clear errors for corrupt/truncated files and config mismatch."""
 import os
-import zipfile
 
 import numpy as np
 import pytest
