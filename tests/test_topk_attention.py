@@ -145,6 +145,22 @@ def test_nan_key_reaches_only_the_rows_that_see_it(impl):
     assert np.isfinite(out[0, 0, :4]).all()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_nan_in_first_key_stays_in_its_batch(impl, where):
+    """Early causal rows have empty slots; they must not pick up batch 0's key 0."""
+    q, k, v = make_qkv(2, 2, 1, 5, 5, seed=8)
+    (k if where == "k" else v)[0, 0, 0, 0] = np.nan
+    out, saved = ta.topk_attention_forward(q, k, v, topk=3, impl=impl)
+    assert np.isnan(out[0, :, :3]).any(-1).all()  # rows 0-2 attend to all they see, key 0 too
+    ref, _, _ = topk_attention_reference(q[1:], k[1:], v[1:], topk=3)
+    np.testing.assert_allclose(out[1], ref[0], rtol=1e-12)
+    dq, dk, dv = ta.topk_attention_backward(np.ones_like(out), saved)
+    clean = ta.topk_attention_forward(q[1:], k[1:], v[1:], topk=3, impl=impl)[1]
+    for got, want in zip((dq, dk, dv), ta.topk_attention_backward(np.ones_like(out[1:]), clean)):
+        np.testing.assert_allclose(got[1:], want, rtol=1e-12)
+
+
 # ---------------------------------------------------------------- gradients
 
 def margin_inputs(B=1, H=4, G=2, T=6, S=10, D=5, Dv=3, topk=3, seed=0, **kw):

@@ -53,7 +53,8 @@ def sparse_attention_forward(q, k, v, idx, scale):
         p = xp.exp(s - mx_safe)  # empty slots -> 0; NaN rows stay NaN
         l = p.sum(-1, keepdims=True)
         l_safe = xp.where(l > 0, l, 1)
-        out[:, :, t0:t1] = ((p / l_safe)[..., None] * vf[flat]).sum(-2)
+        vs = _gather_valid(xp, vf, flat, valid)  # (B, H, c, K, Dv)
+        out[:, :, t0:t1] = ((p / l_safe)[..., None] * vs).sum(-2)
         lse[:, :, t0:t1] = xp.where(l[..., 0] > 0, mx_safe[..., 0] + xp.log(l_safe[..., 0]), -xp.inf)
         # a NaN anywhere in a row's scores makes the whole row NaN
         nan_row = xp.isnan(s).any(-1)
@@ -86,7 +87,8 @@ def sparse_attention_backward(dout, saved):
     for t0, t1 in _chunks(T, B * H * K * max(D, Dv) * q.dtype.itemsize):
         flat, valid = _flat_rows(xp, idx[:, :, t0:t1], G, S)  # (B, H, c, K)
         qc, doc = q[:, :, t0:t1], dout[:, :, t0:t1]  # (B, H, c, D), (B, H, c, Dv)
-        ks, vs = kf[flat], vf[flat]  # (B, H, c, K, D), (B, H, c, K, Dv)
+        ks = _gather_valid(xp, kf, flat, valid)  # (B, H, c, K, D)
+        vs = _gather_valid(xp, vf, flat, valid)  # (B, H, c, K, Dv)
         s = ((qc[..., None, :] * sc) * ks).sum(-1)  # (B, H, c, K)
         lse_c = lse[:, :, t0:t1, None]
         p = xp.where(valid & xp.isfinite(lse_c), xp.exp(s - xp.where(xp.isinf(lse_c), 0, lse_c)), 0)
@@ -114,6 +116,12 @@ def _flat_rows(xp, idx, G, S):
     valid = idx >= 0
     flat = xp.where(valid, idx + base[:, :, None, None], 0)
     return flat, valid
+
+
+def _gather_valid(xp, rows, flat, valid):
+    """rows[flat] with empty slots zeroed: they point at row 0, which may hold a NaN that
+    0 * NaN would carry into rows (of any batch) that never selected it."""
+    return xp.where(valid[..., None], rows[flat], 0)
 
 
 def _scatter_add(xp, out, rows, vals):
