@@ -39,6 +39,19 @@ def _clusters(value):
     return v
 
 
+def _keys(value):
+    """--k: an integer >= 1 or 'auto' (dynamic k)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        v = int(value)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise click.BadParameter(f"--k must be an integer >= 1 or 'auto', got {value!r}")
+    return v
+
+
 def _search(value):
     msg = f"--clusters-to-search must be an integer >= 1 or a fraction in (0, 1], got {value!r}"
     try:
@@ -60,10 +73,14 @@ def _search(value):
                    "simulated: exact top-k with each key dropped with probability 1 - R and refilled.")
 @click.option("--recall", "recall", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Recall R of the simulated retriever (required with --retriever simulated).")
-@click.option("--k", "k", type=click.IntRange(min=1), default=None,
-              help="Keys per query at decode [default: the checkpoint's k]; the cap with --tail-bound.")
+@click.option("--k", "k", default=None,
+              help="Keys per query at decode, or 'auto' for dynamic k (needs --tail-bound; capped at "
+                   "--max-k) [default: the checkpoint's k; dense for a dense-trained run with exact].")
 @click.option("--tail-bound", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
-              help="Dynamic k: per query the smallest k whose left-out softmax mass is at most this.")
+              help="Dynamic k: per query the smallest k whose left-out softmax mass is at most this "
+                   "(with an integer --k, that k is the cap).")
+@click.option("--max-k", type=click.IntRange(min=1), default=None,
+              help="Cap of --k auto [default: every key the query sees].")
 @click.option("--n-sequences", type=click.IntRange(min=1), default=256, show_default=True,
               help="Held-out sequences (the run's own held-out set, from its first).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
@@ -86,7 +103,7 @@ def _search(value):
               help="Seed of the simulated drops and the indexes' k-means.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.pass_context
-def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, n_sequences, batch_size, prompt_len,
+def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batch_size, prompt_len,
              clusters, search, rerank, rank, refit_factor, no_refit, seed, as_json):
     """Decode a train-toy run's held-out set token by token with a retriever; print accuracy and recall.
 
@@ -94,6 +111,7 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, n_sequences, batch_
     Example:  topkattn eval run/ --retriever simulated --recall 0.8
               topkattn eval run/ --retriever lorann --clusters-to-search 0.5 --rerank 16 --json
               topkattn eval run/ --retriever exact --k 16 --tail-bound 0.01
+              topkattn eval run/ --retriever lorann --k auto --tail-bound 0.01 --max-k 32
     """
     from topkattn.checkpoint import CheckpointError
     from topkattn.decoding.runner import evaluate_decoding, load_run, selector_factory
@@ -106,10 +124,15 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, n_sequences, batch_
     if retriever == "simulated" and tail_bound is not None:
         raise _OneLineUsageError("--tail-bound (dynamic k) works with --retriever exact or lorann", ctx)
     try:
+        k = _keys(k)
         n_clusters = _clusters(clusters)
         to_search = _search(search)
     except click.BadParameter as e:
         raise _OneLineUsageError(e.message, ctx) from None
+    if k == "auto" and tail_bound is None:
+        raise _OneLineUsageError("--k auto (dynamic k) needs --tail-bound EPS", ctx)
+    if max_k is not None and k != "auto":
+        raise _OneLineUsageError("--max-k is the cap of --k auto; with an integer --k that k is the cap", ctx)
     try:
         cfg, model = load_run(run_dir)
     except FileNotFoundError as e:
@@ -118,9 +141,20 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, n_sequences, batch_
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
     task = make_task(cfg)
-    k_eval = k if k is not None else cfg.k
     inputs, targets = heldout_set(task, cfg)
     inputs, targets = inputs[:n_sequences], targets[:n_sequences]
+    if k == "auto":
+        k_eval = max_k or inputs.shape[1]  # the cap: every key a query can see by default
+    elif k is not None:
+        k_eval = k
+    elif cfg.attention == "topk":
+        k_eval = cfg.k
+    elif retriever == "exact" and tail_bound is None:
+        k_eval = None  # a dense-trained run, decoded as trained: dense
+    else:
+        raise _OneLineUsageError(f"{run_dir} was trained with dense attention: give --k K (or --k auto) "
+                                 f"for --retriever {retriever}" + (" with --tail-bound" if retriever == "exact" else ""),
+                                 ctx)
     if prompt_len is None:
         prompt_len = 2 * cfg.num_kv_pairs if cfg.task == "mqar" else inputs.shape[1] // 2
     prompt_len = min(prompt_len, inputs.shape[1])
@@ -132,20 +166,28 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, n_sequences, batch_
                             **lorann)
     res = evaluate_decoding(model, inputs, targets, make_selectors=make, prompt_len=prompt_len,
                             topk=k_eval, batch_size=batch_size)
-    out = {"retriever": retriever, "k": k_eval, "accuracy": res["accuracy"], "recall": res["recall"],
+    out = {"retriever": retriever, "k": "auto" if k == "auto" else k_eval, "max_k": k_eval if k == "auto" else None,
+           "accuracy": res["accuracy"], "recall": res["recall"], "loss": res["loss"],
+           "bits_per_token": res["bits_per_token"],
            "mean_k": res["mean_k"], "seconds": res["seconds"], "target_recall": recall,
            "recall_by_rank": res["recall_by_rank"],
            "tail_bound": tail_bound, "certified_fraction": res["certified_fraction"],
            "k_quantiles": res["k_quantiles"], "k_hist": res["k_hist"], "n_sequences": len(inputs),
            "n_scored": res["n_scored"], "prompt_len": prompt_len, "task": cfg.task,
-           "train_k": cfg.k, "train_forget_rate": cfg.forget_rate, "per_layer": res["per_layer"]}
+           "train_attention": cfg.attention, "train_k": cfg.k if cfg.attention == "topk" else None,
+           "train_forget_rate": cfg.forget_rate, "per_layer": res["per_layer"]}
+    if cfg.task == "text":
+        out["bits_per_char"] = res["bits_per_token"]  # byte-level tokens
+    if k_eval is None:
+        out["mean_k"] = None  # dense decode: every visible key
     if retriever == "lorann":
         out["index"] = {"clusters": clusters, "clusters_to_search": to_search, "rerank": rerank,
                         "rank": rank, "refit_factor": None if no_refit else refit_factor}
     if as_json:
         click.echo(json.dumps(out, sort_keys=True))
         return
-    rows = [("run", run_dir), ("task", cfg.task), ("retriever", retriever), ("k", k_eval)]
+    rows = [("run", run_dir), ("task", cfg.task), ("retriever", retriever),
+            ("k", f"auto (max {k_eval})" if k == "auto" else ("dense" if k_eval is None else k_eval))]
     if recall is not None:
         rows.append(("target recall", f"{recall:.3f}"))
     if tail_bound is not None:
@@ -153,8 +195,10 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, n_sequences, batch_
         rows += [("tail bound", tail_bound), ("k p10/p50/p90", "/".join(str(v) for v in res["k_quantiles"].values())),
                  ("certified rows", "-" if cf is None else f"{cf:.3f}")]
     acc = res["accuracy"]
-    rows += [("accuracy", "nan" if math.isnan(acc) else f"{acc:.4f}"), ("measured recall", f"{res['recall']:.4f}"),
-             ("mean k", f"{res['mean_k']:.2f}"), ("sequences", len(inputs)), ("scored tokens", res["n_scored"]),
+    rows += [("accuracy", "nan" if math.isnan(acc) else f"{acc:.4f}"),
+             ("bits per char" if cfg.task == "text" else "bits per token", f"{res['bits_per_token']:.4f}"),
+             ("measured recall", f"{res['recall']:.4f}"),
+             ("mean k", "all keys" if k_eval is None else f"{res['mean_k']:.2f}"), ("sequences", len(inputs)), ("scored tokens", res["n_scored"]),
              ("seconds", f"{res['seconds']:.1f}")]
     w = max(len(r[0]) for r in rows)
     for name, val in rows:

@@ -118,3 +118,93 @@ def test_missing_and_corrupt_checkpoint(tmp_path):
     (tmp_path / "checkpoint.npz").write_bytes(b"not a zip")
     r = _eval([str(tmp_path)])
     assert r.exit_code == 1 and "corrupted" in r.output
+
+
+def _forward_logits(model, cfg, n=N_SEQ):
+    x, y = heldout_set(make_task(cfg), cfg)
+    return model.eval().forward(x[:n]), y[:n]
+
+
+def _nll(logits, y):
+    z = logits.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return -(z - np.log(np.exp(z).sum(-1, keepdims=True)))[np.arange(len(y)), y]
+
+
+def test_auto_k_is_dynamic_k_with_a_cap(run):
+    path, cfg, model = run
+    base = [path, "--retriever", "exact", "--n-sequences", str(N_SEQ)]
+    dense = _json([*base, "--k", "auto", "--tail-bound", "0"])  # no cap: every visible key
+    assert dense["k"] == "auto" and dense["max_k"] == cfg.seq_len
+    assert dense["accuracy"] == pytest.approx(_forward_accuracy(model, cfg, None), abs=1e-12)
+    capped = _json([*base, "--k", "auto", "--tail-bound", "0.05", "--max-k", "2"])
+    same = _json([*base, "--k", "2", "--tail-bound", "0.05"])
+    assert capped["max_k"] == 2 and capped["mean_k"] <= 2
+    for key in ("accuracy", "mean_k", "k_hist", "certified_fraction", "loss"):
+        assert capped[key] == same[key], key
+
+
+def test_loss_is_the_forward_cross_entropy_after_the_prompt(run):
+    path, cfg, model = run
+    out = _json([path, "--retriever", "exact", "--n-sequences", str(N_SEQ)])
+    layer = model.blocks[0].attn
+    logits, y = _forward_logits(model, cfg)
+    keep = y != IGNORE
+    want = _nll(logits[keep], y[keep]).mean()
+    assert out["loss"] == pytest.approx(want, rel=1e-6)
+    assert out["bits_per_token"] == pytest.approx(want / np.log(2), rel=1e-6)
+    assert layer.topk == cfg.k  # eval restored the layer
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("text_run")
+    cfg = TrainConfig(task="text", k=3, layers=1, d_model=16, heads=2, seq_len=12, steps=2,
+                      batch_size=2, eval_size=4, warmup_steps=1)
+    res = train(cfg, out_dir=str(out))
+    return str(out), cfg, res.model
+
+
+def test_text_eval_scores_only_decoded_positions(text_run):
+    path, cfg, model = text_run
+    out = _json([path, "--retriever", "exact", "--n-sequences", "4", "--prompt-len", "5"])
+    logits, y = _forward_logits(model, cfg, 4)
+    assert (y != IGNORE).all()
+    assert out["n_scored"] == 4 * (cfg.seq_len - 5) and out["prompt_len"] == 5
+    y_dec, l_dec = y[:, 5:], logits[:, 5:]
+    want_acc = float((l_dec.argmax(-1) == y_dec).mean())
+    want_bits = _nll(l_dec.reshape(-1, l_dec.shape[-1]), y_dec.ravel()).mean() / np.log(2)
+    assert out["accuracy"] == pytest.approx(want_acc, abs=1e-12)
+    assert out["bits_per_char"] == pytest.approx(want_bits, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense_run")
+    cfg = TrainConfig(task="mqar", attention="dense", layers=1, d_model=16, heads=2, seq_len=16, steps=2,
+                      batch_size=4, vocab_size=16, num_kv_pairs=2, eval_size=N_SEQ, warmup_steps=1)
+    res = train(cfg, out_dir=str(out))
+    return str(out), cfg, res.model
+
+
+def test_dense_run_decodes_dense_unless_given_k(dense_run):
+    path, cfg, model = dense_run
+    out = _json([path, "--retriever", "exact", "--n-sequences", str(N_SEQ)])
+    assert out["k"] is None and out["mean_k"] is None and out["train_attention"] == "dense"
+    assert out["accuracy"] == pytest.approx(_forward_accuracy(model, cfg, None), abs=1e-12)
+    topk = _json([path, "--retriever", "exact", "--k", "3", "--n-sequences", str(N_SEQ)])
+    assert topk["k"] == 3 and topk["mean_k"] == pytest.approx(3.0)
+    r = _eval([path, "--retriever", "simulated", "--recall", "0.9"])
+    assert r.exit_code == 2 and "trained with dense attention" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--k", "auto"], "needs --tail-bound"),
+    (["--k", "0"], "'auto'"),
+    (["--k", "3", "--max-k", "4"], "cap of --k auto"),
+])
+def test_k_usage_errors(run, args, msg):
+    path, _, _ = run
+    r = _eval([path, *args])
+    assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1

@@ -141,7 +141,10 @@ def evaluate_decoding(model, inputs, targets, *, make_selectors, prompt_len, top
 
     ``inputs``/``targets`` (N, T) int (targets ``IGNORE`` where nothing is scored);
     ``make_selectors(batch_number) -> list`` gives fresh per-layer selectors per batch.
-    Returns a dict: accuracy, n_scored, recall (of the selection against exact top-k,
+    Only positions from ``prompt_len`` on are scored (the prompt is decoded exactly, so
+    its predictions say nothing of the selectors).
+    Returns a dict: accuracy, n_scored, loss (mean cross-entropy in nats over the scored
+    targets) and bits_per_token, recall (of the selection against exact top-k,
     over decode steps, all layers), recall_by_rank (per exact rank, 0 = best), mean_k, k_quantiles (10/50/90 %), k_hist,
     certified_fraction (dynamic k), per_layer (recall and mean_k), seconds.
     """
@@ -154,23 +157,29 @@ def evaluate_decoding(model, inputs, targets, *, make_selectors, prompt_len, top
     total = DecodeStats()
     per_layer = None
     correct = scored = 0
+    nll = 0.0
     t0 = time.perf_counter()
     for i, b0 in enumerate(range(0, len(inputs), batch_size)):
         x, y = inputs[b0:b0 + batch_size], targets[b0:b0 + batch_size]
         sels = make_selectors(i)
         logits = decode_teacher_forced(model, x, selectors=sels, prompt_len=prompt_len, topk=topk)
         mask = y != IGNORE
+        mask[:, :prompt_len] = False  # the prompt is decoded exactly: not the selectors' result
         correct += int((logits.argmax(-1)[mask] == y[mask]).sum())
         scored += int(mask.sum())
+        nll += _target_nll(logits[mask], y[mask])
         if per_layer is None:
             per_layer = [DecodeStats() for _ in sels]
         for acc, sel in zip(per_layer, sels):
             acc.merge(sel.stats)
             total.merge(sel.stats)
     seconds = time.perf_counter() - t0
+    loss = nll / scored if scored else float("nan")
     return {
         "accuracy": correct / scored if scored else float("nan"),
         "n_scored": scored,
+        "loss": loss,
+        "bits_per_token": loss / np.log(2.0),
         "recall": total.recall,
         "mean_k": total.mean_k,
         "k_quantiles": dict(zip(("p10", "p50", "p90"), total.k_quantiles())),
@@ -180,3 +189,11 @@ def evaluate_decoding(model, inputs, targets, *, make_selectors, prompt_len, top
         "per_layer": [{"recall": s.recall, "mean_k": s.mean_k} for s in (per_layer or [])],
         "seconds": seconds,
     }
+
+
+def _target_nll(logits, targets):
+    """Summed cross-entropy (nats) of ``logits`` (M, V) at ``targets`` (M,), in float64."""
+    z = logits.astype(np.float64)
+    mx = z.max(-1, keepdims=True)
+    lse = mx[:, 0] + np.log(np.exp(z - mx).sum(-1))
+    return float((lse - z[np.arange(len(targets)), targets]).sum())
