@@ -441,3 +441,19 @@ def test_dynamic_k_bad_input(kw, msg):
     q, k, v = make_qkv()
     with pytest.raises(ValueError, match=msg):
         ta.topk_attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_window_is_the_most_recent_visible_keys(impl):
+    """causal: keys pos-W+1..pos; causal=False: the last W keys (e.g. BERT's [SEP] with W=1)."""
+    q, k, v = make_qkv(1, 1, 1, 6, 6, seed=9)
+    _, saved = ta.topk_attention_forward(q, k, v, topk=1, window=2, causal=True, impl=impl)
+    m = mask_from_idx(saved.idx, 6)[0, 0]
+    for t in range(6):
+        assert m[t, max(0, t - 1):t + 1].all() and m[t].sum() == min(t + 1, 3)
+    _, saved = ta.topk_attention_forward(q, k, v, topk=1, window=2, causal=False, impl=impl)
+    m = mask_from_idx(saved.idx, 6)[0, 0]
+    assert m[:, 4:].all() and (m.sum(1) == 3).all()
+    _, saved = ta.topk_attention_forward(q, k, v, topk=1, sinks=1, window=1, causal=False, impl=impl)
+    m = mask_from_idx(saved.idx, 6)[0, 0]
+    assert m[:, 0].all() and m[:, 5].all() and (m.sum(1) == 3).all()

@@ -6,7 +6,7 @@ Everything is computed in float64 with full (T, S) score matrices and plain loop
 import numpy as np
 
 from topkattn.backend import to_numpy
-from topkattn.selection import RowBounds, forget_draws
+from topkattn.selection import forget_draws
 
 
 def rank_row(scores, candidates):
@@ -20,34 +20,48 @@ def rank_row(scores, candidates):
     return js[np.argsort(-key, kind="stable")]
 
 
+def visible_and_forced(S, T, t, causal, sinks, window):
+    """(S,) bool masks of query row t: the keys it may see, and those it always attends.
+
+    Query t sits at position S - T + t; causal rows see keys 0..pos, others all S keys.
+    Forced: the first ``sinks`` keys and the ``window`` most recent visible keys.
+    """
+    js = np.arange(S)
+    pos = S - T + t
+    visible = js <= pos if causal else np.ones(S, dtype=bool)
+    forced = visible & (js < sinks)
+    if window > 0:
+        forced[np.flatnonzero(visible)[-window:]] = True
+    return visible, forced
+
+
 def topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, temperature=1.0,
                              forget_rate=0.0, seed=None, sinks=0, window=0):
     """Dense reference of ``topk_attention_forward``.
 
     Returns (out (B, H, T, Dv), mask (B, H, T, S) bool of attended keys, lse (B, H, T)),
     all float64 / bool NumPy arrays.  Uses the same forgetting draws as the fast paths.
+    The row geometry is written out here from the definition, not taken from the fast
+    paths' ``RowBounds``.
     """
     q, k, v = (to_numpy(a).astype(np.float64) for a in (q, k, v))
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     rep = H // G
     scale = 1.0 / np.sqrt(D) if scale is None else scale
-    bounds = RowBounds(S, T, topk=topk, causal=causal, sinks=sinks, window=window)
-    drop = forget_draws(seed, (B, H, T, bounds.n_sel), forget_rate)
+    n_sel = min(topk, S)
+    drop = forget_draws(seed, (B, H, T, n_sel), forget_rate)
     out = np.zeros((B, H, T, Dv))
     lse = np.full((B, H, T), -np.inf)
     mask = np.zeros((B, H, T, S), dtype=bool)
-    js = np.arange(S)
     for b in range(B):
         for h in range(H):
             g = h // rep
             scores = (q[b, h] @ k[b, g].T) * (scale / temperature)  # (T, S)
             for t in range(T):
-                end, lo, hi = bounds.end[t], bounds.win_lo[t], bounds.win_hi[t]
-                visible = js < end
-                forced = visible & ((js < sinks) | ((js >= lo) & (js < hi)))
+                visible, forced = visible_and_forced(S, T, t, causal, sinks, window)
                 ranked = rank_row(scores[t], visible & ~forced)
-                n = bounds.n_sel
+                n = n_sel
                 if drop is None:
                     chosen = ranked[:n]
                 else:
@@ -100,19 +114,17 @@ def dynamic_topk_reference(q, k, *, tail_bound, max_topk=None, causal=True, scal
     G, S = k.shape[1], k.shape[2]
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     max_topk = S if max_topk is None else max_topk
-    bounds = RowBounds(S, T, topk=max_topk, causal=causal, sinks=sinks, window=window)
+    n_sel = min(max_topk, S)
     out = [np.zeros((B, H, T), dtype=t) for t in (np.int64, bool, np.float64, np.float64)]
-    js = np.arange(S)
     for b in range(B):
         for h in range(H):
             scores = q[b, h] @ k[b, h // (H // G)].T * scale
             for t in range(T):
-                visible = js < bounds.end[t]
-                forced = visible & ((js < sinks) | ((js >= bounds.win_lo[t]) & (js < bounds.win_hi[t])))
+                visible, forced = visible_and_forced(S, T, t, causal, sinks, window)
                 ranked = rank_row(scores[t], visible & ~forced)
                 n = len(ranked)
-                chosen, ok, bnd = min(n, bounds.n_sel), False, 0.0
-                for kk in range(1, min(n, bounds.n_sel) + 1):
+                chosen, ok, bnd = min(n, n_sel), False, 0.0
+                for kk in range(1, min(n, n_sel) + 1):
                     sel = np.concatenate([scores[t, forced], scores[t, ranked[:kk]]])
                     lse = np.logaddexp.reduce(sel)
                     bnd = (n - kk) * np.exp(scores[t, ranked[kk - 1]] - lse)

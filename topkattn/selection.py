@@ -51,9 +51,9 @@ class RowBounds:
         self.S, self.T = S, T
         self.sinks = int(sinks)
         self.end = np.clip(pos + 1, 0, S) if causal else np.full(T, S, dtype=np.int64)
-        if window > 0:
-            self.win_lo = np.clip(pos - window + 1, sinks, S)
-            self.win_hi = np.clip(np.minimum(pos + 1, self.end), self.win_lo, S)
+        if window > 0:  # the `window` most recent visible keys (causal=False: the last keys)
+            self.win_lo = np.clip(self.end - window, sinks, S)
+            self.win_hi = np.maximum(self.end, self.win_lo)
         else:
             self.win_lo = np.zeros(T, dtype=np.int64)
             self.win_hi = np.zeros(T, dtype=np.int64)
