@@ -290,10 +290,11 @@ def test_add_before_build_is_indexed(data):
     assert recall(ix.search(q, 5, 8, 1200), ref_ids) == 1.0
 
 
-def test_save_load_roundtrip(tmp_path, data):
+@pytest.mark.parametrize("distance", ["l2", "ip"])
+def test_save_load_roundtrip(tmp_path, data, distance):
     x, q = data
     for bits in (8, 4, None):
-        ix = LorannIndex(x, 16, 24, bits, 8, 4, "l2")
+        ix = LorannIndex(x, 16, 24, bits, 8, 4, distance)
         ix.build()
         ix.add(x[:3] + 0.5)
         path = tmp_path / f"ix{bits}.npz"
@@ -307,7 +308,11 @@ def test_save_load_roundtrip(tmp_path, data):
             np.testing.assert_array_equal(a[1], b[1])
         assert len(back) == len(ix)
         np.testing.assert_array_equal(back.add(x[5:6]), [len(ix)])
+        assert back.distance == distance
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # not a temporary file's 0600
 
 
 def test_failed_save_keeps_the_old_file(tmp_path, data, monkeypatch):

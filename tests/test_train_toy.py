@@ -301,3 +301,60 @@ def test_token_shift_forward_formula_decode_and_off_switch():
     np.testing.assert_array_equal(plain.forward(toks), base.forward(toks))
     m0, _ = _tiny_model()                                     # zero init: the plain model at step 0
     np.testing.assert_array_equal(m0.forward(toks), base.forward(toks))
+
+
+def _rewrite_checkpoint(path, edit):
+    """Re-save a training checkpoint after ``edit(arrays, meta)`` (valid checksums, bad content)."""
+    from topkattn.checkpoint import load_checkpoint, save_checkpoint
+
+    arrays, meta = load_checkpoint(path)
+    edit(arrays, meta)
+    save_checkpoint(path, arrays, meta)
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("no_t", "optimizer entry lacks ['t']"),
+    ("bad_t", "corrupted optimizer state"),
+    ("moment_shape", "optimizer m["),
+])
+def test_cli_bad_optimizer_state_is_one_line(tmp_path, damage, needle):
+    out = tmp_path / "o"
+    assert CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "3", "--out", str(out)]).exit_code == 0
+
+    def edit(arrays, meta):
+        if damage == "no_t":
+            del meta["optimizer"]["t"]
+        elif damage == "bad_t":
+            meta["optimizer"]["t"] = -4
+        else:
+            name = next(n for n in arrays if n.startswith("opt_m/"))
+            arrays[name] = np.zeros((2, 3), arrays[name].dtype)
+
+    _rewrite_checkpoint(str(out / "checkpoint.npz"), edit)
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "3", "--out", str(out), "--resume"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: checkpoint ") and needle in r.output
+
+
+def test_stale_temporary_files_are_removed_and_files_keep_umask_permissions(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".ckpt-abc123.tmp").write_bytes(b"half a checkpoint")  # as a SIGKILL mid-save leaves it
+    (out / "notes.tmp").write_text("a user's file")
+    logs = []
+    train(tiny_cfg(steps=2), out_dir=str(out), log=logs.append)
+    assert not (out / ".ckpt-abc123.tmp").exists() and (out / "notes.tmp").exists()
+    assert any(".ckpt-abc123.tmp" in line for line in logs)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(out / "checkpoint.npz").st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_cli_progress_bar_on_stderr_json_alone_on_stdout(tmp_path):
+    args = [a for a in TINY if a != "--quiet"]
+    out = str(tmp_path / "o")
+    r = CliRunner().invoke(main, ["train-toy", *args, "--steps", "3", "--json", "--out", out])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)  # stdout: the JSON object and nothing else
+    assert m["steps"] == 3
+    assert "3/3" in r.stderr and "loss=" in r.stderr  # the tqdm bar with the running loss

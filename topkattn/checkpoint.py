@@ -12,17 +12,18 @@ either the old checkpoint or the new one, never a mix.  Reading uses
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 
 import numpy as np
 
+from topkattn.atomic import atomic_savez
 from topkattn.backend import to_numpy
 
 FORMAT = "topkattn-checkpoint"
 VERSION = 1
 META_KEY = "__meta__"
+TEMP_PREFIX = ".ckpt-"  # temporary files of an interrupted save: <TEMP_PREFIX>*.tmp
 
 
 class CheckpointError(RuntimeError):
@@ -63,35 +64,7 @@ def save_checkpoint(path, arrays, meta):
                       for n, a in host.items()}}
     blob = json.dumps(doc, sort_keys=True).encode("utf-8")
     doc_bytes = np.frombuffer(blob, dtype=np.uint8)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{META_KEY: doc_bytes}, **host)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder):
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    atomic_savez(path, {META_KEY: doc_bytes, **host}, prefix=TEMP_PREFIX)
 
 
 def load_checkpoint(path):
@@ -188,7 +161,10 @@ def load_training_state(path):
             if name.startswith(pre):
                 out[slot][name[len(pre):]] = a
                 break
-    opt = {"t": meta["optimizer"]["t"], "hyper": meta["optimizer"]["hyper"],
-           "m": out["m"], "v": out["v"]}
+    o = meta["optimizer"]
+    if not isinstance(o, dict) or not {"t", "hyper"} <= set(o):
+        raise CheckpointError(f"checkpoint {path} is corrupted: its optimizer entry lacks "
+                              f"{sorted({'t', 'hyper'} - set(o if isinstance(o, dict) else ()))}")
+    opt = {"t": o["t"], "hyper": o["hyper"], "m": out["m"], "v": out["v"]}
     return {"params": out["params"], "optimizer": opt, "step": meta["step"],
             "config": meta["config"], "rng": meta["rng"], "history": out["history"]}

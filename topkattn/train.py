@@ -28,9 +28,11 @@ import time
 
 import numpy as np
 
+from topkattn.atomic import remove_stale_temporaries
 from topkattn.backend import get_array_module, require_cupy, to_numpy
 from topkattn.checkpoint import (
     CheckpointError,
+    TEMP_PREFIX,
     check_config,
     load_training_state,
     save_training_state,
@@ -247,9 +249,11 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
         if not os.path.exists(ckpt_path):
             raise CheckpointError(f"cannot resume: no checkpoint at {ckpt_path}")
         state = load_training_state(ckpt_path)
-        check_config(state["config"], cfg.to_dict(), path=ckpt_path)
+        saved_cfg = dict(state["config"])
+        saved_cfg.setdefault("token_shift", False)  # written before the token shift existed
+        check_config(saved_cfg, cfg.to_dict(), path=ckpt_path)
         _load_params(model, state["params"], ckpt_path)
-        opt.load_state_dict(state["optimizer"], like=model.params)
+        _load_optimizer(opt, state["optimizer"], model.params, ckpt_path)
         start = int(state["step"])
         if not 0 <= start <= cfg.steps:
             raise CheckpointError(f"checkpoint {ckpt_path} is at step {start}, outside 0..{cfg.steps}")
@@ -259,6 +263,10 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
             raise CheckpointError(f"checkpoint {ckpt_path} is corrupted: step {start} but "
                                   f"{len(losses)} recorded losses")
         log(f"resumed from {ckpt_path} at step {start}/{cfg.steps}")
+
+    if out_dir is not None:  # a save killed mid-write (e.g. SIGKILL) leaves its temporary file
+        for name in remove_stale_temporaries(out_dir, TEMP_PREFIX):
+            log(f"removed {name}, left in {out_dir} by an interrupted save")
 
     def save(step):
         if ckpt_path is not None:
@@ -332,6 +340,22 @@ def _load_params(model, saved, path):
             raise CheckpointError(f"checkpoint {path}: parameter {name!r} has shape {a.shape} "
                                   f"{a.dtype}, the model wants {tuple(p.shape)} {p.dtype}")
         p[...] = get_array_module(p).asarray(a)
+
+
+def _load_optimizer(opt, state, params, path):
+    """AdamW state from a checkpoint; moments must match the parameters they belong to."""
+    for slot in ("m", "v"):
+        extra = sorted(set(state[slot]) - set(params))
+        if extra:
+            raise CheckpointError(f"checkpoint {path}: optimizer moments for unknown parameters {extra[:5]}")
+        for name, a in state[slot].items():
+            if tuple(a.shape) != tuple(params[name].shape):
+                raise CheckpointError(f"checkpoint {path}: optimizer {slot}[{name!r}] has shape {a.shape}, "
+                                      f"the parameter has {tuple(params[name].shape)}")
+    try:
+        opt.load_state_dict(state, like=params)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} has a corrupted optimizer state: {e}") from e
 
 
 class TokenShift(Module):

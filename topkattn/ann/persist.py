@@ -10,12 +10,12 @@ Loading raises ValueError for a truncated, corrupted, foreign or newer file.
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
 from topkattn.ann import quant
+from topkattn.atomic import atomic_savez
 
 FORMAT = "topkattn.ann.LorannIndex"
 VERSION = 1
@@ -74,26 +74,7 @@ def save_index(index, path):
     payload = dict(arrays)
     payload["__header__"] = np.frombuffer(hb, np.uint8)
     payload["__checksum__"] = np.frombuffer(checksum, np.uint8)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".lorann-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # directories cannot be fsynced on some platforms
-        pass
+    atomic_savez(path, payload, prefix=".lorann-")
 
 
 def load_index(cls, path):
