@@ -39,13 +39,18 @@ def warmup_cosine_lr(step, *, base_lr, warmup_steps, total_steps, min_lr=0.0):
 
 
 def global_grad_norm(grads):
-    """The L2 norm of all gradient arrays together, as a Python float (accumulated in float64)."""
-    total = 0.0
+    """The L2 norm of all gradient arrays together, as a Python float (accumulated in float64).
+
+    The sum stays on the arrays' device; only the final scalar crosses to the host (one
+    synchronisation per call on a GPU, not one per parameter).
+    """
+    total = None
     for g in grads.values():
         xp = get_array_module(g)
-        g64 = g.astype(xp.float64, copy=False)
-        total += float(xp.vdot(g64.ravel(), g64.ravel()).real)
-    return math.sqrt(total)
+        g64 = g.astype(xp.float64, copy=False).ravel()
+        sq = xp.vdot(g64, g64).real
+        total = sq if total is None else total + sq
+    return 0.0 if total is None else math.sqrt(float(total))
 
 
 def clip_grad_norm(grads, max_norm):

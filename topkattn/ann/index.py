@@ -440,7 +440,7 @@ class LorannIndex:
         if xp is np:
             self._lazy_refit(top)
             dev = self._dev(xp)
-        else:
+        elif self._overgrown:  # copy the routing to the host only when a refit may be due
             stale = self._stale_in(to_numpy(top))
             if len(stale):
                 self.refit(stale)
