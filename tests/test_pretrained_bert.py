@@ -15,12 +15,13 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "
          "far", "away", ",", ".", "and", "then", "slept", "##s", "big", "red", "ball"]
 
 
-def torch_bert(weights, cfg, ids, topk=None, dense_layers=()):
+def torch_bert(weights, cfg, ids, topk=None, dense_layers=(), tail=None):
     """Hidden states (B, T, C) of a BERT encoder in plain torch.nn.functional (the oracle).
 
     With ``topk`` every query keeps its ``topk`` highest scores (torch.topk) and the
     softmax runs over those (except in ``dense_layers``, non-negative indices): the same
-    math as the engine, written independently.
+    math as the engine, written independently.  ``tail="mean"``: the dense softmax weights
+    of the kept keys, plus the dropped mass times the mean value of the dropped keys.
     """
     F = torch.nn.functional
     W = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
@@ -42,8 +43,16 @@ def torch_bert(weights, cfg, ids, topk=None, dense_layers=()):
         s = q @ k.transpose(-1, -2) / D ** 0.5  # (B, H, T, T)
         if topk is not None and topk < T and i not in dense_layers:
             keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(topk, -1).indices, True)
-            s = s.masked_fill(~keep, float("-inf"))
-        a = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, T, C)
+            if tail == "mean":
+                pk = torch.softmax(s, -1) * keep
+                rest = (~keep).to(v.dtype)
+                vmean = (rest @ v) / rest.sum(-1, keepdim=True)
+                a = pk @ v + (1 - pk.sum(-1, keepdim=True)) * vmean
+            else:
+                a = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v
+        else:
+            a = torch.softmax(s, -1) @ v
+        a = a.transpose(1, 2).reshape(B, T, C)
         x = F.layer_norm(x + lin(a, "attention.output.dense"), (C,), W[p + "attention.output.LayerNorm.weight"],
                          W[p + "attention.output.LayerNorm.bias"], eps)
         h = F.gelu(lin(x, "intermediate.dense"))
@@ -117,6 +126,21 @@ def test_encoder_matches_torch_oracle_float64(model_dir, topk):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
     if topk is not None:  # top-k really changes the result
         assert np.max(np.abs(got - torch_bert(w, cfg, ids).numpy())) > 1e-3
+
+
+@pytest.mark.parametrize("topk", [3, 6])
+def test_mean_tail_matches_torch_oracle_float64(model_dir, topk):
+    enc = SentenceEncoder.from_dir(model_dir, dtype=np.float64)
+    from safetensors.numpy import load_file
+
+    w = {k: v.astype(np.float64) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    ids = enc.tokenize(["the big red dog ran far away and slept"])[0][None]
+    got = enc.encoder(ids, topk=topk, tail="mean")
+    np.testing.assert_allclose(got, torch_bert(w, enc.encoder.config, ids, topk=topk, tail="mean").numpy(),
+                               rtol=1e-10, atol=1e-10)
+    assert np.max(np.abs(got - enc.encoder(ids, topk=topk))) > 1e-3  # not plain top-k
+    with pytest.raises(ValueError, match="tail must be one of"):
+        enc.encoder(ids, topk=topk, tail="median")
 
 
 def test_dense_layers_keep_chosen_layers_dense(model_dir):

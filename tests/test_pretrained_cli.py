@@ -51,7 +51,25 @@ def test_dense_json_and_text_output(model_dir):  # noqa: F811
                                SentenceEncoder.from_dir(model_dir).encode(TEXTS[:1], topk=2)[0], atol=1e-6)
 
 
+def test_tail_sinks_window_dense_layers_match_library(model_dir):  # noqa: F811
+    code, out = _run(["--k", "3", "--tail", "mean", "--sinks", "1", "--window", "1", "--dense-layers", "-1",
+                      "--json", "--model-dir", str(model_dir), *TEXTS])
+    assert code == 0, out
+    obj = json.loads(out)
+    want = SentenceEncoder.from_dir(model_dir).encode(TEXTS, topk=3, tail="mean", sinks=1, window=1,
+                                                      dense_layers=(-1,))
+    np.testing.assert_allclose(obj["embeddings"], want, rtol=0, atol=1e-7)
+    assert (obj["tail"], obj["sinks"], obj["window"], obj["dense_layers"]) == ("mean", 1, 1, [-1])
+    plain = SentenceEncoder.from_dir(model_dir).encode(TEXTS, topk=3)
+    assert np.abs(np.array(obj["embeddings"]) - plain).max() > 1e-4
+
+
 def test_usage_errors(model_dir, tmp_path):  # noqa: F811
+    for args, needle in ((["--tail", "mean", "x"], "apply only with --k"),
+                         (["--k", "2", "--dense-layers", "a,b", "x"], "--dense-layers"),
+                         (["--k", "2", "--dense-layers", "7", "--model-dir", str(model_dir), "x"], "dense_layers")):
+        code, out = _run(args)
+        assert code == 2 and needle in out and "Traceback" not in out, out
     assert _run([])[0] == 2
     code, out = _run(["--k", "0", "x"])
     assert code == 2 and "0 is not in the range x>=1" in out

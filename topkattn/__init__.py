@@ -3,6 +3,11 @@
 Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim,
 Dv value dim, C latent dim, R rope dim, K selected keys per query.
 """
+from topkattn.tail_attention import (
+    tail_topk_attention,
+    tail_topk_attention_backward,
+    tail_topk_attention_forward,
+)
 from topkattn.topk_attention import (
     topk_attention,
     topk_attention_backward,
@@ -10,4 +15,5 @@ from topkattn.topk_attention import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["topk_attention", "topk_attention_forward", "topk_attention_backward"]
+__all__ = ["topk_attention", "topk_attention_forward", "topk_attention_backward",
+           "tail_topk_attention", "tail_topk_attention_forward", "tail_topk_attention_backward"]

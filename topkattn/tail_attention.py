@@ -1,0 +1,187 @@
+"""Top-k attention with a mean tail: the softmax mass top-k drops goes to the mean unselected value.
+
+Shape letters: B batch, H query heads, G KV heads (H % G == 0), T queries, S keys,
+D head dim, Dv value dim, K selected slots.
+
+Plain top-k attention renormalises the softmax over the selected keys A and so drops
+the mass 1 - alpha of the other visible keys R.  Here that mass is kept, exactly, and
+spread over R uniformly (each unselected key gets the same weight):
+
+    p_j   = exp(s_j - logsumexp_{j visible} s_j)   the dense softmax weights
+    alpha = sum_{j in A} p_j                       mass the selection keeps
+    r     = mean_{j in R} v_j                      (0 when R is empty)
+    out   = sum_{j in A} p_j v_j + (1 - alpha) r
+
+So out equals dense attention whenever R is empty (topk >= visible keys), and the error
+is (1 - alpha) (r - mean of R weighted by p) instead of plain top-k's (1 - alpha) times
+(out_A - that mean).  The selection A is exact top-k plus forced keys
+(:func:`topkattn.selection.select_topk`); the tail needs the full-row logsumexp, so every
+score is computed (chunk by chunk, as the selection does): cost O(T S D) forward and
+backward, memory O(chunk * S + T * K).  Meant for inference on pretrained models
+(e.g. the BERT encoder), where the selection pass computes every score anyway.
+
+Backward, with g = dout and o_A = sum_A p_j v_j:
+    ds_i = p_i [ 1[i in A] (g.v_i - g.r) - g.o_A + alpha g.r ]      (i visible)
+    dv_j = p_j g (j in A),   (1 - alpha) g / |R| (j in R)
+    dq   = scale sum_i ds_i k_i,   dk_i = scale ds_i q
+"""
+import numpy as np
+
+from topkattn.backend import as_engine_array, get_array_module, to_caller_kind
+from topkattn.dense_attention import TILE_BYTES, _check, _chunks, _scores
+from topkattn.selection import select_topk
+
+
+class TailAttentionSaved:
+    """q, k, v, idx (B, H, T, K), out, lse over every visible key (B, H, T), scale, causal, chunk."""
+
+    __slots__ = ("q", "k", "v", "idx", "out", "lse", "scale", "causal", "chunk_size", "like")
+
+    def __init__(self, q, k, v, idx, out, lse, scale, causal, chunk_size, like):
+        self.q, self.k, self.v, self.idx, self.out, self.lse = q, k, v, idx, out, lse
+        self.scale, self.causal, self.chunk_size, self.like = scale, causal, chunk_size, like
+
+
+def tail_topk_attention(q, k, v, *, topk, causal=True, scale=None, sinks=0, window=0, chunk_size=None):
+    """Top-k attention whose dropped softmax mass goes to the mean of the unselected values.
+
+    q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> (B, H, T, Dv).  ``topk``, ``causal``,
+    ``scale``, ``sinks``, ``window`` select keys as :func:`topkattn.topk_attention` does;
+    ``chunk_size`` queries per score tile (default: about 16 MiB per tile).  With
+    ``topk >= S`` it is exactly dense attention.  See the module docstring for the formula.
+    """
+    return tail_topk_attention_forward(q, k, v, topk=topk, causal=causal, scale=scale, sinks=sinks,
+                                       window=window, chunk_size=chunk_size)[0]
+
+
+def tail_topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, sinks=0, window=0,
+                                chunk_size=None):
+    """``(out, saved)`` of :func:`tail_topk_attention`; saved keeps the indices and the full lse."""
+    like = q
+    q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
+    _check(q, k, v, scale, chunk_size)
+    for name, val, lo in (("topk", topk, 1), ("sinks", sinks, 0), ("window", window, 0)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+    xp = get_array_module(q, k, v)
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rep = H // G
+    scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
+    causal = bool(causal)
+    c = chunk_size or max(1, TILE_BYTES // max(1, B * H * S * q.dtype.itemsize))
+    idx = select_topk(q, k, topk=int(topk), causal=causal, scale=scale, sinks=int(sinks),
+                      window=int(window), chunk_size=chunk_size)  # (B, H, T, K)
+    out = xp.zeros((B, H, T, Dv), dtype=q.dtype)
+    lse = xp.full((B, H, T), -np.inf, dtype=q.dtype)
+    qg = q.reshape(B, G, rep, T, D)
+    vsum = xp.cumsum(v, axis=2) if causal else None  # (B, G, S, Dv) prefix sums of the values
+    for t0, t1, n in _chunks(T, S, c, causal):
+        if n == 0:
+            continue
+        p, L, sel, vis_n = _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, scale, causal)
+        lse[:, :, t0:t1] = L.reshape(B, H, t1 - t0)
+        cc = t1 - t0
+        pa = xp.where(sel, p, 0).reshape(B, G, rep * cc, n)  # weights of the selected keys
+        o_a = xp.matmul(pa, v[:, :, :n]).reshape(B, H, cc, Dv)
+        alpha = pa.sum(-1).reshape(B, H, cc, 1)
+        r = _rest_mean(xp, v, vsum, idx[:, :, t0:t1], sel, vis_n, n, rep)  # (B, H, c, Dv)
+        out[:, :, t0:t1] = o_a + (1 - alpha) * r
+    saved = TailAttentionSaved(q, k, v, idx, out, lse, scale, causal, c, like)
+    return to_caller_kind(out, like), saved
+
+
+def tail_topk_attention_backward(dout, saved):
+    """``(dq, dk, dv)`` of :func:`tail_topk_attention` from dout (B, H, T, Dv).
+
+    The selection is constant (as for top-k attention), but the tail weight 1 - alpha
+    depends on every visible score, so every visible key receives gradient.
+    """
+    if not isinstance(saved, TailAttentionSaved):
+        raise TypeError(f"saved must come from tail_topk_attention_forward, got {type(saved).__name__}")
+    q, k, v, idx = saved.q, saved.k, saved.v, saved.idx
+    dout = as_engine_array(dout, "dout")
+    if tuple(dout.shape) != tuple(saved.out.shape):
+        raise ValueError(f"dout must have shape {tuple(saved.out.shape)} (B, H, T, Dv), got {tuple(dout.shape)}")
+    xp = get_array_module(q)
+    dout = dout.astype(q.dtype, copy=False)
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rep = H // G
+    sc = q.dtype.type(saved.scale)
+    dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
+    qg = q.reshape(B, G, rep, T, D)
+    vsum = xp.cumsum(v, axis=2) if saved.causal else None
+    for t0, t1, n in _chunks(T, S, saved.chunk_size, saved.causal):
+        if n == 0:
+            continue
+        cc = t1 - t0
+        p, _, sel, vis_n = _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, saved.scale, saved.causal)
+        vis = _visible(xp, cc, n, S, T, t0, saved.causal)  # (c, n)
+        r = _rest_mean(xp, v, vsum, idx[:, :, t0:t1], sel, vis_n, n, rep)  # (B, H, c, Dv)
+        g = dout[:, :, t0:t1]  # (B, H, c, Dv)
+        pa = xp.where(sel, p, 0)  # (B, G, rep, c, n)
+        alpha = pa.sum(-1)  # (B, G, rep, c)
+        n_rest = (vis_n[None, None, None] - sel.sum(-1))  # (B, G, rep, c)
+        gr = (g * r).sum(-1).reshape(B, G, rep, cc)  # g . r
+        o_a = xp.matmul(pa.reshape(B, G, rep * cc, n), v[:, :, :n])  # (B, G, rep*c, Dv)
+        go = (g.reshape(B, G, rep * cc, Dv) * o_a).sum(-1).reshape(B, G, rep, cc)  # g . o_A
+        gv = xp.matmul(g.reshape(B, G, rep * cc, Dv), v[:, :, :n].swapaxes(-1, -2)).reshape(B, G, rep, cc, n)
+        ds = p * (xp.where(sel, gv - gr[..., None], 0) - go[..., None] + (alpha * gr)[..., None])
+        ds = xp.where(vis, ds, 0).reshape(B, G, rep * cc, n) * sc
+        qc = qg[:, :, :, t0:t1].reshape(B, G, rep * cc, D)
+        dq[:, :, t0:t1] = xp.matmul(ds, k[:, :, :n]).reshape(B, H, cc, D)
+        dk[:, :, :n] += xp.matmul(ds.swapaxes(-1, -2), qc)
+        # dv: p_j g on the selected keys, (1 - alpha) g / |R| on the rest
+        w_rest = xp.where(n_rest > 0, (1 - alpha) / xp.maximum(n_rest, 1), 0)  # (B, G, rep, c)
+        wv = xp.where(sel, p, w_rest[..., None]) * vis  # (B, G, rep, c, n)
+        dv[:, :, :n] += xp.matmul(wv.reshape(B, G, rep * cc, n).swapaxes(-1, -2),
+                                  g.reshape(B, G, rep * cc, Dv))
+    return dq, dk, dv
+
+
+def _visible(xp, c, n, S, T, t0, causal):
+    """(c, n) bool: key j visible to query row t0 + i."""
+    if not causal:
+        return xp.ones((c, n), dtype=bool)
+    pos = np.arange(t0, t0 + c) + (S - T)
+    return xp.asarray(np.arange(n)[None, :] <= pos[:, None])
+
+
+def _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, scale, causal):
+    """Dense softmax p (B, G, rep, c, n) over the visible keys, its lse, the selected-key mask
+    sel (B, G, rep, c, n) from idx, and the number of visible keys per row vis_n (c,)."""
+    B, G, rep = qg.shape[:3]
+    c = t1 - t0
+    s = _scores(xp, qg, k, t0, t1, n, S, T, scale, causal)  # (B, G, rep, c, n)
+    m = s.max(-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)
+    e = xp.exp(s - m)
+    l = e.sum(-1, keepdims=True)
+    p = e / xp.where(l > 0, l, 1)
+    L = xp.where(l > 0, m + xp.log(xp.where(l > 0, l, 1)), -np.inf)[..., 0]  # (B, G, rep, c)
+    ic = idx[:, :, t0:t1].reshape(B, G, rep, c, -1)  # (B, G, rep, c, K)
+    sel = xp.zeros((B, G, rep, c, n + 1), dtype=bool)
+    col = xp.where(ic >= 0, ic, n)  # empty slots mark the spare column n
+    xp.put_along_axis(sel, col, True, axis=-1)
+    sel = sel[..., :n]
+    pos = np.arange(t0, t1) + (S - T)
+    vis_n = xp.asarray(np.clip(pos + 1, 0, n) if causal else np.full(c, n))  # (c,)
+    return p, L, sel, vis_n
+
+
+def _rest_mean(xp, v, vsum, idx_c, sel, vis_n, n, rep):
+    """Mean value of each row's visible unselected keys, (B, H, c, Dv); 0 where there is none."""
+    B, G = v.shape[:2]
+    c = idx_c.shape[2]
+    Dv = v.shape[3]
+    if vsum is None:  # not causal: every row sees all n keys
+        total = xp.broadcast_to(v[:, :, :n].sum(2)[:, :, None, None], (B, G, rep, c, Dv))
+    else:
+        total = vsum[:, :, xp.maximum(vis_n, 1) - 1][:, :, None]  # (B, G, 1, c, Dv): sum of keys 0..pos
+        total = xp.where((vis_n > 0)[None, None, None, :, None], total, 0)
+        total = xp.broadcast_to(total, (B, G, rep, c, Dv))
+    in_sel = xp.matmul(sel.reshape(B, G, rep * c, n).astype(v.dtype), v[:, :, :n]).reshape(B, G, rep, c, Dv)
+    n_rest = (vis_n[None, None, None] - sel.sum(-1))[..., None]  # (B, G, rep, c, 1)
+    r = xp.where(n_rest > 0, (total - in_sel) / xp.maximum(n_rest, 1), 0)
+    return r.reshape(B, G * rep, c, Dv)
