@@ -27,20 +27,8 @@ class _OneLineCommand(click.Command):
             raise _OneLineUsageError(e.format_message(), ctx) from None
 
 
-def _clusters(value):
-    if value is None or value == "auto":
-        return None
-    try:
-        v = int(value)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise click.BadParameter(f"--clusters must be an integer >= 1 or 'auto', got {value!r}")
-    return v
-
-
-def _keys(value):
-    """--k: an integer >= 1 or 'auto' (dynamic k)."""
+def _int_or_auto(value, option):
+    """An option that takes an integer >= 1 or 'auto' (None stays None)."""
     if value is None or value == "auto":
         return value
     try:
@@ -48,7 +36,7 @@ def _keys(value):
     except ValueError:
         v = 0
     if v < 1:
-        raise click.BadParameter(f"--k must be an integer >= 1 or 'auto', got {value!r}")
+        raise click.BadParameter(f"{option} must be an integer >= 1 or 'auto', got {value!r}")
     return v
 
 
@@ -124,8 +112,9 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, max_k, n_sequences,
     if retriever == "simulated" and tail_bound is not None:
         raise _OneLineUsageError("--tail-bound (dynamic k) works with --retriever exact or lorann", ctx)
     try:
-        k = _keys(k)
-        n_clusters = _clusters(clusters)
+        k = _int_or_auto(k, "--k")
+        n_clusters = _int_or_auto(clusters, "--clusters")
+        n_clusters = None if n_clusters == "auto" else n_clusters
         to_search = _search(search)
     except click.BadParameter as e:
         raise _OneLineUsageError(e.message, ctx) from None
