@@ -85,7 +85,7 @@ def tail_topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, sinks
         pa = xp.where(sel, p, 0).reshape(B, G, rep * cc, n)  # weights of the selected keys
         o_a = xp.matmul(pa, v[:, :, :n]).reshape(B, H, cc, Dv)
         alpha = pa.sum(-1).reshape(B, H, cc, 1)
-        r = _rest_mean(xp, v, vsum, idx[:, :, t0:t1], sel, vis_n, n, rep)  # (B, H, c, Dv)
+        r = _rest_mean(xp, v, vsum, sel, vis_n, n, rep)  # (B, H, c, Dv)
         out[:, :, t0:t1] = o_a + (1 - alpha) * r
     saved = TailAttentionSaved(q, k, v, idx, out, lse, scale, causal, c, like)
     return to_caller_kind(out, like), saved
@@ -118,7 +118,7 @@ def tail_topk_attention_backward(dout, saved):
         cc = t1 - t0
         p, _, sel, vis_n = _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, saved.scale, saved.causal)
         vis = _visible(xp, cc, n, S, T, t0, saved.causal)  # (c, n)
-        r = _rest_mean(xp, v, vsum, idx[:, :, t0:t1], sel, vis_n, n, rep)  # (B, H, c, Dv)
+        r = _rest_mean(xp, v, vsum, sel, vis_n, n, rep)  # (B, H, c, Dv)
         g = dout[:, :, t0:t1]  # (B, H, c, Dv)
         pa = xp.where(sel, p, 0)  # (B, G, rep, c, n)
         alpha = pa.sum(-1)  # (B, G, rep, c)
@@ -163,18 +163,18 @@ def _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, scale, causal):
     ic = idx[:, :, t0:t1].reshape(B, G, rep, c, -1)  # (B, G, rep, c, K)
     sel = xp.zeros((B, G, rep, c, n + 1), dtype=bool)
     col = xp.where(ic >= 0, ic, n)  # empty slots mark the spare column n
-    xp.put_along_axis(sel, col, True, axis=-1)
+    b, g, h, t = (xp.arange(d).reshape((-1,) + (1,) * (4 - i)) for i, d in enumerate((B, G, rep, c)))
+    sel[b, g, h, t, col] = True  # fancy-index scatter: NumPy and CuPy alike
     sel = sel[..., :n]
     pos = np.arange(t0, t1) + (S - T)
     vis_n = xp.asarray(np.clip(pos + 1, 0, n) if causal else np.full(c, n))  # (c,)
     return p, L, sel, vis_n
 
 
-def _rest_mean(xp, v, vsum, idx_c, sel, vis_n, n, rep):
+def _rest_mean(xp, v, vsum, sel, vis_n, n, rep):
     """Mean value of each row's visible unselected keys, (B, H, c, Dv); 0 where there is none."""
-    B, G = v.shape[:2]
-    c = idx_c.shape[2]
-    Dv = v.shape[3]
+    B, G, _, Dv = v.shape
+    c = sel.shape[3]
     if vsum is None:  # not causal: every row sees all n keys
         total = xp.broadcast_to(v[:, :, :n].sum(2)[:, :, None, None], (B, G, rep, c, Dv))
     else:
