@@ -457,3 +457,18 @@ def test_window_is_the_most_recent_visible_keys(impl):
     _, saved = ta.topk_attention_forward(q, k, v, topk=1, sinks=1, window=1, causal=False, impl=impl)
     m = mask_from_idx(saved.idx, 6)[0, 0]
     assert m[:, 0].all() and m[:, 5].all() and (m.sum(1) == 3).all()
+
+
+def test_chunks_on_worker_threads_equal_inline_and_nested_calls_do_not_deadlock():
+    """The Numba path runs query chunks on the shared pool; from inside a pool worker it runs
+    them inline.  Both give the same indices as the NumPy path."""
+    from topkattn.threads import pool
+
+    q, k, v = make_qkv(2, 4, 2, 40, 40, seed=12)
+    want = ta.topk_attention_forward(q, k, v, topk=5, impl="numpy", chunk_size=7)[1].idx
+    got = ta.topk_attention_forward(q, k, v, topk=5, impl="numba", chunk_size=7)[1].idx
+    np.testing.assert_array_equal(got, want)
+    jobs = [pool().submit(lambda: ta.topk_attention_forward(q, k, v, topk=5, impl="numba", chunk_size=7)[1].idx)
+            for _ in range(4)]  # more jobs than workers, each with nested chunk work
+    for job in jobs:
+        np.testing.assert_array_equal(job.result(timeout=60), want)

@@ -7,7 +7,7 @@ import numba as nb
 import numpy as np
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
+@nb.njit(cache=True, nogil=True)
 def ranked_topm_rows(tile, out, end, win_lo, win_hi, sinks, m):
     """Streaming top-m over each row of a score tile, in rank order.
 
@@ -15,11 +15,12 @@ def ranked_topm_rows(tile, out, end, win_lo, win_hi, sinks, m):
     column indices of row r's m best candidates (score descending, ties to the lower
     column, NaN above every number).  Candidates of row r: sinks <= j < end[r] and not
     win_lo[r] <= j < win_hi[r].  One pass per row keeping a sorted buffer of m entries:
-    most scores fail the threshold test and cost one comparison.
+    most scores fail the threshold test and cost one comparison.  Serial and ``nogil``:
+    callers run row blocks on worker threads (see :mod:`topkattn.threads`).
     Reference: :func:`topkattn.reference.rank_row` (and ``selection.ranked_topm_xp``).
     """
     R = tile.shape[0]
-    for r in nb.prange(R):
+    for r in range(R):
         vals = np.empty(m, dtype=tile.dtype)
         ids = out[r]
         n = 0

@@ -25,6 +25,7 @@ Numba, CUDA, the reference) makes the same choices for one seed.
 import numpy as np
 
 from topkattn.backend import get_array_module
+from topkattn.threads import blas_single_thread, n_workers, pool
 
 try:  # Numba CPU kernels are optional at run time: the NumPy path needs no compiler.
     from topkattn import cpu_kernels as _cpu_kernels
@@ -257,25 +258,42 @@ def _ranked_chunks(q, k, bounds, m, causal, scale, chunk_size, impl):
         chunk_size = max(1, TILE_BYTES // max(1, B * H * S * q.dtype.itemsize))
     qs = (q * q.dtype.type(scale)).reshape(B, G, rep, T, D)
     kt = k.swapaxes(-1, -2)  # (B, G, D, S)
+    spans = []
     for t0 in range(0, T, chunk_size):
         t1 = min(T, t0 + chunk_size)
-        c = t1 - t0
         n_cols = int(bounds.end[t1 - 1]) if causal else S  # keys any row of the chunk may see
-        if n_cols == 0:
-            continue
-        qc = qs[:, :, :, t0:t1].reshape(B, G, rep * c, D)
-        tile = xp.matmul(qc, kt[..., :n_cols]).reshape(B * H * c, n_cols)  # (B*H*c, n_cols)
-        if use_numba:
-            rows_t = np.tile(np.arange(t0, t1), B * H)
-            ranked = np.full((B * H * c, m), -1, dtype=np.int64)
-            _cpu_kernels.ranked_topm_rows(
-                tile, ranked, bounds.end[rows_t], bounds.win_lo[rows_t], bounds.win_hi[rows_t],
-                bounds.sinks, m)
-        else:
+        if n_cols:
+            spans.append((t0, t1, n_cols))
+
+    def tile_of(t0, t1, n_cols):
+        qc = qs[:, :, :, t0:t1].reshape(B, G, rep * (t1 - t0), D)
+        return xp.matmul(qc, kt[..., :n_cols]).reshape(B * H * (t1 - t0), n_cols)  # (B*H*c, n_cols)
+
+    def numba_chunk(t0, t1, n_cols):  # a whole chunk on one worker: its GEMM, then its top-m
+        tile = tile_of(t0, t1, n_cols)
+        rows_t = np.tile(np.arange(t0, t1), B * H)
+        ranked = np.full((B * H * (t1 - t0), m), -1, dtype=np.int64)
+        _cpu_kernels.ranked_topm_rows(tile, ranked, bounds.end[rows_t], bounds.win_lo[rows_t],
+                                      bounds.win_hi[rows_t], bounds.sinks, m)
+        return t0, t1, tile, ranked
+
+    if not use_numba:
+        for t0, t1, n_cols in spans:
             cand = xp.asarray(bounds.candidate_mask(t0, t1, n_cols))  # (c, n_cols)
-            cand = xp.broadcast_to(cand[None], (B * H, c, n_cols)).reshape(B * H * c, n_cols)
-            ranked = ranked_topm_xp(tile, cand, m)
-        yield t0, t1, tile, ranked
+            cand = xp.broadcast_to(cand[None], (B * H, t1 - t0, n_cols)).reshape(-1, n_cols)
+            tile = tile_of(t0, t1, n_cols)
+            yield t0, t1, tile, ranked_topm_xp(tile, cand, m)
+        return
+    nw = n_workers() if len(spans) > 1 else 1
+    if nw == 1:  # one chunk, or already on a worker: inline, BLAS keeps its threads
+        for span in spans:
+            yield numba_chunk(*span)
+        return
+    with blas_single_thread():  # one BLAS thread per worker: no spinning threads fighting
+        for i in range(0, len(spans), nw):  # nw chunks in flight: memory stays O(nw * chunk * S)
+            jobs = [pool().submit(numba_chunk, *span) for span in spans[i:i + nw]]
+            for job in jobs:
+                yield job.result()
 
 
 def _logsumexp(xp, a):

@@ -37,15 +37,13 @@ Implementation notes
   0.870 vs 0.879 for a full build) and by 0.003 without re-ranking; refit()
   recovers it (0.882).  Lazy refits (``refit_growth``) bound the drift.
 """
-import contextlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 
 from topkattn.ann import kernels, kmeans, quant, rrr
 from topkattn.backend import get_array_module, is_cupy_array, to_numpy
+from topkattn.threads import blas_single_thread, n_workers
 
 KMEANS_ITERATIONS = 10
 SAMPLED_POINTS_PER_CLUSTER = 256
@@ -188,7 +186,7 @@ class LorannIndex:
         if not approximate or sample > 0.5 * len(xr):
             sample = None
         say(f"k-means: {c} clusters on {len(xr) if sample is None else sample} points")
-        with _blas_single_thread():
+        with blas_single_thread():
             self._cent = kmeans.kmeans(xr, c, distance=self.distance, iters=KMEANS_ITERATIONS,
                                        sample_size=sample, balanced=self.balanced,
                                        rng=self._rng)
@@ -236,7 +234,7 @@ class LorannIndex:
             beta = rrr.ols_beta(xr[mem], pts, T, qgram_full, gram, approximate)  # (G, n_c)
             return gram, rrr.fit_cluster(beta, gram, self.rank)
 
-        with _blas_single_thread(), ThreadPoolExecutor(_n_workers()) as pool:
+        with blas_single_thread(), ThreadPoolExecutor(n_workers()) as pool:
             for ci, (gram, fitted) in enumerate(pool.map(fit_one, range(c))):
                 mem = members[ci]
                 self._gram[ci] = gram
@@ -368,7 +366,7 @@ class LorannIndex:
         nq = len(q)
         if nq <= FUSED_MAX_QUERIES:  # no BLAS at all: Numba routing and scoring
             return self._search_cpu_inner(q, k, w, rr)
-        with _blas_single_thread():  # many small GEMMs: a threaded BLAS only spins
+        with blas_single_thread():  # many small GEMMs: a threaded BLAS only spins
             return self._search_cpu_inner(q, k, w, rr)
 
     def _search_cpu_inner(self, q, k, w, rr):
@@ -419,7 +417,7 @@ class LorannIndex:
                 np.matmul(t, self._bdeq[lo:lo + n_c].T, out=out)  # (cnt, n_c)
                 base[sel] = boff[c] + np.arange(cnt) * n_c
 
-        nw = _n_workers() if len(visit) >= 32 else 1
+        nw = n_workers() if len(visit) >= 32 else 1
         if nw == 1:
             score(visit)
         else:
@@ -591,7 +589,7 @@ class LorannIndex:
             lo, n_c = self._start[c], self._size[c]
             pid = self._slot_id[lo:lo + n_c]
             beta = self._reduce(self._data[pid]).T  # (G, n_c)
-            with _blas_single_thread():
+            with blas_single_thread():
                 self._fit(c, beta, self._gram[c].astype(np.float64))
         self._overgrown.difference_update(int(c) for c in cl)
         self._device = {}
@@ -670,31 +668,6 @@ class LorannIndex:
                      idpad=xp.asarray(idpad))
         self._device[key] = d
         return d
-
-
-_BLAS_CONTROLLER = []
-
-
-def _blas_single_thread():
-    """Context pinning BLAS to one thread (via threadpoolctl when installed).
-
-    Our loops issue many small GEMMs / eigensolves; a multi-threaded BLAS spends
-    more time waking and spinning threads than computing on them (10x slower on a
-    busy 2-core machine).  Parallelism comes from Numba and a thread pool instead.
-    """
-    if not _BLAS_CONTROLLER:
-        try:
-            from threadpoolctl import ThreadpoolController
-
-            _BLAS_CONTROLLER.append(ThreadpoolController())
-        except ImportError:
-            _BLAS_CONTROLLER.append(None)
-    ctl = _BLAS_CONTROLLER[0]
-    return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1, user_api="blas")
-
-
-def _n_workers():
-    return max(1, min(numba.get_num_threads(), os.cpu_count() or 1))
 
 
 def _topk_xp(xp, s, ids, k):
