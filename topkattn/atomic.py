@@ -15,7 +15,7 @@ def atomic_savez(path, arrays, *, prefix):
 
     The file gets the permissions a plain ``open(path, "w")`` would give (0666 minus the
     umask), not the owner-only mode of a temporary file.  ``prefix`` names the temporary
-    file (``<prefix>XXXX.tmp`` in the same folder), so a killed writer's leftovers are
+    file (``<prefix>*.tmp`` in the same folder), so a killed writer's leftovers are
     recognisable (see :func:`remove_stale_temporaries`).
     """
     folder = os.path.dirname(os.path.abspath(path))

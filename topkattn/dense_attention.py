@@ -68,11 +68,8 @@ def dense_attention_forward(q, k, v, *, causal=True, scale=None, chunk_size=None
 def dense_attention_backward(dout, saved):
     """``(dq, dk, dv)`` from dout (B, H, T, Dv)."""
     q, k, v, out, lse = saved.q, saved.k, saved.v, saved.out, saved.lse
-    dout = as_engine_array(dout, "dout")
-    if tuple(dout.shape) != tuple(out.shape):
-        raise ValueError(f"dout must have shape {tuple(out.shape)} (B, H, T, Dv), got {tuple(dout.shape)}")
+    dout = check_dout(dout, out)
     xp = get_array_module(q)
-    dout = dout.astype(q.dtype, copy=False)
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     rep = H // G
@@ -98,6 +95,14 @@ def dense_attention_backward(dout, saved):
         dq[:, :, t0:t1] = xp.matmul(ds, k[:, :, :n]).reshape(B, H, c, D)
         dk[:, :, :n] += xp.matmul(ds.swapaxes(-1, -2), qc)
     return dq, dk, dv
+
+
+def check_dout(dout, out):
+    """dout as an engine array of out's shape (B, H, T, Dv) and dtype; ValueError otherwise."""
+    dout = as_engine_array(dout, "dout")
+    if tuple(dout.shape) != tuple(out.shape):
+        raise ValueError(f"dout must have shape {tuple(out.shape)} (B, H, T, Dv), got {tuple(dout.shape)}")
+    return dout.astype(out.dtype, copy=False)
 
 
 def _chunks(T, S, c, causal):

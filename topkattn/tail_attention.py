@@ -28,7 +28,7 @@ Backward, with g = dout and o_A = sum_A p_j v_j:
 import numpy as np
 
 from topkattn.backend import as_engine_array, get_array_module, to_caller_kind
-from topkattn.dense_attention import TILE_BYTES, _check, _chunks, _scores
+from topkattn.dense_attention import TILE_BYTES, _check, _chunks, _scores, check_dout
 from topkattn.selection import select_topk
 
 
@@ -100,11 +100,8 @@ def tail_topk_attention_backward(dout, saved):
     if not isinstance(saved, TailAttentionSaved):
         raise TypeError(f"saved must come from tail_topk_attention_forward, got {type(saved).__name__}")
     q, k, v, idx = saved.q, saved.k, saved.v, saved.idx
-    dout = as_engine_array(dout, "dout")
-    if tuple(dout.shape) != tuple(saved.out.shape):
-        raise ValueError(f"dout must have shape {tuple(saved.out.shape)} (B, H, T, Dv), got {tuple(dout.shape)}")
+    dout = check_dout(dout, saved.out)
     xp = get_array_module(q)
-    dout = dout.astype(q.dtype, copy=False)
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     rep = H // G
