@@ -472,3 +472,29 @@ def test_chunks_on_worker_threads_equal_inline_and_nested_calls_do_not_deadlock(
             for _ in range(4)]  # more jobs than workers, each with nested chunk work
     for job in jobs:
         np.testing.assert_array_equal(job.result(timeout=60), want)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_worker_pool_works_in_a_forked_child():
+    """A child forked after the pool exists gets a fresh pool (the parent's threads are gone)."""
+    import os
+
+    q, k, v = make_qkv(1, 2, 2, 30, 30, seed=13)
+    want = ta.topk_attention(q, k, v, topk=4, impl="numba", chunk_size=5)  # creates the pool
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: compute again and report through the pipe
+        try:
+            got = ta.topk_attention(q, k, v, topk=4, impl="numba", chunk_size=5)
+            os.write(w, b"ok" if np.array_equal(got, want) else b"bad")
+        finally:
+            os._exit(0)
+    os.close(w)
+    import select
+
+    ready, _, _ = select.select([r], [], [], 60)
+    msg = os.read(r, 8) if ready else b"hang"
+    if not ready:
+        os.kill(pid, 9)  # a child stuck on the parent's dead pool threads
+    os.waitpid(pid, 0)
+    assert msg == b"ok"

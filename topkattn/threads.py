@@ -44,6 +44,14 @@ def n_workers():
     return max(1, min(n, os.cpu_count() or 1))
 
 
+def _forget_pool_after_fork():
+    _POOL.clear()  # a forked child has none of the parent's worker threads: start a new pool
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def pool():
     """The process-wide worker pool (created on first use, one thread per core)."""
     if not _POOL:
