@@ -474,27 +474,36 @@ def test_chunks_on_worker_threads_equal_inline_and_nested_calls_do_not_deadlock(
         np.testing.assert_array_equal(job.result(timeout=60), want)
 
 
+_FORK_SCRIPT = """
+import os, select, numpy as np, topkattn as ta
+rng = np.random.default_rng(13)
+q, k, v = (rng.standard_normal((1, 2, 30, 8)) for _ in range(3))
+want = ta.topk_attention(q, k, v, topk=4, impl="numba", chunk_size=5)  # creates the pool
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        got = ta.topk_attention(q, k, v, topk=4, impl="numba", chunk_size=5)
+        os.write(w, b"ok" if np.array_equal(got, want) else b"bad")
+    finally:
+        os._exit(0)
+os.close(w)
+ready, _, _ = select.select([r], [], [], 60)
+msg = os.read(r, 8) if ready else b"hang"
+if not ready:
+    os.kill(pid, 9)  # a child stuck on the parent's dead pool threads
+os.waitpid(pid, 0)
+print(msg.decode())
+"""
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
 def test_worker_pool_works_in_a_forked_child():
-    """A child forked after the pool exists gets a fresh pool (the parent's threads are gone)."""
-    import os
+    """A child forked after the pool exists gets a fresh pool (the parent's threads are gone).
+    Run in a fresh interpreter: this test process holds other libraries' threads (JAX)."""
+    import subprocess
+    import sys
 
-    q, k, v = make_qkv(1, 2, 2, 30, 30, seed=13)
-    want = ta.topk_attention(q, k, v, topk=4, impl="numba", chunk_size=5)  # creates the pool
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: compute again and report through the pipe
-        try:
-            got = ta.topk_attention(q, k, v, topk=4, impl="numba", chunk_size=5)
-            os.write(w, b"ok" if np.array_equal(got, want) else b"bad")
-        finally:
-            os._exit(0)
-    os.close(w)
-    import select
-
-    ready, _, _ = select.select([r], [], [], 60)
-    msg = os.read(r, 8) if ready else b"hang"
-    if not ready:
-        os.kill(pid, 9)  # a child stuck on the parent's dead pool threads
-    os.waitpid(pid, 0)
-    assert msg == b"ok"
+    r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "ok"
