@@ -21,6 +21,10 @@ def blas_single_thread():
     """Context pinning BLAS to one thread (threadpoolctl; a no-op if it is missing)."""
     if not _BLAS_CONTROLLER:
         try:
+            import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: limit it too)
+        except ImportError:  # pragma: no cover - scipy is a dependency
+            pass
+        try:
             from threadpoolctl import ThreadpoolController
 
             _BLAS_CONTROLLER.append(ThreadpoolController())

@@ -39,6 +39,7 @@ Implementation notes
 """
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 
 from topkattn.ann import kernels, kmeans, quant, rrr
@@ -393,41 +394,42 @@ class LorannIndex:
         return ids, scores
 
     def _score_blocks(self, q, qr, top, w, m, k, rr, l2, ids, scores):
-        """Batched path: per visited cluster two GEMMs over its queries, then Numba selection."""
+        """Batched path: per visited cluster two GEMMs over its queries (clusters in parallel,
+        :func:`kernels.score_clusters`), candidates kept per thread, then merge + re-rank.
+
+        Two passes: first every query's best cluster, then (with each query's threshold set
+        to the m-th best score found so far) the rest, so few candidates pass the threshold.
+        """
         nq = len(q)
-        flat = top.ravel()
-        order = np.argsort(flat, kind="stable")
-        counts = np.bincount(flat, minlength=self.n_clusters)
-        sizes = self._size
-        base = np.zeros(nq * w, np.int64)
-        blocks = counts * sizes
-        boff = np.zeros(self.n_clusters + 1, np.int64)
-        np.cumsum(blocks, out=boff[1:])
-        buf = np.empty(int(boff[-1]), np.float32)
-        starts = np.zeros(self.n_clusters + 1, np.int64)
-        np.cumsum(counts, out=starts[1:])
-        visit = np.flatnonzero(counts * sizes)
-
-        def score(part):  # GEMMs release the GIL: parts run in parallel threads
-            for c in part:
-                sel = order[starts[c]:starts[c + 1]]
-                cnt, n_c, lo = len(sel), sizes[c], self._start[c]
-                t = qr[sel // w] @ self._adeq[c]  # (cnt, R)
-                out = buf[boff[c]:boff[c + 1]].reshape(cnt, n_c)
-                np.matmul(t, self._bdeq[lo:lo + n_c].T, out=out)  # (cnt, n_c)
-                base[sel] = boff[c] + np.arange(cnt) * n_c
-
-        nw = n_workers() if len(visit) >= 32 else 1
-        if nw == 1:
-            score(visit)
-        else:
-            with ThreadPoolExecutor(nw) as pool:
-                list(pool.map(score, [visit[i::nw] for i in range(nw)]))
-        base = base.reshape(nq, w)
-        length = sizes[top]
-        pstart = self._start[top]
-        kernels.select_rerank(buf, base, length, pstart, self._slot_id, self._norms, l2,
-                              self._data, q, m, k, rr > 0, ids, scores)
+        parts = numba.config.NUMBA_NUM_THREADS  # thread ids of a parallel region are below this
+        cap = 4 * m
+        cand_s = np.empty((parts, nq, cap), np.float32)
+        cand_i = np.empty((parts, nq, cap), np.int64)
+        cand_n = np.zeros((parts, nq), np.int64)
+        thresh = np.full(nq, -np.inf, np.float32)
+        passes = [top[:, :1], top[:, 1:]] if w > 1 else [top]
+        with blas_single_thread():
+            for i, sub in enumerate(passes):
+                ww = sub.shape[1]
+                flat = sub.ravel()
+                order = np.argsort(flat, kind="stable")  # visits grouped by cluster
+                counts = np.bincount(flat, minlength=self.n_clusters)
+                starts = np.zeros(self.n_clusters + 1, np.int64)
+                np.cumsum(counts, out=starts[1:])
+                visit = np.flatnonzero(counts * self._size)
+                if not len(visit):
+                    continue
+                rows = order // ww  # (V,) query of each visit
+                qg = np.ascontiguousarray(qr[rows])  # (V, G)
+                scratch_t = np.empty((parts, int(counts.max()) * max(self.rank, 1)), np.float32)
+                scratch_s = np.empty((parts, int((counts * self._size).max())), np.float32)
+                kernels.score_clusters(qg, rows, starts, visit, self._adeq, self._bdeq, self._start,
+                                       self._size, self._slot_id, self._norms, l2, m, cand_s, cand_i,
+                                       cand_n, thresh, scratch_t, scratch_s)
+                if i + 1 < len(passes):
+                    kernels.raise_thresholds(cand_s, cand_i, cand_n, m, thresh)
+        kernels.merge_rerank(cand_s, cand_i, cand_n, self._data, q, self._norms, l2, m, k, rr > 0,
+                             ids, scores)
 
     def _search_xp(self, q, k, w, rr, xp):
         """Array-library path (CuPy, or NumPy as the reference): padded dense tensors."""

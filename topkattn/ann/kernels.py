@@ -92,40 +92,142 @@ def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s)
     _drain_sorted(hs, hi, n, out_s[qi], out_i[qi])
 
 
-@nb.njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def select_rerank(buf, base, length, pstart, slot_id, norms, l2, data, queries, m, k, rerank,
-                  out_i, out_s):
-    """Top-k per query from precomputed cluster score blocks.
+@nb.njit(cache=True, nogil=True)
+def _best_m_sorted(cs, ci, n, m):
+    """Reorder cs/ci[:n] so the first min(n, m) are the best, best first (score desc, ties to
+    the lower id); returns min(n, m)."""
+    o1 = np.argsort(ci[:n], kind="mergesort")  # by id, then stably by score: ties keep id order
+    s1 = -cs[:n][o1]
+    o = o1[np.argsort(s1, kind="mergesort")]
+    keep = min(n, m)
+    ts = cs[o[:keep]].copy()
+    ti = ci[o[:keep]].copy()
+    cs[:keep] = ts
+    ci[:keep] = ti
+    return keep
 
-    buf: flat float32 approximate scores; for query i and searched cluster j the
-    ``length[i, j]`` scores start at ``buf[base[i, j]]`` and belong to the points
-    stored at slots ``pstart[i, j] + t`` (ids ``slot_id``).  The m best candidates
-    (ties to lower id) are re-ranked exactly against ``data`` when ``rerank``.
-    out_i (Q, K) int64 pre-filled with -1, out_s (Q, K) float32 pre-filled with -inf.
+
+@nb.njit(cache=True, nogil=True)
+def _compact(cs, ci, n, m):
+    """Keep the candidates scoring at least the m-th best of cs[:n] (ties all stay); returns
+    (new n, that score).  Degenerate ties that would keep the buffer full fall back to an
+    exact cut at m."""
+    kth = np.partition(cs[:n].copy(), n - m)[n - m]  # the m-th largest score
+    j = 0
+    for t in range(n):
+        if cs[t] >= kth:
+            cs[j] = cs[t]
+            ci[j] = ci[t]
+            j += 1
+    if j >= cs.shape[0]:
+        j = _best_m_sorted(cs, ci, j, m)
+    return j, kth
+
+
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=True)
+def score_clusters(qg, rows, starts, visit, adeq, bdeq, start, size, slot_id, norms, l2, m,
+                   cand_s, cand_i, cand_n, thresh, scratch_t, scratch_s):
+    """Approximate scores of every visited cluster for its queries, straight into candidate buffers.
+
+    Clusters run in parallel (``prange``; two BLAS GEMMs each: (cnt, G) @ A_c, then
+    @ B_c^T).  qg (V, G) holds the reduced query of every (query, cluster) visit grouped
+    by cluster (visits starts[c] .. starts[c+1] of cluster c belong to queries rows[...]).
+    Each thread appends to its own buffers cand_s/cand_i (P, Q, cap), cand_n (P, Q): scores
+    below ``thresh[q]`` (the best m-th score any thread has seen for q, shared, only ever
+    raised) are dropped, a full buffer is compacted to its m best.  scratch_t (P, >= cnt * R)
+    and scratch_s (P, >= cnt * n_c) float32 hold each thread's GEMM outputs (no allocation,
+    so no page faults, per cluster).  BLAS must run on one thread
+    (``topkattn.threads.blas_single_thread``).
     """
-    nq, w = base.shape
+    cap = cand_s.shape[2]
+    r_dim = adeq.shape[2]
+    for vi in nb.prange(len(visit)):
+        tid = nb.get_thread_id()
+        c = visit[vi]
+        a0, a1 = starts[c], starts[c + 1]
+        cnt = a1 - a0
+        lo, n_c = start[c], size[c]
+        t = scratch_t[tid, :cnt * r_dim].reshape(cnt, r_dim)
+        np.dot(qg[a0:a1], adeq[c], t)  # (cnt, R)
+        blk = scratch_s[tid, :cnt * n_c].reshape(cnt, n_c)
+        np.dot(t, bdeq[lo:lo + n_c].T, blk)  # (cnt, n_c)
+        for r in range(a1 - a0):
+            qi = rows[a0 + r]
+            cs = cand_s[tid, qi]
+            ci = cand_i[tid, qi]
+            n = cand_n[tid, qi]
+            th = thresh[qi]
+            for j0 in range(0, n_c, 16):
+                j1 = min(j0 + 16, n_c)
+                if not l2:  # a whole block below the threshold: one vectorised max, no branches
+                    mx = blk[r, j0]
+                    for j in range(j0 + 1, j1):
+                        mx = max(mx, blk[r, j])
+                    if mx < th:  # most blocks stop here
+                        continue
+                for j in range(j0, j1):
+                    s = blk[r, j]
+                    if l2:
+                        s = 2 * s - norms[slot_id[lo + j]]
+                    if s < th:
+                        continue
+                    if n == cap:
+                        n, kth = _compact(cs, ci, n, m)
+                        if kth > th:
+                            th = kth
+                        if s < th:
+                            continue
+                    cs[n] = s
+                    ci[n] = slot_id[lo + j]
+                    n += 1
+            cand_n[tid, qi] = n
+            if th > thresh[qi]:
+                thresh[qi] = th
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def raise_thresholds(cand_s, cand_i, cand_n, m, thresh):
+    """Compact every buffer holding more than m candidates and raise its query's threshold to
+    the best m-th score found (between the scoring passes of :meth:`LorannIndex._score_blocks`)."""
+    n_parts, nq, _ = cand_s.shape
     for qi in nb.prange(nq):
-        hs = np.empty(m, np.float32)
-        hi = np.empty(m, np.int64)
+        for p in range(n_parts):
+            n = cand_n[p, qi]
+            if n > m:
+                n, kth = _compact(cand_s[p, qi], cand_i[p, qi], n, m)
+                cand_n[p, qi] = n
+                if kth > thresh[qi]:
+                    thresh[qi] = kth
+
+
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=True)
+def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank, out_i, out_s):
+    """Each query's m best candidates over all threads' buffers (score desc, ties to the lower
+    id), re-ranked exactly when ``rerank``; the k best go to out_i (Q, K) int64 (pre-filled
+    -1) and out_s (Q, K) float32 (pre-filled -inf)."""
+    n_parts, nq, cap = cand_s.shape
+    for qi in nb.prange(nq):
+        total = 0
+        for p in range(n_parts):
+            total += cand_n[p, qi]
+        cs = np.empty(total, np.float32)
+        ci = np.empty(total, np.int64)
         n = 0
-        full = False
-        thresh = np.float32(0.0)  # the heap's worst score once it is full
-        for j in range(w):
-            b0 = base[qi, j]
-            p0 = pstart[qi, j]
-            for t in range(length[qi, j]):
-                s = buf[b0 + t]
-                if l2:
-                    s = 2 * s - norms[slot_id[p0 + t]]
-                if full and s < thresh:  # most candidates stop here
-                    continue
-                n = _push(hs, hi, n, m, s, slot_id[p0 + t])
-                if n == m:
-                    full = True
-                    thresh = hs[0]
-        cs = np.empty(n, np.float32)
-        ci = np.empty(n, np.int64)
-        _drain_sorted(hs, hi, n, cs, ci)
+        for p in range(n_parts):
+            for j in range(cand_n[p, qi]):
+                cs[n] = cand_s[p, qi, j]
+                ci[n] = cand_i[p, qi, j]
+                n += 1
+        if n > m:  # cut to the scores >= the m-th best in O(n) first: the sort sees ~m
+            kth = np.partition(cs.copy(), n - m)[n - m]
+            j = 0
+            for t in range(n):
+                if cs[t] >= kth:
+                    cs[j] = cs[t]
+                    ci[j] = ci[t]
+                    j += 1
+            n = j
+        n = _best_m_sorted(cs, ci, n, m)
         _finish(qi, queries[qi], data, norms, l2, cs, ci, n, k, rerank, out_i, out_s)
 
 
@@ -178,7 +280,7 @@ def fused_search(qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size,
     the dequantised A; B rows (slots, R) are ``bsrc`` times ``bscale`` (per slot)
     when ``scaled`` (8-bit codes: 4x less memory traffic than float32), else
     ``bsrc`` itself.  Cluster c's points sit at slots start[c] .. start[c] + size[c].
-    Same output contract as :func:`select_rerank`.
+    Same output contract as :func:`merge_rerank`.
     """
     for qi in nb.prange(qr.shape[0]):
         _fused_one(qi, qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id,
