@@ -241,3 +241,72 @@ def test_mla_decode_past_initial_cache_capacity():
     ys = np.concatenate([m.step(x[:, t:t + 1], cache) for t in range(70)], axis=1)
     np.testing.assert_allclose(ys, y, rtol=1e-5, atol=1e-12)
     assert cache.buf.data.shape[1] == 128 and cache.keys.shape == (1, 71, 6)
+
+
+# ---------------------------------------------------------------- dynamic k ("auto")
+def _auto(P=0, W=0, eps=0.05, max_topk=4, seed=1):
+    return MLA(*DIMS, topk="auto", tail_bound=eps, max_topk=max_topk, seed=seed, dtype="float64",
+               persistent_tokens=P, window=W)
+
+
+@pytest.mark.parametrize("P,W", [(0, 0), (1, 2)])
+def test_mla_auto_forward_is_the_dynamic_k_op_and_decode_matches(P, W):
+    import topkattn as ta
+
+    m = _auto(P, W)
+    x = np.random.default_rng(6).standard_normal((2, 9, DIMS[0]))
+    y = m.forward(x)
+    q, k, v = m.project(x)
+    o, saved = ta.topk_attention_forward(q, k, v, topk="auto", tail_bound=0.05, max_topk=4, scale=m.scale,
+                                         sinks=P, window=W)
+    B, T = x.shape[:2]
+    want = o.transpose(0, 2, 1, 3).reshape(B, T, -1) @ m.params["W_O"].T
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    k_rows = saved.info["k"]
+    assert k_rows.max() <= 4 and k_rows.min() < 4  # some rows certify with fewer keys
+    cache = m.init_cache(B)
+    ys = np.concatenate([m.step(x[:, t:t + 1], cache) for t in range(T)], axis=1)
+    np.testing.assert_allclose(ys, y, rtol=1e-5, atol=1e-12)
+
+
+def test_mla_auto_with_zero_tail_is_dense():
+    m, d = _auto(eps=0.0, max_topk=None), _mla()
+    x = np.random.default_rng(7).standard_normal((1, 8, DIMS[0]))
+    np.testing.assert_allclose(m.forward(x), d.forward(x), rtol=1e-10, atol=1e-12)
+
+
+def test_mla_auto_gradients():
+    rng = np.random.default_rng(8)
+    m = _auto(P=1)
+    x = rng.standard_normal((2, 7, DIMS[0]))
+    y = m.forward(x)
+    R = rng.standard_normal(y.shape)
+    m.zero_grad()
+    dx = m.backward(R)
+    res = directional_grad_check(lambda: float((m.forward(x) * R).sum()), dict(m.named_params(), x=x),
+                                 dict(m.named_grads(), x=dx), rng)
+    assert_grads_close(res)
+
+
+def test_attention_layer_auto_decode_matches_forward():
+    from topkattn.layers import Attention
+
+    a = Attention(16, 4, 2, topk="auto", tail_bound=0.05, max_topk=3, seed=2, dtype="float64",
+                  persistent_tokens=1, window=1)
+    x = np.random.default_rng(9).standard_normal((2, 8, 16))
+    y = a.forward(x)
+    cache = a.init_cache(2)
+    ys = np.concatenate([a.step(x[:, t:t + 1], cache) for t in range(8)], axis=1)
+    np.testing.assert_allclose(ys, y, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(topk="auto"), "needs tail_bound"),
+    (dict(topk=3, tail_bound=0.1), "only with topk='auto'"),
+    (dict(topk="auto", tail_bound=0.1, forget_rate=0.2), "forget_rate must be 0"),
+    (dict(topk="many"), "'auto'"),
+    (dict(topk="auto", tail_bound=0.1, max_topk=0), "max_topk"),
+])
+def test_auto_bad_arguments(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        MLA(*DIMS, **kw)

@@ -13,8 +13,9 @@ import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.dense_attention import dense_attention_backward, dense_attention_forward
-from topkattn.layers.decode import GrowingBuffer, attend_all, attend_selected, exact_topk_selector
-from topkattn.layers.module import Module, as_input, check_int, float_dtype, make_rng, normal
+from topkattn.layers.decode import (GrowingBuffer, attend_all, attend_selected, dynamic_exact_selector,
+                                    exact_topk_selector, selector_k)
+from topkattn.layers.module import Module, as_input, check_int, check_topk, float_dtype, make_rng, normal
 from topkattn.layers.rope import rope_angles, rope_apply
 from topkattn.topk_attention import topk_attention_backward, topk_attention_forward
 
@@ -25,13 +26,14 @@ class Attention(Module):
 
     ``topk=None`` is dense causal attention; an int is top-k attention (sinks=P, window,
     forget_rate passed to :func:`topkattn.topk_attention`); ``window`` only matters with
-    top-k.  ``rope=False`` leaves q and k unrotated.
+    top-k; ``topk="auto"`` is dynamic k (``tail_bound``, ``max_topk``, as in :class:`MLA`).
+    ``rope=False`` leaves q and k unrotated.
     backward accumulates into ``grads``.  ``selector`` picks each decode step's keys.
     """
 
     def __init__(self, d_model, n_heads, n_kv_heads=None, head_dim=None, v_head_dim=None, topk=None,
                  seed=0, dtype="float32", *, persistent_tokens=0, window=0, forget_rate=0.0,
-                 rope=True, rope_base=10000.0):
+                 rope=True, rope_base=10000.0, tail_bound=None, max_topk=None):
         super().__init__()
         self.d_model = d = check_int("d_model", d_model, 1)
         self.n_heads = H = check_int("n_heads", n_heads, 1)
@@ -47,16 +49,16 @@ class Attention(Module):
         self.rope = bool(rope)
         if self.rope and D % 2:
             raise ValueError(f"head_dim must be even for rotary embedding, got {D}")
-        self.topk = None if topk is None else check_int("topk", topk, 1)
         self.persistent_tokens = P = check_int("persistent_tokens", persistent_tokens, 0)
         self.window = check_int("window", window, 0)
         if not 0.0 <= float(forget_rate) < 1.0:
             raise ValueError(f"forget_rate must be in [0, 1), got {forget_rate!r}")
         self.forget_rate = float(forget_rate)
+        self.topk, self.tail_bound, self.max_topk = check_topk(topk, tail_bound, max_topk, self.forget_rate)
         self.rope_base = float(rope_base)
         self.scale = 1.0 / np.sqrt(D)
         self.training = True
-        self.selector = exact_topk_selector
+        self.selector = dynamic_exact_selector(self.tail_bound) if self.topk == "auto" else exact_topk_selector
         dt = float_dtype(dtype)
         rng = make_rng(seed)
         self.add_param("W_Q", normal(rng, (H * D, d), 1 / np.sqrt(d), dt))
@@ -95,7 +97,8 @@ class Attention(Module):
         else:
             fr = self.forget_rate if self.training else 0.0
             o, att = topk_attention_forward(q, k, v, topk=self.topk, causal=True, scale=self.scale,
-                                            forget_rate=fr, seed=seed, sinks=P, window=self.window)
+                                            forget_rate=fr, seed=seed, sinks=P, window=self.window,
+                                            tail_bound=self.tail_bound, max_topk=self.max_topk)
         of = o.transpose(0, 2, 1, 3).reshape(B, T, H * Dv)
         self._saved = (x, cs, att, of)
         return of @ p["W_O"].T
@@ -195,7 +198,7 @@ class Attention(Module):
         if self.topk is None:
             o = attend_all(q, keys, values, self.scale)
         else:
-            idx = self.selector(q, cache, topk=self.topk, sinks=self.persistent_tokens,
+            idx = self.selector(q, cache, topk=selector_k(self.topk, self.max_topk, keys.shape[2]), sinks=self.persistent_tokens,
                                 window=self.window, scale=self.scale)
             o = attend_selected(q, keys, values, idx, self.scale)
         return (o.reshape(B, H * Dv) @ p["W_O"].T)[:, None]

@@ -13,7 +13,7 @@ An ANN-backed selector (LoRANN over the cached latents) can replace it on a laye
 import numpy as np
 
 from topkattn.backend import get_array_module
-from topkattn.selection import RowBounds, ranked_topm_xp
+from topkattn.selection import RowBounds, ranked_topm_xp, select_dynamic_topk
 
 
 class GrowingBuffer:
@@ -70,6 +70,28 @@ def exact_topk_selector(query, cache, *, topk, sinks=0, window=0, scale=1.0):
         cand = xp.broadcast_to(xp.asarray(bounds.candidate_mask(0, 1, S)), (B * H, S))
         parts.append(ranked_topm_xp(s, cand, bounds.n_sel).reshape(B, H, bounds.n_sel))
     return xp.concatenate(parts, axis=-1).astype(xp.int64)
+
+
+def selector_k(topk, max_topk, S):
+    """The ``topk`` a layer passes its selector: its k, or for "auto" its cap (max_topk, else all S)."""
+    return (max_topk or S) if topk == "auto" else topk
+
+
+def dynamic_exact_selector(tail_bound):
+    """A selector for ``topk="auto"`` layers: per row the smallest k whose left-out softmax mass
+    is provably <= ``tail_bound`` (:func:`topkattn.selection.select_dynamic_topk` at query
+    position S - 1); the layer passes its cap as ``topk``.  idx (B, H, K) like
+    :func:`exact_topk_selector`, -1 past each row's k."""
+
+    def select(query, cache, *, topk, sinks=0, window=0, scale=1.0):
+        keys = cache.keys
+        kg = keys[:, None] if keys.ndim == 3 else keys  # (B, G, S, D)
+        idx, _ = select_dynamic_topk(query[:, :, None], kg, tail_bound=tail_bound, max_topk=topk,
+                                     causal=True, scale=scale, sinks=sinks, window=window, impl="numpy")
+        return idx[:, :, 0]
+
+    select.tail_bound = tail_bound
+    return select
 
 
 def attend_selected(query, keys, values, idx, scale):

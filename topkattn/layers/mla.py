@@ -23,8 +23,9 @@ import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.dense_attention import dense_attention_backward, dense_attention_forward
-from topkattn.layers.decode import GrowingBuffer, attend_all, attend_selected, exact_topk_selector
-from topkattn.layers.module import Module, as_input, check_int, float_dtype, make_rng, normal
+from topkattn.layers.decode import (GrowingBuffer, attend_all, attend_selected, dynamic_exact_selector,
+                                    exact_topk_selector, selector_k)
+from topkattn.layers.module import Module, as_input, check_int, check_topk, float_dtype, make_rng, normal
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
 from topkattn.layers.rope import rope_angles, rope_apply
 from topkattn.topk_attention import topk_attention_backward, topk_attention_forward
@@ -37,13 +38,16 @@ class MLA(Module):
 
     ``topk=None`` is dense causal attention; an int is top-k attention (sinks=P, window,
     forget_rate passed to :func:`topkattn.topk_attention`).  ``window`` only matters with
-    top-k (dense attention already sees every key).  backward accumulates into ``grads``.
-    ``selector`` (default :func:`exact_topk_selector`) picks each decode step's keys.
+    top-k (dense attention already sees every key).  ``topk="auto"`` is dynamic k: each query
+    attends the fewest keys whose left-out softmax mass is provably <= ``tail_bound`` (at most
+    ``max_topk``), in training and at decode.  backward accumulates into ``grads``.
+    ``selector`` (default :func:`exact_topk_selector`, or :func:`dynamic_exact_selector` for
+    "auto") picks each decode step's keys.
     """
 
     def __init__(self, d_model, n_heads, q_lora_rank, kv_lora_rank, qk_nope_dim, qk_rope_dim,
                  v_head_dim, topk=None, seed=0, dtype="float32", *, persistent_tokens=0, window=0,
-                 forget_rate=0.0, rope_base=10000.0, eps=1e-6):
+                 forget_rate=0.0, rope_base=10000.0, eps=1e-6, tail_bound=None, max_topk=None):
         super().__init__()
         self.d_model = check_int("d_model", d_model, 1)
         self.n_heads = H = check_int("n_heads", n_heads, 1)
@@ -54,17 +58,17 @@ class MLA(Module):
         if R % 2:
             raise ValueError(f"qk_rope_dim must be even (rotary pairs), got {R}")
         self.v_head_dim = V = check_int("v_head_dim", v_head_dim, 1)
-        self.topk = None if topk is None else check_int("topk", topk, 1)
         self.persistent_tokens = P = check_int("persistent_tokens", persistent_tokens, 0)
         self.window = check_int("window", window, 0)
         if not 0.0 <= float(forget_rate) < 1.0:
             raise ValueError(f"forget_rate must be in [0, 1), got {forget_rate!r}")
         self.forget_rate = float(forget_rate)
+        self.topk, self.tail_bound, self.max_topk = check_topk(topk, tail_bound, max_topk, self.forget_rate)
         self.rope_base = float(rope_base)
         self.eps = float(eps)
         self.scale = 1.0 / np.sqrt(N + R)
         self.training = True
-        self.selector = exact_topk_selector
+        self.selector = dynamic_exact_selector(self.tail_bound) if self.topk == "auto" else exact_topk_selector
         dt = float_dtype(dtype)
         rng = make_rng(seed)
         d = d_model
@@ -158,7 +162,8 @@ class MLA(Module):
             fr = self.forget_rate if self.training else 0.0
             o, att = topk_attention_forward(q, k, v, topk=self.topk, causal=True, scale=self.scale,
                                             forget_rate=fr, seed=seed, sinks=self.persistent_tokens,
-                                            window=self.window)
+                                            window=self.window, tail_bound=self.tail_bound,
+                                            max_topk=self.max_topk)
         of = o.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H*V)
         self._saved = (x, cq, sq, cs, c_all, kr_all, skv, att, of)
         return of @ self.params["W_O"].T
@@ -260,7 +265,7 @@ class MLA(Module):
         if self.topk is None:
             o = attend_all(q_abs, keys, keys[..., :self.kv_lora_rank], self.scale)  # (B, H, C)
         else:
-            idx = self.selector(q_abs, cache, topk=self.topk, sinks=self.persistent_tokens,
+            idx = self.selector(q_abs, cache, topk=selector_k(self.topk, self.max_topk, keys.shape[2]), sinks=self.persistent_tokens,
                                 window=self.window, scale=self.scale)
             o = attend_selected(q_abs, keys, keys, idx, self.scale)  # (B, H, C + R), one gather
         o_lat = o[..., :self.kv_lora_rank].reshape(B, -1)  # (B, H*C)

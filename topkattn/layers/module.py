@@ -102,6 +102,29 @@ def check_int(name, val, lo):
     return int(val)
 
 
+def check_topk(topk, tail_bound=None, max_topk=None, forget_rate=0.0):
+    """Validated ``(topk, tail_bound, max_topk)`` of an attention layer.
+
+    topk: None (dense), an integer >= 1, or "auto" (dynamic k: per query the smallest k whose
+    left-out softmax mass is provably <= ``tail_bound``, at most ``max_topk`` keys; see
+    :func:`topkattn.topk_attention`).  tail_bound and max_topk apply only to "auto".
+    """
+    if topk == "auto":
+        if tail_bound is None or isinstance(tail_bound, bool) or not isinstance(tail_bound, numbers.Real) \
+                or not 0 <= tail_bound < 1:
+            raise ValueError(f"topk='auto' needs tail_bound in [0, 1), got {tail_bound!r}")
+        if forget_rate:
+            raise ValueError(f"forget_rate must be 0 with topk='auto', got {forget_rate!r}")
+        return "auto", float(tail_bound), None if max_topk is None else check_int("max_topk", max_topk, 1)
+    if tail_bound is not None or max_topk is not None:
+        raise ValueError("tail_bound and max_topk apply only with topk='auto'")
+    if topk is None:
+        return None, None, None
+    if isinstance(topk, str):
+        raise ValueError(f"topk must be None, an integer >= 1 or 'auto', got {topk!r}")
+    return check_int("topk", topk, 1), None, None
+
+
 def normal(rng, shape, std, dtype):
     return (rng.standard_normal(shape) * std).astype(dtype)
 
