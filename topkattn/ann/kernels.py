@@ -95,16 +95,17 @@ def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s)
 @nb.njit(cache=True, nogil=True)
 def _best_m_sorted(cs, ci, n, m):
     """Reorder cs/ci[:n] so the first min(n, m) are the best, best first (score desc, ties to
-    the lower id); returns min(n, m)."""
-    o1 = np.argsort(ci[:n], kind="mergesort")  # by id, then stably by score: ties keep id order
-    s1 = -cs[:n][o1]
-    o = o1[np.argsort(s1, kind="mergesort")]
-    keep = min(n, m)
-    ts = cs[o[:keep]].copy()
-    ti = ci[o[:keep]].copy()
-    cs[:keep] = ts
-    ci[:keep] = ti
-    return keep
+    the lower id); returns min(n, m).  Insertion sort: callers cut n to about m first."""
+    for a in range(1, n):
+        s, i = cs[a], ci[a]
+        b = a - 1
+        while b >= 0 and _worse(cs[b], ci[b], s, i):
+            cs[b + 1] = cs[b]
+            ci[b + 1] = ci[b]
+            b -= 1
+        cs[b + 1] = s
+        ci[b + 1] = i
+    return min(n, m)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -125,13 +126,13 @@ def _compact(cs, ci, n, m):
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def score_clusters(qg, rows, starts, visit, adeq, bdeq, start, size, slot_id, norms, l2, m,
-                   cand_s, cand_i, cand_n, thresh, scratch_t, scratch_s):
+def score_clusters(qr, rows, starts, visit, adeq, bdeq, start, size, slot_id, norms, l2, m,
+                   cand_s, cand_i, cand_n, thresh, scratch_q, scratch_t, scratch_s):
     """Approximate scores of every visited cluster for its queries, straight into candidate buffers.
 
     Clusters run in parallel (``prange``; two BLAS GEMMs each: (cnt, G) @ A_c, then
-    @ B_c^T).  qg (V, G) holds the reduced query of every (query, cluster) visit grouped
-    by cluster (visits starts[c] .. starts[c+1] of cluster c belong to queries rows[...]).
+    @ B_c^T).  qr (Q, G) reduced queries; visits starts[c] .. starts[c+1] of cluster c
+    belong to queries rows[...] (gathered into the thread's scratch_q (P, >= cnt * G)).
     Each thread appends to its own buffers cand_s/cand_i (P, Q, cap), cand_n (P, Q): scores
     below ``thresh[q]`` (the best m-th score any thread has seen for q, shared, only ever
     raised) are dropped, a full buffer is compacted to its m best.  scratch_t (P, >= cnt * R)
@@ -141,14 +142,18 @@ def score_clusters(qg, rows, starts, visit, adeq, bdeq, start, size, slot_id, no
     """
     cap = cand_s.shape[2]
     r_dim = adeq.shape[2]
+    g_dim = qr.shape[1]
     for vi in nb.prange(len(visit)):
         tid = nb.get_thread_id()
         c = visit[vi]
         a0, a1 = starts[c], starts[c + 1]
         cnt = a1 - a0
         lo, n_c = start[c], size[c]
+        qc = scratch_q[tid, :cnt * g_dim].reshape(cnt, g_dim)
+        for r in range(cnt):
+            qc[r] = qr[rows[a0 + r]]
         t = scratch_t[tid, :cnt * r_dim].reshape(cnt, r_dim)
-        np.dot(qg[a0:a1], adeq[c], t)  # (cnt, R)
+        np.dot(qc, adeq[c], t)  # (cnt, R)
         blk = scratch_s[tid, :cnt * n_c].reshape(cnt, n_c)
         np.dot(t, bdeq[lo:lo + n_c].T, blk)  # (cnt, n_c)
         for r in range(a1 - a0):
