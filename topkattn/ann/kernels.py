@@ -224,14 +224,7 @@ def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank,
                 ci[n] = cand_i[p, qi, j]
                 n += 1
         if n > m:  # cut to the scores >= the m-th best in O(n) first: the sort sees ~m
-            kth = np.partition(cs.copy(), n - m)[n - m]
-            j = 0
-            for t in range(n):
-                if cs[t] >= kth:
-                    cs[j] = cs[t]
-                    ci[j] = ci[t]
-                    j += 1
-            n = j
+            n = _compact(cs, ci, n, m)[0]
         n = _best_m_sorted(cs, ci, n, m)
         _finish(qi, queries[qi], data, norms, l2, cs, ci, n, k, rerank, out_i, out_s)
 
