@@ -106,7 +106,7 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
               topkattn train-toy --task text --out run/ (then: --out run/ --resume)
     """
     from topkattn.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
-    from topkattn.train import CHECKPOINT_NAME, TrainConfig, train
+    from topkattn.train import CHECKPOINT_NAME, TrainConfig, saved_config, train
 
     if resume and out_dir is None:
         raise OneLineUsageError("--resume needs --out DIR (the folder holding checkpoint.npz)", ctx)
@@ -123,7 +123,7 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
         if not os.path.exists(path):
             raise OneLineUsageError(f"--resume: no checkpoint at {path}", ctx)
         try:
-            saved = load_training_state(path)["config"]
+            saved = saved_config(load_training_state(path))
         except CheckpointError as e:
             _fail(str(e), code=1)
         mismatched = sorted(f for f in (CONFIG_OPTIONS[n] for n in given)

@@ -358,3 +358,15 @@ def test_cli_progress_bar_on_stderr_json_alone_on_stdout(tmp_path):
     m = json.loads(r.stdout)  # stdout: the JSON object and nothing else
     assert m["steps"] == 3
     assert "3/3" in r.stderr and "loss=" in r.stderr  # the tqdm bar with the running loss
+
+
+def test_cli_resumes_a_checkpoint_from_before_token_shift(tmp_path):
+    """Older checkpoints have no token_shift field: they were runs without one, for --resume
+    (CLI and library) as for eval."""
+    out = tmp_path / "o"
+    args = [*TINY, "--steps", "3", "--out", str(out), "--no-token-shift"]
+    assert CliRunner().invoke(main, ["train-toy", *args]).exit_code == 0
+    _rewrite_checkpoint(str(out / "checkpoint.npz"), lambda arrays, meta: meta["config"].pop("token_shift"))
+    r = CliRunner().invoke(main, ["train-toy", "--out", str(out), "--resume", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["config"]["token_shift"] is False

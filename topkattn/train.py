@@ -249,9 +249,7 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
         if not os.path.exists(ckpt_path):
             raise CheckpointError(f"cannot resume: no checkpoint at {ckpt_path}")
         state = load_training_state(ckpt_path)
-        saved_cfg = dict(state["config"])
-        saved_cfg.setdefault("token_shift", False)  # written before the token shift existed
-        check_config(saved_cfg, cfg.to_dict(), path=ckpt_path)
+        check_config(saved_config(state), cfg.to_dict(), path=ckpt_path)
         _load_params(model, state["params"], ckpt_path)
         _load_optimizer(opt, state["optimizer"], model.params, ckpt_path)
         start = int(state["step"])
@@ -340,6 +338,14 @@ def _load_params(model, saved, path):
             raise CheckpointError(f"checkpoint {path}: parameter {name!r} has shape {a.shape} "
                                   f"{a.dtype}, the model wants {tuple(p.shape)} {p.dtype}")
         p[...] = get_array_module(p).asarray(a)
+
+
+def saved_config(state):
+    """The run config dict of a loaded training state, with the defaults of fields that
+    older checkpoints lack (``token_shift``: those runs had none)."""
+    cfg = dict(state["config"])
+    cfg.setdefault("token_shift", False)
+    return cfg
 
 
 def _load_optimizer(opt, state, params, path):

@@ -31,16 +31,14 @@ def load_run(run_dir):
     import os
 
     from topkattn.checkpoint import CheckpointError, load_training_state
-    from topkattn.train import CHECKPOINT_NAME, ToyTransformer, TrainConfig, make_task, model_config
+    from topkattn.train import CHECKPOINT_NAME, ToyTransformer, TrainConfig, make_task, model_config, saved_config
 
     path = os.path.join(run_dir, CHECKPOINT_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path} (RUN_DIR must be a train-toy --out folder)")
     state = load_training_state(path)
-    saved = dict(state["config"])
-    saved.setdefault("token_shift", False)  # written before the token shift existed
     try:
-        cfg = TrainConfig.from_dict(saved)
+        cfg = TrainConfig.from_dict(saved_config(state))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from e
     model = ToyTransformer(model_config(cfg, make_task(cfg).vocab_size), token_shift=cfg.token_shift)
