@@ -156,7 +156,7 @@ def score_clusters(qr, rows, starts, visit, adeq, bdeq, start, size, slot_id, no
         np.dot(qc, adeq[c], t)  # (cnt, R)
         blk = scratch_s[tid, :cnt * n_c].reshape(cnt, n_c)
         np.dot(t, bdeq[lo:lo + n_c].T, blk)  # (cnt, n_c)
-        for r in range(a1 - a0):
+        for r in range(cnt):
             qi = rows[a0 + r]
             cs = cand_s[tid, qi]
             ci = cand_i[tid, qi]

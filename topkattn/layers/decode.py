@@ -90,7 +90,6 @@ def dynamic_exact_selector(tail_bound):
                                      causal=True, scale=scale, sinks=sinks, window=window, impl="numpy")
         return idx[:, :, 0]
 
-    select.tail_bound = tail_bound
     return select
 
 
