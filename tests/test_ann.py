@@ -481,3 +481,47 @@ def test_cupy_queries_match_numpy(built, data):
         np.testing.assert_allclose(gdist.get(), dist, rtol=1e-4, atol=1e-3)
     eids = built.exact_search(cp.asarray(q), 7)
     np.testing.assert_array_equal(eids.get(), built.exact_search(q, 7))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_candidate_selection_kernels_keep_the_exact_m_best(ties):
+    """scan_row over many rows into one small buffer (forcing compactions and threshold
+    raises), then the merge cut, equals the exact m best by (score desc, id asc)."""
+    from topkattn.ann import kernels
+
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        m = int(rng.integers(1, 40))
+        rows = [rng.standard_normal(int(rng.integers(1, 300))).astype(np.float32)
+                for _ in range(int(rng.integers(1, 8)))]
+        if ties:  # few distinct values: whole blocks tie with the threshold
+            rows = [np.round(r * 2).astype(np.float32) for r in rows]
+        ids = [rng.permutation(10_000)[: len(r)] + 10_000 * i for i, r in enumerate(rows)]
+        cap = 2 * m
+        cs, ci = np.empty(cap, np.float32), np.empty(cap, np.int64)
+        n, th = 0, np.float32(-np.inf)
+        for r, i in zip(rows, ids):
+            n, th = kernels.scan_row(r, i, th, cs, ci, n, m)
+            assert n <= cap
+        all_s, all_i = np.concatenate(rows), np.concatenate(ids)
+        order = np.lexsort((all_i, -all_s))[:m]
+        kept = set(zip(cs[:n].tolist(), ci[:n].tolist()))
+        assert set(zip(all_s[order].tolist(), all_i[order].tolist())) <= kept
+        assert (all_s >= th).sum() >= min(m, len(all_s))  # the threshold never cut a best-m
+        cut = kernels._cut_to_m(cs, ci, n, m)
+        assert sorted(ci[:cut].tolist()) == sorted(all_i[order].tolist())
+
+
+def test_mth_bound_is_a_tight_lower_bound():
+    from topkattn.ann import kernels
+
+    rng = np.random.default_rng(8)
+    for trial in range(300):
+        x = rng.standard_normal(int(rng.integers(1, 500))).astype(np.float32)
+        if trial % 3 == 0:
+            x = np.round(x * 3).astype(np.float32)
+        m = int(rng.integers(1, len(x) + 1))
+        t = kernels._mth_bound(x, m)
+        exact = np.sort(x)[::-1][m - 1]
+        assert t <= exact and (x >= t).sum() >= m
+        assert exact - t <= (x.max() - x.min()) / 2 ** 15

@@ -424,9 +424,10 @@ class LorannIndex:
                 scratch_q = np.empty((parts, most * qr.shape[1]), np.float32)
                 scratch_t = np.empty((parts, most * max(self.rank, 1)), np.float32)
                 scratch_s = np.empty((parts, int((counts * self._size).max())), np.float32)
+                scratch_n = np.empty((parts, int(self._size.max()) if l2 else 0), np.float32)
                 kernels.score_clusters(qr, rows, starts, visit, self._adeq, self._bdeq, self._start,
                                        self._size, self._slot_id, self._norms, l2, m, cand_s, cand_i,
-                                       cand_n, thresh, scratch_q, scratch_t, scratch_s)
+                                       cand_n, thresh, scratch_q, scratch_t, scratch_s, scratch_n)
                 if i + 1 < len(passes):
                     kernels.raise_thresholds(cand_s, cand_i, cand_n, m, thresh)
         kernels.merge_rerank(cand_s, cand_i, cand_n, self._data, q, self._norms, l2, m, k, rr > 0,

@@ -9,6 +9,9 @@ padded array-library path); tests compare the two.
 import numba as nb
 import numpy as np
 
+# fast-math without "no NaN / no inf": -inf is the "no threshold yet" score and must compare
+_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
 
 @nb.njit(inline="always")
 def _worse(s1, i1, s2, i2):
@@ -81,9 +84,10 @@ def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s)
     n = 0
     for j in range(nc):
         pid = cand_i[j]
+        x = data[pid]  # a row view: the dot loop vectorises (2-D indexing would not)
         acc = np.float32(0.0)
         for t in range(d):
-            acc += q[t] * data[pid, t]
+            acc += q[t] * x[t]
         if l2:
             acc = 2 * acc - norms[pid]
         if n == k and acc < hs[0]:
@@ -109,11 +113,62 @@ def _best_m_sorted(cs, ci, n, m):
 
 
 @nb.njit(cache=True, nogil=True)
+def _cut_to_m(cs, ci, n, m):
+    """Reorder cs/ci[:n] so the first min(n, m) are the m best, in no order (score desc, ties
+    to the lower id); returns min(n, m).  A few extra go one worst-scan each."""
+    if n - m > 8:
+        return _best_m_sorted(cs, ci, n, m)
+    while n > m:
+        w = 0
+        for j in range(1, n):
+            if _worse(cs[j], ci[j], cs[w], ci[w]):
+                w = j
+        n -= 1
+        cs[w] = cs[n]
+        ci[w] = ci[n]
+    return n
+
+
+@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+def _count_ge(x, t):
+    """How many of x are >= t (a vectorised loop, no branches; x a contiguous view: indexing
+    a longer array at j0 + u would keep LLVM from vectorising)."""
+    c = 0
+    for j in range(x.shape[0]):
+        c += np.int32(x[j] >= t)
+    return c
+
+
+@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+def _mth_bound(x, m):
+    """A score t with at least m of x (m <= len(x)) >= t, at most (max - min) / 2^16 below
+    the m-th largest: bisection on the value with branch-free counts (quickselect's
+    mispredicted branches cost ~10x more at these sizes)."""
+    lo = x[0]
+    hi = x[0]
+    for j in range(1, x.shape[0]):
+        v = x[j]
+        lo = v if v < lo else lo
+        hi = v if v > hi else hi
+    if _count_ge(x, hi) >= m:
+        return hi
+    for _ in range(16):  # invariant: count(x >= lo) >= m > count(x >= hi)
+        mid = np.float32(0.5) * (lo + hi)
+        if not lo < mid < hi:
+            break
+        if _count_ge(x, mid) >= m:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@nb.njit(cache=True, nogil=True)
 def _compact(cs, ci, n, m):
-    """Keep the candidates scoring at least the m-th best of cs[:n] (ties all stay); returns
-    (new n, that score).  Degenerate ties that would keep the buffer full fall back to an
+    """Keep the candidates scoring at least (a tight lower bound of) the m-th best of cs[:n]
+    (ties all stay); returns (new n, that score).  Degenerate ties that would keep the buffer full fall back to an
     exact cut at m."""
-    kth = np.partition(cs[:n].copy(), n - m)[n - m]  # the m-th largest score
+    kth = _mth_bound(cs[:n], m)
     j = 0
     for t in range(n):
         if cs[t] >= kth:
@@ -125,9 +180,54 @@ def _compact(cs, ci, n, m):
     return j, kth
 
 
-@nb.njit(parallel=True, cache=True, nogil=True, fastmath=True)
+_BLOCK = 64  # scan block: one vectorised count of the scores above the threshold
+_SUB = 16  # sub-block of a block with some: counted again before the per-score loop
+
+
+@nb.njit(inline="always")
+def _take(row, ids, j0, j1, th, cs, ci, n, m):
+    """Append the scores of row[j0:j1] that are >= th to the buffer cs/ci (n used); a full
+    buffer is compacted to its m best, which can raise th.  Returns (n, th)."""
+    cap = cs.shape[0]
+    for j in range(j0, j1):
+        s = row[j]
+        if s < th:
+            continue
+        if n == cap:
+            n, kth = _compact(cs, ci, n, m)
+            if kth > th:
+                th = kth
+            if s < th:
+                continue
+        cs[n] = s
+        ci[n] = ids[j]
+        n += 1
+    return n, th
+
+
+@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+def scan_row(row, ids, th, cs, ci, n, m):
+    """Offer every score of ``row`` (n_c,) (point ids ``ids``) that is >= th to the candidate
+    buffer cs/ci holding n; returns (n, th).  Blocks of 64 and then 16 scores are tested
+    with one vectorised count each, so the (rare, once th is good) scores that pass are
+    the only ones that take a branch.  A query's first scores (empty buffer, no threshold)
+    set th to (a bound of) their m-th best first, so they are not all appended."""
+    n_c = row.shape[0]
+    if n == 0 and th == -np.inf and n_c > m:
+        th = _mth_bound(row, m)
+    full = n_c - n_c % _BLOCK
+    for j0 in range(0, full, _BLOCK):
+        if _count_ge(row[j0:j0 + _BLOCK], th) == 0:
+            continue
+        for s0 in range(j0, j0 + _BLOCK, _SUB):
+            if _count_ge(row[s0:s0 + _SUB], th) > 0:
+                n, th = _take(row, ids, s0, s0 + _SUB, th, cs, ci, n, m)
+    return _take(row, ids, full, n_c, th, cs, ci, n, m)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def score_clusters(qr, rows, starts, visit, adeq, bdeq, start, size, slot_id, norms, l2, m,
-                   cand_s, cand_i, cand_n, thresh, scratch_q, scratch_t, scratch_s):
+                   cand_s, cand_i, cand_n, thresh, scratch_q, scratch_t, scratch_s, scratch_n):
     """Approximate scores of every visited cluster for its queries, straight into candidate buffers.
 
     Clusters run in parallel (``prange``; two BLAS GEMMs each: (cnt, G) @ A_c, then
@@ -135,12 +235,12 @@ def score_clusters(qr, rows, starts, visit, adeq, bdeq, start, size, slot_id, no
     belong to queries rows[...] (gathered into the thread's scratch_q (P, >= cnt * G)).
     Each thread appends to its own buffers cand_s/cand_i (P, Q, cap), cand_n (P, Q): scores
     below ``thresh[q]`` (the best m-th score any thread has seen for q, shared, only ever
-    raised) are dropped, a full buffer is compacted to its m best.  scratch_t (P, >= cnt * R)
-    and scratch_s (P, >= cnt * n_c) float32 hold each thread's GEMM outputs (no allocation,
-    so no page faults, per cluster).  BLAS must run on one thread
+    raised) are dropped (:func:`scan_row`), a full buffer is compacted to its m best.
+    scratch_t (P, >= cnt * R) and scratch_s (P, >= cnt * n_c) float32 hold each thread's
+    GEMM outputs (no allocation, so no page faults, per cluster); scratch_n (P, >= n_c) the
+    cluster's norms for l2.  BLAS must run on one thread
     (``topkattn.threads.blas_single_thread``).
     """
-    cap = cand_s.shape[2]
     r_dim = adeq.shape[2]
     g_dim = qr.shape[1]
     for vi in nb.prange(len(visit)):
@@ -149,6 +249,7 @@ def score_clusters(qr, rows, starts, visit, adeq, bdeq, start, size, slot_id, no
         a0, a1 = starts[c], starts[c + 1]
         cnt = a1 - a0
         lo, n_c = start[c], size[c]
+        ids = slot_id[lo:lo + n_c]
         qc = scratch_q[tid, :cnt * g_dim].reshape(cnt, g_dim)
         for r in range(cnt):
             qc[r] = qr[rows[a0 + r]]
@@ -156,35 +257,17 @@ def score_clusters(qr, rows, starts, visit, adeq, bdeq, start, size, slot_id, no
         np.dot(qc, adeq[c], t)  # (cnt, R)
         blk = scratch_s[tid, :cnt * n_c].reshape(cnt, n_c)
         np.dot(t, bdeq[lo:lo + n_c].T, blk)  # (cnt, n_c)
+        if l2:  # 2 q.x - |x|^2, with the cluster's norms gathered once
+            nrm = scratch_n[tid, :n_c]
+            for j in range(n_c):
+                nrm[j] = norms[ids[j]]
+            for r in range(cnt):
+                for j in range(n_c):
+                    blk[r, j] = 2 * blk[r, j] - nrm[j]
         for r in range(cnt):
             qi = rows[a0 + r]
-            cs = cand_s[tid, qi]
-            ci = cand_i[tid, qi]
-            n = cand_n[tid, qi]
-            th = thresh[qi]
-            for j0 in range(0, n_c, 16):
-                j1 = min(j0 + 16, n_c)
-                if not l2:  # a whole block below the threshold: one vectorised max, no branches
-                    mx = blk[r, j0]
-                    for j in range(j0 + 1, j1):
-                        mx = max(mx, blk[r, j])
-                    if mx < th:  # most blocks stop here
-                        continue
-                for j in range(j0, j1):
-                    s = blk[r, j]
-                    if l2:
-                        s = 2 * s - norms[slot_id[lo + j]]
-                    if s < th:
-                        continue
-                    if n == cap:
-                        n, kth = _compact(cs, ci, n, m)
-                        if kth > th:
-                            th = kth
-                        if s < th:
-                            continue
-                    cs[n] = s
-                    ci[n] = slot_id[lo + j]
-                    n += 1
+            n, th = scan_row(blk[r], ids, thresh[qi], cand_s[tid, qi], cand_i[tid, qi],
+                             cand_n[tid, qi], m)
             cand_n[tid, qi] = n
             if th > thresh[qi]:
                 thresh[qi] = th
@@ -205,7 +288,7 @@ def raise_thresholds(cand_s, cand_i, cand_n, m, thresh):
                     thresh[qi] = kth
 
 
-@nb.njit(parallel=True, cache=True, nogil=True, fastmath=True)
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank, out_i, out_s):
     """Each query's m best candidates over all threads' buffers (score desc, ties to the lower
     id), re-ranked exactly when ``rerank``; the k best go to out_i (Q, K) int64 (pre-filled
@@ -223,13 +306,16 @@ def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank,
                 cs[n] = cand_s[p, qi, j]
                 ci[n] = cand_i[p, qi, j]
                 n += 1
-        if n > m:  # cut to the scores >= the m-th best in O(n) first: the sort sees ~m
+        if n > m:  # cut to the scores >= (a bound of) the m-th best in O(n) first
             n = _compact(cs, ci, n, m)[0]
-        n = _best_m_sorted(cs, ci, n, m)
+        if rerank:  # the exact scores decide the order
+            n = _cut_to_m(cs, ci, n, m)
+        else:
+            n = _best_m_sorted(cs, ci, n, m)
         _finish(qi, queries[qi], data, norms, l2, cs, ci, n, k, rerank, out_i, out_s)
 
 
-@nb.njit(cache=True, nogil=True, fastmath=True)
+@nb.njit(cache=True, nogil=True, fastmath=_FAST)
 def _fused_one(qi, qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id, norms,
                l2, data, m, k, rerank, out_i, out_s):
     w = clusters.shape[1]
@@ -352,7 +438,7 @@ def quantize_row_into(b, levels, codes, deq):
     return scale
 
 
-@nb.njit(cache=True, nogil=True, fastmath=True)
+@nb.njit(cache=True, nogil=True, fastmath=_FAST)
 def route_small(qr, cent, cnorm, l2, w, out):
     """The w best clusters of each query, best first (ties to the lower cluster).
 
