@@ -356,10 +356,9 @@ class LorannIndex:
             s = 2 * s - (self._cnorm if xp is np else self._dev(xp)["cnorm"])
         if w >= self.n_clusters:
             return xp.broadcast_to(xp.arange(self.n_clusters), s.shape).copy()
-        if xp is np:  # the w best, best first (fills the candidate heaps with good points early)
+        if xp is np:  # the w best, best first (the first pass of _score_blocks uses the best)
             top = np.empty((len(s), w), np.int64)
-            kernels.exact_topk(np.ascontiguousarray(s, np.float32), w, top,
-                               np.empty((len(s), w), np.float32))
+            kernels.top_columns(np.ascontiguousarray(s, np.float32), w, top)
             return top
         return xp.argsort(-s, axis=1)[:, :w]
 
@@ -402,7 +401,7 @@ class LorannIndex:
         """
         nq = len(q)
         parts = numba.config.NUMBA_NUM_THREADS  # thread ids of a parallel region are below this
-        cap = 4 * m
+        cap = 2 * m  # (a compaction keeps ~m: one per m new candidates at most)
         cand_s = np.empty((parts, nq, cap), np.float32)
         cand_i = np.empty((parts, nq, cap), np.int64)
         cand_n = np.zeros((parts, nq), np.int64)
@@ -410,16 +409,13 @@ class LorannIndex:
         passes = [top[:, :1], top[:, 1:]] if w > 1 else [top]
         with blas_single_thread():
             for i, sub in enumerate(passes):
-                ww = sub.shape[1]
-                flat = sub.ravel()
-                order = np.argsort(flat, kind="stable")  # visits grouped by cluster
-                counts = np.bincount(flat, minlength=self.n_clusters)
-                starts = np.zeros(self.n_clusters + 1, np.int64)
-                np.cumsum(counts, out=starts[1:])
+                rows = np.empty(sub.size, np.int64)  # (V,) query of each visit, by cluster
+                starts = np.empty(self.n_clusters + 1, np.int64)
+                kernels.group_visits(sub, self.n_clusters, rows, starts)
+                counts = np.diff(starts)
                 visit = np.flatnonzero(counts * self._size)
                 if not len(visit):
                     continue
-                rows = order // ww  # (V,) query of each visit
                 most = int(counts.max())
                 scratch_q = np.empty((parts, most * qr.shape[1]), np.float32)
                 scratch_t = np.empty((parts, most * max(self.rank, 1)), np.float32)

@@ -380,6 +380,50 @@ def fused_search_serial(qr, queries, clusters, adeq, bsrc, bscale, scaled, start
                    norms, l2, data, m, k, rerank, out_i, out_s)
 
 
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+def top_columns(scores, w, out):
+    """The w best columns of each row of scores (Q, C), best first (ties to the lower
+    column), into out (Q, W) int64: a bisection bound, then a sort of the ~w above it
+    (few columns: cheaper than :func:`exact_topk`'s heap)."""
+    nq, nc = scores.shape
+    for qi in nb.prange(nq):
+        row = scores[qi]
+        th = _mth_bound(row, w)
+        cs = np.empty(nc, np.float32)
+        ci = np.empty(nc, np.int64)
+        n = 0
+        for j in range(nc):
+            if row[j] >= th:
+                cs[n] = row[j]
+                ci[n] = j
+                n += 1
+        if n <= 64:
+            _best_m_sorted(cs, ci, n, w)
+            out[qi] = ci[:w]
+        else:  # ids ascending, so a stable sort on the score sends ties to the lower one
+            order = np.argsort(-cs[:n], kind="mergesort")
+            for j in range(w):
+                out[qi, j] = ci[order[j]]
+
+
+@nb.njit(cache=True, nogil=True)
+def group_visits(top, n_clusters, rows, starts):
+    """Group the visits top (Q, W) by cluster (a counting sort): the visits of cluster c are
+    rows[starts[c]:starts[c + 1]], the ids of its queries in increasing order."""
+    starts[:] = 0
+    for qi in range(top.shape[0]):
+        for j in range(top.shape[1]):
+            starts[top[qi, j] + 1] += 1
+    for c in range(n_clusters):
+        starts[c + 1] += starts[c]
+    fill = starts[:-1].copy()
+    for qi in range(top.shape[0]):
+        for j in range(top.shape[1]):
+            c = top[qi, j]
+            rows[fill[c]] = qi
+            fill[c] += 1
+
+
 @nb.njit(parallel=True, cache=True, nogil=True)
 def exact_topk(scores, k, out_i, out_s):
     """Row-wise top-k of a (Q, N) score block, ties to the lower column; best first."""
