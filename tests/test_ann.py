@@ -497,14 +497,17 @@ def test_candidate_selection_kernels_keep_the_exact_m_best(ties):
         if ties:  # few distinct values: whole blocks tie with the threshold
             rows = [np.round(r * 2).astype(np.float32) for r in rows]
         ids = [rng.permutation(10_000)[: len(r)] + 10_000 * i for i, r in enumerate(rows)]
+        all_s, all_i = np.concatenate(rows), np.concatenate(ids)
+        order = np.lexsort((all_i, -all_s))[:m]
         cap = 2 * m
         cs, ci = np.empty(cap, np.float32), np.empty(cap, np.int64)
-        n, th = 0, np.float32(-np.inf)
+        # no threshold yet, or one another thread's buffer set (empty buffer, rows > cap)
+        th = np.float32(-np.inf if trial % 2 else np.quantile(all_s, 0.1))
+        th = min(th, all_s[order[-1]])
+        n = 0
         for r, i in zip(rows, ids):
             n, th = kernels.scan_row(r, i, th, cs, ci, n, m)
             assert n <= cap
-        all_s, all_i = np.concatenate(rows), np.concatenate(ids)
-        order = np.lexsort((all_i, -all_s))[:m]
         kept = set(zip(cs[:n].tolist(), ci[:n].tolist()))
         assert set(zip(all_s[order].tolist(), all_i[order].tolist())) <= kept
         assert (all_s >= th).sum() >= min(m, len(all_s))  # the threshold never cut a best-m
