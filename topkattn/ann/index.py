@@ -202,6 +202,7 @@ class LorannIndex:
         # storage
         g, r = self.global_dim, self.rank
         self._adeq = np.zeros((c, g, r), np.float32)
+        self._adeq_t = np.zeros((c, r, g), np.float32)  # A_c^T: the fused kernel's layout
         self._acodes = None if self.quantization_bits is None else np.zeros(
             (c, r, _code_cols(g, self.quantization_bits)),
             np.int8 if self.quantization_bits == 8 else np.uint8)
@@ -261,12 +262,13 @@ class LorannIndex:
     def _store_A(self, ci, A):
         if self.quantization_bits is None:
             self._adeq[ci] = A
-            return
-        codes, scale = quant.quantize_rows(A.T, self.quantization_bits)  # rows = rank components
-        self._acodes[ci] = codes
-        self._ascale[ci] = scale
-        self._adeq[ci] = quant.dequantize_rows(codes, scale, self.quantization_bits,
-                                               self.global_dim).T
+        else:
+            codes, scale = quant.quantize_rows(A.T, self.quantization_bits)  # rows = rank comps
+            self._acodes[ci] = codes
+            self._ascale[ci] = scale
+            self._adeq[ci] = quant.dequantize_rows(codes, scale, self.quantization_bits,
+                                                   self.global_dim).T
+        self._adeq_t[ci] = self._adeq[ci].T
 
     def _store_B(self, slots, Bt):
         if self.quantization_bits is None:
@@ -385,7 +387,7 @@ class LorannIndex:
         if nq <= FUSED_MAX_QUERIES or nq * w < BLOCK_MIN_GROUP * self.n_clusters:
             fn = kernels.fused_search_serial if nq <= SERIAL_MAX_QUERIES else kernels.fused_search
             int8 = self.quantization_bits == 8
-            fn(qr, q, top, self._adeq, self._bcodes if int8 else self._bdeq, self._bscale, int8,
+            fn(qr, q, top, self._adeq_t, self._bcodes if int8 else self._bdeq, self._bscale, int8,
                self._start, self._size, self._slot_id, self._norms, l2, self._data, m, k, rr > 0,
                ids, scores)
         else:

@@ -343,77 +343,89 @@ def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank,
                 cs[n] = cand_s[p, qi, j]
                 ci[n] = cand_i[p, qi, j]
                 n += 1
-        if n > m:  # cut to the scores >= (a bound of) the m-th best in O(n) first
-            n = _compact(cs, ci, n, m)[0]
-        if rerank:  # the exact scores decide the order
-            n = _cut_to_m(cs, ci, n, m)
-        else:
-            n = _best_m_sorted(cs, ci, n, m)
-        _finish(qi, queries[qi], data, norms, l2, cs, ci, n, k, rerank, out_i, out_s)
+        _select_finish(qi, queries[qi], data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s)
 
 
 @nb.njit(cache=True, nogil=True, fastmath=_FAST)
-def _fused_one(qi, qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id, norms,
-               l2, data, m, k, rerank, out_i, out_s):
-    w = clusters.shape[1]
-    g = qr.shape[1]
-    r = adeq.shape[2]
-    hs = np.empty(m, np.float32)
-    hi = np.empty(m, np.int64)
+def _select_finish(qi, q, data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s):
+    """The m best of the n candidates cs/ci (score desc, ties to the lower id), re-ranked
+    exactly when ``rerank``, the k best into row qi of out_i/out_s."""
+    if n > m:  # cut to the scores >= (a bound of) the m-th best in O(n) first
+        n = _compact(cs, ci, n, m)[0]
+    if rerank:  # the exact scores decide the order
+        n = _cut_to_m(cs, ci, n, m)
+    else:
+        n = _best_m_sorted(cs, ci, n, m)
+    _finish(qi, q, data, norms, l2, cs, ci, n, k, rerank, out_i, out_s)
+
+
+@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+def _fused_one(qi, qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, size, slot_id,
+               norms, l2, data, m, k, rerank, out_i, out_s):
+    """One query: per cluster (best first) t = qr A_c, the scores of its points into a row,
+    :func:`scan_row` into the candidate buffer, then :func:`_select_finish`."""
+    r = adeq_t.shape[1]
+    most = 0
+    for j in range(clusters.shape[1]):
+        most = max(most, size[clusters[qi, j]])
+    sc = np.empty(most, np.float32)  # one cluster's scores
+    cs = np.empty(2 * m, np.float32)
+    ci = np.empty(2 * m, np.int64)
     tq = np.empty(r, np.float32)
+    q = qr[qi]
     n = 0
-    full = False
-    thresh = np.float32(0.0)  # the heap's worst score once it is full
-    for j in range(w):
+    th = np.float32(-np.inf)
+    for j in range(clusters.shape[1]):
         c = clusters[qi, j]
-        tq[:] = 0
-        for u in range(g):
-            x = qr[qi, u]
-            for v in range(r):
-                tq[v] += x * adeq[c, u, v]
+        n_c = size[c]
+        if n_c == 0:
+            continue
+        for v in range(r):  # t = A_c^T q: contiguous dots (2.4x faster than rows of A_c)
+            a = adeq_t[c, v]
+            acc = np.float32(0.0)
+            for u in range(q.shape[0]):
+                acc += q[u] * a[u]
+            tq[v] = acc
         p0 = start[c]
-        for t in range(size[c]):
+        ids = slot_id[p0:p0 + n_c]
+        row = sc[:n_c]
+        for t in range(n_c):
+            b = bsrc[p0 + t]  # a row view: the dot over the rank vectorises
             acc = np.float32(0.0)
             for v in range(r):
-                acc += tq[v] * np.float32(bsrc[p0 + t, v])
+                acc += tq[v] * np.float32(b[v])
             if scaled:
                 acc *= bscale[p0 + t]
-            if l2:
-                acc = 2 * acc - norms[slot_id[p0 + t]]
-            if full and acc < thresh:  # most candidates stop here
-                continue
-            n = _push(hs, hi, n, m, acc, slot_id[p0 + t])
-            if n == m:
-                full = True
-                thresh = hs[0]
-    cs = np.empty(n, np.float32)
-    ci = np.empty(n, np.int64)
-    _drain_sorted(hs, hi, n, cs, ci)
-    _finish(qi, queries[qi], data, norms, l2, cs, ci, n, k, rerank, out_i, out_s)
+            row[t] = acc
+        if l2:
+            for t in range(n_c):
+                row[t] = 2 * row[t] - norms[ids[t]]
+        n, th = scan_row(row, ids, th, cs, ci, n, m)
+    _select_finish(qi, queries[qi], data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s)
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def fused_search(qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id, norms,
+def fused_search(qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, size, slot_id, norms,
                  l2, data, m, k, rerank, out_i, out_s):
     """Score, select and re-rank in one pass, query-parallel (no BLAS calls).
 
-    qr (Q, G) reduced queries, clusters (Q, W) clusters to search, adeq (C, G, R)
-    the dequantised A; B rows (slots, R) are ``bsrc`` times ``bscale`` (per slot)
+    qr (Q, G) reduced queries, clusters (Q, W) clusters to search, adeq_t (C, R, G)
+    the dequantised A transposed; B rows (slots, R) are ``bsrc`` times ``bscale`` (per slot)
     when ``scaled`` (8-bit codes: 4x less memory traffic than float32), else
     ``bsrc`` itself.  Cluster c's points sit at slots start[c] .. start[c] + size[c].
     Same output contract as :func:`merge_rerank`.
     """
     for qi in nb.prange(qr.shape[0]):
-        _fused_one(qi, qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id,
+        _fused_one(qi, qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, size, slot_id,
                    norms, l2, data, m, k, rerank, out_i, out_s)
 
 
 @nb.njit(cache=True, nogil=True)
-def fused_search_serial(qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id,
+def fused_search_serial(qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, size, slot_id,
                         norms, l2, data, m, k, rerank, out_i, out_s):
     """:func:`fused_search` on one thread (single queries: no thread-pool wake-up)."""
     for qi in range(qr.shape[0]):
-        _fused_one(qi, qr, queries, clusters, adeq, bsrc, bscale, scaled, start, size, slot_id,
+        _fused_one(qi, qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, size, slot_id,
                    norms, l2, data, m, k, rerank, out_i, out_s)
 
 

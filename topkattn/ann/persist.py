@@ -151,6 +151,7 @@ def load_index(cls, path):
             self._acodes.reshape(c * r, -1), self._ascale.ravel(), bits, g
         ).reshape(c, r, g).transpose(0, 2, 1))
         self._bdeq = quant.dequantize_rows(self._bcodes, self._bscale, bits, r)
+    self._adeq_t = np.ascontiguousarray(self._adeq.transpose(0, 2, 1))
     over = np.flatnonzero(self._size > self._fit_size * (1 + (self.refit_growth or np.inf)))
     self._overgrown = set(int(c) for c in over)
     self.built = True
