@@ -37,6 +37,7 @@ Implementation notes
   0.870 vs 0.879 for a full build) and by 0.003 without re-ranking; refit()
   recovers it (0.882).  Lazy refits (``refit_growth``) bound the drift.
 """
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -115,6 +116,13 @@ class LorannIndex:
         self._norms = np.einsum("nd,nd->n", self._data, self._data)  # (N,)
         self.built = False
         self._device = {}
+        self._init_mirror()
+
+    def _init_mirror(self):
+        """The CPU search's transposed copy of B (see :meth:`_mirror`), rebuilt on first use."""
+        self._tr = None
+        self._tr_stale = set()
+        self._tr_lock = threading.Lock()
 
     # ------------------------------------------------------------------ properties
     def __len__(self):
@@ -247,6 +255,7 @@ class LorannIndex:
         self._overgrown = set()  # clusters grown past refit_growth, refit when next visited
         self.built = True
         self._device = {}
+        self._tr = None
 
     def _fit(self, ci, beta, gram):
         """Fit, quantise and store cluster ci's model from its OLS beta (G, n_c)."""
@@ -258,6 +267,7 @@ class LorannIndex:
         lo = self._start[ci]
         self._store_B(slice(lo, lo + len(Bt)), Bt)
         self._fit_size[ci] = self._size[ci]
+        self._tr_stale.add(int(ci))
 
     def _store_A(self, ci, A):
         if self.quantization_bits is None:
@@ -297,6 +307,32 @@ class LorannIndex:
 
     def _reduce(self, x):
         return x if self._T is None else x @ self._T
+
+    def _mirror(self):
+        """B transposed per cluster for the CPU kernels: flat arrays in the slot layout, cluster
+        c's block (R, cap_c) row-major at R * start[c] (float32 ``bt``; the 8-bit codes ``ct``
+        or None), so its GEMM reads a contiguous (R, n) block and the fused kernel scores 16
+        points per vector instruction.  Built on first use, then refreshed per cluster that
+        ``add``/``refit`` touched (a decode step refreshes one)."""
+        with self._tr_lock:
+            need = self.rank * len(self._bdeq)
+            if self._tr is None or len(self._tr[0]) != need:
+                bt = np.zeros(need, np.float32)
+                ct = np.zeros(need, np.int8) if self.quantization_bits == 8 else None
+                self._tr_stale.clear()
+                cl = np.arange(self.n_clusters, dtype=np.int64)
+            elif self._tr_stale:
+                bt, ct = self._tr
+                cl = np.fromiter(self._tr_stale, np.int64)
+                self._tr_stale.clear()
+            else:
+                return self._tr
+            codes = ct is not None
+            kernels.transpose_clusters(cl, self._start, self._size, self._cap, self._bdeq,
+                                       self._bcodes if codes else self._bdeq[:0, :0].astype(np.int8),
+                                       codes, bt, ct if codes else bt[:0].astype(np.int8))
+            self._tr = (bt, ct)
+            return self._tr
 
     # ------------------------------------------------------------------ search
     def search(self, q, k, clusters_to_search, points_to_rerank, return_distances=False):
@@ -386,10 +422,10 @@ class LorannIndex:
         l2 = self.distance == "l2"
         if nq <= FUSED_MAX_QUERIES or nq * w < BLOCK_MIN_GROUP * self.n_clusters:
             fn = kernels.fused_search_serial if nq <= SERIAL_MAX_QUERIES else kernels.fused_search
-            int8 = self.quantization_bits == 8
-            fn(qr, q, top, self._adeq_t, self._bcodes if int8 else self._bdeq, self._bscale, int8,
-               self._start, self._size, self._slot_id, self._norms, l2, self._data, m, k, rr > 0,
-               ids, scores)
+            bt, ct = self._mirror()
+            fn(qr, q, top, self._adeq_t, bt if ct is None else ct, self._bscale, ct is not None,
+               self._start, self._size, self._cap, self._slot_id, self._norms, l2, self._data, m,
+               k, rr > 0, ids, scores)
         else:
             self._score_blocks(q, qr, top, w, m, k, rr, l2, ids, scores)
         return ids, scores
@@ -409,6 +445,7 @@ class LorannIndex:
         cand_n = np.zeros((parts, nq), np.int64)
         thresh = np.full(nq, -np.inf, np.float32)
         passes = [top[:, :1], top[:, 1:]] if w > 1 else [top]
+        bt = self._mirror()[0]
         with blas_single_thread():
             for i, sub in enumerate(passes):
                 rows = np.empty(sub.size, np.int64)  # (V,) query of each visit, by cluster
@@ -421,11 +458,12 @@ class LorannIndex:
                 most = int(counts.max())
                 scratch_q = np.empty((parts, most * qr.shape[1]), np.float32)
                 scratch_t = np.empty((parts, most * max(self.rank, 1)), np.float32)
-                scratch_s = np.empty((parts, int((counts * self._size).max())), np.float32)
+                scratch_s = np.empty((parts, int((counts * self._cap).max())), np.float32)
                 scratch_n = np.empty((parts, int(self._size.max()) if l2 else 0), np.float32)
-                kernels.score_clusters(qr, rows, starts, visit, self._adeq, self._bdeq, self._start,
-                                       self._size, self._slot_id, self._norms, l2, m, cand_s, cand_i,
-                                       cand_n, thresh, scratch_q, scratch_t, scratch_s, scratch_n)
+                kernels.score_clusters(qr, rows, starts, visit, self._adeq, bt, self._start,
+                                       self._size, self._cap, self._slot_id, self._norms, l2, m,
+                                       cand_s, cand_i, cand_n, thresh, scratch_q, scratch_t,
+                                       scratch_s, scratch_n)
                 if i + 1 < len(passes):
                     kernels.raise_thresholds(cand_s, cand_i, cand_n, m, thresh)
         kernels.merge_rerank(cand_s, cand_i, cand_n, self._data, q, self._norms, l2, m, k, rr > 0,
@@ -569,6 +607,7 @@ class LorannIndex:
             self._used += cap
         lo = self._start[c] + self._size[c]
         self._size[c] += p
+        self._tr_stale.add(int(c))  # new slots (or a moved cluster): the caller writes B next
         if self.refit_growth is not None and (
                 self._size[c] > self._fit_size[c] * (1 + self.refit_growth)):
             self._overgrown.add(int(c))

@@ -263,18 +263,19 @@ def scan_row(row, ids, th, cs, ci, n, m):
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
-def score_clusters(qr, rows, starts, visit, adeq, bdeq, start, size, slot_id, norms, l2, m,
+def score_clusters(qr, rows, starts, visit, adeq, bt, start, size, cap, slot_id, norms, l2, m,
                    cand_s, cand_i, cand_n, thresh, scratch_q, scratch_t, scratch_s, scratch_n):
     """Approximate scores of every visited cluster for its queries, straight into candidate buffers.
 
     Clusters run in parallel (``prange``; two BLAS GEMMs each: (cnt, G) @ A_c, then
-    @ B_c^T).  qr (Q, G) reduced queries; visits starts[c] .. starts[c+1] of cluster c
+    @ B_c^T, read from the transposed mirror ``bt`` (``LorannIndex._mirror``) over the
+    cluster's cap[c] slots, of which the first size[c] are scanned).  qr (Q, G) reduced queries; visits starts[c] .. starts[c+1] of cluster c
     belong to queries rows[...] (gathered into the thread's scratch_q (P, >= cnt * G)).
     Each thread appends to its own buffers cand_s/cand_i (P, Q, cap), cand_n (P, Q): scores
     below ``thresh[q]`` (the best m-th score any thread has seen for q, shared, only ever
     raised) are dropped (:func:`scan_row`), a full buffer is compacted to its m best.
     scratch_t (P, >= cnt * R) and scratch_s (P, >= cnt * n_c) float32 hold each thread's
-    GEMM outputs (no allocation, so no page faults, per cluster); scratch_n (P, >= n_c) the
+    GEMM outputs (>= cnt * cap_c; no allocation, so no page faults, per cluster); scratch_n (P, >= n_c) the
     cluster's norms for l2.  BLAS must run on one thread
     (``topkattn.threads.blas_single_thread``).
     """
@@ -292,8 +293,9 @@ def score_clusters(qr, rows, starts, visit, adeq, bdeq, start, size, slot_id, no
             qc[r] = qr[rows[a0 + r]]
         t = scratch_t[tid, :cnt * r_dim].reshape(cnt, r_dim)
         np.dot(qc, adeq[c], t)  # (cnt, R)
-        blk = scratch_s[tid, :cnt * n_c].reshape(cnt, n_c)
-        np.dot(t, bdeq[lo:lo + n_c].T, blk)  # (cnt, n_c)
+        cp = cap[c]
+        blk = scratch_s[tid, :cnt * cp].reshape(cnt, cp)
+        np.dot(t, bt[r_dim * lo:r_dim * (lo + cp)].reshape(r_dim, cp), blk)  # (cnt, cap_c)
         if l2:  # 2 q.x - |x|^2, with the cluster's norms gathered once
             nrm = scratch_n[tid, :n_c]
             for j in range(n_c):
@@ -303,7 +305,7 @@ def score_clusters(qr, rows, starts, visit, adeq, bdeq, start, size, slot_id, no
                     blk[r, j] = 2 * blk[r, j] - nrm[j]
         for r in range(cnt):
             qi = rows[a0 + r]
-            n, th = scan_row(blk[r], ids, thresh[qi], cand_s[tid, qi], cand_i[tid, qi],
+            n, th = scan_row(blk[r, :n_c], ids, thresh[qi], cand_s[tid, qi], cand_i[tid, qi],
                              cand_n[tid, qi], m)
             cand_n[tid, qi] = n
             if th > thresh[qi]:
@@ -360,10 +362,11 @@ def _select_finish(qi, q, data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s
 
 
 @nb.njit(cache=True, nogil=True, fastmath=_FAST)
-def _fused_one(qi, qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, size, slot_id,
-               norms, l2, data, m, k, rerank, out_i, out_s):
-    """One query: per cluster (best first) t = qr A_c, the scores of its points into a row,
-    :func:`scan_row` into the candidate buffer, then :func:`_select_finish`."""
+def _fused_one(qi, qr, queries, clusters, adeq_t, src, bscale, scaled, start, size, cap,
+               slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
+    """One query: per cluster (best first) t = A_c^T q, the scores of its points into a row
+    (16 points per vector instruction from the transposed mirror), :func:`scan_row` into the
+    candidate buffer, then :func:`_select_finish`."""
     r = adeq_t.shape[1]
     most = 0
     for j in range(clusters.shape[1]):
@@ -387,16 +390,32 @@ def _fused_one(qi, qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, s
                 acc += q[u] * a[u]
             tq[v] = acc
         p0 = start[c]
+        cp = cap[c]
         ids = slot_id[p0:p0 + n_c]
         row = sc[:n_c]
-        for t in range(n_c):
-            b = bsrc[p0 + t]  # a row view: the dot over the rank vectorises
-            acc = np.float32(0.0)
-            for v in range(r):
-                acc += tq[v] * np.float32(b[v])
-            if scaled:
-                acc *= bscale[p0 + t]
-            row[t] = acc
+        row[:] = 0
+        v = 0
+        while v < r:  # four rank components per pass over the row (fewer loads/stores of it)
+            o = r * p0 + v * cp
+            if v + 4 <= r:
+                b0 = src[o:o + n_c]
+                b1 = src[o + cp:o + cp + n_c]
+                b2 = src[o + 2 * cp:o + 2 * cp + n_c]
+                b3 = src[o + 3 * cp:o + 3 * cp + n_c]
+                x0, x1, x2, x3 = tq[v], tq[v + 1], tq[v + 2], tq[v + 3]
+                for t in range(n_c):
+                    row[t] += (x0 * np.float32(b0[t]) + x1 * np.float32(b1[t])
+                               + x2 * np.float32(b2[t]) + x3 * np.float32(b3[t]))
+                v += 4
+            else:
+                b0 = src[o:o + n_c]
+                x0 = tq[v]
+                for t in range(n_c):
+                    row[t] += x0 * np.float32(b0[t])
+                v += 1
+        if scaled:
+            for t in range(n_c):
+                row[t] *= bscale[p0 + t]
         if l2:
             for t in range(n_c):
                 row[t] = 2 * row[t] - norms[ids[t]]
@@ -405,54 +424,77 @@ def _fused_one(qi, qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, s
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def fused_search(qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, size, slot_id, norms,
-                 l2, data, m, k, rerank, out_i, out_s):
+def fused_search(qr, queries, clusters, adeq_t, src, bscale, scaled, start, size, cap, slot_id,
+                 norms, l2, data, m, k, rerank, out_i, out_s):
     """Score, select and re-rank in one pass, query-parallel (no BLAS calls).
 
     qr (Q, G) reduced queries, clusters (Q, W) clusters to search, adeq_t (C, R, G)
-    the dequantised A transposed; B rows (slots, R) are ``bsrc`` times ``bscale`` (per slot)
-    when ``scaled`` (8-bit codes: 4x less memory traffic than float32), else
-    ``bsrc`` itself.  Cluster c's points sit at slots start[c] .. start[c] + size[c].
+    the dequantised A transposed; B is read from the transposed mirror ``src``
+    (``LorannIndex._mirror``: cluster c's (R, cap[c]) block at R * start[c]), 8-bit codes
+    times ``bscale`` (per slot) when ``scaled`` (4x less memory traffic than float32), else
+    float32.  Cluster c's points sit at slots start[c] .. start[c] + size[c].
     Same output contract as :func:`merge_rerank`.
     """
     for qi in nb.prange(qr.shape[0]):
-        _fused_one(qi, qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, size, slot_id,
-                   norms, l2, data, m, k, rerank, out_i, out_s)
+        _fused_one(qi, qr, queries, clusters, adeq_t, src, bscale, scaled, start, size, cap,
+                   slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
 
 
 @nb.njit(cache=True, nogil=True)
-def fused_search_serial(qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, size, slot_id,
-                        norms, l2, data, m, k, rerank, out_i, out_s):
+def fused_search_serial(qr, queries, clusters, adeq_t, src, bscale, scaled, start, size, cap,
+                        slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
     """:func:`fused_search` on one thread (single queries: no thread-pool wake-up)."""
     for qi in range(qr.shape[0]):
-        _fused_one(qi, qr, queries, clusters, adeq_t, bsrc, bscale, scaled, start, size, slot_id,
-                   norms, l2, data, m, k, rerank, out_i, out_s)
+        _fused_one(qi, qr, queries, clusters, adeq_t, src, bscale, scaled, start, size, cap,
+                   slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
 
 
-@nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+def _top_of_row(row, w, out):
+    """The w best positions of row (C,) into out (W,), best first (ties to the lower one): a
+    bisection bound, then a sort of the ~w above it (cheaper than a heap at these sizes)."""
+    nc = row.shape[0]
+    th = _mth_bound(row, w)
+    cs = np.empty(nc, np.float32)
+    ci = np.empty(nc, np.int64)
+    n = 0
+    for j in range(nc):
+        if row[j] >= th:
+            cs[n] = row[j]
+            ci[n] = j
+            n += 1
+    if n <= 64:
+        _best_m_sorted(cs, ci, n, w)
+        out[:] = ci[:w]
+    else:  # ids ascending, so a stable sort on the score sends ties to the lower one
+        order = np.argsort(-cs[:n], kind="mergesort")
+        for j in range(w):
+            out[j] = ci[order[j]]
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
 def top_columns(scores, w, out):
     """The w best columns of each row of scores (Q, C), best first (ties to the lower
-    column), into out (Q, W) int64: a bisection bound, then a sort of the ~w above it
-    (few columns: cheaper than :func:`exact_topk`'s heap)."""
-    nq, nc = scores.shape
-    for qi in nb.prange(nq):
-        row = scores[qi]
-        th = _mth_bound(row, w)
-        cs = np.empty(nc, np.float32)
-        ci = np.empty(nc, np.int64)
-        n = 0
-        for j in range(nc):
-            if row[j] >= th:
-                cs[n] = row[j]
-                ci[n] = j
-                n += 1
-        if n <= 64:
-            _best_m_sorted(cs, ci, n, w)
-            out[qi] = ci[:w]
-        else:  # ids ascending, so a stable sort on the score sends ties to the lower one
-            order = np.argsort(-cs[:n], kind="mergesort")
-            for j in range(w):
-                out[qi, j] = ci[order[j]]
+    column), into out (Q, W) int64."""
+    for qi in nb.prange(scores.shape[0]):
+        _top_of_row(scores[qi], w, out[qi])
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def transpose_clusters(clusters, start, size, cap, bdeq, bcodes, codes, bt, ct):
+    """Write the transposed blocks of ``clusters`` into the mirror (see
+    ``LorannIndex._mirror``): bt[R*start[c] + v*cap[c] + j] = bdeq[start[c] + j, v] for the
+    size[c] points j, and the same from the 8-bit ``bcodes`` into ``ct`` when ``codes``."""
+    r = bdeq.shape[1]
+    for i in nb.prange(len(clusters)):
+        c = clusters[i]
+        lo, n, cp = start[c], size[c], cap[c]
+        base = r * lo
+        for j in range(n):
+            for v in range(r):
+                bt[base + v * cp + j] = bdeq[lo + j, v]
+                if codes:
+                    ct[base + v * cp + j] = bcodes[lo + j, v]
 
 
 @nb.njit(cache=True, nogil=True)
@@ -538,19 +580,14 @@ def route_small(qr, cent, cnorm, l2, w, out):
     qr (Q, G), cent (C, G), out (Q, W) int64.  For a few queries, where the
     NumPy call overhead of ``LorannIndex._route`` dominates.
     """
-    nc, g = cent.shape
-    hs = np.empty(w, np.float32)
-    hi = np.empty(w, np.int64)
-    ss = np.empty(w, np.float32)
+    nc = cent.shape[0]
+    s = np.empty(nc, np.float32)
     for qi in range(qr.shape[0]):
-        n = 0
+        q = qr[qi]
         for j in range(nc):
-            s = np.float32(0.0)
-            for u in range(g):
-                s += qr[qi, u] * cent[j, u]
-            if l2:
-                s = 2 * s - cnorm[j]
-            if n == w and s < hs[0]:
-                continue
-            n = _push(hs, hi, n, w, s, j)
-        _drain_sorted(hs, hi, n, ss, out[qi])
+            cj = cent[j]  # row views: contiguous, vectorised dots
+            acc = np.float32(0.0)
+            for u in range(q.shape[0]):
+                acc += q[u] * cj[u]
+            s[j] = 2 * acc - cnorm[j] if l2 else acc
+        _top_of_row(s, w, out[qi])

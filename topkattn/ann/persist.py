@@ -156,4 +156,5 @@ def load_index(cls, path):
     self._overgrown = set(int(c) for c in over)
     self.built = True
     self._device = {}
+    self._init_mirror()
     return self
