@@ -417,8 +417,8 @@ class LorannIndex:
             top = self._route(qr, w, np)  # (Q, W)
         self._lazy_refit(top)
         m = max(k, rr)
-        ids = np.full((nq, k), -1, np.int64)
-        scores = np.full((nq, k), -np.inf, np.float32)
+        ids = np.empty((nq, k), np.int64)  # the kernels write every row (padding included)
+        scores = np.empty((nq, k), np.float32)
         l2 = self.distance == "l2"
         if nq <= FUSED_MAX_QUERIES or nq * w < BLOCK_MIN_GROUP * self.n_clusters:
             fn = kernels.fused_search_serial if nq <= SERIAL_MAX_QUERIES else kernels.fused_search
@@ -681,7 +681,7 @@ class LorannIndex:
             q2 = q2.astype(xp.float32)
             if not bool(xp.isfinite(q2).all()):
                 raise ValueError(f"{name} contains non-finite values")
-        else:
+        elif q2.dtype != np.float32 or not q2.flags.c_contiguous:
             with np.errstate(over="ignore"):  # overflow is reported below
                 q2 = np.ascontiguousarray(q2, dtype=np.float32)
             if q2.dtype != q.dtype and not np.isfinite(q2).all():

@@ -75,7 +75,10 @@ def _drain_sorted(hs, hi, n, out_s, out_i):
 
 @nb.njit(inline="always")
 def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s):
-    """Write the k best of the nc candidates (exact re-rank if ``rerank``) into row qi."""
+    """Write the k best of the nc candidates (exact re-rank if ``rerank``) into row qi, padded
+    with id -1 / score -inf."""
+    out_i[qi, :] = -1
+    out_s[qi, :] = -np.inf
     if not rerank:
         for j in range(min(k, nc)):
             out_i[qi, j] = cand_i[j]
@@ -330,8 +333,8 @@ def raise_thresholds(cand_s, cand_i, cand_n, m, thresh):
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank, out_i, out_s):
     """Each query's m best candidates over all threads' buffers (score desc, ties to the lower
-    id), re-ranked exactly when ``rerank``; the k best go to out_i (Q, K) int64 (pre-filled
-    -1) and out_s (Q, K) float32 (pre-filled -inf)."""
+    id), re-ranked exactly when ``rerank``; the k best go to out_i (Q, K) int64 and out_s
+    (Q, K) float32, padded with -1 / -inf."""
     n_parts, nq, cap = cand_s.shape
     for qi in nb.prange(nq):
         total = 0
