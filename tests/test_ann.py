@@ -108,6 +108,21 @@ def test_fit_cluster_matches_explicit_svd_of_fitted_values():
     np.testing.assert_allclose(P @ beta, Bt.T, atol=1e-9)
 
 
+@pytest.mark.parametrize("m", [80, 6])  # positive definite (Cholesky) and singular (eigh)
+def test_fit_cluster_with_a_singular_or_regular_gram(m):
+    rng = np.random.default_rng(1)
+    g, n, r = 10, 30, 4
+    X = rng.standard_normal((m, g))
+    F = rrr.gram_sqrt(X.T @ X)
+    np.testing.assert_allclose(F.T @ F, X.T @ X, atol=1e-10 * m)
+    beta = rng.standard_normal((g, n))
+    A, Bt, _ = rrr.fit_cluster(beta, X.T @ X, r)
+    yhat = X @ beta
+    _, _, vt = np.linalg.svd(yhat, full_matrices=False)
+    ref = yhat @ vt[:r].T @ vt[:r]
+    np.testing.assert_allclose(X @ A @ Bt.T, ref, atol=1e-8 * np.abs(ref).max())
+
+
 def test_model_is_exact_when_rank_covers_every_cluster(data):
     x, q = data
     x = x[:96]

@@ -195,10 +195,10 @@ class LorannIndex:
         if not approximate or sample > 0.5 * len(xr):
             sample = None
         say(f"k-means: {c} clusters on {len(xr) if sample is None else sample} points")
-        with blas_single_thread():
-            self._cent = kmeans.kmeans(xr, c, distance=self.distance, iters=KMEANS_ITERATIONS,
-                                       sample_size=sample, balanced=self.balanced,
-                                       rng=self._rng)
+        # (threaded BLAS: its GEMMs split rows and columns, so the result is the same for any
+        # thread count)
+        self._cent = kmeans.kmeans(xr, c, distance=self.distance, iters=KMEANS_ITERATIONS,
+                                   sample_size=sample, balanced=self.balanced, rng=self._rng)
         self._cnorm = np.einsum("cg,cg->c", self._cent, self._cent)
         if self.balanced:
             assign = kmeans.balanced_assign(xr, self._cent, self.distance)

@@ -7,6 +7,8 @@ Scores are "larger is nearer": inner product ``x.c`` with unit-norm centroids fo
 import numba as nb
 import numpy as np
 
+from topkattn.ann import kernels
+
 BLOCK = 8192
 
 
@@ -33,20 +35,10 @@ def nearest_clusters(x, centroids, w, distance):
         if w == 1:
             out[b:b + BLOCK, 0] = np.argmax(s, axis=1)
             continue
-        part = np.argpartition(-s, w - 1, axis=1)[:, :w] if w < c else np.broadcast_to(
-            np.arange(c), s.shape).copy()
-        ps = np.take_along_axis(s, part, axis=1)
-        order = _rank_order(ps, part)
-        out[b:b + BLOCK] = np.take_along_axis(part, order, axis=1)
+        kernels.top_columns(np.ascontiguousarray(s, np.float32), w, out[b:b + BLOCK])
     return out
 
 
-def _rank_order(scores, ids):
-    """Row-wise order putting higher scores first and, among equal scores, lower ids first."""
-    order = np.argsort(ids, axis=1, kind="stable")
-    s = np.take_along_axis(scores, order, axis=1)
-    o2 = np.argsort(-s, axis=1, kind="stable")
-    return np.take_along_axis(order, o2, axis=1)
 
 
 def kmeans(x, n_clusters, *, distance="ip", iters=10, sample_size=None, balanced=False,

@@ -18,10 +18,15 @@ import numpy as np
 
 
 def gram_sqrt(gram):
-    """Return F (G, G) with F^T F = gram (symmetric PSD), via its eigendecomposition."""
-    w, u = np.linalg.eigh(np.asarray(gram, np.float64))
-    w = np.clip(w, 0.0, None)
-    return np.sqrt(w)[:, None] * u.T
+    """Return F (G, G) with F^T F = gram (symmetric PSD): the Cholesky factor L^T (10x
+    cheaper than an eigendecomposition), or sqrt(w) U^T from one when gram is singular."""
+    gram = np.asarray(gram, np.float64)
+    try:
+        return np.linalg.cholesky(gram).T
+    except np.linalg.LinAlgError:  # not positive definite (fewer queries than dimensions)
+        w, u = np.linalg.eigh(gram)
+        w = np.clip(w, 0.0, None)
+        return np.sqrt(w)[:, None] * u.T
 
 
 def fit_cluster(beta, gram, rank):
