@@ -20,14 +20,20 @@ Implementation notes
   O(M G^2 + N G^2) and the (M, N) fitted-value matrix is never formed.
 - Quantisation: A (per rank component) and B (per point) are stored as 8- or
   4-bit codes with one float32 scale per row; scoring uses exactly the
-  dequantised values; queries stay in float32.  The Numba kernels read the
-  8-bit codes directly (4x less memory traffic); the BLAS path uses a float32
-  dequantised cache (R floats per point; BLAS has no int8 GEMM).
-- Search: 1-2 queries run a fused serial Numba kernel, other batches a
-  query-parallel one unless each visited cluster gets >= 8 queries on average;
-  then queries are grouped by cluster, two single-threaded BLAS GEMMs run per
-  visited cluster (clusters split over a thread pool) and a parallel Numba
-  kernel selects and re-ranks.  CuPy queries take a padded dense path.
+  dequantised values; queries stay in float32.  The CPU kernels read B from a
+  transposed mirror (per cluster an (R, cap_c) block: float32, and the 8-bit
+  codes, 4x less memory traffic, for the fused kernel), refreshed per cluster
+  that ``add``/``refit`` touched; BLAS has no int8 GEMM, so it uses the float32.
+- Search (CPU): up to 16 queries, or batches whose visited clusters get fewer
+  than 4 queries on average, run the fused Numba kernel (query-parallel, or
+  serial for 1-2 queries: A_c^T q, then 16 points per vector op); larger batches
+  group queries by cluster and run two single-threaded BLAS GEMMs per visited
+  cluster inside one ``prange`` (every query's best cluster first, so each
+  query's candidate threshold is good before the rest).  Candidates: a
+  vectorised count per score row, a branch-free 64-bit-mask append (only set
+  bits are visited), buffers compacted by a bisection bound on the m-th best;
+  the exact re-rank prefetches the candidate rows.  CuPy queries take a padded
+  dense path.
 - Streaming ``add``: a point joins its nearest centroid and gets the B column
   P_c (T^T x), the least-squares fit of its inner products over the cluster's
   training queries (exact for points the model was trained on).  The cluster's
@@ -52,7 +58,7 @@ SAMPLED_POINTS_PER_CLUSTER = 256
 GLOBAL_DIM_REDUCTION_SAMPLES = 16384
 FUSED_MAX_QUERIES = 16  # up to this many queries: fused Numba kernel, no BLAS
 SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up)
-BLOCK_MIN_GROUP = 8  # GEMM path once clusters get this many queries on average
+BLOCK_MIN_GROUP = 4  # GEMM path once clusters get this many queries on average (measured)
 _DISTANCES = ("ip", "l2")
 
 
