@@ -206,8 +206,8 @@ def _mth_bound(x, m):
 @nb.njit(cache=True, nogil=True)
 def _compact(cs, ci, n, m):
     """Keep the candidates scoring at least (a tight lower bound of) the m-th best of cs[:n]
-    (m <= n; ties all stay); returns (new n, that score).  Degenerate ties that would keep the buffer full fall back to an
-    exact cut at m."""
+    (m <= n; ties all stay); returns (new n, that score).  Degenerate ties that would keep
+    the buffer full fall back to an exact cut at m."""
     kth = _mth_bound(cs[:n], m)
     j = 0
     for t in range(n):
