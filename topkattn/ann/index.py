@@ -334,9 +334,10 @@ class LorannIndex:
             else:
                 return self._tr
             codes = ct is not None
-            kernels.transpose_clusters(cl, self._start, self._size, self._cap, self._bdeq,
-                                       self._bcodes if codes else self._bdeq[:0, :0].astype(np.int8),
-                                       codes, bt, ct if codes else bt[:0].astype(np.int8))
+            fn = kernels.transpose_clusters if len(cl) > 4 else kernels.transpose_clusters_serial
+            fn(cl, self._start, self._size, self._cap, self._bdeq,
+               self._bcodes if codes else np.zeros((0, 0), np.int8), codes, bt,
+               ct if codes else np.zeros(0, np.int8))
             self._tr = (bt, ct)
             return self._tr
 

@@ -517,21 +517,32 @@ def top_columns(scores, w, out):
         _top_of_row(scores[qi], w, out[qi])
 
 
+@nb.njit(inline="always")
+def _transpose_one(c, start, size, cap, bdeq, bcodes, codes, bt, ct):
+    r = bdeq.shape[1]
+    lo, n, cp = start[c], size[c], cap[c]
+    base = r * lo
+    for j in range(n):
+        for v in range(r):
+            bt[base + v * cp + j] = bdeq[lo + j, v]
+            if codes:
+                ct[base + v * cp + j] = bcodes[lo + j, v]
+
+
 @nb.njit(parallel=True, cache=True, nogil=True)
 def transpose_clusters(clusters, start, size, cap, bdeq, bcodes, codes, bt, ct):
     """Write the transposed blocks of ``clusters`` into the mirror (see
     ``LorannIndex._mirror``): bt[R*start[c] + v*cap[c] + j] = bdeq[start[c] + j, v] for the
     size[c] points j, and the same from the 8-bit ``bcodes`` into ``ct`` when ``codes``."""
-    r = bdeq.shape[1]
     for i in nb.prange(len(clusters)):
-        c = clusters[i]
-        lo, n, cp = start[c], size[c], cap[c]
-        base = r * lo
-        for j in range(n):
-            for v in range(r):
-                bt[base + v * cp + j] = bdeq[lo + j, v]
-                if codes:
-                    ct[base + v * cp + j] = bcodes[lo + j, v]
+        _transpose_one(clusters[i], start, size, cap, bdeq, bcodes, codes, bt, ct)
+
+
+@nb.njit(cache=True, nogil=True)
+def transpose_clusters_serial(clusters, start, size, cap, bdeq, bcodes, codes, bt, ct):
+    """:func:`transpose_clusters` on one thread (the cluster or two a decode step touched)."""
+    for i in range(len(clusters)):
+        _transpose_one(clusters[i], start, size, cap, bdeq, bcodes, codes, bt, ct)
 
 
 @nb.njit(cache=True, nogil=True)
