@@ -578,7 +578,7 @@ def exact_topk(scores, k, out_i, out_s):
         _drain_sorted(hs, hi, n, out_s[qi], out_i[qi])
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True, nogil=True, fastmath=_FAST)
 def assign_column(xr, cent, cnorm, l2, proj, out_b):
     """Nearest cluster of one reduced point xr (G,) and its model column out_b = proj[c] @ xr.
 
@@ -589,18 +589,20 @@ def assign_column(xr, cent, cnorm, l2, proj, out_b):
     best = -np.inf
     c = 0
     for j in range(cent.shape[0]):
+        cj = cent[j]  # row views: contiguous, vectorised dots
         s = np.float32(0.0)
         for u in range(g):
-            s += xr[u] * cent[j, u]
+            s += xr[u] * cj[u]
         if l2:
             s = 2 * s - cnorm[j]
         if s > best:
             best = s
             c = j
     for v in range(proj.shape[1]):
+        pv = proj[c, v]
         acc = np.float32(0.0)
         for u in range(g):
-            acc += proj[c, v, u] * xr[u]
+            acc += pv[u] * xr[u]
         out_b[v] = acc
     return c
 
