@@ -248,7 +248,7 @@ def _append_at_least(row, ids, th, cs, ci, n):
         for u in range(_BLOCK):
             mk |= np.uint64(v[u] >= th) << np.uint64(u)
         while mk:
-            u = _lowest_bit(mk)
+            u = np.int64(_lowest_bit(mk))
             mk &= mk - np.uint64(1)
             cs[n] = v[u]
             ci[n] = ids[j0 + u]
