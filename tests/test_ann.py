@@ -172,17 +172,19 @@ def test_numba_paths_match_dense_reference(built, data, nq, min_group, monkeypat
 
     monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP", min_group)
     _, q = data
-    qq = q[:nq]
     for rr in (0, 30):
-        ids, dist = built.search(qq, 10, 5, rr, return_distances=True)
-        q2, _ = built._check_queries(qq, "q", np)
-        ref_ids, ref_s = built._search_xp(q2, 10, 5, rr, np)
-        _, ref_dist = built._output(ref_ids, ref_s, q2, False, True, np)
-        np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-3)
-        # ids agree except where float rounding reorders (near-)tied scores
-        differ = ids != ref_ids
-        assert differ.mean() <= 0.02
-        np.testing.assert_allclose(dist[differ], ref_dist[differ], rtol=1e-4, atol=1e-3)
+        assert_matches_dense_reference(built, q[:nq], 5, rr)
+
+
+def assert_matches_dense_reference(ix, qq, w, rr):
+    """The CPU search of qq equals the dense padded reference path on the same index."""
+    ids, dist = ix.search(qq, 10, w, rr, return_distances=True)
+    q2, _ = ix._check_queries(qq, "q", np)
+    ref_ids, ref_s = ix._search_xp(q2, 10, w, rr, np)
+    _, ref_dist = ix._output(ref_ids, ref_s, q2, False, True, np)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-3)
+    # ids agree except where float rounding reorders (near-)tied scores
+    assert (ids != ref_ids).mean() <= 0.02
 
 
 def test_single_query_returns_1d(built, data):
@@ -292,14 +294,8 @@ def test_numba_paths_match_dense_reference_after_adds(data, bits, monkeypatch):
         ix.add(pts)
         for nq, min_group in paths:
             monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP", min_group)
-            qq = q[:nq]
             for rr in (0, 20):
-                ids, dist = ix.search(qq, 10, 3, rr, return_distances=True)
-                q2, _ = ix._check_queries(qq, "q", np)
-                ref_ids, ref_s = ix._search_xp(q2, 10, 3, rr, np)
-                _, ref_dist = ix._output(ref_ids, ref_s, q2, False, True, np)
-                np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-3)
-                assert (ids != ref_ids).mean() <= 0.02
+                assert_matches_dense_reference(ix, q[:nq], 3, rr)
     assert (ix._cap > ix._size).any()  # the state the mirror must handle
 
 
