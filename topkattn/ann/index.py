@@ -261,7 +261,6 @@ class LorannIndex:
         self._overgrown = set()  # clusters grown past refit_growth, refit when next visited
         self.built = True
         self._device = {}
-        self._tr = None
 
     def _fit(self, ci, beta, gram):
         """Fit, quantise and store cluster ci's model from its OLS beta (G, n_c)."""

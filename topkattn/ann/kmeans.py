@@ -39,8 +39,6 @@ def nearest_clusters(x, centroids, w, distance):
     return out
 
 
-
-
 def kmeans(x, n_clusters, *, distance="ip", iters=10, sample_size=None, balanced=False,
            rng=None):
     """Train ``n_clusters`` centroids (C, D) float32 on ``x`` (N, D).
