@@ -22,8 +22,9 @@ Implementation notes
   4-bit codes with one float32 scale per row; scoring uses exactly the
   dequantised values; queries stay in float32.  The CPU kernels read B from a
   transposed mirror (per cluster an (R, cap_c) block: float32, and the 8-bit
-  codes, 4x less memory traffic, for the fused kernel), refreshed per cluster
-  that ``add``/``refit`` touched; BLAS has no int8 GEMM, so it uses the float32.
+  codes, 4x less memory traffic, for the fused kernel, which reads A's 8-bit
+  codes too), refreshed per cluster that ``add``/``refit`` touched; BLAS has no
+  int8 GEMM, so it uses the float32.
 - Search (CPU): up to 16 queries, or batches whose visited clusters get fewer
   than 4 queries on average, run the fused Numba kernel (query-parallel, or
   serial for 1-2 queries: A_c^T q, then 16 points per vector op); larger batches
@@ -429,9 +430,10 @@ class LorannIndex:
         if nq <= FUSED_MAX_QUERIES or nq * w < BLOCK_MIN_GROUP * self.n_clusters:
             fn = kernels.fused_search_serial if nq <= SERIAL_MAX_QUERIES else kernels.fused_search
             bt, ct = self._mirror()
-            fn(qr, q, top, self._adeq_t, bt if ct is None else ct, self._bscale, ct is not None,
-               self._start, self._size, self._cap, self._slot_id, self._norms, l2, self._data, m,
-               k, rr > 0, ids, scores)
+            int8 = ct is not None  # then read A's and B's 8-bit codes (4x less memory traffic)
+            fn(qr, q, top, self._acodes if int8 else self._adeq_t, self._ascale,
+               ct if int8 else bt, self._bscale, int8, self._start, self._size, self._cap,
+               self._slot_id, self._norms, l2, self._data, m, k, rr > 0, ids, scores)
         else:
             self._score_blocks(q, qr, top, w, m, k, rr, l2, ids, scores)
         return ids, scores

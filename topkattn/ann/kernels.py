@@ -399,12 +399,12 @@ def _select_finish(qi, q, data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s
 
 
 @nb.njit(cache=True, nogil=True, fastmath=_FAST)
-def _fused_one(qi, qr, queries, clusters, adeq_t, src, bscale, scaled, start, size, cap,
+def _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size, cap,
                slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
     """One query: per cluster (best first) t = A_c^T q, the scores of its points into a row
     (16 points per vector instruction from the transposed mirror), :func:`scan_row` into the
     candidate buffer, then :func:`_select_finish`."""
-    r = adeq_t.shape[1]
+    r = a_src.shape[1]
     most = 0
     for j in range(clusters.shape[1]):
         most = max(most, size[clusters[qi, j]])
@@ -421,11 +421,11 @@ def _fused_one(qi, qr, queries, clusters, adeq_t, src, bscale, scaled, start, si
         if n_c == 0:
             continue
         for v in range(r):  # t = A_c^T q: contiguous dots (2.4x faster than rows of A_c)
-            a = adeq_t[c, v]
+            a = a_src[c, v]
             acc = np.float32(0.0)
             for u in range(q.shape[0]):
-                acc += q[u] * a[u]
-            tq[v] = acc
+                acc += q[u] * np.float32(a[u])
+            tq[v] = acc * a_scale[c, v] if scaled else acc
         p0 = start[c]
         cp = cap[c]
         ids = slot_id[p0:p0 + n_c]
@@ -461,29 +461,30 @@ def _fused_one(qi, qr, queries, clusters, adeq_t, src, bscale, scaled, start, si
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def fused_search(qr, queries, clusters, adeq_t, src, bscale, scaled, start, size, cap, slot_id,
-                 norms, l2, data, m, k, rerank, out_i, out_s):
+def fused_search(qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size, cap,
+                 slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
     """Score, select and re-rank in one pass, query-parallel (no BLAS calls).
 
-    qr (Q, G) reduced queries, clusters (Q, W) clusters to search, adeq_t (C, R, G)
-    the dequantised A transposed; B is read from the transposed mirror ``src``
-    (``LorannIndex._mirror``: cluster c's (R, cap[c]) block at R * start[c]), 8-bit codes
+    qr (Q, G) reduced queries, clusters (Q, W) clusters to search.  A_c^T comes from
+    a_src (C, R, G): the 8-bit codes times a_scale (C, R) (per rank component) when
+    ``scaled``, else the dequantised float32.  B is read from the transposed mirror ``src``
+    (``LorannIndex._mirror``: cluster c's (R, cap[c]) block at R * start[c]): 8-bit codes
     times ``bscale`` (per slot) when ``scaled`` (4x less memory traffic than float32), else
     float32.  Cluster c's points sit at slots start[c] .. start[c] + size[c].
     Same output contract as :func:`merge_rerank`.
     """
     for qi in nb.prange(qr.shape[0]):
-        _fused_one(qi, qr, queries, clusters, adeq_t, src, bscale, scaled, start, size, cap,
-                   slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
+        _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size,
+                   cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
 
 
 @nb.njit(cache=True, nogil=True)
-def fused_search_serial(qr, queries, clusters, adeq_t, src, bscale, scaled, start, size, cap,
-                        slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
+def fused_search_serial(qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size,
+                        cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
     """:func:`fused_search` on one thread (single queries: no thread-pool wake-up)."""
     for qi in range(qr.shape[0]):
-        _fused_one(qi, qr, queries, clusters, adeq_t, src, bscale, scaled, start, size, cap,
-                   slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
+        _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size,
+                   cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
 
 
 @nb.njit(cache=True, nogil=True, fastmath=_FAST)
