@@ -305,14 +305,15 @@ def score_clusters(qr, rows, starts, visit, adeq, bt, start, size, cap, slot_id,
     """Approximate scores of every visited cluster for its queries, straight into candidate buffers.
 
     Clusters run in parallel (``prange``; two BLAS GEMMs each: (cnt, G) @ A_c, then
-    @ B_c^T, read from the transposed mirror ``bt`` (``LorannIndex._mirror``) over the
-    cluster's cap[c] slots, of which the first size[c] are scanned).  qr (Q, G) reduced queries; visits starts[c] .. starts[c+1] of cluster c
-    belong to queries rows[...] (gathered into the thread's scratch_q (P, >= cnt * G)).
-    Each thread appends to its own buffers cand_s/cand_i (P, Q, cap), cand_n (P, Q): scores
+    @ B_c^T read from the transposed mirror ``bt`` (``LorannIndex._mirror``) over the
+    cluster's cap[c] slots, of which the first size[c] are scanned).  qr (Q, G) reduced
+    queries; visits starts[c] .. starts[c+1] of cluster c belong to queries rows[...]
+    (gathered into the thread's scratch_q (P, >= cnt * G)).  Each thread appends to its
+    own buffers cand_s/cand_i (P, Q, cap), cand_n (P, Q) through :func:`scan_row`: scores
     below ``thresh[q]`` (the best m-th score any thread has seen for q, shared, only ever
-    raised) are dropped (:func:`scan_row`), a full buffer is compacted to its m best.
-    scratch_t (P, >= cnt * R) and scratch_s (P, >= cnt * n_c) float32 hold each thread's
-    GEMM outputs (>= cnt * cap_c; no allocation, so no page faults, per cluster); scratch_n (P, >= n_c) the
+    raised) are dropped, a full buffer is compacted to its ~m best.  scratch_t
+    (P, >= cnt * R) and scratch_s (P, >= cnt * cap_c) float32 hold each thread's GEMM
+    outputs (no allocation, so no page faults, per cluster); scratch_n (P, >= n_c) the
     cluster's norms for l2.  BLAS must run on one thread
     (``topkattn.threads.blas_single_thread``).
     """
