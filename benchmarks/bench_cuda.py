@@ -11,7 +11,7 @@ forward+backward, and peak device memory above the inputs, for
   cupy-dense   without a CUDA torch: chunked dense CuPy attention, forward only
 Part 2, one decode step (B=1, H=16, absorbed queries C + R = 512 + 64, k=64) over S latents:
   exact-cuda   topkattn.cuda.mla_decode (score every latent, split-k top-k, attend)
-  exact-cupy   the vectorised path (exact_topk_selector: cuBLAS scores + partition)
+  exact-cupy   the vectorised path (ops.selection.select_decode: cuBLAS scores + partition)
   lorann-cuda  LoRANN search kernels (routing, int8 low-rank scoring, re-rank) + attend,
                with recall@k against the exact top-k
 Targets (issue 7): at 64k the top-k forward within 2x of dense FlashAttention forward,
@@ -221,7 +221,7 @@ def bench_decode(dev, S, H, C, R, k, repeat, clusters, rank, global_dim, search,
     from topkattn.ann import LorannIndex
     from topkattn.cuda.lorann_score import lorann_arrays, lorann_search
     from topkattn.cuda.mla_decode import attend_selected, mla_decode
-    from topkattn.layers.decode import exact_topk_selector
+    from topkattn.ops.selection import select_decode
 
     xp = dev.xp
     rng = np.random.default_rng(seed)
@@ -236,16 +236,12 @@ def bench_decode(dev, S, H, C, R, k, repeat, clusters, rank, global_dim, search,
     scale = 1 / np.sqrt(Dk)
     rows = []
 
-    class Cache:
-        pass
-
-    Cache.keys = keys
     exact = lambda: mla_decode(q, keys, topk=k, C=C, scale=scale)  # noqa: E731
     rows.append(dict(method="exact-cuda", S=S, ms=dev.timed(exact, repeat),
                      peak_bytes=dev.peak_extra(exact)))
 
     def exact_cupy():
-        idx = exact_topk_selector(q, Cache, topk=k, scale=scale)
+        idx, _, _ = select_decode(q, keys, topk=k, scale=scale)
         return attend_selected(q, keys, idx, C=C, scale=scale)
 
     rows.append(dict(method="exact-cupy-select", S=S, ms=dev.timed(exact_cupy, repeat),

@@ -20,10 +20,10 @@ import time
 import numpy as np
 
 from topkattn.decoding import LorannSelector, decode_teacher_forced
-from topkattn.decoding.runner import load_run
+from topkattn.training.runs import load_run
 from topkattn.model import Transformer
-from topkattn.tasks import MQAR
-from topkattn.train import TrainConfig, model_config
+from topkattn.training.tasks import MQAR
+from topkattn.training.train import TrainConfig, model_config
 
 
 class StepRecall:

@@ -1,7 +1,7 @@
 """The forgetful-masking experiment: does training with forgetful top-k make a model robust to
 an ANN index's missed keys at decode time?
 
-Trains MQAR models with ``train-toy``'s library function (:func:`topkattn.train.train`) at
+Trains MQAR models with ``train-toy``'s library function (:func:`topkattn.training.train.train`) at
 the same seed and budget -- one with forget rate 0, one (or more) with forgetting -- then
 decodes each held-out set token by token with
 
@@ -28,8 +28,9 @@ import os
 import sys
 import time
 
-from topkattn.decoding.runner import evaluate_decoding, load_run, selector_factory
-from topkattn.train import TrainConfig, heldout_set, make_task, train
+from topkattn.decoding.runner import evaluate_decoding, selector_factory
+from topkattn.training.runs import load_run
+from topkattn.training.train import TrainConfig, heldout_set, make_task, train
 
 LORANN_SETTINGS = {
     # about sqrt(N) clusters per index; probe a quarter of them, approximate scores only

@@ -101,9 +101,10 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, max_k, n_sequences,
               topkattn eval run/ --retriever exact --k 16 --tail-bound 0.01
               topkattn eval run/ --retriever lorann --k auto --tail-bound 0.01 --max-k 32
     """
-    from topkattn.checkpoint import CheckpointError
-    from topkattn.decoding.runner import evaluate_decoding, load_run, selector_factory
-    from topkattn.train import heldout_set, make_task
+    from topkattn.training.checkpoint import CheckpointError
+    from topkattn.decoding.runner import evaluate_decoding, selector_factory
+    from topkattn.training.runs import load_run
+    from topkattn.training.train import heldout_set, make_task
 
     if retriever == "simulated" and recall is None:
         raise _OneLineUsageError("--retriever simulated needs --recall R", ctx)

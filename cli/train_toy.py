@@ -1,7 +1,7 @@
 """`topkattn train-toy`: train a small MLA decoder with top-k (or dense) attention.
 
 Thin: parses options, draws the progress bar, prints the table; the loop is
-:func:`topkattn.train.train`.
+:func:`topkattn.training.train.train`.
 """
 import json
 import os
@@ -105,8 +105,8 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
               topkattn train-toy --attention dense     (the same model with dense attention)
               topkattn train-toy --task text --out run/ (then: --out run/ --resume)
     """
-    from topkattn.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
-    from topkattn.train import CHECKPOINT_NAME, TrainConfig, saved_config, train
+    from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
+    from topkattn.training.train import CHECKPOINT_NAME, TrainConfig, saved_config, train
 
     if resume and out_dir is None:
         raise OneLineUsageError("--resume needs --out DIR (the folder holding checkpoint.npz)", ctx)

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from topkattn import checkpoint as ck
-from topkattn.optim import AdamW
+from topkattn.training import checkpoint as ck
+from topkattn.training.optim import AdamW
 
 
 def _arrays():

@@ -83,7 +83,7 @@ def test_kernels_follow_cupys_current_stream():
 
 def test_gpu_long_rows_split_topk_matches_numpy():
     from topkattn.cuda.topk_select import topk_select
-    from topkattn.selection import ranked_topm_xp
+    from topkattn.ops.selection import ranked_topm_xp
 
     rng = np.random.default_rng(4)
     s = rng.standard_normal((6, 200_000)).astype(np.float32)

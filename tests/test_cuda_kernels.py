@@ -28,14 +28,15 @@ else:
 import topkattn as ta  # noqa: E402
 from topkattn.backend import to_numpy  # noqa: E402
 from topkattn.cuda.lorann_score import lorann_arrays, lorann_score, lorann_search  # noqa: E402
-from topkattn.cuda.mla_decode import attend_selected, cuda_topk_selector, mla_decode  # noqa: E402
+from topkattn.cuda.mla_decode import attend_selected, mla_decode, mla_select  # noqa: E402
 from topkattn.cuda.sparse_backward import sparse_backward  # noqa: E402
 from topkattn.cuda.topk_forward import (  # noqa: E402
     MAX_RANKED, topk_forward, topk_forward_auto, topk_forward_tiled)
 from topkattn.cuda.topk_select import topk_select  # noqa: E402
-from topkattn.layers.decode import exact_topk_selector  # noqa: E402
-from topkattn.reference import masked_attention_reference, rank_row, topk_attention_reference  # noqa: E402
-from topkattn.selection import RowBounds  # noqa: E402
+from topkattn.decoding import ExactSelector  # noqa: E402
+from topkattn.ops.selection import select_decode  # noqa: E402
+from topkattn.ops.reference import masked_attention_reference, rank_row, topk_attention_reference  # noqa: E402
+from topkattn.ops.selection import RowBounds  # noqa: E402
 
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-6)}
 N_SCALE = 1 if SIM else 8  # real GPU: larger shapes
@@ -352,13 +353,11 @@ def test_mla_selector_matches_exact_selector_on_strided_cache():
     rng = np.random.default_rng(13)
     B, H, S, Dk = 2, 4, 17, 6
 
-    class Cache:  # a view into a larger buffer, like MLACache.keys
-        keys = dev(rng.standard_normal((B, S + 9, Dk)))[:, :S]
-
+    keys = dev(rng.standard_normal((B, S + 9, Dk)))[:, :S]  # a view into a larger buffer, like MLACache.keys
     q = dev(rng.standard_normal((B, H, Dk)))
     for kw in (dict(topk=3), dict(topk=5, sinks=2, window=2), dict(topk=40)):
-        got = host(cuda_topk_selector(q, Cache, scale=0.7, **kw))
-        want = host(exact_topk_selector(q, Cache, scale=0.7, **kw))
+        got = host(mla_select(q, keys, scale=0.7, **kw))
+        want = host(select_decode(q, keys, scale=0.7, **kw)[0])
         np.testing.assert_array_equal(got, want)
 
 
@@ -370,7 +369,7 @@ def test_mla_layer_decodes_with_cuda_selector():
     kw = dict(topk=3, seed=0, dtype="float64", persistent_tokens=1, window=1)
     m = MLA(16, 2, 8, 6, 4, 2, 4, **kw)
     y = m.forward(x)
-    m.selector = cuda_topk_selector
+    m.selector = ExactSelector(impl="cuda")
     cache = m.init_cache(2)
     ys = np.concatenate([m.step(x[:, t:t + 1], cache) for t in range(7)], axis=1)
     np.testing.assert_allclose(ys, y, rtol=1e-6, atol=1e-10)

@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from topkattn.cli.main import main
-from topkattn.tasks import IGNORE
-from topkattn.train import TrainConfig, heldout_set, make_task, train
+from topkattn.training.tasks import IGNORE
+from topkattn.training.train import TrainConfig, heldout_set, make_task, train
 
 N_SEQ = 6
 

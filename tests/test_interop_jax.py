@@ -8,7 +8,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.test_util import check_grads  # noqa: E402
 
 import topkattn.interop.jax as tj  # noqa: E402
-from topkattn.reference import topk_attention_reference  # noqa: E402
+from topkattn.ops.reference import topk_attention_reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

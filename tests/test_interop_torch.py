@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from topkattn.interop.torch import from_engine, to_engine, topk_attention  # noqa: E402
-from topkattn.reference import topk_attention_reference  # noqa: E402
+from topkattn.ops.reference import topk_attention_reference  # noqa: E402
 
 
 def _inputs(seed, B=2, H=4, G=2, T=5, S=9, D=6, Dv=5, dtype=torch.float64, topk=3, margin=1e-3):

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from topkattn.dense_attention import dense_attention, dense_attention_backward, dense_attention_forward
+from topkattn.ops.dense_attention import dense_attention, dense_attention_backward, dense_attention_forward
 from topkattn.layers import (Attention, Embedding, Linear, MoE, RMSNorm, RoPE, SwiGLU,
                              softmax_cross_entropy)
-from topkattn.layers.gradcheck import assert_grads_close, directional_grad_check
-from topkattn.reference import topk_attention_reference
+from topkattn.testing import assert_grads_close, directional_grad_check
+from topkattn.ops.reference import topk_attention_reference
 
 
 def _rng(s=0):

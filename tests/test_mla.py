@@ -3,9 +3,10 @@ equal to the causal forward, absorbed scores equal to unabsorbed ones, the selec
 import numpy as np
 import pytest
 
-from topkattn.layers import MLA, MLACache, absorb_mla_weights, exact_topk_selector
-from topkattn.layers.gradcheck import assert_grads_close, directional_grad_check
-from topkattn.reference import topk_attention_reference
+from topkattn.layers import MLA, MLACache, absorb_mla_weights
+from topkattn.testing import assert_grads_close, directional_grad_check
+from topkattn.ops.reference import topk_attention_reference
+from topkattn.ops.selection import select_decode
 
 # d, H, Lq, C, N, R, V  (V != N: value head dim independent of the qk head dim)
 DIMS = (16, 3, 8, 6, 4, 4, 5)
@@ -196,11 +197,7 @@ def test_exact_selector_matches_op_selection():
     keys = rng.standard_normal((B, S, D))
     query = rng.standard_normal((B, H, D))
 
-    class Cache:
-        pass
-    c = Cache()
-    c.keys = keys
-    idx = exact_topk_selector(query, c, topk=3, sinks=2, window=2, scale=0.5)
+    idx, k, certified = select_decode(query, keys, topk=3, sinks=2, window=2, scale=0.5)
     _, mask, _ = topk_attention_reference(query[:, :, None], keys[:, None], keys[:, None], topk=3,
                                           scale=0.5, sinks=2, window=2)
     assert idx.shape == (B, H, 7)

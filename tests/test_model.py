@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from topkattn.layers import softmax_cross_entropy
-from topkattn.layers.gradcheck import assert_grads_close, directional_grad_check
+from topkattn.testing import assert_grads_close, directional_grad_check
 from topkattn.model import Transformer, TransformerConfig
 
 V = 13

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from topkattn.optim import AdamW, clip_grad_norm, global_grad_norm, warmup_cosine_lr
+from topkattn.training.optim import AdamW, clip_grad_norm, global_grad_norm, warmup_cosine_lr
 
 
 def test_adamw_two_steps_by_hand():

@@ -13,8 +13,8 @@ from topkattn.decoding import (
 )
 from topkattn.decoding.selectors import _Context, recall_hits
 from topkattn.model import Transformer, TransformerConfig
-from topkattn.reference import dynamic_topk_reference, rank_row
-from topkattn.selection import apply_forgetting, select_dynamic_topk
+from topkattn.ops.reference import dynamic_topk_reference, rank_row
+from topkattn.ops.selection import apply_forgetting, select_dynamic_topk
 
 FULL = dict(clusters_to_search=1.0, points_to_rerank=10**6, quantization_bits=None)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import topkattn as ta
-from topkattn.dense_attention import dense_attention
-from topkattn.reference import tail_topk_attention_reference, topk_attention_reference
+from topkattn.ops.dense_attention import dense_attention
+from topkattn.ops.reference import tail_topk_attention_reference, topk_attention_reference
 
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=2e-4, atol=2e-5)}
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from topkattn.tasks import IGNORE, MQAR, TextCorpus, stdlib_source_files
+from topkattn.training.tasks import IGNORE, MQAR, TextCorpus, stdlib_source_files
 
 
 def test_mqar_structure():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import topkattn as ta
-from topkattn.reference import masked_attention_reference, topk_attention_reference
-from topkattn.selection import RowBounds
+from topkattn.ops.reference import masked_attention_reference, topk_attention_reference
+from topkattn.ops.selection import RowBounds
 
 IMPLS = ["numpy", "numba"]
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-10), np.float32: dict(rtol=2e-4, atol=2e-5)}
@@ -388,7 +388,7 @@ def test_backward_rejects_wrong_dout_shape():
     (1e-2, None, dict()), (1e-1, 6, dict(sinks=1, window=2)), (1e-2, 8, dict(causal=False)),
 ])
 def test_dynamic_k_matches_reference_and_bound_holds(impl, eps, max_topk, kw):
-    from topkattn.reference import dynamic_topk_reference
+    from topkattn.ops.reference import dynamic_topk_reference
 
     q, k, v = make_qkv(2, 4, 2, 16, 24, D=8, seed=17)
     q *= 3.0  # peaked rows need few keys, flat rows many

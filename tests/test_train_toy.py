@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from topkattn.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
+from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
 from topkattn.cli.main import main
 from topkattn.layers.loss import softmax_cross_entropy
 from topkattn.model import Transformer
-from topkattn.optim import AdamW, clip_grad_norm, warmup_cosine_lr
-from topkattn.tasks import IGNORE
-from topkattn.train import (
+from topkattn.training.optim import AdamW, clip_grad_norm, warmup_cosine_lr
+from topkattn.training.tasks import IGNORE
+from topkattn.training.train import (
     FORGET_STREAM,
-    ToyTransformer,
     TrainConfig,
     heldout_set,
     make_task,
@@ -45,7 +44,7 @@ def test_loop_matches_hand_written_steps():
     cfg = tiny_cfg(forget_rate=0.25, steps=4, clip_norm=0.05)
     res = train(cfg)
     task = make_task(cfg)
-    model = ToyTransformer(model_config(cfg, task.vocab_size), token_shift=True)
+    model = Transformer(model_config(cfg, task.vocab_size))
     opt = AdamW(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay)
     ref = []
     for step in range(cfg.steps):
@@ -250,12 +249,13 @@ def test_cli_gpu_without_cupy():
 
 
 def _tiny_model(token_shift=True, topk=3):
+    import dataclasses
+
     from topkattn.model import TransformerConfig
-    from topkattn.train import ToyTransformer
     cfg = TransformerConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, q_lora_rank=8,
                             kv_lora_rank=8, qk_nope_dim=8, qk_rope_dim=4, v_head_dim=8, d_ff=32,
                             topk=topk, dtype="float64", seed=1)
-    return ToyTransformer(cfg, token_shift=token_shift), cfg
+    return Transformer(dataclasses.replace(cfg, token_shift=token_shift)), cfg
 
 
 def test_token_shift_gradients_by_central_differences():
@@ -278,7 +278,7 @@ def test_token_shift_gradients_by_central_differences():
 
 
 def test_token_shift_forward_formula_decode_and_off_switch():
-    from topkattn.train import TokenShift
+    from topkattn.layers import TokenShift
     rng = np.random.default_rng(1)
     ts = TokenShift(4, dtype="float64")
     ts.params["weight"][...] = rng.standard_normal((4, 4))
@@ -305,7 +305,7 @@ def test_token_shift_forward_formula_decode_and_off_switch():
 
 def _rewrite_checkpoint(path, edit):
     """Re-save a training checkpoint after ``edit(arrays, meta)`` (valid checksums, bad content)."""
-    from topkattn.checkpoint import load_checkpoint, save_checkpoint
+    from topkattn.training.checkpoint import load_checkpoint, save_checkpoint
 
     arrays, meta = load_checkpoint(path)
     edit(arrays, meta)

@@ -3,12 +3,12 @@
 Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim,
 Dv value dim, C latent dim, R rope dim, K selected keys per query.
 """
-from topkattn.tail_attention import (
+from topkattn.ops.tail_attention import (
     tail_topk_attention,
     tail_topk_attention_backward,
     tail_topk_attention_forward,
 )
-from topkattn.topk_attention import (
+from topkattn.ops.topk_attention import (
     topk_attention,
     topk_attention_backward,
     topk_attention_forward,

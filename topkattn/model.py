@@ -1,7 +1,8 @@
-"""A DeepSeek-style decoder: embedding, N pre-norm blocks (MLA or plain attention + SwiGLU or
-MoE), final RMSNorm, head (tied with the embedding by default).
+"""A DeepSeek-style decoder: embedding, optional token shift, N pre-norm blocks (MLA or plain
+attention + SwiGLU or MoE), final RMSNorm, head (tied with the embedding by default).
 
-Shape letters: tokens (B, T) int, x (B, T, d), logits (B, T, V).
+Shape letters: B batch, T tokens, d model width, V vocabulary: tokens (B, T) int,
+x (B, T, d), logits (B, T, V).
 No autograd engine: ``backward`` runs the layers' backward passes in reverse order.
 """
 import dataclasses
@@ -14,10 +15,12 @@ from topkattn.layers.block import Block
 from topkattn.layers.embedding import Embedding
 from topkattn.layers.linear import Linear
 from topkattn.layers.mla import MLA
-from topkattn.layers.module import Module, float_dtype
+from topkattn.checks import float_dtype
+from topkattn.layers.module import Module
 from topkattn.layers.moe import MoE
 from topkattn.layers.rmsnorm import RMSNorm
 from topkattn.layers.swiglu import SwiGLU
+from topkattn.layers.token_shift import TokenShift
 
 
 @dataclasses.dataclass
@@ -46,6 +49,7 @@ class TransformerConfig:
     persistent_tokens: int = 0
     window: int = 0
     tie_embeddings: bool = True
+    token_shift: bool = False  # x_t + W x_{t-1} after the embedding (topkattn.layers.token_shift)
     rope_base: float = 10000.0
     dtype: str = "float32"
     seed: int = 0
@@ -70,6 +74,9 @@ class TransformerConfig:
             raise ValueError(f"ffn must be 'swiglu' or 'moe', got {self.ffn!r}")
         if not isinstance(self.forget_rate, numbers.Real) or not 0.0 <= self.forget_rate < 1.0:
             raise ValueError(f"forget_rate must be in [0, 1), got {self.forget_rate!r}")
+        for name in ("tie_embeddings", "token_shift"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         float_dtype(self.dtype)
         self.dtype = np.dtype(self.dtype).name
 
@@ -125,6 +132,9 @@ class Transformer(Module):
         if not c.tie_embeddings:
             self.head = self.add("head", Linear(c.d_model, c.vocab_size, seed=rng(c.n_layers + 1),
                                                 dtype=c.dtype))
+        self.shift = None
+        if c.token_shift:
+            self.shift = self.add("shift", TokenShift(c.d_model, dtype=c.dtype))
         self.aux_loss = 0.0
         self.training = True
         self._rebuild()
@@ -181,7 +191,9 @@ class Transformer(Module):
 
     def forward(self, tokens, seed=None):
         """logits (B, T, V) from tokens (B, T); ``seed`` drives forgetful masking."""
-        x = self.embed.forward(tokens)
+        x = self.embed.forward(tokens)  # (B, T, d)
+        if self.shift is not None:
+            x = self.shift.forward(x)
         for blk, s in zip(self.blocks, self.layer_seeds(seed)):
             x = blk.forward(x, seed=s)
         h = self.norm.forward(x)
@@ -195,21 +207,25 @@ class Transformer(Module):
         dx = self.norm.backward(dh)
         for blk in reversed(self.blocks):
             dx = blk.backward(dx)
+        if self.shift is not None:
+            dx = self.shift.backward(dx)
         self.embed.backward(dx)
         return None
 
     def init_cache(self, batch):
-        """One decode cache per block (MLA: latent cache; mha: full KV cache)."""
-        return [b.init_cache(batch) for b in self.blocks]
+        """A :class:`ModelCache`: one decode cache per block (MLA: latent cache; mha: full KV cache)."""
+        return ModelCache(b.init_cache(batch) for b in self.blocks)
 
     def step(self, tokens_t, cache):
         """logits (B, 1, V) for tokens_t (B, 1); appends to every block's cache."""
-        if not isinstance(cache, list) or len(cache) != len(self.blocks):
+        if not isinstance(cache, ModelCache) or len(cache) != len(self.blocks):
             raise TypeError("cache must come from this model's init_cache")
         tokens_t = self.embed.check_tokens(tokens_t)
         if tokens_t.shape[1] != 1:
             raise ValueError(f"tokens_t must have shape (B, 1), got {tuple(tokens_t.shape)}")
-        x = self.embed.step(tokens_t)
+        x = self.embed.step(tokens_t)  # (B, 1, d)
+        if self.shift is not None:
+            x, cache.prev = self.shift.step(x, cache.prev), x
         for blk, c in zip(self.blocks, cache):
             x = blk.step(x, c)
         h = self.norm.step(x)
@@ -224,3 +240,12 @@ class Transformer(Module):
 
     def n_params(self):
         return int(sum(p.size for p in self.params.values()))
+
+
+class ModelCache(list):
+    """The decode state of a :class:`Transformer`: one cache per block (the list items) and
+    ``prev``, the previous token's embedding (B, 1, d) that the token shift reads."""
+
+    def __init__(self, caches=()):
+        super().__init__(caches)
+        self.prev = None

@@ -52,6 +52,7 @@ import numpy as np
 
 from topkattn.ann import kernels, kmeans, quant, rrr
 from topkattn.backend import get_array_module, is_cupy_array, to_numpy
+from topkattn.checks import check_int, make_rng
 from topkattn.threads import blas_single_thread, n_workers
 
 KMEANS_ITERATIONS = 10
@@ -92,16 +93,16 @@ class LorannIndex:
             distance = distance.lower()
         if distance not in _DISTANCES:
             raise ValueError(f"distance must be 'ip' or 'l2', got {distance!r}")
-        _check_int(n_clusters, "n_clusters", 1, n)
+        check_int("n_clusters", n_clusters, 1, n)
         if global_dim is None:
             global_dim = d
-        _check_int(global_dim, "global_dim", 1, d)
-        _check_int(rank, "rank", 1, None)
+        check_int("global_dim", global_dim, 1, d)
+        check_int("rank", rank, 1, None)
         if rank >= d:
             raise ValueError(f"rank must be smaller than the data dimension {d}, got {rank}")
         if rank > global_dim:
             raise ValueError(f"rank must be <= global_dim={global_dim}, got {rank}")
-        _check_int(train_size, "train_size", 1, n_clusters)
+        check_int("train_size", train_size, 1, n_clusters)
         if quantization_bits not in (None, 4, 8):
             raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
         if refit_growth is not None and not refit_growth > 0:
@@ -114,7 +115,7 @@ class LorannIndex:
         self.distance = distance
         self.balanced = bool(balanced)
         self.refit_growth = refit_growth
-        self._rng = np.random.default_rng(seed)
+        self._rng = make_rng(seed, allow_none=True)
         with np.errstate(over="ignore"):  # overflow is reported below
             self._data = np.array(data, dtype=np.float32, order="C")  # (N, D), capacity = len
         if not np.isfinite(self._data).all():
@@ -355,9 +356,9 @@ class LorannIndex:
         self._require_built()
         xp = get_array_module(q)
         q2, single = self._check_queries(q, "q", xp)
-        k = _check_int(k, "k", 1, None)
-        w = _check_int(clusters_to_search, "clusters_to_search", 1, self.n_clusters)
-        rr = _check_int(points_to_rerank, "points_to_rerank", 0, None)
+        k = check_int("k", k, 1, None)
+        w = check_int("clusters_to_search", clusters_to_search, 1, self.n_clusters)
+        rr = check_int("points_to_rerank", points_to_rerank, 0, None)
         if xp is np:
             ids, scores = self._search_cpu(q2, k, w, rr)
         else:
@@ -368,7 +369,7 @@ class LorannIndex:
         """Exact k nearest neighbours by brute force (ties to the lower id)."""
         xp = get_array_module(q)
         q2, single = self._check_queries(q, "q", xp)
-        k = _check_int(k, "k", 1, None)
+        k = check_int("k", k, 1, None)
         kk = min(k, self._n)
         if xp is np:
             ids = np.full((len(q2), k), -1, np.int64)
@@ -757,11 +758,3 @@ def _as_matrix(x, name, allow_1d=False):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return x
 
-
-def _check_int(v, name, lo, hi):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
-    if v < lo or (hi is not None and v > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be {rng}, got {v}")
-    return int(v)

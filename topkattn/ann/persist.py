@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 
 from topkattn.ann import quant
-from topkattn.atomic import atomic_savez
+from topkattn.storage import atomic_savez
 
 FORMAT = "topkattn.ann.LorannIndex"
 VERSION = 1

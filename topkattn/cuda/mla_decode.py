@@ -16,9 +16,10 @@ split-k top-k of :mod:`topkattn.cuda.topk_select`; (3) :func:`attend_selected`: 
 thread per selected slot rescores it, then one block per (b, h), threads over the C
 latent features, takes the softmax over the K selected scores (max subtracted).
 :func:`attend_selected` also serves indices from another selector (a LoRANN index).
-Reference: :func:`topkattn.reference.topk_attention_reference` with T = 1, G = 1,
-k = keys, v = keys[..., :C] (and :func:`topkattn.layers.decode.exact_topk_selector`
-for the indices).
+Reference: :func:`topkattn.ops.reference.topk_attention_reference` with T = 1, G = 1,
+k = keys, v = keys[..., :C] (and :func:`topkattn.ops.selection.select_decode` for the
+indices).  As a decode selector (the protocol of :mod:`topkattn.decoding.selectors`):
+``layer.selector = ExactSelector(impl="cuda")``.
 """
 import functools
 import math
@@ -28,7 +29,7 @@ from numba import cuda, types
 
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 from topkattn.cuda.topk_select import topm_rows
-from topkattn.selection import RowBounds
+from topkattn.ops.selection import RowBounds
 
 THREADS = 128
 
@@ -70,7 +71,7 @@ def attend_selected(q_abs, keys, idx, *, C, scale):
 def mla_select(q_abs, keys, *, topk, scale, sinks=0, window=0, return_scores=False):
     """idx (B, H, K) of the decode query (position S - 1): forced keys first, then the top-k.
 
-    Same rule as :func:`topkattn.layers.decode.exact_topk_selector`; with ``return_scores``
+    Same rule as :func:`topkattn.ops.selection.select_decode`; with ``return_scores``
     also the (B, H, S) scores.
     """
     xp = array_module(q_abs, keys)
@@ -94,18 +95,6 @@ def mla_select(q_abs, keys, *, topk, scale, sinks=0, window=0, return_scores=Fal
         parts.append(ranked.reshape(B, H, bounds.n_sel))
     idx = xp.ascontiguousarray(xp.concatenate(parts, axis=-1).astype(xp.int64))
     return (idx, scores) if return_scores else idx
-
-
-def cuda_topk_selector(query, cache, *, topk, sinks=0, window=0, scale=1.0):
-    """A decode selector for :class:`topkattn.layers.mla.MLA` (``layer.selector = ...``).
-
-    Same contract as :func:`topkattn.layers.decode.exact_topk_selector` for a shared
-    (B, S, C + R) latent cache, computed by the CUDA kernels.
-    """
-    keys = cache.keys
-    if keys.ndim != 3:
-        raise ValueError(f"cuda_topk_selector needs a shared (B, S, D) cache, got {tuple(keys.shape)}")
-    return mla_select(query, keys, topk=topk, scale=scale, sinks=sinks, window=window)
 
 
 def _check(q_abs, keys, C):
@@ -220,4 +209,4 @@ def _attend_kernel(dchar):
     return attend_kernel
 
 
-__all__ = ["mla_decode", "mla_select", "attend_selected", "cuda_topk_selector"]
+__all__ = ["mla_decode", "mla_select", "attend_selected"]

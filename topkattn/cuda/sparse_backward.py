@@ -19,8 +19,8 @@ sums, in that fixed order (kernel 3).  Why: float atomics add in a run-dependent
 (sinks, the window, popular keys) would serialise thousands of atomics on one address;
 the sort costs O(E log E) and the pieces O(E / PIECE) memory, all O(T K).
 Rows whose lse is NaN get a NaN dq and send nothing to dk/dv; rows with no key get zeros.
-Reference: :func:`topkattn.sparse_attention.sparse_attention_backward` (itself checked
-against float64 finite differences of :func:`topkattn.reference.topk_attention_reference`).
+Reference: :func:`topkattn.ops.sparse_attention.sparse_attention_backward` (itself checked
+against float64 finite differences of :func:`topkattn.ops.reference.topk_attention_reference`).
 """
 import functools
 import math

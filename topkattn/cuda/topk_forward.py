@@ -16,10 +16,10 @@ One block per (query block of TQ queries, batch*head); one thread per query.
     softmax over the forced keys (sinks, window) and the selected keys (max subtracted),
     out = sum_i p_i v_i; write out (B, H, T, Dv), idx (B, H, T, K), lse (B, H, T)
 
-The index layout is the one of :class:`topkattn.selection.RowBounds`:
+The index layout is the one of :class:`topkattn.ops.selection.RowBounds`:
 ``[sinks (P') | window (W') | selected (K')]``, -1 padded.  A NaN (or +inf) among a
 row's attended scores makes that row's out and lse NaN; a row with no key gets zeros
-and lse = -inf.  Reference: :func:`topkattn.reference.topk_attention_reference`
+and lse = -inf.  Reference: :func:`topkattn.ops.reference.topk_attention_reference`
 (indices equal to ``topk_attention_forward(impl="numpy")``).
 """
 import functools
@@ -30,7 +30,7 @@ from numba import cuda, types
 
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 from topkattn.cuda.topk_select import device_functions, topm_rows
-from topkattn.selection import RowBounds, forget_draws
+from topkattn.ops.selection import RowBounds, forget_draws
 
 MAX_RANKED = 1024  # thread-local buffer limit (topk + forgotten refills)
 MAX_DIM = 256  # D and Dv limit (thread-local query and accumulator)
@@ -96,8 +96,8 @@ def topk_forward_tiled(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, 
     (``tile_bytes``, default 256 MiB on a GPU) plus O(T K).  Which of the two forwards is
     faster depends on the GPU; ``benchmarks/bench_cuda.py`` times both.
     """
-    from topkattn.selection import apply_forgetting
-    from topkattn.sparse_attention import sparse_attention_forward
+    from topkattn.ops.selection import apply_forgetting
+    from topkattn.ops.sparse_attention import sparse_attention_forward
 
     xp = array_module(q, k, v)
     B, H, T, D = q.shape

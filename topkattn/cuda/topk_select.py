@@ -7,8 +7,8 @@ Shape letters: R rows, N columns, M kept per row (m), P threads per row.
 Order: score descending, ties to the lower column, NaN above every number (so NaN
 inputs reach the output); rows with fewer than m candidates pad with -1.
 Candidates of row r: sinks <= j < end[r] and not win_lo[r] <= j < win_hi[r]
-(the :class:`topkattn.selection.RowBounds` geometry; without bounds every column).
-Reference: :func:`topkattn.reference.rank_row` (and ``selection.ranked_topm_xp``).
+(the :class:`topkattn.ops.selection.RowBounds` geometry; without bounds every column).
+Reference: :func:`topkattn.ops.reference.rank_row` (and ``selection.ranked_topm_xp``).
 
 Algorithm (split-k, no sort of the full row): P threads share a row, thread p
 scanning columns p, p + P, ... (adjacent threads read adjacent columns) and keeping

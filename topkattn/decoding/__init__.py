@@ -2,8 +2,8 @@
 
 Shape letters: B batch, H query heads, S cached keys, D key dim (C + R for MLA), K slots.
 
-A layer's ``selector`` picks the keys of each decode step (:mod:`topkattn.layers.decode`);
-the selectors here add what retrieval-backed decoding needs:
+A layer's ``selector`` picks the keys of each decode step (the protocol is documented in
+:mod:`topkattn.decoding.selectors`); the selectors here add what retrieval-backed decoding needs:
 
 - :class:`ExactSelector`: exact top-k (or exact dynamic k), with recall bookkeeping;
 - :class:`SimulatedRecallSelector`: exact top-k with each key dropped with probability
@@ -14,7 +14,7 @@ the selectors here add what retrieval-backed decoding needs:
 - :func:`dynamic_k_from_ranked`: per-row k with a certified bound on the left-out mass;
 - :func:`decode_teacher_forced`, :func:`evaluate_decoding`: run a model token by token.
 """
-from topkattn.decoding.dynamic import dynamic_k_from_ranked
+from topkattn.ops.dynamic_k import dynamic_k_from_ranked
 from topkattn.decoding.lorann import LorannSelector
 from topkattn.decoding.runner import decode_teacher_forced, evaluate_decoding
 from topkattn.decoding.selectors import DecodeSelector, DecodeStats, ExactSelector, SimulatedRecallSelector

@@ -14,7 +14,7 @@ layer) and per step:
    attended exactly and never looked up, so the index holds exactly the candidates;
 2. asks the index for each head's ``max(K, points_to_rerank)`` best keys, re-scores the
    returned keys exactly (in the cache's dtype) and keeps the top K (ties to the lower
-   index) -- or, with ``tail_bound``, the dynamic k of :mod:`topkattn.decoding.dynamic`,
+   index) -- or, with ``tail_bound``, the dynamic k of :mod:`topkattn.ops.dynamic_k`,
    certified with a Cauchy-Schwarz bound on the keys the index did not return.
 
 Index life cycle: prefill (between ``begin_prefill``/``end_prefill``) selects exactly and
@@ -33,9 +33,10 @@ import numpy as np
 
 from topkattn.ann import LorannIndex
 from topkattn.backend import to_numpy
-from topkattn.decoding.dynamic import dynamic_k_from_ranked
+from topkattn.checks import check_int
+from topkattn.ops.dynamic_k import dynamic_k_from_ranked
 from topkattn.decoding.selectors import DecodeSelector, exact_select, forced_scores_lse
-from topkattn.selection import ranked_topm_xp
+from topkattn.ops.selection import ranked_topm_xp
 
 
 class LorannSelector(DecodeSelector):
@@ -64,23 +65,23 @@ class LorannSelector(DecodeSelector):
                  seed=0, measure_recall=True):
         super().__init__(tail_bound=tail_bound, max_topk=max_topk, measure_recall=measure_recall)
         if n_clusters is not None:
-            _check_int("n_clusters", n_clusters, 1)
+            check_int("n_clusters", n_clusters, 1)
         if isinstance(clusters_to_search, bool) or not isinstance(clusters_to_search, numbers.Real):
             raise TypeError(f"clusters_to_search must be an int or a float, got {clusters_to_search!r}")
         if isinstance(clusters_to_search, numbers.Integral):
-            _check_int("clusters_to_search", clusters_to_search, 1)
+            check_int("clusters_to_search", clusters_to_search, 1)
         elif not 0 < clusters_to_search <= 1:
             raise ValueError(f"clusters_to_search as a fraction must be in (0, 1], got {clusters_to_search!r}")
-        _check_int("points_to_rerank", points_to_rerank, 0)
-        _check_int("rank", rank, 1)
+        check_int("points_to_rerank", points_to_rerank, 0)
+        check_int("rank", rank, 1)
         if global_dim is not None:
-            _check_int("global_dim", global_dim, 1)
+            check_int("global_dim", global_dim, 1)
         if quantization_bits not in (None, 4, 8):
             raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
-        _check_int("train_size", train_size, 1)
+        check_int("train_size", train_size, 1)
         if refit_factor is not None and (not isinstance(refit_factor, numbers.Real) or not refit_factor > 1):
             raise ValueError(f"refit_factor must be None or a number > 1, got {refit_factor!r}")
-        _check_int("max_training_queries", max_training_queries, 1)
+        check_int("max_training_queries", max_training_queries, 1)
         self.n_clusters = n_clusters
         self.clusters_to_search = clusters_to_search
         self.points_to_rerank = int(points_to_rerank)
@@ -285,13 +286,6 @@ def _one_numba_thread():
     finally:
         numba.set_num_threads(n)
 
-
-def _check_int(name, val, lo):
-    if isinstance(val, bool) or not isinstance(val, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(val).__name__}")
-    if val < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
-    return int(val)
 
 
 __all__ = ["LorannSelector"]

@@ -16,42 +16,8 @@ import numpy as np
 
 from topkattn.backend import get_array_module, to_numpy
 from topkattn.decoding.lorann import LorannSelector
+from topkattn.layers.loss import IGNORE
 from topkattn.decoding.selectors import DecodeStats, ExactSelector, SimulatedRecallSelector
-from topkattn.tasks import IGNORE
-
-
-def load_run(run_dir):
-    """``(train_cfg, model)`` of a train-toy run folder (its ``checkpoint.npz``), model on the CPU.
-
-    The model is the run's :class:`topkattn.train.ToyTransformer` (token shift as the run
-    was trained; a checkpoint from before token shift existed has none).  Raises
-    FileNotFoundError without a checkpoint and :class:`topkattn.checkpoint.CheckpointError`
-    for a corrupt or ill-fitting one.
-    """
-    import os
-
-    from topkattn.checkpoint import CheckpointError, load_training_state
-    from topkattn.train import CHECKPOINT_NAME, ToyTransformer, TrainConfig, make_task, model_config, saved_config
-
-    path = os.path.join(run_dir, CHECKPOINT_NAME)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path} (RUN_DIR must be a train-toy --out folder)")
-    state = load_training_state(path)
-    try:
-        cfg = TrainConfig.from_dict(saved_config(state))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from e
-    model = ToyTransformer(model_config(cfg, make_task(cfg).vocab_size), token_shift=cfg.token_shift)
-    if set(model.params) != set(state["params"]):
-        raise CheckpointError(f"checkpoint {path} does not fit its own config: parameters differ "
-                              f"({sorted(set(model.params) ^ set(state['params']))[:4]})")
-    for name, p in model.params.items():
-        a = state["params"][name]
-        if a.shape != p.shape:
-            raise CheckpointError(f"checkpoint {path} does not fit its own config (parameter {name!r} "
-                                  f"has shape {a.shape}, the model wants {tuple(p.shape)})")
-        p[...] = a
-    return cfg, model
 
 
 def selector_factory(retriever, n_layers, *, recall=None, tail_bound=None, seed=0, **lorann):

@@ -1,13 +1,19 @@
-"""Decode-step selectors with bookkeeping: exact, simulated recall, and their shared base.
+"""The decode-selection protocol and its selectors: exact, simulated recall (LoRANN: lorann.py).
 
 Shape letters: B batch, H query heads, G KV heads, S cached keys (persistent rows
 first), D key dim, K selected slots, M ranked candidates.
 
-A selector is called by a layer's ``step`` as ``selector(query, cache, *, topk, sinks,
-window, scale) -> idx (B, H, K)`` with query (B, H, D) and ``cache.keys`` (B, S, D)
-(MLA latents, shared by all heads) or (B, G, S, D).  The query sits at position S - 1
-and sees every cached key.  ``idx`` holds the forced keys (sinks, window) first, then the
-selected ones, -1 padded (see :mod:`topkattn.selection`).
+**The protocol** (one for every decode-time selection policy).  A layer's ``step`` calls
+
+    selector(query, cache, *, topk, sinks, window, scale) -> idx (B, H, K) int64
+
+with query (B, H, D) and ``cache.keys`` (B, S, D) (MLA latents, shared by all heads) or
+(B, G, S, D).  The query sits at position S - 1 and sees every cached key.  ``idx`` holds
+the forced keys (sinks, window) first, then the selected ones, -1 padded (the rule of
+:mod:`topkattn.ops.selection`).  A layer whose ``selector`` is None selects exactly with
+:func:`topkattn.ops.selection.select_decode`; the selectors here are :class:`DecodeSelector`
+subclasses that add prefill hooks (``begin_prefill``/``end_prefill``) and ``stats``.
+A new decode-time policy subclasses :class:`DecodeSelector` and implements ``_select``.
 
 Every selector here records, per decode step, the k it chose and its recall against
 exact top-k (the fraction of the exact top-k_row keys it selected, k_row being the
@@ -16,7 +22,7 @@ number it meant to select); ``stats`` sums them.  Between :meth:`begin_prefill` 
 attention) and records the absorbed queries, which an index trains on.
 
 Dynamic k: with ``tail_bound=eps`` a selector picks per row the smallest k whose
-left-out softmax mass is at most eps (see :mod:`topkattn.decoding.dynamic`), capped at
+left-out softmax mass is at most eps (see :mod:`topkattn.ops.dynamic_k`), capped at
 ``max_topk`` (default: the layer's ``topk``).
 """
 import numbers
@@ -24,9 +30,8 @@ import numbers
 import numpy as np
 
 from topkattn.backend import get_array_module, to_numpy
-from topkattn.decoding.dynamic import logsumexp_rows
-from topkattn.layers.decode import exact_topk_selector
-from topkattn.selection import RowBounds, apply_forgetting, make_rng, ranked_topm_xp, select_dynamic_topk
+from topkattn.checks import check_choice, logsumexp_rows, make_rng
+from topkattn.ops.selection import RowBounds, apply_forgetting, grouped_keys, rank_decode_candidates, select_decode
 
 
 class DecodeStats:
@@ -216,10 +221,30 @@ class _Context:
 
 
 class ExactSelector(DecodeSelector):
-    """Exact top-k (or exact dynamic k) at every step, with the bookkeeping of the base."""
+    """Exact top-k (or exact dynamic k) at every step, with the bookkeeping of the base.
+
+    ``impl``: "xp" (NumPy/CuPy, :func:`topkattn.ops.selection.select_decode`) or "cuda" (the
+    kernels of :mod:`topkattn.cuda.mla_decode`, same rule; CuPy arrays on a GPU, NumPy under
+    the simulator; an MLA latent cache (B, S, C + R) and a fixed k only).
+    """
+
+    def __init__(self, *, impl="xp", tail_bound=None, max_topk=None, measure_recall=True):
+        super().__init__(tail_bound=tail_bound, max_topk=max_topk, measure_recall=measure_recall)
+        self.impl = check_choice("impl", impl, ("xp", "cuda"))
+        if impl == "cuda" and self.dynamic:
+            raise ValueError("impl='cuda' selects a fixed k; dynamic k (tail_bound) runs with impl='xp'")
 
     def _select(self, query, keys, cache, ctx):
-        return exact_select(query, keys, ctx, tail_bound=self.tail_bound)
+        if self.impl == "xp":
+            return exact_select(query, keys, ctx, tail_bound=self.tail_bound)
+        if keys.ndim != 3:
+            raise ValueError(f"impl='cuda' needs an MLA latent cache (B, S, C + R), got cache.keys of shape "
+                             f"{tuple(keys.shape)}")
+        from topkattn.cuda.mla_decode import mla_select  # importing numba.cuda is deferred to first use
+
+        idx = mla_select(query, keys, topk=ctx.k_cap, scale=ctx.scale, sinks=ctx.sinks, window=ctx.window)
+        B, H, _ = query.shape
+        return idx, ctx.xp.full((B, H), min(ctx.bounds.n_sel, ctx.n_cand), dtype=ctx.xp.int64), None
 
 
 class SimulatedRecallSelector(DecodeSelector):
@@ -227,7 +252,7 @@ class SimulatedRecallSelector(DecodeSelector):
 
     Each of the exact top-k keys is dropped with probability 1 - recall and the freed
     slots are refilled in rank order from the keys ranked k + 1, k + 2, ... -- the rule
-    of training-time forgetful masking (:func:`topkattn.selection.apply_forgetting`).
+    of training-time forgetful masking (:func:`topkattn.ops.selection.apply_forgetting`).
     ``seed``: int or numpy Generator; every step draws (B, H, K) from it.
     """
 
@@ -248,7 +273,7 @@ class SimulatedRecallSelector(DecodeSelector):
             return idx, k_row, None
         drop = self.rng.random((B * H, n_sel)) < (1.0 - self.recall)  # host draws
         m = n_sel + int(drop.sum(axis=1).max(initial=0))
-        ranked = ranked_candidates(query, keys, ctx, m)  # (B*H, m)
+        ranked = rank_decode_candidates(query, keys, ctx.bounds, m, ctx.scale)  # (B*H, m)
         sel = apply_forgetting(ranked, xp.asarray(drop), n_sel)  # (B*H, n_sel)
         idx = idx.copy()
         idx[..., ctx.n_forced:] = sel.reshape(B, H, n_sel)
@@ -256,61 +281,13 @@ class SimulatedRecallSelector(DecodeSelector):
 
 
 # -- shared helpers -----------------------------------------------------------------------
-def head_keys(keys, H):
-    """(B, G, S, D) view of cache keys and the group of each head: (kg, group (H,))."""
-    xp = get_array_module(keys)
-    kg = keys[:, None] if keys.ndim == 3 else keys
-    G = kg.shape[1]
-    if H % G:
-        raise ValueError(f"query heads H={H} must be a multiple of the cache's KV heads G={G}")
-    return kg, xp.arange(H) // (H // G)
-
-
-def row_scores(query, keys, scale):
-    """(B*H, S) scores scale * q_h . k_j of every head against every cached key."""
-    xp = get_array_module(query, keys)
-    B, H, D = query.shape
-    kg, _ = head_keys(keys, H)
-    G, S = kg.shape[1], kg.shape[2]
-    s = xp.matmul(query.reshape(B, G, H // G, D) * query.dtype.type(scale), kg.swapaxes(-1, -2))
-    return s.reshape(B * H, S)
-
-
-def ranked_candidates(query, keys, ctx, m):
-    """(B*H, m) int64: the exact ranking of the candidates (not forced keys), -1 padded."""
-    xp = ctx.xp
-    B, H, _ = query.shape
-    s = row_scores(query, keys, ctx.scale)
-    cand = xp.broadcast_to(xp.asarray(ctx.bounds.candidate_mask(0, 1, ctx.S)), s.shape)
-    return ranked_topm_xp(s, cand, m)
-
-
 def exact_select(query, keys, ctx, *, tail_bound=None):
     """Exact selection of one decode step: ``(idx (B, H, K), k_row (B, H), certified or None)``.
 
-    Fixed k: :func:`topkattn.layers.decode.exact_topk_selector`.  Dynamic k
-    (``tail_bound`` set): :func:`topkattn.selection.select_dynamic_topk` at position S - 1,
-    capped at ``ctx.k_cap``.
+    :func:`topkattn.ops.selection.select_decode` with the step's geometry, capped at ``ctx.k_cap``.
     """
-    xp = ctx.xp
-    B, H, D = query.shape
-    if tail_bound is None:
-        idx = exact_topk_selector(query, _KeysOnly(keys), topk=ctx.k_cap, sinks=ctx.sinks,
-                                  window=ctx.window, scale=ctx.scale)
-        k_row = xp.full((B, H), min(ctx.bounds.n_sel, ctx.n_cand), dtype=xp.int64)
-        return idx, k_row, None
-    kg, _ = head_keys(keys, H)
-    idx, info = select_dynamic_topk(query[:, :, None], kg, tail_bound=tail_bound, max_topk=ctx.k_cap,
-                                    causal=True, scale=ctx.scale, sinks=ctx.sinks, window=ctx.window,
-                                    impl="numpy")
-    return idx[:, :, 0], info["k"][:, :, 0], info["certified"][:, :, 0]
-
-
-class _KeysOnly:
-    """Adapter: an object with ``keys`` for :func:`exact_topk_selector`."""
-
-    def __init__(self, keys):
-        self.keys = keys
+    return select_decode(query, keys, topk=ctx.k_cap, sinks=ctx.sinks, window=ctx.window, scale=ctx.scale,
+                         tail_bound=tail_bound)
 
 
 def recall_hits(query, keys, idx, k_row, ctx, by_rank=False):
@@ -328,7 +305,7 @@ def recall_hits(query, keys, idx, k_row, ctx, by_rank=False):
     if m <= 0:
         zero = xp.zeros(B * H, dtype=xp.int64)
         return (zero, wanted, xp.zeros(0, xp.int64), xp.zeros(0, xp.int64)) if by_rank else (zero, wanted)
-    ranked = ranked_candidates(query, keys, ctx, m)  # (B*H, m)
+    ranked = rank_decode_candidates(query, keys, ctx.bounds, m, ctx.scale)  # (B*H, m)
     sel = idx.reshape(B * H, K)[:, ctx.n_forced:]  # (B*H, m)
     sought = xp.arange(m)[None, :] < wanted[:, None]  # (B*H, m): exact ranks the row seeks
     top = xp.where(sought, ranked, -2)  # the exact top-k_row, -2 = none
@@ -347,7 +324,8 @@ def forced_scores_lse(query, keys, ctx):
     forced = forced[forced >= 0]
     if forced.size == 0:
         return xp.full(B * H, -xp.inf)
-    kg, grp = head_keys(keys, H)
+    kg = grouped_keys(keys, H)
+    grp = xp.arange(H) // (H // kg.shape[1])  # (H,) KV head of each query head
     kf = kg[:, :, xp.asarray(forced)]  # (B, G, F, D)
     s = (kf[:, grp] * query[:, :, None, :]).sum(-1) * ctx.scale  # (B, H, F)
     return logsumexp_rows(s.reshape(B * H, -1))

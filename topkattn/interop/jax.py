@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from topkattn.backend import as_engine_array, to_numpy
-from topkattn.sparse_attention import SparseAttentionSaved
-from topkattn.topk_attention import topk_attention_backward, topk_attention_forward
+from topkattn.ops.sparse_attention import SparseAttentionSaved
+from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
 
 
 def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, forget_rate=0.0,
@@ -34,7 +34,7 @@ def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, f
       q: (B, H, T, D), k: (B, G, S, D), v: (B, G, S, Dv), float32 or float64, H a
         multiple of G.
       topk, causal, scale, temperature, forget_rate, sinks, window, chunk_size: as in
-        :func:`topkattn.topk_attention`.  seed: an int or None; with ``forget_rate > 0``
+        :func:`topkattn.ops.topk_attention`.  seed: an int or None; with ``forget_rate > 0``
         pass an int, since a traced function must return the same value for the same
         inputs (the callback is pure only when the draws are reproducible).
 

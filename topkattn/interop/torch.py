@@ -16,7 +16,7 @@ import contextlib
 import numpy as np
 import torch
 
-from topkattn.topk_attention import topk_attention_backward, topk_attention_forward
+from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
 
 _OPTION_NAMES = ("topk", "causal", "scale", "temperature", "forget_rate", "seed", "sinks", "window",
                  "chunk_size")
@@ -30,7 +30,7 @@ def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, f
       q: (B, H, T, D), k: (B, G, S, D), v: (B, G, S, Dv) tensors, float32 or float64, all
         on one device (CPU, or CUDA with CuPy installed).  H a multiple of G.
       topk, causal, scale, temperature, forget_rate, seed, sinks, window, chunk_size: as in
-        :func:`topkattn.topk_attention`.  With ``forget_rate > 0`` the selection is drawn
+        :func:`topkattn.ops.topk_attention`.  With ``forget_rate > 0`` the selection is drawn
         once in forward and reused by backward.
 
     Returns:

@@ -12,12 +12,13 @@ Decoding keeps the full K and V cache: G (D + Dv) numbers per token.
 import numpy as np
 
 from topkattn.backend import get_array_module
-from topkattn.dense_attention import dense_attention_backward, dense_attention_forward
-from topkattn.layers.decode import (GrowingBuffer, attend_all, attend_selected, dynamic_exact_selector,
-                                    exact_topk_selector, selector_k)
-from topkattn.layers.module import Module, as_input, check_int, check_topk, float_dtype, make_rng, normal
+from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_decode, dense_attention_forward
+from topkattn.checks import check_int, float_dtype, make_rng
+from topkattn.layers.module import Module, as_input, check_topk, normal
+from topkattn.layers.cache import KVCache, select_step
 from topkattn.layers.rope import rope_angles, rope_apply
-from topkattn.topk_attention import topk_attention_backward, topk_attention_forward
+from topkattn.ops.sparse_attention import sparse_attention_decode
+from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
 
 
 class Attention(Module):
@@ -25,7 +26,7 @@ class Attention(Module):
     persistent tokens persist_k (G, P, D), persist_v (G, P, Dv).
 
     ``topk=None`` is dense causal attention; an int is top-k attention (sinks=P, window,
-    forget_rate passed to :func:`topkattn.topk_attention`); ``window`` only matters with
+    forget_rate passed to :func:`topkattn.ops.topk_attention`); ``window`` only matters with
     top-k; ``topk="auto"`` is dynamic k (``tail_bound``, ``max_topk``, as in :class:`MLA`).
     ``rope=False`` leaves q and k unrotated.
     backward accumulates into ``grads``.  ``selector`` picks each decode step's keys.
@@ -58,7 +59,7 @@ class Attention(Module):
         self.rope_base = float(rope_base)
         self.scale = 1.0 / np.sqrt(D)
         self.training = True
-        self.selector = dynamic_exact_selector(self.tail_bound) if self.topk == "auto" else exact_topk_selector
+        self.selector = None  # decode-step selection: None = exact (see topkattn.layers.cache)
         dt = float_dtype(dtype)
         rng = make_rng(seed)
         self.add_param("W_Q", normal(rng, (H * D, d), 1 / np.sqrt(d), dt))
@@ -196,41 +197,8 @@ class Attention(Module):
         cache.vbuf.append((x1 @ p["W_V"].T).reshape(B, G, 1, Dv))
         keys, values = cache.keys, cache.values
         if self.topk is None:
-            o = attend_all(q, keys, values, self.scale)
+            o = dense_attention_decode(q, keys, values, self.scale)
         else:
-            idx = self.selector(q, cache, topk=selector_k(self.topk, self.max_topk, keys.shape[2]), sinks=self.persistent_tokens,
-                                window=self.window, scale=self.scale)
-            o = attend_selected(q, keys, values, idx, self.scale)
+            idx = select_step(self, q, cache)  # (B, H, K)
+            o = sparse_attention_decode(q, keys, values, idx, self.scale)
         return (o.reshape(B, H * Dv) @ p["W_O"].T)[:, None]
-
-
-class KVCache:
-    """Full KV cache: ``keys`` (B, G, S, D), ``values`` (B, G, S, Dv), persistent rows first."""
-
-    def __init__(self, xp, batch, G, D, Dv, dtype, owner):
-        self.batch = batch
-        self.kbuf = GrowingBuffer(xp, (batch, G, 0, D), axis=2, dtype=dtype)
-        self.vbuf = GrowingBuffer(xp, (batch, G, 0, Dv), axis=2, dtype=dtype)
-        self.owner = owner
-        self.prefix = 0
-
-    @property
-    def keys(self):
-        return self.kbuf.view()
-
-    @property
-    def values(self):
-        return self.vbuf.view()
-
-    @property
-    def n_tokens(self):
-        return self.kbuf.n - self.prefix
-
-    @property
-    def floats_per_token(self):
-        k, v = self.kbuf.data, self.vbuf.data
-        return k.shape[1] * k.shape[3] + v.shape[1] * v.shape[3]
-
-    @property
-    def bytes_per_token(self):
-        return self.floats_per_token * self.kbuf.data.dtype.itemsize

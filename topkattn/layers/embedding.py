@@ -7,7 +7,8 @@ Shape letters: tokens (B, T) int, E (V, C) weight, x (B, T, C), logits (B, T, V)
 import numpy as np
 
 from topkattn.backend import as_engine_array, get_array_module
-from topkattn.layers.module import Module, as_input, check_int, float_dtype, make_rng, normal
+from topkattn.checks import check_int, float_dtype, make_rng
+from topkattn.layers.module import Module, as_input, normal
 
 
 class Embedding(Module):

@@ -5,7 +5,8 @@ Backward: dx = dy W;  dW = sum_rows dy^T x;  db = sum_rows dy.
 """
 import numpy as np
 
-from topkattn.layers.module import Module, as_input, check_int, float_dtype, make_rng, normal
+from topkattn.checks import check_int, float_dtype, make_rng
+from topkattn.layers.module import Module, as_input, normal
 
 
 class Linear(Module):

@@ -8,8 +8,10 @@ import numpy as np
 
 from topkattn.backend import as_engine_array, get_array_module
 
+IGNORE = -100  # the target of a position nothing is scored at (tasks, losses, evaluation)
 
-def softmax_cross_entropy(logits, targets, ignore_index=-100):
+
+def softmax_cross_entropy(logits, targets, ignore_index=IGNORE):
     """``(loss, dlogits)``: the mean loss (Python float) and its gradient (logits' shape/dtype).
 
     Row maxima are subtracted before exp, so logits of 1e4 stay finite.  With no

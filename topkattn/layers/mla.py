@@ -22,13 +22,14 @@ Decoding (``init_cache``/``step``) with absorbed weights (:func:`absorb_mla_weig
 import numpy as np
 
 from topkattn.backend import get_array_module
-from topkattn.dense_attention import dense_attention_backward, dense_attention_forward
-from topkattn.layers.decode import (GrowingBuffer, attend_all, attend_selected, dynamic_exact_selector,
-                                    exact_topk_selector, selector_k)
-from topkattn.layers.module import Module, as_input, check_int, check_topk, float_dtype, make_rng, normal
+from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_decode, dense_attention_forward
+from topkattn.checks import check_int, float_dtype, make_rng
+from topkattn.layers.module import Module, as_input, check_topk, normal
+from topkattn.layers.cache import MLACache, select_step
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
 from topkattn.layers.rope import rope_angles, rope_apply
-from topkattn.topk_attention import topk_attention_backward, topk_attention_forward
+from topkattn.ops.sparse_attention import sparse_attention_decode
+from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
 
 
 class MLA(Module):
@@ -37,12 +38,12 @@ class MLA(Module):
     and with P persistent tokens persist_c (P, C), persist_kr (P, R).
 
     ``topk=None`` is dense causal attention; an int is top-k attention (sinks=P, window,
-    forget_rate passed to :func:`topkattn.topk_attention`).  ``window`` only matters with
+    forget_rate passed to :func:`topkattn.ops.topk_attention`).  ``window`` only matters with
     top-k (dense attention already sees every key).  ``topk="auto"`` is dynamic k: each query
     attends the fewest keys whose left-out softmax mass is provably <= ``tail_bound`` (at most
     ``max_topk``), in training and at decode.  backward accumulates into ``grads``.
-    ``selector`` (default :func:`exact_topk_selector`, or :func:`dynamic_exact_selector` for
-    "auto") picks each decode step's keys.
+    ``selector`` picks each decode step's keys (the protocol of :mod:`topkattn.decoding.selectors`;
+    None, the default, selects exactly: :func:`topkattn.layers.cache.select_step`).
     """
 
     def __init__(self, d_model, n_heads, q_lora_rank, kv_lora_rank, qk_nope_dim, qk_rope_dim,
@@ -68,7 +69,7 @@ class MLA(Module):
         self.eps = float(eps)
         self.scale = 1.0 / np.sqrt(N + R)
         self.training = True
-        self.selector = dynamic_exact_selector(self.tail_bound) if self.topk == "auto" else exact_topk_selector
+        self.selector = None  # decode-step selection: None = exact (see topkattn.layers.cache)
         dt = float_dtype(dtype)
         rng = make_rng(seed)
         d = d_model
@@ -263,44 +264,12 @@ class MLA(Module):
         cache.buf.append(xp.concatenate([c, kr], axis=-1)[:, None])
         keys = cache.keys[:, None]  # (B, 1, S, C + R)
         if self.topk is None:
-            o = attend_all(q_abs, keys, keys[..., :self.kv_lora_rank], self.scale)  # (B, H, C)
+            o = dense_attention_decode(q_abs, keys, keys[..., :self.kv_lora_rank], self.scale)  # (B, H, C)
         else:
-            idx = self.selector(q_abs, cache, topk=selector_k(self.topk, self.max_topk, keys.shape[2]), sinks=self.persistent_tokens,
-                                window=self.window, scale=self.scale)
-            o = attend_selected(q_abs, keys, keys, idx, self.scale)  # (B, H, C + R), one gather
+            idx = select_step(self, q_abs, cache)  # (B, H, K)
+            o = sparse_attention_decode(q_abs, keys, keys, idx, self.scale)  # (B, H, C + R), one gather
         o_lat = o[..., :self.kv_lora_rank].reshape(B, -1)  # (B, H*C)
         return (o_lat @ w["W_OV"].T)[:, None]  # (B, 1, d)
-
-
-class MLACache:
-    """Latent KV cache: ``keys`` (B, S, C + R) = [c_j ; kr_j], persistent rows first.
-
-    Holds exactly C + R numbers per token (``floats_per_token``); ``weights`` are the
-    absorbed decode weights taken when the cache was made.
-    """
-
-    def __init__(self, xp, batch, C, R, dtype, weights, owner):
-        self.batch, self.C, self.R = batch, C, R
-        self.buf = GrowingBuffer(xp, (batch, 0, C + R), axis=1, dtype=dtype)
-        self.weights = weights
-        self.owner = owner
-        self.prefix = 0
-
-    @property
-    def keys(self):
-        return self.buf.view()
-
-    @property
-    def n_tokens(self):
-        return self.buf.n - self.prefix
-
-    @property
-    def floats_per_token(self):
-        return self.buf.data.shape[-1]
-
-    @property
-    def bytes_per_token(self):
-        return self.floats_per_token * self.buf.data.dtype.itemsize
 
 
 def absorb_mla_weights(params, n_heads, qk_nope_dim, qk_rope_dim, v_head_dim):

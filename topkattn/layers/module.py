@@ -9,7 +9,8 @@ import numbers
 
 import numpy as np
 
-from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module
+from topkattn.backend import as_engine_array, get_array_module
+from topkattn.checks import check_int
 
 
 class Module:
@@ -76,38 +77,12 @@ def _move(a, xp):
     return xp.asarray(a)
 
 
-def make_rng(seed):
-    """A numpy Generator from an int seed or a Generator (used as is)."""
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int or numpy.random.Generator, got {type(seed).__name__}")
-    return np.random.default_rng(int(seed))
-
-
-def float_dtype(dtype):
-    """np.dtype float32/float64 from a name or dtype; TypeError otherwise."""
-    try:
-        dt = np.dtype(dtype)
-    except TypeError as e:
-        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from e
-    if dt not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return dt
-
-
-def check_int(name, val, lo):
-    if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
-    return int(val)
-
-
 def check_topk(topk, tail_bound=None, max_topk=None, forget_rate=0.0):
     """Validated ``(topk, tail_bound, max_topk)`` of an attention layer.
 
     topk: None (dense), an integer >= 1, or "auto" (dynamic k: per query the smallest k whose
     left-out softmax mass is provably <= ``tail_bound``, at most ``max_topk`` keys; see
-    :func:`topkattn.topk_attention`).  tail_bound and max_topk apply only to "auto".
+    :func:`topkattn.ops.topk_attention`).  tail_bound and max_topk apply only to "auto".
     """
     if topk == "auto":
         if tail_bound is None or isinstance(tail_bound, bool) or not isinstance(tail_bound, numbers.Real) \

@@ -13,7 +13,8 @@ dp += aux_loss_weight * E f_e / N;  dlogits = p * (dp - sum_e p dp).
 import numpy as np
 
 from topkattn.backend import get_array_module
-from topkattn.layers.module import Module, as_input, check_int, float_dtype, make_rng, normal
+from topkattn.checks import check_int, float_dtype, make_rng
+from topkattn.layers.module import Module, as_input, normal
 from topkattn.layers.swiglu import SwiGLU
 
 

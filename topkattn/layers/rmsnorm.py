@@ -10,7 +10,8 @@ Backward (per row):
 import numpy as np
 
 from topkattn.backend import get_array_module
-from topkattn.layers.module import Module, as_input, check_int, float_dtype
+from topkattn.checks import check_int, float_dtype
+from topkattn.layers.module import Module, as_input
 
 
 def rms_norm_forward(x, g, eps=1e-6):

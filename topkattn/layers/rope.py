@@ -10,7 +10,8 @@ Backward is the inverse rotation (the transpose): angle -> -angle.
 import numpy as np
 
 from topkattn.backend import get_array_module
-from topkattn.layers.module import Module, check_int
+from topkattn.checks import check_int
+from topkattn.layers.module import Module
 
 
 def rope_angles(positions, R, base, xp=np, dtype=np.float64):

@@ -7,7 +7,8 @@ Backward: dh = dy W2;  da = dh * b * silu'(a);  db = dh * silu(a);  dx = da W1 +
 import numpy as np
 
 from topkattn.backend import get_array_module
-from topkattn.layers.module import Module, as_input, check_int, float_dtype, make_rng, normal
+from topkattn.checks import check_int, float_dtype, make_rng
+from topkattn.layers.module import Module, as_input, normal
 
 
 def _sigmoid(xp, a):

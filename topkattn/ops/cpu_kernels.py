@@ -17,7 +17,7 @@ def ranked_topm_rows(tile, out, end, win_lo, win_hi, sinks, m):
     win_lo[r] <= j < win_hi[r].  One pass per row keeping a sorted buffer of m entries:
     most scores fail the threshold test and cost one comparison.  Serial and ``nogil``:
     callers run row blocks on worker threads (see :mod:`topkattn.threads`).
-    Reference: :func:`topkattn.reference.rank_row` (and ``selection.ranked_topm_xp``).
+    Reference: :func:`topkattn.ops.reference.rank_row` (and ``selection.ranked_topm_xp``).
     """
     R = tile.shape[0]
     for r in range(R):

@@ -1,6 +1,6 @@
-"""Decode-time dynamic k from ranked candidate scores, with a certificate on the left-out mass.
+"""Dynamic k: the one tail-bound computation, for training-time selection and for decoding.
 
-Shape letters: R rows (one per batch element and head), M ranked candidates per row.
+Shape letters: R rows (one per (batch, head, query)), M ranked candidates per row.
 
 A row has forced keys (sinks, window) with logsumexp ``lse_forced`` and ``n_cand``
 selectable candidates, of which the retriever returned ``n_ret`` with exact scores,
@@ -10,11 +10,13 @@ ranked ``vals[:, 0] >= vals[:, 1] >= ...``.  Selecting the first k of them:
     nominal = (n_cand - k) * exp(vals[:, k-1] - lse_k)
 
 ``nominal`` bounds the softmax mass outside the selection **if** every unselected
-candidate scores at most s_(k) = vals[:, k-1]: true for exact retrieval (all
-candidates ranked), only hoped for with an ANN index.  k is the smallest value
-(1 <= k <= max_topk) with nominal <= tail_bound (tail_bound = 0: every candidate).
-The certificate also covers the ``n_cand - n_ret`` candidates the retriever did not
-return, each scoring at most ``outside_upper`` (e.g. a Cauchy-Schwarz bound):
+candidate scores at most s_(k) = vals[:, k-1]: true for exact selection (every
+candidate ranked, :func:`topkattn.ops.selection.select_dynamic_topk`), only hoped for
+with an ANN index.  k is the smallest value (1 <= k <= max_topk) with nominal <=
+tail_bound (tail_bound = 0: every candidate); :func:`choose_k` computes it.
+For a retriever, :func:`dynamic_k_from_ranked` also certifies the ``n_cand - n_ret``
+candidates it did not return, each scoring at most ``outside_upper`` (e.g. a
+Cauchy-Schwarz bound):
 
     rigorous = (n_ret - k) * exp(s_(k) - lse_k) + (n_cand - n_ret) * exp(outside_upper - lse_k)
 
@@ -57,48 +59,47 @@ def dynamic_k_from_ranked(vals, lse_forced, n_cand, *, tail_bound, max_topk, n_r
         outside_upper = xp.full(R, xp.inf)
     outside_upper = xp.asarray(outside_upper, dtype=xp.float64).reshape(R)
     m = min(M, int(max_topk))
-    k_out = xp.zeros(R, dtype=xp.int64)
-    nominal = xp.zeros(R, dtype=xp.float64)
-    rigorous = xp.zeros(R, dtype=xp.float64)
+    n_out = n_cand - n_ret
     if m == 0:
-        n_out = n_cand - n_ret
         with np.errstate(over="ignore", invalid="ignore"):
             rig = xp.where(n_out > 0, n_out * xp.exp(outside_upper - lse_forced), 0.0)
         rig = xp.where(xp.isnan(rig), xp.inf, rig)
-        return k_out, (n_cand == 0) | (rig <= tail_bound), nominal, rig
-    v = vals[:, :m]  # (R, m)
-    top = xp.maximum(lse_forced, v[:, 0])
-    top = xp.where(xp.isfinite(top), top, 0.0)[:, None]  # row max (vals are sorted)
+        return xp.zeros(R, dtype=xp.int64), (n_cand == 0) | (rig <= tail_bound), xp.zeros(R), rig
+    kc, _, nominal, s_k, lse_sel = choose_k(vals[:, :m], lse_forced, n_cand, n_ret, tail_bound)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        lse_k = top + xp.log(xp.exp(lse_forced[:, None] - top) + xp.cumsum(xp.exp(v - top), axis=1))
-        ks = xp.arange(1, m + 1)[None, :]  # (1, m)
-        n_rest = n_cand[:, None] - ks  # (R, m)
-        nom = xp.where(n_rest > 0, n_rest * xp.exp(v - lse_k), 0.0)  # (R, m)
-        usable = ks <= n_ret[:, None]
-        ok = usable & ((n_rest <= 0) | ((tail_bound > 0) & (nom <= tail_bound)))
-        has = ok.any(axis=1)
-        kc = xp.where(has, xp.argmax(ok, axis=1) + 1, xp.minimum(m, n_ret))  # (R,)
-        j = xp.maximum(kc - 1, 0)[:, None]
-        s_k = xp.take_along_axis(v, j, axis=1)[:, 0]
-        lse_sel = xp.take_along_axis(lse_k, j, axis=1)[:, 0]
-        nominal = xp.where(kc > 0, xp.take_along_axis(nom, j, axis=1)[:, 0], 0.0)
-        n_out = n_cand - n_ret
         in_part = xp.where(n_ret - kc > 0, (n_ret - kc) * xp.exp(s_k - lse_sel), 0.0)
         lse_den = xp.where(kc > 0, lse_sel, lse_forced)
         out_part = xp.where(n_out > 0, n_out * xp.exp(outside_upper - lse_den), 0.0)
         rigorous = in_part + out_part
     rigorous = xp.where(xp.isnan(rigorous), xp.inf, rigorous)
     certified = (kc >= n_cand) | (rigorous <= tail_bound)
-    return kc.astype(xp.int64), certified, nominal, rigorous
+    return kc, certified, nominal, rigorous
 
 
-def logsumexp_rows(a):
-    """Row logsumexp of (R, F) float scores (-inf entries ignored); -inf for empty rows."""
-    xp = get_array_module(a)
-    a = a.astype(xp.float64)
-    if a.shape[-1] == 0:
-        return xp.full(a.shape[:-1], -xp.inf)
-    mx = a.max(axis=-1)
-    safe = xp.where(xp.isfinite(mx), mx, 0.0)
-    with np.errstate(divide="ignore"):
-        return safe + xp.log(xp.exp(a - safe[..., None]).sum(axis=-1))
+def choose_k(vals, lse_forced, n_cand, n_ret, tail_bound):
+    """The smallest k whose nominal bound is at most ``tail_bound``, per row.
+
+    vals (R, m) ranked exact scores (float64, -inf padded, m >= 1); lse_forced (R,);
+    n_cand, n_ret (R,) int with n_ret <= n_cand.  k is searched among 1 .. min(m, n_ret);
+    a row with no such k takes min(m, n_ret) (``found`` False).
+    Returns ``(k, found, nominal, s_k, lse_k)``, each (R,): the chosen k (int64), whether
+    the bound was met, the nominal bound at k (0 for k = 0), the k-th score and the
+    logsumexp over the forced keys and the first k candidates.
+    """
+    xp = get_array_module(vals)
+    m = vals.shape[1]
+    top = xp.maximum(lse_forced, vals[:, 0])
+    top = xp.where(xp.isfinite(top), top, 0.0)[:, None]  # row max (vals are sorted)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        lse_k = top + xp.log(xp.exp(lse_forced[:, None] - top) + xp.cumsum(xp.exp(vals - top), axis=1))
+        ks = xp.arange(1, m + 1)[None, :]  # (1, m)
+        n_rest = n_cand[:, None] - ks  # (R, m)
+        nom = xp.where(n_rest > 0, n_rest * xp.exp(vals - lse_k), 0.0)  # (R, m)
+    ok = (ks <= n_ret[:, None]) & ((n_rest <= 0) | ((tail_bound > 0) & (nom <= tail_bound)))
+    found = ok.any(axis=1)
+    k = xp.where(found, xp.argmax(ok, axis=1) + 1, xp.minimum(m, n_ret))  # (R,)
+    j = xp.maximum(k - 1, 0)[:, None]
+    s_k = xp.take_along_axis(vals, j, axis=1)[:, 0]
+    lse_sel = xp.take_along_axis(lse_k, j, axis=1)[:, 0]
+    nominal = xp.where(k > 0, xp.take_along_axis(nom, j, axis=1)[:, 0], 0.0)
+    return k.astype(xp.int64), found, nominal, s_k, lse_sel

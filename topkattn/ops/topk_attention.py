@@ -8,8 +8,8 @@ import numbers
 import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module, to_caller_kind
-from topkattn.selection import select_dynamic_topk, select_topk
-from topkattn.sparse_attention import (
+from topkattn.ops.selection import select_dynamic_topk, select_topk
+from topkattn.ops.sparse_attention import (
     SparseAttentionSaved,
     sparse_attention_backward,
     sparse_attention_forward,

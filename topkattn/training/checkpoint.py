@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from topkattn.atomic import atomic_savez
+from topkattn.storage import atomic_savez
 from topkattn.backend import to_numpy
 
 FORMAT = "topkattn-checkpoint"
@@ -133,7 +133,7 @@ def check_config(saved, current, *, path="checkpoint"):
 def save_training_state(path, *, params, optimizer, step, config, rng, history=None):
     """Checkpoint a training run: parameters, AdamW state, step, RNG state, config, loss history.
 
-    ``optimizer`` is a :class:`topkattn.optim.AdamW`; ``rng`` a JSON-able dict;
+    ``optimizer`` is a :class:`topkattn.training.optim.AdamW`; ``rng`` a JSON-able dict;
     ``history`` a dict of name -> 1-D array (e.g. per-step losses).
     """
     opt = optimizer.state_dict()

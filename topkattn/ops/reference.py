@@ -6,7 +6,7 @@ Everything is computed in float64 with full (T, S) score matrices and plain loop
 import numpy as np
 
 from topkattn.backend import to_numpy
-from topkattn.selection import forget_draws
+from topkattn.ops.selection import forget_draws
 
 
 def rank_row(scores, candidates):

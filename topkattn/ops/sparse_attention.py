@@ -15,7 +15,7 @@ import numpy as np
 from topkattn.backend import get_array_module
 
 try:
-    from topkattn import cpu_kernels as _cpu_kernels
+    from topkattn.ops import cpu_kernels as _cpu_kernels
 except Exception:  # pragma: no cover
     _cpu_kernels = None
 
@@ -102,6 +102,31 @@ def sparse_attention_backward(dout, saved):
         _scatter_add(xp, dv, rows, (p[..., None] * doc[..., None, :]).reshape(-1, Dv))
     return dq, dk.reshape(k.shape), dv.reshape(v.shape)
 
+
+
+def sparse_attention_decode(query, keys, values, idx, scale):
+    """Softmax over the selected keys of one decode query per row (no backward: inference).
+
+    query (B, H, D); keys (B, G, S, D); values (B, G, S, Dv); idx (B, H, K) (-1 = empty).
+    Returns (B, H, Dv); a row with no selected key gives zeros.  ``values is keys`` gathers once.
+    """
+    xp = get_array_module(query, keys)
+    B, H, D = query.shape
+    G = keys.shape[1]
+    bi = xp.arange(B)[:, None, None]
+    gi = (xp.arange(H) // (H // G))[None, :, None]
+    valid = idx >= 0
+    j = xp.where(valid, idx, 0)
+    kk = keys[bi, gi, j]  # (B, H, K, D)
+    s = (kk * (query * query.dtype.type(scale))[:, :, None, :]).sum(-1)  # (B, H, K)
+    s = xp.where(valid, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)
+    p = xp.exp(s - m)
+    denom = p.sum(-1, keepdims=True)
+    p = p / xp.where(denom > 0, denom, 1)
+    vv = kk if values is keys else values[bi, gi, j]  # (B, H, K, Dv)
+    return (p[..., None] * vv).sum(-2)  # (B, H, Dv)
 
 def _chunks(T, bytes_per_query):
     c = max(1, GATHER_BYTES // max(1, bytes_per_query))

@@ -25,10 +25,12 @@ Numba, CUDA, the reference) makes the same choices for one seed.
 import numpy as np
 
 from topkattn.backend import get_array_module
+from topkattn.checks import logsumexp_rows, make_rng
+from topkattn.ops.dynamic_k import choose_k
 from topkattn.threads import blas_single_thread, n_workers, pool
 
 try:  # Numba CPU kernels are optional at run time: the NumPy path needs no compiler.
-    from topkattn import cpu_kernels as _cpu_kernels
+    from topkattn.ops import cpu_kernels as _cpu_kernels
 except Exception:  # pragma: no cover - numba missing or broken
     _cpu_kernels = None
 
@@ -62,6 +64,10 @@ class RowBounds:
         self.n_win = min(int(window), S)
         self.n_sel = min(int(topk), S)
 
+    def n_candidates(self):
+        """(T,) int64: the selection candidates of each row (visible keys less sinks and window)."""
+        return np.maximum(self.end - self.sinks, 0) - (self.win_hi - self.win_lo)
+
     @property
     def n_slots(self):
         return self.n_sink + self.n_win + self.n_sel
@@ -84,13 +90,6 @@ class RowBounds:
                 & ~((j >= self.win_lo[sl, None]) & (j < self.win_hi[sl, None])))
 
 
-def make_rng(seed):
-    """A numpy Generator from an int seed, a Generator (used as is) or None (fresh entropy)."""
-    if isinstance(seed, np.random.Generator):
-        return seed
-    return np.random.default_rng(seed)
-
-
 def forget_draws(seed, shape, forget_rate):
     """Bool drop mask of ``shape`` (B, H, T, K'): True = this ranked slot is forgotten.
 
@@ -98,7 +97,7 @@ def forget_draws(seed, shape, forget_rate):
     """
     if forget_rate <= 0.0:
         return None
-    return make_rng(seed).random(shape) < forget_rate
+    return make_rng(seed, allow_none=True).random(shape) < forget_rate
 
 
 def apply_forgetting(ranked, drop, n_sel):
@@ -125,7 +124,7 @@ def ranked_topm_xp(tile, cand, m):
 
     tile: (R, N) scores; cand: (R, N) bool candidates.  Returns (R, m) int64, -1 where a row
     has fewer than m candidates.  Ties go to the lower column; NaN ranks above every number.
-    Reference: :func:`topkattn.reference.rank_row`.
+    Reference: :func:`topkattn.ops.reference.rank_row`.
     """
     xp = get_array_module(tile)
     R, N = tile.shape
@@ -206,8 +205,7 @@ def select_dynamic_topk(q, k, *, tail_bound, max_topk=None, causal=True, scale, 
     certified = xp.ones((B, H, T), dtype=bool)
     bound_out = xp.zeros((B, H, T), dtype=xp.float64)
     forced_all = xp.asarray(bounds.forced_indices())  # (T, F)
-    n_cand_all = (np.maximum(bounds.end - bounds.sinks, 0) - (bounds.win_hi - bounds.win_lo))
-    ks = xp.arange(1, m + 1)  # candidate k values
+    n_cand_all = bounds.n_candidates()  # (T,)
     for t0, t1, tile, ranked in _ranked_chunks(q, k, bounds, m, causal, scale, chunk_size, impl):
         c = t1 - t0
         R = B * H * c
@@ -215,27 +213,84 @@ def select_dynamic_topk(q, k, *, tail_bound, max_topk=None, causal=True, scale, 
         vals = xp.where(ranked >= 0, vals, -xp.inf)  # (R, m) ranked scores
         f = xp.broadcast_to(forced_all[None, t0:t1], (B * H, c, forced_all.shape[1])).reshape(R, -1)
         fvals = xp.where(f >= 0, xp.take_along_axis(tile, xp.maximum(f, 0), axis=-1), -xp.inf)
-        lse_forced = _logsumexp(xp, fvals.astype(xp.float64))  # (R,)
-        top = xp.maximum(lse_forced, vals[:, 0])  # vals are sorted: this is the row max
-        top = xp.where(xp.isfinite(top), top, 0.0)[:, None]
-        with np.errstate(divide="ignore"):  # lse over forced + the first k ranked, for every k
-            lse_k = top + xp.log(xp.exp(lse_forced[:, None] - top) + xp.cumsum(xp.exp(vals - top), -1))
-        n_cand = xp.asarray(np.tile(n_cand_all[t0:t1], B * H))[:, None]  # (R, 1)
-        n_rest = n_cand - ks[None, :]  # (R, m)
-        with np.errstate(invalid="ignore", over="ignore"):
-            bnd = xp.where(n_rest > 0, n_rest * xp.exp(vals - lse_k), 0.0)  # (R, m)
-        ok = (n_rest <= 0) | ((tail_bound > 0) & (bnd <= tail_bound))
-        has = ok.any(axis=-1)
-        kc = xp.where(has, xp.argmax(ok, axis=-1) + 1, m)
-        kc = xp.minimum(kc, xp.maximum(n_cand[:, 0], 0))  # rows with fewer candidates
-        row_bound = xp.where(kc > 0, xp.take_along_axis(bnd, xp.maximum(kc - 1, 0)[:, None], -1)[:, 0], 0.0)
+        n_cand = xp.asarray(np.tile(n_cand_all[t0:t1], B * H))  # (R,)
+        kc, found, row_bound, _, _ = choose_k(vals, logsumexp_rows(fvals), n_cand, (ranked >= 0).sum(axis=1),
+                                              tail_bound)
         sel = xp.where(xp.arange(m)[None, :] < kc[:, None], ranked, -1)
         idx[:, :, t0:t1, n_forced:] = sel.reshape(B, H, c, m)
         k_chosen[:, :, t0:t1] = kc.reshape(B, H, c)
-        certified[:, :, t0:t1] = (has | (kc >= n_cand[:, 0])).reshape(B, H, c)
+        certified[:, :, t0:t1] = (found | (kc >= n_cand)).reshape(B, H, c)
         bound_out[:, :, t0:t1] = row_bound.reshape(B, H, c)
     return idx, dict(k=k_chosen, certified=certified, bound=bound_out)
 
+
+
+# -- one decode query per row (position S - 1 of a cache) ---------------------------------
+def grouped_keys(keys, H):
+    """A (B, G, S, D) view of decode keys (B, S, D) (shared by all heads) or (B, G, S, D)."""
+    kg = keys[:, None] if keys.ndim == 3 else keys
+    if H % kg.shape[1]:
+        raise ValueError(f"query heads H={H} must be a multiple of the cache's KV heads G={kg.shape[1]}")
+    return kg
+
+
+def decode_scores(query, keys, scale):
+    """(B, H, S) scores scale * q_h . k_j of one query per row against every cached key.
+
+    query (B, H, D); keys (B, S, D) or (B, G, S, D), possibly a strided view of a cache
+    buffer.  One 2-D product per (b, g): numpy.matmul on a stacked *view* leaves BLAS
+    (10x slower in our runs), a 2-D product on each (S, D) slice keeps it.
+    """
+    xp = get_array_module(query, keys)
+    B, H, D = query.shape
+    kg = grouped_keys(keys, H)
+    G, S = kg.shape[1], kg.shape[2]
+    qg = query.reshape(B, G, H // G, D) * query.dtype.type(scale)
+    s = xp.empty((B, G, H // G, S), dtype=qg.dtype)
+    for b in range(B):
+        for g in range(G):
+            s[b, g] = qg[b, g] @ kg[b, g].T
+    return s.reshape(B, H, S)
+
+
+def rank_decode_candidates(query, keys, bounds, m, scale):
+    """(B*H, m) int64: the exact ranking of each decode row's candidates (not forced keys), -1 padded.
+
+    ``bounds``: the :class:`RowBounds` of the decode row (S keys, T = 1).
+    """
+    xp = get_array_module(query, keys)
+    B, H, _ = query.shape
+    s = decode_scores(query, keys, scale).reshape(B * H, bounds.S)
+    cand = xp.broadcast_to(xp.asarray(bounds.candidate_mask(0, 1, bounds.S)), s.shape)
+    return ranked_topm_xp(s, cand, m)
+
+
+def select_decode(query, keys, *, topk, sinks=0, window=0, scale=1.0, tail_bound=None):
+    """Exact selection for one decode query per row: ``(idx (B, H, K), k (B, H), certified)``.
+
+    query (B, H, D) at position S - 1; keys (B, S, D) shared by all heads, or (B, G, S, D)
+    with H % G == 0.  The rule of :func:`select_topk` (forced sinks and window first, then
+    the ``topk`` best remaining keys, ties to the lower index), -1 padded.  With
+    ``tail_bound`` it is :func:`select_dynamic_topk` with ``topk`` as the cap.  ``k`` is the
+    number of keys each row selected besides forced ones; ``certified`` is None for a
+    fixed k, else (B, H) bool.
+    """
+    xp = get_array_module(query, keys)
+    B, H, _ = query.shape
+    kg = grouped_keys(keys, H)
+    S = kg.shape[2]
+    if tail_bound is not None:
+        idx, info = select_dynamic_topk(query[:, :, None], kg, tail_bound=tail_bound, max_topk=topk,
+                                        causal=True, scale=scale, sinks=sinks, window=window, impl="numpy")
+        return idx[:, :, 0], info["k"][:, :, 0], info["certified"][:, :, 0]
+    bounds = RowBounds(S, 1, topk=topk, causal=True, sinks=sinks, window=window)
+    forced = xp.asarray(bounds.forced_indices())  # (1, P' + W')
+    parts = [xp.broadcast_to(forced[None], (B, H, forced.shape[1]))]
+    if bounds.n_sel:
+        parts.append(rank_decode_candidates(query, kg, bounds, bounds.n_sel, scale).reshape(B, H, bounds.n_sel))
+    idx = xp.concatenate(parts, axis=-1).astype(xp.int64)
+    k = xp.full((B, H), min(bounds.n_sel, int(bounds.n_candidates()[0])), dtype=xp.int64)
+    return idx, k, None
 
 def _forced_prefix(xp, bounds, B, H):
     """The (B, H, T, n_slots) index tensor with its forced prefix filled and the rest -1."""
@@ -296,16 +351,6 @@ def _ranked_chunks(q, k, bounds, m, causal, scale, chunk_size, impl):
                 yield job.result()
 
 
-def _logsumexp(xp, a):
-    """Row logsumexp of a (R, F) float array; -inf for empty or all -inf rows."""
-    if a.shape[-1] == 0:
-        return xp.full(a.shape[:-1], -xp.inf)
-    mx = a.max(axis=-1)
-    safe = xp.where(xp.isfinite(mx), mx, 0.0)
-    with np.errstate(divide="ignore"):
-        return safe + xp.log(xp.exp(a - safe[:, None]).sum(axis=-1))
-
-
 def _choose_numba(impl, xp):
     if impl not in ("auto", "numba", "numpy", "cuda"):
         raise ValueError(f"impl must be 'auto', 'numba', 'numpy' or 'cuda', got {impl!r}")
@@ -324,4 +369,5 @@ def _choose_numba(impl, xp):
     return True
 
 
-__all__ = ["RowBounds", "select_topk", "select_dynamic_topk", "forget_draws", "apply_forgetting", "ranked_topm_xp", "make_rng"]
+__all__ = ["RowBounds", "select_topk", "select_dynamic_topk", "select_decode", "decode_scores",
+           "rank_decode_candidates", "grouped_keys", "forget_draws", "apply_forgetting", "ranked_topm_xp"]

@@ -14,27 +14,9 @@ import sysconfig
 
 import numpy as np
 
-IGNORE = -100
+from topkattn.checks import check_int, make_rng
+from topkattn.layers.loss import IGNORE
 
-
-def _as_generator(rng):
-    """A Generator from a Generator, an int seed or a list of int seeds (never None)."""
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, bool) or rng is None:
-        raise TypeError(f"rng must be an int seed, a list of ints or a numpy.random.Generator, "
-                        f"got {rng!r}")
-    if isinstance(rng, numbers.Integral) or (
-            isinstance(rng, (list, tuple)) and rng and all(isinstance(s, numbers.Integral) for s in rng)):
-        return np.random.default_rng(rng)
-    raise TypeError(f"rng must be an int seed, a list of ints or a numpy.random.Generator, "
-                    f"got {type(rng).__name__}")
-
-
-def _check_int(name, val, lo):
-    if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
-    return int(val)
 
 
 class MQAR:
@@ -57,9 +39,9 @@ class MQAR:
     name = "mqar"
 
     def __init__(self, *, vocab_size=64, seq_len=64, num_kv_pairs=8):
-        self.vocab_size = _check_int("vocab_size", vocab_size, 4)
-        self.seq_len = _check_int("seq_len", seq_len, 4)
-        self.num_kv_pairs = _check_int("num_kv_pairs", num_kv_pairs, 1)
+        self.vocab_size = check_int("vocab_size", vocab_size, 4)
+        self.seq_len = check_int("seq_len", seq_len, 4)
+        self.num_kv_pairs = check_int("num_kv_pairs", num_kv_pairs, 1)
         n_keys = self.vocab_size // 2 - 1
         n_values = self.vocab_size - self.vocab_size // 2
         if self.num_kv_pairs > n_keys:
@@ -75,8 +57,8 @@ class MQAR:
 
     def batch(self, rng, batch_size):
         """A batch ``(inputs, targets)``, int64 (B, T) with T = seq_len, from ``rng``."""
-        rng = _as_generator(rng)
-        B = _check_int("batch_size", batch_size, 1)
+        rng = make_rng(rng, "rng")
+        B = check_int("batch_size", batch_size, 1)
         N, T, V = self.num_kv_pairs, self.seq_len, self.vocab_size
         half = V // 2
         # distinct keys per row: the first N of a random permutation of 1..half-1
@@ -129,9 +111,9 @@ class TextCorpus:
     vocab_size = 256
 
     def __init__(self, *, seq_len=128, heldout_every=10, max_bytes=4_000_000, files=None):
-        self.seq_len = _check_int("seq_len", seq_len, 1)
-        self.heldout_every = _check_int("heldout_every", heldout_every, 2)
-        self.max_bytes = _check_int("max_bytes", max_bytes, 2)
+        self.seq_len = check_int("seq_len", seq_len, 1)
+        self.heldout_every = check_int("heldout_every", heldout_every, 2)
+        self.max_bytes = check_int("max_bytes", max_bytes, 2)
         files = stdlib_source_files() if files is None else list(files)
         train, held = [], []
         for i, path in enumerate(files):
@@ -146,8 +128,8 @@ class TextCorpus:
 
     def batch(self, rng, batch_size):
         """Random training windows ``(inputs, targets)``, int64 (B, T)."""
-        rng = _as_generator(rng)
-        B = _check_int("batch_size", batch_size, 1)
+        rng = make_rng(rng, "rng")
+        B = check_int("batch_size", batch_size, 1)
         T = self.seq_len
         start = rng.integers(0, self.train_data.size - T, size=B)                  # (B,)
         win = self.train_data[start[:, None] + np.arange(T + 1)].astype(np.int64)  # (B, T+1)
@@ -155,7 +137,7 @@ class TextCorpus:
 
     def heldout(self, num_windows):
         """The first ``num_windows`` consecutive held-out windows (fewer if the text is short)."""
-        n = _check_int("num_windows", num_windows, 1)
+        n = check_int("num_windows", num_windows, 1)
         T = self.seq_len
         n = min(n, (self.heldout_data.size - 1) // T)
         start = np.arange(n) * T

@@ -15,7 +15,7 @@ spread over R uniformly (each unselected key gets the same weight):
 So out equals dense attention whenever R is empty (topk >= visible keys), and the error
 is (1 - alpha) (r - mean of R weighted by p) instead of plain top-k's (1 - alpha) times
 (out_A - that mean).  The selection A is exact top-k plus forced keys
-(:func:`topkattn.selection.select_topk`); the tail needs the full-row logsumexp, so every
+(:func:`topkattn.ops.selection.select_topk`); the tail needs the full-row logsumexp, so every
 score is computed (chunk by chunk, as the selection does): cost O(T S D) forward and
 backward, memory O(chunk * S + T * K).  Meant for inference on pretrained models
 (e.g. the BERT encoder), where the selection pass computes every score anyway.
@@ -28,8 +28,8 @@ Backward, with g = dout and o_A = sum_A p_j v_j:
 import numpy as np
 
 from topkattn.backend import as_engine_array, get_array_module, to_caller_kind
-from topkattn.dense_attention import TILE_BYTES, _check, _chunks, _scores, check_dout
-from topkattn.selection import select_topk
+from topkattn.ops.dense_attention import TILE_BYTES, check_dout, check_qkv, chunk_scores, query_chunks
+from topkattn.ops.selection import select_topk
 
 
 class TailAttentionSaved:
@@ -46,7 +46,7 @@ def tail_topk_attention(q, k, v, *, topk, causal=True, scale=None, sinks=0, wind
     """Top-k attention whose dropped softmax mass goes to the mean of the unselected values.
 
     q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> (B, H, T, Dv).  ``topk``, ``causal``,
-    ``scale``, ``sinks``, ``window`` select keys as :func:`topkattn.topk_attention` does;
+    ``scale``, ``sinks``, ``window`` select keys as :func:`topkattn.ops.topk_attention` does;
     ``chunk_size`` queries per score tile (default: about 16 MiB per tile).  With
     ``topk >= S`` it is exactly dense attention.  See the module docstring for the formula.
     """
@@ -59,7 +59,7 @@ def tail_topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, sinks
     """``(out, saved)`` of :func:`tail_topk_attention`; saved keeps the indices and the full lse."""
     like = q
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
-    _check(q, k, v, scale, chunk_size)
+    check_qkv(q, k, v, scale, chunk_size)
     for name, val, lo in (("topk", topk, 1), ("sinks", sinks, 0), ("window", window, 0)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
@@ -76,7 +76,7 @@ def tail_topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, sinks
     lse = xp.full((B, H, T), -np.inf, dtype=q.dtype)
     qg = q.reshape(B, G, rep, T, D)
     vsum = xp.cumsum(v, axis=2) if causal else None  # (B, G, S, Dv) prefix sums of the values
-    for t0, t1, n in _chunks(T, S, c, causal):
+    for t0, t1, n in query_chunks(T, S, c, causal):
         if n == 0:
             continue
         p, L, sel, vis_n = _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, scale, causal)
@@ -109,7 +109,7 @@ def tail_topk_attention_backward(dout, saved):
     dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
     qg = q.reshape(B, G, rep, T, D)
     vsum = xp.cumsum(v, axis=2) if saved.causal else None
-    for t0, t1, n in _chunks(T, S, saved.chunk_size, saved.causal):
+    for t0, t1, n in query_chunks(T, S, saved.chunk_size, saved.causal):
         if n == 0:
             continue
         cc = t1 - t0
@@ -150,7 +150,7 @@ def _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, scale, causal):
     sel (B, G, rep, c, n) from idx, and the number of visible keys per row vis_n (c,)."""
     B, G, rep = qg.shape[:3]
     c = t1 - t0
-    s = _scores(xp, qg, k, t0, t1, n, S, T, scale, causal)  # (B, G, rep, c, n)
+    s = chunk_scores(xp, qg, k, t0, t1, n, S, T, scale, causal)  # (B, G, rep, c, n)
     m = s.max(-1, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0)
     e = xp.exp(s - m)

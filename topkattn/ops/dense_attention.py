@@ -14,6 +14,7 @@ import numbers
 import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module
+from topkattn.ops.selection import decode_scores
 
 TILE_BYTES = 16 * 2**20  # budget for one chunk's (B, H, c, S) score tile
 
@@ -32,7 +33,7 @@ def dense_attention(q, k, v, *, causal=True, scale=None, chunk_size=None):
     """Dense softmax attention: q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> (B, H, T, Dv).
 
     ``scale`` multiplies q.k (default 1/sqrt(D)).  Rows that see no key give zeros.
-    Equal to :func:`topkattn.topk_attention` with ``topk >= S``, without the selection.
+    Equal to :func:`topkattn.ops.topk_attention` with ``topk >= S``, without the selection.
     """
     return dense_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)[0]
 
@@ -40,7 +41,7 @@ def dense_attention(q, k, v, *, causal=True, scale=None, chunk_size=None):
 def dense_attention_forward(q, k, v, *, causal=True, scale=None, chunk_size=None):
     """``(out, saved)``; saved keeps q, k, v, out and the logsumexp (B, H, T)."""
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
-    _check(q, k, v, scale, chunk_size)
+    check_qkv(q, k, v, scale, chunk_size)
     xp = get_array_module(q, k, v)
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -50,10 +51,10 @@ def dense_attention_forward(q, k, v, *, causal=True, scale=None, chunk_size=None
     out = xp.zeros((B, H, T, Dv), dtype=q.dtype)
     lse = xp.full((B, H, T), -np.inf, dtype=q.dtype)
     qg = q.reshape(B, G, rep, T, D)
-    for t0, t1, n in _chunks(T, S, c, causal):
+    for t0, t1, n in query_chunks(T, S, c, causal):
         if n == 0:
             continue
-        s = _scores(xp, qg, k, t0, t1, n, S, T, scale, causal)  # (B, G, rep, c, n)
+        s = chunk_scores(xp, qg, k, t0, t1, n, S, T, scale, causal)  # (B, G, rep, c, n)
         m = s.max(-1, keepdims=True)
         m = xp.where(xp.isfinite(m), m, 0)
         p = xp.exp(s - m)
@@ -79,11 +80,11 @@ def dense_attention_backward(dout, saved):
     dv = xp.zeros_like(v)
     qg = q.reshape(B, G, rep, T, D)
     delta = (dout * out).sum(-1)  # (B, H, T)
-    for t0, t1, n in _chunks(T, S, saved.chunk_size, saved.causal):
+    for t0, t1, n in query_chunks(T, S, saved.chunk_size, saved.causal):
         if n == 0:
             continue
         c = t1 - t0
-        s = _scores(xp, qg, k, t0, t1, n, S, T, saved.scale, saved.causal)  # (B, G, rep, c, n)
+        s = chunk_scores(xp, qg, k, t0, t1, n, S, T, saved.scale, saved.causal)  # (B, G, rep, c, n)
         L = lse[:, :, t0:t1].reshape(B, G, rep, c, 1)
         p = xp.where(xp.isfinite(L), xp.exp(s - xp.where(xp.isfinite(L), L, 0)), 0)
         p = p.reshape(B, G, rep * c, n)
@@ -97,6 +98,26 @@ def dense_attention_backward(dout, saved):
     return dq, dk, dv
 
 
+def dense_attention_decode(query, keys, values, scale):
+    """Dense softmax of one decode query per row over all S keys: (B, H, D) -> (B, H, Dv).
+
+    keys (B, G, S, D) and values (B, G, S, Dv) may be views into a larger cache buffer:
+    each (b, g) pair is one 2-D matrix product (BLAS on the strided view, no copy).
+    """
+    xp = get_array_module(query, keys)
+    B, H, D = query.shape
+    G = keys.shape[1]
+    s = decode_scores(query, keys, scale).reshape(B, G, H // G, -1)  # (B, G, rep, S)
+    s -= s.max(-1, keepdims=True)
+    p = xp.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    out = xp.empty((B, G, H // G, values.shape[-1]), dtype=query.dtype)
+    for b in range(B):
+        for g in range(G):
+            out[b, g] = p[b, g] @ values[b, g]  # (rep, Dv)
+    return out.reshape(B, H, -1)
+
+
 def check_dout(dout, out):
     """dout as an engine array of out's shape (B, H, T, Dv) and dtype; ValueError otherwise."""
     dout = as_engine_array(dout, "dout")
@@ -105,7 +126,7 @@ def check_dout(dout, out):
     return dout.astype(out.dtype, copy=False)
 
 
-def _chunks(T, S, c, causal):
+def query_chunks(T, S, c, causal):
     """(t0, t1, n_cols): query chunks and the number of keys the chunk's last row sees."""
     for t0 in range(0, T, c):
         t1 = min(T, t0 + c)
@@ -113,7 +134,7 @@ def _chunks(T, S, c, causal):
         yield t0, t1, n
 
 
-def _scores(xp, qg, k, t0, t1, n, S, T, scale, causal):
+def chunk_scores(xp, qg, k, t0, t1, n, S, T, scale, causal):
     B, G, rep, _, D = qg.shape
     c = t1 - t0
     qc = qg[:, :, :, t0:t1].reshape(B, G, rep * c, D)
@@ -126,7 +147,7 @@ def _scores(xp, qg, k, t0, t1, n, S, T, scale, causal):
     return s
 
 
-def _check(q, k, v, scale, chunk_size):
+def check_qkv(q, k, v, scale, chunk_size):
     for name, a, letters in (("q", q, "(B, H, T, D)"), ("k", k, "(B, G, S, D)"), ("v", v, "(B, G, S, Dv)")):
         if a.ndim != 4:
             raise ValueError(f"{name} must be 4-D {letters}, got shape {tuple(a.shape)}")

@@ -1,0 +1,102 @@
+"""Argument checks, random generators and the row logsumexp: one of each for the whole package.
+
+Every check names the argument and what it received: ``TypeError`` for a wrong type,
+``ValueError`` for a value of the right type outside its range.  Each returns the value
+in its plain Python form (``int``, ``float``), so callers write ``n = check_int("n", n, 1)``.
+"""
+import numbers
+
+import numpy as np
+
+from topkattn.backend import FLOAT_DTYPES, get_array_module
+
+
+def check_int(name, value, lo=None, hi=None):
+    """``int(value)``; TypeError unless an integer (bool is not), ValueError outside [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be an integer {_range(lo, hi)}, got {value!r}")
+    return int(value)
+
+
+def check_real(name, value, lo=None, hi=None, *, lo_open=False, hi_open=False):
+    """``float(value)`` of a finite real number in the range; TypeError / ValueError otherwise.
+
+    ``lo_open``/``hi_open`` exclude the bound itself.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    bad = (not np.isfinite(v) or (lo is not None and (v < lo or (lo_open and v == lo)))
+           or (hi is not None and (v > hi or (hi_open and v == hi))))
+    if bad:
+        left = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+        right = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+        where = f"in {left}, {right}" if lo is not None and hi is not None else \
+            (f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else
+             f"{'<' if hi_open else '<='} {hi:g}" if hi is not None else "finite")
+        raise ValueError(f"{name} must be a number {where}, got {value!r}")
+    return v
+
+
+def check_choice(name, value, choices):
+    """``value`` if it is one of ``choices``; ValueError listing them otherwise."""
+    if not isinstance(value, str) or value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {listed}, got {value!r}")
+    return value
+
+
+def make_rng(seed, name="seed", *, allow_none=False):
+    """A ``numpy.random.Generator`` from a seed.
+
+    Accepts a Generator (used as is), an int, a non-empty sequence of ints, a
+    ``SeedSequence`` and, with ``allow_none``, None (fresh OS entropy: for draws that
+    need not be reproducible).  TypeError naming ``name`` for anything else.
+    """
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if (seed is None and allow_none) or isinstance(seed, np.random.SeedSequence):
+        return np.random.default_rng(seed)
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return np.random.default_rng(int(seed))
+    if isinstance(seed, (list, tuple)) and seed and all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seed):
+        return np.random.default_rng([int(s) for s in seed])
+    raise TypeError(f"{name} must be an int seed, a list of ints or a numpy.random.Generator, "
+                    f"got {type(seed).__name__} {seed!r}")
+
+
+def float_dtype(dtype):
+    """``np.dtype`` float32 or float64 from a name or dtype; TypeError otherwise."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from e
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return dt
+
+
+def logsumexp_rows(a):
+    """Row logsumexp of (R, F) float scores in float64 (-inf entries ignored); -inf for empty rows.
+
+    The row maximum is subtracted first, so large scores (1e4 and up) do not overflow.
+    """
+    xp = get_array_module(a)
+    a = a.astype(xp.float64)
+    if a.shape[-1] == 0:
+        return xp.full(a.shape[:-1], -xp.inf)
+    mx = a.max(axis=-1)
+    safe = xp.where(xp.isfinite(mx), mx, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + xp.log(xp.exp(a - safe[..., None]).sum(axis=-1))
+
+
+def _range(lo, hi):
+    if lo is not None and hi is not None:
+        return f"in [{lo}, {hi}]"
+    if lo is not None:
+        return f">= {lo}"
+    return f"<= {hi}"

@@ -1,0 +1,132 @@
+"""Decode caches and the keys of one decode step.
+
+Shape letters: B batch, G KV heads, S cached tokens (persistent rows first), D key dim,
+Dv value dim, C latent dim, R rope dim, H query heads, K selected slots.
+
+    GrowingBuffer   an array that grows along one axis by doubling
+    KVCache         full keys (B, G, S, D) and values (B, G, S, Dv): Attention
+    MLACache        latents [c_j ; kr_j] (B, S, C + R), shared by every head: MLA
+    select_step     the keys one decode query attends: the layer's selector, else exact
+
+A layer's ``selector`` follows the one decode-selection protocol of
+:mod:`topkattn.decoding.selectors`: ``selector(query, cache, *, topk, sinks, window,
+scale) -> idx (B, H, K)``; ``None`` is exact selection (:func:`topkattn.ops.selection.select_decode`).
+"""
+from topkattn.backend import get_array_module
+from topkattn.ops.selection import select_decode
+
+
+def select_step(layer, query, cache):
+    """idx (B, H, K) of one decode step of ``layer`` (MLA or Attention) for query (B, H, D).
+
+    Fixed k passes the layer's ``topk``; dynamic k (``topk="auto"``) passes its cap
+    (``max_topk``, else every cached key) and, without a selector, selects exactly under
+    the layer's ``tail_bound``.
+    """
+    keys = cache.keys
+    dynamic = layer.topk == "auto"
+    k = (layer.max_topk or keys.shape[-2]) if dynamic else layer.topk
+    if layer.selector is not None:
+        return layer.selector(query, cache, topk=k, sinks=layer.persistent_tokens, window=layer.window,
+                              scale=layer.scale)
+    idx, _, _ = select_decode(query, keys, topk=k, sinks=layer.persistent_tokens, window=layer.window,
+                              scale=layer.scale, tail_bound=layer.tail_bound if dynamic else None)
+    return idx
+
+
+class GrowingBuffer:
+    """An array that grows along ``axis`` by doubling; ``view()`` is the filled part."""
+
+    def __init__(self, xp, shape, axis, dtype, capacity=64):
+        shape = list(shape)
+        shape[axis] = max(1, capacity)
+        self.axis = axis
+        self.data = xp.zeros(tuple(shape), dtype=dtype)
+        self.n = 0
+
+    def _sl(self, a, b):
+        sl = [slice(None)] * self.data.ndim
+        sl[self.axis] = slice(a, b)
+        return tuple(sl)
+
+    def append(self, rows):
+        """Append ``rows`` (the buffer's shape with ``rows.shape[axis]`` entries on the axis)."""
+        xp = get_array_module(self.data)
+        m = rows.shape[self.axis]
+        cap = self.data.shape[self.axis]
+        if self.n + m > cap:
+            new_cap = max(2 * cap, self.n + m)
+            shape = list(self.data.shape)
+            shape[self.axis] = new_cap
+            grown = xp.zeros(tuple(shape), dtype=self.data.dtype)
+            grown[self._sl(0, self.n)] = self.data[self._sl(0, self.n)]
+            self.data = grown
+        self.data[self._sl(self.n, self.n + m)] = rows
+        self.n += m
+
+    def view(self):
+        return self.data[self._sl(0, self.n)]
+
+
+
+class KVCache:
+    """Full KV cache: ``keys`` (B, G, S, D), ``values`` (B, G, S, Dv), persistent rows first."""
+
+    def __init__(self, xp, batch, G, D, Dv, dtype, owner):
+        self.batch = batch
+        self.kbuf = GrowingBuffer(xp, (batch, G, 0, D), axis=2, dtype=dtype)
+        self.vbuf = GrowingBuffer(xp, (batch, G, 0, Dv), axis=2, dtype=dtype)
+        self.owner = owner
+        self.prefix = 0
+
+    @property
+    def keys(self):
+        return self.kbuf.view()
+
+    @property
+    def values(self):
+        return self.vbuf.view()
+
+    @property
+    def n_tokens(self):
+        return self.kbuf.n - self.prefix
+
+    @property
+    def floats_per_token(self):
+        k, v = self.kbuf.data, self.vbuf.data
+        return k.shape[1] * k.shape[3] + v.shape[1] * v.shape[3]
+
+    @property
+    def bytes_per_token(self):
+        return self.floats_per_token * self.kbuf.data.dtype.itemsize
+
+
+class MLACache:
+    """Latent KV cache: ``keys`` (B, S, C + R) = [c_j ; kr_j], persistent rows first.
+
+    Holds exactly C + R numbers per token (``floats_per_token``); ``weights`` are the
+    absorbed decode weights taken when the cache was made.
+    """
+
+    def __init__(self, xp, batch, C, R, dtype, weights, owner):
+        self.batch, self.C, self.R = batch, C, R
+        self.buf = GrowingBuffer(xp, (batch, 0, C + R), axis=1, dtype=dtype)
+        self.weights = weights
+        self.owner = owner
+        self.prefix = 0
+
+    @property
+    def keys(self):
+        return self.buf.view()
+
+    @property
+    def n_tokens(self):
+        return self.buf.n - self.prefix
+
+    @property
+    def floats_per_token(self):
+        return self.buf.data.shape[-1]
+
+    @property
+    def bytes_per_token(self):
+        return self.floats_per_token * self.buf.data.dtype.itemsize
