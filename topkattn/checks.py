@@ -28,23 +28,19 @@ def check_real(name, value, lo=None, hi=None, *, lo_open=False, hi_open=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
-    bad = (not np.isfinite(v) or (lo is not None and (v < lo or (lo_open and v == lo)))
-           or (hi is not None and (v > hi or (hi_open and v == hi))))
-    if bad:
-        left = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
-        right = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
-        where = f"in {left}, {right}" if lo is not None and hi is not None else \
-            (f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else
-             f"{'<' if hi_open else '<='} {hi:g}" if hi is not None else "finite")
-        raise ValueError(f"{name} must be a number {where}, got {value!r}")
+    below = lo is not None and (v < lo or (lo_open and v == lo))
+    above = hi is not None and (v > hi or (hi_open and v == hi))
+    if not np.isfinite(v) or below or above:
+        raise ValueError(f"{name} must be {_real_range(lo, hi, lo_open, hi_open)}, got {value!r}")
     return v
 
 
 def check_choice(name, value, choices):
     """``value`` if it is one of ``choices``; ValueError listing them otherwise."""
     if not isinstance(value, str) or value not in choices:
-        listed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {listed}, got {value!r}")
+        listed = [repr(c) for c in choices]
+        alternatives = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " or " + listed[-1]
+        raise ValueError(f"{name} must be {alternatives}, got {value!r}")
     return value
 
 
@@ -100,3 +96,13 @@ def _range(lo, hi):
     if lo is not None:
         return f">= {lo}"
     return f"<= {hi}"
+
+
+def _real_range(lo, hi, lo_open, hi_open):
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return "finite"

@@ -15,7 +15,7 @@ from topkattn.layers.block import Block
 from topkattn.layers.embedding import Embedding
 from topkattn.layers.linear import Linear
 from topkattn.layers.mla import MLA
-from topkattn.checks import float_dtype
+from topkattn.checks import check_choice, check_int, check_real, float_dtype
 from topkattn.layers.module import Module
 from topkattn.layers.moe import MoE
 from topkattn.layers.rmsnorm import RMSNorm
@@ -55,25 +55,17 @@ class TransformerConfig:
     seed: int = 0
 
     def __post_init__(self):
-        def pos_int(name, lo=1, none_ok=False):
-            v = getattr(self, name)
-            if v is None and none_ok:
-                return
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "q_lora_rank", "kv_lora_rank",
                      "qk_nope_dim", "qk_rope_dim", "v_head_dim", "d_ff", "n_experts", "moe_topk"):
-            pos_int(name)
+            check_int(name, getattr(self, name), 1)
         for name in ("n_kv_heads", "head_dim", "topk"):
-            pos_int(name, none_ok=True)
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
         for name in ("persistent_tokens", "window", "seed"):
-            pos_int(name, lo=0)
-        if self.attention not in ("mla", "mha"):
-            raise ValueError(f"attention must be 'mla' or 'mha', got {self.attention!r}")
-        if self.ffn not in ("swiglu", "moe"):
-            raise ValueError(f"ffn must be 'swiglu' or 'moe', got {self.ffn!r}")
-        if not isinstance(self.forget_rate, numbers.Real) or not 0.0 <= self.forget_rate < 1.0:
-            raise ValueError(f"forget_rate must be in [0, 1), got {self.forget_rate!r}")
+            check_int(name, getattr(self, name), 0)
+        check_choice("attention", self.attention, ("mla", "mha"))
+        check_choice("ffn", self.ffn, ("swiglu", "moe"))
+        check_real("forget_rate", self.forget_rate, 0.0, 1.0, hi_open=True)
         for name in ("tie_embeddings", "token_shift"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")

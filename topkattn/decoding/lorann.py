@@ -33,7 +33,7 @@ import numpy as np
 
 from topkattn.ann import LorannIndex
 from topkattn.backend import to_numpy
-from topkattn.checks import check_int
+from topkattn.checks import check_int, check_real
 from topkattn.ops.dynamic_k import dynamic_k_from_ranked
 from topkattn.decoding.selectors import DecodeSelector, exact_select, forced_scores_lse
 from topkattn.ops.selection import ranked_topm_xp
@@ -64,34 +64,22 @@ class LorannSelector(DecodeSelector):
                  refit_growth=0.5, max_training_queries=8192, tail_bound=None, max_topk=None,
                  seed=0, measure_recall=True):
         super().__init__(tail_bound=tail_bound, max_topk=max_topk, measure_recall=measure_recall)
-        if n_clusters is not None:
-            check_int("n_clusters", n_clusters, 1)
-        if isinstance(clusters_to_search, bool) or not isinstance(clusters_to_search, numbers.Real):
-            raise TypeError(f"clusters_to_search must be an int or a float, got {clusters_to_search!r}")
-        if isinstance(clusters_to_search, numbers.Integral):
-            check_int("clusters_to_search", clusters_to_search, 1)
-        elif not 0 < clusters_to_search <= 1:
-            raise ValueError(f"clusters_to_search as a fraction must be in (0, 1], got {clusters_to_search!r}")
-        check_int("points_to_rerank", points_to_rerank, 0)
-        check_int("rank", rank, 1)
-        if global_dim is not None:
-            check_int("global_dim", global_dim, 1)
+        self.n_clusters = None if n_clusters is None else check_int("n_clusters", n_clusters, 1)
+        if isinstance(clusters_to_search, numbers.Integral) and not isinstance(clusters_to_search, bool):
+            self.clusters_to_search = check_int("clusters_to_search", clusters_to_search, 1)
+        else:
+            self.clusters_to_search = check_real("clusters_to_search", clusters_to_search, 0.0, 1.0, lo_open=True)
+        self.points_to_rerank = check_int("points_to_rerank", points_to_rerank, 0)
+        self.rank = check_int("rank", rank, 1)
+        self.global_dim = None if global_dim is None else check_int("global_dim", global_dim, 1)
         if quantization_bits not in (None, 4, 8):
             raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
-        check_int("train_size", train_size, 1)
-        if refit_factor is not None and (not isinstance(refit_factor, numbers.Real) or not refit_factor > 1):
-            raise ValueError(f"refit_factor must be None or a number > 1, got {refit_factor!r}")
-        check_int("max_training_queries", max_training_queries, 1)
-        self.n_clusters = n_clusters
-        self.clusters_to_search = clusters_to_search
-        self.points_to_rerank = int(points_to_rerank)
-        self.rank = int(rank)
-        self.global_dim = global_dim
         self.quantization_bits = quantization_bits
-        self.train_size = int(train_size)
-        self.refit_factor = None if refit_factor is None else float(refit_factor)
+        self.train_size = check_int("train_size", train_size, 1)
+        self.refit_factor = None if refit_factor is None else check_real("refit_factor", refit_factor, 1.0,
+                                                                          lo_open=True)
         self.refit_growth = refit_growth
-        self.max_training_queries = int(max_training_queries)
+        self.max_training_queries = check_int("max_training_queries", max_training_queries, 1)
         self.seed = seed
         self.builds = 0  # index (re)builds, all batch elements
         self.searches = 0  # index.search calls

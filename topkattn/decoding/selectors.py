@@ -25,12 +25,10 @@ Dynamic k: with ``tail_bound=eps`` a selector picks per row the smallest k whose
 left-out softmax mass is at most eps (see :mod:`topkattn.ops.dynamic_k`), capped at
 ``max_topk`` (default: the layer's ``topk``).
 """
-import numbers
-
 import numpy as np
 
 from topkattn.backend import get_array_module, to_numpy
-from topkattn.checks import check_choice, logsumexp_rows, make_rng
+from topkattn.checks import check_choice, check_int, check_real, logsumexp_rows, make_rng
 from topkattn.ops.selection import RowBounds, apply_forgetting, grouped_keys, rank_decode_candidates, select_decode
 
 
@@ -136,16 +134,10 @@ class DecodeSelector:
     """
 
     def __init__(self, *, tail_bound=None, max_topk=None, measure_recall=True):
-        if tail_bound is not None and (isinstance(tail_bound, bool) or not isinstance(tail_bound, numbers.Real)
-                                       or not 0 <= tail_bound < 1):
-            raise ValueError(f"tail_bound must be None or in [0, 1), got {tail_bound!r}")
-        if max_topk is not None and (isinstance(max_topk, bool) or not isinstance(max_topk, numbers.Integral)
-                                     or max_topk < 1):
-            raise ValueError(f"max_topk must be an integer >= 1 or None, got {max_topk!r}")
         if max_topk is not None and tail_bound is None:
             raise ValueError("max_topk applies only with tail_bound (dynamic k)")
-        self.tail_bound = None if tail_bound is None else float(tail_bound)
-        self.max_topk = None if max_topk is None else int(max_topk)
+        self.tail_bound = None if tail_bound is None else check_real("tail_bound", tail_bound, 0.0, 1.0, hi_open=True)
+        self.max_topk = None if max_topk is None else check_int("max_topk", max_topk, 1)
         self.measure_recall = bool(measure_recall)
         self.prefilling = False
         self.stats = DecodeStats()
@@ -257,10 +249,8 @@ class SimulatedRecallSelector(DecodeSelector):
     """
 
     def __init__(self, recall, *, seed=0, measure_recall=True):
-        if isinstance(recall, bool) or not isinstance(recall, numbers.Real) or not 0 < recall <= 1:
-            raise ValueError(f"recall must be in (0, 1], got {recall!r}")
         super().__init__(measure_recall=measure_recall)
-        self.recall = float(recall)
+        self.recall = check_real("recall", recall, 0.0, 1.0, lo_open=True)
         self.rng = make_rng(seed)
 
     def _select(self, query, keys, cache, ctx):

@@ -23,7 +23,7 @@ import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_decode, dense_attention_forward
-from topkattn.checks import check_int, float_dtype, make_rng
+from topkattn.checks import check_int, check_real, float_dtype, make_rng
 from topkattn.layers.module import Module, as_input, check_topk, normal
 from topkattn.layers.cache import MLACache, select_step
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
@@ -61,9 +61,7 @@ class MLA(Module):
         self.v_head_dim = V = check_int("v_head_dim", v_head_dim, 1)
         self.persistent_tokens = P = check_int("persistent_tokens", persistent_tokens, 0)
         self.window = check_int("window", window, 0)
-        if not 0.0 <= float(forget_rate) < 1.0:
-            raise ValueError(f"forget_rate must be in [0, 1), got {forget_rate!r}")
-        self.forget_rate = float(forget_rate)
+        self.forget_rate = check_real("forget_rate", forget_rate, 0.0, 1.0, hi_open=True)
         self.topk, self.tail_bound, self.max_topk = check_topk(topk, tail_bound, max_topk, self.forget_rate)
         self.rope_base = float(rope_base)
         self.eps = float(eps)

@@ -5,12 +5,10 @@ A layer owns ``params`` (name -> array) and ``grads`` (the same keys, same shape
 **accumulates** into ``grads`` (call :meth:`Module.zero_grad` between steps).  Children
 are registered with :meth:`Module.add` and named ``child.param`` in :meth:`named_params`.
 """
-import numbers
-
 import numpy as np
 
 from topkattn.backend import as_engine_array, get_array_module
-from topkattn.checks import check_int
+from topkattn.checks import check_int, check_real
 
 
 class Module:
@@ -85,12 +83,12 @@ def check_topk(topk, tail_bound=None, max_topk=None, forget_rate=0.0):
     :func:`topkattn.ops.topk_attention`).  tail_bound and max_topk apply only to "auto".
     """
     if topk == "auto":
-        if tail_bound is None or isinstance(tail_bound, bool) or not isinstance(tail_bound, numbers.Real) \
-                or not 0 <= tail_bound < 1:
-            raise ValueError(f"topk='auto' needs tail_bound in [0, 1), got {tail_bound!r}")
+        if tail_bound is None:
+            raise ValueError("topk='auto' needs tail_bound in [0, 1), got None")
+        tail_bound = check_real("tail_bound", tail_bound, 0.0, 1.0, hi_open=True)
         if forget_rate:
             raise ValueError(f"forget_rate must be 0 with topk='auto', got {forget_rate!r}")
-        return "auto", float(tail_bound), None if max_topk is None else check_int("max_topk", max_topk, 1)
+        return "auto", tail_bound, None if max_topk is None else check_int("max_topk", max_topk, 1)
     if tail_bound is not None or max_topk is not None:
         raise ValueError("tail_bound and max_topk apply only with topk='auto'")
     if topk is None:
