@@ -7,25 +7,9 @@ import pytest
 import topkattn as ta
 from topkattn.ops.reference import masked_attention_reference, topk_attention_reference
 from topkattn.ops.selection import RowBounds
+from topkattn.testing import assert_grads_close, directional_grad_check, make_qkv, mask_from_idx, tolerance
 
 IMPLS = ["numpy", "numba"]
-TOL = {np.float64: dict(rtol=1e-10, atol=1e-10), np.float32: dict(rtol=2e-4, atol=2e-5)}
-
-
-def make_qkv(B=1, H=2, G=2, T=5, S=9, D=8, Dv=6, dtype=np.float64, seed=0):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((B, H, T, D)).astype(dtype)
-    k = rng.standard_normal((B, G, S, D)).astype(dtype)
-    v = rng.standard_normal((B, G, S, Dv)).astype(dtype)
-    return q, k, v
-
-
-def mask_from_idx(idx, S):
-    B, H, T, K = idx.shape
-    m = np.zeros((B, H, T, S), dtype=bool)
-    b, h, t, i = np.nonzero(idx >= 0)
-    m[b, h, t, idx[b, h, t, i]] = True
-    return m
 
 
 GRID = [
@@ -46,20 +30,20 @@ GRID = [
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("B,H,G,T,S,topk,sinks,window,temp,causal", GRID)
 def test_forward_matches_reference(impl, dtype, B, H, G, T, S, topk, sinks, window, temp, causal):
-    q, k, v = make_qkv(B, H, G, T, S, dtype=dtype, seed=T * S + topk)
+    q, k, v = make_qkv(T * S + topk, B, H, G, T, S, dtype=dtype)
     kw = dict(topk=topk, causal=causal, sinks=sinks, window=window, temperature=temp)
     out, saved = ta.topk_attention_forward(q, k, v, impl=impl, chunk_size=3, **kw)
     ref, ref_mask, ref_lse = topk_attention_reference(q, k, v, **kw)
     assert out.dtype == dtype and out.shape == (B, H, T, v.shape[-1])
-    np.testing.assert_allclose(out, ref, **TOL[dtype])
-    np.testing.assert_allclose(saved.lse, ref_lse, **TOL[dtype])
+    np.testing.assert_allclose(out, ref, **tolerance(dtype))
+    np.testing.assert_allclose(saved.lse, ref_lse, **tolerance(dtype))
     if dtype == np.float64:  # float32 rounding may legitimately reorder near-ties
         np.testing.assert_array_equal(mask_from_idx(saved.idx, S), ref_mask)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_topk_at_least_S_is_dense_attention(causal):
-    q, k, v = make_qkv(1, 4, 2, 6, 6, seed=3)
+    q, k, v = make_qkv(3, 1, 4, 2, 6, 6)
     out = ta.topk_attention(q, k, v, topk=6, causal=causal)
     T, S = 6, 6
     allowed = np.tril(np.ones((T, S), dtype=bool)) if causal else np.ones((T, S), dtype=bool)
@@ -68,7 +52,7 @@ def test_topk_at_least_S_is_dense_attention(causal):
 
 
 def test_chunk_size_and_impl_do_not_change_results():
-    q, k, v = make_qkv(2, 4, 2, 33, 40, seed=5)
+    q, k, v = make_qkv(5, 2, 4, 2, 33, 40)
     outs = [ta.topk_attention_forward(q, k, v, topk=5, sinks=1, window=2, impl=impl, chunk_size=c)
             for impl in IMPLS for c in (1, 7, None)]
     for out, saved in outs[1:]:
@@ -79,7 +63,7 @@ def test_chunk_size_and_impl_do_not_change_results():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ties_go_to_lower_key_index(impl):
     # q = 0 makes every score equal: the selection must be the lowest visible indices.
-    q, k, v = make_qkv(1, 1, 1, 4, 10, seed=1)
+    q, k, v = make_qkv(1, 1, 1, 1, 4, 10)
     q[:] = 0.0
     _, saved = ta.topk_attention_forward(q, k, v, topk=3, impl=impl)
     sel = np.sort(saved.idx[0, 0], axis=-1)
@@ -89,7 +73,7 @@ def test_ties_go_to_lower_key_index(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_rows_with_fewer_than_k_candidates(impl):
-    q, k, v = make_qkv(1, 2, 2, 6, 6, seed=2)
+    q, k, v = make_qkv(2, 1, 2, 2, 6, 6)
     out, saved = ta.topk_attention_forward(q, k, v, topk=4, impl=impl)
     assert np.isfinite(out).all()
     n_valid = (saved.idx[0, 0] >= 0).sum(-1)
@@ -99,7 +83,7 @@ def test_rows_with_fewer_than_k_candidates(impl):
 
 
 def test_rows_that_see_no_key_give_zeros():
-    q, k, v = make_qkv(1, 1, 1, 6, 3, seed=2)  # T > S: the first 3 queries see nothing
+    q, k, v = make_qkv(2, 1, 1, 1, 6, 3)  # T > S: the first 3 queries see nothing
     out, saved = ta.topk_attention_forward(q, k, v, topk=2)
     np.testing.assert_array_equal(out[0, 0, :3], 0.0)
     assert np.all(np.isneginf(saved.lse[0, 0, :3]))
@@ -111,7 +95,7 @@ def test_rows_that_see_no_key_give_zeros():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_large_logits_are_finite(impl, dtype):
-    q, k, v = make_qkv(1, 2, 2, 6, 8, seed=4, dtype=dtype)
+    q, k, v = make_qkv(4, 1, 2, 2, 6, 8, dtype=dtype)
     q *= dtype(1e4)
     out, saved = ta.topk_attention_forward(q, k, v, topk=3, scale=1.0, impl=impl)
     assert np.isfinite(out).all() and np.isfinite(saved.lse).all()
@@ -123,7 +107,7 @@ def test_large_logits_are_finite(impl, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_nan_query_affects_only_its_row(impl):
-    q, k, v = make_qkv(1, 2, 2, 5, 8, seed=6)
+    q, k, v = make_qkv(6, 1, 2, 2, 5, 8)
     q[0, 1, 2, 3] = np.nan
     out = ta.topk_attention(q, k, v, topk=3, impl=impl)
     assert np.isnan(out[0, 1, 2]).all()
@@ -138,7 +122,7 @@ def test_nan_query_affects_only_its_row(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_nan_key_reaches_only_the_rows_that_see_it(impl):
-    q, k, v = make_qkv(1, 1, 1, 6, 6, seed=7)
+    q, k, v = make_qkv(7, 1, 1, 1, 6, 6)
     k[0, 0, 4, 0] = np.nan  # key 4: visible to queries 4 and 5 only
     out = ta.topk_attention(q, k, v, topk=2, impl=impl)
     assert np.isnan(out[0, 0, 4:]).all()
@@ -149,7 +133,7 @@ def test_nan_key_reaches_only_the_rows_that_see_it(impl):
 @pytest.mark.parametrize("where", ["k", "v"])
 def test_nan_in_first_key_stays_in_its_batch(impl, where):
     """Early causal rows have empty slots; they must not pick up batch 0's key 0."""
-    q, k, v = make_qkv(2, 2, 1, 5, 5, seed=8)
+    q, k, v = make_qkv(8, 2, 2, 1, 5, 5)
     (k if where == "k" else v)[0, 0, 0, 0] = np.nan
     out, saved = ta.topk_attention_forward(q, k, v, topk=3, impl=impl)
     assert np.isnan(out[0, :, :3]).any(-1).all()  # rows 0-2 attend to all they see, key 0 too
@@ -163,39 +147,10 @@ def test_nan_in_first_key_stays_in_its_batch(impl, where):
 
 # ---------------------------------------------------------------- gradients
 
-def margin_inputs(B=1, H=4, G=2, T=6, S=10, D=5, Dv=3, topk=3, seed=0, **kw):
+def margin_inputs(B=1, H=4, G=2, T=6, S=10, D=5, Dv=3, topk=3, causal=True, sinks=0, window=0):
     """float64 inputs whose k-th and (k+1)-th candidate scores differ by a margin."""
-    for s in range(seed, seed + 200):
-        q, k, v = make_qkv(B, H, G, T, S, D, Dv, seed=s)
-        out, mask, _ = topk_attention_reference(q, k, v, topk=topk, **kw)
-        scores = np.einsum("bhtd,bhsd->bhts", q, np.repeat(k, H // G, axis=1)) / np.sqrt(D)
-        bounds = RowBounds(S, T, topk=topk, causal=kw.get("causal", True),
-                           sinks=kw.get("sinks", 0), window=kw.get("window", 0))
-        gap = np.inf
-        for t in range(T):
-            cand = bounds.candidate_mask(t, t + 1, S)[0]
-            sc = scores[..., t, :]
-            sel = mask[..., t, :] & cand
-            rest = ~mask[..., t, :] & cand
-            if sel.any() and rest.any():
-                lo = np.where(sel, sc, np.inf).min(-1)
-                hi = np.where(rest, sc, -np.inf).max(-1)
-                gap = min(gap, np.min(lo - hi))
-        if gap > 1e-3:
-            return q, k, v
-    raise RuntimeError("no margin seed found")
-
-
-def directional_check(f, x, grad, rng, eps=1e-6):
-    d = rng.standard_normal(x.shape)
-    x0 = x.copy()
-    x[...] = x0 + eps * d
-    fp = f()
-    x[...] = x0 - eps * d
-    fm = f()
-    x[...] = x0
-    num = (fp - fm) / (2 * eps)
-    np.testing.assert_allclose(num, np.sum(grad * d), rtol=1e-6, atol=1e-8)
+    cand = RowBounds(S, T, topk=topk, causal=causal, sinks=sinks, window=window).candidate_mask(0, T, S)
+    return make_qkv(0, B, H, G, T, S, D, Dv, topk=topk, margin=1e-3, candidates=cand)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -213,20 +168,14 @@ def test_gradients_central_differences(impl, kw):
     def f():
         return np.sum(ta.topk_attention(q, k, v, topk=topk, impl=impl, **kw) * dout)
 
-    for x, g in ((q, dq), (k, dk), (v, dv)):
-        for _ in range(3):
-            directional_check(f, x, g, rng)
+    for _ in range(3):
+        assert_grads_close(directional_grad_check(f, {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, rng))
     # every coordinate of dv for a couple of entries, to catch a misplaced scatter
-    for (b, g_, s_, d_) in [(0, 0, 2, 1), (0, 1, 7, 0)]:
+    for entry in [(0, 0, 2, 1), (0, 1, 7, 0)]:
         e = np.zeros_like(v)
-        e[b, g_, s_, d_] = 1.0
-        v0 = v.copy()
-        v[...] = v0 + 1e-6 * e
-        fp = f()
-        v[...] = v0 - 1e-6 * e
-        fm = f()
-        v[...] = v0
-        np.testing.assert_allclose((fp - fm) / 2e-6, dv[b, g_, s_, d_], rtol=1e-6, atol=1e-9)
+        e[entry] = 1.0
+        res = directional_grad_check(f, {"v": v}, {"v": dv}, rng, directions={"v": e})
+        assert_grads_close(res, atol=1e-9)
 
 
 def test_unselected_keys_get_exactly_zero_gradient():
@@ -244,7 +193,7 @@ def test_unselected_keys_get_exactly_zero_gradient():
 
 def test_backward_matches_gradient_of_masked_reference():
     """The backward equals the exact gradient of softmax attention restricted to the selection."""
-    q, k, v = make_qkv(1, 4, 2, 5, 9, 6, 4, seed=11)
+    q, k, v = make_qkv(11, 1, 4, 2, 5, 9, 6, 4)
     rng = np.random.default_rng(1)
     dout = rng.standard_normal((1, 4, 5, 4))
     out, saved = ta.topk_attention_forward(q, k, v, topk=3, sinks=1, window=1)
@@ -254,13 +203,12 @@ def test_backward_matches_gradient_of_masked_reference():
     def f():
         return np.sum(masked_attention_reference(q, k, v, mask, 1 / np.sqrt(6)) * dout)
 
-    for x, g in ((q, dq), (k, dk), (v, dv)):
-        directional_check(f, x, g, rng)
+    assert_grads_close(directional_grad_check(f, {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, rng))
 
 
 def test_gradients_match_torch_autograd_on_the_reference():
     torch = pytest.importorskip("torch")
-    q, k, v = make_qkv(2, 4, 2, 6, 10, 8, 5, seed=13)
+    q, k, v = make_qkv(13, 2, 4, 2, 6, 10, 8, 5)
     rng = np.random.default_rng(2)
     dout = rng.standard_normal((2, 4, 6, 5))
     kw = dict(topk=3, sinks=1, window=1, forget_rate=0.3, seed=9)
@@ -284,7 +232,7 @@ def test_gradients_match_torch_autograd_on_the_reference():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_forgetting_is_reproducible_and_matches_reference(impl):
-    q, k, v = make_qkv(1, 2, 2, 12, 16, seed=8)
+    q, k, v = make_qkv(8, 1, 2, 2, 12, 16)
     kw = dict(topk=4, forget_rate=0.4, sinks=1, window=1)
     o1, s1 = ta.topk_attention_forward(q, k, v, seed=123, impl=impl, chunk_size=5, **kw)
     o2, s2 = ta.topk_attention_forward(q, k, v, seed=123, impl=impl, **kw)
@@ -300,7 +248,7 @@ def test_forgetting_is_reproducible_and_matches_reference(impl):
 @pytest.mark.parametrize("rate", [0.1, 0.3])
 def test_forgetting_recall_matches_rate(rate):
     # many rows, each with plenty of candidates so refills always exist
-    q, k, v = make_qkv(2, 4, 4, 256, 512, D=16, Dv=4, dtype=np.float32, seed=21)
+    q, k, v = make_qkv(21, 2, 4, 4, 256, 512, D=16, Dv=4, dtype=np.float32)
     topk = 8
     _, exact = ta.topk_attention_forward(q, k, v, topk=topk)
     _, forgot = ta.topk_attention_forward(q, k, v, topk=topk, forget_rate=rate, seed=0)
@@ -313,7 +261,7 @@ def test_forgetting_recall_matches_rate(rate):
 
 
 def test_forgetting_never_drops_forced_keys():
-    q, k, v = make_qkv(1, 2, 2, 20, 40, seed=3)
+    q, k, v = make_qkv(3, 1, 2, 2, 20, 40)
     _, s = ta.topk_attention_forward(q, k, v, topk=2, sinks=3, window=4, forget_rate=0.9, seed=0)
     pos = 40 - 20 + np.arange(20)
     np.testing.assert_array_equal(s.idx[0, 0, :, :3], np.tile([0, 1, 2], (20, 1)))
@@ -324,7 +272,7 @@ def test_forgetting_never_drops_forced_keys():
 
 def test_forward_never_materialises_the_full_score_matrix():
     T = S = 2048
-    q, k, v = make_qkv(1, 1, 1, T, S, D=16, Dv=16, dtype=np.float32, seed=0)
+    q, k, v = make_qkv(0, 1, 1, 1, T, S, D=16, Dv=16, dtype=np.float32)
     ta.topk_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], topk=4)  # compile outside the trace
     tracemalloc.start()
     out, saved = ta.topk_attention_forward(q, k, v, topk=4, chunk_size=32)
@@ -337,7 +285,7 @@ def test_forward_never_materialises_the_full_score_matrix():
 
 def test_torch_tensors_in_torch_tensors_out():
     torch = pytest.importorskip("torch")
-    q, k, v = make_qkv(1, 2, 1, 4, 6, seed=0)
+    q, k, v = make_qkv(0, 1, 2, 1, 4, 6)
     out = ta.topk_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), topk=2)
     assert isinstance(out, torch.Tensor)
     np.testing.assert_allclose(out.numpy(), ta.topk_attention(q, k, v, topk=2), rtol=1e-14)
@@ -350,7 +298,7 @@ BAD = [
     (dict(v=np.zeros((1, 2, 8, 6))), ValueError, "v must have shape"),
     (dict(k=np.zeros((1, 3, 9, 8)), v=np.zeros((1, 3, 9, 6))), ValueError, "multiple of KV heads"),
     (dict(topk=0), ValueError, "topk must be an integer >= 1"),
-    (dict(topk=2.5), ValueError, "topk"),
+    (dict(topk=2.5), TypeError, "topk must be an integer, got float"),
     (dict(q=np.zeros((1, 4, 5, 8), dtype=np.int64)), TypeError, "q must be float32 or float64"),
     (dict(v=np.zeros((1, 2, 9, 6), dtype=np.float32)), TypeError, "share one dtype"),
     (dict(forget_rate=1.0), ValueError, "forget_rate"),
@@ -365,7 +313,7 @@ BAD = [
 
 @pytest.mark.parametrize("override,exc,msg", BAD)
 def test_bad_input_raises_a_clear_error(override, exc, msg):
-    q, k, v = make_qkv(1, 4, 2, 5, 9, 8, 6)
+    q, k, v = make_qkv(0, 1, 4, 2, 5, 9, 8, 6)
     args = dict(q=q, k=k, v=v, topk=3)
     args.update(override)
     with pytest.raises(exc, match=msg):
@@ -373,7 +321,7 @@ def test_bad_input_raises_a_clear_error(override, exc, msg):
 
 
 def test_backward_rejects_wrong_dout_shape():
-    q, k, v = make_qkv()
+    q, k, v = make_qkv(0)
     out, saved = ta.topk_attention_forward(q, k, v, topk=2)
     with pytest.raises(ValueError, match=r"dout must have shape \(1, 2, 5, 6\)"):
         ta.topk_attention_backward(np.zeros((1, 2, 5, 5)), saved)
@@ -390,7 +338,7 @@ def test_backward_rejects_wrong_dout_shape():
 def test_dynamic_k_matches_reference_and_bound_holds(impl, eps, max_topk, kw):
     from topkattn.ops.reference import dynamic_topk_reference
 
-    q, k, v = make_qkv(2, 4, 2, 16, 24, D=8, seed=17)
+    q, k, v = make_qkv(17, 2, 4, 2, 16, 24, D=8)
     q *= 3.0  # peaked rows need few keys, flat rows many
     out, saved = ta.topk_attention_forward(q, k, v, topk="auto", tail_bound=eps, max_topk=max_topk,
                                            impl=impl, chunk_size=5, **kw)
@@ -414,7 +362,7 @@ def test_dynamic_k_matches_reference_and_bound_holds(impl, eps, max_topk, kw):
 
 
 def test_dynamic_k_with_zero_bound_takes_every_key():
-    q, k, v = make_qkv(1, 2, 2, 8, 8, seed=4)
+    q, k, v = make_qkv(4, 1, 2, 2, 8, 8)
     out, saved = ta.topk_attention_forward(q, k, v, topk="auto", tail_bound=0.0)
     dense = ta.topk_attention(q, k, v, topk=8)
     np.testing.assert_allclose(out, dense, rtol=1e-13)
@@ -423,7 +371,7 @@ def test_dynamic_k_with_zero_bound_takes_every_key():
 
 
 def test_dynamic_k_cap_reports_uncertified_rows():
-    q, k, v = make_qkv(1, 1, 1, 1, 64, seed=2)
+    q, k, v = make_qkv(2, 1, 1, 1, 1, 64)
     q[:] = 0.0  # flat row: the bound needs every key
     _, saved = ta.topk_attention_forward(q, k, v, topk="auto", tail_bound=1e-3, max_topk=8)
     assert saved.info["k"][0, 0, 0] == 8 and not saved.info["certified"][0, 0, 0]
@@ -438,7 +386,7 @@ def test_dynamic_k_cap_reports_uncertified_rows():
     (dict(topk=3, tail_bound=0.1), "only with topk='auto'"),
 ])
 def test_dynamic_k_bad_input(kw, msg):
-    q, k, v = make_qkv()
+    q, k, v = make_qkv(0)
     with pytest.raises(ValueError, match=msg):
         ta.topk_attention(q, k, v, **kw)
 
@@ -446,7 +394,7 @@ def test_dynamic_k_bad_input(kw, msg):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_window_is_the_most_recent_visible_keys(impl):
     """causal: keys pos-W+1..pos; causal=False: the last W keys (e.g. BERT's [SEP] with W=1)."""
-    q, k, v = make_qkv(1, 1, 1, 6, 6, seed=9)
+    q, k, v = make_qkv(9, 1, 1, 1, 6, 6)
     _, saved = ta.topk_attention_forward(q, k, v, topk=1, window=2, causal=True, impl=impl)
     m = mask_from_idx(saved.idx, 6)[0, 0]
     for t in range(6):
@@ -464,7 +412,7 @@ def test_chunks_on_worker_threads_equal_inline_and_nested_calls_do_not_deadlock(
     them inline.  Both give the same indices as the NumPy path."""
     from topkattn.threads import pool
 
-    q, k, v = make_qkv(2, 4, 2, 40, 40, seed=12)
+    q, k, v = make_qkv(12, 2, 4, 2, 40, 40)
     want = ta.topk_attention_forward(q, k, v, topk=5, impl="numpy", chunk_size=7)[1].idx
     got = ta.topk_attention_forward(q, k, v, topk=5, impl="numba", chunk_size=7)[1].idx
     np.testing.assert_array_equal(got, want)

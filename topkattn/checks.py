@@ -11,12 +11,18 @@ import numpy as np
 from topkattn.backend import FLOAT_DTYPES, get_array_module
 
 
-def check_int(name, value, lo=None, hi=None):
-    """``int(value)``; TypeError unless an integer (bool is not), ValueError outside [lo, hi]."""
+def check_int(name, value, lo=None, hi=None, *, optional=False):
+    """``int(value)``; TypeError unless an integer (bool is not), ValueError outside [lo, hi].
+
+    ``optional``: None is accepted too (and returned).
+    """
+    if optional and value is None:
+        return None
+    alt = " or None" if optional else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an integer{alt}, got {type(value).__name__} {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be an integer {_range(lo, hi)}, got {value!r}")
+        raise ValueError(f"{name} must be an integer {_range(lo, hi)}{alt}, got {value!r}")
     return int(value)
 
 

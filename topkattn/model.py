@@ -58,7 +58,7 @@ class TransformerConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "q_lora_rank", "kv_lora_rank",
                      "qk_nope_dim", "qk_rope_dim", "v_head_dim", "d_ff", "n_experts", "moe_topk"):
             check_int(name, getattr(self, name), 1)
-        for name in ("n_kv_heads", "head_dim", "topk"):
+        for name in ("n_kv_heads", "head_dim", "topk"):  # None: derived (heads, dims) or dense (topk)
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
         for name in ("persistent_tokens", "window", "seed"):

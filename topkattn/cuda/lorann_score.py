@@ -32,6 +32,7 @@ import numpy as np
 from numba import cuda, types
 
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
+from topkattn.checks import check_int
 from topkattn.cuda.topk_select import topm_rows
 
 THREADS = 128
@@ -76,9 +77,7 @@ def lorann_search(arrays, q, k, clusters_to_search, points_to_rerank):
     nc = arrays.cent.shape[0]
     for name, val, lo, hi in (("k", k, 1, None), ("clusters_to_search", clusters_to_search, 1, nc),
                               ("points_to_rerank", points_to_rerank, 0, None)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo or (
-                hi is not None and val > hi):
-            raise ValueError(f"{name} must be an integer in [{lo}, {hi or 'inf'}], got {val!r}")
+        check_int(name, val, lo, hi)
     q = xp.ascontiguousarray(q, dtype=xp.float32)
     Q = q.shape[0]
     qr = q if arrays.T is None else xp.ascontiguousarray(q @ arrays.T)  # (Q, G)

@@ -27,6 +27,7 @@ import math
 import numpy as np
 from numba import cuda, types
 
+from topkattn.checks import check_int
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 from topkattn.cuda.topk_select import topm_rows
 from topkattn.ops.selection import RowBounds
@@ -105,8 +106,7 @@ def _check(q_abs, keys, C):
         raise ValueError(f"keys must have shape (B, S, C + R) = ({B}, S, {Dk}), got {tuple(keys.shape)}")
     if q_abs.dtype != keys.dtype or q_abs.dtype not in (np.float32, np.float64):
         raise TypeError(f"q_abs and keys must share a float32/float64 dtype, got {q_abs.dtype}, {keys.dtype}")
-    if isinstance(C, bool) or not isinstance(C, (int, np.integer)) or not 0 <= C <= Dk:
-        raise ValueError(f"C must be an integer in [0, {Dk}], got {C!r}")
+    check_int("C", C, 0, Dk)
     return B, H, Dk
 
 

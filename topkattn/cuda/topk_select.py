@@ -24,6 +24,7 @@ import math
 import numpy as np
 from numba import cuda, types
 
+from topkattn.checks import check_int
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 
 PER_THREAD = 256  # columns one thread scans at least (and >= 16 m) before a merge level
@@ -48,8 +49,7 @@ def topk_select(scores, m, *, end=None, win_lo=None, win_hi=None, sinks=0, retur
         raise ValueError(f"scores must be 2-D (R, N), got shape {tuple(scores.shape)}")
     if scores.dtype not in (np.float32, np.float64):
         raise TypeError(f"scores must be float32 or float64, got {scores.dtype}")
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-        raise ValueError(f"m must be an integer >= 1, got {m!r}")
+    check_int("m", m, 1)
     R, N = scores.shape
     given = [a is not None for a in (end, win_lo, win_hi)]
     if any(given) and not all(given):

@@ -64,14 +64,14 @@ class LorannSelector(DecodeSelector):
                  refit_growth=0.5, max_training_queries=8192, tail_bound=None, max_topk=None,
                  seed=0, measure_recall=True):
         super().__init__(tail_bound=tail_bound, max_topk=max_topk, measure_recall=measure_recall)
-        self.n_clusters = None if n_clusters is None else check_int("n_clusters", n_clusters, 1)
+        self.n_clusters = check_int("n_clusters", n_clusters, 1, optional=True)
         if isinstance(clusters_to_search, numbers.Integral) and not isinstance(clusters_to_search, bool):
             self.clusters_to_search = check_int("clusters_to_search", clusters_to_search, 1)
         else:
             self.clusters_to_search = check_real("clusters_to_search", clusters_to_search, 0.0, 1.0, lo_open=True)
         self.points_to_rerank = check_int("points_to_rerank", points_to_rerank, 0)
         self.rank = check_int("rank", rank, 1)
-        self.global_dim = None if global_dim is None else check_int("global_dim", global_dim, 1)
+        self.global_dim = check_int("global_dim", global_dim, 1, optional=True)
         if quantization_bits not in (None, 4, 8):
             raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
         self.quantization_bits = quantization_bits

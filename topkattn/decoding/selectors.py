@@ -137,7 +137,7 @@ class DecodeSelector:
         if max_topk is not None and tail_bound is None:
             raise ValueError("max_topk applies only with tail_bound (dynamic k)")
         self.tail_bound = None if tail_bound is None else check_real("tail_bound", tail_bound, 0.0, 1.0, hi_open=True)
-        self.max_topk = None if max_topk is None else check_int("max_topk", max_topk, 1)
+        self.max_topk = check_int("max_topk", max_topk, 1, optional=True)
         self.measure_recall = bool(measure_recall)
         self.prefilling = False
         self.stats = DecodeStats()

@@ -11,11 +11,11 @@ Backward (per row, N = C):
     g      = dy * gamma
     dx     = rstd * (g - mean_c g - xhat * mean_c (g * xhat))
 """
-import numbers
 
 import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module
+from topkattn.checks import check_int, check_real
 
 
 def layer_norm(x, gamma, beta, eps=1e-5):
@@ -66,8 +66,7 @@ class LayerNorm:
     """
 
     def __init__(self, dim, eps=1e-5, dtype=np.float32, xp=np):
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        check_int("dim", dim, 1)
         self.eps = eps
         self.params = {"weight": xp.ones(dim, dtype=dtype), "bias": xp.zeros(dim, dtype=dtype)}
         self.grads = {name: xp.zeros_like(p) for name, p in self.params.items()}
@@ -96,5 +95,4 @@ def _check(x, gamma, beta, eps):
     for name, a in (("gamma", gamma), ("beta", beta)):
         if tuple(a.shape) != (C,):
             raise ValueError(f"{name} must have shape (C,) = ({C},), got {tuple(a.shape)}")
-    if not isinstance(eps, numbers.Real) or not eps >= 0 or not np.isfinite(eps):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_real("eps", eps, 0.0)

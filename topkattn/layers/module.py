@@ -88,7 +88,7 @@ def check_topk(topk, tail_bound=None, max_topk=None, forget_rate=0.0):
         tail_bound = check_real("tail_bound", tail_bound, 0.0, 1.0, hi_open=True)
         if forget_rate:
             raise ValueError(f"forget_rate must be 0 with topk='auto', got {forget_rate!r}")
-        return "auto", tail_bound, None if max_topk is None else check_int("max_topk", max_topk, 1)
+        return "auto", tail_bound, check_int("max_topk", max_topk, 1, optional=True)
     if tail_bound is not None or max_topk is not None:
         raise ValueError("tail_bound and max_topk apply only with topk='auto'")
     if topk is None:

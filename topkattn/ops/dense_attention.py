@@ -9,11 +9,11 @@ Backward, with p = exp(s - lse) recomputed chunk by chunk and delta_t = dout_t .
     dv = p^T dout,   ds = p * (dout v^T - delta),   dq = scale ds k,   dk = scale ds^T q
 Peak extra memory is one (B, H, chunk, S) tile: no (T, S) matrix is kept.
 """
-import numbers
 
 import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module
+from topkattn.checks import check_int, check_real
 from topkattn.ops.selection import decode_scores
 
 TILE_BYTES = 16 * 2**20  # budget for one chunk's (B, H, c, S) score tile
@@ -165,8 +165,6 @@ def check_qkv(q, k, v, scale, chunk_size):
     G = k.shape[1]
     if G == 0 or H % G:
         raise ValueError(f"query heads H={H} must be a multiple of KV heads G={G}")
-    if scale is not None and (not isinstance(scale, numbers.Real) or not np.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+    if scale is not None:
+        check_real("scale", scale)
+    check_int("chunk_size", chunk_size, 1, optional=True)

@@ -28,6 +28,7 @@ Backward, with g = dout and o_A = sum_A p_j v_j:
 import numpy as np
 
 from topkattn.backend import as_engine_array, get_array_module, to_caller_kind
+from topkattn.checks import check_int
 from topkattn.ops.dense_attention import TILE_BYTES, check_dout, check_qkv, chunk_scores, query_chunks
 from topkattn.ops.selection import select_topk
 
@@ -61,8 +62,7 @@ def tail_topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, sinks
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
     check_qkv(q, k, v, scale, chunk_size)
     for name, val, lo in (("topk", topk, 1), ("sinks", sinks, 0), ("window", window, 0)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+        check_int(name, val, lo)
     xp = get_array_module(q, k, v)
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]

@@ -3,11 +3,11 @@
 Shape letters: B batch, H query heads, G KV heads (H % G == 0), T queries, S keys,
 D head dim, Dv value dim, K index slots per query.
 """
-import numbers
 
 import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module, to_caller_kind
+from topkattn.checks import check_int, check_real
 from topkattn.ops.selection import select_dynamic_topk, select_topk
 from topkattn.ops.sparse_attention import (
     SparseAttentionSaved,
@@ -166,26 +166,22 @@ def _check_inputs(q, k, v, *, topk, scale, temperature, forget_rate, sinks, wind
     if G == 0 or H % G != 0:
         raise ValueError(f"query heads H={H} must be a multiple of KV heads G={G}")
     if topk == "auto":
-        if tail_bound is None or not isinstance(tail_bound, numbers.Real) or not 0 <= tail_bound < 1:
-            raise ValueError(f"topk='auto' needs tail_bound in [0, 1), got {tail_bound!r}")
-        if max_topk is not None and (isinstance(max_topk, bool) or not isinstance(max_topk, numbers.Integral)
-                                     or max_topk < 1):
-            raise ValueError(f"max_topk must be an integer >= 1 or None, got {max_topk!r}")
+        if tail_bound is None:
+            raise ValueError("topk='auto' needs tail_bound in [0, 1), got None")
+        check_real("tail_bound", tail_bound, 0.0, 1.0, hi_open=True)
+        check_int("max_topk", max_topk, 1, optional=True)
         if forget_rate != 0:
             raise ValueError(f"forget_rate must be 0 with topk='auto', got {forget_rate!r}")
-    elif isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
-        raise ValueError(f"topk must be an integer >= 1 or 'auto', got {topk!r}")
-    elif tail_bound is not None or max_topk is not None:
-        raise ValueError("tail_bound and max_topk apply only with topk='auto'")
-    if not isinstance(forget_rate, numbers.Real) or not 0.0 <= forget_rate < 1.0:
-        raise ValueError(f"forget_rate must be in [0, 1), got {forget_rate!r}")
-    for name, val in (("sinks", sinks), ("window", window)):
-        if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {val!r}")
-    if not isinstance(temperature, numbers.Real) or not temperature > 0 or not np.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if scale is not None and (not isinstance(scale, numbers.Real) or not np.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool)
-                                   or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+    else:
+        if isinstance(topk, str):
+            raise ValueError(f"topk must be an integer >= 1 or 'auto', got {topk!r}")
+        check_int("topk", topk, 1)
+        if tail_bound is not None or max_topk is not None:
+            raise ValueError("tail_bound and max_topk apply only with topk='auto'")
+    check_real("forget_rate", forget_rate, 0.0, 1.0, hi_open=True)
+    check_int("sinks", sinks, 0)
+    check_int("window", window, 0)
+    check_real("temperature", temperature, 0.0, lo_open=True)
+    if scale is not None:
+        check_real("scale", scale)
+    check_int("chunk_size", chunk_size, 1, optional=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from topkattn.backend import require_cupy, to_numpy
+from topkattn.checks import check_int
 from topkattn.ops.dense_attention import dense_attention
 from topkattn.layers.gelu import gelu
 from topkattn.layers.layernorm import layer_norm
@@ -143,8 +144,7 @@ class BertEncoder:
         tt = xp.zeros_like(ids) if token_type_ids is None else xp.asarray(token_type_ids)
         if tt.shape != ids.shape:
             raise ValueError(f"token_type_ids must have shape {tuple(ids.shape)}, got {tuple(tt.shape)}")
-        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1):
-            raise ValueError(f"topk must be an integer >= 1 or None, got {topk!r}")
+        check_int("topk", topk, 1, optional=True)
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
         k_eff = None if topk is None or topk >= T else int(topk)
@@ -235,8 +235,7 @@ class SentenceEncoder:
         mean unselected value (see :meth:`BertEncoder.__call__`).
         Texts are grouped by token count (no padding), ``batch_size`` at a time.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_int("batch_size", batch_size, 1)
         ids = self.tokenize(texts)
         C = self.encoder.config.hidden_size
         out = np.zeros((len(ids), C), dtype=self.encoder.dtype)

@@ -8,11 +8,11 @@ keys; the training loop calls, per step::
     opt.step(params, grads, lr=warmup_cosine_lr(step, ...))
 """
 import math
-import numbers
 
 import numpy as np
 
 from topkattn.backend import get_array_module, to_numpy
+from topkattn.checks import check_int, check_real
 
 
 def warmup_cosine_lr(step, *, base_lr, warmup_steps, total_steps, min_lr=0.0):
@@ -23,12 +23,9 @@ def warmup_cosine_lr(step, *, base_lr, warmup_steps, total_steps, min_lr=0.0):
     min_lr, and stays at min_lr after total_steps.
     """
     for name, val in (("step", step), ("warmup_steps", warmup_steps), ("total_steps", total_steps)):
-        if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {val!r}")
-    if not (isinstance(base_lr, numbers.Real) and base_lr >= 0 and math.isfinite(base_lr)):
-        raise ValueError(f"base_lr must be a finite number >= 0, got {base_lr!r}")
-    if not (isinstance(min_lr, numbers.Real) and 0 <= min_lr <= base_lr):
-        raise ValueError(f"min_lr must be a number in [0, base_lr={base_lr}], got {min_lr!r}")
+        check_int(name, val, 0)
+    check_real("base_lr", base_lr, 0.0)
+    check_real("min_lr", min_lr, 0.0, base_lr)
     if step < warmup_steps:
         return float(base_lr) * (step + 1) / warmup_steps
     decay_steps = total_steps - warmup_steps
@@ -59,8 +56,7 @@ def clip_grad_norm(grads, max_norm):
     Returns the norm before clipping (a float).  A non-finite norm leaves the gradients
     untouched and is returned as is, so the caller can skip the step.
     """
-    if not (isinstance(max_norm, numbers.Real) and max_norm > 0):
-        raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+    check_real("max_norm", max_norm, 0.0, lo_open=True)
     norm = global_grad_norm(grads)
     if math.isfinite(norm) and norm > max_norm:
         factor = max_norm / (norm + 1e-6)
@@ -89,14 +85,13 @@ class AdamW:
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                  decay_filter=default_decay_filter):
-        if not (isinstance(lr, numbers.Real) and lr >= 0):
-            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-        if len(betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas):
+        check_real("lr", lr, 0.0)
+        if len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if not (isinstance(eps, numbers.Real) and eps > 0):
-            raise ValueError(f"eps must be a number > 0, got {eps!r}")
-        if not (isinstance(weight_decay, numbers.Real) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        for i, b in enumerate(betas):
+            check_real(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
+        check_real("eps", eps, 0.0, lo_open=True)
+        check_real("weight_decay", weight_decay, 0.0)
         self.lr = float(lr)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
@@ -151,8 +146,7 @@ class AdamW:
     def load_state_dict(self, state, like=None):
         """Restore from :meth:`state_dict`; ``like`` (a params dict) picks the array library."""
         t = state["t"]
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
-            raise ValueError(f"state['t'] must be an integer >= 0, got {t!r}")
+        check_int("state['t']", t, 0)
         if set(state["m"]) != set(state["v"]):
             raise ValueError("state['m'] and state['v'] must have the same keys")
         self.t = int(t)
