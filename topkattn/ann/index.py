@@ -658,7 +658,8 @@ class LorannIndex:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path):
-        """Write the index atomically to ``path`` (versioned .npz + JSON header + SHA-256)."""
+        """Write the index atomically to ``path`` (the :mod:`topkattn.storage` container:
+        versioned .npz, JSON header, SHA-256 per array)."""
         self._require_built()
         from topkattn.ann import persist
 
@@ -666,10 +667,33 @@ class LorannIndex:
 
     @classmethod
     def load(cls, path):
-        """Load an index written by :meth:`save` (ValueError if truncated, corrupt or newer)."""
+        """Load an index written by :meth:`save`: :class:`topkattn.storage.StorageError` (a
+        ValueError) if truncated, corrupt or newer, FileNotFoundError if missing."""
         from topkattn.ann import persist
 
         return persist.load_index(cls, path)
+
+    def search_state(self):
+        """The built index's search state as host arrays, for scoring kernels outside ``ann/``.
+
+        A dict: ``T`` (global projection or None), ``cent``/``cnorm`` (centroids, their
+        squared norms), ``a``/``ascale`` (per-cluster A: 8/4-bit codes and per-row scales,
+        or float32 with unit scales when unquantised), ``b``/``bscale`` (per-slot B rows),
+        ``start``/``size`` (each cluster's slot range), ``slot_id`` (point of each slot),
+        ``norms`` (squared point norms), ``data`` (the points), ``bits`` (0 = float32),
+        ``rank`` and ``l2`` (distance).  The arrays are the index's own: read, never write.
+        """
+        self._require_built()
+        bits = self.quantization_bits
+        if bits is None:
+            a, b = self._adeq, self._bdeq
+            ascale, bscale = np.ones((self.n_clusters, self.rank), np.float32), np.ones(len(b), np.float32)
+        else:
+            a, b, ascale, bscale = self._acodes, self._bcodes, self._ascale, self._bscale
+        return dict(T=self._T, cent=self._cent, cnorm=self._cnorm, a=a, ascale=ascale, b=b, bscale=bscale,
+                    start=self._start, size=self._size, slot_id=self._slot_id, norms=self._norms[:self.n_samples],
+                    data=self.data, bits=0 if bits is None else int(bits), rank=int(self.rank),
+                    l2=self.distance == "l2")
 
     # ------------------------------------------------------------------ helpers
     def _require_built(self):

@@ -43,26 +43,12 @@ LorannArrays.__doc__ = "Device arrays of a LoRANN index in the layout of this mo
 
 
 def lorann_arrays(index, xp):
-    """Gather a built :class:`topkattn.ann.LorannIndex`'s search state as device arrays of ``xp``.
-
-    Reads the index's storage (quantised codes and scales, slot layout); the arrays are
-    copied to the device once, here, not per search.
-    """
-    index._require_built()
-    bits = index.quantization_bits
-    n = index.n_samples
-    if bits is None:
-        a, b = index._adeq, index._bdeq
-        ascale, bscale = np.ones((index.n_clusters, index.rank), np.float32), np.ones(len(b), np.float32)
-    else:
-        a, b, ascale, bscale = index._acodes, index._bcodes, index._ascale, index._bscale
-    dev = lambda x: xp.asarray(np.ascontiguousarray(x))  # noqa: E731
-    return LorannArrays(
-        T=None if index._T is None else dev(index._T), cent=dev(index._cent), cnorm=dev(index._cnorm),
-        a=dev(a), ascale=dev(ascale), b=dev(b), bscale=dev(bscale), start=dev(index._start),
-        size=dev(index._size), slot_id=dev(index._slot_id), norms=dev(index._norms[:n]),
-        data=dev(index.data), bits=0 if bits is None else int(bits), rank=int(index.rank),
-        l2=index.distance == "l2", maxsz=max(1, int(index._size.max())))
+    """A built :class:`topkattn.ann.LorannIndex`'s search state (``index.search_state()``) as
+    device arrays of ``xp``, copied to the device once, here, not per search."""
+    st = index.search_state()
+    arrays = {name: val if np.isscalar(val) or val is None else xp.asarray(np.ascontiguousarray(val))
+              for name, val in st.items()}
+    return LorannArrays(**arrays, maxsz=max(1, int(st["size"].max())))
 
 
 def lorann_search(arrays, q, k, clusters_to_search, points_to_rerank):
