@@ -15,7 +15,7 @@ from topkattn.backend import get_array_module
 from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_decode, dense_attention_forward
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
 from topkattn.layers.module import Module, as_input, check_topk, normal
-from topkattn.layers.cache import KVCache, select_step
+from topkattn.layers.cache import KVCache, check_step_input, select_step
 from topkattn.layers.rope import rope_angles, rope_apply
 from topkattn.ops.sparse_attention import sparse_attention_decode
 from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
@@ -176,14 +176,8 @@ class Attention(Module):
 
     def step(self, x_t, cache):
         """y_t (B, 1, d) for x_t (B, 1, d); appends this token's keys and values to ``cache``."""
-        x_t = self._check_x(x_t)
-        if not isinstance(cache, KVCache) or cache.owner is not self:
-            raise TypeError("cache must come from this layer's init_cache")
+        x_t = check_step_input(self, self._check_x(x_t), cache)
         B = x_t.shape[0]
-        if x_t.shape[1] != 1:
-            raise ValueError(f"x_t must have shape (B, 1, d_model), got {tuple(x_t.shape)}")
-        if B != cache.batch:
-            raise ValueError(f"x_t has batch {B} but the cache was made for batch {cache.batch}")
         xp = get_array_module(x_t)
         p = self.params
         H, G, D, Dv = self.n_heads, self.n_kv_heads, self.head_dim, self.v_head_dim

@@ -6,6 +6,7 @@ Dv value dim, C latent dim, R rope dim, H query heads, K selected slots.
     GrowingBuffer   an array that grows along one axis by doubling
     KVCache         full keys (B, G, S, D) and values (B, G, S, Dv): Attention
     MLACache        latents [c_j ; kr_j] (B, S, C + R), shared by every head: MLA
+    check_step_input  one decode step's input (B, 1, d) against the layer's own cache
     select_step     the keys one decode query attends: the layer's selector, else exact
 
 A layer's ``selector`` follows the one decode-selection protocol of
@@ -14,6 +15,18 @@ scale) -> idx (B, H, K)``; ``None`` is exact selection (:func:`topkattn.ops.sele
 """
 from topkattn.backend import get_array_module
 from topkattn.ops.selection import select_decode
+
+
+def check_step_input(layer, x_t, cache):
+    """``x_t`` (B, 1, d) of a decode step of ``layer``; TypeError unless ``cache`` is the
+    layer's own (from its ``init_cache``), ValueError for a wrong shape or batch."""
+    if getattr(cache, "owner", None) is not layer:
+        raise TypeError("cache must come from this layer's init_cache")
+    if x_t.shape[1] != 1:
+        raise ValueError(f"x_t must have shape (B, 1, d_model), got {tuple(x_t.shape)}")
+    if x_t.shape[0] != cache.batch:
+        raise ValueError(f"x_t has batch {x_t.shape[0]} but the cache was made for batch {cache.batch}")
+    return x_t
 
 
 def select_step(layer, query, cache):

@@ -25,7 +25,7 @@ from topkattn.backend import get_array_module
 from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_decode, dense_attention_forward
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
 from topkattn.layers.module import Module, as_input, check_topk, normal
-from topkattn.layers.cache import MLACache, select_step
+from topkattn.layers.cache import MLACache, check_step_input, select_step
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
 from topkattn.layers.rope import rope_angles, rope_apply
 from topkattn.ops.sparse_attention import sparse_attention_decode
@@ -243,14 +243,8 @@ class MLA(Module):
 
     def step(self, x_t, cache):
         """y_t (B, 1, d) for x_t (B, 1, d); appends [c ; kr] (C + R floats) per row to ``cache``."""
-        x_t = self._check_x(x_t)
-        if not isinstance(cache, MLACache) or cache.owner is not self:
-            raise TypeError("cache must come from this layer's init_cache")
+        x_t = check_step_input(self, self._check_x(x_t), cache)
         B = x_t.shape[0]
-        if x_t.shape[1] != 1:
-            raise ValueError(f"x_t must have shape (B, 1, d_model), got {tuple(x_t.shape)}")
-        if B != cache.batch:
-            raise ValueError(f"x_t has batch {B} but the cache was made for batch {cache.batch}")
         w = cache.weights
         xp = get_array_module(x_t)
         x1 = x_t[:, 0]  # (B, d)

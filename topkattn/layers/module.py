@@ -32,6 +32,12 @@ class Module:
     def children(self):
         return self._children.items()
 
+    def step(self, x):
+        """Forward of one decode step for a position-wise layer, keeping nothing for backward."""
+        y = self.forward(x)
+        self._saved = None
+        return y
+
     # -- flat views ----------------------------------------------------------------------
     def named_params(self, prefix=""):
         """Yield ``(dotted name, param array)`` for this layer and all descendants."""

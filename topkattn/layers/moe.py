@@ -82,11 +82,6 @@ class MoE(Module):
         self._saved = (shape, xf, p, sel, gate, Z, f, per_expert)
         return out.reshape(shape)
 
-    def step(self, x):
-        y = self.forward(x)
-        self._saved = None
-        return y
-
     def backward(self, dy):
         if self._saved is None:
             raise RuntimeError("MoE.backward called before forward")

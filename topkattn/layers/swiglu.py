@@ -41,11 +41,6 @@ class SwiGLU(Module):
         self._saved = (x, a, b, sg, h)
         return h @ p["W2"].T  # (..., C)
 
-    def step(self, x):
-        y = self.forward(x)
-        self._saved = None
-        return y
-
     def backward(self, dy):
         if self._saved is None:
             raise RuntimeError("SwiGLU.backward called before forward")
