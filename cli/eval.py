@@ -1,30 +1,14 @@
 """`topkattn eval RUN_DIR`: decode a train-toy checkpoint token by token with a retriever.
 
-Thin: parses options, builds the selectors, prints the result; the work is
+Thin: parses options, builds the selectors, draws the progress bar, prints the result; the work is
 :func:`topkattn.decoding.evaluate_decoding`.
 """
 import json
 import math
-import sys
 
 import click
 
-
-class _OneLineUsageError(click.UsageError):
-    """A usage error shown as one line (``Error: ...``), exit status 2."""
-
-    def show(self, file=None):
-        click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
-
-
-class _OneLineCommand(click.Command):
-    def parse_args(self, ctx, args):
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as e:
-            if isinstance(e, _OneLineUsageError):
-                raise
-            raise _OneLineUsageError(e.format_message(), ctx) from None
+from topkattn.cli.common import command, fail, progress_bar, quiet_option
 
 
 def _int_or_auto(value, option):
@@ -36,24 +20,25 @@ def _int_or_auto(value, option):
     except ValueError:
         v = 0
     if v < 1:
-        raise click.BadParameter(f"{option} must be an integer >= 1 or 'auto', got {value!r}")
+        raise click.UsageError(f"{option} must be an integer >= 1 or 'auto', got {value!r}")
     return v
 
 
 def _search(value):
+    """--clusters-to-search: an integer >= 1 or a fraction in (0, 1]."""
     msg = f"--clusters-to-search must be an integer >= 1 or a fraction in (0, 1], got {value!r}"
     try:
         v = float(value)
     except ValueError:
-        raise click.BadParameter(msg) from None
+        raise click.UsageError(msg) from None
     if v >= 1 and v == int(v) and "." not in str(value):
         return int(v)
     if not 0 < v <= 1:
-        raise click.BadParameter(msg)
+        raise click.UsageError(msg)
     return v
 
 
-@click.command("eval", cls=_OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--retriever", type=click.Choice(["exact", "lorann", "simulated"]), default="exact",
               show_default=True,
@@ -89,10 +74,11 @@ def _search(value):
 @click.option("--no-refit", is_flag=True, help="lorann: never rebuild (only incremental adds).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the simulated drops and the indexes' k-means.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-@click.pass_context
-def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batch_size, prompt_len,
-             clusters, search, rerank, rank, refit_factor, no_refit, seed, as_json):
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object on stdout instead of the table (the bar stays on stderr).")
+@quiet_option
+def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batch_size, prompt_len,
+             clusters, search, rerank, rank, refit_factor, no_refit, seed, as_json, quiet):
     """Decode a train-toy run's held-out set token by token with a retriever; print accuracy and recall.
 
     \b
@@ -101,35 +87,31 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, max_k, n_sequences,
               topkattn eval run/ --retriever exact --k 16 --tail-bound 0.01
               topkattn eval run/ --retriever lorann --k auto --tail-bound 0.01 --max-k 32
     """
-    from topkattn.training.checkpoint import CheckpointError
     from topkattn.decoding.runner import evaluate_decoding, selector_factory
+    from topkattn.training.checkpoint import CheckpointError
     from topkattn.training.runs import load_run
     from topkattn.training.train import heldout_set, make_task
 
     if retriever == "simulated" and recall is None:
-        raise _OneLineUsageError("--retriever simulated needs --recall R", ctx)
+        raise click.UsageError("--retriever simulated needs --recall R")
     if retriever != "simulated" and recall is not None:
-        raise _OneLineUsageError(f"--recall applies only to --retriever simulated, not {retriever}", ctx)
+        raise click.UsageError(f"--recall applies only to --retriever simulated, not {retriever}")
     if retriever == "simulated" and tail_bound is not None:
-        raise _OneLineUsageError("--tail-bound (dynamic k) works with --retriever exact or lorann", ctx)
-    try:
-        k = _int_or_auto(k, "--k")
-        n_clusters = _int_or_auto(clusters, "--clusters")
-        n_clusters = None if n_clusters == "auto" else n_clusters
-        to_search = _search(search)
-    except click.BadParameter as e:
-        raise _OneLineUsageError(e.message, ctx) from None
+        raise click.UsageError("--tail-bound (dynamic k) works with --retriever exact or lorann")
+    k = _int_or_auto(k, "--k")
+    n_clusters = _int_or_auto(clusters, "--clusters")
+    n_clusters = None if n_clusters == "auto" else n_clusters
+    to_search = _search(search)
     if k == "auto" and tail_bound is None:
-        raise _OneLineUsageError("--k auto (dynamic k) needs --tail-bound EPS", ctx)
+        raise click.UsageError("--k auto (dynamic k) needs --tail-bound EPS")
     if max_k is not None and k != "auto":
-        raise _OneLineUsageError("--max-k is the cap of --k auto; with an integer --k that k is the cap", ctx)
+        raise click.UsageError("--max-k is the cap of --k auto; with an integer --k that k is the cap")
     try:
         cfg, model = load_run(run_dir)
     except FileNotFoundError as e:
-        raise _OneLineUsageError(str(e), ctx) from None
+        raise click.UsageError(str(e)) from None
     except CheckpointError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
+        fail(str(e))
     task = make_task(cfg)
     inputs, targets = heldout_set(task, cfg)
     inputs, targets = inputs[:n_sequences], targets[:n_sequences]
@@ -142,9 +124,8 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, max_k, n_sequences,
     elif retriever == "exact" and tail_bound is None:
         k_eval = None  # a dense-trained run, decoded as trained: dense
     else:
-        raise _OneLineUsageError(f"{run_dir} was trained with dense attention: give --k K (or --k auto) "
-                                 f"for --retriever {retriever}" + (" with --tail-bound" if retriever == "exact" else ""),
-                                 ctx)
+        raise click.UsageError(f"{run_dir} was trained with dense attention: give --k K (or --k auto) "
+                               f"for --retriever {retriever}" + (" with --tail-bound" if retriever == "exact" else ""))
     if prompt_len is None:
         prompt_len = 2 * cfg.num_kv_pairs if cfg.task == "mqar" else inputs.shape[1] // 2
     prompt_len = min(prompt_len, inputs.shape[1])
@@ -154,8 +135,9 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, max_k, n_sequences,
                       refit_factor=None if no_refit else refit_factor)
     make = selector_factory(retriever, len(model.blocks), recall=recall, tail_bound=tail_bound, seed=seed,
                             **lorann)
-    res = evaluate_decoding(model, inputs, targets, make_selectors=make, prompt_len=prompt_len,
-                            topk=k_eval, batch_size=batch_size)
+    with progress_bar(len(inputs), f"eval {retriever}", "seq", quiet) as bar:
+        res = evaluate_decoding(model, inputs, targets, make_selectors=make, prompt_len=prompt_len,
+                                topk=k_eval, batch_size=batch_size, progress=lambda done: bar.update(done - bar.n))
     out = {"retriever": retriever, "k": "auto" if k == "auto" else k_eval, "max_k": k_eval if k == "auto" else None,
            "accuracy": res["accuracy"], "recall": res["recall"], "loss": res["loss"],
            "bits_per_token": res["bits_per_token"],
@@ -188,7 +170,8 @@ def eval_cmd(ctx, run_dir, retriever, recall, k, tail_bound, max_k, n_sequences,
     rows += [("accuracy", "nan" if math.isnan(acc) else f"{acc:.4f}"),
              ("bits per char" if cfg.task == "text" else "bits per token", f"{res['bits_per_token']:.4f}"),
              ("measured recall", f"{res['recall']:.4f}"),
-             ("mean k", "all keys" if k_eval is None else f"{res['mean_k']:.2f}"), ("sequences", len(inputs)), ("scored tokens", res["n_scored"]),
+             ("mean k", "all keys" if k_eval is None else f"{res['mean_k']:.2f}"), ("sequences", len(inputs)),
+             ("scored tokens", res["n_scored"]),
              ("seconds", f"{res['seconds']:.1f}")]
     w = max(len(r[0]) for r in rows)
     for name, val in rows:

@@ -4,44 +4,14 @@ Thin: parses options, draws the progress bar, prints the table; the loop is
 :func:`topkattn.training.train.train`.
 """
 import json
-import os
 import sys
 
 import click
 
+from topkattn.cli.common import command, device_option, fail, progress_bar, quiet_option
 
 
-class OneLineUsageError(click.UsageError):
-    """A usage error shown as one line (``Error: ...``) with exit status 2."""
-
-    def show(self, file=None):
-        click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
-
-
-class OneLineCommand(click.Command):
-    """A command whose option errors print one line instead of usage + hint + error."""
-
-    def parse_args(self, ctx, args):
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as e:
-            if isinstance(e, OneLineUsageError):
-                raise
-            raise OneLineUsageError(e.format_message(), ctx) from None
-
-
-# option name -> TrainConfig field (the options that define the run and live in the checkpoint)
-CONFIG_OPTIONS = {
-    "task": "task", "attention": "attention", "k": "k", "forget_rate": "forget_rate",
-    "layers": "layers", "d_model": "d_model", "heads": "heads", "seq_len": "seq_len",
-    "steps": "steps", "batch_size": "batch_size", "lr": "lr", "seed": "seed",
-    "vocab_size": "vocab_size", "num_kv_pairs": "num_kv_pairs", "warmup_steps": "warmup_steps",
-    "weight_decay": "weight_decay", "token_shift": "token_shift",
-}
-
-
-@click.command("train-toy", cls=OneLineCommand,
-               context_settings={"help_option_names": ["-h", "--help"]})
+@command("train-toy")
 @click.option("--task", type=click.Choice(["mqar", "text"]), default="mqar", show_default=True,
               help="mqar: multi-query associative recall (held-out accuracy); text: byte-level LM "
                    "on the Python standard library's sources (held-out bits per character).")
@@ -87,14 +57,13 @@ CONFIG_OPTIONS = {
                    "values, options given must match it.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Steps between checkpoints (one is always written at the end).")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-              help="cpu: NumPy arrays; gpu: CuPy arrays (needs CuPy and a CUDA GPU).")
+@device_option
 @click.option("--blas-threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="BLAS threads while training (the toy matrices are small: with more threads "
                    "OpenBLAS can be many times slower); 0 keeps the library's setting.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the final metrics as one JSON object on stdout (the bar stays on stderr).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 @click.pass_context
 def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_json, quiet,
               **options):
@@ -105,77 +74,50 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
               topkattn train-toy --attention dense     (the same model with dense attention)
               topkattn train-toy --task text --out run/ (then: --out run/ --resume)
     """
-    from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
-    from topkattn.training.train import CHECKPOINT_NAME, TrainConfig, saved_config, train
+    from tqdm import tqdm
+
+    from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError
+    from topkattn.training.runs import resume_config
+    from topkattn.training.train import TrainConfig, train
 
     if resume and out_dir is None:
-        raise OneLineUsageError("--resume needs --out DIR (the folder holding checkpoint.npz)", ctx)
-    given = {name for name in CONFIG_OPTIONS
+        raise click.UsageError("--resume needs --out DIR (the folder holding checkpoint.npz)")
+    # every option collected in **options is a TrainConfig field of the same name
+    given = {name for name in options
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-    values = {CONFIG_OPTIONS[n]: v for n, v in options.items() if v is not None}
+    values = {name: v for name, v in options.items() if v is not None}
     task = values["task"]
     values.setdefault("seq_len", 64 if task == "mqar" else 128)
     values.setdefault("steps", 600 if task == "mqar" else 500)
     values.setdefault("warmup_steps", max(1, values["steps"] // 20))
-
     if resume:
-        path = os.path.join(out_dir, CHECKPOINT_NAME)
-        if not os.path.exists(path):
-            raise OneLineUsageError(f"--resume: no checkpoint at {path}", ctx)
         try:
-            saved = saved_config(load_training_state(path))
+            values = resume_config(out_dir, values, given, label=_option)
+        except (FileNotFoundError, ConfigMismatchError) as e:
+            raise click.UsageError(f"--resume: {e}") from None
         except CheckpointError as e:
-            _fail(str(e), code=1)
-        mismatched = sorted(f for f in (CONFIG_OPTIONS[n] for n in given)
-                            if f in saved and saved[f] != values[f])
-        if mismatched:
-            detail = ", ".join(f"--{f.replace('_', '-')} (checkpoint {saved[f]!r}, now {values[f]!r})"
-                               for f in mismatched)
-            raise OneLineUsageError(f"options do not match the checkpoint {path}: {detail}", ctx)
-        values = {**values, **{f: v for f, v in saved.items()
-                               if f not in {CONFIG_OPTIONS[n] for n in given}}}
+            fail(str(e))
     try:
         cfg = TrainConfig.from_dict(values)
     except ValueError as e:
-        raise OneLineUsageError(str(e), ctx) from None
-    if device == "gpu":
-        from topkattn.backend import require_cupy
-        try:
-            require_cupy()
-        except RuntimeError as e:
-            raise OneLineUsageError(f"--device gpu: {e}", ctx) from None
-
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, desc=f"{cfg.task} {cfg.attention}"
-                   + (f" k={cfg.k}" if cfg.attention == "topk" else ""),
-                   unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-
-    def progress(step, loss, lr, tok_s):
-        if bar is not None:
-            if bar.n == 0 and step > 1:
-                bar.update(step - 1)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
+        raise click.UsageError(str(e)) from None
 
     def log(msg):
-        if bar is not None:
-            bar.write(msg, file=sys.stderr)
-        else:
-            click.echo(msg, err=True)
+        tqdm.write(msg, file=sys.stderr)
 
+    desc = f"{cfg.task} {cfg.attention}" + (f" k={cfg.k}" if cfg.attention == "topk" else "")
     try:
-        with _blas_limit(blas_threads, log):
+        with progress_bar(cfg.steps, desc, "step", quiet) as bar, _blas_limit(blas_threads, log):
+            def progress(step, loss, lr, tok_s):
+                bar.update(step - bar.n)  # a resumed run jumps to its checkpoint's step
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
+
             result = train(cfg, out_dir=out_dir, resume=resume, device=device,
                            checkpoint_every=checkpoint_every, progress=progress, log=log)
-    except ConfigMismatchError as e:
-        _close(bar)
-        raise OneLineUsageError(str(e), ctx) from None
+    except ConfigMismatchError as e:  # a field the checkpoint lacks (an older run)
+        raise click.UsageError(str(e)) from None
     except (CheckpointError, FloatingPointError) as e:
-        _close(bar)
-        _fail(str(e), code=1)
-    _close(bar)
+        fail(str(e))
     m = result.metrics
     if as_json:
         click.echo(json.dumps(m, sort_keys=True))
@@ -183,6 +125,11 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
         click.echo(format_table([m]))
         if out_dir is not None:
             click.echo(f"checkpoint and metrics in {out_dir}")
+
+
+def _option(field):
+    """The command-line option of a TrainConfig field (``d_model`` -> ``--d-model``)."""
+    return "--" + field.replace("_", "-")
 
 
 def _blas_limit(n, log):
@@ -199,16 +146,6 @@ def _blas_limit(n, log):
     return threadpool_limits(limits=n, user_api="blas")
 
 
-def _close(bar):
-    if bar is not None:
-        bar.close()
-
-
-def _fail(msg, code):
-    click.echo(f"Error: {msg}", err=True)
-    sys.exit(code)
-
-
 def format_table(rows):
     """A plain-text table of metrics dicts (one row each)."""
     head = ["task", "attention", "k", "forget", "steps", "train loss", "held-out", "tokens/s", "seconds"]
@@ -223,6 +160,8 @@ def format_table(rows):
                       f"{m['forget_rate']:g}", str(m["steps"]), f"{m['train_loss']:.4f}", quality,
                       "-" if tok is None else f"{tok:,.0f}", f"{m['seconds']:.1f}"])
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(head)]
-    fmt = lambda r: "  ".join(c.rjust(w) if i >= 4 else c.ljust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths)))
+
+    def fmt(r):
+        return "  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])

@@ -30,7 +30,7 @@ def _eval(args):
 def _json(args):
     r = _eval([*args, "--json"])
     assert r.exit_code == 0, r.output
-    return json.loads(r.output.strip().splitlines()[-1])
+    return json.loads(r.stdout)  # the progress bar is on stderr
 
 
 def _forward_accuracy(model, cfg, topk):
@@ -94,7 +94,7 @@ def test_table_output(run):
     r = _eval([path, "--retriever", "simulated", "--recall", "0.9", "--n-sequences", "2"])
     assert r.exit_code == 0, r.output
     lines = dict(line.split(None, 1) if len(line.split(None, 1)) == 2 else (line, "")
-                 for line in r.output.splitlines())
+                 for line in r.stdout.splitlines())
     assert lines["retriever"].strip() == "simulated"
     assert "accuracy" in lines
 
@@ -208,3 +208,25 @@ def test_k_usage_errors(run, args, msg):
     path, _, _ = run
     r = _eval([path, *args])
     assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_progress_bar_on_stderr_json_alone_on_stdout(run):
+    path, _, _ = run
+    args = ["eval", path, "--n-sequences", str(N_SEQ), "--batch-size", "4", "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n_sequences"] == N_SEQ  # stdout: the JSON object and nothing else
+    assert f"{N_SEQ}/{N_SEQ}" in r.stderr and "eval exact" in r.stderr  # the tqdm bar, per sequence
+    quiet = CliRunner().invoke(main, [*args, "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    assert json.loads(quiet.stdout)["accuracy"] == json.loads(r.stdout)["accuracy"]
+
+
+def test_progress_callback_counts_sequences(run):
+    from topkattn.decoding.runner import evaluate_decoding, selector_factory
+    _, cfg, model = run
+    x, y = heldout_set(make_task(cfg), cfg)
+    done = []
+    evaluate_decoding(model, x[:5], y[:5], make_selectors=selector_factory("exact", 1), prompt_len=4,
+                      batch_size=2, progress=done.append)
+    assert done == [2, 4, 5]

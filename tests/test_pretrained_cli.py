@@ -4,15 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-pytest.importorskip("torch")  # the random model fixture lives with the torch oracle
-pytest.importorskip("safetensors")
-pytest.importorskip("tokenizers")
-from click.testing import CliRunner  # noqa: E402
-from test_pretrained_bert import model_dir  # noqa: E402,F401  (fixture)
+import test_pretrained_bert  # skips this module without torch, safetensors or tokenizers
+from topkattn.cli.main import main
+from topkattn.pretrained.bert import SentenceEncoder
 
-from topkattn.cli.main import main  # noqa: E402
-from topkattn.pretrained.bert import SentenceEncoder  # noqa: E402
+model_dir = test_pretrained_bert.model_dir  # the random-model fixture
 
 TEXTS = ["the big red dog ran far away", "a cat sat on the mat and then slept"]
 
@@ -22,7 +20,7 @@ def _run(args):
     return res.exit_code, res.output
 
 
-def test_json_with_k_matches_library(model_dir):  # noqa: F811
+def test_json_with_k_matches_library(model_dir):
     code, out = _run(["--k", "3", "--json", "--model-dir", str(model_dir), *TEXTS])
     assert code == 0, out
     obj = json.loads(out)
@@ -36,7 +34,7 @@ def test_json_with_k_matches_library(model_dir):  # noqa: F811
     assert max(obj["cosine"]) < 1 - 1e-6  # top-3 of 9-11 tokens differs from dense
 
 
-def test_dense_json_and_text_output(model_dir):  # noqa: F811
+def test_dense_json_and_text_output(model_dir):
     code, out = _run(["--json", "--model-dir", str(model_dir), TEXTS[0]])
     assert code == 0, out
     obj = json.loads(out)
@@ -51,7 +49,7 @@ def test_dense_json_and_text_output(model_dir):  # noqa: F811
                                SentenceEncoder.from_dir(model_dir).encode(TEXTS[:1], topk=2)[0], atol=1e-6)
 
 
-def test_tail_sinks_window_dense_layers_match_library(model_dir):  # noqa: F811
+def test_tail_sinks_window_dense_layers_match_library(model_dir):
     code, out = _run(["--k", "3", "--tail", "mean", "--sinks", "1", "--window", "1", "--dense-layers", "-1",
                       "--json", "--model-dir", str(model_dir), *TEXTS])
     assert code == 0, out
@@ -64,17 +62,18 @@ def test_tail_sinks_window_dense_layers_match_library(model_dir):  # noqa: F811
     assert np.abs(np.array(obj["embeddings"]) - plain).max() > 1e-4
 
 
-def test_usage_errors(model_dir, tmp_path):  # noqa: F811
+def test_usage_errors(model_dir, tmp_path):
     for args, needle in ((["--tail", "mean", "x"], "apply only with --k"),
                          (["--k", "2", "--dense-layers", "a,b", "x"], "--dense-layers"),
                          (["--k", "2", "--dense-layers", "7", "--model-dir", str(model_dir), "x"], "dense_layers")):
         code, out = _run(args)
         assert code == 2 and needle in out and "Traceback" not in out, out
+        assert out.startswith("Error: ") and out.count("\n") == 1, out
     assert _run([])[0] == 2
     code, out = _run(["--k", "0", "x"])
     assert code == 2 and "0 is not in the range x>=1" in out
     code, out = _run(["--model-dir", str(tmp_path), "x"])
-    assert code == 1 and "has no config.json" in out
+    assert code == 1 and "has no config.json" in out and out.count("\n") == 1
 
 
 def test_minilm_json():

@@ -100,13 +100,15 @@ def decode_teacher_forced(model, tokens, *, selectors, prompt_len, topk=None):
     return np.concatenate(out, axis=1)  # (B, T, V)
 
 
-def evaluate_decoding(model, inputs, targets, *, make_selectors, prompt_len, topk=None, batch_size=32):
+def evaluate_decoding(model, inputs, targets, *, make_selectors, prompt_len, topk=None, batch_size=32,
+                      progress=None):
     """Accuracy of token-by-token decoding and what the selectors did.
 
     ``inputs``/``targets`` (N, T) int (targets ``IGNORE`` where nothing is scored);
     ``make_selectors(batch_number) -> list`` gives fresh per-layer selectors per batch.
     Only positions from ``prompt_len`` on are scored (the prompt is decoded exactly, so
     its predictions say nothing of the selectors).
+    ``progress``: called after each batch with the number of sequences decoded so far.
     Returns a dict: accuracy, n_scored, loss (mean cross-entropy in nats over the scored
     targets) and bits_per_token, recall (of the selection against exact top-k,
     over decode steps, all layers), recall_by_rank (per exact rank, 0 = best), mean_k, k_quantiles (10/50/90 %), k_hist,
@@ -137,6 +139,8 @@ def evaluate_decoding(model, inputs, targets, *, make_selectors, prompt_len, top
         for acc, sel in zip(per_layer, sels):
             acc.merge(sel.stats)
             total.merge(sel.stats)
+        if progress is not None:
+            progress(b0 + len(x))
     seconds = time.perf_counter() - t0
     loss = nll / scored if scored else float("nan")
     return {

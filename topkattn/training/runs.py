@@ -1,11 +1,13 @@
-"""Finished runs: a train-toy ``--out`` folder back as its config and trained model.
+"""Runs on disk: a train-toy ``--out`` folder back as its config and trained model, and the
+config to resume one with.
 
 Decoding and evaluation read runs through :func:`load_run`; they never import the loop.
+:func:`resume_config` merges the settings given for a resumed run with its checkpoint's.
 """
 import os
 
 from topkattn.model import Transformer
-from topkattn.training.checkpoint import CheckpointError, load_training_state
+from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
 from topkattn.training.train import (CHECKPOINT_NAME, TrainConfig, load_params, make_task, model_config,
                                      saved_config)
 
@@ -29,3 +31,24 @@ def load_run(run_dir):
     model = Transformer(model_config(cfg, make_task(cfg).vocab_size))
     load_params(model, state["params"], path)
     return cfg, model
+
+
+def resume_config(out_dir, values, given, *, label=str):
+    """The config dict to resume the run in ``out_dir`` with: its checkpoint's config, with
+    ``values`` for the fields that are not in it.
+
+    ``values``: field -> value (defaults included); ``given``: the fields set explicitly,
+    which must equal the checkpoint's, while the others take the checkpoint's values.
+    ``label(field)`` names a field in the error message (e.g. as a command-line option).
+    Raises FileNotFoundError without a checkpoint, :class:`CheckpointError` for a corrupt
+    one, and :class:`ConfigMismatchError` naming every given field the checkpoint contradicts.
+    """
+    path = os.path.join(out_dir, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    saved = saved_config(load_training_state(path))
+    fields = sorted(f for f in given if f in saved and saved[f] != values[f])
+    if fields:
+        detail = ", ".join(f"{label(f)} (checkpoint {saved[f]!r}, now {values[f]!r})" for f in fields)
+        raise ConfigMismatchError(f"the checkpoint {path} does not match: {detail}", fields)
+    return {**values, **{f: v for f, v in saved.items() if f not in given}}

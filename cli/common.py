@@ -1,0 +1,89 @@
+"""What every `topkattn` command shares: one-line errors, ``--device``, ``--quiet`` and the progress bar.
+
+Usage errors (a bad option value, a missing argument, a contradictory combination), whether
+Click finds them while parsing or a command raises :class:`click.UsageError` itself, print
+one line, ``Error: ...``, with exit status 2; :func:`fail` stops a command whose work failed
+with one line and exit status 1.  Only Click is imported here, so the CLI starts fast.
+"""
+import sys
+
+import click
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+DEVICES = ("cpu", "gpu")
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one line (``Error: ...``) with exit status 2."""
+
+    def show(self, file=None):
+        click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
+
+
+def _one_line(ctx, call, *args):
+    """``call(*args)`` with any usage error turned into a :class:`OneLineUsageError`."""
+    try:
+        return call(*args)
+    except OneLineUsageError:
+        raise
+    except click.UsageError as e:
+        raise OneLineUsageError(e.format_message(), e.ctx or ctx) from None
+
+
+class OneLineCommand(click.Command):
+    """A command whose usage errors, from parsing or from its callback, print one line
+    instead of usage + hint + error."""
+
+    def parse_args(self, ctx, args):
+        return _one_line(ctx, super().parse_args, ctx, args)
+
+    def invoke(self, ctx):
+        return _one_line(ctx, super().invoke, ctx)
+
+
+class OneLineGroup(click.Group):
+    """A group whose own usage errors (an unknown command, a bad option) print one line."""
+
+    def parse_args(self, ctx, args):
+        if not args:  # Click shows the help (no_args_is_help)
+            return super().parse_args(ctx, args)
+        return _one_line(ctx, super().parse_args, ctx, args)
+
+    def invoke(self, ctx):
+        return _one_line(ctx, super().invoke, ctx)
+
+
+def command(name):
+    """``click.command(name)`` with one-line usage errors and ``-h``/``--help``."""
+    return click.command(name, cls=OneLineCommand, context_settings=CONTEXT_SETTINGS)
+
+
+def fail(message):
+    """Stop the command (raises, like ``ctx.fail``): ``Error: message`` on stderr, exit status 1
+    (the work failed, not the usage)."""
+    raise click.ClickException(message)
+
+
+def _check_device(ctx, param, value):
+    """--device gpu is a usage error without CuPy and a usable GPU."""
+    if value == "gpu":
+        from topkattn.backend import require_cupy
+        try:
+            require_cupy()
+        except RuntimeError as e:
+            raise click.UsageError(f"--device gpu: {e}") from None
+    return value
+
+
+device_option = click.option(
+    "--device", type=click.Choice(DEVICES), default="cpu", show_default=True, callback=_check_device,
+    help="cpu: NumPy arrays; gpu: CuPy arrays (needs CuPy and a CUDA GPU).")
+
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bar on stderr.")
+
+
+def progress_bar(total, desc, unit, quiet):
+    """A tqdm bar on stderr (nothing drawn when ``quiet``); use it as a context manager."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                disable=quiet)
