@@ -10,6 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
+from topkattn.testing import make_qkv
+
 pytestmark = pytest.mark.cuda
 
 from numba.core import config  # noqa: E402
@@ -27,17 +29,13 @@ import cupyx  # noqa: E402
 import topkattn as ta  # noqa: E402
 from topkattn.cuda.launch import cuda_usable  # noqa: E402
 
-
-def _qkv(seed, B=2, H=8, G=2, T=384, S=512, D=64, Dv=64, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((B, H, T, D)).astype(dtype),
-            rng.standard_normal((B, G, S, D)).astype(dtype),
-            rng.standard_normal((B, G, S, Dv)).astype(dtype))
+SHAPE = dict(B=2, H=8, G=2, T=384, S=512, D=64, Dv=64)  # realistic sizes, in float32
+SHORT = dict(SHAPE, T=256, S=256)
 
 
 def test_auto_picks_cuda_and_matches_numpy_path():
     assert cuda_usable()
-    q, k, v = _qkv(0)
+    q, k, v = make_qkv(0, **SHAPE, dtype=np.float32)
     kw = dict(topk=32, sinks=4, window=16)
     out, saved = ta.topk_attention_forward(cp.asarray(q), cp.asarray(k), cp.asarray(v), **kw)
     assert saved.impl == "cuda" and isinstance(out, cp.ndarray)
@@ -55,7 +53,7 @@ def test_auto_picks_cuda_and_matches_numpy_path():
 
 
 def test_forward_backward_never_synchronise_with_host():
-    q, k, v = (cp.asarray(a) for a in _qkv(2, T=256, S=256))
+    q, k, v = (cp.asarray(a) for a in make_qkv(2, **SHORT, dtype=np.float32))
     dout = cp.ones((2, 8, 256, 64), dtype=cp.float32)
     ta.topk_attention_forward(q, k, v, topk=16)  # compile outside the guarded region
     if not hasattr(cupyx, "allow_synchronize"):
@@ -71,7 +69,7 @@ def test_forward_backward_never_synchronise_with_host():
 
 
 def test_kernels_follow_cupys_current_stream():
-    q, k, v = (cp.asarray(a) for a in _qkv(3, T=256, S=256))
+    q, k, v = (cp.asarray(a) for a in make_qkv(3, **SHORT, dtype=np.float32))
     ref = ta.topk_attention(q, k, v, topk=16).get()
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:

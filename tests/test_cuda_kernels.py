@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from topkattn.testing import assert_grads_close, directional_grad_check, make_qkv, mask_from_idx, tolerance
+
 pytestmark = pytest.mark.cuda
 
 from numba.core import config  # noqa: E402
@@ -38,7 +40,6 @@ from topkattn.ops.selection import select_decode  # noqa: E402
 from topkattn.ops.reference import masked_attention_reference, rank_row, topk_attention_reference  # noqa: E402
 from topkattn.ops.selection import RowBounds  # noqa: E402
 
-TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-6)}
 N_SCALE = 1 if SIM else 8  # real GPU: larger shapes
 
 
@@ -48,21 +49,6 @@ def dev(a):
 
 def host(a):
     return to_numpy(a)
-
-
-def _qkv(rng, B, H, G, T, S, D, Dv, dtype):
-    q = rng.standard_normal((B, H, T, D)).astype(dtype)
-    k = rng.standard_normal((B, G, S, D)).astype(dtype)
-    v = rng.standard_normal((B, G, S, Dv)).astype(dtype)
-    return q, k, v
-
-
-def _mask_from_idx(idx, S):
-    B, H, T, K = idx.shape
-    m = np.zeros((B, H, T, S), dtype=bool)
-    b, h, t, i = np.nonzero(idx >= 0)
-    m[b, h, t, idx[b, h, t, i]] = True
-    return m
 
 
 # ----------------------------------------------------------------------------- top-k selection
@@ -146,14 +132,14 @@ def _split(case):
 def test_forward_matches_reference(case, dtype):
     shape, kw = _split(_scaled(case))
     rng = np.random.default_rng(2)
-    q, k, v = _qkv(rng, dtype=dtype, **shape)
+    q, k, v = make_qkv(rng, dtype=dtype, **shape)
     out, saved = ta.topk_attention_forward(dev(q), dev(k), dev(v), impl="cuda", **kw)
     assert saved.impl == "cuda" and saved.out.dtype == dtype and saved.idx.dtype == np.int64
     ro, rmask, rlse = topk_attention_reference(q, k, v, **kw)
-    np.testing.assert_allclose(host(out), ro, **TOL[dtype])
-    np.testing.assert_allclose(host(saved.lse), rlse, **TOL[dtype])
+    np.testing.assert_allclose(host(out), ro, **tolerance(dtype))
+    np.testing.assert_allclose(host(saved.lse), rlse, **tolerance(dtype))
     idx = host(saved.idx)
-    np.testing.assert_array_equal(_mask_from_idx(idx, shape["S"]), rmask)
+    np.testing.assert_array_equal(mask_from_idx(idx, shape["S"]), rmask)
     if dtype == np.float64:  # the same slots in the same order as the vectorised path
         _, s_np = ta.topk_attention_forward(q, k, v, impl="numpy", **kw)
         np.testing.assert_array_equal(idx, s_np.idx)
@@ -163,7 +149,7 @@ def test_forward_matches_reference(case, dtype):
 def test_tiled_forward_matches_fused(case):
     shape, kw = _split(_scaled(case))
     rng = np.random.default_rng(19)
-    q, k, v = _qkv(rng, dtype=np.float64, **shape)
+    q, k, v = make_qkv(rng, dtype=np.float64, **shape)
     scale = 1 / np.sqrt(shape["D"])
     fused = topk_forward(dev(q), dev(k), dev(v), scale=scale, **kw)
     tile_bytes = 8 * shape["B"] * shape["H"] * shape["S"] * 2  # two queries per chunk
@@ -180,7 +166,7 @@ def test_auto_forward_picks_tiled_for_few_long_rows(monkeypatch):
     monkeypatch.setattr(tf, "topk_forward_tiled",
                         lambda *a, **kw: calls.append("tiled") or topk_forward_tiled(*a, **kw))
     rng = np.random.default_rng(20)
-    q, k, v = _qkv(rng, 1, 2, 1, 1, 40, 4, 4, np.float64)  # decode-like: 2 rows, 40 keys
+    q, k, v = make_qkv(rng, 1, 2, 1, 1, 40, 4, 4, np.float64)  # decode-like: 2 rows, 40 keys
     kw = dict(topk=3, sinks=1, scale=0.5)
     want = topk_forward(dev(q), dev(k), dev(v), **kw)
     for few, long_, path in ((16, 32, ["tiled"]), (1, 1000, [])):
@@ -194,7 +180,7 @@ def test_auto_forward_picks_tiled_for_few_long_rows(monkeypatch):
 def test_forward_topk_at_least_S_is_dense_causal():
     rng = np.random.default_rng(3)
     B, H, G, T, S, D = 1, 2, 1, 6, 9, 4
-    q, k, v = _qkv(rng, B, H, G, T, S, D, D, np.float64)
+    q, k, v = make_qkv(rng, B, H, G, T, S, D, D, np.float64)
     out = host(ta.topk_attention(dev(q), dev(k), dev(v), topk=S, impl="cuda"))
     pos = np.arange(T)[:, None] + S - T
     mask = np.broadcast_to(np.arange(S)[None, :] <= pos, (B, H, T, S))
@@ -205,19 +191,19 @@ def test_forward_topk_at_least_S_is_dense_causal():
 def test_forward_ties_go_to_lower_key():
     rng = np.random.default_rng(4)
     B, H, G, T, S, D = 1, 2, 1, 4, 12, 3
-    q, k, v = _qkv(rng, B, H, G, T, S, D, D, np.float64)
+    q, k, v = make_qkv(rng, B, H, G, T, S, D, D, np.float64)
     k[0, 0, 1::2] = k[0, 0, 0]  # every odd key duplicates key 0: exact score ties
     _, saved = ta.topk_attention_forward(dev(q), dev(k), dev(v), topk=4, impl="cuda")
     _, s_np = ta.topk_attention_forward(q, k, v, topk=4, impl="numpy")
     np.testing.assert_array_equal(host(saved.idx), s_np.idx)
     _, rmask, _ = topk_attention_reference(q, k, v, topk=4)
-    np.testing.assert_array_equal(_mask_from_idx(host(saved.idx), S), rmask)
+    np.testing.assert_array_equal(mask_from_idx(host(saved.idx), S), rmask)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_forward_large_logits_stay_finite(dtype):
     rng = np.random.default_rng(5)
-    q, k, v = _qkv(rng, 1, 2, 1, 5, 9, 4, 4, dtype)
+    q, k, v = make_qkv(rng, 1, 2, 1, 5, 9, 4, 4, dtype)
     q *= dtype(3e3)  # scores of order 1e4
     out, saved = ta.topk_attention_forward(dev(q), dev(k), dev(v), topk=3, sinks=1, impl="cuda")
     out = host(out)
@@ -229,7 +215,7 @@ def test_forward_large_logits_stay_finite(dtype):
 
 def test_forward_nan_row_stays_in_its_row():
     rng = np.random.default_rng(6)
-    q, k, v = _qkv(rng, 1, 2, 1, 5, 9, 4, 4, np.float64)
+    q, k, v = make_qkv(rng, 1, 2, 1, 5, 9, 4, 4, np.float64)
     q[0, 1, 2, 0] = np.nan
     out, saved = ta.topk_attention_forward(dev(q), dev(k), dev(v), topk=3, window=1, impl="cuda")
     o_np, s_np = ta.topk_attention_forward(q, k, v, topk=3, window=1, impl="numpy")
@@ -241,7 +227,7 @@ def test_forward_nan_row_stays_in_its_row():
 
 def test_forward_forgetting_reproducible_and_differs_from_exact():
     rng = np.random.default_rng(7)
-    q, k, v = _qkv(rng, 1, 2, 1, 6, 12, 4, 4, np.float64)
+    q, k, v = make_qkv(rng, 1, 2, 1, 6, 12, 4, 4, np.float64)
     kw = dict(topk=3, forget_rate=0.5, impl="cuda")
     _, s1 = ta.topk_attention_forward(dev(q), dev(k), dev(v), seed=3, **kw)
     _, s2 = ta.topk_attention_forward(dev(q), dev(k), dev(v), seed=np.random.default_rng(3), **kw)
@@ -263,7 +249,7 @@ def test_forward_limits_raise():
 def test_backward_matches_vectorised_path(case, dtype):
     shape, kw = _split(_scaled(case))
     rng = np.random.default_rng(8)
-    q, k, v = _qkv(rng, dtype=dtype, **shape)
+    q, k, v = make_qkv(rng, dtype=dtype, **shape)
     q[0, 0, -1, 0] = np.nan  # a NaN row: NaN dq, nothing sent to dk/dv
     o_np, s_np = ta.topk_attention_forward(q, k, v, impl="numpy", **kw)
     dout = rng.standard_normal(o_np.shape).astype(dtype)
@@ -275,31 +261,26 @@ def test_backward_matches_vectorised_path(case, dtype):
     want = (want_dq,) + ta.topk_attention_backward(dout, s_np)[1:]
     assert np.isnan(host(got[0])[0, 0, -1]).all() and np.isfinite(host(got[1])).all()
     for g, w in zip(got, want):
-        np.testing.assert_allclose(host(g), w, equal_nan=True, **TOL[dtype])
+        np.testing.assert_allclose(host(g), w, equal_nan=True, **tolerance(dtype))
 
 
 def test_backward_float64_central_differences():
     rng = np.random.default_rng(9)
     B, H, G, T, S, D, Dv = 1, 4, 2, 5, 10, 4, 3
-    q, k, v = _qkv(rng, B, H, G, T, S, D, Dv, np.float64)
+    q, k, v = make_qkv(rng, B, H, G, T, S, D, Dv, np.float64)
     kw = dict(topk=3, sinks=1, window=1, impl="cuda")
     w = rng.standard_normal((B, H, T, Dv))
     out, saved = ta.topk_attention_forward(dev(q), dev(k), dev(v), **kw)
     dq, dk, dv = (host(g) for g in ta.topk_attention_backward(dev(w), saved))
     idx0 = host(saved.idx)
-    eps = 1e-6
 
-    def loss(qq, kk, vv):
-        o, s = ta.topk_attention_forward(dev(qq), dev(kk), dev(vv), **kw)
+    def loss():
+        o, s = ta.topk_attention_forward(dev(q), dev(k), dev(v), **kw)
         np.testing.assert_array_equal(host(s.idx), idx0)  # the selection does not flip
         return float((host(o) * w).sum())
 
     for _ in range(2):
-        dirs = [rng.standard_normal(a.shape) for a in (q, k, v)]
-        num = (loss(q + eps * dirs[0], k + eps * dirs[1], v + eps * dirs[2])
-               - loss(q - eps * dirs[0], k - eps * dirs[1], v - eps * dirs[2])) / (2 * eps)
-        ana = sum((g * d).sum() for g, d in zip((dq, dk, dv), dirs))
-        np.testing.assert_allclose(ana, num, rtol=1e-6, atol=1e-8)
+        assert_grads_close(directional_grad_check(loss, dict(q=q, k=k, v=v), dict(q=dq, k=dk, v=dv), rng))
     # keys no query selected get exactly zero gradient
     used = np.zeros((B, G, S), dtype=bool)
     for h in range(H):
@@ -311,7 +292,7 @@ def test_backward_float64_central_differences():
 
 def test_backward_is_deterministic():
     rng = np.random.default_rng(10)
-    q, k, v = _qkv(rng, 1, 4, 1, 6 * N_SCALE, 9 * N_SCALE, 4, 4, np.float32)
+    q, k, v = make_qkv(rng, 1, 4, 1, 6 * N_SCALE, 9 * N_SCALE, 4, 4, np.float32)
     _, saved = ta.topk_attention_forward(dev(q), dev(k), dev(v), topk=3, sinks=2, impl="cuda")
     dout = dev(rng.standard_normal(saved.out.shape).astype(np.float32))
     g1 = [host(g) for g in ta.topk_attention_backward(dout, saved)]
@@ -322,7 +303,7 @@ def test_backward_is_deterministic():
 
 def test_dynamic_topk_with_cuda_impl_uses_cuda_backward():
     rng = np.random.default_rng(11)
-    q, k, v = _qkv(rng, 1, 2, 1, 5, 9, 4, 4, np.float64)
+    q, k, v = make_qkv(rng, 1, 2, 1, 5, 9, 4, 4, np.float64)
     o, s = ta.topk_attention_forward(dev(q), dev(k), dev(v), topk="auto", tail_bound=0.05, impl="cuda")
     o2, s2 = ta.topk_attention_forward(q, k, v, topk="auto", tail_bound=0.05, impl="numpy")
     assert s.impl == "cuda"
@@ -344,9 +325,9 @@ def test_mla_decode_matches_reference(dtype, sinks, window):
     o, idx, lse = mla_decode(dev(q), dev(keys), topk=4, C=C, scale=0.3, sinks=sinks, window=window)
     ro, rmask, rlse = topk_attention_reference(q[:, :, None], keys[:, None], keys[:, None, :, :C],
                                                topk=4, scale=0.3, sinks=sinks, window=window)
-    np.testing.assert_allclose(host(o), ro[:, :, 0], **TOL[dtype])
-    np.testing.assert_allclose(host(lse), rlse[:, :, 0], **TOL[dtype])
-    np.testing.assert_array_equal(_mask_from_idx(host(idx)[:, :, None], S), rmask)
+    np.testing.assert_allclose(host(o), ro[:, :, 0], **tolerance(dtype))
+    np.testing.assert_allclose(host(lse), rlse[:, :, 0], **tolerance(dtype))
+    np.testing.assert_array_equal(mask_from_idx(host(idx)[:, :, None], S), rmask)
 
 
 def test_mla_selector_matches_exact_selector_on_strided_cache():
@@ -383,7 +364,7 @@ def test_attend_selected_takes_any_selectors_indices():
     idx = np.array([[[7, -1, 2, 9], [0, 1, 2, 3], [-1, -1, -1, -1]],
                     [[10, 4, -1, 5], [6, 6 - 6, 8, -1], [3, 2, 1, 0]]], dtype=np.int64)
     o, lse = attend_selected(dev(q), dev(keys), dev(idx), C=C, scale=0.4)
-    mask = _mask_from_idx(idx[:, :, None], S)  # (B, H, 1, S)
+    mask = mask_from_idx(idx[:, :, None], S)  # (B, H, 1, S)
     ref = masked_attention_reference(q[:, :, None], keys[:, None], keys[:, None, :, :C], mask, 0.4)
     np.testing.assert_allclose(host(o), ref[:, :, 0], rtol=1e-12, atol=1e-13)
     assert (host(o)[0, 2] == 0).all() and host(lse)[0, 2] == -np.inf  # a row with no key

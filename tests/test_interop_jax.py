@@ -3,12 +3,16 @@ paths agree, gradients match jax autograd on the same mask, check_grads in float
 import numpy as np
 import pytest
 
+from topkattn.testing import make_qkv
+
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 from jax.test_util import check_grads  # noqa: E402
 
 import topkattn.interop.jax as tj  # noqa: E402
 from topkattn.ops.reference import topk_attention_reference  # noqa: E402
+
+SHAPE = dict(B=2, H=4, G=2, T=5, S=9, D=6, Dv=5)
 
 
 @pytest.fixture(autouse=True)
@@ -17,21 +21,10 @@ def x64():
         yield
 
 
-def _inputs(seed, B=2, H=4, G=2, T=5, S=9, D=6, Dv=5, topk=3, margin=1e-3, dtype=np.float64):
-    """q, k, v with a score margin between the topk-th and next-ranked key (so finite
-    differences cannot flip the selection)."""
-    rng = np.random.default_rng(seed)
-    for _ in range(100):
-        q = rng.standard_normal((B, H, T, D))
-        k = rng.standard_normal((B, G, S, D))
-        v = rng.standard_normal((B, G, S, Dv))
-        s = np.einsum("bhtd,bhsd->bhts", q, np.repeat(k, H // G, axis=1))
-        srt = -np.sort(-s, axis=-1)
-        if topk >= S or np.min(srt[..., topk - 1] - srt[..., topk]) > margin:
-            break
-    else:
-        raise RuntimeError("could not draw inputs with a score margin")
-    return tuple(jnp.asarray(a.astype(dtype)) for a in (q, k, v))
+def _inputs(seed, dtype=np.float64, topk=3, **shape):
+    """q, k, v with a score margin at ``topk`` (finite differences cannot flip the selection)."""
+    q, k, v = make_qkv(seed, **{**SHAPE, **shape}, dtype=dtype, topk=topk, margin=1e-3)
+    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
 
 
 def _jax_masked_attention(q, k, v, mask, scale):

@@ -3,29 +3,19 @@ on the same mask, torch.autograd.gradcheck in float64, zero-copy DLPack boundari
 import numpy as np
 import pytest
 
+from topkattn.testing import make_qkv
+
 torch = pytest.importorskip("torch")
 
 from topkattn.interop.torch import from_engine, to_engine, topk_attention  # noqa: E402
 from topkattn.ops.reference import topk_attention_reference  # noqa: E402
 
+SHAPE = dict(B=2, H=4, G=2, T=5, S=9, D=6, Dv=5)
 
-def _inputs(seed, B=2, H=4, G=2, T=5, S=9, D=6, Dv=5, dtype=torch.float64, topk=3, margin=1e-3):
-    """Random q, k, v whose scores keep a margin between the topk-th and next-ranked key.
 
-    Re-draws (deterministically) until every row's gap exceeds ``margin`` so that the
-    finite-difference steps of gradcheck cannot flip the selection.
-    """
-    rng = np.random.default_rng(seed)
-    for _ in range(100):
-        q = rng.standard_normal((B, H, T, D))
-        k = rng.standard_normal((B, G, S, D))
-        v = rng.standard_normal((B, G, S, Dv))
-        s = np.einsum("bhtd,bhsd->bhts", q, np.repeat(k, H // G, axis=1))
-        srt = -np.sort(-s, axis=-1)
-        if topk >= S or np.min(srt[..., topk - 1] - srt[..., topk]) > margin:
-            break
-    else:
-        raise RuntimeError("could not draw inputs with a score margin")
+def _inputs(seed, dtype=torch.float64, topk=3, **shape):
+    """q, k, v leaf tensors with a score margin at ``topk`` (gradcheck cannot flip the selection)."""
+    q, k, v = make_qkv(seed, **{**SHAPE, **shape}, topk=topk, margin=1e-3)
     return tuple(torch.tensor(a, dtype=dtype, requires_grad=True) for a in (q, k, v))
 
 

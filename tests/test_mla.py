@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from topkattn.layers import MLA, MLACache, absorb_mla_weights
-from topkattn.testing import assert_grads_close, directional_grad_check
+from topkattn.testing import check_layer_grads
 from topkattn.ops.reference import topk_attention_reference
 from topkattn.ops.selection import select_decode
 
@@ -69,14 +69,7 @@ def test_mla_gradients(kw):
     rng = np.random.default_rng(3)
     m = _mla(**kw)
     x = rng.standard_normal((2, 7, DIMS[0]))
-    y = m.forward(x, seed=5)
-    R = rng.standard_normal(y.shape)
-    m.zero_grad()
-    dx = m.backward(R)
-    arrays = dict(m.named_params(), x=x)
-    analytic = dict(m.named_grads(), x=dx)
-    res = directional_grad_check(lambda: float((m.forward(x, seed=5) * R).sum()), arrays, analytic, rng)
-    assert_grads_close(res)
+    res = check_layer_grads(m, x, rng, forward=lambda z: m.forward(z, seed=5))
     assert set(res) == set(m.params) | {"x"}
 
 
@@ -276,13 +269,7 @@ def test_mla_auto_gradients():
     rng = np.random.default_rng(8)
     m = _auto(P=1)
     x = rng.standard_normal((2, 7, DIMS[0]))
-    y = m.forward(x)
-    R = rng.standard_normal(y.shape)
-    m.zero_grad()
-    dx = m.backward(R)
-    res = directional_grad_check(lambda: float((m.forward(x) * R).sum()), dict(m.named_params(), x=x),
-                                 dict(m.named_grads(), x=dx), rng)
-    assert_grads_close(res)
+    check_layer_grads(m, x, rng)
 
 
 def test_attention_layer_auto_decode_matches_forward():

@@ -6,11 +6,7 @@ import pytest
 
 from topkattn.layers.gelu import gelu, gelu_backward, gelu_forward
 from topkattn.layers.layernorm import LayerNorm, layer_norm, layer_norm_backward, layer_norm_forward
-
-
-def _num_dir_grad(f, x, d, h=1e-6):
-    """Central difference of the scalar f along direction d at x (float64)."""
-    return (f(x + h * d) - f(x - h * d)) / (2 * h)
+from topkattn.testing import assert_grads_close, directional_grad_check
 
 
 # ---------------------------------------------------------------- GELU
@@ -47,9 +43,8 @@ def test_gelu_gradient_central_differences(approximate):
     _, saved = gelu_forward(x, approximate)
     dx = gelu_backward(w, saved)
     for _ in range(3):
-        d = rng.standard_normal(x.shape)
-        num = _num_dir_grad(lambda z: float((gelu(z, approximate) * w).sum()), x, d)
-        assert abs(num - float((dx * d).sum())) < 1e-8 * max(1.0, abs(num))
+        res = directional_grad_check(lambda: float((gelu(x, approximate) * w).sum()), dict(x=x), dict(x=dx), rng)
+        assert_grads_close(res, rtol=5e-9, atol=5e-9)  # 5e-9 (1 + |num|) <= 1e-8 max(1, |num|)
 
 
 def test_gelu_matches_torch():
@@ -113,17 +108,12 @@ def test_layer_norm_gradient_central_differences():
     _, saved = layer_norm_forward(x, g, b, 1e-5)
     dx, dg, db = layer_norm_backward(w, saved)
 
-    def loss(xx, gg, bb):
-        return float((layer_norm(xx, gg, bb, 1e-5) * w).sum())
+    def loss():
+        return float((layer_norm(x, g, b, 1e-5) * w).sum())
 
     for _ in range(3):
-        dX, dG, dB = rng.standard_normal(x.shape), rng.standard_normal(8), rng.standard_normal(8)
-        for num, ana in (
-            (_num_dir_grad(lambda z: loss(z, g, b), x, dX), (dx * dX).sum()),
-            (_num_dir_grad(lambda z: loss(x, z, b), g, dG), (dg * dG).sum()),
-            (_num_dir_grad(lambda z: loss(x, g, z), b, dB), (db * dB).sum()),
-        ):
-            assert abs(num - float(ana)) < 1e-7 * max(1.0, abs(num))
+        res = directional_grad_check(loss, dict(x=x, gamma=g, beta=b), dict(x=dx, gamma=dg, beta=db), rng)
+        assert_grads_close(res, rtol=5e-8, atol=5e-8)  # 5e-8 (1 + |num|) <= 1e-7 max(1, |num|)
 
 
 def test_layer_norm_layer_accumulates_grads():

@@ -169,7 +169,7 @@ def test_gradients_central_differences(impl, kw):
         return np.sum(ta.topk_attention(q, k, v, topk=topk, impl=impl, **kw) * dout)
 
     for _ in range(3):
-        assert_grads_close(directional_grad_check(f, {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, rng))
+        assert_grads_close(directional_grad_check(f, dict(q=q, k=k, v=v), dict(q=dq, k=dk, v=dv), rng))
     # every coordinate of dv for a couple of entries, to catch a misplaced scatter
     for entry in [(0, 0, 2, 1), (0, 1, 7, 0)]:
         e = np.zeros_like(v)
@@ -203,7 +203,7 @@ def test_backward_matches_gradient_of_masked_reference():
     def f():
         return np.sum(masked_attention_reference(q, k, v, mask, 1 / np.sqrt(6)) * dout)
 
-    assert_grads_close(directional_grad_check(f, {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, rng))
+    assert_grads_close(directional_grad_check(f, dict(q=q, k=k, v=v), dict(q=dq, k=dk, v=dv), rng))
 
 
 def test_gradients_match_torch_autograd_on_the_reference():
