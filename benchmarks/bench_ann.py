@@ -12,7 +12,6 @@ parameters, plus build times.  Peers come from the ``bench`` extra
     python benchmarks/bench_ann.py --n 20000 --queries 200 --json out.json
 """
 import argparse
-import json
 import time
 
 import numpy as np
@@ -204,9 +203,10 @@ def main():
                   f"{r['qps'] / f['qps']:>11.2f}{r['latency_ms'] / f['latency_ms']:>15.2f}")
         print(f"build time ratio (ours / reference): {builds['topkattn'] / builds['lorann']:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "build_s": builds, "warmup_build_s": t_warm,
-                       "rows": rows}, f, indent=1)
+        from topkattn.storage import atomic_write_json
+
+        atomic_write_json(args.json, {"args": vars(args), "build_s": builds, "warmup_build_s": t_warm,
+                                      "rows": rows}, prefix=".bench-")
 
 
 def add_experiment(args):
@@ -246,9 +246,10 @@ def add_experiment(args):
     for label, c, r, rec in rows:
         print(f"{label:<18}{c:>9}{r:>8}{rec:>11.4f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "add_us": t_add * 1e6, "refit_s": t_refit,
-                       "rows": rows}, f, indent=1)
+        from topkattn.storage import atomic_write_json
+
+        atomic_write_json(args.json, {"args": vars(args), "add_us": t_add * 1e6, "refit_s": t_refit,
+                                      "rows": rows}, prefix=".bench-")
 
 
 def _build_ours(cls, keys, args, train):

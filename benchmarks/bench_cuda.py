@@ -25,7 +25,6 @@ message otherwise.  ``--check-sim`` runs every code path once on tiny shapes und
 Numba CUDA simulator (NumPy arrays, CPU timers, no memory figures) to test the script.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -319,8 +318,10 @@ def main(argv=None):
                               a.clusters_to_search, a.points_to_rerank)
         _print_decode(decode)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"train": train, "decode": decode, "device": _device_name(dev)}, f, indent=1)
+        from topkattn.storage import atomic_write_json
+
+        atomic_write_json(a.json, {"train": train, "decode": decode, "device": _device_name(dev)},
+                          prefix=".bench-")
 
 
 def _device_name(dev):

@@ -13,13 +13,13 @@ compared with exact top-k; the table gives the recall per context-length bucket.
 Set OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 on a small shared machine.
 """
 import argparse
-import json
 import sys
 import time
 
 import numpy as np
 
 from topkattn.decoding import LorannSelector, decode_teacher_forced
+from topkattn.storage import atomic_write_json
 from topkattn.training.runs import load_run
 from topkattn.model import Transformer
 from topkattn.training.tasks import MQAR
@@ -106,10 +106,10 @@ def main(argv=None):
     print(f"{'builds':>12}" + "".join(f" | {out[n]['builds']:>10d}" for n in names))
     print(f"{'seconds':>12}" + "".join(f" | {out[n]['seconds']:>10.1f}" for n in names))
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump({"benchmark": "decode_recall", "source": source, "length": args.length, "prompt": args.prompt,
-                       "batch": args.batch, "k": args.k, "clusters_to_search": args.clusters_to_search,
-                       "rerank": args.rerank, "results": out}, f, indent=1, sort_keys=True)
+        atomic_write_json(args.json_path, {"benchmark": "decode_recall", "source": source, "length": args.length,
+                                           "prompt": args.prompt, "batch": args.batch, "k": args.k,
+                                           "clusters_to_search": args.clusters_to_search,
+                                           "rerank": args.rerank, "results": out}, prefix=".bench-")
         log(f"wrote {args.json_path}")
     return out
 

@@ -29,6 +29,7 @@ import sys
 import time
 
 from topkattn.decoding.runner import evaluate_decoding, selector_factory
+from topkattn.storage import atomic_write_json
 from topkattn.training.runs import load_run
 from topkattn.training.train import TrainConfig, heldout_set, make_task, train
 
@@ -128,8 +129,7 @@ def main(argv=None):
         doc = {"benchmark": "forgetful", "k": args.k, "train_config": cfg.to_dict(), "seed": args.seed,
                "n_sequences": args.n_sequences, "settings": {n: {"retriever": r, **kw} for n, (r, kw) in settings.items()},
                "results": results}
-        with open(args.json_path, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
+        atomic_write_json(args.json_path, doc, prefix=".bench-")
         log(f"wrote {args.json_path}")
     return results
 

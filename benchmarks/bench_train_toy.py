@@ -103,9 +103,10 @@ def main():
             f"k={m['k']}: {m['process_wall_s'] / d['process_wall_s']:.2f}x / "
             f"{m['process_cpu_s'] / d['process_cpu_s']:.2f}x" for m in results if m is not d))
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump({"task": args.task, "seed": args.seed, "extra_args": extra, "rows": results}, f,
-                      indent=1)
+        from topkattn.storage import atomic_write_json
+
+        atomic_write_json(args.json_path, {"task": args.task, "seed": args.seed, "extra_args": extra,
+                                           "rows": results}, prefix=".bench-")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
-"""Checkpoints: exact round trip, atomic replace, clear errors for corrupt/truncated files and config mismatch."""
+"""Checkpoints: exact round trip, atomic replace, clear errors for corrupt/truncated files and config
+mismatch, version-1 (pre-container) files still loading."""
+import hashlib
+import json
 import os
+import re
 
 import numpy as np
 import pytest
 
+from topkattn.storage import StorageError
 from topkattn.training import checkpoint as ck
 from topkattn.training.optim import AdamW
 
@@ -39,7 +44,7 @@ def test_atomic_replace_leaves_no_temp_and_survives_failure(tmp_path, monkeypatc
 
     def boom(src, dst):
         raise OSError("disk full")
-    monkeypatch.setattr(ck.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)  # as called by topkattn.storage.atomic_write
     with pytest.raises(OSError, match="disk full"):
         ck.save_checkpoint(path, {"a": np.full(3, 7.0)}, {"step": 3})
     monkeypatch.undo()
@@ -137,3 +142,63 @@ def test_training_state_roundtrip(tmp_path):
     ck.save_checkpoint(meta_only, {"a": np.zeros(1)}, {"step": 1})
     with pytest.raises(ck.CheckpointError, match="not a training checkpoint"):
         ck.load_training_state(meta_only)
+
+
+def _legacy_digest(a):
+    """Version 1's per-array SHA-256 (dtype string, shape repr, C-order bytes)."""
+    h = hashlib.sha256()
+    h.update(a.dtype.str.encode())
+    h.update(repr(tuple(a.shape)).encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _write_legacy(path, arrays, meta, version=1):
+    """A checkpoint in the version-1 layout (``__meta__`` entry), written by hand."""
+    doc = {"format": "topkattn-checkpoint", "version": version, "meta": meta,
+           "arrays": {n: {"dtype": a.dtype.str, "shape": list(a.shape), "sha256": _legacy_digest(a)}
+                      for n, a in arrays.items()}}
+    np.savez(path, __meta__=np.frombuffer(json.dumps(doc, sort_keys=True).encode(), np.uint8), **arrays)
+
+
+def test_version1_checkpoint_still_loads(tmp_path):
+    path = tmp_path / "old.npz"
+    meta = {"step": 3, "config": {"k": 8}, "rng": {"seed": 1}}
+    _write_legacy(path, _arrays(), meta)
+    arrays, got = ck.load_checkpoint(path)
+    assert got == meta
+    ref = _arrays()
+    assert set(arrays) == set(ref)
+    for k in ref:
+        assert arrays[k].dtype == ref[k].dtype
+        np.testing.assert_array_equal(arrays[k], ref[k])
+    ck.save_checkpoint(path, arrays, got)                   # rewritten in the container
+    with np.load(path, allow_pickle=False) as z:
+        assert "__meta__" not in z.files and "__header__" in z.files
+    assert ck.load_checkpoint(path)[1] == meta
+
+
+def test_version1_checkpoint_errors(tmp_path):
+    tampered = tmp_path / "tampered.npz"
+    arrays = {"w": np.zeros(4)}
+    _write_legacy(tampered, arrays, {"step": 1})
+    with np.load(tampered, allow_pickle=False) as z:
+        members = {n: z[n] for n in z.files}
+    members["w"] = np.ones(4)
+    np.savez(tampered, **members)
+    with pytest.raises(ck.CheckpointError, match=re.escape(str(tampered)) + ".*array 'w' fails its checksum"):
+        ck.load_checkpoint(tampered)
+    odd = tmp_path / "odd.npz"
+    _write_legacy(odd, arrays, {"step": 1}, version=7)
+    with pytest.raises(ck.CheckpointError, match="version 7; only version 1 used that layout") as e:
+        ck.load_checkpoint(odd)
+    assert "\n" not in str(e.value)
+
+
+def test_checkpoint_error_is_the_storage_error(tmp_path):
+    assert ck.CheckpointError is StorageError and issubclass(ck.CheckpointError, ValueError)
+    path = tmp_path / "ix.npz"
+    np.savez(path, __header__=np.frombuffer(json.dumps(
+        {"kind": "LorannIndex", "version": 2, "meta": {}, "arrays": {}}).encode(), np.uint8))
+    with pytest.raises(ck.CheckpointError, match="holds a topkattn 'LorannIndex', not a checkpoint"):
+        ck.load_checkpoint(path)

@@ -1,41 +1,37 @@
-"""Persistence of a LorannIndex: a versioned, pickle-free .npz with a JSON header and a SHA-256.
+"""Persistence of a LorannIndex in the :mod:`topkattn.storage` container.
 
-Layout (an uncompressed NumPy .npz, read with ``allow_pickle=False``):
-``__header__`` (uint8 JSON: format, version, parameters, array manifest),
-``__checksum__`` (uint8 hex SHA-256 over the header and every array's name,
-dtype, shape and bytes), and the arrays.  Saving writes a temporary file in the
-target's directory, fsyncs it and renames it over the target (atomic on POSIX).
-Loading raises ValueError for a truncated, corrupted, foreign or newer file.
+An index is a container of kind ``"LorannIndex"`` (uncompressed, pickle-free ``.npz``;
+``__header__`` JSON with the index parameters as ``meta`` and every array's dtype, shape
+and SHA-256), written atomically.  Loading raises :class:`topkattn.storage.StorageError`
+(a ValueError) for a truncated, corrupted, foreign or newer file, FileNotFoundError
+(:class:`topkattn.storage.MissingFileError`) for a missing one.
+
+Version 1 (before the container) had a ``__header__`` with ``"format":
+"topkattn.ann.LorannIndex"`` and a ``__checksum__`` entry, one SHA-256 over the header and
+every array; it still loads.
 """
 import hashlib
 import json
-import os
-import zipfile
 
 import numpy as np
 
 from topkattn.ann import quant
-from topkattn.storage import atomic_savez
+from topkattn.storage import HEADER_KEY, StorageError, load_container, save_container
 
-FORMAT = "topkattn.ann.LorannIndex"
-VERSION = 1
-
-
-def _digest(header_bytes, arrays):
-    h = hashlib.sha256()
-    h.update(header_bytes)
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(name.encode())
-        h.update(str(a.dtype.str).encode())
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+KIND = "LorannIndex"
+VERSION = 2  # 1: the pre-container layout, read by _load_legacy
+LEGACY_FORMAT = "topkattn.ann.LorannIndex"
+LEGACY_CHECKSUM_KEY = "__checksum__"
+TEMP_PREFIX = ".lorann-"
+PARAMS = ("n_clusters", "global_dim", "quantization_bits", "rank", "train_size", "distance",
+          "balanced", "refit_growth", "approximate", "n", "dim")
+BASE_ARRAYS = ("data", "cent", "P", "gram", "size", "fit_size", "slot_id", "assign")  # + optional "T"
+DENSE_ARRAYS = ("adeq", "bdeq")
+QUANTISED_ARRAYS = ("acodes", "ascale", "bcodes", "bscale")
 
 
 def save_index(index, path):
     """Atomically write ``index`` to ``path``."""
-    path = os.fspath(path)
     c = index.n_clusters
     order = np.concatenate([np.arange(index._start[i], index._start[i] + index._size[i])
                             for i in range(c)]).astype(np.int64) if c else np.zeros(0, np.int64)
@@ -57,58 +53,26 @@ def save_index(index, path):
     else:
         arrays.update(acodes=index._acodes, ascale=index._ascale,
                       bcodes=index._bcodes[order], bscale=index._bscale[order])
-    header = {
-        "format": FORMAT,
-        "version": VERSION,
-        "params": {
-            "n_clusters": index.n_clusters, "global_dim": index.global_dim,
-            "quantization_bits": index.quantization_bits, "rank": index.rank,
-            "train_size": index.train_size, "distance": index.distance,
-            "balanced": index.balanced, "refit_growth": index.refit_growth,
-            "approximate": index._approximate, "n": len(index), "dim": index.dim,
-        },
-        "arrays": {k: [np.asarray(v).dtype.str, list(np.shape(v))] for k, v in arrays.items()},
+    params = {
+        "n_clusters": index.n_clusters, "global_dim": index.global_dim,
+        "quantization_bits": index.quantization_bits, "rank": index.rank,
+        "train_size": index.train_size, "distance": index.distance,
+        "balanced": index.balanced, "refit_growth": index.refit_growth,
+        "approximate": index._approximate, "n": len(index), "dim": index.dim,
     }
-    hb = json.dumps(header, sort_keys=True).encode()
-    checksum = _digest(hb, arrays).encode()
-    payload = dict(arrays)
-    payload["__header__"] = np.frombuffer(hb, np.uint8)
-    payload["__checksum__"] = np.frombuffer(checksum, np.uint8)
-    atomic_savez(path, payload, prefix=".lorann-")
+    save_container(path, arrays, params, kind=KIND, version=VERSION, prefix=TEMP_PREFIX)
 
 
 def load_index(cls, path):
-    """Read an index written by :func:`save_index`."""
-    path = os.fspath(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            files = {name: z[name] for name in z.files}
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(f"{path!r} is truncated, corrupted or not a LorannIndex file: {e}") from e
-    if "__header__" not in files or "__checksum__" not in files:
-        raise ValueError(f"{path!r} is not a LorannIndex file (no header)")
-    hb = files.pop("__header__").tobytes()
-    stored = files.pop("__checksum__").tobytes().decode("ascii", "replace")
-    try:
-        header = json.loads(hb)
-    except ValueError as e:
-        raise ValueError(f"{path!r} has a corrupted header") from e
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a LorannIndex file (format {header.get('format')!r})"
-                         if isinstance(header, dict) else f"{path!r} has a corrupted header")
-    version = header.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise ValueError(f"{path!r} has format version {version!r}; this topkattn reads "
-                         f"versions <= {VERSION}: upgrade topkattn")
-    if _digest(hb, files) != stored:
-        raise ValueError(f"{path!r} is corrupted: checksum mismatch")
-    for name, (dtype, shape) in header["arrays"].items():
-        a = files.get(name)
-        if a is None or a.dtype.str != dtype or list(a.shape) != shape:
-            raise ValueError(f"{path!r} is corrupted: array {name!r} does not match the header")
-    p = header["params"]
+    """Read an index written by :func:`save_index` (or a version-1 one)."""
+    files, p, _ = load_container(path, kind=KIND, max_version=VERSION, legacy=_load_legacy)
+    lacking = sorted(set(PARAMS) - set(p)) if isinstance(p, dict) else list(PARAMS)
+    if lacking:
+        raise StorageError(f"{KIND} {path} is corrupted: its parameters lack {lacking}")
+    missing = sorted(set(BASE_ARRAYS + (DENSE_ARRAYS if p["quantization_bits"] is None
+                                        else QUANTISED_ARRAYS)) - set(files))
+    if missing:
+        raise StorageError(f"{KIND} {path} is corrupted: arrays {missing} are missing")
     self = cls.__new__(cls)
     self.n_clusters = p["n_clusters"]
     self.global_dim = p["global_dim"]
@@ -158,3 +122,34 @@ def load_index(cls, path):
     self._device = {}
     self._init_mirror()
     return self
+
+
+def _load_legacy(path, members):
+    """A version-1 index: ``(arrays, params, 1)``, or None if ``members`` is not one."""
+    if HEADER_KEY not in members or LEGACY_CHECKSUM_KEY not in members:
+        return None
+    arrays = {n: a for n, a in members.items() if n not in (HEADER_KEY, LEGACY_CHECKSUM_KEY)}
+    header_bytes = members[HEADER_KEY].tobytes()
+    header = json.loads(header_bytes)  # load_container has parsed it: a JSON object
+    if header.get("format") != LEGACY_FORMAT:
+        return None
+    if header.get("version") != 1:
+        raise StorageError(f"{KIND} {path} is a {LEGACY_FORMAT} file of version "
+                           f"{header.get('version')!r}; only version 1 used that layout")
+    stored = members[LEGACY_CHECKSUM_KEY].tobytes().decode("ascii", "replace")
+    if _legacy_digest(header_bytes, arrays) != stored or "params" not in header:
+        raise StorageError(f"{KIND} {path} is corrupted: checksum mismatch")
+    return arrays, header["params"], 1
+
+
+def _legacy_digest(header_bytes, arrays):
+    """Version 1's SHA-256 over the header bytes and every array's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(header_bytes)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(a.dtype.str.encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

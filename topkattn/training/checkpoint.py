@@ -1,33 +1,28 @@
-"""Checkpoints: atomic, checksummed, pickle-free ``.npz`` files.
+"""Checkpoints: named numeric arrays plus a JSON ``meta``, in the :mod:`topkattn.storage` container.
 
-A checkpoint is an uncompressed ``.npz`` archive of plain numeric arrays plus one
-``__meta__`` entry, a UTF-8 JSON document stored as a uint8 array, holding the format
-tag, the step, the config, the RNG state, scalars, and for every array its dtype,
-shape and SHA-256.  Writing goes to a temporary file in the target folder, is fsynced,
-then renamed over the target (and the folder fsynced), so a crash at any moment leaves
-either the old checkpoint or the new one, never a mix.  Reading uses
-``allow_pickle=False`` and checks every checksum: a truncated or corrupted file raises
-:class:`CheckpointError`, never returns partial state.
+A checkpoint is a container of kind ``"checkpoint"``: an uncompressed, pickle-free
+``.npz`` with a ``__header__`` JSON entry (kind, version, meta, every array's dtype,
+shape and SHA-256).  Saving is atomic (temporary file, fsync, rename, folder fsync), so a
+crash leaves either the old checkpoint or the new one.  Loading checks every checksum: a
+missing, truncated or corrupted file raises :class:`CheckpointError` (the one
+:class:`topkattn.storage.StorageError`), never returns partial state.
+
+Version 1 (before the container) kept the document in a ``__meta__`` entry with
+``"format": "topkattn-checkpoint"`` and the same per-array SHA-256; it still loads.
 """
-import hashlib
 import json
-import os
-import zipfile
-import zlib
 
 import numpy as np
 
-from topkattn.storage import atomic_savez
-from topkattn.backend import to_numpy
+from topkattn.storage import StorageError, load_container, save_container, verify_arrays
 
-FORMAT = "topkattn-checkpoint"
-VERSION = 1
-META_KEY = "__meta__"
+KIND = "checkpoint"
+VERSION = 2  # 1: the pre-container layout, read by _load_legacy
+LEGACY_FORMAT = "topkattn-checkpoint"
+LEGACY_KEY = "__meta__"
 TEMP_PREFIX = ".ckpt-"  # temporary files of an interrupted save: <TEMP_PREFIX>*.tmp
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupted or not a topkattn checkpoint."""
+CheckpointError = StorageError  # a checkpoint file is missing, truncated, corrupted or not a checkpoint
 
 
 class ConfigMismatchError(ValueError):
@@ -38,77 +33,40 @@ class ConfigMismatchError(ValueError):
         self.fields = fields
 
 
-def _digest(a):
-    h = hashlib.sha256()
-    h.update(str(a.dtype.str).encode())
-    h.update(repr(tuple(a.shape)).encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
 def save_checkpoint(path, arrays, meta):
-    """Write ``arrays`` (name -> numeric array, NumPy or CuPy) and the JSON-able ``meta`` to ``path``.
-
-    Atomic: temporary file in the same folder, fsync, rename, fsync of the folder.
-    """
-    if META_KEY in arrays:
-        raise ValueError(f"arrays must not use the reserved name {META_KEY!r}")
-    host = {}
-    for name, a in arrays.items():
-        a = np.ascontiguousarray(to_numpy(a))
-        if a.dtype.hasobject or a.dtype.kind not in "biufc":
-            raise TypeError(f"arrays[{name!r}] must be numeric, got dtype {a.dtype}")
-        host[name] = a
-    doc = {"format": FORMAT, "version": VERSION, "meta": meta,
-           "arrays": {n: {"dtype": a.dtype.str, "shape": list(a.shape), "sha256": _digest(a)}
-                      for n, a in host.items()}}
-    blob = json.dumps(doc, sort_keys=True).encode("utf-8")
-    doc_bytes = np.frombuffer(blob, dtype=np.uint8)
-    atomic_savez(path, {META_KEY: doc_bytes, **host}, prefix=TEMP_PREFIX)
+    """Atomically write ``arrays`` (name -> numeric array, NumPy or CuPy) and the JSON-able
+    ``meta`` to ``path``."""
+    save_container(path, arrays, meta, kind=KIND, version=VERSION, prefix=TEMP_PREFIX)
 
 
 def load_checkpoint(path):
-    """Read a checkpoint written by :func:`save_checkpoint`: returns ``(arrays, meta)``.
+    """Read a checkpoint written by :func:`save_checkpoint` (or a version-1 one): ``(arrays, meta)``.
 
     Raises :class:`CheckpointError` naming the file if it is missing, truncated,
-    corrupted (a checksum differs) or not a topkattn checkpoint.
+    corrupted (a checksum differs), newer than this topkattn or not a checkpoint.
     """
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    arrays, meta, _ = load_container(path, kind=KIND, max_version=VERSION, legacy=_load_legacy)
+    return arrays, meta
+
+
+def _load_legacy(path, members):
+    """A version-1 checkpoint: ``(arrays, meta, 1)``, or None if ``members`` has no ``__meta__``."""
+    if LEGACY_KEY not in members:
+        return None
+    arrays = {n: a for n, a in members.items() if n != LEGACY_KEY}
     try:
-        with np.load(path, allow_pickle=False) as z:
-            names = list(z.files)
-            if META_KEY not in names:
-                raise CheckpointError(f"checkpoint {path} has no {META_KEY} entry: "
-                                      f"not a topkattn checkpoint")
-            raw = {n: z[n] for n in names}  # reading every member checks the zip CRCs
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError,
-            UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted "
-                              f"({type(e).__name__}: {e})") from e
-    try:
-        doc = json.loads(raw.pop(META_KEY).tobytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} has an unreadable {META_KEY} entry ({e})") from e
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file")
-    if doc.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {doc.get('version')!r}; "
-                              f"this topkattn reads version {VERSION}")
-    listed = doc.get("arrays", {})
-    if set(listed) != set(raw):
-        missing = sorted(set(listed) - set(raw))
-        extra = sorted(set(raw) - set(listed))
-        raise CheckpointError(f"checkpoint {path} is corrupted: arrays missing {missing}, "
-                              f"unlisted {extra}")
-    for name, a in raw.items():
-        info = listed[name]
-        if a.dtype.str != info["dtype"] or list(a.shape) != info["shape"] or _digest(a) != info["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupted: array {name!r} fails its "
-                                  f"checksum (dtype/shape/SHA-256)")
-    return raw, doc["meta"]
+        doc = json.loads(members[LEGACY_KEY].tobytes().decode("utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {LEGACY_KEY} entry ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != LEGACY_FORMAT:
+        raise CheckpointError(f"checkpoint {path} has a {LEGACY_KEY} entry but is not a {LEGACY_FORMAT} file")
+    if doc.get("version") != 1:
+        raise CheckpointError(f"checkpoint {path} is a {LEGACY_FORMAT} file of version "
+                              f"{doc.get('version')!r}; only version 1 used that layout")
+    if "meta" not in doc:
+        raise CheckpointError(f"checkpoint {path} is corrupted: its {LEGACY_KEY} entry has no meta")
+    verify_arrays(path, KIND, arrays, doc.get("arrays"))
+    return arrays, doc["meta"], 1
 
 
 def config_differences(saved, current):
@@ -152,7 +110,7 @@ def load_training_state(path):
     step, config, rng and history."""
     arrays, meta = load_checkpoint(path)
     for key in ("step", "config", "rng", "optimizer"):
-        if key not in meta:
+        if not isinstance(meta, dict) or key not in meta:
             raise CheckpointError(f"checkpoint {path} is not a training checkpoint (no {key!r})")
     out = {"params": {}, "m": {}, "v": {}, "history": {}}
     prefixes = {"param/": "params", "opt_m/": "m", "opt_v/": "v", "history/": "history"}

@@ -20,7 +20,6 @@ the bare Transformer.
 Shape letters: B batch, T sequence length, d model width, V vocabulary.
 """
 import dataclasses
-import json
 import math
 import numbers
 import os
@@ -28,7 +27,7 @@ import time
 
 import numpy as np
 
-from topkattn.storage import remove_stale_temporaries
+from topkattn.storage import atomic_write_json, remove_stale_temporaries
 from topkattn.backend import get_array_module, require_cupy, to_numpy
 from topkattn.training.checkpoint import (
     CheckpointError,
@@ -191,16 +190,6 @@ class TrainResult:
     model: object
 
 
-def _write_json_atomic(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _rng_state(cfg, step):
     return {"scheme": "SeedSequence([seed, stream, step]); streams train=0 eval=1 forget=2",
             "seed": int(cfg.seed), "next_step": int(step)}
@@ -321,8 +310,8 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
     }
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        _write_json_atomic(os.path.join(out_dir, HISTORY_NAME), {"loss": losses, "lr": lrs})
-        _write_json_atomic(os.path.join(out_dir, METRICS_NAME), metrics)
+        atomic_write_json(os.path.join(out_dir, HISTORY_NAME), {"loss": losses, "lr": lrs}, prefix=TEMP_PREFIX)
+        atomic_write_json(os.path.join(out_dir, METRICS_NAME), metrics, prefix=TEMP_PREFIX)
     return TrainResult(metrics=metrics, losses=np.asarray(losses), model=model)
 
 
