@@ -99,7 +99,7 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
             fail(str(e))
     try:
         cfg = TrainConfig.from_dict(values)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise click.UsageError(str(e)) from None
 
     def log(msg):

@@ -4,7 +4,9 @@ Every check names the argument and what it received: ``TypeError`` for a wrong t
 ``ValueError`` for a value of the right type outside its range.  Each returns the value
 in its plain Python form (``int``, ``float``), so callers write ``n = check_int("n", n, 1)``.
 """
+import dataclasses
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -68,6 +70,22 @@ def make_rng(seed, name="seed", *, allow_none=False):
         return np.random.default_rng([int(s) for s in seed])
     raise TypeError(f"{name} must be an int seed, a list of ints or a numpy.random.Generator, "
                     f"got {type(seed).__name__} {seed!r}")
+
+
+class ConfigDict:
+    """Mixin for dataclass configs: ``to_dict`` and a ``from_dict`` that refuses unknown keys."""
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        if not isinstance(d, Mapping):
+            raise TypeError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
+        return cls(**d)
 
 
 def float_dtype(dtype):

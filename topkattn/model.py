@@ -1,12 +1,11 @@
-"""A DeepSeek-style decoder: embedding, optional token shift, N pre-norm blocks (MLA or plain
+"""A DeepSeek-style decoder: embedding, optional token shift, L pre-norm blocks (MLA or plain
 attention + SwiGLU or MoE), final RMSNorm, head (tied with the embedding by default).
 
-Shape letters: B batch, T tokens, d model width, V vocabulary: tokens (B, T) int,
+Shape letters: B batch, T tokens, d model width, V vocabulary, L layers: tokens (B, T) int,
 x (B, T, d), logits (B, T, V).
 No autograd engine: ``backward`` runs the layers' backward passes in reverse order.
 """
 import dataclasses
-import numbers
 
 import numpy as np
 
@@ -15,7 +14,7 @@ from topkattn.layers.block import Block
 from topkattn.layers.embedding import Embedding
 from topkattn.layers.linear import Linear
 from topkattn.layers.mla import MLA
-from topkattn.checks import check_choice, check_int, check_real, float_dtype
+from topkattn.checks import ConfigDict, check_choice, check_int, check_real, float_dtype
 from topkattn.layers.module import Module
 from topkattn.layers.moe import MoE
 from topkattn.layers.rmsnorm import RMSNorm
@@ -24,7 +23,7 @@ from topkattn.layers.token_shift import TokenShift
 
 
 @dataclasses.dataclass
-class TransformerConfig:
+class TransformerConfig(ConfigDict):
     """Model hyper-parameters (JSON-serialisable with :meth:`to_dict`)."""
 
     vocab_size: int
@@ -71,17 +70,6 @@ class TransformerConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         float_dtype(self.dtype)
         self.dtype = np.dtype(self.dtype).name
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown TransformerConfig keys: {unknown}")
-        return cls(**d)
 
 
 class Transformer(Module):

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from topkattn.backend import get_array_module, to_numpy
+from topkattn.checks import check_int
 from topkattn.decoding.lorann import LorannSelector
 from topkattn.layers.loss import IGNORE
 from topkattn.decoding.selectors import DecodeStats, ExactSelector, SimulatedRecallSelector
@@ -71,8 +72,7 @@ def decode_teacher_forced(model, tokens, *, selectors, prompt_len, topk=None):
     if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
         raise ValueError(f"tokens must be an int array (B, T), got {tokens.dtype} shape {tokens.shape}")
     B, T = tokens.shape
-    if isinstance(prompt_len, bool) or not isinstance(prompt_len, (int, np.integer)) or not 0 <= prompt_len <= T:
-        raise ValueError(f"prompt_len must be an integer in [0, {T}], got {prompt_len!r}")
+    check_int("prompt_len", prompt_len, 0, T)
     xp = get_array_module(next(iter(model.params.values())))
     saved = [(layer.selector, layer.topk) for layer in layers]
     was_training = model.training
@@ -118,8 +118,7 @@ def evaluate_decoding(model, inputs, targets, *, make_selectors, prompt_len, top
     targets = np.asarray(targets)
     if inputs.shape != targets.shape or inputs.ndim != 2:
         raise ValueError(f"inputs and targets must both be (N, T), got {inputs.shape} and {targets.shape}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     total = DecodeStats()
     per_layer = None
     correct = scored = 0

@@ -21,7 +21,6 @@ Shape letters: B batch, T sequence length, d model width, V vocabulary.
 """
 import dataclasses
 import math
-import numbers
 import os
 import time
 
@@ -36,6 +35,7 @@ from topkattn.training.checkpoint import (
     load_training_state,
     save_training_state,
 )
+from topkattn.checks import ConfigDict, check_choice, check_int, check_real
 from topkattn.layers.loss import softmax_cross_entropy
 from topkattn.model import Transformer, TransformerConfig
 from topkattn.training.optim import AdamW, clip_grad_norm, warmup_cosine_lr
@@ -48,7 +48,7 @@ TRAIN_STREAM, EVAL_STREAM, FORGET_STREAM = 0, 1, 2
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(ConfigDict):
     """Everything that defines a training run (and must match its checkpoint to resume)."""
 
     task: str = "mqar"            # "mqar" | "text"
@@ -75,45 +75,25 @@ class TrainConfig:
     eval_size: int = 512          # held-out sequences (mqar) or windows (text)
 
     def __post_init__(self):
-        if self.task not in ("mqar", "text"):
-            raise ValueError(f"task must be 'mqar' or 'text', got {self.task!r}")
-        if self.attention not in ("topk", "dense"):
-            raise ValueError(f"attention must be 'topk' or 'dense', got {self.attention!r}")
+        check_choice("task", self.task, ("mqar", "text"))
+        check_choice("attention", self.attention, ("topk", "dense"))
         for name, lo in (("k", 1), ("layers", 1), ("d_model", 1), ("heads", 1), ("seq_len", 2),
                          ("steps", 1), ("batch_size", 1), ("seed", 0), ("vocab_size", 4),
                          ("num_kv_pairs", 1), ("warmup_steps", 0), ("eval_size", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+            check_int(name, getattr(self, name), lo)
         if self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
         if self.d_model // self.heads < 4:
             raise ValueError(f"d_model / heads must be at least 4, got {self.d_model}/{self.heads}")
-        if not (isinstance(self.forget_rate, numbers.Real) and 0.0 <= self.forget_rate < 1.0):
-            raise ValueError(f"forget_rate must be in [0, 1), got {self.forget_rate!r}")
+        check_real("forget_rate", self.forget_rate, 0.0, 1.0, hi_open=True)
         for name in ("lr", "clip_norm", "rope_base"):
-            v = getattr(self, name)
-            if not (isinstance(v, numbers.Real) and v > 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            check_real(name, getattr(self, name), 0.0, lo_open=True)
         for name in ("weight_decay", "min_lr_ratio", "beta2"):
-            v = getattr(self, name)
-            if not (isinstance(v, numbers.Real) and 0 <= v <= 1):
-                raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+            check_real(name, getattr(self, name), 0.0, 1.0)
         if not isinstance(self.token_shift, bool):
-            raise ValueError(f"token_shift must be True or False, got {self.token_shift!r}")
+            raise TypeError(f"token_shift must be True or False, got {self.token_shift!r}")
         if self.task == "mqar":  # the task's own checks (vocabulary and length fit the pairs)
             MQAR(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {unknown}")
-        return cls(**d)
 
 
 def make_task(cfg):
@@ -214,11 +194,8 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral) \
-            or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+    check_choice("device", device, ("cpu", "gpu"))
+    check_int("checkpoint_every", checkpoint_every, 1)
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir (the folder holding checkpoint.npz)")
     log = log or (lambda msg: None)
