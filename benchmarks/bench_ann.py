@@ -1,6 +1,6 @@
 """LoRANN benchmark: topkattn.ann.LorannIndex vs the reference ``lorann``, faiss IVF-Flat and brute force.
 
-Generated attention-like data (no download): N keys of dimension D from an
+Generated attention-like data (no download): N keys of dimension Dx from an
 anisotropic Gaussian mixture, Q queries from a shifted, linearly transformed
 mixture (queries and keys differ, as in attention), inner product, recall@k
 against exact search.  Sweeps clusters_to_search x points_to_rerank and prints

@@ -6,8 +6,8 @@ the same seed and budget -- one with forget rate 0, one (or more) with forgettin
 decodes each held-out set token by token with
 
   exact                  exact top-k
-  simulated R            each exact top-k key dropped with probability 1 - R, refilled from
-                         the next-ranked keys (R = 0.9, 0.8, 0.7)
+  simulated r            each exact top-k key dropped with probability 1 - r, refilled from
+                         the next-ranked keys (recall r = 0.9, 0.8, 0.7)
   lorann A / lorann B    a LoRANN index per sequence over the MLA latent cache, two settings
 
 and prints accuracy (and the measured recall of the selection against exact top-k) per

@@ -6,8 +6,9 @@ approximate inner products with every point of the cluster, followed by exact
 re-ranking of the best candidates.  The API mirrors the reference ``lorann``
 package (``LorannIndex(data, ...)`` -> ``build()`` -> ``search(q, k, ...)``).
 
-Shape letters: N points, D data dim, G reduced (global) dim, C clusters, R rank,
-Q queries, W clusters searched per query, K results.
+Shape letters (the ANN index's own, see docs/architecture.md): N points, Dx data dim, Dg
+reduced (global) dim, Nc clusters, Rk rank, Q queries, Qt training queries, Wc clusters
+searched per query, Kn results, Mc candidates re-ranked (max(Kn, points_to_rerank)).
 
 Distances follow the reference: ``ip`` returns ``-q.x`` and ``l2`` returns the
 squared Euclidean distance, both ascending (best first).  Ids are int64, padded
@@ -16,12 +17,12 @@ lower id.
 
 Implementation notes
 - Model fit: the right singular vectors of the fitted values X beta come from the
-  (G, G) eigenproblem of F beta beta^T F^T with F^T F = X^T X, so a cluster costs
-  O(M G^2 + N G^2) and the (M, N) fitted-value matrix is never formed.
+  (Dg, Dg) eigenproblem of F beta beta^T F^T with F^T F = X^T X, so a cluster costs
+  O(Qt Dg^2 + N Dg^2) and the (Qt, N) fitted-value matrix is never formed.
 - Quantisation: A (per rank component) and B (per point) are stored as 8- or
   4-bit codes with one float32 scale per row; scoring uses exactly the
   dequantised values; queries stay in float32.  The CPU kernels read B from a
-  transposed mirror (per cluster an (R, cap_c) block: float32, and the 8-bit
+  transposed mirror (per cluster an (Rk, cap_c) block: float32, and the 8-bit
   codes, 4x less memory traffic, for the fused kernel, which reads A's 8-bit
   codes too), refreshed per cluster that ``add``/``refit`` touched; BLAS has no
   int8 GEMM, so it uses the float32.
@@ -65,16 +66,16 @@ _DISTANCES = ("ip", "l2")
 
 
 class LorannIndex:
-    """A LoRANN index over the rows of ``data`` (N, D).
+    """A LoRANN index over the rows of ``data`` (N, Dx).
 
     Args:
-        data: index points (N, D), real and finite; stored as float32 (copied).
-        n_clusters: number of k-means clusters C (about sqrt(N) is a good start).
-        global_dim: reduced dimension G learned from the (training-query) data by
-            PCA, or None for no reduction (G = D).
+        data: index points (N, Dx), real and finite; stored as float32 (copied).
+        n_clusters: number of k-means clusters Nc (about sqrt(N) is a good start).
+        global_dim: reduced dimension Dg learned from the (training-query) data by
+            PCA, or None for no reduction (Dg = Dx).
         quantization_bits: 8 or 4 (per-row scalar quantisation of the regression
             matrices; scores use the quantised values) or None (float32).
-        rank: rank R of each cluster's regression (1 <= R < D, R <= G).
+        rank: rank Rk of each cluster's regression (1 <= Rk < Dx, Rk <= Dg).
         train_size: each training query trains the models of its ``train_size``
             nearest clusters.
         distance: ``"ip"`` (maximum inner product) or ``"l2"`` (squared Euclidean).
@@ -117,7 +118,7 @@ class LorannIndex:
         self.refit_growth = refit_growth
         self._rng = make_rng(seed, allow_none=True)
         with np.errstate(over="ignore"):  # overflow is reported below
-            self._data = np.array(data, dtype=np.float32, order="C")  # (N, D), capacity = len
+            self._data = np.array(data, dtype=np.float32, order="C")  # (N, Dx), capacity = len
         if not np.isfinite(self._data).all():
             raise ValueError("data has values outside the float32 range")
         self._n = n
@@ -146,7 +147,7 @@ class LorannIndex:
 
     @property
     def data(self):
-        """The stored points (N, D) float32 (a view; do not modify)."""
+        """The stored points (N, Dx) float32 (a view; do not modify)."""
         return self._data[: self._n]
 
     @property
@@ -164,7 +165,7 @@ class LorannIndex:
     def build(self, approximate=True, training_queries=None, verbose=False):
         """Cluster the points and fit every cluster's reduced-rank model.
 
-        ``training_queries`` (M, D): queries from the search distribution (the
+        ``training_queries`` (Qt, Dx): queries from the search distribution (the
         out-of-distribution case, e.g. attention queries); they define the PCA
         reduction and train each cluster's model.  Without them the points serve
         as training queries.  ``approximate=False`` solves the exact OLS problem
@@ -196,8 +197,8 @@ class LorannIndex:
             self._T = np.ascontiguousarray(vecs[:, ::-1][:, : self.global_dim], np.float32)
         else:
             self._T = None
-        xr = self._reduce(data)  # (N, G)
-        qr = xr if training_queries is None else self._reduce(tq)  # (M, G)
+        xr = self._reduce(data)  # (N, Dg)
+        qr = xr if training_queries is None else self._reduce(tq)  # (Qt, Dg)
         c = self.n_clusters
         sample = SAMPLED_POINTS_PER_CLUSTER * c
         if not approximate or sample > 0.5 * len(xr):
@@ -213,7 +214,7 @@ class LorannIndex:
         else:
             assign = kmeans.nearest_clusters(xr, self._cent, 1, self.distance)[:, 0]
         members = _group(assign, c)
-        tmap = kmeans.nearest_clusters(qr, self._cent, self.train_size, self.distance)  # (M, W)
+        tmap = kmeans.nearest_clusters(qr, self._cent, self.train_size, self.distance)  # (Qt, Wc)
         qmembers = _group(tmap.ravel(), c, div=tmap.shape[1])
         # storage
         g, r = self.global_dim, self.rank
@@ -240,16 +241,16 @@ class LorannIndex:
         def fit_one(ci):
             mem = members[ci]
             qmem = qmembers[ci]
-            pts = data[mem]  # (n_c, D)
+            pts = data[mem]  # (n_c, Dx)
             if len(qmem) >= len(mem):
                 qx, qfull = qr[qmem], tq[qmem]
             else:  # too few training queries: the points stand in (as the reference does)
                 qx, qfull = xr[mem], pts
-            gram = (qx.T @ qx).astype(np.float64)  # (G, G)
+            gram = (qx.T @ qx).astype(np.float64)  # (Dg, Dg)
             qgram_full = None
             if not approximate and T is not None:
-                qgram_full = (qfull.T @ qfull).astype(np.float64)  # (D, D)
-            beta = rrr.ols_beta(xr[mem], pts, T, qgram_full, gram, approximate)  # (G, n_c)
+                qgram_full = (qfull.T @ qfull).astype(np.float64)  # (Dx, Dx)
+            beta = rrr.ols_beta(xr[mem], pts, T, qgram_full, gram, approximate)  # (Dg, n_c)
             return gram, rrr.fit_cluster(beta, gram, self.rank)
 
         with blas_single_thread(), ThreadPoolExecutor(n_workers()) as pool:
@@ -265,7 +266,7 @@ class LorannIndex:
         self._device = {}
 
     def _fit(self, ci, beta, gram):
-        """Fit, quantise and store cluster ci's model from its OLS beta (G, n_c)."""
+        """Fit, quantise and store cluster ci's model from its OLS beta (Dg, n_c)."""
         self._store_fit(ci, *rrr.fit_cluster(beta, gram, self.rank))
 
     def _store_fit(self, ci, A, Bt, P):
@@ -317,8 +318,8 @@ class LorannIndex:
 
     def _mirror(self):
         """B transposed per cluster for the CPU kernels: flat arrays in the slot layout, cluster
-        c's block (R, cap_c) row-major at R * start[c] (float32 ``bt``; the 8-bit codes ``ct``
-        or None), so its GEMM reads a contiguous (R, n) block and the fused kernel scores 16
+        c's block (Rk, cap_c) row-major at Rk * start[c] (float32 ``bt``; the 8-bit codes ``ct``
+        or None), so its GEMM reads a contiguous (Rk, n) block and the fused kernel scores 16
         points per vector instruction.  Built on first use, then refreshed per cluster that
         ``add``/``refit`` touched (a decode step refreshes one)."""
         with self._tr_lock:
@@ -344,13 +345,13 @@ class LorannIndex:
 
     # ------------------------------------------------------------------ search
     def search(self, q, k, clusters_to_search, points_to_rerank, return_distances=False):
-        """Approximate k nearest neighbours of ``q`` (D,) or (Q, D).
+        """Approximate k nearest neighbours of ``q`` (Dx,) or (Q, Dx).
 
         Routes each query to its ``clusters_to_search`` best centroids, scores
         their points with the quantised low-rank models, keeps the
         max(k, points_to_rerank) best and re-ranks them exactly
-        (``points_to_rerank=0``: approximate scores only).  Returns ids (K,) or
-        (Q, K) int64 and, with ``return_distances``, float32 distances.
+        (``points_to_rerank=0``: approximate scores only).  Returns ids (Kn,) or
+        (Q, Kn) int64 and, with ``return_distances``, float32 distances.
         NumPy queries run on the CPU (BLAS + Numba); CuPy queries on the GPU.
         """
         self._require_built()
@@ -397,7 +398,7 @@ class LorannIndex:
 
     def _route(self, qr, w, xp):
         cent = self._cent if xp is np else self._dev(xp)["cent"]
-        s = qr @ cent.T  # (Q, C)
+        s = qr @ cent.T  # (Q, Nc)
         if self.distance == "l2":
             s = 2 * s - (self._cnorm if xp is np else self._dev(xp)["cnorm"])
         if w >= self.n_clusters:
@@ -417,12 +418,12 @@ class LorannIndex:
 
     def _search_cpu_inner(self, q, k, w, rr):
         nq = len(q)
-        qr = np.ascontiguousarray(self._reduce(q), np.float32)  # (Q, G)
+        qr = np.ascontiguousarray(self._reduce(q), np.float32)  # (Q, Dg)
         if nq <= FUSED_MAX_QUERIES:
             top = np.empty((nq, w), np.int64)
             kernels.route_small(qr, self._cent, self._cnorm, self.distance == "l2", w, top)
         else:
-            top = self._route(qr, w, np)  # (Q, W)
+            top = self._route(qr, w, np)  # (Q, Wc)
         self._lazy_refit(top)
         m = max(k, rr)
         ids = np.empty((nq, k), np.int64)  # the kernels write every row (padding included)
@@ -457,7 +458,7 @@ class LorannIndex:
         bt = self._mirror()[0]
         with blas_single_thread():
             for i, sub in enumerate(passes):
-                rows = np.empty(sub.size, np.int64)  # (V,) query of each visit, by cluster
+                rows = np.empty(sub.size, np.int64)  # (visits,) query of each visit, by cluster
                 starts = np.empty(self.n_clusters + 1, np.int64)
                 kernels.group_visits(sub, self.n_clusters, rows, starts)
                 counts = np.diff(starts)
@@ -482,8 +483,8 @@ class LorannIndex:
         """Array-library path (CuPy, or NumPy as the reference): padded dense tensors."""
         dev = self._dev(xp)
         nq = len(q)
-        qr = q if dev["T"] is None else q @ dev["T"]  # (Q, G)
-        top = self._route(qr, w, xp)  # (Q, W)
+        qr = q if dev["T"] is None else q @ dev["T"]  # (Q, Dg)
+        top = self._route(qr, w, xp)  # (Q, Wc)
         if xp is np:
             self._lazy_refit(top)
             dev = self._dev(xp)
@@ -498,10 +499,10 @@ class LorannIndex:
         maxsz = dev["bpad"].shape[1]
         chunk = max(1, int(2 ** 24 // max(1, w * maxsz * max(self.rank, 1))))
         for b in range(0, nq, chunk):
-            tb = top[b:b + chunk]  # (q, W)
-            t = xp.einsum("qg,qwgr->qwr", qr[b:b + chunk], dev["adeq"][tb])  # (q, W, R)
-            s = xp.einsum("qwr,qwnr->qwn", t, dev["bpad"][tb])  # (q, W, maxsz)
-            pid = dev["idpad"][tb]  # (q, W, maxsz)
+            tb = top[b:b + chunk]  # (q, Wc)
+            t = xp.einsum("qg,qwgr->qwr", qr[b:b + chunk], dev["adeq"][tb])  # (q, Wc, Rk)
+            s = xp.einsum("qwr,qwnr->qwn", t, dev["bpad"][tb])  # (q, Wc, maxsz)
+            pid = dev["idpad"][tb]  # (q, Wc, maxsz)
             if self.distance == "l2":
                 s = 2 * s - dev["norms"][xp.maximum(pid, 0)]
             s = xp.where(pid >= 0, s, -np.inf).reshape(len(tb), -1).astype(xp.float32)
@@ -536,11 +537,11 @@ class LorannIndex:
 
     # ------------------------------------------------------------------ streaming inserts
     def add(self, new_points):
-        """Insert points (D,) or (P, D); returns their ids (continuing from len(index)).
+        """Insert points (Dx,) or (n_new, Dx); returns their ids (continuing from len(index)).
 
         Each point joins its nearest cluster and is searchable at once: its
         column of the cluster's B is ``P_c (T^T x)``, the least-squares fit of
-        its inner products over the cluster's training queries, O(D G + G R)
+        its inner products over the cluster's training queries, O(Dx Dg + Dg Rk)
         per point, no refit.  The cluster's low-rank basis is not updated until a
         refit (lazy, see ``refit_growth``, or :meth:`refit`).
         """
@@ -554,7 +555,7 @@ class LorannIndex:
         self._device = {}
         if not self.built:
             return ids
-        xr = self._reduce(x)  # (P, G)
+        xr = self._reduce(x)  # (n_new, Dg)
         if p == 1:  # the decoding case, one point per step: two small Numba calls
             b = np.empty(self.rank, np.float32)
             c = kernels.assign_column(xr[0], self._cent, self._cnorm, self.distance == "l2",
@@ -569,14 +570,14 @@ class LorannIndex:
             else:
                 self._store_B(slots, b[None])
             return ids
-        cs = xr @ self._cent.T  # (P, C)
+        cs = xr @ self._cent.T  # (n_new, Nc)
         if self.distance == "l2":
             cs = 2 * cs - self._cnorm
         assign = np.argmax(cs, axis=1)
         self._assign[ids[0]:ids[-1] + 1] = assign
         for c in np.unique(assign):
             sel = np.flatnonzero(assign == c)
-            self._place(int(c), ids[sel], xr[sel] @ self._P[c].T)  # (p_c, R)
+            self._place(int(c), ids[sel], xr[sel] @ self._P[c].T)  # (p_c, Rk)
         return ids
 
     def _place(self, c, ids, bt):
@@ -627,7 +628,7 @@ class LorannIndex:
 
         Uses the cluster's stored training-query Gram and its current members
         with beta = T^T x (the ``approximate=True`` coefficients; without a global
-        reduction they are exact).  O(N_c G^2) per cluster.
+        reduction they are exact).  O(N_c Dg^2) per cluster.
         """
         self._require_built()
         cl = self.stale_clusters if clusters is None else np.atleast_1d(
@@ -638,7 +639,7 @@ class LorannIndex:
                 raise ValueError(f"clusters must be in [0, {self.n_clusters}), got {c}")
             lo, n_c = self._start[c], self._size[c]
             pid = self._slot_id[lo:lo + n_c]
-            beta = self._reduce(self._data[pid]).T  # (G, n_c)
+            beta = self._reduce(self._data[pid]).T  # (Dg, n_c)
             with blas_single_thread():
                 self._fit(c, beta, self._gram[c].astype(np.float64))
         self._overgrown.difference_update(int(c) for c in cl)
@@ -753,7 +754,7 @@ def _topk_xp(xp, s, ids, k):
 
 
 def _group(labels, c, div=1):
-    """Indices (divided by ``div``) grouped by label: a list of C int64 arrays."""
+    """Indices (divided by ``div``) grouped by label: a list of Nc int64 arrays."""
     order = np.argsort(labels, kind="stable")
     counts = np.bincount(labels, minlength=c)
     splits = np.split(order // div, np.cumsum(counts)[:-1])

@@ -1,7 +1,8 @@
 """Numba CPU kernels for LoRANN search: candidate selection, exact re-ranking, fused small-batch scoring.
 
-Shape letters: Q queries, W clusters searched per query, D data dim, G reduced dim,
-R rank, K results, M candidates kept for re-ranking.
+Shape letters (the ANN index's own): Q queries, Wc clusters searched per query, Dx data dim,
+Dg reduced dim, Nc clusters, Rk rank, Kn results, Mc candidates kept for re-ranking (``m``),
+Nt threads (one candidate buffer each).
 Scores are "larger is better" (``q.x`` for ip, ``2 q.x - |x|^2`` for l2).
 Ties go to the lower point id.  Reference: ``LorannIndex._search_xp`` (dense,
 padded array-library path); tests compare the two.
@@ -304,16 +305,16 @@ def score_clusters(qr, rows, starts, visit, adeq, bt, start, size, cap, slot_id,
                    cand_s, cand_i, cand_n, thresh, scratch_q, scratch_t, scratch_s, scratch_n):
     """Approximate scores of every visited cluster for its queries, straight into candidate buffers.
 
-    Clusters run in parallel (``prange``; two BLAS GEMMs each: (cnt, G) @ A_c, then
+    Clusters run in parallel (``prange``; two BLAS GEMMs each: (cnt, Dg) @ A_c, then
     @ B_c^T read from the transposed mirror ``bt`` (``LorannIndex._mirror``) over the
-    cluster's cap[c] slots, of which the first size[c] are scanned).  qr (Q, G) reduced
+    cluster's cap[c] slots, of which the first size[c] are scanned).  qr (Q, Dg) reduced
     queries; visits starts[c] .. starts[c+1] of cluster c belong to queries rows[...]
-    (gathered into the thread's scratch_q (P, >= cnt * G)).  Each thread appends to its
-    own buffers cand_s/cand_i (P, Q, cap), cand_n (P, Q) through :func:`scan_row`: scores
+    (gathered into the thread's scratch_q (Nt, >= cnt * Dg)).  Each thread appends to its
+    own buffers cand_s/cand_i (Nt, Q, cap), cand_n (Nt, Q) through :func:`scan_row`: scores
     below ``thresh[q]`` (the best m-th score any thread has seen for q, shared, only ever
     raised) are dropped, a full buffer is compacted to its ~m best.  scratch_t
-    (P, >= cnt * R) and scratch_s (P, >= cnt * cap_c) float32 hold each thread's GEMM
-    outputs (no allocation, so no page faults, per cluster); scratch_n (P, >= n_c) the
+    (Nt, >= cnt * Rk) and scratch_s (Nt, >= cnt * cap_c) float32 hold each thread's GEMM
+    outputs (no allocation, so no page faults, per cluster); scratch_n (Nt, >= n_c) the
     cluster's norms for l2.  BLAS must run on one thread
     (``topkattn.threads.blas_single_thread``).
     """
@@ -330,7 +331,7 @@ def score_clusters(qr, rows, starts, visit, adeq, bt, start, size, cap, slot_id,
         for r in range(cnt):
             qc[r] = qr[rows[a0 + r]]
         t = scratch_t[tid, :cnt * r_dim].reshape(cnt, r_dim)
-        np.dot(qc, adeq[c], t)  # (cnt, R)
+        np.dot(qc, adeq[c], t)  # (cnt, Rk)
         cp = cap[c]
         blk = scratch_s[tid, :cnt * cp].reshape(cnt, cp)
         np.dot(t, bt[r_dim * lo:r_dim * (lo + cp)].reshape(r_dim, cp), blk)  # (cnt, cap_c)
@@ -368,8 +369,8 @@ def raise_thresholds(cand_s, cand_i, cand_n, m, thresh):
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank, out_i, out_s):
     """Each query's m best candidates over all threads' buffers (score desc, ties to the lower
-    id), re-ranked exactly when ``rerank``; the k best go to out_i (Q, K) int64 and out_s
-    (Q, K) float32, padded with -1 / -inf."""
+    id), re-ranked exactly when ``rerank``; the k best go to out_i (Q, Kn) int64 and out_s
+    (Q, Kn) float32, padded with -1 / -inf."""
     n_parts, nq, cap = cand_s.shape
     for qi in nb.prange(nq):
         total = 0
@@ -466,10 +467,10 @@ def fused_search(qr, queries, clusters, a_src, a_scale, src, bscale, scaled, sta
                  slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
     """Score, select and re-rank in one pass, query-parallel (no BLAS calls).
 
-    qr (Q, G) reduced queries, clusters (Q, W) clusters to search.  A_c^T comes from
-    a_src (C, R, G): the 8-bit codes times a_scale (C, R) (per rank component) when
+    qr (Q, Dg) reduced queries, clusters (Q, Wc) clusters to search.  A_c^T comes from
+    a_src (Nc, Rk, Dg): the 8-bit codes times a_scale (Nc, Rk) (per rank component) when
     ``scaled``, else the dequantised float32.  B is read from the transposed mirror ``src``
-    (``LorannIndex._mirror``: cluster c's (R, cap[c]) block at R * start[c]): 8-bit codes
+    (``LorannIndex._mirror``: cluster c's (Rk, cap[c]) block at Rk * start[c]): 8-bit codes
     times ``bscale`` (per slot) when ``scaled`` (4x less memory traffic than float32), else
     float32.  Cluster c's points sit at slots start[c] .. start[c] + size[c].
     Same output contract as :func:`merge_rerank`.
@@ -490,7 +491,7 @@ def fused_search_serial(qr, queries, clusters, a_src, a_scale, src, bscale, scal
 
 @nb.njit(cache=True, nogil=True, fastmath=_FAST)
 def _top_of_row(row, w, out):
-    """The w best positions of row (C,) into out (W,), best first (ties to the lower one): a
+    """The w best positions of row (Nc,) into out (Wc,), best first (ties to the lower one): a
     bisection bound, then a sort of the ~w above it (cheaper than a heap at these sizes)."""
     nc = row.shape[0]
     th = _mth_bound(row, w)
@@ -513,8 +514,8 @@ def _top_of_row(row, w, out):
 
 @nb.njit(parallel=True, cache=True, nogil=True)
 def top_columns(scores, w, out):
-    """The w best columns of each row of scores (Q, C), best first (ties to the lower
-    column), into out (Q, W) int64."""
+    """The w best columns of each row of scores (Q, Nc), best first (ties to the lower
+    column), into out (Q, Wc) int64."""
     for qi in nb.prange(scores.shape[0]):
         _top_of_row(scores[qi], w, out[qi])
 
@@ -534,7 +535,7 @@ def _transpose_one(c, start, size, cap, bdeq, bcodes, codes, bt, ct):
 @nb.njit(parallel=True, cache=True, nogil=True)
 def transpose_clusters(clusters, start, size, cap, bdeq, bcodes, codes, bt, ct):
     """Write the transposed blocks of ``clusters`` into the mirror (see
-    ``LorannIndex._mirror``): bt[R*start[c] + v*cap[c] + j] = bdeq[start[c] + j, v] for the
+    ``LorannIndex._mirror``): bt[Rk*start[c] + v*cap[c] + j] = bdeq[start[c] + j, v] for the
     size[c] points j, and the same from the 8-bit ``bcodes`` into ``ct`` when ``codes``."""
     for i in nb.prange(len(clusters)):
         _transpose_one(clusters[i], start, size, cap, bdeq, bcodes, codes, bt, ct)
@@ -549,7 +550,7 @@ def transpose_clusters_serial(clusters, start, size, cap, bdeq, bcodes, codes, b
 
 @nb.njit(cache=True, nogil=True)
 def group_visits(top, n_clusters, rows, starts):
-    """Group the visits top (Q, W) by cluster (a counting sort): the visits of cluster c are
+    """Group the visits top (Q, Wc) by cluster (a counting sort): the visits of cluster c are
     rows[starts[c]:starts[c + 1]], the ids of its queries in increasing order."""
     starts[:] = 0
     for qi in range(top.shape[0]):
@@ -582,9 +583,9 @@ def exact_topk(scores, k, out_i, out_s):
 
 @nb.njit(cache=True, nogil=True, fastmath=_FAST)
 def assign_column(xr, cent, cnorm, l2, proj, out_b):
-    """Nearest cluster of one reduced point xr (G,) and its model column out_b = proj[c] @ xr.
+    """Nearest cluster of one reduced point xr (Dg,) and its model column out_b = proj[c] @ xr.
 
-    cent (C, G), cnorm (C,), proj (C, R, G).  Ties go to the lower cluster (like argmax).
+    cent (Nc, Dg), cnorm (Nc,), proj (Nc, Rk, Dg).  Ties go to the lower cluster (like argmax).
     Reference: the batched ``add`` path in ``LorannIndex.add``.
     """
     g = xr.shape[0]
@@ -629,7 +630,7 @@ def quantize_row_into(b, levels, codes, deq):
 def route_small(qr, cent, cnorm, l2, w, out):
     """The w best clusters of each query, best first (ties to the lower cluster).
 
-    qr (Q, G), cent (C, G), out (Q, W) int64.  For a few queries, where the
+    qr (Q, Dg), cent (Nc, Dg), out (Q, Wc) int64.  For a few queries, where the
     NumPy call overhead of ``LorannIndex._route`` dominates.
     """
     nc = cent.shape[0]

@@ -1,6 +1,7 @@
 """k-means for the IVF partition: spherical (inner product) or Euclidean, optionally balanced.
 
-Shape letters: N points, C clusters, D dimension, W clusters per point.
+Shape letters (the ANN index's own): N points, Nc clusters, Dx dimension, Wc clusters kept per
+point.
 Scores are "larger is nearer": inner product ``x.c`` with unit-norm centroids for
 ``ip``; ``2 x.c - |c|^2`` (= |x|^2 - |x - c|^2) for ``l2``.
 """
@@ -13,8 +14,8 @@ BLOCK = 8192
 
 
 def centroid_scores(x, centroids, distance, cnorm=None):
-    """(N, C) float32 scores of points ``x`` (N, D) against ``centroids`` (C, D)."""
-    s = x @ centroids.T  # (N, C)
+    """(N, Nc) float32 scores of points ``x`` (N, Dx) against ``centroids`` (Nc, Dx)."""
+    s = x @ centroids.T  # (N, Nc)
     if distance == "l2":
         if cnorm is None:
             cnorm = np.einsum("cd,cd->c", centroids, centroids)
@@ -24,14 +25,14 @@ def centroid_scores(x, centroids, distance, cnorm=None):
 
 
 def nearest_clusters(x, centroids, w, distance):
-    """Indices (N, W) int64 of the ``w`` best clusters per point, best first (ties to lower id)."""
+    """Indices (N, Wc) int64 of the ``w`` best clusters per point, best first (ties to lower id)."""
     n = len(x)
     c = len(centroids)
     w = min(w, c)
     out = np.empty((n, w), np.int64)
     cnorm = np.einsum("cd,cd->c", centroids, centroids)
     for b in range(0, n, BLOCK):
-        s = centroid_scores(x[b:b + BLOCK], centroids, distance, cnorm)  # (n_b, C)
+        s = centroid_scores(x[b:b + BLOCK], centroids, distance, cnorm)  # (n_b, Nc)
         if w == 1:
             out[b:b + BLOCK, 0] = np.argmax(s, axis=1)
             continue
@@ -41,7 +42,7 @@ def nearest_clusters(x, centroids, w, distance):
 
 def kmeans(x, n_clusters, *, distance="ip", iters=10, sample_size=None, balanced=False,
            rng=None):
-    """Train ``n_clusters`` centroids (C, D) float32 on ``x`` (N, D).
+    """Train ``n_clusters`` centroids (Nc, Dx) float32 on ``x`` (N, Dx).
 
     Lloyd iterations on a random sample of ``sample_size`` rows (all rows if None);
     initial centroids are distinct sampled rows; an emptied cluster is re-seeded by
@@ -57,7 +58,7 @@ def kmeans(x, n_clusters, *, distance="ip", iters=10, sample_size=None, balanced
     train = x
     if sample_size is not None and sample_size < n:
         train = x[np.sort(rng.choice(n, sample_size, replace=False))]
-    cent = train[rng.choice(len(train), n_clusters, replace=False)].copy()  # (C, D)
+    cent = train[rng.choice(len(train), n_clusters, replace=False)].copy()  # (Nc, Dx)
     _postprocess(cent, distance)
     for _ in range(iters):
         assign = np.empty(len(train), np.int64)
@@ -117,7 +118,7 @@ def _postprocess(cent, distance):
 
 
 def balanced_assign(x, centroids, distance, slack=0.05, candidates=16):
-    """Assign each row of ``x`` to one cluster with at most ceil(N/C*(1+slack)) rows per cluster.
+    """Assign each row of ``x`` to one cluster with at most ceil(N/Nc*(1+slack)) rows per cluster.
 
     Rows are placed in order of confidence (gap between their best and
     ``candidates``-th best cluster score, largest first); each takes its best cluster
@@ -127,7 +128,7 @@ def balanced_assign(x, centroids, distance, slack=0.05, candidates=16):
     n, c = len(x), len(centroids)
     cap = int(np.ceil(n / c * (1 + slack)))
     w = min(candidates, c)
-    pref = nearest_clusters(x, centroids, w, distance)  # (N, W)
+    pref = nearest_clusters(x, centroids, w, distance)  # (N, Wc)
     cnorm = np.einsum("cd,cd->c", centroids, centroids)
     best = np.einsum("nd,nd->n", x, centroids[pref[:, 0]])
     worst = np.einsum("nd,nd->n", x, centroids[pref[:, -1]])

@@ -4,7 +4,8 @@ Rows are quantised independently and symmetrically: ``x ~ scale * code`` with on
 float32 scale per row, codes in [-127, 127] (8 bits) or [-7, 7] (4 bits).  4-bit
 codes are packed two per byte (offset by 8: low nibble = even column).
 
-Shape letters: N rows (points or rank components), R columns (rank or dim).
+Shapes are written (rows, cols): rows are points (N) or rank components (Rk), cols the rank
+or a dim (the ANN index's letters).
 """
 import numpy as np
 
@@ -12,33 +13,33 @@ LEVELS = {8: 127, 4: 7}
 
 
 def quantize_rows(x, bits):
-    """Quantise each row of ``x`` (N, R) to ``bits`` bits.
+    """Quantise each row of ``x`` (rows, cols) to ``bits`` bits.
 
-    Returns ``(codes, scale)``: codes int8 (N, R) for 8 bits, packed uint8
-    (N, ceil(R/2)) for 4 bits; scale float32 (N,).  A zero row gets scale 0.
+    Returns ``(codes, scale)``: codes int8 (rows, cols) for 8 bits, packed uint8
+    (rows, ceil(cols/2)) for 4 bits; scale float32 (rows,).  A zero row gets scale 0.
     """
     if bits not in LEVELS:
         raise ValueError(f"quantization_bits must be 4 or 8, got {bits!r}")
     x = np.asarray(x, dtype=np.float32)
     levels = LEVELS[bits]
-    amax = np.max(np.abs(x), axis=1) if x.shape[1] else np.zeros(len(x), np.float32)  # (N,)
+    amax = np.max(np.abs(x), axis=1) if x.shape[1] else np.zeros(len(x), np.float32)  # (rows,)
     scale = (amax / levels).astype(np.float32)
     inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
-    codes = np.clip(np.rint(x * inv[:, None]), -levels, levels).astype(np.int8)  # (N, R)
+    codes = np.clip(np.rint(x * inv[:, None]), -levels, levels).astype(np.int8)  # (rows, cols)
     if bits == 4:
         codes = pack4(codes)
     return codes, scale
 
 
 def dequantize_rows(codes, scale, bits, ncols):
-    """Inverse of :func:`quantize_rows`: float32 (N, ncols) = scale * code."""
+    """Inverse of :func:`quantize_rows`: float32 (rows, ncols) = scale * code."""
     if bits == 4:
         codes = unpack4(codes, ncols)
     return codes.astype(np.float32) * np.asarray(scale, np.float32)[:, None]
 
 
 def pack4(codes):
-    """Pack int8 codes in [-7, 7] of shape (N, R) into uint8 (N, ceil(R/2))."""
+    """Pack int8 codes in [-7, 7] of shape (rows, cols) into uint8 (rows, ceil(cols/2))."""
     n, r = codes.shape
     u = (codes.astype(np.int16) + 8).astype(np.uint8)  # 1..15
     if r % 2:
@@ -47,7 +48,7 @@ def pack4(codes):
 
 
 def unpack4(packed, ncols):
-    """Unpack uint8 (N, ceil(R/2)) into int8 codes (N, ncols)."""
+    """Unpack uint8 (rows, ceil(cols/2)) into int8 codes (rows, ncols)."""
     lo = (packed & 0x0F).astype(np.int8) - 8
     hi = (packed >> 4).astype(np.int8) - 8
     out = np.empty((packed.shape[0], 2 * packed.shape[1]), np.int8)

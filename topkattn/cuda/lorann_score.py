@@ -1,26 +1,27 @@
 """CUDA LoRANN query scoring for batched decode: per-cluster low-rank scores with dequantisation.
 
-Shape letters: Q queries, D data dim, G reduced dim, NC clusters, R rank, W clusters
-searched per query, Z slots (cluster storage, >= points), M candidates, K results.
+Shape letters (the ANN index's own, as in :mod:`topkattn.ann`): Q queries, Dx data dim, Dg
+reduced dim, Nc clusters, Rk rank, Wc clusters searched per query, Z slots (cluster storage,
+>= N points), Mc candidates, Kn results.
 
 Data layout (that of :class:`topkattn.ann.LorannIndex`, gathered by :func:`lorann_arrays`):
-  a (NC, R, G) int8 codes of each cluster's A^T (8 bits), or (NC, R, ceil(G/2)) uint8 with
-  two 4-bit codes per byte (low nibble = even column, code + 8), or (NC, G, R) float32 A
-  (no quantisation); ascale (NC, R) float32:  A_c[u, v] = code[c, v, u] * ascale[c, v]
-  b (Z, R) int8 / (Z, ceil(R/2)) uint8 / (Z, R) float32; bscale (Z,):  B[z, v] = code[z, v] * bscale[z]
-  start (NC,), size (NC,) int64: cluster c's points sit at slots start[c] .. start[c] + size[c];
-  slot_id (Z,) int64 the point id of each slot; norms (N,) |x|^2; data (N, D) for re-ranking.
+  a (Nc, Rk, Dg) int8 codes of each cluster's A^T (8 bits), or (Nc, Rk, ceil(Dg/2)) uint8 with
+  two 4-bit codes per byte (low nibble = even column, code + 8), or (Nc, Dg, Rk) float32 A
+  (no quantisation); ascale (Nc, Rk) float32:  A_c[u, v] = code[c, v, u] * ascale[c, v]
+  b (Z, Rk) int8 / (Z, ceil(Rk/2)) uint8 / (Z, Rk) float32; bscale (Z,):  B[z, v] = code[z, v] * bscale[z]
+  start (Nc,), size (Nc,) int64: cluster c's points sit at slots start[c] .. start[c] + size[c];
+  slot_id (Z,) int64 the point id of each slot; norms (N,) |x|^2; data (N, Dx) for re-ranking.
 
-    score(q, z) = (qr_q A_c) . B[z]          qr = q T (Q, G);  l2: 2 score - |x|^2
-    candidates  = the M best scores over the W searched clusters (ties to the lower id)
-    results     = the K best candidates by exact q . x (re-ranking), or by score
+    score(q, z) = (qr_q A_c) . B[z]          qr = q T (Q, Dg);  l2: 2 score - |x|^2
+    candidates  = the Mc best scores over the Wc searched clusters (ties to the lower id)
+    results     = the Kn best candidates by exact q . x (re-ranking), or by score
 
 Kernels: (1) one block per (query, searched cluster): the threads first form
-tq = qr A_c (R,) in shared memory, dequantising A's codes on the fly, then each thread
+tq = qr A_c (Rk,) in shared memory, dequantising A's codes on the fly, then each thread
 scores slots of the cluster against tq, dequantising B; (2) the split-k top-m of
-:mod:`topkattn.cuda.topk_select` keeps the M best (score, id); (3) one thread per
-candidate computes the exact score for re-ranking, and top-m again keeps K.  Routing
-(q T, centroid scores, top-W clusters) uses the same top-m kernel.
+:mod:`topkattn.cuda.topk_select` keeps the Mc best (score, id); (3) one thread per
+candidate computes the exact score for re-ranking, and top-m again keeps Kn.  Routing
+(q T, centroid scores, top-Wc clusters) uses the same top-m kernel.
 Reference: ``LorannIndex.search`` (NumPy path; its ``_search_xp`` is the dense padded form)
 and, in the tests, an explicit float64 dequantise-and-score loop.
 """
@@ -52,10 +53,10 @@ def lorann_arrays(index, xp):
 
 
 def lorann_search(arrays, q, k, clusters_to_search, points_to_rerank):
-    """Approximate top-k of queries q (Q, D) float32: (ids (Q, K) int64, scores (Q, K) float32).
+    """Approximate top-k of queries q (Q, Dx) float32: (ids (Q, Kn) int64, scores (Q, Kn) float32).
 
     Scores are larger-is-better (``q.x``; l2: ``2 q.x - |x|^2``), ids padded with -1 and
-    -inf.  ``points_to_rerank`` = 0 returns the approximate scores of the best K.
+    -inf.  ``points_to_rerank`` = 0 returns the approximate scores of the best Kn.
     """
     xp = array_module(q)
     if q.ndim != 2 or q.shape[1] != arrays.data.shape[1]:
@@ -66,8 +67,8 @@ def lorann_search(arrays, q, k, clusters_to_search, points_to_rerank):
         check_int(name, val, lo, hi)
     q = xp.ascontiguousarray(q, dtype=xp.float32)
     Q = q.shape[0]
-    qr = q if arrays.T is None else xp.ascontiguousarray(q @ arrays.T)  # (Q, G)
-    cs = qr @ arrays.cent.T  # (Q, NC)
+    qr = q if arrays.T is None else xp.ascontiguousarray(q @ arrays.T)  # (Q, Dg)
+    cs = qr @ arrays.cent.T  # (Q, Nc)
     if arrays.l2:
         cs = 2 * cs - arrays.cnorm
     full = lambda val: xp.full(Q, val, dtype=xp.int64)  # noqa: E731
@@ -86,8 +87,8 @@ def lorann_search(arrays, q, k, clusters_to_search, points_to_rerank):
 
 
 def lorann_score(arrays, qr, clusters, m):
-    """The M best (scores (Q, M) float32, ids (Q, M) int64) of reduced queries qr (Q, G)
-    over their searched ``clusters`` (Q, W) int64, scored by the quantised low-rank models."""
+    """The Mc best (scores (Q, Mc) float32, ids (Q, Mc) int64) of reduced queries qr (Q, Dg)
+    over their searched ``clusters`` (Q, Wc) int64, scored by the quantised low-rank models."""
     xp = array_module(qr, clusters)
     Q, W = clusters.shape
     G = qr.shape[1]

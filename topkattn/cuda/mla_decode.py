@@ -1,7 +1,8 @@
 """CUDA MLA decode step: absorbed queries against the latent cache, top-k, attend.
 
 Shape letters: B batch, H query heads, S cached tokens (persistent rows first),
-C latent dim, R rope dim, Dk = C + R, K index slots (P' sinks + W' window + K' selected).
+C latent dim, R rope dim, D = C + R key dim (``Dk`` in code), K index slots (P' sinks +
+W' window + K' selected).
 
 With weight absorption (:mod:`topkattn.layers.mla`) every head scores the one shared
 cache row [c_j ; kr_j] with its absorbed query, and the values are the latents c_j:
@@ -88,9 +89,9 @@ def mla_select(q_abs, keys, *, topk, scale, sinks=0, window=0, return_scores=Fal
         launch(_scores_kernel(pow2_at_least(H, 1), q_abs.dtype.char), cdiv(B * S, threads), threads,
                xp.ascontiguousarray(q_abs), keys, float(scale), scores)  # keys may be strided
     if bounds.n_sel:
-        R = B * H
-        full = lambda val: xp.full(R, val, dtype=xp.int64)  # noqa: E731
-        _, ranked = topm_rows(xp, scores.reshape(R, S), None, bounds.n_sel, full(S),
+        n_rows = B * H
+        full = lambda val: xp.full(n_rows, val, dtype=xp.int64)  # noqa: E731
+        _, ranked = topm_rows(xp, scores.reshape(n_rows, S), None, bounds.n_sel, full(S),
                               full(int(bounds.win_lo[0])), full(int(bounds.win_hi[0])),
                               bounds.sinks)
         parts.append(ranked.reshape(B, H, bounds.n_sel))

@@ -1,15 +1,16 @@
 """CUDA sparse attention backward from saved indices and logsumexp: dq, dk, dv.
 
 Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim,
-Dv value dim, K index slots per query (-1 = empty), R = B*H*T rows, E = R*K entries.
+Dv value dim, K index slots per query (-1 = empty), rows = B*H*T query rows,
+n_ent = rows * K entries.
 
     s_i   = scale * q . k_{idx_i}            p_i = exp(s_i - lse)     (0 for empty slots)
     dp_i  = dout . v_{idx_i}                 delta = dout . out
     ds_i  = p_i (dp_i - delta) scale
     dq    = sum_i ds_i k_{idx_i};  dk_j = sum_{(r,i): idx=j} ds_i q_r;  dv_j = sum p_i dout_r
 
-Kernel 1 (one thread per query row) computes p, ds (E,) and dq.  dk, dv are gathered per
-key by a **deterministic segmented reduction**, not atomics: the E entries are sorted by
+Kernel 1 (one thread per query row) computes p, ds (n_ent,) and dq.  dk, dv are gathered per
+key by a **deterministic segmented reduction**, not atomics: the n_ent entries are sorted by
 key (a sort on unique composite keys, so the order never depends on the sort algorithm);
 a key's segment longer than PIECE entries (sinks: every row selects them) is cut into
 pieces of PIECE entries that one thread per (piece, feature) sums (kernel 2), and one
@@ -17,7 +18,7 @@ thread per (key, feature) then adds its key's short segment, or its pieces' part
 sums, in that fixed order (kernel 3).  Why: float atomics add in a run-dependent order
 (results differ in the last bits between runs), and the keys that many rows share
 (sinks, the window, popular keys) would serialise thousands of atomics on one address;
-the sort costs O(E log E) and the pieces O(E / PIECE) memory, all O(T K).
+the sort costs O(n_ent log n_ent) and the pieces O(n_ent / PIECE) memory, all O(T K).
 Rows whose lse is NaN get a NaN dq and send nothing to dk/dv; rows with no key get zeros.
 Reference: :func:`topkattn.ops.sparse_attention.sparse_attention_backward` (itself checked
 against float64 finite differences of :func:`topkattn.ops.reference.topk_attention_reference`).
@@ -48,23 +49,23 @@ def sparse_backward(dout, q, k, v, idx, out, lse, scale):
     dq = xp.zeros_like(q)
     dk = xp.zeros_like(k)
     dv = xp.zeros_like(v)
-    R, NK = B * H * T, B * G * S
-    if R == 0 or K == 0 or NK == 0:
+    n_rows, NK = B * H * T, B * G * S
+    if n_rows == 0 or K == 0 or NK == 0:
         return dq, dk, dv
     q, k, v, dout, out, idx, lse = (xp.ascontiguousarray(a) for a in (q, k, v, dout, out, idx, lse))
-    p = xp.empty((R, K), dtype=q.dtype)
-    ds = xp.empty((R, K), dtype=q.dtype)
+    p = xp.empty((n_rows, K), dtype=q.dtype)
+    ds = xp.empty((n_rows, K), dtype=q.dtype)
     threads = 32 if simulator_enabled() else THREADS
-    launch(_rows_kernel(D, Dv, q.dtype.char), cdiv(R, threads), threads,
+    launch(_rows_kernel(D, Dv, q.dtype.char), cdiv(n_rows, threads), threads,
            q, k, v, dout, out, idx, lse, float(scale), p, ds, dq)
     order, seg = key_segments(xp, idx, G, S)
     DM = max(D, Dv)
     piece = 4 if simulator_enabled() else PIECE
-    E = R * K
+    n_ent = n_rows * K
     lens = seg[1:] - seg[:-1]  # (NK,) entries per key
     n_pieces = xp.where(lens > piece, (lens + piece - 1) // piece, 0)  # long segments only
     pstart = xp.concatenate([xp.zeros(1, dtype=xp.int64), xp.cumsum(n_pieces)])  # (NK + 1,)
-    NP = 2 * (E // piece) + 1  # >= the number of pieces, known without a device sync
+    NP = 2 * (n_ent // piece) + 1  # >= the number of pieces, known without a device sync
     piece_key = xp.searchsorted(pstart[1:], xp.arange(NP, dtype=xp.int64), side="right")
     part_k = xp.empty((NP, D), dtype=q.dtype)
     part_v = xp.empty((NP, Dv), dtype=q.dtype)
@@ -76,19 +77,19 @@ def sparse_backward(dout, q, k, v, idx, out, lse, scale):
 
 
 def key_segments(xp, idx, G, S):
-    """Entries grouped by key: ``order`` (E,) entry numbers sorted by key, ``seg`` (B*G*S + 1,).
+    """Entries grouped by key: ``order`` (n_ent,) entry numbers sorted by key, ``seg`` (B*G*S + 1,).
 
     Entry e = r * K + i is slot i of row r = (b, h, t); its key row is (b * G + h // (H / G)) * S
     + idx.  Key n's entries are order[seg[n]:seg[n + 1]], ascending in e (deterministic).
     """
     B, H, T, K = idx.shape
-    NK, E = B * G * S, B * H * T * K
-    if (NK + 1) * E >= 2**62:
-        raise ValueError(f"too many keys x entries for the composite sort: {NK} x {E}")
+    NK, n_ent = B * G * S, B * H * T * K
+    if (NK + 1) * n_ent >= 2**62:
+        raise ValueError(f"too many keys x entries for the composite sort: {NK} x {n_ent}")
     base = (xp.arange(B, dtype=xp.int64)[:, None] * G
             + xp.arange(H, dtype=xp.int64)[None, :] // (H // G)) * S  # (B, H)
-    flat = xp.where(idx >= 0, idx + base[:, :, None, None], NK).reshape(E)  # empty -> NK
-    order = xp.argsort(flat * E + xp.arange(E, dtype=xp.int64))  # unique keys: any sort agrees
+    flat = xp.where(idx >= 0, idx + base[:, :, None, None], NK).reshape(n_ent)  # empty -> NK
+    order = xp.argsort(flat * n_ent + xp.arange(n_ent, dtype=xp.int64))  # unique keys: any sort agrees
     seg = xp.searchsorted(flat[order], xp.arange(NK + 1, dtype=xp.int64))
     return order.astype(xp.int64), seg.astype(xp.int64)
 

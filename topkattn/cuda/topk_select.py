@@ -1,6 +1,7 @@
 """CUDA top-m selection on a score matrix, in rank order (the building block of every selector).
 
-Shape letters: R rows, N columns, M kept per row (m), P threads per row.
+Shapes: a (rows, cols) score matrix (both spelled out), m columns kept per row, n_par
+threads per row (the kernels' ``P``).
 
     ranked[r] = the m best candidate columns of scores[r], best first
 
@@ -10,12 +11,12 @@ Candidates of row r: sinks <= j < end[r] and not win_lo[r] <= j < win_hi[r]
 (the :class:`topkattn.ops.selection.RowBounds` geometry; without bounds every column).
 Reference: :func:`topkattn.ops.reference.rank_row` (and ``selection.ranked_topm_xp``).
 
-Algorithm (split-k, no sort of the full row): P threads share a row, thread p
-scanning columns p, p + P, ... (adjacent threads read adjacent columns) and keeping
+Algorithm (split-k, no sort of the full row): n_par threads share a row, thread p
+scanning columns p, p + n_par, ... (adjacent threads read adjacent columns) and keeping
 a sorted buffer of its m best in local memory; most columns fail the threshold test
-and cost one comparison.  The P lists of m (column, score) pairs form a new, shorter
-candidate matrix (R, P * m) that the same kernel reduces again until P = 1.  Every
-comparison uses the full order (score, then column) so merging in any order gives
+and cost one comparison.  The n_par lists of m (column, score) pairs form a new, shorter
+candidate matrix (rows, n_par * m) that the same kernel reduces again until n_par = 1.
+Every comparison uses the full order (score, then column) so merging in any order gives
 the exact result.  Also used by the MLA decode step and the LoRANN search.
 """
 import functools
@@ -33,16 +34,16 @@ THREADS = 128
 
 def topk_select(scores, m, *, end=None, win_lo=None, win_hi=None, sinks=0, return_scores=False,
                 _per_thread=None):
-    """Top-``m`` columns of each row of ``scores`` (R, N), best first, -1 padded.
+    """Top-``m`` columns of each row of ``scores`` (rows, cols), best first, -1 padded.
 
     Args:
-      scores: (R, N) float32/float64 CuPy array (NumPy under the CUDA simulator).
+      scores: (rows, cols) float32/float64 CuPy array (NumPy under the CUDA simulator).
       m: columns kept per row (>= 1).
-      end, win_lo, win_hi: optional (R,) int64 arrays on the same device: row r's candidates
-        are sinks <= j < end[r] outside [win_lo[r], win_hi[r]) (default: all N columns).
-      return_scores: also return the (R, m) ranking scores (NaN shown as +inf, -inf padding).
+      end, win_lo, win_hi: optional (rows,) int64 arrays on the same device: row r's candidates
+        are sinks <= j < end[r] outside [win_lo[r], win_hi[r]) (default: every column).
+      return_scores: also return the (rows, m) ranking scores (NaN shown as +inf, -inf padding).
 
-    Returns ``ranked`` (R, m) int64, or ``(ranked, values)``.
+    Returns ``ranked`` (rows, m) int64, or ``(ranked, values)``.
     """
     xp = array_module(scores)
     if scores.ndim != 2:
@@ -68,10 +69,10 @@ def topk_select(scores, m, *, end=None, win_lo=None, win_hi=None, sinks=0, retur
 
 
 def topm_rows(xp, vals, ids, m, end, win_lo, win_hi, sinks, per_thread=None):
-    """Rank-ordered top-m of each row: (values (R, m), ids (R, m) int64), reduced level by level.
+    """Rank-ordered top-m of each row: (values (rows, m), ids (rows, m) int64), reduced level by level.
 
     ``ids`` None: the candidates are the columns of ``vals`` within the bounds and NaN ranks
-    as +inf; else ``ids`` (R, N) int64 names each candidate (-1 = none) and bounds are ignored.
+    as +inf; else ``ids`` (rows, cols) int64 names each candidate (-1 = none) and bounds are ignored.
     """
     R, N = vals.shape
     per = max(PER_THREAD, 16 * m) if per_thread is None else max(int(per_thread), 2 * m)

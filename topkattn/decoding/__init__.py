@@ -1,6 +1,7 @@
 """Decoding with retrieval: LoRANN-backed and simulated-recall selectors, decode-time dynamic k.
 
-Shape letters: B batch, H query heads, S cached keys, D key dim (C + R for MLA), K slots.
+Shape letters: B batch, H query heads, S cached keys, D key dim (C + R for MLA), K index slots
+per query.
 
 A layer's ``selector`` picks the keys of each decode step (the protocol is documented in
 :mod:`topkattn.decoding.selectors`); the selectors here add what retrieval-backed decoding needs:

@@ -1,7 +1,8 @@
 """LoRANN-backed decode selection over the MLA latent cache.
 
 Shape letters: B batch, H query heads, S cached keys (P persistent rows first), D = C + R
-(latent + rope dims), K selected slots, M candidates fetched from the index, N indexed keys.
+(latent + rope dims), K' selected slots (``topk``; forced keys are not looked up), M candidates
+fetched from the index per row (``m`` in code), N indexed keys (the ANN index's points).
 
 With weight absorption the score of head h for key j is scale * q_h . [c_j ; kr_j] where
 q_h = [W_UK_h^T q_nope_h ; q_rope_h] (see :mod:`topkattn.layers.mla`), so **one** maximum
@@ -12,8 +13,8 @@ layer) and per step:
 1. grows the index with the keys that became candidates (``add``): a key enters once it
    is neither a sink (persistent token) nor inside the sliding window -- forced keys are
    attended exactly and never looked up, so the index holds exactly the candidates;
-2. asks the index for each head's ``max(K, points_to_rerank)`` best keys, re-scores the
-   returned keys exactly (in the cache's dtype) and keeps the top K (ties to the lower
+2. asks the index for each head's ``max(K', points_to_rerank)`` best keys, re-scores the
+   returned keys exactly (in the cache's dtype) and keeps the top K' (ties to the lower
    index) -- or, with ``tail_bound``, the dynamic k of :mod:`topkattn.ops.dynamic_k`,
    certified with a Cauchy-Schwarz bound on the keys the index did not return.
 
@@ -23,7 +24,7 @@ candidate latents once, training its regressions on those queries (queries and k
 from different distributions).  Later steps ``add`` keys; after the index has grown by
 ``refit_factor`` since its last build it is rebuilt from scratch (re-clustered, trained on
 every query seen so far), which keeps recall from decaying as the context grows.  Rows
-with at most K candidates need no search and take every candidate.
+with at most K' candidates need no search and take every candidate.
 """
 import contextlib
 import math
@@ -48,7 +49,7 @@ class LorannSelector(DecodeSelector):
       clusters_to_search: clusters probed per query: an int, or a float in (0, 1] for that
         fraction of the clusters (rounded up).
       points_to_rerank: candidates re-ranked exactly inside the index (0: approximate
-        scores only); the selector fetches max(K, points_to_rerank) keys and re-scores them.
+        scores only); the selector fetches max(K', points_to_rerank) keys and re-scores them.
       rank, global_dim, quantization_bits, train_size: LoRANN settings (rank and
         global_dim are capped by the key dim; global_dim None = no reduction).
       refit_factor: rebuild the index when it holds this many times the keys it was built

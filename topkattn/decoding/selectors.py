@@ -1,7 +1,8 @@
 """The decode-selection protocol and its selectors: exact, simulated recall (LoRANN: lorann.py).
 
 Shape letters: B batch, H query heads, G KV heads, S cached keys (persistent rows
-first), D key dim, K selected slots, M ranked candidates.
+first), D key dim (C + R for MLA), K index slots per query (forced + selected), K' selected
+slots, F forced slots, M ranked candidates per row (``m`` in code).
 
 **The protocol** (one for every decode-time selection policy).  A layer's ``step`` calls
 
@@ -245,7 +246,7 @@ class SimulatedRecallSelector(DecodeSelector):
     Each of the exact top-k keys is dropped with probability 1 - recall and the freed
     slots are refilled in rank order from the keys ranked k + 1, k + 2, ... -- the rule
     of training-time forgetful masking (:func:`topkattn.ops.selection.apply_forgetting`).
-    ``seed``: int or numpy Generator; every step draws (B, H, K) from it.
+    ``seed``: int or numpy Generator; every step draws (B*H, K') from it.
     """
 
     def __init__(self, recall, *, seed=0, measure_recall=True):

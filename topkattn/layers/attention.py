@@ -2,12 +2,13 @@
 
 Shape letters: B batch, T queries, S = P + T keys (P persistent tokens first), H query
 heads, G = n_kv_heads (H % G == 0: G = H MHA, 1 < G < H GQA, G = 1 MQA), D = head_dim
-(query/key width), Dv = v_head_dim (value width; Sigma-style D > Dv allowed), d model width.
+(query/key width), Dv = v_head_dim (value width; Sigma-style D > Dv allowed), d model width,
+K index slots per query.
 
     q = rope(W_Q x) (B, H, T, D);  k = rope(W_K x) (B, G, T, D);  v = W_V x (B, G, T, Dv)
     k, v = [persist_k ; k], [persist_v ; v]      learnable (G, P, D), (G, P, Dv), not rotated
     y = W_O attn(q, k, v)                          scale 1/sqrt(D), sinks=P
-Decoding keeps the full K and V cache: G (D + Dv) numbers per token.
+Decoding keeps the full key and value cache: G (D + Dv) numbers per token.
 """
 import numpy as np
 

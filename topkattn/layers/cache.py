@@ -1,7 +1,8 @@
 """Decode caches and the keys of one decode step.
 
-Shape letters: B batch, G KV heads, S cached tokens (persistent rows first), D key dim,
-Dv value dim, C latent dim, R rope dim, H query heads, K selected slots.
+Shape letters: B batch, G KV heads, S cached tokens (persistent rows first), D key dim
+(C + R for MLA), Dv value dim, C latent dim, R rope dim, H query heads, K index slots per
+query, d model width.
 
     GrowingBuffer   an array that grows along one axis by doubling
     KVCache         full keys (B, G, S, D) and values (B, G, S, Dv): Attention

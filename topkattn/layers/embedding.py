@@ -1,8 +1,8 @@
 """Token embedding, optionally tied with the output head.
 
-Shape letters: tokens (B, T) int, E (V, C) weight, x (B, T, C), logits (B, T, V).
-    forward:  x = E[tokens]            backward: dE[tokens] += dx  (scatter-add)
-    logits:   logits = h E^T           backward: dh = dlogits E;  dE += dlogits^T h
+Shape letters: tokens (B, T) int, W_E (V, d) weight, x (B, T, d), logits (B, T, V).
+    forward:  x = W_E[tokens]          backward: dW_E[tokens] += dx  (scatter-add)
+    logits:   logits = h W_E^T         backward: dh = dlogits W_E;  dW_E += dlogits^T h
 """
 import numpy as np
 
@@ -12,7 +12,7 @@ from topkattn.layers.module import Module, as_input, normal
 
 
 class Embedding(Module):
-    """``params`` {"weight" (V, C)}, init N(0, 1/C).  backward/backward_logits accumulate."""
+    """``params`` {"weight" (V, d)}, init N(0, 1/d).  backward/backward_logits accumulate."""
 
     def __init__(self, vocab_size, dim, seed=0, dtype="float32", std=None):
         super().__init__()
@@ -40,7 +40,7 @@ class Embedding(Module):
     def forward(self, tokens):
         tokens = self.check_tokens(tokens)
         self._tokens = tokens
-        return self.params["weight"][tokens]  # (B, T, C)
+        return self.params["weight"][tokens]  # (B, T, d)
 
     def step(self, tokens):
         return self.params["weight"][self.check_tokens(tokens)]
@@ -61,7 +61,7 @@ class Embedding(Module):
 
     # -- tied output head -----------------------------------------------------------------
     def logits(self, h):
-        """Tied head: logits (B, T, V) = h E^T; keeps h for :meth:`backward_logits`."""
+        """Tied head: logits (B, T, V) = h W_E^T; keeps h for :meth:`backward_logits`."""
         W = self.params["weight"]
         h = as_input(h, "h", W.dtype, last_dim=self.dim)
         self._h = h
@@ -76,4 +76,4 @@ class Embedding(Module):
         W = self.params["weight"]
         dlogits = dlogits.astype(W.dtype, copy=False)
         self.grads["weight"] += dlogits.reshape(-1, self.vocab_size).T @ self._h.reshape(-1, self.dim)
-        return dlogits @ W  # (B, T, C)
+        return dlogits @ W  # (B, T, d)

@@ -1,6 +1,6 @@
 """GELU activation: y = x * Phi(x), Phi the standard normal CDF (BERT's "gelu").
 
-Elementwise, any shape (written ``(..., C)`` below).  ``approximate="tanh"`` gives
+Elementwise, any shape (written ``(..., d)`` below).  ``approximate="tanh"`` gives
 the tanh form 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) used by GPT-2.
 
     forward:  y  = x * Phi(x)

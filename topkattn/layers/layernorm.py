@@ -1,12 +1,12 @@
 """Layer normalisation over the last axis, with a learned gain and bias (BERT's LayerNorm).
 
-Shape letters: x (..., C), gamma and beta (C,).
+Shape letters: x (..., d), gamma and beta (d,).
 
     mu   = mean_c x,   var = mean_c (x - mu)^2,   rstd = 1 / sqrt(var + eps)
     xhat = (x - mu) * rstd
     y    = xhat * gamma + beta
 
-Backward (per row, N = C):
+Backward (per row):
     dbeta  = sum_rows dy,   dgamma = sum_rows dy * xhat
     g      = dy * gamma
     dx     = rstd * (g - mean_c g - xhat * mean_c (g * xhat))
@@ -19,47 +19,47 @@ from topkattn.checks import check_int, check_real
 
 
 def layer_norm(x, gamma, beta, eps=1e-5):
-    """LayerNorm of ``x`` (..., C) over its last axis; gamma, beta (C,).
+    """LayerNorm of ``x`` (..., d) over its last axis; gamma, beta (d,).
 
     float32/float64, NumPy or CuPy; the result has x's dtype.  The variance is the
-    biased one (divide by C), as in PyTorch and BERT; ``eps`` is added to it.
+    biased one (divide by d), as in PyTorch and BERT; ``eps`` is added to it.
     """
     y, _ = layer_norm_forward(x, gamma, beta, eps=eps)
     return y
 
 
 def layer_norm_forward(x, gamma, beta, eps=1e-5):
-    """Returns ``(y, saved)``; ``saved`` keeps xhat (..., C), rstd (..., 1) and gamma."""
+    """Returns ``(y, saved)``; ``saved`` keeps xhat (..., d), rstd (..., 1) and gamma."""
     x, gamma, beta = (as_engine_array(a, n) for a, n in ((x, "x"), (gamma, "gamma"), (beta, "beta")))
     _check(x, gamma, beta, eps)
     xp = get_array_module(x, gamma, beta)
     mu = x.mean(-1, keepdims=True)  # (..., 1)
-    xc = x - mu  # (..., C)
+    xc = x - mu  # (..., d)
     var = (xc * xc).mean(-1, keepdims=True)  # (..., 1)
     rstd = 1.0 / xp.sqrt(var + x.dtype.type(eps))  # (..., 1)
-    xhat = xc * rstd  # (..., C)
+    xhat = xc * rstd  # (..., d)
     y = xhat * gamma.astype(x.dtype, copy=False) + beta.astype(x.dtype, copy=False)
     return y, (xhat, rstd, gamma)
 
 
 def layer_norm_backward(dy, saved):
-    """``(dx, dgamma, dbeta)`` from dy (..., C)."""
+    """``(dx, dgamma, dbeta)`` from dy (..., d)."""
     xhat, rstd, gamma = saved
     dy = as_engine_array(dy, "dy")
     if tuple(dy.shape) != tuple(xhat.shape):
         raise ValueError(f"dy must have the shape of x {tuple(xhat.shape)}, got {tuple(dy.shape)}")
     dy = dy.astype(xhat.dtype, copy=False)
-    C = xhat.shape[-1]
-    rows = dy.reshape(-1, C)  # (N, C)
-    dbeta = rows.sum(0)  # (C,)
-    dgamma = (rows * xhat.reshape(-1, C)).sum(0)  # (C,)
-    g = dy * gamma.astype(xhat.dtype, copy=False)  # (..., C)
+    d = xhat.shape[-1]
+    rows = dy.reshape(-1, d)  # (rows, d)
+    dbeta = rows.sum(0)  # (d,)
+    dgamma = (rows * xhat.reshape(-1, d)).sum(0)  # (d,)
+    g = dy * gamma.astype(xhat.dtype, copy=False)  # (..., d)
     dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
     return dx, dgamma.astype(gamma.dtype, copy=False), dbeta.astype(gamma.dtype, copy=False)
 
 
 class LayerNorm:
-    """A LayerNorm layer: ``params`` {"weight", "bias"} (C,), ``grads`` of the same keys.
+    """A LayerNorm layer: ``params`` {"weight", "bias"} (d,), ``grads`` of the same keys.
 
     ``forward(x)`` keeps what ``backward(dy)`` needs; backward returns dx and
     accumulates into ``grads``.
@@ -90,9 +90,9 @@ def _check(x, gamma, beta, eps):
         if a.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
     if x.ndim < 1:
-        raise ValueError(f"x must have at least one axis (..., C), got shape {tuple(x.shape)}")
-    C = x.shape[-1]
+        raise ValueError(f"x must have at least one axis (..., d), got shape {tuple(x.shape)}")
+    d = x.shape[-1]
     for name, a in (("gamma", gamma), ("beta", beta)):
-        if tuple(a.shape) != (C,):
-            raise ValueError(f"{name} must have shape (C,) = ({C},), got {tuple(a.shape)}")
+        if tuple(a.shape) != (d,):
+            raise ValueError(f"{name} must have shape (d,) = ({d},), got {tuple(a.shape)}")
     check_real("eps", eps, 0.0)

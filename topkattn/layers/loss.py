@@ -1,8 +1,9 @@
 """Softmax cross-entropy over the last axis, mean over non-ignored targets.
 
 Shape letters: logits (..., V), targets (...) int.
-    loss = mean_{n: target != ignore} [ logsumexp(logits_n) - logits_n[target_n] ]
-    dlogits_n = (softmax(logits_n) - onehot(target_n)) / N   (zero rows for ignored targets)
+    loss = mean_{i: target_i != ignore} [ logsumexp(logits_i) - logits_i[target_i] ]
+    dlogits_i = (softmax(logits_i) - onehot(target_i)) / n   (n the non-ignored targets; zero rows
+                for ignored targets)
 """
 import numpy as np
 
@@ -30,8 +31,8 @@ def softmax_cross_entropy(logits, targets, ignore_index=IGNORE):
     if get_array_module(targets) is not xp:  # targets follow the logits' device
         targets = xp.asarray(targets) if xp is not np else targets.get()
     V = logits.shape[-1]
-    z = logits.reshape(-1, V)  # (N, V)
-    t = targets.reshape(-1).astype(xp.int64)  # (N,)
+    z = logits.reshape(-1, V)  # (rows, V)
+    t = targets.reshape(-1).astype(xp.int64)  # (rows,)
     keep = t != ignore_index
     if bool(((t[keep] < 0) | (t[keep] >= V)).any()):
         raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}")
@@ -39,7 +40,7 @@ def softmax_cross_entropy(logits, targets, ignore_index=IGNORE):
     m = z.max(-1, keepdims=True)
     e = xp.exp(z - m)
     s = e.sum(-1, keepdims=True)
-    lse = (m + xp.log(s))[:, 0]  # (N,)
+    lse = (m + xp.log(s))[:, 0]  # (rows,)
     tc = xp.where(keep, t, 0)
     picked = xp.take_along_axis(z, tc[:, None], axis=-1)[:, 0]
     if n == 0:

@@ -1,15 +1,16 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3) over top-k or dense causal attention.
 
 Shape letters: B batch, T queries, S = P + T keys (P persistent tokens first), H heads,
-d model width, Lq query rank, C kv latent rank, N = qk_nope_dim, R = qk_rope_dim, V = v_head_dim.
+d model width, Lq query latent dim (q_lora_rank), C KV latent dim (kv_lora_rank), Dn =
+qk_nope_dim, R = qk_rope_dim, Dv = v_head_dim, K index slots per query.
 
 Training (``forward``/``backward``):
     cq = rms(W_DQ x)                     (B, T, Lq)
-    q  = [W_UQ cq ; rope(W_QR cq)]       (B, H, T, N + R)   per-head nope and rope parts
+    q  = [W_UQ cq ; rope(W_QR cq)]       (B, H, T, Dn + R)  per-head nope and rope parts
     c  = rms(W_DKV x)                    (B, T, C)          the latent that decoding caches
     kr = rope(W_KR x)                    (B, T, R)          shared by all heads
-    k  = [W_UK c ; kr],  v = W_UV c      (B, H, S, N + R), (B, H, S, V)
-    y  = W_O attn(q, k, v)               scale 1/sqrt(N + R); top-k (or dense with topk=None)
+    k  = [W_UK c ; kr],  v = W_UV c      (B, H, S, Dn + R), (B, H, S, Dv)
+    y  = W_O attn(q, k, v)               scale 1/sqrt(Dn + R); top-k (or dense with topk=None)
 Persistent tokens are learnable latents ``persist_c`` (P, C) and rope keys ``persist_kr``
 (P, R) (no rotation) prepended to every sequence and passed as sinks=P, so every query
 attends them; query t sits at position P + t.
@@ -33,8 +34,8 @@ from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_
 
 
 class MLA(Module):
-    """MLA layer.  ``params``: W_DQ (Lq, d), q_norm (Lq,), W_UQ (H*N, Lq), W_QR (H*R, Lq),
-    W_DKV (C, d), kv_norm (C,), W_UK (H*N, C), W_UV (H*V, C), W_KR (R, d), W_O (d, H*V),
+    """MLA layer.  ``params``: W_DQ (Lq, d), q_norm (Lq,), W_UQ (H*Dn, Lq), W_QR (H*R, Lq),
+    W_DKV (C, d), kv_norm (C,), W_UK (H*Dn, C), W_UV (H*Dv, C), W_KR (R, d), W_O (d, H*Dv),
     and with P persistent tokens persist_c (P, C), persist_kr (P, R).
 
     ``topk=None`` is dense causal attention; an int is top-k attention (sinks=P, window,
@@ -54,18 +55,18 @@ class MLA(Module):
         self.n_heads = H = check_int("n_heads", n_heads, 1)
         self.q_lora_rank = Lq = check_int("q_lora_rank", q_lora_rank, 1)
         self.kv_lora_rank = C = check_int("kv_lora_rank", kv_lora_rank, 1)
-        self.qk_nope_dim = N = check_int("qk_nope_dim", qk_nope_dim, 1)
+        self.qk_nope_dim = Dn = check_int("qk_nope_dim", qk_nope_dim, 1)
         self.qk_rope_dim = R = check_int("qk_rope_dim", qk_rope_dim, 2)
         if R % 2:
             raise ValueError(f"qk_rope_dim must be even (rotary pairs), got {R}")
-        self.v_head_dim = V = check_int("v_head_dim", v_head_dim, 1)
+        self.v_head_dim = Dv = check_int("v_head_dim", v_head_dim, 1)
         self.persistent_tokens = P = check_int("persistent_tokens", persistent_tokens, 0)
         self.window = check_int("window", window, 0)
         self.forget_rate = check_real("forget_rate", forget_rate, 0.0, 1.0, hi_open=True)
         self.topk, self.tail_bound, self.max_topk = check_topk(topk, tail_bound, max_topk, self.forget_rate)
         self.rope_base = float(rope_base)
         self.eps = float(eps)
-        self.scale = 1.0 / np.sqrt(N + R)
+        self.scale = 1.0 / np.sqrt(Dn + R)
         self.training = True
         self.selector = None  # decode-step selection: None = exact (see topkattn.layers.cache)
         dt = float_dtype(dtype)
@@ -73,14 +74,14 @@ class MLA(Module):
         d = d_model
         self.add_param("W_DQ", normal(rng, (Lq, d), 1 / np.sqrt(d), dt))
         self.add_param("q_norm", np.ones(Lq, dtype=dt))
-        self.add_param("W_UQ", normal(rng, (H * N, Lq), 1 / np.sqrt(Lq), dt))
+        self.add_param("W_UQ", normal(rng, (H * Dn, Lq), 1 / np.sqrt(Lq), dt))
         self.add_param("W_QR", normal(rng, (H * R, Lq), 1 / np.sqrt(Lq), dt))
         self.add_param("W_DKV", normal(rng, (C, d), 1 / np.sqrt(d), dt))
         self.add_param("kv_norm", np.ones(C, dtype=dt))
-        self.add_param("W_UK", normal(rng, (H * N, C), 1 / np.sqrt(C), dt))
-        self.add_param("W_UV", normal(rng, (H * V, C), 1 / np.sqrt(C), dt))
+        self.add_param("W_UK", normal(rng, (H * Dn, C), 1 / np.sqrt(C), dt))
+        self.add_param("W_UV", normal(rng, (H * Dv, C), 1 / np.sqrt(C), dt))
         self.add_param("W_KR", normal(rng, (R, d), 1 / np.sqrt(d), dt))
-        self.add_param("W_O", normal(rng, (d, H * V), 1 / np.sqrt(H * V), dt))
+        self.add_param("W_O", normal(rng, (d, H * Dv), 1 / np.sqrt(H * Dv), dt))
         if P:
             self.add_param("persist_c", normal(rng, (P, C), 1.0, dt))
             self.add_param("persist_kr", normal(rng, (P, R), 1.0, dt))
@@ -93,12 +94,12 @@ class MLA(Module):
                         last_dim=d)
 
     def _queries(self, x, positions):
-        """q (B, H, T, N+R) and what backward needs."""
+        """q (B, H, T, Dn+R) and what backward needs."""
         p = self.params
         B, T, _ = x.shape
-        H, N, R = self.n_heads, self.qk_nope_dim, self.qk_rope_dim
+        H, Dn, R = self.n_heads, self.qk_nope_dim, self.qk_rope_dim
         cq, sq = rms_norm_forward(x @ p["W_DQ"].T, p["q_norm"], self.eps)  # (B, T, Lq)
-        qn = (cq @ p["W_UQ"].T).reshape(B, T, H, N).transpose(0, 2, 1, 3)  # (B, H, T, N)
+        qn = (cq @ p["W_UQ"].T).reshape(B, T, H, Dn).transpose(0, 2, 1, 3)  # (B, H, T, Dn)
         cs = rope_angles(positions, R, self.rope_base, get_array_module(x), x.dtype)
         qr = rope_apply((cq @ p["W_QR"].T).reshape(B, T, H, R).transpose(0, 2, 1, 3), *cs)
         xp = get_array_module(x)
@@ -130,7 +131,7 @@ class MLA(Module):
         return xp.concatenate([pc, c], axis=1), xp.concatenate([pk, kr], axis=1)
 
     def project(self, x):
-        """Unabsorbed q (B, H, T, N+R), k (B, H, S, N+R), v (B, H, S, V) of x (B, T, d)."""
+        """Unabsorbed q (B, H, T, Dn+R), k (B, H, S, Dn+R), v (B, H, S, Dv) of x (B, T, d)."""
         x = self._check_x(x)
         q, (_, _, cs) = self._queries(x, np.arange(x.shape[1]))
         c, kr, _ = self._latents(x, cs)
@@ -141,9 +142,9 @@ class MLA(Module):
         p = self.params
         xp = get_array_module(c_all)
         B, S, _ = c_all.shape
-        H, N, R, V = self.n_heads, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim
-        kn = (c_all @ p["W_UK"].T).reshape(B, S, H, N).transpose(0, 2, 1, 3)  # (B, H, S, N)
-        v = (c_all @ p["W_UV"].T).reshape(B, S, H, V).transpose(0, 2, 1, 3)  # (B, H, S, V)
+        H, Dn, R, Dv = self.n_heads, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim
+        kn = (c_all @ p["W_UK"].T).reshape(B, S, H, Dn).transpose(0, 2, 1, 3)  # (B, H, S, Dn)
+        v = (c_all @ p["W_UV"].T).reshape(B, S, H, Dv).transpose(0, 2, 1, 3)  # (B, H, S, Dv)
         krh = xp.broadcast_to(kr_all[:, None], (B, H, S, R))
         return xp.concatenate([kn, krh], axis=-1), v
 
@@ -163,7 +164,7 @@ class MLA(Module):
                                             forget_rate=fr, seed=seed, sinks=self.persistent_tokens,
                                             window=self.window, tail_bound=self.tail_bound,
                                             max_topk=self.max_topk)
-        of = o.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H*V)
+        of = o.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H*Dv)
         self._saved = (x, cq, sq, cs, c_all, kr_all, skv, att, of)
         return of @ self.params["W_O"].T
 
@@ -174,23 +175,23 @@ class MLA(Module):
         x, cq, sq, cs, c_all, kr_all, skv, att, of = self._saved
         p, g = self.params, self.grads
         B, T, d = x.shape
-        H, N, R, V, P = self.n_heads, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim, self.persistent_tokens
+        H, Dn, R, Dv, P = self.n_heads, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim, self.persistent_tokens
         S = P + T
         dy = dy.astype(x.dtype, copy=False)
-        g["W_O"] += dy.reshape(-1, d).T @ of.reshape(-1, H * V)
-        do = (dy @ p["W_O"]).reshape(B, T, H, V).transpose(0, 2, 1, 3)  # (B, H, T, V)
+        g["W_O"] += dy.reshape(-1, d).T @ of.reshape(-1, H * Dv)
+        do = (dy @ p["W_O"]).reshape(B, T, H, Dv).transpose(0, 2, 1, 3)  # (B, H, T, Dv)
         if self.topk is None:
             dq, dk, dv = dense_attention_backward(do, att)
         else:
             dq, dk, dv = topk_attention_backward(do, att)
         # keys and values -> latents
-        dkn = dk[..., :N].transpose(0, 2, 1, 3).reshape(B * S, H * N)
-        dvf = dv.transpose(0, 2, 1, 3).reshape(B * S, H * V)
+        dkn = dk[..., :Dn].transpose(0, 2, 1, 3).reshape(B * S, H * Dn)
+        dvf = dv.transpose(0, 2, 1, 3).reshape(B * S, H * Dv)
         cf = c_all.reshape(B * S, -1)
         g["W_UK"] += dkn.T @ cf
         g["W_UV"] += dvf.T @ cf
         dc_all = (dkn @ p["W_UK"] + dvf @ p["W_UV"]).reshape(B, S, -1)  # (B, S, C)
-        dkr_all = dk[..., N:].sum(1)  # (B, S, R)
+        dkr_all = dk[..., Dn:].sum(1)  # (B, S, R)
         if P:
             g["persist_c"] += dc_all[:, :P].sum(0)
             g["persist_kr"] += dkr_all[:, :P].sum(0)
@@ -201,8 +202,8 @@ class MLA(Module):
         g["W_DKV"] += dckv.reshape(-1, dckv.shape[-1]).T @ xf
         g["W_KR"] += dkr.reshape(-1, R).T @ xf
         # queries
-        dqn = dq[..., :N].transpose(0, 2, 1, 3).reshape(B * T, H * N)
-        dqr = rope_apply(dq[..., N:], *cs, inverse=True).transpose(0, 2, 1, 3).reshape(B * T, H * R)
+        dqn = dq[..., :Dn].transpose(0, 2, 1, 3).reshape(B * T, H * Dn)
+        dqr = rope_apply(dq[..., Dn:], *cs, inverse=True).transpose(0, 2, 1, 3).reshape(B * T, H * R)
         cqf = cq.reshape(B * T, -1)
         g["W_UQ"] += dqn.T @ cqf
         g["W_QR"] += dqr.T @ cqf
@@ -271,15 +272,15 @@ def absorb_mla_weights(params, n_heads, qk_nope_dim, qk_rope_dim, v_head_dim):
       W_QK (H*C, Lq):  block h = W_UK_h^T W_UQ_h   (so q_lat_h = W_QK_h cq = W_UK_h^T q_nope_h)
       W_OV (d, H*C):   block h = W_O_h W_UV_h      (so y = sum_h W_OV_h o_lat_h)
     """
-    H, N, V = n_heads, qk_nope_dim, v_head_dim
+    H, Dn, Dv = n_heads, qk_nope_dim, v_head_dim
     W_UK, W_UQ, W_UV, W_O = params["W_UK"], params["W_UQ"], params["W_UV"], params["W_O"]
     C, Lq, d = W_UK.shape[1], W_UQ.shape[1], W_O.shape[0]
     xp = get_array_module(W_UK)
-    uk = W_UK.reshape(H, N, C)
-    uq = W_UQ.reshape(H, N, Lq)
+    uk = W_UK.reshape(H, Dn, C)
+    uq = W_UQ.reshape(H, Dn, Lq)
     W_QK = xp.matmul(uk.swapaxes(1, 2), uq).reshape(H * C, Lq)  # (H*C, Lq)
-    o = W_O.reshape(d, H, V).transpose(1, 0, 2)  # (H, d, V)
-    W_OV = xp.matmul(o, W_UV.reshape(H, V, C)).transpose(1, 0, 2).reshape(d, H * C)  # (d, H*C)
+    o = W_O.reshape(d, H, Dv).transpose(1, 0, 2)  # (H, d, Dv)
+    W_OV = xp.matmul(o, W_UV.reshape(H, Dv, C)).transpose(1, 0, 2).reshape(d, H * C)  # (d, H*C)
     out = {k: params[k] for k in ("W_DQ", "q_norm", "W_QR", "W_DKV", "kv_norm", "W_KR")}
     out.update(W_QK=W_QK, W_OV=W_OV)
     return out

@@ -1,14 +1,15 @@
 """Top-k routed mixture-of-experts feed-forward with a load-balancing auxiliary loss.
 
-Shape letters: x (..., C) flattened to N rows, E experts, k = moe_topk, Wr (E, C).
-    p      = softmax(x Wr^T)                        (N, E) router probabilities
+Shape letters: x (..., d) flattened to n rows (written ``rows`` below), E experts,
+k = moe_topk experts per row, Wr (E, d) the router.
+    p      = softmax(x Wr^T)                        (rows, E) router probabilities
     sel    = the k most probable experts per row    (ties to the lower expert index)
     gate   = p[sel] / sum p[sel]                    (renormalised over the chosen k)
     y      = sum_k gate_k * expert_{sel_k}(x)       each expert a SwiGLU
-    aux    = E * sum_e f_e * P_e,  f_e = (rows routed to e) / (N k),  P_e = mean_n p[n, e]
-The selection and f are piecewise constant (no gradient); aux reaches Wr through P.
+    aux    = E * sum_e f_e * pbar_e,  f_e = (rows routed to e) / (n k),  pbar_e = mean_i p[i, e]
+The selection and f are piecewise constant (no gradient); aux reaches Wr through pbar.
 Backward: dgate_k = dy . expert_k(x);  dp[sel] = (dgate - sum_j gate_j dgate_j) / sum p[sel];
-dp += aux_loss_weight * E f_e / N;  dlogits = p * (dp - sum_e p dp).
+dp += aux_loss_weight * E f_e / n;  dlogits = p * (dp - sum_e p dp).
 """
 import numpy as np
 
@@ -19,7 +20,7 @@ from topkattn.layers.swiglu import SwiGLU
 
 
 class MoE(Module):
-    """``params`` {"router" (E, C)} plus children "experts.{e}" (SwiGLU).
+    """``params`` {"router" (E, d)} plus children "experts.{e}" (SwiGLU).
 
     ``forward`` sets ``aux_loss`` (the unweighted auxiliary loss, a float); ``backward``
     adds ``aux_loss_weight * d(aux)`` to the router gradient, so the caller's loss is
@@ -46,22 +47,22 @@ class MoE(Module):
     def _route(self, x):
         xp = get_array_module(x)
         Wr = self.params["router"]
-        z = x @ Wr.T  # (N, E)
+        z = x @ Wr.T  # (rows, E)
         z = z - z.max(-1, keepdims=True)
         p = xp.exp(z)
         p /= p.sum(-1, keepdims=True)
-        sel = xp.argsort(-p, axis=-1, kind="stable")[:, :self.moe_topk]  # (N, k)
-        ps = xp.take_along_axis(p, sel, axis=-1)  # (N, k)
+        sel = xp.argsort(-p, axis=-1, kind="stable")[:, :self.moe_topk]  # (rows, k)
+        ps = xp.take_along_axis(p, sel, axis=-1)  # (rows, k)
         Z = ps.sum(-1, keepdims=True)
         return p, sel, ps / Z, Z
 
     def forward(self, x):
-        C = self.d_model
-        x = as_input(x, "x", self.params["router"].dtype, last_dim=C, letters=f"(..., C={C})")
+        d = self.d_model
+        x = as_input(x, "x", self.params["router"].dtype, last_dim=d, letters=f"(..., d={d})")
         xp = get_array_module(x)
         shape = x.shape
-        xf = x.reshape(-1, C)  # (N, C)
-        N, E, k = xf.shape[0], self.n_experts, self.moe_topk
+        xf = x.reshape(-1, d)  # (rows, d)
+        n_rows, E, k = xf.shape[0], self.n_experts, self.moe_topk
         p, sel, gate, Z = self._route(xf)
         out = xp.zeros_like(xf)
         per_expert = []
@@ -70,15 +71,15 @@ class MoE(Module):
             if rows.size == 0:
                 per_expert.append(None)
                 continue
-            ye = ex.forward(xf[rows])  # (n_e, C)
+            ye = ex.forward(xf[rows])  # (n_e, d)
             out[rows] += gate[rows, slot][:, None] * ye
             per_expert.append((rows, slot, ye))
         counts = xp.zeros(E, dtype=xf.dtype)
         for e in range(E):
             counts[e] = (sel == e).sum()
-        f = counts / max(1, N * k)  # (E,)
-        P = p.mean(0) if N else xp.zeros(E, dtype=xf.dtype)
-        self.aux_loss = float(E * (f * P).sum())
+        f = counts / max(1, n_rows * k)  # (E,)
+        pbar = p.mean(0) if n_rows else xp.zeros(E, dtype=xf.dtype)
+        self.aux_loss = float(E * (f * pbar).sum())
         self._saved = (shape, xf, p, sel, gate, Z, f, per_expert)
         return out.reshape(shape)
 
@@ -87,22 +88,22 @@ class MoE(Module):
             raise RuntimeError("MoE.backward called before forward")
         shape, xf, p, sel, gate, Z, f, per_expert = self._saved
         xp = get_array_module(xf)
-        N, E = p.shape
+        n_rows, E = p.shape
         dyf = dy.reshape(-1, self.d_model).astype(xf.dtype, copy=False)
         dx = xp.zeros_like(xf)
-        dgate = xp.zeros_like(gate)  # (N, k)
+        dgate = xp.zeros_like(gate)  # (rows, k)
         for e, saved in enumerate(per_expert):
             if saved is None:
                 continue
             rows, slot, ye = saved
             dx[rows] += self.experts[e].backward(dyf[rows] * gate[rows, slot][:, None])
             dgate[rows, slot] = (dyf[rows] * ye).sum(-1)
-        dps = (dgate - (gate * dgate).sum(-1, keepdims=True)) / Z  # (N, k)
+        dps = (dgate - (gate * dgate).sum(-1, keepdims=True)) / Z  # (rows, k)
         dp = xp.zeros_like(p)
-        dp[xp.arange(N)[:, None], sel] = dps
-        if N:
-            dp += xf.dtype.type(self.aux_loss_weight * E / N) * f[None, :]
-        dz = p * (dp - (p * dp).sum(-1, keepdims=True))  # (N, E)
+        dp[xp.arange(n_rows)[:, None], sel] = dps
+        if n_rows:
+            dp += xf.dtype.type(self.aux_loss_weight * E / n_rows) * f[None, :]
+        dz = p * (dp - (p * dp).sum(-1, keepdims=True))  # (rows, E)
         self.grads["router"] += dz.T @ xf
         dx += dz @ self.params["router"]
         return dx.reshape(shape)

@@ -1,6 +1,7 @@
 """RMS normalisation over the last axis with a learned gain.
 
-Shape letters: x (..., C), g (C,).
+Shape letters: x (..., d), g (d,): d the normalised width (the model width; C or Lq
+inside MLA).
 
     rstd = 1 / sqrt(mean_c x^2 + eps),   xhat = x * rstd,   y = xhat * g
 Backward (per row):
@@ -15,7 +16,7 @@ from topkattn.layers.module import Module, as_input
 
 
 def rms_norm_forward(x, g, eps=1e-6):
-    """``(y, saved)``; saved = (xhat (..., C), rstd (..., 1), g)."""
+    """``(y, saved)``; saved = (xhat (..., d), rstd (..., 1), g)."""
     xp = get_array_module(x, g)
     ms = (x * x).mean(-1, keepdims=True)  # (..., 1)
     rstd = 1.0 / xp.sqrt(ms + x.dtype.type(eps))
@@ -24,17 +25,17 @@ def rms_norm_forward(x, g, eps=1e-6):
 
 
 def rms_norm_backward(dy, saved):
-    """``(dx, dg)`` from dy (..., C)."""
+    """``(dx, dg)`` from dy (..., d)."""
     xhat, rstd, g = saved
-    C = xhat.shape[-1]
-    dg = (dy * xhat).reshape(-1, C).sum(0)  # (C,)
+    d = xhat.shape[-1]
+    dg = (dy * xhat).reshape(-1, d).sum(0)  # (d,)
     u = dy * g
     dx = rstd * (u - xhat * (u * xhat).mean(-1, keepdims=True))
     return dx, dg
 
 
 class RMSNorm(Module):
-    """``params`` {"weight" (C,)} initialised to ones; backward accumulates into ``grads``."""
+    """``params`` {"weight" (d,)} initialised to ones; backward accumulates into ``grads``."""
 
     def __init__(self, dim, eps=1e-6, dtype="float32"):
         super().__init__()
@@ -45,14 +46,14 @@ class RMSNorm(Module):
 
     def forward(self, x):
         g = self.params["weight"]
-        x = as_input(x, "x", g.dtype, last_dim=self.dim, letters=f"(..., C={self.dim})")
+        x = as_input(x, "x", g.dtype, last_dim=self.dim, letters=f"(..., d={self.dim})")
         y, self._saved = rms_norm_forward(x, g, self.eps)
         return y
 
     def step(self, x):
         """Forward without keeping state for backward (incremental decoding)."""
         g = self.params["weight"]
-        x = as_input(x, "x", g.dtype, last_dim=self.dim, letters=f"(..., C={self.dim})")
+        x = as_input(x, "x", g.dtype, last_dim=self.dim, letters=f"(..., d={self.dim})")
         return rms_norm_forward(x, g, self.eps)[0]
 
     def backward(self, dy):

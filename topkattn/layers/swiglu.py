@@ -1,6 +1,6 @@
 """SwiGLU feed-forward: y = W2 (silu(W1 x) * (W3 x)).
 
-Shape letters: x (..., C), W1 and W3 (F, C), W2 (C, F), a = W1 x, b = W3 x (..., F).
+Shape letters: x (..., d), W1 and W3 (Dff, d), W2 (d, Dff), a = W1 x, b = W3 x (..., Dff).
     silu(a) = a * sigmoid(a),  silu'(a) = sigmoid(a) * (1 + a * (1 - sigmoid(a)))
 Backward: dh = dy W2;  da = dh * b * silu'(a);  db = dh * silu(a);  dx = da W1 + db W3.
 """
@@ -18,7 +18,7 @@ def _sigmoid(xp, a):
 
 
 class SwiGLU(Module):
-    """``params`` {"W1" (F, C), "W3" (F, C), "W2" (C, F)}; backward accumulates into ``grads``."""
+    """``params`` {"W1" (Dff, d), "W3" (Dff, d), "W2" (d, Dff)}; backward accumulates into ``grads``."""
 
     def __init__(self, d_model, d_ff, seed=0, dtype="float32"):
         super().__init__()
@@ -32,27 +32,27 @@ class SwiGLU(Module):
 
     def forward(self, x):
         p = self.params
-        x = as_input(x, "x", p["W1"].dtype, last_dim=self.d_model, letters=f"(..., C={self.d_model})")
+        x = as_input(x, "x", p["W1"].dtype, last_dim=self.d_model, letters=f"(..., d={self.d_model})")
         xp = get_array_module(x)
-        a = x @ p["W1"].T  # (..., F)
-        b = x @ p["W3"].T  # (..., F)
+        a = x @ p["W1"].T  # (..., Dff)
+        b = x @ p["W3"].T  # (..., Dff)
         sg = _sigmoid(xp, a)
-        h = a * sg * b  # (..., F)
+        h = a * sg * b  # (..., Dff)
         self._saved = (x, a, b, sg, h)
-        return h @ p["W2"].T  # (..., C)
+        return h @ p["W2"].T  # (..., d)
 
     def backward(self, dy):
         if self._saved is None:
             raise RuntimeError("SwiGLU.backward called before forward")
         p, g = self.params, self.grads
         x, a, b, sg, h = self._saved
-        C, F = self.d_model, self.d_ff
+        d, Dff = self.d_model, self.d_ff
         dy = dy.astype(x.dtype, copy=False)
-        g["W2"] += dy.reshape(-1, C).T @ h.reshape(-1, F)
-        dh = dy @ p["W2"]  # (..., F)
+        g["W2"] += dy.reshape(-1, d).T @ h.reshape(-1, Dff)
+        dh = dy @ p["W2"]  # (..., Dff)
         silu = a * sg
         da = dh * b * sg * (1 + a * (1 - sg))
         db = dh * silu
-        g["W1"] += da.reshape(-1, F).T @ x.reshape(-1, C)
-        g["W3"] += db.reshape(-1, F).T @ x.reshape(-1, C)
+        g["W1"] += da.reshape(-1, Dff).T @ x.reshape(-1, d)
+        g["W3"] += db.reshape(-1, Dff).T @ x.reshape(-1, d)
         return da @ p["W1"] + db @ p["W3"]

@@ -11,7 +11,7 @@ import numpy as np
 def ranked_topm_rows(tile, out, end, win_lo, win_hi, sinks, m):
     """Streaming top-m over each row of a score tile, in rank order.
 
-    tile: (R, N) float scores; out: (R, >= m) int64, pre-filled with -1, receives the
+    tile: (rows, cols) float scores; out: (rows, >= m) int64, pre-filled with -1, receives the
     column indices of row r's m best candidates (score descending, ties to the lower
     column, NaN above every number).  Candidates of row r: sinks <= j < end[r] and not
     win_lo[r] <= j < win_hi[r].  One pass per row keeping a sorted buffer of m entries:
@@ -19,8 +19,8 @@ def ranked_topm_rows(tile, out, end, win_lo, win_hi, sinks, m):
     callers run row blocks on worker threads (see :mod:`topkattn.threads`).
     Reference: :func:`topkattn.ops.reference.rank_row` (and ``selection.ranked_topm_xp``).
     """
-    R = tile.shape[0]
-    for r in range(R):
+    n_rows = tile.shape[0]
+    for r in range(n_rows):
         vals = np.empty(m, dtype=tile.dtype)
         ids = out[r]
         n = 0
@@ -59,7 +59,8 @@ def ranked_topm_rows(tile, out, end, win_lo, win_hi, sinks, m):
 def scatter_add_rows(out, rows, vals):
     """out[rows[i]] += vals[i] for every i with rows[i] >= 0, in index order (deterministic).
 
-    out: (N, D); rows: (M,) int64; vals: (M, D).  Reference: ``numpy.add.at``.
+    out: (n_out, D), e.g. a key gradient flattened to (B*G*S, D); rows: (n,) int64;
+    vals: (n, D).  Reference: ``numpy.add.at``.
     """
     D = out.shape[1]
     for i in range(rows.shape[0]):

@@ -1,7 +1,8 @@
 """Dense (causal) softmax attention, chunked over queries, saving the row logsumexp.
 
 Shape letters: B batch, H query heads, G KV heads (H % G == 0), T queries, S keys,
-D head dim, Dv value dim.  Head h reads KV head g(h) = h // (H / G).
+D head dim, Dv value dim; c queries per chunk, n the keys a chunk sees, rep = H // G.
+Head h reads KV head g(h) = h // (H / G).
 
     s[t, j] = scale * q_t . k_j          (causal: query t sits at S - T + t, sees j <= S - T + t)
     out_t   = softmax_j(s[t]) v,         lse_t = logsumexp_j s[t]

@@ -1,6 +1,7 @@
 """Dynamic k: the one tail-bound computation, for training-time selection and for decoding.
 
-Shape letters: R rows (one per (batch, head, query)), M ranked candidates per row.
+Shape letters: rows (one per (batch, head, query), spelled out), M ranked candidates per row
+(``m`` in code once capped at ``max_topk``).
 
 A row has forced keys (sinks, window) with logsumexp ``lse_forced`` and ``n_cand``
 selectable candidates, of which the retriever returned ``n_ret`` with exact scores,
@@ -34,37 +35,37 @@ def dynamic_k_from_ranked(vals, lse_forced, n_cand, *, tail_bound, max_topk, n_r
     """Choose k per row from exact ranked scores and certify the left-out softmax mass.
 
     Args:
-      vals: (R, M) exact scores of the returned candidates in descending order, -inf padded.
-      lse_forced: (R,) logsumexp of the forced keys' scores (-inf when there are none).
-      n_cand: (R,) int, every selectable candidate of the row (returned or not).
+      vals: (rows, M) exact scores of the returned candidates in descending order, -inf padded.
+      lse_forced: (rows,) logsumexp of the forced keys' scores (-inf when there are none).
+      n_cand: (rows,) int, every selectable candidate of the row (returned or not).
       tail_bound: eps in [0, 1): the mass left out may be at most eps.
       max_topk: cap on k (int >= 1).
-      n_ret: (R,) int candidates returned (default: the finite entries of ``vals``).
-      outside_upper: (R,) upper bound on the score of any candidate not returned
+      n_ret: (rows,) int candidates returned (default: the finite entries of ``vals``).
+      outside_upper: (rows,) upper bound on the score of any candidate not returned
         (needed only where n_ret < n_cand; default +inf: nothing certified there).
 
-    Returns ``(k, certified, nominal, rigorous)``, each (R,): the chosen k (int64), the
+    Returns ``(k, certified, nominal, rigorous)``, each (rows,): the chosen k (int64), the
     certificate (bool), the bound that chose k and the bound that holds regardless of
     what the retriever missed (float64).
     """
     xp = get_array_module(vals)
-    R, M = vals.shape
+    n_rows, M = vals.shape
     vals = vals.astype(xp.float64)
-    lse_forced = xp.asarray(lse_forced, dtype=xp.float64).reshape(R)
-    n_cand = xp.asarray(n_cand, dtype=xp.int64).reshape(R)
+    lse_forced = xp.asarray(lse_forced, dtype=xp.float64).reshape(n_rows)
+    n_cand = xp.asarray(n_cand, dtype=xp.int64).reshape(n_rows)
     if n_ret is None:
         n_ret = xp.isfinite(vals).sum(axis=1)
-    n_ret = xp.minimum(xp.asarray(n_ret, dtype=xp.int64).reshape(R), n_cand)
+    n_ret = xp.minimum(xp.asarray(n_ret, dtype=xp.int64).reshape(n_rows), n_cand)
     if outside_upper is None:
-        outside_upper = xp.full(R, xp.inf)
-    outside_upper = xp.asarray(outside_upper, dtype=xp.float64).reshape(R)
+        outside_upper = xp.full(n_rows, xp.inf)
+    outside_upper = xp.asarray(outside_upper, dtype=xp.float64).reshape(n_rows)
     m = min(M, int(max_topk))
     n_out = n_cand - n_ret
     if m == 0:
         with np.errstate(over="ignore", invalid="ignore"):
             rig = xp.where(n_out > 0, n_out * xp.exp(outside_upper - lse_forced), 0.0)
         rig = xp.where(xp.isnan(rig), xp.inf, rig)
-        return xp.zeros(R, dtype=xp.int64), (n_cand == 0) | (rig <= tail_bound), xp.zeros(R), rig
+        return xp.zeros(n_rows, dtype=xp.int64), (n_cand == 0) | (rig <= tail_bound), xp.zeros(n_rows), rig
     kc, _, nominal, s_k, lse_sel = choose_k(vals[:, :m], lse_forced, n_cand, n_ret, tail_bound)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         in_part = xp.where(n_ret - kc > 0, (n_ret - kc) * xp.exp(s_k - lse_sel), 0.0)
@@ -79,10 +80,10 @@ def dynamic_k_from_ranked(vals, lse_forced, n_cand, *, tail_bound, max_topk, n_r
 def choose_k(vals, lse_forced, n_cand, n_ret, tail_bound):
     """The smallest k whose nominal bound is at most ``tail_bound``, per row.
 
-    vals (R, m) ranked exact scores (float64, -inf padded, m >= 1); lse_forced (R,);
-    n_cand, n_ret (R,) int with n_ret <= n_cand.  k is searched among 1 .. min(m, n_ret);
+    vals (rows, m) ranked exact scores (float64, -inf padded, m >= 1); lse_forced (rows,);
+    n_cand, n_ret (rows,) int with n_ret <= n_cand.  k is searched among 1 .. min(m, n_ret);
     a row with no such k takes min(m, n_ret) (``found`` False).
-    Returns ``(k, found, nominal, s_k, lse_k)``, each (R,): the chosen k (int64), whether
+    Returns ``(k, found, nominal, s_k, lse_k)``, each (rows,): the chosen k (int64), whether
     the bound was met, the nominal bound at k (0 for k = 0), the k-th score and the
     logsumexp over the forced keys and the first k candidates.
     """
@@ -93,11 +94,11 @@ def choose_k(vals, lse_forced, n_cand, n_ret, tail_bound):
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         lse_k = top + xp.log(xp.exp(lse_forced[:, None] - top) + xp.cumsum(xp.exp(vals - top), axis=1))
         ks = xp.arange(1, m + 1)[None, :]  # (1, m)
-        n_rest = n_cand[:, None] - ks  # (R, m)
-        nom = xp.where(n_rest > 0, n_rest * xp.exp(vals - lse_k), 0.0)  # (R, m)
+        n_rest = n_cand[:, None] - ks  # (rows, m)
+        nom = xp.where(n_rest > 0, n_rest * xp.exp(vals - lse_k), 0.0)  # (rows, m)
     ok = (ks <= n_ret[:, None]) & ((n_rest <= 0) | ((tail_bound > 0) & (nom <= tail_bound)))
     found = ok.any(axis=1)
-    k = xp.where(found, xp.argmax(ok, axis=1) + 1, xp.minimum(m, n_ret))  # (R,)
+    k = xp.where(found, xp.argmax(ok, axis=1) + 1, xp.minimum(m, n_ret))  # (rows,)
     j = xp.maximum(k - 1, 0)[:, None]
     s_k = xp.take_along_axis(vals, j, axis=1)[:, 0]
     lse_sel = xp.take_along_axis(lse_k, j, axis=1)[:, 0]

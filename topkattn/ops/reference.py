@@ -144,8 +144,8 @@ def tail_topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, sin
     """Dense reference of ``tail_topk_attention``: out (B, H, T, Dv) float64.
 
     Per row: p = softmax over the visible keys, A = the keys top-k attention attends
-    (``topk_attention_reference``'s mask), R = visible keys outside A;
-    out = sum_A p_j v_j + (1 - sum_A p_j) * mean_R v_j (the last term 0 when R is empty).
+    (``topk_attention_reference``'s mask), U = visible keys outside A;
+    out = sum_A p_j v_j + (1 - sum_A p_j) * mean_U v_j (the last term 0 when U is empty).
     """
     _, mask, _ = topk_attention_reference(q, k, v, topk=topk, causal=causal, scale=scale,
                                           sinks=sinks, window=window)

@@ -1,6 +1,8 @@
 """Selection: which keys each query row attends, as an index tensor (B, H, T, K).
 
-Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim.
+Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim, K index
+slots per query, P sinks, W window, F = P' + W' forced slots, M ranked candidates per row
+(``m`` in code), c queries per chunk; flattened (b, h, t) rows are written ``rows``.
 
 A row's index list has three regions, each padded with -1 (an empty slot):
 
@@ -103,16 +105,16 @@ def forget_draws(seed, shape, forget_rate):
 def apply_forgetting(ranked, drop, n_sel):
     """Compose the forgetful selection from ranked candidates.
 
-    ranked: (R, M) int64 key indices in rank order (-1 = none), M >= n_sel.
-    drop:   (R, n_sel) bool, True where the ranked slot is forgotten.
-    Returns (R, n_sel): the kept top-n_sel keys followed by refills from ranks n_sel, n_sel+1, ...
+    ranked: (rows, M) int64 key indices in rank order (-1 = none), M >= n_sel.
+    drop:   (rows, n_sel) bool, True where the ranked slot is forgotten.
+    Returns (rows, n_sel): the kept top-n_sel keys followed by refills from ranks n_sel, n_sel+1, ...
     (as many as were dropped), -1 padded.
     """
     xp = get_array_module(ranked)
-    R, M = ranked.shape
-    n_drop = drop.sum(axis=-1, keepdims=True)  # (R, 1)
-    extra = xp.arange(M - n_sel)[None, :] < n_drop  # (R, M - n_sel)
-    keep = xp.concatenate([~drop, extra], axis=1) & (ranked >= 0)  # (R, M)
+    n_rows, M = ranked.shape
+    n_drop = drop.sum(axis=-1, keepdims=True)  # (rows, 1)
+    extra = xp.arange(M - n_sel)[None, :] < n_drop  # (rows, M - n_sel)
+    keep = xp.concatenate([~drop, extra], axis=1) & (ranked >= 0)  # (rows, M)
     order = xp.argsort(~keep, axis=-1, kind="stable")[:, :n_sel]  # kept slots first, rank order
     out = xp.take_along_axis(ranked, order, axis=-1)
     out[~xp.take_along_axis(keep, order, axis=-1)] = -1
@@ -122,26 +124,26 @@ def apply_forgetting(ranked, drop, n_sel):
 def ranked_topm_xp(tile, cand, m):
     """Top-``m`` columns of each row of ``tile`` among ``cand``, in rank order (NumPy/CuPy path).
 
-    tile: (R, N) scores; cand: (R, N) bool candidates.  Returns (R, m) int64, -1 where a row
-    has fewer than m candidates.  Ties go to the lower column; NaN ranks above every number.
+    tile: (rows, cols) scores; cand: (rows, cols) bool candidates.  Returns (rows, m) int64,
+    -1 where a row has fewer than m candidates.  Ties go to the lower column; NaN ranks above every number.
     Reference: :func:`topkattn.ops.reference.rank_row`.
     """
     xp = get_array_module(tile)
-    R, N = tile.shape
+    n_rows, n_cols = tile.shape
     work = xp.where(xp.isnan(tile), xp.inf, tile)
     work = xp.where(cand, work, -xp.inf)
-    if m >= N:
+    if m >= n_cols:
         cols = xp.argsort(-work, axis=-1, kind="stable")
-        pad = xp.full((R, m - N), -1, dtype=xp.int64)
+        pad = xp.full((n_rows, m - n_cols), -1, dtype=xp.int64)
         valid = xp.take_along_axis(cand, cols, axis=-1)
         cols = xp.where(valid, cols, -1).astype(xp.int64)
         return xp.concatenate([cols, pad], axis=1)
-    th = xp.partition(work, N - m, axis=-1)[:, N - m:N - m + 1]  # (R, 1) the m-th largest
+    th = xp.partition(work, n_cols - m, axis=-1)[:, n_cols - m:n_cols - m + 1]  # (rows, 1): m-th largest
     gt = work > th
     eq = work == th
     need = m - gt.sum(axis=-1, keepdims=True)
     take = gt | (eq & (xp.cumsum(eq, axis=-1, dtype=xp.int32) <= need))  # lowest-index ties
-    cols = xp.nonzero(take)[1].reshape(R, m)  # ascending column order
+    cols = xp.nonzero(take)[1].reshape(n_rows, m)  # ascending column order
     vals = xp.take_along_axis(work, cols, axis=-1)
     order = xp.argsort(-vals, axis=-1, kind="stable")
     cols = xp.take_along_axis(cols, order, axis=-1)
@@ -208,12 +210,12 @@ def select_dynamic_topk(q, k, *, tail_bound, max_topk=None, causal=True, scale, 
     n_cand_all = bounds.n_candidates()  # (T,)
     for t0, t1, tile, ranked in _ranked_chunks(q, k, bounds, m, causal, scale, chunk_size, impl):
         c = t1 - t0
-        R = B * H * c
+        n_rows = B * H * c
         vals = xp.take_along_axis(tile, xp.maximum(ranked, 0), axis=-1).astype(xp.float64)
-        vals = xp.where(ranked >= 0, vals, -xp.inf)  # (R, m) ranked scores
-        f = xp.broadcast_to(forced_all[None, t0:t1], (B * H, c, forced_all.shape[1])).reshape(R, -1)
+        vals = xp.where(ranked >= 0, vals, -xp.inf)  # (rows, m) ranked scores
+        f = xp.broadcast_to(forced_all[None, t0:t1], (B * H, c, forced_all.shape[1])).reshape(n_rows, -1)
         fvals = xp.where(f >= 0, xp.take_along_axis(tile, xp.maximum(f, 0), axis=-1), -xp.inf)
-        n_cand = xp.asarray(np.tile(n_cand_all[t0:t1], B * H))  # (R,)
+        n_cand = xp.asarray(np.tile(n_cand_all[t0:t1], B * H))  # (rows,)
         kc, found, row_bound, _, _ = choose_k(vals, logsumexp_rows(fvals), n_cand, (ranked >= 0).sum(axis=1),
                                               tail_bound)
         sel = xp.where(xp.arange(m)[None, :] < kc[:, None], ranked, -1)

@@ -1,7 +1,7 @@
 """Sparse attention over selected keys: the attend stage every selection policy feeds.
 
 Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim,
-Dv value dim, K selected slots per query (index -1 = empty slot).
+Dv value dim, K index slots per query (forced + selected; -1 = empty slot), c queries per chunk.
 
     s[b,h,t,i]  = scale * q[b,h,t] . k[b, g(h), idx[b,h,t,i]]      (g(h) = h // (H/G))
     p           = softmax_i(s)          (empty slots get p = 0)

@@ -1,19 +1,20 @@
 """Top-k attention with a mean tail: the softmax mass top-k drops goes to the mean unselected value.
 
 Shape letters: B batch, H query heads, G KV heads (H % G == 0), T queries, S keys,
-D head dim, Dv value dim, K selected slots.
+D head dim, Dv value dim, K index slots per query, c (or cc) queries per chunk,
+n the keys a chunk sees, rep = H // G.
 
 Plain top-k attention renormalises the softmax over the selected keys A and so drops
-the mass 1 - alpha of the other visible keys R.  Here that mass is kept, exactly, and
-spread over R uniformly (each unselected key gets the same weight):
+the mass 1 - alpha of the other visible keys U.  Here that mass is kept, exactly, and
+spread over U uniformly (each unselected key gets the same weight):
 
     p_j   = exp(s_j - logsumexp_{j visible} s_j)   the dense softmax weights
     alpha = sum_{j in A} p_j                       mass the selection keeps
-    r     = mean_{j in R} v_j                      (0 when R is empty)
+    r     = mean_{j in U} v_j                      (0 when U is empty)
     out   = sum_{j in A} p_j v_j + (1 - alpha) r
 
-So out equals dense attention whenever R is empty (topk >= visible keys), and the error
-is (1 - alpha) (r - mean of R weighted by p) instead of plain top-k's (1 - alpha) times
+So out equals dense attention whenever U is empty (topk >= visible keys), and the error
+is (1 - alpha) (r - mean of U weighted by p) instead of plain top-k's (1 - alpha) times
 (out_A - that mean).  The selection A is exact top-k plus forced keys
 (:func:`topkattn.ops.selection.select_topk`); the tail needs the full-row logsumexp, so every
 score is computed (chunk by chunk, as the selection does): cost O(T S D) forward and
@@ -22,7 +23,7 @@ backward, memory O(chunk * S + T * K).  Meant for inference on pretrained models
 
 Backward, with g = dout and o_A = sum_A p_j v_j:
     ds_i = p_i [ 1[i in A] (g.v_i - g.r) - g.o_A + alpha g.r ]      (i visible)
-    dv_j = p_j g (j in A),   (1 - alpha) g / |R| (j in R)
+    dv_j = p_j g (j in A),   (1 - alpha) g / |U| (j in U)
     dq   = scale sum_i ds_i k_i,   dk_i = scale ds_i q
 """
 import numpy as np
@@ -129,7 +130,7 @@ def tail_topk_attention_backward(dout, saved):
         qc = qg[:, :, :, t0:t1].reshape(B, G, rep * cc, D)
         dq[:, :, t0:t1] = xp.matmul(ds, k[:, :, :n]).reshape(B, H, cc, D)
         dk[:, :, :n] += xp.matmul(ds.swapaxes(-1, -2), qc)
-        # dv: p_j g on the selected keys, (1 - alpha) g / |R| on the rest
+        # dv: p_j g on the selected keys, (1 - alpha) g / |U| on the rest
         w_rest = xp.where(n_rest > 0, (1 - alpha) / xp.maximum(n_rest, 1), 0)  # (B, G, rep, c)
         wv = xp.where(sel, p, w_rest[..., None]) * vis  # (B, G, rep, c, n)
         dv[:, :, :n] += xp.matmul(wv.reshape(B, G, rep * cc, n).swapaxes(-1, -2),
