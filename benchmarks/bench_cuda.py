@@ -125,11 +125,12 @@ def bench_topk(dev, T, H, D, k, repeat, tiled=False):
     from topkattn.cuda.sparse_backward import sparse_backward
     from topkattn.cuda.topk_forward import topk_forward, topk_forward_tiled
 
-    xp = dev.xp
-    q, kk, v, dout = (dev.randn(i, (1, H, T, D)) for i in range(4))
+    q, kk, v, dout = [dev.randn(i, (1, H, T, D)) for i in range(4)]
     scale = 1 / np.sqrt(D)
     forward = topk_forward_tiled if tiled else topk_forward
-    fwd = lambda: forward(q, kk, v, topk=k, causal=True, scale=scale)  # noqa: E731
+
+    def fwd():
+        return forward(q, kk, v, topk=k, causal=True, scale=scale)
 
     def fwd_bwd():
         out, idx, lse = fwd()
@@ -142,8 +143,7 @@ def bench_topk(dev, T, H, D, k, repeat, tiled=False):
     row["fwd_bwd_peak_bytes"] = dev.peak_extra(fwd_bwd)
     if row["fwd_peak_bytes"] is not None:  # O(T K): indices + lse + out relative to T*K
         row["fwd_peak_bytes_per_TK"] = row["fwd_peak_bytes"] / (H * T * k)
-    del q, kk, v, dout, xp
-    return row
+    return row  # the inputs are freed with this frame
 
 
 def bench_sdpa(torch, T, H, D, repeat, dtype_name):
@@ -235,7 +235,8 @@ def bench_decode(dev, S, H, C, R, k, repeat, clusters, rank, global_dim, search,
     scale = 1 / np.sqrt(Dk)
     rows = []
 
-    exact = lambda: mla_decode(q, keys, topk=k, C=C, scale=scale)  # noqa: E731
+    def exact():
+        return mla_decode(q, keys, topk=k, C=C, scale=scale)
     rows.append(dict(method="exact-cuda", S=S, ms=dev.timed(exact, repeat),
                      peak_bytes=dev.peak_extra(exact)))
 

@@ -19,9 +19,9 @@ import time
 import numpy as np
 
 from topkattn.decoding import LorannSelector, decode_teacher_forced
+from topkattn.model import Transformer
 from topkattn.storage import atomic_write_json
 from topkattn.training.runs import load_run
-from topkattn.model import Transformer
 from topkattn.training.tasks import MQAR
 from topkattn.training.train import TrainConfig, model_config
 
@@ -64,7 +64,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", dest="json_path", default=None)
     args = ap.parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    def log(msg):
+        return print(msg, file=sys.stderr, flush=True)
 
     if args.run:
         cfg, model = load_run(args.run)
@@ -90,7 +91,8 @@ def main(argv=None):
         rows = []
         for lo, hi in buckets(args.length, args.prompt):
             m = (steps[:, 0] >= lo) & (steps[:, 0] < hi)
-            rows.append({"from": int(lo), "to": int(hi - 1), "recall": float(steps[m, 1].sum() / max(1, steps[m, 2].sum()))})
+            recall = float(steps[m, 1].sum() / max(1, steps[m, 2].sum()))
+            rows.append({"from": int(lo), "to": int(hi - 1), "recall": recall})
         out[name] = {"buckets": rows, "seconds": secs, "builds": int(sum(s.builds for s in sels)),
                      "recall": float(steps[:, 1].sum() / max(1, steps[:, 2].sum()))}
         log(f"{name}: recall {out[name]['recall']:.4f}, {out[name]['builds']} builds, {secs:.1f} s")

@@ -94,7 +94,8 @@ def main(argv=None):
     ap.add_argument("--json", dest="json_path", default=None, help="write the table and settings here")
     args = ap.parse_args(argv)
     rates = [float(r) for r in args.forget_rates.split(",")]
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    def log(msg):
+        return print(msg, file=sys.stderr, flush=True)
 
     settings = {"exact": ("exact", {})}
     for r in SIM_RECALLS:
@@ -127,7 +128,8 @@ def main(argv=None):
         print(f"{name:<14}" + "".join(cells))
     if args.json_path:
         doc = {"benchmark": "forgetful", "k": args.k, "train_config": cfg.to_dict(), "seed": args.seed,
-               "n_sequences": args.n_sequences, "settings": {n: {"retriever": r, **kw} for n, (r, kw) in settings.items()},
+               "n_sequences": args.n_sequences,
+               "settings": {n: {"retriever": r, **kw} for n, (r, kw) in settings.items()},
                "results": results}
         atomic_write_json(args.json_path, doc, prefix=".bench-")
         log(f"wrote {args.json_path}")

@@ -4,8 +4,9 @@ MHA with a full KV cache.
 Default sizes follow issue 3: H=16 heads, head dim 64, MLA latent C=256 and rope R=32,
 d_model=1024, contexts 4k/16k/64k, batch 1, float32.  The cache is pre-filled with random
 rows (attention cost does not depend on the values) and one token is decoded on top; each
-step is timed and the cache rewound (MLA and MHA steps alternate), so every timed step sees exactly ``context`` cached
-tokens; the table shows the best of ``--reps`` steps (the JSON also keeps the median).  Runs dense attention (topk=None) and top-k attention (``--topk``).  BLAS runs on
+step is timed and the cache rewound (MLA and MHA steps alternate), so every timed step sees
+exactly ``context`` cached tokens; the table shows the best of ``--reps`` steps (the JSON
+also keeps the median).  Runs dense attention (topk=None) and top-k attention (``--topk``).  BLAS runs on
 ``--threads`` threads (default 1: OpenBLAS threads fighting over busy cores made single
 matrix products 20x slower in our runs).
 
@@ -24,9 +25,9 @@ if __name__ == "__main__":  # BLAS threads must be fixed before NumPy loads (see
     for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_v] = _t or os.environ.get(_v, "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from topkattn.layers import MLA, Attention  # noqa: E402
+from topkattn.layers import MLA, Attention
 
 
 def fill(cache, n, rng, xp):

@@ -73,7 +73,8 @@ def main(argv=None):
           f"dense_layers={args.dense_layers}, tail={args.tail}, "
           f"device={args.device}; dense encode {t_dense:.2f} s")
     rows = []
-    print(f"{'k':>5} {'mean cos':>9} {'min cos':>8} {'cos <128':>9} {'cos >=128':>10} {'same NN':>8} {'time/dense':>11}")
+    print(f"{'k':>5} {'mean cos':>9} {'min cos':>8} {'cos <128':>9} {'cos >=128':>10} {'same NN':>8} "
+          f"{'time/dense':>11}")
     for k in args.k:
         t0 = time.perf_counter()
         e = model.encode(texts, topk=k, sinks=args.sinks, window=args.window, dense_layers=args.dense_layers,
@@ -91,7 +92,8 @@ def main(argv=None):
             return f"{x:>{w}.4f}" if x is not None else f"{'-':>{w}}"
 
         print(f"{k:>5} {fmt(row['mean_cos'], 9)} {fmt(row['min_cos'], 8)} {fmt(row['mean_cos_short'], 9)} "
-              f"{fmt(row['mean_cos_long'], 10)} {row['same_nearest_neighbour']:>8.2f} {row['time_ratio_to_dense']:>11.2f}")
+              f"{fmt(row['mean_cos_long'], 10)} {row['same_nearest_neighbour']:>8.2f} "
+              f"{row['time_ratio_to_dense']:>11.2f}")
 
     st_diff = None
     try:
@@ -106,11 +108,11 @@ def main(argv=None):
         print("sentence-transformers not importable: PyTorch comparison skipped")
 
     if args.json:
-        atomic_write_json(args.json, {"texts": len(texts), "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()),
-                                      "tokens_mean": float(lengths.mean()), "sinks": args.sinks, "window": args.window,
-                                      "dense_layers": args.dense_layers, "tail": args.tail,
-                                      "device": args.device, "dense_seconds": t_dense, "rows": rows,
-                                      "dense_vs_sentence_transformers_max_abs_diff": st_diff}, prefix=".bench-")
+        doc = {"texts": len(texts), "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()),
+               "tokens_mean": float(lengths.mean()), "sinks": args.sinks, "window": args.window,
+               "dense_layers": args.dense_layers, "tail": args.tail, "device": args.device,
+               "dense_seconds": t_dense, "rows": rows, "dense_vs_sentence_transformers_max_abs_diff": st_diff}
+        atomic_write_json(args.json, doc, prefix=".bench-")
 
 
 if __name__ == "__main__":

@@ -32,13 +32,11 @@ from topkattn.backend import to_numpy  # noqa: E402
 from topkattn.cuda.lorann_score import lorann_arrays, lorann_score, lorann_search  # noqa: E402
 from topkattn.cuda.mla_decode import attend_selected, mla_decode, mla_select  # noqa: E402
 from topkattn.cuda.sparse_backward import sparse_backward  # noqa: E402
-from topkattn.cuda.topk_forward import (  # noqa: E402
-    MAX_RANKED, topk_forward, topk_forward_auto, topk_forward_tiled)
+from topkattn.cuda.topk_forward import MAX_RANKED, topk_forward, topk_forward_auto, topk_forward_tiled  # noqa: E402
 from topkattn.cuda.topk_select import topk_select  # noqa: E402
 from topkattn.decoding import ExactSelector  # noqa: E402
-from topkattn.ops.selection import select_decode  # noqa: E402
 from topkattn.ops.reference import masked_attention_reference, rank_row, topk_attention_reference  # noqa: E402
-from topkattn.ops.selection import RowBounds  # noqa: E402
+from topkattn.ops.selection import RowBounds, select_decode  # noqa: E402
 
 N_SCALE = 1 if SIM else 8  # real GPU: larger shapes
 

@@ -41,7 +41,8 @@ def test_forward_eager_and_jit_match_reference(causal, sinks, window):
     q, k, v = _inputs(0)
     ref, _, _ = topk_attention_reference(*(np.asarray(a) for a in (q, k, v)), topk=3, causal=causal,
                                          sinks=sinks, window=window)
-    f = lambda a, b, c: tj.topk_attention(a, b, c, topk=3, causal=causal, sinks=sinks, window=window)
+    def f(a, b, c):
+        return tj.topk_attention(a, b, c, topk=3, causal=causal, sinks=sinks, window=window)
     eager, jitted = f(q, k, v), jax.jit(f)(q, k, v)
     assert eager.dtype == jnp.float64 and eager.shape == (2, 4, 5, 5)
     np.testing.assert_allclose(np.asarray(eager), ref, rtol=1e-12, atol=1e-12)
@@ -61,8 +62,10 @@ def test_gradients_match_jax_autograd_on_the_same_mask(causal):
     q, k, v = _inputs(2)
     w = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 5, 5)))
     _, mask, _ = topk_attention_reference(*(np.asarray(a) for a in (q, k, v)), topk=3, causal=causal)
-    ours = lambda a, b, c: (tj.topk_attention(a, b, c, topk=3, causal=causal) * w).sum()
-    oracle = lambda a, b, c: (_jax_masked_attention(a, b, c, jnp.asarray(mask), 6 ** -0.5) * w).sum()
+    def ours(a, b, c):
+        return (tj.topk_attention(a, b, c, topk=3, causal=causal) * w).sum()
+    def oracle(a, b, c):
+        return (_jax_masked_attention(a, b, c, jnp.asarray(mask), 6 ** -0.5) * w).sum()
     want = jax.grad(oracle, argnums=(0, 1, 2))(q, k, v)
     for got in (jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)):
         for a, b in zip(got, want):
@@ -79,7 +82,8 @@ def test_gradients_match_jax_autograd_on_the_same_mask(causal):
                                   dict(topk=3, forget_rate=0.3, seed=5)])
 def test_check_grads_float64(opts):
     q, k, v = _inputs(3, B=1, H=2, G=1, T=4, S=6, D=3, Dv=2, topk=opts["topk"])
-    f = lambda a, b, c: tj.topk_attention(a, b, c, **opts)
+    def f(a, b, c):
+        return tj.topk_attention(a, b, c, **opts)
     check_grads(f, (q, k, v), order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
     check_grads(jax.jit(f), (q, k, v), order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
 
@@ -89,7 +93,8 @@ def test_eager_uses_dlpack_and_jit_uses_pure_callback(monkeypatch):
     real = jax.pure_callback
     monkeypatch.setattr(tj.jax, "pure_callback", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v = _inputs(4)
-    f = lambda a, b, c: (tj.topk_attention(a, b, c, topk=3) ** 2).sum()
+    def f(a, b, c):
+        return (tj.topk_attention(a, b, c, topk=3) ** 2).sum()
     g_eager = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
     assert calls == []
     g_jit = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)

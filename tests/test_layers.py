@@ -2,11 +2,10 @@
 import numpy as np
 import pytest
 
+from topkattn.layers import Attention, Embedding, Linear, MoE, RMSNorm, RoPE, SwiGLU, softmax_cross_entropy
 from topkattn.ops.dense_attention import dense_attention, dense_attention_backward, dense_attention_forward
-from topkattn.layers import (Attention, Embedding, Linear, MoE, RMSNorm, RoPE, SwiGLU,
-                             softmax_cross_entropy)
-from topkattn.testing import assert_grads_close, check_layer_grads, directional_grad_check
 from topkattn.ops.reference import topk_attention_reference
+from topkattn.testing import assert_grads_close, check_layer_grads, directional_grad_check
 
 
 def _rng(s=0):
@@ -95,7 +94,8 @@ def test_rope_is_complex_rotation_and_relative():
     np.testing.assert_allclose(y, np.concatenate([zr.real, zr.imag], -1), rtol=1e-12, atol=1e-14)
     # scores depend only on the offset: <rope(q, m), rope(k, n)> == <rope(q, m+3), rope(k, n+3)>
     q, k = rng.standard_normal(R), rng.standard_normal(R)
-    s = lambda m, n: rope.step(q[None], [m]) @ rope.step(k[None], [n]).T  # noqa: E731
+    def s(m, n):
+        return rope.step(q[None], [m]) @ rope.step(k[None], [n]).T
     np.testing.assert_allclose(s(4, 1), s(7, 4), rtol=1e-12)
     # backward is the transpose of the rotation
     res = directional_grad_check(lambda: float((rope.forward(x, np.arange(T)) * y).sum()),
@@ -240,7 +240,8 @@ def test_dense_attention_matches_reference_and_grads(shape, chunk):
     np.testing.assert_allclose(saved.lse, lse, rtol=1e-12)
     R = rng.standard_normal(out.shape)
     dq, dk, dv = dense_attention_backward(R, saved)
-    f = lambda: float((dense_attention(q, k, v, scale=0.7, chunk_size=chunk) * R).sum())  # noqa: E731
+    def f():
+        return float((dense_attention(q, k, v, scale=0.7, chunk_size=chunk) * R).sum())
     assert_grads_close(directional_grad_check(f, {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, rng))
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from topkattn.layers import MLA, MLACache, absorb_mla_weights
-from topkattn.testing import check_layer_grads
 from topkattn.ops.reference import topk_attention_reference
 from topkattn.ops.selection import select_decode
+from topkattn.testing import check_layer_grads
 
 # d, H, Lq, C, N, R, V  (V != N: value head dim independent of the qk head dim)
 DIMS = (16, 3, 8, 6, 4, 4, 5)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from topkattn.layers import softmax_cross_entropy
-from topkattn.testing import assert_grads_close, directional_grad_check
 from topkattn.model import Transformer, TransformerConfig
+from topkattn.testing import assert_grads_close, directional_grad_check
 
 V = 13
 BASE = dict(vocab_size=V, d_model=16, n_layers=2, n_heads=4, q_lora_rank=8, kv_lora_rank=8,

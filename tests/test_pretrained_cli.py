@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
+import test_pretrained_bert  # skips this module without torch, safetensors or tokenizers
 from click.testing import CliRunner
 
-import test_pretrained_bert  # skips this module without torch, safetensors or tokenizers
 from topkattn.cli.main import main
 from topkattn.pretrained.bert import SentenceEncoder
 

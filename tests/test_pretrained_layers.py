@@ -8,7 +8,6 @@ from topkattn.layers.gelu import gelu, gelu_backward, gelu_forward
 from topkattn.layers.layernorm import LayerNorm, layer_norm, layer_norm_backward, layer_norm_forward
 from topkattn.testing import assert_grads_close, directional_grad_check
 
-
 # ---------------------------------------------------------------- GELU
 
 def test_gelu_matches_erf_formula_elementwise():
@@ -133,7 +132,7 @@ def test_layer_norm_layer_accumulates_grads():
 
 def test_layer_norm_bad_input():
     x = np.zeros((2, 4))
-    with pytest.raises(ValueError, match=r"gamma must have shape \(C,\) = \(4,\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"gamma must have shape \(d,\) = \(4,\), got \(3,\)"):
         layer_norm(x, np.ones(3), np.zeros(4))
     with pytest.raises(TypeError, match="beta must be float32 or float64"):
         layer_norm(x, np.ones(4), np.zeros(4, dtype=np.int64))

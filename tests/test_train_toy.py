@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
 from topkattn.cli.main import main
 from topkattn.layers.loss import softmax_cross_entropy
 from topkattn.model import Transformer
+from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
 from topkattn.training.optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from topkattn.training.tasks import IGNORE
 from topkattn.training.train import (

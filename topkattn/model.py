@@ -9,12 +9,12 @@ import dataclasses
 
 import numpy as np
 
+from topkattn.checks import ConfigDict, check_choice, check_int, check_real, float_dtype
 from topkattn.layers.attention import Attention
 from topkattn.layers.block import Block
 from topkattn.layers.embedding import Embedding
 from topkattn.layers.linear import Linear
 from topkattn.layers.mla import MLA
-from topkattn.checks import ConfigDict, check_choice, check_int, check_real, float_dtype
 from topkattn.layers.module import Module
 from topkattn.layers.moe import MoE
 from topkattn.layers.rmsnorm import RMSNorm
@@ -88,7 +88,8 @@ class Transformer(Module):
         super().__init__()
         self.cfg = c = cfg
         seeds = np.random.SeedSequence(c.seed).spawn(c.n_layers + 2)
-        rng = lambda i: np.random.default_rng(seeds[i])  # noqa: E731
+        def rng(i):
+            return np.random.default_rng(seeds[i])
         self.embed = self.add("embed", Embedding(c.vocab_size, c.d_model, seed=rng(0), dtype=c.dtype))
         self.blocks = []
         for i in range(c.n_layers):

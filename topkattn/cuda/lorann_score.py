@@ -32,8 +32,8 @@ from collections import namedtuple
 import numpy as np
 from numba import cuda, types
 
-from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 from topkattn.checks import check_int
+from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 from topkattn.cuda.topk_select import topm_rows
 
 THREADS = 128
@@ -71,7 +71,8 @@ def lorann_search(arrays, q, k, clusters_to_search, points_to_rerank):
     cs = qr @ arrays.cent.T  # (Q, Nc)
     if arrays.l2:
         cs = 2 * cs - arrays.cnorm
-    full = lambda val: xp.full(Q, val, dtype=xp.int64)  # noqa: E731
+    def full(val):
+        return xp.full(Q, val, dtype=xp.int64)
     _, clusters = topm_rows(xp, xp.ascontiguousarray(cs, dtype=xp.float32), None,
                             int(clusters_to_search), full(nc), full(0), full(0), 0)
     m = max(int(k), int(points_to_rerank))
@@ -112,7 +113,7 @@ def lorann_score(arrays, qr, clusters, m):
                      zeros, zeros, zeros, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _score_kernel(RCAP, BITS):
     INF = math.inf
 
@@ -167,7 +168,7 @@ def _score_kernel(RCAP, BITS):
     return score_kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rerank_kernel():
     INF = math.inf
 

@@ -90,7 +90,8 @@ def mla_select(q_abs, keys, *, topk, scale, sinks=0, window=0, return_scores=Fal
                xp.ascontiguousarray(q_abs), keys, float(scale), scores)  # keys may be strided
     if bounds.n_sel:
         n_rows = B * H
-        full = lambda val: xp.full(n_rows, val, dtype=xp.int64)  # noqa: E731
+        def full(val):
+            return xp.full(n_rows, val, dtype=xp.int64)
         _, ranked = topm_rows(xp, scores.reshape(n_rows, S), None, bounds.n_sel, full(S),
                               full(int(bounds.win_lo[0])), full(int(bounds.win_hi[0])),
                               bounds.sinks)
@@ -111,7 +112,7 @@ def _check(q_abs, keys, C):
     return B, H, Dk
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scores_kernel(HCAP, dchar):
     vt = types.float32 if dchar == "f" else types.float64
     cast = np.float32 if dchar == "f" else np.float64
@@ -139,7 +140,7 @@ def _scores_kernel(HCAP, dchar):
     return scores_kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sel_scores_kernel(dchar):
     cast = np.float32 if dchar == "f" else np.float64
 
@@ -163,7 +164,7 @@ def _sel_scores_kernel(dchar):
     return sel_scores_kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _attend_kernel(dchar):
     cast = np.float32 if dchar == "f" else np.float64
     NAN = math.nan
@@ -193,19 +194,19 @@ def _attend_kernel(dchar):
             return
         if mx == -INF:
             return  # no key: zeros, lse -inf
-        l = cast(0)
+        denom = cast(0)
         for i in range(K):
             if idx[b, h, i] >= 0:
-                l += math.exp(sel[b, h, i] - mx)
+                denom += math.exp(sel[b, h, i] - mx)
         for d in range(tx, C, cuda.blockDim.x):
             acc = cast(0)
             for i in range(K):
                 j = idx[b, h, i]
                 if j >= 0:
                     acc += math.exp(sel[b, h, i] - mx) * keys[b, j, d]
-            o[b, h, d] = acc / l
+            o[b, h, d] = acc / denom
         if tx == 0:
-            lse[b, h] = mx + math.log(l)
+            lse[b, h] = mx + math.log(denom)
 
     return attend_kernel
 

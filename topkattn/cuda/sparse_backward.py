@@ -94,7 +94,7 @@ def key_segments(xp, idx, G, S):
     return order.astype(xp.int64), seg.astype(xp.int64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rows_kernel(D, Dv, dchar):
     """Specialised on the head dims (constant loop trips: dq accumulates in registers)."""
     vt = types.float32 if dchar == "f" else types.float64
@@ -176,7 +176,7 @@ def _segment_sums(q, dout, p, ds, order, u0, u1, K, d, acc_k, acc_v):
     return acc_k, acc_v
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pieces_kernel(dchar):
     cast = np.float32 if dchar == "f" else np.float64
 
@@ -204,7 +204,7 @@ def _pieces_kernel(dchar):
     return pieces_kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _keys_kernel(dchar):
     cast = np.float32 if dchar == "f" else np.float64
 

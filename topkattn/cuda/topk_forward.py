@@ -46,7 +46,7 @@ def topk_forward(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget
     """
     xp = array_module(q, k, v)
     B, H, T, D = q.shape
-    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    S, Dv = k.shape[2], v.shape[3]
     bounds = RowBounds(S, T, topk=topk, causal=causal, sinks=sinks, window=window)
     n_sel = bounds.n_sel
     drop = forget_draws(seed, (B, H, T, n_sel), forget_rate)  # host (B, H, T, K') or None
@@ -58,7 +58,8 @@ def topk_forward(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget
     lse = xp.full((B, H, T), -np.inf, dtype=q.dtype)
     if T == 0 or S == 0 or B * H == 0:
         return out, idx, lse
-    dev = lambda a: xp.asarray(np.ascontiguousarray(a))  # noqa: E731  small host geometry
+    def dev(a):
+        return xp.asarray(np.ascontiguousarray(a))
     drop_d = xp.zeros((1, 1, 1, 1), dtype=xp.uint8) if drop is None else dev(drop.astype(np.uint8))
     itemsize = q.dtype.itemsize
     if simulator_enabled():
@@ -155,7 +156,7 @@ def fits(m, D, Dv, m_auto=256):
     return m <= m_auto and 1 <= D <= MAX_DIM and 1 <= Dv <= MAX_DIM
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_kernel(MCAP, D, Dv, TQ, TS, dchar):
     """Specialised on the head dims: the d-loops have constant trip counts, so the compiler
     can unroll them and keep the query and the output accumulator in registers."""
@@ -168,7 +169,7 @@ def _forward_kernel(MCAP, D, Dv, TQ, TS, dchar):
     @cuda.jit
     def forward_kernel(q, k, v, scale, end, win_lo, win_hi, sinks, n_sink, n_win, n_sel, m,
                        drop, has_drop, out, idx, lse):
-        B, H, T = q.shape[0], q.shape[1], q.shape[2]
+        H, T = q.shape[1], q.shape[2]
         G, S = k.shape[1], k.shape[2]
         tx = cuda.threadIdx.x
         t = cuda.blockIdx.x * TQ + tx
@@ -268,7 +269,7 @@ def _forward_kernel(MCAP, D, Dv, TQ, TS, dchar):
         accv = cuda.local.array(Dv, vt)
         for d in range(Dv):
             accv[d] = 0
-        l = cast(0)
+        denom = cast(0)
         for p in range(n_forced + n):
             if p < n_forced:
                 j = idx[b, h, t, p]
@@ -281,12 +282,12 @@ def _forward_kernel(MCAP, D, Dv, TQ, TS, dchar):
                 s = bv[p - n_forced]
                 j = bi[p - n_forced]
             pr = math.exp(s - mx)
-            l += pr
+            denom += pr
             for d in range(Dv):
                 accv[d] += pr * v[b, g, j, d]
         for d in range(Dv):
-            out[b, h, t, d] = accv[d] / l
-        lse[b, h, t] = mx + math.log(l)
+            out[b, h, t, d] = accv[d] / denom
+        lse[b, h, t] = mx + math.log(denom)
 
     return forward_kernel
 

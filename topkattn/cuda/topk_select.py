@@ -117,13 +117,13 @@ def _device_functions():
     return better, topm_insert
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_functions():
     """(better, topm_insert) CUDA device functions shared by the kernels of this package."""
     return _device_functions()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _topm_kernel(MCAP, dchar):
     vt = types.float32 if dchar == "f" else types.float64
     cast = np.float32 if dchar == "f" else np.float64  # keep float32 kernels in float32

@@ -15,10 +15,10 @@ A layer's ``selector`` picks the keys of each decode step (the protocol is docum
 - :func:`dynamic_k_from_ranked`: per-row k with a certified bound on the left-out mass;
 - :func:`decode_teacher_forced`, :func:`evaluate_decoding`: run a model token by token.
 """
-from topkattn.ops.dynamic_k import dynamic_k_from_ranked
 from topkattn.decoding.lorann import LorannSelector
 from topkattn.decoding.runner import decode_teacher_forced, evaluate_decoding
 from topkattn.decoding.selectors import DecodeSelector, DecodeStats, ExactSelector, SimulatedRecallSelector
+from topkattn.ops.dynamic_k import dynamic_k_from_ranked
 
 __all__ = ["DecodeSelector", "DecodeStats", "ExactSelector", "LorannSelector", "SimulatedRecallSelector",
            "decode_teacher_forced", "dynamic_k_from_ranked", "evaluate_decoding"]

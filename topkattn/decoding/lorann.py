@@ -35,8 +35,8 @@ import numpy as np
 from topkattn.ann import LorannIndex
 from topkattn.backend import to_numpy
 from topkattn.checks import check_int, check_real
-from topkattn.ops.dynamic_k import dynamic_k_from_ranked
 from topkattn.decoding.selectors import DecodeSelector, exact_select, forced_scores_lse
+from topkattn.ops.dynamic_k import dynamic_k_from_ranked
 from topkattn.ops.selection import ranked_topm_xp
 
 

@@ -17,8 +17,8 @@ import numpy as np
 from topkattn.backend import get_array_module, to_numpy
 from topkattn.checks import check_int
 from topkattn.decoding.lorann import LorannSelector
-from topkattn.layers.loss import IGNORE
 from topkattn.decoding.selectors import DecodeStats, ExactSelector, SimulatedRecallSelector
+from topkattn.layers.loss import IGNORE
 
 
 def selector_factory(retriever, n_layers, *, recall=None, tail_bound=None, seed=0, **lorann):

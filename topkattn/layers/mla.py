@@ -23,12 +23,12 @@ Decoding (``init_cache``/``step``) with absorbed weights (:func:`absorb_mla_weig
 import numpy as np
 
 from topkattn.backend import get_array_module
-from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_decode, dense_attention_forward
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
-from topkattn.layers.module import Module, as_input, check_topk, normal
 from topkattn.layers.cache import MLACache, check_step_input, select_step
+from topkattn.layers.module import Module, as_input, check_topk, normal
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
 from topkattn.layers.rope import rope_angles, rope_apply
+from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_decode, dense_attention_forward
 from topkattn.ops.sparse_attention import sparse_attention_decode
 from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
 

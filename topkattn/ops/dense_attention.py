@@ -59,11 +59,11 @@ def dense_attention_forward(q, k, v, *, causal=True, scale=None, chunk_size=None
         m = s.max(-1, keepdims=True)
         m = xp.where(xp.isfinite(m), m, 0)
         p = xp.exp(s - m)
-        l = p.sum(-1, keepdims=True)
-        ls = xp.where(l > 0, l, 1)
+        denom = p.sum(-1, keepdims=True)
+        ls = xp.where(denom > 0, denom, 1)
         o = xp.matmul((p / ls).reshape(B, G, rep * (t1 - t0), n), v[:, :, :n])  # (B, G, rep*c, Dv)
         out[:, :, t0:t1] = o.reshape(B, H, t1 - t0, Dv)
-        lse[:, :, t0:t1] = xp.where(l > 0, m + xp.log(ls), -np.inf)[..., 0].reshape(B, H, t1 - t0)
+        lse[:, :, t0:t1] = xp.where(denom > 0, m + xp.log(ls), -np.inf)[..., 0].reshape(B, H, t1 - t0)
     return out, DenseAttentionSaved(q, k, v, out, lse, scale, causal, c)
 
 

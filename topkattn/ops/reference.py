@@ -97,8 +97,8 @@ def masked_attention_reference(q, k, v, mask, scale):
     m = np.max(s, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.where(mask, np.exp(s - m), 0.0)
-    l = p.sum(-1, keepdims=True)
-    return np.einsum("bhts,bhsd->bhtd", p / np.where(l > 0, l, 1.0), vh)
+    denom = p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bhsd->bhtd", p / np.where(denom > 0, denom, 1.0), vh)
 
 
 def dynamic_topk_reference(q, k, *, tail_bound, max_topk=None, causal=True, scale=None,

@@ -51,11 +51,11 @@ def sparse_attention_forward(q, k, v, idx, scale):
         mx = s.max(-1, keepdims=True)  # (B, H, c, 1)
         mx_safe = xp.where(xp.isfinite(mx), mx, 0).astype(q.dtype)
         p = xp.exp(s - mx_safe)  # empty slots -> 0; NaN rows stay NaN
-        l = p.sum(-1, keepdims=True)
-        l_safe = xp.where(l > 0, l, 1)
+        denom = p.sum(-1, keepdims=True)
+        l_safe = xp.where(denom > 0, denom, 1)
         vs = _gather_valid(xp, vf, flat, valid)  # (B, H, c, K, Dv)
         out[:, :, t0:t1] = ((p / l_safe)[..., None] * vs).sum(-2)
-        lse[:, :, t0:t1] = xp.where(l[..., 0] > 0, mx_safe[..., 0] + xp.log(l_safe[..., 0]), -xp.inf)
+        lse[:, :, t0:t1] = xp.where(denom[..., 0] > 0, mx_safe[..., 0] + xp.log(l_safe[..., 0]), -xp.inf)
         # a NaN anywhere in a row's scores makes the whole row NaN
         nan_row = xp.isnan(s).any(-1)
         lse[:, :, t0:t1][nan_row] = xp.nan

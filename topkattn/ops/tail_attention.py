@@ -80,8 +80,8 @@ def tail_topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, sinks
     for t0, t1, n in query_chunks(T, S, c, causal):
         if n == 0:
             continue
-        p, L, sel, vis_n = _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, scale, causal)
-        lse[:, :, t0:t1] = L.reshape(B, H, t1 - t0)
+        p, lse_c, sel, vis_n = _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, scale, causal)
+        lse[:, :, t0:t1] = lse_c.reshape(B, H, t1 - t0)
         cc = t1 - t0
         pa = xp.where(sel, p, 0).reshape(B, G, rep * cc, n)  # weights of the selected keys
         o_a = xp.matmul(pa, v[:, :, :n]).reshape(B, H, cc, Dv)
@@ -155,9 +155,9 @@ def _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, scale, causal):
     m = s.max(-1, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0)
     e = xp.exp(s - m)
-    l = e.sum(-1, keepdims=True)
-    p = e / xp.where(l > 0, l, 1)
-    L = xp.where(l > 0, m + xp.log(xp.where(l > 0, l, 1)), -np.inf)[..., 0]  # (B, G, rep, c)
+    denom = e.sum(-1, keepdims=True)
+    p = e / xp.where(denom > 0, denom, 1)
+    lse_c = xp.where(denom > 0, m + xp.log(xp.where(denom > 0, denom, 1)), -np.inf)[..., 0]  # (B, G, rep, c)
     ic = idx[:, :, t0:t1].reshape(B, G, rep, c, -1)  # (B, G, rep, c, K)
     sel = xp.zeros((B, G, rep, c, n + 1), dtype=bool)
     col = xp.where(ic >= 0, ic, n)  # empty slots mark the spare column n
@@ -166,7 +166,7 @@ def _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, scale, causal):
     sel = sel[..., :n]
     pos = np.arange(t0, t1) + (S - T)
     vis_n = xp.asarray(np.clip(pos + 1, 0, n) if causal else np.full(c, n))  # (c,)
-    return p, L, sel, vis_n
+    return p, lse_c, sel, vis_n
 
 
 def _rest_mean(xp, v, vsum, sel, vis_n, n, rep):

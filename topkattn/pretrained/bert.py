@@ -1,11 +1,11 @@
 """A BERT-style sentence encoder (e.g. all-MiniLM-L6-v2) built on the engine, with top-k attention.
 
-Shape letters: B batch (texts of one token count), T tokens, C hidden size, H heads,
-D head dim (C = H * D), F feed-forward size, N texts.
+Shape letters: B batch (texts of one token count), T tokens, d hidden size, H heads,
+D head dim (d = H * D), Dff feed-forward size, V vocabulary.
 
-    ids (B, T) -> word + position + token-type embeddings -> LayerNorm         # (B, T, C)
-    x L: a = LayerNorm(x + W_o attn(x));  x = LayerNorm(a + W_2 gelu(W_1 a))  # (B, T, C)
-    mean over T -> (optional) L2 normalise                                     # (B, C)
+    ids (B, T) -> word + position + token-type embeddings -> LayerNorm         # (B, T, d)
+    x L: a = LayerNorm(x + W_o attn(x));  x = LayerNorm(a + W_2 gelu(W_1 a))  # (B, T, d)
+    mean over T -> (optional) L2 normalise                                     # (B, d)
     attn = topk_attention(q, k, v, topk, causal=False): each token attends its
            ``topk`` best-scoring tokens (dense when topk is None).
 
@@ -24,9 +24,9 @@ import numpy as np
 
 from topkattn.backend import require_cupy, to_numpy
 from topkattn.checks import check_int
-from topkattn.ops.dense_attention import dense_attention
 from topkattn.layers.gelu import gelu
 from topkattn.layers.layernorm import layer_norm
+from topkattn.ops.dense_attention import dense_attention
 from topkattn.ops.tail_attention import tail_topk_attention
 from topkattn.ops.topk_attention import topk_attention
 
@@ -70,7 +70,7 @@ _ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
 class BertEncoder:
-    """The BERT encoder stack: token ids (B, T) -> hidden states (B, T, C).
+    """The BERT encoder stack: token ids (B, T) -> hidden states (B, T, d).
 
     ``weights`` maps Hugging Face BERT names (``embeddings.word_embeddings.weight``,
     ``encoder.layer.{i}.attention.self.query.weight``, ...; a ``bert.`` prefix is
@@ -98,9 +98,9 @@ class BertEncoder:
             return self.xp.asarray(np.ascontiguousarray(a.T) if transpose else a)
 
         e = "embeddings."
-        self.word = get(e + "word_embeddings.weight")  # (V, C)
-        self.pos = get(e + "position_embeddings.weight")  # (P, C)
-        self.type = get(e + "token_type_embeddings.weight")  # (2, C)
+        self.word = get(e + "word_embeddings.weight")  # (V, d)
+        self.pos = get(e + "position_embeddings.weight")  # (max positions, d)
+        self.type = get(e + "token_type_embeddings.weight")  # (2, d)
         self.emb_ln = (get(e + "LayerNorm.weight"), get(e + "LayerNorm.bias"))
         self.layers = []
         for i in range(config.num_hidden_layers):
@@ -109,7 +109,7 @@ class BertEncoder:
             qkv_w = self.xp.concatenate([get(a + f"self.{n}.weight", True) for n in ("query", "key", "value")], 1)
             qkv_b = self.xp.concatenate([get(a + f"self.{n}.bias") for n in ("query", "key", "value")])
             self.layers.append({
-                "qkv": (qkv_w, qkv_b),  # (C, 3C), (3C,)
+                "qkv": (qkv_w, qkv_b),  # (d, 3d), (3d,)
                 "attn_out": (get(a + "output.dense.weight", True), get(a + "output.dense.bias")),
                 "attn_ln": (get(a + "output.LayerNorm.weight"), get(a + "output.LayerNorm.bias")),
                 "ffn_in": (get(p + "intermediate.dense.weight", True), get(p + "intermediate.dense.bias")),
@@ -119,7 +119,7 @@ class BertEncoder:
 
     def __call__(self, input_ids, token_type_ids=None, *, topk=None, sinks=0, window=0, dense_layers=(),
                  tail=None):
-        """Hidden states (B, T, C) for ``input_ids`` (B, T) int.
+        """Hidden states (B, T, d) for ``input_ids`` (B, T) int.
 
         topk: keys each token attends (None, or >= T: all T keys, through the dense op).
         sinks, window: keys always attended in addition (see ``topk_attention``);
@@ -150,17 +150,17 @@ class BertEncoder:
         k_eff = None if topk is None or topk >= T else int(topk)
         dense_set = _layer_set(dense_layers, cfg.num_hidden_layers)
         eps = cfg.layer_norm_eps
-        x = self.word[ids] + self.pos[:T][None] + self.type[tt]  # (B, T, C)
+        x = self.word[ids] + self.pos[:T][None] + self.type[tt]  # (B, T, d)
         x = layer_norm(x, *self.emb_ln, eps)
         for i, L in enumerate(self.layers):
-            a = self._attention(x, L, None if i in dense_set else k_eff, sinks, window, tail)  # (B, T, C)
+            a = self._attention(x, L, None if i in dense_set else k_eff, sinks, window, tail)  # (B, T, d)
             x = layer_norm(x + a, *L["attn_ln"], eps)
-            h = gelu(_linear(x, *L["ffn_in"]), _ACTIVATIONS[cfg.hidden_act])  # (B, T, F)
+            h = gelu(_linear(x, *L["ffn_in"]), _ACTIVATIONS[cfg.hidden_act])  # (B, T, Dff)
             x = layer_norm(x + _linear(h, *L["ffn_out"]), *L["ffn_ln"], eps)
         return x
 
     def _attention(self, x, L, topk, sinks, window, tail):
-        B, T, C = x.shape
+        B, T, d = x.shape
         H, D = self.config.num_attention_heads, self.config.head_dim
         qkv = _linear(x, *L["qkv"]).reshape(B, T, 3, H, D)  # (B, T, 3, H, D)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, T, D) each
@@ -170,12 +170,12 @@ class BertEncoder:
             o = tail_topk_attention(q, k, v, topk=topk, causal=False, sinks=sinks, window=window)
         else:
             o = topk_attention(q, k, v, topk=topk, causal=False, sinks=sinks, window=window)
-        o = o.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
+        o = o.transpose(0, 2, 1, 3).reshape(B, T, d)  # (B, T, d)
         return _linear(o, *L["attn_out"])
 
 
 class SentenceEncoder:
-    """Tokenizer + :class:`BertEncoder` + mean pooling (+ L2 normalisation): texts -> (N, C)."""
+    """Tokenizer + :class:`BertEncoder` + mean pooling (+ L2 normalisation): texts -> (texts, d)."""
 
     def __init__(self, tokenizer, encoder, *, max_seq_length=256, normalize=True):
         self.tokenizer, self.encoder = tokenizer, encoder
@@ -222,13 +222,13 @@ class SentenceEncoder:
         return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(texts)]
 
     def token_embeddings(self, ids, *, topk=None, sinks=0, window=0, dense_layers=(), tail=None):
-        """Last hidden states (T, C) of one tokenised text, as a NumPy array."""
+        """Last hidden states (T, d) of one tokenised text, as a NumPy array."""
         ids = np.asarray(ids, dtype=np.int64)
         return to_numpy(self.encoder(ids[None], topk=topk, sinks=sinks, window=window,
                                      dense_layers=dense_layers, tail=tail)[0])
 
     def encode(self, texts, *, topk=None, sinks=0, window=0, dense_layers=(), tail=None, batch_size=32):
-        """Sentence embeddings (N, C) float NumPy for a list of N strings.
+        """Sentence embeddings (texts, d) float NumPy for a list of strings.
 
         topk=None is dense attention; an int makes every attention layer top-k except
         those listed in ``dense_layers``; ``tail="mean"`` gives the dropped softmax mass to the
@@ -237,8 +237,8 @@ class SentenceEncoder:
         """
         check_int("batch_size", batch_size, 1)
         ids = self.tokenize(texts)
-        C = self.encoder.config.hidden_size
-        out = np.zeros((len(ids), C), dtype=self.encoder.dtype)
+        d = self.encoder.config.hidden_size
+        out = np.zeros((len(ids), d), dtype=self.encoder.dtype)
         by_len = {}
         for i, a in enumerate(ids):
             by_len.setdefault(len(a), []).append(i)
@@ -247,8 +247,8 @@ class SentenceEncoder:
                 group = members[s:s + batch_size]
                 batch = np.stack([ids[i] for i in group])  # (B, T)
                 h = self.encoder(batch, topk=topk, sinks=sinks, window=window,
-                                 dense_layers=dense_layers, tail=tail)  # (B, T, C)
-                out[group] = to_numpy(h.mean(1))  # (B, C) mean pooling: no padding to mask
+                                 dense_layers=dense_layers, tail=tail)  # (B, T, d)
+                out[group] = to_numpy(h.mean(1))  # (B, d) mean pooling: no padding to mask
         if self.normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out = out / np.maximum(norms, np.finfo(out.dtype).tiny)

@@ -8,8 +8,7 @@ import os
 
 from topkattn.model import Transformer
 from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
-from topkattn.training.train import (CHECKPOINT_NAME, TrainConfig, load_params, make_task, model_config,
-                                     saved_config)
+from topkattn.training.train import CHECKPOINT_NAME, TrainConfig, load_params, make_task, model_config, saved_config
 
 
 def load_run(run_dir):

@@ -8,7 +8,6 @@ where no prediction is scored.
 - :class:`TextCorpus`: byte-level language modelling on the Python standard library's
   own source files, read from the running interpreter's installation.
 """
-import numbers
 import os
 import sysconfig
 
@@ -16,7 +15,6 @@ import numpy as np
 
 from topkattn.checks import check_int, make_rng
 from topkattn.layers.loss import IGNORE
-
 
 
 class MQAR:
@@ -59,18 +57,18 @@ class MQAR:
         """A batch ``(inputs, targets)``, int64 (B, T) with T = seq_len, from ``rng``."""
         rng = make_rng(rng, "rng")
         B = check_int("batch_size", batch_size, 1)
-        N, T, V = self.num_kv_pairs, self.seq_len, self.vocab_size
+        n_pairs, T, V = self.num_kv_pairs, self.seq_len, self.vocab_size
         half = V // 2
-        # distinct keys per row: the first N of a random permutation of 1..half-1
-        keys = np.argsort(rng.random((B, self._n_keys)), axis=1)[:, :N] + 1       # (B, N)
-        values = rng.integers(half, V, size=(B, N))                                # (B, N)
+        # distinct keys per row: the first n_pairs of a random permutation of 1..half-1
+        keys = np.argsort(rng.random((B, self._n_keys)), axis=1)[:, :n_pairs] + 1       # (B, n_pairs)
+        values = rng.integers(half, V, size=(B, n_pairs))                                # (B, n_pairs)
         seq = np.zeros((B, T + 1), dtype=np.int64)
-        seq[:, 0:2 * N:2] = keys
-        seq[:, 1:2 * N:2] = values
-        # queries: a random order of the N keys placed at N random, increasing slots
-        order = np.argsort(rng.random((B, N)), axis=1)                             # (B, N)
-        slot = np.sort(np.argsort(rng.random((B, self._slots)), axis=1)[:, :N], axis=1)
-        qpos = 2 * N + 2 * slot                                                    # (B, N)
+        seq[:, 0:2 * n_pairs:2] = keys
+        seq[:, 1:2 * n_pairs:2] = values
+        # queries: a random order of the n_pairs keys placed at n_pairs random, increasing slots
+        order = np.argsort(rng.random((B, n_pairs)), axis=1)                             # (B, n_pairs)
+        slot = np.sort(np.argsort(rng.random((B, self._slots)), axis=1)[:, :n_pairs], axis=1)
+        qpos = 2 * n_pairs + 2 * slot                                                    # (B, n_pairs)
         rows = np.arange(B)[:, None]
         seq[rows, qpos] = np.take_along_axis(keys, order, axis=1)
         seq[rows, qpos + 1] = np.take_along_axis(values, order, axis=1)

@@ -26,18 +26,18 @@ import time
 
 import numpy as np
 
-from topkattn.storage import atomic_write_json, remove_stale_temporaries
 from topkattn.backend import get_array_module, require_cupy, to_numpy
+from topkattn.checks import ConfigDict, check_choice, check_int, check_real
+from topkattn.layers.loss import softmax_cross_entropy
+from topkattn.model import Transformer, TransformerConfig
+from topkattn.storage import atomic_write_json, remove_stale_temporaries
 from topkattn.training.checkpoint import (
-    CheckpointError,
     TEMP_PREFIX,
+    CheckpointError,
     check_config,
     load_training_state,
     save_training_state,
 )
-from topkattn.checks import ConfigDict, check_choice, check_int, check_real
-from topkattn.layers.loss import softmax_cross_entropy
-from topkattn.model import Transformer, TransformerConfig
 from topkattn.training.optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from topkattn.training.tasks import IGNORE, MQAR, TextCorpus
 
