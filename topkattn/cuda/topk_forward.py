@@ -166,6 +166,18 @@ def _forward_kernel(MCAP, D, Dv, TQ, TS, dchar):
     INF = math.inf
     NAN = math.nan
 
+    @cuda.jit(device=True, inline=True)
+    def slot(p, n_forced, qreg, k, idx, bv, bi, b, g, h, t):
+        """(key, score) of index slot p: a forced key is scored here, a selected one kept its score."""
+        if p >= n_forced:
+            return bi[p - n_forced], bv[p - n_forced]
+        j = idx[b, h, t, p]
+        s = cast(0)
+        if j >= 0:
+            for d in range(D):
+                s += qreg[d] * k[b, g, j, d]
+        return j, s
+
     @cuda.jit
     def forward_kernel(q, k, v, scale, end, win_lo, win_hi, sinks, n_sink, n_win, n_sel, m,
                        drop, has_drop, out, idx, lse):
@@ -245,15 +257,9 @@ def _forward_kernel(MCAP, D, Dv, TQ, TS, dchar):
         bad = False
         cnt = 0
         for p in range(n_forced + n):
-            if p < n_forced:
-                j = idx[b, h, t, p]
-                if j < 0:
-                    continue
-                s = cast(0)
-                for d in range(D):
-                    s += qreg[d] * k[b, g, j, d]
-            else:
-                s = bv[p - n_forced]
+            j, s = slot(p, n_forced, qreg, k, idx, bv, bi, b, g, h, t)
+            if j < 0:
+                continue
             cnt += 1
             if s != s or s == INF:
                 bad = True
@@ -271,16 +277,9 @@ def _forward_kernel(MCAP, D, Dv, TQ, TS, dchar):
             accv[d] = 0
         denom = cast(0)
         for p in range(n_forced + n):
-            if p < n_forced:
-                j = idx[b, h, t, p]
-                if j < 0:
-                    continue
-                s = cast(0)
-                for d in range(D):
-                    s += qreg[d] * k[b, g, j, d]
-            else:
-                s = bv[p - n_forced]
-                j = bi[p - n_forced]
+            j, s = slot(p, n_forced, qreg, k, idx, bv, bi, b, g, h, t)
+            if j < 0:
+                continue
             pr = math.exp(s - mx)
             denom += pr
             for d in range(Dv):
