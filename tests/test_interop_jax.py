@@ -118,8 +118,10 @@ def test_bad_options():
         tj.topk_attention(q, k, v, topk=3, seed=np.random.default_rng(0))
     with pytest.raises(ValueError, match="topk must be an integer >= 1"):
         tj.topk_attention(q, k, v, topk=0)
-    with pytest.raises(ValueError, match="topk must be an integer >= 1 in the JAX bridge"):
+    with pytest.raises(TypeError, match="topk must be an integer, got float"):
         jax.jit(lambda a, b, c: tj.topk_attention(a, b, c, topk=2.5))(q, k, v)
+    with pytest.raises(ValueError, match="topk must be an integer >= 1 in the JAX bridge"):
+        jax.jit(lambda a, b, c: tj.topk_attention(a, b, c, topk="auto"))(q, k, v)
 
 
 def test_eager_forward_hands_the_engine_zero_copy_views(monkeypatch):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import topkattn as ta
-from topkattn.ops.reference import masked_attention_reference, topk_attention_reference
-from topkattn.ops.selection import RowBounds
+from topkattn.ops.cpu_kernels import ranked_topm_rows
+from topkattn.ops.reference import masked_attention_reference, rank_row, topk_attention_reference
+from topkattn.ops.selection import RowBounds, ranked_topm_xp
 from topkattn.testing import assert_grads_close, directional_grad_check, make_qkv, mask_from_idx, tolerance
 
 IMPLS = ["numpy", "numba"]
@@ -69,6 +70,25 @@ def test_ties_go_to_lower_key_index(impl):
     sel = np.sort(saved.idx[0, 0], axis=-1)
     # query t sits at position 6 + t and sees keys 0..6+t: lowest three are 0, 1, 2
     np.testing.assert_array_equal(sel, np.tile([0, 1, 2], (4, 1)))
+
+
+@pytest.mark.parametrize("m", [2, 5, 9, 12])
+def test_candidates_scoring_minus_inf_rank_like_the_reference(m):
+    """A candidate scoring -inf still ranks above every non-candidate (xp path, Numba kernel)."""
+    rng = np.random.default_rng(7)
+    tile = rng.standard_normal((40, 9))
+    tile[rng.random(tile.shape) < 0.4] = -np.inf
+    tile[rng.random(tile.shape) < 0.05] = np.nan
+    bounds = RowBounds(9, 40, topk=m, causal=True, sinks=2, window=1)
+    cand = bounds.candidate_mask(0, 40, 9)  # (rows, 9)
+    want = np.full((40, m), -1, dtype=np.int64)
+    for r in range(40):
+        ranked = rank_row(tile[r], cand[r])[:m]
+        want[r, :len(ranked)] = ranked
+    np.testing.assert_array_equal(ranked_topm_xp(tile, cand, m), want)
+    got = np.full((40, m), -1, dtype=np.int64)
+    ranked_topm_rows(tile, got, bounds.end, bounds.win_lo, bounds.win_hi, bounds.sinks, m)
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -1,7 +1,7 @@
 """topkattn: forgetful causal top-k attention, MLA and a LoRANN index in NumPy/CuPy.
 
-Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim,
-Dv value dim, C latent dim, R rope dim, K selected keys per query.
+Shape letters (docs/architecture.md has the table): B batch, H query heads, G KV heads,
+T queries, S keys, D head dim, Dv value dim, K index slots per query (forced + selected).
 """
 from topkattn.ops.tail_attention import (
     tail_topk_attention,

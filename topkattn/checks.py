@@ -44,8 +44,11 @@ def check_real(name, value, lo=None, hi=None, *, lo_open=False, hi_open=False):
 
 
 def check_choice(name, value, choices):
-    """``value`` if it is one of ``choices``; ValueError listing them otherwise."""
-    if not isinstance(value, str) or value not in choices:
+    """``value`` if it is one of the strings ``choices``; TypeError for a non-string, ValueError
+    listing the choices for another string."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+    if value not in choices:
         listed = [repr(c) for c in choices]
         alternatives = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " or " + listed[-1]
         raise ValueError(f"{name} must be {alternatives}, got {value!r}")
@@ -100,7 +103,7 @@ def float_dtype(dtype):
 
 
 def logsumexp_rows(a):
-    """Row logsumexp of (R, F) float scores in float64 (-inf entries ignored); -inf for empty rows.
+    """Row logsumexp of (rows, n) float scores in float64 (-inf entries ignored); -inf for empty rows.
 
     The row maximum is subtracted first, so large scores (1e4 and up) do not overflow.
     """

@@ -53,7 +53,7 @@ import numpy as np
 
 from topkattn.ann import kernels, kmeans, quant, rrr
 from topkattn.backend import get_array_module, is_cupy_array, to_numpy
-from topkattn.checks import check_int, make_rng
+from topkattn.checks import check_int, check_real, make_rng
 from topkattn.threads import blas_single_thread, n_workers
 
 KMEANS_ITERATIONS = 10
@@ -106,8 +106,8 @@ class LorannIndex:
         check_int("train_size", train_size, 1, n_clusters)
         if quantization_bits not in (None, 4, 8):
             raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
-        if refit_growth is not None and not refit_growth > 0:
-            raise ValueError(f"refit_growth must be None or > 0, got {refit_growth!r}")
+        if refit_growth is not None:
+            check_real("refit_growth", refit_growth, 0.0, lo_open=True)
         self.n_clusters = int(n_clusters)
         self.global_dim = int(global_dim)
         self.quantization_bits = quantization_bits

@@ -1,7 +1,7 @@
 """CUDA top-m selection on a score matrix, in rank order (the building block of every selector).
 
 Shapes: a (rows, cols) score matrix (both spelled out), m columns kept per row, n_par
-threads per row (the kernels' ``P``).
+threads per row (the kernels' ``n_par``).
 
     ranked[r] = the m best candidate columns of scores[r], best first
 
@@ -47,22 +47,22 @@ def topk_select(scores, m, *, end=None, win_lo=None, win_hi=None, sinks=0, retur
     """
     xp = array_module(scores)
     if scores.ndim != 2:
-        raise ValueError(f"scores must be 2-D (R, N), got shape {tuple(scores.shape)}")
+        raise ValueError(f"scores must be 2-D (n_rows, n_cols), got shape {tuple(scores.shape)}")
     if scores.dtype not in (np.float32, np.float64):
         raise TypeError(f"scores must be float32 or float64, got {scores.dtype}")
     check_int("m", m, 1)
-    R, N = scores.shape
+    n_rows, n_cols = scores.shape
     given = [a is not None for a in (end, win_lo, win_hi)]
     if any(given) and not all(given):
         raise ValueError("end, win_lo and win_hi go together: pass all three or none")
     if all(given):
         for name, a in (("end", end), ("win_lo", win_lo), ("win_hi", win_hi)):
-            if tuple(a.shape) != (R,):
-                raise ValueError(f"{name} must have shape ({R},), got {tuple(a.shape)}")
+            if tuple(a.shape) != (n_rows,):
+                raise ValueError(f"{name} must have shape ({n_rows},), got {tuple(a.shape)}")
         end, win_lo, win_hi = (xp.ascontiguousarray(a, dtype=xp.int64) for a in (end, win_lo, win_hi))
     else:
-        end = xp.full(R, N, dtype=xp.int64)
-        win_lo = win_hi = xp.zeros(R, dtype=xp.int64)
+        end = xp.full(n_rows, n_cols, dtype=xp.int64)
+        win_lo = win_hi = xp.zeros(n_rows, dtype=xp.int64)
     vals, ids = topm_rows(xp, xp.ascontiguousarray(scores), None, int(m), end, win_lo, win_hi,
                           int(sinks), per_thread=_per_thread)
     return (ids, vals) if return_scores else ids
@@ -74,20 +74,20 @@ def topm_rows(xp, vals, ids, m, end, win_lo, win_hi, sinks, per_thread=None):
     ``ids`` None: the candidates are the columns of ``vals`` within the bounds and NaN ranks
     as +inf; else ``ids`` (rows, cols) int64 names each candidate (-1 = none) and bounds are ignored.
     """
-    R, N = vals.shape
+    n_rows, n_cols = vals.shape
     per = max(PER_THREAD, 16 * m) if per_thread is None else max(int(per_thread), 2 * m)
     dummy = xp.zeros((1, 1), dtype=xp.int64)
     threads = 32 if simulator_enabled() else THREADS
     while True:
-        P = max(1, cdiv(N, per))
-        out_v = xp.empty((R, P * m), dtype=vals.dtype)
-        out_i = xp.empty((R, P * m), dtype=xp.int64)
+        n_par = max(1, cdiv(n_cols, per))
+        out_v = xp.empty((n_rows, n_par * m), dtype=vals.dtype)
+        out_i = xp.empty((n_rows, n_par * m), dtype=xp.int64)
         kern = _topm_kernel(pow2_at_least(m, 8), np.dtype(vals.dtype).char)
-        launch(kern, max(1, cdiv(R * P, threads)), threads, vals, dummy if ids is None else ids,
-               0 if ids is None else 1, end, win_lo, win_hi, sinks, P, m, out_v, out_i)
-        if P == 1:
+        launch(kern, max(1, cdiv(n_rows * n_par, threads)), threads, vals, dummy if ids is None else ids,
+               0 if ids is None else 1, end, win_lo, win_hi, sinks, n_par, m, out_v, out_i)
+        if n_par == 1:
             return out_v, out_i
-        vals, ids, N = out_v, out_i, P * m
+        vals, ids, n_cols = out_v, out_i, n_par * m
 
 
 def _device_functions():
@@ -131,21 +131,21 @@ def _topm_kernel(MCAP, dchar):
     INF = math.inf
 
     @cuda.jit
-    def topm_kernel(vals, ids, has_ids, end, win_lo, win_hi, sinks, P, m, out_v, out_i):
+    def topm_kernel(vals, ids, has_ids, end, win_lo, win_hi, sinks, n_par, m, out_v, out_i):
         i = cuda.grid(1)
-        R, N = vals.shape
-        if i >= R * P:
+        n_rows, n_cols = vals.shape
+        if i >= n_rows * n_par:
             return
-        r = i // P
-        p = i - r * P
+        r = i // n_par
+        p = i - r * n_par
         bv = cuda.local.array(MCAP, vt)
         bi = cuda.local.array(MCAP, types.int64)
         n = 0
         if has_ids == 0:
-            e = min(end[r], N)
+            e = min(end[r], n_cols)
             lo = win_lo[r]
             hi = win_hi[r]
-            for c in range(p, e, P):
+            for c in range(p, e, n_par):
                 if c < sinks or (c >= lo and c < hi):
                     continue
                 s = vals[r, c]
@@ -153,7 +153,7 @@ def _topm_kernel(MCAP, dchar):
                     s = cast(INF)
                 n = topm_insert(bv, bi, n, m, s, c)
         else:
-            for c in range(p, N, P):
+            for c in range(p, n_cols, n_par):
                 j = ids[r, c]
                 if j >= 0:
                     n = topm_insert(bv, bi, n, m, vals[r, c], j)

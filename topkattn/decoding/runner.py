@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from topkattn.backend import get_array_module, to_numpy
-from topkattn.checks import check_int
+from topkattn.checks import check_choice, check_int
 from topkattn.decoding.lorann import LorannSelector
 from topkattn.decoding.selectors import DecodeStats, ExactSelector, SimulatedRecallSelector
 from topkattn.layers.loss import IGNORE
@@ -28,8 +28,7 @@ def selector_factory(retriever, n_layers, *, recall=None, tail_bound=None, seed=
     ``SeedSequence([seed, batch_number, layer])``) or "lorann" (``lorann`` keyword
     arguments go to :class:`LorannSelector`).  ``tail_bound``: dynamic k (exact, lorann).
     """
-    if retriever not in ("exact", "simulated", "lorann"):
-        raise ValueError(f"retriever must be 'exact', 'simulated' or 'lorann', got {retriever!r}")
+    check_choice("retriever", retriever, ("exact", "simulated", "lorann"))
     if retriever == "simulated" and recall is None:
         raise ValueError("retriever='simulated' needs recall")
     if retriever == "simulated" and tail_bound is not None:

@@ -208,9 +208,9 @@ class _Context:
         self.bounds = RowBounds(S, 1, topk=k_cap, causal=True, sinks=sinks, window=window)
         self.n_forced = self.bounds.n_sink + self.bounds.n_win
         # candidates: keys sinks .. cand_end - 1 (the window is the keys cand_end .. S - 1)
-        self.cand_end = int(self.bounds.win_lo[0]) if window > 0 else S
-        self.cand_end = max(self.cand_end, min(sinks, S))
-        self.n_cand = max(0, self.cand_end - sinks)
+        self.n_cand = int(self.bounds.n_candidates()[0])
+        self.cand_end = min(sinks, S) + self.n_cand
+        self.k_fixed = min(self.bounds.n_sel, self.n_cand)  # keys a fixed-k row selects
 
 
 class ExactSelector(DecodeSelector):
@@ -237,7 +237,7 @@ class ExactSelector(DecodeSelector):
 
         idx = mla_select(query, keys, topk=ctx.k_cap, scale=ctx.scale, sinks=ctx.sinks, window=ctx.window)
         B, H, _ = query.shape
-        return idx, ctx.xp.full((B, H), min(ctx.bounds.n_sel, ctx.n_cand), dtype=ctx.xp.int64), None
+        return idx, ctx.xp.full((B, H), ctx.k_fixed, dtype=ctx.xp.int64), None
 
 
 class SimulatedRecallSelector(DecodeSelector):
@@ -259,7 +259,7 @@ class SimulatedRecallSelector(DecodeSelector):
         B, H, _ = query.shape
         n_sel = ctx.bounds.n_sel
         idx, _, _ = exact_select(query, keys, ctx, tail_bound=None)
-        k_row = xp.full((B, H), min(n_sel, ctx.n_cand), dtype=xp.int64)
+        k_row = xp.full((B, H), ctx.k_fixed, dtype=xp.int64)
         if n_sel == 0 or self.recall >= 1.0:
             return idx, k_row, None
         drop = self.rng.random((B * H, n_sel)) < (1.0 - self.recall)  # host draws

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from topkattn.backend import as_engine_array, to_numpy
+from topkattn.checks import check_int
 from topkattn.ops.sparse_attention import SparseAttentionSaved
 from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
 
@@ -115,8 +116,9 @@ def _slots(q_shape, k_shape, kw):
     """K, the index slots per query the engine returns (so a traced call knows its shape)."""
     _, _, T, _ = q_shape
     S = k_shape[2]
-    if isinstance(kw["topk"], bool) or not isinstance(kw["topk"], numbers.Integral):
+    if isinstance(kw["topk"], str):  # dynamic k has no static number of slots
         raise ValueError(f"topk must be an integer >= 1 in the JAX bridge, got {kw['topk']!r}")
+    check_int("topk", kw["topk"], 1)
     return min(int(kw["sinks"]), S) + min(int(kw["window"]), S) + min(int(kw["topk"]), S)
 
 

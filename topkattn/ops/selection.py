@@ -133,22 +133,33 @@ def ranked_topm_xp(tile, cand, m):
     work = xp.where(xp.isnan(tile), xp.inf, tile)
     work = xp.where(cand, work, -xp.inf)
     if m >= n_cols:
-        cols = xp.argsort(-work, axis=-1, kind="stable")
+        cols = _rank_order(xp, work, cand)
         pad = xp.full((n_rows, m - n_cols), -1, dtype=xp.int64)
         valid = xp.take_along_axis(cand, cols, axis=-1)
         cols = xp.where(valid, cols, -1).astype(xp.int64)
         return xp.concatenate([cols, pad], axis=1)
     th = xp.partition(work, n_cols - m, axis=-1)[:, n_cols - m:n_cols - m + 1]  # (rows, 1): m-th largest
     gt = work > th
-    eq = work == th
     need = m - gt.sum(axis=-1, keepdims=True)
-    take = gt | (eq & (xp.cumsum(eq, axis=-1, dtype=xp.int32) <= need))  # lowest-index ties
+    # ties with the m-th score: candidates first (a candidate may score -inf like a non-candidate),
+    # then the lower column
+    eq_c = (work == th) & cand
+    eq_n = (work == th) & ~cand
+    rank_n = eq_c.sum(axis=-1, keepdims=True) + xp.cumsum(eq_n, axis=-1, dtype=xp.int32)
+    take = gt | (eq_c & (xp.cumsum(eq_c, axis=-1, dtype=xp.int32) <= need)) | (eq_n & (rank_n <= need))
     cols = xp.nonzero(take)[1].reshape(n_rows, m)  # ascending column order
-    vals = xp.take_along_axis(work, cols, axis=-1)
-    order = xp.argsort(-vals, axis=-1, kind="stable")
-    cols = xp.take_along_axis(cols, order, axis=-1)
+    valid = xp.take_along_axis(cand, cols, axis=-1)
+    cols = xp.take_along_axis(cols, _rank_order(xp, xp.take_along_axis(work, cols, axis=-1), valid), axis=-1)
     valid = xp.take_along_axis(cand, cols, axis=-1)
     return xp.where(valid, cols, -1).astype(xp.int64)
+
+
+def _rank_order(xp, work, cand):
+    """(rows, n) column order: score descending, then candidates before non-candidates, then
+    the lower column (two stable sorts)."""
+    first = xp.argsort(~cand, axis=-1, kind="stable")  # candidates first, each group in column order
+    by_score = xp.argsort(-xp.take_along_axis(work, first, axis=-1), axis=-1, kind="stable")
+    return xp.take_along_axis(first, by_score, axis=-1)
 
 
 def select_topk(q, k, *, topk, causal=True, scale, sinks=0, window=0, forget_rate=0.0,
@@ -216,8 +227,8 @@ def select_dynamic_topk(q, k, *, tail_bound, max_topk=None, causal=True, scale, 
         f = xp.broadcast_to(forced_all[None, t0:t1], (B * H, c, forced_all.shape[1])).reshape(n_rows, -1)
         fvals = xp.where(f >= 0, xp.take_along_axis(tile, xp.maximum(f, 0), axis=-1), -xp.inf)
         n_cand = xp.asarray(np.tile(n_cand_all[t0:t1], B * H))  # (rows,)
-        kc, found, row_bound, _, _ = choose_k(vals, logsumexp_rows(fvals), n_cand, (ranked >= 0).sum(axis=1),
-                                              tail_bound)
+        n_ret = xp.minimum(n_cand, m)  # exact ranking: every candidate up to m is returned
+        kc, found, row_bound, _, _ = choose_k(vals, logsumexp_rows(fvals), n_cand, n_ret, tail_bound)
         sel = xp.where(xp.arange(m)[None, :] < kc[:, None], ranked, -1)
         idx[:, :, t0:t1, n_forced:] = sel.reshape(B, H, c, m)
         k_chosen[:, :, t0:t1] = kc.reshape(B, H, c)
@@ -240,15 +251,18 @@ def decode_scores(query, keys, scale):
     """(B, H, S) scores scale * q_h . k_j of one query per row against every cached key.
 
     query (B, H, D); keys (B, S, D) or (B, G, S, D), possibly a strided view of a cache
-    buffer.  One 2-D product per (b, g): numpy.matmul on a stacked *view* leaves BLAS
-    (10x slower in our runs), a 2-D product on each (S, D) slice keeps it.
+    buffer.  NumPy: one 2-D product per (b, g): numpy.matmul on a stacked *view* leaves BLAS
+    (10x slower in our runs), a 2-D product on each (S, D) slice keeps it.  CuPy: one
+    batched matmul.
     """
     xp = get_array_module(query, keys)
     B, H, D = query.shape
     kg = grouped_keys(keys, H)
     G, S = kg.shape[1], kg.shape[2]
     qg = query.reshape(B, G, H // G, D) * query.dtype.type(scale)
-    s = xp.empty((B, G, H // G, S), dtype=qg.dtype)
+    if xp is not np:  # cuBLAS batches the stacked product: one launch, not B * G
+        return xp.matmul(qg, kg.swapaxes(-1, -2)).reshape(B, H, S)
+    s = np.empty((B, G, H // G, S), dtype=qg.dtype)
     for b in range(B):
         for g in range(G):
             s[b, g] = qg[b, g] @ kg[b, g].T

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from topkattn.backend import require_cupy, to_numpy
-from topkattn.checks import check_int
+from topkattn.checks import check_choice, check_int, float_dtype
 from topkattn.layers.gelu import gelu
 from topkattn.layers.layernorm import layer_norm
 from topkattn.ops.dense_attention import dense_attention
@@ -79,11 +79,8 @@ class BertEncoder:
     """
 
     def __init__(self, config, weights, *, device="cpu", dtype=np.float32):
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        check_choice("device", device, ("cpu", "cuda"))
+        dtype = float_dtype(dtype)
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of "
                              f"num_attention_heads {config.num_attention_heads}")

@@ -4,7 +4,7 @@
     optim       AdamW, global-norm clipping, warmup + cosine schedule
     tasks       MQAR (multi-query associative recall) and a byte-level text corpus
     checkpoint  training state in the checksummed container of :mod:`topkattn.storage`
-    runs        load_run: a finished run folder back as (config, model)
+    runs        load_run: a finished run folder back as (config, model); resume_config
 """
 from topkattn.training.train import TrainConfig, TrainResult, train
 

@@ -7,7 +7,7 @@ Decoding and evaluation read runs through :func:`load_run`; they never import th
 import os
 
 from topkattn.model import Transformer
-from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
+from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError, config_differences, load_training_state
 from topkattn.training.train import CHECKPOINT_NAME, TrainConfig, load_params, make_task, model_config, saved_config
 
 
@@ -19,14 +19,7 @@ def load_run(run_dir):
     FileNotFoundError without a checkpoint and :class:`CheckpointError` for a corrupt or
     ill-fitting one.
     """
-    path = os.path.join(run_dir, CHECKPOINT_NAME)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path} (RUN_DIR must be a train-toy --out folder)")
-    state = load_training_state(path)
-    try:
-        cfg = TrainConfig.from_dict(saved_config(state))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from e
+    path, state, cfg = _load_checkpoint_config(run_dir, "RUN_DIR must be a train-toy --out folder")
     model = Transformer(model_config(cfg, make_task(cfg).vocab_size))
     load_params(model, state["params"], path)
     return cfg, model
@@ -42,12 +35,27 @@ def resume_config(out_dir, values, given, *, label=str):
     Raises FileNotFoundError without a checkpoint, :class:`CheckpointError` for a corrupt
     one, and :class:`ConfigMismatchError` naming every given field the checkpoint contradicts.
     """
-    path = os.path.join(out_dir, CHECKPOINT_NAME)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    saved = saved_config(load_training_state(path))
-    fields = sorted(f for f in given if f in saved and saved[f] != values[f])
-    if fields:
-        detail = ", ".join(f"{label(f)} (checkpoint {saved[f]!r}, now {values[f]!r})" for f in fields)
-        raise ConfigMismatchError(f"the checkpoint {path} does not match: {detail}", fields)
+    path, _, cfg = _load_checkpoint_config(out_dir, "the folder holds no train-toy checkpoint")
+    saved = cfg.to_dict()
+    diffs = config_differences({f: saved[f] for f in given if f in saved}, {f: values[f] for f in given if f in saved})
+    if diffs:
+        detail = ", ".join(f"{label(f)} (checkpoint {a!r}, now {b!r})" for f, a, b in diffs)
+        raise ConfigMismatchError(f"the checkpoint {path} does not match: {detail}", [f for f, _, _ in diffs])
     return {**values, **{f: v for f, v in saved.items() if f not in given}}
+
+
+def _load_checkpoint_config(run_dir, hint):
+    """``(path, training state, TrainConfig)`` of the checkpoint in ``run_dir``.
+
+    FileNotFoundError (with ``hint``) when there is none; :class:`CheckpointError` when it is
+    corrupt or its config is not a valid TrainConfig.
+    """
+    path = os.path.join(run_dir, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path} ({hint})")
+    state = load_training_state(path)
+    try:
+        cfg = TrainConfig.from_dict(saved_config(state))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from e
+    return path, state, cfg
