@@ -20,19 +20,22 @@ def _arrays():
             "history/loss": np.arange(4.0), "idx": np.arange(6, dtype=np.int64)}
 
 
+def _assert_same_arrays(arrays, ref):
+    assert set(arrays) == set(ref)
+    for k in ref:
+        assert arrays[k].dtype == ref[k].dtype
+        np.testing.assert_array_equal(arrays[k], ref[k])
+
+
 def test_roundtrip_exact(tmp_path):
     path = tmp_path / "c.npz"
     meta = {"step": 3, "config": {"k": 8, "task": "mqar"}, "rng": {"seed": 1}}
     ck.save_checkpoint(path, _arrays(), meta)
     arrays, got = ck.load_checkpoint(path)
     assert got == meta
-    ref = _arrays()
-    assert set(arrays) == set(ref)
-    for k in ref:
-        assert arrays[k].dtype == ref[k].dtype
-        np.testing.assert_array_equal(arrays[k], ref[k])
+    _assert_same_arrays(arrays, _arrays())
     with np.load(path, allow_pickle=False) as z:        # a plain npz, readable without topkattn
-        np.testing.assert_array_equal(z["param/w"], ref["param/w"])
+        np.testing.assert_array_equal(z["param/w"], _arrays()["param/w"])
 
 
 def test_atomic_replace_leaves_no_temp_and_survives_failure(tmp_path, monkeypatch):
@@ -167,11 +170,7 @@ def test_version1_checkpoint_still_loads(tmp_path):
     _write_legacy(path, _arrays(), meta)
     arrays, got = ck.load_checkpoint(path)
     assert got == meta
-    ref = _arrays()
-    assert set(arrays) == set(ref)
-    for k in ref:
-        assert arrays[k].dtype == ref[k].dtype
-        np.testing.assert_array_equal(arrays[k], ref[k])
+    _assert_same_arrays(arrays, _arrays())
     ck.save_checkpoint(path, arrays, got)                   # rewritten in the container
     with np.load(path, allow_pickle=False) as z:
         assert "__meta__" not in z.files and "__header__" in z.files
