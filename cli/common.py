@@ -5,6 +5,7 @@ Click finds them while parsing or a command raises :class:`click.UsageError` its
 one line, ``Error: ...``, with exit status 2; :func:`fail` stops a command whose work failed
 with one line and exit status 1.  Only Click is imported here, so the CLI starts fast.
 """
+import math
 import sys
 
 import click
@@ -62,6 +63,29 @@ def fail(message):
     """Stop the command (raises, like ``ctx.fail``): ``Error: message`` on stderr, exit status 1
     (the work failed, not the usage)."""
     raise click.ClickException(message)
+
+
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN and the infinities (which FloatRange lets
+    through: NaN compares false with every bound): a usage error naming the option."""
+
+    def convert(self, value, param, ctx):
+        rv = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(rv):  # before the range: "inf is not in the range" says less
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(rv, param, ctx)
+
+
+def finite_float(value, option):
+    """``float(value)`` of a finite number, else a usage error naming ``option``; for options
+    parsed by hand (e.g. those taking a number or a word)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise click.UsageError(f"{option} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise click.UsageError(f"{option} must be a finite number, got {value!r}")
+    return v
 
 
 def _check_device(ctx, param, value):

@@ -9,6 +9,16 @@ import click
 from topkattn.cli.common import command, device_option, fail
 
 
+def decode_argument(text):
+    """A command-line argument as valid Unicode: bytes that were not UTF-8 (which Python hands
+    over as lone surrogates, '\\udcff' for b'\\xff') become U+FFFD, as any other lone surrogate."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte (e.g. '\\ud800')
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
+
+
 @command("embed")
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--k", "k", type=click.IntRange(min=1), default=None,
@@ -54,7 +64,7 @@ def embed(texts, k, tail, sinks, window, dense_layers, as_json, model_dir, devic
                  else load_minilm(device=backend))
     except (ImportError, FileNotFoundError, RuntimeError, ValueError) as e:
         fail(str(e))
-    texts = list(texts)
+    texts = [decode_argument(t) for t in texts]  # one undecodable argument must not fail the batch
     tokens = [int(len(a)) for a in model.tokenize(texts)]
     try:
         emb = model.encode(texts, topk=k, **opts) if k is not None else model.encode(texts)

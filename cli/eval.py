@@ -8,7 +8,7 @@ import math
 
 import click
 
-from topkattn.cli.common import command, fail, progress_bar, quiet_option
+from topkattn.cli.common import FiniteFloat, command, fail, finite_float, progress_bar, quiet_option
 
 
 def _int_or_auto(value, option):
@@ -28,8 +28,8 @@ def _search(value):
     """--clusters-to-search: an integer >= 1 or a fraction in (0, 1]."""
     msg = f"--clusters-to-search must be an integer >= 1 or a fraction in (0, 1], got {value!r}"
     try:
-        v = float(value)
-    except ValueError:
+        v = finite_float(value, "--clusters-to-search")
+    except click.UsageError:
         raise click.UsageError(msg) from None
     if v >= 1 and v == int(v) and "." not in str(value):
         return int(v)
@@ -44,12 +44,12 @@ def _search(value):
               show_default=True,
               help="exact: exact top-k; lorann: a LoRANN index per sequence over the MLA latent cache; "
                    "simulated: exact top-k with each key dropped with probability 1 - R and refilled.")
-@click.option("--recall", "recall", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+@click.option("--recall", "recall", type=FiniteFloat(0.0, 1.0, min_open=True), default=None,
               help="Recall R of the simulated retriever (required with --retriever simulated).")
 @click.option("--k", "k", default=None,
               help="Keys per query at decode, or 'auto' for dynamic k (needs --tail-bound; capped at "
                    "--max-k) [default: the checkpoint's k; dense for a dense-trained run with exact].")
-@click.option("--tail-bound", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+@click.option("--tail-bound", type=FiniteFloat(0.0, 1.0, max_open=True), default=None,
               help="Dynamic k: per query the smallest k whose left-out softmax mass is at most this "
                    "(with an integer --k, that k is the cap).")
 @click.option("--max-k", type=click.IntRange(min=1), default=None,
@@ -69,7 +69,7 @@ def _search(value):
               help="lorann: candidates re-ranked exactly inside the index (0: approximate scores).")
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True,
               help="lorann: rank of each cluster's regression.")
-@click.option("--refit-factor", type=click.FloatRange(min=1.0, min_open=True), default=2.0,
+@click.option("--refit-factor", type=FiniteFloat(min=1.0, min_open=True), default=2.0,
               show_default=True, help="lorann: rebuild an index once it has grown by this factor.")
 @click.option("--no-refit", is_flag=True, help="lorann: never rebuild (only incremental adds).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
@@ -126,9 +126,12 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     else:
         raise click.UsageError(f"{run_dir} was trained with dense attention: give --k K (or --k auto) "
                                f"for --retriever {retriever}" + (" with --tail-bound" if retriever == "exact" else ""))
+    T = inputs.shape[1]
     if prompt_len is None:
-        prompt_len = 2 * cfg.num_kv_pairs if cfg.task == "mqar" else inputs.shape[1] // 2
-    prompt_len = min(prompt_len, inputs.shape[1])
+        prompt_len = 2 * cfg.num_kv_pairs if cfg.task == "mqar" else T // 2
+    elif prompt_len >= T:  # nothing would be decoded by the retriever, nothing scored
+        raise click.UsageError(f"--prompt-len must be below the run's sequence length {T} (at least one "
+                               f"token decoded by the retriever), got {prompt_len}")
     lorann = {}
     if retriever == "lorann":
         lorann = dict(n_clusters=n_clusters, clusters_to_search=to_search, points_to_rerank=rerank, rank=rank,

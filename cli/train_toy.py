@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from topkattn.cli.common import command, device_option, fail, progress_bar, quiet_option
+from topkattn.cli.common import FiniteFloat, command, device_option, fail, progress_bar, quiet_option
 
 
 @command("train-toy")
@@ -19,7 +19,7 @@ from topkattn.cli.common import command, device_option, fail, progress_bar, quie
               help="Top-k attention (each query keeps its --k best keys) or dense attention.")
 @click.option("--k", "k", type=click.IntRange(min=1), default=8, show_default=True,
               help="Keys kept per query with --attention topk.")
-@click.option("--forget-rate", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0,
+@click.option("--forget-rate", type=FiniteFloat(0.0, 1.0, max_open=True), default=0.0,
               show_default=True, help="Forgetful masking: drop each selected key with this "
                                       "probability and refill from the next-ranked keys.")
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True,
@@ -34,7 +34,7 @@ from topkattn.cli.common import command, device_option, fail, progress_bar, quie
               help="Optimizer steps [default: 600 for mqar, 500 for text].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Sequences per step.")
-@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=3e-3,
+@click.option("--lr", type=FiniteFloat(min=0.0, min_open=True), default=3e-3,
               show_default=True, help="Peak learning rate (linear warmup, then cosine decay to lr/10).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed for the initialisation, the data and the forgetful masking.")
@@ -44,7 +44,7 @@ from topkattn.cli.common import command, device_option, fail, progress_bar, quie
               help="MQAR key-value pairs per sequence (each is queried once).")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
               help="Linear warmup steps [default: 5% of --steps].")
-@click.option("--weight-decay", type=click.FloatRange(0.0, 1.0), default=0.1, show_default=True,
+@click.option("--weight-decay", type=FiniteFloat(0.0, 1.0), default=0.1, show_default=True,
               help="Decoupled AdamW weight decay (matrices only).")
 @click.option("--token-shift/--no-token-shift", default=True, show_default=True,
               help="Add x_t + W x_{t-1} to the embeddings (a kernel-2 causal convolution): the "
@@ -78,7 +78,16 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
 
     from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError
     from topkattn.training.runs import resume_config
-    from topkattn.training.train import TrainConfig, train
+    from topkattn.training.train import (
+        OutDirError,
+        RunTooLargeError,
+        SaveError,
+        TrainConfig,
+        check_memory,
+        format_bytes,
+        probe_out_dir,
+        train,
+    )
 
     if resume and out_dir is None:
         raise click.UsageError("--resume needs --out DIR (the folder holding checkpoint.npz)")
@@ -107,6 +116,9 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
 
     desc = f"{cfg.task} {cfg.attention}" + (f" k={cfg.k}" if cfg.attention == "topk" else "")
     try:
+        check_memory(cfg, device)  # train() checks both too; here before the bar is drawn (one line)
+        if out_dir is not None:
+            probe_out_dir(out_dir)
         with progress_bar(cfg.steps, desc, "step", quiet) as bar, _blas_limit(blas_threads, log):
             def progress(step, loss, lr, tok_s):
                 bar.update(step - bar.n)  # a resumed run jumps to its checkpoint's step
@@ -116,7 +128,14 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
                            checkpoint_every=checkpoint_every, progress=progress, log=log)
     except ConfigMismatchError as e:  # a field the checkpoint lacks (an older run)
         raise click.UsageError(str(e)) from None
-    except (CheckpointError, FloatingPointError) as e:
+    except OutDirError as e:  # found before the first step
+        raise click.UsageError(f"--out {e.path} is not a writable folder ({e.reason})") from None
+    except RunTooLargeError as e:
+        raise click.UsageError(
+            f"the run needs at least {format_bytes(e.estimate)} of memory (a lower-bound estimate for "
+            f"--batch-size {cfg.batch_size} --seq-len {cfg.seq_len} --d-model {cfg.d_model} --layers {cfg.layers}), "
+            f"more than this machine's {format_bytes(e.available)}: lower --batch-size or --seq-len") from None
+    except (CheckpointError, FloatingPointError, SaveError) as e:
         fail(str(e))
     m = result.metrics
     if as_json:

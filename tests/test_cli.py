@@ -22,6 +22,10 @@ def test_help(command):
     (["train-toy", "--k", "zero"], "'--k': 'zero' is not a valid integer"),
     (["train-toy", "--k"], "Option '--k' requires an argument"),
     (["train-toy", "--resume"], "--resume needs --out"),
+    (["train-toy", "--lr", "nan"], "'--lr': 'nan' is not a finite number."),
+    (["train-toy", "--lr", "inf"], "'--lr': 'inf' is not a finite number."),
+    (["train-toy", "--forget-rate", "nan"], "'--forget-rate': 'nan' is not a finite number."),
+    (["train-toy", "--weight-decay", "nan"], "'--weight-decay': 'nan' is not a finite number."),
     (["eval", "run", "--retriever", "best"], "'--retriever': 'best' is not one of"),
     (["eval"], "Missing argument 'RUN_DIR'"),
     (["eval", "run", "--retriever", "simulated"], "needs --recall"),
@@ -101,3 +105,21 @@ def test_resume_config_refuses_given_fields_the_checkpoint_contradicts(saved_run
 def test_resume_config_without_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         resume_config(str(tmp_path), TrainConfig().to_dict(), set())
+
+
+def test_finite_float_type():
+    import click
+
+    from topkattn.cli.common import FiniteFloat, finite_float
+    t = FiniteFloat(0.0, 1.0)
+    assert t.convert("0.5", None, None) == 0.5
+    for bad in ("nan", "inf", "-inf", "NaN"):
+        with pytest.raises(click.BadParameter, match="is not a finite number"):
+            t.convert(bad, None, None)
+    with pytest.raises(click.BadParameter, match="not in the range"):
+        t.convert("2", None, None)
+    assert finite_float("1e3", "--x") == 1000.0
+    with pytest.raises(click.UsageError, match="--x must be a finite number, got 'inf'"):
+        finite_float("inf", "--x")
+    with pytest.raises(click.UsageError, match="--x must be a number, got 'one'"):
+        finite_float("one", "--x")

@@ -230,3 +230,30 @@ def test_progress_callback_counts_sequences(run):
     evaluate_decoding(model, x[:5], y[:5], make_selectors=selector_factory("exact", 1), prompt_len=4,
                       batch_size=2, progress=done.append)
     assert done == [2, 4, 5]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--retriever", "simulated", "--recall", "nan"], "'--recall': 'nan' is not a finite number."),
+    (["--retriever", "simulated", "--recall", "inf"], "'--recall'"),
+    (["--tail-bound", "nan"], "'--tail-bound': 'nan' is not a finite number."),
+    (["--retriever", "lorann", "--clusters-to-search", "inf"], "--clusters-to-search must be an integer >= 1"),
+    (["--retriever", "lorann", "--clusters-to-search", "nan"], "--clusters-to-search must be an integer >= 1"),
+    (["--retriever", "lorann", "--clusters-to-search", "-inf"], "--clusters-to-search must be an integer >= 1"),
+    (["--retriever", "lorann", "--refit-factor", "inf"], "'--refit-factor': 'inf' is not a finite number."),
+    (["--prompt-len", "1000000000"], "--prompt-len must be below the run's sequence length 16"),
+    (["--prompt-len", "16"], "--prompt-len must be below the run's sequence length 16"),
+])
+def test_non_finite_numbers_and_a_prompt_past_the_sequence_are_usage_errors(run, args, msg):
+    """--recall/--tail-bound nan gave a ValueError traceback, --clusters-to-search inf an
+    OverflowError, --prompt-len 1000000000 exit 0 with accuracy NaN."""
+    path, _, _ = run
+    r = _eval([path, *args, "--quiet"])
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert r.output.startswith("Error: ") and r.output.count("\n") == 1, r.output
+    assert msg in r.output
+
+
+def test_the_longest_prompt_still_decodes_one_token(run):
+    path, _, _ = run
+    out = _json([path, "--prompt-len", "15", "--quiet"])
+    assert out["prompt_len"] == 15

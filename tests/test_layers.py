@@ -1,4 +1,6 @@
 """Layers: values against independent formulas (torch where natural), float64 gradient checks."""
+import re
+
 import numpy as np
 import pytest
 
@@ -361,3 +363,111 @@ def test_attention_kv_head_conversion(G2):
                                rtol=1e-14)
     with pytest.raises(ValueError, match="n_kv_heads must divide the current n_kv_heads=4, got 3"):
         mha2.with_kv_heads(3)
+
+
+# ---------------------------------------------------------------- the gradient a backward receives
+
+def _grad_output_cases():
+    """(name, forward() -> output, backward(dy), the layer whose grads must stay untouched, dy's name)."""
+    from topkattn.layers import MLA, Block, TokenShift
+    from topkattn.layers.gelu import gelu_backward, gelu_forward
+    from topkattn.layers.layernorm import LayerNorm
+    rng = _rng(20)
+    x = rng.standard_normal((2, 3, 8))  # B=2, T=3: a transposed (T, B, ...) gradient has the same size
+    tok = np.array([[1, 3, 1], [6, 1, 0]])
+    cases = []
+
+    def add(name, layer, forward, backward=None, dy_name="dy"):
+        cases.append((name, layer, forward, backward or layer.backward, dy_name))
+
+    lin = Linear(8, 5, bias=True, dtype="float64")
+    add("Linear", lin, lambda: lin.forward(x))
+    emb = Embedding(7, 4, dtype="float64")
+    add("Embedding", emb, lambda: emb.forward(tok))
+    head = Embedding(7, 8, dtype="float64")
+    add("Embedding.logits", head, lambda: head.logits(x), head.backward_logits, "dlogits")
+    rms = RMSNorm(8, dtype="float64")
+    add("RMSNorm", rms, lambda: rms.forward(x))
+    rope = RoPE(8)
+    add("RoPE", rope, lambda: rope.forward(x, np.arange(3)))
+    sw = SwiGLU(8, 6, dtype="float64")
+    add("SwiGLU", sw, lambda: sw.forward(x))
+    moe = MoE(8, 6, 3, 2, dtype="float64")
+    add("MoE", moe, lambda: moe.forward(x))
+    for topk in (None, 2):
+        att = Attention(8, 2, topk=topk, dtype="float64", persistent_tokens=1)
+        add(f"Attention topk={topk}", att, lambda att=att: att.forward(x))
+        mla = MLA(8, 2, 4, 4, 4, 2, 4, topk=topk, dtype="float64", persistent_tokens=1)
+        add(f"MLA topk={topk}", mla, lambda mla=mla: mla.forward(x))
+    ts = TokenShift(8, dtype="float64")
+    add("TokenShift", ts, lambda: ts.forward(x))
+    blk = Block(Attention(8, 2, topk=2, dtype="float64"), SwiGLU(8, 6, dtype="float64"), 8, dtype="float64")
+    add("Block", blk, lambda: blk.forward(x))
+    ln = LayerNorm(8, dtype=np.float64)
+    add("LayerNorm", ln, lambda: ln.forward(x))
+    saved = {}
+
+    def gelu_fwd():
+        y, saved["s"] = gelu_forward(x)
+        return y
+
+    add("gelu", None, gelu_fwd, lambda dy: gelu_backward(dy, saved["s"]))
+    return cases
+
+
+def _grads(layer):
+    if layer is None:
+        return {}
+    if hasattr(layer, "named_grads"):
+        return {n: g.copy() for n, g in layer.named_grads()}
+    return {n: g.copy() for n, g in layer.grads.items()}
+
+
+@pytest.mark.parametrize("case", _grad_output_cases(), ids=lambda c: c[0])
+def test_backward_checks_the_gradient_against_the_forward_output(case):
+    """A transposed (T, B, ...) gradient has the right size and used to give wrong gradients
+    silently; another shape gave a raw NumPy error; an integer one was cast."""
+    _, layer, forward, backward, name = case
+    y = forward()
+    before = _grads(layer)
+    want = tuple(y.shape)
+    for bad in (y.swapaxes(0, 1), y[:, :-1], y[..., None]):
+        with pytest.raises(ValueError, match=rf"{name} must have the shape of the forward output, "
+                                             rf"{re.escape(str(want))}, got {re.escape(str(tuple(bad.shape)))}"):
+            backward(np.ascontiguousarray(bad))
+    with pytest.raises(TypeError, match=rf"{name} must be a float array, got int64"):
+        backward(np.ones(want, np.int64))
+    with pytest.raises(TypeError, match=rf"{name} must be a float array, got bool"):
+        backward(np.ones(want, bool))
+    after = _grads(layer)
+    assert all(np.array_equal(before[n], after[n]) for n in before)  # nothing accumulated
+    backward(np.ones(want, np.float32))  # a float gradient of the right shape is cast to the forward's dtype
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf")])
+def test_rmsnorm_refuses_a_negative_or_non_finite_eps(value):
+    with pytest.raises(ValueError, match=r"eps must be >= 0, got "):
+        RMSNorm(4, eps=value)
+    from topkattn.layers.layernorm import LayerNorm
+    with pytest.raises(ValueError, match=r"eps must be >= 0, got "):
+        LayerNorm(4, eps=value)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        RMSNorm(4, eps="1e-6")
+
+
+@pytest.mark.parametrize("base", [0, -5, 1, float("nan"), float("inf")])
+def test_rope_refuses_a_base_that_is_not_finite_and_above_one(base):
+    with pytest.raises(ValueError, match=r"base must be > 1, got "):
+        RoPE(4, base=base)
+
+
+def test_moe_and_token_shift_empty_inputs_and_bad_aux_weight():
+    from topkattn.layers import TokenShift
+    for layer in (MoE(4, 6, 3, 2, dtype="float64"), TokenShift(4, dtype="float64")):
+        for shape in ((0, 3, 4), (2, 0, 4)):
+            y = layer.forward(np.zeros(shape))
+            assert y.shape == shape and layer.backward(np.zeros(shape)).shape == shape
+    with pytest.raises(ValueError, match="aux_loss_weight must be >= 0, got nan"):
+        MoE(4, 6, aux_loss_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"x must be 3-D \(B, T, d=4\)"):
+        TokenShift(4).forward(np.zeros((3, 4), np.float32))

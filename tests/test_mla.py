@@ -1,5 +1,7 @@
 """MLA: forward against a per-formula reference, float64 gradient checks, latent-cache decoding
 equal to the causal forward, absorbed scores equal to unabsorbed ones, the selector hook, bad input."""
+import re
+
 import numpy as np
 import pytest
 
@@ -294,3 +296,67 @@ def test_attention_layer_auto_decode_matches_forward():
 def test_auto_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
         MLA(*DIMS, **kw)
+
+
+# ---------------------------------------------------------------- rope_base, eps; empty inputs
+
+@pytest.mark.parametrize("kw, exc, needle", [
+    (dict(rope_base=0), ValueError, "rope_base must be > 1, got 0"),
+    (dict(rope_base=-5), ValueError, "rope_base must be > 1, got -5"),
+    (dict(rope_base=1.0), ValueError, "rope_base must be > 1, got 1.0"),
+    (dict(rope_base=float("nan")), ValueError, "rope_base must be > 1, got nan"),
+    (dict(rope_base=float("inf")), ValueError, "rope_base must be > 1, got inf"),
+    (dict(rope_base="10000"), TypeError, "rope_base must be a real number"),
+    (dict(eps=-1), ValueError, "eps must be >= 0, got -1"),
+    (dict(eps=float("nan")), ValueError, "eps must be >= 0, got nan"),
+    (dict(eps=float("inf")), ValueError, "eps must be >= 0, got inf"),
+])
+def test_mla_and_attention_refuse_a_bad_rope_base_or_eps(kw, exc, needle):
+    """rope_base 0, NaN or -5 and eps=-1 were accepted and gave an all-NaN output."""
+    from topkattn.layers import Attention
+    with pytest.raises(exc, match=re.escape(needle)):
+        MLA(*DIMS, **kw)
+    if "rope_base" in kw:
+        with pytest.raises(exc, match=re.escape(needle)):
+            Attention(8, 2, **kw)
+    m = MLA(*DIMS, rope_base=2.0, eps=0.0, dtype="float64")  # the edges that work
+    assert np.isfinite(m.forward(np.random.default_rng(0).standard_normal((1, 4, DIMS[0])))).all()
+
+
+def _zero_grads(layer):
+    return all(not g.any() for _, g in layer.named_grads())
+
+
+EMPTY_SHAPES = [(0, 5), (2, 0), (0, 0)]
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES)
+@pytest.mark.parametrize("kw", [dict(), dict(topk=3), dict(topk=3, P=2, W=1), dict(P=2)])
+@pytest.mark.parametrize("layer", ["mla", "attention"])
+def test_empty_batch_or_sequence(layer, kw, shape):
+    """B = 0 or T = 0 raised an internal reshape error in MLA; now an empty output and zero gradients."""
+    from topkattn.layers import Attention
+    B, T = shape
+    if layer == "mla":
+        m = _mla(**kw)
+    else:
+        m = Attention(16, 2, topk=kw.get("topk"), dtype="float64", persistent_tokens=kw.get("P", 0),
+                      window=kw.get("W", 0))
+    x = np.zeros((B, T, 16))
+    y = m.forward(x, seed=1)
+    assert y.shape == (B, T, 16) and y.dtype == np.float64
+    dx = m.backward(np.zeros_like(y))
+    assert dx.shape == (B, T, 16) and dx.dtype == np.float64
+    assert _zero_grads(m)
+
+
+@pytest.mark.parametrize("layer", ["mla", "attention"])
+def test_empty_sequence_with_dynamic_k(layer):
+    """T = 0 with topk="auto".  (B = 0 with "auto" fails inside topkattn/ops (selection), which the
+    ops' own zero-size fix covers.)"""
+    from topkattn.layers import Attention
+    m = _auto(P=1) if layer == "mla" else Attention(16, 2, topk="auto", tail_bound=0.05, dtype="float64",
+                                                      persistent_tokens=1)
+    y = m.forward(np.zeros((2, 0, DIMS[0])))
+    assert y.shape == (2, 0, DIMS[0])
+    assert m.backward(np.zeros_like(y)).shape == y.shape and _zero_grads(m)

@@ -1,6 +1,7 @@
 """The Transformer: whole-stack float64 gradient checks, decoding equal to the causal forward,
 config round trip, seeded init, flat param names shared with the layers, bad input."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -181,3 +182,41 @@ def test_to_device_cupy_matches_numpy():
     cache = m.init_cache(2)
     steps = cp.concatenate([m.step(cp.asarray(tok[:, t:t + 1]), cache) for t in range(6)], axis=1)
     np.testing.assert_allclose(cp.asnumpy(steps), want, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["mla-dense", "gqa-moe-untied"])
+def test_backward_checks_dlogits_against_the_logits(name):
+    """A transposed (T, B, V) dlogits used to fail deep in a layer (or, with other sizes, give
+    wrong gradients); now a ValueError naming dlogits, before any gradient is touched."""
+    m = _model(name)
+    tokens = np.random.default_rng(1).integers(0, V, (2, 3))
+    logits = m.forward(tokens)
+    m.backward(np.ones_like(logits))
+    before = {n: g.copy() for n, g in m.grads.items()}
+    with pytest.raises(ValueError, match=re.escape(f"dlogits must have the shape of the forward output, (2, 3, {V}), "
+                                                   f"got (3, 2, {V})")):
+        m.backward(np.ascontiguousarray(logits.swapaxes(0, 1)))
+    with pytest.raises(TypeError, match="dlogits must be a float array, got int64"):
+        m.backward(np.ones(logits.shape, np.int64))
+    assert all(np.array_equal(before[n], g) for n, g in m.grads.items())  # not zeroed by the refused call
+    with pytest.raises(RuntimeError, match="Transformer.backward called before forward"):
+        _model(name).backward(logits)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0), (0, 0)])
+def test_empty_batch_or_sequence_through_the_model(name, shape):
+    m = _model(name)
+    logits = m.forward(np.zeros(shape, np.int64), seed=3)
+    assert logits.shape == (*shape, V)
+    loss, dlogits = softmax_cross_entropy(logits, np.zeros(shape, np.int64))
+    assert loss == 0.0
+    m.backward(dlogits)
+    assert all(not g.any() for g in m.grads.values())
+
+
+@pytest.mark.parametrize("value, exc", [(0, ValueError), (-5, ValueError), (1, ValueError),
+                                        (float("nan"), ValueError), (float("inf"), ValueError), ("1e4", TypeError)])
+def test_config_refuses_a_bad_rope_base(value, exc):
+    with pytest.raises(exc, match="rope_base must be"):
+        TransformerConfig(vocab_size=5, rope_base=value)

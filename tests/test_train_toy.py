@@ -1,8 +1,11 @@
 """train-toy: the CLI through CliRunner, the loop against a hand-written step, exact resume
 (in-process and after SIGKILL), checkpoint errors, one-line usage errors."""
+import errno
+import importlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,15 +18,21 @@ from click.testing import CliRunner
 from topkattn.cli.main import main
 from topkattn.layers.loss import softmax_cross_entropy
 from topkattn.model import Transformer
-from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError, load_training_state
+from topkattn.training.checkpoint import TEMP_PREFIX, CheckpointError, ConfigMismatchError, load_training_state
 from topkattn.training.optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from topkattn.training.tasks import IGNORE
 from topkattn.training.train import (
     FORGET_STREAM,
+    OutDirError,
+    RunTooLargeError,
+    SaveError,
     TrainConfig,
+    check_memory,
     heldout_set,
     make_task,
     model_config,
+    n_model_params,
+    step_memory_estimate,
     step_seed,
     train,
     train_batch,
@@ -370,3 +379,198 @@ def test_cli_resumes_a_checkpoint_from_before_token_shift(tmp_path):
     r = CliRunner().invoke(main, ["train-toy", "--out", str(out), "--resume", "--json", "--quiet"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["config"]["token_shift"] is False
+
+
+# ---------------------------------------------------------------- --out, memory, divergence, leftovers
+
+def _one_line_error(r, code):
+    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
+    assert r.output.startswith("Error: ") and r.output.count("\n") == 1, r.output
+    assert "Traceback" not in r.output
+
+
+def _unusable_out(tmp_path, kind):
+    if kind == "file-child":
+        (tmp_path / "f").write_text("a user's file")
+        return str(tmp_path / "f" / "x"), "Not a directory"
+    if kind == "proc":
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc on this system")
+        return "/proc/x", "No such file or directory"
+    if _permissions_bind(tmp_path):
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return str(folder), "Permission denied"
+    pytest.skip("running as root: a read-only folder is still writable (the mid-run write failure "
+                "is simulated in test_cli_write_failure_mid_run_keeps_the_last_checkpoint)")
+
+
+@pytest.mark.parametrize("kind", ["file-child", "proc", "read-only"])
+def test_unusable_out_is_refused_before_the_first_step(tmp_path, kind):
+    """An unusable --out gave a traceback at the first checkpoint, after up to 100 steps of work."""
+    out, reason = _unusable_out(tmp_path, kind)
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "4", "--out", out])
+    _one_line_error(r, 2)
+    assert f"--out {out} is not a writable folder ({reason})" in r.output
+    steps = []
+    with pytest.raises(OutDirError, match=re.escape(f"out_dir {out} is not a writable folder ({reason})")) as e:
+        train(tiny_cfg(), out_dir=out, progress=lambda *a: steps.append(a))
+    assert isinstance(e.value, OSError) and steps == []  # no step was run
+    if kind == "file-child":
+        assert (tmp_path / "f").read_text() == "a user's file"
+
+
+def test_out_is_created_with_its_parents_and_the_probe_leaves_nothing(tmp_path):
+    out = tmp_path / "a" / "b"
+    train(tiny_cfg(steps=2), out_dir=out)  # a path-like object works too
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "history.json", "metrics.json"]
+
+
+def _failing_writer(monkeypatch, fail_from):
+    """storage.atomic_write raising PermissionError from its ``fail_from``-th call on (what a folder
+    made read-only mid-run does for a user who is not root)."""
+    from topkattn import storage
+    real, calls = storage.atomic_write, []
+
+    def atomic_write(path, write, *, prefix):
+        calls.append(path)
+        if len(calls) >= fail_from:
+            raise PermissionError(errno.EACCES, "Permission denied", os.path.dirname(path))
+        return real(path, write, prefix=prefix)
+
+    monkeypatch.setattr(storage, "atomic_write", atomic_write)
+    return calls
+
+
+def test_cli_write_failure_mid_run_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    calls = _failing_writer(monkeypatch, fail_from=2)
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "6", "--checkpoint-every", "2", "--out", str(out)])
+    _one_line_error(r, 1)
+    assert f"cannot write the checkpoint of step 4 in {out} (Permission denied); the checkpoint of step 2 is kept" \
+        in r.output
+    assert len(calls) == 2 and load_training_state(str(out / "checkpoint.npz"))["step"] == 2
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    # the final JSON files: the same one-line error, the final checkpoint kept
+    monkeypatch.undo()
+    _failing_writer(monkeypatch, fail_from=2)
+    with pytest.raises(SaveError, match="cannot write history.json in .*; the checkpoint of step 6 is kept"):
+        train(tiny_cfg(steps=6), out_dir=str(tmp_path / "p"), checkpoint_every=100)
+    assert load_training_state(str(tmp_path / "p" / "checkpoint.npz"))["step"] == 6
+
+
+def _permissions_bind(tmp_path):
+    """Whether a read-only folder refuses this process's writes (not for root)."""
+    folder = tmp_path / "perm-probe"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        (folder / "x").write_text("")
+        return False
+    except PermissionError:
+        return True
+    finally:
+        folder.chmod(0o700)
+
+
+def test_folder_made_read_only_mid_run(tmp_path):
+    """The real thing where permissions bind: chmod after the first checkpoint."""
+    if not _permissions_bind(tmp_path):
+        pytest.skip("running as root: chmod does not stop writes (simulated in the test above)")
+    out = tmp_path / "o"
+
+    def progress(step, *_):  # called after each step, before that step's checkpoint
+        if step == 3:
+            out.chmod(0o500)
+
+    try:
+        with pytest.raises(SaveError, match=rf"cannot write the checkpoint of step 4 in {re.escape(str(out))} "
+                                            r"\(Permission denied\); the checkpoint of step 2 is kept"):
+            train(tiny_cfg(steps=6), out_dir=str(out), checkpoint_every=2, progress=progress)
+        assert load_training_state(str(out / "checkpoint.npz"))["step"] == 2
+    finally:
+        out.chmod(0o700)
+
+
+def test_memory_estimate_refuses_impossible_sizes(monkeypatch):
+    """--batch-size 1000000000 gave a MemoryError traceback, --seq-len 10000000 ran without end."""
+    train_mod = importlib.import_module("topkattn.training.train")  # the package exports train()
+    monkeypatch.setattr(train_mod, "machine_memory", lambda device="cpu": 4 * 2**30)  # a small laptop
+    for args, size in ((["--batch-size", "1000000000"], "TiB"), (["--seq-len", "10000000"], "TiB")):
+        r = CliRunner().invoke(main, ["train-toy", *args, "--quiet"])
+        _one_line_error(r, 2)
+        assert "the run needs at least " in r.output and size in r.output
+        assert "more than this machine's 4.0 GiB: lower --batch-size or --seq-len" in r.output
+        assert args[1] in r.output
+    with pytest.raises(RunTooLargeError, match="batch_size=1000000000"):
+        train(TrainConfig(batch_size=10**9))
+    check_memory(TrainConfig())                                   # the defaults
+    check_memory(TrainConfig(d_model=256, heads=8, seq_len=256))  # the README's larger run
+    check_memory(TrainConfig(task="text", seq_len=128, steps=500))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(attention="dense"), dict(token_shift=False, k=2)])
+def test_memory_estimate_is_a_lower_bound(kw):
+    import tracemalloc
+    cfg = tiny_cfg(steps=2, **kw)
+    mc = model_config(cfg, make_task(cfg).vocab_size)
+    assert n_model_params(mc) == Transformer(mc).n_params()
+    tracemalloc.start()
+    try:
+        train(cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 0 < step_memory_estimate(cfg) <= peak
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflows of lr=1e30
+def test_divergence_says_whether_the_state_was_saved(tmp_path):
+    """Without --out the message said "last good state saved at step 1" though nothing was saved."""
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "6", "--lr", "1e30"])
+    _one_line_error(r, 1)
+    assert "step 2: non-finite loss" in r.output and "the state was not saved (no out_dir)" in r.output
+    assert "saved at step" not in r.output
+    out = tmp_path / "o"
+    with pytest.raises(FloatingPointError, match=f"last good state saved at step 1 in {re.escape(str(out))}"):
+        train(tiny_cfg(steps=6, lr=1e30), out_dir=str(out))
+    assert load_training_state(str(out / "checkpoint.npz"))["step"] == 1
+
+
+def test_leftover_json_temporaries_are_removed_at_the_next_run(tmp_path):
+    """A kill -9 during the final JSON write leaves <TEMP_PREFIX>*.tmp (the atomic writer's name);
+    the next run in the folder removes it, and the older writer's <name>.json.tmp-<pid> too."""
+    out = tmp_path / "o"
+    script = (
+        "import os, signal, sys\n"
+        "import topkattn.storage as st\n"
+        "real = st.atomic_write\n"
+        "def atomic_write(path, write, *, prefix):\n"
+        "    def killed(f):\n"
+        "        write(f); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(path, killed if path.endswith('metrics.json') else write, prefix=prefix)\n"
+        "st.atomic_write = atomic_write\n"
+        "from topkattn.training.train import TrainConfig, train\n"
+        "train(TrainConfig(d_model=16, heads=2, seq_len=12, num_kv_pairs=3, vocab_size=16, batch_size=4,\n"
+        "                  steps=2, warmup_steps=1, eval_size=32, k=4), out_dir=sys.argv[1])\n")
+    p = subprocess.run([sys.executable, "-c", script, str(out)], env=_env(), capture_output=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()
+    left = [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(TEMP_PREFIX) and not (out / "metrics.json").exists()
+    (out / "history.json.tmp-4242").write_text("{")   # the pre-storage writer's names
+    (out / "metrics.json.tmp-17").write_text("{")
+    theirs = ["notes.tmp", "metrics.json.tmp-old", "history.json.tmp-12.bak", ".ckpt-notes.txt"]
+    for name in theirs:
+        (out / name).write_text("a user's file")
+    r = CliRunner().invoke(main, ["train-toy", "--out", str(out), "--resume", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == sorted(["checkpoint.npz", "history.json", "metrics.json", *theirs])
+    assert all((out / n).read_text() == "a user's file" for n in theirs)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("value", [0.5, 1.0, float("nan"), float("inf")])
+def test_config_refuses_a_rope_base_the_layers_cannot_use(value):
+    with pytest.raises(ValueError, match="rope_base must be > 1, got "):
+        TrainConfig(rope_base=value)

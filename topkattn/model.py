@@ -9,15 +9,17 @@ import dataclasses
 
 import numpy as np
 
+from topkattn.backend import get_array_module
 from topkattn.checks import ConfigDict, check_choice, check_int, check_real, float_dtype
 from topkattn.layers.attention import Attention
 from topkattn.layers.block import Block
 from topkattn.layers.embedding import Embedding
 from topkattn.layers.linear import Linear
 from topkattn.layers.mla import MLA
-from topkattn.layers.module import Module
+from topkattn.layers.module import Module, check_grad_output
 from topkattn.layers.moe import MoE
 from topkattn.layers.rmsnorm import RMSNorm
+from topkattn.layers.rope import check_rope_base
 from topkattn.layers.swiglu import SwiGLU
 from topkattn.layers.token_shift import TokenShift
 
@@ -65,6 +67,8 @@ class TransformerConfig(ConfigDict):
         check_choice("attention", self.attention, ("mla", "mha"))
         check_choice("ffn", self.ffn, ("swiglu", "moe"))
         check_real("forget_rate", self.forget_rate, 0.0, 1.0, hi_open=True)
+        check_real("aux_loss_weight", self.aux_loss_weight, 0.0)
+        check_rope_base("rope_base", self.rope_base)
         for name in ("tie_embeddings", "token_shift"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -118,6 +122,7 @@ class Transformer(Module):
             self.shift = self.add("shift", TokenShift(c.d_model, dtype=c.dtype))
         self.aux_loss = 0.0
         self.training = True
+        self._logits = None  # (shape, empty array of the dtype and device) of the last forward's logits
         self._rebuild()
 
     def _rebuild(self):
@@ -179,10 +184,15 @@ class Transformer(Module):
             x = blk.forward(x, seed=s)
         h = self.norm.forward(x)
         self.aux_loss = float(self.cfg.aux_loss_weight * sum(b.aux_loss for b in self.blocks))
-        return self.head.forward(h) if self.head is not None else self.embed.logits(h)
+        logits = self.head.forward(h) if self.head is not None else self.embed.logits(h)
+        self._logits = (logits.shape, get_array_module(logits).empty(0, logits.dtype))
+        return logits
 
     def backward(self, dlogits):
         """Fill ``grads`` from dlogits (B, T, V); returns None (tokens have no gradient)."""
+        if self._logits is None:
+            raise RuntimeError("Transformer.backward called before forward")
+        dlogits = check_grad_output(dlogits, *self._logits, name="dlogits")  # (B, T, V); before zero_grad
         self.zero_grad()
         dh = self.head.backward(dlogits) if self.head is not None else self.embed.backward_logits(dlogits)
         dx = self.norm.backward(dh)

@@ -15,8 +15,8 @@ import numpy as np
 from topkattn.backend import get_array_module
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
 from topkattn.layers.cache import KVCache, check_step_input, select_step
-from topkattn.layers.module import Module, as_input, check_topk, normal
-from topkattn.layers.rope import rope_angles, rope_apply
+from topkattn.layers.module import Module, as_input, check_grad_output, check_topk, normal
+from topkattn.layers.rope import check_rope_base, rope_angles, rope_apply
 from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_decode, dense_attention_forward
 from topkattn.ops.sparse_attention import sparse_attention_decode
 from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
@@ -55,7 +55,7 @@ class Attention(Module):
         self.window = check_int("window", window, 0)
         self.forget_rate = check_real("forget_rate", forget_rate, 0.0, 1.0, hi_open=True)
         self.topk, self.tail_bound, self.max_topk = check_topk(topk, tail_bound, max_topk, self.forget_rate)
-        self.rope_base = float(rope_base)
+        self.rope_base = check_rope_base("rope_base", rope_base)
         self.scale = 1.0 / np.sqrt(D)
         self.training = True
         self.selector = None  # decode-step selection: None = exact (see topkattn.layers.cache)
@@ -111,7 +111,7 @@ class Attention(Module):
         p, g = self.params, self.grads
         B, T, d = x.shape
         H, G, D, Dv, P = self.n_heads, self.n_kv_heads, self.head_dim, self.v_head_dim, self.persistent_tokens
-        dy = dy.astype(x.dtype, copy=False)
+        dy = check_grad_output(dy, x.shape, x)  # (B, T, d)
         g["W_O"] += dy.reshape(-1, d).T @ of.reshape(-1, H * Dv)
         do = (dy @ p["W_O"]).reshape(B, T, H, Dv).transpose(0, 2, 1, 3)
         if self.topk is None:

@@ -2,7 +2,8 @@
 
 Shape letters: x, h, y (B, T, d).  Backward: dh = dy + ffn'(norm2'(dy));  dx = dh + attn'(norm1'(dh)).
 """
-from topkattn.layers.module import Module
+from topkattn.backend import get_array_module
+from topkattn.layers.module import Module, check_grad_output
 from topkattn.layers.rmsnorm import RMSNorm
 
 
@@ -18,6 +19,7 @@ class Block(Module):
         self.attn = self.add("attn", attn)
         self.ffn_norm = self.add("ffn_norm", RMSNorm(d_model, eps=eps, dtype=dtype))
         self.ffn = self.add("ffn", ffn)
+        self._out = None  # (shape, array) of the last forward's output, for backward's check
 
     @property
     def aux_loss(self):
@@ -25,9 +27,14 @@ class Block(Module):
 
     def forward(self, x, seed=None):
         h = x + self.attn.forward(self.attn_norm.forward(x), seed=seed)
-        return h + self.ffn.forward(self.ffn_norm.forward(h))
+        y = h + self.ffn.forward(self.ffn_norm.forward(h))
+        self._out = (y.shape, get_array_module(y).empty(0, y.dtype))  # not y itself: no memory kept
+        return y
 
     def backward(self, dy):
+        if self._out is None:
+            raise RuntimeError("Block.backward called before forward")
+        dy = check_grad_output(dy, *self._out)  # (B, T, d)
         dh = dy + self.ffn_norm.backward(self.ffn.backward(dy))
         return dh + self.attn_norm.backward(self.attn.backward(dh))
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from topkattn.backend import as_engine_array, get_array_module
 from topkattn.checks import check_int, float_dtype, make_rng
-from topkattn.layers.module import Module, as_input, normal
+from topkattn.layers.module import Module, as_input, check_grad_output, normal
 
 
 class Embedding(Module):
@@ -45,13 +45,15 @@ class Embedding(Module):
     def step(self, tokens):
         return self.params["weight"][self.check_tokens(tokens)]
 
-    def backward(self, dx):
+    def backward(self, dy):
+        """Scatter-add dy (B, T, d), the gradient of forward's output, into the rows of the tokens."""
         if self._tokens is None:
             raise RuntimeError("Embedding.backward called before forward")
-        xp = get_array_module(dx)
         W = self.params["weight"]
+        dy = check_grad_output(dy, self._tokens.shape + (self.dim,), W)  # (B, T, d)
+        xp = get_array_module(dy)
         rows = self._tokens.reshape(-1)
-        vals = dx.reshape(-1, self.dim).astype(W.dtype, copy=False)
+        vals = dy.reshape(-1, self.dim)
         if xp is np:
             np.add.at(self.grads["weight"], rows, vals)
         else:  # pragma: no cover - GPU
@@ -74,6 +76,6 @@ class Embedding(Module):
         if self._h is None:
             raise RuntimeError("Embedding.backward_logits called before logits")
         W = self.params["weight"]
-        dlogits = dlogits.astype(W.dtype, copy=False)
+        dlogits = check_grad_output(dlogits, self._h.shape[:-1] + (self.vocab_size,), W, "dlogits")  # (B, T, V)
         self.grads["weight"] += dlogits.reshape(-1, self.vocab_size).T @ self._h.reshape(-1, self.dim)
         return dlogits @ W  # (B, T, d)

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module
+from topkattn.layers.module import check_grad_output
 
 _APPROXIMATIONS = ("none", "tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -46,9 +47,7 @@ def gelu_forward(x, approximate="none"):
 def gelu_backward(dy, saved):
     """dx from dy (same shape as x)."""
     x, approximate = saved
-    dy = as_engine_array(dy, "dy")
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
+    dy = check_grad_output(dy, x.shape, x)  # the shape of x
     xp = get_array_module(x)
     if approximate == "tanh":
         u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)

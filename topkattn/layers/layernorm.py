@@ -16,6 +16,7 @@ import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module
 from topkattn.checks import check_int, check_real
+from topkattn.layers.module import check_grad_output
 
 
 def layer_norm(x, gamma, beta, eps=1e-5):
@@ -45,10 +46,7 @@ def layer_norm_forward(x, gamma, beta, eps=1e-5):
 def layer_norm_backward(dy, saved):
     """``(dx, dgamma, dbeta)`` from dy (..., d)."""
     xhat, rstd, gamma = saved
-    dy = as_engine_array(dy, "dy")
-    if tuple(dy.shape) != tuple(xhat.shape):
-        raise ValueError(f"dy must have the shape of x {tuple(xhat.shape)}, got {tuple(dy.shape)}")
-    dy = dy.astype(xhat.dtype, copy=False)
+    dy = check_grad_output(dy, xhat.shape, xhat)  # (..., d)
     d = xhat.shape[-1]
     rows = dy.reshape(-1, d)  # (rows, d)
     dbeta = rows.sum(0)  # (d,)
@@ -67,7 +65,7 @@ class LayerNorm:
 
     def __init__(self, dim, eps=1e-5, dtype=np.float32, xp=np):
         check_int("dim", dim, 1)
-        self.eps = eps
+        self.eps = check_real("eps", eps, 0.0)
         self.params = {"weight": xp.ones(dim, dtype=dtype), "bias": xp.zeros(dim, dtype=dtype)}
         self.grads = {name: xp.zeros_like(p) for name, p in self.params.items()}
         self._saved = None

@@ -6,7 +6,7 @@ Backward: dx = dy W;  dW = sum_rows dy^T x;  db = sum_rows dy.
 import numpy as np
 
 from topkattn.checks import check_int, float_dtype, make_rng
-from topkattn.layers.module import Module, as_input, normal
+from topkattn.layers.module import Module, as_input, check_grad_output, normal
 
 
 class Linear(Module):
@@ -42,7 +42,7 @@ class Linear(Module):
             raise RuntimeError("Linear.backward called before forward")
         W = self.params["weight"]
         x = self._x
-        dy = dy.astype(W.dtype, copy=False)
+        dy = check_grad_output(dy, x.shape[:-1] + (self.d_out,), W)  # (..., Dout)
         self.grads["weight"] += dy.reshape(-1, self.d_out).T @ x.reshape(-1, self.d_in)  # (Dout, Din)
         if "bias" in self.params:
             self.grads["bias"] += dy.reshape(-1, self.d_out).sum(0)

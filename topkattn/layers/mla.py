@@ -25,9 +25,9 @@ import numpy as np
 from topkattn.backend import get_array_module
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
 from topkattn.layers.cache import MLACache, check_step_input, select_step
-from topkattn.layers.module import Module, as_input, check_topk, normal
+from topkattn.layers.module import Module, as_input, check_grad_output, check_topk, normal
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
-from topkattn.layers.rope import rope_angles, rope_apply
+from topkattn.layers.rope import check_rope_base, rope_angles, rope_apply
 from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_decode, dense_attention_forward
 from topkattn.ops.sparse_attention import sparse_attention_decode
 from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
@@ -64,8 +64,8 @@ class MLA(Module):
         self.window = check_int("window", window, 0)
         self.forget_rate = check_real("forget_rate", forget_rate, 0.0, 1.0, hi_open=True)
         self.topk, self.tail_bound, self.max_topk = check_topk(topk, tail_bound, max_topk, self.forget_rate)
-        self.rope_base = float(rope_base)
-        self.eps = float(eps)
+        self.rope_base = check_rope_base("rope_base", rope_base)
+        self.eps = check_real("eps", eps, 0.0)  # of the q and kv RMSNorms
         self.scale = 1.0 / np.sqrt(Dn + R)
         self.training = True
         self.selector = None  # decode-step selection: None = exact (see topkattn.layers.cache)
@@ -164,7 +164,7 @@ class MLA(Module):
                                             forget_rate=fr, seed=seed, sinks=self.persistent_tokens,
                                             window=self.window, tail_bound=self.tail_bound,
                                             max_topk=self.max_topk)
-        of = o.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H*Dv)
+        of = o.transpose(0, 2, 1, 3).reshape(B, T, self.n_heads * self.v_head_dim)  # (B, T, H*Dv)
         self._saved = (x, cq, sq, cs, c_all, kr_all, skv, att, of)
         return of @ self.params["W_O"].T
 
@@ -177,7 +177,8 @@ class MLA(Module):
         B, T, d = x.shape
         H, Dn, R, Dv, P = self.n_heads, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim, self.persistent_tokens
         S = P + T
-        dy = dy.astype(x.dtype, copy=False)
+        C = self.kv_lora_rank
+        dy = check_grad_output(dy, x.shape, x)  # (B, T, d)
         g["W_O"] += dy.reshape(-1, d).T @ of.reshape(-1, H * Dv)
         do = (dy @ p["W_O"]).reshape(B, T, H, Dv).transpose(0, 2, 1, 3)  # (B, H, T, Dv)
         if self.topk is None:
@@ -187,10 +188,10 @@ class MLA(Module):
         # keys and values -> latents
         dkn = dk[..., :Dn].transpose(0, 2, 1, 3).reshape(B * S, H * Dn)
         dvf = dv.transpose(0, 2, 1, 3).reshape(B * S, H * Dv)
-        cf = c_all.reshape(B * S, -1)
+        cf = c_all.reshape(B * S, C)
         g["W_UK"] += dkn.T @ cf
         g["W_UV"] += dvf.T @ cf
-        dc_all = (dkn @ p["W_UK"] + dvf @ p["W_UV"]).reshape(B, S, -1)  # (B, S, C)
+        dc_all = (dkn @ p["W_UK"] + dvf @ p["W_UV"]).reshape(B, S, C)  # (B, S, C)
         dkr_all = dk[..., Dn:].sum(1)  # (B, S, R)
         if P:
             g["persist_c"] += dc_all[:, :P].sum(0)
@@ -199,15 +200,15 @@ class MLA(Module):
         g["kv_norm"] += dg
         dkr = rope_apply(dkr_all[:, P:], *cs, inverse=True)  # (B, T, R)
         xf = x.reshape(-1, d)
-        g["W_DKV"] += dckv.reshape(-1, dckv.shape[-1]).T @ xf
+        g["W_DKV"] += dckv.reshape(-1, C).T @ xf
         g["W_KR"] += dkr.reshape(-1, R).T @ xf
         # queries
         dqn = dq[..., :Dn].transpose(0, 2, 1, 3).reshape(B * T, H * Dn)
         dqr = rope_apply(dq[..., Dn:], *cs, inverse=True).transpose(0, 2, 1, 3).reshape(B * T, H * R)
-        cqf = cq.reshape(B * T, -1)
+        cqf = cq.reshape(B * T, self.q_lora_rank)
         g["W_UQ"] += dqn.T @ cqf
         g["W_QR"] += dqr.T @ cqf
-        dcq = (dqn @ p["W_UQ"] + dqr @ p["W_QR"]).reshape(B, T, -1)
+        dcq = (dqn @ p["W_UQ"] + dqr @ p["W_QR"]).reshape(B, T, self.q_lora_rank)
         dcq_raw, dgq = rms_norm_backward(dcq, sq)
         g["q_norm"] += dgq
         g["W_DQ"] += dcq_raw.reshape(-1, self.q_lora_rank).T @ xf

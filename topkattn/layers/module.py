@@ -108,6 +108,27 @@ def normal(rng, shape, std, dtype):
     return (rng.standard_normal(shape) * std).astype(dtype)
 
 
+def check_grad_output(dy, shape, like, name="dy"):
+    """The gradient ``dy`` a backward pass receives, checked against its forward.
+
+    ``shape``: the shape of the forward's output (``dy`` must have exactly that shape: a
+    transposed (T, B, d) for (B, T, d) is refused even when the sizes match); ``like``: an
+    array of the forward, whose dtype and device the returned ``dy`` gets.  TypeError
+    naming ``name`` for a non-float array, ValueError naming it with the expected and the
+    received shapes.
+    """
+    dy = as_engine_array(dy, name)
+    if dy.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got {dy.dtype}")
+    shape = tuple(int(n) for n in shape)
+    if tuple(dy.shape) != shape:
+        raise ValueError(f"{name} must have the shape of the forward output, {shape}, got {tuple(dy.shape)}")
+    xp = get_array_module(like)
+    if get_array_module(dy) is not xp:  # the gradient follows the forward's device
+        dy = xp.asarray(dy) if xp is not np else dy.get()
+    return dy.astype(like.dtype, copy=False)
+
+
 def as_input(x, name, dtype, last_dim=None, ndim=None, letters=None):
     """Engine array of float ``dtype``; ValueError naming ``name`` on a bad shape."""
     x = as_engine_array(x, name)

@@ -14,8 +14,8 @@ dp += aux_loss_weight * E f_e / n;  dlogits = p * (dp - sum_e p dp).
 import numpy as np
 
 from topkattn.backend import get_array_module
-from topkattn.checks import check_int, float_dtype, make_rng
-from topkattn.layers.module import Module, as_input, normal
+from topkattn.checks import check_int, check_real, float_dtype, make_rng
+from topkattn.layers.module import Module, as_input, check_grad_output, normal
 from topkattn.layers.swiglu import SwiGLU
 
 
@@ -35,7 +35,7 @@ class MoE(Module):
         self.moe_topk = check_int("moe_topk", moe_topk, 1)
         if moe_topk > n_experts:
             raise ValueError(f"moe_topk must be <= n_experts={n_experts}, got {moe_topk}")
-        self.aux_loss_weight = float(aux_loss_weight)
+        self.aux_loss_weight = check_real("aux_loss_weight", aux_loss_weight, 0.0)
         rng = make_rng(seed)
         self.add_param("router", normal(rng, (n_experts, d_model), 1 / np.sqrt(d_model),
                                         float_dtype(dtype)))
@@ -89,7 +89,7 @@ class MoE(Module):
         shape, xf, p, sel, gate, Z, f, per_expert = self._saved
         xp = get_array_module(xf)
         n_rows, E = p.shape
-        dyf = dy.reshape(-1, self.d_model).astype(xf.dtype, copy=False)
+        dyf = check_grad_output(dy, shape, xf).reshape(-1, self.d_model)  # (rows, d)
         dx = xp.zeros_like(xf)
         dgate = xp.zeros_like(gate)  # (rows, k)
         for e, saved in enumerate(per_expert):

@@ -11,8 +11,8 @@ Backward (per row):
 import numpy as np
 
 from topkattn.backend import get_array_module
-from topkattn.checks import check_int, float_dtype
-from topkattn.layers.module import Module, as_input
+from topkattn.checks import check_int, check_real, float_dtype
+from topkattn.layers.module import Module, as_input, check_grad_output
 
 
 def rms_norm_forward(x, g, eps=1e-6):
@@ -40,7 +40,7 @@ class RMSNorm(Module):
     def __init__(self, dim, eps=1e-6, dtype="float32"):
         super().__init__()
         self.dim = check_int("dim", dim, 1)
-        self.eps = float(eps)
+        self.eps = check_real("eps", eps, 0.0)  # eps = 0 is allowed (an all-zero row then gives NaN)
         self.add_param("weight", np.ones(dim, dtype=float_dtype(dtype)))
         self._saved = None
 
@@ -59,6 +59,7 @@ class RMSNorm(Module):
     def backward(self, dy):
         if self._saved is None:
             raise RuntimeError("RMSNorm.backward called before forward")
-        dx, dg = rms_norm_backward(dy, self._saved)
+        xhat = self._saved[0]
+        dx, dg = rms_norm_backward(check_grad_output(dy, xhat.shape, xhat), self._saved)
         self.grads["weight"] += dg
         return dx

@@ -9,9 +9,18 @@ Backward is the inverse rotation (the transpose): angle -> -angle.
 """
 import numpy as np
 
-from topkattn.backend import get_array_module
-from topkattn.checks import check_int
-from topkattn.layers.module import Module
+from topkattn.backend import as_engine_array, get_array_module
+from topkattn.checks import check_int, check_real
+from topkattn.layers.module import Module, check_grad_output
+
+
+def check_rope_base(name, base):
+    """``float(base)``: the rotary base, a finite real number > 1 (TypeError / ValueError naming ``name``).
+
+    A base <= 1 (or NaN, or infinite) gives no usable rotation: the angles base^(-2i/R) do
+    not decrease, or the output is NaN.
+    """
+    return check_real(name, base, 1.0, lo_open=True)
 
 
 def rope_angles(positions, R, base, xp=np, dtype=np.float64):
@@ -40,20 +49,23 @@ class RoPE(Module):
         self.dim = check_int("dim", dim, 2)
         if dim % 2:
             raise ValueError(f"rope dim must be even, got {dim}")
-        if not base > 1.0:
-            raise ValueError(f"rope base must be > 1, got {base!r}")
-        self.base = float(base)
+        self.base = check_rope_base("base", base)
         self._cs = None
+        self._shape = None
 
     def angles(self, positions, like):
         return rope_angles(positions, self.dim, self.base, get_array_module(like), like.dtype)
 
     def forward(self, x, positions):
-        if x.shape[-1] != self.dim:
+        x = as_engine_array(x, "x")
+        if x.dtype.kind != "f":
+            raise TypeError(f"x must be a float array, got {x.dtype}")
+        if x.ndim < 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have last axis R={self.dim}, got shape {tuple(x.shape)}")
         if len(positions) != x.shape[-2]:
             raise ValueError(f"positions must have length T={x.shape[-2]}, got {len(positions)}")
         self._cs = self.angles(positions, x)
+        self._shape = x.shape
         return rope_apply(x, *self._cs)
 
     def step(self, x, positions):
@@ -62,4 +74,5 @@ class RoPE(Module):
     def backward(self, dy):
         if self._cs is None:
             raise RuntimeError("RoPE.backward called before forward")
+        dy = check_grad_output(dy, self._shape, self._cs[0])  # (..., T, R)
         return rope_apply(dy, *self._cs, inverse=True)

@@ -8,7 +8,7 @@ import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.checks import check_int, float_dtype, make_rng
-from topkattn.layers.module import Module, as_input, normal
+from topkattn.layers.module import Module, as_input, check_grad_output, normal
 
 
 def _sigmoid(xp, a):
@@ -47,7 +47,7 @@ class SwiGLU(Module):
         p, g = self.params, self.grads
         x, a, b, sg, h = self._saved
         d, Dff = self.d_model, self.d_ff
-        dy = dy.astype(x.dtype, copy=False)
+        dy = check_grad_output(dy, x.shape, x)  # (..., d)
         g["W2"] += dy.reshape(-1, d).T @ h.reshape(-1, Dff)
         dh = dy @ p["W2"]  # (..., Dff)
         silu = a * sg

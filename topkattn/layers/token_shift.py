@@ -11,7 +11,7 @@ import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.checks import check_int, float_dtype
-from topkattn.layers.module import Module
+from topkattn.layers.module import Module, as_input, check_grad_output
 
 
 class TokenShift(Module):
@@ -29,17 +29,20 @@ class TokenShift(Module):
         self._prev = None
 
     def forward(self, x):
+        W = self.params["weight"]
+        x = as_input(x, "x", W.dtype, ndim=3, last_dim=self.dim, letters=f"(B, T, d={self.dim})")
         xp = get_array_module(x)
         prev = xp.zeros_like(x)                      # (B, T, d)
         prev[:, 1:] = x[:, :-1]
         self._prev = prev
-        return x + prev @ self.params["weight"].T
+        return x + prev @ W.T
 
     def backward(self, dy):
         if self._prev is None:
             raise RuntimeError("TokenShift.backward called before forward")
         d = self.dim
         W = self.params["weight"]
+        dy = check_grad_output(dy, self._prev.shape, W)  # (B, T, d)
         self.grads["weight"] += dy.reshape(-1, d).T @ self._prev.reshape(-1, d)   # (d, d)
         dx = dy.copy()
         dx[:, :-1] += dy[:, 1:] @ W                  # (B, T-1, d)

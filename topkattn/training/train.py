@@ -22,6 +22,8 @@ Shape letters: B batch, T sequence length, d model width, V vocabulary.
 import dataclasses
 import math
 import os
+import re
+import tempfile
 import time
 
 import numpy as np
@@ -29,6 +31,7 @@ import numpy as np
 from topkattn.backend import get_array_module, require_cupy, to_numpy
 from topkattn.checks import ConfigDict, check_choice, check_int, check_real
 from topkattn.layers.loss import softmax_cross_entropy
+from topkattn.layers.rope import check_rope_base
 from topkattn.model import Transformer, TransformerConfig
 from topkattn.storage import atomic_write_json, remove_stale_temporaries
 from topkattn.training.checkpoint import (
@@ -45,6 +48,31 @@ CHECKPOINT_NAME = "checkpoint.npz"
 METRICS_NAME = "metrics.json"
 HISTORY_NAME = "history.json"
 TRAIN_STREAM, EVAL_STREAM, FORGET_STREAM = 0, 1, 2
+EVAL_BATCH = 128  # held-out sequences per forward in :func:`evaluate`
+# the JSON files' temporaries before they went through topkattn.storage: <name>.tmp-<pid>
+LEGACY_TEMPORARY = re.compile(r"(history|metrics)\.json\.tmp-[0-9]+")
+
+
+class OutDirError(OSError):
+    """``out_dir`` cannot be created or written; found before the first step (``path``, ``reason``)."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"out_dir {path} is not a writable folder ({reason})")
+        self.path, self.reason = path, reason
+
+
+class SaveError(OSError):
+    """Writing a checkpoint, metrics.json or history.json into ``out_dir`` failed during the run;
+    the files written before are kept."""
+
+
+class RunTooLargeError(ValueError):
+    """A run whose :func:`step_memory_estimate` exceeds the machine's memory (``estimate``,
+    ``available``, in bytes)."""
+
+    def __init__(self, message, estimate, available):
+        super().__init__(message)
+        self.estimate, self.available = estimate, available
 
 
 @dataclasses.dataclass
@@ -86,8 +114,9 @@ class TrainConfig(ConfigDict):
         if self.d_model // self.heads < 4:
             raise ValueError(f"d_model / heads must be at least 4, got {self.d_model}/{self.heads}")
         check_real("forget_rate", self.forget_rate, 0.0, 1.0, hi_open=True)
-        for name in ("lr", "clip_norm", "rope_base"):
+        for name in ("lr", "clip_norm"):
             check_real(name, getattr(self, name), 0.0, lo_open=True)
+        check_rope_base("rope_base", self.rope_base)
         for name in ("weight_decay", "min_lr_ratio", "beta2"):
             check_real(name, getattr(self, name), 0.0, 1.0)
         if not isinstance(self.token_shift, bool):
@@ -115,6 +144,121 @@ def model_config(cfg, vocab_size):
         rope_base=float(cfg.rope_base), token_shift=cfg.token_shift, dtype="float32", seed=cfg.seed)
 
 
+def n_model_params(mc):
+    """The parameter count of :func:`model_config`'s model (MLA + SwiGLU, tied head), without
+    building it: embedding V d; per layer two RMSNorm gains, MLA's projections and norms, and
+    SwiGLU's three matrices; the final norm; the token shift's d x d."""
+    d, H, Lq, C = mc.d_model, mc.n_heads, mc.q_lora_rank, mc.kv_lora_rank
+    Dn, R, Dv, Dff, P = mc.qk_nope_dim, mc.qk_rope_dim, mc.v_head_dim, mc.d_ff, mc.persistent_tokens
+    mla = (Lq * d + Lq + H * Dn * Lq + H * R * Lq + C * d + C + H * Dn * C + H * Dv * C + R * d
+           + d * H * Dv + P * (C + R))
+    per_layer = 2 * d + mla + 3 * d * Dff
+    head = 0 if mc.tie_embeddings else mc.vocab_size * d
+    return mc.vocab_size * d + mc.n_layers * per_layer + d + head + (d * d if mc.token_shift else 0)
+
+
+def step_memory_estimate(cfg):
+    """A lower bound, in bytes, of the peak memory of a training run of ``cfg`` (a :class:`TrainConfig`).
+
+    Counted, with 4 bytes a float32 and 8 an int64 token:
+
+    * the parameters, their gradients and AdamW's two moments: 4 numbers per parameter;
+    * a training step of B = batch_size sequences of T = seq_len tokens: the batch (inputs and
+      targets, 2 B T int64); what the forward keeps for the backward, per token and layer
+      4 d + 2 Lq + 2 C + R + 2 H (Dn + R) + 3 H Dv + 4 Dff numbers (the block's two RMSNorm
+      inputs and outputs, MLA's query and KV latents, rope key, per-head queries, keys,
+      values and attention outputs, SwiGLU's four hidden vectors; with top-k also the (H, K)
+      int64 indices), and per token d (the token shift) + 2 d + 3 V (the final norm, the logits,
+      their softmax and gradient); and one row of attention scores per (sequence, head),
+      B H T: the smallest tile the chunked attention ops use;
+    * the held-out evaluation (MQAR): its inputs and targets (2 eval_size T int64) and the
+      forward of one evaluation batch (min(128, eval_size) sequences, counted as above).
+
+    The peak is the parameters and optimizer plus the larger of the training step and the
+    evaluation.  Temporaries of the matrix products, the softmax and NumPy's overhead are not
+    counted: a run needs more than this.  Used by :func:`train` to refuse runs that cannot fit.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    V = cfg.vocab_size if cfg.task == "mqar" else TextCorpus.vocab_size
+    mc = model_config(cfg, V)
+    d, H, L, T = mc.d_model, mc.n_heads, mc.n_layers, cfg.seq_len
+    per_layer = (4 * d + 2 * mc.q_lora_rank + 2 * mc.kv_lora_rank + mc.qk_rope_dim
+                 + 2 * H * (mc.qk_nope_dim + mc.qk_rope_dim) + 3 * H * mc.v_head_dim + 4 * mc.d_ff
+                 + (2 * H * min(cfg.k, T) if mc.topk is not None else 0))
+    per_token = L * per_layer + (d if mc.token_shift else 0) + 2 * d + 3 * V  # float32 numbers
+
+    def forward_bytes(n_seq):
+        return 4 * n_seq * T * per_token + 4 * n_seq * H * T
+
+    train_step = forward_bytes(cfg.batch_size) + 2 * 8 * cfg.batch_size * T
+    evaluation = 0
+    if cfg.task == "mqar":  # the text task's held-out windows depend on the corpus: not counted
+        evaluation = forward_bytes(min(EVAL_BATCH, cfg.eval_size)) + 2 * 8 * cfg.eval_size * T
+    return 4 * 4 * n_model_params(mc) + max(train_step, evaluation)
+
+
+def machine_memory(device="cpu"):
+    """Bytes of memory a run on ``device`` can use at most: the host's RAM, plus the GPU's memory
+    with device "gpu"; None when the platform does not say."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    if device == "gpu":
+        total += int(require_cupy().cuda.Device().mem_info[1])
+    return total
+
+
+def check_memory(cfg, device="cpu"):
+    """Raise :class:`RunTooLargeError` when :func:`step_memory_estimate` exceeds :func:`machine_memory`."""
+    need, have = step_memory_estimate(cfg), machine_memory(device)
+    if have is not None and need > have:
+        raise RunTooLargeError(
+            f"the run needs at least {format_bytes(need)} of memory (a lower-bound estimate for "
+            f"batch_size={cfg.batch_size}, seq_len={cfg.seq_len}, d_model={cfg.d_model}, layers={cfg.layers}), "
+            f"more than this machine's {format_bytes(have)}", need, have)
+
+
+def format_bytes(n):
+    """``n`` bytes as a short human-readable string (1024-based units)."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def probe_out_dir(out_dir):
+    """Create ``out_dir`` (and its parents) and write and delete a probe file in it, named as the
+    atomic writer names its temporary files (``<TEMP_PREFIX>*.tmp``, so a leftover probe is
+    cleaned like one); :class:`OutDirError` naming the folder when any of it fails."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=out_dir)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise OutDirError(out_dir, e.strerror or str(e)) from e
+
+
+def remove_leftovers(out_dir):
+    """Delete the temporary files an interrupted save left in ``out_dir`` (this run's folder):
+    the atomic writer's ``<TEMP_PREFIX>*.tmp`` and the older ``history.json.tmp-<pid>`` /
+    ``metrics.json.tmp-<pid>``; returns their names.  Other files are left alone."""
+    removed = remove_stale_temporaries(out_dir, TEMP_PREFIX)
+    for name in sorted(os.listdir(out_dir)):
+        if LEGACY_TEMPORARY.fullmatch(name):
+            try:
+                os.unlink(os.path.join(out_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
 def step_seed(seed, stream, step):
     """A 63-bit integer seed for (run seed, stream, step)."""
     ss = np.random.SeedSequence([int(seed), int(stream), int(step)])
@@ -134,7 +278,7 @@ def heldout_set(task, cfg):
     return task.heldout(cfg.eval_size)
 
 
-def evaluate(model, task, cfg, batch_size=128):
+def evaluate(model, task, cfg, batch_size=EVAL_BATCH):
     """Held-out metrics: mqar -> accuracy and loss; text -> loss and bits per character."""
     x_all, y_all = heldout_set(task, cfg)
     xp = model.xp
@@ -183,6 +327,10 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
       cfg: a :class:`TrainConfig`.
       out_dir: folder for ``checkpoint.npz`` (every ``checkpoint_every`` steps and at the
         end), ``metrics.json`` and ``history.json`` (per-step loss and lr); None = no files.
+        It is created and probed (a file written and deleted) before the first step:
+        :class:`OutDirError` if that fails; a write failing later raises :class:`SaveError`
+        and keeps the files written before.  Temporary files an interrupted save left
+        there are removed.
       resume: continue from ``out_dir/checkpoint.npz``; its config must equal ``cfg``
         (:class:`~topkattn.training.checkpoint.ConfigMismatchError` names the fields otherwise), a
         corrupt file raises :class:`~topkattn.training.checkpoint.CheckpointError`.
@@ -191,6 +339,10 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
         (step counts from 1).
       log: called with one-line messages (e.g. ``tqdm.write``).
       eval_every: also evaluate on the held-out set every this many steps and ``log`` it.
+
+    A run whose :func:`step_memory_estimate` (a lower bound) exceeds the machine's memory is
+    refused with :class:`RunTooLargeError` before anything is allocated.  A non-finite loss or
+    gradient norm raises FloatingPointError (the last good state is saved with ``out_dir``).
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -198,6 +350,9 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
     check_int("checkpoint_every", checkpoint_every, 1)
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir (the folder holding checkpoint.npz)")
+    if out_dir is not None:
+        out_dir = os.fspath(out_dir)
+    check_memory(cfg, device)
     log = log or (lambda msg: None)
     t_start, c_start = time.perf_counter(), time.process_time()
     xp = require_cupy() if device == "gpu" else np
@@ -227,16 +382,28 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
                                   f"{len(losses)} recorded losses")
         log(f"resumed from {ckpt_path} at step {start}/{cfg.steps}")
 
-    if out_dir is not None:  # a save killed mid-write (e.g. SIGKILL) leaves its temporary file
-        for name in remove_stale_temporaries(out_dir, TEMP_PREFIX):
+    if out_dir is not None:
+        probe_out_dir(out_dir)  # before step 1: an unusable folder must not cost the run's work
+        for name in remove_leftovers(out_dir):  # a save killed mid-write (e.g. SIGKILL) leaves its temporary
             log(f"removed {name}, left in {out_dir} by an interrupted save")
+    saved_at = start if resume else None  # the step of the newest checkpoint on disk
+
+    def write_failed(what, e):
+        kept = "no checkpoint was written" if saved_at is None else f"the checkpoint of step {saved_at} is kept"
+        return SaveError(f"cannot write {what} in {out_dir} ({e.strerror or e}); {kept}")
 
     def save(step):
-        if ckpt_path is not None:
+        nonlocal saved_at
+        if ckpt_path is None:
+            return
+        try:
             save_training_state(ckpt_path, params=model.params, optimizer=opt, step=step,
                                 config=cfg.to_dict(), rng=_rng_state(cfg, step),
                                 history={"loss": np.asarray(losses, dtype=np.float64),
                                          "lr": np.asarray(lrs, dtype=np.float64)})
+        except OSError as e:
+            raise write_failed(f"the checkpoint of step {step}", e) from e
+        saved_at = step
 
     model.train()
     tokens = cfg.batch_size * cfg.seq_len
@@ -251,9 +418,16 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
         lr = warmup_cosine_lr(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                               total_steps=cfg.steps, min_lr=min_lr)
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            save(step)
+            if ckpt_path is None:
+                kept = "the state was not saved (no out_dir)"
+            else:
+                try:
+                    save(step)
+                    kept = f"last good state saved at step {step} in {ckpt_path}"
+                except SaveError as e:
+                    kept = f"the last good state could not be saved: {e}"
             raise FloatingPointError(f"step {step + 1}: non-finite loss {loss} or gradient norm "
-                                     f"{norm}; last good state saved at step {step}")
+                                     f"{norm}; {kept}")
         opt.step(model.params, model.grads, lr=lr)
         losses.append(float(loss) + float(model.aux_loss))
         lrs.append(lr)
@@ -286,9 +460,11 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
         "config": cfg.to_dict(),
     }
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_write_json(os.path.join(out_dir, HISTORY_NAME), {"loss": losses, "lr": lrs}, prefix=TEMP_PREFIX)
-        atomic_write_json(os.path.join(out_dir, METRICS_NAME), metrics, prefix=TEMP_PREFIX)
+        for name, obj in ((HISTORY_NAME, {"loss": losses, "lr": lrs}), (METRICS_NAME, metrics)):
+            try:
+                atomic_write_json(os.path.join(out_dir, name), obj, prefix=TEMP_PREFIX)
+            except OSError as e:
+                raise write_failed(name, e) from e
     return TrainResult(metrics=metrics, losses=np.asarray(losses), model=model)
 
 
