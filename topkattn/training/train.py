@@ -411,10 +411,11 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
     t_train = time.perf_counter()
     for step in range(start, cfg.steps):
         x, y = train_batch(task, cfg, step)                              # (B, T), (B, T)
-        logits = model.forward(xp.asarray(x), seed=step_seed(cfg.seed, FORGET_STREAM, step))
-        loss, dlogits = softmax_cross_entropy(logits, xp.asarray(y))    # (B, T, V)
-        model.backward(dlogits)
-        norm = clip_grad_norm(model.grads, cfg.clip_norm)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a diverging step: checked below
+            logits = model.forward(xp.asarray(x), seed=step_seed(cfg.seed, FORGET_STREAM, step))
+            loss, dlogits = softmax_cross_entropy(logits, xp.asarray(y))    # (B, T, V)
+            model.backward(dlogits)
+            norm = clip_grad_norm(model.grads, cfg.clip_norm)
         lr = warmup_cosine_lr(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                               total_steps=cfg.steps, min_lr=min_lr)
         if not (math.isfinite(loss) and math.isfinite(norm)):
