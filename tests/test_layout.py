@@ -1,7 +1,7 @@
 """The package's import direction, read from the source with ``ast`` (imports inside functions too).
 
 Lowest first:  backend, threads, checks  ->  ops (+ cuda)  ->  layers  ->  model  ->
-{decoding, training}  ->  cli.  Beside ops: ann and storage (on backend/threads/checks and
+{decoding, training}  ->  distributed  ->  cli.  Beside ops: ann and storage (on backend/threads/checks and
 storage only).  Beside the layers: interop and pretrained (on ops and layers).  testing (the
 tests' helpers) on checks and backend only, and nothing in the library imports it.
 A "unit" is a module of the package root or a subpackage; ``cli/`` is installed as topkattn.cli.
@@ -30,12 +30,13 @@ ALLOWED = {  # unit -> the other units it may import
     "pretrained": BASE | {"ops", "cuda", "layers"},
     "decoding": BELOW_LAYERS | {"layers", "model"},
     "training": BELOW_LAYERS | {"layers", "model"},
+    "distributed": BELOW_LAYERS | {"layers", "model", "decoding", "training"},  # MPI on top of the rest
     "train": {"training"},  # the compatibility name for topkattn.training.train
     "__init__": {"ops"},
 }
 ALLOWED["cli"] = set(ALLOWED) - {"testing"}
 ROOT_MODULES = {"__init__", "backend", "threads", "checks", "storage", "model", "testing", "train"}
-SUBPACKAGES = {"ann", "cuda", "decoding", "interop", "layers", "ops", "pretrained", "training"}
+SUBPACKAGES = {"ann", "cuda", "decoding", "distributed", "interop", "layers", "ops", "pretrained", "training"}
 
 
 def _sources():

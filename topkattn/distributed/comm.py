@@ -1,0 +1,62 @@
+"""MPI plumbing shared by the distributed modes: mpi4py on demand, agreement on errors.
+
+Only mpi4py carries data (host buffers); nothing here is a transport of its own.  mpi4py is
+imported when a distributed function first needs it, so ``import topkattn`` works without it,
+and :func:`require_mpi` says in one line what to install.
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module, to_numpy
+
+INSTALL_HINT = 'pip install -e ".[mpi]" (mpi4py and an MPI from wheels)'
+
+
+def require_mpi():
+    """The ``mpi4py.MPI`` module; ImportError with the install command when it is missing."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise ImportError(f"topkattn.distributed needs mpi4py: {INSTALL_HINT}") from e
+    return MPI
+
+
+def world():
+    """``MPI.COMM_WORLD``."""
+    return require_mpi().COMM_WORLD
+
+
+def agree(comm, error):
+    """Raise on every rank if ``error`` (an exception or None) was raised on any rank.
+
+    A check that fails on one rank only would leave the others waiting in the next
+    collective; after this call every rank raises: the failing rank its own error, the
+    others a RuntimeError naming the rank and its message.
+    """
+    msgs = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if bad:
+        rank, msg = bad[0]
+        raise RuntimeError(f"rank {rank} failed: {msg}")
+
+
+def allgather_rows(comm, a):
+    """Stack ``a`` (rows, ...) of every rank: (ranks, rows, ...) on the array's device.
+
+    Every rank must pass the same shape and dtype.  Host buffers carry the data.
+    """
+    xp = get_array_module(a)
+    host = np.ascontiguousarray(to_numpy(a))
+    out = np.empty((comm.size,) + host.shape, dtype=host.dtype)
+    comm.Allgather(host, out)
+    return xp.asarray(out)
+
+
+def allreduce_sum(comm, a):
+    """Elementwise sum of ``a`` over the ranks, on the array's device (NaN propagates)."""
+    xp = get_array_module(a)
+    host = np.ascontiguousarray(to_numpy(a))
+    out = np.empty_like(host)
+    comm.Allreduce(host, out, op=require_mpi().SUM)
+    return xp.asarray(out)
