@@ -5,6 +5,7 @@ float64, an explicit SVD of the fitted values, or the dense padded ``_search_xp`
 """
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -180,7 +181,7 @@ def assert_matches_dense_reference(ix, qq, w, rr):
     """The CPU search of qq equals the dense padded reference path on the same index."""
     ids, dist = ix.search(qq, 10, w, rr, return_distances=True)
     q2, _ = ix._check_queries(qq, "q", np)
-    ref_ids, ref_s = ix._search_xp(q2, 10, w, rr, np)
+    ref_ids, ref_s = ix._search_xp(q2, 10, w, rr, np, exclusive=True)
     _, ref_dist = ix._output(ref_ids, ref_s, q2, False, True, np)
     np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-3)
     # ids agree except where float rounding reorders (near-)tied scores
@@ -569,3 +570,282 @@ def test_mth_bound_is_a_tight_lower_bound():
         exact = np.sort(x)[::-1][m - 1]
         assert t <= exact and (x >= t).sum() >= m
         assert exact - t <= (x.max() - x.min()) / 2 ** 15
+
+
+# ----------------------------------------------------------------------------- empty clusters
+def _search_every_path(ix, q, k, w, rr, monkeypatch):
+    """ids of search(q) on each CPU path (serial fused, parallel fused, GEMM blocks) and the
+    dense array-library path, for the queries q (Q, Dx), Q > 16."""
+    from topkattn.ann import index as index_module
+
+    out = {"serial": ix.search(q[:1], k, w, rr), "fused": ix.search(q[:8], k, w, rr)}
+    monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP", 0)
+    out["blocks"] = ix.search(q, k, w, rr)
+    monkeypatch.undo()
+    q2, _ = ix._check_queries(q, "q", np)
+    w_live = min(w, int((ix.cluster_sizes > 0).sum()))
+    out["dense"] = ix._search_xp(q2, k, w_live, rr, np, exclusive=True)[0]
+    return out
+
+
+def _lure_to_empty(ix, q):
+    """Move every empty cluster's centroid to where query q (Dx,) routes first."""
+    for c in np.flatnonzero(ix.cluster_sizes == 0):
+        ix._cent[c] = q if ix.distance == "l2" else q / np.linalg.norm(q)
+    ix._cnorm = np.einsum("cg,cg->c", ix._cent, ix._cent)
+    ix._device = {}
+
+
+@pytest.mark.parametrize("distance", ["ip", "l2"])
+def test_identical_points_are_found_past_empty_clusters(distance, monkeypatch):
+    """600 copies of one point leave 7 of 8 clusters empty (they cannot be split); routing
+    must skip the empty ones even when their centroids are the query's best (it sent
+    queries to them: [-1, -1, -1])."""
+    rng = np.random.default_rng(0)
+    x = np.tile(rng.standard_normal((1, 32)).astype(np.float32), (600, 1))
+    ix = LorannIndex(x, 8, rank=4, distance=distance)
+    ix.build()
+    assert (ix.cluster_sizes > 0).sum() == 1
+    q = rng.standard_normal((40, 32)).astype(np.float32)
+    _lure_to_empty(ix, q[0])
+    want = ix.exact_search(q, 3)
+    np.testing.assert_array_equal(want, np.tile([0, 1, 2], (40, 1)))
+    np.testing.assert_array_equal(ix.search(q[0], 3, 2, 3), [0, 1, 2])
+    for name, ids in _search_every_path(ix, q, 3, 2, 3, monkeypatch).items():
+        np.testing.assert_array_equal(ids, want[: len(ids)], err_msg=name)
+
+
+def test_cupy_search_skips_empty_clusters():
+    """The CuPy routing of the array-library path (skipped without CuPy and a GPU)."""
+    cp = pytest.importorskip("cupy")
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception:
+        pytest.skip("no usable CUDA device")
+    rng = np.random.default_rng(0)
+    x = np.tile(rng.standard_normal((1, 32)).astype(np.float32), (600, 1))
+    ix = LorannIndex(x, 8, rank=4)
+    ix.build()
+    q = rng.standard_normal((4, 32)).astype(np.float32)
+    _lure_to_empty(ix, q[0])
+    np.testing.assert_array_equal(ix.search(cp.asarray(q), 3, 2, 3).get(), np.tile([0, 1, 2], (4, 1)))
+
+
+@pytest.mark.parametrize("seed,distance", [(4, "ip"), (5, "l2")])
+def test_kmeans_leaves_no_cluster_empty_when_it_can_split(seed, distance):
+    """Three very tight blobs of 300, 20 and 4 points, 8 clusters: the old perturbed-copy
+    re-seeding left clusters empty for these seeds; splitting the largest cluster across its
+    widest axis fills every one."""
+    rng = np.random.default_rng(seed)
+    mu = rng.standard_normal((3, 16)) * 10
+    x = np.concatenate([m + 1e-4 * rng.standard_normal((s, 16)) for m, s in zip(mu, [300, 20, 4])]
+                       ).astype(np.float32)
+    ix = LorannIndex(x, 8, rank=4, distance=distance, seed=seed)
+    ix.build()
+    assert (ix.cluster_sizes > 0).all(), ix.cluster_sizes
+    q = rng.standard_normal((5, 16)).astype(np.float32)
+    ids, dist = ix.search(q, 5, 8, len(x), return_distances=True)
+    np.testing.assert_allclose(dist, ix.exact_search(q, 5, return_distances=True)[1], rtol=1e-5)
+
+
+def test_fill_empty_splits_the_largest_cluster_deterministically():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal((50, 4)) - 5, rng.standard_normal((30, 4)) + 5,
+                        np.ones((40, 4))]).astype(np.float32)
+    assign = np.repeat(np.array([0, 1, 3]), [50, 30, 40]).astype(np.int64)  # 2 and 4 empty
+    cent = np.zeros((5, 4), np.float32)
+    runs = []
+    for _ in range(2):
+        a, c = assign.copy(), cent.copy()
+        assert kmeans.fill_empty(x, c, a, "l2") == 0
+        runs.append((a, c))
+        sizes = np.bincount(a, minlength=5)
+        assert (sizes > 0).all() and sizes.sum() == 120
+        assert (a[100:] == 3).all()  # the identical points were never split
+        for j in (0, 1, 2, 4):  # split: the means of their points
+            np.testing.assert_allclose(c[j], x[a == j].mean(0), atol=1e-5)
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    same = np.ones((6, 3), np.float32)
+    a = np.zeros(6, np.int64)
+    assert kmeans.fill_empty(same, np.zeros((3, 3), np.float32), a, "ip") == 2
+    assert (a == 0).all()
+
+
+# ----------------------------------------------------------------------------- defaults and sizes
+def test_default_train_size_fits_few_clusters(data):
+    x, q = data
+    for c in (1, 2, 4):
+        ix = LorannIndex(x[:300], c, rank=4)
+        assert ix.train_size == min(5, c)
+        ix.build()
+        np.testing.assert_array_equal(ix.search(q[:3], 5, c, 300), ix.exact_search(q[:3], 5))
+    assert LorannIndex(x[:300], 8, rank=4).train_size == 5
+    with pytest.raises(ValueError, match=r"train_size must be an integer in \[1, 2\], got 3"):
+        LorannIndex(x[:300], 2, rank=4, train_size=3)  # an explicit value is not clamped
+
+
+def test_k_beyond_the_points_pads_and_an_unallocatable_k_is_a_value_error(data):
+    x, q = data
+    ix = LorannIndex(x[:600], 8, rank=4, distance="l2")
+    ix.build()
+    ids, dist = ix.search(q[:3], 605, 8, 600, return_distances=True)
+    assert ids.shape == dist.shape == (3, 605)
+    np.testing.assert_array_equal(ids[:, :600], ix.exact_search(q[:3], 600))
+    assert (ids[:, 600:] == -1).all() and np.isinf(dist[:, 600:]).all()
+    eids = ix.exact_search(q[:3], 605)
+    np.testing.assert_array_equal(eids, ids)
+    for fn in (lambda: ix.search(q[0], 10 ** 12, 2, 0), lambda: ix.exact_search(q[:2], 10 ** 12),
+               lambda: ix.search(q[:2], 10 ** 12, 2, 5, return_distances=True)):
+        with pytest.raises(ValueError, match=r"k=1000000000000 asks for a .* GiB"):
+            fn()
+
+
+def test_points_to_rerank_is_capped_at_the_points(data, monkeypatch):
+    """points_to_rerank = 10**5 on 600 points allocated candidate buffers for 10**5 (GEMM
+    path: 2 threads x 40 queries x 2 x 10**5 x 12 bytes, 190 MB); capped, it is ~0."""
+    import tracemalloc
+
+    from topkattn.ann import index as index_module
+
+    x, q = data
+    ix = LorannIndex(x[:600], 8, rank=4)
+    ix.build()
+    monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP", 0)
+    want = ix.search(q[:40], 5, 3, 600)
+    tracemalloc.start()
+    try:
+        got = ix.search(q[:40], 5, 3, 10 ** 5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, want)
+    assert peak < 16 * 2 ** 20, peak
+
+
+# ----------------------------------------------------------------------------- crafted files
+def _rewrite(path, out, arrays=None, meta=None):
+    """Copy the index file ``path`` to ``out`` with arrays/meta entries replaced (valid checksums)."""
+    from topkattn.ann import persist
+    from topkattn.storage import load_container, save_container
+
+    files, params, _ = load_container(path, kind=persist.KIND, max_version=persist.VERSION)
+    files = {**files, **(arrays or {})}
+    files = {n: a for n, a in files.items() if a is not None}
+    save_container(out, files, {**params, **(meta or {})}, kind=persist.KIND,
+                   version=persist.VERSION, prefix=".t-")
+    return out
+
+
+def test_load_refuses_files_whose_contents_do_not_fit_together(tmp_path, data):
+    """Checksums hold (the files are rewritten through save_container) but the meaning does
+    not: each crafted file is one StorageError naming it; the shifted ids used to load and
+    then crash the search, the claimed n = 10**6 to load with len() = 10**6."""
+    from topkattn.storage import StorageError, load_container
+
+    x, q = data
+    ix = LorannIndex(x[:500], 4, 24, 8, 4, 2, "ip")
+    ix.build()
+    ix.add(x[500:520])
+    good = tmp_path / "good.npz"
+    ix.save(good)
+    files, meta, _ = load_container(good, kind="LorannIndex", max_version=2)
+    sid, size = files["slot_id"], files["size"]
+    dup = sid.copy()
+    dup[1] = dup[0]
+    moved = size.copy()
+    moved[0] -= 1
+    moved[1] += 1
+    cases = {
+        "shifted_ids": ({"slot_id": sid + 10 ** 12}, {}, "slot_id holds ids outside"),
+        "negative_id": ({"slot_id": np.where(sid == 3, -1, sid)}, {}, "outside"),
+        "duplicate_id": ({"slot_id": dup}, {}, "exactly once"),
+        "claims_more_points": ({}, {"n": 10 ** 6}, "'data' has .* shape"),
+        "sizes_off": ({"size": size + 1}, {}, "sum to"),
+        "negative_size": ({"size": np.where(np.arange(4) == 0, -3, size + (np.arange(4) == 1) * 3)},
+                          {}, "0 <= fit_size <= size"),
+        "moved_point": ({"size": moved}, {}, "assign disagrees"),
+        "assign_out_of_range": ({"assign": files["assign"] + 4}, {}, "assign disagrees"),
+        "fit_size_above_size": ({"fit_size": size + 1}, {}, "fit_size <= size"),
+        "wrong_P_shape": ({"P": files["P"][:, :, :5]}, {}, "'P' has .* shape"),
+        "codes_dtype": ({"bcodes": files["bcodes"].astype(np.int16)}, {}, "'bcodes' has dtype int16"),
+        "codes_shape": ({"acodes": files["acodes"][:, :, :3]}, {}, "'acodes'"),
+        "nan_scale": ({"bscale": np.where(np.arange(520) == 7, np.nan, files["bscale"])
+                      .astype(np.float32)}, {}, "non-finite"),
+        "float_ids": ({"slot_id": sid.astype(np.float32)}, {}, "integer dtype"),
+        "no_T": ({"T": None}, {}, "'T' is missing|arrays \\['T'\\] are missing"),
+        "T_without_reduction": ({}, {"global_dim": 32}, "'T' is present"),
+        "zero_clusters": ({}, {"n_clusters": 0}, "n_clusters must be"),
+        "rank_text": ({}, {"rank": "4"}, "rank must be an integer"),
+        "rank_too_big": ({}, {"rank": 32}, "rank must be"),
+        "distance": ({}, {"distance": "cos"}, "distance must be"),
+        "bits": ({}, {"quantization_bits": 5}, "quantization_bits must be"),
+        "bits_float": ({}, {"quantization_bits": 8.0}, "quantization_bits must be an integer"),
+        "bits_none_for_codes": ({}, {"quantization_bits": None}, "missing"),
+        "train_size": ({}, {"train_size": 9}, "train_size must be"),
+        "balanced": ({}, {"balanced": 1}, "balanced must be a bool"),
+        "refit_growth": ({}, {"refit_growth": -1.0}, "refit_growth must be"),
+        "n_float": ({}, {"n": 520.0}, "n must be an integer"),
+    }
+    for name, (arrays, meta_change, msg) in cases.items():
+        bad = _rewrite(good, tmp_path / f"{name}.npz", arrays, meta_change)
+        with pytest.raises(StorageError, match=re.escape(str(bad)) + ".*(" + msg + ")") as e:
+            LorannIndex.load(bad)
+        assert "\n" not in str(e.value), name
+    back = LorannIndex.load(_rewrite(good, tmp_path / "same.npz"))
+    np.testing.assert_array_equal(back.search(q, 5, 2, 20), ix.search(q, 5, 2, 20))
+
+
+def test_load_of_a_npy_file_or_a_non_path(tmp_path, data):
+    from topkattn.storage import StorageError
+
+    x, _ = data
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(StorageError, match="single .npy array"):
+        LorannIndex.load(tmp_path / "x.npy")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        LorannIndex.load(3)
+
+
+# ----------------------------------------------------------------------------- CUDA scorer routing
+@pytest.mark.cuda
+def test_cuda_lorann_search_skips_empty_clusters():
+    """lorann_search (simulator without a GPU) routes past the empty clusters like the index."""
+    from numba.core import config
+
+    if config.ENABLE_CUDASIM:
+        xp = np
+    else:
+        xp = pytest.importorskip("cupy")
+    from topkattn.backend import to_numpy
+    from topkattn.cuda.lorann_score import lorann_arrays, lorann_search
+
+    rng = np.random.default_rng(0)
+    x = np.tile(rng.standard_normal((1, 16)).astype(np.float32), (40, 1))
+    ix = LorannIndex(x, 4, rank=4, train_size=1)
+    ix.build()
+    assert (ix.cluster_sizes > 0).sum() == 1
+    q = rng.standard_normal((2, 16)).astype(np.float32)
+    _lure_to_empty(ix, q[0])
+    ids, _ = lorann_search(lorann_arrays(ix, xp), xp.asarray(q), 3, 2, 3)
+    np.testing.assert_array_equal(to_numpy(ids), ix.exact_search(q, 3))
+
+
+def test_numpy_scalar_arguments_are_stored_as_plain_values(tmp_path, data):
+    """NumPy ints/floats as parameters are kept as Python ints/floats (the file's JSON header
+    could not hold np.int64: save failed); a float quantization_bits is refused."""
+    x, q = data
+    ix = LorannIndex(x[:300], np.int64(4), np.int32(16), np.int64(8), np.int64(4), np.int64(2),
+                     refit_growth=np.float32(0.5))
+    assert type(ix.quantization_bits) is int and type(ix.refit_growth) is float
+    ix.build()
+    ix.save(tmp_path / "ix.npz")
+    back = LorannIndex.load(tmp_path / "ix.npz")
+    np.testing.assert_array_equal(back.search(q, 5, 2, 20), ix.search(q, 5, 2, 20))
+    with pytest.raises(TypeError, match="quantization_bits must be an integer"):
+        LorannIndex(x[:300], 4, quantization_bits=8.0, rank=4)
+    with pytest.raises(TypeError, match="distance must be a string"):
+        LorannIndex(x[:300], 4, rank=4, distance=2)
+    with pytest.raises(TypeError, match="balanced must be a bool"):
+        LorannIndex(x[:300], 4, rank=4, balanced="yes")

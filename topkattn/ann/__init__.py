@@ -11,7 +11,9 @@
 
 Modules: ``index`` (the class), ``kmeans`` (IVF partition), ``rrr`` (reduced-rank
 regression fit), ``quant`` (8/4-bit row quantisation), ``kernels`` (Numba search
-kernels), ``persist`` (versioned, checksummed, pickle-free files).
+kernels), ``persist`` (versioned, checksummed, pickle-free files, checked for
+consistency on load), ``rwlock`` (the readers-writer lock that lets threads share an
+index: searches run together, ``add``/``refit``/``build`` alone).
 """
 from topkattn.ann.index import LorannIndex
 

@@ -13,7 +13,10 @@ searched per query, Kn results, Mc candidates re-ranked (max(Kn, points_to_reran
 Distances follow the reference: ``ip`` returns ``-q.x`` and ``l2`` returns the
 squared Euclidean distance, both ascending (best first).  Ids are int64, padded
 with -1 (distance +inf) when fewer than k points are reachable; ties go to the
-lower id.
+lower id.  Queries are routed to their best non-empty clusters only.
+
+Threads: one :class:`~topkattn.ann.rwlock.RWLock` per index; searches share it, every
+mutation (``add``, ``refit``, ``build``, and a search's lazy refit) holds it alone.
 
 Implementation notes
 - Model fit: the right singular vectors of the fitted values X beta come from the
@@ -45,6 +48,7 @@ Implementation notes
   0.870 vs 0.879 for a full build) and by 0.003 without re-ranking; refit()
   recovers it (0.882).  Lazy refits (``refit_growth``) bound the drift.
 """
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,8 +56,9 @@ import numba
 import numpy as np
 
 from topkattn.ann import kernels, kmeans, quant, rrr
+from topkattn.ann.rwlock import RWLock
 from topkattn.backend import get_array_module, is_cupy_array, to_numpy
-from topkattn.checks import check_int, check_real, make_rng
+from topkattn.checks import check_choice, check_int, check_real, make_rng
 from topkattn.threads import blas_single_thread, n_workers
 
 KMEANS_ITERATIONS = 10
@@ -62,6 +67,7 @@ GLOBAL_DIM_REDUCTION_SAMPLES = 16384
 FUSED_MAX_QUERIES = 16  # up to this many queries: fused Numba kernel, no BLAS
 SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up)
 BLOCK_MIN_GROUP = 4  # GEMM path once clusters get this many queries on average (measured)
+DEFAULT_TRAIN_SIZE = 5  # train_size=None: this many nearest clusters, at most n_clusters
 _DISTANCES = ("ip", "l2")
 
 
@@ -77,42 +83,56 @@ class LorannIndex:
             matrices; scores use the quantised values) or None (float32).
         rank: rank Rk of each cluster's regression (1 <= Rk < Dx, Rk <= Dg).
         train_size: each training query trains the models of its ``train_size``
-            nearest clusters.
+            nearest clusters (1 <= train_size <= n_clusters); None (the default) takes
+            min(5, n_clusters), the reference's 5 where there are that many clusters.
         distance: ``"ip"`` (maximum inner product) or ``"l2"`` (squared Euclidean).
         balanced: capacity-constrained (balanced) k-means assignment.
         seed: seed or numpy Generator for sampling, k-means initialisation.
         refit_growth: after ``add``, a cluster grown by more than this fraction of
             its size at the last fit is refit at the next search that visits it;
             None disables lazy refits (call :meth:`refit`).
+
+    Threads: an index may be shared.  Searches (``search``, ``exact_search``) run
+    concurrently with each other; ``add``, ``refit`` and ``build`` each run alone (a
+    writer-preferring readers-writer lock: a waiting ``add`` holds back new searches, so a
+    stream of searches cannot starve it), so every search sees the index before or after a
+    whole call, never half of one.  A search whose clusters are due a lazy refit does the
+    refit holding the index alone.  ``save`` and ``search_state`` read a consistent
+    snapshot.  With Numba's ``workqueue`` threading layer (not thread-safe) the parallel
+    kernels of all indexes take turns.
     """
 
     def __init__(self, data, n_clusters, global_dim=None, quantization_bits=8, rank=32,
-                 train_size=5, distance="ip", balanced=False, *, seed=0, refit_growth=0.5):
+                 train_size=None, distance="ip", balanced=False, *, seed=0, refit_growth=0.5):
         data = _as_matrix(data, "data")
         n, d = data.shape
-        if isinstance(distance, str):
-            distance = distance.lower()
-        if distance not in _DISTANCES:
-            raise ValueError(f"distance must be 'ip' or 'l2', got {distance!r}")
-        check_int("n_clusters", n_clusters, 1, n)
-        if global_dim is None:
-            global_dim = d
-        check_int("global_dim", global_dim, 1, d)
-        check_int("rank", rank, 1, None)
+        if d < 2:  # rank must be >= 1 and < d
+            raise ValueError(f"data must have at least 2 columns, got shape {data.shape}")
+        distance = check_choice("distance", distance.lower() if isinstance(distance, str)
+                                else distance, _DISTANCES)
+        n_clusters = check_int("n_clusters", n_clusters, 1, n)
+        global_dim = d if global_dim is None else check_int("global_dim", global_dim, 1, d)
+        rank = check_int("rank", rank, 1, None)
         if rank >= d:
             raise ValueError(f"rank must be smaller than the data dimension {d}, got {rank}")
         if rank > global_dim:
             raise ValueError(f"rank must be <= global_dim={global_dim}, got {rank}")
-        check_int("train_size", train_size, 1, n_clusters)
-        if quantization_bits not in (None, 4, 8):
-            raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
+        if train_size is None:
+            train_size = min(DEFAULT_TRAIN_SIZE, n_clusters)
+        train_size = check_int("train_size", train_size, 1, n_clusters)
+        if quantization_bits is not None:
+            quantization_bits = check_int("quantization_bits", quantization_bits)
+            if quantization_bits not in (4, 8):
+                raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
+        if not isinstance(balanced, (bool, np.bool_)):
+            raise TypeError(f"balanced must be a bool, got {type(balanced).__name__} {balanced!r}")
         if refit_growth is not None:
-            check_real("refit_growth", refit_growth, 0.0, lo_open=True)
-        self.n_clusters = int(n_clusters)
-        self.global_dim = int(global_dim)
+            refit_growth = check_real("refit_growth", refit_growth, 0.0, lo_open=True)
+        self.n_clusters = n_clusters
+        self.global_dim = global_dim
         self.quantization_bits = quantization_bits
-        self.rank = int(rank)
-        self.train_size = int(train_size)
+        self.rank = rank
+        self.train_size = train_size
         self.distance = distance
         self.balanced = bool(balanced)
         self.refit_growth = refit_growth
@@ -125,10 +145,12 @@ class LorannIndex:
         self._norms = np.einsum("nd,nd->n", self._data, self._data)  # (N,)
         self.built = False
         self._device = {}
-        self._init_mirror()
+        self._init_runtime()
 
-    def _init_mirror(self):
-        """The CPU search's transposed copy of B (see :meth:`_mirror`), rebuilt on first use."""
+    def _init_runtime(self):
+        """The readers-writer lock and the CPU search's transposed copy of B (see
+        :meth:`_mirror`; rebuilt on first use, refreshed under ``_tr_lock`` by any reader)."""
+        self._lock = RWLock()
         self._tr = None
         self._tr_stale = set()
         self._tr_lock = threading.Lock()
@@ -148,18 +170,21 @@ class LorannIndex:
     @property
     def data(self):
         """The stored points (N, Dx) float32 (a view; do not modify)."""
-        return self._data[: self._n]
+        with self._lock.read():
+            return self._data[: self._n]
 
     @property
     def cluster_sizes(self):
         self._require_built()
-        return self._size.copy()
+        with self._lock.read():
+            return self._size.copy()
 
     @property
     def stale_clusters(self):
         """Clusters that received points since their last fit (their model lags)."""
         self._require_built()
-        return np.flatnonzero(self._size != self._fit_size)
+        with self._lock.read():
+            return np.flatnonzero(self._size != self._fit_size)
 
     # ------------------------------------------------------------------ build
     def build(self, approximate=True, training_queries=None, verbose=False):
@@ -171,10 +196,14 @@ class LorannIndex:
         as training queries.  ``approximate=False`` solves the exact OLS problem
         under dimensionality reduction instead of using the projected points.
         """
+        with self._lock.write():
+            self._build(approximate, training_queries, verbose)
+
+    def _build(self, approximate, training_queries, verbose):
         if self.built:
             raise RuntimeError("the index has already been built")
         d = self.dim
-        data = self.data
+        data = self._data[: self._n]
         if training_queries is None:
             tq = data
         else:
@@ -208,11 +237,13 @@ class LorannIndex:
         # thread count)
         self._cent = kmeans.kmeans(xr, c, distance=self.distance, iters=KMEANS_ITERATIONS,
                                    sample_size=sample, balanced=self.balanced, rng=self._rng)
-        self._cnorm = np.einsum("cg,cg->c", self._cent, self._cent)
         if self.balanced:
             assign = kmeans.balanced_assign(xr, self._cent, self.distance)
         else:
             assign = kmeans.nearest_clusters(xr, self._cent, 1, self.distance)[:, 0]
+        # k-means ran on a sample: split clusters again if this assignment left any empty
+        kmeans.fill_empty(xr, self._cent, assign, self.distance)
+        self._cnorm = np.einsum("cg,cg->c", self._cent, self._cent)
         members = _group(assign, c)
         tmap = kmeans.nearest_clusters(qr, self._cent, self.train_size, self.distance)  # (Qt, Wc)
         qmembers = _group(tmap.ravel(), c, div=tmap.shape[1])
@@ -227,6 +258,7 @@ class LorannIndex:
         self._P = np.zeros((c, r, g), np.float32)
         self._gram = np.zeros((c, g, g), np.float32)
         self._size = np.array([len(mm) for mm in members], np.int64)
+        self._n_live = int(np.count_nonzero(self._size))  # non-empty clusters
         self._fit_size = self._size.copy()
         self._cap = self._size.copy()
         self._start = np.zeros(c, np.int64)
@@ -347,11 +379,14 @@ class LorannIndex:
     def search(self, q, k, clusters_to_search, points_to_rerank, return_distances=False):
         """Approximate k nearest neighbours of ``q`` (Dx,) or (Q, Dx).
 
-        Routes each query to its ``clusters_to_search`` best centroids, scores
-        their points with the quantised low-rank models, keeps the
-        max(k, points_to_rerank) best and re-ranks them exactly
+        Routes each query to its ``clusters_to_search`` best non-empty centroids (all of
+        them when fewer are non-empty), scores their points with the quantised low-rank
+        models, keeps the max(k, points_to_rerank) best and re-ranks them exactly
         (``points_to_rerank=0``: approximate scores only).  Returns ids (Kn,) or
         (Q, Kn) int64 and, with ``return_distances``, float32 distances.
+        k and points_to_rerank above len(index) do no extra work: the ids past the
+        reachable points are -1 (distance inf); a k whose (Q, k) result cannot be
+        allocated is a ValueError naming k.
         NumPy queries run on the CPU (BLAS + Numba); CuPy queries on the GPU.
         """
         self._require_built()
@@ -360,33 +395,42 @@ class LorannIndex:
         k = check_int("k", k, 1, None)
         w = check_int("clusters_to_search", clusters_to_search, 1, self.n_clusters)
         rr = check_int("points_to_rerank", points_to_rerank, 0, None)
+        with self._lock.read():
+            found = self._search(q2, k, w, rr, xp, exclusive=False)
+        if found is None:  # a lazy refit is due: a mutation, so with the index held alone
+            with self._lock.write():
+                found = self._search(q2, k, w, rr, xp, exclusive=True)
+        return self._result(found, k, q2, single, return_distances, xp)
+
+    def _search(self, q, k, w, rr, xp, exclusive):
+        """(ids, scores) (Q, min(k, N)), or None when a lazy refit is due and not ``exclusive``."""
+        n = self._n
+        k, rr = min(k, n), min(rr, n)  # more would only pad
+        w = min(w, self._n_live)  # the non-empty clusters
         if xp is np:
-            ids, scores = self._search_cpu(q2, k, w, rr)
-        else:
-            ids, scores = self._search_xp(q2, k, w, rr, xp)
-        return self._output(ids, scores, q2, single, return_distances, xp)
+            return self._search_cpu(q, k, w, rr, exclusive)
+        return self._search_xp(q, k, w, rr, xp, exclusive)
 
     def exact_search(self, q, k, return_distances=False):
-        """Exact k nearest neighbours by brute force (ties to the lower id)."""
+        """Exact k nearest neighbours by brute force (ties to the lower id); k above
+        len(index) pads with -1 like :meth:`search`."""
         xp = get_array_module(q)
         q2, single = self._check_queries(q, "q", xp)
         k = check_int("k", k, 1, None)
-        kk = min(k, self._n)
-        if xp is np:
-            ids = np.full((len(q2), k), -1, np.int64)
-            scores = np.full((len(q2), k), -np.inf, np.float32)
-            for b in range(0, len(q2), 256):
-                s = self._exact_scores(q2[b:b + 256], self.data)  # (Q_b, N)
-                kernels.exact_topk(s, kk, ids[b:b + 256], scores[b:b + 256])
-        else:
-            data = self._dev(xp)["data"]
-            s = self._exact_scores(q2, data)
-            order = _topk_xp(xp, s, xp.tile(xp.arange(self._n), (len(q2), 1)), kk)
-            ids = xp.full((len(q2), k), -1, xp.int64)
-            scores = xp.full((len(q2), k), -np.inf, xp.float32)
-            ids[:, :kk] = order
-            scores[:, :kk] = xp.take_along_axis(s, order, axis=1)
-        return self._output(ids, scores, q2, single, return_distances, xp)
+        with self._lock.read():
+            kk = min(k, self._n)
+            if xp is np:
+                ids = np.empty((len(q2), kk), np.int64)
+                scores = np.empty((len(q2), kk), np.float32)
+                for b in range(0, len(q2), 256):
+                    s = self._exact_scores(q2[b:b + 256], self._data[: self._n])  # (Q_b, N)
+                    kernels.exact_topk(s, kk, ids[b:b + 256], scores[b:b + 256])
+            else:
+                data = self._dev(xp)["data"]
+                s = self._exact_scores(q2, data)
+                ids = _topk_xp(xp, s, xp.tile(xp.arange(self._n), (len(q2), 1)), kk)
+                scores = xp.take_along_axis(s, ids, axis=1)
+        return self._result((ids, scores), k, q2, single, return_distances, xp)
 
     def _exact_scores(self, q, data):
         s = q @ data.T  # (Q, N)
@@ -397,34 +441,45 @@ class LorannIndex:
         return s.astype(np.float32, copy=False)
 
     def _route(self, qr, w, xp):
-        cent = self._cent if xp is np else self._dev(xp)["cent"]
-        s = qr @ cent.T  # (Q, Nc)
-        if self.distance == "l2":
-            s = 2 * s - (self._cnorm if xp is np else self._dev(xp)["cnorm"])
+        """The w best non-empty clusters (Q, Wc) of reduced queries qr (Q, Dg), best first;
+        w <= the number of non-empty clusters (all Nc clusters when w = Nc)."""
         if w >= self.n_clusters:
-            return xp.broadcast_to(xp.arange(self.n_clusters), s.shape).copy()
+            return xp.broadcast_to(xp.arange(self.n_clusters), (len(qr), w)).copy()
+        l2 = self.distance == "l2"
         if xp is np:  # the w best, best first (the first pass of _score_blocks uses the best)
+            live = np.flatnonzero(self._size)
+            every = len(live) == self.n_clusters
+            s = qr @ (self._cent if every else self._cent[live]).T  # (Q, live)
+            if l2:
+                s = 2 * s - (self._cnorm if every else self._cnorm[live])
             top = np.empty((len(s), w), np.int64)
             kernels.top_columns(np.ascontiguousarray(s, np.float32), w, top)
-            return top
+            return top if every else live[top]
+        dev = self._dev(xp)
+        s = qr @ dev["cent"].T  # (Q, Nc)
+        if l2:
+            s = 2 * s - dev["cnorm"]
+        s = xp.where(dev["live"], s, -np.inf)
         return xp.argsort(-s, axis=1)[:, :w]
 
-    def _search_cpu(self, q, k, w, rr):
+    def _search_cpu(self, q, k, w, rr, exclusive):
         nq = len(q)
         if nq <= FUSED_MAX_QUERIES:  # no BLAS at all: Numba routing and scoring
-            return self._search_cpu_inner(q, k, w, rr)
+            return self._search_cpu_inner(q, k, w, rr, exclusive)
         with blas_single_thread():  # many small GEMMs: a threaded BLAS only spins
-            return self._search_cpu_inner(q, k, w, rr)
+            return self._search_cpu_inner(q, k, w, rr, exclusive)
 
-    def _search_cpu_inner(self, q, k, w, rr):
+    def _search_cpu_inner(self, q, k, w, rr, exclusive):
         nq = len(q)
         qr = np.ascontiguousarray(self._reduce(q), np.float32)  # (Q, Dg)
         if nq <= FUSED_MAX_QUERIES:
             top = np.empty((nq, w), np.int64)
-            kernels.route_small(qr, self._cent, self._cnorm, self.distance == "l2", w, top)
+            kernels.route_small(qr, self._cent, self._cnorm, self._size, self.distance == "l2",
+                                w, top)
         else:
             top = self._route(qr, w, np)  # (Q, Wc)
-        self._lazy_refit(top)
+        if not self._lazy_refit(top, exclusive):
+            return None
         m = max(k, rr)
         ids = np.empty((nq, k), np.int64)  # the kernels write every row (padding included)
         scores = np.empty((nq, k), np.float32)
@@ -479,20 +534,16 @@ class LorannIndex:
         kernels.merge_rerank(cand_s, cand_i, cand_n, self._data, q, self._norms, l2, m, k, rr > 0,
                              ids, scores)
 
-    def _search_xp(self, q, k, w, rr, xp):
+    def _search_xp(self, q, k, w, rr, xp, exclusive):
         """Array-library path (CuPy, or NumPy as the reference): padded dense tensors."""
         dev = self._dev(xp)
         nq = len(q)
         qr = q if dev["T"] is None else q @ dev["T"]  # (Q, Dg)
         top = self._route(qr, w, xp)  # (Q, Wc)
-        if xp is np:
-            self._lazy_refit(top)
+        if self._overgrown:  # copy the routing to the host only when a refit may be due
+            if not self._lazy_refit(to_numpy(top), exclusive):
+                return None
             dev = self._dev(xp)
-        elif self._overgrown:  # copy the routing to the host only when a refit may be due
-            stale = self._stale_in(to_numpy(top))
-            if len(stale):
-                self.refit(stale)
-                dev = self._dev(xp)
         m = max(k, rr)
         ids = xp.full((nq, k), -1, xp.int64)
         scores = xp.full((nq, k), -np.inf, xp.float32)
@@ -524,6 +575,27 @@ class LorannIndex:
             scores[b:b + chunk, :kk] = fs
         return ids, scores
 
+    def _result(self, found, k, q, single, return_distances, xp):
+        """The user's result from ``found`` = (ids, scores) (Q, min(k, N)): padded to k
+        columns (-1, distance inf); ValueError naming k if that cannot be allocated."""
+        ids, scores = found
+        nq, have = ids.shape
+        try:
+            if have < k:
+                pad_i = xp.full((nq, k), -1, xp.int64)
+                pad_s = xp.full((nq, k), -np.inf, xp.float32)
+                pad_i[:, :have] = ids
+                pad_s[:, :have] = scores
+                ids, scores = pad_i, pad_s
+            return self._output(ids, scores, q, single, return_distances, xp)
+        except (MemoryError, ValueError) as e:  # numpy: ValueError for "array is too big"
+            if have == k and not isinstance(e, MemoryError):
+                raise
+            gib = nq * k * (20 if return_distances else 12) / 2 ** 30
+            raise ValueError(f"k={k} asks for a ({nq}, {k}) result of {gib:.3g} GiB, which cannot "
+                             f"be allocated ({type(e).__name__}); the index holds "
+                             f"{len(self)} points (ids past them are -1)") from None
+
     def _output(self, ids, scores, q, single, return_distances, xp):
         if not return_distances:
             return ids[0] if single else ids
@@ -546,6 +618,10 @@ class LorannIndex:
         refit (lazy, see ``refit_growth``, or :meth:`refit`).
         """
         x, _ = self._check_queries(new_points, "new_points", np)
+        with self._lock.write():
+            return self._add(x)
+
+    def _add(self, x):
         p = len(x)
         ids = np.arange(self._n, self._n + p, dtype=np.int64)
         self._grow_data(self._n + p)
@@ -616,6 +692,8 @@ class LorannIndex:
             self._cap[c] = cap
             self._used += cap
         lo = self._start[c] + self._size[c]
+        if not self._size[c]:
+            self._n_live += 1
         self._size[c] += p
         self._tr_stale.add(int(c))  # new slots (or a moved cluster): the caller writes B next
         if self.refit_growth is not None and (
@@ -631,12 +709,20 @@ class LorannIndex:
         reduction they are exact).  O(N_c Dg^2) per cluster.
         """
         self._require_built()
-        cl = self.stale_clusters if clusters is None else np.atleast_1d(
-            np.asarray(clusters, np.int64))
+        if clusters is not None:
+            cl = np.atleast_1d(np.asarray(clusters))
+            if cl.dtype.kind not in "iu" or cl.ndim != 1:
+                raise TypeError(f"clusters must be an int or a 1-D sequence of ints, got {clusters!r}")
+            bad = cl[(cl < 0) | (cl >= self.n_clusters)]
+            if len(bad):
+                raise ValueError(f"clusters must be in [0, {self.n_clusters}), got {int(bad[0])}")
+        with self._lock.write():
+            self._refit(np.flatnonzero(self._size != self._fit_size) if clusters is None
+                        else cl.astype(np.int64))
+
+    def _refit(self, cl):
         for c in cl:
             c = int(c)
-            if not 0 <= c < self.n_clusters:
-                raise ValueError(f"clusters must be in [0, {self.n_clusters}), got {c}")
             lo, n_c = self._start[c], self._size[c]
             pid = self._slot_id[lo:lo + n_c]
             beta = self._reduce(self._data[pid]).T  # (Dg, n_c)
@@ -652,10 +738,16 @@ class LorannIndex:
         grown = np.fromiter(self._overgrown, np.int64)
         return grown[np.isin(grown, np.asarray(top))]
 
-    def _lazy_refit(self, top):
+    def _lazy_refit(self, top, exclusive):
+        """Refit the overgrown clusters among ``top``; False (nothing done) if that is due
+        but the caller does not hold the index alone."""
         stale = self._stale_in(top)
-        if len(stale):
-            self.refit(stale)
+        if not len(stale):
+            return True
+        if not exclusive:
+            return False
+        self._refit(stale)
+        return True
 
     # ------------------------------------------------------------------ persistence
     def save(self, path):
@@ -664,14 +756,22 @@ class LorannIndex:
         self._require_built()
         from topkattn.ann import persist
 
-        persist.save_index(self, path)
+        _check_path(path)
+        with self._lock.read():
+            persist.save_index(self, path)
 
     @classmethod
     def load(cls, path):
-        """Load an index written by :meth:`save`: :class:`topkattn.storage.StorageError` (a
-        ValueError) if truncated, corrupt or newer, FileNotFoundError if missing."""
+        """Load an index written by :meth:`save`.
+
+        :class:`topkattn.storage.StorageError` (a ValueError) naming the file if it is
+        truncated, corrupt, newer, not an index (e.g. a ``.npy`` array) or inconsistent
+        (ids, sizes, shapes or parameters that do not fit together); FileNotFoundError (also
+        a StorageError) if missing; TypeError if ``path`` is not a path.
+        """
         from topkattn.ann import persist
 
+        _check_path(path)
         return persist.load_index(cls, path)
 
     def search_state(self):
@@ -682,9 +782,15 @@ class LorannIndex:
         or float32 with unit scales when unquantised), ``b``/``bscale`` (per-slot B rows),
         ``start``/``size`` (each cluster's slot range), ``slot_id`` (point of each slot),
         ``norms`` (squared point norms), ``data`` (the points), ``bits`` (0 = float32),
-        ``rank`` and ``l2`` (distance).  The arrays are the index's own: read, never write.
+        ``rank`` and ``l2`` (distance).  The arrays are copies, a consistent snapshot taken
+        with the index's read lock: later ``add`` calls do not change them.
         """
         self._require_built()
+        with self._lock.read():
+            return {name: val.copy() if isinstance(val, np.ndarray) else val
+                    for name, val in self._search_state().items()}
+
+    def _search_state(self):
         bits = self.quantization_bits
         if bits is None:
             a, b = self._adeq, self._bdeq
@@ -693,7 +799,7 @@ class LorannIndex:
             a, b, ascale, bscale = self._acodes, self._bcodes, self._ascale, self._bscale
         return dict(T=self._T, cent=self._cent, cnorm=self._cnorm, a=a, ascale=ascale, b=b, bscale=bscale,
                     start=self._start, size=self._size, slot_id=self._slot_id, norms=self._norms[:self.n_samples],
-                    data=self.data, bits=0 if bits is None else int(bits), rank=int(self.rank),
+                    data=self._data[: self._n], bits=0 if bits is None else int(bits), rank=int(self.rank),
                     l2=self.distance == "l2")
 
     # ------------------------------------------------------------------ helpers
@@ -723,11 +829,15 @@ class LorannIndex:
         return q2, single
 
     def _dev(self, xp):
-        """Device copies (and padded per-cluster tensors) of the search state for ``xp``."""
+        """Device copies (and padded per-cluster tensors) of the search state for ``xp``.
+
+        Called with the read lock held: the state is frozen then, so concurrent callers build
+        equal dicts; writers reset the cache (``self._device = {}``) holding the index alone.
+        """
         key = xp.__name__
         if key in self._device:
             return self._device[key]
-        d = {"data": xp.asarray(self.data), "norms": xp.asarray(self._norms[: self._n]),
+        d = {"data": xp.asarray(self._data[: self._n]), "norms": xp.asarray(self._norms[: self._n]),
              "T": None if self._T is None else xp.asarray(self._T)}
         if self.built:
             c = self.n_clusters
@@ -740,7 +850,7 @@ class LorannIndex:
                 idpad[ci, :n_c] = self._slot_id[lo:lo + n_c]
             d.update(cent=xp.asarray(self._cent), cnorm=xp.asarray(self._cnorm),
                      adeq=xp.asarray(self._adeq), bpad=xp.asarray(bpad),
-                     idpad=xp.asarray(idpad))
+                     idpad=xp.asarray(idpad), live=xp.asarray(self._size > 0))
         self._device[key] = d
         return d
 
@@ -759,6 +869,11 @@ def _group(labels, c, div=1):
     counts = np.bincount(labels, minlength=c)
     splits = np.split(order // div, np.cumsum(counts)[:-1])
     return splits
+
+
+def _check_path(path):
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
 
 
 def _code_cols(n, bits):

@@ -7,6 +7,9 @@ Scores are "larger is better" (``q.x`` for ip, ``2 q.x - |x|^2`` for l2).
 Ties go to the lower point id.  Reference: ``LorannIndex._search_xp`` (dense,
 padded array-library path); tests compare the two.
 """
+import functools
+import threading
+
 import numba as nb
 import numpy as np
 from llvmlite import ir
@@ -16,6 +19,32 @@ from numba.extending import intrinsic
 
 # fast-math without "no NaN / no inf": -inf is the "no threshold yet" score and must compare
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+_LAUNCH_LOCK = threading.Lock()
+_LAYER_THREADSAFE = []  # [bool] once the first parallel launch has chosen Numba's threading layer
+
+
+def _threadsafe_launch(kernel):
+    """Wrap a ``parallel=True`` kernel so concurrent callers cannot abort the process.
+
+    Numba's ``workqueue`` threading layer (used when neither TBB nor OpenMP is available)
+    aborts on a second concurrent parallel launch; under it (and until the first launch has
+    told which layer runs) launches take one process-wide lock.  The thread-safe layers
+    (``tbb``, ``omp``) run concurrent launches in parallel.  ``.kernel`` is the dispatcher.
+    """
+
+    @functools.wraps(kernel.py_func)
+    def launch(*args):
+        if _LAYER_THREADSAFE and _LAYER_THREADSAFE[0]:
+            return kernel(*args)
+        with _LAUNCH_LOCK:
+            out = kernel(*args)
+            if not _LAYER_THREADSAFE:
+                _LAYER_THREADSAFE.append(nb.threading_layer() != "workqueue")
+            return out
+
+    launch.kernel = kernel
+    return launch
 
 
 @nb.njit(inline="always")
@@ -300,6 +329,7 @@ def scan_row(row, ids, th, cs, ci, n, m):
     return n, th
 
 
+@_threadsafe_launch
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def score_clusters(qr, rows, starts, visit, adeq, bt, start, size, cap, slot_id, norms, l2, m,
                    cand_s, cand_i, cand_n, thresh, scratch_q, scratch_t, scratch_s, scratch_n):
@@ -351,6 +381,7 @@ def score_clusters(qr, rows, starts, visit, adeq, bt, start, size, cap, slot_id,
                 thresh[qi] = th
 
 
+@_threadsafe_launch
 @nb.njit(parallel=True, cache=True, nogil=True)
 def raise_thresholds(cand_s, cand_i, cand_n, m, thresh):
     """Compact every buffer holding more than m candidates and raise its query's threshold to
@@ -366,6 +397,7 @@ def raise_thresholds(cand_s, cand_i, cand_n, m, thresh):
                     thresh[qi] = kth
 
 
+@_threadsafe_launch
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank, out_i, out_s):
     """Each query's m best candidates over all threads' buffers (score desc, ties to the lower
@@ -462,6 +494,7 @@ def _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, s
     _select_finish(qi, queries[qi], data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s)
 
 
+@_threadsafe_launch
 @nb.njit(parallel=True, cache=True, nogil=True)
 def fused_search(qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size, cap,
                  slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
@@ -512,6 +545,7 @@ def _top_of_row(row, w, out):
             out[j] = ci[order[j]]
 
 
+@_threadsafe_launch
 @nb.njit(parallel=True, cache=True, nogil=True)
 def top_columns(scores, w, out):
     """The w best columns of each row of scores (Q, Nc), best first (ties to the lower
@@ -532,6 +566,7 @@ def _transpose_one(c, start, size, cap, bdeq, bcodes, codes, bt, ct):
                 ct[base + v * cp + j] = bcodes[lo + j, v]
 
 
+@_threadsafe_launch
 @nb.njit(parallel=True, cache=True, nogil=True)
 def transpose_clusters(clusters, start, size, cap, bdeq, bcodes, codes, bt, ct):
     """Write the transposed blocks of ``clusters`` into the mirror (see
@@ -566,6 +601,7 @@ def group_visits(top, n_clusters, rows, starts):
             fill[c] += 1
 
 
+@_threadsafe_launch
 @nb.njit(parallel=True, cache=True, nogil=True)
 def exact_topk(scores, k, out_i, out_s):
     """Row-wise top-k of a (Q, N) score block, ties to the lower column; best first."""
@@ -627,20 +663,30 @@ def quantize_row_into(b, levels, codes, deq):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=_FAST)
-def route_small(qr, cent, cnorm, l2, w, out):
-    """The w best clusters of each query, best first (ties to the lower cluster).
+def route_small(qr, cent, cnorm, size, l2, w, out):
+    """The w best non-empty clusters of each query, best first (ties to the lower cluster).
 
-    qr (Q, Dg), cent (Nc, Dg), out (Q, Wc) int64.  For a few queries, where the
-    NumPy call overhead of ``LorannIndex._route`` dominates.
+    qr (Q, Dg), cent (Nc, Dg), size (Nc,) points per cluster (clusters with none are never
+    chosen: the caller keeps w <= the number of non-empty clusters), out (Q, Wc) int64.  For
+    a few queries, where the NumPy call overhead of ``LorannIndex._route`` dominates.
     """
     nc = cent.shape[0]
-    s = np.empty(nc, np.float32)
+    live = np.empty(nc, np.int64)
+    n_live = 0
+    for j in range(nc):
+        if size[j] > 0:
+            live[n_live] = j
+            n_live += 1
+    s = np.empty(n_live, np.float32)
+    pos = np.empty(w, np.int64)
     for qi in range(qr.shape[0]):
         q = qr[qi]
-        for j in range(nc):
-            cj = cent[j]  # row views: contiguous, vectorised dots
+        for t in range(n_live):
+            cj = cent[live[t]]  # row views: contiguous, vectorised dots
             acc = np.float32(0.0)
             for u in range(q.shape[0]):
                 acc += q[u] * cj[u]
-            s[j] = 2 * acc - cnorm[j] if l2 else acc
-        _top_of_row(s, w, out[qi])
+            s[t] = 2 * acc - cnorm[live[t]] if l2 else acc
+        _top_of_row(s, w, pos)
+        for t in range(w):
+            out[qi, t] = live[pos[t]]

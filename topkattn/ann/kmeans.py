@@ -46,8 +46,8 @@ def kmeans(x, n_clusters, *, distance="ip", iters=10, sample_size=None, balanced
 
     Lloyd iterations on a random sample of ``sample_size`` rows (all rows if None);
     initial centroids are distinct sampled rows; an emptied cluster is re-seeded by
-    splitting a large one (perturbed copy).  ``ip`` normalises centroids to unit
-    length (spherical k-means).  ``balanced`` finishes with capacity-constrained
+    splitting the largest cluster that can be split (:func:`fill_empty`).  ``ip``
+    normalises centroids to unit length (spherical k-means).  ``balanced`` finishes with capacity-constrained
     assignment passes (see :func:`balanced_assign`) over all rows.
     """
     rng = np.random.default_rng(rng)
@@ -65,8 +65,8 @@ def kmeans(x, n_clusters, *, distance="ip", iters=10, sample_size=None, balanced
         for b in range(0, len(train), BLOCK):
             assign[b:b + BLOCK] = np.argmax(centroid_scores(train[b:b + BLOCK], cent, distance),
                                             axis=1)
-        cent, sizes = _update(train, assign, n_clusters, cent)
-        _split_empty(cent, sizes, rng)
+        cent, _ = _update(train, assign, n_clusters, cent)
+        fill_empty(train, cent, assign, distance)
         _postprocess(cent, distance)
     if balanced:
         for _ in range(2):
@@ -94,20 +94,60 @@ def _segment_sum(sums, x, assign):
             sums[a, j] += x[i, j]
 
 
-def _split_empty(cent, sizes, rng):
-    """Re-seed empty clusters with a perturbed copy of a cluster drawn by size."""
-    eps = 1.0 / 1024
-    sizes = sizes.astype(np.float64)
-    sign = np.where(np.arange(cent.shape[1]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+def fill_empty(x, cent, assign, distance):
+    """Give every empty cluster half of the largest cluster that can be split (in place).
+
+    x (N, Dx) points, cent (Nc, Dx) centroids, assign (N,) int64 cluster of each point.  An
+    empty cluster takes the largest cluster (ties to the lower id) whose points are not all
+    alike and splits it across the direction of its greatest spread (its top principal
+    axis, at the mean): the side without the cluster's first point moves, and both
+    centroids become the means of their points.  Deterministic.  A cluster stays empty only
+    when no cluster can be split (e.g. identical points).  Returns how many stay empty.
+    """
+    c = len(cent)
+    sizes = np.bincount(assign, minlength=c)
+    stuck = np.zeros(c, bool)  # clusters found unsplittable
     for i in np.flatnonzero(sizes == 0):
-        p = np.maximum(sizes - 1, 0)
-        if p.sum() <= 0:
+        while True:
+            cand = np.flatnonzero((sizes >= 2) & ~stuck)
+            if not len(cand):
+                return int(np.count_nonzero(sizes == 0))
+            j = cand[np.argmax(sizes[cand])]  # the largest, ties to the lower id
+            members = np.flatnonzero(assign == j)
+            side = _split(x[members])
+            if side is None:
+                stuck[j] = True
+                continue
+            assign[members[side]] = i
+            cent[i] = _centre(x[members[side]], distance)
+            cent[j] = _centre(x[members[~side]], distance)
+            sizes[i] = np.count_nonzero(side)
+            sizes[j] -= sizes[i]
             break
-        j = rng.choice(len(sizes), p=p / p.sum())
-        cent[i] = cent[j] * (1 + eps * sign)
-        cent[j] = cent[j] * (1 - eps * sign)
-        sizes[i] = sizes[j] // 2
-        sizes[j] -= sizes[i]
+    return 0
+
+
+def _split(xs):
+    """Bool mask (n,) of the points of xs (n, Dx) on one side of their top principal axis
+    through the mean (not the side of xs[0]), or None when all the points are alike."""
+    x64 = xs.astype(np.float64)
+    centred = x64 - x64.mean(axis=0)
+    _, vecs = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    proj = centred @ vecs[:, -1]  # (n,) sums to zero
+    side = proj > 0
+    if not side.any() or side.all():  # no spread along the axis: the points are alike
+        return None
+    return side if not side[0] else ~side
+
+
+def _centre(xs, distance):
+    """The centroid of the points xs (n, Dx): their mean (``ip``: scaled to unit length)."""
+    mean = xs.astype(np.float64).mean(axis=0)
+    if distance == "ip":
+        norm = np.sqrt(mean @ mean)
+        if norm > 0:
+            mean = mean / norm
+    return mean.astype(np.float32)
 
 
 def _postprocess(cent, distance):

@@ -4,7 +4,11 @@ An index is a container of kind ``"LorannIndex"`` (uncompressed, pickle-free ``.
 ``__header__`` JSON with the index parameters as ``meta`` and every array's dtype, shape
 and SHA-256), written atomically.  Loading raises :class:`topkattn.storage.StorageError`
 (a ValueError) for a truncated, corrupted, foreign or newer file, FileNotFoundError
-(:class:`topkattn.storage.MissingFileError`) for a missing one.
+(:class:`topkattn.storage.MissingFileError`) for a missing one.  Checksums only prove the
+file is the one written; :func:`check_index` then checks its meaning (a crafted file with
+valid checksums must not reach the unchecked Numba kernels): parameters of the right types
+and ranges, arrays of the right dtypes and shapes for them, finite floats, every point id
+in exactly one slot, cluster sizes that sum to the points.
 
 Version 1 (before the container) had a ``__header__`` with ``"format":
 "topkattn.ann.LorannIndex"`` and a ``__checksum__`` entry, one SHA-256 over the header and
@@ -16,6 +20,7 @@ import json
 import numpy as np
 
 from topkattn.ann import quant
+from topkattn.checks import check_choice, check_int, check_real
 from topkattn.storage import HEADER_KEY, StorageError, load_container, save_container
 
 KIND = "LorannIndex"
@@ -69,10 +74,7 @@ def load_index(cls, path):
     lacking = sorted(set(PARAMS) - set(p)) if isinstance(p, dict) else list(PARAMS)
     if lacking:
         raise StorageError(f"{KIND} {path} is corrupted: its parameters lack {lacking}")
-    missing = sorted(set(BASE_ARRAYS + (DENSE_ARRAYS if p["quantization_bits"] is None
-                                        else QUANTISED_ARRAYS)) - set(files))
-    if missing:
-        raise StorageError(f"{KIND} {path} is corrupted: arrays {missing} are missing")
+    check_index(path, p, files)
     self = cls.__new__(cls)
     self.n_clusters = p["n_clusters"]
     self.global_dim = p["global_dim"]
@@ -93,12 +95,13 @@ def load_index(cls, path):
     self._P = files["P"]
     self._gram = files["gram"]
     self._size = files["size"].astype(np.int64)
+    self._n_live = int(np.count_nonzero(self._size))
     self._fit_size = files["fit_size"].astype(np.int64)
     self._cap = self._size.copy()
     self._start = np.zeros(self.n_clusters, np.int64)
     self._start[1:] = np.cumsum(self._size)[:-1]
     self._used = int(self._size.sum())
-    self._assign = files["assign"]
+    self._assign = files["assign"].astype(np.int64)
     self._slot_id = files["slot_id"].astype(np.int64)
     bits = self.quantization_bits
     if bits is None:
@@ -120,8 +123,79 @@ def load_index(cls, path):
     self._overgrown = set(int(c) for c in over)
     self.built = True
     self._device = {}
-    self._init_mirror()
+    self._init_runtime()
     return self
+
+
+def check_index(path, p, files):
+    """StorageError naming ``path`` unless the parameters ``p`` and arrays ``files`` of an
+    index fit together (see the module docstring)."""
+    def bad(what):
+        return StorageError(f"{KIND} {path} is inconsistent: {what}")
+
+    try:  # parameters: the constructor's rules
+        dim = check_int("dim", p["dim"], 1)
+        n = check_int("n", p["n"], 1)
+        nc = check_int("n_clusters", p["n_clusters"], 1, n)
+        g = check_int("global_dim", p["global_dim"], 1, dim)
+        r = check_int("rank", p["rank"], 1, min(g, dim - 1))
+        check_int("train_size", p["train_size"], 1, nc)
+        check_choice("distance", p["distance"], ("ip", "l2"))
+        bits = p["quantization_bits"]
+        if bits is not None and (check_int("quantization_bits", bits) not in (4, 8)):
+            raise ValueError(f"quantization_bits must be None, 4 or 8, got {bits!r}")
+        for name in ("balanced", "approximate"):
+            if not isinstance(p[name], bool):
+                raise TypeError(f"{name} must be a bool, got {p[name]!r}")
+        if p["refit_growth"] is not None:
+            check_real("refit_growth", p["refit_growth"], 0.0, lo_open=True)
+    except (TypeError, ValueError) as e:
+        raise bad(f"parameter {e}") from None
+    missing = sorted(set(BASE_ARRAYS + (DENSE_ARRAYS if bits is None else QUANTISED_ARRAYS))
+                     - set(files))
+    if missing:
+        raise StorageError(f"{KIND} {path} is corrupted: arrays {missing} are missing")
+    code = {None: None, 8: (np.int8, r), 4: (np.uint8, (r + 1) // 2)}[bits]
+    acode = None if bits is None else (code[0], g if bits == 8 else (g + 1) // 2)
+    want = {  # name: (dtype ("int": any integer), shape)
+        "data": (np.float32, (n, dim)), "cent": (np.float32, (nc, g)),
+        "P": (np.float32, (nc, r, g)), "gram": (np.float32, (nc, g, g)),
+        "size": ("int", (nc,)), "fit_size": ("int", (nc,)), "slot_id": ("int", (n,)),
+        "assign": ("int", (n,)),
+    }
+    if g < dim:
+        want["T"] = (np.float32, (dim, g))
+    elif "T" in files:
+        raise bad(f"array 'T' is present but global_dim={g} equals dim={dim}")
+    if bits is None:
+        want.update(adeq=(np.float32, (nc, g, r)), bdeq=(np.float32, (n, r)))
+    else:
+        want.update(acodes=(acode[0], (nc, r, acode[1])), ascale=(np.float32, (nc, r)),
+                    bcodes=(code[0], (n, code[1])), bscale=(np.float32, (n,)))
+    if sorted(set(want) - set(files)):
+        raise bad(f"arrays {sorted(set(want) - set(files))} are missing")
+    for name, (dtype, shape) in want.items():
+        a = files[name]
+        ok = a.dtype.kind in "iu" if dtype == "int" else a.dtype == dtype
+        if not ok or a.shape != shape:
+            kind = "an integer dtype" if dtype == "int" else np.dtype(dtype).name
+            raise bad(f"array {name!r} has dtype {a.dtype} and shape {a.shape}; the parameters "
+                      f"need {kind} and shape {shape}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise bad(f"array {name!r} has non-finite values")
+    size, fit_size = files["size"], files["fit_size"]
+    if (size < 0).any() or (fit_size < 0).any() or (fit_size > size).any():
+        raise bad("cluster sizes must satisfy 0 <= fit_size <= size")
+    if int(size.sum(dtype=np.int64)) != n:
+        raise bad(f"the cluster sizes sum to {int(size.sum(dtype=np.int64))}, not n={n}")
+    slot_id, assign = files["slot_id"], files["assign"]
+    if ((slot_id < 0) | (slot_id >= n)).any():
+        raise bad(f"slot_id holds ids outside [0, {n})")
+    if (np.bincount(slot_id.astype(np.int64), minlength=n) != 1).any():
+        raise bad("slot_id does not hold every point id exactly once")
+    cluster_of_slot = np.repeat(np.arange(nc), size.astype(np.int64))
+    if (assign[slot_id] != cluster_of_slot).any():
+        raise bad("assign disagrees with the cluster each point is stored in")
 
 
 def _load_legacy(path, members):

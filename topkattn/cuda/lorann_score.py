@@ -21,7 +21,8 @@ tq = qr A_c (Rk,) in shared memory, dequantising A's codes on the fly, then each
 scores slots of the cluster against tq, dequantising B; (2) the split-k top-m of
 :mod:`topkattn.cuda.topk_select` keeps the Mc best (score, id); (3) one thread per
 candidate computes the exact score for re-ranking, and top-m again keeps Kn.  Routing
-(q T, centroid scores, top-Wc clusters) uses the same top-m kernel.
+(q T, centroid scores, top-Wc clusters) uses the same top-m kernel over the non-empty
+clusters only (all of them when fewer than Wc are non-empty), as the index does.
 Reference: ``LorannIndex.search`` (NumPy path; its ``_search_xp`` is the dense padded form)
 and, in the tests, an explicit float64 dequantise-and-score loop.
 """
@@ -39,17 +40,19 @@ from topkattn.cuda.topk_select import topm_rows
 THREADS = 128
 
 LorannArrays = namedtuple("LorannArrays", "T cent cnorm a ascale b bscale start size slot_id norms "
-                                          "data bits rank l2 maxsz")
+                                          "data bits rank l2 maxsz live")
 LorannArrays.__doc__ = "Device arrays of a LoRANN index in the layout of this module's docstring."
 
 
 def lorann_arrays(index, xp):
     """A built :class:`topkattn.ann.LorannIndex`'s search state (``index.search_state()``) as
-    device arrays of ``xp``, copied to the device once, here, not per search."""
+    device arrays of ``xp``, copied to the device once, here, not per search; ``live`` lists
+    the non-empty clusters (the only ones routed to)."""
     st = index.search_state()
     arrays = {name: val if np.isscalar(val) or val is None else xp.asarray(np.ascontiguousarray(val))
               for name, val in st.items()}
-    return LorannArrays(**arrays, maxsz=max(1, int(st["size"].max())))
+    return LorannArrays(**arrays, maxsz=max(1, int(st["size"].max())),
+                        live=xp.asarray(np.flatnonzero(st["size"] > 0).astype(np.int64)))
 
 
 def lorann_search(arrays, q, k, clusters_to_search, points_to_rerank):
@@ -73,9 +76,14 @@ def lorann_search(arrays, q, k, clusters_to_search, points_to_rerank):
         cs = 2 * cs - arrays.cnorm
     def full(val):
         return xp.full(Q, val, dtype=xp.int64)
+    n_live = int(arrays.live.shape[0])
+    if n_live < nc:  # route among the non-empty clusters only
+        cs = cs[:, arrays.live]  # (Q, live)
     _, clusters = topm_rows(xp, xp.ascontiguousarray(cs, dtype=xp.float32), None,
-                            int(clusters_to_search), full(nc), full(0), full(0), 0)
-    m = max(int(k), int(points_to_rerank))
+                            min(int(clusters_to_search), n_live), full(n_live), full(0), full(0), 0)
+    if n_live < nc:
+        clusters = xp.ascontiguousarray(arrays.live[clusters])  # (Q, Wc) cluster ids
+    m = max(int(k), min(int(points_to_rerank), arrays.data.shape[0]))  # more would only pad
     cand_s, cand_i = lorann_score(arrays, qr, clusters, m)
     if points_to_rerank == 0:
         return cand_i[:, :k].copy(), cand_s[:, :k].copy()
