@@ -311,6 +311,49 @@ def test_dynamic_topk_with_cuda_impl_uses_cuda_backward():
         np.testing.assert_allclose(host(g), w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("where,topk", [("q", 2), ("v", 4), ("k", 2)])
+def test_backward_nan_rows_send_nothing_to_shared_keys(where, topk):
+    """The reported case (a NaN query row sharing keys 0, 1 with clean rows), a NaN value
+    (NaN output, finite lse) and a NaN key: the kernel follows the reference's rule --
+    NaN dq on the NaN rows, nothing from them in dk, dv -- like the vectorised path."""
+    from topkattn.ops.reference import masked_attention_grad_reference
+
+    q, k, v = make_qkv(np.random.default_rng(21), 1, 1, 1, 4, 4, 4, 4, np.float64)
+    {"q": q, "k": k, "v": v}[where][0, 0, 3 if where == "q" else 2, 1] = np.nan
+    out, saved = ta.topk_attention_forward(dev(q), dev(k), dev(v), topk=topk, impl="cuda")
+    o_np, s_np = ta.topk_attention_forward(q, k, v, topk=topk, impl="numpy")
+    np.testing.assert_allclose(host(out), o_np, rtol=1e-12, atol=1e-14, equal_nan=True)
+    nan_rows = np.isnan(o_np).any(-1)
+    assert nan_rows.any() and not nan_rows.all()
+    dout = np.ones_like(o_np)
+    got = [host(g) for g in ta.topk_attention_backward(dev(dout), saved)]
+    want = masked_attention_grad_reference(q, k, v, mask_from_idx(s_np.idx, 4), 0.5, dout)
+    vec = ta.topk_attention_backward(dout, s_np)
+    for g, w, x in zip(got, want, vec):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14, equal_nan=True)
+        np.testing.assert_allclose(x, w, rtol=1e-12, atol=1e-14, equal_nan=True)
+    assert np.isfinite(got[1]).all() and np.isfinite(got[2]).all()
+    assert np.isnan(got[0][nan_rows]).all() and np.isfinite(got[0][~nan_rows]).all()
+
+
+@pytest.mark.parametrize("special", [np.inf, -np.inf])
+def test_backward_infinite_scores_follow_the_reference(special):
+    from topkattn.ops.reference import masked_attention_grad_reference
+
+    q, k, v = make_qkv(np.random.default_rng(23), 1, 2, 1, 5, 6, 3, 3, np.float64)
+    k[0, 0, 2] = [special, 0.0, 0.0]
+    q[0, 1, 4] = [special, 0.0, 0.0]
+    out, saved = ta.topk_attention_forward(dev(q), dev(k), dev(v), topk=3, impl="cuda")
+    ro, rmask, rlse = topk_attention_reference(q, k, v, topk=3)
+    np.testing.assert_allclose(host(out), ro, rtol=1e-12, atol=1e-14, equal_nan=True)
+    np.testing.assert_allclose(host(saved.lse), rlse, rtol=1e-12, equal_nan=True)
+    dout = np.ones_like(ro)
+    got = [host(g) for g in ta.topk_attention_backward(dev(dout), saved)]
+    want = masked_attention_grad_reference(q, k, v, rmask, 1 / np.sqrt(3), dout)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------- MLA decode
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("sinks,window", [(0, 0), (2, 3)])
@@ -443,6 +486,27 @@ def test_cuda_impl_without_gpu_raises_clear_error():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
     assert "RuntimeError" in r.stdout and "no usable CUDA GPU" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not SIM, reason="checks the no-GPU error; this machine has a GPU")
+def test_cuda_impl_with_dynamic_topk_without_gpu_is_refused_in_forward():
+    """topk='auto' with impl='cuda' ran the forward on the CPU, marked saved.impl='cuda' and
+    failed only in backward; it must be refused in forward, like an integer topk."""
+    code = ("import numpy as np, topkattn as ta\n"
+            "a = np.zeros((1, 1, 2, 4))\n"
+            "for kw in (dict(topk='auto', tail_bound=0.1), dict(topk=1)):\n"
+            "    try:\n"
+            "        out, s = ta.topk_attention_forward(a, a, a, impl='cuda', **kw)\n"
+            "        print('forward ran', kw['topk'])\n"
+            "    except RuntimeError as e:\n"
+            "        print('RuntimeError', kw['topk'], e)\n")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2, r.stdout + r.stderr
+    for line, topk in zip(lines, ("auto", "1")):
+        assert line.startswith(f"RuntimeError {topk} ") and "no usable CUDA GPU" in line, r.stdout
 
 
 @pytest.mark.skipif(not SIM, reason="simulator-only check")

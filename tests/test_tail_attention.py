@@ -97,3 +97,58 @@ def test_bad_input():
         ta.tail_topk_attention_backward(out[..., :2], saved)
     with pytest.raises(TypeError, match="saved"):
         ta.tail_topk_attention_backward(out, ta.topk_attention_forward(q, k, v, topk=2)[1])
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_future_nonfinite_stays_in_the_rows_that_see_it(where, special, chunk_size):
+    """The reported leak: a NaN in the value of key 4 made every earlier row NaN (0 * NaN
+    under the causal mask, and in the prefix sums of the tail mean).  Rows 0-3 and their
+    gradients must equal the clean run; dk, dv stay finite."""
+    q, k, v = make_qkv(31, 1, 2, 1, 6, 6, 4, 4)
+    (k if where == "k" else v)[0, 0, 4, 0] = special
+    out, saved = ta.tail_topk_attention_forward(q, k, v, topk=2, chunk_size=chunk_size)
+    want = tail_topk_attention_reference(q, k, v, topk=2)
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-14, equal_nan=True)
+    assert np.isfinite(out[:, :, :4]).all()
+    clean = [a.copy() for a in (q, k, v)]
+    clean[1 if where == "k" else 2][0, 0, 4, 0] = 0.0
+    np.testing.assert_allclose(out[:, :, :4], tail_topk_attention_reference(*clean, topk=2)[:, :, :4],
+                               rtol=1e-12)
+    dout = np.random.default_rng(0).standard_normal(out.shape)
+    dq, dk, dv = ta.tail_topk_attention_backward(dout, saved)
+    live = np.isfinite(out).all(-1)  # (B, H, T)
+    assert np.isnan(dq[~live]).all() and np.isfinite(dq[live]).all()
+    assert np.isfinite(dk).all() and np.isfinite(dv).all()
+    _, s_clean = ta.tail_topk_attention_forward(*clean, topk=2, chunk_size=chunk_size)
+    cq, ck, cv = ta.tail_topk_attention_backward(np.where(live[..., None], dout, 0.0), s_clean)
+    np.testing.assert_allclose(dq[:, :, :4], cq[:, :, :4], rtol=1e-11, atol=1e-13)
+    if not live[:, :, 4:].any():  # rows 4, 5 are NaN rows: they send nothing, as if absent
+        np.testing.assert_allclose(dk, ck, rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(dv, cv, rtol=1e-11, atol=1e-13)
+
+
+def test_nan_query_row_stays_in_its_row():
+    q, k, v = make_qkv(32, 1, 2, 2, 5, 7, 4, 3)
+    q[0, 1, 2, 0] = np.nan
+    out, saved = ta.tail_topk_attention_forward(q, k, v, topk=2)
+    np.testing.assert_allclose(out, tail_topk_attention_reference(q, k, v, topk=2), rtol=1e-12,
+                               equal_nan=True)
+    bad = np.zeros(out.shape[:3], dtype=bool)
+    bad[0, 1, 2] = True
+    assert np.isnan(out[bad]).all() and np.isfinite(out[~bad]).all()
+    dq, dk, dv = ta.tail_topk_attention_backward(np.where(bad[..., None], np.nan, np.ones_like(out)), saved)
+    assert np.isnan(dq[bad]).all() and np.isfinite(dq[~bad]).all()
+    assert np.isfinite(dk).all() and np.isfinite(dv).all()
+
+
+def test_rows_whose_scores_are_all_minus_inf_give_zeros():
+    q, k, v = make_qkv(33, 1, 1, 1, 4, 4, 3, 2)
+    q[0, 0, 3] = [-np.inf, 0.0, 0.0]
+    k[0, 0, :, 0] = np.abs(k[0, 0, :, 0]) + 0.1  # every score of row 3 is -inf
+    out, saved = ta.tail_topk_attention_forward(q, k, v, topk=2)
+    np.testing.assert_allclose(out, tail_topk_attention_reference(q, k, v, topk=2), rtol=1e-12)
+    assert (out[0, 0, 3] == 0).all() and saved.lse[0, 0, 3] == -np.inf
+    grads = ta.tail_topk_attention_backward(np.ones_like(out), saved)
+    assert all(np.isfinite(g).all() for g in grads) and (grads[0][0, 0, 3] == 0).all()

@@ -475,3 +475,285 @@ def test_worker_pool_works_in_a_forked_child():
     r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "ok"
+
+
+# ---------------------------------------------------------------- non-finite rows in backward
+
+def _nan_row_inputs(where):
+    """(1, 1, 4, 4) inputs with one NaN: in query row 3 ('q'), or in the value of key 2 ('v',
+    which rows 2 and 3 attend at topk=4: a NaN output with a finite lse)."""
+    q, k, v = make_qkv(21, 1, 1, 1, 4, 4, 4, 4)
+    if where == "q":
+        q[0, 0, 3, 0] = np.nan
+    else:
+        v[0, 0, 2, 1] = np.nan
+    return q, k, v
+
+
+@pytest.mark.parametrize("scatter", ["numba", "numpy.add.at"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("where,topk", [("q", 2), ("v", 4)])
+def test_nan_row_sends_nothing_to_shared_keys(monkeypatch, scatter, impl, where, topk):
+    """The reported case: a NaN query row selected keys 0 and 1, which clean rows share; its
+    NaN must stay in its own dq (every scatter implementation, the reference's rule)."""
+    import topkattn.ops.sparse_attention as sa
+    from topkattn.ops.reference import masked_attention_grad_reference
+
+    if scatter == "numpy.add.at":
+        monkeypatch.setattr(sa, "_cpu_kernels", None)
+    q, k, v = _nan_row_inputs(where)
+    out, saved = ta.topk_attention_forward(q, k, v, topk=topk, impl=impl)
+    nan_rows = np.isnan(out).any(-1)[0, 0]
+    assert nan_rows.any() and not nan_rows.all()
+    dout = np.ones_like(out)
+    dq, dk, dv = ta.topk_attention_backward(dout, saved)
+    assert np.isfinite(dk).all() and np.isfinite(dv).all()
+    assert np.isnan(dq[0, 0, nan_rows]).all() and np.isfinite(dq[0, 0, ~nan_rows]).all()
+    mask = mask_from_idx(saved.idx, 4)
+    for got, want in zip((dq, dk, dv), masked_attention_grad_reference(q, k, v, mask, 0.5, dout)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14, equal_nan=True)
+    # = the clean gradient with the NaN rows' dout set to 0 (they contribute nothing)
+    clean_dout = np.where(nan_rows[None, None, :, None], 0.0, dout)
+    qc, vc = np.nan_to_num(q), np.nan_to_num(v)
+    _, s_clean = sa.sparse_attention_forward(qc, k, vc, saved.idx, saved.scale)  # same selection
+    want = sa.sparse_attention_backward(clean_dout, s_clean)
+    np.testing.assert_allclose(dq[0, 0, ~nan_rows], want[0][0, 0, ~nan_rows], rtol=1e-12)
+    np.testing.assert_allclose(dk, want[1], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(dv, want[2], rtol=1e-12, atol=1e-15)
+
+
+def test_nan_row_with_nan_dout_sends_nothing():
+    """Upstream of a NaN row the incoming gradient is NaN too: it must not reach dk, dv."""
+    q, k, v = _nan_row_inputs("q")
+    out, saved = ta.topk_attention_forward(q, k, v, topk=2)
+    dout = np.where(np.isnan(out), np.nan, 1.0)
+    dq, dk, dv = ta.topk_attention_backward(dout, saved)
+    assert np.isfinite(dk).all() and np.isfinite(dv).all() and np.isfinite(dq[0, 0, :3]).all()
+
+
+def test_masked_grad_reference_is_the_gradient_of_the_masked_reference():
+    from topkattn.ops.reference import masked_attention_grad_reference
+
+    q, k, v = make_qkv(22, 2, 4, 2, 5, 9, 6, 4)
+    rng = np.random.default_rng(3)
+    mask = rng.random((2, 4, 5, 9)) < 0.5
+    mask[0, 0, 0] = False  # a row with no key
+    dout = rng.standard_normal((2, 4, 5, 4))
+    g = masked_attention_grad_reference(q, k, v, mask, 0.4, dout)
+
+    def f():
+        return np.sum(masked_attention_reference(q, k, v, mask, 0.4) * dout)
+
+    assert_grads_close(directional_grad_check(f, dict(q=q, k=k, v=v), dict(q=g[0], k=g[1], v=g[2]), rng))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("special", [np.inf, -np.inf])
+def test_infinite_scores_follow_the_reference(impl, special):
+    """+inf among a row's scores: a NaN row; -inf: weight 0 (a row of only -inf: zeros)."""
+    from topkattn.ops.reference import masked_attention_grad_reference
+
+    q, k, v = make_qkv(23, 1, 2, 1, 5, 6, 3, 3)
+    q[0, 0, 1] = 1.0
+    k[0, 0, 2] = [special, 0.0, 0.0]  # scores +-inf for rows of head 0 that see key 2
+    q[0, 1, 4] = [special, 0.0, 0.0]  # head 1, row 4: inf query
+    out, saved = ta.topk_attention_forward(q, k, v, topk=3, impl=impl)
+    ro, rmask, rlse = topk_attention_reference(q, k, v, topk=3)
+    np.testing.assert_array_equal(mask_from_idx(saved.idx, 6), rmask)
+    np.testing.assert_allclose(out, ro, rtol=1e-12, atol=1e-14, equal_nan=True)
+    np.testing.assert_allclose(saved.lse, rlse, rtol=1e-12, equal_nan=True)
+    dout = np.ones_like(out)
+    got = ta.topk_attention_backward(dout, saved)
+    want = masked_attention_grad_reference(q, k, v, rmask, 1 / np.sqrt(3), dout)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, equal_nan=True)
+    assert np.isfinite(got[1]).all() and np.isfinite(got[2]).all()
+
+
+# ---------------------------------------------------------------- dense attention
+
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_dense_future_nonfinite_stays_in_the_rows_that_see_it(where, special, chunk_size):
+    """The reported leak: a NaN in the value of key 4 made every earlier row NaN (0 * NaN
+    under the causal mask).  Rows 0-3 (and their gradients) must equal the clean run."""
+    from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_forward
+    from topkattn.ops.reference import causal_mask, dense_attention_reference, masked_attention_grad_reference
+
+    q, k, v = make_qkv(24, 1, 2, 1, 6, 6, 4, 4)
+    (k if where == "k" else v)[0, 0, 4, 0] = special
+    out, saved = dense_attention_forward(q, k, v, causal=True, chunk_size=chunk_size)
+    ro, rlse = dense_attention_reference(q, k, v)
+    np.testing.assert_allclose(out, ro, rtol=1e-12, atol=1e-14, equal_nan=True)
+    np.testing.assert_allclose(saved.lse, rlse, rtol=1e-12, equal_nan=True)
+    assert np.isfinite(out[:, :, :4]).all()
+    clean = [a.copy() for a in (q, k, v)]
+    clean[1 if where == "k" else 2][0, 0, 4, 0] = 0.0
+    np.testing.assert_allclose(out[:, :, :4], dense_attention_reference(*clean)[0][:, :, :4], rtol=1e-12)
+    dout = np.random.default_rng(0).standard_normal(out.shape)
+    dq, dk, dv = dense_attention_backward(dout, saved)
+    want = masked_attention_grad_reference(q, k, v, causal_mask(q.shape, k.shape), 0.5, dout)
+    for a, b in zip((dq, dk, dv), want):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13, equal_nan=True)
+    assert np.isfinite(dq[:, :, :4]).all() and np.isfinite(dk).all() and np.isfinite(dv).all()
+    # earlier rows' own gradients equal the clean run's; only rows 4, 5 differ
+    live = np.isfinite(out).all(-1)
+    _, s_clean = dense_attention_forward(*clean, chunk_size=chunk_size)
+    cq, _, _ = dense_attention_backward(np.where(live[..., None], dout, 0.0), s_clean)
+    np.testing.assert_allclose(dq[:, :, :4], cq[:, :, :4], rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_matches_reference_and_gradients(causal):
+    from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_forward
+    from topkattn.ops.reference import causal_mask, dense_attention_reference, masked_attention_grad_reference
+
+    q, k, v = make_qkv(25, 2, 4, 2, 7, 9, 5, 3)
+    out, saved = dense_attention_forward(q, k, v, causal=causal, chunk_size=3)
+    np.testing.assert_allclose(out, dense_attention_reference(q, k, v, causal=causal)[0], rtol=1e-12, atol=1e-14)
+    dout = np.random.default_rng(1).standard_normal(out.shape)
+    want = masked_attention_grad_reference(q, k, v, causal_mask(q.shape, k.shape, causal), 1 / np.sqrt(5), dout)
+    for a, b in zip(dense_attention_backward(dout, saved), want):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf])
+def test_dense_decode_nonfinite_rule(special):
+    from topkattn.ops.dense_attention import dense_attention_decode
+    from topkattn.ops.reference import masked_attention_reference
+
+    q, k, v = make_qkv(26, 2, 2, 1, 1, 5, 3, 3)
+    k[1, 0, 2, 0] = special  # batch 1 only
+    want = masked_attention_reference(q, k, v, np.ones((2, 2, 1, 5), dtype=bool), 0.5)[:, :, 0]
+    got = dense_attention_decode(q[:, :, 0], k, v, 0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+    assert np.isfinite(got[0]).all()
+    assert dense_attention_decode(q[:, :, 0], k[:, :, :0], v[:, :, :0], 0.5).shape == (2, 2, 3)
+
+
+# ---------------------------------------------------------------- empty dimensions
+
+EMPTY = {  # name: (B, H, G, T, S, D, Dv)
+    "B=0": (0, 2, 1, 3, 4, 4, 3), "H=0": (1, 0, 1, 3, 4, 4, 3), "D=0": (1, 2, 1, 3, 4, 0, 3),
+    "Dv=0": (1, 2, 1, 3, 4, 4, 0), "T=0": (1, 2, 1, 0, 4, 4, 3), "S=0": (1, 2, 1, 3, 0, 4, 3),
+}
+
+
+def _empty_op_pairs():
+    from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_forward
+
+    return {
+        "topk": (lambda q, k, v, impl: ta.topk_attention_forward(q, k, v, topk=2, impl=impl),
+                 ta.topk_attention_backward),
+        "auto": (lambda q, k, v, impl: ta.topk_attention_forward(q, k, v, topk="auto", tail_bound=0.1,
+                                                                 impl=impl), ta.topk_attention_backward),
+        "tail": (lambda q, k, v, impl: ta.tail_topk_attention_forward(q, k, v, topk=2),
+                 ta.tail_topk_attention_backward),
+        "dense": (lambda q, k, v, impl: dense_attention_forward(q, k, v), dense_attention_backward),
+    }
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["topk", "auto", "tail", "dense"])
+@pytest.mark.parametrize("case", list(EMPTY))
+def test_empty_dimensions(impl, op, case):
+    """B, H, T, S, D or Dv = 0: correctly shaped results (what plain top-k returns) and
+    gradients of the inputs' shapes, equal to the reference; no internal reshape error."""
+    from topkattn.ops.reference import dense_attention_reference, tail_topk_attention_reference
+
+    B, H, G, T, S, D, Dv = EMPTY[case]
+    q, k, v = make_qkv(27, B, H, G, T, S, D, Dv)
+    fwd, bwd = _empty_op_pairs()[op]
+    with np.errstate(all="raise"):  # no 0 * inf from a 1/sqrt(0) scale either
+        out, saved = fwd(q, k, v, impl)
+    assert out.shape == (B, H, T, Dv) and out.dtype == q.dtype
+    if op == "tail":
+        want = tail_topk_attention_reference(q, k, v, topk=2)
+    elif op == "dense":
+        want = dense_attention_reference(q, k, v)[0]
+    else:
+        want = topk_attention_reference(q, k, v, topk=2 if op == "topk" else S)[0]
+    if op == "auto" and S:
+        want = None  # dynamic k: the rows' own k is checked by the dynamic-k tests
+    if want is not None:
+        np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-14)
+    rng = np.random.default_rng(0)
+    dout = rng.standard_normal(out.shape)
+    grads = bwd(dout, saved)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert all(g.dtype == q.dtype and np.isfinite(g).all() for g in grads)
+    arrays = {n: a for n, a in zip("qkv", (q, k, v)) if a.size}
+    if arrays and out.size:
+        def loss():
+            return float((fwd(q, k, v, impl)[0] * dout).sum())
+
+        analytic = {n: g for n, g in zip("qkv", grads) if n in arrays}
+        assert_grads_close(directional_grad_check(loss, arrays, analytic, rng))
+
+
+# ---------------------------------------------------------------- argument types
+
+@pytest.mark.parametrize("name", ["scale", "temperature"])
+@pytest.mark.parametrize("value", [True, np.bool_(False)])
+def test_bool_scale_and_temperature_are_refused(name, value):
+    from topkattn.ops.dense_attention import dense_attention
+
+    q, k, v = make_qkv(0)
+    with pytest.raises(TypeError, match=f"{name} must be a real number, got bool"):
+        ta.topk_attention(q, k, v, topk=2, **{name: value})
+    if name == "scale":
+        with pytest.raises(TypeError, match="scale must be a real number, got bool"):
+            dense_attention(q, k, v, scale=value)
+        with pytest.raises(TypeError, match="scale must be a real number, got bool"):
+            ta.tail_topk_attention(q, k, v, topk=2, scale=value)
+
+
+@pytest.mark.parametrize("dtype", [np.complex128, object, bool, np.int64])
+@pytest.mark.parametrize("op", ["topk", "auto", "tail", "dense"])
+def test_backward_refuses_a_dout_that_is_not_real_floating(dtype, op):
+    q, k, v = make_qkv(0)
+    fwd, bwd = _empty_op_pairs()[op]
+    out, saved = fwd(q, k, v, "numpy")
+    with pytest.raises(TypeError, match=r"dout must be a real floating-point array .*got dtype"):
+        bwd(np.ones(out.shape, dtype=dtype), saved)
+    bwd(np.ones(out.shape, dtype=np.float32), saved)  # another float dtype is cast
+
+
+@pytest.mark.parametrize("seed,exc,msg", [
+    (-1, ValueError, "seed must be a non-negative int seed, got -1"),
+    ([3, -2], ValueError, r"seed must hold non-negative ints, got \[3, -2\]"),
+    ("7", TypeError, "seed must be an int seed"),
+    (1.5, TypeError, "seed must be an int seed"),
+])
+@pytest.mark.parametrize("forget_rate", [0.0, 0.3])
+def test_bad_seed_names_seed(seed, exc, msg, forget_rate):
+    q, k, v = make_qkv(0)
+    with pytest.raises(exc, match=msg):
+        ta.topk_attention(q, k, v, topk=2, forget_rate=forget_rate, seed=seed)
+
+
+def test_make_rng_refuses_negative_seeds_naming_the_argument():
+    from topkattn.checks import make_rng
+
+    with pytest.raises(ValueError, match="rng must be a non-negative int seed, got -3"):
+        make_rng(-3, "rng")
+    with pytest.raises(ValueError, match="seed must hold non-negative ints"):
+        make_rng((1, -1))
+    assert make_rng(0).random() == np.random.default_rng(0).random()
+
+
+def test_dense_nonfinite_value_in_one_kv_head_stays_in_its_head():
+    """(found by tests/test_op_fuzz.py) a NaN value in KV head 0 must not count key j twice
+    for KV head 1, where it is finite."""
+    from topkattn.ops.dense_attention import dense_attention_forward
+    from topkattn.ops.reference import dense_attention_reference
+
+    q, k, v = make_qkv(28, 2, 4, 2, 3, 5, 3, 2)
+    v[0, 0, 1, 0] = np.nan
+    v[1, 1, 3, 1] = np.inf
+    for causal in (True, False):
+        out, saved = dense_attention_forward(q, k, v, causal=causal, chunk_size=2)
+        want, lse = dense_attention_reference(q, k, v, causal=causal)
+        np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-14, equal_nan=True)
+        np.testing.assert_allclose(saved.lse, lse, rtol=1e-12)

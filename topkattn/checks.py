@@ -60,16 +60,21 @@ def make_rng(seed, name="seed", *, allow_none=False):
 
     Accepts a Generator (used as is), an int, a non-empty sequence of ints, a
     ``SeedSequence`` and, with ``allow_none``, None (fresh OS entropy: for draws that
-    need not be reproducible).  TypeError naming ``name`` for anything else.
+    need not be reproducible).  TypeError naming ``name`` for anything else, ValueError
+    naming it for a negative int seed (or a negative int in the list).
     """
     if isinstance(seed, np.random.Generator):
         return seed
     if (seed is None and allow_none) or isinstance(seed, np.random.SeedSequence):
         return np.random.default_rng(seed)
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        if seed < 0:
+            raise ValueError(f"{name} must be a non-negative int seed, got {seed!r}")
         return np.random.default_rng(int(seed))
     if isinstance(seed, (list, tuple)) and seed and all(
             isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seed):
+        if any(s < 0 for s in seed):
+            raise ValueError(f"{name} must hold non-negative ints, got {list(seed)!r}")
         return np.random.default_rng([int(s) for s in seed])
     raise TypeError(f"{name} must be an int seed, a list of ints or a numpy.random.Generator, "
                     f"got {type(seed).__name__} {seed!r}")

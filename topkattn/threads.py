@@ -15,10 +15,20 @@ from concurrent.futures import ThreadPoolExecutor
 _BLAS_CONTROLLER = []
 _POOL = []
 _PREFIX = "topkattn-worker"
+# blas_single_thread is entered by concurrent callers.  One lock guards the controller, the
+# entries each thread holds and the one limiter: the first entrant lowers BLAS, the last
+# leaver restores it, so overlapping calls never restore each other's limits in the wrong
+# order.  Both happen on one dedicated thread: OpenBLAS's thread count is process-wide and
+# threadpoolctl (>= 3.8) lets only the thread that took control of it change it, so a
+# limit lowered by one caller must be restored by that same thread.
+_BLAS_LOCK = threading.Lock()
+_BLAS_HELD = {}  # thread ident -> entries of blas_single_thread it holds
+_BLAS_LIMITER = []  # the active threadpoolctl limiter while any entry is held
+_BLAS_THREAD = []  # the one-thread executor that lowers and restores the limit
 
 
-def blas_single_thread():
-    """Context pinning BLAS to one thread (threadpoolctl; a no-op if it is missing)."""
+def _blas_controller():
+    """The process-wide ThreadpoolController (None without threadpoolctl); call under _BLAS_LOCK."""
     if not _BLAS_CONTROLLER:
         try:
             import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: limit it too)
@@ -30,8 +40,56 @@ def blas_single_thread():
             _BLAS_CONTROLLER.append(ThreadpoolController())
         except ImportError:  # pragma: no cover - threadpoolctl is a dependency
             _BLAS_CONTROLLER.append(None)
-    ctl = _BLAS_CONTROLLER[0]
-    return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1, user_api="blas")
+    return _BLAS_CONTROLLER[0]
+
+
+def _on_blas_thread(fn, *args):
+    """Run fn(*args) on the dedicated BLAS-control thread and return its result; under _BLAS_LOCK."""
+    if not _BLAS_THREAD:
+        _BLAS_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="topkattn-blas"))
+    try:
+        job = _BLAS_THREAD[0].submit(fn, *args)
+    except RuntimeError:  # interpreter shutting down: no new threads; do it here
+        return fn(*args)
+    return job.result()
+
+
+def _lower_blas(ctl):
+    limiter = ctl.limit(limits=1, user_api="blas")
+    limiter.__enter__()
+    return limiter
+
+
+def _restore_blas(limiter):
+    limiter.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def blas_single_thread():
+    """Context pinning BLAS to one thread (threadpoolctl; a no-op if it is missing).
+
+    Reference-counted and thread-safe: any number of threads may hold it at once, in any
+    overlap, and nest it; the first entrant lowers BLAS to one thread and the last leaver
+    restores the limits found by the first entrant, so the process keeps its BLAS threads
+    afterwards.  (Where the caller itself holds a ``threadpoolctl.threadpool_limits`` on
+    OpenBLAS, threadpoolctl leaves the limit to that caller and this is a no-op.)
+    """
+    me = threading.get_ident()
+    with _BLAS_LOCK:
+        if not _BLAS_HELD:
+            ctl = _blas_controller()
+            if ctl is not None:
+                _BLAS_LIMITER.append(_on_blas_thread(_lower_blas, ctl))
+        _BLAS_HELD[me] = _BLAS_HELD.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_HELD[me] -= 1
+            if not _BLAS_HELD[me]:
+                del _BLAS_HELD[me]
+            if not _BLAS_HELD and _BLAS_LIMITER:
+                _on_blas_thread(_restore_blas, _BLAS_LIMITER.pop())
 
 
 def n_workers():
@@ -50,6 +108,18 @@ def n_workers():
 
 def _forget_pool_after_fork():
     _POOL.clear()  # a forked child has none of the parent's worker threads: start a new pool
+    # ... nor the other threads' blas_single_thread entries, nor its BLAS-control thread:
+    # keep only the forking thread's entries (the limit stays until it leaves them)
+    global _BLAS_LOCK
+    _BLAS_LOCK = threading.Lock()  # another thread may have held it at the fork
+    _BLAS_THREAD.clear()
+    me = threading.get_ident()
+    mine = _BLAS_HELD.get(me, 0)
+    _BLAS_HELD.clear()
+    if mine:
+        _BLAS_HELD[me] = mine
+    elif _BLAS_LIMITER:  # restored here (and control of OpenBLAS released), not on a thread
+        _restore_blas(_BLAS_LIMITER.pop())
 
 
 if hasattr(os, "register_at_fork"):

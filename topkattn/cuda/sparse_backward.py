@@ -19,7 +19,11 @@ sums, in that fixed order (kernel 3).  Why: float atomics add in a run-dependent
 (results differ in the last bits between runs), and the keys that many rows share
 (sinks, the window, popular keys) would serialise thousands of atomics on one address;
 the sort costs O(n_ent log n_ent) and the pieces O(n_ent / PIECE) memory, all O(T K).
-Rows whose lse is NaN get a NaN dq and send nothing to dk/dv; rows with no key get zeros.
+Rows whose output is not finite (or whose lse is NaN: a NaN or +inf among their scores, a
+NaN or inf among their values) get a NaN dq and send nothing to dk/dv, so one bad row never
+poisons keys other rows share; rows with no key (lse -inf) get zeros.  A key a row weighs 0
+(score -inf) sends and receives nothing (no 0 * inf).  The rule of
+:func:`topkattn.ops.reference.masked_attention_grad_reference`.
 Reference: :func:`topkattn.ops.sparse_attention.sparse_attention_backward` (itself checked
 against float64 finite differences of :func:`topkattn.ops.reference.topk_attention_reference`).
 """
@@ -116,11 +120,16 @@ def _rows_kernel(D, Dv, dchar):
         g = h // (H // G)
         sc = cast(scale)
         L = lse[b, h, t]
-        if L != L or L == -INF:
+        nan_row = L != L
+        for d in range(Dv):  # an output that is not finite marks a NaN row too
+            o = out[b, h, t, d]
+            if o != o or o == INF or o == -INF:
+                nan_row = True
+        if nan_row or L == -INF:
             for i in range(K):
                 p_out[r, i] = 0
                 ds_out[r, i] = 0
-            if L != L:
+            if nan_row:
                 for d in range(D):
                     dq[b, h, t, d] = NAN
             return
@@ -140,6 +149,10 @@ def _rows_kernel(D, Dv, dchar):
             for d in range(D):
                 s += (q[b, h, t, d] * sc) * k[b, g, j, d]
             pr = math.exp(s - L)
+            if pr == 0:  # weight 0 (score -inf, or underflow): nothing to send or receive
+                p_out[r, i] = 0
+                ds_out[r, i] = 0
+                continue
             dp = cast(0)
             for d in range(Dv):
                 dp += dout[b, h, t, d] * v[b, g, j, d]

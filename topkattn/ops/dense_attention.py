@@ -9,15 +9,28 @@ Head h reads KV head g(h) = h // (H / G).
 Backward, with p = exp(s - lse) recomputed chunk by chunk and delta_t = dout_t . out_t:
     dv = p^T dout,   ds = p * (dout v^T - delta),   dq = scale ds k,   dk = scale ds^T q
 Peak extra memory is one (B, H, chunk, S) tile: no (T, S) matrix is kept.
+
+Non-finite inputs follow the rule of :mod:`topkattn.ops.reference` (``attend_row``): a
+row sees only its visible keys and values -- a NaN or inf in a future key or value never
+reaches an earlier row, forward or backward (hidden entries are removed with ``where``
+and non-finite values are summed only over the rows that see them, never multiplied
+by a zero weight); a NaN or +inf among a row's visible scores gives a NaN row; a row whose
+output is not finite gets a NaN dq and sends nothing to dk, dv.
 """
 
 import numpy as np
 
-from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module
+from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module, to_numpy
 from topkattn.checks import check_int, check_real
 from topkattn.ops.selection import decode_scores
+from topkattn.ops.sparse_attention import inactive_rows
 
 TILE_BYTES = 16 * 2**20  # budget for one chunk's (B, H, c, S) score tile
+
+
+def default_scale(D):
+    """1 / sqrt(D), the default score scale (1 for D = 0, where every score is 0)."""
+    return 1.0 / np.sqrt(max(int(D), 1))
 
 
 class DenseAttentionSaved:
@@ -33,7 +46,8 @@ class DenseAttentionSaved:
 def dense_attention(q, k, v, *, causal=True, scale=None, chunk_size=None):
     """Dense softmax attention: q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> (B, H, T, Dv).
 
-    ``scale`` multiplies q.k (default 1/sqrt(D)).  Rows that see no key give zeros.
+    ``scale`` multiplies q.k (default 1/sqrt(D), 1 for D = 0).  Rows that see no key give
+    zeros; a NaN or inf reaches only the rows that see it (module docstring).
     Equal to :func:`topkattn.ops.topk_attention` with ``topk >= S``, without the selection.
     """
     return dense_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)[0]
@@ -47,28 +61,40 @@ def dense_attention_forward(q, k, v, *, causal=True, scale=None, chunk_size=None
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     rep = H // G
-    scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
+    scale = default_scale(D) if scale is None else float(scale)
     c = chunk_size or max(1, TILE_BYTES // max(1, B * H * S * q.dtype.itemsize))
     out = xp.zeros((B, H, T, Dv), dtype=q.dtype)
     lse = xp.full((B, H, T), -np.inf, dtype=q.dtype)
     qg = q.reshape(B, G, rep, T, D)
+    v_ok, bad_keys = finite_keys(xp, v)  # values with non-finite entries zeroed, their keys
     for t0, t1, n in query_chunks(T, S, c, causal):
         if n == 0:
             continue
+        cc = t1 - t0
         s = chunk_scores(xp, qg, k, t0, t1, n, S, T, scale, causal)  # (B, G, rep, c, n)
+        bad = (xp.isnan(s) | (s == np.inf)).any(-1)  # (B, G, rep, c): NaN rows
         m = s.max(-1, keepdims=True)
         m = xp.where(xp.isfinite(m), m, 0)
-        p = xp.exp(s - m)
+        p = xp.exp(s - m)  # hidden keys and -inf scores -> 0
         denom = p.sum(-1, keepdims=True)
         ls = xp.where(denom > 0, denom, 1)
-        o = xp.matmul((p / ls).reshape(B, G, rep * (t1 - t0), n), v[:, :, :n])  # (B, G, rep*c, Dv)
-        out[:, :, t0:t1] = o.reshape(B, H, t1 - t0, Dv)
-        lse[:, :, t0:t1] = xp.where(denom > 0, m + xp.log(ls), -np.inf)[..., 0].reshape(B, H, t1 - t0)
+        w = p / ls  # (B, G, rep, c, n)
+        o = weighted_values(xp, w, v_ok, v, bad_keys, visible_mask(t0, t1, n, S, T, causal))
+        o = xp.where(denom > 0, o.reshape(B, G, rep, cc, Dv), 0)  # nothing to attend: zeros
+        out[:, :, t0:t1] = xp.where(bad[..., None], np.nan, o).reshape(B, H, cc, Dv)
+        ls = xp.where(denom > 0, m + xp.log(ls), -np.inf)[..., 0]
+        lse[:, :, t0:t1] = xp.where(bad, np.nan, ls).reshape(B, H, cc)
     return out, DenseAttentionSaved(q, k, v, out, lse, scale, causal, c)
 
 
 def dense_attention_backward(dout, saved):
-    """``(dq, dk, dv)`` from dout (B, H, T, Dv)."""
+    """``(dq, dk, dv)`` from dout (B, H, T, Dv).
+
+    A row whose output is not finite gets a NaN dq and sends nothing to dk, dv; a NaN or
+    inf in a key or value reaches no gradient of a row that does not see it.
+    """
+    if not isinstance(saved, DenseAttentionSaved):
+        raise TypeError(f"saved must come from dense_attention_forward, got {type(saved).__name__}")
     q, k, v, out, lse = saved.q, saved.k, saved.v, saved.out, saved.lse
     dout = check_dout(dout, out)
     xp = get_array_module(q)
@@ -79,22 +105,30 @@ def dense_attention_backward(dout, saved):
     dq = xp.zeros_like(q)
     dk = xp.zeros_like(k)
     dv = xp.zeros_like(v)
-    qg = q.reshape(B, G, rep, T, D)
-    delta = (dout * out).sum(-1)  # (B, H, T)
+    inactive, nan_rows = inactive_rows(xp, out, lse)  # (B, H, T)
+    live = ~inactive
+    qg = xp.where(live[..., None], q, 0).reshape(B, G, rep, T, D)  # inactive rows send nothing
+    dout = xp.where(live[..., None], dout, 0)
+    delta = (dout * xp.where(live[..., None], out, 0)).sum(-1)  # (B, H, T)
+    lse = xp.where(live, lse, 0)
+    k_ok, _ = finite_keys(xp, k)  # a key a live row weighs 0 (score -inf) may hold inf:
+    v_ok, _ = finite_keys(xp, v)  # zeroed, it adds nothing instead of 0 * inf
     for t0, t1, n in query_chunks(T, S, saved.chunk_size, saved.causal):
         if n == 0:
             continue
         c = t1 - t0
         s = chunk_scores(xp, qg, k, t0, t1, n, S, T, saved.scale, saved.causal)  # (B, G, rep, c, n)
         L = lse[:, :, t0:t1].reshape(B, G, rep, c, 1)
-        p = xp.where(xp.isfinite(L), xp.exp(s - xp.where(xp.isfinite(L), L, 0)), 0)
+        lv = live[:, :, t0:t1].reshape(B, G, rep, c, 1)
+        p = xp.where(lv, xp.exp(s - L), 0)  # hidden keys (-inf) -> 0
         p = p.reshape(B, G, rep * c, n)
         do = dout[:, :, t0:t1].reshape(B, G, rep * c, Dv)
         dv[:, :, :n] += xp.matmul(p.swapaxes(-1, -2), do)  # (B, G, n, Dv)
-        dp = xp.matmul(do, v[:, :, :n].swapaxes(-1, -2))  # (B, G, rep*c, n)
+        dp = xp.matmul(do, v_ok[:, :, :n].swapaxes(-1, -2))  # (B, G, rep*c, n)
         ds = p * (dp - delta[:, :, t0:t1].reshape(B, G, rep * c, 1)) * sc
         qc = qg[:, :, :, t0:t1].reshape(B, G, rep * c, D)
-        dq[:, :, t0:t1] = xp.matmul(ds, k[:, :, :n]).reshape(B, H, c, D)
+        dq_c = xp.matmul(ds, k_ok[:, :, :n]).reshape(B, H, c, D)
+        dq[:, :, t0:t1] = xp.where(nan_rows[:, :, t0:t1, None], np.nan, dq_c)
         dk[:, :, :n] += xp.matmul(ds.swapaxes(-1, -2), qc)
     return dq, dk, dv
 
@@ -104,24 +138,93 @@ def dense_attention_decode(query, keys, values, scale):
 
     keys (B, G, S, D) and values (B, G, S, Dv) may be views into a larger cache buffer:
     each (b, g) pair is one 2-D matrix product (BLAS on the strided view, no copy).
+    Non-finite scores follow the rule of :func:`dense_attention` (S = 0: zeros).
     """
     xp = get_array_module(query, keys)
     B, H, D = query.shape
-    G = keys.shape[1]
+    G, S = keys.shape[1], keys.shape[2]
+    Dv = values.shape[-1]
+    out = xp.zeros((B, G, H // G, Dv), dtype=query.dtype)
+    if S == 0 or B * H == 0:
+        return out.reshape(B, H, Dv)
     s = decode_scores(query, keys, scale).reshape(B, G, H // G, -1)  # (B, G, rep, S)
-    s -= s.max(-1, keepdims=True)
+    bad = (xp.isnan(s) | (s == np.inf)).any(-1, keepdims=True)  # (B, G, rep, 1): NaN rows
+    m = s.max(-1, keepdims=True)
+    s -= xp.where(xp.isfinite(m), m, 0)
     p = xp.exp(s)
-    p /= p.sum(-1, keepdims=True)
-    out = xp.empty((B, G, H // G, values.shape[-1]), dtype=query.dtype)
+    denom = p.sum(-1, keepdims=True)
+    p /= xp.where(denom > 0, denom, 1)
     for b in range(B):
         for g in range(G):
             out[b, g] = p[b, g] @ values[b, g]  # (rep, Dv)
-    return out.reshape(B, H, -1)
+    out = xp.where(bad, np.nan, xp.where(denom > 0, out, 0))
+    return out.reshape(B, H, Dv)
+
+
+def finite_keys(xp, a):
+    """``(a_ok, bad)`` for keys or values a (B, G, S, X): a_ok is a with every key row that
+    holds a NaN or inf zeroed (a itself when there is none); bad the host int64 array of
+    those key indices j (in any batch and head)."""
+    nonfinite = ~xp.isfinite(a).all(-1)  # (B, G, S)
+    bad = np.flatnonzero(to_numpy(nonfinite.any((0, 1)))) if nonfinite.size else np.zeros(0, np.int64)
+    if not bad.size:
+        return a, bad
+    return xp.where(nonfinite[..., None], 0, a), bad
+
+
+def visible_mask(t0, t1, n, S, T, causal):
+    """Host (c, n) bool: key j visible to query row t0 + i; None when every row sees all n."""
+    if not causal:
+        return None
+    pos = np.arange(t0, t1) + (S - T)
+    vis = np.arange(n)[None, :] <= pos[:, None]
+    return None if vis.all() else vis
+
+
+def weighted_values(xp, w, v_ok, v, bad_keys, attend):
+    """sum_j w[..., j] v_j over the keys each row attends: (B, G, rep*c, Dv).
+
+    w (B, G, rep, c, n) weights (0 off the attended keys); v_ok: v (B, G, S, Dv) with the
+    rows of ``bad_keys`` zeroed (see :func:`finite_keys`); attend: the keys each row
+    attends, None (all n), a host (c, n) bool array or an array broadcastable to w's shape.
+    One matmul over v_ok, then the non-finite keys each row attends are added term by term
+    (w_j * v_j, so 0 * NaN stays NaN for a row that attends it, and a row that does not
+    attend it never multiplies it).
+    """
+    B, G, rep, c, n = w.shape
+    Dv = v.shape[-1]
+    o = xp.matmul(w.reshape(B, G, rep * c, n), v_ok[:, :, :n])  # (B, G, rep*c, Dv)
+    js = bad_keys[bad_keys < n]
+    if not js.size:
+        return o
+    o = o.reshape(B, G, rep, c, Dv)
+    step = max(1, TILE_BYTES // max(1, B * G * rep * c * Dv * w.dtype.itemsize))
+    for i in range(0, js.size, step):
+        j = js[i:i + step]
+        jd = xp.asarray(j)
+        vj = v[:, :, jd]  # (B, G, nb, Dv); rows finite in this (b, g) were in the matmul already
+        vj = xp.where(xp.isfinite(vj).all(-1, keepdims=True), 0, vj)
+        term = w[..., jd, None] * vj[:, :, None, None]  # (B, G, rep, c, nb, Dv)
+        if attend is not None:
+            a = xp.asarray(attend[:, j]) if isinstance(attend, np.ndarray) and attend.ndim == 2 \
+                else attend[..., jd]  # (c, nb) or (B, G, rep, c, nb)
+            term = xp.where(a[..., None], term, 0)
+        o = o + term.sum(-2)
+    return o.reshape(B, G, rep * c, Dv)
 
 
 def check_dout(dout, out):
-    """dout as an engine array of out's shape (B, H, T, Dv) and dtype; ValueError otherwise."""
+    """dout as an engine array of out's shape (B, H, T, Dv) and dtype.
+
+    TypeError unless a real floating-point array (complex, object, bool, integer refused)
+    on the forward's device; ValueError for another shape.
+    """
     dout = as_engine_array(dout, "dout")
+    if dout.dtype.kind != "f":
+        raise TypeError(f"dout must be a real floating-point array like the output ({out.dtype}), "
+                        f"got dtype {dout.dtype}")
+    if get_array_module(dout) is not get_array_module(out):
+        raise TypeError("dout must live on the same device as the forward inputs")
     if tuple(dout.shape) != tuple(out.shape):
         raise ValueError(f"dout must have shape {tuple(out.shape)} (B, H, T, Dv), got {tuple(dout.shape)}")
     return dout.astype(out.dtype, copy=False)

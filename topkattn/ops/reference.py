@@ -2,6 +2,15 @@
 
 Shape letters: B batch, H query heads, G KV heads, T queries, S keys, D head dim, Dv value dim.
 Everything is computed in float64 with full (T, S) score matrices and plain loops.
+
+The non-finite rule every implementation follows (:func:`attend_row` writes it out):
+a NaN or +inf among the scores a row attends makes that row's output and logsumexp NaN;
+an -inf score gets weight 0; a row that attends no key, or only keys scoring -inf, gives
+zeros and logsumexp -inf; otherwise out = sum_j p_j v_j over the attended keys only (a NaN
+or inf value makes the rows attending it non-finite, and no other row).  Backward
+(:func:`masked_attention_grad_reference`): a row whose output is not finite (a "NaN row")
+gets a NaN dq and sends nothing to dk, dv; a row with logsumexp -inf gets zero dq.
+The default scale is 1 / sqrt(D) (1 for D = 0, where every score is 0).
 """
 import numpy as np
 
@@ -18,6 +27,31 @@ def rank_row(scores, candidates):
     js = np.flatnonzero(candidates)
     key = np.where(np.isnan(scores[js]), np.inf, scores[js])
     return js[np.argsort(-key, kind="stable")]
+
+
+def default_scale(D):
+    """1 / sqrt(D), the default score scale (1 for D = 0: an empty dot product scores 0)."""
+    return 1.0 / np.sqrt(max(int(D), 1))
+
+
+def attend_row(s, vv):
+    """Softmax attention of one row over its attended keys, by the non-finite rule above.
+
+    s: (n,) float64 attended scores; vv: (n, Dv) their values.
+    Returns (out (Dv,), lse, p (n,)): p is None for a NaN row (out, lse NaN) and all zeros
+    for a row with nothing to attend (out 0, lse -inf).
+    """
+    Dv = vv.shape[1]
+    if np.isnan(s).any() or (s == np.inf).any():
+        return np.full(Dv, np.nan), np.nan, None
+    if not (s > -np.inf).any():
+        return np.zeros(Dv), -np.inf, np.zeros(len(s))
+    m = s.max()
+    e = np.exp(s - m)  # -inf scores give 0
+    p = e / e.sum()
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = (p[:, None] * vv).sum(0)  # every attended key, so 0 * NaN stays NaN
+    return out, m + np.log(e.sum()), p
 
 
 def visible_and_forced(S, T, t, causal, sinks, window):
@@ -47,8 +81,8 @@ def topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, temperat
     q, k, v = (to_numpy(a).astype(np.float64) for a in (q, k, v))
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-    rep = H // G
-    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    rep = H // G if G else 1
+    scale = default_scale(D) if scale is None else scale
     n_sel = min(topk, S)
     drop = forget_draws(seed, (B, H, T, n_sel), forget_rate)
     out = np.zeros((B, H, T, Dv))
@@ -57,7 +91,8 @@ def topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, temperat
     for b in range(B):
         for h in range(H):
             g = h // rep
-            scores = (q[b, h] @ k[b, g].T) * (scale / temperature)  # (T, S)
+            with np.errstate(invalid="ignore", over="ignore"):
+                scores = (q[b, h] @ k[b, g].T) * (scale / temperature)  # (T, S)
             for t in range(T):
                 visible, forced = visible_and_forced(S, T, t, causal, sinks, window)
                 ranked = rank_row(scores[t], visible & ~forced)
@@ -72,33 +107,82 @@ def topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, temperat
                 row = forced.copy()
                 row[chosen] = True
                 mask[b, h, t] = row
-                if not row.any():
-                    continue
-                s = scores[t, row]
-                if np.isnan(s).any():
-                    out[b, h, t] = np.nan
-                    lse[b, h, t] = np.nan
-                    continue
-                m = s.max()
-                p = np.exp(s - m)
-                lse[b, h, t] = m + np.log(p.sum())
-                out[b, h, t] = (p / p.sum()) @ v[b, g][row]
+                out[b, h, t], lse[b, h, t], _ = attend_row(scores[t, row], v[b, g][row])
     return out, mask, lse
 
 
 def masked_attention_reference(q, k, v, mask, scale):
-    """Softmax attention restricted to ``mask`` (B, H, T, S) in float64: out (B, H, T, Dv)."""
-    q, k, v = (to_numpy(a).astype(np.float64) for a in (q, k, v))
+    """Softmax attention restricted to ``mask`` (B, H, T, S) in float64: out (B, H, T, Dv).
+
+    Each row attends only its masked keys (:func:`attend_row`): a NaN or inf in a key or
+    value outside a row's mask never reaches that row.
+    """
+    return _masked_rows(q, k, v, mask, scale)[0]
+
+
+def masked_attention_grad_reference(q, k, v, mask, scale, dout):
+    """Gradients (dq, dk, dv) in float64 of sum(out * dout), out = masked_attention_reference.
+
+    The rule of the fast backward passes: a NaN row (output not finite) gets a NaN dq and
+    sends nothing to dk, dv, so it never poisons keys other rows share; a row with nothing
+    to attend gets zeros; a key a row weighs 0 (score -inf) gets nothing from that row.
+    """
+    out, _, probs, (q, k, v) = _masked_rows(q, k, v, mask, scale)
+    dout = to_numpy(dout).astype(np.float64)
     H, G = q.shape[1], k.shape[1]
-    kh = np.repeat(k, H // G, axis=1)
-    vh = np.repeat(v, H // G, axis=1)
-    s = np.einsum("bhtd,bhsd->bhts", q, kh) * scale
-    s = np.where(mask, s, -np.inf)
-    m = np.max(s, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.where(mask, np.exp(s - m), 0.0)
-    denom = p.sum(-1, keepdims=True)
-    return np.einsum("bhts,bhsd->bhtd", p / np.where(denom > 0, denom, 1.0), vh)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for (b, h, t), (js, p) in probs.items():
+        g = h // (H // G)
+        if p is None or not np.isfinite(out[b, h, t]).all():
+            dq[b, h, t] = np.nan
+            continue
+        w = p > 0  # keys with weight: only they receive (or send) gradient
+        js, p = js[w], p[w]
+        go = dout[b, h, t]
+        dv[b, g, js] += p[:, None] * go
+        ds = p * (v[b, g, js] @ go - go @ out[b, h, t]) * scale
+        dq[b, h, t] = ds @ k[b, g, js]
+        dk[b, g, js] += ds[:, None] * q[b, h, t]
+    return dq, dk, dv
+
+
+def _masked_rows(q, k, v, mask, scale):
+    """out, lse (B, H, T) and {(b, h, t): (attended key indices, p or None)} of masked attention."""
+    q, k, v = (to_numpy(a).astype(np.float64) for a in (q, k, v))
+    mask = np.asarray(mask, dtype=bool)
+    B, H, T, _ = q.shape
+    G, Dv = k.shape[1], v.shape[3]
+    out = np.zeros((B, H, T, Dv))
+    lse = np.full((B, H, T), -np.inf)
+    probs = {}
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // G)
+            for t in range(T):
+                js = np.flatnonzero(mask[b, h, t])
+                with np.errstate(invalid="ignore", over="ignore"):
+                    s = (k[b, g, js] @ q[b, h, t]) * scale
+                out[b, h, t], lse[b, h, t], p = attend_row(s, v[b, g, js])
+                probs[b, h, t] = (js, p)
+    return out, lse, probs, (q, k, v)
+
+
+def dense_attention_reference(q, k, v, *, causal=True, scale=None):
+    """Dense reference of ``dense_attention_forward``: (out (B, H, T, Dv), lse (B, H, T)), float64."""
+    mask = causal_mask(q.shape, k.shape, causal)
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    out, lse, _, _ = _masked_rows(q, k, v, mask, scale)
+    return out, lse
+
+
+def causal_mask(q_shape, k_shape, causal=True):
+    """(B, H, T, S) bool: the keys each query may see (query t sits at S - T + t)."""
+    B, H, T = q_shape[:3]
+    S = k_shape[2]
+    vis = np.ones((T, S), dtype=bool)
+    if causal:
+        vis = np.arange(S)[None, :] <= (np.arange(T) + S - T)[:, None]
+    return np.broadcast_to(vis, (B, H, T, S))
 
 
 def dynamic_topk_reference(q, k, *, tail_bound, max_topk=None, causal=True, scale=None,
@@ -112,7 +196,7 @@ def dynamic_topk_reference(q, k, *, tail_bound, max_topk=None, causal=True, scal
     q, k = (to_numpy(a).astype(np.float64) for a in (q, k))
     B, H, T, D = q.shape
     G, S = k.shape[1], k.shape[2]
-    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    scale = default_scale(D) if scale is None else scale
     max_topk = S if max_topk is None else max_topk
     n_sel = min(max_topk, S)
     out = [np.zeros((B, H, T), dtype=t) for t in (np.int64, bool, np.float64, np.float64)]
@@ -140,34 +224,41 @@ def dynamic_topk_reference(q, k, *, tail_bound, max_topk=None, causal=True, scal
     return tuple(out)
 
 
-def tail_topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, sinks=0, window=0):
+def tail_topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, sinks=0, window=0,
+                                  mask=None):
     """Dense reference of ``tail_topk_attention``: out (B, H, T, Dv) float64.
 
     Per row: p = softmax over the visible keys, A = the keys top-k attention attends
-    (``topk_attention_reference``'s mask), U = visible keys outside A;
+    (``topk_attention_reference``'s mask, or ``mask`` (B, H, T, S) bool when given: e.g. a
+    fast path's own selection), U = visible keys outside A;
     out = sum_A p_j v_j + (1 - sum_A p_j) * mean_U v_j (the last term 0 when U is empty).
     """
-    _, mask, _ = topk_attention_reference(q, k, v, topk=topk, causal=causal, scale=scale,
-                                          sinks=sinks, window=window)
+    if mask is None:
+        _, mask, _ = topk_attention_reference(q, k, v, topk=topk, causal=causal, scale=scale,
+                                              sinks=sinks, window=window)
     q, k, v = (to_numpy(a).astype(np.float64) for a in (q, k, v))
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    scale = default_scale(D) if scale is None else scale
     out = np.zeros((B, H, T, Dv))
     for b in range(B):
         for h in range(H):
             g = h // (H // G)
-            scores = (q[b, h] @ k[b, g].T) * scale
+            with np.errstate(invalid="ignore", over="ignore"):
+                scores = (q[b, h] @ k[b, g].T) * scale
             for t in range(T):
                 visible, _ = visible_and_forced(S, T, t, causal, sinks, window)
-                if not visible.any():
-                    continue
                 s = scores[t, visible]
-                p = np.exp(s - s.max())
-                p /= p.sum()
-                a = mask[b, h, t][visible]
                 vv = v[b, g][visible]
-                out[b, h, t] = p[a] @ vv[a]
-                if (~a).any():
-                    out[b, h, t] += (1.0 - p[a].sum()) * vv[~a].mean(0)
+                a = mask[b, h, t][visible]
+                _, _, p = attend_row(s, vv)  # the dense softmax over every visible key
+                if p is None:
+                    out[b, h, t] = np.nan
+                    continue
+                if not (p > 0).any():
+                    continue  # nothing to attend: zeros
+                with np.errstate(invalid="ignore", over="ignore"):
+                    out[b, h, t] = (p[a, None] * vv[a]).sum(0)
+                    if (~a).any():
+                        out[b, h, t] += (1.0 - p[a].sum()) * vv[~a].mean(0)
     return out

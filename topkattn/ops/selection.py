@@ -323,7 +323,7 @@ def _ranked_chunks(q, k, bounds, m, causal, scale, chunk_size, impl):
     G, S = k.shape[1], k.shape[2]
     rep = H // G
     use_numba = _choose_numba(impl, xp)
-    if m == 0:
+    if m == 0 or B * H == 0:  # nothing to rank (no candidates kept, or no rows)
         return
     if chunk_size is None:
         chunk_size = max(1, TILE_BYTES // max(1, B * H * S * q.dtype.itemsize))

@@ -9,6 +9,12 @@ Dv value dim, K index slots per query (forced + selected; -1 = empty slot), c qu
 
 Forward saves (q, k, v, idx, out, lse); backward costs O(T*K*D): only selected
 keys receive gradient.  Work is done in query chunks so gathers stay small.
+
+Non-finite inputs follow the rule of :mod:`topkattn.ops.reference` (``attend_row``): a NaN
+or +inf among a row's attended scores gives a NaN row (out and lse); -inf scores get
+weight 0 and a row with nothing to attend gives zeros (lse -inf); only the values a row
+attends reach it.  Backward: a row whose output is not finite gets a NaN dq and sends
+nothing to dk, dv (:func:`inactive_rows`), so one bad row never poisons shared keys.
 """
 import numpy as np
 
@@ -39,7 +45,7 @@ def sparse_attention_forward(q, k, v, idx, scale):
     K = idx.shape[-1]
     out = xp.zeros((B, H, T, Dv), dtype=q.dtype)
     lse = xp.full((B, H, T), -xp.inf, dtype=q.dtype)
-    if K == 0 or T == 0:
+    if K == 0 or T == 0 or S == 0:  # nothing to attend: zeros, lse -inf
         return out, SparseAttentionSaved(q, k, v, idx, out, lse, scale)
     kf, vf = k.reshape(B * G * S, D), v.reshape(B * G * S, Dv)
     sc = q.dtype.type(scale)
@@ -48,26 +54,39 @@ def sparse_attention_forward(q, k, v, idx, scale):
         ks = kf[flat]  # (B, H, c, K, D)
         s = ((q[:, :, t0:t1, None, :] * sc) * ks).sum(-1)  # (B, H, c, K)
         s = xp.where(valid, s, -xp.inf)
+        bad = (xp.isnan(s) | (s == xp.inf)).any(-1)  # (B, H, c): NaN rows
         mx = s.max(-1, keepdims=True)  # (B, H, c, 1)
         mx_safe = xp.where(xp.isfinite(mx), mx, 0).astype(q.dtype)
-        p = xp.exp(s - mx_safe)  # empty slots -> 0; NaN rows stay NaN
+        p = xp.exp(s - mx_safe)  # empty slots and -inf scores -> 0
         denom = p.sum(-1, keepdims=True)
         l_safe = xp.where(denom > 0, denom, 1)
         vs = _gather_valid(xp, vf, flat, valid)  # (B, H, c, K, Dv)
-        out[:, :, t0:t1] = ((p / l_safe)[..., None] * vs).sum(-2)
-        lse[:, :, t0:t1] = xp.where(denom[..., 0] > 0, mx_safe[..., 0] + xp.log(l_safe[..., 0]), -xp.inf)
-        # a NaN anywhere in a row's scores makes the whole row NaN
-        nan_row = xp.isnan(s).any(-1)
-        lse[:, :, t0:t1][nan_row] = xp.nan
-        out[:, :, t0:t1][nan_row] = xp.nan
+        o = ((p / l_safe)[..., None] * vs).sum(-2)  # every attended value: 0 * NaN stays NaN
+        o = xp.where(denom > 0, o, 0)  # nothing to attend (no key, or every score -inf): zeros
+        ls = xp.where(denom[..., 0] > 0, mx_safe[..., 0] + xp.log(l_safe[..., 0]), -xp.inf)
+        out[:, :, t0:t1] = xp.where(bad[..., None], xp.nan, o)
+        lse[:, :, t0:t1] = xp.where(bad, xp.nan, ls)
     return out, SparseAttentionSaved(q, k, v, idx, out, lse, scale)
+
+
+def inactive_rows(xp, out, lse):
+    """(B, H, T) bool masks ``(inactive, nan_rows)`` of a forward's rows for backward.
+
+    nan_rows: the output is not finite (or lse is NaN): such a row gets a NaN dq.
+    inactive: nan_rows and the rows with nothing to attend (lse -inf): they send nothing
+    to dk, dv (and their dq is NaN or 0).
+    """
+    nan_rows = xp.isnan(lse) | ~xp.isfinite(out).all(-1)
+    return nan_rows | ~xp.isfinite(lse), nan_rows
 
 
 def sparse_attention_backward(dout, saved):
     """(dq, dk, dv) from dout (B, H, T, Dv).  Unselected keys get exactly zero gradient.
 
-    Rows whose forward output is NaN get a NaN dq and send nothing to dk/dv, so one
-    bad query cannot poison the gradients of keys other rows share.
+    Rows whose forward output is not finite (a NaN or inf among the scores or values they
+    attend) get a NaN dq and send nothing to dk/dv, so one bad query, key or value cannot
+    poison the gradients of keys other rows share (:func:`inactive_rows`).  Reference:
+    :func:`topkattn.ops.reference.masked_attention_grad_reference`.
 
     dk and dv are accumulated with a deterministic serial scatter-add (Numba on CPU,
     ``numpy.add.at`` without Numba, ``cupyx.scatter_add`` on the GPU).
@@ -80,26 +99,34 @@ def sparse_attention_backward(dout, saved):
     dq = xp.zeros_like(q)
     dk = xp.zeros((B * G * S, D), dtype=k.dtype)
     dv = xp.zeros((B * G * S, Dv), dtype=v.dtype)
-    if K == 0 or T == 0:
+    if K == 0 or T == 0 or B * H == 0 or S == 0:
         return dq, dk.reshape(k.shape), dv.reshape(v.shape)
     kf, vf = k.reshape(B * G * S, D), v.reshape(B * G * S, Dv)
+    k_finite = bool(xp.isfinite(kf).all())
     sc = q.dtype.type(saved.scale)
+    inactive, nan_rows = inactive_rows(xp, out, lse)  # (B, H, T)
     for t0, t1 in _chunks(T, B * H * K * max(D, Dv) * q.dtype.itemsize):
+        c = t1 - t0
         flat, valid = _flat_rows(xp, idx[:, :, t0:t1], G, S)  # (B, H, c, K)
-        qc, doc = q[:, :, t0:t1], dout[:, :, t0:t1]  # (B, H, c, D), (B, H, c, Dv)
+        live = ~inactive[:, :, t0:t1]  # (B, H, c)
+        qc = xp.where(live[..., None], q[:, :, t0:t1], 0)  # (B, H, c, D)
+        doc = xp.where(live[..., None], dout[:, :, t0:t1], 0)  # (B, H, c, Dv)
         ks = _gather_valid(xp, kf, flat, valid)  # (B, H, c, K, D)
         vs = _gather_valid(xp, vf, flat, valid)  # (B, H, c, K, Dv)
         s = ((qc[..., None, :] * sc) * ks).sum(-1)  # (B, H, c, K)
-        lse_c = lse[:, :, t0:t1, None]
-        p = xp.where(valid & xp.isfinite(lse_c), xp.exp(s - xp.where(xp.isinf(lse_c), 0, lse_c)), 0)
+        lse_c = xp.where(live, lse[:, :, t0:t1], 0)[..., None]
+        p = xp.where(valid & live[..., None], xp.exp(xp.where(valid, s, -xp.inf) - lse_c), 0)
         dp = (vs * doc[..., None, :]).sum(-1)  # (B, H, c, K)
-        delta = (doc * out[:, :, t0:t1]).sum(-1, keepdims=True)  # (B, H, c, 1)
-        ds = p * (dp - delta) * sc  # (B, H, c, K)
+        delta = (doc * xp.where(live[..., None], out[:, :, t0:t1], 0)).sum(-1, keepdims=True)  # (B, H, c, 1)
+        ds = xp.where(p > 0, p * (dp - delta), 0) * sc  # (B, H, c, K)
+        if not k_finite:  # a key scoring -inf has p = ds = 0: keep its inf out of dq (0 * inf)
+            ks = xp.where(xp.isfinite(ks), ks, 0)
         dq_c = (ds[..., None] * ks).sum(-2)  # (B, H, c, D)
-        dq[:, :, t0:t1] = xp.where(xp.isnan(lse_c), xp.nan, dq_c)  # NaN rows stay NaN
-        rows = xp.where(valid, flat, -1).reshape(-1)
-        _scatter_add(xp, dk, rows, (ds[..., None] * qc[..., None, :]).reshape(-1, D))
-        _scatter_add(xp, dv, rows, (p[..., None] * doc[..., None, :]).reshape(-1, Dv))
+        dq[:, :, t0:t1] = xp.where(nan_rows[:, :, t0:t1, None], xp.nan, dq_c)  # NaN rows stay NaN
+        rows = xp.where(valid & live[..., None], flat, -1).reshape(-1)  # inactive rows send nothing
+        n = B * H * c * K
+        _scatter_add(xp, dk, rows, (ds[..., None] * qc[..., None, :]).reshape(n, D))
+        _scatter_add(xp, dv, rows, (p[..., None] * doc[..., None, :]).reshape(n, Dv))
     return dq, dk.reshape(k.shape), dv.reshape(v.shape)
 
 
@@ -120,13 +147,17 @@ def sparse_attention_decode(query, keys, values, idx, scale):
     kk = keys[bi, gi, j]  # (B, H, K, D)
     s = (kk * (query * query.dtype.type(scale))[:, :, None, :]).sum(-1)  # (B, H, K)
     s = xp.where(valid, s, -np.inf)
+    bad = (xp.isnan(s) | (s == np.inf)).any(-1, keepdims=True)  # (B, H, 1): NaN rows
     m = s.max(-1, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0)
     p = xp.exp(s - m)
     denom = p.sum(-1, keepdims=True)
     p = p / xp.where(denom > 0, denom, 1)
     vv = kk if values is keys else values[bi, gi, j]  # (B, H, K, Dv)
-    return (p[..., None] * vv).sum(-2)  # (B, H, Dv)
+    vv = xp.where(valid[..., None], vv, 0)  # empty slots read key 0: keep its NaN out
+    out = xp.where(denom > 0, (p[..., None] * vv).sum(-2), 0)  # (B, H, Dv)
+    return xp.where(bad, np.nan, out)
+
 
 def _chunks(T, bytes_per_query):
     c = max(1, GATHER_BYTES // max(1, bytes_per_query))

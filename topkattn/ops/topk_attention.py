@@ -7,7 +7,8 @@ D head dim, Dv value dim, K index slots per query.
 import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module, to_caller_kind
-from topkattn.checks import check_int, check_real
+from topkattn.checks import check_choice, check_int, check_real, make_rng
+from topkattn.ops.dense_attention import check_dout, default_scale
 from topkattn.ops.selection import select_dynamic_topk, select_topk
 from topkattn.ops.sparse_attention import (
     SparseAttentionSaved,
@@ -31,7 +32,7 @@ def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, f
         smallest k per query whose left-out softmax mass is provably <= ``tail_bound``
         (capped at ``max_topk``, default S); see ``selection.select_dynamic_topk``.
       causal: query t sits at absolute position S - T + t and sees keys j <= S - T + t.
-      scale: multiplies q.k (default 1/sqrt(D)); temperature divides it.
+      scale: multiplies q.k (default 1/sqrt(D), 1 for D = 0); temperature divides it.
       forget_rate: training-time forgetful masking: each selected key is dropped with this
         probability and refilled from the next-ranked keys (as an ANN index of recall
         1 - forget_rate would); ``seed`` (int or numpy Generator) makes it reproducible.
@@ -42,11 +43,14 @@ def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, f
       impl: "auto", "numba" (CPU kernel), "numpy" (vectorised NumPy/CuPy) or "cuda" (the
         fused Numba CUDA kernels of ``topkattn.cuda``: CuPy arrays, or NumPy arrays under
         NUMBA_ENABLE_CUDASIM=1).  "auto" picks "cuda" for CuPy arrays when numba.cuda sees
-        a GPU and topk, D, Dv are within the kernel's limits.
+        a GPU and topk, D, Dv are within the kernel's limits.  "cuda" without a usable GPU
+        (or the simulator) raises RuntimeError, for ``topk="auto"`` too.
 
     Returns:
-      out: (B, H, T, Dv).  Rows that see no key give zeros; a NaN among the scores a row
-      attends gives a NaN row (and only that row).
+      out: (B, H, T, Dv).  Rows that see no key give zeros; a NaN (or +inf) among the scores
+      a row attends, or a NaN/inf among the values it attends, gives a non-finite row (and
+      only that row; the rule is written out in :mod:`topkattn.ops.reference`).  Backward
+      gives such a row a NaN dq and lets it send nothing to dk, dv.
     """
     out, _ = topk_attention_forward(q, k, v, topk=topk, causal=causal, scale=scale,
                                     temperature=temperature, forget_rate=forget_rate, seed=seed,
@@ -70,9 +74,13 @@ def topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, temperatur
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
     _check_inputs(q, k, v, topk=topk, scale=scale, temperature=temperature,
                   forget_rate=forget_rate, sinks=sinks, window=window, chunk_size=chunk_size,
-                  tail_bound=tail_bound, max_topk=max_topk)
+                  tail_bound=tail_bound, max_topk=max_topk, impl=impl, seed=seed)
     D = q.shape[-1]
-    scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
+    if impl == "cuda":  # refuse here, before any work, whichever topk: backward would need the GPU
+        from topkattn.cuda.launch import array_module
+
+        array_module(q, k, v)  # RuntimeError naming the reason (no GPU, wrong array kind)
+    scale = default_scale(D) if scale is None else float(scale)
     eff_scale = scale / float(temperature)
     common = dict(causal=bool(causal), scale=eff_scale, sinks=int(sinks), window=int(window),
                   chunk_size=chunk_size, impl=impl)
@@ -102,18 +110,16 @@ def topk_attention_backward(dout, saved):
     """Gradients ``(dq, dk, dv)`` of :func:`topk_attention` from ``dout`` (B, H, T, Dv).
 
     The selection is constant: gradients reach only the selected keys; every other key
-    gets exactly zero.  Cost O(T * K * D).
+    gets exactly zero.  A row whose output is not finite gets a NaN dq and sends nothing
+    to dk, dv (every implementation: NumPy/CuPy, the Numba scatter, the CUDA kernel).
+    Cost O(T * K * D).
     """
     if not isinstance(saved, SparseAttentionSaved):
         raise TypeError(f"saved must come from topk_attention_forward, got {type(saved).__name__}")
-    dout = as_engine_array(dout, "dout")
-    if tuple(dout.shape) != tuple(saved.out.shape):
-        raise ValueError(f"dout must have shape {tuple(saved.out.shape)} (B, H, T, Dv), "
-                         f"got {tuple(dout.shape)}")
-    if get_array_module(dout) is not get_array_module(saved.q):
-        raise TypeError("dout must live on the same device as the forward inputs")
-    dout = dout.astype(saved.q.dtype, copy=False)
-    if getattr(saved, "impl", None) == "cuda" or _use_cuda("auto", saved.q, saved.v, 0):
+    dout = check_dout(dout, saved.out)
+    D, Dv = saved.q.shape[-1], saved.v.shape[-1]
+    kernel_dims = 1 <= D <= 256 and 1 <= Dv <= 256  # the CUDA backward's limits
+    if kernel_dims and (getattr(saved, "impl", None) == "cuda" or _use_cuda("auto", saved.q, saved.v, 0)):
         from topkattn.cuda.sparse_backward import sparse_backward
 
         grads = sparse_backward(dout, saved.q, saved.k, saved.v, saved.idx, saved.out,
@@ -143,7 +149,7 @@ def _use_cuda(impl, q, v, n_sel):
 
 
 def _check_inputs(q, k, v, *, topk, scale, temperature, forget_rate, sinks, window, chunk_size,
-                  tail_bound=None, max_topk=None):
+                  tail_bound=None, max_topk=None, impl="auto", seed=None):
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4:
             letters = {"q": "(B, H, T, D)", "k": "(B, G, S, D)", "v": "(B, G, S, Dv)"}[name]
@@ -185,3 +191,6 @@ def _check_inputs(q, k, v, *, topk, scale, temperature, forget_rate, sinks, wind
     if scale is not None:
         check_real("scale", scale)
     check_int("chunk_size", chunk_size, 1, optional=True)
+    check_choice("impl", impl, ("auto", "numba", "numpy", "cuda"))
+    if seed is not None:  # checked whatever forget_rate is (a Generator is taken as is, not drawn from)
+        make_rng(seed, "seed")
