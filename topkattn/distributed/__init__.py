@@ -3,8 +3,6 @@
     comm              mpi4py on demand, agreement on errors, host-buffer collectives
     context_parallel  exact top-k attention over keys sharded along S:
                       topk_attention, topk_attention_forward, topk_attention_backward
-    data_parallel     toy training with the batch split over the ranks: train_data_parallel,
-                      GradientReducer (one fused Allreduce a step), launched_world, abort
     sharded_decoding  decode with the search sharded by position: ShardedSelector,
                       sharded_selector_factory, shard_positions
 
@@ -13,20 +11,7 @@ its own slice of the keys and values (``key_offset``).
 """
 from topkattn.distributed.comm import INSTALL_HINT, require_mpi, world
 from topkattn.distributed.context_parallel import topk_attention, topk_attention_backward, topk_attention_forward
-from topkattn.distributed.data_parallel import (
-    GradientReducer,
-    PeerError,
-    abort,
-    check_replicas,
-    install_excepthook,
-    launched_world,
-    params_checksum,
-    split_rows,
-    train_data_parallel,
-)
 from topkattn.distributed.sharded_decoding import ShardedSelector, shard_positions, sharded_selector_factory
 
-__all__ = ["INSTALL_HINT", "GradientReducer", "PeerError", "ShardedSelector", "abort", "check_replicas",
-           "install_excepthook", "launched_world", "params_checksum", "require_mpi", "shard_positions",
-           "sharded_selector_factory", "split_rows", "topk_attention", "topk_attention_backward",
-           "topk_attention_forward", "train_data_parallel", "world"]
+__all__ = ["INSTALL_HINT", "ShardedSelector", "require_mpi", "shard_positions", "sharded_selector_factory",
+           "topk_attention", "topk_attention_backward", "topk_attention_forward", "world"]
