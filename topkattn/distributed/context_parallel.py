@@ -28,9 +28,10 @@ import numpy as np
 from topkattn.backend import as_engine_array, get_array_module, to_caller_kind
 from topkattn.checks import check_int, logsumexp_rows
 from topkattn.distributed.comm import agree, allgather_rows, allreduce_sum
+from topkattn.ops.dense_attention import default_scale
 from topkattn.ops.selection import TILE_BYTES, RowBounds, apply_forgetting, forget_draws, ranked_topm_xp
 from topkattn.ops.sparse_attention import SparseAttentionSaved, sparse_attention_backward, sparse_attention_forward
-from topkattn.ops.topk_attention import _check_inputs as check_inputs
+from topkattn.ops.topk_attention import check_inputs
 
 
 def topk_attention(q, k_local, v_local, *, comm, topk, key_offset, causal=True, scale=None, temperature=1.0,
@@ -63,7 +64,7 @@ def topk_attention_forward(q, k_local, v_local, *, comm, topk, key_offset, causa
         if isinstance(topk, str):
             raise ValueError(f"topk must be an integer >= 1 (dynamic k is single-process), got {topk!r}")
         check_inputs(q, k, v, topk=topk, scale=scale, temperature=temperature, forget_rate=forget_rate,
-                     sinks=sinks, window=window, chunk_size=chunk_size)
+                     sinks=sinks, window=window, chunk_size=chunk_size, seed=seed)
         key_offset = check_int("key_offset", key_offset, 0)
         if forget_rate and seed is None:
             raise ValueError("forget_rate > 0 needs a seed in context-parallel attention (every rank must "
@@ -75,7 +76,7 @@ def topk_attention_forward(q, k_local, v_local, *, comm, topk, key_offset, causa
     xp = get_array_module(q, k, v)
     B, H, T, D = q.shape
     Sp = k.shape[2]
-    eff_scale = (1.0 / np.sqrt(D) if scale is None else float(scale)) / float(temperature)
+    eff_scale = (default_scale(D) if scale is None else float(scale)) / float(temperature)
     bounds = RowBounds(S, T, topk=int(topk), causal=bool(causal), sinks=int(sinks), window=int(window))
     n_sel = bounds.n_sel
     drop = forget_draws(seed, (B, H, T, n_sel), forget_rate)  # host, equal on every rank

@@ -72,7 +72,7 @@ def topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, temperatur
     """
     like = q
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
-    _check_inputs(q, k, v, topk=topk, scale=scale, temperature=temperature,
+    check_inputs(q, k, v, topk=topk, scale=scale, temperature=temperature,
                   forget_rate=forget_rate, sinks=sinks, window=window, chunk_size=chunk_size,
                   tail_bound=tail_bound, max_topk=max_topk, impl=impl, seed=seed)
     D = q.shape[-1]
@@ -148,8 +148,10 @@ def _use_cuda(impl, q, v, n_sel):
     return cuda_usable() and fits(2 * n_sel, q.shape[-1], v.shape[-1])
 
 
-def _check_inputs(q, k, v, *, topk, scale, temperature, forget_rate, sinks, window, chunk_size,
+def check_inputs(q, k, v, *, topk, scale, temperature, forget_rate, sinks, window, chunk_size,
                   tail_bound=None, max_topk=None, impl="auto", seed=None):
+    """Validate the arguments of :func:`topk_attention_forward` (shared with the context-parallel op):
+    TypeError for a wrong type, ValueError for a wrong value or shape, naming the argument."""
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4:
             letters = {"q": "(B, H, T, D)", "k": "(B, G, S, D)", "v": "(B, G, S, Dv)"}[name]
