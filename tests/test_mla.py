@@ -351,12 +351,12 @@ def test_empty_batch_or_sequence(layer, kw, shape):
 
 
 @pytest.mark.parametrize("layer", ["mla", "attention"])
-def test_empty_sequence_with_dynamic_k(layer):
-    """T = 0 with topk="auto".  (B = 0 with "auto" fails inside topkattn/ops (selection), which the
-    ops' own zero-size fix covers.)"""
+@pytest.mark.parametrize("shape", [(2, 0), (0, 5)])
+def test_empty_batch_or_sequence_with_dynamic_k(layer, shape):
+    """T = 0 or B = 0 with topk="auto": empty outputs, zero gradients."""
     from topkattn.layers import Attention
     m = _auto(P=1) if layer == "mla" else Attention(16, 2, topk="auto", tail_bound=0.05, dtype="float64",
                                                       persistent_tokens=1)
-    y = m.forward(np.zeros((2, 0, DIMS[0])))
-    assert y.shape == (2, 0, DIMS[0])
+    y = m.forward(np.zeros(shape + (DIMS[0],)))
+    assert y.shape == shape + (DIMS[0],)
     assert m.backward(np.zeros_like(y)).shape == y.shape and _zero_grads(m)
