@@ -14,11 +14,11 @@ pytest.importorskip("mpi4py")
 from topkattn.distributed import world
 from topkattn.distributed.head_parallel import (
     HeadParallelMLA,
-    clip_grad_norm,
+    clip_head_parallel_grad_norm,
     full_model_params,
     gather_model_grads,
-    global_grad_norm,
     head_parallel,
+    head_parallel_grad_norm,
 )
 from topkattn.layers.loss import softmax_cross_entropy
 from topkattn.layers.mla import MLA
@@ -134,7 +134,7 @@ def test_model_forward_backward_equal_one_process(kw):
     assert set(params) == set(ref.params)
     for name, p in ref.params.items():
         np.testing.assert_array_equal(params[name], p, err_msg=name)
-    close(global_grad_norm(hp), optim.global_grad_norm(ref.grads), "grad norm")
+    close(head_parallel_grad_norm(hp), optim.global_grad_norm(ref.grads), "grad norm")
 
 
 def _digest(arrays):
@@ -156,7 +156,7 @@ def test_training_steps_keep_replicas_identical_and_match_one_process():
             _, dl = softmax_cross_entropy(model.forward(tokens), targets)
             model.backward(dl)
             if clip is None:
-                clip_grad_norm(model, 0.5)
+                clip_head_parallel_grad_norm(model, 0.5)
             else:
                 clip(model.grads, 0.5)
             o.step(model.params, model.grads)

@@ -42,7 +42,7 @@ Restriction: forgetful masking draws (B, H, T, K') per layer from the seed
 (:func:`topkattn.ops.selection.forget_draws`); a rank with a head slice would have to use
 the slice of the full draws, which the ops do not offer, so a layer with ``forget_rate > 0``
 is refused (ValueError).  Gradient clipping must use the norm over every rank's slices:
-:func:`global_grad_norm` (and :func:`clip_grad_norm`) here, not the single-process ones.
+:func:`head_parallel_grad_norm` (and :func:`clip_head_parallel_grad_norm`) here, not the single-process ones.
 """
 import hashlib
 import math
@@ -227,19 +227,20 @@ def head_parallel(model, comm):
     _check_comm(comm)
     if not hasattr(model, "children"):
         raise TypeError(f"model must be a Transformer or a layer, got {type(model).__name__}")
-    found = 0
+    todo, found = [], 0
     for _, module in list(_modules(model)):
-        for name, child in list(module.children()):
-            if isinstance(child, MLA) and not isinstance(child, HeadParallelMLA):
-                hp = HeadParallelMLA(child, comm)
-                module._children[name] = hp
-                if getattr(module, "attn", None) is child:
-                    module.attn = hp
+        for name, child in module.children():
+            if isinstance(child, MLA):
                 found += 1
-            elif isinstance(child, HeadParallelMLA):
-                found += 1
+                if not isinstance(child, HeadParallelMLA):
+                    todo.append((module, name, child))
     if not found:
         raise ValueError("model has no MLA layer to split over heads (head-parallel needs attention='mla')")
+    converted = [(module, name, child, HeadParallelMLA(child, comm)) for module, name, child in todo]
+    for module, name, child, hp in converted:  # all built first: a refusal leaves the model as it was
+        module._children[name] = hp
+        if getattr(module, "attn", None) is child:
+            module.attn = hp
     if isinstance(model, Transformer):
         model._rebuild()
     return model
@@ -270,7 +271,7 @@ def gather_model_grads(model):
     return _full(model, "grads")
 
 
-def global_grad_norm(model):
+def head_parallel_grad_norm(model):
     """The L2 norm of the full model's gradients (float64 accumulation), equal on every rank
     and to the single-process :func:`topkattn.training.optim.global_grad_norm`: replicated
     gradients counted once, the head slices' squares summed over the ranks (one allreduce)."""
@@ -292,12 +293,12 @@ def global_grad_norm(model):
     return math.sqrt(rep + loc)
 
 
-def clip_grad_norm(model, max_norm):
+def clip_head_parallel_grad_norm(model, max_norm):
     """Scale every gradient of ``model`` in place so the full model's norm is at most ``max_norm``
     (the same factor on every rank); returns the norm before clipping, as
     :func:`topkattn.training.optim.clip_grad_norm` does for one process."""
     check_real("max_norm", max_norm, 0.0, lo_open=True)
-    norm = global_grad_norm(model)
+    norm = head_parallel_grad_norm(model)
     if math.isfinite(norm) and norm > max_norm:
         factor = max_norm / (norm + 1e-6)
         for _, module in _modules(model):
