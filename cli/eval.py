@@ -38,6 +38,27 @@ def _search(value):
     return v
 
 
+def _mpi_launch(retriever, tail_bound):
+    """``(ranks, rank)``: (1, 0) unless mpiexec started this process as one of several ranks
+    (then sharded decoding: exact or lorann, a fixed k)."""
+    from topkattn.distributed.comm import mpi_size_from_env
+
+    ranks = mpi_size_from_env()
+    if ranks == 1:
+        return 1, 0
+    if retriever == "simulated":
+        raise click.UsageError("--retriever simulated runs in one process; under mpiexec use exact or lorann")
+    if tail_bound is not None:
+        raise click.UsageError("--tail-bound (dynamic k) runs in one process; under mpiexec use a fixed --k")
+    from topkattn.distributed import world
+
+    try:
+        comm = world()
+    except ImportError as e:
+        fail(str(e))
+    return comm.Get_size(), comm.Get_rank()
+
+
 @command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--retriever", type=click.Choice(["exact", "lorann", "simulated"]), default="exact",
@@ -86,6 +107,7 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
               topkattn eval run/ --retriever lorann --clusters-to-search 0.5 --rerank 16 --json
               topkattn eval run/ --retriever exact --k 16 --tail-bound 0.01
               topkattn eval run/ --retriever lorann --k auto --tail-bound 0.01 --max-k 32
+              mpiexec -n 2 topkattn eval run/ --retriever lorann   (the search sharded over 2 ranks)
     """
     from topkattn.decoding.runner import evaluate_decoding, selector_factory
     from topkattn.training.checkpoint import CheckpointError
@@ -138,6 +160,12 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
                       refit_factor=None if no_refit else refit_factor)
     make = selector_factory(retriever, len(model.blocks), recall=recall, tail_bound=tail_bound, seed=seed,
                             **lorann)
+    ranks, rank = _mpi_launch(retriever, tail_bound)
+    if ranks > 1:  # every rank decodes the same sequences; each searches its share of the cache
+        from topkattn.distributed import sharded_selector_factory, world
+
+        make = sharded_selector_factory(make, world())
+        quiet = quiet or rank != 0
     with progress_bar(len(inputs), f"eval {retriever}", "seq", quiet) as bar:
         res = evaluate_decoding(model, inputs, targets, make_selectors=make, prompt_len=prompt_len,
                                 topk=k_eval, batch_size=batch_size, progress=lambda done: bar.update(done - bar.n))
@@ -150,7 +178,7 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
            "k_quantiles": res["k_quantiles"], "k_hist": res["k_hist"], "n_sequences": len(inputs),
            "n_scored": res["n_scored"], "prompt_len": prompt_len, "task": cfg.task,
            "train_attention": cfg.attention, "train_k": cfg.k if cfg.attention == "topk" else None,
-           "train_forget_rate": cfg.forget_rate, "per_layer": res["per_layer"]}
+           "train_forget_rate": cfg.forget_rate, "per_layer": res["per_layer"], "ranks": ranks}
     if cfg.task == "text":
         out["bits_per_char"] = res["bits_per_token"]  # byte-level tokens
     if k_eval is None:
@@ -158,6 +186,8 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     if retriever == "lorann":
         out["index"] = {"clusters": clusters, "clusters_to_search": to_search, "rerank": rerank,
                         "rank": rank, "refit_factor": None if no_refit else refit_factor}
+    if rank != 0:  # the ranks agree; one of them speaks
+        return
     if as_json:
         click.echo(json.dumps(out, sort_keys=True))
         return

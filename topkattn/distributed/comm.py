@@ -4,6 +4,8 @@ Only mpi4py carries data (host buffers); nothing here is a transport of its own.
 imported when a distributed function first needs it, so ``import topkattn`` works without it,
 and :func:`require_mpi` says in one line what to install.
 """
+import os
+
 import numpy as np
 
 from topkattn.backend import get_array_module, to_numpy
@@ -18,6 +20,20 @@ def require_mpi():
     except ImportError as e:
         raise ImportError(f"topkattn.distributed needs mpi4py: {INSTALL_HINT}") from e
     return MPI
+
+
+def mpi_size_from_env(environ=None):
+    """The number of ranks an MPI launcher started (MPICH/Hydra ``PMI_SIZE``, Open MPI
+    ``OMPI_COMM_WORLD_SIZE``), 1 when none did.  Reads only the environment: no mpi4py import."""
+    env = os.environ if environ is None else environ
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        try:
+            size = int(env.get(var, ""))
+        except ValueError:
+            continue
+        if size >= 1:
+            return size
+    return 1
 
 
 def world():
