@@ -5,13 +5,25 @@
                       topk_attention, topk_attention_forward, topk_attention_backward
     sharded_decoding  decode with the search sharded by position: ShardedSelector,
                       sharded_selector_factory, shard_positions
+    head_parallel     MLA with the heads split over the ranks (model parallelism):
+                      HeadParallelMLA, head_parallel, full_model_params, gather_model_grads,
+                      head_parallel_grad_norm, clip_head_parallel_grad_norm
 
 Run a script under ``mpiexec -n N python script.py``; every rank passes the same queries and
 its own slice of the keys and values (``key_offset``).
 """
 from topkattn.distributed.comm import INSTALL_HINT, require_mpi, world
 from topkattn.distributed.context_parallel import topk_attention, topk_attention_backward, topk_attention_forward
+from topkattn.distributed.head_parallel import (
+    HeadParallelMLA,
+    clip_head_parallel_grad_norm,
+    full_model_params,
+    gather_model_grads,
+    head_parallel,
+    head_parallel_grad_norm,
+)
 from topkattn.distributed.sharded_decoding import ShardedSelector, shard_positions, sharded_selector_factory
 
-__all__ = ["INSTALL_HINT", "ShardedSelector", "require_mpi", "shard_positions", "sharded_selector_factory",
-           "topk_attention", "topk_attention_backward", "topk_attention_forward", "world"]
+__all__ = ["HeadParallelMLA", "INSTALL_HINT", "ShardedSelector", "clip_head_parallel_grad_norm", "full_model_params",
+           "gather_model_grads", "head_parallel", "head_parallel_grad_norm", "require_mpi", "shard_positions",
+           "sharded_selector_factory", "topk_attention", "topk_attention_backward", "topk_attention_forward", "world"]
