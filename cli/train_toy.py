@@ -8,10 +8,41 @@ import sys
 
 import click
 
-from topkattn.cli.common import FiniteFloat, command, device_option, fail, progress_bar, quiet_option
+from topkattn.cli.common import (
+    CONTEXT_SETTINGS,
+    FiniteFloat,
+    OneLineCommand,
+    device_option,
+    fail,
+    progress_bar,
+    quiet_option,
+)
 
 
-@command("train-toy")
+def _rank_zero_reports(call, *args):
+    """``call(*args)``; under an MPI launcher an error (usage or failure) is shown by rank 0
+    only, the other ranks exit with the same status silently."""
+    try:
+        return call(*args)
+    except click.ClickException as e:
+        from topkattn.distributed.data_parallel import launched_world
+        where = launched_world()
+        if where is not None and where[0] != 0:
+            e.show = lambda file=None: None
+        raise
+
+
+class TrainToyCommand(OneLineCommand):
+    """:class:`OneLineCommand` whose errors rank 0 alone prints when ``mpiexec`` started it."""
+
+    def parse_args(self, ctx, args):
+        return _rank_zero_reports(super().parse_args, ctx, args)
+
+    def invoke(self, ctx):
+        return _rank_zero_reports(super().invoke, ctx)
+
+
+@click.command("train-toy", cls=TrainToyCommand, context_settings=CONTEXT_SETTINGS)
 @click.option("--task", type=click.Choice(["mqar", "text"]), default="mqar", show_default=True,
               help="mqar: multi-query associative recall (held-out accuracy); text: byte-level LM "
                    "on the Python standard library's sources (held-out bits per character).")
@@ -73,6 +104,12 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
     Example:  topkattn train-toy --k 8                 (MQAR, reaches >= 99% held-out accuracy)
               topkattn train-toy --attention dense     (the same model with dense attention)
               topkattn train-toy --task text --out run/ (then: --out run/ --resume)
+              mpiexec -n 2 topkattn train-toy --k 8    (data parallel: the batch split over 2 ranks)
+
+    Started by mpiexec with more than one rank (PMI_SIZE or OMPI_COMM_WORLD_SIZE > 1), each
+    rank trains on --batch-size / ranks sequences of every batch and the gradients are summed
+    with one Allreduce a step: the same losses as one process.  Rank 0 writes the files and
+    prints; an error on one rank ends the job ("Error: rank R: ...").
     """
     from tqdm import tqdm
 
@@ -111,21 +148,39 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
     except (ValueError, TypeError) as e:
         raise click.UsageError(str(e)) from None
 
+    comm = _mpi_world(cfg)  # None: one process (not started by mpiexec with > 1 rank)
+    rank = 0 if comm is None else comm.rank
+
     def log(msg):
-        tqdm.write(msg, file=sys.stderr)
+        if rank == 0:
+            tqdm.write(msg, file=sys.stderr)
 
     desc = f"{cfg.task} {cfg.attention}" + (f" k={cfg.k}" if cfg.attention == "topk" else "")
     try:
-        check_memory(cfg, device)  # train() checks both too; here before the bar is drawn (one line)
-        if out_dir is not None:
-            probe_out_dir(out_dir)
-        with progress_bar(cfg.steps, desc, "step", quiet) as bar, _blas_limit(blas_threads, log):
+        error = None
+        try:  # train() checks both too; here before the bar is drawn (one line)
+            check_memory(cfg, device)
+            if out_dir is not None and rank == 0:
+                probe_out_dir(out_dir)
+        except (OutDirError, RunTooLargeError) as e:
+            error = e
+        if comm is not None:
+            from topkattn.distributed.data_parallel import agree_setup
+            agree_setup(comm, error)  # every rank raises when one failed
+        elif error is not None:
+            raise error
+        with progress_bar(cfg.steps, desc, "step", quiet or rank != 0) as bar, _blas_limit(blas_threads, log):
             def progress(step, loss, lr, tok_s):
                 bar.update(step - bar.n)  # a resumed run jumps to its checkpoint's step
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
 
-            result = train(cfg, out_dir=out_dir, resume=resume, device=device,
-                           checkpoint_every=checkpoint_every, progress=progress, log=log)
+            if comm is None:
+                result = train(cfg, out_dir=out_dir, resume=resume, device=device,
+                               checkpoint_every=checkpoint_every, progress=progress, log=log)
+            else:
+                from topkattn.distributed.data_parallel import train_data_parallel
+                result = train_data_parallel(cfg, comm, out_dir=out_dir, resume=resume, device=device,
+                                             checkpoint_every=checkpoint_every, progress=progress, log=log)
     except ConfigMismatchError as e:  # a field the checkpoint lacks (an older run)
         raise click.UsageError(str(e)) from None
     except OutDirError as e:  # found before the first step
@@ -135,8 +190,20 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
             f"the run needs at least {format_bytes(e.estimate)} of memory (a lower-bound estimate for "
             f"--batch-size {cfg.batch_size} --seq-len {cfg.seq_len} --d-model {cfg.d_model} --layers {cfg.layers}), "
             f"more than this machine's {format_bytes(e.available)}: lower --batch-size or --seq-len") from None
-    except (CheckpointError, FloatingPointError, SaveError) as e:
+    except (CheckpointError, FloatingPointError) as e:  # with MPI: raised on every rank alike
         fail(str(e))
+    except SaveError as e:
+        if comm is not None:  # rank 0 alone writes: end the job, the others wait in a collective
+            from topkattn.distributed.data_parallel import abort
+            abort(comm, e)
+        fail(str(e))
+    except RuntimeError as e:
+        from topkattn.distributed.data_parallel import PeerError
+        if not isinstance(e, PeerError):
+            raise  # with MPI the excepthook ends the job
+        fail(str(e))
+    if rank != 0:
+        return
     m = result.metrics
     if as_json:
         click.echo(json.dumps(m, sort_keys=True))
@@ -144,6 +211,28 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
         click.echo(format_table([m]))
         if out_dir is not None:
             click.echo(f"checkpoint and metrics in {out_dir}")
+
+
+def _mpi_world(cfg):
+    """``MPI.COMM_WORLD`` when mpiexec started this process as one of several ranks (read from
+    the launcher's environment, see :func:`topkattn.distributed.data_parallel.launched_world`),
+    else None, without importing mpi4py.  Installs the hook that ends the job on an uncaught
+    error; a usage error when --batch-size is not a multiple of the ranks or mpi4py is missing."""
+    from topkattn.distributed.data_parallel import install_excepthook, launched_world
+    if launched_world() is None:
+        return None
+    from topkattn.distributed.comm import world
+    try:
+        comm = world()
+    except ImportError as e:
+        raise click.UsageError(f"train-toy under mpiexec: {e}") from None
+    if comm.size == 1:
+        return None
+    install_excepthook(comm)
+    if cfg.batch_size % comm.size:
+        raise click.UsageError(f"--batch-size ({cfg.batch_size}) must be a multiple of the number of "
+                               f"MPI ranks ({comm.size})")
+    return comm
 
 
 def _option(field):

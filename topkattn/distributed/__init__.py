@@ -3,6 +3,8 @@
     comm              mpi4py on demand, agreement on errors, host-buffer collectives
     context_parallel  exact top-k attention over keys sharded along S:
                       topk_attention, topk_attention_forward, topk_attention_backward
+    data_parallel     toy training with the batch split over the ranks: train_data_parallel,
+                      GradientReducer (one fused Allreduce a step), launched_world, abort
     sharded_decoding  decode with the search sharded by position: ShardedSelector,
                       sharded_selector_factory, shard_positions
     head_parallel     MLA with the heads split over the ranks (model parallelism):
@@ -14,6 +16,17 @@ its own slice of the keys and values (``key_offset``).
 """
 from topkattn.distributed.comm import INSTALL_HINT, require_mpi, world
 from topkattn.distributed.context_parallel import topk_attention, topk_attention_backward, topk_attention_forward
+from topkattn.distributed.data_parallel import (
+    GradientReducer,
+    PeerError,
+    abort,
+    check_replicas,
+    install_excepthook,
+    launched_world,
+    params_checksum,
+    split_rows,
+    train_data_parallel,
+)
 from topkattn.distributed.head_parallel import (
     HeadParallelMLA,
     clip_head_parallel_grad_norm,
@@ -24,6 +37,8 @@ from topkattn.distributed.head_parallel import (
 )
 from topkattn.distributed.sharded_decoding import ShardedSelector, shard_positions, sharded_selector_factory
 
-__all__ = ["HeadParallelMLA", "INSTALL_HINT", "ShardedSelector", "clip_head_parallel_grad_norm", "full_model_params",
-           "gather_model_grads", "head_parallel", "head_parallel_grad_norm", "require_mpi", "shard_positions",
-           "sharded_selector_factory", "topk_attention", "topk_attention_backward", "topk_attention_forward", "world"]
+__all__ = ["GradientReducer", "HeadParallelMLA", "INSTALL_HINT", "PeerError", "ShardedSelector", "abort",
+           "check_replicas", "clip_head_parallel_grad_norm", "full_model_params", "gather_model_grads", "head_parallel",
+           "head_parallel_grad_norm", "install_excepthook", "launched_world", "params_checksum", "require_mpi",
+           "shard_positions", "sharded_selector_factory", "split_rows", "topk_attention", "topk_attention_backward",
+           "topk_attention_forward", "train_data_parallel", "world"]

@@ -314,13 +314,69 @@ class TrainResult:
     model: object
 
 
+class RowSliceGenerator(np.random.Generator):
+    """A Generator whose :meth:`random` returns rows ``[row_start, row_start + n)`` of the block
+    the plain generator of ``seed`` would draw for ``rows_total`` rows.
+
+    ``np.random.default_rng(seed).random((rows_total, ...))[row_start:row_start + n]`` equals
+    ``RowSliceGenerator(seed, row_start, rows_total).random((n, ...))``: a process that holds
+    rows ``[row_start, row_start + n)`` of a batch draws the forgetful-masking drops
+    (:func:`topkattn.ops.selection.forget_draws`, one ``random((B, H, T, K'))`` per layer) the
+    whole-batch run draws for those rows.  Only :meth:`random` slices; it is the one draw
+    forgetful masking makes.
+    """
+
+    def __init__(self, seed, row_start, rows_total):
+        super().__init__(np.random.PCG64(seed))  # what np.random.default_rng(seed) builds
+        self.row_start, self.rows_total = int(row_start), int(rows_total)
+
+    def random(self, size=None, dtype=np.float64, out=None):
+        if size is None or out is not None or np.ndim(size) == 0:
+            raise TypeError("RowSliceGenerator.random needs a shape tuple (rows, ...) and no out")
+        size = tuple(int(n) for n in size)
+        if self.row_start + size[0] > self.rows_total:
+            raise ValueError(f"rows [{self.row_start}, {self.row_start + size[0]}) do not fit in a "
+                             f"batch of {self.rows_total}")
+        full = super().random((self.rows_total,) + size[1:], dtype=dtype)
+        return full[self.row_start:self.row_start + size[0]]
+
+
+def _forward(model, x, seed, rows, total):
+    """``model.forward(x, seed=seed)``; with ``rows`` = (start, stop) of a batch of ``total``
+    sequences, the forgetful masking draws what the whole batch would for those rows (each
+    layer's seed becomes a :class:`RowSliceGenerator`)."""
+    if rows is None or not model.cfg.forget_rate:
+        return model.forward(x, seed=seed)
+    gens = [RowSliceGenerator(s, rows[0], total) for s in model.layer_seeds(seed)]
+    model.layer_seeds = lambda _seed: gens  # this forward only: the instance attribute shadows the method
+    try:
+        return model.forward(x, seed=seed)
+    finally:
+        del model.layer_seeds
+
+
+def check_batch_slice(batch_slice, batch_size):
+    """``batch_slice`` as a (start, stop) pair of ints with 0 <= start < stop <= batch_size, or None."""
+    if batch_slice is None:
+        return None
+    if not (isinstance(batch_slice, (tuple, list)) and len(batch_slice) == 2):
+        raise TypeError(f"batch_slice must be a (start, stop) pair, got {batch_slice!r}")
+    start = check_int("batch_slice start", batch_slice[0], 0)
+    stop = check_int("batch_slice stop", batch_slice[1], 1)
+    if not start < stop <= batch_size:
+        raise ValueError(f"batch_slice must satisfy 0 <= start < stop <= batch_size ({batch_size}), "
+                         f"got {tuple(batch_slice)}")
+    return start, stop
+
+
 def _rng_state(cfg, step):
     return {"scheme": "SeedSequence([seed, stream, step]); streams train=0 eval=1 forget=2",
             "seed": int(cfg.seed), "next_step": int(step)}
 
 
 def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100,
-          progress=None, log=None, eval_every=None):
+          progress=None, log=None, eval_every=None, batch_slice=None, reduce_grads=None,
+          is_writer=True, after_setup=None):
     """Train a toy model; returns a :class:`TrainResult` (metrics, per-step losses, model).
 
     Args:
@@ -340,52 +396,73 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
       log: called with one-line messages (e.g. ``tqdm.write``).
       eval_every: also evaluate on the held-out set every this many steps and ``log`` it.
 
+    Hooks for data parallelism (:mod:`topkattn.distributed.data_parallel` passes them; plain
+    callables, so this module needs no MPI):
+
+      batch_slice: (start, stop): train on these rows of every step's batch only.  The
+        forgetful masking draws what the whole batch draws for these rows.
+      reduce_grads: called after the backward as ``reduce_grads(params, grads, loss, aux,
+        weight)`` with ``weight`` = this process's scored targets / the batch's; it must
+        replace ``grads`` in place by the whole batch's gradient (the weighted sum over the
+        processes) and return the whole batch's ``(loss, aux)``.  Clipping and AdamW follow.
+      is_writer: False: write no file (another process writes them); resume still reads.
+      after_setup: called once before the first step with the exception setting up raised
+        (the checks, resume, out_dir) or None; it may raise (e.g. agree across processes).
+
     A run whose :func:`step_memory_estimate` (a lower bound) exceeds the machine's memory is
     refused with :class:`RunTooLargeError` before anything is allocated.  A non-finite loss or
     gradient norm raises FloatingPointError (the last good state is saved with ``out_dir``).
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    check_choice("device", device, ("cpu", "gpu"))
-    check_int("checkpoint_every", checkpoint_every, 1)
-    if resume and out_dir is None:
-        raise ValueError("resume needs out_dir (the folder holding checkpoint.npz)")
-    if out_dir is not None:
-        out_dir = os.fspath(out_dir)
-    check_memory(cfg, device)
-    log = log or (lambda msg: None)
-    t_start, c_start = time.perf_counter(), time.process_time()
-    xp = require_cupy() if device == "gpu" else np
+    try:  # everything that can fail before step 1
+        check_choice("device", device, ("cpu", "gpu"))
+        check_int("checkpoint_every", checkpoint_every, 1)
+        batch_slice = check_batch_slice(batch_slice, cfg.batch_size)
+        if resume and out_dir is None:
+            raise ValueError("resume needs out_dir (the folder holding checkpoint.npz)")
+        if out_dir is not None:
+            out_dir = os.fspath(out_dir)
+        check_memory(cfg, device)
+        log = log or (lambda msg: None)
+        t_start, c_start = time.perf_counter(), time.process_time()
+        xp = require_cupy() if device == "gpu" else np
 
-    task = make_task(cfg)
-    model = Transformer(model_config(cfg, task.vocab_size))
-    if xp is not np:
-        model.to_device(xp)
-    opt = AdamW(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay)
-    losses, lrs = [], []
-    start = 0
-    ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME) if out_dir is not None else None
-    if resume:
-        if not os.path.exists(ckpt_path):
-            raise CheckpointError(f"cannot resume: no checkpoint at {ckpt_path}")
-        state = load_training_state(ckpt_path)
-        check_config(saved_config(state), cfg.to_dict(), path=ckpt_path)
-        load_params(model, state["params"], ckpt_path)
-        _load_optimizer(opt, state["optimizer"], model.params, ckpt_path)
-        start = int(state["step"])
-        if not 0 <= start <= cfg.steps:
-            raise CheckpointError(f"checkpoint {ckpt_path} is at step {start}, outside 0..{cfg.steps}")
-        losses = [float(v) for v in state["history"].get("loss", [])]
-        lrs = [float(v) for v in state["history"].get("lr", [])]
-        if len(losses) != start or len(lrs) != start:
-            raise CheckpointError(f"checkpoint {ckpt_path} is corrupted: step {start} but "
-                                  f"{len(losses)} recorded losses")
-        log(f"resumed from {ckpt_path} at step {start}/{cfg.steps}")
+        task = make_task(cfg)
+        model = Transformer(model_config(cfg, task.vocab_size))
+        if xp is not np:
+            model.to_device(xp)
+        opt = AdamW(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay)
+        losses, lrs = [], []
+        start = 0
+        ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME) if out_dir is not None else None
+        if resume:
+            if not os.path.exists(ckpt_path):
+                raise CheckpointError(f"cannot resume: no checkpoint at {ckpt_path}")
+            state = load_training_state(ckpt_path)
+            check_config(saved_config(state), cfg.to_dict(), path=ckpt_path)
+            load_params(model, state["params"], ckpt_path)
+            _load_optimizer(opt, state["optimizer"], model.params, ckpt_path)
+            start = int(state["step"])
+            if not 0 <= start <= cfg.steps:
+                raise CheckpointError(f"checkpoint {ckpt_path} is at step {start}, outside 0..{cfg.steps}")
+            losses = [float(v) for v in state["history"].get("loss", [])]
+            lrs = [float(v) for v in state["history"].get("lr", [])]
+            if len(losses) != start or len(lrs) != start:
+                raise CheckpointError(f"checkpoint {ckpt_path} is corrupted: step {start} but "
+                                      f"{len(losses)} recorded losses")
+            log(f"resumed from {ckpt_path} at step {start}/{cfg.steps}")
 
-    if out_dir is not None:
-        probe_out_dir(out_dir)  # before step 1: an unusable folder must not cost the run's work
-        for name in remove_leftovers(out_dir):  # a save killed mid-write (e.g. SIGKILL) leaves its temporary
-            log(f"removed {name}, left in {out_dir} by an interrupted save")
+        if out_dir is not None and is_writer:
+            probe_out_dir(out_dir)  # before step 1: an unusable folder must not cost the run's work
+            for name in remove_leftovers(out_dir):  # a save killed mid-write (e.g. SIGKILL) leaves its temporary
+                log(f"removed {name}, left in {out_dir} by an interrupted save")
+    except Exception as e:
+        if after_setup is not None:
+            after_setup(e)  # e.g. every process raises, not only this one
+        raise
+    if after_setup is not None:
+        after_setup(None)
     saved_at = start if resume else None  # the step of the newest checkpoint on disk
 
     def write_failed(what, e):
@@ -394,7 +471,7 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
 
     def save(step):
         nonlocal saved_at
-        if ckpt_path is None:
+        if ckpt_path is None or not is_writer:
             return
         try:
             save_training_state(ckpt_path, params=model.params, optimizer=opt, step=step,
@@ -411,16 +488,27 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
     t_train = time.perf_counter()
     for step in range(start, cfg.steps):
         x, y = train_batch(task, cfg, step)                              # (B, T), (B, T)
+        weight = 1.0
+        if batch_slice is not None:  # this process's rows; its share of the scored targets
+            n_all = int((y != IGNORE).sum())
+            x, y = x[batch_slice[0]:batch_slice[1]], y[batch_slice[0]:batch_slice[1]]
+            weight = int((y != IGNORE).sum()) / max(n_all, 1)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a diverging step: checked below
-            logits = model.forward(xp.asarray(x), seed=step_seed(cfg.seed, FORGET_STREAM, step))
+            logits = _forward(model, xp.asarray(x), step_seed(cfg.seed, FORGET_STREAM, step),
+                              batch_slice, cfg.batch_size)
             loss, dlogits = softmax_cross_entropy(logits, xp.asarray(y))    # (B, T, V)
             model.backward(dlogits)
+            aux = float(model.aux_loss)
+            if reduce_grads is not None:  # the whole batch's gradient, loss and aux loss
+                loss, aux = reduce_grads(model.params, model.grads, loss, aux, weight)
             norm = clip_grad_norm(model.grads, cfg.clip_norm)
         lr = warmup_cosine_lr(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                               total_steps=cfg.steps, min_lr=min_lr)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             if ckpt_path is None:
                 kept = "the state was not saved (no out_dir)"
+            elif not is_writer:
+                kept = "the writing process saves the last good state"
             else:
                 try:
                     save(step)
@@ -430,7 +518,7 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
             raise FloatingPointError(f"step {step + 1}: non-finite loss {loss} or gradient norm "
                                      f"{norm}; {kept}")
         opt.step(model.params, model.grads, lr=lr)
-        losses.append(float(loss) + float(model.aux_loss))
+        losses.append(float(loss) + float(aux))
         lrs.append(lr)
         done = step + 1
         if progress is not None:
@@ -460,7 +548,7 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
         "device": device, "n_params": model.n_params(),
         "config": cfg.to_dict(),
     }
-    if out_dir is not None:
+    if out_dir is not None and is_writer:
         for name, obj in ((HISTORY_NAME, {"loss": losses, "lr": lrs}), (METRICS_NAME, metrics)):
             try:
                 atomic_write_json(os.path.join(out_dir, name), obj, prefix=TEMP_PREFIX)

@@ -1,0 +1,196 @@
+"""Data-parallel toy training over MPI: the global batch split over the ranks, gradients all-reduced.
+
+Every rank holds the whole model (replicated parameters) and trains on rows
+``[r B / N, (r + 1) B / N)`` of every step's batch (B = ``cfg.batch_size``, N ranks; B % N
+must be 0).  After the backward, :class:`GradientReducer` packs every gradient, the loss and
+the aux loss into one contiguous float64 buffer and sums it with one ``Allreduce``; each rank
+first scales its part by ``weight`` = its scored targets / the batch's (the loss is a mean over
+the non-ignored targets, so the global gradient is the count-weighted sum of the ranks' mean
+gradients, exactly the single-process gradient in real arithmetic).  Clipping and AdamW then
+run identically on every rank.  The forgetful masking draws, per layer, the whole batch's block
+and keeps the rank's rows (:class:`topkattn.training.train.RowSliceGenerator`), so the loss
+history equals the single-process run's to float32 rounding.
+
+Rank 0 writes the files (checkpoint, metrics.json, history.json) and reports; every rank reads
+the checkpoint on ``resume``.  Errors before the first step are agreed (every rank raises);
+a failure on one rank later ends the job through :func:`abort` (``Error: rank R: ...`` on
+stderr, ``comm.Abort(1)``), never a hang.
+
+Launch detection (:func:`launched_world`) reads the launcher's environment only (MPICH/Hydra
+``PMI_RANK``/``PMI_SIZE``, Open MPI ``OMPI_COMM_WORLD_RANK``/``OMPI_COMM_WORLD_SIZE``), so a
+process that ``mpiexec`` did not start with N > 1 never imports mpi4py.
+"""
+import hashlib
+import os
+import sys
+
+import numpy as np
+
+from topkattn.backend import get_array_module, to_numpy
+from topkattn.checks import check_int
+from topkattn.distributed.comm import require_mpi
+
+LAUNCHER_VARS = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
+
+
+def launched_world(environ=None):
+    """``(rank, size)`` when an MPI launcher started this process as one of ``size`` > 1 ranks
+    (read from its environment variables: MPICH/Hydra PMI_RANK/PMI_SIZE, Open MPI
+    OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE), else None.  Imports nothing."""
+    env = os.environ if environ is None else environ
+    for rank_var, size_var in LAUNCHER_VARS:
+        if rank_var in env and size_var in env:
+            try:
+                rank, size = int(env[rank_var]), int(env[size_var])
+            except ValueError:
+                continue
+            if size > 1 and 0 <= rank < size:
+                return rank, size
+    return None
+
+
+def split_rows(batch_size, rank, size):
+    """Rows ``(start, stop)`` of a batch of ``batch_size`` that ``rank`` of ``size`` trains on;
+    ValueError naming both when batch_size is not a multiple of the ranks."""
+    check_int("batch_size", batch_size, 1)
+    check_int("size", size, 1)
+    check_int("rank", rank, 0)
+    if rank >= size:
+        raise ValueError(f"rank ({rank}) must be below size ({size})")
+    if batch_size % size:
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of MPI ranks ({size})")
+    per = batch_size // size
+    return rank * per, (rank + 1) * per
+
+
+def params_checksum(params):
+    """SHA-256 hex digest of the parameters' names, shapes, dtypes and bytes, in dict order."""
+    h = hashlib.sha256()
+    for name, p in params.items():
+        a = np.ascontiguousarray(to_numpy(p))
+        h.update(f"{name}{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def check_replicas(comm, params):
+    """Raise RuntimeError on every rank unless every rank's ``params`` are bit-identical
+    (compares :func:`params_checksum` across the ranks; one small allgather)."""
+    sums = comm.allgather(params_checksum(params))
+    bad = [r for r, s in enumerate(sums) if s != sums[0]]
+    if bad:
+        raise RuntimeError(f"the parameters of rank(s) {bad} differ from rank 0's (replicas diverged)")
+
+
+class GradientReducer:
+    """The ``reduce_grads`` hook of :func:`topkattn.training.train.train` over ``comm``.
+
+    ``reducer(params, grads, loss, aux, weight)`` writes ``weight * grad`` of every parameter,
+    then ``weight * loss`` and ``weight * aux``, into one contiguous float64 buffer (packed on
+    the gradients' device, one host copy), sums it over the ranks with one ``Allreduce``
+    (in place) and unpacks it into ``grads``; returns the summed ``(loss, aux)``.  The first
+    call checks that every rank packs the same layout (names and shapes); with
+    ``check_every`` > 0 every that many calls :func:`check_replicas` compares the parameters.
+    ``calls`` counts the calls, ``allreduces`` the Allreduce calls made.
+    """
+
+    def __init__(self, comm, check_every=0):
+        self.comm = comm
+        self.check_every = check_int("check_every", check_every, 0)
+        self.calls = self.allreduces = 0
+        self._layout = None
+
+    def _check_layout(self, grads):
+        layout = [(name, tuple(int(n) for n in g.shape)) for name, g in grads.items()]
+        everyone = self.comm.allgather(layout)
+        bad = [r for r, lay in enumerate(everyone) if lay != everyone[0]]
+        if bad:
+            raise RuntimeError(f"rank(s) {bad} hold other gradients (names or shapes) than rank 0")
+        self._layout = layout
+
+    def __call__(self, params, grads, loss, aux, weight):
+        if self._layout is None:
+            self._check_layout(grads)
+        if self.check_every and self.calls % self.check_every == 0:
+            check_replicas(self.comm, params)
+        self.calls += 1
+        xp = get_array_module(*grads.values()) if grads else np
+        sizes = [int(g.size) for g in grads.values()]
+        buf = xp.empty(sum(sizes) + 2, dtype=xp.float64)
+        o = 0
+        for g, n in zip(grads.values(), sizes):
+            buf[o:o + n] = g.reshape(-1)
+            o += n
+        buf[:o] *= weight
+        host = np.ascontiguousarray(to_numpy(buf))
+        host[o], host[o + 1] = float(loss) * weight, float(aux) * weight
+        self.comm.Allreduce(require_mpi().IN_PLACE, host, op=require_mpi().SUM)
+        self.allreduces += 1
+        total = xp.asarray(host[:o])
+        o = 0
+        for g, n in zip(grads.values(), sizes):
+            g[...] = total[o:o + n].reshape(g.shape)
+            o += n
+        return float(host[o]), float(host[o + 1])
+
+
+class PeerError(RuntimeError):
+    """Another rank failed before the first step (``rank``, ``message``)."""
+
+    def __init__(self, rank, message):
+        super().__init__(f"rank {rank}: {message}")
+        self.rank, self.message = rank, message
+
+
+def train_data_parallel(cfg, comm, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100,
+                        progress=None, log=None, eval_every=None, check_every=0):
+    """:func:`topkattn.training.train.train` over the ranks of ``comm``: returns its TrainResult on
+    every rank (the same losses and, checked at the end, the same parameters).
+
+    ``progress`` and ``log`` are called on rank 0 only; rank 0 writes the files.  ValueError
+    (on every rank) when ``cfg.batch_size`` is not a multiple of ``comm.size``.  ``check_every``
+    > 0 also compares the parameters across the ranks every that many steps.
+    """
+    from topkattn.training.train import train
+
+    rows = split_rows(cfg.batch_size, comm.rank, comm.size)
+    writer = comm.rank == 0
+    reducer = GradientReducer(comm, check_every=check_every)
+    result = train(cfg, out_dir=out_dir, resume=resume, device=device, checkpoint_every=checkpoint_every,
+                   progress=progress if writer else None, log=log if writer else None,
+                   eval_every=eval_every, batch_slice=rows, reduce_grads=reducer, is_writer=writer,
+                   after_setup=lambda e: agree_setup(comm, e))
+    check_replicas(comm, result.model.params)
+    return result
+
+
+def agree_setup(comm, error):
+    """Every rank raises when one failed: the failing rank its error, the others :class:`PeerError`."""
+    msgs = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if bad:
+        raise PeerError(*bad[0])
+
+
+def abort(comm, error, file=None):
+    """Print ``Error: rank R: <message>`` on stderr and end every rank of the job (``comm.Abort(1)``)."""
+    stream = file or sys.stderr
+    msg = str(error) or type(error).__name__
+    print(f"Error: rank {comm.rank}: {msg}", file=stream, flush=True)
+    comm.Abort(1)
+
+
+def install_excepthook(comm):
+    """Make an uncaught exception on this rank end the whole job (:func:`abort`) instead of
+    leaving the other ranks waiting in a collective; returns the previous hook."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            previous(kind, value, tb)
+        abort(comm, value)
+
+    sys.excepthook = hook
+    return previous
