@@ -201,6 +201,8 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
         from topkattn.distributed.data_parallel import PeerError
         if not isinstance(e, PeerError):
             raise  # with MPI the excepthook ends the job
+        if e.kind in ("OutDirError", "RunTooLargeError", "ConfigMismatchError"):
+            raise click.UsageError(str(e)) from None  # the failing rank's status: 2
         fail(str(e))
     if rank != 0:
         return

@@ -135,11 +135,12 @@ class GradientReducer:
 
 
 class PeerError(RuntimeError):
-    """Another rank failed before the first step (``rank``, ``message``)."""
+    """Another rank failed before the first step (``rank``, ``kind`` its exception's class name,
+    ``message``)."""
 
-    def __init__(self, rank, message):
-        super().__init__(f"rank {rank}: {message}")
-        self.rank, self.message = rank, message
+    def __init__(self, rank, kind, message):
+        super().__init__(f"rank {rank}: {kind}: {message}")
+        self.rank, self.kind, self.message = rank, kind, message
 
 
 def train_data_parallel(cfg, comm, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100,
@@ -166,10 +167,10 @@ def train_data_parallel(cfg, comm, *, out_dir=None, resume=False, device="cpu", 
 
 def agree_setup(comm, error):
     """Every rank raises when one failed: the failing rank its error, the others :class:`PeerError`."""
-    msgs = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
+    msgs = comm.allgather(None if error is None else (type(error).__name__, str(error)))
     if error is not None:
         raise error
-    bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    bad = [(r, *m) for r, m in enumerate(msgs) if m is not None]
     if bad:
         raise PeerError(*bad[0])
 
