@@ -189,9 +189,7 @@ def install_excepthook(comm):
     previous = sys.excepthook
 
     def hook(kind, value, tb):
-        if issubclass(kind, KeyboardInterrupt):
-            previous(kind, value, tb)
-        abort(comm, value)
+        abort(comm, value)  # KeyboardInterrupt too: "Error: rank R: KeyboardInterrupt"
 
     sys.excepthook = hook
     return previous
