@@ -41,10 +41,9 @@ def _search(value):
 def _mpi_launch(retriever, tail_bound):
     """``(ranks, rank)``: (1, 0) unless mpiexec started this process as one of several ranks
     (then sharded decoding: exact or lorann, a fixed k)."""
-    from topkattn.distributed.comm import mpi_size_from_env
+    from topkattn.distributed.comm import launched_world
 
-    ranks = mpi_size_from_env()
-    if ranks == 1:
+    if launched_world() is None:
         return 1, 0
     if retriever == "simulated":
         raise click.UsageError("--retriever simulated runs in one process; under mpiexec use exact or lorann")

@@ -25,7 +25,7 @@ def _rank_zero_reports(call, *args):
     try:
         return call(*args)
     except click.ClickException as e:
-        from topkattn.distributed.data_parallel import launched_world
+        from topkattn.distributed.comm import launched_world
         where = launched_world()
         if where is not None and where[0] != 0:
             e.show = lambda file=None: None
@@ -217,10 +217,11 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
 
 def _mpi_world(cfg):
     """``MPI.COMM_WORLD`` when mpiexec started this process as one of several ranks (read from
-    the launcher's environment, see :func:`topkattn.distributed.data_parallel.launched_world`),
+    the launcher's environment, see :func:`topkattn.distributed.comm.launched_world`),
     else None, without importing mpi4py.  Installs the hook that ends the job on an uncaught
     error; a usage error when --batch-size is not a multiple of the ranks or mpi4py is missing."""
-    from topkattn.distributed.data_parallel import install_excepthook, launched_world
+    from topkattn.distributed.comm import launched_world
+    from topkattn.distributed.data_parallel import install_excepthook
     if launched_world() is None:
         return None
     from topkattn.distributed.comm import world

@@ -12,12 +12,11 @@ import pytest
 
 pytest.importorskip("mpi4py")
 
-from topkattn.distributed.comm import world
+from topkattn.distributed.comm import launched_world, world
 from topkattn.distributed.data_parallel import (
     GradientReducer,
     PeerError,
     check_replicas,
-    launched_world,
     params_checksum,
     split_rows,
     train_data_parallel,

@@ -137,13 +137,3 @@ def test_an_error_on_one_rank_is_raised_on_every_rank():
     sels = [ShardedSelector(Failing, COMM, block=BLOCK) for _ in model.blocks]
     with pytest.raises((ValueError, RuntimeError), match="index broke"):
         _decode(model, sels, tokens)
-
-
-def test_mpi_size_from_env_reads_the_launchers_variables():
-    from topkattn.distributed.comm import mpi_size_from_env
-
-    assert mpi_size_from_env({}) == 1
-    assert mpi_size_from_env({"PMI_SIZE": "2"}) == 2
-    assert mpi_size_from_env({"OMPI_COMM_WORLD_SIZE": "3"}) == 3
-    assert mpi_size_from_env({"PMI_SIZE": "x", "OMPI_COMM_WORLD_SIZE": "4"}) == 4
-    assert mpi_size_from_env({"PMI_SIZE": "0"}) == 1

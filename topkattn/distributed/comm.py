@@ -22,18 +22,23 @@ def require_mpi():
     return MPI
 
 
-def mpi_size_from_env(environ=None):
-    """The number of ranks an MPI launcher started (MPICH/Hydra ``PMI_SIZE``, Open MPI
-    ``OMPI_COMM_WORLD_SIZE``), 1 when none did.  Reads only the environment: no mpi4py import."""
+LAUNCHER_VARS = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
+
+
+def launched_world(environ=None):
+    """``(rank, size)`` when an MPI launcher started this process as one of ``size`` > 1 ranks
+    (read from its environment variables: MPICH/Hydra PMI_RANK/PMI_SIZE, Open MPI
+    OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE), else None.  Imports nothing."""
     env = os.environ if environ is None else environ
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
-        try:
-            size = int(env.get(var, ""))
-        except ValueError:
-            continue
-        if size >= 1:
-            return size
-    return 1
+    for rank_var, size_var in LAUNCHER_VARS:
+        if rank_var in env and size_var in env:
+            try:
+                rank, size = int(env[rank_var]), int(env[size_var])
+            except ValueError:
+                continue
+            if size > 1 and 0 <= rank < size:
+                return rank, size
+    return None
 
 
 def world():

@@ -16,12 +16,12 @@ the checkpoint on ``resume``.  Errors before the first step are agreed (every ra
 a failure on one rank later ends the job through :func:`abort` (``Error: rank R: ...`` on
 stderr, ``comm.Abort(1)``), never a hang.
 
-Launch detection (:func:`launched_world`) reads the launcher's environment only (MPICH/Hydra
-``PMI_RANK``/``PMI_SIZE``, Open MPI ``OMPI_COMM_WORLD_RANK``/``OMPI_COMM_WORLD_SIZE``), so a
-process that ``mpiexec`` did not start with N > 1 never imports mpi4py.
+Launch detection (:func:`topkattn.distributed.comm.launched_world`) reads the launcher's
+environment only (MPICH/Hydra ``PMI_RANK``/``PMI_SIZE``, Open MPI ``OMPI_COMM_WORLD_RANK``/
+``OMPI_COMM_WORLD_SIZE``), so a process that ``mpiexec`` did not start with N > 1 never
+imports mpi4py.
 """
 import hashlib
-import os
 import sys
 
 import numpy as np
@@ -29,24 +29,6 @@ import numpy as np
 from topkattn.backend import get_array_module, to_numpy
 from topkattn.checks import check_int
 from topkattn.distributed.comm import require_mpi
-
-LAUNCHER_VARS = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
-
-
-def launched_world(environ=None):
-    """``(rank, size)`` when an MPI launcher started this process as one of ``size`` > 1 ranks
-    (read from its environment variables: MPICH/Hydra PMI_RANK/PMI_SIZE, Open MPI
-    OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE), else None.  Imports nothing."""
-    env = os.environ if environ is None else environ
-    for rank_var, size_var in LAUNCHER_VARS:
-        if rank_var in env and size_var in env:
-            try:
-                rank, size = int(env[rank_var]), int(env[size_var])
-            except ValueError:
-                continue
-            if size > 1 and 0 <= rank < size:
-                return rank, size
-    return None
 
 
 def split_rows(batch_size, rank, size):
