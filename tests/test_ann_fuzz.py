@@ -38,21 +38,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 from topkattn.ann import LorannIndex  # noqa: E402
 from topkattn.ann import index as index_module  # noqa: E402
-
-
-def _profile():
-    value = os.environ.get("TOPKATTN_FUZZ", "").strip().lower()
-    if value in ("", "short", "ci", "default"):
-        return dict(max_examples=40, derandomize=True)
-    if value == "long":
-        return dict(max_examples=2000)
-    if value.isdigit() and int(value) > 0:
-        return dict(max_examples=int(value))
-    raise ValueError(f"TOPKATTN_FUZZ must be 'long', 'short' or a number of examples, got {value!r}")
-
+from topkattn.testing import fuzz_profile  # noqa: E402
 
 FUZZ = settings(deadline=None, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **_profile())
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **fuzz_profile(40))
 
 DTYPES = ["float32", "float64", "int64", "int32", "uint8"]
 BAD_DTYPES = [("complex64", TypeError), ("object", TypeError), ("nan", ValueError),

@@ -30,7 +30,6 @@ stable; ``TOPKATTN_FUZZ=long`` runs 2000 random examples per test; an integer ru
 
     TOPKATTN_FUZZ=long pytest tests/test_op_fuzz.py
 """
-import os
 import re
 from contextlib import nullcontext
 from unittest import mock
@@ -53,22 +52,10 @@ from topkattn.ops.reference import (  # noqa: E402
     topk_attention_reference,
     visible_and_forced,
 )
-from topkattn.testing import mask_from_idx, tolerance  # noqa: E402
-
-
-def _profile():
-    value = os.environ.get("TOPKATTN_FUZZ", "").strip().lower()
-    if value in ("", "short", "ci", "default"):
-        return dict(max_examples=50, derandomize=True)
-    if value == "long":
-        return dict(max_examples=2000)
-    if value.isdigit() and int(value) > 0:
-        return dict(max_examples=int(value))
-    raise ValueError(f"TOPKATTN_FUZZ must be 'long', 'short' or a number of examples, got {value!r}")
-
+from topkattn.testing import fuzz_profile, mask_from_idx, tolerance  # noqa: E402
 
 FUZZ = settings(deadline=None, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **_profile())
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **fuzz_profile(50))
 
 try:
     from numba.core import config as _numba_config
@@ -433,15 +420,3 @@ def test_tail_topk_attention_fuzz(c):
 @given(c=cases("dense"))
 def test_dense_attention_fuzz(c):
     _run(c)
-
-
-def test_profile_is_selected_by_the_environment(monkeypatch):
-    monkeypatch.delenv("TOPKATTN_FUZZ", raising=False)
-    assert _profile() == dict(max_examples=50, derandomize=True)
-    monkeypatch.setenv("TOPKATTN_FUZZ", "long")
-    assert _profile() == dict(max_examples=2000)
-    monkeypatch.setenv("TOPKATTN_FUZZ", "300")
-    assert _profile() == dict(max_examples=300)
-    monkeypatch.setenv("TOPKATTN_FUZZ", "forever")
-    with pytest.raises(ValueError, match="TOPKATTN_FUZZ"):
-        _profile()

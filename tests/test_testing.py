@@ -10,6 +10,7 @@ from topkattn.testing import (
     assert_grads_close,
     check_layer_grads,
     directional_grad_check,
+    fuzz_profile,
     make_qkv,
     mask_from_idx,
     score_gap,
@@ -197,3 +198,15 @@ def test_importing_testing_needs_no_test_extras():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_fuzz_profile_is_selected_by_the_environment(monkeypatch):
+    monkeypatch.delenv("TOPKATTN_FUZZ", raising=False)
+    assert fuzz_profile(50) == dict(max_examples=50, derandomize=True)
+    monkeypatch.setenv("TOPKATTN_FUZZ", "long")
+    assert fuzz_profile(50) == dict(max_examples=2000)
+    monkeypatch.setenv("TOPKATTN_FUZZ", "300")
+    assert fuzz_profile(50) == dict(max_examples=300)
+    monkeypatch.setenv("TOPKATTN_FUZZ", "forever")
+    with pytest.raises(ValueError, match="TOPKATTN_FUZZ"):
+        fuzz_profile(50)

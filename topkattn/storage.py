@@ -81,19 +81,20 @@ def atomic_write_json(path, obj, *, prefix):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")), prefix=prefix)
 
 
-def remove_stale_temporaries(folder, prefix):
-    """Delete ``<prefix>*.tmp`` files in ``folder`` (left by a writer killed mid-save).
+def remove_stale_temporaries(folder, prefix, also=None):
+    """Delete ``<prefix>*.tmp`` files in ``folder`` (left by a writer killed mid-save), and the
+    names that the compiled regex ``also`` matches in full (an older writer's temporaries).
 
     Only for a folder this process owns (a training run's ``--out``): another writer's
     in-flight temporary file would be removed too.  Returns the names removed.
     """
     removed = []
     try:
-        names = os.listdir(folder)
+        names = sorted(os.listdir(folder))
     except OSError:
         return removed
     for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
+        if (name.startswith(prefix) and name.endswith(".tmp")) or (also is not None and also.fullmatch(name)):
             try:
                 os.unlink(os.path.join(folder, name))
                 removed.append(name)

@@ -21,6 +21,8 @@ Conventions
   ``directional_grad_check`` returns name -> (numerical, analytic), ``assert_grads_close``
   compares them, ``check_layer_grads`` does both for a layer's input and parameters.
 """
+import os
+
 import numpy as np
 
 from topkattn.checks import make_rng
@@ -135,3 +137,17 @@ def check_layer_grads(layer, x, rng, forward=None, backward=None, **tol):
     res = directional_grad_check(lambda: float((forward(x) * R).sum()), arrays, analytic, rng)
     assert_grads_close(res, **tol)
     return res
+
+
+def fuzz_profile(default_examples):
+    """Keyword arguments for ``hypothesis.settings`` from ``TOPKATTN_FUZZ``: unset (or "short")
+    runs ``default_examples`` derandomised examples (CI), "long" 2000 random ones, a number
+    that many.  ValueError for anything else."""
+    value = os.environ.get("TOPKATTN_FUZZ", "").strip().lower()
+    if value in ("", "short", "ci", "default"):
+        return dict(max_examples=default_examples, derandomize=True)
+    if value == "long":
+        return dict(max_examples=2000)
+    if value.isdigit() and int(value) > 0:
+        return dict(max_examples=int(value))
+    raise ValueError(f"TOPKATTN_FUZZ must be 'long', 'short' or a number of examples, got {value!r}")

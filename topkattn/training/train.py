@@ -248,15 +248,7 @@ def remove_leftovers(out_dir):
     """Delete the temporary files an interrupted save left in ``out_dir`` (this run's folder):
     the atomic writer's ``<TEMP_PREFIX>*.tmp`` and the older ``history.json.tmp-<pid>`` /
     ``metrics.json.tmp-<pid>``; returns their names.  Other files are left alone."""
-    removed = remove_stale_temporaries(out_dir, TEMP_PREFIX)
-    for name in sorted(os.listdir(out_dir)):
-        if LEGACY_TEMPORARY.fullmatch(name):
-            try:
-                os.unlink(os.path.join(out_dir, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
+    return remove_stale_temporaries(out_dir, TEMP_PREFIX, also=LEGACY_TEMPORARY)
 
 
 def step_seed(seed, stream, step):
