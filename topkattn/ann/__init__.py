@@ -1,11 +1,14 @@
 """topkattn.ann: a LoRANN index (IVF + per-cluster reduced-rank regression) in NumPy/Numba.
 
-``from topkattn.ann import LorannIndex`` mirrors the reference ``lorann`` package::
+``from topkattn.ann import LorannIndex, IP, L2`` is a drop-in for the reference ``lorann``
+package (same positional arguments, ``IP``/``L2`` constants, ``n_threads``,
+``get_dissimilarity``; results are int64 ids and float32 distances where the reference
+returns int32 and float64, see ``topkattn.ann.index``)::
 
-    index = LorannIndex(keys, n_clusters=256, global_dim=None, quantization_bits=8, rank=32)
-    index.build(training_queries=queries_sample)      # queries from the search distribution
+    index = LorannIndex(keys, 256, None, 8, 32, 5, IP)   # or distance="ip"
+    index.build(True, False, training_queries=queries_sample)  # approximate, verbose
     ids = index.search(q, k=10, clusters_to_search=24, points_to_rerank=50)   # (Q, 10) int64
-    ids, dist = index.search(q, 10, 24, 50, return_distances=True)           # dist = -q.x
+    ids, dist = index.search(q, 10, 24, 50, True)                             # dist = -q.x
     index.add(new_key)                                 # searchable at once, no rebuild
     index.save("keys.lorann.npz"); index = LorannIndex.load("keys.lorann.npz")
 
@@ -15,6 +18,6 @@ kernels), ``persist`` (versioned, checksummed, pickle-free files, checked for
 consistency on load), ``rwlock`` (the readers-writer lock that lets threads share an
 index: searches run together, ``add``/``refit``/``build`` alone).
 """
-from topkattn.ann.index import LorannIndex
+from topkattn.ann.index import IP, L2, LorannIndex
 
-__all__ = ["LorannIndex"]
+__all__ = ["IP", "L2", "LorannIndex"]

@@ -15,6 +15,24 @@ squared Euclidean distance, both ascending (best first).  Ids are int64, padded
 with -1 (distance +inf) when fewer than k points are reachable; ties go to the
 lower id.  Queries are routed to their best non-empty clusters only.
 
+Drop-in use: code written for the reference runs unchanged with
+``from topkattn.ann import LorannIndex, IP, L2`` -- the same positional arguments
+(``LorannIndex(data, n_clusters, global_dim, quantization_bits, rank, train_size,
+distance, balanced, copy)``, ``build(approximate, verbose, n_threads)``,
+``search(q, k, clusters_to_search, points_to_rerank, return_distances, n_threads)``,
+``exact_search(q, k, return_distances, n_threads)``), ``get_dissimilarity(u, v)``, the
+``IP``/``L2`` constants (the reference's values 0 and 1; the strings ``"ip"``/``"l2"``
+work too) and ``clusters_to_search`` above ``n_clusters`` clamped.  Differences, kept on
+purpose: results are int64 ids and float32 distances (the reference: int32, float64) --
+int64 ids never overflow however far ``add`` grows the index, every caller in this
+package indexes with them, and float32 is the arithmetic the scores are computed in;
+cast with ``ids.astype(np.int32)`` where an int32 is needed.  ``copy`` is accepted, but
+the index always owns its storage (a float32 copy that ``add`` grows), so ``copy=False``
+never aliases the caller's array.  The reference's restrictions (data dim >= 64,
+rank in 16/32/64 and global_dim a multiple of 32 when quantised, float32 data) do not
+apply here.  Extras: ``add``/``refit``, CuPy queries, ``seed``, ``refit_growth``,
+``search_state``, thread-safe sharing.
+
 Threads: one :class:`~topkattn.ann.rwlock.RWLock` per index; searches share it, every
 mutation (``add``, ``refit``, ``build``, and a search's lazy refit) holds it alone.
 
@@ -48,6 +66,8 @@ Implementation notes
   0.870 vs 0.879 for a full build) and by 0.003 without re-ranking; refit()
   recovers it (0.882).  Lazy refits (``refit_growth``) bound the drift.
 """
+import contextlib
+import numbers
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +89,9 @@ SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up
 BLOCK_MIN_GROUP = 4  # GEMM path once clusters get this many queries on average (measured)
 DEFAULT_TRAIN_SIZE = 5  # train_size=None: this many nearest clusters, at most n_clusters
 _DISTANCES = ("ip", "l2")
+IP = 0  # the reference's lorann.IP: maximum inner product (distance -q.x)
+L2 = 1  # the reference's lorann.L2: squared Euclidean distance
+_DISTANCE_CODES = {IP: "ip", L2: "l2"}
 
 
 class LorannIndex:
@@ -85,8 +108,12 @@ class LorannIndex:
         train_size: each training query trains the models of its ``train_size``
             nearest clusters (1 <= train_size <= n_clusters); None (the default) takes
             min(5, n_clusters), the reference's 5 where there are that many clusters.
-        distance: ``"ip"`` (maximum inner product) or ``"l2"`` (squared Euclidean).
+        distance: ``IP`` or ``"ip"`` (maximum inner product), ``L2`` or ``"l2"`` (squared
+            Euclidean); ``IP``/``L2`` are the reference's int constants (0, 1), so
+            ``lorann.IP`` works too.  Stored as the string (``index.distance``).
         balanced: capacity-constrained (balanced) k-means assignment.
+        copy: accepted for the reference's signature; the index always copies ``data``
+            into float32 storage it owns (and grows on ``add``), whatever ``copy`` says.
         seed: seed or numpy Generator for sampling, k-means initialisation.
         refit_growth: after ``add``, a cluster grown by more than this fraction of
             its size at the last fit is refit at the next search that visits it;
@@ -103,13 +130,13 @@ class LorannIndex:
     """
 
     def __init__(self, data, n_clusters, global_dim=None, quantization_bits=8, rank=32,
-                 train_size=None, distance="ip", balanced=False, *, seed=0, refit_growth=0.5):
+                 train_size=None, distance="ip", balanced=False, copy=False, *, seed=0,
+                 refit_growth=0.5):
         data = _as_matrix(data, "data")
         n, d = data.shape
         if d < 2:  # rank must be >= 1 and < d
             raise ValueError(f"data must have at least 2 columns, got shape {data.shape}")
-        distance = check_choice("distance", distance.lower() if isinstance(distance, str)
-                                else distance, _DISTANCES)
+        distance = _check_distance(distance)
         n_clusters = check_int("n_clusters", n_clusters, 1, n)
         global_dim = d if global_dim is None else check_int("global_dim", global_dim, 1, d)
         rank = check_int("rank", rank, 1, None)
@@ -126,6 +153,7 @@ class LorannIndex:
                 raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
         if not isinstance(balanced, (bool, np.bool_)):
             raise TypeError(f"balanced must be a bool, got {type(balanced).__name__} {balanced!r}")
+        _check_bool("copy", copy)
         if refit_growth is not None:
             refit_growth = check_real("refit_growth", refit_growth, 0.0, lo_open=True)
         self.n_clusters = n_clusters
@@ -187,16 +215,24 @@ class LorannIndex:
             return np.flatnonzero(self._size != self._fit_size)
 
     # ------------------------------------------------------------------ build
-    def build(self, approximate=True, training_queries=None, verbose=False):
+    def build(self, approximate=True, verbose=False, n_threads=-1, *, training_queries=None):
         """Cluster the points and fit every cluster's reduced-rank model.
 
-        ``training_queries`` (Qt, Dx): queries from the search distribution (the
-        out-of-distribution case, e.g. attention queries); they define the PCA
-        reduction and train each cluster's model.  Without them the points serve
-        as training queries.  ``approximate=False`` solves the exact OLS problem
-        under dimensionality reduction instead of using the projected points.
+        The reference's signature: ``build(approximate, verbose, n_threads)`` positionally,
+        ``training_queries`` by keyword only.  ``training_queries`` (Qt, Dx): queries from
+        the search distribution (the out-of-distribution case, e.g. attention queries); they
+        define the PCA reduction and train each cluster's model.  Without them the points
+        serve as training queries.  ``approximate=False`` solves the exact OLS problem under
+        dimensionality reduction instead of using the projected points.  ``verbose`` prints
+        progress.  ``n_threads``: see :meth:`search`.
         """
-        with self._lock.write():
+        _check_bool("approximate", approximate)
+        if not isinstance(verbose, (bool, np.bool_)):
+            hint = ("; pass training queries as training_queries=..."
+                    if hasattr(verbose, "shape") or isinstance(verbose, (list, tuple)) else "")
+            raise TypeError(f"verbose must be a bool, got {type(verbose).__name__}{hint}")
+        n_threads = _check_threads(n_threads)
+        with self._lock.write(), _numba_threads(n_threads):
             self._build(approximate, training_queries, verbose)
 
     def _build(self, approximate, training_queries, verbose):
@@ -376,30 +412,40 @@ class LorannIndex:
             return self._tr
 
     # ------------------------------------------------------------------ search
-    def search(self, q, k, clusters_to_search, points_to_rerank, return_distances=False):
+    def search(self, q, k, clusters_to_search, points_to_rerank, return_distances=False,
+               n_threads=-1):
         """Approximate k nearest neighbours of ``q`` (Dx,) or (Q, Dx).
 
         Routes each query to its ``clusters_to_search`` best non-empty centroids (all of
-        them when fewer are non-empty), scores their points with the quantised low-rank
+        them when fewer are non-empty, or when ``clusters_to_search`` exceeds
+        ``n_clusters``: clamped, like the reference), scores their points with the quantised low-rank
         models, keeps the max(k, points_to_rerank) best and re-ranks them exactly
         (``points_to_rerank=0``: approximate scores only).  Returns ids (Kn,) or
-        (Q, Kn) int64 and, with ``return_distances``, float32 distances.
+        (Q, Kn) int64 and, with ``return_distances``, float32 distances (the reference
+        returns int32 and float64: see the module docstring).
         k and points_to_rerank above len(index) do no extra work: the ids past the
         reachable points are -1 (distance inf); a k whose (Q, k) result cannot be
         allocated is a ValueError naming k.
         NumPy queries run on the CPU (BLAS + Numba); CuPy queries on the GPU.
+        ``n_threads``: the Numba threads (and worker threads) this call may use, -1 (the
+        default) for Numba's current count (all cores unless lowered); more than
+        ``numba.config.NUMBA_NUM_THREADS`` is clamped to it.  The setting is per calling
+        thread and restored afterwards, so concurrent calls do not affect each other; BLAS
+        keeps its own (process-wide) thread count.  Ignored for CuPy queries.
         """
         self._require_built()
         xp = get_array_module(q)
         q2, single = self._check_queries(q, "q", xp)
         k = check_int("k", k, 1, None)
-        w = check_int("clusters_to_search", clusters_to_search, 1, self.n_clusters)
+        w = min(check_int("clusters_to_search", clusters_to_search, 1, None), self.n_clusters)
         rr = check_int("points_to_rerank", points_to_rerank, 0, None)
-        with self._lock.read():
-            found = self._search(q2, k, w, rr, xp, exclusive=False)
-        if found is None:  # a lazy refit is due: a mutation, so with the index held alone
-            with self._lock.write():
-                found = self._search(q2, k, w, rr, xp, exclusive=True)
+        n_threads = _check_threads(n_threads)
+        with _numba_threads(n_threads):
+            with self._lock.read():
+                found = self._search(q2, k, w, rr, xp, exclusive=False)
+            if found is None:  # a lazy refit is due: a mutation, so with the index held alone
+                with self._lock.write():
+                    found = self._search(q2, k, w, rr, xp, exclusive=True)
         return self._result(found, k, q2, single, return_distances, xp)
 
     def _search(self, q, k, w, rr, xp, exclusive):
@@ -411,13 +457,14 @@ class LorannIndex:
             return self._search_cpu(q, k, w, rr, exclusive)
         return self._search_xp(q, k, w, rr, xp, exclusive)
 
-    def exact_search(self, q, k, return_distances=False):
+    def exact_search(self, q, k, return_distances=False, n_threads=-1):
         """Exact k nearest neighbours by brute force (ties to the lower id); k above
-        len(index) pads with -1 like :meth:`search`."""
+        len(index) pads with -1 like :meth:`search`; ``n_threads`` as in :meth:`search`."""
         xp = get_array_module(q)
         q2, single = self._check_queries(q, "q", xp)
         k = check_int("k", k, 1, None)
-        with self._lock.read():
+        n_threads = _check_threads(n_threads)
+        with self._lock.read(), _numba_threads(n_threads):
             kk = min(k, self._n)
             if xp is np:
                 ids = np.empty((len(q2), kk), np.int64)
@@ -431,6 +478,28 @@ class LorannIndex:
                 ids = _topk_xp(xp, s, xp.tile(xp.arange(self._n), (len(q2), 1)), kk)
                 scores = xp.take_along_axis(s, ids, axis=1)
         return self._result((ids, scores), k, q2, single, return_distances, xp)
+
+    def get_dissimilarity(self, u, v):
+        """The index's distance between two vectors u, v (Dx,), as a Python float: ``-u.v``
+        for ``ip``, the squared Euclidean distance for ``l2`` (the values :meth:`search`
+        returns; computed in float32 like them).  Works before ``build``."""
+        with self._lock.read():
+            d = self.dim
+            pair = []
+            for name, x in (("u", u), ("v", v)):
+                x = _as_matrix(x, name, allow_1d=True)
+                if x.shape != (d,):
+                    raise ValueError(f"{name} must have shape ({d},), got {x.shape}")
+                with np.errstate(over="ignore"):
+                    x32 = x.astype(np.float32)
+                if not np.isfinite(x32).all():
+                    raise ValueError(f"{name} has values outside the float32 range")
+                pair.append(x32)
+            u32, v32 = pair
+            if self.distance == "ip":
+                return -float(np.dot(u32, v32))
+            diff = u32 - v32
+            return float(np.dot(diff, diff))
 
     def _exact_scores(self, q, data):
         s = q @ data.T  # (Q, N)
@@ -853,6 +922,50 @@ class LorannIndex:
                      idpad=xp.asarray(idpad), live=xp.asarray(self._size > 0))
         self._device[key] = d
         return d
+
+
+def _check_distance(distance):
+    """The distance's string: ``"ip"``/``"l2"`` (any case) or the int constants IP/L2."""
+    if isinstance(distance, numbers.Integral) and not isinstance(distance, bool):
+        if int(distance) not in _DISTANCE_CODES:
+            raise ValueError(f"distance must be IP ({IP}), L2 ({L2}), 'ip' or 'l2', "
+                             f"got {distance!r}")
+        return _DISTANCE_CODES[int(distance)]
+    if not isinstance(distance, str):
+        raise TypeError(f"distance must be IP, L2 (ints) or a string 'ip'/'l2', "
+                        f"got {type(distance).__name__} {distance!r}")
+    return check_choice("distance", distance.lower(), _DISTANCES)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _check_threads(n_threads):
+    """-1 (Numba's current count) or a positive thread count, clamped to Numba's pool."""
+    n_threads = check_int("n_threads", n_threads)
+    if n_threads == -1:
+        return -1
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be -1 (all) or >= 1, got {n_threads}")
+    return min(n_threads, numba.config.NUMBA_NUM_THREADS)
+
+
+@contextlib.contextmanager
+def _numba_threads(n_threads):
+    """Numba's thread count set to ``n_threads`` for the calling thread (Numba keeps it per
+    thread), restored on exit; -1 leaves it alone."""
+    if n_threads == -1:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def _topk_xp(xp, s, ids, k):
