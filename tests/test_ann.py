@@ -449,9 +449,10 @@ def test_bad_input(data):
         ix.search(np.full(32, -1e300), 5, 2, 10)
     with pytest.raises(ValueError, match="k must"):
         ix.search(q, 0, 2, 10)
-    for bad in (0, 9):
-        with pytest.raises(ValueError, match="clusters_to_search"):
-            ix.search(q, 5, bad, 10)
+    with pytest.raises(ValueError, match="clusters_to_search"):
+        ix.search(q, 5, 0, 10)
+    # above n_clusters: clamped, like the reference lorann
+    np.testing.assert_array_equal(ix.search(q, 5, 9, 10), ix.search(q, 5, 8, 10))
     with pytest.raises(ValueError, match="points_to_rerank"):
         ix.search(q, 5, 2, -1)
     with pytest.raises(ValueError, match="new_points"):
@@ -845,7 +846,9 @@ def test_numpy_scalar_arguments_are_stored_as_plain_values(tmp_path, data):
     np.testing.assert_array_equal(back.search(q, 5, 2, 20), ix.search(q, 5, 2, 20))
     with pytest.raises(TypeError, match="quantization_bits must be an integer"):
         LorannIndex(x[:300], 4, quantization_bits=8.0, rank=4)
-    with pytest.raises(TypeError, match="distance must be a string"):
+    with pytest.raises(TypeError, match="distance must be IP, L2"):
+        LorannIndex(x[:300], 4, rank=4, distance=2.0)
+    with pytest.raises(ValueError, match="distance must be IP"):  # ints: the IP/L2 constants only
         LorannIndex(x[:300], 4, rank=4, distance=2)
     with pytest.raises(TypeError, match="balanced must be a bool"):
         LorannIndex(x[:300], 4, rank=4, balanced="yes")
