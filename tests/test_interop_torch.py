@@ -126,8 +126,16 @@ def test_bad_inputs():
         topk_attention(q, k.detach().numpy(), v, topk=3)
     with pytest.raises(ValueError, match="topk must be an integer >= 1"):
         topk_attention(q, k, v, topk=0)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        topk_attention(q.half(), k.half(), v.half(), topk=2)
+    with pytest.raises(TypeError, match="q must be float32 or float64 .*got torch.int32"):
+        topk_attention(q.int(), k.int(), v.int(), topk=2)
+    with pytest.raises(TypeError, match="q, k, v must share one dtype"):
+        topk_attention(q.half(), k, v, topk=2)
+    with pytest.raises(TypeError, match="seed must be an integer or None"):
+        topk_attention(q, k, v, topk=2, forget_rate=0.5, seed=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="temperature must be"):
+        topk_attention(q, k, v, topk=2, temperature=0.0)
+    with pytest.raises(ValueError, match="query heads H=4 must be a multiple of KV heads G=3"):
+        topk_attention(q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), topk=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for torch")
