@@ -149,3 +149,136 @@ def test_cuda_matches_cpu():
     topk_attention(q, k, v, topk=3).square().sum().backward()
     for a, b in zip((qc, kc, vc), (q, k, v)):
         torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-5)
+
+
+# --- the custom ops: opcheck, torch.compile, torch.func, low precision -----------------------
+
+from topkattn.interop.torch import topk_attention_bwd, topk_attention_fwd  # noqa: E402
+
+_FWD_CASES = [dict(topk=3, causal=True, sinks=0, window=0), dict(topk=2, causal=False, sinks=1, window=2),
+              dict(topk=20, causal=True, sinks=12, window=0)]  # topk, sinks > S: K clipped to S
+
+
+def _fwd_args(q, k, v, topk, causal, sinks, window, forget_rate=0.0, seed=None):
+    return (q, k, v, topk, causal, None, 1.0, forget_rate, seed, sinks, window, None)
+
+
+@pytest.mark.parametrize("opts", _FWD_CASES)
+def test_forward_op_outputs_match_the_engine_and_pass_opcheck(opts):
+    q, k, v = _inputs(8)
+    out, idx, lse = topk_attention_fwd(*_fwd_args(q.detach(), k.detach(), v.detach(), **opts))
+    ref_out, mask, _ = topk_attention_reference(*(t.detach().numpy() for t in (q, k, v)), **opts)
+    S = k.shape[2]
+    K = sum(min(opts[n], S) for n in ("sinks", "window", "topk"))
+    assert idx.dtype == torch.int64 and idx.shape == (2, 4, 5, K)
+    np.testing.assert_allclose(out.numpy(), ref_out, rtol=1e-12, atol=1e-12)
+    # idx names exactly the reference mask's keys; lse is the logsumexp of their scores
+    got = np.zeros(mask.shape, bool)
+    b, h, t, j = np.nonzero(idx.numpy() >= 0)
+    got[b, h, t, idx.numpy()[b, h, t, j]] = True
+    np.testing.assert_array_equal(got, mask)
+    s = np.einsum("bhtd,bhsd->bhts", q.detach().numpy(), np.repeat(k.detach().numpy(), 2, 1)) * 6 ** -0.5
+    np.testing.assert_allclose(lse.numpy(), np.logaddexp.reduce(np.where(mask, s, -np.inf), -1), rtol=1e-12)
+    torch.library.opcheck(topk_attention_fwd, _fwd_args(q, k, v, **opts))
+    torch.library.opcheck(topk_attention_fwd, _fwd_args(q, k, v, **opts, forget_rate=0.4, seed=3))
+
+
+def test_backward_op_matches_autograd_and_passes_opcheck():
+    q, k, v = _inputs(9)
+    opts = dict(topk=3, causal=True, sinks=1, window=1)
+    out, idx, lse = topk_attention_fwd(*_fwd_args(q.detach(), k.detach(), v.detach(), **opts))
+    dout = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = topk_attention_bwd(dout, q.detach(), k.detach(), v.detach(), idx, out, lse, None, 1.0)
+    (topk_attention(q, k, v, **opts) * dout).sum().backward()
+    for a, b in zip(grads, (q, k, v)):
+        torch.testing.assert_close(a, b.grad, rtol=0, atol=0)
+    torch.library.opcheck(topk_attention_bwd, (dout, q.detach(), k.detach(), v.detach(), idx, out, lse, 0.3, 2.0))
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_matches_eager(fullgraph, backend):
+    torch._dynamo.reset()
+    q, k, v = _inputs(10)
+
+    def loss(q, k, v):
+        o = topk_attention(q * 1.5, k, v, topk=3, causal=True, sinks=1, window=1, temperature=0.8)
+        return o.square().sum(), o
+
+    got_loss, got = torch.compile(loss, fullgraph=fullgraph, backend=backend)(q, k, v)
+    got_grads = torch.autograd.grad(got_loss, (q, k, v))
+    ref_loss, ref = loss(q, k, v)
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_func_grad_and_vmap_match_eager_and_loops():
+    q, k, v = _inputs(11)
+    q, k, v = q.detach(), k.detach(), v.detach()
+
+    def f(q, k, v):
+        return topk_attention(q, k, v, topk=3, causal=True, window=1)
+
+    def loss(q, k, v):
+        return f(q, k, v).square().sum()
+
+    grads = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    qa, ka, va = (t.clone().requires_grad_(True) for t in (q, k, v))
+    loss(qa, ka, va).backward()
+    for a, b in zip(grads, (qa, ka, va)):
+        torch.testing.assert_close(a, b.grad, rtol=0, atol=0)
+    qs, ks = torch.stack([q, -0.5 * q, 2 * q]), torch.stack([k, k.flip(2), 3 * k])
+    looped = torch.stack([f(qs[i], ks[i], v) for i in range(3)])
+    torch.testing.assert_close(torch.func.vmap(f, in_dims=(0, 0, None))(qs, ks, v), looped, rtol=0, atol=0)
+    vm = torch.func.vmap(f, in_dims=(1, None, None), out_dims=2)(qs.movedim(0, 1), k, v)
+    torch.testing.assert_close(vm, torch.stack([f(qs[i], k, v) for i in range(3)], 2), rtol=0, atol=0)
+    # vmap of grad: per-sample gradients through the backward op's vmap rule
+    per = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, 0, None))(qs, ks, v)
+    for i in range(3):
+        gi = torch.func.grad(loss, argnums=(0, 1))(qs[i], ks[i], v)
+        for a, b in zip(per, gi):
+            torch.testing.assert_close(a[i], b, rtol=1e-12, atol=1e-12)
+
+
+def test_vmap_with_forget_rate_needs_a_randomness_choice():
+    q, k, v = (t.detach() for t in _inputs(12))
+    qs = torch.stack([q, q])
+
+    def f(q):
+        return topk_attention(q, k, v, topk=3, forget_rate=0.5, seed=5)
+
+    with pytest.raises(RuntimeError, match="randomness='different'"):
+        torch.func.vmap(f)(qs)
+    same = torch.func.vmap(f, randomness="same")(qs)  # each sample draws what one call draws
+    torch.testing.assert_close(same, torch.stack([f(q), f(q)]), rtol=0, atol=0)
+    diff = torch.func.vmap(f, randomness="different")(qs)  # samples fold into the batch: other draws
+    folded = topk_attention(torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]), topk=3,
+                            forget_rate=0.5, seed=5)
+    torch.testing.assert_close(diff, folded.reshape(qs.shape[:2] + folded.shape[1:]), rtol=0, atol=0)
+    assert not torch.equal(diff[0], diff[1])
+
+
+def test_double_backward_is_refused():
+    q, k, v = _inputs(13)
+    (gq,) = torch.autograd.grad(topk_attention(q, k, v, topk=3).square().sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        gq.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_is_computed_in_float32_and_cast_back(dtype):
+    q, k, v = (t.detach().to(dtype).requires_grad_(True) for t in _inputs(14))
+    out = topk_attention(q, k, v, topk=3, sinks=1)
+    out.float().square().sum().backward()
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref = topk_attention(q32, k32, v32, topk=3, sinks=1)
+    ref.to(dtype).float().square().sum().backward()
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
+    for a, b in zip((q, k, v), (q32, k32, v32)):
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad, b.grad.to(dtype), rtol=0, atol=0)
+    np.testing.assert_allclose(ref.detach().numpy(), topk_attention_reference(
+        *(t.detach().numpy() for t in (q32, k32, v32)), topk=3, sinks=1)[0], rtol=2e-5, atol=2e-5)

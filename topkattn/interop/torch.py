@@ -142,8 +142,9 @@ def _check_shapes(q, k, v, **opts):
     """The engine's own checks on zero-memory NumPy stand-ins (static shapes only): a fake
     call refuses exactly what the real one would."""
     shapes = [t.shape for t in (q, k, v)]
-    if not all(isinstance(n, int) for s in shapes for n in s):
-        return  # symbolic shapes: the real call checks
+    symbolic = any(isinstance(x, (torch.SymInt, torch.SymFloat)) for x in opts.values())
+    if symbolic or not all(isinstance(n, int) for s in shapes for n in s):
+        return  # symbolic shapes or options: the real call checks
     check_inputs(*(np.broadcast_to(np.zeros((), _ENGINE_DTYPES[t.dtype]), tuple(t.shape)) for t in (q, k, v)),
                  **opts)
 
