@@ -54,9 +54,32 @@ class OneLineGroup(click.Group):
         return _one_line(ctx, super().invoke, ctx)
 
 
+def _rank_zero_reports(call, *args):
+    """``call(*args)``; under an MPI launcher an error (usage or failure) is shown by rank 0
+    only, the other ranks exit with the same status silently."""
+    try:
+        return call(*args)
+    except click.ClickException as e:
+        from topkattn.distributed.comm import launched_world
+        where = launched_world()
+        if where is not None and where[0] != 0:
+            e.show = lambda file=None: None
+        raise
+
+
+class RankZeroCommand(OneLineCommand):
+    """:class:`OneLineCommand` whose errors rank 0 alone prints when ``mpiexec`` started it."""
+
+    def parse_args(self, ctx, args):
+        return _rank_zero_reports(super().parse_args, ctx, args)
+
+    def invoke(self, ctx):
+        return _rank_zero_reports(super().invoke, ctx)
+
+
 def command(name):
     """``click.command(name)`` with one-line usage errors and ``-h``/``--help``."""
-    return click.command(name, cls=OneLineCommand, context_settings=CONTEXT_SETTINGS)
+    return click.command(name, cls=RankZeroCommand, context_settings=CONTEXT_SETTINGS)
 
 
 def fail(message):

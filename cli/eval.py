@@ -49,12 +49,13 @@ def _mpi_launch(retriever, tail_bound):
         raise click.UsageError("--retriever simulated runs in one process; under mpiexec use exact or lorann")
     if tail_bound is not None:
         raise click.UsageError("--tail-bound (dynamic k) runs in one process; under mpiexec use a fixed --k")
-    from topkattn.distributed import world
+    from topkattn.distributed import install_excepthook, world
 
     try:
         comm = world()
     except ImportError as e:
         fail(str(e))
+    install_excepthook(comm)  # an error on one rank ends the job, never leaves the others waiting
     return comm.Get_size(), comm.Get_rank()
 
 

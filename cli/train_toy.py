@@ -11,7 +11,7 @@ import click
 from topkattn.cli.common import (
     CONTEXT_SETTINGS,
     FiniteFloat,
-    OneLineCommand,
+    RankZeroCommand,
     device_option,
     fail,
     progress_bar,
@@ -19,30 +19,7 @@ from topkattn.cli.common import (
 )
 
 
-def _rank_zero_reports(call, *args):
-    """``call(*args)``; under an MPI launcher an error (usage or failure) is shown by rank 0
-    only, the other ranks exit with the same status silently."""
-    try:
-        return call(*args)
-    except click.ClickException as e:
-        from topkattn.distributed.comm import launched_world
-        where = launched_world()
-        if where is not None and where[0] != 0:
-            e.show = lambda file=None: None
-        raise
-
-
-class TrainToyCommand(OneLineCommand):
-    """:class:`OneLineCommand` whose errors rank 0 alone prints when ``mpiexec`` started it."""
-
-    def parse_args(self, ctx, args):
-        return _rank_zero_reports(super().parse_args, ctx, args)
-
-    def invoke(self, ctx):
-        return _rank_zero_reports(super().invoke, ctx)
-
-
-@click.command("train-toy", cls=TrainToyCommand, context_settings=CONTEXT_SETTINGS)
+@click.command("train-toy", cls=RankZeroCommand, context_settings=CONTEXT_SETTINGS)
 @click.option("--task", type=click.Choice(["mqar", "text"]), default="mqar", show_default=True,
               help="mqar: multi-query associative recall (held-out accuracy); text: byte-level LM "
                    "on the Python standard library's sources (held-out bits per character).")
@@ -194,7 +171,7 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
         fail(str(e))
     except SaveError as e:
         if comm is not None:  # rank 0 alone writes: end the job, the others wait in a collective
-            from topkattn.distributed.data_parallel import abort
+            from topkattn.distributed.comm import abort
             abort(comm, e)
         fail(str(e))
     except RuntimeError as e:
@@ -220,8 +197,7 @@ def _mpi_world(cfg):
     the launcher's environment, see :func:`topkattn.distributed.comm.launched_world`),
     else None, without importing mpi4py.  Installs the hook that ends the job on an uncaught
     error; a usage error when --batch-size is not a multiple of the ranks or mpi4py is missing."""
-    from topkattn.distributed.comm import launched_world
-    from topkattn.distributed.data_parallel import install_excepthook
+    from topkattn.distributed.comm import install_excepthook, launched_world
     if launched_world() is None:
         return None
     from topkattn.distributed.comm import world

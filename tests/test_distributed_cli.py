@@ -76,7 +76,7 @@ def test_an_error_on_one_rank_aborts_the_job(tmp_path):
     script = tmp_path / "fail_on_rank1.py"
     script.write_text(
         "from topkattn.distributed.comm import world\n"
-        "from topkattn.distributed.data_parallel import install_excepthook\n"
+        "from topkattn.distributed.comm import install_excepthook\n"
         "comm = world()\n"
         "install_excepthook(comm)\n"
         "if comm.rank == 1:\n"

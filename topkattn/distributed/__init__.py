@@ -14,14 +14,12 @@
 Run a script under ``mpiexec -n N python script.py``; every rank passes the same queries and
 its own slice of the keys and values (``key_offset``).
 """
-from topkattn.distributed.comm import INSTALL_HINT, launched_world, require_mpi, world
+from topkattn.distributed.comm import INSTALL_HINT, abort, install_excepthook, launched_world, require_mpi, world
 from topkattn.distributed.context_parallel import topk_attention, topk_attention_backward, topk_attention_forward
 from topkattn.distributed.data_parallel import (
     GradientReducer,
     PeerError,
-    abort,
     check_replicas,
-    install_excepthook,
     params_checksum,
     split_rows,
     train_data_parallel,

@@ -5,6 +5,7 @@ imported when a distributed function first needs it, so ``import topkattn`` work
 and :func:`require_mpi` says in one line what to install.
 """
 import os
+import sys
 
 import numpy as np
 
@@ -81,3 +82,23 @@ def allreduce_sum(comm, a):
     out = np.empty_like(host)
     comm.Allreduce(host, out, op=require_mpi().SUM)
     return xp.asarray(out)
+
+
+def abort(comm, error, file=None):
+    """Print ``Error: rank R: <message>`` on stderr and end every rank of the job (``comm.Abort(1)``)."""
+    stream = file or sys.stderr
+    msg = str(error) or type(error).__name__
+    print(f"Error: rank {comm.rank}: {msg}", file=stream, flush=True)
+    comm.Abort(1)
+
+
+def install_excepthook(comm):
+    """Make an uncaught exception on this rank end the whole job (:func:`abort`) instead of
+    leaving the other ranks waiting in a collective; returns the previous hook."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        abort(comm, value)  # KeyboardInterrupt too: "Error: rank R: KeyboardInterrupt"
+
+    sys.excepthook = hook
+    return previous

@@ -28,7 +28,7 @@ import numpy as np
 from topkattn.backend import as_engine_array, get_array_module, to_caller_kind
 from topkattn.checks import check_int, logsumexp_rows
 from topkattn.distributed.comm import agree, allgather_rows, allreduce_sum
-from topkattn.ops.dense_attention import default_scale
+from topkattn.ops.dense_attention import check_dout, default_scale
 from topkattn.ops.selection import TILE_BYTES, RowBounds, apply_forgetting, forget_draws, ranked_topm_xp
 from topkattn.ops.sparse_attention import SparseAttentionSaved, sparse_attention_backward, sparse_attention_forward
 from topkattn.ops.topk_attention import check_inputs
@@ -58,9 +58,9 @@ def topk_attention_forward(q, k_local, v_local, *, comm, topk, key_offset, causa
     selected global positions (equal on every rank), ``saved.idx`` their local positions on
     this rank (-1 where another rank owns the key)."""
     like = q
-    q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k_local, "k_local"), (v_local, "v_local")))
     error = None
-    try:
+    try:  # every check before the first collective: a rank that fails must not leave the others waiting
+        q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k_local, "k_local"), (v_local, "v_local")))
         if isinstance(topk, str):
             raise ValueError(f"topk must be an integer >= 1 (dynamic k is single-process), got {topk!r}")
         check_inputs(q, k, v, topk=topk, scale=scale, temperature=temperature, forget_rate=forget_rate,
@@ -87,7 +87,7 @@ def topk_attention_forward(q, k_local, v_local, *, comm, topk, key_offset, causa
     idx[..., :forced.shape[1]] = forced
     if m:
         scores, keys = _local_candidates(q, k, bounds, m, eff_scale, key_offset, chunk_size)  # (rows, M)
-        ranked = _merge(allgather_rows(comm, scores), allgather_rows(comm, keys), m)  # (rows, M)
+        ranked = merge_candidates(allgather_rows(comm, scores), allgather_rows(comm, keys), m)  # (rows, M)
         if drop is None:
             ranked = ranked[:, :n_sel]
         else:
@@ -109,12 +109,11 @@ def topk_attention_backward(dout, saved):
     """``(dq, dk_local, dv_local)``: dq complete on every rank, dk/dv of this rank's own keys."""
     if not isinstance(saved, ContextParallelSaved):
         raise TypeError(f"saved must come from distributed topk_attention_forward, got {type(saved).__name__}")
-    dout = as_engine_array(dout, "dout")
     error = None
-    if tuple(dout.shape) != tuple(saved.out.shape):
-        error = ValueError(f"dout must have shape {tuple(saved.out.shape)} (B, H, T, Dv), got {tuple(dout.shape)}")
-    elif dout.dtype.kind != "f":
-        error = TypeError(f"dout must be a float array, got {dout.dtype}")
+    try:
+        dout = check_dout(dout, saved.out)
+    except (TypeError, ValueError) as e:
+        error = e
     agree(saved.comm, error)
     dq_p, dk, dv = sparse_attention_backward(dout.astype(saved.q.dtype, copy=False), saved)
     dq = allreduce_sum(saved.comm, dq_p)
@@ -164,7 +163,7 @@ def _local_candidates(q, k, bounds, m, scale, offset, chunk_size):
         t1 = min(T, t0 + chunk_size)
         c = t1 - t0
         tile = xp.matmul(qs[:, :, :, t0:t1].reshape(B, G, rep * c, D), kt).reshape(B * H * c, Sp)
-        cand = xp.asarray(bounds.candidate_mask(t0, t1, offset + Sp)[:, offset:])  # (c, Sp)
+        cand = xp.asarray(bounds.candidate_mask(t0, t1, Sp, col0=offset))  # (c, Sp): only this rank's columns
         cand = xp.broadcast_to(cand[None], (B * H, c, Sp)).reshape(B * H * c, Sp)
         cols = ranked_topm_xp(tile, cand, m)  # (B*H*c, M) local columns, -1 padded
         got = cols >= 0
@@ -174,7 +173,7 @@ def _local_candidates(q, k, bounds, m, scale, offset, chunk_size):
     return scores.reshape(-1, m), keys.reshape(-1, m)
 
 
-def _merge(scores, keys, m):
+def merge_candidates(scores, keys, m):
     """The global top ``m`` of every row from the ranks' candidates (ranks, rows, M): (rows, M)
     global indices in rank order (score descending, ties to the lower index), -1 padded."""
     xp = get_array_module(scores, keys)

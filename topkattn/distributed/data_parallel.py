@@ -13,7 +13,7 @@ history equals the single-process run's to float32 rounding.
 
 Rank 0 writes the files (checkpoint, metrics.json, history.json) and reports; every rank reads
 the checkpoint on ``resume``.  Errors before the first step are agreed (every rank raises);
-a failure on one rank later ends the job through :func:`abort` (``Error: rank R: ...`` on
+a failure on one rank later ends the job through :func:`topkattn.distributed.comm.abort` (``Error: rank R: ...`` on
 stderr, ``comm.Abort(1)``), never a hang.
 
 Launch detection (:func:`topkattn.distributed.comm.launched_world`) reads the launcher's
@@ -22,7 +22,6 @@ environment only (MPICH/Hydra ``PMI_RANK``/``PMI_SIZE``, Open MPI ``OMPI_COMM_WO
 imports mpi4py.
 """
 import hashlib
-import sys
 
 import numpy as np
 
@@ -157,21 +156,3 @@ def agree_setup(comm, error):
         raise PeerError(*bad[0])
 
 
-def abort(comm, error, file=None):
-    """Print ``Error: rank R: <message>`` on stderr and end every rank of the job (``comm.Abort(1)``)."""
-    stream = file or sys.stderr
-    msg = str(error) or type(error).__name__
-    print(f"Error: rank {comm.rank}: {msg}", file=stream, flush=True)
-    comm.Abort(1)
-
-
-def install_excepthook(comm):
-    """Make an uncaught exception on this rank end the whole job (:func:`abort`) instead of
-    leaving the other ranks waiting in a collective; returns the previous hook."""
-    previous = sys.excepthook
-
-    def hook(kind, value, tb):
-        abort(comm, value)  # KeyboardInterrupt too: "Error: rank R: KeyboardInterrupt"
-
-    sys.excepthook = hook
-    return previous

@@ -36,7 +36,7 @@ from topkattn.backend import get_array_module
 from topkattn.checks import check_int
 from topkattn.decoding.selectors import DecodeSelector, ExactSelector
 from topkattn.distributed.comm import agree, allgather_rows, require_mpi
-from topkattn.distributed.context_parallel import _merge
+from topkattn.distributed.context_parallel import merge_candidates
 from topkattn.layers.cache import GrowingBuffer
 from topkattn.ops.selection import decode_scores, grouped_keys, ranked_topm_xp
 
@@ -164,7 +164,7 @@ class ShardedSelector(DecodeSelector):
         return idx, k_row, None
 
     def _merge(self, scores, pos, m):
-        return _merge(allgather_rows(self.comm, scores), allgather_rows(self.comm, pos), m)
+        return merge_candidates(allgather_rows(self.comm, scores), allgather_rows(self.comm, pos), m)
 
     def _exact_local(self, query, ctx, m):
         """The shard's exact top ``m``: (scores (B*H, M), global positions (B*H, M)), -1 padded."""

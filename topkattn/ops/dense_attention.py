@@ -72,14 +72,15 @@ def dense_attention_forward(q, k, v, *, causal=True, scale=None, chunk_size=None
             continue
         cc = t1 - t0
         s = chunk_scores(xp, qg, k, t0, t1, n, S, T, scale, causal)  # (B, G, rep, c, n)
-        bad = (xp.isnan(s) | (s == np.inf)).any(-1)  # (B, G, rep, c): NaN rows
-        m = s.max(-1, keepdims=True)
+        m = s.max(-1, keepdims=True)  # NaN and +inf reach the row maximum
+        bad = (xp.isnan(m) | (m == np.inf))[..., 0]  # (B, G, rep, c): NaN rows
         m = xp.where(xp.isfinite(m), m, 0)
         p = xp.exp(s - m)  # hidden keys and -inf scores -> 0
         denom = p.sum(-1, keepdims=True)
         ls = xp.where(denom > 0, denom, 1)
         w = p / ls  # (B, G, rep, c, n)
-        o = weighted_values(xp, w, v_ok, v, bad_keys, visible_mask(t0, t1, n, S, T, causal))
+        vis = visible_mask(t0, t1, n, S, T, causal) if bad_keys.size else None  # only for non-finite values
+        o = weighted_values(xp, w, v_ok, v, bad_keys, vis)
         o = xp.where(denom > 0, o.reshape(B, G, rep, cc, Dv), 0)  # nothing to attend: zeros
         out[:, :, t0:t1] = xp.where(bad[..., None], np.nan, o).reshape(B, H, cc, Dv)
         ls = xp.where(denom > 0, m + xp.log(ls), -np.inf)[..., 0]
@@ -148,8 +149,8 @@ def dense_attention_decode(query, keys, values, scale):
     if S == 0 or B * H == 0:
         return out.reshape(B, H, Dv)
     s = decode_scores(query, keys, scale).reshape(B, G, H // G, -1)  # (B, G, rep, S)
-    bad = (xp.isnan(s) | (s == np.inf)).any(-1, keepdims=True)  # (B, G, rep, 1): NaN rows
-    m = s.max(-1, keepdims=True)
+    m = s.max(-1, keepdims=True)  # NaN and +inf reach the row maximum
+    bad = xp.isnan(m) | (m == np.inf)  # (B, G, rep, 1): NaN rows
     s -= xp.where(xp.isfinite(m), m, 0)
     p = xp.exp(s)
     denom = p.sum(-1, keepdims=True)

@@ -84,9 +84,9 @@ class RowBounds:
         win[win < self.win_lo[:, None]] = -1
         return np.concatenate([sink, win], axis=1)
 
-    def candidate_mask(self, t0, t1, n_cols):
-        """(t1 - t0, n_cols) bool: True where key j is a selection candidate of row t."""
-        j = np.arange(n_cols, dtype=np.int64)[None, :]
+    def candidate_mask(self, t0, t1, n_cols, col0=0):
+        """(t1 - t0, n_cols) bool: True where key col0 + j is a selection candidate of row t."""
+        j = np.arange(col0, col0 + n_cols, dtype=np.int64)[None, :]
         sl = slice(t0, t1)
         return ((j >= self.sinks) & (j < self.end[sl, None])
                 & ~((j >= self.win_lo[sl, None]) & (j < self.win_hi[sl, None])))

@@ -54,8 +54,8 @@ def sparse_attention_forward(q, k, v, idx, scale):
         ks = kf[flat]  # (B, H, c, K, D)
         s = ((q[:, :, t0:t1, None, :] * sc) * ks).sum(-1)  # (B, H, c, K)
         s = xp.where(valid, s, -xp.inf)
-        bad = (xp.isnan(s) | (s == xp.inf)).any(-1)  # (B, H, c): NaN rows
-        mx = s.max(-1, keepdims=True)  # (B, H, c, 1)
+        mx = s.max(-1, keepdims=True)  # (B, H, c, 1); NaN and +inf reach the row maximum
+        bad = (xp.isnan(mx) | (mx == xp.inf))[..., 0]  # (B, H, c): NaN rows
         mx_safe = xp.where(xp.isfinite(mx), mx, 0).astype(q.dtype)
         p = xp.exp(s - mx_safe)  # empty slots and -inf scores -> 0
         denom = p.sum(-1, keepdims=True)
@@ -147,8 +147,8 @@ def sparse_attention_decode(query, keys, values, idx, scale):
     kk = keys[bi, gi, j]  # (B, H, K, D)
     s = (kk * (query * query.dtype.type(scale))[:, :, None, :]).sum(-1)  # (B, H, K)
     s = xp.where(valid, s, -np.inf)
-    bad = (xp.isnan(s) | (s == np.inf)).any(-1, keepdims=True)  # (B, H, 1): NaN rows
-    m = s.max(-1, keepdims=True)
+    m = s.max(-1, keepdims=True)  # NaN and +inf reach the row maximum
+    bad = xp.isnan(m) | (m == np.inf)  # (B, H, 1): NaN rows
     m = xp.where(xp.isfinite(m), m, 0)
     p = xp.exp(s - m)
     denom = p.sum(-1, keepdims=True)

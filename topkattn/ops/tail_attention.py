@@ -188,8 +188,8 @@ def _chunk_weights(xp, qg, k, idx, t0, t1, n, S, T, scale, causal):
     B, G, rep = qg.shape[:3]
     c = t1 - t0
     s = chunk_scores(xp, qg, k, t0, t1, n, S, T, scale, causal)  # (B, G, rep, c, n)
-    bad = (xp.isnan(s) | (s == np.inf)).any(-1)
-    m = s.max(-1, keepdims=True)
+    m = s.max(-1, keepdims=True)  # NaN and +inf reach the row maximum
+    bad = (xp.isnan(m) | (m == np.inf))[..., 0]
     m = xp.where(xp.isfinite(m), m, 0)
     e = xp.exp(s - m)
     denom = e.sum(-1, keepdims=True)
