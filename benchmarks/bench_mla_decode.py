@@ -15,15 +15,12 @@ matrix products 20x slower in our runs).
 """
 import argparse
 import os
-import sys
 import time
 
 if __name__ == "__main__":  # BLAS threads must be fixed before NumPy loads (see --threads)
-    _t = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), None)
-    if _t is None and "--threads" in sys.argv[:-1]:
-        _t = sys.argv[sys.argv.index("--threads") + 1]
-    for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[_v] = _t or os.environ.get(_v, "1")
+    from blas_env import threads_from_argv
+
+    threads_from_argv()
 
 import numpy as np
 
