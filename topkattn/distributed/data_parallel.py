@@ -45,10 +45,10 @@ def split_rows(batch_size, rank, size):
 
 
 def params_checksum(params):
-    """SHA-256 hex digest of the parameters' names, shapes, dtypes and bytes, in dict order."""
+    """SHA-256 hex digest of the parameters' names, shapes, dtypes and bytes, by sorted name."""
     h = hashlib.sha256()
-    for name, p in params.items():
-        a = np.ascontiguousarray(to_numpy(p))
+    for name in sorted(params):
+        a = np.ascontiguousarray(to_numpy(params[name]))
         h.update(f"{name}{a.shape}{a.dtype}".encode())
         h.update(a.tobytes())
     return h.hexdigest()

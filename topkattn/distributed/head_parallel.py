@@ -44,14 +44,14 @@ the slice of the full draws, which the ops do not offer, so a layer with ``forge
 is refused (ValueError).  Gradient clipping must use the norm over every rank's slices:
 :func:`head_parallel_grad_norm` (and :func:`clip_head_parallel_grad_norm`) here, not the single-process ones.
 """
-import hashlib
 import math
 
 import numpy as np
 
-from topkattn.backend import get_array_module, to_numpy
+from topkattn.backend import get_array_module
 from topkattn.checks import check_real
 from topkattn.distributed.comm import agree, allgather_rows, allreduce_sum
+from topkattn.distributed.data_parallel import params_checksum
 from topkattn.layers.mla import MLA
 from topkattn.model import Transformer
 
@@ -73,15 +73,6 @@ def _head_slice(a, axis, lo, hi):
     idx = [slice(None)] * a.ndim
     idx[axis] = slice(lo, hi)
     return get_array_module(a).ascontiguousarray(a[tuple(idx)])
-
-
-def _digest(params):
-    h = hashlib.sha256()
-    for name in sorted(params):
-        a = np.ascontiguousarray(to_numpy(params[name]))
-        h.update(f"{name}{a.shape}{a.dtype}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 class HeadParallelMLA(MLA):
@@ -119,7 +110,7 @@ class HeadParallelMLA(MLA):
             error = e
         agree(comm, error)
         error = None
-        digests = comm.allgather(_digest(layer.params))
+        digests = comm.allgather(params_checksum(layer.params))
         if len(set(digests)) != 1:
             error = ValueError("layer must be the same on every rank (its params differ between ranks; "
                                "build it from the same seed or broadcast it)")
