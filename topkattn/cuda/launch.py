@@ -27,12 +27,21 @@ def simulator_enabled():
     return bool(getattr(config, "ENABLE_CUDASIM", 0))
 
 
+NUMBA_CUDA_MISSING = ("the CUDA kernels need numba-cuda: pip install 'topkattn[cuda12]' (or 'topkattn[cuda13]') "
+                      "for a GPU, or 'topkattn[test]' for the CPU simulator")
+
+
 def get_cuda():
-    """Return ``numba.cuda`` if it can run kernels (a GPU or the simulator), else RuntimeError."""
+    """Return ``numba.cuda`` if it can run kernels (a GPU or the simulator), else RuntimeError.
+
+    numba-cuda must be installed (the cuda12/cuda13/test extras): Numba's own deprecated
+    built-in ``numba.cuda`` is not used.
+    """
     try:
+        import numba_cuda  # noqa: F401  (without it ``numba.cuda`` is Numba's built-in target)
         from numba import cuda
-    except ImportError as e:  # pragma: no cover - numba-cuda missing
-        raise RuntimeError("the CUDA kernels need numba-cuda: pip install numba-cuda") from e
+    except ImportError as e:
+        raise RuntimeError(NUMBA_CUDA_MISSING) from e
     try:
         ok = cuda.is_available()
     except Exception as e:  # pragma: no cover - broken driver
