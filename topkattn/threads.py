@@ -1,4 +1,5 @@
-"""CPU threading for the hot loops: one BLAS thread per worker, workers from one pool.
+"""CPU threading for the hot loops (one BLAS thread per worker, workers from one pool) and
+the Numba kernel decorator (:func:`njit`: cached on disk, one stderr line on a real compile).
 
 Multi-threaded BLAS and Numba's OpenMP threads both spin for milliseconds after each
 call; interleaving them (a GEMM, then a ``prange`` kernel, then a GEMM ...) makes each
@@ -131,3 +132,94 @@ def pool():
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix=_PREFIX))
     return _POOL[0]
+
+
+# -- Numba CPU kernels: compiled once, cached on disk, announced once ----------------------
+# Every CPU kernel of the package (ops/cpu_kernels.py, ann/kernels.py) is made with njit below:
+# numba.njit with cache=True and nogil=True unless given (parallel=True works too).  Numba
+# compiles a kernel on its first call with a new signature and writes the machine code beside
+# the source (__pycache__; NUMBA_CACHE_DIR elsewhere; Numba's per-user cache when the package
+# folder is read-only); a later process loads it instead of compiling.  The first time a process
+# really compiles one of these kernels (fresh install, edited source, new CPU or signature) one
+# line goes to stderr, COMPILE_NOTICE.  A cache hit prints nothing: the line hangs on Numba's
+# "numba:compile" event, which Numba fires only when it compiles, never when it loads a cached
+# kernel, and only for dispatchers made here.  TOPKATTN_COMPILE_NOTICE=0 (or
+# set_compile_notice(False)) silences it; compile_count() counts this process's compilations.
+COMPILE_NOTICE = "topkattn: compiling kernels (first run only; cached on disk for the next runs)"
+_JIT_LOCK = threading.Lock()
+_JIT_KERNELS = set()  # py_func of every dispatcher made by njit
+_JIT_STATE = {"printed": False, "enabled": None, "compiles": 0, "listener": None}
+
+
+def njit(*args, **options):
+    """``numba.njit`` with ``cache=True, nogil=True`` unless given, registered for the compile notice.
+
+    Bare (``@njit``) or with Numba's options (``@njit(parallel=True, fastmath={...})``).
+    Numba is imported on the first use, not with this module.
+    """
+    import numba
+
+    options.setdefault("cache", True)
+    options.setdefault("nogil", True)
+    _install_compile_listener()
+
+    def wrap(fn):
+        dispatcher = numba.njit(**options)(fn)
+        with _JIT_LOCK:
+            _JIT_KERNELS.add(fn)
+        return dispatcher
+
+    if len(args) == 1 and callable(args[0]) and not options.keys() - {"cache", "nogil"}:
+        return wrap(args[0])
+    if args:
+        raise TypeError("njit takes Numba's options as keywords (or the function alone)")
+    return wrap
+
+
+def is_package_kernel(dispatcher):
+    """True if ``dispatcher`` was made by :func:`njit`."""
+    return getattr(dispatcher, "py_func", None) in _JIT_KERNELS
+
+
+def set_compile_notice(enabled):
+    """Print (True) or suppress (False) the first-compile line; None: follow TOPKATTN_COMPILE_NOTICE."""
+    _JIT_STATE["enabled"] = None if enabled is None else bool(enabled)
+
+
+def compile_count():
+    """Kernels made by :func:`njit` that this process compiled (not loaded from the disk cache)."""
+    return _JIT_STATE["compiles"]
+
+
+def _notice_enabled():
+    if _JIT_STATE["enabled"] is not None:
+        return _JIT_STATE["enabled"]
+    return os.environ.get("TOPKATTN_COMPILE_NOTICE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _install_compile_listener():
+    with _JIT_LOCK:
+        if _JIT_STATE["listener"] is not None:
+            return
+        from numba.core import event
+
+        class CompileListener(event.Listener):
+            """Counts the package's compilations; prints COMPILE_NOTICE before the first."""
+
+            def on_start(self, ev):
+                if not is_package_kernel((ev.data or {}).get("dispatcher")):
+                    return
+                with _JIT_LOCK:
+                    _JIT_STATE["compiles"] += 1
+                    first = not _JIT_STATE["printed"]
+                    _JIT_STATE["printed"] = True
+                if first and _notice_enabled():
+                    import sys
+
+                    print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+
+            def on_end(self, ev):
+                pass
+
+        _JIT_STATE["listener"] = CompileListener()
+        event.register("numba:compile", _JIT_STATE["listener"])

@@ -1,13 +1,15 @@
 """Numba CPU kernels for the hot loops of top-k attention.
 
 Each kernel names the reference it must match; tests compare them.
-Compiled lazily on first call and cached on disk (``cache=True``).
+Compiled lazily on first call and cached on disk (:func:`topkattn.threads.njit`: the first
+real compile prints one line on stderr).
 """
-import numba as nb
 import numpy as np
 
+from topkattn.threads import njit
 
-@nb.njit(cache=True, nogil=True)
+
+@njit
 def ranked_topm_rows(tile, out, end, win_lo, win_hi, sinks, m):
     """Streaming top-m over each row of a score tile, in rank order.
 
@@ -55,7 +57,7 @@ def ranked_topm_rows(tile, out, end, win_lo, win_hi, sinks, m):
                     thresh = vals[m - 1]
 
 
-@nb.njit(cache=True, nogil=True)
+@njit
 def scatter_add_rows(out, rows, vals):
     """out[rows[i]] += vals[i] for every i with rows[i] >= 0, in index order (deterministic).
 
