@@ -1,4 +1,5 @@
-"""What every `topkattn` command shares: one-line errors, ``--device``, ``--quiet`` and the progress bar.
+"""What every `topkattn` command shares: one-line errors, ``--device``, ``--quiet``/``--progress``
+and the progress bar.
 
 Usage errors (a bad option value, a missing argument, a contradictory combination), whether
 Click finds them while parsing or a command raises :class:`click.UsageError` itself, print
@@ -126,11 +127,33 @@ device_option = click.option(
     "--device", type=click.Choice(DEVICES), default="cpu", show_default=True, callback=_check_device,
     help="cpu: NumPy arrays; gpu: CuPy arrays (needs CuPy and a CUDA GPU).")
 
-quiet_option = click.option("--quiet", is_flag=True, help="No progress bar on stderr.")
+_FORCE_PROGRESS = "topkattn.force_progress"  # ctx.meta key set by --progress
+
+
+def _force_progress(ctx, param, value):
+    if value:
+        ctx.meta[_FORCE_PROGRESS] = True
+    return value
+
+
+def quiet_option(f):
+    """``--quiet`` (no bar; passed to the command as ``quiet``) and ``--progress`` (draw the bar even
+    when stderr is not a terminal; read by :func:`progress_bar`, not passed on)."""
+    f = click.option("--progress", is_flag=True, expose_value=False, callback=_force_progress,
+                     help="Draw the progress bar even when stderr is not a terminal (--quiet wins).")(f)
+    return click.option("--quiet", is_flag=True, help="No progress bar on stderr.")(f)
 
 
 def progress_bar(total, desc, unit, quiet):
-    """A tqdm bar on stderr (nothing drawn when ``quiet``); use it as a context manager."""
+    """A tqdm bar on stderr; use it as a context manager.
+
+    Drawn when stderr is a terminal (tqdm's ``disable=None``), or always with ``--progress``;
+    never when ``quiet``.
+    """
     from tqdm import tqdm
+
+    ctx = click.get_current_context(silent=True)
+    forced = ctx is not None and ctx.meta.get(_FORCE_PROGRESS, False)  # meta: shared by nested contexts
+    disable = True if quiet else (False if forced else None)
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                disable=quiet)
+                disable=disable)

@@ -1,5 +1,6 @@
 """`topkattn eval`: accuracy of token-by-token decoding against the model's own forward pass,
 LoRANN at full recall == exact, simulated recall, dynamic k, and one-line errors."""
+import io
 import json
 
 import numpy as np
@@ -213,13 +214,29 @@ def test_k_usage_errors(run, args, msg):
 def test_progress_bar_on_stderr_json_alone_on_stdout(run):
     path, _, _ = run
     args = ["eval", path, "--n-sequences", str(N_SEQ), "--batch-size", "4", "--json"]
-    r = CliRunner().invoke(main, args)
+    r = CliRunner().invoke(main, [*args, "--progress"])  # CliRunner's stderr is not a terminal: forced
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["n_sequences"] == N_SEQ  # stdout: the JSON object and nothing else
     assert f"{N_SEQ}/{N_SEQ}" in r.stderr and "eval exact" in r.stderr  # the tqdm bar, per sequence
-    quiet = CliRunner().invoke(main, [*args, "--quiet"])
-    assert quiet.exit_code == 0 and quiet.stderr == ""
-    assert json.loads(quiet.stdout)["accuracy"] == json.loads(r.stdout)["accuracy"]
+    for extra in ([], ["--quiet"], ["--quiet", "--progress"]):  # not a terminal: no bar; --quiet wins
+        other = CliRunner().invoke(main, [*args, *extra])
+        assert other.exit_code == 0 and other.stderr == "", (extra, other.stderr)
+        assert json.loads(other.stdout)["accuracy"] == json.loads(r.stdout)["accuracy"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("is_tty,quiet,drawn", [(True, False, True), (True, True, False), (False, False, False)])
+def test_progress_bar_is_drawn_on_a_terminal_only(monkeypatch, is_tty, quiet, drawn):
+    from topkattn.cli import common
+    err = _Terminal() if is_tty else io.StringIO()
+    monkeypatch.setattr(common.sys, "stderr", err)
+    with common.progress_bar(3, "demo", "it", quiet) as bar:
+        bar.update(3)
+    assert ("3/3" in err.getvalue()) == drawn, err.getvalue()
 
 
 def test_progress_callback_counts_sequences(run):

@@ -363,7 +363,7 @@ def test_stale_temporary_files_are_removed_and_files_keep_umask_permissions(tmp_
 def test_cli_progress_bar_on_stderr_json_alone_on_stdout(tmp_path):
     args = [a for a in TINY if a != "--quiet"]
     out = str(tmp_path / "o")
-    r = CliRunner().invoke(main, ["train-toy", *args, "--steps", "3", "--json", "--out", out])
+    r = CliRunner().invoke(main, ["train-toy", *args, "--steps", "3", "--json", "--out", out, "--progress"])
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)  # stdout: the JSON object and nothing else
     assert m["steps"] == 3
