@@ -11,6 +11,20 @@ on a shared machine CPU time is the steadier measure).  The default `--k 8` run 
     python benchmarks/bench_train_toy.py --task text --steps 500 -- --seq-len 64
 
 Arguments after `--` go to every train-toy invocation unchanged.
+
+`--peer torch` compares train-toy's training loop with the same model written in PyTorch
+eager (benchmarks/torch_toy_model.py): for each size and attention it first CHECKS that both
+compute the same loss and gradients, and the same parameters after one clipped AdamW step, from
+the same weights on one batch (float64, relative tolerance 1e-9), then times both on the same
+batches, rounds interleaved (topkattn, torch at each thread count, ...), best round each, and
+reports tokens/s and topkattn / best-torch:
+
+    python benchmarks/bench_train_toy.py --peer torch                  # default + large, dense + k=8
+    python benchmarks/bench_train_toy.py --peer torch --sizes default --rounds 5
+
+topkattn runs :func:`topkattn.training.train.train` under the command's default
+--blas-threads; torch runs at 1 and 2 threads (``torch.set_num_threads``), the better counts.
+Results go to benchmarks/results/train_toy_vs_torch.json (``--json`` to change).
 """
 import argparse
 import json
@@ -19,6 +33,8 @@ import resource
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +71,8 @@ def run_one(row, args, extra):
 
 
 def main():
+    if "--peer" in sys.argv[1:]:
+        return main_peer()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="mqar", choices=["mqar", "text"])
@@ -107,6 +125,182 @@ def main():
 
         atomic_write_json(args.json_path, {"task": args.task, "seed": args.seed, "extra_args": extra,
                                            "rows": results}, prefix=".bench-")
+
+
+# -- --peer torch -------------------------------------------------------------------------------
+SIZES = {"default": {}, "large": {"d_model": 256, "heads": 8, "seq_len": 256}}
+STEPS = {"default": 16, "large": 3}  # timed steps per round (one more runs untimed first)
+
+
+def peer_config(size, row, **extra):
+    from topkattn.training.train import TrainConfig
+
+    att = {"attention": "dense"} if row == "dense" else {"attention": "topk", "k": int(row)}
+    return TrainConfig(**SIZES[size], **att, **extra)
+
+
+def check_peer(cfg, check_batch):
+    """Assert that topkattn and the torch peer agree in float64 on one batch: the loss, every
+    gradient, and every parameter after one clipped AdamW step.  Returns the worst relative errors."""
+    import dataclasses
+
+    import torch
+    from torch_toy_model import from_topkattn, grads_by_name, make_adamw, params_by_name
+
+    from topkattn.layers.loss import softmax_cross_entropy
+    from topkattn.model import Transformer
+    from topkattn.training.optim import clip_grad_norm
+    from topkattn.training.train import make_optimizer, make_task, model_config, train_batch
+
+    task = make_task(cfg)
+    model = Transformer(dataclasses.replace(model_config(cfg, task.vocab_size), dtype="float64"))
+    rng = np.random.default_rng(1)  # a non-zero token shift, so that its path is checked too
+    model.params["shift.weight"][...] = 0.1 * rng.standard_normal(model.params["shift.weight"].shape)
+    peer = from_topkattn(model, torch.float64)
+    x, y = (a[:check_batch] for a in train_batch(task, cfg, 0))
+    loss, dlogits = softmax_cross_entropy(model.forward(x), y)
+    model.backward(dlogits)
+    t_loss = peer.loss(torch.tensor(x), torch.tensor(y))
+    t_loss.backward()
+    err = {"loss": abs(loss - t_loss.item()) / abs(loss)}
+    tg = grads_by_name(peer)
+    assert set(tg) == set(model.grads), "the peer's parameters differ from topkattn's"
+    err["grads"] = max(_rel_err(tg[n], model.grads[n]) for n in tg)
+    lr = 0.5 * cfg.lr
+    clip_grad_norm(model.grads, cfg.clip_norm)
+    make_optimizer(cfg, model).step(model.params, model.grads, lr=lr)
+    torch.nn.utils.clip_grad_norm_(peer.parameters(), cfg.clip_norm)
+    opt = make_adamw(peer, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    tp = params_by_name(peer)
+    err["params_after_step"] = max(_rel_err(tp[n], model.params[n]) for n in tp)
+    for what, e in err.items():
+        assert e < 1e-9, f"topkattn and the torch peer disagree ({what}: relative error {e:.2e}) for {cfg}"
+    return err
+
+
+def _rel_err(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def time_topkattn(cfg, blas_threads):
+    """Seconds per step of topkattn.training.train.train over cfg.steps - 1 steps (the first
+    untimed), under the command's BLAS thread limit."""
+    from threadpoolctl import threadpool_limits
+
+    from topkattn.training.train import train
+
+    stamps = []
+    with threadpool_limits(limits=blas_threads, user_api="blas") if blas_threads else _nothing():
+        train(cfg, progress=lambda *a: stamps.append(time.perf_counter()))
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def time_torch(cfg, threads):
+    """Seconds per step of the torch peer (same weights, batches and lr schedule), first step untimed."""
+    import torch
+    from torch_toy_model import from_topkattn, make_adamw, train_step
+
+    from topkattn.model import Transformer
+    from topkattn.training.optim import warmup_cosine_lr
+    from topkattn.training.train import make_task, model_config, train_batch
+
+    torch.set_num_threads(threads)
+    task = make_task(cfg)
+    peer = from_topkattn(Transformer(model_config(cfg, task.vocab_size)))
+    opt = make_adamw(peer, cfg)
+    stamps = []
+    for step in range(cfg.steps):
+        x, y = train_batch(task, cfg, step)
+        lr = warmup_cosine_lr(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                              min_lr=cfg.lr * cfg.min_lr_ratio)
+        train_step(peer, opt, torch.from_numpy(x), torch.from_numpy(y), lr, cfg.clip_norm)
+        stamps.append(time.perf_counter())
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cli_blas_threads():
+    """The default of train-toy's --blas-threads (what a user gets)."""
+    from topkattn.cli.train_toy import train_toy
+
+    return next(p.default for p in train_toy.params if p.name == "blas_threads")
+
+
+def main_peer():
+    ap = argparse.ArgumentParser(description="train-toy vs the same model in PyTorch eager")
+    ap.add_argument("--peer", choices=["torch"], required=True)
+    ap.add_argument("--sizes", default="default,large", help="comma-separated: default, large")
+    ap.add_argument("--rows", default="dense,8", help="comma-separated: 'dense' and/or k values")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best one kept)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 16 / 3 by size)")
+    ap.add_argument("--torch-threads", default="1,2")
+    ap.add_argument("--check-batch", type=int, default=8, help="sequences in the float64 check batch")
+    ap.add_argument("--json", dest="json_path",
+                    default=os.path.join(ROOT, "benchmarks", "results", "train_toy_vs_torch.json"))
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch
+
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    for s in sizes:
+        if s not in SIZES:
+            ap.error(f"--sizes: expected default or large, got {s!r}")
+    for r in rows:
+        if r != "dense" and not r.isdigit():
+            ap.error(f"--rows: expected 'dense' or an integer k, got {r!r}")
+    torch_threads = [int(t) for t in args.torch_threads.split(",")]
+    blas = cli_blas_threads()
+    results = []
+    for size in sizes:
+        for row in rows:
+            steps = (args.steps or STEPS[size]) + 1
+            cfg = peer_config(size, row, steps=steps, warmup_steps=min(30, steps), eval_size=32)
+            err = check_peer(cfg, args.check_batch)
+            print(f"{size} {row}: float64 check passed ({', '.join(f'{k} {v:.1e}' for k, v in err.items())})",
+                  file=sys.stderr, flush=True)
+            runs = {"topkattn": [], **{f"torch{t}": [] for t in torch_threads}}
+            for _ in range(args.rounds):
+                runs["topkattn"].append(time_topkattn(cfg, blas))
+                for t in torch_threads:
+                    runs[f"torch{t}"].append(time_torch(cfg, t))
+            tokens = cfg.batch_size * cfg.seq_len
+            tok_s = {name: tokens / min(v) for name, v in runs.items()}
+            best_torch = max(tok_s[f"torch{t}"] for t in torch_threads)
+            results.append({"size": size, "attention": cfg.attention, "k": cfg.k if row != "dense" else None,
+                            "d_model": cfg.d_model, "heads": cfg.heads, "seq_len": cfg.seq_len,
+                            "batch_size": cfg.batch_size, "timed_steps": steps - 1, "rounds": args.rounds,
+                            "seconds_per_step": runs, "tokens_per_s": tok_s,
+                            "ratio_vs_best_torch": tok_s["topkattn"] / best_torch, "check": err})
+            print(f"{size} {row}: " + ", ".join(f"{n} {v:,.0f} tok/s" for n, v in tok_s.items()),
+                  file=sys.stderr, flush=True)
+    head = ["size", "attention", "topkattn tok/s"] + [f"torch {t}T tok/s" for t in torch_threads] + [
+        "topkattn / best torch"]
+    table = [[r["size"], "dense" if r["k"] is None else f"top-k {r['k']}", f"{r['tokens_per_s']['topkattn']:,.0f}"]
+             + [f"{r['tokens_per_s'][f'torch{t}']:,.0f}" for t in torch_threads]
+             + [f"{r['ratio_vs_best_torch']:.2f}x"] for r in results]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
+    print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
+    print("  ".join("-" * w for w in widths))
+    for t in table:
+        print("  ".join(c.rjust(w) for c, w in zip(t, widths)))
+    from topkattn.storage import atomic_write_json
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
+    atomic_write_json(args.json_path, {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "topkattn_blas_threads": blas, "torch_version": torch.__version__, "numpy_version": np.__version__,
+        "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(), "rows": results}, prefix=".bench-")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,11 @@ def model_config(cfg, vocab_size):
         rope_base=float(cfg.rope_base), token_shift=cfg.token_shift, dtype="float32", seed=cfg.seed)
 
 
+def make_optimizer(cfg, model):
+    """The AdamW of a run of ``cfg`` over ``model``'s parameters (train-toy's hyper-parameters)."""
+    return AdamW(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay)
+
+
 def n_model_params(mc):
     """The parameter count of :func:`model_config`'s model (MLA + SwiGLU, tied head), without
     building it: embedding V d; per layer two RMSNorm gains, MLA's projections and norms, and
@@ -424,7 +429,7 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
         model = Transformer(model_config(cfg, task.vocab_size))
         if xp is not np:
             model.to_device(xp)
-        opt = AdamW(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(cfg, model)
         losses, lrs = [], []
         start = 0
         ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME) if out_dir is not None else None
