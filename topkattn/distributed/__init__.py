@@ -5,8 +5,10 @@
                       topk_attention, topk_attention_forward, topk_attention_backward
     data_parallel     toy training with the batch split over the ranks: train_data_parallel,
                       GradientReducer (one fused Allreduce a step), launched_world, abort
-    sharded_decoding  decode with the search sharded by position: ShardedSelector,
-                      sharded_selector_factory, shard_positions
+    sharded_decoding  decode over a cache sharded by position (each rank stores and searches
+                      its positions; exact merge, log-sum-exp attention): shard_decoding,
+                      ShardedMLA, ShardedAttention, ShardedMLACache, ShardedKVCache,
+                      ShardedSelector, ShardedSelection, sharded_selector_factory, shard_positions
     head_parallel     MLA with the heads split over the ranks (model parallelism):
                       HeadParallelMLA, head_parallel, full_model_params, gather_model_grads,
                       head_parallel_grad_norm, clip_head_parallel_grad_norm
@@ -32,10 +34,13 @@ from topkattn.distributed.head_parallel import (
     head_parallel,
     head_parallel_grad_norm,
 )
-from topkattn.distributed.sharded_decoding import ShardedSelector, shard_positions, sharded_selector_factory
+from topkattn.distributed.sharded_cache import ShardedKVCache, ShardedMLACache, shard_positions
+from topkattn.distributed.sharded_decoding import ShardedSelection, ShardedSelector, sharded_selector_factory
+from topkattn.distributed.sharded_layers import ShardedAttention, ShardedMLA, shard_decoding
 
-__all__ = ["GradientReducer", "HeadParallelMLA", "INSTALL_HINT", "PeerError", "ShardedSelector", "abort",
+__all__ = ["GradientReducer", "HeadParallelMLA", "INSTALL_HINT", "PeerError", "ShardedAttention", "ShardedKVCache",
+           "ShardedMLA", "ShardedMLACache", "ShardedSelection", "ShardedSelector", "abort",
            "check_replicas", "clip_head_parallel_grad_norm", "full_model_params", "gather_model_grads", "head_parallel",
            "head_parallel_grad_norm", "install_excepthook", "launched_world", "params_checksum", "require_mpi",
-           "shard_positions", "sharded_selector_factory", "split_rows", "topk_attention", "topk_attention_backward",
-           "topk_attention_forward", "train_data_parallel", "world"]
+           "shard_decoding", "shard_positions", "sharded_selector_factory", "split_rows", "topk_attention",
+           "topk_attention_backward", "topk_attention_forward", "train_data_parallel", "world"]

@@ -1,58 +1,124 @@
-"""Sharded decoding: each rank searches its share of the cached positions; the merge is exact.
+"""Sharded decoding: the cache is sharded by position; each rank searches its shard; the merge is exact.
 
-Shape letters: B batch, H query heads, G KV heads, S cached keys (persistent rows first),
-D key dim (C + R for MLA), K index slots per query, K' selected slots, Sp the candidate keys
-this rank owns, M candidates per row offered by each rank (M = K').
+Shape letters: B batch, H query heads, G KV heads, S cached positions in all (persistent rows
+first), Sp the rows this rank stores, D key dim (C + R for MLA), K index slots per query, F
+forced slots (sinks, window), K' selected slots, M candidates per row offered by each rank;
+``rows`` are the flattened (b, h).
 
-Every rank runs the same token-by-token decode (replicated weights, same tokens, the whole
-latent cache: C + R numbers per token).  What is sharded is the expensive part, the search:
-rank r owns the candidate positions j with ``(j // block) % ranks == r`` (round-robin blocks,
-balanced as the cache grows).  Per decode step :class:`ShardedSelector`
+Each rank stores only the positions it owns (:mod:`topkattn.distributed.sharded_cache`:
+round-robin blocks) and runs the same token-by-token decode (replicated weights, the same
+tokens, the query computed on every rank).  Per decode step and layer,
+:meth:`ShardedSelector.select`
 
-1. brings its shard up to the step's candidates (keys that are neither sinks nor in the
-   window; forced keys are attended exactly and never looked up) and asks its *inner*
-   selector for the top K' of the shard: the inner sees a view cache (B, Sp, D) of the owned
-   keys in position order, with no sinks and no window (for :class:`LorannSelector`: one
-   index per batch element over this rank's positions, built at ``end_prefill`` over its
-   prompt positions and grown with ``add``);
-2. re-scores the returned keys exactly (the product of
-   :func:`topkattn.ops.selection.decode_scores`, in the cache's dtype);
-3. all-gathers (score, global position) and ranks the union (score descending, ties to the
-   lower position, NaN on top): the global index ``idx`` (B, H, K), forced keys first, equal
-   on every rank.  With an exact inner (:class:`ExactSelector`) the shard scores are the
-   selection and the merge is the single-process exact top-k, bit for bit.
+1. scores this rank's forced keys (the sinks and window positions it owns) and reduces them
+   to one logsumexp per row;
+2. takes the top M = K' of its candidates: an exact scan of its rows, or its *inner*
+   selector (e.g. :class:`~topkattn.decoding.LorannSelector`: one index per batch element
+   over this rank's candidates only, built at ``end_prefill`` and grown with ``add``) over a
+   view of its candidate rows (no sinks, no window), re-scored exactly;
+3. one Allgather (:func:`topkattn.distributed.exchange.allgather_fields`: scores, global
+   positions, the forced logsumexp, an error status) and the union ranked (score
+   descending, ties to the lower position, NaN on top): the global top K' is inside the
+   union of the local top K's, so with an exact scan the selection is the single-process
+   one; the index ``idx`` (B, H, K) of global positions, forced keys first, equal on every rank.
 
-The attention then runs unchanged in the layer over the merged ``idx``.  ``stats`` are taken
-on the merged selection (recall against the exact top-k, itself found shard by shard and
-merged), so they are the same on every rank.  Prefill selects exactly as in one process
-(replicated) while the inner records the absorbed queries.
+The layer (:mod:`topkattn.distributed.sharded_layers`) then attends: every rank knows the
+selection's logsumexp ``lse`` (the forced keys' part came with the exchange, the selected
+keys' scores too), so rank p computes ``sum_{j its own} exp(s_j - lse) v_j`` and one
+Allreduce of (B, H, Dv) sums the ranks' parts: O(B H (K + Dv)) bytes a step, never O(S).
 
-Restrictions: a fixed k (dynamic k, ``tail_bound``, is single-process); every rank must
-construct the same selectors and decode the same tokens.
+**Dynamic k** (an inner with ``tail_bound``): the k of
+:func:`topkattn.ops.dynamic_k.choose_k` depends only on the top-k scores, the forced keys'
+logsumexp and the candidate count, all known after the merge, so the choice is the
+single-process one.  Rounds keep the bytes small: the first exchange offers
+``dynamic_first`` candidates per row; while a row has not met the bound and more
+candidates exist, the offer doubles (up to the cap).  The certificate
+(:func:`~topkattn.ops.dynamic_k.dynamic_k_from_ranked`) needs, for a retriever that may
+miss keys, how many candidates were returned (summed over the ranks) and an upper bound
+on any other candidate's score (Cauchy-Schwarz over this rank's candidate rows; the
+maximum over the ranks), both sent in the first exchange.
+
+``stats`` are taken on the merged selection (recall against the exact top-k, found shard
+by shard and merged: one more exchange per step for a non-exact inner), so they are the
+same on every rank.  Every rank must construct the same selectors and decode the same tokens.
 """
 import numpy as np
 
-from topkattn.backend import get_array_module
-from topkattn.checks import check_int
+from topkattn.backend import get_array_module, to_numpy
+from topkattn.checks import check_int, logsumexp_rows
+from topkattn.decoding.lorann import LorannSelector
 from topkattn.decoding.selectors import DecodeSelector, ExactSelector
-from topkattn.distributed.comm import agree, allgather_rows, require_mpi
-from topkattn.distributed.context_parallel import merge_candidates
-from topkattn.layers.cache import GrowingBuffer
-from topkattn.ops.selection import decode_scores, grouped_keys, ranked_topm_xp
+from topkattn.distributed.comm import agree, require_mpi
+from topkattn.distributed.exchange import allgather_fields
+from topkattn.distributed.sharded_cache import _ShardedRows, shard_positions
+from topkattn.ops.dynamic_k import choose_k, dynamic_k_from_ranked
+from topkattn.ops.selection import RowBounds, decode_scores, grouped_keys, ranked_topm_xp
+
+
+class ShardedSelection:
+    """One decode step's merged selection as rank r sees it.
+
+    ``idx`` (B, H, K) global positions (forced first, -1 empty) and ``lse`` (B, H) float64,
+    the logsumexp of the scores of every selected key (all ranks'), are equal on every rank;
+    ``rows`` (B, H, K) are rank r's cache rows of those keys (-1: another rank's or empty) and
+    ``scores`` (B, H, K) their exact scores (meaningless where ``rows`` is -1).  ``k`` (B, H)
+    the keys selected besides forced ones; ``certified`` (B, H) bool (dynamic k) or None.
+    """
+
+    __slots__ = ("idx", "rows", "scores", "lse", "k", "certified")
+
+    def __init__(self, idx, rows, scores, lse, k, certified):
+        self.idx, self.rows, self.scores, self.lse, self.k, self.certified = idx, rows, scores, lse, k, certified
+
+
+class _Step:
+    """The geometry of one decode row at position S - 1 (the rule of RowBounds)."""
+
+    def __init__(self, S, k_cap, sinks, window):
+        self.S = S
+        self.bounds = RowBounds(S, 1, topk=k_cap, causal=True, sinks=sinks, window=window)
+        self.forced = self.bounds.forced_indices()[0]  # (F,) global positions, -1 absent
+        self.n_forced = len(self.forced)
+        self.n_sel = self.bounds.n_sel
+        self.n_cand = int(self.bounds.n_candidates()[0])
+        self.cand_lo = self.bounds.n_sink  # candidates: positions cand_lo .. cand_hi - 1
+        self.cand_hi = self.cand_lo + self.n_cand
+        self.k_fixed = min(self.n_sel, self.n_cand)
+        self.pos_dtype = np.int32 if S < 2**31 else np.int64
+
+
+class _CandidateView:
+    """The cache an inner selector sees: ``keys`` (B, n, D) or (B, G, n, D), this rank's
+    candidate rows lo .. hi - 1 in position order (``C``: the MLA latent split)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.C = getattr(cache, "C", None)
+        self.lo = self.hi = 0
+
+    @property
+    def keys(self):
+        return self.cache.keys[..., self.lo:self.hi, :]
 
 
 class ShardedSelector(DecodeSelector):
-    """A decode selector whose search is sharded by position over the ranks of ``comm``.
+    """A decode selector over a cache sharded by position on the ranks of ``comm``.
 
     Args:
-      inner_factory: zero-argument callable returning a fresh :class:`DecodeSelector` (fixed
-        k) that searches this rank's shard; called once now and once per new cache.
+      inner_factory: zero-argument callable returning a fresh :class:`DecodeSelector` that
+        searches this rank's candidates (called now and once per new cache).  An
+        :class:`ExactSelector` (``impl="xp"``) is replaced by an exact scan of the shard; its
+        ``tail_bound``/``max_topk`` (dynamic k) apply to the merged selection.
       comm: an mpi4py communicator (every rank calls the selector at the same steps).
-      block: positions per round-robin block of the ownership rule.
       measure_recall: record recall of the merged selection against the exact top-k.
+      dynamic_first: dynamic k: candidates per row in the first exchange (doubling after).
+
+    Used by the sharded layers (:func:`topkattn.distributed.shard_decoding`), whose caches
+    hold only this rank's positions; ``select`` returns a :class:`ShardedSelection`, calling
+    the selector returns its ``idx``.
     """
 
-    def __init__(self, inner_factory, comm, *, block=64, measure_recall=True):
+    def __init__(self, inner_factory, comm, *, measure_recall=True, dynamic_first=32):
         super().__init__(measure_recall=False)  # recall is measured here, on the merged selection
         if not callable(inner_factory):
             raise TypeError(f"inner_factory must be a callable returning a DecodeSelector, "
@@ -62,20 +128,23 @@ class ShardedSelector(DecodeSelector):
                 raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__}")
         self.inner_factory = inner_factory
         self.comm = comm
-        self.block = check_int("block", block, 1)
         self.measure_sharded_recall = bool(measure_recall)
-        self.inner = self._new_inner()
+        self.dynamic_first = check_int("dynamic_first", dynamic_first, 1)
         self._view = None
-        self._pending = None  # an error of this step's _observe, agreed in _select
+        self.inner = self._new_inner()
 
     def _new_inner(self):
         inner = self.inner_factory()
         if not isinstance(inner, DecodeSelector):
             raise TypeError(f"inner_factory must return a DecodeSelector, got {type(inner).__name__}")
-        if inner.dynamic:
-            raise ValueError("inner_factory must return a fixed-k selector: dynamic k (tail_bound) is "
-                             "single-process")
+        if isinstance(inner, ShardedSelector):
+            raise TypeError("inner_factory must return a single-shard selector, not a ShardedSelector")
         inner.measure_recall = False  # its shard-local recall means nothing; ours is global
+        self.tail_bound, self.max_topk = inner.tail_bound, inner.max_topk  # dynamic k: decided after the merge
+        self._exact = isinstance(inner, ExactSelector)
+        self._scan = self._exact and inner.impl == "xp"  # the shard scanned here, exactly
+        if inner.dynamic and not self._scan:
+            inner.tail_bound, inner.max_topk = 0.0, None  # its whole ranking up to the cap, n_returned reported
         if self.prefilling:
             inner.begin_prefill()
         return inner
@@ -98,122 +167,247 @@ class ShardedSelector(DecodeSelector):
     def _reset(self, cache):
         if self._view is not None:  # a second decode: a fresh inner for the fresh shard
             self.inner = self._new_inner()
+        self._view = _CandidateView(cache)
+        self._norm_hi = 0  # candidate rows 0 .. _norm_hi - 1 are in _norm_max
+        shape = cache.keys.shape[:-2]  # (B,) or (B, G)
+        self._norm_max = np.zeros(shape + (3,))  # max |key|, |latent part|, |rope part|
+
+    # -- the protocol ----------------------------------------------------------------------
+    def __call__(self, query, cache, *, topk, sinks=0, window=0, scale=1.0):
+        return self.select(query, cache, topk=topk, sinks=sinks, window=window, scale=scale).idx
+
+    def select(self, query, cache, *, topk, sinks=0, window=0, scale=1.0):
+        """The merged :class:`ShardedSelection` of one decode step (a collective call)."""
+        if not isinstance(cache, _ShardedRows):
+            raise TypeError(f"ShardedSelector needs a cache sharded by position (a layer converted with "
+                            f"topkattn.distributed.shard_decoding), got {type(cache).__name__}")
         keys = cache.keys
-        xp = get_array_module(keys)
-        shape = list(keys.shape)
-        shape[-2] = 0
-        self._view = _ShardView(GrowingBuffer(xp, shape, axis=keys.ndim - 2, dtype=keys.dtype),
-                                getattr(cache, "C", None))
-        self._own = np.zeros(0, dtype=np.int64)  # global positions of the shard's keys, ascending
-        self._seen_end = None  # candidates [sinks, seen_end) have been assigned to their owners
-
-    def _observe(self, query, cache, ctx):
-        """Bring the shard up to the step's candidates; the inner records prefill queries."""
-        error = None
+        xp = get_array_module(query, keys)
+        if query.ndim != 3 or keys.shape[0] != query.shape[0] or keys.shape[-1] != query.shape[-1]:
+            raise ValueError(f"query must be (B, H, D) matching cache.keys {tuple(keys.shape)}, "
+                             f"got shape {tuple(query.shape)}")
+        if cache is not self._cache:
+            self._cache = cache
+            self._reset(cache)
+        k_cap = (self.max_topk or topk) if self.dynamic else topk
+        st = _Step(cache.n_rows, int(k_cap), int(sinks), int(window))
+        B, H, _ = query.shape
+        n, m = B * H, st.n_sel
+        dynamic = self.dynamic and m > 0
+        m_round = min(m, self.dynamic_first) if dynamic else m
+        spec = [("lse_forced", (n,), np.float64)]
+        if dynamic and not self._exact:
+            spec += [("n_ret", (n,), np.int64), ("upper", (n,), np.float64)]
+        error = fields = local = None
         try:
-            self._grow(cache.keys, ctx)
-            if self.prefilling and len(self._own) and not isinstance(self.inner, ExactSelector):
-                self.inner(query, self._view, topk=ctx.k_cap, sinks=0, window=0, scale=ctx.scale)
-        except Exception as e:  # agreed below: no rank is left waiting
+            local = self._local(query, cache, st, float(scale))
+            fields = self._offer(local, m_round, st)
+        except Exception as e:  # agreed in the exchange: no rank is left waiting
             error = e
-        if self.prefilling:
-            agree(self.comm, error)
+        got = allgather_fields(self.comm, spec + _cand_spec(n, m_round, query.dtype, st), fields, error, xp)
+        lse_f = logsumexp_rows(xp.moveaxis(got["lse_forced"], 0, -1))  # (n,) over the ranks
+        vals, pos = _merge_ranked(got["cand_s"], got["cand_j"], m_round)  # (n, M) each
+        certified = None
+        if dynamic:
+            n_cand = xp.full(n, st.n_cand, dtype=xp.int64)
+            n_ret = n_cand if self._exact else got["n_ret"].sum(axis=0)
+            while m_round < m:  # another round while a row may need more candidates than offered
+                _, found, _, _, _ = choose_k(vals.astype(xp.float64), lse_f, n_cand, xp.minimum(n_ret, n_cand),
+                                             self.tail_bound)
+                if not bool((~found & (pos[:, -1] >= 0)).any()):
+                    break
+                m_round = min(m, 2 * m_round)
+                error = fields = None
+                try:
+                    fields = self._offer(local, m_round, st)
+                except Exception as e:  # agreed in the exchange
+                    error = e
+                got2 = allgather_fields(self.comm, _cand_spec(n, m_round, query.dtype, st), fields, error, xp)
+                vals, pos = _merge_ranked(got2["cand_s"], got2["cand_j"], m_round)
+            upper = None if self._exact else got["upper"].max(axis=0)
+            k_row, certified, _, _ = dynamic_k_from_ranked(vals.astype(xp.float64), lse_f, n_cand,
+                                                           tail_bound=self.tail_bound, max_topk=m_round,
+                                                           n_ret=n_ret, outside_upper=upper)
+            keep = xp.arange(m_round)[None, :] < k_row[:, None]
+            ranked, pos = pos, xp.where(keep, pos, -1)
+            vals = xp.where(keep, vals, -xp.inf)
+            if m_round < m:  # the slots the cap allows, -1 padded
+                pos = xp.concatenate([pos, xp.full((n, m - m_round), -1, dtype=pos.dtype)], axis=1)
+                vals = xp.concatenate([vals, xp.full((n, m - m_round), -xp.inf, dtype=vals.dtype)], axis=1)
         else:
-            self._pending = error  # agreed in _select, before the step's collective
+            ranked = pos
+            k_row = xp.full(n, st.k_fixed, dtype=xp.int64)
+        sel = self._selection(query, cache, st, local, vals, pos, lse_f, k_row, certified)
+        if not self.prefilling:
+            self.stats.add_k(sel.k)
+            if certified is not None:
+                self.stats.add_certified(sel.certified)
+            if self.measure_sharded_recall and m:
+                truth = ranked if self._exact else self._exact_ranking(local, st, max(1, int(k_row.max())), xp)
+                self.stats.add_recall(*_recall(sel.idx, truth, k_row, st, xp))
+        return sel
 
-    def _grow(self, keys, ctx):
-        start = ctx.sinks if self._seen_end is None else self._seen_end
-        if ctx.cand_end < start:
-            raise ValueError(f"the cache's candidates shrank (cand_end {ctx.cand_end} < {start}): "
-                             "sinks and window must stay fixed during one decode")
-        mine = _owned(np.arange(start, ctx.cand_end, dtype=np.int64), self.comm.Get_rank(), self.comm.Get_size(),
-                      self.block)
-        if len(mine):
-            xp = get_array_module(keys)
-            self._view.buf.append(keys[..., xp.asarray(mine), :])
-            self._own = np.concatenate([self._own, mine])
-        self._seen_end = ctx.cand_end
-
-    # -- selection -------------------------------------------------------------------------
-    def _select(self, query, keys, cache, ctx):
-        xp = ctx.xp
+    # -- this rank's part ------------------------------------------------------------------
+    def _local(self, query, cache, st, scale):
+        """This rank's forced scores, its candidates' ranking (scan or inner) and bookkeeping."""
+        xp = get_array_module(query)
+        keys = cache.keys
         B, H, _ = query.shape
-        n_sel, n_forced = ctx.bounds.n_sel, ctx.n_forced
-        idx = xp.full((B, H, n_forced + n_sel), -1, dtype=xp.int64)
-        idx[..., :n_forced] = xp.asarray(ctx.bounds.forced_indices())[None]
-        k_row = xp.full((B, H), ctx.k_fixed, dtype=xp.int64)
-        error, self._pending = self._pending, None
-        exact = isinstance(self.inner, ExactSelector)
-        local = None
-        if n_sel and error is None:
-            try:
-                if exact:
-                    local = self._exact_local(query, ctx, n_sel)
-                else:
-                    local = self._inner_local(query, ctx, n_sel)
-            except Exception as e:  # agreed below
-                error = e
-        agree(self.comm, error)
-        if not n_sel:
-            return idx, k_row, None
-        ranked = self._merge(*local, n_sel)  # (B*H, K') global positions, rank order
-        idx[..., n_forced:] = ranked.reshape(B, H, n_sel)
-        if self.measure_sharded_recall:
-            truth = ranked if exact else self._merge(*self._exact_local(query, ctx, n_sel), n_sel)
-            self.stats.add_recall(*_recall(idx, truth, k_row, ctx))
-        return idx, k_row, None
+        n = B * H
+        lo, hi = cache.local_range(st.cand_lo, st.cand_hi)
+        view = self._view
+        view.lo, view.hi = lo, hi
+        f_rows = to_numpy(cache.local_rows(st.forced))  # (F,) host, -1 = not this rank's
+        own_f = np.flatnonzero(f_rows >= 0)
+        scan = self._scan or self.measure_sharded_recall and not self.prefilling
+        s_all = decode_scores(query, keys, scale) if scan and keys.shape[-2] else None  # (B, H, Sp)
+        f_scores = xp.full((B, H, st.n_forced), -xp.inf, dtype=query.dtype)
+        if own_f.size:
+            rows_f = xp.asarray(f_rows[own_f])
+            f_scores[..., xp.asarray(own_f)] = (s_all[..., rows_f] if s_all is not None
+                                                else decode_scores(query, keys[..., rows_f, :], scale))
+        local = {"f_scores": f_scores, "lse_forced": logsumexp_rows(f_scores.reshape(n, -1)),
+                 "cand": None if s_all is None else s_all[..., lo:hi].reshape(n, hi - lo), "lo": lo}
+        if not self._scan:
+            local.update(self._inner_ranking(query, cache, st, scale))
+        return local
 
-    def _merge(self, scores, pos, m):
-        return merge_candidates(allgather_rows(self.comm, scores), allgather_rows(self.comm, pos), m)
-
-    def _exact_local(self, query, ctx, m):
-        """The shard's exact top ``m``: (scores (B*H, M), global positions (B*H, M)), -1 padded."""
-        xp = ctx.xp
+    def _inner_ranking(self, query, cache, st, scale):
+        """The inner selector's ranking of this rank's candidates, re-scored exactly."""
+        xp = get_array_module(query)
+        view = self._view
         B, H, _ = query.shape
-        if not len(self._own):
-            return xp.full((B * H, m), -xp.inf, dtype=query.dtype), xp.full((B * H, m), -1, dtype=xp.int64)
-        s = decode_scores(query, self._view.keys, ctx.scale).reshape(B * H, -1)  # (B*H, Sp)
-        cols = ranked_topm_xp(s, xp.ones(s.shape, dtype=bool), m)
+        n, nv = B * H, view.hi - view.lo
+        out = {"inner_s": xp.full((n, 0), -xp.inf, dtype=query.dtype), "inner_j": xp.full((n, 0), -1, xp.int64),
+               "n_ret": xp.zeros(n, dtype=xp.int64), "upper": xp.full(n, -xp.inf)}
+        if self.prefilling or nv:  # prefill: the inner records the queries its index trains on
+            loc = self.inner(query, view, topk=st.bounds.n_sel if st.n_sel else 1, sinks=0, window=0, scale=scale)
+            loc = loc.reshape(n, -1)  # (n, M') view rows in rank order, -1 padded
+            got = loc >= 0
+            s = _score_rows(query, view.keys, loc.reshape(B, H, -1), scale).reshape(n, -1)
+            out["inner_s"] = xp.where(got, s, -xp.inf)
+            out["inner_j"] = xp.where(got, cache.positions_of(loc + view.lo), -1)
+            out["n_ret"] = self._returned(got, nv, n, xp)
+        if self.dynamic and nv:
+            out["upper"] = xp.where(out["n_ret"] < nv, self._outside_upper(query, view, scale).reshape(n), -xp.inf)
+        return out
+
+    def _returned(self, got, nv, n, xp):
+        """(n,) candidates the inner ranked on this rank: every one it scored (LoRANN reports
+        how many it retrieved; an exact ranking covers all ``nv``), else those it returned."""
+        if self.prefilling:
+            return xp.full(n, nv, dtype=xp.int64)  # prefill selects exactly
+        info = getattr(self.inner, "last_info", None)
+        if isinstance(self.inner, LorannSelector) and isinstance(info, dict) and self.inner.dynamic:
+            if info.get("n_returned") is None:  # every candidate fit: an exact selection
+                return xp.full(n, nv, dtype=xp.int64)
+            return xp.asarray(info["n_returned"]).reshape(n).astype(xp.int64)
+        return got.sum(axis=1).astype(xp.int64)
+
+    def _outside_upper(self, query, view, scale):
+        """(B, H) upper bound on the score of any of this rank's candidates (Cauchy-Schwarz, over
+        the whole key and over its latent and rope parts; relative slack 1e-5 for rounding)."""
+        new = to_numpy(view.keys[..., self._norm_hi:, :]).astype(np.float64)  # the rows new since the last call
+        if new.shape[-2]:
+            C = view.C
+            parts = [new] + ([new[..., :C], new[..., C:]] if C is not None and 0 < C < new.shape[-1] else [])
+            for i, a in enumerate(parts):
+                self._norm_max[..., i] = np.maximum(self._norm_max[..., i], np.linalg.norm(a, axis=-1).max(-1))
+            if len(parts) == 1:
+                self._norm_max[..., 1:] = np.inf
+            self._norm_hi = view.hi - view.lo
+        q = to_numpy(query).astype(np.float64)  # (B, H, D)
+        B, H, D = q.shape
+        nm = self._norm_max.reshape(B, -1, 3)  # (B, G, 3)
+        grp = np.arange(H) // (H // nm.shape[1])
+        nm = nm[:, grp]  # (B, H, 3)
+        bound = np.linalg.norm(q, axis=-1) * nm[..., 0]
+        C = view.C
+        if C is not None and 0 < C < D and np.isfinite(nm[..., 1:]).all():
+            split = np.linalg.norm(q[..., :C], axis=-1) * nm[..., 1] + np.linalg.norm(q[..., C:], axis=-1) * nm[..., 2]
+            bound = np.minimum(bound, split)
+        return get_array_module(query).asarray(bound * abs(scale) * (1 + 1e-5))
+
+    def _offer(self, local, m, st):
+        """The fields this rank sends: its top ``m`` candidates (scores, global positions), -1 padded."""
+        fields = {"lse_forced": local["lse_forced"]}
+        if "n_ret" in local:
+            fields.update(n_ret=local["n_ret"], upper=local["upper"])
+        if self._scan:
+            s, j = self._top_of_scan(local, m)
+        else:
+            s, j = _pad(local["inner_s"][:, :m], local["inner_j"][:, :m], m)
+        fields.update(cand_s=s, cand_j=j)
+        return fields
+
+    def _top_of_scan(self, local, m):
+        cand = local["cand"]
+        xp = get_array_module(local["lse_forced"])
+        n = local["lse_forced"].shape[0]
+        if cand is None or cand.shape[1] == 0 or m == 0:
+            return (xp.full((n, m), -xp.inf, dtype=local["f_scores"].dtype), xp.full((n, m), -1, dtype=xp.int64))
+        cols = ranked_topm_xp(cand, xp.ones(cand.shape, dtype=bool), m)  # (n, m), -1 padded
         got = cols >= 0
-        own = xp.asarray(self._own)
-        return (xp.where(got, xp.take_along_axis(s, xp.maximum(cols, 0), axis=1), -xp.inf),
-                xp.where(got, own[xp.maximum(cols, 0)], -1))
+        c = xp.maximum(cols, 0)
+        return (xp.where(got, xp.take_along_axis(cand, c, axis=1), -xp.inf),
+                xp.where(got, self._cache.positions_of(c + local["lo"]), -1))
 
-    def _inner_local(self, query, ctx, m):
-        """The inner selector's top ``m`` of the shard, re-scored exactly: (B*H, M) each."""
-        xp = ctx.xp
+    def _exact_ranking(self, local, st, m, xp):
+        """(n, m) the exact global ranking of the candidates (one more exchange): recall's truth."""
+        n = local["lse_forced"].shape[0]
+        s, j = self._top_of_scan(local, m)
+        got = allgather_fields(self.comm, _cand_spec(n, m, s.dtype, st), {"cand_s": s, "cand_j": j}, None, xp)
+        return _merge_ranked(got["cand_s"], got["cand_j"], m)[1]
+
+    def _selection(self, query, cache, st, local, vals, pos, lse_f, k_row, certified):
+        xp = get_array_module(query)
         B, H, _ = query.shape
-        if not len(self._own):
-            return xp.full((B * H, m), -xp.inf, dtype=query.dtype), xp.full((B * H, m), -1, dtype=xp.int64)
-        local = self.inner(query, self._view, topk=ctx.k_cap, sinks=0, window=0, scale=ctx.scale)[..., :m]
-        got = local >= 0
-        pos = xp.where(got, xp.asarray(self._own)[xp.maximum(local, 0)], -1)  # (B, H, m') global
-        scores = _score_positions(query, self._view.keys, xp.where(got, local, -1), ctx.scale)
-        pad = m - pos.shape[-1]
-        if pad:
-            pos = xp.concatenate([pos, xp.full((B, H, pad), -1, dtype=xp.int64)], axis=-1)
-            scores = xp.concatenate([scores, xp.full((B, H, pad), -xp.inf, dtype=scores.dtype)], axis=-1)
-        return scores.reshape(B * H, m), pos.reshape(B * H, m)
+        F, m = st.n_forced, vals.shape[1]
+        idx = xp.full((B, H, F + m), -1, dtype=xp.int64)
+        idx[..., :F] = xp.asarray(st.forced)
+        idx[..., F:] = pos.reshape(B, H, m)
+        scores = xp.concatenate([local["f_scores"], vals.reshape(B, H, m).astype(query.dtype)], axis=-1)
+        lse = np.logaddexp(to_numpy(lse_f), to_numpy(logsumexp_rows(vals))) if m else to_numpy(lse_f)
+        return ShardedSelection(idx, cache.local_rows(idx), scores, xp.asarray(lse).reshape(B, H),
+                                k_row.reshape(B, H), None if certified is None else certified.reshape(B, H))
 
 
-class _ShardView:
-    """The cache a shard's inner selector sees: ``keys`` (B, Sp, D) or (B, G, Sp, D), its own
-    candidates in position order (``C``: the MLA latent split, as on :class:`MLACache`)."""
-
-    def __init__(self, buf, C):
-        self.buf = buf
-        self.C = C
-
-    @property
-    def keys(self):
-        return self.buf.view()
+def _cand_spec(n, m, dtype, st):
+    return [("cand_s", (n, m), dtype), ("cand_j", (n, m), st.pos_dtype)]
 
 
-def _score_positions(query, keys, pos, scale):
-    """(B, H, M) exact scores of keys ``pos`` (B, H, M) (-1: none, -inf) for each head's query.
+def _pad(s, j, m):
+    xp = get_array_module(s)
+    pad = m - s.shape[1]
+    if pad:
+        s = xp.concatenate([s, xp.full((s.shape[0], pad), -xp.inf, dtype=s.dtype)], axis=1)
+        j = xp.concatenate([j, xp.full((j.shape[0], pad), -1, dtype=j.dtype)], axis=1)
+    return s, j
+
+
+def _merge_ranked(scores, pos, m):
+    """The global top ``m`` of every row from the ranks' candidates (ranks, rows, M):
+    ``(vals, positions)`` (rows, m) in rank order (score descending, ties to the lower position,
+    NaN on top), -inf / -1 padded.  The rule of
+    :func:`topkattn.distributed.context_parallel.merge_candidates`, with the scores kept."""
+    xp = get_array_module(scores, pos)
+    P, n_rows, M = scores.shape
+    s = scores.transpose(1, 0, 2).reshape(n_rows, P * M)
+    j = pos.astype(xp.int64).transpose(1, 0, 2).reshape(n_rows, P * M)
+    by_pos = xp.argsort(xp.where(j >= 0, j, np.iinfo(np.int64).max), axis=-1, kind="stable")  # ties: lower pos
+    s, j = xp.take_along_axis(s, by_pos, axis=-1), xp.take_along_axis(j, by_pos, axis=-1)
+    cols = ranked_topm_xp(s, j >= 0, m)
+    got = cols >= 0
+    c = xp.maximum(cols, 0)
+    vals = xp.where(got, xp.take_along_axis(s, c, axis=-1), -xp.inf)
+    return vals, xp.where(got, xp.take_along_axis(j, c, axis=-1), -1)
+
+
+def _score_rows(query, keys, rows, scale):
+    """(B, H, M) exact scores of key rows ``rows`` (B, H, M) (-1: none, -inf) for each head's query.
 
     The product of :func:`topkattn.ops.selection.decode_scores` (query times scale, then one
-    matrix product per (b, g) over the keys any head of the group asked for).
+    matrix product per (b, g) over the rows any head of the group asked for).
     """
     xp = get_array_module(query, keys)
     B, H, D = query.shape
@@ -221,10 +415,10 @@ def _score_positions(query, keys, pos, scale):
     G = kg.shape[1]
     rep = H // G
     qg = query.reshape(B, G, rep, D) * query.dtype.type(scale)
-    out = xp.full(pos.shape, -xp.inf, dtype=query.dtype)
+    out = xp.full(rows.shape, -xp.inf, dtype=query.dtype)
     for b in range(B):
         for g in range(G):
-            p = pos[b, g * rep:(g + 1) * rep]  # (rep, M)
+            p = rows[b, g * rep:(g + 1) * rep]  # (rep, M)
             valid = p >= 0
             if not bool(valid.any()):
                 continue
@@ -236,47 +430,33 @@ def _score_positions(query, keys, pos, scale):
     return out
 
 
-def _recall(idx, truth, k_row, ctx):
+def _recall(idx, truth, k_row, st, xp):
     """(hits, wanted, rank_hits, rank_wanted) of the merged ``idx`` against the exact ranking
-    ``truth`` (B*H, K'): the bookkeeping of :func:`topkattn.decoding.selectors.recall_hits`."""
-    xp = ctx.xp
+    ``truth`` (rows, M): the bookkeeping of :func:`topkattn.decoding.selectors.recall_hits`."""
     B, H, K = idx.shape
-    m = K - ctx.n_forced
-    wanted = xp.minimum(xp.asarray(k_row).reshape(B * H), ctx.n_cand)
-    sel = idx.reshape(B * H, K)[:, ctx.n_forced:]  # (B*H, K')
+    m = K - st.n_forced
+    wanted = xp.minimum(xp.asarray(k_row).reshape(B * H), st.n_cand)
+    truth = _pad(xp.zeros((B * H, truth.shape[1])), truth, m)[1][:, :m]
+    sel = idx.reshape(B * H, K)[:, st.n_forced:]  # (rows, K')
     sought = xp.arange(m)[None, :] < wanted[:, None]
     top = xp.where(sought, truth, -2)
-    found = ((top[:, :, None] == sel[:, None, :]) & (sel[:, None, :] >= 0)).any(axis=2)  # (B*H, K')
+    found = ((top[:, :, None] == sel[:, None, :]) & (sel[:, None, :] >= 0)).any(axis=2)  # (rows, K')
     return found.sum(axis=1), wanted, found.sum(axis=0), sought.sum(axis=0)
 
 
-def sharded_selector_factory(make_selectors, comm=None, *, block=64):
+def sharded_selector_factory(make_selectors, comm=None, **options):
     """Wrap ``make_selectors(batch_number) -> [selector per layer]`` (e.g.
     :func:`topkattn.decoding.runner.selector_factory`) so each layer's selector searches this
     rank's shard: ``make(batch_number) -> [ShardedSelector per layer]``.  ``comm``: default
-    ``MPI.COMM_WORLD``."""
+    ``MPI.COMM_WORLD``; ``options`` go to :class:`ShardedSelector`."""
     if not callable(make_selectors):
         raise TypeError(f"make_selectors must be callable, got {type(make_selectors).__name__}")
     comm = require_mpi().COMM_WORLD if comm is None else comm
-    block = check_int("block", block, 1)
 
     def make(batch_no):
-        return [ShardedSelector(lambda s=s: s, comm, block=block) for s in make_selectors(batch_no)]
+        return [ShardedSelector(lambda s=s: s, comm, **options) for s in make_selectors(batch_no)]
 
     return make
 
 
-def shard_positions(n, rank, ranks, block=64):
-    """The positions 0 .. n - 1 rank ``rank`` of ``ranks`` owns (the rule of :class:`ShardedSelector`)."""
-    n, rank, ranks, block = (check_int(a, v, lo) for a, v, lo in
-                             (("n", n, 0), ("rank", rank, 0), ("ranks", ranks, 1), ("block", block, 1)))
-    if rank >= ranks:
-        raise ValueError(f"rank must be below ranks ({ranks}), got {rank}")
-    return _owned(np.arange(n, dtype=np.int64), rank, ranks, block)
-
-
-def _owned(positions, rank, ranks, block):
-    return positions[(positions // block) % ranks == rank]
-
-
-__all__ = ["ShardedSelector", "shard_positions", "sharded_selector_factory"]
+__all__ = ["ShardedSelection", "ShardedSelector", "shard_positions", "sharded_selector_factory"]

@@ -1,0 +1,67 @@
+"""One Allgather for several fields of a step, with the agreement on errors folded in.
+
+A decode step of sharded decoding sends, per rank, a few arrays (candidate scores, their
+positions, a logsumexp per row, ...).  :func:`allgather_fields` packs them into one byte
+buffer behind an 8-byte status word and makes **one** ``Allgather``: a rank that failed
+while computing its fields still takes part (its status says so, its fields are zeros), and
+only then, when some status is set, every rank calls :func:`topkattn.distributed.comm.agree`
+to learn the message and raise.  So a step costs one collective, not two (an agreement and
+the data), and a failure on one rank never leaves the others waiting.
+
+``spec``: ``[(name, shape, dtype), ...]``, the same on every rank (the shapes follow from
+the step's geometry, never from rank-local data).
+"""
+import numpy as np
+
+from topkattn.backend import to_numpy
+from topkattn.distributed.comm import agree
+
+STATUS_BYTES = 8
+
+
+def spec_bytes(spec):
+    """Payload bytes of one rank's buffer for ``spec`` (status word included)."""
+    return STATUS_BYTES + sum(_nbytes(shape, dtype) for _, shape, dtype in spec)
+
+
+def _nbytes(shape, dtype):
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def allgather_fields(comm, spec, values, error=None, xp=np):
+    """``{name: (ranks,) + shape array}`` of every rank's fields, on ``xp``; raises on every rank
+    when any rank passed an ``error``.
+
+    ``values``: ``{name: array}`` matching ``spec`` (cast to its dtype; ignored when ``error``
+    is set, then zeros are sent).  One ``comm.Allgather`` of :func:`spec_bytes` bytes per rank.
+    """
+    buf = np.zeros(spec_bytes(spec), dtype=np.uint8)
+    if error is None:
+        try:
+            off = STATUS_BYTES
+            for name, shape, dtype in spec:
+                a = np.ascontiguousarray(to_numpy(values[name]), dtype=dtype)
+                if a.shape != tuple(shape):
+                    raise ValueError(f"field {name!r} has shape {a.shape}, the step's spec says {tuple(shape)}")
+                n = a.nbytes
+                buf[off:off + n] = a.reshape(-1).view(np.uint8)
+                off += n
+        except (KeyError, TypeError, ValueError) as e:  # a rank's own bug: still exchange, then agree
+            error = e
+    if error is not None:
+        buf[:] = 0
+        buf[0] = 1
+    out = np.empty((comm.Get_size(), buf.size), dtype=np.uint8)
+    comm.Allgather(buf, out)
+    if out[:, 0].any():
+        agree(comm, error)  # every rank saw a status: all of them call it, all raise
+    got, off = {}, STATUS_BYTES
+    for name, shape, dtype in spec:
+        n = _nbytes(shape, dtype)
+        part = np.ascontiguousarray(out[:, off:off + n]).view(dtype).reshape((out.shape[0],) + tuple(shape))
+        got[name] = part if xp is np else xp.asarray(part)
+        off += n
+    return got
+
+
+__all__ = ["allgather_fields", "spec_bytes"]

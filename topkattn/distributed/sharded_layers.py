@@ -1,0 +1,273 @@
+"""Decode layers whose cache is sharded by position over MPI ranks, and the log-sum-exp merge.
+
+Shape letters: B batch, H query heads, G KV heads, S cached positions in all, Sp this rank's
+rows, D key dim (C + R for MLA), Dv value dim (C for MLA: the latent), K index slots, d model
+width.
+
+:class:`ShardedMLA` (and :class:`ShardedAttention` for plain attention) is the single-process
+layer with a sharded decode: ``init_cache`` makes a cache holding only this rank's positions
+(:mod:`topkattn.distributed.sharded_cache`), and ``step``
+
+1. computes the absorbed query on every rank and the new token's latent [c ; kr] only on the
+   rank that owns its position (the others skip those projections), which stores it;
+2. top-k: selects through a :class:`~topkattn.distributed.ShardedSelector` (the layer's
+   ``selector``, or an exact one when it is None), then :func:`attend_selection`; dense
+   (``topk=None``): :func:`attend_all`;
+3. projects the merged output as the single-process layer does.
+
+Both attentions are exact: each rank computes ``sum_{j its own} exp(s_j - lse) v_j`` with the
+global logsumexp ``lse`` of the attended scores, and one Allreduce of (B, H, Dv) adds the ranks'
+parts.  The training path (``forward``/``backward``) is the layer's own, unchanged (replicated).
+:func:`shard_decoding` converts a model's attention layers in place.
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module
+from topkattn.checks import check_int, logsumexp_rows
+from topkattn.decoding.selectors import ExactSelector
+from topkattn.distributed.comm import allreduce_sum
+from topkattn.distributed.exchange import allgather_fields
+from topkattn.distributed.head_parallel import HeadParallelMLA
+from topkattn.distributed.sharded_cache import ShardedKVCache, ShardedMLACache
+from topkattn.distributed.sharded_decoding import ShardedSelector
+from topkattn.layers.attention import Attention
+from topkattn.layers.cache import check_step_input
+from topkattn.layers.mla import MLA
+from topkattn.layers.rmsnorm import rms_norm_forward
+from topkattn.layers.rope import rope_angles, rope_apply
+from topkattn.model import Transformer
+from topkattn.ops.selection import decode_scores, grouped_keys
+
+
+def _weights(scores, lse, own):
+    """exp(scores - lse) where ``own`` (0 elsewhere and on rows with no key), in float64."""
+    xp = get_array_module(scores)
+    finite = xp.isfinite(lse)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = xp.exp(scores.astype(xp.float64) - xp.where(finite, lse, 0.0))
+    return xp.where(own & finite, p, 0.0)
+
+
+def _bad_rows(lse):
+    """Rows whose logsumexp is NaN or +inf (a NaN or +inf score): their output is NaN, as in one process."""
+    xp = get_array_module(lse)
+    return xp.isnan(lse) | (lse == xp.inf)
+
+
+def attend_selection(comm, query, keys, values, sel):
+    """out (B, H, Dv): softmax attention over the merged selection ``sel``
+    (:class:`~topkattn.distributed.ShardedSelection`), each rank over its own keys.
+
+    query (B, H, D); keys (B, Sp, D) or (B, G, Sp, D) and values (B, Sp, Dv) or (B, G, Sp, Dv),
+    this rank's rows.  One Allreduce of B*H*Dv numbers.  A row with no key gives zeros; a row
+    with a NaN or +inf score NaN (the rule of :func:`topkattn.ops.sparse_attention.sparse_attention_decode`).
+    """
+    xp = get_array_module(query, keys)
+    B, H, _ = query.shape
+    vg = grouped_keys(values, H)  # (B, G, Sp, Dv)
+    lse = xp.asarray(sel.lse)[..., None]  # (B, H, 1)
+    own = sel.rows >= 0  # (B, H, K)
+    out = xp.zeros((B, H, vg.shape[-1]), dtype=query.dtype)
+    if vg.shape[2] and bool(own.any()):
+        p = _weights(sel.scores, lse, own).astype(query.dtype)  # (B, H, K)
+        bi = xp.arange(B)[:, None, None]
+        gi = (xp.arange(H) // (H // vg.shape[1]))[None, :, None]
+        vv = xp.where(own[..., None], vg[bi, gi, xp.where(own, sel.rows, 0)], 0)  # (B, H, K, Dv)
+        out = xp.matmul(p[:, :, None, :], vv)[:, :, 0]
+    out = allreduce_sum(comm, out)
+    return xp.where(_bad_rows(lse), xp.nan, out)
+
+
+def attend_all(comm, query, keys, values, scale):
+    """out (B, H, Dv): dense softmax attention over every rank's keys (keys and values as in
+    :func:`attend_selection`).  One Allgather of the ranks' logsumexp (B*H numbers each) and
+    one Allreduce of B*H*Dv numbers."""
+    xp = get_array_module(query, keys)
+    B, H, _ = query.shape
+    vg = grouped_keys(values, H)  # (B, G, Sp, Dv)
+    G, Sp = vg.shape[1], vg.shape[2]
+    s = decode_scores(query, keys, scale) if Sp else xp.zeros((B, H, 0), dtype=query.dtype)  # (B, H, Sp)
+    error, fields = None, None
+    try:
+        fields = {"lse": logsumexp_rows(s.reshape(B * H, Sp))}
+    except Exception as e:  # agreed in the exchange
+        error = e
+    got = allgather_fields(comm, [("lse", (B * H,), np.float64)], fields, error, xp)
+    lse = logsumexp_rows(xp.moveaxis(got["lse"], 0, -1)).reshape(B, H, 1)
+    out = xp.zeros((B, G, H // G, vg.shape[-1]), dtype=query.dtype)
+    if Sp:
+        p = _weights(s, lse, xp.ones(s.shape, dtype=bool)).astype(query.dtype).reshape(B, G, H // G, Sp)
+        for b in range(B):
+            for g in range(G):
+                out[b, g] = p[b, g] @ vg[b, g]  # (rep, Dv)
+    out = allreduce_sum(comm, out.reshape(B, H, -1))
+    return xp.where(_bad_rows(lse), xp.nan, out)
+
+
+def _check_comm(comm):
+    for name in ("Get_size", "Get_rank", "allgather", "Allgather", "Allreduce"):
+        if not hasattr(comm, name):
+            raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__} (no {name!r})")
+    return comm
+
+
+class _ShardedDecode:
+    """What the sharded layers share: the communicator, the block, the step's selection."""
+
+    def _init_sharded(self, layer, comm, block):
+        _check_comm(comm)
+        block = check_int("block", block, 1)
+        vars(self).update(vars(layer))  # the same params, grads and settings: a view of ``layer``
+        self.comm, self.block = comm, block
+        self.last_selection = None  # the ShardedSelection of the last top-k step
+        self._exact_selectors = {}
+
+    def _shard(self):
+        return dict(rank=self.comm.Get_rank(), ranks=self.comm.Get_size(), block=self.block)
+
+    def _decode_selector(self):
+        sel = self.selector
+        if sel is None:  # exact, as select_step does in one process (dynamic k under topk="auto")
+            tb = self.tail_bound if self.topk == "auto" else None
+            sel = self._exact_selectors.get(tb)
+            if sel is None:
+                sel = self._exact_selectors[tb] = ShardedSelector(
+                    lambda: ExactSelector(tail_bound=tb, measure_recall=False), self.comm, measure_recall=False)
+        if not isinstance(sel, ShardedSelector):
+            raise TypeError(f"a sharded layer's selector must be a ShardedSelector (or None: exact), got "
+                            f"{type(sel).__name__}; wrap it with topkattn.distributed.sharded_selector_factory")
+        return sel
+
+    def _attend(self, query, cache, keys, values):
+        if self.topk is None:
+            return attend_all(self.comm, query, keys, values, self.scale)
+        k = (self.max_topk or cache.n_rows) if self.topk == "auto" else self.topk
+        sel = self._decode_selector().select(query, cache, topk=k, sinks=self.persistent_tokens, window=self.window,
+                                             scale=self.scale)
+        self.last_selection = sel
+        return attend_selection(self.comm, query, keys, values, sel)
+
+
+class ShardedMLA(_ShardedDecode, MLA):
+    """``layer`` (an :class:`~topkattn.layers.mla.MLA`, whose params it shares) decoding over a
+    latent cache sharded by position on ``comm``'s ranks (round-robin blocks of ``block``)."""
+
+    def __init__(self, layer, comm, *, block=64):
+        if not isinstance(layer, MLA) or isinstance(layer, (ShardedMLA, HeadParallelMLA)):
+            raise TypeError(f"layer must be a plain MLA (not head-parallel or already sharded), got "
+                            f"{type(layer).__name__}")
+        self._init_sharded(layer, comm, block)
+
+    def init_cache(self, batch):
+        """An empty :class:`~topkattn.distributed.ShardedMLACache` (this rank's persistent rows in it)."""
+        batch = check_int("batch", batch, 1)
+        p = self.params
+        xp = get_array_module(p["W_DQ"])
+        cache = ShardedMLACache(xp, batch, self.kv_lora_rank, self.qk_rope_dim, p["W_DQ"].dtype,
+                                self.decode_weights(), owner=self, **self._shard())
+        if self.persistent_tokens:
+            rows = xp.concatenate([p["persist_c"], p["persist_kr"]], axis=-1)  # (P, C + R)
+            cache.extend(xp.broadcast_to(rows[None], (batch,) + rows.shape))
+            cache.prefix = self.persistent_tokens
+        return cache
+
+    def step(self, x_t, cache):
+        """y_t (B, 1, d) for x_t (B, 1, d) (the same on every rank); the owner of the token's
+        position stores its [c ; kr]."""
+        x_t = check_step_input(self, self._check_x(x_t), cache)
+        B = x_t.shape[0]
+        w = cache.weights
+        xp = get_array_module(x_t)
+        x1 = x_t[:, 0]  # (B, d)
+        pos = cache.n_tokens
+        q_abs = self.absorbed_query(x1, pos, w)  # (B, H, C + R)
+        row = None
+        if cache.owns_next():  # only the owner computes the latent (MLA.step's formulas)
+            c = rms_norm_forward(x1 @ w["W_DKV"].T, w["kv_norm"], self.eps)[0]  # (B, C)
+            cs = rope_angles([pos], self.qk_rope_dim, self.rope_base, xp, x_t.dtype)
+            kr = rope_apply((x1 @ w["W_KR"].T)[:, None], *cs)[:, 0]  # (B, R)
+            row = xp.concatenate([c, kr], axis=-1)[:, None]
+        cache.push(row)
+        keys = cache.keys  # (B, Sp, C + R)
+        o = self._attend(q_abs, cache, keys, keys[..., :self.kv_lora_rank])  # (B, H, C)
+        return (o.reshape(B, -1) @ w["W_OV"].T)[:, None]  # (B, 1, d)
+
+
+class ShardedAttention(_ShardedDecode, Attention):
+    """``layer`` (a plain :class:`~topkattn.layers.attention.Attention`, whose params it shares)
+    decoding over a key-value cache sharded by position on ``comm``'s ranks."""
+
+    def __init__(self, layer, comm, *, block=64):
+        if not isinstance(layer, Attention) or isinstance(layer, ShardedAttention):
+            raise TypeError(f"layer must be a plain Attention (not already sharded), got {type(layer).__name__}")
+        self._init_sharded(layer, comm, block)
+
+    def init_cache(self, batch):
+        """An empty :class:`~topkattn.distributed.ShardedKVCache` (this rank's persistent rows in it)."""
+        batch = check_int("batch", batch, 1)
+        p = self.params
+        xp = get_array_module(p["W_Q"])
+        G, D, Dv = self.n_kv_heads, self.head_dim, self.v_head_dim
+        cache = ShardedKVCache(xp, batch, G, D, Dv, p["W_Q"].dtype, self, **self._shard())
+        if self.persistent_tokens:
+            P = self.persistent_tokens
+            cache.extend(xp.broadcast_to(p["persist_k"][None], (batch, G, P, D)),
+                         xp.broadcast_to(p["persist_v"][None], (batch, G, P, Dv)))
+            cache.prefix = P
+        return cache
+
+    def step(self, x_t, cache):
+        """y_t (B, 1, d) for x_t (B, 1, d); the owner of the token's position stores its key and value."""
+        x_t = check_step_input(self, self._check_x(x_t), cache)
+        B = x_t.shape[0]
+        xp = get_array_module(x_t)
+        p = self.params
+        H, G, D, Dv = self.n_heads, self.n_kv_heads, self.head_dim, self.v_head_dim
+        x1 = x_t[:, 0]
+        cs = rope_angles([cache.n_tokens], D, self.rope_base, xp, x_t.dtype) if self.rope else None
+        q = self._rot((x1 @ p["W_Q"].T).reshape(B, H, 1, D), cs)[:, :, 0]  # (B, H, D)
+        if cache.owns_next():
+            cache.push(self._rot((x1 @ p["W_K"].T).reshape(B, G, 1, D), cs), (x1 @ p["W_V"].T).reshape(B, G, 1, Dv))
+        else:
+            cache.push(None, None)
+        o = self._attend(q, cache, cache.keys, cache.values)  # (B, H, Dv)
+        return (o.reshape(B, H * Dv) @ p["W_O"].T)[:, None]
+
+
+def _modules(module):
+    yield module
+    for _, child in module.children():
+        yield from _modules(child)
+
+
+def shard_decoding(model, comm, *, block=64):
+    """Make every attention layer of ``model`` (a :class:`~topkattn.model.Transformer` or a module
+    holding MLA/Attention children) decode over a cache sharded by position on ``comm``, in
+    place; returns ``model``.  The layers keep their params (shared, same names); only
+    ``init_cache``/``step`` change.  Every rank must pass the same model and decode the same tokens."""
+    _check_comm(comm)
+    block = check_int("block", block, 1)
+    if not hasattr(model, "children"):
+        raise TypeError(f"model must be a Transformer or a layer, got {type(model).__name__}")
+    todo = []
+    for module in list(_modules(model)):
+        for name, child in module.children():
+            if isinstance(child, HeadParallelMLA):
+                raise ValueError("shard_decoding does not combine with head_parallel (a head-parallel MLA "
+                                 "already splits the heads over the ranks)")
+            if isinstance(child, (ShardedMLA, ShardedAttention)):
+                continue
+            if isinstance(child, MLA):
+                todo.append((module, name, child, ShardedMLA(child, comm, block=block)))
+            elif isinstance(child, Attention):
+                todo.append((module, name, child, ShardedAttention(child, comm, block=block)))
+    for module, name, child, sharded in todo:
+        module._children[name] = sharded
+        if getattr(module, "attn", None) is child:
+            module.attn = sharded
+    if isinstance(model, Transformer):
+        model._rebuild()
+    return model
+
+
+__all__ = ["ShardedAttention", "ShardedMLA", "attend_all", "attend_selection", "shard_decoding"]
