@@ -40,15 +40,13 @@ def _search(value):
 
 def _mpi_launch(retriever, tail_bound):
     """``(ranks, rank)``: (1, 0) unless mpiexec started this process as one of several ranks
-    (then sharded decoding: exact or lorann, a fixed k)."""
+    (then sharded decoding: exact or lorann)."""
     from topkattn.distributed.comm import launched_world
 
     if launched_world() is None:
         return 1, 0
     if retriever == "simulated":
         raise click.UsageError("--retriever simulated runs in one process; under mpiexec use exact or lorann")
-    if tail_bound is not None:
-        raise click.UsageError("--tail-bound (dynamic k) runs in one process; under mpiexec use a fixed --k")
     from topkattn.distributed import install_excepthook, world
 
     try:
@@ -107,7 +105,7 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
               topkattn eval run/ --retriever lorann --clusters-to-search 0.5 --rerank 16 --json
               topkattn eval run/ --retriever exact --k 16 --tail-bound 0.01
               topkattn eval run/ --retriever lorann --k auto --tail-bound 0.01 --max-k 32
-              mpiexec -n 2 topkattn eval run/ --retriever lorann   (the search sharded over 2 ranks)
+              mpiexec -n 2 topkattn eval run/ --retriever lorann   (the cache sharded over 2 ranks)
     """
     from topkattn.decoding.runner import evaluate_decoding, selector_factory
     from topkattn.training.checkpoint import CheckpointError
@@ -161,9 +159,10 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     make = selector_factory(retriever, len(model.blocks), recall=recall, tail_bound=tail_bound, seed=seed,
                             **lorann)
     ranks, rank = _mpi_launch(retriever, tail_bound)
-    if ranks > 1:  # every rank decodes the same sequences; each searches its share of the cache
-        from topkattn.distributed import sharded_selector_factory, world
+    if ranks > 1:  # every rank decodes the same sequences; each stores and searches its share of the cache
+        from topkattn.distributed import shard_decoding, sharded_selector_factory, world
 
+        shard_decoding(model, world())
         make = sharded_selector_factory(make, world())
         quiet = quiet or rank != 0
     with progress_bar(len(inputs), f"eval {retriever}", "seq", quiet) as bar:
