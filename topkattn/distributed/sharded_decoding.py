@@ -367,7 +367,8 @@ class ShardedSelector(DecodeSelector):
         idx[..., :F] = xp.asarray(st.forced)
         idx[..., F:] = pos.reshape(B, H, m)
         scores = xp.concatenate([local["f_scores"], vals.reshape(B, H, m).astype(query.dtype)], axis=-1)
-        lse = np.logaddexp(to_numpy(lse_f), to_numpy(logsumexp_rows(vals))) if m else to_numpy(lse_f)
+        with np.errstate(invalid="ignore"):  # a NaN score makes the row's lse NaN (its output NaN)
+            lse = np.logaddexp(to_numpy(lse_f), to_numpy(logsumexp_rows(vals))) if m else to_numpy(lse_f)
         return ShardedSelection(idx, cache.local_rows(idx), scores, xp.asarray(lse).reshape(B, H),
                                 k_row.reshape(B, H), None if certified is None else certified.reshape(B, H))
 
