@@ -1,0 +1,62 @@
+"""Numba CPU kernel for the packed ternary matmul (BitNet b1.58 weights at 2 bits each).
+
+Packed layout (see :mod:`topkattn.ops.ternary`): a weight row of Din ternary values is
+``nb = ceil(Din / 4)`` bytes; weight j sits in byte ``j % nb`` at bits ``2 * (j // nb)``
+(four "planes" of nb weights each), code 0 -> 0, 1 -> +1, 2 -> -1.  The planar order lets
+the kernel decode eight bytes of one plane at a time with 64-bit integer operations
+(no per-weight shifts), so the decode vectorises.
+
+Compiled lazily on first call and cached on disk (``cache=True``); serial and ``nogil``:
+callers run blocks of output rows on worker threads (see :mod:`topkattn.threads`).
+"""
+import numba as nb
+import numpy as np
+
+_LOW_BITS = np.uint64(0x0101010101010101)  # bit 0 of every byte
+_HIGH_BITS = np.uint64(0x8080808080808080)  # bit 7 of every byte
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def ternary_matmul_rows(x, codes, out, o0, o1):
+    """out[n, o] += sum_j x[n, j] * w(o, j) for the output rows o0 <= o < o1.
+
+    x: (N, Din) float32 or float64, C-contiguous; codes: (Dout, nb) uint8, the packed ternary
+    weights w(o, j) in {-1, 0, +1} (layout in the module docstring; code 3 reads as 0);
+    out: (N, Dout) of x's dtype (the caller zero-fills it and multiplies by the scale).
+    Per output row: the row's bytes are copied into a zero-padded run of 64-bit words, each
+    plane decoded eight weights per word to int8 (per byte: ((bit0 | 0x80) - bit1) ^ 0x80,
+    borrow-free), widened to x's dtype in x's order, then dotted with every row of x.
+    Sums are reassociated (vectorised), so float results equal the reference to rounding;
+    integer-valued inputs give exact sums.
+    Reference: :func:`topkattn.ops.ternary.packed_matmul_reference`.
+    """
+    N, Din = x.shape
+    nbt = codes.shape[1]
+    nw = (nbt + 7) // 8  # 64-bit words per plane
+    raw = np.zeros(nw * 8, dtype=np.uint8)
+    raw64 = raw.view(np.uint64)
+    planes = np.zeros(4 * nw, dtype=np.uint64)
+    w8 = planes.view(np.int8)  # plane i: bytes [8 * nw * i, 8 * nw * i + nbt)
+    wf = np.zeros(Din, dtype=out.dtype)  # the decoded weight row in x's order
+    for o in range(o0, o1):
+        for jb in range(nbt):
+            raw[jb] = codes[o, jb]
+        for i in range(4):
+            sh0 = np.uint64(2 * i)
+            sh1 = np.uint64(2 * i + 1)
+            for w in range(nw):
+                v = raw64[w]
+                pos = (v >> sh0) & _LOW_BITS
+                neg = (v >> sh1) & _LOW_BITS
+                planes[i * nw + w] = ((pos | _HIGH_BITS) - neg) ^ _HIGH_BITS
+        for i in range(4):
+            j0 = i * nbt
+            n_i = min(nbt, Din - j0)
+            p0 = 8 * nw * i
+            for jb in range(n_i):
+                wf[j0 + jb] = w8[p0 + jb]
+        for n in range(N):
+            acc = out[n, o]
+            for j in range(Din):
+                acc += x[n, j] * wf[j]
+            out[n, o] = acc
