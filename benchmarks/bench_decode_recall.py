@@ -7,7 +7,7 @@ then grows it with ``add`` every step; with ``refit_factor`` it is rebuilt (re-c
 retrained on every query so far) whenever it has doubled.  Per step the selection is
 compared with exact top-k; the table gives the recall per context-length bucket.
 
-    python benchmarks/bench_decode_recall.py --length 1024 --json recall.json
+    python benchmarks/bench_decode_recall.py --length 1024 --json recall.json   # and recall.png
     python benchmarks/bench_decode_recall.py --run runs/forgetful/mqar_k8_f0_s0_n1000
 
 Set OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 on a small shared machine.
@@ -17,6 +17,7 @@ import sys
 import time
 
 import numpy as np
+import plotting
 
 from topkattn.decoding import LorannSelector, decode_teacher_forced
 from topkattn.model import Transformer
@@ -63,6 +64,7 @@ def main(argv=None):
     ap.add_argument("--rerank", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", dest="json_path", default=None)
+    ap.add_argument("--png", default=None, help="recall vs context chart [default: the --json path with .png]")
     args = ap.parse_args(argv)
     def log(msg):
         return print(msg, file=sys.stderr, flush=True)
@@ -107,12 +109,18 @@ def main(argv=None):
     print(f"{'all':>12}" + "".join(f" | {out[n]['recall']:>10.4f}" for n in names))
     print(f"{'builds':>12}" + "".join(f" | {out[n]['builds']:>10d}" for n in names))
     print(f"{'seconds':>12}" + "".join(f" | {out[n]['seconds']:>10.1f}" for n in names))
+    charts = [plotting.chart(f"LoRANN decode recall vs exact top-{args.k}", "context length (bucket start)",
+                             "recall", [plotting.series(n, [b["from"] for b in out[n]["buckets"]],
+                                                        [b["recall"] for b in out[n]["buckets"]]) for n in names],
+                             xscale="log")]
     if args.json_path:
         atomic_write_json(args.json_path, {"benchmark": "decode_recall", "source": source, "length": args.length,
                                            "prompt": args.prompt, "batch": args.batch, "k": args.k,
                                            "clusters_to_search": args.clusters_to_search,
-                                           "rerank": args.rerank, "results": out}, prefix=".bench-")
+                                           "rerank": args.rerank, "results": out, "plots": charts}, prefix=".bench-")
         log(f"wrote {args.json_path}")
+    plotting.save_png(charts, plotting.png_path(args.png, args.json_path),
+                      title=f"{source}: {args.batch} x {args.length} tokens, prompt {args.prompt}")
     return out
 
 

@@ -16,7 +16,7 @@ model.  The claim under test: the forgetful model loses less accuracy as recall 
 Runs are cached: a folder under ``--runs`` whose ``metrics.json`` holds the same config is
 reused, so the table can be re-made without retraining.
 
-    python benchmarks/bench_forgetful.py --json forgetful.json
+    python benchmarks/bench_forgetful.py --json forgetful.json      # and forgetful.png
     python benchmarks/bench_forgetful.py --forget-rates 0,0.15,0.3 --steps 1000 --n-sequences 256
 
 Set OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 on a small shared machine: thread pools
@@ -27,6 +27,8 @@ import json
 import os
 import sys
 import time
+
+import plotting
 
 from topkattn.decoding.runner import evaluate_decoding, selector_factory
 from topkattn.storage import atomic_write_json
@@ -92,6 +94,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--runs", default="runs/forgetful", help="folder of the cached training runs")
     ap.add_argument("--json", dest="json_path", default=None, help="write the table and settings here")
+    ap.add_argument("--png", default=None, help="accuracy vs recall chart [default: the --json path with .png]")
     args = ap.parse_args(argv)
     rates = [float(r) for r in args.forget_rates.split(",")]
     def log(msg):
@@ -126,14 +129,30 @@ def main(argv=None):
             drop = res["rows"]["exact"]["accuracy"] - row["accuracy"]
             cells.append(f" | {row['accuracy']:>8.4f} {drop:>+8.4f} {row['recall']:>9.4f}")
         print(f"{name:<14}" + "".join(cells))
+    charts = forgetful_charts(results, list(settings))
     if args.json_path:
         doc = {"benchmark": "forgetful", "k": args.k, "train_config": cfg.to_dict(), "seed": args.seed,
                "n_sequences": args.n_sequences,
                "settings": {n: {"retriever": r, **kw} for n, (r, kw) in settings.items()},
-               "results": results}
+               "results": results, "plots": charts}
         atomic_write_json(args.json_path, doc, prefix=".bench-")
         log(f"wrote {args.json_path}")
+    plotting.save_png(charts, plotting.png_path(args.png, args.json_path),
+                      title=f"MQAR k={args.k}, {cfg.steps} steps, {args.n_sequences} held-out sequences")
     return results
+
+
+def forgetful_charts(results, names):
+    """Held-out accuracy against the measured recall of each decode setting (one line per forget
+    rate, sorted by recall), and the accuracy per decode setting."""
+    by_recall, by_setting = [], []
+    for rate, res in results.items():
+        rows = sorted(res["rows"].values(), key=lambda r: r["recall"])
+        by_recall.append(plotting.series(f"forget {rate}", [r["recall"] for r in rows], [r["accuracy"] for r in rows]))
+        by_setting.append(plotting.series(f"forget {rate}", names, [res["rows"][n]["accuracy"] for n in names]))
+    return [plotting.chart("accuracy vs the selection's recall", "measured recall vs exact top-k",
+                           "held-out accuracy", by_recall),
+            plotting.chart("accuracy per decode setting", "decode setting", "held-out accuracy", by_setting)]
 
 
 if __name__ == "__main__":

@@ -6,11 +6,16 @@ instance of ``cupy.ndarray``.  Foreign arrays (PyTorch, JAX, anything with
 ``__dlpack__``) are converted at the boundary with :func:`as_engine_array` and
 converted back with :func:`to_caller_kind`.
 """
+from __future__ import annotations
+
 import sys
+from types import ModuleType
+from typing import Any, TypeAlias
 
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+Array: TypeAlias = Any  # a NumPy or CuPy ndarray (CuPy is never imported just to name its type)
 
 
 def _cupy():

@@ -4,13 +4,25 @@ attention + SwiGLU or MoE), final RMSNorm, head (tied with the embedding by defa
 Shape letters: B batch, T tokens, d model width, V vocabulary, L layers: tokens (B, T) int,
 x (B, T, d), logits (B, T, V).
 No autograd engine: ``backward`` runs the layers' backward passes in reverse order.
+
+Decoding: :meth:`Transformer.decoding` installs one decode selector per layer (the protocol of
+:mod:`topkattn.decoding.selectors`), :meth:`Transformer.step` feeds one token through the
+caches, :meth:`Transformer.generate` samples.  Weights export to safetensors with the config
+in the file's metadata (:meth:`Transformer.to_safetensors`, :meth:`Transformer.from_safetensors`).
 """
+from __future__ import annotations
+
+import contextlib
 import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from topkattn.backend import get_array_module
-from topkattn.checks import ConfigDict, check_choice, check_int, check_real, float_dtype
+from topkattn.backend import Array, get_array_module, to_numpy
+from topkattn.checks import ConfigDict, check_choice, check_int, check_real, float_dtype, make_rng
 from topkattn.layers.attention import Attention
 from topkattn.layers.block import Block
 from topkattn.layers.embedding import Embedding
@@ -22,6 +34,11 @@ from topkattn.layers.rmsnorm import RMSNorm
 from topkattn.layers.rope import check_rope_base
 from topkattn.layers.swiglu import SwiGLU
 from topkattn.layers.token_shift import TokenShift
+from topkattn.storage import MissingFileError, StorageError, atomic_write
+
+SAFETENSORS_CONFIG_KEY = "topkattn.config"  # the TransformerConfig as JSON, in the safetensors metadata
+SAFETENSORS_VERSION_KEY = "topkattn.version"
+SAFETENSORS_TEMP_PREFIX = ".safetensors-"  # temporary files of an interrupted export
 
 
 @dataclasses.dataclass
@@ -229,8 +246,191 @@ class Transformer(Module):
         self._rebuild()
         return self
 
-    def n_params(self):
+    def n_params(self) -> int:
         return int(sum(p.size for p in self.params.values()))
+
+    # -- decoding and generation -------------------------------------------------------------
+    @contextlib.contextmanager
+    def decoding(self, selectors: Sequence[Any] | None = None, *, topk: int | None = None) -> Iterator[list]:
+        """Eval mode with one decode selector per layer, restored on exit (selectors, k, mode).
+
+        ``selectors``: one per layer, each put in prefill (``begin_prefill``: exact selection,
+        queries recorded) until the caller calls its ``end_prefill``; None keeps the layers' own
+        (None: exact).  ``topk``: decode with this k (default: each layer's own; a dense-trained
+        model needs one to use a selector).  Yields the list of selectors ([] for None).
+        """
+        layers = [blk.attn for blk in self.blocks]
+        sels = [] if selectors is None else list(selectors)
+        if selectors is not None and len(sels) != len(layers):
+            raise ValueError(f"selectors must hold one selector per layer ({len(layers)}), got {len(sels)}")
+        topk = check_int("topk", topk, 1, optional=True)
+        saved = [(layer.selector, layer.topk) for layer in layers]
+        was_training = self.training
+        self.eval()
+        try:
+            for i, layer in enumerate(layers):
+                if selectors is not None:
+                    layer.selector = sels[i]
+                if topk is not None:
+                    layer.topk = topk
+            for sel in sels:
+                sel.begin_prefill()
+            yield sels
+        finally:
+            for layer, (sel, k) in zip(layers, saved):
+                layer.selector, layer.topk = sel, k
+            self.train(was_training)
+
+    def generate(self, prompt_ids: Any, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: Any = None, selectors: Sequence[Any] | None = None, topk: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """``prompt_ids`` followed by ``max_new_tokens`` tokens sampled one at a time, int64 (T + N,)
+        for a 1-D prompt (T,), (B, T + N) for a batch (B, T).
+
+        The latent-cache decode path (:meth:`step`): the prompt is prefilled token by token
+        with exact selection (the selectors record its queries), then each layer's selector
+        picks the keys of every generated token.  ``temperature`` 0 is greedy (arg-max, the
+        first on ties); above 0 the logits are divided by it and sampled from the smallest
+        set of tokens whose probability reaches ``top_p`` (nucleus sampling), drawing from
+        ``seed`` (an int, a Generator; None: fresh entropy).  ``selectors``/``topk``: see
+        :meth:`decoding`.  ``progress(n)``: called after the n-th new token.  Eval mode (no
+        forgetful masking) throughout; the mode is restored.
+        """
+        prompt = np.asarray(to_numpy(prompt_ids))
+        if prompt.dtype.kind not in "iu" or prompt.ndim not in (1, 2) or prompt.shape[-1] < 1:
+            raise ValueError(f"prompt_ids must be a non-empty int array (T,) or (B, T), got {prompt.dtype} "
+                             f"shape {prompt.shape}")
+        n_new = check_int("max_new_tokens", max_new_tokens, 0)
+        temperature = check_real("temperature", temperature, 0.0)
+        top_p = check_real("top_p", top_p, 0.0, 1.0, lo_open=True)
+        rng = make_rng(seed, "seed", allow_none=True)
+        tokens = prompt.reshape(-1, prompt.shape[-1]).astype(np.int64)  # (B, T)
+        B, T = tokens.shape
+        out = np.empty((B, T + n_new), dtype=np.int64)
+        out[:, :T] = tokens
+        xp = self.xp
+        with self.decoding(selectors, topk=topk) as sels:
+            cache = self.init_cache(B)
+            for t in range(T):
+                logits = self.step(xp.asarray(tokens[:, t:t + 1]), cache)  # (B, 1, V)
+            for sel in sels:
+                sel.end_prefill()
+            for i in range(n_new):
+                out[:, T + i] = sample_next_tokens(to_numpy(logits[:, -1]), temperature=temperature, top_p=top_p,
+                                                   rng=rng)
+                if i + 1 < n_new:
+                    logits = self.step(xp.asarray(out[:, T + i:T + i + 1]), cache)
+                if progress is not None:
+                    progress(i + 1)
+        return out[0] if prompt.ndim == 1 else out
+
+    # -- safetensors ---------------------------------------------------------------------
+    def to_safetensors(self, path: str | os.PathLike, *, dtype: str | np.dtype | None = None,
+                       metadata: Mapping[str, str] | None = None) -> None:
+        """Write the weights to ``path`` as safetensors (pickle-free; PyTorch, JAX and NumPy read
+        it), atomically (temporary file, fsync, rename), replacing an existing file.
+
+        Tensor names are ``params``' dotted names; the metadata holds the
+        :class:`TransformerConfig` as JSON under ``"topkattn.config"`` (so
+        :meth:`from_safetensors` rebuilds the model), the topkattn version, and ``metadata``
+        (str -> str).  ``dtype``: "float16", "float32" or "float64" (default: the model's).
+        Needs the ``safetensors`` package (``pip install 'topkattn[export]'``).
+        """
+        save = _safetensors().numpy.save
+        dt = np.dtype(self.cfg.dtype if dtype is None else dtype)
+        if dt not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"dtype must be 'float16', 'float32' or 'float64', got {dtype!r}")
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        if SAFETENSORS_CONFIG_KEY in meta or SAFETENSORS_VERSION_KEY in meta:
+            raise ValueError(f"metadata must not set the reserved keys {SAFETENSORS_CONFIG_KEY!r}, "
+                             f"{SAFETENSORS_VERSION_KEY!r}")
+        from topkattn import __version__
+
+        meta[SAFETENSORS_CONFIG_KEY] = json.dumps(self.cfg.to_dict(), sort_keys=True)
+        meta[SAFETENSORS_VERSION_KEY] = __version__
+        tensors = {name: np.ascontiguousarray(to_numpy(p).astype(dt, copy=False)) for name, p in self.params.items()}
+        blob = save(tensors, metadata=meta)
+        atomic_write(os.fspath(path), lambda f: f.write(blob), prefix=SAFETENSORS_TEMP_PREFIX)
+
+    @classmethod
+    def from_safetensors(cls, path: str | os.PathLike) -> Transformer:
+        """The model :meth:`to_safetensors` wrote to ``path``, on the CPU, in its config's dtype
+        (float16 weights are widened).  Raises :class:`topkattn.storage.MissingFileError` for a
+        missing file and :class:`topkattn.storage.StorageError` (a ValueError) for a file that
+        is not a readable safetensors file, lacks the config or does not fit it.  Nothing is
+        unpickled.
+        """
+        st = _safetensors()
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise MissingFileError(f"model {path} does not exist")
+        try:
+            with st.safe_open(path, framework="numpy") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except OSError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError: a truncated or foreign file
+            raise StorageError(f"model {path} is not a readable safetensors file ({e})") from e
+        if SAFETENSORS_CONFIG_KEY not in meta:
+            raise StorageError(f"model {path} has no {SAFETENSORS_CONFIG_KEY!r} metadata: not a topkattn model "
+                               f"export (Transformer.to_safetensors)")
+        try:
+            cfg = TransformerConfig.from_dict(json.loads(meta[SAFETENSORS_CONFIG_KEY]))
+        except (ValueError, TypeError) as e:
+            raise StorageError(f"model {path} has an unusable {SAFETENSORS_CONFIG_KEY!r}: {e}") from e
+        model = cls(cfg)
+        have, got = set(model.params), set(tensors)
+        if have != got:
+            raise StorageError(f"model {path} does not fit its config: tensors missing {sorted(have - got)}, "
+                               f"unexpected {sorted(got - have)}")
+        for name, p in model.params.items():
+            a = tensors[name]
+            if a.shape != p.shape or a.dtype.kind != "f":
+                raise StorageError(f"model {path}: tensor {name!r} is {a.dtype} {a.shape}, the config needs "
+                                   f"floats of shape {p.shape}")
+            p[...] = a  # in place: params shares the layers' arrays
+        return model
+
+
+def sample_next_tokens(logits: np.ndarray, *, temperature: float, top_p: float = 1.0,
+                       rng: np.random.Generator | None = None) -> np.ndarray:
+    """One token per row of ``logits`` (B, V): int64 (B,).
+
+    ``temperature`` 0: the arg-max (the first on ties).  Above 0: softmax(logits /
+    temperature) in float64 (row maximum subtracted), restricted to the smallest set of the
+    most probable tokens whose mass reaches ``top_p`` (the most probable always kept),
+    renormalised, and sampled by inverse CDF with one ``rng.random()`` per row.
+    FloatingPointError for NaN or infinite logits.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 1:
+        raise ValueError(f"logits must be (B, V) with V >= 1, got shape {z.shape}")
+    if not np.isfinite(z).all():
+        raise FloatingPointError("the model produced NaN or infinite logits; cannot pick a token")
+    if temperature == 0:
+        return z.argmax(axis=-1).astype(np.int64)
+    p = np.exp((z - z.max(axis=-1, keepdims=True)) / temperature)       # max first: no overflow for tiny T
+    p /= p.sum(axis=-1, keepdims=True)                                   # (B, V)
+    order = np.argsort(-p, axis=-1, kind="stable")                       # most probable first
+    ranked = np.take_along_axis(p, order, axis=-1)
+    keep_ranked = np.cumsum(ranked, axis=-1) - ranked < top_p            # mass before the token < top_p
+    keep = np.zeros_like(keep_ranked)
+    np.put_along_axis(keep, order, keep_ranked, axis=-1)
+    p = np.where(keep, p, 0.0)
+    c = np.cumsum(p, axis=-1)                                            # (B, V)
+    u = 1.0 - make_rng(rng, "rng", allow_none=True).random(len(p))       # in (0, 1]: no zero-mass token
+    return (c < (u * c[:, -1])[:, None]).sum(axis=-1).astype(np.int64)
+
+
+def _safetensors():
+    """The ``safetensors`` package, or ImportError naming the extra that installs it."""
+    try:
+        import safetensors
+        import safetensors.numpy
+    except ImportError as e:
+        raise ImportError("safetensors export needs the safetensors package: pip install 'topkattn[export]'") from e
+    return safetensors
 
 
 class ModelCache(list):

@@ -73,17 +73,9 @@ def decode_teacher_forced(model, tokens, *, selectors, prompt_len, topk=None):
     B, T = tokens.shape
     check_int("prompt_len", prompt_len, 0, T)
     xp = get_array_module(next(iter(model.params.values())))
-    saved = [(layer.selector, layer.topk) for layer in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for layer, sel in zip(layers, selectors):
-            layer.selector = sel
-            if topk is not None:
-                layer.topk = int(topk)
-            sel.begin_prefill()
+    out = []
+    with model.decoding(selectors, topk=topk):  # eval mode, selectors in prefill; all restored after
         cache = model.init_cache(B)
-        out = []
         for t in range(T):
             if t == prompt_len:
                 for sel in selectors:
@@ -92,10 +84,6 @@ def decode_teacher_forced(model, tokens, *, selectors, prompt_len, topk=None):
         if prompt_len == T:
             for sel in selectors:
                 sel.end_prefill()
-    finally:
-        for layer, (sel, k) in zip(layers, saved):
-            layer.selector, layer.topk = sel, k
-        model.train(was_training)
     return np.concatenate(out, axis=1)  # (B, T, V)
 
 

@@ -1,0 +1,181 @@
+"""`topkattn plot RESULTS.json|RUN_DIR`: a PNG of a benchmark's charts or of a run's training curves.
+
+What can be drawn:
+
+* a train-toy run folder (or its ``history.json``): the loss per step (raw and a moving
+  average) and the learning rate, titled from ``metrics.json`` when present;
+* a benchmark's JSON document with a ``"plots"`` list (the benchmarks write one through
+  ``benchmarks/plotting.py``): each entry a chart
+
+      {"title": str, "xlabel": str, "ylabel": str, "xscale": "linear"|"log", "yscale": "linear"|"log",
+       "series": [{"label": str, "x": [number or str], "y": [number or null], "alpha": float (optional)}]}
+
+  (null y values are gaps).  :func:`check_charts` validates a list of charts and
+  :func:`draw_charts` draws them into one PNG (one panel each, two per row); the benchmarks
+  use both, so a PNG they write and the one this command redraws from their JSON are the same.
+
+matplotlib is optional (``pip install 'topkattn[plot]'``); it is imported only to draw.
+"""
+import io
+import json
+import math
+import os
+
+import click
+
+from topkattn.cli.common import command, fail
+
+SCALES = ("linear", "log")
+MATPLOTLIB_MISSING = "plotting needs matplotlib: pip install 'topkattn[plot]'"
+
+
+class ChartError(ValueError):
+    """A chart list that cannot be drawn (the message names the chart and the field)."""
+
+
+def check_charts(charts):
+    """``charts`` as a list of well-formed chart dicts (see the module docstring); ChartError otherwise."""
+    if not isinstance(charts, list) or not charts:
+        raise ChartError("'plots' must be a non-empty list of charts")
+    for i, c in enumerate(charts):
+        where = f"plots[{i}]"
+        if not isinstance(c, dict):
+            raise ChartError(f"{where} must be an object, got {type(c).__name__}")
+        for key in ("xscale", "yscale"):
+            if c.get(key, "linear") not in SCALES:
+                raise ChartError(f"{where}.{key} must be 'linear' or 'log', got {c.get(key)!r}")
+        series = c.get("series")
+        if not isinstance(series, list) or not series:
+            raise ChartError(f"{where}.series must be a non-empty list")
+        for j, s in enumerate(series):
+            w = f"{where}.series[{j}]"
+            if not isinstance(s, dict) or not isinstance(s.get("x"), list) or not isinstance(s.get("y"), list):
+                raise ChartError(f"{w} must be an object with lists 'x' and 'y'")
+            if len(s["x"]) != len(s["y"]):
+                raise ChartError(f"{w}: x has {len(s['x'])} values, y {len(s['y'])}")
+            if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in s["y"]):
+                raise ChartError(f"{w}.y must hold numbers (null for a gap)")
+    return charts
+
+
+def draw_charts(charts, path, *, title=None):
+    """Draw ``charts`` (validated by :func:`check_charts`) into the PNG ``path``, written atomically.
+
+    ImportError (naming the ``plot`` extra) without matplotlib.
+    """
+    check_charts(charts)
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(MATPLOTLIB_MISSING) from e
+    from topkattn.storage import atomic_write
+
+    cols = 1 if len(charts) == 1 else 2
+    rows = math.ceil(len(charts) / cols)
+    fig = Figure(figsize=(6 * cols, 4.2 * rows + (0.4 if title else 0)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, c in zip(axes, charts):
+        # scales first: setting one after plotting would reset a categorical axis's labels
+        ax.set(xscale=c.get("xscale", "linear"), yscale=c.get("yscale", "linear"))
+        for s in c["series"]:
+            y = [math.nan if v is None else v for v in s["y"]]
+            ax.plot(s["x"], y, marker="o" if len(y) <= 40 else None, markersize=4, alpha=s.get("alpha", 1.0),
+                    label=s.get("label"))
+        ax.set(title=c.get("title", ""), xlabel=c.get("xlabel", ""), ylabel=c.get("ylabel", ""))
+        if any(isinstance(v, str) for s in c["series"] for v in s["x"]):
+            ax.tick_params(axis="x", labelrotation=20)
+        ax.grid(True, alpha=0.3)
+        if any(s.get("label") for s in c["series"]):
+            ax.legend(fontsize="small")
+    for ax in axes[len(charts):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write(os.fspath(path), lambda f: f.write(buf.getvalue()), prefix=".plot-")
+
+
+def history_charts(history, metrics=None):
+    """The charts of a run's ``history.json`` ({"loss": [...], "lr": [...]}) and the figure title
+    from its ``metrics.json``: ``(charts, title)``."""
+    loss, lr = history.get("loss"), history.get("lr")
+    if not isinstance(loss, list) or not loss or not all(isinstance(v, (int, float)) for v in loss):
+        raise ChartError("history has no per-step 'loss' list")
+    steps = list(range(1, len(loss) + 1))
+    w = max(1, len(loss) // 50)
+    avg = [sum(loss[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(loss))]
+    wide = min(loss) > 0 and max(loss) / min(loss) > 10  # a log axis only when the loss spans a decade
+    series = [{"label": "per step", "x": steps, "y": loss, "alpha": 0.35 if w > 1 else 1.0}]
+    if w > 1:
+        series.append({"label": f"mean of {w} steps", "x": steps, "y": avg})
+    charts = [{"title": "training loss", "xlabel": "step", "ylabel": "loss (nats per scored token)",
+               "yscale": "log" if wide else "linear", "series": series}]
+    if isinstance(lr, list) and len(lr) == len(loss):
+        charts.append({"title": "learning rate", "xlabel": "step", "ylabel": "learning rate",
+                       "series": [{"label": None, "x": steps, "y": lr}]})
+    title = None
+    if metrics:
+        parts = [str(metrics.get("task", "")), str(metrics.get("attention", ""))]
+        if metrics.get("k") is not None:
+            parts.append(f"k={metrics['k']}")
+        if metrics.get("forget_rate"):
+            parts.append(f"forget={metrics['forget_rate']:g}")
+        if metrics.get("accuracy") is not None:
+            parts.append(f"held-out accuracy {metrics['accuracy']:.4f}")
+        elif metrics.get("bits_per_char") is not None:
+            parts.append(f"held-out {metrics['bits_per_char']:.3f} bits/char")
+        title = " ".join(p for p in parts if p)
+    return charts, title
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        fail(f"cannot read {path} as JSON: {e}")
+
+
+@command("plot")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
+              help="PNG to write [default: RUN_DIR/loss.png for a run, RESULTS.png beside RESULTS.json].")
+def plot(source, out):
+    """Draw a benchmark's results (RESULTS.json with a "plots" list) or a run's loss and learning-rate
+    curves (RUN_DIR or its history.json) into a PNG.
+
+    \b
+    Example:  topkattn plot run/                         (writes run/loss.png)
+              topkattn plot run/ -o loss.png
+              topkattn plot forgetful.json -o forgetful.png
+
+    Needs matplotlib (pip install 'topkattn[plot]').
+    """
+    title = None
+    if os.path.isdir(source):
+        hist = os.path.join(source, "history.json")
+        if not os.path.exists(hist):
+            raise click.UsageError(f"{source} has no history.json (RUN_DIR must be a train-toy --out folder)")
+        metrics_path = os.path.join(source, "metrics.json")
+        metrics = _read_json(metrics_path) if os.path.exists(metrics_path) else None
+        doc, default_out = _read_json(hist), os.path.join(source, "loss.png")
+    else:
+        doc, metrics, default_out = _read_json(source), None, os.path.splitext(source)[0] + ".png"
+    try:
+        if isinstance(doc, dict) and "plots" in doc:
+            charts, title = check_charts(doc["plots"]), doc.get("title")
+        elif isinstance(doc, dict) and "loss" in doc:
+            charts, title = history_charts(doc, metrics)
+        else:
+            fail(f"{source} holds neither a 'plots' list (a benchmark's JSON) nor a run's history "
+                 f"('loss' per step)")
+        out = out or default_out
+        draw_charts(charts, out, title=title)
+    except ChartError as e:
+        fail(f"{source}: {e}")
+    except ImportError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write {out}: {e.strerror or e}")
+    click.echo(f"wrote {out}")
