@@ -18,16 +18,16 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 Array: TypeAlias = Any  # a NumPy or CuPy ndarray (CuPy is never imported just to name its type)
 
 
-def _cupy():
+def _cupy() -> ModuleType | None:
     return sys.modules.get("cupy")
 
 
-def is_cupy_array(x):
+def is_cupy_array(x: Any) -> bool:
     cp = _cupy()
     return cp is not None and isinstance(x, cp.ndarray)
 
 
-def get_array_module(*arrays):
+def get_array_module(*arrays: Any) -> ModuleType:
     """Return ``cupy`` if any argument is a CuPy array, else ``numpy``."""
     for a in arrays:
         if is_cupy_array(a):
@@ -35,7 +35,7 @@ def get_array_module(*arrays):
     return np
 
 
-def require_cupy():
+def require_cupy() -> ModuleType:
     """Import and return CuPy with a usable GPU, or raise a clear RuntimeError."""
     try:
         import cupy as cp
@@ -52,12 +52,12 @@ def require_cupy():
     return cp
 
 
-def _framework(x):
+def _framework(x: Any) -> str:
     """The top-level module name of an array's type ('numpy', 'torch', 'jaxlib', ...)."""
     return type(x).__module__.split(".")[0]
 
 
-def as_engine_array(x, name="array"):
+def as_engine_array(x: Any, name: str = "array") -> Array:
     """Return ``x`` as a NumPy or CuPy array without copying where possible.
 
     NumPy and CuPy arrays pass through; objects exposing ``__dlpack__`` (PyTorch,
@@ -87,7 +87,7 @@ def as_engine_array(x, name="array"):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
 
 
-def to_caller_kind(y, like):
+def to_caller_kind(y: Array, like: Any) -> Any:
     """Convert the engine array ``y`` back to the kind of ``like`` (torch, jax) where natural."""
     fw = _framework(like)
     if fw == "torch":
@@ -97,7 +97,7 @@ def to_caller_kind(y, like):
     return y
 
 
-def to_numpy(x):
+def to_numpy(x: Any) -> np.ndarray:
     """Move an engine array to the host as a NumPy array."""
     if is_cupy_array(x):
         return x.get()

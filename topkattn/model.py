@@ -16,7 +16,9 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -55,14 +57,14 @@ class TransformerConfig(ConfigDict):
     qk_nope_dim: int = 16
     qk_rope_dim: int = 8
     v_head_dim: int = 16  # value head dim, for "mla" and "mha" alike (may differ from the qk dim)
-    n_kv_heads: int = None  # attention="mha": None = n_heads
-    head_dim: int = None  # attention="mha": qk head dim, None = d_model // n_heads
+    n_kv_heads: int | None = None  # attention="mha": None = n_heads
+    head_dim: int | None = None  # attention="mha": qk head dim, None = d_model // n_heads
     ffn: str = "swiglu"  # "swiglu" | "moe"
     d_ff: int = 128
     n_experts: int = 4
     moe_topk: int = 2
     aux_loss_weight: float = 0.01
-    topk: int = None  # None = dense attention
+    topk: int | None = None  # None = dense attention
     forget_rate: float = 0.0
     persistent_tokens: int = 0
     window: int = 0
@@ -72,7 +74,7 @@ class TransformerConfig(ConfigDict):
     dtype: str = "float32"
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "q_lora_rank", "kv_lora_rank",
                      "qk_nope_dim", "qk_rope_dim", "v_head_dim", "d_ff", "n_experts", "moe_topk"):
             check_int(name, getattr(self, name), 1)
@@ -101,7 +103,7 @@ class Transformer(Module):
     with MoE, ``aux_loss_weight`` times the auxiliary loss gradient).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: TransformerConfig | Mapping[str, Any]) -> None:
         if isinstance(cfg, dict):
             cfg = TransformerConfig.from_dict(cfg)
         if not isinstance(cfg, TransformerConfig):
@@ -149,41 +151,41 @@ class Transformer(Module):
         self._flat_grads = dict(self.named_grads())
 
     # Module keeps own params in self.params; the model has none of its own, so expose the flat view
-    def named_params(self, prefix=""):
+    def named_params(self, prefix: str = "") -> Iterator[tuple[str, Array]]:
         for cn, ch in self._children.items():
             yield from ch.named_params(f"{prefix}{cn}.")
 
-    def named_grads(self, prefix=""):
+    def named_grads(self, prefix: str = "") -> Iterator[tuple[str, Array]]:
         for cn, ch in self._children.items():
             yield from ch.named_grads(f"{prefix}{cn}.")
 
     @property
-    def params(self):
+    def params(self) -> dict[str, Array]:
         return self._flat_params
 
     @params.setter
-    def params(self, value):
+    def params(self, value: dict[str, Array]) -> None:
         self._flat_params = value
 
     @property
-    def grads(self):
+    def grads(self) -> dict[str, Array]:
         return self._flat_grads
 
     @grads.setter
-    def grads(self, value):
+    def grads(self, value: dict[str, Array]) -> None:
         self._flat_grads = value
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> Transformer:
         """Training mode applies forgetful masking (cfg.forget_rate); eval mode does not."""
         self.training = bool(mode)
         for b in self.blocks:
             b.attn.training = self.training
         return self
 
-    def eval(self):
+    def eval(self) -> Transformer:
         return self.train(False)
 
-    def layer_seeds(self, seed):
+    def layer_seeds(self, seed: int | np.random.Generator | None) -> list[int | None]:
         """Per-layer forgetting seeds derived from ``seed`` (None stays None)."""
         if seed is None:
             return [None] * len(self.blocks)
@@ -192,7 +194,7 @@ class Transformer(Module):
         ss = np.random.SeedSequence(int(seed)).spawn(len(self.blocks))
         return [int(s.generate_state(1, np.uint64)[0]) for s in ss]
 
-    def forward(self, tokens, seed=None):
+    def forward(self, tokens: Array, seed: int | np.random.Generator | None = None) -> Array:
         """logits (B, T, V) from tokens (B, T); ``seed`` drives forgetful masking."""
         x = self.embed.forward(tokens)  # (B, T, d)
         if self.shift is not None:
@@ -205,7 +207,7 @@ class Transformer(Module):
         self._logits = (logits.shape, get_array_module(logits).empty(0, logits.dtype))
         return logits
 
-    def backward(self, dlogits):
+    def backward(self, dlogits: Array) -> None:
         """Fill ``grads`` from dlogits (B, T, V); returns None (tokens have no gradient)."""
         if self._logits is None:
             raise RuntimeError("Transformer.backward called before forward")
@@ -220,11 +222,11 @@ class Transformer(Module):
         self.embed.backward(dx)
         return None
 
-    def init_cache(self, batch):
+    def init_cache(self, batch: int) -> ModelCache:
         """A :class:`ModelCache`: one decode cache per block (MLA: latent cache; mha: full KV cache)."""
         return ModelCache(b.init_cache(batch) for b in self.blocks)
 
-    def step(self, tokens_t, cache):
+    def step(self, tokens_t: Array, cache: ModelCache) -> Array:
         """logits (B, 1, V) for tokens_t (B, 1); appends to every block's cache."""
         if not isinstance(cache, ModelCache) or len(cache) != len(self.blocks):
             raise TypeError("cache must come from this model's init_cache")
@@ -239,7 +241,7 @@ class Transformer(Module):
         h = self.norm.step(x)
         return self.head.step(h) if self.head is not None else self.embed.logits_step(h)
 
-    def to_device(self, xp):
+    def to_device(self, xp: ModuleType) -> Transformer:
         """Move every param and grad to ``xp`` (numpy or cupy); returns self."""
         for ch in self._children.values():
             ch.to_device(xp)
@@ -344,10 +346,8 @@ class Transformer(Module):
         if SAFETENSORS_CONFIG_KEY in meta or SAFETENSORS_VERSION_KEY in meta:
             raise ValueError(f"metadata must not set the reserved keys {SAFETENSORS_CONFIG_KEY!r}, "
                              f"{SAFETENSORS_VERSION_KEY!r}")
-        from topkattn import __version__
-
         meta[SAFETENSORS_CONFIG_KEY] = json.dumps(self.cfg.to_dict(), sort_keys=True)
-        meta[SAFETENSORS_VERSION_KEY] = __version__
+        meta[SAFETENSORS_VERSION_KEY] = sys.modules["topkattn"].__version__  # the package root, loaded before us
         tensors = {name: np.ascontiguousarray(to_numpy(p).astype(dt, copy=False)) for name, p in self.params.items()}
         blob = save(tensors, metadata=meta)
         atomic_write(os.fspath(path), lambda f: f.write(blob), prefix=SAFETENSORS_TEMP_PREFIX)
@@ -437,6 +437,6 @@ class ModelCache(list):
     """The decode state of a :class:`Transformer`: one cache per block (the list items) and
     ``prev``, the previous token's embedding (B, 1, d) that the token shift reads."""
 
-    def __init__(self, caches=()):
+    def __init__(self, caches: Iterable[Any] = ()) -> None:
         super().__init__(caches)
         self.prev = None
