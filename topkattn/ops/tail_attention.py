@@ -16,10 +16,11 @@ spread over U uniformly (each unselected key gets the same weight):
 So out equals dense attention whenever U is empty (topk >= visible keys), and the error
 is (1 - alpha) (r - mean of U weighted by p) instead of plain top-k's (1 - alpha) times
 (out_A - that mean).  The selection A is exact top-k plus forced keys
-(:func:`topkattn.ops.selection.select_topk`); the tail needs the full-row logsumexp, so every
-score is computed (chunk by chunk, as the selection does): cost O(T S D) forward and
-backward, memory O(chunk * S + T * K).  Meant for inference on pretrained models
-(e.g. the BERT encoder), where the selection pass computes every score anyway.
+(:func:`topkattn.ops.selection.select_topk`; ``topk="auto"``: the certified dynamic k of
+:func:`~topkattn.ops.selection.select_dynamic_topk`, so 1 - alpha <= tail_bound); the tail
+needs the full-row logsumexp, so every score is computed (chunk by chunk, as the selection
+does): cost O(T S D) forward and backward, memory O(chunk * S + T * K).  Meant for inference
+on pretrained models (e.g. the BERT encoder), where the selection pass computes every score anyway.
 
 Backward, with g = dout and o_A = sum_A p_j v_j:
     ds_i = p_i [ 1[i in A] (g.v_i - g.r) - g.o_A + alpha g.r ]      (i visible)
@@ -35,7 +36,7 @@ sends nothing to dk, dv.
 import numpy as np
 
 from topkattn.backend import as_engine_array, get_array_module, to_caller_kind
-from topkattn.checks import check_int
+from topkattn.checks import check_int, check_real
 from topkattn.ops.dense_attention import (
     TILE_BYTES,
     check_dout,
@@ -47,7 +48,7 @@ from topkattn.ops.dense_attention import (
     visible_mask,
     weighted_values,
 )
-from topkattn.ops.selection import select_topk
+from topkattn.ops.selection import select_dynamic_topk, select_topk
 from topkattn.ops.sparse_attention import inactive_rows
 
 
@@ -61,26 +62,36 @@ class TailAttentionSaved:
         self.scale, self.causal, self.chunk_size, self.like = scale, causal, chunk_size, like
 
 
-def tail_topk_attention(q, k, v, *, topk, causal=True, scale=None, sinks=0, window=0, chunk_size=None):
+def tail_topk_attention(q, k, v, *, topk, causal=True, scale=None, sinks=0, window=0, chunk_size=None,
+                        tail_bound=None, max_topk=None):
     """Top-k attention whose dropped softmax mass goes to the mean of the unselected values.
 
     q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> (B, H, T, Dv).  ``topk``, ``causal``,
-    ``scale``, ``sinks``, ``window`` select keys as :func:`topkattn.ops.topk_attention` does;
+    ``scale``, ``sinks``, ``window`` select keys as :func:`topkattn.ops.topk_attention` does
+    (``topk="auto"`` with ``tail_bound`` and ``max_topk``: its certified dynamic k);
     ``chunk_size`` queries per score tile (default: about 16 MiB per tile).  With
     ``topk >= S`` it is exactly dense attention.  See the module docstring for the formula
     and the non-finite rule.
     """
     return tail_topk_attention_forward(q, k, v, topk=topk, causal=causal, scale=scale, sinks=sinks,
-                                       window=window, chunk_size=chunk_size)[0]
+                                       window=window, chunk_size=chunk_size, tail_bound=tail_bound,
+                                       max_topk=max_topk)[0]
 
 
 def tail_topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, sinks=0, window=0,
-                                chunk_size=None):
+                                chunk_size=None, tail_bound=None, max_topk=None):
     """``(out, saved)`` of :func:`tail_topk_attention`; saved keeps the indices and the full lse."""
     like = q
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
     check_qkv(q, k, v, scale, chunk_size)
-    for name, val, lo in (("topk", topk, 1), ("sinks", sinks, 0), ("window", window, 0)):
+    if topk == "auto":
+        if tail_bound is None:
+            raise ValueError("topk='auto' needs tail_bound in [0, 1), got None")
+        check_real("tail_bound", tail_bound, 0.0, 1.0, hi_open=True)
+        check_int("max_topk", max_topk, 1, optional=True)
+    elif tail_bound is not None or max_topk is not None:
+        raise ValueError("tail_bound and max_topk apply only with topk='auto'")
+    for name, val, lo in (("topk", 1 if topk == "auto" else topk, 1), ("sinks", sinks, 0), ("window", window, 0)):
         check_int(name, val, lo)
     xp = get_array_module(q, k, v)
     B, H, T, D = q.shape
@@ -89,8 +100,13 @@ def tail_topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, sinks
     scale = default_scale(D) if scale is None else float(scale)
     causal = bool(causal)
     c = chunk_size or max(1, TILE_BYTES // max(1, B * H * S * q.dtype.itemsize))
-    idx = select_topk(q, k, topk=int(topk), causal=causal, scale=scale, sinks=int(sinks),
-                      window=int(window), chunk_size=chunk_size)  # (B, H, T, K)
+    if topk == "auto":
+        idx, _ = select_dynamic_topk(q, k, tail_bound=float(tail_bound), max_topk=max_topk, causal=causal,
+                                     scale=scale, sinks=int(sinks), window=int(window),
+                                     chunk_size=chunk_size)  # (B, H, T, K)
+    else:
+        idx = select_topk(q, k, topk=int(topk), causal=causal, scale=scale, sinks=int(sinks),
+                          window=int(window), chunk_size=chunk_size)  # (B, H, T, K)
     out = xp.zeros((B, H, T, Dv), dtype=q.dtype)
     lse = xp.full((B, H, T), -np.inf, dtype=q.dtype)
     qg = q.reshape(B, G, rep, T, D)
