@@ -70,7 +70,7 @@ def quantize_activations(x, bits=8, eps=DEFAULT_EPS):
     gets a = Qp / eps and xq = 0.
     """
     x = _check_float("x", x)
-    bits = check_act_bits(bits, optional=False)
+    bits = check_act_bits(bits, optional=False, name="bits")
     return _quantize_acts(x, bits, check_eps(eps))
 
 
@@ -290,9 +290,9 @@ def packed_matmul(x, packed, *, act_bits=None, eps=DEFAULT_EPS, impl="auto"):
 
 
 # -- argument checks (shared with the layers) ----------------------------------------------------
-def check_act_bits(act_bits, optional=True):
+def check_act_bits(act_bits, optional=True, name="act_bits"):
     """None (with ``optional``) or an int in [2, 8]: the activation bits of a ternary projection."""
-    return check_int("act_bits", act_bits, 2, 8, optional=optional)
+    return check_int(name, act_bits, 2, 8, optional=optional)
 
 
 def check_eps(eps):
