@@ -262,3 +262,57 @@ def tail_topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, sin
                     if (~a).any():
                         out[b, h, t] += (1.0 - p[a].sum()) * vv[~a].mean(0)
     return out
+
+
+def block_topk_attention_reference(q, k, v, *, block_size, topk_blocks, causal=True, scale=None):
+    """Brute-force reference of ``block_topk_attention_forward`` (MoBA block selection), float64.
+
+    For each query row: the mean of every block's keys (block n holds keys n * block_size ..
+    min((n + 1) * block_size, S) - 1), the gate q . mean_n, the candidate blocks ranked by
+    :func:`rank_row` (gate descending, ties to the lower block, NaN first); under ``causal``
+    the own block (holding position S - T + t) first, then the best topk_blocks - 1 blocks
+    before it; without, the best topk_blocks blocks.  The row attends every key of its
+    blocks that it may see (:func:`attend_row`).  The row geometry is written out here from
+    the definition, not taken from the fast paths' ``BlockBounds``.
+
+    Returns (out (B, H, T, Dv), mask (B, H, T, S) bool, lse (B, H, T), blocks (B, H, T, Kb)
+    int64 in rank order, -1 padded), Kb = min(topk_blocks, number of blocks).
+    """
+    q, k, v = (to_numpy(a).astype(np.float64) for a in (q, k, v))
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rep = H // G if G else 1
+    scale = default_scale(D) if scale is None else scale
+    n_blocks = -(-S // block_size)
+    n_sel = min(topk_blocks, n_blocks)
+    first = np.arange(n_blocks) * block_size  # first key of each block
+    out = np.zeros((B, H, T, Dv))
+    lse = np.full((B, H, T), -np.inf)
+    mask = np.zeros((B, H, T, S), dtype=bool)
+    blocks = np.full((B, H, T, n_sel), -1, dtype=np.int64)
+    for b in range(B):
+        for h in range(H):
+            g = h // rep
+            means = np.array([k[b, g, j0:j0 + block_size].mean(0) for j0 in first]).reshape(n_blocks, D)
+            for t in range(T):
+                pos = S - T + t
+                visible = np.arange(S) <= pos if causal else np.ones(S, dtype=bool)
+                if not visible.any():
+                    continue  # sees no key: selects nothing, attends nothing
+                with np.errstate(invalid="ignore", over="ignore"):
+                    gate = means @ q[b, h, t]  # (n_blocks,)
+                if causal:
+                    own = pos // block_size
+                    chosen = np.concatenate([[own], rank_row(gate, np.arange(n_blocks) < own)[:n_sel - 1]])
+                else:
+                    chosen = rank_row(gate, np.ones(n_blocks, dtype=bool))[:n_sel]
+                blocks[b, h, t, :len(chosen)] = chosen
+                row = np.zeros(S, dtype=bool)
+                for n in chosen:
+                    row[first[n]:first[n] + block_size] = True
+                row &= visible
+                mask[b, h, t] = row
+                with np.errstate(invalid="ignore", over="ignore"):
+                    s = (k[b, g, row] @ q[b, h, t]) * scale
+                out[b, h, t], lse[b, h, t], _ = attend_row(s, v[b, g][row])
+    return out, mask, lse, blocks
