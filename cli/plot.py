@@ -157,16 +157,16 @@ def plot(source, out):
         hist = os.path.join(source, "history.json")
         if not os.path.exists(hist):
             raise click.UsageError(f"{source} has no history.json (RUN_DIR must be a train-toy --out folder)")
-        metrics_path = os.path.join(source, "metrics.json")
-        metrics = _read_json(metrics_path) if os.path.exists(metrics_path) else None
         doc, default_out = _read_json(hist), os.path.join(source, "loss.png")
     else:
-        doc, metrics, default_out = _read_json(source), None, os.path.splitext(source)[0] + ".png"
+        doc, default_out = _read_json(source), os.path.splitext(source)[0] + ".png"
+    folder = source if os.path.isdir(source) else os.path.dirname(source)
     try:
         if isinstance(doc, dict) and "plots" in doc:
             charts, title = check_charts(doc["plots"]), doc.get("title")
         elif isinstance(doc, dict) and "loss" in doc:
-            charts, title = history_charts(doc, metrics)
+            metrics_path = os.path.join(folder, "metrics.json")  # the run's, for the title
+            charts, title = history_charts(doc, _read_json(metrics_path) if os.path.exists(metrics_path) else None)
         else:
             fail(f"{source} holds neither a 'plots' list (a benchmark's JSON) nor a run's history "
                  f"('loss' per step)")
