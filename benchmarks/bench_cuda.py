@@ -18,7 +18,7 @@ Targets (issue 7): at 64k the top-k forward within 2x of dense FlashAttention fo
 the backward faster than the dense backward, peak memory O(T * K).
 
     python benchmarks/bench_cuda.py                               # the issue's grid
-    python benchmarks/bench_cuda.py --sizes 4096 16384 --decode-latents 100000 --json out.json
+    python benchmarks/bench_cuda.py --sizes 4096 16384 --decode-latents 100000 --json out.json   # and out.png
 
 Needs a CUDA GPU, CuPy (pip install 'topkattn[cuda12]') and numba-cuda; exits with a
 message otherwise.  ``--check-sim`` runs every code path once on tiny shapes under the
@@ -30,6 +30,7 @@ import sys
 import time
 
 import numpy as np
+import plotting
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -289,6 +290,7 @@ def main(argv=None):
     ap.add_argument("--clusters-to-search", type=int, default=32)
     ap.add_argument("--points-to-rerank", type=int, default=512)
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    ap.add_argument("--png", metavar="PATH", help="time and memory charts [default: the --json path with .png]")
     ap.add_argument("--check-sim", action="store_true",
                     help="run every path once on tiny shapes under the CUDA simulator")
     a = ap.parse_args(argv)
@@ -318,11 +320,43 @@ def main(argv=None):
                               a.repeat, a.lorann_clusters, a.lorann_rank, a.lorann_global_dim,
                               a.clusters_to_search, a.points_to_rerank)
         _print_decode(decode)
+    charts = cuda_charts(train, decode)
     if a.json:
         from topkattn.storage import atomic_write_json
 
-        atomic_write_json(a.json, {"train": train, "decode": decode, "device": _device_name(dev)},
+        atomic_write_json(a.json, {"train": train, "decode": decode, "device": _device_name(dev), "plots": charts},
                           prefix=".bench-")
+    plotting.save_png(charts, plotting.png_path(a.png, a.json),
+                      title=f"Numba CUDA kernels on {_device_name(dev)} (H={a.heads}, D={a.dim}, k={a.topk})")
+
+
+def cuda_charts(train, decode):
+    """Time and peak memory against the sequence length per training method (log-log), and the
+    decode step's time per method."""
+    ok = [r for r in train if "error" not in r]
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+
+    def lines(key, scale=1.0):
+        out = []
+        for m in methods:
+            rows = [r for r in ok if r["method"] == m]
+            ys = [None if r.get(key) is None else r[key] * scale for r in rows]
+            if any(y is not None for y in ys):
+                out.append(plotting.series(m, [r["T"] for r in rows], ys))
+        return out
+
+    charts = [plotting.chart("forward", "sequence length T (= S)", "ms", lines("fwd_ms"), xscale="log", yscale="log"),
+              plotting.chart("forward + backward", "sequence length T (= S)", "ms", lines("fwd_bwd_ms"),
+                             xscale="log", yscale="log")]
+    memory = lines("fwd_bwd_peak_bytes", 1 / 2**20)
+    if memory:
+        charts.append(plotting.chart("peak memory above the inputs (forward + backward)", "sequence length T (= S)",
+                                     "MiB", memory, xscale="log", yscale="log"))
+    if decode:
+        charts.append(plotting.chart(f"one decode step over S = {decode[0]['S']:,} latents", "method", "ms",
+                                     [plotting.series("ms", [r["method"] for r in decode], [r["ms"] for r in decode])],
+                                     yscale="log", kind="bar"))
+    return [c for c in charts if c["series"]]
 
 
 def _device_name(dev):

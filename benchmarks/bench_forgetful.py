@@ -152,7 +152,8 @@ def forgetful_charts(results, names):
         by_setting.append(plotting.series(f"forget {rate}", names, [res["rows"][n]["accuracy"] for n in names]))
     return [plotting.chart("accuracy vs the selection's recall", "measured recall vs exact top-k",
                            "held-out accuracy", by_recall),
-            plotting.chart("accuracy per decode setting", "decode setting", "held-out accuracy", by_setting)]
+            plotting.chart("accuracy per decode setting", "decode setting", "held-out accuracy", by_setting,
+                           kind="bar")]
 
 
 if __name__ == "__main__":

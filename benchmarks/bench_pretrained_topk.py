@@ -9,7 +9,7 @@ to dense.  With sentence-transformers importable it also prints the dense embedd
 abs difference to the package's own PyTorch model.
 
     python benchmarks/bench_pretrained_topk.py                      # k = 4 8 16 32 64
-    python benchmarks/bench_pretrained_topk.py --k 16 32 --sinks 1 --window 1 --json out.json
+    python benchmarks/bench_pretrained_topk.py --k 16 32 --sinks 1 --window 1 --json out.json   # and out.png
     python benchmarks/bench_pretrained_topk.py --dense-layers -1     # top-k in all but the last layer
     python benchmarks/bench_pretrained_topk.py --tail mean           # dropped mass to the mean unselected value
 
@@ -20,6 +20,7 @@ import os
 import time
 
 import numpy as np
+import plotting
 
 from topkattn.pretrained.bert import load_minilm
 from topkattn.pretrained.samples import eval_texts
@@ -46,6 +47,7 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", help="write the results to this path")
+    ap.add_argument("--png", default=None, help="cosine and time vs k chart [default: the --json path with .png]")
     args = ap.parse_args(argv)
     tail = None if args.tail == "none" else args.tail
 
@@ -107,12 +109,25 @@ def main(argv=None):
     except ImportError:
         print("sentence-transformers not importable: PyTorch comparison skipped")
 
+    ks = [r["k"] for r in rows]
+    charts = [plotting.chart("embedding quality vs k", "k (keys per query)", "cosine to dense / fraction",
+                             [plotting.series("mean cosine", ks, [r["mean_cos"] for r in rows]),
+                              plotting.series("min cosine", ks, [r["min_cos"] for r in rows]),
+                              plotting.series("same nearest neighbour", ks,
+                                              [r["same_nearest_neighbour"] for r in rows])], xscale="log"),
+              plotting.chart("encode time vs k", "k (keys per query)", "time / dense time",
+                             [plotting.series("top-k", ks, [r["time_ratio_to_dense"] for r in rows])],
+                             xscale="log")]
     if args.json:
         doc = {"texts": len(texts), "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()),
                "tokens_mean": float(lengths.mean()), "sinks": args.sinks, "window": args.window,
                "dense_layers": args.dense_layers, "tail": args.tail, "device": args.device,
-               "dense_seconds": t_dense, "rows": rows, "dense_vs_sentence_transformers_max_abs_diff": st_diff}
+               "dense_seconds": t_dense, "rows": rows, "dense_vs_sentence_transformers_max_abs_diff": st_diff,
+               "plots": charts}
         atomic_write_json(args.json, doc, prefix=".bench-")
+    plotting.save_png(charts, plotting.png_path(args.png, args.json),
+                      title=f"all-MiniLM-L6-v2 with top-k attention, {len(texts)} texts, sinks={args.sinks} "
+                            f"window={args.window} tail={args.tail}")
 
 
 if __name__ == "__main__":

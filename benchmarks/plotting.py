@@ -31,9 +31,10 @@ def series(label, x, y, *, alpha=None):
     return s
 
 
-def chart(title, xlabel, ylabel, lines, *, xscale="linear", yscale="linear"):
-    """A chart spec (see :mod:`topkattn.cli.plot`) with the series ``lines``."""
-    return {"title": title, "xlabel": xlabel, "ylabel": ylabel, "xscale": xscale, "yscale": yscale,
+def chart(title, xlabel, ylabel, lines, *, xscale="linear", yscale="linear", kind="line"):
+    """A chart spec (see :mod:`topkattn.cli.plot`) with the series ``lines``; ``kind="bar"``:
+    grouped bars over categories (the x values, e.g. method names)."""
+    return {"title": title, "xlabel": xlabel, "ylabel": ylabel, "xscale": xscale, "yscale": yscale, "kind": kind,
             "series": list(lines)}
 
 

@@ -8,11 +8,13 @@ What can be drawn:
   ``benchmarks/plotting.py``): each entry a chart
 
       {"title": str, "xlabel": str, "ylabel": str, "xscale": "linear"|"log", "yscale": "linear"|"log",
+       "kind": "line"|"bar",
        "series": [{"label": str, "x": [number or str], "y": [number or null], "alpha": float (optional)}]}
 
-  (null y values are gaps).  :func:`check_charts` validates a list of charts and
-  :func:`draw_charts` draws them into one PNG (one panel each, two per row); the benchmarks
-  use both, so a PNG they write and the one this command redraws from their JSON are the same.
+  (null y values are gaps; "bar" draws grouped bars over the categories of the first series'
+  x).  :func:`check_charts` validates a list of charts and :func:`draw_charts` draws them
+  into one PNG (one panel each, two per row); the benchmarks use both, so a PNG they write
+  and the one this command redraws from their JSON are the same.
 
 matplotlib is optional (``pip install 'topkattn[plot]'``); it is imported only to draw.
 """
@@ -26,6 +28,7 @@ import click
 from topkattn.cli.common import command, fail
 
 SCALES = ("linear", "log")
+KINDS = ("line", "bar")
 MATPLOTLIB_MISSING = "plotting needs matplotlib: pip install 'topkattn[plot]'"
 
 
@@ -44,6 +47,8 @@ def check_charts(charts):
         for key in ("xscale", "yscale"):
             if c.get(key, "linear") not in SCALES:
                 raise ChartError(f"{where}.{key} must be 'linear' or 'log', got {c.get(key)!r}")
+        if c.get("kind", "line") not in KINDS:
+            raise ChartError(f"{where}.kind must be 'line' or 'bar', got {c.get('kind')!r}")
         series = c.get("series")
         if not isinstance(series, list) or not series:
             raise ChartError(f"{where}.series must be a non-empty list")
@@ -77,7 +82,9 @@ def draw_charts(charts, path, *, title=None):
     for ax, c in zip(axes, charts):
         # scales first: setting one after plotting would reset a categorical axis's labels
         ax.set(xscale=c.get("xscale", "linear"), yscale=c.get("yscale", "linear"))
-        for s in c["series"]:
+        if c.get("kind", "line") == "bar":
+            _bars(ax, c["series"])
+        for s in c["series"] if c.get("kind", "line") == "line" else ():
             y = [math.nan if v is None else v for v in s["y"]]
             ax.plot(s["x"], y, marker="o" if len(y) <= 40 else None, markersize=4, alpha=s.get("alpha", 1.0),
                     label=s.get("label"))
@@ -94,6 +101,17 @@ def draw_charts(charts, path, *, title=None):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     atomic_write(os.fspath(path), lambda f: f.write(buf.getvalue()), prefix=".plot-")
+
+
+def _bars(ax, series):
+    """Grouped bars: one group per category (the first series' x), one bar per series."""
+    cats = [str(v) for v in series[0]["x"]]
+    width = 0.8 / len(series)
+    for i, s in enumerate(series):
+        y = dict(zip((str(v) for v in s["x"]), s["y"]))
+        ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(cats))],
+               [math.nan if y.get(cat) is None else y[cat] for cat in cats], width, label=s.get("label"))
+    ax.set_xticks(range(len(cats)), cats)
 
 
 def history_charts(history, metrics=None):

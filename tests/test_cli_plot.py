@@ -93,7 +93,10 @@ def test_benchmark_json_png(tmp_path):
         assert r.exit_code == 0, r.output
         sizes[n] = png_size(tmp_path / f"bench{n}.png")  # default: beside the JSON
     assert sizes[3][0] > sizes[1][0] and sizes[3][1] > sizes[1][1]  # 2 columns x 2 rows of panels
-    cat = {"plots": [{"title": "per setting", "series": [{"label": "a", "x": ["exact", "lorann"], "y": [1, 0.9]}]}]}
+    names = ["exact", "lorann"]
+    cat = {"plots": [{"title": "per setting", "series": [{"label": "a", "x": names, "y": [1, 0.9]}]},
+                     {"title": "bars", "kind": "bar", "series": [{"label": "a", "x": names, "y": [1, 0.9]},
+                                                                 {"label": "b", "x": names, "y": [1, None]}]}]}
     (tmp_path / "cat.json").write_text(json.dumps(cat))
     assert _plot(str(tmp_path / "cat.json"), "-o", str(tmp_path / "c.png")).exit_code == 0
     assert png_size(tmp_path / "c.png")[0] > 0
@@ -105,6 +108,7 @@ def test_benchmark_json_png(tmp_path):
     ({"plots": [{"series": [{"x": [1, 2], "y": [1]}]}]}, "plots[0].series[0]: x has 2 values, y 1"),
     ({"plots": [{"series": [{"x": [1], "y": ["a"]}]}]}, "plots[0].series[0].y must hold numbers"),
     ({"plots": [{"xscale": "cubic", "series": [{"x": [1], "y": [1]}]}]}, "plots[0].xscale"),
+    ({"plots": [{"kind": "pie", "series": [{"x": [1], "y": [1]}]}]}, "plots[0].kind must be 'line' or 'bar'"),
     ({"loss": []}, "no per-step 'loss' list"),
 ])
 def test_bad_documents_fail_in_one_line(tmp_path, doc, msg):
