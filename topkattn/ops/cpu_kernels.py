@@ -5,6 +5,10 @@ Compiled lazily on first call and cached on disk (:func:`topkattn.threads.njit`:
 real compile prints one line on stderr).
 """
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from topkattn.threads import njit
 
@@ -71,3 +75,238 @@ def scatter_add_rows(out, rows, vals):
             continue
         for d in range(D):
             out[r, d] += vals[i, d]
+
+
+# -- fused exact decode selection: one pass over a KV head's cache, every head it serves ----
+# fast-math without "no NaN / no inf": NaN scores rank above every number and -inf is a score
+_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+DECODE_BLOCK = 64  # keys scored per tile: the (64, heads) tile and the key rows stay in L1
+PANEL_KEYS = 8  # keys per vector panel (8 accumulators of one vector each)
+
+
+@njit(fastmath=_FAST)
+def decode_topm_scan(keys, qs, qt, j0, j1, m, vals, ids):
+    """Each head's ``m`` best keys among keys j0 .. j1-1 for one decode query, in one pass.
+
+    keys: (S, D) C-contiguous, one KV head's cache rows; qs: (rep, D) the scaled queries of the
+    rep heads that read it; qt: (D, Hp) their transpose, zero-padded to Hp heads, a multiple
+    of the vector width (64 bytes: 16 float32 or 8 float64 heads), or an empty (0, 0) array
+    for few heads.  vals, ids: (rep, m) receive each head's best scores and key indices in
+    rank order (score descending, ties to the lower key, NaN above every number), padded
+    with -inf / -1 when fewer than m keys are scanned.
+
+    Keys are scored ``DECODE_BLOCK`` at a time into a small tile while they are in cache:
+    with ``qt`` by :func:`_panel`, which holds one vector of heads per key (every head
+    against a key at once, no horizontal sums; equal keys get equal scores), else by
+    :func:`_score_tile_narrow` (dot products along D).  Each head keeps a sorted buffer of
+    m entries and a threshold, so almost every score costs one comparison.  Serial and
+    ``nogil``: callers run key ranges on worker threads and merge them with :func:`merge_topm`.
+    Reference: :func:`topkattn.ops.reference.rank_row` over the scores ``qs @ keys.T``.
+    """
+    rep = qs.shape[0]
+    Hp = qt.shape[1]
+    wide = Hp > 0
+    lanes = 64 // keys.itemsize
+    vals[:, :] = -np.inf
+    ids[:, :] = -1
+    n = np.zeros(rep, dtype=np.int64)
+    thresh = np.full(rep, -np.inf, dtype=vals.dtype)
+    tile = np.empty((DECODE_BLOCK, Hp if wide else rep), dtype=vals.dtype)  # (keys, heads)
+    top = np.empty(rep, dtype=vals.dtype)
+    for b0 in range(j0, j1, DECODE_BLOCK):
+        nb = min(DECODE_BLOCK, j1 - b0)
+        if wide:
+            for t in range(0, nb, PANEL_KEYS):
+                for c0 in range(0, Hp, lanes):
+                    _panel(keys, qt, tile, b0 + t, min(PANEL_KEYS, nb - t), t, c0)
+        else:
+            _score_tile_narrow(keys, qs, b0, nb, tile)
+        top[:] = -np.inf  # (heads,) each head's best score in the tile, NaN taken as +inf
+        for t in range(nb):
+            for h in range(rep):
+                s = tile[t, h]
+                if s != s:
+                    s = np.inf
+                if s > top[h]:
+                    top[h] = s
+        for h in range(rep):
+            th = thresh[h]
+            if n[h] == m and top[h] <= th:
+                continue  # nothing in this tile beats the head's m-th best (the usual case)
+            for t in range(nb):
+                s = tile[t, h]
+                if s != s:
+                    s = np.inf
+                if n[h] == m:
+                    if not s > th:
+                        continue
+                    p = m - 2
+                else:
+                    p = n[h] - 1
+                    n[h] += 1
+                while p >= 0 and vals[h, p] < s:
+                    vals[h, p + 1] = vals[h, p]
+                    ids[h, p + 1] = ids[h, p]
+                    p -= 1
+                vals[h, p + 1] = s
+                ids[h, p + 1] = b0 + t
+                if n[h] == m:
+                    th = vals[h, m - 1]
+            thresh[h] = th
+
+
+@intrinsic
+def _panel(typingctx, keys, qt, tile, j0, nk, t0, c0):
+    """tile[t0 + k, c0:c0 + W] = sum_d qt[d, c0:c0 + W] * keys[j0 + k, d] for k < nk (nk <= PANEL_KEYS).
+
+    W = one 64-byte vector of heads (16 float32, 8 float64).  The PANEL_KEYS keys share each
+    loaded vector of queries; each key's scores are one vector accumulator updated by one
+    fused multiply-add per d, in order d = 0 .. D-1 (the same arithmetic for every key).
+    Keys past nk re-read key j0 + nk - 1 and are not stored.  The caller guarantees the
+    shapes: keys (S, D), qt (D, Hp), tile (n, Hp), c0 + W <= Hp, all C-contiguous.
+    """
+    sig = types.void(keys, qt, tile, j0, nk, t0, c0)
+
+    def codegen(context, builder, signature, args):
+        kty, qty, tty = signature.args[:3]
+        kk, qq, tt = (context.make_array(t)(context, builder, a) for t, a in zip((kty, qty, tty), args[:3]))
+        j0v, nkv, t0v, c0v = args[3:]
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        fp = context.get_value_type(kty.dtype)
+        width = 16 if kty.dtype == types.float32 else 8
+        vec = ir.VectorType(fp, width)
+        n_dim = cgutils.unpack_tuple(builder, kk.shape, 2)[1]  # D
+        n_head = cgutils.unpack_tuple(builder, qq.shape, 2)[1]  # Hp
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                             "llvm.fma.v16f32" if width == 16 else "llvm.fma.v8f64")
+        undef = ir.Constant(vec, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(i32, width), [0] * width)
+        last = builder.sub(nkv, ir.Constant(i64, 1))
+        rows = []
+        for k in range(PANEL_KEYS):
+            kc = ir.Constant(i64, k)
+            j = builder.add(j0v, builder.select(builder.icmp_signed("<", kc, nkv), kc, last))
+            rows.append(builder.gep(kk.data, [builder.mul(j, n_dim)]))
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(PANEL_KEYS)]
+        with cgutils.for_range(builder, n_dim) as loop:
+            d = loop.index
+            qptr = builder.gep(qq.data, [builder.add(builder.mul(d, n_head), c0v)])
+            qv = builder.load(builder.bitcast(qptr, vec.as_pointer()), align=fp_align(kty))
+            for k in range(PANEL_KEYS):
+                kv = builder.insert_element(undef, builder.load(builder.gep(rows[k], [d])), ir.Constant(i32, 0))
+                kv = builder.shuffle_vector(kv, undef, splat)
+                builder.store(builder.call(fma, [qv, kv, builder.load(accs[k])]), accs[k])
+        for k in range(PANEL_KEYS):
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, k), nkv)):
+                row = builder.add(t0v, ir.Constant(i64, k))
+                tptr = builder.gep(tt.data, [builder.add(builder.mul(row, n_head), c0v)])
+                builder.store(builder.load(accs[k]), builder.bitcast(tptr, vec.as_pointer()), align=fp_align(kty))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def fp_align(array_type):
+    """Byte alignment the vector loads and stores of :func:`_panel` assume: one element."""
+    return 4 if array_type.dtype == types.float32 else 8
+
+
+@njit(fastmath=_FAST, inline="always")
+def _score_tile_narrow(keys, qs, b0, nb, tile):
+    """tile[t, h] = qs[h] . keys[b0 + t] for t < nb, for few heads (rep < one vector's half).
+
+    Every score comes out of the same arithmetic whatever its position (keys are taken in
+    groups, the last group padded by repeating its last key; heads in blocks of 4, the last
+    block shifted back to end at rep): equal keys get equal scores, so ties stay exact.
+    4 heads x 2 keys per step (each key row loaded once per 4 heads) when rep >= 4, else
+    one head x 4 keys.
+    """
+    rep, D = qs.shape
+    zero = tile.dtype.type(0)
+    if rep >= 4:
+        for t in range(0, nb, 2):
+            ja = b0 + t
+            jb = b0 + min(t + 1, nb - 1)
+            for hb in range(0, rep, 4):
+                h = min(hb, rep - 4)
+                s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = zero
+                for d in range(D):
+                    ka = keys[ja, d]
+                    kb = keys[jb, d]
+                    q0 = qs[h, d]
+                    q1 = qs[h + 1, d]
+                    q2 = qs[h + 2, d]
+                    q3 = qs[h + 3, d]
+                    s00 += q0 * ka
+                    s01 += q0 * kb
+                    s10 += q1 * ka
+                    s11 += q1 * kb
+                    s20 += q2 * ka
+                    s21 += q2 * kb
+                    s30 += q3 * ka
+                    s31 += q3 * kb
+                tile[t, h] = s00
+                tile[t, h + 1] = s10
+                tile[t, h + 2] = s20
+                tile[t, h + 3] = s30
+                if t + 1 < nb:
+                    tile[t + 1, h] = s01
+                    tile[t + 1, h + 1] = s11
+                    tile[t + 1, h + 2] = s21
+                    tile[t + 1, h + 3] = s31
+    else:
+        for t in range(0, nb, 4):
+            j1 = b0 + min(t + 1, nb - 1)
+            j2 = b0 + min(t + 2, nb - 1)
+            j3 = b0 + min(t + 3, nb - 1)
+            for h in range(rep):
+                s0 = s1 = s2 = s3 = zero
+                for d in range(D):
+                    q = qs[h, d]
+                    s0 += q * keys[b0 + t, d]
+                    s1 += q * keys[j1, d]
+                    s2 += q * keys[j2, d]
+                    s3 += q * keys[j3, d]
+                tile[t, h] = s0
+                if t + 1 < nb:
+                    tile[t + 1, h] = s1
+                if t + 2 < nb:
+                    tile[t + 2, h] = s2
+                if t + 3 < nb:
+                    tile[t + 3, h] = s3
+
+
+@njit
+def merge_topm(part_vals, part_ids, vals, ids):
+    """Merge ranked lists: vals, ids (rep, m) <- the m best of part_vals, part_ids (L, rep, m).
+
+    Each part holds the ranked top-m of a disjoint key range (from :func:`decode_topm_scan`,
+    -1 = empty); the result ranks by score descending, ties to the lower key (NaN was taken
+    as +inf by the scan).  Reference: :func:`topkattn.ops.reference.rank_row`.
+    """
+    L, rep, m = part_vals.shape
+    vals[:, :] = -np.inf
+    ids[:, :] = -1
+    for h in range(rep):
+        n = 0
+        for part in range(L):
+            for i in range(m):
+                j = part_ids[part, h, i]
+                if j < 0:
+                    break
+                s = part_vals[part, h, i]
+                if n == m:
+                    if s < vals[h, m - 1] or (s == vals[h, m - 1] and j > ids[h, m - 1]):
+                        if s < vals[h, m - 1]:
+                            break  # the rest of this part ranks lower still
+                        continue
+                    p = m - 2
+                else:
+                    p = n - 1
+                    n += 1
+                while p >= 0 and (vals[h, p] < s or (vals[h, p] == s and ids[h, p] > j)):
+                    vals[h, p + 1] = vals[h, p]
+                    ids[h, p + 1] = ids[h, p]
+                    p -= 1
+                vals[h, p + 1] = s
+                ids[h, p + 1] = j

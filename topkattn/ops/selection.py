@@ -269,19 +269,91 @@ def decode_scores(query, keys, scale):
     return s.reshape(B, H, S)
 
 
-def rank_decode_candidates(query, keys, bounds, m, scale):
+def rank_decode_candidates(query, keys, bounds, m, scale, impl="auto"):
     """(B*H, m) int64: the exact ranking of each decode row's candidates (not forced keys), -1 padded.
 
-    ``bounds``: the :class:`RowBounds` of the decode row (S keys, T = 1).
+    ``bounds``: the :class:`RowBounds` of the decode row (S keys, T = 1).  ``impl``: "auto"
+    (the fused Numba scan of :func:`fused_decode_ranking` for NumPy float arrays when Numba
+    is importable, else the xp path), "numba" or "numpy" (scores for every key with one
+    matrix product per KV head, then :func:`ranked_topm_xp`; CuPy takes this path).
     """
     xp = get_array_module(query, keys)
+    if _choose_fused(impl, xp, query, keys):
+        kg = grouped_keys(keys, query.shape[1])
+        c0 = min(bounds.sinks, bounds.S)  # the decode row's candidates are one range: sinks .. window
+        return fused_decode_ranking(query, kg, c0, c0 + max(int(bounds.n_candidates()[0]), 0), m, scale)
     B, H, _ = query.shape
     s = decode_scores(query, keys, scale).reshape(B * H, bounds.S)
     cand = xp.broadcast_to(xp.asarray(bounds.candidate_mask(0, 1, bounds.S)), s.shape)
     return ranked_topm_xp(s, cand, m)
 
 
-def select_decode(query, keys, *, topk, sinks=0, window=0, scale=1.0, tail_bound=None):
+# multiply-adds per worker task (about a millisecond here): less work runs on the calling thread
+FUSED_TASK_WORK = 1 << 22
+
+
+def fused_decode_ranking(query, kg, c0, c1, m, scale):
+    """(B*H, m) int64: each decode row's m best keys among c0 .. c1-1, ranked, -1 padded.
+
+    query (B, H, D) NumPy; kg (B, G, S, D) NumPy (e.g. a view of a cache buffer; each (b, g)
+    slice with contiguous rows is read in place).  One pass over the cache: every KV head's
+    rows are scored against all the query heads that read it while they are in cache, each
+    head keeping a sorted top-m buffer (:func:`topkattn.ops.cpu_kernels.decode_topm_scan`);
+    the key range is split into chunks scanned on the worker pool and the chunks' lists are
+    merged (:func:`topkattn.ops.cpu_kernels.merge_topm`).  No (H, S) score matrix is made.
+    Scores are ``(scale * q) . k`` in the inputs' dtype; the rule is that of
+    :func:`ranked_topm_xp` (score descending, ties to the lower key, NaN above every number).
+    """
+    B, H, D = query.shape
+    G = kg.shape[1]
+    rep = H // G
+    ranked = np.full((B, G, rep, m), -1, dtype=np.int64)
+    n_cand = c1 - c0
+    if m == 0 or n_cand <= 0 or B * H == 0:
+        return ranked.reshape(B * H, m)
+    dt = np.result_type(query.dtype, kg.dtype)
+    qs = (query * query.dtype.type(scale)).astype(dt, copy=False).reshape(B, G, rep, D)
+    pairs = [(b, g) for b in range(B) for g in range(G)]
+    work = len(pairs) * n_cand * max(D, 1) * rep
+    nw = n_workers()
+    n_tasks = 1 if nw == 1 else min(4 * nw, work // FUSED_TASK_WORK)
+    per_pair = max(1, -(-n_tasks // len(pairs)))  # chunks of each (b, g) key range
+    step = -(-n_cand // per_pair)
+    tasks = [(i, j0, min(c1, j0 + step)) for i in range(len(pairs)) for j0 in range(c0, c1, step)]
+    vals = np.empty((len(tasks), rep, m), dtype=dt)
+    ids = np.empty((len(tasks), rep, m), dtype=np.int64)
+    lanes = 64 // dt.itemsize  # heads per vector
+    Hp = -(-rep // lanes) * lanes if 2 * rep >= lanes else 0  # vector panels from half a vector of heads
+    keys_of, q_of, qt_of = {}, {}, {}
+    for i, (b, g) in enumerate(pairs):
+        keys_of[i] = np.ascontiguousarray(kg[b, g], dtype=dt)  # (S, D): a view when rows are contiguous
+        q_of[i] = np.ascontiguousarray(qs[b, g])  # (rep, D)
+        qt_of[i] = np.zeros((D if Hp else 0, Hp), dtype=dt)  # (D, Hp) heads padded with zeros
+        qt_of[i][:, :rep] = q_of[i].T if Hp else 0
+
+    def run(lo, hi):  # tasks lo .. hi-1 on one thread
+        for t in range(lo, hi):
+            i, j0, j1 = tasks[t]
+            _cpu_kernels.decode_topm_scan(keys_of[i], q_of[i], qt_of[i], j0, j1, m, vals[t], ids[t])
+
+    n_jobs = min(len(tasks), max(n_tasks, 1))
+    bounds = [len(tasks) * r // n_jobs for r in range(n_jobs + 1)]
+    if n_jobs <= 1:
+        run(0, len(tasks))
+    else:
+        for job in [pool().submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+            job.result()
+    if per_pair == 1 and len(tasks) == len(pairs):
+        ranked[...] = ids.reshape(B, G, rep, m)
+    else:
+        out_vals = np.empty((rep, m), dtype=dt)
+        for i, (b, g) in enumerate(pairs):
+            mine = [t for t, task in enumerate(tasks) if task[0] == i]
+            _cpu_kernels.merge_topm(vals[mine[0]:mine[-1] + 1], ids[mine[0]:mine[-1] + 1], out_vals, ranked[b, g])
+    return ranked.reshape(B * H, m)
+
+
+def select_decode(query, keys, *, topk, sinks=0, window=0, scale=1.0, tail_bound=None, impl="auto"):
     """Exact selection for one decode query per row: ``(idx (B, H, K), k (B, H), certified)``.
 
     query (B, H, D) at position S - 1; keys (B, S, D) shared by all heads, or (B, G, S, D)
@@ -289,7 +361,7 @@ def select_decode(query, keys, *, topk, sinks=0, window=0, scale=1.0, tail_bound
     the ``topk`` best remaining keys, ties to the lower index), -1 padded.  With
     ``tail_bound`` it is :func:`select_dynamic_topk` with ``topk`` as the cap.  ``k`` is the
     number of keys each row selected besides forced ones; ``certified`` is None for a
-    fixed k, else (B, H) bool.
+    fixed k, else (B, H) bool.  ``impl`` (fixed k): see :func:`rank_decode_candidates`.
     """
     xp = get_array_module(query, keys)
     B, H, _ = query.shape
@@ -303,7 +375,8 @@ def select_decode(query, keys, *, topk, sinks=0, window=0, scale=1.0, tail_bound
     forced = xp.asarray(bounds.forced_indices())  # (1, P' + W')
     parts = [xp.broadcast_to(forced[None], (B, H, forced.shape[1]))]
     if bounds.n_sel:
-        parts.append(rank_decode_candidates(query, kg, bounds, bounds.n_sel, scale).reshape(B, H, bounds.n_sel))
+        ranked = rank_decode_candidates(query, kg, bounds, bounds.n_sel, scale, impl=impl)  # (B*H, K')
+        parts.append(ranked.reshape(B, H, bounds.n_sel))
     idx = xp.concatenate(parts, axis=-1).astype(xp.int64)
     k = xp.full((B, H), min(bounds.n_sel, int(bounds.n_candidates()[0])), dtype=xp.int64)
     return idx, k, None
@@ -365,6 +438,18 @@ def _ranked_chunks(q, k, bounds, m, causal, scale, chunk_size, impl):
             jobs = [pool().submit(numba_chunk, *span) for span in spans[i:i + nw]]
             for job in jobs:
                 yield job.result()
+
+
+def _choose_fused(impl, xp, query, keys):
+    """Use the fused Numba decode scan? "auto": NumPy float32/float64 inputs with Numba importable."""
+    if impl not in ("auto", "numba", "numpy"):
+        raise ValueError(f"impl must be 'auto', 'numba' or 'numpy', got {impl!r}")
+    floats = query.dtype in (np.float32, np.float64) and keys.dtype in (np.float32, np.float64)
+    if impl == "numba":
+        if xp is not np or not floats or _cpu_kernels is None:
+            raise ValueError("impl='numba' needs NumPy float32/float64 arrays and numba")
+        return True
+    return impl == "auto" and xp is np and floats and _cpu_kernels is not None
 
 
 def _choose_numba(impl, xp):
