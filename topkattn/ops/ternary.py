@@ -343,8 +343,8 @@ def _quantize_acts(x, bits, eps):
 def _run_kernel(x2, codes, out):
     """The Numba kernel over all output rows, in blocks on the worker pool when it pays."""
     d_out = codes.shape[0]
-    nw = min(n_workers(), d_out)
-    if nw <= 1 or x2.shape[0] * d_out * x2.shape[1] < _PARALLEL_MIN_WORK:
+    nw = 1 if x2.shape[0] * d_out * x2.shape[1] < _PARALLEL_MIN_WORK else min(n_workers(), d_out)
+    if nw <= 1:
         _kernels.ternary_matmul_rows(x2, codes, out, 0, d_out)
         return
     bounds = np.linspace(0, d_out, nw + 1).astype(np.int64)

@@ -23,11 +23,13 @@ def ternary_matmul_rows(x, codes, out, o0, o1):
     x: (N, Din) float32 or float64, C-contiguous; codes: (Dout, nb) uint8, the packed ternary
     weights w(o, j) in {-1, 0, +1} (layout in the module docstring; code 3 reads as 0);
     out: (N, Dout) of x's dtype (the caller zero-fills it and multiplies by the scale).
-    Per output row: the row's bytes are copied into a zero-padded run of 64-bit words, each
-    plane decoded eight weights per word to int8 (per byte: ((bit0 | 0x80) - bit1) ^ 0x80,
-    borrow-free), widened to x's dtype in x's order, then dotted with every row of x.
-    Sums are reassociated (vectorised), so float results equal the reference to rounding;
-    integer-valued inputs give exact sums.
+    Per output row: the row's bytes are copied into a zero-padded run of 64-bit words and each
+    plane is decoded eight weights per word to int8 (per byte: ((bit0 | 0x80) - bit1) ^ 0x80,
+    borrow-free).  Few rows (N <= 4, decode): each row of x is dotted with the int8 planes
+    directly; more rows: the planes are widened once to x's dtype, in x's order, then dotted.
+    Loops run over slices so that indices are provably non-negative (Numba's wraparound
+    checks would stop vectorisation).  Sums are reassociated (vectorised): float results
+    equal the reference to rounding, integer-valued inputs give exact sums.
     Reference: :func:`topkattn.ops.ternary.packed_matmul_reference`.
     """
     N, Din = x.shape
@@ -36,27 +38,45 @@ def ternary_matmul_rows(x, codes, out, o0, o1):
     raw = np.zeros(nw * 8, dtype=np.uint8)
     raw64 = raw.view(np.uint64)
     planes = np.zeros(4 * nw, dtype=np.uint64)
-    w8 = planes.view(np.int8)  # plane i: bytes [8 * nw * i, 8 * nw * i + nbt)
-    wf = np.zeros(Din, dtype=out.dtype)  # the decoded weight row in x's order
+    w8 = planes.view(np.int8)  # plane i: bytes [8 * nw * i, 8 * nw * i + nb)
+    wf = np.zeros(Din, dtype=out.dtype)  # the decoded weight row in x's order (N > 4)
     for o in range(o0, o1):
+        row = codes[o]
         for jb in range(nbt):
-            raw[jb] = codes[o, jb]
+            raw[jb] = row[jb]
         for i in range(4):
             sh0 = np.uint64(2 * i)
             sh1 = np.uint64(2 * i + 1)
+            plane = planes[i * nw:(i + 1) * nw]
             for w in range(nw):
                 v = raw64[w]
-                pos = (v >> sh0) & _LOW_BITS
-                neg = (v >> sh1) & _LOW_BITS
-                planes[i * nw + w] = ((pos | _HIGH_BITS) - neg) ^ _HIGH_BITS
+                plane[w] = ((((v >> sh0) & _LOW_BITS) | _HIGH_BITS) - ((v >> sh1) & _LOW_BITS)) ^ _HIGH_BITS
+        if N <= 4:
+            for n in range(N):
+                acc = out[n, o]
+                for i in range(4):
+                    j0 = i * nbt
+                    n_i = min(nbt, Din - j0)
+                    if n_i <= 0:
+                        break
+                    xs = x[n, j0:j0 + n_i]
+                    ws = w8[8 * nw * i:8 * nw * i + n_i]
+                    for jb in range(n_i):
+                        acc += xs[jb] * ws[jb]
+                out[n, o] = acc
+            continue
         for i in range(4):
             j0 = i * nbt
             n_i = min(nbt, Din - j0)
-            p0 = 8 * nw * i
+            if n_i <= 0:
+                break
+            dst = wf[j0:j0 + n_i]
+            src = w8[8 * nw * i:8 * nw * i + n_i]
             for jb in range(n_i):
-                wf[j0 + jb] = w8[p0 + jb]
+                dst[jb] = src[jb]
         for n in range(N):
             acc = out[n, o]
+            xs = x[n]
             for j in range(Din):
-                acc += x[n, j] * wf[j]
+                acc += xs[j] * wf[j]
             out[n, o] = acc
