@@ -155,3 +155,31 @@ def test_select_decode_auto_uses_the_fused_path(monkeypatch):
     np.testing.assert_array_equal(a, select_decode(query, keys[:, 0], topk=3, impl="numpy")[0])
     with pytest.raises(ValueError, match="impl must be"):
         select_decode(query, keys[:, 0], topk=3, impl="fast")
+
+
+@pytest.mark.parametrize("tail_bound", [None, 0.05])
+def test_exact_selector_reads_the_cache_once_and_reports_the_measured_recall(monkeypatch, tail_bound):
+    """ExactSelector's recall bookkeeping (exact_recall) equals recall_hits' re-ranked
+    measurement, without the second scoring pass."""
+    from topkattn.decoding import ExactSelector
+    from topkattn.decoding import selectors as sel_mod
+
+    class Cache:
+        def __init__(self, keys):
+            self.keys = keys
+
+    rng = np.random.default_rng(9)
+    query, keys = _integer_case(rng, 2, 1, 4, 60, 5, np.float64)
+    cache = Cache(keys[:, 0])
+    kw = dict(topk=6, sinks=2, window=3, scale=0.5)
+    measured = ExactSelector(tail_bound=tail_bound, max_topk=6 if tail_bound else None)
+    measured.selects_exactly = False  # the base class's measurement: re-rank and compare
+    idx_m = measured(query, cache, **kw)
+    calls = []
+    real = sel_mod.recall_hits
+    monkeypatch.setattr(sel_mod, "recall_hits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = ExactSelector(tail_bound=tail_bound, max_topk=6 if tail_bound else None)
+    np.testing.assert_array_equal(fast(query, cache, **kw), idx_m)
+    assert not calls
+    assert fast.stats.to_dict() == measured.stats.to_dict()
+    assert fast.stats.recall == 1.0 and fast.stats.hits > 0

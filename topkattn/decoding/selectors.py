@@ -134,6 +134,8 @@ class DecodeSelector:
     unless dynamic k).
     """
 
+    selects_exactly = False  # True: the selection is the exact ranking itself (recall 1 without a re-rank)
+
     def __init__(self, *, tail_bound=None, max_topk=None, measure_recall=True):
         if max_topk is not None and tail_bound is None:
             raise ValueError("max_topk applies only with tail_bound (dynamic k)")
@@ -184,7 +186,8 @@ class DecodeSelector:
         if certified is not None:
             self.stats.add_certified(certified)
         if self.measure_recall:
-            hits, wanted, rank_hits, rank_wanted = recall_hits(query, keys, idx, k_row, ctx, by_rank=True)
+            measure = exact_recall if self.selects_exactly else recall_hits
+            hits, wanted, rank_hits, rank_wanted = measure(query, keys, idx, k_row, ctx, by_rank=True)
             self.stats.add_recall(hits, wanted, rank_hits, rank_wanted)
         return idx
 
@@ -220,6 +223,8 @@ class ExactSelector(DecodeSelector):
     kernels of :mod:`topkattn.cuda.mla_decode`, same rule; CuPy arrays on a GPU, NumPy under
     the simulator; an MLA latent cache (B, S, C + R) and a fixed k only).
     """
+
+    selects_exactly = True  # its recall is 1 by construction: no second pass to measure it
 
     def __init__(self, *, impl="xp", tail_bound=None, max_topk=None, measure_recall=True):
         super().__init__(tail_bound=tail_bound, max_topk=max_topk, measure_recall=measure_recall)
@@ -304,6 +309,22 @@ def recall_hits(query, keys, idx, k_row, ctx, by_rank=False):
     hits = found.sum(axis=1)
     if by_rank:
         return hits, wanted, found.sum(axis=0), sought.sum(axis=0)
+    return hits, wanted
+
+
+def exact_recall(query, keys, idx, k_row, ctx, by_rank=False):
+    """:func:`recall_hits` of a selection that is the exact ranking itself: every sought key found.
+
+    Same returns, without scoring the cache again (an exact decode step reads it once, not twice).
+    """
+    xp = ctx.xp
+    B, H, K = idx.shape
+    m = max(K - ctx.n_forced, 0)
+    wanted = xp.minimum(xp.asarray(k_row).reshape(B * H), ctx.n_cand)
+    sought = xp.arange(m)[None, :] < wanted[:, None]  # (B*H, m): exact ranks the row seeks
+    hits = sought.sum(axis=1)
+    if by_rank:
+        return hits, wanted, sought.sum(axis=0), sought.sum(axis=0)
     return hits, wanted
 
 
