@@ -4,16 +4,23 @@ Every check names the argument and what it received: ``TypeError`` for a wrong t
 ``ValueError`` for a value of the right type outside its range.  Each returns the value
 in its plain Python form (``int``, ``float``), so callers write ``n = check_int("n", n, 1)``.
 """
+from __future__ import annotations
+
 import dataclasses
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from topkattn.backend import FLOAT_DTYPES, get_array_module
+from topkattn.backend import FLOAT_DTYPES, Array, get_array_module
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
 
 
-def check_int(name, value, lo=None, hi=None, *, optional=False):
+def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None, *,
+              optional: bool = False) -> int | None:
     """``int(value)``; TypeError unless an integer (bool is not), ValueError outside [lo, hi].
 
     ``optional``: None is accepted too (and returned).
@@ -28,7 +35,8 @@ def check_int(name, value, lo=None, hi=None, *, optional=False):
     return int(value)
 
 
-def check_real(name, value, lo=None, hi=None, *, lo_open=False, hi_open=False):
+def check_real(name: str, value: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+               hi_open: bool = False) -> float:
     """``float(value)`` of a finite real number in the range; TypeError / ValueError otherwise.
 
     ``lo_open``/``hi_open`` exclude the bound itself.
@@ -43,7 +51,7 @@ def check_real(name, value, lo=None, hi=None, *, lo_open=False, hi_open=False):
     return v
 
 
-def check_choice(name, value, choices):
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """``value`` if it is one of the strings ``choices``; TypeError for a non-string, ValueError
     listing the choices for another string."""
     if not isinstance(value, str):
@@ -55,7 +63,7 @@ def check_choice(name, value, choices):
     return value
 
 
-def make_rng(seed, name="seed", *, allow_none=False):
+def make_rng(seed: Any, name: str = "seed", *, allow_none: bool = False) -> np.random.Generator:
     """A ``numpy.random.Generator`` from a seed.
 
     Accepts a Generator (used as is), an int, a non-empty sequence of ints, a
@@ -83,11 +91,11 @@ def make_rng(seed, name="seed", *, allow_none=False):
 class ConfigDict:
     """Mixin for dataclass configs: ``to_dict`` and a ``from_dict`` that refuses unknown keys."""
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
         if not isinstance(d, Mapping):
             raise TypeError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
@@ -96,7 +104,7 @@ class ConfigDict:
         return cls(**d)
 
 
-def float_dtype(dtype):
+def float_dtype(dtype: Any) -> np.dtype:
     """``np.dtype`` float32 or float64 from a name or dtype; TypeError otherwise."""
     try:
         dt = np.dtype(dtype)
@@ -107,7 +115,7 @@ def float_dtype(dtype):
     return dt
 
 
-def logsumexp_rows(a):
+def logsumexp_rows(a: Array) -> Array:
     """Row logsumexp of (rows, n) float scores in float64 (-inf entries ignored); -inf for empty rows.
 
     The row maximum is subtracted first, so large scores (1e4 and up) do not overflow.

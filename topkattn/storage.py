@@ -20,16 +20,24 @@ checksum.  Any problem raises :class:`StorageError` with a one-line message nami
 file; a file from before the container (no ``kind`` in its header) goes to the caller's
 ``legacy`` reader.  This module imports nothing from ``topkattn`` but the backend.
 """
+from __future__ import annotations
+
 import hashlib
 import json
 import os
+import re
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from topkattn.backend import to_numpy
+from topkattn.backend import Array, to_numpy
+
+# legacy(path, members) -> (arrays, meta, version), or None for a file it does not recognise either
+LegacyReader = Callable[[str, dict[str, np.ndarray]], "tuple[dict[str, np.ndarray], Any, int] | None"]
 
 HEADER_KEY = "__header__"
 NUMERIC_KINDS = "biufc"  # numpy dtype kinds a container holds
@@ -43,7 +51,7 @@ class MissingFileError(StorageError, FileNotFoundError):
     """The file to load does not exist (also a FileNotFoundError)."""
 
 
-def atomic_write(path, write, *, prefix):
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, prefix: str) -> None:
     """Create or replace ``path`` atomically; ``write(f)`` fills ``f``, the open binary temporary file.
 
     The file gets the permissions a plain ``open(path, "w")`` would give (0666 minus the
@@ -70,18 +78,18 @@ def atomic_write(path, write, *, prefix):
     _fsync_dir(folder)
 
 
-def atomic_savez(path, arrays, *, prefix):
+def atomic_savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], *, prefix: str) -> None:
     """Write ``arrays`` (name -> ndarray) as an uncompressed ``.npz`` at ``path``, atomically."""
     atomic_write(path, lambda f: np.savez(f, **arrays), prefix=prefix)
 
 
-def atomic_write_json(path, obj, *, prefix):
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, prefix: str) -> None:
     """Write ``obj`` as JSON (indent 1, sorted keys, trailing newline) at ``path``, atomically."""
     text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")), prefix=prefix)
 
 
-def remove_stale_temporaries(folder, prefix, also=None):
+def remove_stale_temporaries(folder: str | os.PathLike, prefix: str, also: re.Pattern[str] | None = None) -> list[str]:
     """Delete ``<prefix>*.tmp`` files in ``folder`` (left by a writer killed mid-save), and the
     names that the compiled regex ``also`` matches in full (an older writer's temporaries).
 
@@ -103,7 +111,7 @@ def remove_stale_temporaries(folder, prefix, also=None):
     return removed
 
 
-def array_digest(a):
+def array_digest(a: np.ndarray) -> str:
     """SHA-256 (hex) of an array's dtype string, shape and C-order bytes."""
     a = np.asarray(a, order="C")
     h = hashlib.sha256()
@@ -113,7 +121,8 @@ def array_digest(a):
     return h.hexdigest()
 
 
-def save_container(path, arrays, meta, *, kind, version, prefix):
+def save_container(path: str | os.PathLike, arrays: Mapping[str, Array], meta: Any, *, kind: str, version: int,
+                   prefix: str) -> None:
     """Atomically write ``arrays`` (name -> numeric array, NumPy or CuPy) and the JSON-able
     ``meta`` to ``path`` as a container of ``kind`` at format ``version``.
 
@@ -134,7 +143,8 @@ def save_container(path, arrays, meta, *, kind, version, prefix):
     atomic_savez(path, {HEADER_KEY: np.frombuffer(blob, np.uint8), **host}, prefix=prefix)
 
 
-def load_container(path, *, kind, max_version, legacy=None):
+def load_container(path: str | os.PathLike, *, kind: str, max_version: int,
+                   legacy: LegacyReader | None = None) -> tuple[dict[str, np.ndarray], Any, int]:
     """Read a container of ``kind`` written by :func:`save_container`: ``(arrays, meta, version)``.
 
     ``legacy(path, members)`` reads a file without a container header (``members``: every
@@ -164,7 +174,7 @@ def load_container(path, *, kind, max_version, legacy=None):
     return arrays, doc["meta"], version
 
 
-def verify_arrays(path, kind, arrays, listed):
+def verify_arrays(path: str | os.PathLike, kind: str, arrays: Mapping[str, np.ndarray], listed: Any) -> None:
     """Check ``arrays`` (name -> ndarray) against a header's ``{name: {"dtype", "shape",
     "sha256"}}``; :class:`StorageError` naming ``path`` on any difference."""
     if not isinstance(listed, dict):

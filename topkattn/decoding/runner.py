@@ -10,7 +10,11 @@ decoded with the selector (LoRANN, simulated recall, exact).  The logits of ever
 come back, so accuracy can be scored at any position.  :func:`evaluate_decoding` runs it
 over a data set in batches and sums accuracy, recall and the chosen k.
 """
+from __future__ import annotations
+
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,8 +24,13 @@ from topkattn.decoding.lorann import LorannSelector
 from topkattn.decoding.selectors import DecodeStats, ExactSelector, SimulatedRecallSelector
 from topkattn.layers.loss import IGNORE
 
+if TYPE_CHECKING:
+    from topkattn.decoding.selectors import DecodeSelector
+    from topkattn.model import Transformer
 
-def selector_factory(retriever, n_layers, *, recall=None, tail_bound=None, seed=0, **lorann):
+
+def selector_factory(retriever: str, n_layers: int, *, recall: float | None = None, tail_bound: float | None = None,
+                     seed: int = 0, **lorann: Any) -> Callable[[int], list[DecodeSelector]]:
     """``make(batch_number) -> [selector per layer]`` for :func:`evaluate_decoding`.
 
     retriever: "exact", "simulated" (needs ``recall``; draws from
@@ -51,12 +60,13 @@ def selector_factory(retriever, n_layers, *, recall=None, tail_bound=None, seed=
     return make
 
 
-def attention_layers(model):
+def attention_layers(model: Transformer) -> list[Any]:
     """The attention layer of every block (MLA or Attention), in order."""
     return [blk.attn for blk in model.blocks]
 
 
-def decode_teacher_forced(model, tokens, *, selectors, prompt_len, topk=None):
+def decode_teacher_forced(model: Transformer, tokens: Any, *, selectors: Sequence[DecodeSelector], prompt_len: int,
+                          topk: int | None = None) -> np.ndarray:
     """Logits (B, T, V) of ``model`` fed ``tokens`` (B, T) one step at a time.
 
     ``selectors``: one per layer (see :mod:`topkattn.decoding.selectors`); the layers'
@@ -87,8 +97,10 @@ def decode_teacher_forced(model, tokens, *, selectors, prompt_len, topk=None):
     return np.concatenate(out, axis=1)  # (B, T, V)
 
 
-def evaluate_decoding(model, inputs, targets, *, make_selectors, prompt_len, topk=None, batch_size=32,
-                      progress=None):
+def evaluate_decoding(model: Transformer, inputs: Any, targets: Any, *,
+                      make_selectors: Callable[[int], Sequence[DecodeSelector]], prompt_len: int,
+                      topk: int | None = None, batch_size: int = 32,
+                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Accuracy of token-by-token decoding and what the selectors did.
 
     ``inputs``/``targets`` (N, T) int (targets ``IGNORE`` where nothing is scored);

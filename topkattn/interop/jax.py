@@ -14,6 +14,8 @@ gets DLPack views (NumPy on CPU, CuPy on GPU); under tracing (``jit``, ``vmap``,
 runs on the host through ``jax.pure_callback``.  Importing this module imports jax;
 ``import topkattn`` never does.  float64 needs ``jax_enable_x64``.
 """
+from __future__ import annotations
+
 import functools
 import numbers
 
@@ -27,8 +29,10 @@ from topkattn.ops.sparse_attention import SparseAttentionSaved
 from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
 
 
-def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, forget_rate=0.0,
-                   seed=None, sinks=0, window=0, chunk_size=None):
+def topk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, topk: int, causal: bool = True,
+                   scale: float | None = None, temperature: float = 1.0, forget_rate: float = 0.0,
+                   seed: int | None = None, sinks: int = 0, window: int = 0,
+                   chunk_size: int | None = None) -> jax.Array:
     """Top-k attention on JAX arrays, differentiable in q, k and v (reverse mode).
 
     Args:

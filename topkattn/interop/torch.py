@@ -26,6 +26,7 @@ are computed in float32 and the output cast back.  Importing this module imports
 """
 import contextlib
 import numbers
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,9 @@ _ENGINE_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _LOW_PRECISION = (torch.float16, torch.bfloat16)  # computed in float32 by topk_attention
 
 
-def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, forget_rate=0.0,
-                   seed=None, sinks=0, window=0, chunk_size=None):
+def topk_attention(q: Tensor, k: Tensor, v: Tensor, *, topk: int, causal: bool = True, scale: float | None = None,
+                   temperature: float = 1.0, forget_rate: float = 0.0, seed: int | None = None, sinks: int = 0,
+                   window: int = 0, chunk_size: int | None = None) -> Tensor:
     """Top-k attention on PyTorch tensors, differentiable in q, k and v.
 
     Args:
@@ -255,7 +257,7 @@ torch.library.register_vmap("topkattn::topk_attention_fwd", _fwd_vmap)
 torch.library.register_vmap("topkattn::topk_attention_bwd", _bwd_vmap)
 
 
-def to_engine(t):
+def to_engine(t: Tensor) -> Any:
     """A NumPy (CPU) or CuPy (CUDA) array sharing memory with tensor ``t`` (detached)."""
     t = t.detach()
     if t.device.type == "cuda":
@@ -269,7 +271,7 @@ def to_engine(t):
     return np.from_dlpack(t)
 
 
-def from_engine(a):
+def from_engine(a: Any) -> Tensor:
     """A tensor sharing memory with the engine's NumPy or CuPy array ``a``."""
     if isinstance(a, np.ndarray) and not a.flags.writeable:
         a = a.copy()  # DLPack refuses read-only NumPy buffers

@@ -10,7 +10,12 @@ missing, truncated or corrupted file raises :class:`CheckpointError` (the one
 Version 1 (before the container) kept the document in a ``__meta__`` entry with
 ``"format": "topkattn-checkpoint"`` and the same per-array SHA-256; it still loads.
 """
+from __future__ import annotations
+
 import json
+import os
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -28,18 +33,18 @@ CheckpointError = StorageError  # a checkpoint file is missing, truncated, corru
 class ConfigMismatchError(ValueError):
     """The config of a run does not match its checkpoint's; ``fields`` names the differences."""
 
-    def __init__(self, message, fields):
+    def __init__(self, message: str, fields: list[str]) -> None:
         super().__init__(message)
         self.fields = fields
 
 
-def save_checkpoint(path, arrays, meta):
+def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], meta: Any) -> None:
     """Atomically write ``arrays`` (name -> numeric array, NumPy or CuPy) and the JSON-able
     ``meta`` to ``path``."""
     save_container(path, arrays, meta, kind=KIND, version=VERSION, prefix=TEMP_PREFIX)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (or a version-1 one): ``(arrays, meta)``.
 
     Raises :class:`CheckpointError` naming the file if it is missing, truncated,
@@ -69,7 +74,7 @@ def _load_legacy(path, members):
     return arrays, doc["meta"], 1
 
 
-def config_differences(saved, current):
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """Sorted ``(field, saved_value, current_value)`` for fields that differ between two dicts."""
     diffs = []
     for key in sorted(set(saved) | set(current), key=str):
@@ -79,7 +84,7 @@ def config_differences(saved, current):
     return diffs
 
 
-def check_config(saved, current, *, path="checkpoint"):
+def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], *, path: str = "checkpoint") -> None:
     """Raise :class:`ConfigMismatchError` naming every field where ``current`` differs from ``saved``."""
     diffs = config_differences(saved, current)
     if diffs:
@@ -88,7 +93,8 @@ def check_config(saved, current, *, path="checkpoint"):
                                   [k for k, _, _ in diffs])
 
 
-def save_training_state(path, *, params, optimizer, step, config, rng, history=None):
+def save_training_state(path: str | os.PathLike, *, params: Mapping[str, Any], optimizer: Any, step: int,
+                        config: Mapping[str, Any], rng: Any, history: Mapping[str, Any] | None = None) -> None:
     """Checkpoint a training run: parameters, AdamW state, step, RNG state, config, loss history.
 
     ``optimizer`` is a :class:`topkattn.training.optim.AdamW`; ``rng`` a JSON-able dict;
@@ -105,7 +111,7 @@ def save_training_state(path, *, params, optimizer, step, config, rng, history=N
     save_checkpoint(path, arrays, meta)
 
 
-def load_training_state(path):
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     """Read :func:`save_training_state`'s file: a dict with params, optimizer (state dict),
     step, config, rng and history."""
     arrays, meta = load_checkpoint(path)

@@ -4,14 +4,18 @@ config to resume one with.
 Decoding and evaluation read runs through :func:`load_run`; they never import the loop.
 :func:`resume_config` merges the settings given for a resumed run with its checkpoint's.
 """
+from __future__ import annotations
+
 import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from topkattn.model import Transformer
 from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError, config_differences, load_training_state
 from topkattn.training.train import CHECKPOINT_NAME, TrainConfig, load_params, make_task, model_config, saved_config
 
 
-def load_run(run_dir):
+def load_run(run_dir: str | os.PathLike) -> tuple[TrainConfig, Transformer]:
     """``(train_cfg, model)`` of a train-toy run folder (its ``checkpoint.npz``), model on the CPU.
 
     The model is the run's :class:`topkattn.model.Transformer` (token shift as the run was
@@ -25,7 +29,8 @@ def load_run(run_dir):
     return cfg, model
 
 
-def resume_config(out_dir, values, given, *, label=str):
+def resume_config(out_dir: str | os.PathLike, values: Mapping[str, Any], given: Iterable[str], *,
+                  label: Callable[[str], str] = str) -> dict[str, Any]:
     """The config dict to resume the run in ``out_dir`` with: its checkpoint's config, with
     ``values`` for the fields that are not in it.
 

@@ -8,8 +8,12 @@ where no prediction is scored.
 - :class:`TextCorpus`: byte-level language modelling on the Python standard library's
   own source files, read from the running interpreter's installation.
 """
+from __future__ import annotations
+
 import os
 import sysconfig
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +40,7 @@ class MQAR:
 
     name = "mqar"
 
-    def __init__(self, *, vocab_size=64, seq_len=64, num_kv_pairs=8):
+    def __init__(self, *, vocab_size: int = 64, seq_len: int = 64, num_kv_pairs: int = 8) -> None:
         self.vocab_size = check_int("vocab_size", vocab_size, 4)
         self.seq_len = check_int("seq_len", seq_len, 4)
         self.num_kv_pairs = check_int("num_kv_pairs", num_kv_pairs, 1)
@@ -53,7 +57,7 @@ class MQAR:
                              f"queries, got {seq_len}")
         self._n_keys, self._n_values, self._slots = n_keys, n_values, slots
 
-    def batch(self, rng, batch_size):
+    def batch(self, rng: Any, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """A batch ``(inputs, targets)``, int64 (B, T) with T = seq_len, from ``rng``."""
         rng = make_rng(rng, "rng")
         B = check_int("batch_size", batch_size, 1)
@@ -77,12 +81,12 @@ class MQAR:
         targets[rows, qpos] = seq[rows, qpos + 1]
         return np.ascontiguousarray(inputs), targets
 
-    def config(self):
+    def config(self) -> dict[str, int]:
         return {"vocab_size": self.vocab_size, "seq_len": self.seq_len,
                 "num_kv_pairs": self.num_kv_pairs}
 
 
-def stdlib_source_files():
+def stdlib_source_files() -> list[str]:
     """The ``.py`` files directly in the running interpreter's standard-library folder, sorted."""
     root = sysconfig.get_paths()["stdlib"]
     try:
@@ -108,7 +112,8 @@ class TextCorpus:
     name = "text"
     vocab_size = 256
 
-    def __init__(self, *, seq_len=128, heldout_every=10, max_bytes=4_000_000, files=None):
+    def __init__(self, *, seq_len: int = 128, heldout_every: int = 10, max_bytes: int = 4_000_000,
+                 files: Iterable[str] | None = None) -> None:
         self.seq_len = check_int("seq_len", seq_len, 1)
         self.heldout_every = check_int("heldout_every", heldout_every, 2)
         self.max_bytes = check_int("max_bytes", max_bytes, 2)
@@ -124,7 +129,7 @@ class TextCorpus:
                 raise ValueError(f"the {name} text has {data.size} bytes, fewer than "
                                  f"seq_len + 1 = {self.seq_len + 1}")
 
-    def batch(self, rng, batch_size):
+    def batch(self, rng: Any, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Random training windows ``(inputs, targets)``, int64 (B, T)."""
         rng = make_rng(rng, "rng")
         B = check_int("batch_size", batch_size, 1)
@@ -133,7 +138,7 @@ class TextCorpus:
         win = self.train_data[start[:, None] + np.arange(T + 1)].astype(np.int64)  # (B, T+1)
         return win[:, :-1].copy(), win[:, 1:].copy()
 
-    def heldout(self, num_windows):
+    def heldout(self, num_windows: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``num_windows`` consecutive held-out windows (fewer if the text is short)."""
         n = check_int("num_windows", num_windows, 1)
         T = self.seq_len
@@ -142,6 +147,6 @@ class TextCorpus:
         win = self.heldout_data[start[:, None] + np.arange(T + 1)].astype(np.int64)
         return win[:, :-1].copy(), win[:, 1:].copy()
 
-    def config(self):
+    def config(self) -> dict[str, int]:
         return {"seq_len": self.seq_len, "heldout_every": self.heldout_every,
                 "max_bytes": self.max_bytes}
