@@ -167,12 +167,17 @@ def _run_segments(xp, blocks, bounds, G, itemsize, segment):
                 segment(b, g, j0, j1, r, pos)
 
     spans = list(zip(group_edges[:-1], group_edges[1:]))
-    nw = n_workers() if xp is np and len(spans) > 1 else 1
-    if nw == 1:
+    if xp is not np:
         for span in spans:
             run_group(*span)
         return
-    with blas_single_thread():  # groups touch disjoint rows and keys: no two workers write one entry
+    # small GEMMs: one BLAS thread each (threaded BLAS spins between them: 10x slower here)
+    with blas_single_thread():
+        if n_workers() == 1 or len(spans) == 1:
+            for span in spans:
+                run_group(*span)
+            return
+        # groups touch disjoint rows and keys: no two workers write one entry
         for job in [pool().submit(run_group, *span) for span in spans]:
             job.result()
 
