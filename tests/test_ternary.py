@@ -240,14 +240,16 @@ def test_packed_matmul_on_worker_threads_equals_unpacked():
     np.testing.assert_allclose(tr.packed_matmul(x, P), tr.ternary_linear(x, W), rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_adds_only_its_row_range():
+@pytest.mark.parametrize("n_rows", [3, 6])  # the few-rows path and the four-rows-at-a-time path
+@pytest.mark.parametrize("o0,o1", [(2, 5), (1, 7), (0, 8)])
+def test_kernel_adds_only_its_row_range(n_rows, o0, o1):
     rng = np.random.default_rng(11)
     Wq = rng.integers(-1, 2, (8, 10))
-    x = rng.integers(-5, 5, (3, 10)).astype(np.float64)
-    out = np.full((3, 8), 100.0)
-    ternary_matmul_rows(x, tr.pack_ternary(Wq), out, 2, 5)
-    want = np.full((3, 8), 100.0)
-    want[:, 2:5] += x @ Wq[2:5].T
+    x = rng.integers(-5, 5, (n_rows, 10)).astype(np.float64)
+    out = np.full((n_rows, 8), 100.0)
+    ternary_matmul_rows(x, tr.pack_ternary(Wq), out, o0, o1)
+    want = np.full((n_rows, 8), 100.0)
+    want[:, o0:o1] += x @ Wq[o0:o1].T
     np.testing.assert_array_equal(out, want)
 
 
