@@ -52,7 +52,7 @@ from topkattn.distributed.comm import agree, require_mpi
 from topkattn.distributed.exchange import allgather_fields
 from topkattn.distributed.sharded_cache import _ShardedRows, shard_positions
 from topkattn.ops.dynamic_k import choose_k, dynamic_k_from_ranked
-from topkattn.ops.selection import RowBounds, decode_scores, grouped_keys, ranked_topm_xp
+from topkattn.ops.selection import RowBounds, grouped_keys, rank_decode_candidates, ranked_topm_xp
 
 
 class ShardedSelection:
@@ -257,20 +257,32 @@ class ShardedSelector(DecodeSelector):
         lo, hi = cache.local_range(st.cand_lo, st.cand_hi)
         view = self._view
         view.lo, view.hi = lo, hi
-        f_rows = to_numpy(cache.local_rows(st.forced))  # (F,) host, -1 = not this rank's
-        own_f = np.flatnonzero(f_rows >= 0)
-        scan = self._scan or self.measure_sharded_recall and not self.prefilling
-        s_all = decode_scores(query, keys, scale) if scan and keys.shape[-2] else None  # (B, H, Sp)
-        f_scores = xp.full((B, H, st.n_forced), -xp.inf, dtype=query.dtype)
-        if own_f.size:
-            rows_f = xp.asarray(f_rows[own_f])
-            f_scores[..., xp.asarray(own_f)] = (s_all[..., rows_f] if s_all is not None
-                                                else decode_scores(query, keys[..., rows_f, :], scale))
-        local = {"f_scores": f_scores, "lse_forced": logsumexp_rows(f_scores.reshape(n, -1)),
-                 "cand": None if s_all is None else s_all[..., lo:hi].reshape(n, hi - lo), "lo": lo}
-        if not self._scan:
+        f_rows = xp.asarray(cache.local_rows(st.forced))  # (F,) -1 = not this rank's
+        f_scores = _score_rows(query, keys, xp.broadcast_to(f_rows, (B, H, st.n_forced)), scale)  # (B, H, F)
+        local = {"f_scores": f_scores, "lse_forced": logsumexp_rows(f_scores.reshape(n, -1)), "query": query,
+                 "scale": scale, "lo": lo, "hi": hi}
+        if self._scan:
+            local["cand_s"], local["cand_j"] = self._scan_top(local, st.n_sel)
+        else:
             local.update(self._inner_ranking(query, cache, st, scale))
         return local
+
+    def _scan_top(self, local, m):
+        """This rank's exact top ``m`` candidates: (scores (rows, m), global positions (rows, m)), -1 padded.
+
+        :func:`topkattn.ops.selection.rank_decode_candidates` over the candidate rows lo .. hi - 1
+        of the cache (the fused scan on NumPy), then the ``m`` chosen rows scored.
+        """
+        query, keys, lo, hi = local["query"], self._cache.keys, local["lo"], local["hi"]
+        xp = get_array_module(query)
+        B, H, _ = query.shape
+        if hi <= lo or m == 0:
+            return xp.full((B * H, m), -xp.inf, dtype=query.dtype), xp.full((B * H, m), -1, dtype=xp.int64)
+        Sp = keys.shape[-2]
+        bounds = RowBounds(Sp, 1, topk=m, causal=True, sinks=lo, window=Sp - hi)  # candidates: rows lo .. hi - 1
+        rows = rank_decode_candidates(query, keys, bounds, m, local["scale"])  # (rows, m), -1 padded
+        scores = _score_rows(query, keys, rows.reshape(B, H, m), local["scale"]).reshape(B * H, m)
+        return scores, xp.where(rows >= 0, self._cache.positions_of(rows), -1)
 
     def _inner_ranking(self, query, cache, st, scale):
         """The inner selector's ranking of this rank's candidates, re-scored exactly."""
@@ -278,15 +290,15 @@ class ShardedSelector(DecodeSelector):
         view = self._view
         B, H, _ = query.shape
         n, nv = B * H, view.hi - view.lo
-        out = {"inner_s": xp.full((n, 0), -xp.inf, dtype=query.dtype), "inner_j": xp.full((n, 0), -1, xp.int64),
+        out = {"cand_s": xp.full((n, 0), -xp.inf, dtype=query.dtype), "cand_j": xp.full((n, 0), -1, xp.int64),
                "n_ret": xp.zeros(n, dtype=xp.int64), "upper": xp.full(n, -xp.inf)}
         if self.prefilling or nv:  # prefill: the inner records the queries its index trains on
             loc = self.inner(query, view, topk=st.bounds.n_sel if st.n_sel else 1, sinks=0, window=0, scale=scale)
             loc = loc.reshape(n, -1)  # (n, M') view rows in rank order, -1 padded
             got = loc >= 0
             s = _score_rows(query, view.keys, loc.reshape(B, H, -1), scale).reshape(n, -1)
-            out["inner_s"] = xp.where(got, s, -xp.inf)
-            out["inner_j"] = xp.where(got, cache.positions_of(loc + view.lo), -1)
+            out["cand_s"] = xp.where(got, s, -xp.inf)
+            out["cand_j"] = xp.where(got, cache.positions_of(loc + view.lo), -1)
             out["n_ret"] = self._returned(got, nv, n, xp)
         if self.dynamic and nv:
             out["upper"] = xp.where(out["n_ret"] < nv, self._outside_upper(query, view, scale).reshape(n), -xp.inf)
@@ -333,29 +345,14 @@ class ShardedSelector(DecodeSelector):
         fields = {"lse_forced": local["lse_forced"]}
         if "n_ret" in local:
             fields.update(n_ret=local["n_ret"], upper=local["upper"])
-        if self._scan:
-            s, j = self._top_of_scan(local, m)
-        else:
-            s, j = _pad(local["inner_s"][:, :m], local["inner_j"][:, :m], m)
+        s, j = _pad(local["cand_s"][:, :m], local["cand_j"][:, :m], m)
         fields.update(cand_s=s, cand_j=j)
         return fields
-
-    def _top_of_scan(self, local, m):
-        cand = local["cand"]
-        xp = get_array_module(local["lse_forced"])
-        n = local["lse_forced"].shape[0]
-        if cand is None or cand.shape[1] == 0 or m == 0:
-            return (xp.full((n, m), -xp.inf, dtype=local["f_scores"].dtype), xp.full((n, m), -1, dtype=xp.int64))
-        cols = ranked_topm_xp(cand, xp.ones(cand.shape, dtype=bool), m)  # (n, m), -1 padded
-        got = cols >= 0
-        c = xp.maximum(cols, 0)
-        return (xp.where(got, xp.take_along_axis(cand, c, axis=1), -xp.inf),
-                xp.where(got, self._cache.positions_of(c + local["lo"]), -1))
 
     def _exact_ranking(self, local, st, m, xp):
         """(n, m) the exact global ranking of the candidates (one more exchange): recall's truth."""
         n = local["lse_forced"].shape[0]
-        s, j = self._top_of_scan(local, m)
+        s, j = self._scan_top(local, m)
         got = allgather_fields(self.comm, _cand_spec(n, m, s.dtype, st), {"cand_s": s, "cand_j": j}, None, xp)
         return _merge_ranked(got["cand_s"], got["cand_j"], m)[1]
 
