@@ -17,10 +17,13 @@ slowest rank's).  speedup = t1 / tN, efficiency = t1 / (N tN).  Workloads:
   cp-fwd, cp-fwd+bwd  context-parallel exact top-k attention (topkattn.distributed.
                       context_parallel), keys sharded along S in contiguous slices; default
                       B=1 H=8 G=2 T=256 S=8192 D=Dv=64 k=16 (``--quick``: S=4096, T=128).
-  decode              one decode-step selection of ShardedSelector(ExactSelector) over a latent
-                      cache (B, S, C+R): default S=65536, C+R=288, H=16 absorbed queries, k=64,
-                      round-robin blocks of 64 (``--quick``: S=16384).  The selection only: the
-                      attention over the merged k keys is replicated and not sharded.
+  decode              one decode step of an MLA layer with its latent cache sharded by position
+                      (topkattn.distributed.ShardedMLA, exact selection, round-robin blocks of 64):
+                      each rank stores S/N latents of C+R=288 (random, filled before timing),
+                      scores them, one Allgather merges the candidates, each rank attends its own
+                      selected keys and one Allreduce merges the outputs; the query and output
+                      projections (d=512, Lq=128) are replicated.  Default S=65536, H=16, k=64
+                      (``--quick``: S=16384).
   head-par            forward + backward (softmax cross-entropy) of a 2-layer MLA Transformer
                       with head_parallel(model, comm): heads split, embedding/FFN replicated.
   data-par            one data-parallel training step without the optimizer: forward + backward
@@ -37,8 +40,10 @@ count per step.  On one rank nothing leaves the process, so 1-rank bytes are rep
 Cost model (decode and the context-parallel op).  Per step, for P ranks, rows = B*H (decode)
 or B*H*T (context parallel), M = min(k, S) candidates per row, itemsize w (float32: 4):
 
-  decode  payload = pk(None) + rows*M*(w + 8)             3 collectives: agree (pickled),
-                                                          Allgather scores, Allgather positions
+  decode  payload = 8 + rows*8 + rows*M*(w + 4)          2 collectives: one Allgather (status,
+          + rows*C*w                                      forced logsumexp, M scores and int32
+                                                          positions per row), one Allreduce of
+                                                          the (B, H, C) partial outputs
   cp fwd  payload = pk(None) + pk(shard) + rows*M*(w + 8) 6 collectives: agree, shard layout
                     + rows*w + rows*Dv*w                  (pickled), Allgather scores, indices,
                                                           lse; Allreduce out
@@ -55,8 +60,8 @@ and Allreduce at a few sizes on all N ranks of this run; a (fixed cost per step)
 key) from the 1-rank times at S and S/2.  The model's 2-rank prediction is printed beside the
 measurement.  The projection (decode, S = 10M tokens, 64 ranks) uses the fitted constants and,
 as a second row, assumed datacenter constants alpha = 5 us, beta = 10 GB/s (with this run's
-compute fit).  It ignores the merge's growth with P (P*M candidates ranked per row) and the
-memory: every rank holds the whole latent cache (S (C+R) w bytes), only the search is sharded.
+compute fit).  Each rank holds S/P latents (S (C+R) w / P bytes): the cache is sharded, not only
+the search.  The model ignores the merge's growth with P (P*M candidates ranked per row).
 
 Read the numbers with care: this machine is shared and has 2 cores; with 2 ranks both cores
 are busy, so any other load lands on the ranks, and the interconnect is shared memory
@@ -207,28 +212,26 @@ def cp_workload(a, S, backward):
     return make
 
 
-class _LatentCache:
-    def __init__(self, keys, C):
-        self.keys, self.C = keys, C
+DEC_C, DEC_R, DEC_WIDTH = 256, 32, 512
 
 
 def decode_workload(a, S):
-    from topkattn.decoding import ExactSelector
-    from topkattn.distributed import ShardedSelector
+    from topkattn.distributed import ShardedMLA
+    from topkattn.layers import MLA
 
     rng = np.random.default_rng(1)
-    C, R, H = 256, 32, a.dec_heads
-    keys = rng.standard_normal((1, S, C + R), dtype=np.float32)
-    query = rng.standard_normal((1, H, C + R), dtype=np.float32)
-    scale = 1.0 / math.sqrt(C + R)
+    layer = MLA(DEC_WIDTH, a.dec_heads, 128, DEC_C, 64, DEC_R, 64, topk=a.dec_topk, seed=0)
+    layer.training = False
+    latents = rng.standard_normal((1, S, DEC_C + DEC_R), dtype=np.float32)  # the same on every rank
+    x = rng.standard_normal((1, 1, DEC_WIDTH), dtype=np.float32)
 
     def make(cc):
-        sel = ShardedSelector(ExactSelector, cc, block=64, measure_recall=False)
-        cache = _LatentCache(keys, C)
-        sel(query, cache, topk=a.dec_topk, scale=scale)  # assigns the shard (once per cache)
+        sharded = ShardedMLA(layer, cc, block=64)
+        cache = sharded.init_cache(1)
+        cache.extend(latents)  # each rank keeps only the positions it owns
 
         def step():
-            sel(query, cache, topk=a.dec_topk, scale=scale)
+            sharded.step(x, cache)  # one more token each call (S + reps + 1 at most)
         return step
 
     return make
@@ -344,11 +347,14 @@ def wire(kind, n, P):
 
 
 # -- cost model ------------------------------------------------------------------------------------
-def decode_bytes(P, B, H, S, k, itemsize=4):
-    """[(kind, payload bytes this rank sends)] of one ShardedSelector step (exact inner)."""
+def decode_bytes(P, B, H, S, k, C=DEC_C, itemsize=4):
+    """[(kind, payload bytes this rank sends)] of one sharded MLA decode step (exact selection):
+    the packed Allgather (status word, forced logsumexp, M scores and positions per row) and the
+    Allreduce of the (B, H, C) partial outputs.  Positions are int32 below 2**31 keys."""
     M = min(k, S)
     rows = B * H
-    return [("allgather", pk(None)), ("Allgather", rows * M * itemsize), ("Allgather", rows * M * 8)]
+    pos = 4 if S < 2**31 else 8
+    return [("Allgather", 8 + rows * 8 + rows * M * (itemsize + pos)), ("Allreduce", rows * C * itemsize)]
 
 
 def cp_bytes(P, B, H, G, T, S, D, Dv, k, backward, itemsize=4, rank=0):
@@ -494,16 +500,16 @@ def main(argv=None):
         proj.append({"constants": label, "alpha_s": c["alpha_s"], "beta_Bps": c["beta_Bps"], "ranks": P,
                      "tokens": S, "collectives": len(colls), "payload_bytes": sum(n for _, n in colls),
                      "wire_bytes": sum(wire(k, n, P) for k, n in colls), "comm_s": cm, "compute_s": cp,
-                     "latency_s": tot, "cache_bytes_per_rank": S * (256 + 32) * 4})
+                     "latency_s": tot, "cache_bytes_per_rank": S * (DEC_C + DEC_R) * 4 / P})
 
     # -- report -------------------------------------------------------------------------------------
     say(f"\nbench_distributed: {N} MPI rank(s) on a shared {os.cpu_count()}-core machine (BLAS threads "
         f"{os.environ.get('OPENBLAS_NUM_THREADS')} per rank); median of {a.reps} repeats, one run."
         + ("" if N > 1 else "\nONE RANK: only the 1-rank side is measured; no scaling, no fitted "
            "alpha/beta (run under mpiexec -n 2)."))
-    say(f"cp: B=1 H={a.cp_heads} G=2 T={a.cp_queries} S={a.cp_keys} D=64 k={a.cp_topk}; decode: S={a.dec_keys} "
-        f"latents of 288, H={a.dec_heads}, k={a.dec_topk}; model: 2 layers d={a.model_width} 8 heads "
-        f"T={a.model_seq} batch {a.model_batch}")
+    say(f"cp: B=1 H={a.cp_heads} G=2 T={a.cp_queries} S={a.cp_keys} D=64 k={a.cp_topk}; decode: MLA step, "
+        f"S={a.dec_keys} latents of 288 sharded, H={a.dec_heads}, k={a.dec_topk}; model: 2 layers "
+        f"d={a.model_width} 8 heads T={a.model_seq} batch {a.model_batch}")
     hdr = ("workload", "1 rank ms", f"{N} ranks ms" if N > 1 else "- ranks ms", "speedup", "effic.",
            f"busy S/{N} ms" if N > 1 else "busy ms", "colls/step", "B sent/step", "model B", "model ms", "model/meas")
     say(" | ".join(f"{h:>11}" for h in hdr))
@@ -533,7 +539,7 @@ def main(argv=None):
             say(f"compute fit {r['workload']:>10}: a = {1e3 * f['a_s']:.3f} ms/step + "
                 f"b = {1e9 * f['b_s_per_key']:.1f} ns/key (1 rank at S={r['S']} and {r['S'] // 2})")
     say(f"\nprojection: decode step over {S:,} tokens on {P} ranks (H={a.dec_heads}, k={a.dec_topk}, "
-        f"C+R=288 float32; cache per rank {proj[0]['cache_bytes_per_rank'] / 2**30:.1f} GiB, replicated)")
+        f"C+R=288 float32; cache per rank {proj[0]['cache_bytes_per_rank'] / 2**30:.2f} GiB: S/{P} latents)")
     hdr2 = ("constants", "alpha us", "beta GB/s", "colls", "payload B", "wire B/rank", "comm ms", "compute ms",
             "latency ms")
     say(" | ".join(f"{h:>20}" if i == 0 else f"{h:>11}" for i, h in enumerate(hdr2)))
@@ -581,7 +587,7 @@ def plot(path, rows, proj, N, dec, colls_fn, S, consts):
                                    dec["compute_fit"]["b_s_per_key"])[2] for p in ranks]
         ax2.plot(ranks, lat, "o-", label=label)
     ax2.set(xlabel="ranks", ylabel="ms per decode step", xscale="log", yscale="log",
-            title=f"model: decode selection over {S:,} tokens")
+            title=f"model: sharded MLA decode step over {S:,} tokens")
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
