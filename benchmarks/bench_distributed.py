@@ -80,6 +80,7 @@ if __name__ == "__main__":  # BLAS threads must be fixed before NumPy loads (see
     threads_from_argv()
 
 import numpy as np
+import plotting
 
 from topkattn.distributed.comm import require_mpi
 
@@ -407,7 +408,8 @@ def main(argv=None):
     ap.add_argument("--project-ranks", type=int, default=64)
     ap.add_argument("--threads", default="1", help="BLAS threads per rank (default 1)")
     ap.add_argument("--json", default=None, help="write every number to this path")
-    ap.add_argument("--plot", default=None, help="write a PNG (needs matplotlib)")
+    ap.add_argument("--plot", default=None, help="write the charts as a PNG here (needs matplotlib) "
+                                                 "[default: the --json path with .png]")
     a = ap.parse_args(argv)
     q = a.quick
     a.reps = a.reps or (3 if q else 5)
@@ -552,47 +554,36 @@ def main(argv=None):
     say(f"(total {time.perf_counter() - t_start:.0f} s; 1-minute load average {load[0]:.2f} at the start, "
         f"{load[1]:.2f} at the end, on {os.cpu_count()} cores: other processes share these cores)")
 
+    charts = distributed_charts(rows, N, dec, colls_fn=lambda p: decode_bytes(p, 1, a.dec_heads, S, a.dec_topk),
+                                S=S, consts=consts)
     out = {"args": vars(a), "ranks": N, "cpu_count": os.cpu_count(), "load_average_1min": list(load),
            "comm_fit": comm_fit, "rows": rows,
            "projection": proj, "assumed_datacenter": DATACENTER,
-           "note": "shared 2-core machine; N ranks on N cores over shared memory; one run"}
+           "note": "shared 2-core machine; N ranks on N cores over shared memory; one run", "plots": charts}
     if a.json:
         from topkattn.storage import atomic_write_json
 
         atomic_write_json(a.json, out, prefix=".bench-")
-    if a.plot:
-        plot(a.plot, rows, proj, N, dec, colls_fn=lambda p: decode_bytes(p, 1, a.dec_heads, S, a.dec_topk),
-             S=S, consts=consts)
+    plotting.save_png(charts, plotting.png_path(a.plot, a.json), title=f"bench_distributed: {N} MPI rank(s)")
     return out
 
 
-def plot(path, rows, proj, N, dec, colls_fn, S, consts):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"--plot: matplotlib is not installed, no plot written to {path}")
-        return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+def distributed_charts(rows, N, dec, colls_fn, S, consts):
+    """The measured time per step against the ranks (1 and N) per workload, and the cost model's
+    sharded decode latency over S tokens for 1..128 ranks, per set of constants."""
+    measured = []
     for r in rows:
         ts = [r["t1"]["median_s"]] + ([r["tN"]["median_s"]] if "tN" in r else [])
-        ax1.plot([1, N][:len(ts)], [1e3 * t for t in ts], "o-", label=r["workload"])
-    ax1.set(xlabel="ranks", ylabel="ms per step", yscale="log", title="measured (shared 2-core machine)")
-    ax1.legend()
+        measured.append(plotting.series(r["workload"], [1, N][:len(ts)], [1e3 * t for t in ts]))
     ranks = [2 ** i for i in range(0, 8)]
+    model = []
     for label, c in consts:
         lat = [1e3 * model_latency(colls_fn(p), p, S, c["alpha_s"], c["beta_Bps"], dec["compute_fit"]["a_s"],
                                    dec["compute_fit"]["b_s_per_key"])[2] for p in ranks]
-        ax2.plot(ranks, lat, "o-", label=label)
-    ax2.set(xlabel="ranks", ylabel="ms per decode step", xscale="log", yscale="log",
-            title=f"model: sharded MLA decode step over {S:,} tokens")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"plot written to {path}")
-
+        model.append(plotting.series(label, ranks, lat))
+    return [plotting.chart("measured (shared 2-core machine)", "ranks", "ms per step", measured, yscale="log"),
+            plotting.chart(f"model: sharded MLA decode step over {S:,} tokens", "ranks", "ms per decode step",
+                           model, xscale="log", yscale="log")]
 
 if __name__ == "__main__":
     main()
