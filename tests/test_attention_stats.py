@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from topkattn.layers.attention_stats import AttentionStats
+from topkattn.ops.dense_attention import dense_attention_forward
 from topkattn.ops.selection import select_decode
 from topkattn.ops.topk_attention import topk_attention_forward
 
@@ -147,3 +148,23 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="queries must be an integer >= 1, got 0"):
         st.update_dense(1, 1, 0, n_keys=3)
     assert st.updates == 0  # refused updates leave no trace
+
+
+def test_record_forward_and_step_from_the_ops():
+    rng = np.random.default_rng(5)
+    q, k = rng.standard_normal((2, 2, 6, 4)).astype(np.float32), rng.standard_normal((2, 1, 8, 4)).astype(np.float32)
+    _, sparse = topk_attention_forward(q, k, k, topk=3, sinks=2)
+    _, dense = dense_attention_forward(q, k, k, causal=True)
+    st = AttentionStats()
+    assert st.record_forward(sparse) == AttentionStats().update(sparse.idx, n_keys=8)
+    assert st.record_forward(dense) == AttentionStats().update_dense(2, 2, 6, n_keys=8)
+    query = q[:, :, 0]  # (B, H, D)
+    idx, _, _ = select_decode(query, k, topk=3, scale=0.5)
+    assert st.record_step(query, 8, idx) == AttentionStats().update(idx, n_keys=8)
+    dense_step = st.record_step(query, 8)
+    assert dense_step["visible_keys_per_query_mean"] == 8.0 and dense_step["dense_fallback_updates"] == 1
+    assert st.updates == 4
+    with pytest.raises(TypeError, match="saved must be an attention op's saved state"):
+        st.record_forward((q, k))
+    with pytest.raises(ValueError, match=r"query must be \(B, H, D\), got shape \(2, 2, 6, 4\)"):
+        st.record_step(q, 8)

@@ -93,6 +93,32 @@ class AttentionStats:
         self._record(c)
         return c.summary()
 
+    def record_forward(self, saved):
+        """Record a training forward from the ``saved`` state its attention op returned.
+
+        Any saved state with ``q`` (B, H, T, D) and ``k`` (B, G, S, D): with an ``idx`` (top-k,
+        masked top-k, dynamic k) it is :meth:`update`, without (dense) :meth:`update_dense`.
+        """
+        q, k = getattr(saved, "q", None), getattr(saved, "k", None)
+        if q is None or k is None or q.ndim != 4 or k.ndim != 4:
+            raise TypeError(f"saved must be an attention op's saved state with q (B, H, T, D) and k (B, G, S, D), "
+                            f"got {type(saved).__name__}")
+        idx = getattr(saved, "idx", None)
+        causal = bool(getattr(saved, "causal", True))
+        if idx is None:
+            return self.update_dense(*q.shape[:3], n_keys=k.shape[2], causal=causal, score_dtype=q.dtype)
+        return self.update(idx, n_keys=k.shape[2], causal=causal, score_dtype=q.dtype)
+
+    def record_step(self, query, n_keys, idx=None):
+        """Record one decode step: query (B, H, D) (its batch, heads and dtype), the S cached keys,
+        and idx (B, H, K) of a top-k step (None: a dense step)."""
+        if getattr(query, "ndim", None) != 3:
+            raise ValueError(f"query must be (B, H, D), got shape {tuple(getattr(query, 'shape', ()))}")
+        if idx is None:
+            return self.update_dense(query.shape[0], query.shape[1], 1, n_keys=n_keys, causal=False,
+                                     score_dtype=query.dtype)
+        return self.update(idx, n_keys=n_keys, score_dtype=query.dtype)
+
     def _record(self, c):
         self.last = c
         self.total.add(c)
