@@ -14,12 +14,12 @@ import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
+from topkattn.layers.attend import attention_backward, attention_forward
 from topkattn.layers.cache import KVCache, check_step_input, select_step
 from topkattn.layers.module import Module, as_input, check_grad_output, check_topk, normal
 from topkattn.layers.rope import check_rope_base, rope_angles, rope_apply
-from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_decode, dense_attention_forward
+from topkattn.ops.dense_attention import dense_attention_decode
 from topkattn.ops.sparse_attention import sparse_attention_decode
-from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
 
 
 class Attention(Module):
@@ -92,13 +92,7 @@ class Attention(Module):
         if P:
             k = xp.concatenate([xp.broadcast_to(p["persist_k"][None], (B, G, P, D)), k], axis=2)
             v = xp.concatenate([xp.broadcast_to(p["persist_v"][None], (B, G, P, Dv)), v], axis=2)
-        if self.topk is None:
-            o, att = dense_attention_forward(q, k, v, causal=True, scale=self.scale)
-        else:
-            fr = self.forget_rate if self.training else 0.0
-            o, att = topk_attention_forward(q, k, v, topk=self.topk, causal=True, scale=self.scale,
-                                            forget_rate=fr, seed=seed, sinks=P, window=self.window,
-                                            tail_bound=self.tail_bound, max_topk=self.max_topk)
+        o, att = attention_forward(self, q, k, v, seed)  # (B, H, T, Dv); the op chosen per shape
         of = o.transpose(0, 2, 1, 3).reshape(B, T, H * Dv)
         self._saved = (x, cs, att, of)
         return of @ p["W_O"].T
@@ -114,10 +108,7 @@ class Attention(Module):
         dy = check_grad_output(dy, x.shape, x)  # (B, T, d)
         g["W_O"] += dy.reshape(-1, d).T @ of.reshape(-1, H * Dv)
         do = (dy @ p["W_O"]).reshape(B, T, H, Dv).transpose(0, 2, 1, 3)
-        if self.topk is None:
-            dq, dk, dv = dense_attention_backward(do, att)
-        else:
-            dq, dk, dv = topk_attention_backward(do, att)
+        dq, dk, dv = attention_backward(do, att)
         if P:
             g["persist_k"] += dk[:, :, :P].sum(0)
             g["persist_v"] += dv[:, :, :P].sum(0)

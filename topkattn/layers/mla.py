@@ -24,13 +24,13 @@ import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
+from topkattn.layers.attend import attention_backward, attention_forward
 from topkattn.layers.cache import MLACache, check_step_input, select_step
 from topkattn.layers.module import Module, as_input, check_grad_output, check_topk, normal
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
 from topkattn.layers.rope import check_rope_base, rope_angles, rope_apply
-from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_decode, dense_attention_forward
+from topkattn.ops.dense_attention import dense_attention_decode
 from topkattn.ops.sparse_attention import sparse_attention_decode
-from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
 
 
 class MLA(Module):
@@ -156,14 +156,7 @@ class MLA(Module):
         c, kr, skv = self._latents(x, cs)
         c_all, kr_all = self._with_persistent(c, kr)
         k, v = self._keys_values(c_all, kr_all)
-        if self.topk is None:
-            o, att = dense_attention_forward(q, k, v, causal=True, scale=self.scale)
-        else:
-            fr = self.forget_rate if self.training else 0.0
-            o, att = topk_attention_forward(q, k, v, topk=self.topk, causal=True, scale=self.scale,
-                                            forget_rate=fr, seed=seed, sinks=self.persistent_tokens,
-                                            window=self.window, tail_bound=self.tail_bound,
-                                            max_topk=self.max_topk)
+        o, att = attention_forward(self, q, k, v, seed)  # (B, H, T, Dv); the op chosen per shape
         of = o.transpose(0, 2, 1, 3).reshape(B, T, self.n_heads * self.v_head_dim)  # (B, T, H*Dv)
         self._saved = (x, cq, sq, cs, c_all, kr_all, skv, att, of)
         return of @ self.params["W_O"].T
@@ -181,10 +174,7 @@ class MLA(Module):
         dy = check_grad_output(dy, x.shape, x)  # (B, T, d)
         g["W_O"] += dy.reshape(-1, d).T @ of.reshape(-1, H * Dv)
         do = (dy @ p["W_O"]).reshape(B, T, H, Dv).transpose(0, 2, 1, 3)  # (B, H, T, Dv)
-        if self.topk is None:
-            dq, dk, dv = dense_attention_backward(do, att)
-        else:
-            dq, dk, dv = topk_attention_backward(do, att)
+        dq, dk, dv = attention_backward(do, att)
         # keys and values -> latents
         dkn = dk[..., :Dn].transpose(0, 2, 1, 3).reshape(B * S, H * Dn)
         dvf = dv.transpose(0, 2, 1, 3).reshape(B * S, H * Dv)

@@ -1,0 +1,169 @@
+"""Attend the selected keys through a dense score tile: the short-sequence implementation of
+the attend stage (:mod:`topkattn.ops.sparse_attention` is the general one).
+
+Shape letters: B batch, H query heads, G KV heads (H % G == 0), T queries, S keys, D head dim,
+Dv value dim, K index slots per query (-1 = empty slot), c queries per chunk, n the keys a
+chunk's rows select among (one past the largest index), rep = H // G.
+
+Same contract as ``sparse_attention_forward``/``_backward`` -- the same ``idx`` in, the same
+output and row logsumexp out, gradients only for the selected keys -- computed another way:
+
+    s    = scale * q k^T                      (B, H, c, n)  one matrix product per (b, g)
+    mask = the selected keys of each row      (B, H, c, n)  scattered from idx
+    p    = softmax over the masked row,       out = p v,    lse = logsumexp of the masked row
+Backward, p recomputed from lse, delta = dout . out:
+    dv = p^T dout,  ds = p * (dout v^T - delta),  dq = scale ds k,  dk = scale ds^T q
+
+Where it pays: the gather path reads K key and value rows per query (B H T K (D + Dv)
+numbers moved by fancy indexing); this one does matrix products over the n <= S keys and a
+few passes over a (B, H, c, n) tile, cheaper while S is small next to K (D + Dv)
+(:func:`masked_is_cheaper`).  The results equal the gather path's up to the order of the
+float sums (the scores come from a matrix product instead of an elementwise product and sum).
+Peak extra memory: one (B, H, c, S) tile, c chosen for about 16 MiB.
+
+Non-finite inputs follow the rule of :mod:`topkattn.ops.reference` (``attend_row``), as the
+gather path: a NaN or +inf among a row's selected scores gives a NaN row (out and lse);
+-inf scores get weight 0; a row with nothing selected gives zeros and lse -inf; a NaN or inf
+value reaches only the rows that select it; backward gives a NaN row a NaN dq and lets it
+send nothing to dk, dv.
+"""
+import numpy as np
+
+from topkattn.backend import get_array_module
+from topkattn.ops.dense_attention import check_dout, finite_keys, weighted_values
+from topkattn.ops.sparse_attention import SparseAttentionSaved, inactive_rows
+
+TILE_BYTES = 16 * 2**20  # budget for one chunk's (B, H, c, S) score tile
+
+
+class MaskedAttentionSaved(SparseAttentionSaved):
+    """What :func:`masked_attention_backward` needs: q, k, v, idx, out, lse, scale, chunk_size.
+    (A :class:`SparseAttentionSaved`: the gather backward accepts it too.)"""
+
+    __slots__ = ("chunk_size",)
+
+
+def masked_is_cheaper(S, K, D, Dv):
+    """Whether the dense-tile path beats the gather path for S keys and K slots per query.
+
+    Per query the tile path does about S (D + Dv) multiply-adds in BLAS and a dozen passes
+    over S scores; the gather path moves K (D + Dv) numbers through fancy indexing, several
+    times, at a few times BLAS's cost per number.  Measured on one x86 core
+    (benchmarks/bench_train_toy.py, train-toy shapes): the tile path wins up to S of about
+    2 K (D + Dv) / 3 and loses beyond.
+    """
+    return 3 * S <= 2 * K * (D + Dv)
+
+
+def masked_attention_forward(q, k, v, idx, scale, chunk_size=None):
+    """out (B, H, T, Dv) and a :class:`MaskedAttentionSaved` from q (B, H, T, D),
+    k (B, G, S, D), v (B, G, S, Dv) and the selection idx (B, H, T, K) int (-1 = empty).
+
+    Inputs are assumed validated (the layers build them; ``topk_attention_forward``'s checks
+    describe them).
+    """
+    xp = get_array_module(q, k, v)
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rep = H // G
+    out = xp.zeros((B, H, T, Dv), dtype=q.dtype)
+    lse = xp.full((B, H, T), -np.inf, dtype=q.dtype)
+    saved = MaskedAttentionSaved(q, k, v, idx, out, lse, scale)
+    saved.chunk_size = chunk_size
+    if idx.shape[-1] == 0 or T == 0 or S == 0 or B * H == 0:
+        return out, saved
+    sc = q.dtype.type(scale)
+    qg = q.reshape(B, G, rep, T, D)
+    v_ok, bad_keys = finite_keys(xp, v)  # values with non-finite entries zeroed, their keys
+    for t0, t1, n in _chunks(xp, idx, B * H * S * q.dtype.itemsize, chunk_size):
+        c = t1 - t0
+        sel = selected_mask(xp, idx[:, :, t0:t1], n)  # (B, H, c, n)
+        s = _scores(xp, qg, k, t0, t1, n, sc)  # (B, H, c, n)
+        s = xp.where(sel, s, -np.inf)
+        m = s.max(-1, keepdims=True)  # NaN and +inf among the selected reach the row maximum
+        bad = (xp.isnan(m) | (m == np.inf))[..., 0]  # (B, H, c): NaN rows
+        m = xp.where(xp.isfinite(m), m, 0)
+        p = xp.exp(s - m)  # unselected and -inf scores -> 0
+        denom = p.sum(-1, keepdims=True)
+        ls = xp.where(denom > 0, denom, 1)
+        w = (p / ls).reshape(B, G, rep, c, n)
+        o = weighted_values(xp, w, v_ok, v, bad_keys, sel.reshape(B, G, rep, c, n))  # (B, G, rep*c, Dv)
+        o = xp.where(denom > 0, o.reshape(B, H, c, Dv), 0)  # nothing selected: zeros
+        out[:, :, t0:t1] = xp.where(bad[..., None], np.nan, o)
+        row_lse = xp.where(denom > 0, m + xp.log(ls), -np.inf)[..., 0]
+        lse[:, :, t0:t1] = xp.where(bad, np.nan, row_lse)
+    return out, saved
+
+
+def masked_attention_backward(dout, saved):
+    """``(dq, dk, dv)`` from dout (B, H, T, Dv); keys no row selected get exactly zero."""
+    if not isinstance(saved, MaskedAttentionSaved):
+        raise TypeError(f"saved must come from masked_attention_forward, got {type(saved).__name__}")
+    q, k, v, idx, out, lse = saved.q, saved.k, saved.v, saved.idx, saved.out, saved.lse
+    dout = check_dout(dout, out)
+    xp = get_array_module(q, k, v)
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rep = H // G
+    dq = xp.zeros_like(q)
+    dk = xp.zeros_like(k)
+    dv = xp.zeros_like(v)
+    if idx.shape[-1] == 0 or T == 0 or S == 0 or B * H == 0:
+        return dq, dk, dv
+    sc = q.dtype.type(saved.scale)
+    inactive, nan_rows = inactive_rows(xp, out, lse)  # (B, H, T)
+    live = ~inactive
+    qg = xp.where(live[..., None], q, 0).reshape(B, G, rep, T, D)  # inactive rows send nothing
+    dout = xp.where(live[..., None], dout, 0)
+    delta = (dout * xp.where(live[..., None], out, 0)).sum(-1)  # (B, H, T)
+    lse = xp.where(live, lse, 0)
+    k_ok, _ = finite_keys(xp, k)  # a selected key scoring -inf (p = 0) may hold inf: zeroed,
+    v_ok, _ = finite_keys(xp, v)  # it adds nothing instead of 0 * inf
+    for t0, t1, n in _chunks(xp, idx, B * H * S * q.dtype.itemsize, saved.chunk_size):
+        c = t1 - t0
+        keep = selected_mask(xp, idx[:, :, t0:t1], n) & live[:, :, t0:t1, None]  # (B, H, c, n)
+        s = _scores(xp, qg, k, t0, t1, n, sc)
+        p = xp.where(keep, xp.exp(xp.where(keep, s, 0) - lse[:, :, t0:t1, None]), 0)
+        p = p.reshape(B, G, rep * c, n)
+        do = dout[:, :, t0:t1].reshape(B, G, rep * c, Dv)
+        dv[:, :, :n] += xp.matmul(p.swapaxes(-1, -2), do)  # (B, G, n, Dv)
+        dp = xp.matmul(do, v_ok[:, :, :n].swapaxes(-1, -2))  # (B, G, rep*c, n)
+        ds = xp.where(p > 0, p * (dp - delta[:, :, t0:t1].reshape(B, G, rep * c, 1)), 0) * sc
+        qc = qg[:, :, :, t0:t1].reshape(B, G, rep * c, D)
+        dq_c = xp.matmul(ds, k_ok[:, :, :n]).reshape(B, H, c, D)
+        dq[:, :, t0:t1] = xp.where(nan_rows[:, :, t0:t1, None], np.nan, dq_c)
+        dk[:, :, :n] += xp.matmul(ds.swapaxes(-1, -2), qc)
+    return dq, dk, dv
+
+
+def selected_mask(xp, idx, n):
+    """(B, H, c, n) bool: True at the keys idx (B, H, c, K) selects (-1 slots select nothing;
+    every index < n)."""
+    B, H, c, K = idx.shape
+    rows = B * H * c
+    flat = xp.zeros(rows * (n + 1), dtype=bool)  # one spare column per row takes the empty slots
+    cols = xp.where(idx >= 0, idx, n).reshape(rows, K)
+    flat[(xp.arange(rows)[:, None] * (n + 1) + cols).reshape(-1)] = True
+    return flat.reshape(B, H, c, n + 1)[..., :n]
+
+
+def _scores(xp, qg, k, t0, t1, n, sc):
+    """scale * q k^T for queries t0..t1 and keys 0..n: (B, H, c, n)."""
+    B, G, rep, _, D = qg.shape
+    c = t1 - t0
+    qc = qg[:, :, :, t0:t1].reshape(B, G, rep * c, D)
+    return xp.matmul(qc * sc, k[:, :, :n].swapaxes(-1, -2)).reshape(B, G * rep, c, n)
+
+
+def _chunks(xp, idx, bytes_per_query, chunk_size):
+    """(t0, t1, n): query chunks of about TILE_BYTES of scores and the keys their rows select
+    among (chunks selecting nothing are skipped: their rows keep out 0, lse -inf)."""
+    T = idx.shape[2]
+    c = chunk_size or max(1, TILE_BYTES // max(1, bytes_per_query))
+    last = idx.max(axis=(0, 1, 3))  # (T,) the largest key each query row selects, -1 for none
+    last = np.asarray(last.get() if hasattr(last, "get") else last)
+    for t0 in range(0, T, c):
+        t1 = min(T, t0 + c)
+        n = int(last[t0:t1].max()) + 1
+        if n > 0:
+            yield t0, t1, n
