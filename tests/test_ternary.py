@@ -8,7 +8,7 @@ from topkattn.layers.ternary_io import load_packed, load_packed_into, packed_wei
 from topkattn.ops import ternary as tr
 from topkattn.ops.ternary_kernels import ternary_matmul_rows
 from topkattn.storage import StorageError, load_container, save_container
-from topkattn.testing import assert_grads_close, directional_grad_check, tolerance
+from topkattn.testing import assert_grads_close, check_layer_grads, directional_grad_check, tolerance
 from topkattn.training.checkpoint import load_checkpoint, save_checkpoint
 
 ODD_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 9, 13, 31, 33, 63, 64, 65)
@@ -326,6 +326,26 @@ def test_ternary_linear_layer_forward_backward(act_bits):
     np.testing.assert_allclose(layer.grads["weight"], rW, **tolerance(np.float64))
     np.testing.assert_allclose(layer.grads["bias"], dy.reshape(-1, 4).sum(0), **tolerance(np.float64))
     assert [n for n, _ in layer.named_params()] == ["weight", "bias"]  # master weights only
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_ternary_linear_layer_grads_are_the_ste_surrogates(act_bits):
+    """check_layer_grads on the STE surrogate of the layer, written as BitNet's detach trick
+    w + (q(w) - w).detach(): y = (x~0 + x - x0) (W~0 + W - W0)^T + b around the checked point."""
+    rng = np.random.default_rng(17)
+    layer = Linear(6, 5, bias=True, seed=5, dtype="float64", ternary=True, act_bits=act_bits)
+    x = rng.standard_normal((2, 3, 6))
+    layer.forward(x)  # the state backward reads
+    x0, W0 = x.copy(), layer.params["weight"].copy()
+    w_deq0 = tr.ternary_quantize(W0)[0] * tr.ternary_quantize(W0)[1]
+    x_deq0 = x0 if act_bits is None else np.divide(*tr.quantize_activations(x0, act_bits))
+
+    def surrogate(xx):
+        p = layer.params
+        return (x_deq0 + xx - x0) @ (w_deq0 + p["weight"] - W0).T + p["bias"]
+
+    res = check_layer_grads(layer, x, rng, forward=surrogate, rtol=1e-7, atol=1e-9)
+    assert set(res) == {"weight", "bias", "x"}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
