@@ -107,8 +107,10 @@ class ShardedSelector(DecodeSelector):
     Args:
       inner_factory: zero-argument callable returning a fresh :class:`DecodeSelector` that
         searches this rank's candidates (called now and once per new cache).  An
-        :class:`ExactSelector` (``impl="xp"``) is replaced by an exact scan of the shard; its
-        ``tail_bound``/``max_topk`` (dynamic k) apply to the merged selection.
+        :class:`ExactSelector` (``impl="xp"``) is replaced by an exact scan of the shard.  The
+        inner's ``tail_bound``/``max_topk`` (dynamic k) become this selector's and apply to the
+        merged selection; a dynamic non-exact inner is set to ``tail_bound=0`` (it returns its
+        whole ranking up to the cap and, for LoRANN, how many keys it retrieved).
       comm: an mpi4py communicator (every rank calls the selector at the same steps).
       measure_recall: record recall of the merged selection against the exact top-k.
       dynamic_first: dynamic k: candidates per row in the first exchange (doubling after).
