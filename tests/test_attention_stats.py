@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from topkattn.layers.attention_stats import AttentionStats
+from topkattn.ops.block_attention import block_topk_attention_forward
 from topkattn.ops.dense_attention import dense_attention_forward
 from topkattn.ops.selection import select_decode
 from topkattn.ops.topk_attention import topk_attention_forward
@@ -168,3 +169,19 @@ def test_record_forward_and_step_from_the_ops():
         st.record_forward((q, k))
     with pytest.raises(ValueError, match=r"query must be \(B, H, D\), got shape \(2, 2, 6, 4\)"):
         st.record_step(q, 8)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_record_block_attention_forward(causal):
+    rng = np.random.default_rng(6)
+    q, k = rng.standard_normal((1, 2, 10, 4)), rng.standard_normal((1, 2, 10, 4))
+    _, saved = block_topk_attention_forward(q, k, k, block_size=3, topk_blocks=2, causal=causal)
+    got = AttentionStats().record_forward(saved)
+    chosen = (saved.blocks >= 0).sum(-1)  # (B, H, T) blocks per query
+    attended = (saved.indices() >= 0).sum(-1)  # keys those blocks give each query
+    assert got["blocks_per_query_mean"] == pytest.approx(chosen.mean())
+    assert got["keys_per_query_mean"] == pytest.approx(attended.mean())
+    assert got["index_bytes"] == saved.blocks.nbytes and got["dense_score_bytes"] == 2 * 10 * 10 * 8
+    visible = np.arange(1, 11) if causal else np.full(10, 10)
+    assert got["visible_keys_per_query_mean"] == pytest.approx(visible.mean())
+    assert got["dense_fallback_queries"] == int((attended >= visible).sum())

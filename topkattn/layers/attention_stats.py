@@ -43,14 +43,15 @@ class AttentionStats:
         self.total = _Counts()
 
     # -- recording -----------------------------------------------------------------------
-    def update(self, idx, *, n_keys, causal=True, score_dtype="float32", blocks=None):
+    def update(self, idx, *, n_keys, causal=True, score_dtype="float32", blocks=None, index_bytes=None):
         """Record one top-k forward or decode step; returns this update's summary (as in ``as_dict``).
 
         idx: (B, H, T, K) or, for a decode step, (B, H, K) integer key indices, -1 = empty slot.
         n_keys: S, the keys of the sequence (sinks included).  causal: query t sees keys
         j <= S - T + t (a decode step sees all S).  score_dtype: the dtype a dense (T, S) score
         matrix would have.  blocks: block attention's chosen blocks, (B, H, T, Nb) (or (B, H, Nb)
-        for a decode step), -1 = empty slot.
+        for a decode step), -1 = empty slot.  index_bytes: the bytes of the index the op keeps,
+        when it is not ``idx`` (block attention keeps ``blocks``); default idx.nbytes.
         """
         idx = as_engine_array(idx, "idx")
         if idx.dtype.kind not in "iu":
@@ -70,7 +71,7 @@ class AttentionStats:
         c.keys_attended = int(attended.sum())
         c.keys_visible = int(visible.sum()) * B * H
         c.hist = to_numpy(xp.bincount(attended.ravel().astype(xp.int64))).astype(np.int64)
-        c.index_bytes = int(idx.nbytes)
+        c.index_bytes = int(idx.nbytes) if index_bytes is None else check_int("index_bytes", index_bytes, 0)
         c.dense_bytes = B * H * T * S * itemsize
         dense_rows = int((attended >= xp.asarray(visible)).sum())
         c.dense_rows, c.dense_updates = dense_rows, int(dense_rows == c.queries)
@@ -97,14 +98,20 @@ class AttentionStats:
         """Record a training forward from the ``saved`` state its attention op returned.
 
         Any saved state with ``q`` (B, H, T, D) and ``k`` (B, G, S, D): with an ``idx`` (top-k,
-        masked top-k, dynamic k) it is :meth:`update`, without (dense) :meth:`update_dense`.
+        masked top-k, dynamic k) it is :meth:`update`; block attention's (``blocks`` and
+        ``indices()``) records the keys its blocks stand for, the blocks chosen and the bytes
+        of ``blocks``; without either (dense) it is :meth:`update_dense`.
         """
         q, k = getattr(saved, "q", None), getattr(saved, "k", None)
         if q is None or k is None or q.ndim != 4 or k.ndim != 4:
             raise TypeError(f"saved must be an attention op's saved state with q (B, H, T, D) and k (B, G, S, D), "
                             f"got {type(saved).__name__}")
         idx = getattr(saved, "idx", None)
-        causal = bool(getattr(saved, "causal", True))
+        causal = bool(getattr(saved, "causal", getattr(getattr(saved, "bounds", None), "causal", True)))
+        blocks = getattr(saved, "blocks", None)
+        if idx is None and blocks is not None and callable(getattr(saved, "indices", None)):
+            return self.update(saved.indices(), n_keys=k.shape[2], causal=causal, score_dtype=q.dtype,
+                               blocks=blocks, index_bytes=int(blocks.nbytes))
         if idx is None:
             return self.update_dense(*q.shape[:3], n_keys=k.shape[2], causal=causal, score_dtype=q.dtype)
         return self.update(idx, n_keys=k.shape[2], causal=causal, score_dtype=q.dtype)
