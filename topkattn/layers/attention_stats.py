@@ -19,6 +19,10 @@ Counted per update and summed over updates:
     blocks           block attention: blocks chosen per query (slots >= 0 of blocks (B, H, T, Nb)),
                      mean and histogram
 
+An attention layer records with one call: ``stats.record_forward(saved)`` after its training
+attention op (any op's saved state: dense, top-k, masked, dynamic k, block) and
+``stats.record_step(query, S, idx)`` in a decode step (idx None for a dense step).
+
 ``as_dict()`` is JSON-able: ``{"updates", "last": {...}, "total": {...}}`` with the same keys in
 ``last`` (the latest update) and ``total``.  :meth:`merged` sums several layers' statistics.
 """
