@@ -97,6 +97,25 @@ def test_non_finite_inputs_follow_the_reference_rule():
     assert np.isfinite(grads[1]).all() and np.isfinite(grads[2]).all()  # ... and it sends nothing
 
 
+def test_infinite_dout_reaches_only_the_selected_keys_of_its_row():
+    rng = np.random.default_rng(13)
+    q, k, v = make_qkv(rng, 1, 2, 2, 6, 6, 4, 3)
+    idx = selection(q, k, 2)
+    _, saved = ma.masked_attention_forward(q, k, v, idx, 0.5)
+    _, g_saved = sa.sparse_attention_forward(q, k, v, idx, 0.5)
+    dout = rng.standard_normal((1, 2, 6, 3))
+    dout[0, 1, 4, 0] = np.inf
+    with np.errstate(invalid="ignore", over="ignore"):
+        grads = ma.masked_attention_backward(dout, saved)
+        want = masked_attention_grad_reference(q, k, v, mask_from_idx(idx, 6), 0.5, dout)
+        gather = sa.sparse_attention_backward(dout, g_saved)
+    for name, g, w, gg in zip("qkv", grads, want, gather):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12, err_msg=f"d{name}")
+        np.testing.assert_allclose(g, gg, rtol=1e-12, atol=1e-12, err_msg=f"d{name} vs gather")
+    unselected = ~mask_from_idx(idx, 6)[0, 1].any(0)  # keys row (1, *) never selects: gradient exactly 0
+    assert not grads[1][0, 1, unselected].any() and not grads[2][0, 1, unselected].any()
+
+
 def test_gather_backward_accepts_the_saved_state():
     rng = np.random.default_rng(5)
     q, k, v = make_qkv(rng, 2, 2, 2, 5, 5, 4, 4)

@@ -25,13 +25,14 @@ Non-finite inputs follow the rule of :mod:`topkattn.ops.reference` (``attend_row
 gather path: a NaN or +inf among a row's selected scores gives a NaN row (out and lse);
 -inf scores get weight 0; a row with nothing selected gives zeros and lse -inf; a NaN or inf
 value reaches only the rows that select it; backward gives a NaN row a NaN dq and lets it
-send nothing to dk, dv.
+send nothing to dk, dv.  A non-finite dout in a live row goes to the gather backward (a
+product over the tile would multiply its inf by the zero weights of unselected keys).
 """
 import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.ops.dense_attention import check_dout, finite_keys, weighted_values
-from topkattn.ops.sparse_attention import SparseAttentionSaved, inactive_rows
+from topkattn.ops.sparse_attention import SparseAttentionSaved, inactive_rows, sparse_attention_backward
 
 TILE_BYTES = 16 * 2**20  # budget for one chunk's (B, H, c, S) score tile
 
@@ -77,18 +78,20 @@ def masked_attention_forward(q, k, v, idx, scale, chunk_size=None):
     v_ok, bad_keys = finite_keys(xp, v)  # values with non-finite entries zeroed, their keys
     for t0, t1, n in _chunks(xp, idx, B * H * S * q.dtype.itemsize, chunk_size):
         c = t1 - t0
-        sel = selected_mask(xp, idx[:, :, t0:t1], n)  # (B, H, c, n)
+        unsel = unselected_mask(xp, idx[:, :, t0:t1], n)  # (B, H, c, n)
         s = _scores(xp, qg, k, t0, t1, n, sc)  # (B, H, c, n)
-        s = xp.where(sel, s, -np.inf)
+        xp.copyto(s, -np.inf, where=unsel)
         m = s.max(-1, keepdims=True)  # NaN and +inf among the selected reach the row maximum
         bad = (xp.isnan(m) | (m == np.inf))[..., 0]  # (B, H, c): NaN rows
         m = xp.where(xp.isfinite(m), m, 0)
-        p = xp.exp(s - m)  # unselected and -inf scores -> 0
-        denom = p.sum(-1, keepdims=True)
+        xp.subtract(s, m, out=s)
+        p = xp.exp(s, out=s)  # unnormalised weights: unselected and -inf scores -> 0
+        denom = p.sum(-1, keepdims=True)  # (B, H, c, 1)
         ls = xp.where(denom > 0, denom, 1)
-        w = (p / ls).reshape(B, G, rep, c, n)
-        o = weighted_values(xp, w, v_ok, v, bad_keys, sel.reshape(B, G, rep, c, n))  # (B, G, rep*c, Dv)
-        o = xp.where(denom > 0, o.reshape(B, H, c, Dv), 0)  # nothing selected: zeros
+        attend = None if not bad_keys.size else ~unsel.reshape(B, G, rep, c, n)  # for non-finite values only
+        o = weighted_values(xp, p.reshape(B, G, rep, c, n), v_ok, v, bad_keys, attend)  # (B, G, rep*c, Dv)
+        o = o.reshape(B, H, c, Dv) / ls
+        o = xp.where(denom > 0, o, 0)  # nothing selected: zeros
         out[:, :, t0:t1] = xp.where(bad[..., None], np.nan, o)
         row_lse = xp.where(denom > 0, m + xp.log(ls), -np.inf)[..., 0]
         lse[:, :, t0:t1] = xp.where(bad, np.nan, row_lse)
@@ -114,21 +117,28 @@ def masked_attention_backward(dout, saved):
     inactive, nan_rows = inactive_rows(xp, out, lse)  # (B, H, T)
     live = ~inactive
     qg = xp.where(live[..., None], q, 0).reshape(B, G, rep, T, D)  # inactive rows send nothing
-    dout = xp.where(live[..., None], dout, 0)
+    dout_live = xp.where(live[..., None], dout, 0)
+    if not bool(xp.isfinite(dout_live).all()):  # 0 * inf would leak into unselected keys: gather path
+        return sparse_attention_backward(dout, saved)
+    dout = dout_live
     delta = (dout * xp.where(live[..., None], out, 0)).sum(-1)  # (B, H, T)
     lse = xp.where(live, lse, 0)
     k_ok, _ = finite_keys(xp, k)  # a selected key scoring -inf (p = 0) may hold inf: zeroed,
     v_ok, _ = finite_keys(xp, v)  # it adds nothing instead of 0 * inf
+    dos = dout * sc  # (B, H, T, Dv): the scale folded into dp = dout v^T (ds = p (dp - delta) scale)
+    delta *= sc
     for t0, t1, n in _chunks(xp, idx, B * H * S * q.dtype.itemsize, saved.chunk_size):
         c = t1 - t0
-        keep = selected_mask(xp, idx[:, :, t0:t1], n) & live[:, :, t0:t1, None]  # (B, H, c, n)
+        drop = unselected_mask(xp, idx[:, :, t0:t1], n) | inactive[:, :, t0:t1, None]  # (B, H, c, n)
         s = _scores(xp, qg, k, t0, t1, n, sc)
-        p = xp.where(keep, xp.exp(xp.where(keep, s, 0) - lse[:, :, t0:t1, None]), 0)
-        p = p.reshape(B, G, rep * c, n)
+        xp.copyto(s, -np.inf, where=drop)
+        xp.subtract(s, lse[:, :, t0:t1, None], out=s)
+        p = xp.exp(s, out=s).reshape(B, G, rep * c, n)  # weights of the kept keys, 0 elsewhere
         do = dout[:, :, t0:t1].reshape(B, G, rep * c, Dv)
         dv[:, :, :n] += xp.matmul(p.swapaxes(-1, -2), do)  # (B, G, n, Dv)
-        dp = xp.matmul(do, v_ok[:, :, :n].swapaxes(-1, -2))  # (B, G, rep*c, n)
-        ds = xp.where(p > 0, p * (dp - delta[:, :, t0:t1].reshape(B, G, rep * c, 1)), 0) * sc
+        ds = xp.matmul(dos[:, :, t0:t1].reshape(B, G, rep * c, Dv), v_ok[:, :, :n].swapaxes(-1, -2))
+        ds -= delta[:, :, t0:t1].reshape(B, G, rep * c, 1)
+        ds *= p  # (B, G, rep*c, n): scale * p * (dp - delta)
         qc = qg[:, :, :, t0:t1].reshape(B, G, rep * c, D)
         dq_c = xp.matmul(ds, k_ok[:, :, :n]).reshape(B, H, c, D)
         dq[:, :, t0:t1] = xp.where(nan_rows[:, :, t0:t1, None], np.nan, dq_c)
@@ -136,14 +146,14 @@ def masked_attention_backward(dout, saved):
     return dq, dk, dv
 
 
-def selected_mask(xp, idx, n):
-    """(B, H, c, n) bool: True at the keys idx (B, H, c, K) selects (-1 slots select nothing;
-    every index < n)."""
+def unselected_mask(xp, idx, n):
+    """(B, H, c, n) bool: False at the keys idx (B, H, c, K) selects, True elsewhere (-1 slots
+    select nothing; every index < n)."""
     B, H, c, K = idx.shape
     rows = B * H * c
-    flat = xp.zeros(rows * (n + 1), dtype=bool)  # one spare column per row takes the empty slots
+    flat = xp.ones(rows * (n + 1), dtype=bool)  # one spare column per row takes the empty slots
     cols = xp.where(idx >= 0, idx, n).reshape(rows, K)
-    flat[(xp.arange(rows)[:, None] * (n + 1) + cols).reshape(-1)] = True
+    flat[(xp.arange(rows)[:, None] * (n + 1) + cols).reshape(-1)] = False
     return flat.reshape(B, H, c, n + 1)[..., :n]
 
 
