@@ -22,7 +22,7 @@ def _signatures():
     import numba
     from numba import types
 
-    from topkattn.cuda import lorann_score, mla_decode, sparse_backward, topk_forward, topk_select
+    from topkattn.cuda import block_attention, lorann_score, mla_decode, sparse_backward, topk_forward, topk_select
 
     i64, f64 = types.int64, types.float64
 
@@ -47,6 +47,10 @@ def _signatures():
         out.append((f"bwd_keys[{dchar}]", sparse_backward._keys_kernel(dchar),
                     (arr(dt, 4), arr(dt, 4), arr(dt, 2), arr(dt, 2), arr(i64, 1), arr(i64, 1),
                      arr(i64, 1), i64, i64, arr(dt, 2), arr(dt, 2), arr(dt, 4), arr(dt, 4))))
+        out.append((f"block_select[{dchar}]", block_attention._select_kernel(8, 64, 64, 64, dchar),
+                    (arr(dt, 4), arr(dt, 4), arr(i64, 1), arr(i64, 1), i64, i64, arr(i64, 4))))
+        out.append((f"block_forward[{dchar}]", block_attention._forward_kernel(64, 64, dchar),
+                    (arr(dt, 4),) * 3 + (arr(i64, 4), arr(i64, 1), i64, f64, arr(dt, 4), arr(dt, 3))))
         for lay in ("C", "A"):  # the latent cache may be a strided view
             out.append((f"mla_scores[{dchar},{lay}]", mla_decode._scores_kernel(16, dchar),
                         (arr(dt, 3), arr(dt, 3, lay), f64, arr(dt, 3))))
