@@ -8,6 +8,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
 from topkattn.threads import njit
@@ -90,17 +91,19 @@ def decode_topm_scan(keys, qs, qt, j0, j1, m, vals, ids):
 
     keys: (S, D) C-contiguous, one KV head's cache rows; qs: (rep, D) the scaled queries of the
     rep heads that read it; qt: (D, Hp) their transpose, zero-padded to Hp heads, a multiple
-    of the vector width (64 bytes: 16 float32 or 8 float64 heads), or an empty (0, 0) array
+    of the vector width W (64 bytes: 16 float32 or 8 float64 heads), or an empty (0, 0) array
     for few heads.  vals, ids: (rep, m) receive each head's best scores and key indices in
     rank order (score descending, ties to the lower key, NaN above every number), padded
     with -inf / -1 when fewer than m keys are scanned.
 
     Keys are scored ``DECODE_BLOCK`` at a time into a small tile while they are in cache:
     with ``qt`` by :func:`_panel`, which holds one vector of heads per key (every head
-    against a key at once, no horizontal sums; equal keys get equal scores), else by
+    against a key at once, no horizontal sums; equal keys get equal scores) and flags, per
+    key, the heads whose score beats their current m-th best, else by
     :func:`_score_tile_narrow` (dot products along D).  Each head keeps a sorted buffer of
-    m entries and a threshold, so almost every score costs one comparison.  Serial and
-    ``nogil``: callers run key ranges on worker threads and merge them with :func:`merge_topm`.
+    m entries; only flagged (head, key) pairs are inserted, so almost every score costs one
+    lane of a vector comparison.  Serial and ``nogil``: callers run key ranges on worker
+    threads and merge them with :func:`merge_topm`.
     Reference: :func:`topkattn.ops.reference.rank_row` over the scores ``qs @ keys.T``.
     """
     rep = qs.shape[0]
@@ -110,73 +113,89 @@ def decode_topm_scan(keys, qs, qt, j0, j1, m, vals, ids):
     vals[:, :] = -np.inf
     ids[:, :] = -1
     n = np.zeros(rep, dtype=np.int64)
-    thresh = np.full(rep, -np.inf, dtype=vals.dtype)
     tile = np.empty((DECODE_BLOCK, Hp if wide else rep), dtype=vals.dtype)  # (keys, heads)
-    top = np.empty(rep, dtype=vals.dtype)
+    thresh = np.full(max(Hp, rep), np.inf, dtype=vals.dtype)  # padded heads: never flagged
+    thresh[:rep] = np.nan  # NaN: "take every key" until the head holds m
+    n_vec = Hp // lanes if wide else 1
+    hits = np.empty((DECODE_BLOCK, n_vec), dtype=np.int64)  # (keys, head vectors) bit per head
     for b0 in range(j0, j1, DECODE_BLOCK):
         nb = min(DECODE_BLOCK, j1 - b0)
         if wide:
             for t in range(0, nb, PANEL_KEYS):
                 for c0 in range(0, Hp, lanes):
-                    _panel(keys, qt, tile, b0 + t, min(PANEL_KEYS, nb - t), t, c0)
+                    _panel(keys, qt, tile, thresh, hits, b0 + t, min(PANEL_KEYS, nb - t), t, c0, c0, c0 // lanes)
+            for t in range(nb):
+                for v in range(n_vec):
+                    bits = hits[t, v]
+                    while bits:
+                        h = v * lanes + trailing_zeros(bits)
+                        bits &= bits - 1
+                        if h < rep:
+                            _insert(vals, ids, n, thresh, h, tile[t, h], b0 + t, m)
         else:
             _score_tile_narrow(keys, qs, b0, nb, tile)
-        top[:] = -np.inf  # (heads,) each head's best score in the tile, NaN taken as +inf
-        for t in range(nb):
             for h in range(rep):
-                s = tile[t, h]
-                if s != s:
-                    s = np.inf
-                if s > top[h]:
-                    top[h] = s
-        for h in range(rep):
-            th = thresh[h]
-            if n[h] == m and top[h] <= th:
-                continue  # nothing in this tile beats the head's m-th best (the usual case)
-            for t in range(nb):
-                s = tile[t, h]
-                if s != s:
-                    s = np.inf
-                if n[h] == m:
-                    if not s > th:
-                        continue
-                    p = m - 2
-                else:
-                    p = n[h] - 1
-                    n[h] += 1
-                while p >= 0 and vals[h, p] < s:
-                    vals[h, p + 1] = vals[h, p]
-                    ids[h, p + 1] = ids[h, p]
-                    p -= 1
-                vals[h, p + 1] = s
-                ids[h, p + 1] = b0 + t
-                if n[h] == m:
-                    th = vals[h, m - 1]
-            thresh[h] = th
+                for t in range(nb):
+                    s = tile[t, h]
+                    if not s <= thresh[h]:  # above, or NaN on either side
+                        _insert(vals, ids, n, thresh, h, s, b0 + t, m)
+
+
+@njit(fastmath=_FAST, inline="always")
+def _insert(vals, ids, n, thresh, h, s, j, m):
+    """Offer key j with score s to row h's sorted buffer (vals[h], ids[h], n[h] held, at most m).
+
+    NaN is taken as +inf; a full buffer takes only a score above its m-th (ties go to the
+    lower key, offered first); thresh[h] becomes the m-th score once the buffer is full."""
+    if s != s:
+        s = np.inf
+    if n[h] == m:
+        if not s > vals[h, m - 1]:
+            return
+        p = m - 2
+    else:
+        p = n[h] - 1
+        n[h] += 1
+    while p >= 0 and vals[h, p] < s:
+        vals[h, p + 1] = vals[h, p]
+        ids[h, p + 1] = ids[h, p]
+        p -= 1
+    vals[h, p + 1] = s
+    ids[h, p + 1] = j
+    if n[h] == m:
+        thresh[h] = vals[h, m - 1]
 
 
 @intrinsic
-def _panel(typingctx, keys, qt, tile, j0, nk, t0, c0):
-    """tile[t0 + k, c0:c0 + W] = sum_d qt[d, c0:c0 + W] * keys[j0 + k, d] for k < nk (nk <= PANEL_KEYS).
+def _panel(typingctx, keys, qt, tile, thresh, hits, j0, nk, t0, c0, tc0, hc):
+    """Score PANEL_KEYS keys against one vector of W queries (heads or query rows) and flag the beaters.
 
-    W = one 64-byte vector of heads (16 float32, 8 float64).  The PANEL_KEYS keys share each
-    loaded vector of queries; each key's scores are one vector accumulator updated by one
-    fused multiply-add per d, in order d = 0 .. D-1 (the same arithmetic for every key).
-    Keys past nk re-read key j0 + nk - 1 and are not stored.  The caller guarantees the
-    shapes: keys (S, D), qt (D, Hp), tile (n, Hp), c0 + W <= Hp, all C-contiguous.
+    tile[t0 + k, tc0:tc0 + W] = sum_d qt[d, c0:c0 + W] * keys[j0 + k, d] for k < nk (nk <= PANEL_KEYS);
+    hits[t0 + k, hc] = bit mask of the lanes w whose score is above thresh[tc0 + w] or
+    unordered with it (a NaN score, or a NaN threshold meaning "take every key").
+    W = one 64-byte vector (16 float32, 8 float64).  The PANEL_KEYS keys share each loaded
+    vector of queries; each key's scores are one vector accumulator updated by one fused
+    multiply-add per d, in order d = 0 .. D-1 (the same arithmetic for every key, so equal
+    keys score equal).  Keys past nk re-read key j0 + nk - 1 and are not stored.  The
+    caller guarantees the shapes: keys (S, D), qt (D, Hp), tile (n, Ht), thresh (>= Ht,),
+    hits (n, > hc) int64, c0 + W <= Hp, tc0 + W <= Ht, all C-contiguous.
     """
-    sig = types.void(keys, qt, tile, j0, nk, t0, c0)
+    sig = types.void(keys, qt, tile, thresh, hits, j0, nk, t0, c0, tc0, hc)
 
     def codegen(context, builder, signature, args):
-        kty, qty, tty = signature.args[:3]
-        kk, qq, tt = (context.make_array(t)(context, builder, a) for t, a in zip((kty, qty, tty), args[:3]))
-        j0v, nkv, t0v, c0v = args[3:]
+        arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:5], args[:5])]
+        kk, qq, tt, th, hh = arrays
+        j0v, nkv, t0v, c0v, tc0v, hcv = args[5:]
+        kty = signature.args[0]
         i32, i64 = ir.IntType(32), ir.IntType(64)
         fp = context.get_value_type(kty.dtype)
         width = 16 if kty.dtype == types.float32 else 8
+        align = fp_align(kty)
         vec = ir.VectorType(fp, width)
         n_dim = cgutils.unpack_tuple(builder, kk.shape, 2)[1]  # D
         n_head = cgutils.unpack_tuple(builder, qq.shape, 2)[1]  # Hp
+        n_tile = cgutils.unpack_tuple(builder, tt.shape, 2)[1]  # Ht
+        n_hits = cgutils.unpack_tuple(builder, hh.shape, 2)[1]
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
                                              "llvm.fma.v16f32" if width == 16 else "llvm.fma.v8f64")
         undef = ir.Constant(vec, ir.Undefined)
@@ -191,16 +210,21 @@ def _panel(typingctx, keys, qt, tile, j0, nk, t0, c0):
         with cgutils.for_range(builder, n_dim) as loop:
             d = loop.index
             qptr = builder.gep(qq.data, [builder.add(builder.mul(d, n_head), c0v)])
-            qv = builder.load(builder.bitcast(qptr, vec.as_pointer()), align=fp_align(kty))
+            qv = builder.load(builder.bitcast(qptr, vec.as_pointer()), align=align)
             for k in range(PANEL_KEYS):
                 kv = builder.insert_element(undef, builder.load(builder.gep(rows[k], [d])), ir.Constant(i32, 0))
                 kv = builder.shuffle_vector(kv, undef, splat)
                 builder.store(builder.call(fma, [qv, kv, builder.load(accs[k])]), accs[k])
+        tv = builder.load(builder.bitcast(builder.gep(th.data, [tc0v]), vec.as_pointer()), align=align)
         for k in range(PANEL_KEYS):
             with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, k), nkv)):
                 row = builder.add(t0v, ir.Constant(i64, k))
-                tptr = builder.gep(tt.data, [builder.add(builder.mul(row, n_head), c0v)])
-                builder.store(builder.load(accs[k]), builder.bitcast(tptr, vec.as_pointer()), align=fp_align(kty))
+                a = builder.load(accs[k])
+                tptr = builder.gep(tt.data, [builder.add(builder.mul(row, n_tile), tc0v)])
+                builder.store(a, builder.bitcast(tptr, vec.as_pointer()), align=align)
+                beat = builder.fcmp_unordered(">", a, tv)  # <W x i1>: above, or NaN on either side
+                bits = builder.zext(builder.bitcast(beat, ir.IntType(width)), i64)
+                builder.store(bits, builder.gep(hh.data, [builder.add(builder.mul(row, n_hits), hcv)]))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -274,6 +298,62 @@ def _score_tile_narrow(keys, qs, b0, nb, tile):
                     tile[t + 2, h] = s2
                 if t + 3 < nb:
                     tile[t + 3, h] = s3
+
+
+@njit(fastmath=_FAST)
+def rows_topm_scan(keys, qt, r0, r1, end, win_lo, win_hi, sinks, m, out):
+    """Each query row's ``m`` best candidate keys, scored and ranked in one pass (training selection).
+
+    keys: (S, D) C-contiguous, the rows of one KV head; qt: (D, Tp) the scaled queries of one
+    head transposed, Tp a multiple of the vector width W (64 bytes: 16 float32, 8 float64),
+    zero-padded; rows r0 .. r1-1 (r0 a multiple of W) are done; end, win_lo, win_hi: (T,)
+    the :class:`topkattn.ops.selection.RowBounds` arrays; out: (T, m) int64, pre-filled with
+    -1, receives row r's candidates in rank order (score descending, ties to the lower key,
+    NaN above every number).  Candidates of row r: sinks <= j < end[r], not win_lo[r] <= j <
+    win_hi[r].  The rule and the result of :func:`ranked_topm_rows` on the score tile, without
+    the tile: W consecutive rows ride in the lanes of one vector, keys come 8 at a time
+    (:func:`_panel`), which flags per key the rows whose score beats their m-th best; only
+    flagged (row, key) pairs reach the sorted buffers.  Keys every row of the W sees (below
+    the first window and the smallest end) need no candidate test; blocks near the diagonal
+    test the flagged pairs.
+    Reference: :func:`topkattn.ops.reference.rank_row` (and ``selection.ranked_topm_xp``).
+    """
+    lanes = 64 // keys.itemsize
+    tile = np.empty((DECODE_BLOCK, lanes), dtype=qt.dtype)  # (keys, rows)
+    hits = np.empty((DECODE_BLOCK, 1), dtype=np.int64)
+    vals = np.empty((lanes, max(m, 1)), dtype=qt.dtype)
+    n = np.zeros(lanes, dtype=np.int64)
+    thresh = np.empty(lanes, dtype=qt.dtype)
+    for q0 in range(r0, r1, lanes):
+        nl = min(lanes, r1 - q0)
+        n[:] = 0
+        thresh[:] = np.inf  # padding rows: never flagged
+        thresh[:nl] = np.nan  # NaN: "take every key" until the row holds m
+        hi = 0
+        clean = keys.shape[0]  # keys below it are candidates of every row of the block
+        for ln in range(nl):
+            e = end[q0 + ln]
+            hi = max(hi, e)
+            c = min(e, win_lo[q0 + ln]) if win_hi[q0 + ln] > win_lo[q0 + ln] else e
+            clean = min(clean, c)
+        rows = out[q0:q0 + nl]
+        for b0 in range(sinks, hi, DECODE_BLOCK):
+            nb = min(DECODE_BLOCK, hi - b0)
+            for t in range(0, nb, PANEL_KEYS):
+                _panel(keys, qt, tile, thresh, hits, b0 + t, min(PANEL_KEYS, nb - t), t, q0, 0, 0)
+            masked = b0 + nb > clean
+            for t in range(nb):
+                bits = hits[t, 0]
+                j = b0 + t
+                while bits:
+                    ln = trailing_zeros(bits)
+                    bits &= bits - 1
+                    if ln >= nl:
+                        continue
+                    r = q0 + ln
+                    if masked and (j >= end[r] or (win_lo[r] <= j < win_hi[r])):
+                        continue
+                    _insert(vals, rows, n, thresh, ln, tile[t, ln], j, m)
 
 
 @njit

@@ -182,6 +182,12 @@ def select_topk(q, k, *, topk, causal=True, scale, sinks=0, window=0, forget_rat
     m = n_sel + n_drop_max  # ranked candidates needed per row
 
     idx, n_forced = _forced_prefix(xp, bounds, B, H)
+    if m and B * H * T and _choose_numba(impl, xp) and q.dtype in (np.float32, np.float64):
+        ranked = fused_ranked_rows(q, k, bounds, m, scale).reshape(B * H * T, m)  # no score tiles
+        if drop is not None:
+            ranked = apply_forgetting(ranked, drop.reshape(B * H * T, n_sel), n_sel)
+        idx[..., n_forced:] = ranked.reshape(B, H, T, n_sel)
+        return idx
     for t0, t1, _tile, ranked in _ranked_chunks(q, k, bounds, m, causal, scale, chunk_size, impl):
         c = t1 - t0
         if drop is not None:
@@ -189,6 +195,48 @@ def select_topk(q, k, *, topk, causal=True, scale, sinks=0, window=0, forget_rat
             ranked = apply_forgetting(ranked, d, n_sel)
         idx[:, :, t0:t1, n_forced:] = ranked.reshape(B, H, c, n_sel)
     return idx
+
+
+def fused_ranked_rows(q, k, bounds, m, scale):
+    """(B, H, T, m) int64: each query row's m best candidates, ranked, -1 padded (NumPy, Numba).
+
+    q (B, H, T, D), k (B, G, S, D) of one dtype.  Scores and ranking in one pass per head
+    (:func:`topkattn.ops.cpu_kernels.rows_topm_scan`): no (rows, S) score tile is made, so
+    memory is O(T * (D + m)).  Row blocks are split into pieces of about equal work (a causal
+    row sees more keys the later it sits) and run on the worker pool.  The rule of
+    :func:`ranked_topm_xp`.
+    """
+    B, H, T, D = q.shape
+    G = k.shape[1]
+    rep = H // G
+    lanes = 64 // q.dtype.itemsize  # query rows per vector
+    Tp = -(-T // lanes) * lanes
+    qt = np.zeros((B, H, D, Tp), dtype=q.dtype)  # (B, H, D, Tp) scaled queries, transposed
+    qt[..., :T] = (q * q.dtype.type(scale)).swapaxes(-1, -2)
+    keys = [[np.ascontiguousarray(k[b, g]) for g in range(G)] for b in range(B)]  # (S, D) views
+    ranked = np.full((B, H, T, m), -1, dtype=np.int64)
+    # work of each block of `lanes` rows: the keys its last row may see
+    block_work = np.maximum(bounds.end[np.minimum(np.arange(lanes, Tp + 1, lanes), T) - 1] - bounds.sinks, 1)
+    nw = n_workers()
+    pieces = 1 if nw == 1 else max(1, -(-4 * nw // (B * H)))  # row pieces per head
+    cum = np.cumsum(block_work)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, pieces) / pieces)  # equal-work block boundaries
+    edges = sorted({0, len(block_work), *map(int, cuts)})
+    tasks = [(b, h, lanes * e0, min(T, lanes * e1)) for b in range(B) for h in range(H)
+             for e0, e1 in zip(edges[:-1], edges[1:]) if e1 > e0]
+
+    def run(task):
+        b, h, r0, r1 = task
+        _cpu_kernels.rows_topm_scan(keys[b][h // rep], qt[b, h], r0, r1, bounds.end, bounds.win_lo,
+                                    bounds.win_hi, bounds.sinks, m, ranked[b, h])
+
+    if nw == 1 or len(tasks) == 1:
+        for task in tasks:
+            run(task)
+    else:
+        for job in [pool().submit(run, task) for task in tasks]:
+            job.result()
+    return ranked
 
 
 def select_dynamic_topk(q, k, *, tail_bound, max_topk=None, causal=True, scale, sinks=0,
