@@ -390,3 +390,66 @@ def merge_topm(part_vals, part_ids, vals, ids):
                     p -= 1
                 vals[h, p + 1] = s
                 ids[h, p + 1] = j
+
+
+# -- sparse attention over selected keys ----------------------------------------------------
+_ATTEND_FAST = {"nsz", "contract", "reassoc"}  # no "afn" (exp stays exact), no "nnan"/"ninf"
+
+
+@njit(fastmath=_ATTEND_FAST)
+def sparse_attend_rows(q, k, v, idx, scale, t0, t1, out, lse):
+    """out[t], lse[t] for the rows t0 .. t1-1 of one (batch, head): softmax over the selected keys.
+
+    q: (T, D) the head's queries; k: (S, D), v: (S, Dv) its KV head's keys and values;
+    idx: (T, K) int64 selected key indices (-1 = empty slot); out: (T, Dv), lse: (T,).
+    s_i = (scale q_t) . k_idx[i]; p = softmax(s) over the filled slots; out_t = sum_i p_i v_idx[i].
+    Non-finite rule of :func:`topkattn.ops.reference.attend_row`: a NaN or +inf score gives a
+    NaN row (out and lse); -inf scores weigh 0; a row with nothing to attend (no slot, or
+    every score -inf) gives zeros and lse -inf; every attended value reaches the row (0 * NaN
+    is NaN).  Reference: :func:`topkattn.ops.reference.attend_row` (and the NumPy path of
+    :func:`topkattn.ops.sparse_attention.sparse_attention_forward`).
+    """
+    K = idx.shape[1]
+    D = q.shape[1]
+    Dv = v.shape[1]
+    sc = q.dtype.type(scale)
+    s = np.empty(K, dtype=q.dtype)
+    zero = q.dtype.type(0)
+    for t in range(t0, t1):
+        mx = -np.inf
+        bad = False
+        for i in range(K):
+            j = idx[t, i]
+            if j < 0:
+                s[i] = -np.inf
+                continue
+            acc = zero
+            for d in range(D):
+                acc += (q[t, d] * sc) * k[j, d]
+            s[i] = acc
+            if acc != acc or acc == np.inf:
+                bad = True
+            elif acc > mx:
+                mx = acc
+        if bad:
+            out[t, :] = np.nan
+            lse[t] = np.nan
+            continue
+        m0 = mx if mx > -np.inf else zero
+        denom = zero
+        for i in range(K):
+            s[i] = np.exp(s[i] - m0)  # -inf scores and empty slots: 0
+            denom += s[i]
+        if not denom > 0:
+            out[t, :] = 0
+            lse[t] = -np.inf
+            continue
+        out[t, :] = 0
+        for i in range(K):
+            j = idx[t, i]
+            if j < 0:
+                continue
+            w = s[i] / denom
+            for d in range(Dv):
+                out[t, d] += w * v[j, d]
+        lse[t] = m0 + np.log(denom)

@@ -19,6 +19,7 @@ nothing to dk, dv (:func:`inactive_rows`), so one bad row never poisons shared k
 import numpy as np
 
 from topkattn.backend import get_array_module
+from topkattn.threads import n_workers, pool
 
 try:
     from topkattn.ops import cpu_kernels as _cpu_kernels
@@ -37,8 +38,13 @@ class SparseAttentionSaved:
         self.q, self.k, self.v, self.idx, self.out, self.lse, self.scale = q, k, v, idx, out, lse, scale
 
 
-def sparse_attention_forward(q, k, v, idx, scale):
-    """out (B, H, T, Dv), saved.  Inputs are assumed validated (see topk_attention_forward)."""
+def sparse_attention_forward(q, k, v, idx, scale, impl="auto"):
+    """out (B, H, T, Dv), saved.  Inputs are assumed validated (see topk_attention_forward).
+
+    ``impl``: "auto" runs the Numba kernel :func:`topkattn.ops.cpu_kernels.sparse_attend_rows`
+    for NumPy float inputs of one dtype (rows on the worker pool, no (B, H, c, K, D) gathers),
+    "numpy" the vectorised xp path (CuPy always takes it).
+    """
     xp = get_array_module(q, k, v)
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -46,6 +52,9 @@ def sparse_attention_forward(q, k, v, idx, scale):
     out = xp.zeros((B, H, T, Dv), dtype=q.dtype)
     lse = xp.full((B, H, T), -xp.inf, dtype=q.dtype)
     if K == 0 or T == 0 or S == 0:  # nothing to attend: zeros, lse -inf
+        return out, SparseAttentionSaved(q, k, v, idx, out, lse, scale)
+    if impl != "numpy" and _use_kernel(xp, q, k, v):
+        _attend_kernel(q, k, v, idx, scale, out, lse)
         return out, SparseAttentionSaved(q, k, v, idx, out, lse, scale)
     kf, vf = k.reshape(B * G * S, D), v.reshape(B * G * S, Dv)
     sc = q.dtype.type(scale)
@@ -157,6 +166,42 @@ def sparse_attention_decode(query, keys, values, idx, scale):
     vv = xp.where(valid[..., None], vv, 0)  # empty slots read key 0: keep its NaN out
     out = xp.where(denom > 0, (p[..., None] * vv).sum(-2), 0)  # (B, H, Dv)
     return xp.where(bad, np.nan, out)
+
+
+# rows x selected slots per worker task of the Numba attend kernel
+ATTEND_TASK_SLOTS = 1 << 16
+
+
+def _use_kernel(xp, *arrays):
+    """The Numba kernels run for NumPy float arrays of one dtype (every other input: the xp path)."""
+    return (xp is np and _cpu_kernels is not None and arrays[0].dtype in (np.float32, np.float64)
+            and all(a.dtype == arrays[0].dtype for a in arrays))
+
+
+def _attend_kernel(q, k, v, idx, scale, out, lse):
+    """Forward of the selected rows with :func:`topkattn.ops.cpu_kernels.sparse_attend_rows`,
+    (batch, head, query range) pieces on the worker pool; fills out (B, H, T, Dv), lse (B, H, T)."""
+    B, H, T, _ = q.shape
+    G = k.shape[1]
+    rep = H // G
+    K = idx.shape[-1]
+    kc = [[np.ascontiguousarray(k[b, g]) for g in range(G)] for b in range(B)]  # (S, D) views
+    vc = [[np.ascontiguousarray(v[b, g]) for g in range(G)] for b in range(B)]
+    qc, ic = np.ascontiguousarray(q), np.ascontiguousarray(idx)
+    step = max(1, ATTEND_TASK_SLOTS // max(K, 1))
+    tasks = [(b, h, t0, min(T, t0 + step)) for b in range(B) for h in range(H) for t0 in range(0, T, step)]
+
+    def run(task):
+        b, h, t0, t1 = task
+        _cpu_kernels.sparse_attend_rows(qc[b, h], kc[b][h // rep], vc[b][h // rep], ic[b, h], scale, t0, t1,
+                                        out[b, h], lse[b, h])
+
+    if n_workers() == 1 or len(tasks) == 1:
+        for task in tasks:
+            run(task)
+    else:
+        for job in [pool().submit(run, task) for task in tasks]:
+            job.result()
 
 
 def _chunks(T, bytes_per_query):

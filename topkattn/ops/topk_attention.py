@@ -98,7 +98,7 @@ def topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, temperatur
         return to_caller_kind(out, like), saved
     else:
         idx = select_topk(q, k, topk=int(topk), forget_rate=float(forget_rate), seed=seed, **common)
-    out, s = sparse_attention_forward(q, k, v, idx, eff_scale)
+    out, s = sparse_attention_forward(q, k, v, idx, eff_scale, impl="numpy" if impl == "numpy" else "auto")
     saved = TopkAttentionSaved(s.q, s.k, s.v, s.idx, s.out, s.lse, s.scale)
     saved.impl = "cuda" if impl == "cuda" else None
     saved.like = like
