@@ -164,6 +164,22 @@ def test_implementations_and_chunks_agree(route):
         np.testing.assert_allclose(out, runs[0][0], rtol=1e-12, atol=1e-13)
 
 
+def test_segment_pieces_equal_whole_segments(monkeypatch):
+    """The NumPy block-wise loop cuts long segments into pieces: same results as whole ones."""
+    from topkattn.ops import blockwise_attention
+
+    q, k, v = margin_inputs(8, 1, 4, 1, 24, 24, 8, 6, 4, 3, True)
+    dout = np.random.default_rng(2).standard_normal((1, 4, 24, 6))
+    runs = []
+    for tile in (blockwise_attention.TILE_BYTES, 3 * 4 * 8):  # pieces of 3 rows
+        monkeypatch.setattr(blockwise_attention, "TILE_BYTES", tile)
+        out, saved = ta.block_topk_attention_forward(q, k, v, block_size=4, topk_blocks=3, route="blockwise",
+                                                     impl="numpy")
+        runs.append((out,) + ta.block_topk_attention_backward(dout, saved))
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_auto_route_is_blockwise_for_finite_inputs_and_gather_otherwise():
     q, k, v = make_qkv(6, 1, 2, 1, 8, 8)
     assert ta.block_topk_attention_forward(q, k, v, block_size=2, topk_blocks=2)[1].route == "blockwise"

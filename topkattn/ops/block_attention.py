@@ -101,18 +101,18 @@ def block_topk_attention_forward(q, k, v, *, block_size=64, topk_blocks=4, causa
         from topkattn.cuda.block_attention import block_forward
 
         out, blocks, lse = block_forward(q, k, v, bounds=bounds, scale=scale)
-        saved = BlockAttentionSaved(q, k, v, blocks, out, lse, scale, bounds, "cuda", like)
+        saved = BlockAttentionSaved(q, k, v, blocks, out, lse, scale, bounds, "cuda", like, impl)
         return to_caller_kind(out, like), saved
     means = block_means(k, bounds.block_size)
     blocks = select_blocks(q, k, block_size=bounds.block_size, topk_blocks=int(topk_blocks), causal=causal,
                            chunk_size=chunk_size, impl=impl, means=means)
     route = choose_route(route, xp, k, v, means)
     if route == "blockwise":
-        out, lse = blockwise_attention_forward(q, k, v, blocks, bounds, scale)
+        out, lse = blockwise_attention_forward(q, k, v, blocks, bounds, scale, impl=impl)
     else:
         out, s = sparse_attention_forward(q, k, v, expand_blocks(blocks, bounds), scale)
         lse = s.lse
-    saved = BlockAttentionSaved(q, k, v, blocks, out, lse, scale, bounds, route, like)
+    saved = BlockAttentionSaved(q, k, v, blocks, out, lse, scale, bounds, route, like, impl)
     return to_caller_kind(out, like), saved
 
 
@@ -129,7 +129,7 @@ def block_topk_attention_backward(dout, saved):
     q, k, v = saved.q, saved.k, saved.v
     if saved.route == "blockwise":
         grads = blockwise_attention_backward(dout, q, k, v, saved.blocks, saved.bounds, saved.out,
-                                             saved.lse, saved.scale)
+                                             saved.lse, saved.scale, impl=saved.impl)
     elif saved.route == "cuda":
         from topkattn.cuda.sparse_backward import sparse_backward
 
@@ -143,11 +143,11 @@ def block_topk_attention_backward(dout, saved):
 class BlockAttentionSaved:
     """Saved state of :func:`block_topk_attention_forward` (see its docstring)."""
 
-    __slots__ = ("q", "k", "v", "blocks", "out", "lse", "scale", "bounds", "route", "like")
+    __slots__ = ("q", "k", "v", "blocks", "out", "lse", "scale", "bounds", "route", "like", "impl")
 
-    def __init__(self, q, k, v, blocks, out, lse, scale, bounds, route, like):
+    def __init__(self, q, k, v, blocks, out, lse, scale, bounds, route, like, impl="auto"):
         self.q, self.k, self.v, self.blocks, self.out, self.lse = q, k, v, blocks, out, lse
-        self.scale, self.bounds, self.route, self.like = scale, bounds, route, like
+        self.scale, self.bounds, self.route, self.like, self.impl = scale, bounds, route, like, impl
 
     def indices(self):
         """(B, H, T, K) int64 token indices of the attended keys, -1 = empty slot."""

@@ -18,7 +18,9 @@ Backward (FlashAttention's), segment by segment with P = exp(s - lse), delta = d
     dV_n += P^T dO,  dS = P (dO V_n^T - delta) scale,  dq_rows += dS K_n,  dK_n += dS^T Q_rows
 Each key block's gradient is a contiguous slice (no scatter-add); a query row appears once
 per segment, so ``dq[rows] += ...`` never collides.  (b, g) groups touch disjoint rows and
-keys: on NumPy they run on the worker pool, one BLAS thread each.  Memory: per-row
+keys: on NumPy they run on the worker pool, one BLAS thread each, through the Numba group
+kernels of :mod:`topkattn.ops.block_kernels` (one fused softmax pass per row between the two
+GEMMs; about 2x the NumPy segment loop, which CuPy and ``impl="numpy"`` take).  Memory: per-row
 accumulators O(T Dv) and one (n, bs) tile per segment piece; no (T, S) matrix, no gathered
 (T, K, D) keys.
 
@@ -35,14 +37,21 @@ from topkattn.backend import get_array_module, to_numpy
 from topkattn.ops.sparse_attention import inactive_rows
 from topkattn.threads import blas_single_thread, n_workers, pool
 
+try:  # Numba CPU kernels are optional at run time: the NumPy path needs no compiler.
+    from topkattn.ops import block_kernels as _kernels
+except Exception:  # pragma: no cover - numba missing or broken
+    _kernels = None
+
 TILE_BYTES = 8 * 2**20  # budget for one segment piece's (n, bs) score tile
 
 
-def blockwise_attention_forward(q, k, v, blocks, bounds, scale):
+def blockwise_attention_forward(q, k, v, blocks, bounds, scale, impl="auto"):
     """(out (B, H, T, Dv), lse (B, H, T)) of softmax attention over the selected blocks.
 
     blocks (B, H, T, Kb) int64 (-1 = empty), bounds the :class:`~topkattn.ops.block_selection.
     BlockBounds` it was selected with; ``scale`` multiplies q.k.  k and v must be finite.
+    ``impl``: "auto" (the Numba group kernels of :mod:`topkattn.ops.block_kernels` on NumPy
+    arrays when Numba is importable), "numba", or "numpy" (the NumPy/CuPy segment loop).
     """
     xp = get_array_module(q, k, v)
     B, H, T, D = q.shape
@@ -71,7 +80,16 @@ def blockwise_attention_forward(q, k, v, blocks, bounds, scale):
         acc_m[rows] = m_new
         bad[rows] |= bad_r
 
-    _run_segments(xp, blocks, bounds, k.shape[1], q.dtype.itemsize, segment)
+    if _use_kernels(impl, xp):
+        kc, vc, qc = (np.ascontiguousarray(a) for a in (k, v, qf))
+
+        def run_group(b, g, rows, blk, starts):
+            _kernels.blockwise_forward_group(qc, kc[b, g], vc[b, g], rows, blk, starts, T, bounds.block_size,
+                                             bounds.causal, float(scale), acc_o, acc_m, acc_l, bad)
+
+        _run_groups(xp, blocks, bounds, k.shape[1], run_group)
+    else:
+        _run_segments(xp, blocks, bounds, k.shape[1], q.dtype.itemsize, segment)
     some = acc_l > 0
     l_safe = xp.where(some, acc_l, 1)
     out = xp.where(some[:, None], acc_o / l_safe[:, None], 0)
@@ -81,11 +99,12 @@ def blockwise_attention_forward(q, k, v, blocks, bounds, scale):
     return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
 
 
-def blockwise_attention_backward(dout, q, k, v, blocks, bounds, out, lse, scale):
+def blockwise_attention_backward(dout, q, k, v, blocks, bounds, out, lse, scale, impl="auto"):
     """(dq, dk, dv) of :func:`blockwise_attention_forward` from dout (B, H, T, Dv).
 
     A row whose output is not finite gets a NaN dq and sends nothing to dk, dv; a row with
     nothing to attend gets zeros.  Only the keys of selected blocks the row sees get gradient.
+    ``impl`` as for :func:`blockwise_attention_forward`.
     """
     xp = get_array_module(q, k, v)
     B, H, T, D = q.shape
@@ -115,9 +134,30 @@ def blockwise_attention_backward(dout, q, k, v, blocks, bounds, out, lse, scale)
         dq[rows] += xp.matmul(ds, kb)
         dk[b, g, j0:j1] += xp.matmul(ds.T, qs)
 
-    _run_segments(xp, blocks, bounds, k.shape[1], q.dtype.itemsize, segment)
+    if _use_kernels(impl, xp):
+        kc, vc = np.ascontiguousarray(k), np.ascontiguousarray(v)
+
+        def run_group(b, g, rows, blk, starts):
+            _kernels.blockwise_backward_group(qz, dz, lse_z, delta, kc[b, g], vc[b, g], rows, blk, starts, T,
+                                              bounds.block_size, bounds.causal, float(scale), dq, dk[b, g],
+                                              dv[b, g])
+
+        _run_groups(xp, blocks, bounds, k.shape[1], run_group)
+    else:
+        _run_segments(xp, blocks, bounds, k.shape[1], q.dtype.itemsize, segment)
     dq = xp.where(nan_rows.reshape(n_rows, 1), np.nan, dq).astype(q.dtype, copy=False)
     return dq.reshape(q.shape), dk, dv
+
+
+def _use_kernels(impl, xp):
+    """Run the Numba group kernels? "auto": NumPy arrays with Numba importable."""
+    if impl == "numba":
+        if xp is not np:
+            raise ValueError("impl='numba' runs on the CPU; got CuPy arrays")
+        if _kernels is None:
+            raise RuntimeError("impl='numba' requested but numba is not importable")
+        return True
+    return impl == "auto" and xp is np and _kernels is not None
 
 
 def block_segments(xp, blocks, G, n_blocks):
@@ -141,45 +181,56 @@ def block_segments(xp, blocks, G, n_blocks):
 
 
 def _run_segments(xp, blocks, bounds, G, itemsize, segment):
-    """Call ``segment(b, g, j0, j1, rows, pos)`` for every segment piece, (b, g) groups on workers.
+    """Call ``segment(b, g, j0, j1, rows, pos)`` for every segment piece (the NumPy/CuPy path).
 
     j0 .. j1 - 1: the block's keys; rows: the query rows (a piece of the segment, at most
     TILE_BYTES of (n, bs) scores); pos: their positions when the block may hold keys after
     some of them (causal, the block reaching S - T or later), else None.
     """
-    T, bs, S, Nb = bounds.T, bounds.block_size, bounds.S, bounds.n_blocks
-    rows, keys, starts = block_segments(xp, blocks, G, Nb)
-    if not keys.size:
-        return
+    T, bs, S = bounds.T, bounds.block_size, bounds.S
     piece = max(1, TILE_BYTES // max(1, bs * itemsize))
     pos_all = xp.asarray(np.arange(T, dtype=np.int64) + (S - T))  # (T,)
-    groups = keys // Nb  # b * G + g of each segment
-    group_edges = np.concatenate([[0], np.flatnonzero(np.diff(groups)) + 1, [keys.size]])
 
-    def run_group(i0, i1):
-        for i in range(i0, i1):
-            bg, n = divmod(int(keys[i]), Nb)
-            b, g = divmod(bg, G)
-            j0, j1 = n * bs, min(S, (n + 1) * bs)
+    def run_group(b, g, rows, blk, starts):
+        for i in range(blk.size):
+            j0, j1 = int(blk[i]) * bs, min(S, (int(blk[i]) + 1) * bs)
             for p0 in range(int(starts[i]), int(starts[i + 1]), piece):
                 r = rows[p0:min(int(starts[i + 1]), p0 + piece)]
                 pos = pos_all[r % T] if bounds.causal and j1 - 1 > S - T else None
                 segment(b, g, j0, j1, r, pos)
 
-    spans = list(zip(group_edges[:-1], group_edges[1:]))
-    if xp is not np:
-        for span in spans:
-            run_group(*span)
+    _run_groups(xp, blocks, bounds, G, run_group)
+
+
+def _run_groups(xp, blocks, bounds, G, run_group):
+    """Call ``run_group(b, g, rows, blk, starts)`` for every (b, g) group that has selections.
+
+    rows: the group's rows sorted by segment; blk (n_seg,) host int64 block numbers; starts
+    (n_seg + 1,) host offsets into rows.  On NumPy the groups run on the worker pool with one
+    BLAS thread each (their GEMMs are small: threaded BLAS spins between them, 10x slower here);
+    they touch disjoint rows and keys, so no two workers write one entry.
+    """
+    Nb = bounds.n_blocks
+    rows, keys, starts = block_segments(xp, blocks, G, Nb)
+    if not keys.size:
         return
-    # small GEMMs: one BLAS thread each (threaded BLAS spins between them: 10x slower here)
+    groups = keys // Nb  # b * G + g of each segment
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(groups)) + 1, [keys.size]])
+    jobs = []
+    for i0, i1 in zip(edges[:-1], edges[1:]):
+        b, g = divmod(int(groups[i0]), G)
+        jobs.append((b, g, rows[starts[i0]:starts[i1]], keys[i0:i1] % Nb, starts[i0:i1 + 1] - starts[i0]))
+    if xp is not np:
+        for job in jobs:
+            run_group(*job)
+        return
     with blas_single_thread():
-        if n_workers() == 1 or len(spans) == 1:
-            for span in spans:
-                run_group(*span)
+        if n_workers() == 1 or len(jobs) == 1:
+            for job in jobs:
+                run_group(*job)
             return
-        # groups touch disjoint rows and keys: no two workers write one entry
-        for job in [pool().submit(run_group, *span) for span in spans]:
-            job.result()
+        for fut in [pool().submit(run_group, *job) for job in jobs]:
+            fut.result()
 
 
 __all__ = ["blockwise_attention_forward", "blockwise_attention_backward", "block_segments"]
