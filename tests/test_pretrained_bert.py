@@ -15,13 +15,15 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "
          "far", "away", ",", ".", "and", "then", "slept", "##s", "big", "red", "ball"]
 
 
-def torch_bert(weights, cfg, ids, topk=None, dense_layers=(), tail=None):
+def torch_bert(weights, cfg, ids, topk=None, dense_layers=(), tail=None, tail_bound=None):
     """Hidden states (B, T, C) of a BERT encoder in plain torch.nn.functional (the oracle).
 
     With ``topk`` every query keeps its ``topk`` highest scores (torch.topk) and the
     softmax runs over those (except in ``dense_layers``, non-negative indices): the same
     math as the engine, written independently.  ``tail="mean"``: the dense softmax weights
     of the kept keys, plus the dropped mass times the mean value of the dropped keys.
+    ``topk="auto"``: each row keeps its k best scores, k the smallest with
+    (T - k) * exp(s_(k) - logsumexp(s_(1..k))) <= tail_bound (all T when tail_bound = 0).
     """
     F = torch.nn.functional
     W = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
@@ -41,12 +43,22 @@ def torch_bert(weights, cfg, ids, topk=None, dense_layers=(), tail=None):
 
         q, k, v = (lin(x, f"attention.self.{n}").view(B, T, H, D).transpose(1, 2) for n in ("query", "key", "value"))
         s = q @ k.transpose(-1, -2) / D ** 0.5  # (B, H, T, T)
-        if topk is not None and topk < T and i not in dense_layers:
+        if topk == "auto" and i not in dense_layers:
+            srt, order = s.sort(dim=-1, descending=True, stable=True)
+            n_rest = T - torch.arange(1, T + 1)
+            bound = n_rest * torch.exp(srt - torch.logcumsumexp(srt, -1))  # (B, H, T, T) per k = 1..T
+            ok = (n_rest == 0) | ((tail_bound > 0) & (bound <= tail_bound))
+            k_row = ok.int().argmax(-1, keepdim=True) + 1  # the first k that meets the bound
+            keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order, torch.arange(T) < k_row)
+        elif topk is not None and topk != "auto" and topk < T and i not in dense_layers:
             keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(topk, -1).indices, True)
+        else:
+            keep = None
+        if keep is not None:
             if tail == "mean":
                 pk = torch.softmax(s, -1) * keep
                 rest = (~keep).to(v.dtype)
-                vmean = (rest @ v) / rest.sum(-1, keepdim=True)
+                vmean = (rest @ v) / rest.sum(-1, keepdim=True).clamp(min=1)  # 0 where every key is kept
                 a = pk @ v + (1 - pk.sum(-1, keepdim=True)) * vmean
             else:
                 a = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v

