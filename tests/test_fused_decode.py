@@ -183,3 +183,42 @@ def test_exact_selector_reads_the_cache_once_and_reports_the_measured_recall(mon
     assert not calls
     assert fast.stats.to_dict() == measured.stats.to_dict()
     assert fast.stats.recall == 1.0 and fast.stats.hits > 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shared", [True, False])
+def test_sparse_attention_decode_kernel_equals_reference(dtype, shared):
+    """The Numba attend of a decode step (sparse_attend_rows per KV head) against attend_row and
+    the NumPy path: empty slots, -inf scores, a NaN key, a NaN value in an attended row only."""
+    from topkattn.ops.reference import attend_row
+    from topkattn.ops.sparse_attention import sparse_attention_decode
+
+    rng = np.random.default_rng(12)
+    B, G, rep, S, D = 2, 2, 3, 30, 6
+    H = G * rep
+    keys = rng.standard_normal((B, G, S + 4, D)).astype(dtype)[:, :, :S]  # a cache view
+    values = keys if shared else rng.standard_normal((B, G, S + 4, 5)).astype(dtype)[:, :, :S]
+    query = rng.standard_normal((B, H, D)).astype(dtype)
+    idx = rng.integers(0, S, (B, H, 7))
+    idx[0, 0, 3:] = -1  # empty slots
+    idx[0, 1, :] = -1  # nothing to attend: zeros
+    keys[1, 1, 5, 2] = np.nan  # NaN score for the rows selecting key 5 of (b=1, g=1)
+    idx[1, 4, 2] = 5
+    keys[0, 1, 7, :] = -np.inf  # a -inf score (positive query): weight 0 (its -inf value: NaN if shared)
+    query[0, 3] = np.abs(query[0, 3]) + 0.1
+    idx[0, 3, 0] = 7
+    want = np.empty((B, H, values.shape[-1]))
+    for b in range(B):
+        for h in range(H):
+            sel = idx[b, h][idx[b, h] >= 0]
+            g = h // rep
+            with np.errstate(over="ignore", invalid="ignore"):
+                s = (keys[b, g, sel].astype(np.float64) @ query[b, h].astype(np.float64)) * 0.7
+            want[b, h] = attend_row(s, values[b, g, sel].astype(np.float64))[0]
+    with np.errstate(over="ignore", invalid="ignore"):
+        got = sparse_attention_decode(query, keys, values, idx, 0.7)
+        xp_path = sparse_attention_decode(query, keys, values, idx, 0.7, impl="numpy")
+    np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
+    np.testing.assert_allclose(got, xp_path, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
+    assert np.isnan(got[1, 4]).all() and (got[0, 1] == 0).all()
+    assert np.isnan(got[0, 3]).all() == shared  # weight 0 times a -inf value is NaN; else finite

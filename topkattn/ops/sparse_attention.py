@@ -140,15 +140,30 @@ def sparse_attention_backward(dout, saved):
 
 
 
-def sparse_attention_decode(query, keys, values, idx, scale):
+def sparse_attention_decode(query, keys, values, idx, scale, impl="auto"):
     """Softmax over the selected keys of one decode query per row (no backward: inference).
 
     query (B, H, D); keys (B, G, S, D); values (B, G, S, Dv); idx (B, H, K) (-1 = empty).
     Returns (B, H, Dv); a row with no selected key gives zeros.  ``values is keys`` gathers once.
+    NumPy float inputs of one dtype run :func:`topkattn.ops.cpu_kernels.sparse_attend_rows` on
+    each KV head's rows (its rep query heads as rows; no gathered copies); ``impl="numpy"``
+    (and CuPy) takes the vectorised path.
     """
     xp = get_array_module(query, keys)
     B, H, D = query.shape
     G = keys.shape[1]
+    if impl != "numpy" and _use_kernel(xp, query, keys, values) and _rows_contiguous(keys, values):
+        rep = H // G
+        out = np.empty((B, G, rep, values.shape[-1]), dtype=query.dtype)
+        lse = np.empty((B, G, rep), dtype=query.dtype)
+        qg = np.ascontiguousarray(query).reshape(B, G, rep, D)
+        ig = np.ascontiguousarray(idx).reshape(B, G, rep, idx.shape[-1])
+        for b in range(B):
+            for g in range(G):
+                kb = np.ascontiguousarray(keys[b, g])  # (S, D): a view of the cache rows
+                vb = kb if values is keys else np.ascontiguousarray(values[b, g])
+                _cpu_kernels.sparse_attend_rows(qg[b, g], kb, vb, ig[b, g], scale, 0, rep, out[b, g], lse[b, g])
+        return out.reshape(B, H, -1)
     bi = xp.arange(B)[:, None, None]
     gi = (xp.arange(H) // (H // G))[None, :, None]
     valid = idx >= 0
@@ -176,6 +191,11 @@ def _use_kernel(xp, *arrays):
     """The Numba kernels run for NumPy float arrays of one dtype (every other input: the xp path)."""
     return (xp is np and _cpu_kernels is not None and arrays[0].dtype in (np.float32, np.float64)
             and all(a.dtype == arrays[0].dtype for a in arrays))
+
+
+def _rows_contiguous(*arrays):
+    """Each (b, g) slice of these (B, G, S, X) arrays has contiguous rows (no copy to hand it to a kernel)."""
+    return all(a.strides[-1] == a.itemsize and a.strides[-2] == a.shape[-1] * a.itemsize for a in arrays)
 
 
 def _attend_kernel(q, k, v, idx, scale, out, lse):
