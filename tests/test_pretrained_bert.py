@@ -15,7 +15,7 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "
          "far", "away", ",", ".", "and", "then", "slept", "##s", "big", "red", "ball"]
 
 
-def torch_bert(weights, cfg, ids, topk=None, dense_layers=(), tail=None, tail_bound=None):
+def torch_bert(weights, cfg, ids, topk=None, dense_layers=(), tail=None, tail_bound=None, block=None):
     """Hidden states (B, T, C) of a BERT encoder in plain torch.nn.functional (the oracle).
 
     With ``topk`` every query keeps its ``topk`` highest scores (torch.topk) and the
@@ -24,6 +24,8 @@ def torch_bert(weights, cfg, ids, topk=None, dense_layers=(), tail=None, tail_bo
     of the kept keys, plus the dropped mass times the mean value of the dropped keys.
     ``topk="auto"``: each row keeps its k best scores, k the smallest with
     (T - k) * exp(s_(k) - logsumexp(s_(1..k))) <= tail_bound (all T when tail_bound = 0).
+    ``block=(block_size, topk_blocks)``: each row keeps the keys of its ``topk_blocks`` blocks
+    (consecutive keys; the last may be partial) with the highest q . (mean key of the block).
     """
     F = torch.nn.functional
     W = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
@@ -43,7 +45,14 @@ def torch_bert(weights, cfg, ids, topk=None, dense_layers=(), tail=None, tail_bo
 
         q, k, v = (lin(x, f"attention.self.{n}").view(B, T, H, D).transpose(1, 2) for n in ("query", "key", "value"))
         s = q @ k.transpose(-1, -2) / D ** 0.5  # (B, H, T, T)
-        if topk == "auto" and i not in dense_layers:
+        if block is not None and block[0] * block[1] < T and i not in dense_layers:
+            bs, nb = block
+            starts = range(0, T, bs)
+            means = torch.stack([k[:, :, j:j + bs].mean(2) for j in starts], 2)  # (B, H, blocks, D)
+            chosen = (q @ means.transpose(-1, -2)).topk(nb, -1).indices  # (B, H, T, nb)
+            block_of_key = torch.arange(T) // bs
+            keep = (block_of_key[None, None, None, :, None] == chosen[..., None, :]).any(-1)
+        elif topk == "auto" and i not in dense_layers:
             srt, order = s.sort(dim=-1, descending=True, stable=True)
             n_rest = T - torch.arange(1, T + 1)
             bound = n_rest * torch.exp(srt - torch.logcumsumexp(srt, -1))  # (B, H, T, T) per k = 1..T

@@ -74,6 +74,27 @@ def test_encoder_matches_torch_oracle_float64(model_dir, eps, tail):
         assert np.abs(got - enc.encoder(ids)).max() > 1e-6
 
 
+@pytest.mark.parametrize("block_size,topk_blocks", [(2, 2), (4, 1), (3, 2)])
+def test_block_attention_matches_torch_oracle_float64(model_dir, block_size, topk_blocks):
+    """attention="block" (block top-k, causal=False; 11 tokens: the last block is partial for 2 and 4)."""
+    enc = SentenceEncoder.from_dir(model_dir, dtype=np.float64)
+    from safetensors.numpy import load_file
+
+    w = {k: v.astype(np.float64) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    ids = enc.tokenize(TEXTS[1:])[0][None]
+    want = torch_bert(w, enc.encoder.config, ids, block=(block_size, topk_blocks)).numpy()
+    got = enc.encoder(ids, attention="block", block_size=block_size, topk_blocks=topk_blocks)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    assert np.abs(got - enc.encoder(ids)).max() > 1e-6
+    _, st = enc.encode(TEXTS[1:], attention="block", block_size=block_size, topk_blocks=topk_blocks,
+                       return_stats=True)
+    assert st["mean_k"][0] <= block_size * topk_blocks and st["mean_k"][0] >= block_size * (topk_blocks - 1)
+    with pytest.raises(ValueError, match="apply only with attention='topk'"):
+        enc.encoder(ids, attention="block", block_size=2, topk_blocks=2, topk=3)
+    with pytest.raises(ValueError, match="topk_blocks must be an integer"):
+        enc.encoder(ids, attention="block", block_size=2, topk_blocks=0)
+
+
 @pytest.mark.parametrize("eps,sinks,tail", [(0.1, 0, None), (0.4, 1, None), (0.7, 0, "mean")])
 def test_every_row_keeps_all_but_eps_of_its_softmax_mass(model_dir, eps, sinks, tail):
     enc = SentenceEncoder.from_dir(model_dir, dtype=np.float64)

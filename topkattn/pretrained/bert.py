@@ -9,7 +9,8 @@ D head dim (d = H * D), Dff feed-forward size, V vocabulary.
     attn = topk_attention(q, k, v, topk, causal=False): each token attends its
            ``topk`` best-scoring tokens (dense when topk is None); topk="auto" is the op's
            certified dynamic k: per (head, token) the fewest keys whose left-out softmax
-           mass is provably <= tail_bound.
+           mass is provably <= tail_bound.  attention="block": block top-k (MoBA) instead,
+           each token attends its ``topk_blocks`` best blocks of ``block_size`` keys.
 
 Padding: texts are never padded.  ``encode`` groups texts by token count and runs each
 group as one batch, so no padding key can ever be selected by top-k and mean pooling
@@ -28,6 +29,7 @@ from topkattn.backend import require_cupy, to_numpy
 from topkattn.checks import check_choice, check_int, check_real, float_dtype
 from topkattn.layers.gelu import gelu
 from topkattn.layers.layernorm import layer_norm
+from topkattn.ops.block_attention import block_topk_attention_forward
 from topkattn.ops.dense_attention import dense_attention
 from topkattn.ops.tail_attention import tail_topk_attention_forward
 from topkattn.ops.topk_attention import topk_attention_forward
@@ -117,7 +119,8 @@ class BertEncoder:
             })
 
     def __call__(self, input_ids, token_type_ids=None, *, topk=None, sinks=0, window=0, dense_layers=(),
-                 tail=None, tail_bound=None, max_topk=None, trace=None):
+                 tail=None, tail_bound=None, max_topk=None, attention="topk", block_size=None, topk_blocks=None,
+                 trace=None):
         """Hidden states (B, T, d) for ``input_ids`` (B, T) int.
 
         topk: keys each token attends (None, or >= T: all T keys, through the dense op), or
@@ -131,6 +134,10 @@ class BertEncoder:
         tail: None (plain top-k: softmax over the selected keys) or "mean" (the softmax mass
         of the unselected keys goes to their mean value, :func:`topkattn.tail_topk_attention`;
         with topk="auto" that mass is at most ``tail_bound``).
+        attention: "topk" (the above) or "block": block top-k attention
+        (:func:`topkattn.block_topk_attention`, causal=False), each token attends its
+        ``topk_blocks`` best blocks of ``block_size`` consecutive keys (topk, tail, sinks,
+        window, tail_bound and max_topk do not apply); dense when the blocks cover every key.
         trace: None, or a callable ``trace(layer, q, k, idx)`` called after each layer's
         attention with its queries q (B, H, T, D), keys k (B, H, T, D) and the attended key
         indices idx (B, H, T, K) (-1 = empty slot; None where the layer attended every key).
@@ -151,7 +158,8 @@ class BertEncoder:
         if tt.shape != ids.shape:
             raise ValueError(f"token_type_ids must have shape {tuple(ids.shape)}, got {tuple(tt.shape)}")
         plan = attention_plan(topk, tail=tail, tail_bound=tail_bound, max_topk=max_topk, sinks=sinks,
-                              window=window, T=T)
+                              window=window, attention=attention, block_size=block_size,
+                              topk_blocks=topk_blocks, T=T)
         dense_set = _layer_set(dense_layers, cfg.num_hidden_layers)
         eps = cfg.layer_norm_eps
         x = self.word[ids] + self.pos[:T][None] + self.type[tt]  # (B, T, d)
@@ -171,6 +179,10 @@ class BertEncoder:
         idx = None
         if plan is None:  # every key attended: the dense op (equal to top-k with topk >= T, faster)
             o = dense_attention(q, k, v, causal=False)
+        elif plan["attention"] == "block":
+            o, saved = block_topk_attention_forward(q, k, v, block_size=plan["block_size"],
+                                                    topk_blocks=plan["topk_blocks"], causal=False)
+            idx = saved.indices() if trace is not None else None  # (B, H, T, K) only when traced
         elif plan["tail"] == "mean":
             o, saved = tail_topk_attention_forward(q, k, v, topk=plan["topk"], causal=False, sinks=plan["sinks"],
                                                    window=plan["window"], tail_bound=plan["tail_bound"],
@@ -187,9 +199,26 @@ class BertEncoder:
         return _linear(o, *L["attn_out"])
 
 
-def attention_plan(topk, *, tail=None, tail_bound=None, max_topk=None, sinks=0, window=0, T=None):
+def attention_plan(topk, *, tail=None, tail_bound=None, max_topk=None, sinks=0, window=0, attention="topk",
+                   block_size=None, topk_blocks=None, T=None):
     """Validate the encoder's attention arguments; None for dense attention, else the keyword
-    arguments of the sparse op (with ``topk`` None or >= ``T`` meaning dense)."""
+    arguments of the sparse op (with ``topk`` None or >= ``T``, or blocks covering ``T`` keys,
+    meaning dense)."""
+    check_choice("attention", attention, ("topk", "block"))
+    if attention == "block":
+        block_size = check_int("block_size", block_size, 1)
+        topk_blocks = check_int("topk_blocks", topk_blocks, 1)
+        given = [n for n, val in (("topk", topk), ("tail", tail), ("tail_bound", tail_bound),
+                                  ("max_topk", max_topk), ("sinks", sinks or None), ("window", window or None))
+                 if val is not None]
+        if given:
+            raise ValueError(f"attention='block' takes block_size and topk_blocks; {', '.join(given)} "
+                             f"apply only with attention='topk'")
+        if T is not None and block_size * topk_blocks >= T:
+            return None
+        return dict(attention="block", block_size=block_size, topk_blocks=topk_blocks)
+    if block_size is not None or topk_blocks is not None:
+        raise ValueError("block_size and topk_blocks apply only with attention='block'")
     if topk == "auto":
         if tail_bound is None:
             raise ValueError("topk='auto' needs tail_bound in [0, 1), got None")
@@ -206,7 +235,7 @@ def attention_plan(topk, *, tail=None, tail_bound=None, max_topk=None, sinks=0, 
     sinks, window = check_int("sinks", sinks, 0), check_int("window", window, 0)
     if topk is None or (topk != "auto" and T is not None and topk >= T):
         return None
-    return dict(topk=topk if topk == "auto" else int(topk), tail=tail, tail_bound=tail_bound,
+    return dict(attention="topk", topk=topk if topk == "auto" else int(topk), tail=tail, tail_bound=tail_bound,
                 max_topk=max_topk, sinks=sinks, window=window)
 
 
@@ -267,20 +296,22 @@ class SentenceEncoder:
     def token_embeddings(self, ids, **attention):
         """Last hidden states (T, d) of one tokenised text, as a NumPy array.
 
-        ``attention``: topk, sinks, window, dense_layers, tail, tail_bound, max_topk, trace
-        (see :meth:`BertEncoder.__call__`).
+        ``attention``: topk, sinks, window, dense_layers, tail, tail_bound, max_topk, attention,
+        block_size, topk_blocks, trace (see :meth:`BertEncoder.__call__`).
         """
         ids = np.asarray(ids, dtype=np.int64)
         return to_numpy(self.encoder(ids[None], **attention)[0])
 
     def encode(self, texts, *, topk=None, sinks=0, window=0, dense_layers=(), tail=None, tail_bound=None,
-               max_topk=None, batch_size=32, return_stats=False):
+               max_topk=None, attention="topk", block_size=None, topk_blocks=None, batch_size=32,
+               return_stats=False):
         """Sentence embeddings (texts, d) float NumPy for a list of strings.
 
         topk=None is dense attention; an int makes every attention layer top-k except
         those listed in ``dense_layers``; ``tail="mean"`` gives the dropped softmax mass to the
         mean unselected value; ``topk="auto"`` is certified dynamic k with ``tail_bound`` and
-        ``max_topk`` (see :meth:`BertEncoder.__call__`).
+        ``max_topk``; ``attention="block"`` is block top-k with ``block_size`` and ``topk_blocks``
+        (see :meth:`BertEncoder.__call__`).
         Texts are grouped by token count (no padding), ``batch_size`` at a time.
 
         ``return_stats``: also return a dict of (texts,) float64 arrays, over every layer, head
@@ -306,7 +337,8 @@ class SentenceEncoder:
                     attended[group, layer] = T if idx is None else to_numpy((idx >= 0).sum(-1).mean((1, 2)))
 
                 h = self.encoder(batch, topk=topk, sinks=sinks, window=window, dense_layers=dense_layers,
-                                 tail=tail, tail_bound=tail_bound, max_topk=max_topk,
+                                 tail=tail, tail_bound=tail_bound, max_topk=max_topk, attention=attention,
+                                 block_size=block_size, topk_blocks=topk_blocks,
                                  trace=count if return_stats else None)  # (B, T, d)
                 out[group] = to_numpy(h.mean(1))  # (B, d) mean pooling: no padding to mask
         if self.normalize:
