@@ -207,8 +207,8 @@ class MLA(Module):
     # -- decoding ------------------------------------------------------------------------
     def decode_weights(self):
         """The absorbed (decode-mode) weights, see :func:`absorb_mla_weights`."""
-        return absorb_mla_weights(self.params, self.n_heads, self.qk_nope_dim, self.qk_rope_dim,
-                                  self.v_head_dim)
+        w = absorb_mla_weights(self.params, self.n_heads, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim)
+        return dict(w, **decode_factors(self.params, self.n_heads, self.qk_nope_dim, self.v_head_dim))
 
     def init_cache(self, batch):
         """An empty :class:`MLACache` for ``batch`` rows; absorbs the current weights."""
@@ -228,7 +228,11 @@ class MLA(Module):
         B = x_t.shape[0]
         H, C, R = self.n_heads, self.kv_lora_rank, self.qk_rope_dim
         cq = rms_norm_forward(x_t @ weights["W_DQ"].T, weights["q_norm"], self.eps)[0]  # (B, Lq)
-        q_lat = (cq @ weights["W_QK"].T).reshape(B, H, C)
+        if "W_UKh" in weights:  # W_UK_h^T (W_UQ_h cq): the factors, fewer bytes than W_QK (see decode_factors)
+            qn = (cq @ weights["W_UQ"].T).reshape(B, H, 1, -1)  # (B, H, 1, Dn)
+            q_lat = get_array_module(x_t).matmul(qn, weights["W_UKh"])[:, :, 0]  # (B, H, C)
+        else:
+            q_lat = (cq @ weights["W_QK"].T).reshape(B, H, C)
         cs = rope_angles([position], R, self.rope_base, get_array_module(x_t), x_t.dtype)
         qr = rope_apply((cq @ weights["W_QR"].T).reshape(B, H, R), *cs)
         return get_array_module(x_t).concatenate([q_lat, qr], axis=-1)
@@ -252,8 +256,26 @@ class MLA(Module):
         else:
             idx = select_step(self, q_abs, cache)  # (B, H, K)
             o = sparse_attention_decode(q_abs, keys, keys, idx, self.scale)  # (B, H, C + R), one gather
-        o_lat = o[..., :self.kv_lora_rank].reshape(B, -1)  # (B, H*C)
-        return (o_lat @ w["W_OV"].T)[:, None]  # (B, 1, d)
+        o_lat = o[..., :self.kv_lora_rank]  # (B, H, C)
+        if "W_UVh" in w:  # W_O (W_UV_h o_lat_h): the factors of W_OV
+            ov = xp.matmul(o_lat[:, :, None, :], w["W_UVh"])[:, :, 0]  # (B, H, Dv)
+            return (ov.reshape(B, -1) @ w["W_O"].T)[:, None]  # (B, 1, d)
+        return (o_lat.reshape(B, -1) @ w["W_OV"].T)[:, None]  # (B, 1, d)
+
+
+def decode_factors(params, n_heads, qk_nope_dim, v_head_dim):
+    """The factors of the absorbed products, laid out for one decode step (copies: a snapshot).
+
+    W_UQ (H*Dn, Lq), W_UKh (H, Dn, C), W_UVh (H, C, Dv) = W_UV_h^T, W_O (d, H*Dv).  A step
+    multiplies them in turn: q_lat_h = W_UK_h^T (W_UQ_h cq) equals W_QK_h cq and
+    W_O (W_UV_h o_h) equals W_OV_h o_h.  With C > Dn, Dv the factors are smaller than the
+    products (H=16, Dn=Dv=64, C=256, Lq=512, d=1024: 8 MB of float32 against 24 MB), and a
+    decode step reads every weight once, so it reads less.
+    """
+    H, Dn, Dv = n_heads, qk_nope_dim, v_head_dim
+    C = params["W_UK"].shape[1]
+    return {"W_UQ": params["W_UQ"].copy(), "W_UKh": params["W_UK"].reshape(H, Dn, C).copy(),
+            "W_UVh": params["W_UV"].reshape(H, Dv, C).swapaxes(1, 2).copy(), "W_O": params["W_O"].copy()}
 
 
 def absorb_mla_weights(params, n_heads, qk_nope_dim, qk_rope_dim, v_head_dim):
