@@ -3,9 +3,11 @@ code before it (tests/data/train_losses_issue21.json, commit named in the file) 
 
 Dense runs reproduce them bit for bit.  Top-k runs attend short sequences through a dense
 score tile (topkattn.ops.masked_attention) instead of gathering the selected keys: the same
-keys, the sums in another order, so losses agree to float32 rounding (relative 1e-6; over
-longer runs a near-tie in some later step's selection can flip one key: the forgetful case
-run for 25 steps differed by 1e-4 from step 23 on).
+keys, the sums in another order.  From equal weights the two paths select the same keys and
+give the same loss and gradients to float rounding (checked here in float64 and float32); over
+a run the weights drift apart by float32 rounding until a near-tie in some step's selection
+flips one key (the forgetful case: from step 10 on, relative 3e-4).  So top-k trajectories
+are compared tightly over their first steps and loosely after.
 """
 import json
 import os
@@ -17,13 +19,7 @@ from topkattn.training.train import TrainConfig, train
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "train_losses_issue21.json")
 RECORDED = json.load(open(DATA))["cases"]
-TOLERANCE = {  # name -> relative tolerance of every step's loss and of the final sum of squared params
-    "mqar_dense": 0.0,
-    "text_dense_small": 0.0,
-    "mqar_topk8": 1e-6,
-    "mqar_topk4_noshift_small": 1e-6,
-    "mqar_topk8_forget": 1e-6,
-}
+TIGHT_STEPS = 5  # top-k: steps compared at 1e-6 (before any selection can flip), the rest at 1e-3
 
 
 @pytest.mark.parametrize("name", sorted(RECORDED))
@@ -31,7 +27,52 @@ def test_loss_trajectory_matches_the_code_before_issue_21(name):
     case = RECORDED[name]
     res = train(TrainConfig(eval_size=32, **case["config"]))
     want = np.asarray(case["losses"])
-    rtol = TOLERANCE[name]
-    np.testing.assert_allclose(res.losses, want, rtol=rtol, atol=0)
     param_sq = sum(float(np.sum(a.astype(np.float64) ** 2)) for a in res.model.params.values())
-    np.testing.assert_allclose(param_sq, case["param_sq"], rtol=max(rtol, 1e-12))
+    if case["config"]["attention"] == "dense":  # bit for bit
+        np.testing.assert_array_equal(res.losses, want)
+        assert param_sq == case["param_sq"]
+        return
+    np.testing.assert_allclose(res.losses[:TIGHT_STEPS], want[:TIGHT_STEPS], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(res.losses, want, rtol=1e-3, atol=0)
+    np.testing.assert_allclose(param_sq, case["param_sq"], rtol=1e-5)
+
+
+def _one_batch(cfg, dtype, gather):
+    """Loss, gradients and the layers' selections of one forward/backward of train-toy's model
+    (top-k through the dense tile, or with ``gather`` through the top-k op's gather path)."""
+    import dataclasses
+
+    from topkattn.layers import attend
+    from topkattn.layers.loss import softmax_cross_entropy
+    from topkattn.model import Transformer
+    from topkattn.training.train import FORGET_STREAM, make_task, model_config, step_seed, train_batch
+
+    task = make_task(cfg)
+    model = Transformer(dataclasses.replace(model_config(cfg, task.vocab_size), dtype=dtype))
+    x, y = train_batch(task, cfg, 3)
+    cheaper = attend.masked_is_cheaper
+    attend.masked_is_cheaper = (lambda *a: False) if gather else cheaper
+    try:
+        logits = model.forward(x, seed=step_seed(cfg.seed, FORGET_STREAM, 3))
+    finally:
+        attend.masked_is_cheaper = cheaper
+    loss, dlogits = softmax_cross_entropy(logits, y)
+    model.backward(dlogits)
+    idx = [b.attn._saved[7].idx for b in model.blocks]
+    kinds = {type(b.attn._saved[7]).__name__ for b in model.blocks}
+    return loss, {n: g.copy() for n, g in model.grads.items()}, idx, kinds
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-13), ("float32", 1e-5)])
+@pytest.mark.parametrize("forget_rate", [0.0, 0.25])
+def test_dense_tile_equals_gather_path_in_the_model(dtype, rtol, forget_rate):
+    cfg = TrainConfig(attention="topk", k=8, forget_rate=forget_rate, batch_size=8)
+    loss_t, grads_t, idx_t, kinds_t = _one_batch(cfg, dtype, gather=False)
+    loss_g, grads_g, idx_g, kinds_g = _one_batch(cfg, dtype, gather=True)
+    assert kinds_t == {"MaskedAttentionSaved"} and kinds_g == {"TopkAttentionSaved"}
+    for a, b in zip(idx_t, idx_g):  # the same keys
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(loss_t, loss_g, rtol=rtol / 10)
+    for n in grads_g:
+        scale = np.abs(grads_g[n]).max()
+        np.testing.assert_allclose(grads_t[n], grads_g[n], rtol=0, atol=rtol * scale, err_msg=n)

@@ -7,6 +7,14 @@ starve the other (the T = S = 8192 top-k forward took 2.2 s that way on 2 cores,
 with the work split below).  So the loops that alternate GEMMs and Numba kernels pin BLAS
 to one thread and run whole pieces of work (GEMM + kernel) on a shared thread pool;
 the kernels are ``nogil``, so the pieces run in parallel.
+
+One policy for a run (:func:`cpu_policy`, which training applies): the threads come from the
+size of the work (:func:`threads_for`: one below ``PARALLEL_WORK`` multiply-adds per call, where
+waking threads costs more than they save, and never more than the cores other processes leave
+idle: spinning BLAS threads on a busy machine made train-toy's large size 5-15x slower), the
+same count for BLAS and for the worker pool; and freed memory is kept for reuse
+(:func:`keep_freed_memory`), since mapping and zeroing fresh pages for every large temporary
+took a fifth of a train-toy step.
 """
 import contextlib
 import os
@@ -94,8 +102,9 @@ def blas_single_thread():
 
 
 def n_workers():
-    """Worker threads to use: Numba's thread count, at most the number of cores; 1 inside a
-    worker of :func:`pool` (nested work runs inline, so the pool can never deadlock)."""
+    """Worker threads to use: Numba's thread count, at most the number of cores and at most
+    the cap of an enclosing :func:`cpu_policy` on this thread; 1 inside a worker of :func:`pool`
+    (nested work runs inline, so the pool can never deadlock)."""
     if threading.current_thread().name.startswith(_PREFIX):
         return 1
     try:
@@ -104,7 +113,77 @@ def n_workers():
         n = numba.get_num_threads()
     except ImportError:  # pragma: no cover - numba is a dependency
         n = os.cpu_count() or 1
-    return max(1, min(n, os.cpu_count() or 1))
+    cap = getattr(_POLICY, "cap", None)
+    return max(1, min(n, os.cpu_count() or 1, cap or n))
+
+
+# -- one policy for a run: threads chosen by size, freed memory kept ------------------------
+PARALLEL_WORK = 2**26  # multiply-adds per call below which one thread is faster
+_POLICY = threading.local()  # .cap: the worker cap of the innermost cpu_policy on this thread
+_HEAP = {"kept": False}
+
+
+def idle_cores():
+    """Cores the other processes leave idle: the core count less the 1-minute load average
+    (which counts this process too while it runs), at least 1."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - platforms without a load average
+        return cores
+    return max(1, min(cores, int(cores - max(0.0, load - 1.0))))
+
+
+def threads_for(work):
+    """Threads worth using for calls of ``work`` multiply-adds each (e.g. a training step's
+    largest matrix product): 1 below :data:`PARALLEL_WORK`, else :func:`n_workers` at most the
+    :func:`idle_cores`."""
+    if work < PARALLEL_WORK:
+        return 1
+    return max(1, min(n_workers(), idle_cores()))
+
+
+@contextlib.contextmanager
+def cpu_policy(threads):
+    """Within: BLAS at ``threads`` threads (threadpoolctl) and :func:`n_workers` at most
+    ``threads`` on this thread (the ops' worker pool), and glibc's malloc keeping freed memory
+    (:func:`keep_freed_memory`).  ``threads`` from :func:`threads_for`; restored on exit
+    (the memory setting stays: see :func:`keep_freed_memory`)."""
+    threads = max(1, int(threads))
+    keep_freed_memory()
+    outer = getattr(_POLICY, "cap", None)
+    _POLICY.cap = threads
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        limits = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(limits=threads, user_api="blas")
+    try:
+        with limits:
+            yield threads
+    finally:
+        _POLICY.cap = outer
+
+
+def keep_freed_memory():
+    """Make glibc's malloc serve blocks up to 512 MiB from the heap and keep up to 1 GiB of
+    freed memory mapped (``mallopt`` M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), so the same-sized
+    temporaries of every training step reuse pages instead of mapping and zeroing fresh ones
+    (page faults: 6,000 a train-toy step, 13 of its 62 ms).  Process-wide and kept (glibc
+    cannot restore its adaptive threshold); a no-op off glibc.  Returns whether it applied."""
+    if _HEAP["kept"]:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    _HEAP["kept"] = bool(mallopt(M_MMAP_THRESHOLD, 512 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
+    return _HEAP["kept"]
 
 
 def _forget_pool_after_fork():

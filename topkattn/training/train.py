@@ -19,6 +19,7 @@ the bare Transformer.
 
 Shape letters: B batch, T sequence length, d model width, V vocabulary.
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -34,6 +35,7 @@ from topkattn.layers.loss import softmax_cross_entropy
 from topkattn.layers.rope import check_rope_base
 from topkattn.model import Transformer, TransformerConfig
 from topkattn.storage import atomic_write_json, remove_stale_temporaries
+from topkattn.threads import cpu_policy, threads_for
 from topkattn.training.checkpoint import (
     TEMP_PREFIX,
     CheckpointError,
@@ -371,9 +373,17 @@ def _rng_state(cfg, step):
             "seed": int(cfg.seed), "next_step": int(step)}
 
 
+def step_work(cfg):
+    """Multiply-adds of the largest matrix product of a training step of ``cfg`` (tokens times
+    d_model times the wider of the feed-forward width and the vocabulary): the size the CPU
+    thread policy (:func:`topkattn.threads.threads_for`) is chosen by."""
+    V = cfg.vocab_size if cfg.task == "mqar" else TextCorpus.vocab_size
+    return cfg.batch_size * cfg.seq_len * cfg.d_model * max(2 * cfg.d_model, V)
+
+
 def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100,
           progress=None, log=None, eval_every=None, batch_slice=None, reduce_grads=None,
-          is_writer=True, after_setup=None):
+          is_writer=True, after_setup=None, threads="auto"):
     """Train a toy model; returns a :class:`TrainResult` (metrics, per-step losses, model).
 
     Args:
@@ -392,6 +402,11 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
         (step counts from 1).
       log: called with one-line messages (e.g. ``tqdm.write``).
       eval_every: also evaluate on the held-out set every this many steps and ``log`` it.
+      threads: CPU threads for BLAS and the worker pool while training: "auto" (default) by
+        the step's size (:func:`step_work`, :func:`topkattn.threads.threads_for`: one thread
+        for train-toy's default size), an int, or None to leave the settings as they are.
+        Any choice but None also keeps freed memory for reuse
+        (:func:`topkattn.threads.keep_freed_memory`).  The count is ``metrics["threads"]``.
 
     Hooks for data parallelism (:mod:`topkattn.distributed.data_parallel` passes them; plain
     callables, so this module needs no MPI):
@@ -412,6 +427,20 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if threads is not None and threads != "auto":
+        check_int("threads", threads, 1)
+    n_threads = threads_for(step_work(cfg)) if threads == "auto" else threads
+    with cpu_policy(n_threads) if n_threads is not None else contextlib.nullcontext():
+        result = _train(cfg, out_dir=out_dir, resume=resume, device=device, checkpoint_every=checkpoint_every,
+                        progress=progress, log=log, eval_every=eval_every, batch_slice=batch_slice,
+                        reduce_grads=reduce_grads, is_writer=is_writer, after_setup=after_setup,
+                        n_threads=n_threads)
+    return result
+
+
+def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eval_every, batch_slice,
+           reduce_grads, is_writer, after_setup, n_threads):
+    """The body of :func:`train` (arguments as there), under its thread policy."""
     try:  # everything that can fail before step 1
         check_choice("device", device, ("cpu", "gpu"))
         check_int("checkpoint_every", checkpoint_every, 1)
@@ -542,7 +571,7 @@ def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100
         "seconds": time.perf_counter() - t_start,
         "cpu_seconds": time.process_time() - c_start,
         "steps_this_run": steps_run, "resumed_from": start if resume else None,
-        "device": device, "n_params": model.n_params(),
+        "device": device, "n_params": model.n_params(), "threads": n_threads,
         "config": cfg.to_dict(),
     }
     if out_dir is not None and is_writer:
