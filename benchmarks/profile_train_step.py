@@ -178,10 +178,20 @@ def main():
 
     blas = cli_blas_threads()
     out = {}
+    try:  # the policy train() applies (threads by size, freed memory kept), where this version has one
+        from topkattn.threads import cpu_policy, threads_for
+        from topkattn.training.train import step_work
+
+        def policy(cfg):
+            return cpu_policy(threads_for(step_work(cfg)))
+    except ImportError:
+        def policy(cfg):
+            return contextlib.nullcontext()
     with threadpool_limits(limits=blas, user_api="blas") if blas else contextlib.nullcontext():
         for row in args.rows.split(","):
             cfg = peer_config(args.size, row.strip())
-            r = profile(cfg, args.steps)
+            with policy(cfg):
+                r = profile(cfg, args.steps)
             out[row] = r
             print(f"\n{args.size} {row}: {1e3 * r['step_s']:.1f} ms/step "
                   f"({cfg.batch_size * cfg.seq_len / r['step_s']:,.0f} tok/s); instrumented "
