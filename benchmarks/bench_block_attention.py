@@ -3,7 +3,9 @@
 Methods (B = 1, H = 8, D = 64, causal, float32; each (method, T) in its own subprocess so
 peak RSS is measured cleanly: peak extra memory = max RSS - RSS after the inputs were made):
 
-    block-blockwise   block_topk_attention, route="blockwise" (per key-block GEMMs, online softmax)
+    block-blockwise   block_topk_attention, route="blockwise" (per key-block GEMMs, online softmax;
+                      the Numba group kernels of ops/block_kernels.py, the default)
+    block-blockwise-numpy  the same route with impl="numpy" (the NumPy segment loop)
     block-gather      block_topk_attention, route="gather" (expanded indices, the sparse attend)
     token-kN          topk_attention with k = block_size * topk_blocks (the same keys per query)
     token-k8          topk_attention with k = 8
@@ -25,7 +27,7 @@ import time
 
 import numpy as np
 
-METHODS = ["block-blockwise", "block-gather", "token-kN", "token-k8", "torch-sdpa"]
+METHODS = ["block-blockwise", "block-blockwise-numpy", "block-gather", "token-kN", "token-k8", "torch-sdpa"]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "block_attention.json")
 
 
@@ -47,7 +49,8 @@ def worker(method, T, H, D, block_size, topk_blocks, repeat):
 
         if method.startswith("block"):
             route = method.split("-")[1]
-            kw = dict(block_size=block_size, topk_blocks=topk_blocks, route=route)
+            impl = "numpy" if method.endswith("-numpy") else "auto"
+            kw = dict(block_size=block_size, topk_blocks=topk_blocks, route=route, impl=impl)
             fwd_op, bwd_op = ta.block_topk_attention_forward, ta.block_topk_attention_backward
         else:
             kw = dict(topk=block_size * topk_blocks if method == "token-kN" else 8)
@@ -130,7 +133,7 @@ def main():
     print()
     print(f"fwd+bwd time and peak extra memory relative to block-blockwise "
           f"(block_size={a.block_size}, topk_blocks={a.topk_blocks}, H={a.heads}, D={a.dim})")
-    print(f"{'T':>6} {'method':>16} {'fwd s':>8} {'f+b s':>8} {'MiB':>8} {'f+b / block':>12} {'mem / block':>12}")
+    print(f"{'T':>6} {'method':>21} {'fwd s':>8} {'f+b s':>8} {'MiB':>8} {'f+b / block':>12} {'mem / block':>12}")
     by = {(r["method"], r["T"]): r for r in rows if "error" not in r}
     for T in a.sizes:
         ref = by.get(("block-blockwise", T))
@@ -140,7 +143,7 @@ def main():
                 continue
             rel_t = r["fwd_bwd_s"] / ref["fwd_bwd_s"] if ref else float("nan")
             rel_m = r["peak_extra_mib"] / max(ref["peak_extra_mib"], 1e-9) if ref else float("nan")
-            print(f"{T:>6} {r['label']:>16} {r['fwd_s']:>8.3f} {r['fwd_bwd_s']:>8.3f} {r['peak_extra_mib']:>8.1f} "
+            print(f"{T:>6} {r['label']:>21} {r['fwd_s']:>8.3f} {r['fwd_bwd_s']:>8.3f} {r['peak_extra_mib']:>8.1f} "
                   f"{rel_t:>12.2f} {rel_m:>12.2f}")
     if a.json:
         from topkattn.storage import atomic_write_json
@@ -154,8 +157,8 @@ def main():
 
 def _fmt(r):
     if "error" in r:
-        return f"{r['label']:>16} T={r['T']:>6}: {r['error']}"
-    return (f"{r['label']:>16} T={r['T']:>6}: fwd {r['fwd_s']:8.3f}s  fwd+bwd {r['fwd_bwd_s']:8.3f}s"
+        return f"{r['label']:>21} T={r['T']:>6}: {r['error']}"
+    return (f"{r['label']:>21} T={r['T']:>6}: fwd {r['fwd_s']:8.3f}s  fwd+bwd {r['fwd_bwd_s']:8.3f}s"
             f"  peak +{r['peak_extra_mib']:8.1f} MiB")
 
 

@@ -180,12 +180,21 @@ def test_segment_pieces_equal_whole_segments(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
-def test_auto_route_is_blockwise_for_finite_inputs_and_gather_otherwise():
-    q, k, v = make_qkv(6, 1, 2, 1, 8, 8)
-    assert ta.block_topk_attention_forward(q, k, v, block_size=2, topk_blocks=2)[1].route == "blockwise"
+def test_auto_route_by_shape_and_finiteness():
+    """"auto": block-wise, gather for decode-like calls (B*H*T*K <= GATHER_MAX_SLOTS) and for
+    a non-finite key or value (also when "blockwise" is asked for)."""
+    from topkattn.ops.block_attention import GATHER_MAX_SLOTS
+
+    q, k, v = make_qkv(6, 1, 2, 1, 96, 96)
+    assert 2 * 96 * 32 > GATHER_MAX_SLOTS
+    assert ta.block_topk_attention_forward(q, k, v, block_size=8, topk_blocks=4)[1].route == "blockwise"
+    small = ta.block_topk_attention_forward(q[:, :, -1:], k, v, block_size=8, topk_blocks=4)[1]
+    assert small.route == "gather"  # one query row (decode-like): 2 * 1 * 32 slots
+    assert ta.block_topk_attention_forward(q[:, :, -1:], k, v, block_size=8, topk_blocks=4,
+                                           route="blockwise")[1].route == "blockwise"
     v[0, 0, 5, 1] = np.nan
     for route in ("auto", "blockwise"):
-        assert ta.block_topk_attention_forward(q, k, v, block_size=2, topk_blocks=2, route=route)[1].route == "gather"
+        assert ta.block_topk_attention_forward(q, k, v, block_size=8, topk_blocks=4, route=route)[1].route == "gather"
 
 
 # ---------------------------------------------------------------- non-finite inputs, large logits

@@ -14,10 +14,13 @@ results (to rounding):
     "blockwise"  the selections grouped by key block, one GEMM per (key block, the query rows
                  that chose it), online-softmax merge: :mod:`topkattn.ops.blockwise_attention`
 
-"auto" takes "blockwise" (faster at every measured shape, ``benchmarks/bench_block_attention.py``:
-5-11x the gather route's fwd+bwd at T = S = 2048..8192 on the CPU) unless a key or value is
-not finite, where "gather" follows the non-finite rule of :mod:`topkattn.ops.reference`
-exactly.  ``impl="cuda"`` runs the Numba CUDA selection and fused forward of
+"auto" takes "blockwise", except for decode-like calls with at most ``GATHER_MAX_SLOTS``
+index slots in all (B * H * T * K: a few query rows), and whenever a key or value is not
+finite, where "gather" follows the non-finite rule of :mod:`topkattn.ops.reference` exactly.
+Measured on 2 CPU cores (H = 8, D = 64, 4 blocks of 64): block-wise fwd+bwd 11x and 10x
+faster than gather at T = S = 2048 and 8192 (``benchmarks/bench_block_attention.py``); at
+S = 8192 already faster from T = 4 queries, gather faster at T <= 2 (milliseconds either way).
+``impl="cuda"`` runs the Numba CUDA selection and fused forward of
 :mod:`topkattn.cuda.block_attention`, and the backward of :mod:`topkattn.cuda.sparse_backward`
 on the expanded indices.
 """
@@ -35,6 +38,7 @@ from topkattn.ops.sparse_attention import (
 )
 
 ROUTES = ("auto", "gather", "blockwise")
+GATHER_MAX_SLOTS = 4096  # "auto" gathers when B * H * T * K is at most this (decode-like calls)
 
 
 def block_topk_attention(q, k, v, *, block_size=64, topk_blocks=4, causal=True, scale=None,
@@ -57,7 +61,8 @@ def block_topk_attention(q, k, v, *, block_size=64, topk_blocks=4, causal=True, 
       scale: multiplies q.k in the attention (default 1/sqrt(D), 1 for D = 0); the gate
         ranks by the unscaled q . mean.
       chunk_size: queries per gate tile (default: about 16 MiB per tile).
-      route: "auto", "gather" or "blockwise" (module docstring); ignored by ``impl="cuda"``.
+      route: "auto", "gather" or "blockwise" (module docstring: "auto" is "blockwise" but for
+        decode-like calls; a non-finite key or value takes "gather"); ignored by ``impl="cuda"``.
       impl: "auto", "numba" (Numba block ranking on the CPU), "numpy" (vectorised NumPy/CuPy)
         or "cuda" (the Numba CUDA kernels: CuPy arrays, or NumPy under NUMBA_ENABLE_CUDASIM=1).
         "auto" picks "cuda" for CuPy arrays when numba.cuda sees a GPU and D, Dv <= 256.
@@ -106,7 +111,7 @@ def block_topk_attention_forward(q, k, v, *, block_size=64, topk_blocks=4, causa
     means = block_means(k, bounds.block_size)
     blocks = select_blocks(q, k, block_size=bounds.block_size, topk_blocks=int(topk_blocks), causal=causal,
                            chunk_size=chunk_size, impl=impl, means=means)
-    route = choose_route(route, xp, k, v, means)
+    route = choose_route(route, xp, k, v, means, n_slots=B * H * T * bounds.n_slots)
     if route == "blockwise":
         out, lse = blockwise_attention_forward(q, k, v, blocks, bounds, scale, impl=impl)
     else:
@@ -154,14 +159,15 @@ class BlockAttentionSaved:
         return expand_blocks(self.blocks, self.bounds)
 
 
-def choose_route(route, xp, k, v, means=None):
-    """The attend route: "blockwise" for "auto" unless a key or value is not finite ("gather").
+def choose_route(route, xp, k, v, means=None, n_slots=None):
+    """The attend route taken for ``route`` ("auto", "gather" or "blockwise").
 
-    An explicit "blockwise" with a non-finite key or value also takes "gather" (the
-    block-wise GEMMs would carry a hidden NaN into other rows).  ``means`` (the block
-    means, NaN/inf wherever a key is) saves a pass over k.
+    "auto": "gather" when ``n_slots`` (B * H * T * K) is at most ``GATHER_MAX_SLOTS``, else
+    "blockwise".  A non-finite key or value always takes "gather" (the block-wise GEMMs would
+    carry a hidden NaN into other rows).  ``means`` (the block means, NaN/inf wherever a key
+    is) saves a pass over k.
     """
-    if route == "gather":
+    if route == "gather" or (route == "auto" and n_slots is not None and n_slots <= GATHER_MAX_SLOTS):
         return "gather"
     finite_k = bool(xp.isfinite(means).all()) if means is not None else bool(xp.isfinite(k).all())
     return "blockwise" if finite_k and bool(xp.isfinite(v).all()) else "gather"
@@ -213,4 +219,4 @@ def check_inputs(q, k, v, *, block_size, topk_blocks, scale, chunk_size, route, 
 
 
 __all__ = ["block_topk_attention", "block_topk_attention_forward", "block_topk_attention_backward",
-           "BlockAttentionSaved", "choose_route"]
+           "BlockAttentionSaved", "choose_route", "GATHER_MAX_SLOTS"]

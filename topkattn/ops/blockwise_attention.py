@@ -172,7 +172,7 @@ def block_segments(xp, blocks, G, n_blocks):
     base = (xp.arange(B, dtype=xp.int64)[:, None] * G + xp.arange(H, dtype=xp.int64)[None, :] // rep) * n_blocks
     key = xp.where(blocks >= 0, blocks + base[:, :, None, None], -1).reshape(-1)  # (B*H*T*Kb,)
     ent = xp.flatnonzero(key >= 0)
-    order = ent[xp.argsort(key[ent], kind="stable")]
+    order = ent[xp.argsort(key[ent] * key.size + ent)]  # unique sort keys: any sort algorithm agrees
     sorted_keys = to_numpy(key[order])
     edge = np.flatnonzero(np.diff(sorted_keys)) + 1 if sorted_keys.size else np.zeros(0, np.int64)
     starts = np.concatenate([[0], edge, [sorted_keys.size]]).astype(np.int64)
