@@ -85,7 +85,6 @@ DECODE_BLOCK = 64  # keys scored per tile: the (64, heads) tile and the key rows
 PANEL_KEYS = 8  # keys per vector panel (8 accumulators of one vector each)
 
 
-@njit(fastmath=_FAST)
 def decode_topm_scan(keys, qs, qt, j0, j1, m, vals, ids):
     """Each head's ``m`` best keys among keys j0 .. j1-1 for one decode query, in one pass.
 
@@ -97,51 +96,95 @@ def decode_topm_scan(keys, qs, qt, j0, j1, m, vals, ids):
     with -inf / -1 when fewer than m keys are scanned.
 
     Keys are scored ``DECODE_BLOCK`` at a time into a small tile while they are in cache:
-    with ``qt`` by :func:`_panel`, which holds one vector of heads per key (every head
-    against a key at once, no horizontal sums; equal keys get equal scores) and flags, per
-    key, the heads whose score beats their current m-th best, else by
-    :func:`_score_tile_narrow` (dot products along D).  Each head keeps a sorted buffer of
-    m entries; only flagged (head, key) pairs are inserted, so almost every score costs one
-    lane of a vector comparison.  Serial and ``nogil``: callers run key ranges on worker
-    threads and merge them with :func:`merge_topm`.
-    Reference: :func:`topkattn.ops.reference.rank_row` over the scores ``qs @ keys.T``.
+    with ``qt`` by :func:`decode_topm_panels` (:func:`_panel` holds one vector of heads per
+    key: every head against a key at once, no horizontal sums, and flags per key the heads
+    whose score beats their current m-th best), else by :func:`decode_topm_quads` or
+    :func:`decode_topm_dots` (dot products along D).  Each head keeps a sorted buffer of m
+    entries; only scores above a head's m-th best are inserted (:func:`_insert`), so almost
+    every score costs one comparison.  Three kernels: a process compiles only the one its
+    shapes use.
+    Serial and ``nogil``: callers run key ranges on worker threads and merge them with
+    :func:`merge_topm`.  Reference: :func:`topkattn.ops.reference.rank_row` over ``qs @ keys.T``.
     """
-    rep = qs.shape[0]
+    if qt.shape[1]:
+        decode_topm_panels(keys, qt, qs.shape[0], j0, j1, m, vals, ids)
+    elif qs.shape[0] >= 4:
+        decode_topm_quads(keys, qs, j0, j1, m, vals, ids)
+    else:
+        decode_topm_dots(keys, qs, j0, j1, m, vals, ids)
+
+
+@njit(fastmath=_FAST)
+def decode_topm_panels(keys, qt, rep, j0, j1, m, vals, ids):
+    """:func:`decode_topm_scan` with vector panels: qt (D, Hp), Hp a multiple of the vector width."""
     Hp = qt.shape[1]
-    wide = Hp > 0
     lanes = 64 // keys.itemsize
     vals[:, :] = -np.inf
     ids[:, :] = -1
     n = np.zeros(rep, dtype=np.int64)
-    tile = np.empty((DECODE_BLOCK, Hp if wide else rep), dtype=vals.dtype)  # (keys, heads)
-    thresh = np.full(max(Hp, rep), np.inf, dtype=vals.dtype)  # padded heads: never flagged
+    tile = np.empty((DECODE_BLOCK, Hp), dtype=vals.dtype)  # (keys, heads)
+    thresh = np.full(Hp, np.inf, dtype=vals.dtype)  # padded heads: never flagged
     thresh[:rep] = np.nan  # NaN: "take every key" until the head holds m
-    n_vec = Hp // lanes if wide else 1
+    n_vec = Hp // lanes
     hits = np.empty((DECODE_BLOCK, n_vec), dtype=np.int64)  # (keys, head vectors) bit per head
     for b0 in range(j0, j1, DECODE_BLOCK):
         nb = min(DECODE_BLOCK, j1 - b0)
-        if wide:
-            for t in range(0, nb, PANEL_KEYS):
-                for c0 in range(0, Hp, lanes):
-                    _panel(keys, qt, tile, thresh, hits, b0 + t, min(PANEL_KEYS, nb - t), t, c0, c0, c0 // lanes)
-            for t in range(nb):
-                for v in range(n_vec):
-                    bits = hits[t, v]
-                    while bits:
-                        h = v * lanes + trailing_zeros(bits)
-                        bits &= bits - 1
-                        if h < rep:
-                            _insert(vals, ids, n, thresh, h, tile[t, h], b0 + t, m)
-        else:
-            _score_tile_narrow(keys, qs, b0, nb, tile)
-            for h in range(rep):
-                for t in range(nb):
-                    s = tile[t, h]
-                    if not s <= thresh[h]:  # above, or NaN on either side
-                        _insert(vals, ids, n, thresh, h, s, b0 + t, m)
+        for t in range(0, nb, PANEL_KEYS):
+            for c0 in range(0, Hp, lanes):
+                _panel(keys, qt, tile, thresh, hits, b0 + t, min(PANEL_KEYS, nb - t), t, c0, c0, c0 // lanes)
+        for t in range(nb):
+            for v in range(n_vec):
+                bits = hits[t, v]
+                while bits:
+                    h = v * lanes + trailing_zeros(bits)
+                    bits &= bits - 1
+                    if h < rep:
+                        _insert(vals, ids, n, thresh, h, tile[t, h], b0 + t, m)
+
+
+@njit(fastmath=_FAST)
+def decode_topm_dots(keys, qs, j0, j1, m, vals, ids):
+    """:func:`decode_topm_scan` with dot products along D, for fewer than 4 heads
+    (:func:`_score_keys_by_4`)."""
+    rep = qs.shape[0]
+    vals[:, :] = -np.inf
+    ids[:, :] = -1
+    n = np.zeros(rep, dtype=np.int64)
+    tile = np.empty((DECODE_BLOCK, rep), dtype=vals.dtype)  # (keys, heads)
+    thresh = np.full(rep, np.nan, dtype=vals.dtype)  # NaN: "take every key" until the head holds m
+    for b0 in range(j0, j1, DECODE_BLOCK):
+        nb = min(DECODE_BLOCK, j1 - b0)
+        _score_keys_by_4(keys, qs, b0, nb, tile)
+        _offer_tile(tile, nb, b0, vals, ids, n, thresh, m)
+
+
+@njit(fastmath=_FAST)
+def decode_topm_quads(keys, qs, j0, j1, m, vals, ids):
+    """:func:`decode_topm_scan` with dot products along D, 4 heads x 2 keys at a time, for 4 or
+    more heads but under half a vector (:func:`_score_heads_by_4`)."""
+    rep = qs.shape[0]
+    vals[:, :] = -np.inf
+    ids[:, :] = -1
+    n = np.zeros(rep, dtype=np.int64)
+    tile = np.empty((DECODE_BLOCK, rep), dtype=vals.dtype)  # (keys, heads)
+    thresh = np.full(rep, np.nan, dtype=vals.dtype)
+    for b0 in range(j0, j1, DECODE_BLOCK):
+        nb = min(DECODE_BLOCK, j1 - b0)
+        _score_heads_by_4(keys, qs, b0, nb, tile)
+        _offer_tile(tile, nb, b0, vals, ids, n, thresh, m)
 
 
 @njit(fastmath=_FAST, inline="always")
+def _offer_tile(tile, nb, b0, vals, ids, n, thresh, m):
+    """Offer every score of tile[:nb] (keys b0 ..) above its head's threshold (or NaN) to the buffers."""
+    for h in range(tile.shape[1]):
+        for t in range(nb):
+            s = tile[t, h]
+            if not s <= thresh[h]:  # above, or NaN on either side
+                _insert(vals, ids, n, thresh, h, s, b0 + t, m)
+
+
+@njit(fastmath=_FAST)
 def _insert(vals, ids, n, thresh, h, s, j, m):
     """Offer key j with score s to row h's sorted buffer (vals[h], ids[h], n[h] held, at most m).
 
@@ -236,68 +279,74 @@ def fp_align(array_type):
 
 
 @njit(fastmath=_FAST, inline="always")
-def _score_tile_narrow(keys, qs, b0, nb, tile):
-    """tile[t, h] = qs[h] . keys[b0 + t] for t < nb, for few heads (rep < one vector's half).
+def _score_heads_by_4(keys, qs, b0, nb, tile):
+    """tile[t, h] = qs[h] . keys[b0 + t] for t < nb, heads in blocks of 4 x 2 keys (rep >= 4).
 
-    Every score comes out of the same arithmetic whatever its position (keys are taken in
-    groups, the last group padded by repeating its last key; heads in blocks of 4, the last
-    block shifted back to end at rep): equal keys get equal scores, so ties stay exact.
-    4 heads x 2 keys per step (each key row loaded once per 4 heads) when rep >= 4, else
-    one head x 4 keys.
+    Each key row is loaded once per 4 heads, 8 dot products share 6 loads per step.  Every
+    score comes out of the same arithmetic whatever its position (the odd key out paired with
+    itself, the last head block shifted back to end at rep): equal keys get equal scores.
     """
     rep, D = qs.shape
     zero = tile.dtype.type(0)
-    if rep >= 4:
-        for t in range(0, nb, 2):
-            ja = b0 + t
-            jb = b0 + min(t + 1, nb - 1)
-            for hb in range(0, rep, 4):
-                h = min(hb, rep - 4)
-                s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = zero
-                for d in range(D):
-                    ka = keys[ja, d]
-                    kb = keys[jb, d]
-                    q0 = qs[h, d]
-                    q1 = qs[h + 1, d]
-                    q2 = qs[h + 2, d]
-                    q3 = qs[h + 3, d]
-                    s00 += q0 * ka
-                    s01 += q0 * kb
-                    s10 += q1 * ka
-                    s11 += q1 * kb
-                    s20 += q2 * ka
-                    s21 += q2 * kb
-                    s30 += q3 * ka
-                    s31 += q3 * kb
-                tile[t, h] = s00
-                tile[t, h + 1] = s10
-                tile[t, h + 2] = s20
-                tile[t, h + 3] = s30
-                if t + 1 < nb:
-                    tile[t + 1, h] = s01
-                    tile[t + 1, h + 1] = s11
-                    tile[t + 1, h + 2] = s21
-                    tile[t + 1, h + 3] = s31
-    else:
-        for t in range(0, nb, 4):
-            j1 = b0 + min(t + 1, nb - 1)
-            j2 = b0 + min(t + 2, nb - 1)
-            j3 = b0 + min(t + 3, nb - 1)
-            for h in range(rep):
-                s0 = s1 = s2 = s3 = zero
-                for d in range(D):
-                    q = qs[h, d]
-                    s0 += q * keys[b0 + t, d]
-                    s1 += q * keys[j1, d]
-                    s2 += q * keys[j2, d]
-                    s3 += q * keys[j3, d]
-                tile[t, h] = s0
-                if t + 1 < nb:
-                    tile[t + 1, h] = s1
-                if t + 2 < nb:
-                    tile[t + 2, h] = s2
-                if t + 3 < nb:
-                    tile[t + 3, h] = s3
+    for t in range(0, nb, 2):
+        ja = b0 + t
+        jb = b0 + min(t + 1, nb - 1)
+        for hb in range(0, rep, 4):
+            h = min(hb, rep - 4)
+            s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = zero
+            for d in range(D):
+                ka = keys[ja, d]
+                kb = keys[jb, d]
+                q0 = qs[h, d]
+                q1 = qs[h + 1, d]
+                q2 = qs[h + 2, d]
+                q3 = qs[h + 3, d]
+                s00 += q0 * ka
+                s01 += q0 * kb
+                s10 += q1 * ka
+                s11 += q1 * kb
+                s20 += q2 * ka
+                s21 += q2 * kb
+                s30 += q3 * ka
+                s31 += q3 * kb
+            tile[t, h] = s00
+            tile[t, h + 1] = s10
+            tile[t, h + 2] = s20
+            tile[t, h + 3] = s30
+            if t + 1 < nb:
+                tile[t + 1, h] = s01
+                tile[t + 1, h + 1] = s11
+                tile[t + 1, h + 2] = s21
+                tile[t + 1, h + 3] = s31
+
+
+@njit(fastmath=_FAST, inline="always")
+def _score_keys_by_4(keys, qs, b0, nb, tile):
+    """tile[t, h] = qs[h] . keys[b0 + t] for t < nb, one head x 4 keys at a time (rep < 4: MHA, small GQA).
+
+    The last group of keys is padded by repeating its last key: equal keys get equal scores.
+    """
+    rep, D = qs.shape
+    zero = tile.dtype.type(0)
+    for t in range(0, nb, 4):
+        j1 = b0 + min(t + 1, nb - 1)
+        j2 = b0 + min(t + 2, nb - 1)
+        j3 = b0 + min(t + 3, nb - 1)
+        for h in range(rep):
+            s0 = s1 = s2 = s3 = zero
+            for d in range(D):
+                q = qs[h, d]
+                s0 += q * keys[b0 + t, d]
+                s1 += q * keys[j1, d]
+                s2 += q * keys[j2, d]
+                s3 += q * keys[j3, d]
+            tile[t, h] = s0
+            if t + 1 < nb:
+                tile[t + 1, h] = s1
+            if t + 2 < nb:
+                tile[t + 2, h] = s2
+            if t + 3 < nb:
+                tile[t + 3, h] = s3
 
 
 @njit(fastmath=_FAST)
