@@ -65,7 +65,8 @@ def block_topk_attention(q, k, v, *, block_size=64, topk_blocks=4, causal=True, 
         decode-like calls; a non-finite key or value takes "gather"); ignored by ``impl="cuda"``.
       impl: "auto", "numba" (Numba block ranking on the CPU), "numpy" (vectorised NumPy/CuPy)
         or "cuda" (the Numba CUDA kernels: CuPy arrays, or NumPy under NUMBA_ENABLE_CUDASIM=1).
-        "auto" picks "cuda" for CuPy arrays when numba.cuda sees a GPU and D, Dv <= 256.
+        "auto" picks "cuda" for CuPy arrays when numba.cuda sees a GPU, D, Dv <= 256 and
+        topk_blocks <= 1024.
 
     Returns:
       out: (B, H, T, Dv).  A row that sees no key gives zeros; a NaN (or +inf) among the
@@ -102,7 +103,7 @@ def block_topk_attention_forward(q, k, v, *, block_size=64, topk_blocks=4, causa
     scale = default_scale(D) if scale is None else float(scale)
     causal = bool(causal)
     bounds = BlockBounds(S, T, block_size=int(block_size), topk_blocks=int(topk_blocks), causal=causal)
-    if _use_cuda(impl, q, v):
+    if _use_cuda(impl, q, v, bounds.m):
         from topkattn.cuda.block_attention import block_forward
 
         out, blocks, lse = block_forward(q, k, v, bounds=bounds, scale=scale)
@@ -173,15 +174,20 @@ def choose_route(route, xp, k, v, means=None, n_slots=None):
     return "blockwise" if finite_k and bool(xp.isfinite(v).all()) else "gather"
 
 
-def _use_cuda(impl, q, v):
-    """Run the CUDA kernels? Always for impl='cuda'; for 'auto', CuPy arrays on a usable GPU."""
+def _use_cuda(impl, q, v, m):
+    """Run the CUDA kernels? Always for impl='cuda'; for 'auto', CuPy arrays on a usable GPU
+    within the kernels' limits (head dims, ``m`` ranked blocks per query)."""
     if impl == "cuda":
         return True
     if impl != "auto" or get_array_module(q) is np:
         return False
     from topkattn.cuda.launch import cuda_usable
 
-    return cuda_usable() and 1 <= q.shape[-1] <= 256 and 1 <= v.shape[-1] <= 256
+    if not cuda_usable():
+        return False
+    from topkattn.cuda.block_attention import MAX_DIM, MAX_RANKED
+
+    return m <= MAX_RANKED and 1 <= q.shape[-1] <= MAX_DIM and 1 <= v.shape[-1] <= MAX_DIM
 
 
 def check_inputs(q, k, v, *, block_size, topk_blocks, scale, chunk_size, route, impl):
