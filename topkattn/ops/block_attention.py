@@ -63,7 +63,8 @@ def block_topk_attention(q, k, v, *, block_size=64, topk_blocks=4, causal=True, 
       chunk_size: queries per gate tile (default: about 16 MiB per tile).
       route: "auto", "gather" or "blockwise" (module docstring: "auto" is "blockwise" but for
         decode-like calls; a non-finite key or value takes "gather"); ignored by ``impl="cuda"``.
-      impl: "auto", "numba" (Numba block ranking on the CPU), "numpy" (vectorised NumPy/CuPy)
+      impl: "auto", "numba" (the Numba CPU kernels: block ranking and the block-wise group
+        kernels of ``ops/block_kernels.py``; "auto" on NumPy), "numpy" (vectorised NumPy/CuPy)
         or "cuda" (the Numba CUDA kernels: CuPy arrays, or NumPy under NUMBA_ENABLE_CUDASIM=1).
         "auto" picks "cuda" for CuPy arrays when numba.cuda sees a GPU, D, Dv <= 256 and
         topk_blocks <= 1024.
