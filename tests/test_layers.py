@@ -473,47 +473,6 @@ def test_moe_and_token_shift_empty_inputs_and_bad_aux_weight():
         TokenShift(4).forward(np.zeros((3, 4), np.float32))
 
 
-def test_param_group_is_one_buffer_and_adjacent_rows_spans_it():
-    from topkattn.layers.module import Module, adjacent_rows
-
-    m = Module()
-    a, b = np.arange(6.0).reshape(2, 3), np.arange(6.0, 18.0).reshape(4, 3)
-    block = m.add_param_group([("A", a), ("B", b)])
-    assert list(m.params) == ["A", "B"] and m.param_groups() == [("A", "B")]
-    np.testing.assert_array_equal(m.params["B"], b)
-    both = adjacent_rows([m.params["A"], m.params["B"]])
-    np.testing.assert_array_equal(both, np.concatenate([a, b]))
-    both[0, 0] = -1.0  # a view: writes reach the params
-    assert m.params["A"][0, 0] == -1.0 and block[0, 0] == -1.0
-    g = adjacent_rows([m.grads["A"], m.grads["B"]])
-    assert g.shape == (6, 3) and not g.any()
-    assert adjacent_rows([m.params["B"], m.params["A"]]) is None  # wrong order
-    assert adjacent_rows([m.params["A"], m.params["B"].copy()]) is None  # another buffer
-    assert adjacent_rows([a, b]) is None  # separate arrays
-    m.params["A"] = m.params["A"].astype(np.float32)  # replaced: the group falls apart
-    assert adjacent_rows([m.params["A"], m.params["B"]]) is None
-
-
-@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 5)])
-def test_swiglu_stacked_and_separate_products_agree(shape):
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal(shape)
-    dy = rng.standard_normal(shape)
-    stacked = SwiGLU(5, 7, seed=2, dtype="float64")
-    split = SwiGLU(5, 7, seed=2, dtype="float64")
-    for n in ("W1", "W3"):  # separate arrays: the one-product-each path
-        split.params[n] = split.params[n].copy()
-        split.grads[n] = np.zeros_like(split.params[n])
-    y1, y2 = stacked.forward(x), split.forward(x)
-    np.testing.assert_allclose(y1, y2, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(stacked.backward(dy), split.backward(dy), rtol=1e-13, atol=1e-13)
-    for n in ("W1", "W2", "W3"):
-        np.testing.assert_allclose(stacked.grads[n], split.grads[n], rtol=1e-13, atol=1e-13, err_msg=n)
-    h = x @ stacked.params["W1"].T
-    silu = h / (1 + np.exp(-h))
-    np.testing.assert_allclose(y1, (silu * (x @ stacked.params["W3"].T)) @ stacked.params["W2"].T, rtol=1e-12)
-
-
 def test_swiglu_sigmoid_blend_equals_the_two_branches():
     from topkattn.layers.swiglu import _sigmoid
 
@@ -525,3 +484,29 @@ def test_swiglu_sigmoid_blend_equals_the_two_branches():
     got = _sigmoid(np, a)
     np.testing.assert_array_equal(got, want)  # bit for bit, NaN where a is NaN
     assert got.dtype == np.float32 and got[-2] == 0.0 and got[-3] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rope_and_rmsnorm_in_place_passes_give_the_formula_bit_for_bit(dtype):
+    from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
+    from topkattn.layers.rope import rope_angles, rope_apply
+
+    rng = _rng(9)
+    x = rng.standard_normal((2, 3, 5, 8)).astype(np.float32)
+    c, s = rope_angles(np.arange(5), 8, 100.0, np, dtype)
+    for inverse in (False, True):
+        sn = -s if inverse else s
+        want = np.concatenate([x[..., :4] * c - x[..., 4:] * sn, x[..., :4] * sn + x[..., 4:] * c], axis=-1)
+        got = rope_apply(x, c, s, inverse=inverse)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    h = rng.standard_normal((4, 6, 7)).astype(dtype)
+    g = rng.standard_normal(7).astype(dtype)
+    dy = rng.standard_normal((4, 6, 7)).astype(dtype)
+    _, saved = rms_norm_forward(h, g)
+    xhat, rstd, _ = saved
+    u = dy * g
+    want_dx = rstd * (u - xhat * (u * xhat).mean(-1, keepdims=True))
+    dx, dg = rms_norm_backward(dy, saved)
+    np.testing.assert_array_equal(dx, want_dx)
+    np.testing.assert_array_equal(dg, (dy * xhat).reshape(-1, 7).sum(0))

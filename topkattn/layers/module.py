@@ -25,29 +25,6 @@ class Module:
         self.grads[name] = get_array_module(value).zeros_like(value)
         return value
 
-    def add_param_group(self, named_values):
-        """Register ``named_values`` ((name, array) pairs of one dtype and trailing shape) as
-        params stored one after the other in one buffer (and their grads likewise), in this
-        order, so that :func:`adjacent_rows` can multiply them as one stacked matrix.  The
-        params dict keeps the given names (checkpoints, optimizer state: unchanged)."""
-        named_values = list(named_values)
-        first = named_values[0][1]
-        xp = get_array_module(first)
-        block = xp.concatenate([xp.asarray(v) for _, v in named_values], axis=0)
-        grads = xp.zeros_like(block)
-        start = 0
-        for name, value in named_values:
-            rows = value.shape[0]
-            self.params[name] = block[start:start + rows]
-            self.grads[name] = grads[start:start + rows]
-            start += rows
-        self._groups = getattr(self, "_groups", []) + [tuple(name for name, _ in named_values)]
-        return block
-
-    def param_groups(self):
-        """Tuples of own param names stored adjacently (see :meth:`add_param_group`)."""
-        return list(getattr(self, "_groups", []))
-
     def add(self, name, child):
         self._children[name] = child
         return child
@@ -96,35 +73,6 @@ class Module:
         for _, p in self.named_params():
             return get_array_module(p)
         return np
-
-
-def adjacent_rows(arrays):
-    """One (sum of rows, ...) view spanning ``arrays`` when they lie one after the other in one
-    buffer (C-contiguous views of the same base, same dtype and trailing shape), else None.
-
-    Layers multiply such groups (e.g. SwiGLU's W1 and W3) as one matrix; a group that was
-    taken apart (params replaced, moved to another device) falls back to one product each,
-    with the same result.
-    """
-    first = arrays[0]
-    base = first.base
-    if base is None or not first.flags.c_contiguous:
-        return None
-    end, rows = _address(first) + first.nbytes, first.shape[0]
-    for a in arrays[1:]:
-        if (a.base is not base or not a.flags.c_contiguous or a.dtype != first.dtype
-                or a.shape[1:] != first.shape[1:] or _address(a) != end):
-            return None
-        end += a.nbytes
-        rows += a.shape[0]
-    xp = get_array_module(first)
-    if xp is np:
-        return np.lib.stride_tricks.as_strided(first, (rows,) + first.shape[1:], first.strides)
-    return xp.lib.stride_tricks.as_strided(first, (rows,) + first.shape[1:], first.strides)  # pragma: no cover
-
-
-def _address(a):
-    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
 
 
 def _move(a, xp):

@@ -25,13 +25,18 @@ def rms_norm_forward(x, g, eps=1e-6):
 
 
 def rms_norm_backward(dy, saved):
-    """``(dx, dg)`` from dy (..., d)."""
+    """``(dx, dg)`` from dy (..., d) (the formula above; the temporaries reused in place)."""
     xhat, rstd, g = saved
+    xp = get_array_module(dy, xhat)
     d = xhat.shape[-1]
-    dg = (dy * xhat).reshape(-1, d).sum(0)  # (d,)
+    t = dy * xhat
+    dg = t.reshape(-1, d).sum(0)  # (d,)
     u = dy * g
-    dx = rstd * (u - xhat * (u * xhat).mean(-1, keepdims=True))
-    return dx, dg
+    xp.multiply(u, xhat, out=t)
+    m = t.mean(-1, keepdims=True)  # (..., 1): mean_c(u * xhat)
+    xp.multiply(xhat, m, out=t)
+    xp.subtract(u, t, out=u)
+    return xp.multiply(rstd, u, out=u), dg
 
 
 class RMSNorm(Module):

@@ -38,7 +38,16 @@ def rope_apply(x, cos, sin, inverse=False):
     x1, x2 = x[..., :half], x[..., half:]
     if inverse:
         sin = -sin
-    return xp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    out = xp.empty(xp.broadcast_shapes(x.shape, cos.shape[:-1] + (x.shape[-1],)),
+                   dtype=xp.result_type(x, cos, sin))
+    lo, hi = out[..., :half], out[..., half:]
+    t = x2 * sin
+    xp.multiply(x1, cos, out=lo)
+    lo -= t  # x1 cos - x2 sin
+    xp.multiply(x2, cos, out=t)
+    xp.multiply(x1, sin, out=hi)
+    hi += t  # x1 sin + x2 cos
+    return out
 
 
 class RoPE(Module):

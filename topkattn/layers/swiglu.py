@@ -8,7 +8,7 @@ import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.checks import check_int, float_dtype, make_rng
-from topkattn.layers.module import Module, adjacent_rows, as_input, check_grad_output, normal
+from topkattn.layers.module import Module, as_input, check_grad_output, normal
 
 
 def _sigmoid(xp, a):
@@ -36,21 +36,15 @@ def _sigmoid(xp, a):
 
 
 class SwiGLU(Module):
-    """``params`` {"W1" (Dff, d), "W3" (Dff, d), "W2" (d, Dff)}; backward accumulates into ``grads``.
-
-    W1 and W3 are stored one after the other (:meth:`Module.add_param_group`): x [W1; W3]^T is
-    one matrix product, and so is the gradient [dA; dB]^T x (each entry the same dot product
-    as two separate products: the same result).
-    """
+    """``params`` {"W1" (Dff, d), "W3" (Dff, d), "W2" (d, Dff)}; backward accumulates into ``grads``."""
 
     def __init__(self, d_model, d_ff, seed=0, dtype="float32"):
         super().__init__()
         self.d_model, self.d_ff = check_int("d_model", d_model, 1), check_int("d_ff", d_ff, 1)
         dt = float_dtype(dtype)
         rng = make_rng(seed)
-        w1 = normal(rng, (d_ff, d_model), 1 / np.sqrt(d_model), dt)
-        w3 = normal(rng, (d_ff, d_model), 1 / np.sqrt(d_model), dt)
-        self.add_param_group([("W1", w1), ("W3", w3)])
+        self.add_param("W1", normal(rng, (d_ff, d_model), 1 / np.sqrt(d_model), dt))
+        self.add_param("W3", normal(rng, (d_ff, d_model), 1 / np.sqrt(d_model), dt))
         self.add_param("W2", normal(rng, (d_model, d_ff), 1 / np.sqrt(d_ff), dt))
         self._saved = None
 
@@ -58,13 +52,8 @@ class SwiGLU(Module):
         p = self.params
         x = as_input(x, "x", p["W1"].dtype, last_dim=self.d_model, letters=f"(..., d={self.d_model})")
         xp = get_array_module(x)
-        Dff = self.d_ff
-        w13 = adjacent_rows([p["W1"], p["W3"]])  # (2 Dff, d) or None
-        if w13 is not None:
-            ab = x @ w13.T  # (..., 2 Dff)
-            a, b = ab[..., :Dff], ab[..., Dff:]
-        else:
-            a, b = x @ p["W1"].T, x @ p["W3"].T  # (..., Dff) each
+        a = x @ p["W1"].T  # (..., Dff)
+        b = x @ p["W3"].T  # (..., Dff)
         sg = _sigmoid(xp, a)
         h = a * sg
         h *= b  # (..., Dff): silu(a) * b
@@ -77,25 +66,18 @@ class SwiGLU(Module):
         p, g = self.params, self.grads
         x, a, b, sg, h = self._saved
         d, Dff = self.d_model, self.d_ff
-        xp = get_array_module(x)
         dy = check_grad_output(dy, x.shape, x)  # (..., d)
         g["W2"] += dy.reshape(-1, d).T @ h.reshape(-1, Dff)
         dh = dy @ p["W2"]  # (..., Dff)
         dsilu = 1 - sg
         dsilu *= a
         dsilu += 1  # 1 + a (1 - sg): silu'(a) / sg
-        dab = xp.empty(x.shape[:-1] + (2 * Dff,), dtype=x.dtype)  # (..., 2 Dff) = [da | db]
-        da, db = dab[..., :Dff], dab[..., Dff:]
-        xp.multiply(dh, b, out=da)
+        da = dh * b
         da *= sg
         da *= dsilu  # dh * b * silu'(a)
-        xp.multiply(a, sg, out=db)
+        db = a * sg
         db *= dh  # dh * silu(a)
         x2 = x.reshape(-1, d)
-        g13 = adjacent_rows([g["W1"], g["W3"]])
-        if g13 is not None:
-            g13 += dab.reshape(-1, 2 * Dff).T @ x2
-        else:
-            g["W1"] += da.reshape(-1, Dff).T @ x2
-            g["W3"] += db.reshape(-1, Dff).T @ x2
+        g["W1"] += da.reshape(-1, Dff).T @ x2
+        g["W3"] += db.reshape(-1, Dff).T @ x2
         return da @ p["W1"] + db @ p["W3"]
