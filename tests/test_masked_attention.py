@@ -116,6 +116,21 @@ def test_infinite_dout_reaches_only_the_selected_keys_of_its_row():
     assert not grads[1][0, 1, unselected].any() and not grads[2][0, 1, unselected].any()
 
 
+def test_finite_inputs_with_a_row_selecting_nothing():
+    rng = np.random.default_rng(17)
+    q, k, v = make_qkv(rng, 2, 2, 1, 6, 6, 4, 3)
+    idx = selection(q, k, 3)
+    idx[1, 0, 4] = -1  # selects nothing: out 0, lse -inf, no gradient anywhere
+    out, saved = ma.masked_attention_forward(q, k, v, idx, 0.5)
+    mask = mask_from_idx(idx, 6)
+    np.testing.assert_allclose(out, masked_attention_reference(q, k, v, mask, 0.5), rtol=1e-12, atol=1e-12)
+    assert saved.lse[1, 0, 4] == -np.inf and not out[1, 0, 4].any()
+    dout = rng.standard_normal(out.shape)
+    for g, w in zip(ma.masked_attention_backward(dout, saved),
+                    masked_attention_grad_reference(q, k, v, mask, 0.5, dout)):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_gather_backward_accepts_the_saved_state():
     rng = np.random.default_rng(5)
     q, k, v = make_qkv(rng, 2, 2, 2, 5, 5, 4, 4)

@@ -76,11 +76,11 @@ def masked_attention_forward(q, k, v, idx, scale, chunk_size=None):
     sc = q.dtype.type(scale)
     qg = q.reshape(B, G, rep, T, D)
     v_ok, bad_keys = finite_keys(xp, v)  # values with non-finite entries zeroed, their keys
+    finite = bool(xp.isfinite(q).all()) and bool(xp.isfinite(k).all())  # every score a number
     for t0, t1, n in _chunks(xp, idx, B * H * S * q.dtype.itemsize, chunk_size):
         c = t1 - t0
-        unsel = unselected_mask(xp, idx[:, :, t0:t1], n)  # (B, H, c, n)
         s = _scores(xp, qg, k, t0, t1, n, sc)  # (B, H, c, n)
-        xp.copyto(s, -np.inf, where=unsel)
+        hide_unselected(xp, s, idx[:, :, t0:t1], finite)
         m = s.max(-1, keepdims=True)  # NaN and +inf among the selected reach the row maximum
         bad = (xp.isnan(m) | (m == np.inf))[..., 0]  # (B, H, c): NaN rows
         m = xp.where(xp.isfinite(m), m, 0)
@@ -88,7 +88,7 @@ def masked_attention_forward(q, k, v, idx, scale, chunk_size=None):
         p = xp.exp(s, out=s)  # unnormalised weights: unselected and -inf scores -> 0
         denom = p.sum(-1, keepdims=True)  # (B, H, c, 1)
         ls = xp.where(denom > 0, denom, 1)
-        attend = None if not bad_keys.size else ~unsel.reshape(B, G, rep, c, n)  # for non-finite values only
+        attend = None if not bad_keys.size else ~unselected_mask(xp, idx[:, :, t0:t1], n).reshape(B, G, rep, c, n)
         o = weighted_values(xp, p.reshape(B, G, rep, c, n), v_ok, v, bad_keys, attend)  # (B, G, rep*c, Dv)
         o = o.reshape(B, H, c, Dv) / ls
         o = xp.where(denom > 0, o, 0)  # nothing selected: zeros
@@ -125,13 +125,16 @@ def masked_attention_backward(dout, saved):
     lse = xp.where(live, lse, 0)
     k_ok, _ = finite_keys(xp, k)  # a selected key scoring -inf (p = 0) may hold inf: zeroed,
     v_ok, _ = finite_keys(xp, v)  # it adds nothing instead of 0 * inf
+    finite = bool(xp.isfinite(qg).all()) and bool(xp.isfinite(k).all())  # every live row's scores numbers
+    any_inactive = bool(inactive.any())
     dos = dout * sc  # (B, H, T, Dv): the scale folded into dp = dout v^T (ds = p (dp - delta) scale)
     delta *= sc
     for t0, t1, n in _chunks(xp, idx, B * H * S * q.dtype.itemsize, saved.chunk_size):
         c = t1 - t0
-        drop = unselected_mask(xp, idx[:, :, t0:t1], n) | inactive[:, :, t0:t1, None]  # (B, H, c, n)
-        s = _scores(xp, qg, k, t0, t1, n, sc)
-        xp.copyto(s, -np.inf, where=drop)
+        s = _scores(xp, qg, k, t0, t1, n, sc)  # (B, H, c, n)
+        hide_unselected(xp, s, idx[:, :, t0:t1], finite)
+        if any_inactive:
+            xp.copyto(s, -np.inf, where=inactive[:, :, t0:t1, None])  # whole rows: they send nothing
         xp.subtract(s, lse[:, :, t0:t1, None], out=s)
         p = xp.exp(s, out=s).reshape(B, G, rep * c, n)  # weights of the kept keys, 0 elsewhere
         do = dout[:, :, t0:t1].reshape(B, G, rep * c, Dv)
@@ -144,6 +147,27 @@ def masked_attention_backward(dout, saved):
         dq[:, :, t0:t1] = xp.where(nan_rows[:, :, t0:t1, None], np.nan, dq_c)
         dk[:, :, :n] += xp.matmul(ds.swapaxes(-1, -2), qc)
     return dq, dk, dv
+
+
+def hide_unselected(xp, s, idx, finite):
+    """Set the scores s (B, H, c, n) of the keys idx (B, H, c, K) does not select to -inf, in place.
+
+    With ``finite`` scores by adding a mask of 0 (selected) and -inf (elsewhere): an arithmetic
+    pass, where a masked copy over a mask without pattern costs several (branch
+    mispredictions); else by a masked copy (a NaN score must become -inf, not stay NaN)."""
+    B, H, c, K = idx.shape
+    n = s.shape[-1]
+    rows = B * H * c
+    cols = xp.where(idx >= 0, idx, n).reshape(rows, K)  # empty slots -> a spare column
+    flat = (xp.arange(rows)[:, None] * (n + 1) + cols).reshape(-1)
+    if finite:
+        add = xp.full(rows * (n + 1), -np.inf, dtype=s.dtype)
+        add[flat] = 0
+        s += add.reshape(B, H, c, n + 1)[..., :n]
+    else:
+        unsel = xp.ones(rows * (n + 1), dtype=bool)
+        unsel[flat] = False
+        xp.copyto(s, -np.inf, where=unsel.reshape(B, H, c, n + 1)[..., :n])
 
 
 def unselected_mask(xp, idx, n):
