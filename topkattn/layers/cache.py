@@ -119,19 +119,36 @@ class MLACache:
     """Latent KV cache: ``keys`` (B, S, C + R) = [c_j ; kr_j], persistent rows first.
 
     Holds exactly C + R numbers per token (``floats_per_token``); ``weights`` are the
-    absorbed decode weights taken when the cache was made.
+    absorbed decode weights taken when the cache was made.  With ``v_rank`` Cv > 0 (MLA with
+    separate key and value latents) C is the key latent's rank and ``values`` (B, S, Cv) are
+    kept apart (C + R + Cv numbers per token; an index reads only ``keys``); otherwise
+    ``values`` is the keys' first C numbers.
     """
 
-    def __init__(self, xp, batch, C, R, dtype, weights, owner):
+    def __init__(self, xp, batch, C, R, dtype, weights, owner, v_rank=0):
         self.batch, self.C, self.R = batch, C, R
         self.buf = GrowingBuffer(xp, (batch, 0, C + R), axis=1, dtype=dtype)
+        self.vbuf = GrowingBuffer(xp, (batch, 0, v_rank), axis=1, dtype=dtype) if v_rank else None
         self.weights = weights
         self.owner = owner
         self.prefix = 0
 
+    def append(self, keys, values=None):
+        """Append key rows (B, n, C + R) and, with a value buffer, value rows (B, n, Cv)."""
+        if (values is None) != (self.vbuf is None):
+            raise ValueError("values must be given exactly when the cache keeps them apart (v_rank > 0)")
+        self.buf.append(keys)
+        if values is not None:
+            self.vbuf.append(values)
+
     @property
     def keys(self):
         return self.buf.view()
+
+    @property
+    def values(self):
+        """(B, S, Cv) value latents: the separate buffer, else the keys' first C numbers."""
+        return self.vbuf.view() if self.vbuf is not None else self.buf.view()[..., :self.C]
 
     @property
     def n_tokens(self):
@@ -139,7 +156,7 @@ class MLACache:
 
     @property
     def floats_per_token(self):
-        return self.buf.data.shape[-1]
+        return self.buf.data.shape[-1] + (self.vbuf.data.shape[-1] if self.vbuf is not None else 0)
 
     @property
     def bytes_per_token(self):

@@ -19,11 +19,18 @@ Decoding (``init_cache``/``step``) with absorbed weights (:func:`absorb_mla_weig
     q_abs_h = [W_UK_h^T W_UQ_h cq ; rope(W_QR_h cq)]       (B, H, C + R)
     score_h(j) = scale * q_abs_h . [c_j ; kr_j]            (the cache holds only [c_j ; kr_j])
     y = sum_h (W_O_h W_UV_h) (sum_j p_h(j) c_j)
+
+Variants (:mod:`topkattn.layers.mla_variants`, which runs them): ``kv_experts`` E expert pairs
+(W_UK_e, W_UV_e) mixed by a top-``kv_experts_active`` router on the query's side over the one
+shared latent cache (:mod:`topkattn.layers.kv_experts`); ``k_rank``/``v_rank`` separate key and
+value latents (DiffQKV: the cache holds [ck_j ; kr_j] and cv_j, an index only the first);
+``ternary`` (with ``act_bits``) BitNet b1.58 projections, packed at decode.
 """
 import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
+from topkattn.layers import mla_variants
 from topkattn.layers.attend import attention_backward, attention_forward
 from topkattn.layers.cache import MLACache, check_step_input, select_step
 from topkattn.layers.module import Module, as_input, check_grad_output, check_topk, normal
@@ -31,6 +38,7 @@ from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
 from topkattn.layers.rope import check_rope_base, rope_angles, rope_apply
 from topkattn.ops.dense_attention import dense_attention_decode
 from topkattn.ops.sparse_attention import sparse_attention_decode
+from topkattn.ops.ternary import DEFAULT_EPS, check_act_bits
 
 
 class MLA(Module):
@@ -45,16 +53,32 @@ class MLA(Module):
     ``max_topk``), in training and at decode.  backward accumulates into ``grads``.
     ``selector`` picks each decode step's keys (the protocol of :mod:`topkattn.decoding.selectors`;
     None, the default, selects exactly: :func:`topkattn.layers.cache.select_step`).
+
+    Variants (any of them runs :mod:`topkattn.layers.mla_variants`):
+    ``kv_experts`` E >= 1 (0: none): W_UK (E*H*Dn, C), W_UV (E*H*Dv, C) and W_router (E, d);
+    each query token mixes its ``kv_experts_active`` r best experts (default min(2, E));
+    ``forward`` sets ``aux_loss`` (the load-balancing loss) and ``backward`` adds
+    ``aux_loss_weight`` times its gradient.  ``k_rank``/``v_rank``: separate key and value
+    latent ranks (either given: W_DKV (Ck, d), kv_norm (Ck,), W_DV (Cv, d), v_norm (Cv,),
+    W_UK (.., Ck), W_UV (.., Cv), persist_c (P, Ck), persist_cv (P, Cv); the missing one is
+    kv_lora_rank; ``kv_lora_rank`` becomes Ck).  ``ternary``: every projection (W_DQ, W_UQ,
+    W_QR, W_DKV, W_DV, W_UK, W_UV, W_KR, W_O) quantised to {-1, 0, +1} * absmean in the forward,
+    straight-through backward; ``act_bits`` (ternary only): per-token absmax activations.
     """
 
     def __init__(self, d_model, n_heads, q_lora_rank, kv_lora_rank, qk_nope_dim, qk_rope_dim,
                  v_head_dim, topk=None, seed=0, dtype="float32", *, persistent_tokens=0, window=0,
-                 forget_rate=0.0, rope_base=10000.0, eps=1e-6, tail_bound=None, max_topk=None):
+                 forget_rate=0.0, rope_base=10000.0, eps=1e-6, tail_bound=None, max_topk=None,
+                 kv_experts=0, kv_experts_active=None, aux_loss_weight=0.01, k_rank=None, v_rank=None,
+                 ternary=False, act_bits=None):
         super().__init__()
         self.d_model = check_int("d_model", d_model, 1)
         self.n_heads = H = check_int("n_heads", n_heads, 1)
         self.q_lora_rank = Lq = check_int("q_lora_rank", q_lora_rank, 1)
-        self.kv_lora_rank = C = check_int("kv_lora_rank", kv_lora_rank, 1)
+        C = check_int("kv_lora_rank", kv_lora_rank, 1)
+        self._init_variants(C, kv_experts, kv_experts_active, aux_loss_weight, k_rank, v_rank, ternary, act_bits)
+        self.kv_lora_rank = C = self.k_rank
+        E, Cv = max(1, self.kv_experts), self.v_rank
         self.qk_nope_dim = Dn = check_int("qk_nope_dim", qk_nope_dim, 1)
         self.qk_rope_dim = R = check_int("qk_rope_dim", qk_rope_dim, 2)
         if R % 2:
@@ -78,14 +102,54 @@ class MLA(Module):
         self.add_param("W_QR", normal(rng, (H * R, Lq), 1 / np.sqrt(Lq), dt))
         self.add_param("W_DKV", normal(rng, (C, d), 1 / np.sqrt(d), dt))
         self.add_param("kv_norm", np.ones(C, dtype=dt))
-        self.add_param("W_UK", normal(rng, (H * Dn, C), 1 / np.sqrt(C), dt))
-        self.add_param("W_UV", normal(rng, (H * Dv, C), 1 / np.sqrt(C), dt))
+        self.add_param("W_UK", normal(rng, (E * H * Dn, C), 1 / np.sqrt(C), dt))
+        self.add_param("W_UV", normal(rng, (E * H * Dv, Cv), 1 / np.sqrt(Cv), dt))
         self.add_param("W_KR", normal(rng, (R, d), 1 / np.sqrt(d), dt))
         self.add_param("W_O", normal(rng, (d, H * Dv), 1 / np.sqrt(H * Dv), dt))
         if P:
             self.add_param("persist_c", normal(rng, (P, C), 1.0, dt))
             self.add_param("persist_kr", normal(rng, (P, R), 1.0, dt))
+        if self.split_latents:  # drawn after plain MLA's params: plain models keep their seeds' weights
+            self.add_param("W_DV", normal(rng, (Cv, d), 1 / np.sqrt(d), dt))
+            self.add_param("v_norm", np.ones(Cv, dtype=dt))
+            if P:
+                self.add_param("persist_cv", normal(rng, (P, Cv), 1.0, dt))
+        if self.kv_experts:
+            self.add_param("W_router", normal(rng, (self.kv_experts, d), 1 / np.sqrt(d), dt))
         self._saved = None
+
+    def _init_variants(self, C, kv_experts, kv_experts_active, aux_loss_weight, k_rank, v_rank, ternary, act_bits):
+        """Check and set the variant options (see the class docstring)."""
+        self.kv_experts = E = check_int("kv_experts", kv_experts, 0)
+        r = check_int("kv_experts_active", kv_experts_active, 1, optional=True)
+        if r is not None and not E:
+            raise ValueError(f"kv_experts_active needs kv_experts >= 1, got kv_experts_active={r} with kv_experts=0")
+        if r is not None and r > E:
+            raise ValueError(f"kv_experts_active must be <= kv_experts={E}, got {r}")
+        self.kv_experts_active = (min(2, E) if r is None else r) if E else 0
+        self.aux_loss_weight = check_real("aux_loss_weight", aux_loss_weight, 0.0)
+        self.aux_loss = 0.0
+        self.split_latents = k_rank is not None or v_rank is not None
+        self.k_rank = C if k_rank is None else check_int("k_rank", k_rank, 1)
+        self.v_rank = C if v_rank is None else check_int("v_rank", v_rank, 1)
+        if not isinstance(ternary, bool):
+            raise TypeError(f"ternary must be True or False, got {type(ternary).__name__} {ternary!r}")
+        if act_bits is not None and not ternary:
+            raise ValueError(f"act_bits applies only with ternary=True, got act_bits={act_bits!r}")
+        self.ternary = ternary
+        self.act_bits = check_act_bits(act_bits)
+        self.quant_eps = DEFAULT_EPS
+
+    @property
+    def variant(self):
+        """Whether a variant option is set (the general path of :mod:`topkattn.layers.mla_variants` runs)."""
+        return bool(self.kv_experts or self.split_latents or self.ternary)
+
+    @property
+    def kv_bytes_per_token(self):
+        """Bytes the decode cache holds per token: (Ck + R (+ Cv with separate ranks)) floats."""
+        floats = self.k_rank + self.qk_rope_dim + (self.v_rank if self.split_latents else 0)
+        return floats * self.params["W_DQ"].dtype.itemsize
 
     # -- training ----------------------------------------------------------------------
     def _check_x(self, x):
@@ -115,6 +179,8 @@ class MLA(Module):
     def latent_keys(self, x):
         """Cached-key form [c_j ; kr_j] (B, P + T, C + R) of a sequence x (B, T, d), no state kept."""
         x = self._check_x(x)
+        if self.variant:  # the index part [ck_j ; kr_j] (values apart with separate ranks)
+            return mla_variants.latent_rows(self, x)[0]
         xp = get_array_module(x)
         cs = rope_angles(np.arange(x.shape[1]), self.qk_rope_dim, self.rope_base, xp, x.dtype)
         c, kr, _ = self._latents(x, cs)
@@ -131,7 +197,10 @@ class MLA(Module):
         return xp.concatenate([pc, c], axis=1), xp.concatenate([pk, kr], axis=1)
 
     def project(self, x):
-        """Unabsorbed q (B, H, T, Dn+R), k (B, H, S, Dn+R), v (B, H, S, Dv) of x (B, T, d)."""
+        """Unabsorbed q (B, H, T, Dn+R), k (B, H, S, Dn+R), v (B, H, S, Dv) of x (B, T, d) (plain MLA)."""
+        if self.variant:
+            raise ValueError("project() gives plain MLA's unabsorbed q, k, v; this layer has variant options "
+                             "(kv_experts, k_rank/v_rank or ternary)")
         x = self._check_x(x)
         q, (_, _, cs) = self._queries(x, np.arange(x.shape[1]))
         c, kr, _ = self._latents(x, cs)
@@ -151,6 +220,8 @@ class MLA(Module):
     def forward(self, x, seed=None):
         """y (B, T, d) from x (B, T, d), causal.  ``seed`` drives forgetful masking."""
         x = self._check_x(x)
+        if self.variant:
+            return mla_variants.forward(self, x, seed)
         B, T, _ = x.shape
         q, (cq, sq, cs) = self._queries(x, np.arange(T))
         c, kr, skv = self._latents(x, cs)
@@ -165,6 +236,8 @@ class MLA(Module):
         """dx (B, T, d) from dy (B, T, d); accumulates parameter gradients into ``grads``."""
         if self._saved is None:
             raise RuntimeError("MLA.backward called before forward")
+        if self.variant:
+            return mla_variants.backward(self, dy)
         x, cq, sq, cs, c_all, kr_all, skv, att, of = self._saved
         p, g = self.params, self.grads
         B, T, d = x.shape
@@ -206,13 +279,18 @@ class MLA(Module):
 
     # -- decoding ------------------------------------------------------------------------
     def decode_weights(self):
-        """The absorbed (decode-mode) weights, see :func:`absorb_mla_weights`."""
+        """The absorbed (decode-mode) weights, see :func:`absorb_mla_weights` (variants:
+        :func:`topkattn.layers.mla_variants.decode_weights`)."""
+        if self.variant:
+            return mla_variants.decode_weights(self)
         w = absorb_mla_weights(self.params, self.n_heads, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim)
         return dict(w, **decode_factors(self.params, self.n_heads, self.qk_nope_dim, self.v_head_dim))
 
     def init_cache(self, batch):
         """An empty :class:`MLACache` for ``batch`` rows; absorbs the current weights."""
         batch = check_int("batch", batch, 1)
+        if self.variant:
+            return mla_variants.init_cache(self, batch)
         p = self.params
         xp = get_array_module(p["W_DQ"])
         cache = MLACache(xp, batch, self.kv_lora_rank, self.qk_rope_dim, p["W_DQ"].dtype,
@@ -225,6 +303,8 @@ class MLA(Module):
 
     def absorbed_query(self, x_t, position, weights):
         """q_abs (B, H, C + R) for x_t (B, d) at token ``position``."""
+        if self.variant:
+            return mla_variants.absorbed_query(self, x_t, position, weights)[0]
         B = x_t.shape[0]
         H, C, R = self.n_heads, self.kv_lora_rank, self.qk_rope_dim
         cq = rms_norm_forward(x_t @ weights["W_DQ"].T, weights["q_norm"], self.eps)[0]  # (B, Lq)
@@ -240,6 +320,8 @@ class MLA(Module):
     def step(self, x_t, cache):
         """y_t (B, 1, d) for x_t (B, 1, d); appends [c ; kr] (C + R floats) per row to ``cache``."""
         x_t = check_step_input(self, self._check_x(x_t), cache)
+        if self.variant:
+            return mla_variants.step(self, x_t, cache)
         B = x_t.shape[0]
         w = cache.weights
         xp = get_array_module(x_t)

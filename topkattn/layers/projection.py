@@ -1,0 +1,48 @@
+"""Float or ternary projections of the attention layers (MLA, Attention): the weight and activation
+views a forward multiplies with, and the decode-time form of a weight.
+
+Shape letters: x (..., Din), W (Dout, Din) (PyTorch layout).
+
+With ``ternary`` a forward multiplies W~ = s clip(round(W / s), -1, 1) (absmean s, per matrix) and,
+with ``act_bits``, the per-token absmax-quantised x~ (:mod:`topkattn.ops.ternary`); the backward is
+the straight-through estimator: the gradient of W~ goes to the float master weight W, the gradient
+of x~ to x.  Layers call :func:`weight_view` once per forward and keep W~ for the backward.
+At decode a ternary weight is a :class:`topkattn.ops.ternary.PackedTernary` (2 bits per weight)
+that :func:`decode_project` multiplies directly.
+"""
+from topkattn.ops.ternary import (
+    DEFAULT_EPS,
+    PackedTernary,
+    pack_weight,
+    packed_matmul,
+    quantize_activations,
+    ternary_quantize,
+)
+
+
+def weight_view(W, ternary, eps=DEFAULT_EPS):
+    """W~ = s Wq (W's shape and dtype) with ``ternary``, else W itself."""
+    if not ternary:
+        return W
+    Wq, s = ternary_quantize(W, eps)
+    return (Wq * s).astype(W.dtype)
+
+
+def act_view(x, act_bits, eps=DEFAULT_EPS):
+    """x~ = xq / a (x's shape and dtype, per-token absmax over the last axis) with ``act_bits``, else x."""
+    if act_bits is None:
+        return x
+    xq, a = quantize_activations(x, act_bits, eps)
+    return (xq / a).astype(x.dtype)
+
+
+def decode_weight(W, ternary, eps=DEFAULT_EPS):
+    """A decode-time snapshot of W: its :class:`PackedTernary` with ``ternary``, else a copy."""
+    return pack_weight(W, eps) if ternary else W.copy()
+
+
+def decode_project(x, W, act_bits=None, eps=DEFAULT_EPS):
+    """y = x~ W~^T (..., Dout) for a :func:`decode_weight` W (packed: read at 2 bits per weight)."""
+    if isinstance(W, PackedTernary):
+        return packed_matmul(x, W, act_bits=act_bits, eps=eps)
+    return act_view(x, act_bits, eps) @ W.T
