@@ -83,6 +83,8 @@ from topkattn.threads import blas_single_thread, n_workers
 
 KMEANS_ITERATIONS = 10
 SAMPLED_POINTS_PER_CLUSTER = 256
+MIN_SAMPLED_POINTS_PER_CLUSTER = 64
+KMEANS_MAX_SAMPLE = 131072  # 1M points in 1024 clusters: 128 per cluster
 GLOBAL_DIM_REDUCTION_SAMPLES = 16384
 FUSED_MAX_QUERIES = 16  # up to this many queries: fused Numba kernel, no BLAS
 SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up)
@@ -265,7 +267,10 @@ class LorannIndex:
         xr = self._reduce(data)  # (N, Dg)
         qr = xr if training_queries is None else self._reduce(tq)  # (Qt, Dg)
         c = self.n_clusters
-        sample = SAMPLED_POINTS_PER_CLUSTER * c
+        # k-means trains on a sample: SAMPLED_POINTS_PER_CLUSTER per cluster, at most
+        # KMEANS_MAX_SAMPLE points (but MIN_SAMPLED_POINTS_PER_CLUSTER) for big indexes
+        sample = max(MIN_SAMPLED_POINTS_PER_CLUSTER * c,
+                     min(SAMPLED_POINTS_PER_CLUSTER * c, KMEANS_MAX_SAMPLE))
         if not approximate or sample > 0.5 * len(xr):
             sample = None
         say(f"k-means: {c} clusters on {len(xr) if sample is None else sample} points")
@@ -276,7 +281,7 @@ class LorannIndex:
         if self.balanced:
             assign = kmeans.balanced_assign(xr, self._cent, self.distance)
         else:
-            assign = kmeans.nearest_clusters(xr, self._cent, 1, self.distance)[:, 0]
+            assign = kmeans.assign_nearest(xr, self._cent, self.distance, rng=self._rng)
         # k-means ran on a sample: split clusters again if this assignment left any empty
         kmeans.fill_empty(xr, self._cent, assign, self.distance)
         self._cnorm = np.einsum("cg,cg->c", self._cent, self._cent)
@@ -306,18 +311,19 @@ class LorannIndex:
         say("fitting reduced-rank models")
         T = self._T
 
+        mean_gram = _mean_gram(qr)  # (Dg, Dg) per training query
+
         def fit_one(ci):
             mem = members[ci]
             qmem = qmembers[ci]
             pts = data[mem]  # (n_c, Dx)
-            if len(qmem) >= len(mem):
-                qx, qfull = qr[qmem], tq[qmem]
-            else:  # too few training queries: the points stand in (as the reference does)
-                qx, qfull = xr[mem], pts
-            gram = (qx.T @ qx).astype(np.float64)  # (Dg, Dg)
+            qx, qfull = qr[qmem], tq[qmem]
+            # too few training queries for the cluster's points: top its own queries' Gram up
+            # with the mean Gram of all of them, to as many (pseudo-)queries as it has points
+            gram = _cluster_gram(qx, mean_gram, len(mem))  # (Dg, Dg)
             qgram_full = None
-            if not approximate and T is not None:
-                qgram_full = (qfull.T @ qfull).astype(np.float64)  # (Dx, Dx)
+            if not approximate and T is not None:  # the same mixture in the full dimension
+                qgram_full = _cluster_gram(qfull, _mean_gram(tq), len(mem))  # (Dx, Dx)
             beta = rrr.ols_beta(xr[mem], pts, T, qgram_full, gram, approximate)  # (Dg, n_c)
             return gram, rrr.fit_cluster(beta, gram, self.rank)
 
@@ -922,6 +928,24 @@ class LorannIndex:
                      idpad=xp.asarray(idpad), live=xp.asarray(self._size > 0))
         self._device[key] = d
         return d
+
+
+def _mean_gram(q):
+    """The mean outer product (Dg, Dg) float64 of the rows of q (Qt, Dg)."""
+    q64 = q.astype(np.float64)
+    return (q64.T @ q64) / max(len(q64), 1)
+
+
+def _cluster_gram(qx, mean_gram, n_points):
+    """A cluster's training-query Gram (Dg, Dg) float64: its queries' qx (Qt_c, Dg) Gram plus
+    ``n_points - Qt_c`` times the mean Gram of all training queries when it has fewer
+    queries than points (shrinkage to the global query distribution: a cluster with few
+    queries still learns the directions queries take; the reference uses the points)."""
+    q64 = qx.astype(np.float64)
+    gram = q64.T @ q64
+    if len(qx) < n_points:
+        gram += mean_gram * (n_points - len(qx))
+    return gram
 
 
 def _check_distance(distance):

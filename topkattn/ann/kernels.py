@@ -554,6 +554,28 @@ def top_columns(scores, w, out):
         _top_of_row(scores[qi], w, out[qi])
 
 
+@_threadsafe_launch
+@nb.njit(parallel=True, cache=True, nogil=True)
+def top_few_columns(scores, w, out):
+    """:func:`top_columns` for a small w (a sorted insertion buffer per row, no allocation):
+    the w best columns of each row of scores (Q, Nc), best first, ties to the lower column."""
+    for qi in nb.prange(scores.shape[0]):
+        row = scores[qi]
+        o = out[qi]
+        n = 0
+        for j in range(row.shape[0]):
+            v = row[j]
+            if n == w and not v > row[o[w - 1]]:  # columns ascend: a tie keeps the earlier one
+                continue
+            p = n if n < w else w - 1
+            while p > 0 and v > row[o[p - 1]]:
+                o[p] = o[p - 1]
+                p -= 1
+            o[p] = j
+            if n < w:
+                n += 1
+
+
 @nb.njit(inline="always")
 def _transpose_one(c, start, size, cap, bdeq, bcodes, codes, bt, ct):
     r = bdeq.shape[1]
@@ -615,6 +637,77 @@ def exact_topk(scores, k, out_i, out_s):
                 continue
             n = _push(hs, hi, n, k, scores[qi, t], t)
         _drain_sorted(hs, hi, n, out_s[qi], out_i[qi])
+
+
+@_threadsafe_launch
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+def nearest_in_groups(x, cent, cnorm, l2, top, rows, starts, gstarts, members, scratch_x, scratch_s,
+                      best_s, best_i):
+    """The best centroid of each point's probed groups, group by group (a GEMM per group).
+
+    x (N, Dx) points, cent (Nc, Dx) centroids, cnorm (Nc,) their squared norms, top (N, probe)
+    the groups each point searches; the points probing group g are rows[starts[g]:starts[g+1]]
+    (:func:`group_visits`), its centroids members[gstarts[g]:gstarts[g + 1]] (ascending).
+    Groups run in parallel; a group's points are gathered into the thread's scratch_x
+    (Nt, >= n_g * Dx) and scored against its centroids with one BLAS GEMM into scratch_s
+    (Nt, >= n_g * m_g), so the centroids stay in cache (one point at a time would stream
+    every probed centroid from memory).  best_s/best_i (N, probe): the best score and id of
+    each (point, probe) pair, -inf / -1 for an empty group; reduce with
+    :func:`best_of_probes`.  BLAS must run on one thread.  Reference: the argmax of
+    ``kmeans.centroid_scores`` over the same candidates.
+    """
+    g_dim = x.shape[1]
+    n_groups = len(starts) - 1
+    for g in nb.prange(n_groups):
+        tid = nb.get_thread_id()
+        a0, a1 = starts[g], starts[g + 1]
+        m0, m1 = gstarts[g], gstarts[g + 1]
+        n_g, m_g = a1 - a0, m1 - m0
+        if n_g == 0:
+            continue
+        xg = scratch_x[tid, :n_g * g_dim].reshape(n_g, g_dim)
+        for r in range(n_g):
+            xg[r] = x[rows[a0 + r]]
+        sg = scratch_s[tid, :n_g * max(m_g, 1)].reshape(n_g, max(m_g, 1))
+        if m_g:
+            cg = np.empty((m_g, g_dim), np.float32)
+            for j in range(m_g):
+                cg[j] = cent[members[m0 + j]]
+            np.dot(xg, cg.T, sg)
+        for r in range(n_g):
+            i = rows[a0 + r]
+            best = -np.inf
+            bid = -1
+            for j in range(m_g):
+                c = members[m0 + j]
+                v = sg[r, j]
+                if l2:
+                    v = 2 * v - cnorm[c]
+                if v > best:  # members ascending: ties keep the lower id
+                    best = v
+                    bid = c
+            for p in range(top.shape[1]):
+                if top[i, p] == g:
+                    best_s[i, p] = best
+                    best_i[i, p] = bid
+
+
+@nb.njit(cache=True, nogil=True)
+def best_of_probes(best_s, best_i, out):
+    """out (N,) = the id of the best (score desc, ties to the lower id) of each row of best_s /
+    best_i (N, probe) (:func:`nearest_in_groups`); -1 when a row has none."""
+    for i in range(best_s.shape[0]):
+        b = -np.inf
+        bid = -1
+        for p in range(best_s.shape[1]):
+            c = best_i[i, p]
+            if c < 0:
+                continue
+            v = best_s[i, p]
+            if bid < 0 or v > b or (v == b and c < bid):
+                b = v
+                bid = c
+        out[i] = bid
 
 
 @nb.njit(cache=True, nogil=True, fastmath=_FAST)
