@@ -139,3 +139,96 @@ def test_warmup_cosine_lr_values():
         warmup_cosine_lr(0, base_lr=1.0, warmup_steps=1, total_steps=2, min_lr=2.0)
     with pytest.raises(ValueError, match="step"):
         warmup_cosine_lr(-1, base_lr=1.0, warmup_steps=1, total_steps=2)
+
+
+def _tiny_model(seed=0):
+    from topkattn.model import Transformer, TransformerConfig
+
+    return Transformer(TransformerConfig(vocab_size=11, d_model=8, n_layers=2, n_heads=2, q_lora_rank=4,
+                                         kv_lora_rank=4, qk_nope_dim=4, qk_rope_dim=2, v_head_dim=4, d_ff=12,
+                                         token_shift=True, seed=seed))
+
+
+def test_flatten_parameters_makes_views_of_one_buffer_with_the_same_values():
+    from topkattn.layers.module import Module, flatten_parameters
+
+    model = _tiny_model()
+    before = {n: a.copy() for n, a in model.params.items()}
+    flat = flatten_parameters(model)
+    assert flat.names == list(before) and flat.params.size == model.n_params()
+    for n, a in model.params.items():
+        np.testing.assert_array_equal(a, before[n])
+        assert np.shares_memory(a, flat.params) and np.shares_memory(model.grads[n], flat.grads)
+        a0, a1 = flat.slices[n]
+        np.testing.assert_array_equal(flat.params[a0:a1], before[n].ravel())
+    assert flat.holds(model.params, model.grads)
+    # the layers use the views: a change through the buffer reaches the layer's own dict
+    flat.params[flat.slices["norm.weight"][0]] = 5.0
+    assert model.norm.params["weight"][0] == 5.0 and model.params["norm.weight"][0] == 5.0
+    x = np.random.default_rng(0).integers(0, 11, (2, 5))
+    model.backward(np.ones_like(model.forward(x)))
+    assert flat.grads.any() and np.shares_memory(model.blocks[0].attn.grads["W_O"], flat.grads)
+    mixed = Module()
+    mixed.add_param("a", np.zeros(3, np.float32))
+    mixed.add_param("b", np.zeros(3, np.float64))
+    assert flatten_parameters(mixed) is None and flatten_parameters(Module()) is None
+
+
+def test_flat_adamw_equals_the_per_array_loop_bit_for_bit():
+    from topkattn.layers.module import flatten_parameters
+
+    flat_model, loop_model = _tiny_model(), _tiny_model()
+    flat = flatten_parameters(flat_model)
+    kw = dict(lr=3e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1)
+    opt_flat, opt_loop = AdamW(**kw, flat=flat), AdamW(**kw)
+    rng = np.random.default_rng(1)
+    for step in range(4):
+        for n in flat_model.grads:
+            g = rng.standard_normal(flat_model.grads[n].shape).astype(np.float32)
+            flat_model.grads[n][...] = g
+            loop_model.grads[n][...] = g
+        opt_flat.step(flat_model.params, flat_model.grads, lr=1e-2 * (step + 1))
+        opt_loop.step(loop_model.params, loop_model.grads, lr=1e-2 * (step + 1))
+    assert opt_flat.m["embed.weight"].base is opt_flat._m_flat  # the flat path ran
+    for n in loop_model.params:
+        np.testing.assert_array_equal(flat_model.params[n], loop_model.params[n], err_msg=n)
+        np.testing.assert_array_equal(opt_flat.m[n], opt_loop.m[n], err_msg=n)
+        np.testing.assert_array_equal(opt_flat.v[n], opt_loop.v[n], err_msg=n)
+    # vectors (norm gains) are not decayed: a zero gradient leaves them where Adam's moments put them
+    assert any(opt_flat.decay_filter(n, a) for n, a in flat_model.params.items())
+    assert not all(opt_flat.decay_filter(n, a) for n, a in flat_model.params.items())
+
+
+def test_flat_adamw_state_roundtrip_keeps_the_flat_moments():
+    from topkattn.layers.module import flatten_parameters
+
+    model = _tiny_model()
+    opt = AdamW(lr=1e-2, weight_decay=0.1, flat=flatten_parameters(model))
+    rng = np.random.default_rng(2)
+    for n in model.grads:
+        model.grads[n][...] = rng.standard_normal(model.grads[n].shape)
+    opt.step(model.params, model.grads)
+    state = opt.state_dict()
+    other_model = _tiny_model()
+    other = AdamW(lr=1e-2, weight_decay=0.1, flat=flatten_parameters(other_model))
+    other.load_state_dict(state, like=other_model.params)
+    assert other.t == 1 and other.m["embed.weight"].base is other._m_flat
+    for n in state["m"]:
+        np.testing.assert_array_equal(other.m[n], state["m"][n])
+        np.testing.assert_array_equal(other.v[n], state["v"][n])
+    bad = dict(state, m=dict(state["m"]), v=dict(state["v"]))
+    bad["m"]["norm.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="norm.weight"):
+        other.load_state_dict(bad)
+
+
+def test_flat_adamw_falls_back_to_the_loop_for_other_arrays():
+    from topkattn.layers.module import flatten_parameters
+
+    model = _tiny_model()
+    opt = AdamW(lr=1e-2, flat=flatten_parameters(model))
+    params = {n: a.copy() for n, a in model.params.items()}  # not the views
+    grads = {n: np.ones_like(a) for n, a in params.items()}
+    opt.step(params, grads)
+    assert not np.array_equal(params["norm.weight"], model.params["norm.weight"])  # the copies moved
+    np.testing.assert_array_equal(model.params["norm.weight"], np.ones(8, np.float32))  # the model did not

@@ -75,6 +75,77 @@ class Module:
         return np
 
 
+class FlatParameters:
+    """Every parameter of a module tree in one contiguous buffer, every gradient in another; the
+    layers hold views into them (same names, shapes and values as before).
+
+    ``params``, ``grads``: the flat buffers (N,); ``names``: dotted names in buffer order;
+    ``slices``: name -> (start, stop) in the buffers; ``views``: name -> (param view, grad view).
+    An optimizer or a gradient reduction works on the two buffers in one pass each instead of
+    one small operation per array.
+    """
+
+    def __init__(self, names, params, grads, slices, views):
+        self.names, self.params, self.grads, self.slices, self.views = names, params, grads, slices, views
+
+    def holds(self, params, grads):
+        """True when the dicts ``params`` and ``grads`` (name -> array) are exactly these views."""
+        if len(params) != len(self.views) or len(grads) != len(self.views):
+            return False
+        for name, (pv, gv) in self.views.items():
+            if params.get(name) is not pv or grads.get(name) is not gv:
+                return False
+        return True
+
+
+def flatten_parameters(root):
+    """Move every parameter and gradient of the module tree ``root`` into one buffer each (in
+    ``named_params`` order) and make the layers' arrays views into them; returns a
+    :class:`FlatParameters`, or None (nothing moved) when the parameters differ in dtype or
+    array library or there are none.  Values are copied exactly; the params/grads dicts keep
+    their keys and order.  Arrays replaced later (a device move, a layer swap) are no longer views:
+    :meth:`FlatParameters.holds` then says so.
+    """
+    named = list(root.named_params())
+    if not named:
+        return None
+    grads = dict(root.named_grads())
+    first = named[0][1]
+    xp = get_array_module(first)
+    if any(a.dtype != first.dtype or get_array_module(a) is not xp for _, a in named):
+        return None
+    total = sum(int(a.size) for _, a in named)
+    flat_p = xp.empty(total, dtype=first.dtype)
+    flat_g = xp.empty(total, dtype=first.dtype)
+    slices, views, start = {}, {}, 0
+    for name, a in named:
+        owner, key = _owner(root, name)
+        stop = start + int(a.size)
+        pv = flat_p[start:stop].reshape(a.shape)
+        gv = flat_g[start:stop].reshape(a.shape)
+        pv[...] = a
+        gv[...] = grads[name]
+        owner.params[key], owner.grads[key] = pv, gv
+        slices[name], views[name] = (start, stop), (pv, gv)
+        start = stop
+    if root.params is not None:  # a root that caches the dotted dicts (the Transformer): refresh them
+        for name, (pv, gv) in views.items():
+            if name in root.params and root.params[name] is not pv:
+                root.params[name], root.grads[name] = pv, gv
+    return FlatParameters([n for n, _ in named], flat_p, flat_g, slices, views)
+
+
+def _owner(module, dotted):
+    """The module owning the parameter ``dotted`` (a name of ``named_params``) and its own key."""
+    while True:
+        for cn, child in module._children.items():
+            if dotted.startswith(cn + "."):
+                module, dotted = child, dotted[len(cn) + 1:]
+                break
+        else:
+            return module, dotted
+
+
 def _move(a, xp):
     if xp is np:
         return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a

@@ -81,10 +81,17 @@ class AdamW:
         p <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
 
     The moments live in the parameter's dtype and library (NumPy or CuPy); updates are in place.
+
+    ``flat``: a :class:`topkattn.layers.module.FlatParameters` (every parameter and gradient a
+    view into one buffer each).  While ``step`` receives exactly those views, the update runs
+    over the whole buffers -- one pass per operation, the moments in flat buffers too, work
+    buffers reused -- with the same numbers as the per-array loop (the same operations on each
+    entry); other dicts take the per-array loop.  ``m``/``v`` stay name -> array (views of the
+    flat moments), so :meth:`state_dict` and checkpoints are unchanged.
     """
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 decay_filter=default_decay_filter):
+                 decay_filter=default_decay_filter, flat=None):
         check_real("lr", lr, 0.0)
         if len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -100,6 +107,28 @@ class AdamW:
         self.t = 0        # number of steps taken
         self.m = {}       # name -> first moment
         self.v = {}       # name -> second moment
+        self.flat = flat
+        if flat is not None:
+            self._init_flat()
+
+    def _init_flat(self):
+        """Flat moments (views per name in ``m``/``v``), work buffers and the decayed runs."""
+        flat = self.flat
+        xp = get_array_module(flat.params)
+        self._m_flat, self._v_flat = xp.zeros_like(flat.params), xp.zeros_like(flat.params)
+        self._work = (xp.empty_like(flat.params), xp.empty_like(flat.params))
+        runs = []  # (start, stop) of the decayed parameters, adjacent ones merged
+        for name in flat.names:
+            a, b = flat.slices[name]
+            pv = flat.views[name][0]
+            self.m[name] = self._m_flat[a:b].reshape(pv.shape)
+            self.v[name] = self._v_flat[a:b].reshape(pv.shape)
+            if self.decay_filter(name, pv):
+                if runs and runs[-1][1] == a:
+                    runs[-1] = (runs[-1][0], b)
+                else:
+                    runs.append((a, b))
+        self._decay_runs = runs
 
     def step(self, params, grads, lr=None):
         """Update ``params`` in place from ``grads`` (same keys); ``lr`` overrides ``self.lr``."""
@@ -112,6 +141,9 @@ class AdamW:
         b1, b2, t = self.beta1, self.beta2, self.t
         bc1 = 1.0 - b1 ** t
         bc2 = 1.0 - b2 ** t
+        if self.flat is not None and self.flat.holds(params, grads) and self._flat_moments_in_use():
+            self._step_flat(lr, bc1, bc2)
+            return
         for name, p in params.items():
             g = grads[name]
             if g.shape != p.shape:
@@ -133,6 +165,37 @@ class AdamW:
             denom += dt(self.eps)
             p -= dt(lr / bc1) * m / denom
 
+    def _flat_moments_in_use(self):
+        """The m/v dicts still hold the flat moments' views (no one replaced them)."""
+        flat = self.flat
+        return all(self.m.get(n) is not None and self.m[n].base is self._m_flat
+                   and self.v.get(n) is not None and self.v[n].base is self._v_flat for n in flat.names)
+
+    def _step_flat(self, lr, bc1, bc2):
+        """The update of :meth:`step` over the flat buffers: the per-array formulas, one pass each."""
+        P, G = self.flat.params, self.flat.grads
+        M, V = self._m_flat, self._v_flat
+        w1, w2 = self._work
+        xp = get_array_module(P)
+        dt = P.dtype.type
+        if self.weight_decay:
+            f = dt(1.0 - lr * self.weight_decay)
+            for a, b in self._decay_runs:
+                P[a:b] *= f
+        M *= dt(self.beta1)
+        xp.multiply(G, dt(1.0 - self.beta1), out=w1)
+        M += w1
+        V *= dt(self.beta2)
+        xp.multiply(G, G, out=w1)
+        w1 *= dt(1.0 - self.beta2)
+        V += w1
+        xp.divide(V, dt(bc2), out=w1)
+        xp.sqrt(w1, out=w1)
+        w1 += dt(self.eps)  # denominator
+        xp.multiply(M, dt(lr / bc1), out=w2)
+        w2 /= w1
+        P -= w2
+
     def state_dict(self):
         """The optimizer state as host arrays and scalars (for checkpoints)."""
         return {
@@ -150,11 +213,23 @@ class AdamW:
         if set(state["m"]) != set(state["v"]):
             raise ValueError("state['m'] and state['v'] must have the same keys")
         self.t = int(t)
+        if self.flat is not None and set(state["m"]) == set(self.flat.names):  # into the flat moments
+            for key in state["m"]:
+                for slot, dst in ((state["m"], self.m), (state["v"], self.v)):
+                    if tuple(slot[key].shape) != tuple(dst[key].shape):
+                        raise ValueError(f"state[{key!r}] has shape {tuple(slot[key].shape)}, "
+                                         f"the parameter has {tuple(dst[key].shape)}")
+                    dst[key][...] = get_array_module(dst[key]).asarray(slot[key])
+            self._load_hyper(state)
+            return
         self.m, self.v = {}, {}
         for key in state["m"]:
             xp = get_array_module(like[key]) if like is not None and key in like else np
             self.m[key] = xp.asarray(state["m"][key])
             self.v[key] = xp.asarray(state["v"][key])
+        self._load_hyper(state)
+
+    def _load_hyper(self, state):
         hyper = state.get("hyper")
         if hyper:
             self.lr, self.beta1, self.beta2 = hyper["lr"], hyper["beta1"], hyper["beta2"]

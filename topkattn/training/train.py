@@ -32,6 +32,7 @@ import numpy as np
 from topkattn.backend import get_array_module, require_cupy, to_numpy
 from topkattn.checks import ConfigDict, check_choice, check_int, check_real
 from topkattn.layers.loss import softmax_cross_entropy
+from topkattn.layers.module import flatten_parameters
 from topkattn.layers.rope import check_rope_base
 from topkattn.model import Transformer, TransformerConfig
 from topkattn.storage import atomic_write_json, remove_stale_temporaries
@@ -147,8 +148,14 @@ def model_config(cfg, vocab_size):
 
 
 def make_optimizer(cfg, model):
-    """The AdamW of a run of ``cfg`` over ``model``'s parameters (train-toy's hyper-parameters)."""
-    return AdamW(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay)
+    """The AdamW of a run of ``cfg`` over ``model``'s parameters (train-toy's hyper-parameters).
+
+    The parameters and gradients are first moved into one buffer each
+    (:func:`topkattn.layers.module.flatten_parameters`; the layers keep views), so that the
+    update runs over the whole buffer at once (the same numbers as array by array).
+    """
+    return AdamW(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay,
+                 flat=flatten_parameters(model))
 
 
 def n_model_params(mc):
