@@ -43,7 +43,7 @@ from topkattn.layers.kv_experts import (
     router_backward,
 )
 from topkattn.layers.module import check_grad_output
-from topkattn.layers.projection import act_view, decode_project, decode_weight, weight_view
+from topkattn.layers.projection import act_view, decode_project, decode_weight, ternary_product, weight_view
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
 from topkattn.layers.rope import rope_angles, rope_apply
 from topkattn.ops.dense_attention import dense_attention_decode
@@ -66,14 +66,15 @@ def forward(layer, x, seed=None):
     H, Dn, R, Dv, P = layer.n_heads, layer.qk_nope_dim, layer.qk_rope_dim, layer.v_head_dim, layer.persistent_tokens
     Ck, Cv, E, eps = layer.k_rank, layer.v_rank, layer.kv_experts, layer.eps
     S = P + T
-    W = {n: weight_view(p[n], layer.ternary, layer.quant_eps) for n in projection_names(layer)}
-    xa = _act(layer, x)  # (B, T, d)
-    cq, sq = rms_norm_forward(xa @ W["W_DQ"].T, p["q_norm"], eps)  # (B, T, Lq)
-    cqa = _act(layer, cq)
-    qn = (cqa @ W["W_UQ"].T).reshape(B, T, H, Dn).transpose(0, 2, 1, 3)  # (B, H, T, Dn)
+    W = {n: weight_view(p[n], layer.ternary, layer.quant_eps) for n in ("W_UK", "W_UV")}
+    proj = _projector(layer, W)  # proj(a, name) -> (a~ W~^T, a~); W~ into W
+    dq, xa = proj(x, "W_DQ")  # (B, T, Lq), x~ (B, T, d)
+    cq, sq = rms_norm_forward(dq, p["q_norm"], eps)  # (B, T, Lq)
+    uq, cqa = proj(cq, "W_UQ")
+    qn = uq.reshape(B, T, H, Dn).transpose(0, 2, 1, 3)  # (B, H, T, Dn)
     cs = rope_angles(np.arange(T), R, layer.rope_base, xp, x.dtype)
-    qr = rope_apply((cqa @ W["W_QR"].T).reshape(B, T, H, R).transpose(0, 2, 1, 3), *cs)  # (B, H, T, R)
-    ck, cka, cva, kr_all, norms = _latents(layer, xa, W, cs)  # (B, T, Ck), (B, S, Ck), (B, S, Cv), (B, S, R)
+    qr = rope_apply(proj(cq, "W_QR")[0].reshape(B, T, H, R).transpose(0, 2, 1, 3), *cs)  # (B, H, T, R)
+    ck, cka, cva, kr_all, norms = _latents(layer, x, proj, cs)  # (B, T, Ck), (B, S, Ck), (B, S, Cv), (B, S, R)
     saved = dict(x=x, xa=xa, W=W, cq=cq, sq=sq, cqa=cqa, qn=qn, cs=cs, cka=cka, cva=cva, norms=norms)
     if E:
         gates, layer.aux_loss, router = route(x.reshape(B * T, d), p["W_router"], layer.kv_experts_active)
@@ -89,10 +90,10 @@ def forward(layer, x, seed=None):
         v = (cva @ W["W_UV"].T).reshape(B, S, H, Dv).transpose(0, 2, 1, 3)  # (B, H, S, Dv)
         k = xp.concatenate([kn, xp.broadcast_to(kr_all[:, None], (B, H, S, R))], axis=-1)
         o, att = attention_forward(layer, xp.concatenate([qn, qr], axis=-1), k, v, seed)  # (B, H, T, Dv)
-    ofa = _act(layer, o.transpose(0, 2, 1, 3).reshape(B, T, H * Dv))  # (B, T, H*Dv)
+    y, ofa = proj(o.transpose(0, 2, 1, 3).reshape(B, T, H * Dv), "W_O")  # (B, T, d), act(o) (B, T, H*Dv)
     saved.update(att=att, ofa=ofa)
     layer._saved = saved
-    return ofa @ W["W_O"].T
+    return y
 
 
 def backward(layer, dy):
@@ -143,18 +144,18 @@ def backward(layer, dy):
     return dxa + dcq_raw @ W["W_DQ"] + dx
 
 
-def _latents(layer, xa, W, cs):
+def _latents(layer, x, proj, cs):
     """``(ck, ck~, cv~, kr_all, norms)``: the key latent (B, T, Ck), the quantised key and value
     latents with the persistent rows (B, S, Ck), (B, S, Cv), the rope keys (B, S, R), and the
     RMSNorm states (key, value)."""
     p, eps = layer.params, layer.eps
-    ck, skv = rms_norm_forward(xa @ W["W_DKV"].T, p["kv_norm"], eps)  # (B, T, Ck)
-    kr = rope_apply(xa @ W["W_KR"].T, *cs)  # (B, T, R)
+    ck, skv = rms_norm_forward(proj(x, "W_DKV")[0], p["kv_norm"], eps)  # (B, T, Ck)
+    kr = rope_apply(proj(x, "W_KR")[0], *cs)  # (B, T, R)
     ck_all, kr_all = _with_rows(ck, p.get("persist_c")), _with_rows(kr, p.get("persist_kr"))
     cka = _act(layer, ck_all)
     if not layer.split_latents:
         return ck, cka, cka, kr_all, (skv, None)
-    cv, sv = rms_norm_forward(xa @ W["W_DV"].T, p["v_norm"], eps)  # (B, T, Cv)
+    cv, sv = rms_norm_forward(proj(x, "W_DV")[0], p["v_norm"], eps)  # (B, T, Cv)
     return ck, cka, _act(layer, _with_rows(cv, p.get("persist_cv"))), kr_all, (skv, sv)
 
 
@@ -186,11 +187,9 @@ def _latents_backward(layer, s, dcka, dcva, dkr_all):
 
 def latent_rows(layer, x):
     """``(keys (B, S, Ck + R), values (B, S, Cv))``: the rows decoding caches for a sequence x (B, T, d)."""
-    p = layer.params
     xp = get_array_module(x)
-    W = {n: weight_view(p[n], layer.ternary, layer.quant_eps) for n in projection_names(layer)}
     cs = rope_angles(np.arange(x.shape[1]), layer.qk_rope_dim, layer.rope_base, xp, x.dtype)
-    _, cka, cva, kr_all, _ = _latents(layer, _act(layer, x), W, cs)
+    _, cka, cva, kr_all, _ = _latents(layer, x, _projector(layer, {}), cs)
     return xp.concatenate([cka, kr_all], axis=-1), cva
 
 
@@ -280,6 +279,15 @@ def step(layer, x_t, cache):
     else:
         o = xp.matmul(o_lat[:, :, None, :], w["W_UVh"])[:, :, 0]  # (B, H, Dv)
     return decode_project(o.reshape(B, -1), w["W_O"], ab, eps)[:, None]  # (B, 1, d)
+
+
+def _projector(layer, W):
+    """proj(a, name) -> (y, a~): the layer's projection ``name`` of a (:func:`ternary_product`);
+    stores W~ in ``W[name]`` for the backward."""
+    def proj(a, name):
+        y, a_view, W[name] = ternary_product(a, layer.params[name], layer.ternary, layer.act_bits, layer.quant_eps)
+        return y, a_view
+    return proj
 
 
 def _act(layer, a):

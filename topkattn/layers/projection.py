@@ -36,6 +36,25 @@ def act_view(x, act_bits, eps=DEFAULT_EPS):
     return (xq / a).astype(x.dtype)
 
 
+def ternary_product(x, W, ternary, act_bits=None, eps=DEFAULT_EPS):
+    """``(y, x~, W~)`` of a projection y = x~ W~^T (..., Dout) in training (x~, W~ for the backward).
+
+    With ``act_bits`` the product is evaluated as (xq Wq^T) s / a: the integer product is exact in
+    any summation order, so :func:`decode_project` on the packed weight gives the same bits, and
+    quantisers downstream (which meet exact rounding ties on such integer-derived values) agree.
+    """
+    if not ternary:
+        return x @ W.T, x, W
+    Wq, s = ternary_quantize(W, eps)
+    Wt = (Wq * s).astype(W.dtype)
+    if act_bits is None:
+        return x @ Wt.T, x, Wt
+    xq, a = quantize_activations(x, act_bits, eps)
+    dt = x.dtype
+    y = (xq.astype(dt) @ Wq.astype(dt).T) * dt.type(s)  # (..., Dout): exact integers times s
+    return (y / a).astype(dt), (xq / a).astype(dt), Wt
+
+
 def decode_weight(W, ternary, eps=DEFAULT_EPS):
     """A decode-time snapshot of W: its :class:`PackedTernary` with ``ternary``, else a copy."""
     return pack_weight(W, eps) if ternary else W.copy()
@@ -44,5 +63,9 @@ def decode_weight(W, ternary, eps=DEFAULT_EPS):
 def decode_project(x, W, act_bits=None, eps=DEFAULT_EPS):
     """y = x~ W~^T (..., Dout) for a :func:`decode_weight` W (packed: read at 2 bits per weight)."""
     if isinstance(W, PackedTernary):
-        return packed_matmul(x, W, act_bits=act_bits, eps=eps)
+        if act_bits is None:
+            return packed_matmul(x, W, eps=eps)
+        xq, a = quantize_activations(x, act_bits, eps)
+        y = packed_matmul(xq.astype(x.dtype), W, eps=eps)  # (xq Wq^T) s, as ternary_product
+        return (y / a).astype(x.dtype)
     return act_view(x, act_bits, eps) @ W.T
