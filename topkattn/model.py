@@ -73,26 +73,51 @@ class TransformerConfig(ConfigDict):
     rope_base: float = 10000.0
     dtype: str = "float32"
     seed: int = 0
+    kv_experts: int = 0  # "mla": E expert KV up-projections (0: none), topkattn.layers.kv_experts
+    kv_experts_active: int | None = None  # experts per query token, None: min(2, kv_experts)
+    k_rank: int | None = None  # "mla": key latent rank (DiffQKV); None: kv_lora_rank
+    v_rank: int | None = None  # "mla": value latent rank; either rank set: separate latents
+    q_head_dim: int | None = None  # query/key head dim ("mla": qk_nope_dim + qk_rope_dim; "mha": head_dim)
+    ternary: bool = False  # every attention projection ternary (BitNet b1.58), packed at decode
+    act_bits: int | None = None  # ternary: per-token absmax activation bits (None: float)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "q_lora_rank", "kv_lora_rank",
                      "qk_nope_dim", "qk_rope_dim", "v_head_dim", "d_ff", "n_experts", "moe_topk"):
             check_int(name, getattr(self, name), 1)
-        for name in ("n_kv_heads", "head_dim", "topk"):  # None: derived (heads, dims) or dense (topk)
+        for name in ("n_kv_heads", "head_dim", "topk", "kv_experts_active", "k_rank", "v_rank", "q_head_dim"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
-        for name in ("persistent_tokens", "window", "seed"):
+        for name in ("persistent_tokens", "window", "seed", "kv_experts"):
             check_int(name, getattr(self, name), 0)
         check_choice("attention", self.attention, ("mla", "mha"))
         check_choice("ffn", self.ffn, ("swiglu", "moe"))
         check_real("forget_rate", self.forget_rate, 0.0, 1.0, hi_open=True)
         check_real("aux_loss_weight", self.aux_loss_weight, 0.0)
         check_rope_base("rope_base", self.rope_base)
-        for name in ("tie_embeddings", "token_shift"):
+        for name in ("tie_embeddings", "token_shift", "ternary"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         float_dtype(self.dtype)
         self.dtype = np.dtype(self.dtype).name
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        """The attention variants' cross-field rules (ValueError naming the fields)."""
+        E, r = self.kv_experts, self.kv_experts_active
+        if r is not None and r > E:
+            raise ValueError(f"kv_experts_active must be <= kv_experts={E}, got {r}")
+        if self.attention == "mha" and (E or self.k_rank is not None or self.v_rank is not None):
+            raise ValueError("kv_experts, k_rank and v_rank need attention='mla'")
+        if self.attention == "mha" and self.ternary:
+            raise ValueError("ternary needs attention='mla' (plain attention has no ternary path yet)")
+        if self.q_head_dim is not None and self.attention == "mla" and self.q_head_dim <= self.qk_rope_dim:
+            raise ValueError(f"q_head_dim must exceed qk_rope_dim={self.qk_rope_dim} (the nope part is "
+                             f"q_head_dim - qk_rope_dim), got {self.q_head_dim}")
+        if self.act_bits is not None:
+            if not self.ternary:
+                raise ValueError(f"act_bits applies only with ternary=True, got act_bits={self.act_bits!r}")
+            check_int("act_bits", self.act_bits, 2, 8)
 
 
 class Transformer(Module):
@@ -118,12 +143,16 @@ class Transformer(Module):
         for i in range(c.n_layers):
             r = rng(i + 1)
             if c.attention == "mla":
-                attn = MLA(c.d_model, c.n_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_nope_dim,
+                nope = c.qk_nope_dim if c.q_head_dim is None else c.q_head_dim - c.qk_rope_dim
+                attn = MLA(c.d_model, c.n_heads, c.q_lora_rank, c.kv_lora_rank, nope,
                            c.qk_rope_dim, c.v_head_dim, topk=c.topk, seed=r, dtype=c.dtype,
                            persistent_tokens=c.persistent_tokens, window=c.window,
-                           forget_rate=c.forget_rate, rope_base=c.rope_base)
+                           forget_rate=c.forget_rate, rope_base=c.rope_base, kv_experts=c.kv_experts,
+                           kv_experts_active=c.kv_experts_active, aux_loss_weight=c.aux_loss_weight,
+                           k_rank=c.k_rank, v_rank=c.v_rank, ternary=c.ternary, act_bits=c.act_bits)
             else:
-                attn = Attention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.v_head_dim, topk=c.topk,
+                head_dim = c.head_dim if c.q_head_dim is None else c.q_head_dim
+                attn = Attention(c.d_model, c.n_heads, c.n_kv_heads, head_dim, c.v_head_dim, topk=c.topk,
                                  seed=r, dtype=c.dtype, persistent_tokens=c.persistent_tokens,
                                  window=c.window, forget_rate=c.forget_rate, rope_base=c.rope_base)
             if c.ffn == "moe":
@@ -250,6 +279,10 @@ class Transformer(Module):
 
     def n_params(self) -> int:
         return int(sum(p.size for p in self.params.values()))
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes every layer's decode cache adds per token, summed over the layers."""
+        return int(sum(b.attn.kv_bytes_per_token for b in self.blocks))
 
     # -- decoding and generation -------------------------------------------------------------
     @contextlib.contextmanager

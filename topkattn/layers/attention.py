@@ -70,6 +70,11 @@ class Attention(Module):
             self.add_param("persist_v", normal(rng, (G, P, Dv), 1.0, dt))
         self._saved = None
 
+    @property
+    def kv_bytes_per_token(self):
+        """Bytes the decode cache holds per token: G (D + Dv) floats."""
+        return self.n_kv_heads * (self.head_dim + self.v_head_dim) * self.params["W_Q"].dtype.itemsize
+
     def _check_x(self, x):
         d = self.d_model
         return as_input(x, "x", self.params["W_Q"].dtype, ndim=3, letters=f"(B, T, d_model={d})",

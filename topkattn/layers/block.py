@@ -23,7 +23,7 @@ class Block(Module):
 
     @property
     def aux_loss(self):
-        return getattr(self.ffn, "aux_loss", 0.0)
+        return getattr(self.ffn, "aux_loss", 0.0) + getattr(self.attn, "aux_loss", 0.0)  # MoE, KV experts
 
     def forward(self, x, seed=None):
         h = x + self.attn.forward(self.attn_norm.forward(x), seed=seed)
