@@ -104,6 +104,13 @@ class TrainConfig(ConfigDict):
     rope_base: float = 10000.0
     token_shift: bool = True      # x_t + W x_{t-1} on the embeddings (see the module docstring)
     eval_size: int = 512          # held-out sequences (mqar) or windows (text)
+    kv_experts: int = 0           # attention variants (TransformerConfig's fields of the same names)
+    kv_experts_active: int | None = None
+    k_rank: int | None = None
+    v_rank: int | None = None
+    q_head_dim: int | None = None
+    ternary: bool = False
+    act_bits: int | None = None
 
     def __post_init__(self):
         check_choice("task", self.task, ("mqar", "text"))
@@ -124,6 +131,7 @@ class TrainConfig(ConfigDict):
             check_real(name, getattr(self, name), 0.0, 1.0)
         if not isinstance(self.token_shift, bool):
             raise TypeError(f"token_shift must be True or False, got {self.token_shift!r}")
+        model_config(self, 64)  # the attention variants' own checks (TransformerConfig)
         if self.task == "mqar":  # the task's own checks (vocabulary and length fit the pairs)
             MQAR(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
 
@@ -144,7 +152,9 @@ def model_config(cfg, vocab_size):
         attention="mla", q_lora_rank=max(8, cfg.d_model // 2), kv_lora_rank=max(8, cfg.d_model // 2),
         qk_nope_dim=hd, qk_rope_dim=rope, v_head_dim=hd, ffn="swiglu", d_ff=2 * cfg.d_model,
         topk=cfg.k if cfg.attention == "topk" else None, forget_rate=float(cfg.forget_rate),
-        rope_base=float(cfg.rope_base), token_shift=cfg.token_shift, dtype="float32", seed=cfg.seed)
+        rope_base=float(cfg.rope_base), token_shift=cfg.token_shift, dtype="float32", seed=cfg.seed,
+        kv_experts=cfg.kv_experts, kv_experts_active=cfg.kv_experts_active, k_rank=cfg.k_rank, v_rank=cfg.v_rank,
+        q_head_dim=cfg.q_head_dim, ternary=cfg.ternary, act_bits=cfg.act_bits)
 
 
 def make_optimizer(cfg, model):
@@ -161,11 +171,15 @@ def make_optimizer(cfg, model):
 def n_model_params(mc):
     """The parameter count of :func:`model_config`'s model (MLA + SwiGLU, tied head), without
     building it: embedding V d; per layer two RMSNorm gains, MLA's projections and norms, and
-    SwiGLU's three matrices; the final norm; the token shift's d x d."""
+    SwiGLU's three matrices; the final norm; the token shift's d x d.  Variants: E KV experts
+    (E W_UK, W_UV and the router E x d), separate key/value latents (W_DV, v_norm, persist_cv)."""
     d, H, Lq, C = mc.d_model, mc.n_heads, mc.q_lora_rank, mc.kv_lora_rank
     Dn, R, Dv, Dff, P = mc.qk_nope_dim, mc.qk_rope_dim, mc.v_head_dim, mc.d_ff, mc.persistent_tokens
-    mla = (Lq * d + Lq + H * Dn * Lq + H * R * Lq + C * d + C + H * Dn * C + H * Dv * C + R * d
-           + d * H * Dv + P * (C + R))
+    Dn = Dn if mc.q_head_dim is None else mc.q_head_dim - R
+    split = mc.k_rank is not None or mc.v_rank is not None
+    Ck, Cv, E = mc.k_rank or C, mc.v_rank or C, max(1, mc.kv_experts)
+    mla = (Lq * d + Lq + H * Dn * Lq + H * R * Lq + Ck * d + Ck + E * H * (Dn * Ck + Dv * Cv) + R * d
+           + d * H * Dv + P * (Ck + R) + (Cv * d + Cv + P * Cv if split else 0) + mc.kv_experts * d)
     per_layer = 2 * d + mla + 3 * d * Dff
     head = 0 if mc.tie_embeddings else mc.vocab_size * d
     return mc.vocab_size * d + mc.n_layers * per_layer + d + head + (d * d if mc.token_shift else 0)
@@ -579,6 +593,7 @@ def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eva
         "cpu_seconds": time.process_time() - c_start,
         "steps_this_run": steps_run, "resumed_from": start if resume else None,
         "device": device, "n_params": model.n_params(), "threads": n_threads,
+        "kv_bytes_per_token": model.kv_bytes_per_token(),
         "config": cfg.to_dict(),
     }
     if out_dir is not None and is_writer:
