@@ -58,6 +58,22 @@ from topkattn.cli.common import (
               help="Add x_t + W x_{t-1} to the embeddings (a kernel-2 causal convolution): the "
                    "previous-token feature recall needs; without it attention must discover a "
                    "previous-token head, which takes thousands of steps.")
+@click.option("--kv-experts", type=click.IntRange(min=0), default=None,
+              help="KV experts: E expert key/value up-projections of MLA, mixed per query token by "
+                   "a router over the one shared latent cache [default: 0, none].")
+@click.option("--kv-experts-active", type=click.IntRange(min=1), default=None,
+              help="Experts each query token mixes (<= --kv-experts) [default: min(2, E)].")
+@click.option("--k-rank", type=click.IntRange(min=1), default=None,
+              help="DiffQKV: key latent rank (cached and indexed) [default: the shared latent's].")
+@click.option("--v-rank", type=click.IntRange(min=1), default=None,
+              help="DiffQKV: value latent rank (cached beside the keys) [default: the shared latent's].")
+@click.option("--q-head-dim", type=click.IntRange(min=1), default=None,
+              help="Query/key head dim (nope + rope), wider than the value head dim (Sigma) "
+                   "[default: d-model/heads + the rope dim].")
+@click.option("--ternary", is_flag=True, default=None,
+              help="Ternary (BitNet b1.58) attention projections, packed at 2 bits per weight at decode.")
+@click.option("--act-bits", type=click.IntRange(2, 8), default=None,
+              help="With --ternary: per-token absmax activation bits [default: float activations].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for checkpoint.npz, metrics.json and history.json.")
 @click.option("--resume", is_flag=True,
