@@ -100,10 +100,10 @@ def decode_topm_scan(keys, qs, qt, j0, j1, m, vals, ids):
     with ``qt`` by :func:`decode_topm_panels` (:func:`_panel` holds one vector of heads per
     key: every head against a key at once, no horizontal sums, and flags per key the heads
     whose score beats their current m-th best), else by :func:`decode_topm_quads` or
-    :func:`decode_topm_dots` (dot products along D).  Each head keeps a sorted buffer of m
-    entries; only scores above a head's m-th best are inserted (:func:`_insert`), so almost
-    every score costs one comparison.  Three kernels: a process compiles only the one its
-    shapes use.
+    :func:`decode_topm_dots` (dot products along D).  Each head keeps its m best keys (a heap
+    while scanning, :func:`_offer`; ranked at the end); only scores above a head's m-th best
+    are offered, so almost every score costs one comparison.  Three kernels: a process
+    compiles only the one its shapes use.
     Serial and ``nogil``: callers run key ranges on worker threads and merge them with
     :func:`merge_topm`.  Reference: :func:`topkattn.ops.reference.rank_row` over ``qs @ keys.T``.
     """
@@ -140,7 +140,8 @@ def decode_topm_panels(keys, qt, rep, j0, j1, m, vals, ids):
                     h = v * lanes + trailing_zeros(bits)
                     bits &= bits - 1
                     if h < rep:
-                        _insert(vals, ids, n, thresh, h, tile[t, h], b0 + t, m)
+                        _offer(vals, ids, n, thresh, h, tile[t, h], b0 + t, m)
+    _sort_heaps(vals, ids, n)
 
 
 @njit(fastmath=_FAST)
@@ -157,6 +158,7 @@ def decode_topm_dots(keys, qs, j0, j1, m, vals, ids):
         nb = min(DECODE_BLOCK, j1 - b0)
         _score_keys_by_4(keys, qs, b0, nb, tile)
         _offer_tile(tile, nb, b0, vals, ids, n, thresh, m)
+    _sort_heaps(vals, ids, n)
 
 
 @njit(fastmath=_FAST)
@@ -173,6 +175,7 @@ def decode_topm_quads(keys, qs, j0, j1, m, vals, ids):
         nb = min(DECODE_BLOCK, j1 - b0)
         _score_heads_by_4(keys, qs, b0, nb, tile)
         _offer_tile(tile, nb, b0, vals, ids, n, thresh, m)
+    _sort_heaps(vals, ids, n)
 
 
 @njit(fastmath=_FAST, inline="always")
@@ -182,7 +185,73 @@ def _offer_tile(tile, nb, b0, vals, ids, n, thresh, m):
         for t in range(nb):
             s = tile[t, h]
             if not s <= thresh[h]:  # above, or NaN on either side
-                _insert(vals, ids, n, thresh, h, s, b0 + t, m)
+                _offer(vals, ids, n, thresh, h, s, b0 + t, m)
+
+
+@njit(fastmath=_FAST, inline="always")
+def _worse(s1, j1, s2, j2):
+    """(s1, j1) ranks below (s2, j2): a lower score, or the same score and a higher key."""
+    return s1 < s2 or (s1 == s2 and j1 > j2)
+
+
+@njit(fastmath=_FAST)
+def _offer(vals, ids, n, thresh, h, s, j, m):
+    """Offer key j with score s to head h's bounded heap: vals[h], ids[h] hold the n[h] <= m
+    best keys so far as a heap with the worst at the root (keys come in increasing order).
+
+    NaN is taken as +inf; a full heap takes only a score above its root's (a tie goes to the
+    lower key, offered first); thresh[h] is the root's score once the heap is full.
+    O(log m) per offer (a sorted buffer moves m/2 entries); :func:`_sort_heaps` ranks them."""
+    if s != s:
+        s = np.inf
+    c = n[h]
+    if c < m:  # not full: sift the new key up from the end
+        p = c
+        while p > 0:
+            par = (p - 1) // 2
+            if not _worse(s, j, vals[h, par], ids[h, par]):
+                break
+            vals[h, p] = vals[h, par]
+            ids[h, p] = ids[h, par]
+            p = par
+        vals[h, p] = s
+        ids[h, p] = j
+        n[h] = c + 1
+    else:
+        if not s > vals[h, 0]:
+            return
+        _sift_down(vals, ids, h, 0, m, s, j)
+    if n[h] == m:
+        thresh[h] = vals[h, 0]
+
+
+@njit(fastmath=_FAST, inline="always")
+def _sift_down(vals, ids, h, p, size, s, j):
+    """Place (s, j) at heap slot p of row h (heap of ``size``), moving worse children up."""
+    while True:
+        c = 2 * p + 1
+        if c >= size:
+            break
+        if c + 1 < size and _worse(vals[h, c + 1], ids[h, c + 1], vals[h, c], ids[h, c]):
+            c += 1
+        if not _worse(vals[h, c], ids[h, c], s, j):
+            break
+        vals[h, p] = vals[h, c]
+        ids[h, p] = ids[h, c]
+        p = c
+    vals[h, p] = s
+    ids[h, p] = j
+
+
+@njit(fastmath=_FAST)
+def _sort_heaps(vals, ids, n):
+    """Heapsort each row's heap in place into rank order (best first; slots past n[h] untouched)."""
+    for h in range(vals.shape[0]):
+        for end in range(n[h] - 1, 0, -1):
+            s, j = vals[h, end], ids[h, end]
+            vals[h, end] = vals[h, 0]  # the worst left goes last
+            ids[h, end] = ids[h, 0]
+            _sift_down(vals, ids, h, 0, end, s, j)
 
 
 @njit(fastmath=_FAST)

@@ -336,8 +336,10 @@ def rank_decode_candidates(query, keys, bounds, m, scale, impl="auto"):
     return ranked_topm_xp(s, cand, m)
 
 
-# multiply-adds per worker task (about a millisecond here): less work runs on the calling thread
-FUSED_TASK_WORK = 1 << 22
+# multiply-adds per worker task (about a millisecond here); below 2 tasks' worth the calling
+# thread does it all.  Each key-range chunk re-fills its heads' top-m (0.3 ms for 16 heads,
+# m = 64), so ranges are cut no finer than this, into at most 4 per worker thread.
+FUSED_TASK_WORK = 1 << 25
 
 
 def fused_decode_ranking(query, kg, c0, c1, m, scale):
@@ -364,7 +366,7 @@ def fused_decode_ranking(query, kg, c0, c1, m, scale):
     pairs = [(b, g) for b in range(B) for g in range(G)]
     work = len(pairs) * n_cand * max(D, 1) * rep
     nw = n_workers()
-    n_tasks = 1 if nw == 1 else min(4 * nw, work // FUSED_TASK_WORK)
+    n_tasks = 1 if nw == 1 or work < 2 * FUSED_TASK_WORK else min(4 * nw, max(nw, work // FUSED_TASK_WORK))
     per_pair = max(1, -(-n_tasks // len(pairs)))  # chunks of each (b, g) key range
     step = -(-n_cand // per_pair)
     tasks = [(i, j0, min(c1, j0 + step)) for i in range(len(pairs)) for j0 in range(c0, c1, step)]
