@@ -364,7 +364,7 @@ def fused_decode_ranking(query, kg, c0, c1, m, scale):
     dt = np.result_type(query.dtype, kg.dtype)
     qs = (query * query.dtype.type(scale)).astype(dt, copy=False).reshape(B, G, rep, D)
     pairs = [(b, g) for b in range(B) for g in range(G)]
-    work = len(pairs) * n_cand * max(D, 1) * rep
+    work = len(pairs) * n_cand * max(D, 1) * max(rep, 4)  # multiply-adds; few heads: memory-bound, count 4
     nw = n_workers()
     n_tasks = 1 if nw == 1 or work < 2 * FUSED_TASK_WORK else min(4 * nw, max(nw, work // FUSED_TASK_WORK))
     per_pair = max(1, -(-n_tasks // len(pairs)))  # chunks of each (b, g) key range
