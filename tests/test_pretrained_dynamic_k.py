@@ -243,3 +243,17 @@ def test_minilm_goal_dynamic_k_with_mean_tail(minilm, long_ids):
     np.testing.assert_allclose(st["layer_k_fraction"][:, 0], st_plain["layer_k_fraction"][:, 0], rtol=1e-12)
     assert cos_plain.mean() < cos.mean() - 0.005
     assert (st["layer_k_fraction"] < 1).all() and (st["k_fraction"] > 0.05).all()
+
+
+def test_batched_texts_of_one_length_equal_one_by_one(model_dir):
+    """encode() batches texts of one token count (no padding): dynamic k per row is the same in a batch."""
+    enc = SentenceEncoder.from_dir(model_dir, dtype=np.float64)
+    pair = ["the big red dog ran far away", "the big red cat sat far away"]
+    assert [len(a) for a in enc.tokenize(pair)] == [9, 9]
+    kw = dict(topk="auto", tail_bound=0.4, tail="mean")
+    both, st = enc.encode(pair, return_stats=True, **kw)
+    for i, text in enumerate(pair):
+        one, st_one = enc.encode([text], return_stats=True, **kw)
+        np.testing.assert_allclose(both[i], one[0], rtol=1e-12, atol=1e-12)
+        assert st["mean_k"][i] == st_one["mean_k"][0]
+    assert st["mean_k"][0] != st["mean_k"][1]  # the texts differ, so do their selections
