@@ -82,12 +82,12 @@ def sgemm_gflops(H, D, reps=20):
     return 2 * H * D * 2048 * reps / dt / 1e9
 
 
-def torch_route(keys, query, topk):
+def torch_route(keys, query, topk, threads):
     try:
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     tk, tq = torch.from_numpy(keys[0]), torch.from_numpy(query[0])
 
     def run():
@@ -105,10 +105,20 @@ def main(argv=None):
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-current", action="store_true", help="skip the GEMM + partition route")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for every method (fused workers, BLAS, torch, the parallel read); "
+                         "default: Numba's thread count.  On a shared machine --threads 1 with the CPU-time "
+                         "columns gives the steadiest ratios")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
     a = ap.parse_args(argv)
     H, D, k = a.heads, a.latent + a.rope, a.topk
+    if a.threads:
+        import numba
+        from threadpoolctl import threadpool_limits
+
+        numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
+        threadpool_limits(a.threads, "blas")
     nw = n_workers()
     rng = np.random.default_rng(0)
     scale = 1.0 / np.sqrt(D)
@@ -125,7 +135,7 @@ def main(argv=None):
         }
         if not a.no_current:
             methods["current"] = lambda: select_decode(query, keys, topk=k, scale=scale, impl="numpy")
-        tr = torch_route(keys, query, k)
+        tr = torch_route(keys, query, k, a.threads or os.cpu_count() or 1)
         if tr is not None:
             methods["torch"] = tr
         fused_idx = select_decode(query, keys, topk=k, scale=scale)[0]
@@ -135,18 +145,22 @@ def main(argv=None):
         else:
             same = None
         times = {name: [] for name in methods}
+        cpu = {name: [] for name in methods}
         for rep in range(a.reps + 1):  # the first round warms up
             for name, fn in methods.items():
                 time.sleep(PAUSE_S)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 if rep:
                     times[name].append(dt)
-        row = {"context": S, "bytes": S * D * 4, "gflop": 2 * H * D * S / 1e9, "fused_vs_current_overlap": same}
+                    cpu[name].append(dc)
+        row = {"context": S, "bytes": S * D * 4, "gflop": 2 * H * D * S / 1e9, "fused_vs_current_overlap": same,
+               "threads": nw}
         for name, ts in times.items():
             row[f"{name}_ms"] = 1e3 * float(np.median(ts))
             row[f"{name}_ms_min"] = 1e3 * float(np.min(ts))
+            row[f"{name}_cpu_ms"] = 1e3 * float(np.median(cpu[name]))  # all threads of the process
         row["read_GBps"] = row["bytes"] / row["read_ms"] / 1e6
         row["read_1t_GBps"] = row["bytes"] / row["read_1t_ms"] / 1e6
         compute_ms = row["gflop"] / (roof["panel_gflops_per_thread"] * nw) * 1e3
@@ -159,14 +173,21 @@ def main(argv=None):
           f"{roof['panel_gflops_per_thread']:.1f} GFLOP/s, sgemm {roof['sgemm_gflops_per_thread']:.1f} GFLOP/s "
           f"(in cache); median of {a.reps}")
     hdr = ["context", "MB", "GFLOP", "read 1t ms", f"read {nw}t ms", "fused ms", "current ms", "torch ms",
-           "fused/read", "fused/torch", "roof ms", "fused GFLOP/s"]
-    print(" | ".join(f"{h:>11}" for h in hdr))
+           "fused/read", "fused/read1t", "fused/torch", "roof ms", "fused GFLOP/s"]
+    print(" | ".join(f"{h:>12}" for h in hdr))
     for r in rows:
         vals = [r["context"], f"{r['bytes'] / 1e6:.0f}", f"{r['gflop']:.2f}", f"{r['read_1t_ms']:.1f}",
                 f"{r['read_ms']:.1f}", f"{r['fused_ms']:.1f}", _ms(r, "current"), _ms(r, "torch"),
-                f"{r['fused_ms'] / r['read_ms']:.2f}x", _ratio(r, "fused", "torch"), f"{r['roofline_ms']:.1f}",
-                f"{r['fused_gflops']:.0f}"]
-        print(" | ".join(f"{v:>11}" for v in vals))
+                f"{r['fused_ms'] / r['read_ms']:.2f}x", f"{r['fused_ms'] / r['read_1t_ms']:.2f}x",
+                _ratio(r, "fused", "torch"), f"{r['roofline_ms']:.1f}", f"{r['fused_gflops']:.0f}"]
+        print(" | ".join(f"{v:>12}" for v in vals))
+    print("\nCPU time of the process (all its threads), median ms:")
+    names = [n for n in ("read_1t", "read", "fused", "current", "torch") if f"{n}_cpu_ms" in rows[0]]
+    print(" | ".join(f"{h:>12}" for h in ["context"] + names + ["fused/read1t"]))
+    for r in rows:
+        vals = [r["context"]] + [f"{r[n + '_cpu_ms']:.1f}" for n in names]
+        vals.append(f"{r['fused_cpu_ms'] / r['read_1t_cpu_ms']:.2f}x")
+        print(" | ".join(f"{v:>12}" for v in vals))
     if a.json:
         from topkattn.storage import atomic_write_json
 
