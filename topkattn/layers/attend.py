@@ -11,10 +11,21 @@ dim, K index slots per query.
   ``topk_attention_forward`` makes, so the same keys), attended through a dense score tile
   (:mod:`topkattn.ops.masked_attention`).  Equal to the top-k op up to the order of float sums.
 * otherwise (long sequences, CuPy arrays, ``topk="auto"``): :func:`topkattn.ops.topk_attention_forward`.
+* ``selection="block"``: block top-k attention (MoBA), :func:`topkattn.ops.block_topk_attention_forward`
+  with the layer's ``block_size`` and ``topk_blocks`` (the persistent tokens open block 0).
+
+With ``layer.stats`` set (an :class:`topkattn.layers.attention_stats.AttentionStats`), every
+forward is recorded from the op's saved state (``stats.record_forward``).
 """
 import numpy as np
 
 from topkattn.backend import get_array_module
+from topkattn.checks import check_choice, check_int
+from topkattn.ops.block_attention import (
+    BlockAttentionSaved,
+    block_topk_attention_backward,
+    block_topk_attention_forward,
+)
 from topkattn.ops.dense_attention import DenseAttentionSaved, dense_attention_backward, dense_attention_forward
 from topkattn.ops.masked_attention import (
     MaskedAttentionSaved,
@@ -28,7 +39,19 @@ from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_
 
 def attention_forward(layer, q, k, v, seed=None):
     """``(o (B, H, T, Dv), saved)`` of causal attention with ``layer``'s settings (topk, scale,
-    persistent_tokens as sinks, window, forget_rate while training, tail_bound, max_topk)."""
+    persistent_tokens as sinks, window, forget_rate while training, tail_bound, max_topk; or
+    selection="block" with block_size, topk_blocks); recorded in ``layer.stats`` when set."""
+    o, saved = _attend(layer, q, k, v, seed)
+    stats = getattr(layer, "stats", None)
+    if stats is not None:
+        stats.record_forward(saved)
+    return o, saved
+
+
+def _attend(layer, q, k, v, seed):
+    if getattr(layer, "selection", "token") == "block":
+        return block_topk_attention_forward(q, k, v, block_size=layer.block_size, topk_blocks=layer.topk_blocks,
+                                            causal=True, scale=layer.scale)
     if layer.topk is None:
         return dense_attention_forward(q, k, v, causal=True, scale=layer.scale)
     fr = layer.forget_rate if layer.training else 0.0
@@ -48,7 +71,34 @@ def attention_backward(do, saved):
         return dense_attention_backward(do, saved)
     if isinstance(saved, MaskedAttentionSaved):
         return masked_attention_backward(do, saved)
+    if isinstance(saved, BlockAttentionSaved):
+        return block_topk_attention_backward(do, saved)
     return topk_attention_backward(do, saved)
+
+
+def check_selection(selection, block_size, topk_blocks, *, topk, window, forget_rate):
+    """Validated ``(selection, block_size, topk_blocks)`` of an attention layer.
+
+    selection: "token" (top-k over single keys, or dense with topk=None; block_size and
+    topk_blocks must be None) or "block" (block top-k: block_size and topk_blocks integers
+    >= 1; topk None, window 0 and forget_rate 0, which apply to token selection only).
+    """
+    check_choice("selection", selection, ("token", "block"))
+    if selection == "token":
+        if block_size is not None or topk_blocks is not None:
+            raise ValueError(f"block_size and topk_blocks apply only with selection='block', got "
+                             f"block_size={block_size!r}, topk_blocks={topk_blocks!r}")
+        return "token", None, None
+    block_size, topk_blocks = check_int("block_size", block_size, 1), check_int("topk_blocks", topk_blocks, 1)
+    if topk is not None:
+        raise ValueError(f"topk applies to selection='token'; selection='block' attends topk_blocks blocks, "
+                         f"got topk={topk!r}")
+    if window:
+        raise ValueError(f"window applies to selection='token', got window={window!r} with selection='block'")
+    if forget_rate:
+        raise ValueError(f"forget_rate applies to selection='token', got forget_rate={forget_rate!r} with "
+                         f"selection='block'")
+    return "block", block_size, topk_blocks
 
 
 def use_masked(layer, q, k, v):

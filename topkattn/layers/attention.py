@@ -14,12 +14,10 @@ import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
-from topkattn.layers.attend import attention_backward, attention_forward
-from topkattn.layers.cache import KVCache, check_step_input, select_step
+from topkattn.layers.attend import attention_backward, attention_forward, check_selection
+from topkattn.layers.cache import BlockMeans, KVCache, attend_step, check_step_input
 from topkattn.layers.module import Module, as_input, check_grad_output, check_topk, normal
 from topkattn.layers.rope import check_rope_base, rope_angles, rope_apply
-from topkattn.ops.dense_attention import dense_attention_decode
-from topkattn.ops.sparse_attention import sparse_attention_decode
 
 
 class Attention(Module):
@@ -29,13 +27,19 @@ class Attention(Module):
     ``topk=None`` is dense causal attention; an int is top-k attention (sinks=P, window,
     forget_rate passed to :func:`topkattn.ops.topk_attention`); ``window`` only matters with
     top-k; ``topk="auto"`` is dynamic k (``tail_bound``, ``max_topk``, as in :class:`MLA`).
-    ``rope=False`` leaves q and k unrotated.
-    backward accumulates into ``grads``.  ``selector`` picks each decode step's keys.
+    ``rope=False`` leaves q and k unrotated.  ``selection="block"`` is block top-k attention
+    (MoBA): each query attends its ``topk_blocks`` best blocks of ``block_size`` keys (own block
+    included), ranked by q . mean(block keys); decode keeps the block means in the cache
+    (:func:`topkattn.layers.cache.attend_step`); topk stays None, window and forget_rate 0.
+    backward accumulates into ``grads``.  ``selector`` picks each decode step's keys (token top-k).
+    ``stats``: None, or an :class:`~topkattn.layers.attention_stats.AttentionStats` recording
+    every forward and decode step.
     """
 
     def __init__(self, d_model, n_heads, n_kv_heads=None, head_dim=None, v_head_dim=None, topk=None,
                  seed=0, dtype="float32", *, persistent_tokens=0, window=0, forget_rate=0.0,
-                 rope=True, rope_base=10000.0, tail_bound=None, max_topk=None):
+                 rope=True, rope_base=10000.0, tail_bound=None, max_topk=None, selection="token",
+                 block_size=None, topk_blocks=None):
         super().__init__()
         self.d_model = d = check_int("d_model", d_model, 1)
         self.n_heads = H = check_int("n_heads", n_heads, 1)
@@ -55,6 +59,9 @@ class Attention(Module):
         self.window = check_int("window", window, 0)
         self.forget_rate = check_real("forget_rate", forget_rate, 0.0, 1.0, hi_open=True)
         self.topk, self.tail_bound, self.max_topk = check_topk(topk, tail_bound, max_topk, self.forget_rate)
+        self.selection, self.block_size, self.topk_blocks = check_selection(
+            selection, block_size, topk_blocks, topk=self.topk, window=self.window, forget_rate=self.forget_rate)
+        self.stats = None  # an AttentionStats to record forwards and decode steps
         self.rope_base = check_rope_base("rope_base", rope_base)
         self.scale = 1.0 / np.sqrt(D)
         self.training = True
@@ -141,7 +148,9 @@ class Attention(Module):
         p = self.params
         new = Attention(self.d_model, H, G2, D, Dv, topk=self.topk, seed=0, dtype=p["W_Q"].dtype,
                         persistent_tokens=self.persistent_tokens, window=self.window,
-                        forget_rate=self.forget_rate, rope=self.rope, rope_base=self.rope_base)
+                        forget_rate=self.forget_rate, rope=self.rope, rope_base=self.rope_base,
+                        tail_bound=self.tail_bound, max_topk=self.max_topk, selection=self.selection,
+                        block_size=self.block_size, topk_blocks=self.topk_blocks)
         new.to_device(get_array_module(p["W_Q"]))
         r = G // G2
         pooled = {
@@ -164,6 +173,8 @@ class Attention(Module):
         p = self.params
         xp = get_array_module(p["W_Q"])
         cache = KVCache(xp, batch, self.n_kv_heads, self.head_dim, self.v_head_dim, p["W_Q"].dtype, self)
+        if self.selection == "block":
+            cache.block_means = BlockMeans(xp, batch, self.n_kv_heads, self.head_dim, p["W_Q"].dtype, self.block_size)
         if self.persistent_tokens:
             P, G = self.persistent_tokens, self.n_kv_heads
             cache.kbuf.append(xp.broadcast_to(p["persist_k"][None], (batch, G, P, self.head_dim)))
@@ -184,10 +195,5 @@ class Attention(Module):
         k = self._rot((x1 @ p["W_K"].T).reshape(B, G, 1, D), cs)  # (B, G, 1, D)
         cache.kbuf.append(k)
         cache.vbuf.append((x1 @ p["W_V"].T).reshape(B, G, 1, Dv))
-        keys, values = cache.keys, cache.values
-        if self.topk is None:
-            o = dense_attention_decode(q, keys, values, self.scale)
-        else:
-            idx = select_step(self, q, cache)  # (B, H, K)
-            o = sparse_attention_decode(q, keys, values, idx, self.scale)
+        o = attend_step(self, q, cache, cache.keys, cache.values)  # (B, H, Dv): dense, top-k or block
         return (o.reshape(B, H * Dv) @ p["W_O"].T)[:, None]

@@ -9,13 +9,26 @@ query, d model width.
     MLACache        latents [c_j ; kr_j] (B, S, C + R), shared by every head: MLA
     check_step_input  one decode step's input (B, 1, d) against the layer's own cache
     select_step     the keys one decode query attends: the layer's selector, else exact
+    attend_step     one decode query's attention output: dense, token top-k or block top-k
+    BlockMeans      block attention's representatives: the running mean of each key block
 
 A layer's ``selector`` follows the one decode-selection protocol of
 :mod:`topkattn.decoding.selectors`: ``selector(query, cache, *, topk, sinks, window,
 scale) -> idx (B, H, K)``; ``None`` is exact selection (:func:`topkattn.ops.selection.select_decode`).
+
+Block top-k layers (``selection="block"``) decode as MoBA/Quest do: the cache keeps each key
+block's mean (:class:`BlockMeans`, Nb = ceil(S / block_size) rows, updated as keys arrive), the
+decode query ranks the blocks before its own by q . mean (unscaled, ties to the lower block,
+exactly :func:`topkattn.ops.block_selection.select_blocks`), keeps its own block and the
+``topk_blocks - 1`` best, and attends their keys exactly.  Training ranks the same means
+(:func:`topkattn.ops.block_selection.block_means`), so a decode step equals the forward's row.
+A block layer selects with its block means; a decode ``selector`` is not used.
 """
 from topkattn.backend import get_array_module
+from topkattn.ops.block_selection import BlockBounds, expand_blocks, select_blocks
+from topkattn.ops.dense_attention import dense_attention_decode
 from topkattn.ops.selection import select_decode
+from topkattn.ops.sparse_attention import sparse_attention_decode
 
 
 def check_step_input(layer, x_t, cache):
@@ -46,6 +59,91 @@ def select_step(layer, query, cache):
     idx, _, _ = select_decode(query, keys, topk=k, sinks=layer.persistent_tokens, window=layer.window,
                               scale=layer.scale, tail_bound=layer.tail_bound if dynamic else None)
     return idx
+
+
+def attend_step(layer, query, cache, keys, values, dense_values=None):
+    """o (B, H, Dv) of one decode step of ``layer`` (MLA or Attention): dense (``topk=None``),
+    token top-k (:func:`select_step`) or block top-k (``selection="block"``: :func:`select_block_step`).
+
+    query (B, H, D); keys (B, G, S, D) and values (B, G, S, Dv) hold every cached row, this
+    token's included; ``values is keys`` gathers once.  ``dense_values``: the values a dense
+    step reads instead (MLA: the latents without the rope part).  Records the step in
+    ``layer.stats`` when it is set (:class:`topkattn.layers.attention_stats.AttentionStats`).
+    """
+    stats = getattr(layer, "stats", None)
+    S = keys.shape[2]
+    if getattr(layer, "selection", "token") == "block":
+        idx, blocks = select_block_step(layer, query, cache, keys)  # (B, H, K), (B, H, Kb)
+        if stats is not None:
+            stats.update(idx, n_keys=S, score_dtype=query.dtype, blocks=blocks, index_bytes=int(blocks.nbytes))
+        return sparse_attention_decode(query, keys, values, idx, layer.scale)
+    if layer.topk is None:
+        if stats is not None:
+            stats.record_step(query, S)
+        return dense_attention_decode(query, keys, values if dense_values is None else dense_values, layer.scale)
+    idx = select_step(layer, query, cache)  # (B, H, K)
+    if stats is not None:
+        stats.record_step(query, S, idx)
+    return sparse_attention_decode(query, keys, values, idx, layer.scale)
+
+
+def select_block_step(layer, query, cache, keys):
+    """``(idx (B, H, K), blocks (B, H, Kb))`` of one block top-k decode step of ``layer``.
+
+    query (B, H, D) sits at the last cached position S - 1; keys (B, G, S, D) are the cache's
+    rows.  ``cache.block_means`` (a :class:`BlockMeans`) is brought up to date with the rows
+    appended since the last step, then the blocks are chosen as in training
+    (:func:`topkattn.ops.block_selection.select_blocks` on the kept means) and expanded to
+    K = Kb * block_size token indices (-1 past the query's position).
+    """
+    state = cache.block_means
+    if state is None or state.block_size != layer.block_size:
+        raise ValueError("cache has no block state for this layer's block_size: make it with the layer's "
+                         "init_cache after setting selection='block'")
+    means = state.update(keys)  # (B, G, Nb, D)
+    S = keys.shape[2]
+    bounds = BlockBounds(S, 1, block_size=layer.block_size, topk_blocks=layer.topk_blocks, causal=True)
+    blocks = select_blocks(query[:, :, None], keys, block_size=layer.block_size, topk_blocks=layer.topk_blocks,
+                           causal=True, means=means)  # (B, H, 1, Kb)
+    return expand_blocks(blocks, bounds)[:, :, 0], blocks[:, :, 0]
+
+
+class BlockMeans:
+    """Running means of the cached keys' blocks: ``means`` (B, G, Nb, D), Nb = ceil(n / block_size).
+
+    Block b holds cache rows b * block_size .. (b + 1) * block_size - 1 (persistent rows first,
+    as in training, where the persistent keys open the sequence).  :meth:`update` folds in the
+    rows appended since its last call, each once: a row i (0-based) inside its block moves that
+    block's mean by (key - mean) / (i + 1), a row opening a block starts it.  O(new rows * D)
+    a step; the cache's exact token path is untouched.
+    """
+
+    def __init__(self, xp, batch, G, D, dtype, block_size):
+        self.block_size = int(block_size)
+        self.buf = GrowingBuffer(xp, (batch, G, 0, D), axis=2, dtype=dtype, capacity=16)
+        self.n = 0  # cache rows folded in
+
+    @property
+    def means(self):
+        return self.buf.view()
+
+    def update(self, keys):
+        """The block means (B, G, Nb, D) of keys (B, G, S, D), S >= the rows already folded in."""
+        S, bs = keys.shape[2], self.block_size
+        if S < self.n:
+            raise ValueError(f"keys has {S} rows, fewer than the {self.n} already folded into the block means")
+        while self.n < S:
+            b, i = divmod(self.n, bs)
+            m = min(bs - i, S - self.n)  # rows of block b to fold in now
+            rows = keys[:, :, self.n:self.n + m]  # (B, G, m, D)
+            if i == 0:  # a new block: the mean of its first m rows
+                self.buf.append(rows.sum(axis=2, keepdims=True) / keys.dtype.type(m))
+            else:
+                mean = self.buf.data[:, :, b]  # (B, G, D), in place
+                for r in range(m):
+                    mean += (rows[:, :, r] - mean) / keys.dtype.type(i + r + 1)
+            self.n += m
+        return self.means
 
 
 class GrowingBuffer:
@@ -92,6 +190,7 @@ class KVCache:
         self.vbuf = GrowingBuffer(xp, (batch, G, 0, Dv), axis=2, dtype=dtype)
         self.owner = owner
         self.prefix = 0
+        self.block_means = None  # a BlockMeans of the keys for a block top-k layer
 
     @property
     def keys(self):
@@ -132,6 +231,7 @@ class MLACache:
         self.weights = weights
         self.owner = owner
         self.prefix = 0
+        self.block_means = None  # a BlockMeans of the latent keys [c_j ; kr_j] (G = 1) for a block top-k layer
 
     def append(self, keys, values=None):
         """Append key rows (B, n, C + R) and, with a value buffer, value rows (B, n, Cv)."""
