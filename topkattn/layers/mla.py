@@ -31,13 +31,11 @@ import numpy as np
 from topkattn.backend import get_array_module
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
 from topkattn.layers import mla_variants
-from topkattn.layers.attend import attention_backward, attention_forward
-from topkattn.layers.cache import MLACache, check_step_input, select_step
+from topkattn.layers.attend import attention_backward, attention_forward, check_selection
+from topkattn.layers.cache import BlockMeans, MLACache, attend_step, check_step_input
 from topkattn.layers.module import Module, as_input, check_grad_output, check_topk, normal
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
 from topkattn.layers.rope import check_rope_base, rope_angles, rope_apply
-from topkattn.ops.dense_attention import dense_attention_decode
-from topkattn.ops.sparse_attention import sparse_attention_decode
 from topkattn.ops.ternary import DEFAULT_EPS, check_act_bits
 
 
@@ -53,6 +51,12 @@ class MLA(Module):
     ``max_topk``), in training and at decode.  backward accumulates into ``grads``.
     ``selector`` picks each decode step's keys (the protocol of :mod:`topkattn.decoding.selectors`;
     None, the default, selects exactly: :func:`topkattn.layers.cache.select_step`).
+    ``selection="block"``: block top-k attention (MoBA), each query attends its ``topk_blocks``
+    best blocks of ``block_size`` keys (own block included) ranked by q . mean(block keys);
+    decode keeps the means of the latent key blocks [c ; kr] in the cache, and the absorbed
+    query scores them: q_abs . mean([c ; kr]) = q . mean(k) by linearity (persistent rows
+    open block 0 in both).  topk stays None, window and forget_rate 0.  ``stats``: None, or an
+    :class:`~topkattn.layers.attention_stats.AttentionStats` recording forwards and decode steps.
 
     Variants (any of them runs :mod:`topkattn.layers.mla_variants`):
     ``kv_experts`` E >= 1 (0: none): W_UK (E*H*Dn, C), W_UV (E*H*Dv, C) and W_router (E, d);
@@ -70,7 +74,7 @@ class MLA(Module):
                  v_head_dim, topk=None, seed=0, dtype="float32", *, persistent_tokens=0, window=0,
                  forget_rate=0.0, rope_base=10000.0, eps=1e-6, tail_bound=None, max_topk=None,
                  kv_experts=0, kv_experts_active=None, aux_loss_weight=0.01, k_rank=None, v_rank=None,
-                 ternary=False, act_bits=None):
+                 ternary=False, act_bits=None, selection="token", block_size=None, topk_blocks=None):
         super().__init__()
         self.d_model = check_int("d_model", d_model, 1)
         self.n_heads = H = check_int("n_heads", n_heads, 1)
@@ -88,6 +92,9 @@ class MLA(Module):
         self.window = check_int("window", window, 0)
         self.forget_rate = check_real("forget_rate", forget_rate, 0.0, 1.0, hi_open=True)
         self.topk, self.tail_bound, self.max_topk = check_topk(topk, tail_bound, max_topk, self.forget_rate)
+        self.selection, self.block_size, self.topk_blocks = check_selection(
+            selection, block_size, topk_blocks, topk=self.topk, window=self.window, forget_rate=self.forget_rate)
+        self.stats = None  # an AttentionStats to record forwards and decode steps
         self.rope_base = check_rope_base("rope_base", rope_base)
         self.eps = check_real("eps", eps, 0.0)  # of the q and kv RMSNorms
         self.scale = 1.0 / np.sqrt(Dn + R)
@@ -290,15 +297,23 @@ class MLA(Module):
         """An empty :class:`MLACache` for ``batch`` rows; absorbs the current weights."""
         batch = check_int("batch", batch, 1)
         if self.variant:
-            return mla_variants.init_cache(self, batch)
+            return self._with_block_state(mla_variants.init_cache(self, batch))
         p = self.params
         xp = get_array_module(p["W_DQ"])
-        cache = MLACache(xp, batch, self.kv_lora_rank, self.qk_rope_dim, p["W_DQ"].dtype,
-                         self.decode_weights(), owner=self)
+        cache = self._with_block_state(MLACache(xp, batch, self.kv_lora_rank, self.qk_rope_dim, p["W_DQ"].dtype,
+                                                self.decode_weights(), owner=self))
         if self.persistent_tokens:
             rows = xp.concatenate([p["persist_c"], p["persist_kr"]], axis=-1)  # (P, C + R)
             cache.buf.append(xp.broadcast_to(rows[None], (batch,) + rows.shape))
             cache.prefix = self.persistent_tokens
+        return cache
+
+    def _with_block_state(self, cache):
+        """``cache`` with a :class:`BlockMeans` of its latent keys (B, 1, Nb, C + R) for a block layer."""
+        if self.selection == "block":
+            keys = cache.buf.data
+            cache.block_means = BlockMeans(get_array_module(keys), cache.batch, 1, keys.shape[-1], keys.dtype,
+                                           self.block_size)
         return cache
 
     def absorbed_query(self, x_t, position, weights):
@@ -333,11 +348,8 @@ class MLA(Module):
         kr = rope_apply((x1 @ w["W_KR"].T)[:, None], *cs)[:, 0]  # (B, R)
         cache.buf.append(xp.concatenate([c, kr], axis=-1)[:, None])
         keys = cache.keys[:, None]  # (B, 1, S, C + R)
-        if self.topk is None:
-            o = dense_attention_decode(q_abs, keys, keys[..., :self.kv_lora_rank], self.scale)  # (B, H, C)
-        else:
-            idx = select_step(self, q_abs, cache)  # (B, H, K)
-            o = sparse_attention_decode(q_abs, keys, keys, idx, self.scale)  # (B, H, C + R), one gather
+        # (B, H, C) dense, (B, H, C + R) top-k or block: one gather of [c ; kr] rows
+        o = attend_step(self, q_abs, cache, keys, keys, dense_values=keys[..., :self.kv_lora_rank])
         o_lat = o[..., :self.kv_lora_rank]  # (B, H, C)
         if "W_UVh" in w:  # W_O (W_UV_h o_lat_h): the factors of W_OV
             ov = xp.matmul(o_lat[:, :, None, :], w["W_UVh"])[:, :, 0]  # (B, H, Dv)

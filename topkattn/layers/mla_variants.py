@@ -33,7 +33,7 @@ import numpy as np
 
 from topkattn.backend import get_array_module
 from topkattn.layers.attend import attention_backward, attention_forward
-from topkattn.layers.cache import MLACache, select_step
+from topkattn.layers.cache import MLACache, attend_step
 from topkattn.layers.kv_experts import (
     expert_query,
     expert_query_backward,
@@ -46,8 +46,6 @@ from topkattn.layers.module import check_grad_output
 from topkattn.layers.projection import act_view, decode_project, decode_weight, ternary_product, weight_view
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
 from topkattn.layers.rope import rope_angles, rope_apply
-from topkattn.ops.dense_attention import dense_attention_decode
-from topkattn.ops.sparse_attention import sparse_attention_decode
 
 PACKED = ("W_DQ", "W_UQ", "W_QR", "W_DKV", "W_DV", "W_KR", "W_O")  # packed at decode with ternary
 
@@ -268,11 +266,7 @@ def step(layer, x_t, cache):
         values = _act(layer, cv)[:, None]
     cache.append(xp.concatenate([_act(layer, ck), kr], axis=-1)[:, None], values)
     keys, vals = cache.keys[:, None], cache.values[:, None]  # (B, 1, S, Ck + R), (B, 1, S, Cv)
-    if layer.topk is None:
-        o = dense_attention_decode(q_abs, keys, vals, layer.scale)  # (B, H, Cv)
-    else:
-        idx = select_step(layer, q_abs, cache)  # (B, H, K)
-        o = sparse_attention_decode(q_abs, keys, vals, idx, layer.scale)  # (B, H, Cv)
+    o = attend_step(layer, q_abs, cache, keys, vals)  # (B, H, Cv): dense, top-k or block
     o_lat = o[..., :layer.v_rank]
     if layer.kv_experts:
         o = expert_values(o_lat[:, :, None], w["W_UVe"], gates[:, None])[:, :, 0]  # (B, H, Dv)
