@@ -274,7 +274,7 @@ def test_lorann_dynamic_k_at_full_recall_equals_exact_dynamic_k():
     q, keys = _random_cache(rng, B, H, S, D, spread=2.0)
     for eps in (0.0, 0.02):
         ex = ExactSelector(tail_bound=eps, max_topk=12)
-        lo = LorannSelector(**FULL, n_clusters=4, tail_bound=eps, max_topk=12)
+        lo = LorannSelector(**FULL, n_clusters=4, tail_bound=eps, max_topk=12, refit_factor=2.0)
         cache = _C(keys[:, :20], C=5)  # one cache that grows: prefill over 20 keys, decode over 40
         lo.begin_prefill()
         lo(q, cache, topk=3, sinks=1, window=2, scale=0.5)

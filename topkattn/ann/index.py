@@ -118,8 +118,18 @@ class LorannIndex:
             into float32 storage it owns (and grows on ``add``), whatever ``copy`` says.
         seed: seed or numpy Generator for sampling, k-means initialisation.
         refit_growth: after ``add``, a cluster grown by more than this fraction of
-            its size at the last fit is refit at the next search that visits it;
-            None disables lazy refits (call :meth:`refit`).
+            its size at the last fit is refit at the next search that visits it (with
+            ``background``: by the maintenance thread); None disables lazy refits (call
+            :meth:`refit`).
+        max_cluster_size: a cluster holding more points is split in two (2-means over its
+            points, both halves refit) by :meth:`maintain` or, with ``background``, by the
+            maintenance thread; None (the default) never splits.  May be changed later
+            (``index.max_cluster_size = ...``), e.g. to grow with the index.
+        background: do refits and splits in a maintenance thread: each job snapshots one
+            cluster, fits without holding the index (searches and adds go on with the
+            old model) and swaps the result in holding the index alone for a moment
+            (points added meanwhile are placed with the new model); searches then never
+            refit.  See :meth:`wait_maintenance`.
 
     Threads: an index may be shared.  Searches (``search``, ``exact_search``) run
     concurrently with each other; ``add``, ``refit`` and ``build`` each run alone (a
@@ -133,7 +143,7 @@ class LorannIndex:
 
     def __init__(self, data, n_clusters, global_dim=None, quantization_bits=8, rank=32,
                  train_size=None, distance="ip", balanced=False, copy=False, *, seed=0,
-                 refit_growth=0.5):
+                 refit_growth=0.5, max_cluster_size=None, background=False):
         data = _as_matrix(data, "data")
         n, d = data.shape
         if d < 2:  # rank must be >= 1 and < d
@@ -158,6 +168,8 @@ class LorannIndex:
         _check_bool("copy", copy)
         if refit_growth is not None:
             refit_growth = check_real("refit_growth", refit_growth, 0.0, lo_open=True)
+        max_cluster_size = check_int("max_cluster_size", max_cluster_size, 2, optional=True)
+        _check_bool("background", background)
         self.n_clusters = n_clusters
         self.global_dim = global_dim
         self.quantization_bits = quantization_bits
@@ -166,6 +178,8 @@ class LorannIndex:
         self.distance = distance
         self.balanced = bool(balanced)
         self.refit_growth = refit_growth
+        self.max_cluster_size = max_cluster_size
+        self.background = bool(background)
         self._rng = make_rng(seed, allow_none=True)
         with np.errstate(over="ignore"):  # overflow is reported below
             self._data = np.array(data, dtype=np.float32, order="C")  # (N, Dx), capacity = len
@@ -184,6 +198,12 @@ class LorannIndex:
         self._tr = None
         self._tr_stale = set()
         self._tr_lock = threading.Lock()
+        self._mlock = threading.Condition()  # the maintenance worker's state below
+        self._worker_alive = False
+        self._maintenance_error = None
+        self.maintenance_jobs = {"refit": 0, "split": 0, "discarded": 0}
+        self._nosplit = {}  # cluster -> size at which its points were found alike (no split)
+        self._cbuf = {}  # capacity buffers of the per-cluster arrays (see _grow_clusters)
 
     # ------------------------------------------------------------------ properties
     def __len__(self):
@@ -297,7 +317,8 @@ class LorannIndex:
             np.int8 if self.quantization_bits == 8 else np.uint8)
         self._ascale = np.zeros((c, r), np.float32)
         self._P = np.zeros((c, r, g), np.float32)
-        self._gram = np.zeros((c, g, g), np.float32)
+        self._gram = [None] * c  # (Dg, Dg) float32 per cluster (a list: splits append)
+        self._cgen = np.zeros(c, np.int64)  # bumped whenever a cluster's model or members are rewritten
         self._size = np.array([len(mm) for mm in members], np.int64)
         self._n_live = int(np.count_nonzero(self._size))  # non-empty clusters
         self._fit_size = self._size.copy()
@@ -330,7 +351,7 @@ class LorannIndex:
         with blas_single_thread(), ThreadPoolExecutor(n_workers()) as pool:
             for ci, (gram, fitted) in enumerate(pool.map(fit_one, range(c))):
                 mem = members[ci]
-                self._gram[ci] = gram
+                self._gram[ci] = gram.astype(np.float32)
                 lo = self._start[ci]
                 self._slot_id[lo:lo + len(mem)] = mem
                 self._store_fit(ci, *fitted)
@@ -694,7 +715,10 @@ class LorannIndex:
         """
         x, _ = self._check_queries(new_points, "new_points", np)
         with self._lock.write():
-            return self._add(x)
+            ids = self._add(x)
+            if self.built and self.background:
+                self._kick()
+            return ids
 
     def _add(self, x):
         p = len(x)
@@ -803,6 +827,7 @@ class LorannIndex:
             beta = self._reduce(self._data[pid]).T  # (Dg, n_c)
             with blas_single_thread():
                 self._fit(c, beta, self._gram[c].astype(np.float64))
+            self._cgen[c] += 1
         self._overgrown.difference_update(int(c) for c in cl)
         self._device = {}
 
@@ -816,6 +841,8 @@ class LorannIndex:
     def _lazy_refit(self, top, exclusive):
         """Refit the overgrown clusters among ``top``; False (nothing done) if that is due
         but the caller does not hold the index alone."""
+        if self.background:  # the maintenance thread refits; searches never do
+            return True
         stale = self._stale_in(top)
         if not len(stale):
             return True
@@ -823,6 +850,218 @@ class LorannIndex:
             return False
         self._refit(stale)
         return True
+
+
+    # ------------------------------------------------------------------ maintenance
+    def maintain(self):
+        """Do every due maintenance job now, in the calling thread: split the clusters larger
+        than ``max_cluster_size`` (largest first) and refit the ones grown past
+        ``refit_growth`` (or, without it, any with points added since their fit).  Returns
+        the number of jobs done.  With ``background`` this waits for the maintenance thread
+        first; either way the result is the same as running the jobs one by one."""
+        self._require_built()
+        self.wait_maintenance()
+        done = 0
+        while True:
+            with self._lock.read():
+                job = self._take_job(every_stale=True)
+            if job is None:
+                return done
+            result = self._compute_job(job)
+            with self._lock.write():
+                self._apply_job(job, result)
+            done += 1
+
+    def wait_maintenance(self, timeout=None):
+        """Wait until the maintenance thread has nothing left to do (True) or ``timeout``
+        seconds pass (False).  An exception raised in the thread is raised here (once)."""
+        with self._mlock:
+            ok = self._mlock.wait_for(lambda: not self._worker_alive, timeout)
+            err, self._maintenance_error = self._maintenance_error, None
+        if err is not None:
+            raise RuntimeError("the index's maintenance thread failed") from err
+        return ok
+
+    @property
+    def maintenance_pending(self):
+        """Whether a maintenance job (split or refit) is due or running."""
+        with self._lock.read():
+            return self._worker_alive or self._take_job(peek=True) is not None
+
+    def _kick(self):
+        """Start the maintenance thread if a job is due and none runs (caller holds the write
+        lock, so the thread cannot be between its last look and its exit)."""
+        with self._mlock:
+            if self._worker_alive or self._maintenance_error is not None:
+                return
+            if self._take_job(peek=True) is None:
+                return
+            self._worker_alive = True
+        threading.Thread(target=self._worker, name="lorann-maintenance", daemon=True).start()
+
+    def _worker(self):
+        try:
+            while True:
+                with self._lock.read():
+                    job = self._take_job()
+                    if job is None:
+                        with self._mlock:
+                            self._worker_alive = False
+                            self._mlock.notify_all()
+                        return
+                result = self._compute_job(job)  # no lock: searches and adds go on
+                with self._lock.write():
+                    self._apply_job(job, result)
+        except BaseException as e:  # reported by wait_maintenance
+            with self._mlock:
+                self._maintenance_error = e
+                self._worker_alive = False
+                self._mlock.notify_all()
+
+    def _take_job(self, peek=False, every_stale=False):
+        """The next job as a snapshot of one cluster (caller holds the lock), or None.
+
+        Splits first (the largest cluster above ``max_cluster_size``), then refits (the
+        cluster grown most past ``refit_growth``; with ``every_stale``, any cluster with
+        points added since its fit when ``refit_growth`` is None).  ``peek``: only whether
+        there is one (returns True or None, no snapshot).
+        """
+        c, kind = None, None
+        if self.max_cluster_size is not None:
+            over = np.flatnonzero(self._size > self.max_cluster_size)
+            over = [int(j) for j in over[np.argsort(-self._size[over], kind="stable")] if self._splittable(j)]
+            if over:
+                c, kind = over[0], "split"
+        if c is None:
+            if self.refit_growth is not None:
+                due = self._size > self._fit_size * (1 + self.refit_growth)
+            elif every_stale:
+                due = self._size != self._fit_size
+            else:
+                due = None
+            if due is not None and due.any():
+                cand = np.flatnonzero(due)
+                grow = self._size[cand] / np.maximum(self._fit_size[cand], 1)
+                c, kind = int(cand[np.argmax(grow)]), "refit"
+        if c is None:
+            return None
+        if peek:
+            return True
+        lo, n0 = self._start[c], int(self._size[c])
+        ids = self._slot_id[lo:lo + n0].copy()
+        return dict(kind=kind, c=c, gen=int(self._cgen[c]), ids=ids, pts=self._data[ids],
+                    gram=np.asarray(self._gram[c], np.float64),
+                    cent=self._cent[c].copy())
+
+    def _splittable(self, c):
+        """False once a split of c found its points alike (until c grows past that size)."""
+        return self._size[c] > self._nosplit.get(c, -1)
+
+    def _compute_job(self, job):
+        """The heavy part of a job, without any lock: 2-means of the cluster's points (split)
+        and the reduced-rank fit of each part."""
+        xr = self._reduce(job["pts"])  # (n0, Dg)
+        with blas_single_thread():
+            if job["kind"] == "refit":
+                return dict(fits=[rrr.fit_cluster(xr.T, job["gram"], self.rank)])
+            labels, cents = _two_means(xr, self.distance)
+            if labels is None:
+                return dict(fits=None)
+            fits = [rrr.fit_cluster(xr[labels == j].T, job["gram"], self.rank) for j in (0, 1)]
+        return dict(labels=labels, cents=cents, fits=fits)
+
+    def _apply_job(self, job, result):
+        """Swap a job's result in (caller holds the write lock); a cluster rewritten since the
+        snapshot (its generation moved on) discards it."""
+        c = job["c"]
+        if self._cgen[c] != job["gen"]:
+            self.maintenance_jobs["discarded"] += 1
+            return
+        n0 = len(job["ids"])
+        lo, n_now = self._start[c], int(self._size[c])
+        extra = self._slot_id[lo + n0:lo + n_now].copy()  # added since the snapshot, in order
+        xe = self._reduce(self._data[extra]) if len(extra) else None  # (n_extra, Dg)
+        if job["kind"] == "refit":
+            A, Bt, P = result["fits"][0]
+            bt = Bt if xe is None else np.concatenate([Bt, xe @ P.T])
+            self._store_model(c, A, P, job["gram"])
+            self._store_B(slice(lo, lo + n_now), bt)
+            self._fit_size[c] = n0
+            self._after_rewrite(c)
+            self.maintenance_jobs["refit"] += 1
+            return
+        if result["fits"] is None:  # all points alike: leave it until it grows
+            self._nosplit[c] = n_now
+            self.maintenance_jobs["discarded"] += 1
+            return
+        labels, cents = result["labels"], result["cents"]
+        side_e = np.zeros(0, np.int64)
+        if xe is not None:
+            s = xe @ cents.T  # (n_extra, 2)
+            if self.distance == "l2":
+                s = 2 * s - np.einsum("cg,cg->c", cents, cents)
+            side_e = np.argmax(s, axis=1)
+        c2 = self.n_clusters
+        self._grow_clusters(c2 + 1)
+        parts = []
+        for j, cj in ((0, c), (1, c2)):
+            A, Bt, P = result["fits"][j]
+            ids = np.concatenate([job["ids"][labels == j], extra[side_e == j]])
+            bt = Bt if xe is None else np.concatenate([Bt, xe[side_e == j] @ P.T])
+            parts.append((cj, ids, bt, int(np.count_nonzero(labels == j)), A, P))
+        self._slot_id[lo:lo + n_now] = -1
+        self._size[c] = 0
+        self._n_live -= 1
+        for cj, ids, bt, n_fit, A, P in parts:
+            self._cent[cj] = cents[0 if cj == c else 1]
+            self._cnorm[cj] = float(cents[0 if cj == c else 1] @ cents[0 if cj == c else 1])
+            self._store_model(cj, A, P, job["gram"])
+            self._fit_size[cj] = n_fit
+            slots = self._reserve(cj, len(ids))
+            self._slot_id[slots] = ids
+            self._store_B(slots, bt)
+            self._assign[ids] = cj
+            self._after_rewrite(cj)
+        self._nosplit.pop(c, None)
+        self.maintenance_jobs["split"] += 1
+
+    def _store_model(self, c, A, P, gram):
+        self._store_A(c, A)
+        self._P[c] = P
+        self._gram[c] = np.asarray(gram, np.float32)
+
+    def _after_rewrite(self, c):
+        self._cgen[c] += 1
+        self._tr_stale.add(int(c))
+        self._device = {}
+        if self.refit_growth is not None and self._size[c] > self._fit_size[c] * (1 + self.refit_growth):
+            self._overgrown.add(int(c))
+        else:
+            self._overgrown.discard(int(c))
+
+    _CLUSTER_ARRAYS = ("_cent", "_cnorm", "_adeq", "_adeq_t", "_acodes", "_ascale", "_P", "_size",
+                       "_fit_size", "_cap", "_start", "_cgen")
+
+    def _grow_clusters(self, n):
+        """Make room for n clusters: every per-cluster array becomes a view of the first n rows of
+        a buffer with doubling capacity (a split appends one cluster, copying only on doubling);
+        the new rows are zero (an empty cluster, capacity 0)."""
+        old = self.n_clusters
+        for name in self._CLUSTER_ARRAYS:
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            buf = self._cbuf.get(name)
+            if buf is None or len(buf) < n:
+                cap = max(n, 2 * old, 8)
+                buf = np.zeros((cap,) + arr.shape[1:], arr.dtype)
+                buf[:old] = arr[:old]
+                self._cbuf[name] = buf
+            buf[old:n] = 0
+            setattr(self, name, buf[:n])
+        self._start[old:n] = self._used
+        self._gram.extend([None] * (n - old))
+        self.n_clusters = n
 
     # ------------------------------------------------------------------ persistence
     def save(self, path):
@@ -928,6 +1167,28 @@ class LorannIndex:
                      idpad=xp.asarray(idpad), live=xp.asarray(self._size > 0))
         self._device[key] = d
         return d
+
+
+def _two_means(xr, distance, iters=8):
+    """Split points xr (n, Dg) in two: labels (n,) int64 in {0, 1} and centroids (2, Dg)
+    float32 (unit length for ``ip``), or (None, None) when the points are all alike.
+    Starts from the halves across the top principal axis (deterministic), then Lloyd
+    iterations; side 0 holds the first point."""
+    side = kmeans._split(xr)  # True: the side without xr[0]
+    if side is None:
+        return None, None
+    labels = side.astype(np.int64)
+    cents = np.stack([kmeans._centre(xr[labels == j], distance) for j in (0, 1)])
+    for _ in range(iters):
+        s = kmeans.centroid_scores(xr, cents, distance)
+        new = np.argmax(s, axis=1).astype(np.int64)
+        if new[0] == 1:  # keep xr[0] on side 0
+            new = 1 - new
+        if (new == labels).all() or new.min() == new.max():
+            break
+        labels = new
+        cents = np.stack([kmeans._centre(xr[labels == j], distance) for j in (0, 1)])
+    return labels, cents
 
 
 def _mean_gram(q):

@@ -44,7 +44,7 @@ def save_index(index, path):
         "data": index.data,
         "cent": index._cent,
         "P": index._P,
-        "gram": index._gram,
+        "gram": np.stack(index._gram).astype(np.float32),  # a list (splits append clusters)
         "size": index._size,
         "fit_size": index._fit_size,
         "slot_id": index._slot_id[order],
@@ -64,6 +64,7 @@ def save_index(index, path):
         "train_size": index.train_size, "distance": index.distance,
         "balanced": index.balanced, "refit_growth": index.refit_growth,
         "approximate": index._approximate, "n": len(index), "dim": index.dim,
+        "max_cluster_size": index.max_cluster_size,  # optional (absent before it existed: None)
     }
     save_container(path, arrays, params, kind=KIND, version=VERSION, prefix=TEMP_PREFIX)
 
@@ -93,7 +94,10 @@ def load_index(cls, path):
     self._cent = files["cent"]
     self._cnorm = np.einsum("cg,cg->c", self._cent, self._cent)
     self._P = files["P"]
-    self._gram = files["gram"]
+    self._gram = list(files["gram"])
+    self._cgen = np.zeros(self.n_clusters, np.int64)
+    self.max_cluster_size = p.get("max_cluster_size")
+    self.background = False
     self._size = files["size"].astype(np.int64)
     self._n_live = int(np.count_nonzero(self._size))
     self._fit_size = files["fit_size"].astype(np.int64)
@@ -149,6 +153,7 @@ def check_index(path, p, files):
                 raise TypeError(f"{name} must be a bool, got {p[name]!r}")
         if p["refit_growth"] is not None:
             check_real("refit_growth", p["refit_growth"], 0.0, lo_open=True)
+        check_int("max_cluster_size", p.get("max_cluster_size"), 2, optional=True)
     except (TypeError, ValueError) as e:
         raise bad(f"parameter {e}") from None
     missing = sorted(set(BASE_ARRAYS + (DENSE_ARRAYS if bits is None else QUANTISED_ARRAYS))

@@ -19,12 +19,24 @@ layer) and per step:
    certified with a Cauchy-Schwarz bound on the keys the index did not return.
 
 Index life cycle: prefill (between ``begin_prefill``/``end_prefill``) selects exactly and
-records the absorbed queries; ``end_prefill`` builds the index over the prompt's
-candidate latents once, training its regressions on those queries (queries and keys come
-from different distributions).  Later steps ``add`` keys; after the index has grown by
-``refit_factor`` since its last build it is rebuilt from scratch (re-clustered, trained on
-every query seen so far), which keeps recall from decaying as the context grows.  Rows
-with at most K' candidates need no search and take every candidate.
+records the absorbed queries; ``end_prefill`` builds the index over the prompt's candidate
+latents once, training its regressions on those queries (queries and keys come from
+different distributions).  :meth:`LorannSelector.prefill` does the same in one call for a
+prompt whose queries were computed elsewhere (a batched forward).  Later steps ``add`` keys;
+the index keeps itself fit as it grows, without ever stopping a step for a rebuild: a
+cluster grown past ``refit_growth`` is refit, and one grown past ``split_factor`` times the
+target cluster size (sqrt(N), or N / n_clusters) is split in two by 2-means, both in the
+index's background maintenance thread while searches go on with the old model
+(``background``; see :class:`topkattn.ann.LorannIndex`).  ``refit_factor`` instead rebuilds
+the index from scratch whenever it has grown by that factor (re-clustered, trained on the
+recent queries; the step that triggers it waits for the build).  Rows with at most K'
+candidates need no search and take every candidate.
+
+Defaults (measured in ``benchmarks/bench_long_decode.py``): sqrt(N) clusters, rank 32,
+8-bit models, ``clusters_to_search="auto"`` (:func:`auto_clusters_to_search`: a number of
+clusters that grows like the square root of the cluster count, so the scanned fraction of
+the keys falls as the context grows) and ``points_to_rerank="auto"`` (2 K' candidates
+re-ranked exactly).
 """
 import contextlib
 import math
@@ -33,44 +45,66 @@ import numbers
 import numpy as np
 
 from topkattn.ann import LorannIndex
-from topkattn.backend import to_numpy
-from topkattn.checks import check_int, check_real
-from topkattn.decoding.selectors import DecodeSelector, exact_select, forced_scores_lse
+from topkattn.backend import get_array_module, to_numpy
+from topkattn.checks import check_choice, check_int, check_real
+from topkattn.decoding.selectors import DecodeSelector, _Context, exact_select, forced_scores_lse
 from topkattn.ops.dynamic_k import dynamic_k_from_ranked
 from topkattn.ops.selection import ranked_topm_xp
+
+AUTO_MIN_PROBES = 32  # clusters_to_search="auto": at least this many clusters (all when fewer) ...
+AUTO_PROBE_SCALE = 2.0  # ... or this times the square root of the cluster count
+AUTO_RERANK_FACTOR = 2  # points_to_rerank="auto": this many times K' candidates re-ranked exactly
+
+
+def auto_clusters_to_search(n_clusters):
+    """Clusters probed per query by ``clusters_to_search="auto"``: max(AUTO_MIN_PROBES,
+    AUTO_PROBE_SCALE * sqrt(n_clusters)), at most n_clusters.  With sqrt(N) clusters the
+    scanned keys grow like N^(3/4) (a falling fraction), while the probed clusters still
+    grow with the index."""
+    want = max(AUTO_MIN_PROBES, math.ceil(AUTO_PROBE_SCALE * math.sqrt(n_clusters)))
+    return max(1, min(n_clusters, want))
 
 
 class LorannSelector(DecodeSelector):
     """Top-k (or dynamic k) decode selection through a LoRANN index per batch element.
 
     Args:
-      n_clusters: clusters per index, or None for ceil(sqrt(N)) at each (re)build
-        (always capped at N).
-      clusters_to_search: clusters probed per query: an int, or a float in (0, 1] for that
-        fraction of the clusters (rounded up).
+      n_clusters: clusters per index at a build, or None for ceil(sqrt(N)) (always capped at N).
+      clusters_to_search: clusters probed per query: an int, a float in (0, 1] for that
+        fraction of the clusters (rounded up), or "auto" (:func:`auto_clusters_to_search`).
       points_to_rerank: candidates re-ranked exactly inside the index (0: approximate
-        scores only); the selector fetches max(K', points_to_rerank) keys and re-scores them.
+        scores only), or "auto" (AUTO_RERANK_FACTOR * K'); the selector fetches
+        max(K', points_to_rerank) keys and re-scores them.
       rank, global_dim, quantization_bits, train_size: LoRANN settings (rank and
         global_dim are capped by the key dim; global_dim None = no reduction).
-      refit_factor: rebuild the index when it holds this many times the keys it was built
-        with (None: never; only incremental ``add``).
-      refit_growth: the index's own lazy per-cluster regression refit (see LorannIndex).
+      refit_factor: rebuild the index from scratch when it holds this many times the keys
+        it was built with (None, the default: never; it grows by adds, refits and splits).
+      refit_growth: refit a cluster grown by this fraction since its fit (see LorannIndex).
+      split_factor: split a cluster holding more than this many times the target cluster
+        size (N / n_clusters, or sqrt(N)) (None: never split).
+      background: refits and splits run in each index's maintenance thread (True, the
+        default) instead of inside the decode steps that make them due.
       max_training_queries: most recent query rows kept per batch element for (re)builds.
       tail_bound, max_topk: dynamic k (see :class:`DecodeSelector`).
       seed: seed of the indexes' sampling and k-means.
     """
 
-    def __init__(self, *, n_clusters=None, clusters_to_search=0.25, points_to_rerank=0, rank=16,
-                 global_dim=None, quantization_bits=8, train_size=2, refit_factor=2.0,
-                 refit_growth=0.5, max_training_queries=8192, tail_bound=None, max_topk=None,
-                 seed=0, measure_recall=True):
+    def __init__(self, *, n_clusters=None, clusters_to_search="auto", points_to_rerank="auto", rank=32,
+                 global_dim=None, quantization_bits=8, train_size=2, refit_factor=None,
+                 refit_growth=0.5, split_factor=2.0, background=True, max_training_queries=8192,
+                 tail_bound=None, max_topk=None, seed=0, measure_recall=True):
         super().__init__(tail_bound=tail_bound, max_topk=max_topk, measure_recall=measure_recall)
         self.n_clusters = check_int("n_clusters", n_clusters, 1, optional=True)
-        if isinstance(clusters_to_search, numbers.Integral) and not isinstance(clusters_to_search, bool):
+        if isinstance(clusters_to_search, str):
+            self.clusters_to_search = check_choice("clusters_to_search", clusters_to_search, ("auto",))
+        elif isinstance(clusters_to_search, numbers.Integral) and not isinstance(clusters_to_search, bool):
             self.clusters_to_search = check_int("clusters_to_search", clusters_to_search, 1)
         else:
             self.clusters_to_search = check_real("clusters_to_search", clusters_to_search, 0.0, 1.0, lo_open=True)
-        self.points_to_rerank = check_int("points_to_rerank", points_to_rerank, 0)
+        if isinstance(points_to_rerank, str):
+            self.points_to_rerank = check_choice("points_to_rerank", points_to_rerank, ("auto",))
+        else:
+            self.points_to_rerank = check_int("points_to_rerank", points_to_rerank, 0)
         self.rank = check_int("rank", rank, 1)
         self.global_dim = check_int("global_dim", global_dim, 1, optional=True)
         if quantization_bits not in (None, 4, 8):
@@ -80,12 +114,50 @@ class LorannSelector(DecodeSelector):
         self.refit_factor = None if refit_factor is None else check_real("refit_factor", refit_factor, 1.0,
                                                                           lo_open=True)
         self.refit_growth = refit_growth
+        self.split_factor = None if split_factor is None else check_real("split_factor", split_factor, 1.0,
+                                                                          lo_open=True)
+        if not isinstance(background, (bool, np.bool_)):
+            raise TypeError(f"background must be a bool, got {type(background).__name__} {background!r}")
+        self.background = bool(background)
         self.max_training_queries = check_int("max_training_queries", max_training_queries, 1)
         self.seed = seed
         self.builds = 0  # index (re)builds, all batch elements
         self.searches = 0  # index.search calls
         self.indexes = []
         self.last_info = None  # dynamic k: k, certified, bound, certified_bound, n_returned (B, H), last step
+
+    def prefill(self, cache, queries, *, sinks=0, window=0):
+        """Build the indexes over a prompt already in ``cache``, trained on its queries, in one call.
+
+        For a prompt processed outside the decode protocol (a batched forward instead of
+        ``begin_prefill``, one step per token, ``end_prefill``): ``queries`` (B, T, H, D) are
+        the prompt's absorbed queries (the last ``max_training_queries`` rows are kept),
+        ``cache.keys`` (B, S, D) its latents; each batch element's index is built over the
+        keys the next step sees as candidates (sinks .. S - window).  The next call of the
+        selector decodes on from there.
+        """
+        keys = cache.keys
+        if keys.ndim != 3:
+            raise TypeError("LorannSelector needs an MLA latent cache (cache.keys of shape (B, S, C + R)); "
+                            f"got cache.keys of shape {tuple(keys.shape)}")
+        q = to_numpy(queries)
+        if q.ndim != 4 or q.shape[0] != keys.shape[0] or q.shape[-1] != keys.shape[-1]:
+            raise ValueError(f"queries must be (B, T, H, D) = ({keys.shape[0]}, T, H, {keys.shape[-1]}), "
+                             f"got shape {tuple(q.shape)}")
+        sinks = check_int("sinks", sinks, 0)
+        window = check_int("window", window, 0)
+        self._cache = cache
+        self._reset(cache)
+        q = q.astype(np.float32)
+        for b in range(q.shape[0]):
+            rows = q[b].reshape(-1, q.shape[-1])[-self.max_training_queries:]  # (T*H, D), most recent
+            self._queries[b].append(rows)
+            self._n_queries[b] += len(rows)
+        S = keys.shape[-2]
+        self._ctx = _Context(S=S, topk=1, k_cap=1, sinks=sinks, window=window, scale=1.0,
+                             xp=get_array_module(keys))
+        self.prefilling = True
+        self.end_prefill()
 
     # -- state ---------------------------------------------------------------------------
     def _reset(self, cache):
@@ -140,7 +212,8 @@ class LorannSelector(DecodeSelector):
         idx = LorannIndex(data.astype(np.float32), nc, global_dim=gd if gd < D else None,
                           quantization_bits=self.quantization_bits, rank=rank,
                           train_size=min(self.train_size, nc), distance="ip",
-                          seed=np.random.default_rng(seed), refit_growth=self.refit_growth)
+                          seed=np.random.default_rng(seed), refit_growth=self.refit_growth,
+                          max_cluster_size=self._max_cluster_size(N, nc), background=self.background)
         idx.build(training_queries=self._training_queries(b))
         self.indexes[b] = idx
         self._built_size[b] = N
@@ -148,6 +221,13 @@ class LorannSelector(DecodeSelector):
         self._norm_max[b, 0] = n.max(initial=0.0)
         self._update_split_norms(b, data)
         self.builds += 1
+
+    def _max_cluster_size(self, n, nc_built=None):
+        """The index's split threshold at n keys: split_factor times the target cluster size."""
+        if self.split_factor is None:
+            return None
+        target = n / self.n_clusters if self.n_clusters is not None else math.sqrt(n)
+        return max(2, math.ceil(self.split_factor * target))
 
     def _update_split_norms(self, b, data):
         C = self._split
@@ -175,11 +255,15 @@ class LorannSelector(DecodeSelector):
                 self._update_split_norms(b, new)
             if self.refit_factor is not None and len(self.indexes[b]) >= self.refit_factor * self._built_size[b]:
                 self._build(b, keys_np[b, ctx.sinks:hi])
+            elif self.split_factor is not None:
+                self.indexes[b].max_cluster_size = self._max_cluster_size(len(self.indexes[b]))
         self._n_indexed = ctx.n_cand
 
     def _clusters(self, index):
         c = self.clusters_to_search
         nc = index.n_clusters
+        if c == "auto":
+            return auto_clusters_to_search(nc)
         if isinstance(c, numbers.Integral):
             return min(int(c), nc)
         return max(1, min(nc, math.ceil(c * nc - 1e-9)))
@@ -199,12 +283,13 @@ class LorannSelector(DecodeSelector):
             return idx, k_row, certified
         self._sync(to_numpy(keys), ctx)
         q_np = to_numpy(query).astype(np.float32)
-        m = min(max(k_need, self.points_to_rerank), ctx.n_cand)
+        rr = AUTO_RERANK_FACTOR * k_need if self.points_to_rerank == "auto" else self.points_to_rerank
+        m = min(max(k_need, rr), ctx.n_cand)
         pos = np.full((B, H, m), -1, dtype=np.int64)
         with _one_numba_thread():  # H queries per call: a thread pool costs more than it saves
             for b in range(B):
                 index = self.indexes[b]
-                ids = index.search(q_np[b], m, self._clusters(index), self.points_to_rerank)  # (H, m)
+                ids = index.search(q_np[b], m, self._clusters(index), rr)  # (H, m)
                 self.searches += 1
                 pos[b] = np.where(ids >= 0, ids + ctx.sinks, -1)
         # exact re-scoring of the returned keys, in the cache's dtype
@@ -277,4 +362,4 @@ def _one_numba_thread():
 
 
 
-__all__ = ["LorannSelector"]
+__all__ = ["LorannSelector", "auto_clusters_to_search"]
