@@ -25,7 +25,9 @@ import numpy as np
 
 from topkattn.backend import Array, get_array_module, to_numpy
 from topkattn.checks import ConfigDict, check_choice, check_int, check_real, float_dtype, make_rng
+from topkattn.layers.attend import check_selection
 from topkattn.layers.attention import Attention
+from topkattn.layers.attention_stats import AttentionStats
 from topkattn.layers.block import Block
 from topkattn.layers.embedding import Embedding
 from topkattn.layers.linear import Linear
@@ -80,6 +82,10 @@ class TransformerConfig(ConfigDict):
     q_head_dim: int | None = None  # query/key head dim ("mla": qk_nope_dim + qk_rope_dim; "mha": head_dim)
     ternary: bool = False  # every attention projection ternary (BitNet b1.58), packed at decode
     act_bits: int | None = None  # ternary: per-token absmax activation bits (None: float)
+    selection: str = "token"  # "token" (topk over keys, dense with topk=None) | "block" (block top-k, MoBA)
+    block_size: int | None = None  # selection="block": keys per block
+    topk_blocks: int | None = None  # selection="block": blocks each query attends (its own included)
+    dense_layers: tuple[int, ...] = ()  # layer indices with dense attention (hybrid: the others sparse)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "q_lora_rank", "kv_lora_rank",
@@ -101,6 +107,26 @@ class TransformerConfig(ConfigDict):
         float_dtype(self.dtype)
         self.dtype = np.dtype(self.dtype).name
         self._check_variants()
+        self._check_selection()
+
+    def _check_selection(self) -> None:
+        """selection/block_size/topk_blocks (as the layers check them) and dense_layers: distinct
+        layer indices in [0, n_layers), kept as a sorted tuple (a JSON list loads too)."""
+        check_selection(self.selection, self.block_size, self.topk_blocks, topk=self.topk, window=self.window,
+                        forget_rate=self.forget_rate)
+        if isinstance(self.dense_layers, (str, bytes)) or not isinstance(self.dense_layers, Iterable):
+            raise TypeError(f"dense_layers must be a sequence of layer indices, got {self.dense_layers!r}")
+        layers = [check_int("dense_layers[]", i, 0, self.n_layers - 1) for i in self.dense_layers]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"dense_layers must not repeat a layer, got {list(self.dense_layers)}")
+        self.dense_layers = tuple(sorted(layers))
+
+    def layer_attention(self, i: int) -> dict[str, Any]:
+        """The attention selection keywords of layer ``i``: dense in ``dense_layers``, else the config's."""
+        if i in self.dense_layers:
+            return {"topk": None, "selection": "token", "block_size": None, "topk_blocks": None}
+        return {"topk": self.topk, "selection": self.selection, "block_size": self.block_size,
+                "topk_blocks": self.topk_blocks}
 
     def _check_variants(self) -> None:
         """The attention variants' cross-field rules (ValueError naming the fields)."""
@@ -145,15 +171,15 @@ class Transformer(Module):
             if c.attention == "mla":
                 nope = c.qk_nope_dim if c.q_head_dim is None else c.q_head_dim - c.qk_rope_dim
                 attn = MLA(c.d_model, c.n_heads, c.q_lora_rank, c.kv_lora_rank, nope,
-                           c.qk_rope_dim, c.v_head_dim, topk=c.topk, seed=r, dtype=c.dtype,
+                           c.qk_rope_dim, c.v_head_dim, **c.layer_attention(i), seed=r, dtype=c.dtype,
                            persistent_tokens=c.persistent_tokens, window=c.window,
                            forget_rate=c.forget_rate, rope_base=c.rope_base, kv_experts=c.kv_experts,
                            kv_experts_active=c.kv_experts_active, aux_loss_weight=c.aux_loss_weight,
                            k_rank=c.k_rank, v_rank=c.v_rank, ternary=c.ternary, act_bits=c.act_bits)
             else:
                 head_dim = c.head_dim if c.q_head_dim is None else c.q_head_dim
-                attn = Attention(c.d_model, c.n_heads, c.n_kv_heads, head_dim, c.v_head_dim, topk=c.topk,
-                                 seed=r, dtype=c.dtype, persistent_tokens=c.persistent_tokens,
+                attn = Attention(c.d_model, c.n_heads, c.n_kv_heads, head_dim, c.v_head_dim,
+                                 **c.layer_attention(i), seed=r, dtype=c.dtype, persistent_tokens=c.persistent_tokens,
                                  window=c.window, forget_rate=c.forget_rate, rope_base=c.rope_base)
             if c.ffn == "moe":
                 ffn = MoE(c.d_model, c.d_ff, c.n_experts, c.moe_topk, c.aux_loss_weight, seed=r, dtype=c.dtype)
@@ -279,6 +305,32 @@ class Transformer(Module):
 
     def n_params(self) -> int:
         return int(sum(p.size for p in self.params.values()))
+
+    def enable_attention_stats(self, enabled: bool = True) -> Transformer:
+        """Give every attention layer a fresh :class:`AttentionStats` (``enabled=False``: none, the
+        default: no counting); from then on each forward and decode step is recorded.  Returns self."""
+        for b in self.blocks:
+            b.attn.stats = AttentionStats() if enabled else None
+        return self
+
+    def attention_stats(self) -> dict[str, Any]:
+        """What the layers' key selection did since :meth:`enable_attention_stats` (JSON-able).
+
+        ``{"layers": [per layer: {"selection": "dense" | "topk" | "auto" | "block", **stats.as_dict()}
+        or None without stats], "all": the layers' stats merged (None if no layer has any)}``; each
+        ``as_dict`` holds ``updates``, ``last`` and ``total`` (see :mod:`topkattn.layers.attention_stats`).
+        """
+        layers, kept = [], []
+        for b in self.blocks:
+            a = b.attn
+            if a.stats is None:
+                layers.append(None)
+                continue
+            kind = "block" if a.selection == "block" else ("dense" if a.topk is None else
+                                                           ("auto" if a.topk == "auto" else "topk"))
+            layers.append({"selection": kind, **a.stats.as_dict()})
+            kept.append(a.stats)
+        return {"layers": layers, "all": AttentionStats.merged(kept).as_dict() if kept else None}
 
     def kv_bytes_per_token(self) -> int:
         """Bytes every layer's decode cache adds per token, summed over the layers."""
