@@ -198,6 +198,21 @@ def time_topkattn(cfg, blas_threads):
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
+def time_baseline(cfg, blas_threads, tree):
+    """:func:`time_topkattn` of the checkout ``tree`` (an older commit: ``git worktree add``), in a
+    child process importing topkattn from there."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]);"
+            "from bench_train_toy import time_topkattn; from topkattn.training.train import TrainConfig;"
+            "print(time_topkattn(TrainConfig(**json.loads(sys.argv[3])), int(sys.argv[4])))")
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)),
+                          os.path.abspath(tree), json.dumps(cfg.to_dict()), str(blas_threads or 0)],
+                         env=env, capture_output=True, text=True, cwd=os.path.abspath(tree))
+    if out.returncode != 0:
+        raise SystemExit(f"baseline run in {tree} failed:\n{out.stderr}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def time_torch(cfg, threads):
     """Seconds per step of the torch peer (same weights, batches and lr schedule), first step untimed."""
     import torch
@@ -245,6 +260,8 @@ def main_peer():
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 16 / 3 by size)")
     ap.add_argument("--torch-threads", default="1,2")
     ap.add_argument("--check-batch", type=int, default=8, help="sequences in the float64 check batch")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also time train() of this checkout (e.g. a worktree of an older commit), in the same rounds")
     ap.add_argument("--json", dest="json_path",
                     default=os.path.join(ROOT, "benchmarks", "results", "train_toy_vs_torch.json"))
     args = ap.parse_args()
@@ -270,8 +287,12 @@ def main_peer():
             print(f"{size} {row}: float64 check passed ({', '.join(f'{k} {v:.1e}' for k, v in err.items())})",
                   file=sys.stderr, flush=True)
             runs = {"topkattn": [], **{f"torch{t}": [] for t in torch_threads}}
+            if args.baseline:
+                runs["baseline"] = []
             for _ in range(args.rounds):
                 runs["topkattn"].append(time_topkattn(cfg, blas))
+                if args.baseline:
+                    runs["baseline"].append(time_baseline(cfg, blas, args.baseline))
                 for t in torch_threads:
                     runs[f"torch{t}"].append(time_torch(cfg, t))
             tokens = cfg.batch_size * cfg.seq_len
@@ -284,11 +305,18 @@ def main_peer():
                             "ratio_vs_best_torch": tok_s["topkattn"] / best_torch, "check": err})
             print(f"{size} {row}: " + ", ".join(f"{n} {v:,.0f} tok/s" for n, v in tok_s.items()),
                   file=sys.stderr, flush=True)
+    base = ["baseline tok/s", "baseline / best torch"] if args.baseline else []
     head = ["size", "attention", "topkattn tok/s"] + [f"torch {t}T tok/s" for t in torch_threads] + [
-        "topkattn / best torch"]
-    table = [[r["size"], "dense" if r["k"] is None else f"top-k {r['k']}", f"{r['tokens_per_s']['topkattn']:,.0f}"]
-             + [f"{r['tokens_per_s'][f'torch{t}']:,.0f}" for t in torch_threads]
-             + [f"{r['ratio_vs_best_torch']:.2f}x"] for r in results]
+        "topkattn / best torch"] + base
+    table = []
+    for r in results:
+        best_torch = max(r["tokens_per_s"][f"torch{t}"] for t in torch_threads)
+        row = ([r["size"], "dense" if r["k"] is None else f"top-k {r['k']}", f"{r['tokens_per_s']['topkattn']:,.0f}"]
+               + [f"{r['tokens_per_s'][f'torch{t}']:,.0f}" for t in torch_threads]
+               + [f"{r['ratio_vs_best_torch']:.2f}x"])
+        if args.baseline:
+            row += [f"{r['tokens_per_s']['baseline']:,.0f}", f"{r['tokens_per_s']['baseline'] / best_torch:.2f}x"]
+        table.append(row)
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
     print("  ".join("-" * w for w in widths))
@@ -299,7 +327,8 @@ def main_peer():
     os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
     atomic_write_json(args.json_path, {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "topkattn_blas_threads": blas, "torch_version": torch.__version__, "numpy_version": np.__version__,
+        "topkattn_blas_threads": blas, "baseline": args.baseline,
+        "torch_version": torch.__version__, "numpy_version": np.__version__,
         "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(), "rows": results}, prefix=".bench-")
 
 
