@@ -201,9 +201,11 @@ def time_topkattn(cfg, blas_threads):
 def time_baseline(cfg, blas_threads, tree):
     """:func:`time_topkattn` of the checkout ``tree`` (an older commit: ``git worktree add``), in a
     child process importing topkattn from there."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]);"
+    code = ("import dataclasses, json, sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]);"
             "from bench_train_toy import time_topkattn; from topkattn.training.train import TrainConfig;"
-            "print(time_topkattn(TrainConfig(**json.loads(sys.argv[3])), int(sys.argv[4])))")
+            "names = {f.name for f in dataclasses.fields(TrainConfig)};"  # fields the older code knows
+            "kw = {k: v for k, v in json.loads(sys.argv[3]).items() if k in names};"
+            "print(time_topkattn(TrainConfig(**kw), int(sys.argv[4])))")
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
     out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)),
                           os.path.abspath(tree), json.dumps(cfg.to_dict()), str(blas_threads or 0)],
