@@ -12,6 +12,17 @@ matrix products 20x slower in our runs).
 
     python benchmarks/bench_mla_decode.py [--contexts 4096 16384 65536] [--reps 5] [--json PATH]
     python benchmarks/bench_mla_decode.py --device cupy   # on a GPU
+
+Roofline (top-k rows, NumPy): per step, the bytes read (the weights the step multiplies, once;
+the cached keys the exact selection scores, once) and the FLOPs (2 per multiply-add), against
+this machine's rates measured in the same run: one pass over the MHA cache (the read
+bandwidth), one pass over the MHA weights (the weights' bandwidth), and the fused selection kernel's
+per-thread rate on an in-cache block times the worker threads.  The bound is
+weights / their bandwidth + max(cache bytes / read bandwidth, selection FLOPs / compute rate).
+MLA selection does 2 H (C + R) = 9216 FLOPs per 1152-byte token (8 FLOP/B), MHA 2 H D = 2048
+per 4096-byte token (0.5 FLOP/B): MLA wins on a machine whose compute rate is above
+9216 / 4096 = 2.25x its bandwidth in bytes/s.  ``--h200`` adds the same bound with an H200's
+rates (4.8 TB/s HBM3e, 67 TFLOP/s FP32 FMA; launch latencies left out).
 """
 import argparse
 import os
@@ -59,6 +70,54 @@ def time_interleaved(runs, x_t, reps, sync):
     return [(float(np.min(t)), float(np.median(t))) for t in times]
 
 
+H200_BYTES_PER_S = 4.8e12  # HBM3e
+H200_FLOPS = 67e12  # FP32 FMA, no tensor cores
+
+
+def _seconds(fn, reps=5):
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def roofline(mla, mha, runs, S, args):
+    """Bytes, FLOPs and the bound of one top-k step of each layer, with this machine's measured rates."""
+    from bench_exact_decode import panel_gflops
+
+    from topkattn.threads import n_workers
+
+    B, H = args.batch, args.heads
+    mla_cache, mha_cache = runs[0][1], runs[1][1]
+    w = mla_cache.weights  # what the MLA step multiplies: the decode factors, not W_QK / W_OV
+    mla_w = [w[n] for n in ("W_DQ", "W_UQ", "W_UKh", "W_QR", "W_DKV", "W_KR", "W_UVh", "W_O")]
+    mha_w = [mha.params[n] for n in ("W_Q", "W_K", "W_V", "W_O")]
+    keys_mla, keys_mha = mla_cache.keys, mha_cache.keys  # (B, S, C + R), (B, G, S, D)
+    out = {"mla_weight_bytes": sum(a.nbytes for a in mla_w), "mha_weight_bytes": sum(a.nbytes for a in mha_w),
+           "mla_cache_bytes": keys_mla.nbytes, "mha_cache_bytes": keys_mha.nbytes}
+    out["mla_bytes"] = out["mla_weight_bytes"] + out["mla_cache_bytes"]
+    out["mha_bytes"] = out["mha_weight_bytes"] + out["mha_cache_bytes"]
+    mla_sel = 2 * B * H * keys_mla.shape[-1] * S
+    mha_sel = 2 * B * H * keys_mha.shape[-1] * S
+    out["mla_gflop"] = (mla_sel + 2 * B * sum(a.size for a in mla_w)) / 1e9
+    out["mha_gflop"] = (mha_sel + 2 * B * sum(a.size for a in mha_w)) / 1e9
+    read_s = _seconds(lambda: np.add.reduce(keys_mha, axis=None))
+    out["read_GBps"] = keys_mha.nbytes / read_s / 1e9
+    wread_s = _seconds(lambda: [np.add.reduce(a, axis=None) for a in mha_w])  # weights: one pass each
+    out["weights_GBps"] = out["mha_weight_bytes"] / wread_s / 1e9
+    out["compute_GFLOPps"] = panel_gflops(H, keys_mla.shape[-1]) * n_workers()
+    bw, bw_w, fl = out["read_GBps"] * 1e9, out["weights_GBps"] * 1e9, out["compute_GFLOPps"] * 1e9
+    out["mla_roof_ms"] = 1e3 * (out["mla_weight_bytes"] / bw_w + max(out["mla_cache_bytes"] / bw, mla_sel / fl))
+    out["mha_roof_ms"] = 1e3 * (out["mha_weight_bytes"] / bw_w + max(out["mha_cache_bytes"] / bw, mha_sel / fl))
+    for name in ("mla", "mha"):
+        out[f"h200_{name}_us"] = 1e6 * max(out[f"{name}_bytes"] / H200_BYTES_PER_S,
+                                           out[f"{name}_gflop"] * 1e9 / H200_FLOPS)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536])
@@ -75,6 +134,7 @@ def main(argv=None):
     ap.add_argument("--device", choices=["numpy", "cupy"], default="numpy")
     ap.add_argument("--threads", default="1", help="BLAS threads (default 1: stable timings on a shared machine)")
     ap.add_argument("--json", default=None, help="write the results to this path")
+    ap.add_argument("--no-roofline", action="store_true", help="skip the rate measurements and the bound")
     args = ap.parse_args(argv)
 
     if args.device == "cupy":
@@ -103,6 +163,8 @@ def main(argv=None):
                 res[f"{name}_cache_MiB"] = cache.bytes_per_token * S * B / 2**20
             for name, (best, med) in zip(("mla", "mha"), time_interleaved(runs, x_t, args.reps, sync)):
                 res[f"{name}_step_ms"], res[f"{name}_step_ms_median"] = 1e3 * best, 1e3 * med
+            if topk is not None and args.device == "numpy" and not args.no_roofline:
+                res.update(roofline(mla, mha, runs, S, args))
             del runs
             res["cache_ratio"] = res["mha_bytes_per_token"] / res["mla_bytes_per_token"]
             res["step_speedup"] = res["mha_step_ms"] / res["mla_step_ms"]
@@ -120,6 +182,20 @@ def main(argv=None):
                 f"{r['cache_ratio']:.2f}x", f"{r['mla_cache_MiB']:.1f}", f"{r['mha_cache_MiB']:.1f}",
                 f"{r['mla_step_ms']:.2f}", f"{r['mha_step_ms']:.2f}", f"{r['step_speedup']:.2f}x")
         print(" | ".join(f"{v:>12}" for v in vals))
+    roof = [r for r in rows if "mla_roof_ms" in r]
+    if roof:
+        print(f"\nRoofline of the top-{args.topk} step (per step: bytes read, FLOPs; bound = weights/their BW + "
+              f"max(cache/read BW, selection FLOPs/compute rate); H200: 4.8 TB/s, 67 TFLOP/s)")
+        hdr = ("context", "MLA MB", "MHA MB", "MLA GFLOP", "MHA GFLOP", "read GB/s", "GFLOP/s",
+               "MLA roof ms", "MHA roof ms", "MLA meas ms", "MHA meas ms", "H200 MLA us", "H200 MHA us")
+        print(" | ".join(f"{h:>11}" for h in hdr))
+        for r in roof:
+            vals = (r["context"], f"{r['mla_bytes'] / 1e6:.1f}", f"{r['mha_bytes'] / 1e6:.1f}",
+                    f"{r['mla_gflop']:.3f}", f"{r['mha_gflop']:.3f}", f"{r['read_GBps']:.1f}",
+                    f"{r['compute_GFLOPps']:.0f}", f"{r['mla_roof_ms']:.2f}", f"{r['mha_roof_ms']:.2f}",
+                    f"{r['mla_step_ms']:.2f}", f"{r['mha_step_ms']:.2f}", f"{r['h200_mla_us']:.1f}",
+                    f"{r['h200_mha_us']:.1f}")
+            print(" | ".join(f"{v:>11}" for v in vals))
     if args.json:
         from topkattn.storage import atomic_write_json
 
