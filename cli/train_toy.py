@@ -23,10 +23,18 @@ from topkattn.cli.common import (
 @click.option("--task", type=click.Choice(["mqar", "text"]), default="mqar", show_default=True,
               help="mqar: multi-query associative recall (held-out accuracy); text: byte-level LM "
                    "on the Python standard library's sources (held-out bits per character).")
-@click.option("--attention", type=click.Choice(["topk", "dense"]), default="topk", show_default=True,
-              help="Top-k attention (each query keeps its --k best keys) or dense attention.")
+@click.option("--attention", type=click.Choice(["topk", "dense", "block"]), default="topk", show_default=True,
+              help="Top-k attention (each query keeps its --k best keys), dense attention, or block "
+                   "top-k attention (MoBA: each query attends its --topk-blocks best blocks of --block-size keys).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=8, show_default=True,
               help="Keys kept per query with --attention topk.")
+@click.option("--block-size", type=click.IntRange(min=1), default=None,
+              help="Keys per block with --attention block [default: 16].")
+@click.option("--topk-blocks", type=click.IntRange(min=1), default=None,
+              help="Blocks each query attends with --attention block, its own included [default: 2].")
+@click.option("--dense-layers", default=None, callback=lambda ctx, param, value: _layer_list(value),
+              help="Comma-separated layer indices (from 0) that keep dense attention, the others "
+                   "using --attention topk or block (a hybrid model), e.g. --dense-layers 0.")
 @click.option("--forget-rate", type=FiniteFloat(0.0, 1.0, max_open=True), default=0.0,
               show_default=True, help="Forgetful masking: drop each selected key with this "
                                       "probability and refill from the next-ranked keys.")
@@ -136,6 +144,7 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
             raise click.UsageError(f"--resume: {e}") from None
         except CheckpointError as e:
             fail(str(e))
+    _check_attention_options(values, given)
     try:
         cfg = TrainConfig.from_dict(values)
     except (ValueError, TypeError) as e:
@@ -148,7 +157,8 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
         if rank == 0:
             tqdm.write(msg, file=sys.stderr)
 
-    desc = f"{cfg.task} {cfg.attention}" + (f" k={cfg.k}" if cfg.attention == "topk" else "")
+    desc = f"{cfg.task} {cfg.attention}" + (f" k={cfg.k}" if cfg.attention == "topk" else "") + (
+        f" {cfg.block_size}x{cfg.topk_blocks}" if cfg.attention == "block" else "")
     try:
         error = None
         try:  # train() checks both too; here before the bar is drawn (one line)
@@ -230,6 +240,35 @@ def _mpi_world(cfg):
     return comm
 
 
+def _layer_list(value):
+    """--dense-layers "I,J" as a list of ints (None stays None); a usage error otherwise."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise click.UsageError(f"--dense-layers must be comma-separated layer indices like 0,2, got {value!r}")
+    return [int(p) for p in parts]
+
+
+def _check_attention_options(values, given):
+    """Usage errors for block options without --attention block and --dense-layers out of range."""
+    if values["attention"] != "block":
+        for name in ("block_size", "topk_blocks"):
+            if name in given:
+                raise click.UsageError(f"{_option(name)} applies only with --attention block, "
+                                       f"got --attention {values['attention']}")
+    elif "k" in given:
+        raise click.UsageError("--k applies to --attention topk; --attention block takes --block-size and "
+                               "--topk-blocks")
+    layers = values.get("layers", 2)
+    for i in values.get("dense_layers") or ():
+        if i >= layers:
+            raise click.UsageError(f"--dense-layers: layer {i} does not exist with --layers {layers} "
+                                   f"(indices 0..{layers - 1})")
+    if len(set(values.get("dense_layers") or ())) != len(values.get("dense_layers") or ()):
+        raise click.UsageError(f"--dense-layers repeats a layer: {values['dense_layers']}")
+
+
 def _option(field):
     """The command-line option of a TrainConfig field (``d_model`` -> ``--d-model``)."""
     return "--" + field.replace("_", "-")
@@ -259,7 +298,12 @@ def format_table(rows):
         else:
             quality = f"{m['bits_per_char']:.3f} bpc"
         tok = m.get("tokens_per_s")
-        lines.append([m["task"], m["attention"], "-" if m["k"] is None else str(m["k"]),
+        c = m.get("config", {})
+        k = f"{c.get('block_size')}x{c.get('topk_blocks')}" if m["attention"] == "block" else (
+            "-" if m["k"] is None else str(m["k"]))
+        if c.get("dense_layers"):
+            k += " dense " + ",".join(str(i) for i in c["dense_layers"])
+        lines.append([m["task"], m["attention"], k,
                       f"{m['forget_rate']:g}", str(m["steps"]), f"{m['train_loss']:.4f}", quality,
                       "-" if tok is None else f"{tok:,.0f}", f"{m['seconds']:.1f}"])
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(head)]

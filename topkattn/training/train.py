@@ -83,7 +83,7 @@ class TrainConfig(ConfigDict):
     """Everything that defines a training run (and must match its checkpoint to resume)."""
 
     task: str = "mqar"            # "mqar" | "text"
-    attention: str = "topk"       # "topk" | "dense"
+    attention: str = "topk"       # "topk" | "dense" | "block" (block top-k, MoBA: block_size, topk_blocks)
     k: int = 8                    # keys per query with attention="topk"
     forget_rate: float = 0.0
     layers: int = 2
@@ -111,10 +111,15 @@ class TrainConfig(ConfigDict):
     q_head_dim: int | None = None
     ternary: bool = False
     act_bits: int | None = None
+    block_size: int = 16          # attention="block": keys per block
+    topk_blocks: int = 2          # attention="block": blocks per query, its own included
+    dense_layers: list = dataclasses.field(default_factory=list)  # layers kept dense (hybrid)
 
     def __post_init__(self):
         check_choice("task", self.task, ("mqar", "text"))
-        check_choice("attention", self.attention, ("topk", "dense"))
+        check_choice("attention", self.attention, ("topk", "dense", "block"))
+        check_int("block_size", self.block_size, 1)
+        check_int("topk_blocks", self.topk_blocks, 1)
         for name, lo in (("k", 1), ("layers", 1), ("d_model", 1), ("heads", 1), ("seq_len", 2),
                          ("steps", 1), ("batch_size", 1), ("seed", 0), ("vocab_size", 4),
                          ("num_kv_pairs", 1), ("warmup_steps", 0), ("eval_size", 1)):
@@ -131,7 +136,7 @@ class TrainConfig(ConfigDict):
             check_real(name, getattr(self, name), 0.0, 1.0)
         if not isinstance(self.token_shift, bool):
             raise TypeError(f"token_shift must be True or False, got {self.token_shift!r}")
-        model_config(self, 64)  # the attention variants' own checks (TransformerConfig)
+        self.dense_layers = list(model_config(self, 64).dense_layers)  # the variants' and dense_layers' checks
         if self.task == "mqar":  # the task's own checks (vocabulary and length fit the pairs)
             MQAR(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
 
@@ -152,6 +157,9 @@ def model_config(cfg, vocab_size):
         attention="mla", q_lora_rank=max(8, cfg.d_model // 2), kv_lora_rank=max(8, cfg.d_model // 2),
         qk_nope_dim=hd, qk_rope_dim=rope, v_head_dim=hd, ffn="swiglu", d_ff=2 * cfg.d_model,
         topk=cfg.k if cfg.attention == "topk" else None, forget_rate=float(cfg.forget_rate),
+        selection="block" if cfg.attention == "block" else "token",
+        block_size=cfg.block_size if cfg.attention == "block" else None,
+        topk_blocks=cfg.topk_blocks if cfg.attention == "block" else None, dense_layers=tuple(cfg.dense_layers),
         rope_base=float(cfg.rope_base), token_shift=cfg.token_shift, dtype="float32", seed=cfg.seed,
         kv_experts=cfg.kv_experts, kv_experts_active=cfg.kv_experts_active, k_rank=cfg.k_rank, v_rank=cfg.v_rank,
         q_head_dim=cfg.q_head_dim, ternary=cfg.ternary, act_bits=cfg.act_bits)
@@ -580,7 +588,10 @@ def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eva
         xp.cuda.Device().synchronize()
     train_seconds = time.perf_counter() - t_train
     steps_run = cfg.steps - start
+    model.enable_attention_stats()  # what the trained layers attend on the held-out set
     ev = evaluate(model, task, cfg)
+    attention_stats = model.attention_stats()
+    model.enable_attention_stats(False)
     tail = losses[-min(len(losses), 20):]
     metrics = {
         "task": cfg.task, "attention": cfg.attention,
@@ -594,6 +605,7 @@ def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eva
         "steps_this_run": steps_run, "resumed_from": start if resume else None,
         "device": device, "n_params": model.n_params(), "threads": n_threads,
         "kv_bytes_per_token": model.kv_bytes_per_token(),
+        "attention_stats": attention_stats,
         "config": cfg.to_dict(),
     }
     if out_dir is not None and is_writer:
@@ -622,9 +634,12 @@ def load_params(model, saved, path):
 
 def saved_config(state):
     """The run config dict of a loaded training state, with the defaults of fields that
-    older checkpoints lack (``token_shift``: those runs had none)."""
+    older checkpoints lack (``token_shift``: those runs had none; the others: TrainConfig's)."""
     cfg = dict(state["config"])
     cfg.setdefault("token_shift", False)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in cfg:
+            cfg[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     return cfg
 
 
