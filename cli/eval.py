@@ -106,6 +106,11 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
               topkattn eval run/ --retriever exact --k 16 --tail-bound 0.01
               topkattn eval run/ --retriever lorann --k auto --tail-bound 0.01 --max-k 32
               mpiexec -n 2 topkattn eval run/ --retriever lorann   (the cache sharded over 2 ranks)
+
+    A block top-k run (train-toy --attention block) decodes as trained: the cache keeps each key
+    block's mean and every step attends its own block and the best others (--retriever exact, no
+    --k).  A hybrid run's --dense-layers stay dense unless --k is given (then every layer takes it).
+    --json adds attention_stats: the keys each layer attended per decode step.
     """
     from topkattn.decoding.runner import evaluate_decoding, selector_factory
     from topkattn.training.checkpoint import CheckpointError
@@ -132,6 +137,14 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
         raise click.UsageError(str(e)) from None
     except CheckpointError as e:
         fail(str(e))
+    if cfg.attention == "block":
+        for name, value in (("--k", k), ("--tail-bound", tail_bound), ("--max-k", max_k)):
+            if value is not None:
+                raise click.UsageError(f"{name} applies to token top-k; {run_dir} was trained with block top-k "
+                                       f"attention, which decodes with its own block selection")
+        if retriever != "exact":
+            raise click.UsageError(f"{run_dir} was trained with block top-k attention: it decodes with its block "
+                                   f"means (--retriever exact), not --retriever {retriever}")
     task = make_task(cfg)
     inputs, targets = heldout_set(task, cfg)
     inputs, targets = inputs[:n_sequences], targets[:n_sequences]
@@ -141,6 +154,8 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
         k_eval = k
     elif cfg.attention == "topk":
         k_eval = cfg.k
+    elif cfg.attention == "block":
+        k_eval = None  # the block layers' own selection
     elif retriever == "exact" and tail_bound is None:
         k_eval = None  # a dense-trained run, decoded as trained: dense
     else:
@@ -165,9 +180,13 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
         shard_decoding(model, world())
         make = sharded_selector_factory(make, world())
         quiet = quiet or rank != 0
+    # a hybrid run without --k keeps its dense layers dense (each layer its own k)
+    own_k = k is None and tail_bound is None and (cfg.attention == "block" or bool(cfg.dense_layers))
+    model.enable_attention_stats()
     with progress_bar(len(inputs), f"eval {retriever}", "seq", quiet) as bar:
         res = evaluate_decoding(model, inputs, targets, make_selectors=make, prompt_len=prompt_len,
-                                topk=k_eval, batch_size=batch_size, progress=lambda done: bar.update(done - bar.n))
+                                topk=None if own_k else k_eval, batch_size=batch_size,
+                                progress=lambda done: bar.update(done - bar.n))
     out = {"retriever": retriever, "k": "auto" if k == "auto" else k_eval, "max_k": k_eval if k == "auto" else None,
            "accuracy": res["accuracy"], "recall": res["recall"], "loss": res["loss"],
            "bits_per_token": res["bits_per_token"],
@@ -177,11 +196,15 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
            "k_quantiles": res["k_quantiles"], "k_hist": res["k_hist"], "n_sequences": len(inputs),
            "n_scored": res["n_scored"], "prompt_len": prompt_len, "task": cfg.task,
            "train_attention": cfg.attention, "train_k": cfg.k if cfg.attention == "topk" else None,
-           "train_forget_rate": cfg.forget_rate, "per_layer": res["per_layer"], "ranks": ranks}
+           "train_forget_rate": cfg.forget_rate, "per_layer": res["per_layer"], "ranks": ranks,
+           "train_block": [cfg.block_size, cfg.topk_blocks] if cfg.attention == "block" else None,
+           "train_dense_layers": list(cfg.dense_layers), "attention_stats": model.attention_stats()}
     if cfg.task == "text":
         out["bits_per_char"] = res["bits_per_token"]  # byte-level tokens
     if k_eval is None:
         out["mean_k"] = None  # dense decode: every visible key
+    if cfg.attention == "block":
+        out["recall"] = out["recall_by_rank"] = None  # no token selector ran: see attention_stats
     if retriever == "lorann":
         out["index"] = {"clusters": clusters, "clusters_to_search": to_search, "rerank": rerank,
                         "rank": rank, "refit_factor": None if no_refit else refit_factor}
@@ -191,7 +214,9 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
         click.echo(json.dumps(out, sort_keys=True))
         return
     rows = [("run", run_dir), ("task", cfg.task), ("retriever", retriever),
-            ("k", f"auto (max {k_eval})" if k == "auto" else ("dense" if k_eval is None else k_eval))]
+            ("k", f"auto (max {k_eval})" if k == "auto" else (
+                f"blocks of {cfg.block_size}, {cfg.topk_blocks} per query" if cfg.attention == "block" else
+                ("dense" if k_eval is None else k_eval)))]
     if recall is not None:
         rows.append(("target recall", f"{recall:.3f}"))
     if tail_bound is not None:
@@ -201,8 +226,10 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     acc = res["accuracy"]
     rows += [("accuracy", "nan" if math.isnan(acc) else f"{acc:.4f}"),
              ("bits per char" if cfg.task == "text" else "bits per token", f"{res['bits_per_token']:.4f}"),
-             ("measured recall", f"{res['recall']:.4f}"),
-             ("mean k", "all keys" if k_eval is None else f"{res['mean_k']:.2f}"), ("sequences", len(inputs)),
+             ("measured recall", "-" if out["recall"] is None else f"{out['recall']:.4f}"),
+             ("mean k", "all keys" if k_eval is None and cfg.attention != "block" else
+              f"{out['attention_stats']['all']['total']['keys_per_query_mean']:.2f}" if k_eval is None else
+              f"{res['mean_k']:.2f}"), ("sequences", len(inputs)),
              ("scored tokens", res["n_scored"]),
              ("seconds", f"{res['seconds']:.1f}")]
     w = max(len(r[0]) for r in rows)
