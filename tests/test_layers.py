@@ -510,3 +510,15 @@ def test_rope_and_rmsnorm_in_place_passes_give_the_formula_bit_for_bit(dtype):
     dx, dg = rms_norm_backward(dy, saved)
     np.testing.assert_array_equal(dx, want_dx)
     np.testing.assert_array_equal(dg, (dy * xhat).reshape(-1, 7).sum(0))
+
+
+def test_embedding_scatter_equals_numpy_add_at_bit_for_bit():
+    rng = _rng(12)
+    e = Embedding(7, 5, seed=0, dtype="float32")
+    tokens = rng.integers(0, 7, (6, 9)).astype(np.int32)  # repeated rows, a narrow int dtype
+    e.forward(tokens)
+    dy = rng.standard_normal((6, 9, 5)).astype(np.float32)
+    e.backward(dy)
+    want = np.zeros((7, 5), np.float32)
+    np.add.at(want, tokens.reshape(-1), dy.reshape(-1, 5))
+    np.testing.assert_array_equal(e.grads["weight"], want)
