@@ -32,21 +32,25 @@ def rope_angles(positions, R, base, xp=np, dtype=np.float64):
 
 
 def rope_apply(x, cos, sin, inverse=False):
-    """Rotate x (..., T, R) by (cos, sin) (T, R/2); ``inverse`` rotates back (backward)."""
+    """Rotate x (..., T, R) by (cos, sin) (T, R/2); ``inverse`` rotates back (backward).
+
+    Computed as x * [cos, cos] + [x2, x1] * [-sin, sin] over whole rows (the same products and
+    sums as the two formulas above, so the same numbers), not half-rows: NumPy loops over R/2
+    numbers at a time cost three times as much.
+    """
     xp = get_array_module(x)
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
     if inverse:
         sin = -sin
-    out = xp.empty(xp.broadcast_shapes(x.shape, cos.shape[:-1] + (x.shape[-1],)),
-                   dtype=xp.result_type(x, cos, sin))
-    lo, hi = out[..., :half], out[..., half:]
-    t = x2 * sin
-    xp.multiply(x1, cos, out=lo)
-    lo -= t  # x1 cos - x2 sin
-    xp.multiply(x2, cos, out=t)
-    xp.multiply(x1, sin, out=hi)
-    hi += t  # x1 sin + x2 cos
+    dtype = xp.result_type(x, cos, sin)
+    full_cos = xp.concatenate([cos, cos], axis=-1)  # (T, R)
+    signed_sin = xp.concatenate([-sin, sin], axis=-1)  # (T, R)
+    swapped = xp.empty(xp.broadcast_shapes(x.shape, full_cos.shape), dtype=dtype)  # [x2, x1]
+    swapped[..., :half] = x[..., half:]
+    swapped[..., half:] = x[..., :half]
+    swapped *= signed_sin
+    out = x * full_cos
+    out += swapped  # [x1 cos - x2 sin, x2 cos + x1 sin]
     return out
 
 
