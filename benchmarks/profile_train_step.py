@@ -106,7 +106,10 @@ def make_step(cfg, clock=None):
 
     task = tr.make_task(cfg)
     model = Transformer(tr.model_config(cfg, task.vocab_size))
-    opt = tr.make_optimizer(cfg, model)
+    if hasattr(tr, "make_optimizer"):
+        opt = tr.make_optimizer(cfg, model)
+    else:  # code from before make_optimizer
+        opt = tr.AdamW(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay)
     opt_step = opt.step if clock is None else clock.wrap(OPTIMIZER, opt.step)
 
     def step(s):
