@@ -76,3 +76,49 @@ def test_dense_tile_equals_gather_path_in_the_model(dtype, rtol, forget_rate):
     for n in grads_g:
         scale = np.abs(grads_g[n]).max()
         np.testing.assert_allclose(grads_t[n], grads_g[n], rtol=0, atol=rtol * scale, err_msg=n)
+
+
+def test_thread_policy_by_size_and_idle_cores(monkeypatch):
+    from topkattn import threads
+    from topkattn.training.train import step_work
+
+    assert threads.threads_for(threads.PARALLEL_WORK - 1) == 1
+    monkeypatch.setattr(threads, "idle_cores", lambda: 1)  # a busy machine: never more than one
+    assert threads.threads_for(10 * threads.PARALLEL_WORK) == 1
+    monkeypatch.setattr(threads, "idle_cores", lambda: 64)
+    assert threads.threads_for(10 * threads.PARALLEL_WORK) == threads.n_workers()
+    default = TrainConfig()
+    large = TrainConfig(d_model=256, heads=8, seq_len=256)
+    assert step_work(default) == 32 * 64 * 64 * 128 < threads.PARALLEL_WORK  # train-toy's default: one thread
+    assert step_work(large) == 32 * 256 * 256 * 512 > threads.PARALLEL_WORK
+
+
+def test_cpu_policy_caps_the_workers_and_restores_them():
+    from threadpoolctl import threadpool_info
+
+    from topkattn import threads
+
+    before = threads.n_workers()
+    blas_before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    with threads.cpu_policy(1) as n:
+        assert n == 1 and threads.n_workers() == 1
+        assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
+        with threads.cpu_policy(2):
+            assert threads.n_workers() == min(2, before)
+        assert threads.n_workers() == 1
+    assert threads.n_workers() == before
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == blas_before
+    assert threads.keep_freed_memory() is True  # glibc (the test machines): applied, and idempotent
+
+
+def test_train_reports_its_threads_and_keeps_results_under_any_count():
+    cfg = TrainConfig(d_model=16, heads=2, seq_len=12, num_kv_pairs=3, vocab_size=16, batch_size=4, steps=3,
+                      warmup_steps=1, eval_size=8, attention="dense")
+    auto = train(cfg)
+    assert auto.metrics["threads"] == 1  # a tiny run: one thread
+    two = train(cfg, threads=2)
+    assert two.metrics["threads"] == 2
+    np.testing.assert_array_equal(auto.losses, two.losses)  # threads change no number
+    assert train(cfg, threads=None).metrics["threads"] is None
+    with pytest.raises(ValueError, match="threads"):
+        train(cfg, threads=0)
