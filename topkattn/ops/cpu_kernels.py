@@ -188,13 +188,13 @@ def _offer_tile(tile, nb, b0, vals, ids, n, thresh, m):
                 _offer(vals, ids, n, thresh, h, s, b0 + t, m)
 
 
-@njit(fastmath=_FAST, inline="always")
+@njit(inline="always")
 def _worse(s1, j1, s2, j2):
     """(s1, j1) ranks below (s2, j2): a lower score, or the same score and a higher key."""
     return s1 < s2 or (s1 == s2 and j1 > j2)
 
 
-@njit(fastmath=_FAST)
+@njit
 def _offer(vals, ids, n, thresh, h, s, j, m):
     """Offer key j with score s to head h's bounded heap: vals[h], ids[h] hold the n[h] <= m
     best keys so far as a heap with the worst at the root (keys come in increasing order).
@@ -225,7 +225,7 @@ def _offer(vals, ids, n, thresh, h, s, j, m):
         thresh[h] = vals[h, 0]
 
 
-@njit(fastmath=_FAST, inline="always")
+@njit(inline="always")
 def _sift_down(vals, ids, h, p, size, s, j):
     """Place (s, j) at heap slot p of row h (heap of ``size``), moving worse children up."""
     while True:
@@ -243,7 +243,7 @@ def _sift_down(vals, ids, h, p, size, s, j):
     ids[h, p] = j
 
 
-@njit(fastmath=_FAST)
+@njit
 def _sort_heaps(vals, ids, n):
     """Heapsort each row's heap in place into rank order (best first; slots past n[h] untouched)."""
     for h in range(vals.shape[0]):
@@ -254,7 +254,7 @@ def _sort_heaps(vals, ids, n):
             _sift_down(vals, ids, h, 0, end, s, j)
 
 
-@njit(fastmath=_FAST)
+@njit
 def _insert(vals, ids, n, thresh, h, s, j, m):
     """Offer key j with score s to row h's sorted buffer (vals[h], ids[h], n[h] held, at most m).
 
