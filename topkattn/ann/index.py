@@ -203,6 +203,7 @@ class LorannIndex:
         self._maintenance_error = None
         self.maintenance_jobs = {"refit": 0, "split": 0, "discarded": 0}
         self._nosplit = {}  # cluster -> size at which its points were found alike (no split)
+        self._oversized = set()  # clusters seen above max_cluster_size by an add (kept exact by _take_job)
         self._cbuf = {}  # capacity buffers of the per-cluster arrays (see _grow_clusters)
 
     # ------------------------------------------------------------------ properties
@@ -346,7 +347,7 @@ class LorannIndex:
             if not approximate and T is not None:  # the same mixture in the full dimension
                 qgram_full = _cluster_gram(qfull, _mean_gram(tq), len(mem))  # (Dx, Dx)
             beta = rrr.ols_beta(xr[mem], pts, T, qgram_full, gram, approximate)  # (Dg, n_c)
-            return gram, rrr.fit_cluster(beta, gram, self.rank)
+            return gram, self._fit_model(beta, gram)
 
         with blas_single_thread(), ThreadPoolExecutor(n_workers()) as pool:
             for ci, (gram, fitted) in enumerate(pool.map(fit_one, range(c))):
@@ -362,7 +363,11 @@ class LorannIndex:
 
     def _fit(self, ci, beta, gram):
         """Fit, quantise and store cluster ci's model from its OLS beta (Dg, n_c)."""
-        self._store_fit(ci, *rrr.fit_cluster(beta, gram, self.rank))
+        self._store_fit(ci, *self._fit_model(beta, gram))
+
+    def _fit_model(self, beta, gram):
+        """(A, Bt, P) of one cluster (:func:`rrr.fit_cluster`): every fit of the index goes here."""
+        return rrr.fit_cluster(beta, gram, self.rank)
 
     def _store_fit(self, ci, A, Bt, P):
         self._store_A(ci, A)
@@ -798,6 +803,8 @@ class LorannIndex:
         if self.refit_growth is not None and (
                 self._size[c] > self._fit_size[c] * (1 + self.refit_growth)):
             self._overgrown.add(int(c))
+        if self.max_cluster_size is not None and self._size[c] > self.max_cluster_size:
+            self._oversized.add(int(c))
         return slice(lo, lo + p)
 
     def refit(self, clusters=None):
@@ -894,7 +901,7 @@ class LorannIndex:
         with self._mlock:
             if self._worker_alive or self._maintenance_error is not None:
                 return
-            if self._take_job(peek=True) is None:
+            if not (self._overgrown or self._oversized) or self._take_job(peek=True) is None:
                 return
             self._worker_alive = True
         threading.Thread(target=self._worker, name="lorann-maintenance", daemon=True).start()
@@ -929,9 +936,12 @@ class LorannIndex:
         c, kind = None, None
         if self.max_cluster_size is not None:
             over = np.flatnonzero(self._size > self.max_cluster_size)
+            self._oversized = set(int(j) for j in over)  # the maintained set, made exact
             over = [int(j) for j in over[np.argsort(-self._size[over], kind="stable")] if self._splittable(j)]
             if over:
                 c, kind = over[0], "split"
+        else:
+            self._oversized = set()
         if c is None:
             if self.refit_growth is not None:
                 due = self._size > self._fit_size * (1 + self.refit_growth)
@@ -963,11 +973,11 @@ class LorannIndex:
         xr = self._reduce(job["pts"])  # (n0, Dg)
         with blas_single_thread():
             if job["kind"] == "refit":
-                return dict(fits=[rrr.fit_cluster(xr.T, job["gram"], self.rank)])
+                return dict(fits=[self._fit_model(xr.T, job["gram"])])
             labels, cents = _two_means(xr, self.distance)
             if labels is None:
                 return dict(fits=None)
-            fits = [rrr.fit_cluster(xr[labels == j].T, job["gram"], self.rank) for j in (0, 1)]
+            fits = [self._fit_model(xr[labels == j].T, job["gram"]) for j in (0, 1)]
         return dict(labels=labels, cents=cents, fits=fits)
 
     def _apply_job(self, job, result):

@@ -209,7 +209,7 @@ class LorannSelector(DecodeSelector):
         rank = max(1, min(self.rank, D - 1, gd))
         seed = np.random.SeedSequence([int(self.seed) if isinstance(self.seed, numbers.Integral) else 0,
                                        b, self.builds])
-        idx = LorannIndex(data.astype(np.float32), nc, global_dim=gd if gd < D else None,
+        idx = LorannIndex(data, nc, global_dim=gd if gd < D else None,  # (the index copies it to float32)
                           quantization_bits=self.quantization_bits, rank=rank,
                           train_size=min(self.train_size, nc), distance="ip",
                           seed=np.random.default_rng(seed), refit_growth=self.refit_growth,
@@ -217,9 +217,8 @@ class LorannSelector(DecodeSelector):
         idx.build(training_queries=self._training_queries(b))
         self.indexes[b] = idx
         self._built_size[b] = N
-        n = np.linalg.norm(data.astype(np.float64), axis=1)
-        self._norm_max[b, 0] = n.max(initial=0.0)
-        self._update_split_norms(b, data)
+        self._norm_max[b] = 0.0
+        self._update_norms(b, data)
         self.builds += 1
 
     def _max_cluster_size(self, n, nc_built=None):
@@ -229,14 +228,21 @@ class LorannSelector(DecodeSelector):
         target = n / self.n_clusters if self.n_clusters is not None else math.sqrt(n)
         return max(2, math.ceil(self.split_factor * target))
 
-    def _update_split_norms(self, b, data):
+    def _update_norms(self, b, data):
+        """Raise the largest norms of batch element b's indexed keys (whole, latent part, rope
+        part; see :meth:`_outside_upper`) by those of ``data`` (n, D), in float64, in row chunks
+        (no float64 copy of a million-key prompt)."""
         C = self._split
-        if C is None or not 0 < C < data.shape[1]:
+        split = C is not None and 0 < C < data.shape[1]
+        if not split:
             self._norm_max[b, 1:] = np.inf
-            return
-        d64 = data.astype(np.float64)
-        self._norm_max[b, 1] = max(self._norm_max[b, 1], np.linalg.norm(d64[:, :C], axis=1).max(initial=0.0))
-        self._norm_max[b, 2] = max(self._norm_max[b, 2], np.linalg.norm(d64[:, C:], axis=1).max(initial=0.0))
+        for lo in range(0, len(data), 16384):
+            d = data[lo:lo + 16384]
+            sq = np.einsum("nd,nd->nd", d, d, dtype=np.float64)  # (n, D) squares, float64
+            self._norm_max[b, 0] = max(self._norm_max[b, 0], np.sqrt(sq.sum(1).max(initial=0.0)))
+            if split:
+                self._norm_max[b, 1] = max(self._norm_max[b, 1], np.sqrt(sq[:, :C].sum(1).max(initial=0.0)))
+                self._norm_max[b, 2] = max(self._norm_max[b, 2], np.sqrt(sq[:, C:].sum(1).max(initial=0.0)))
 
     def _sync(self, keys_np, ctx):
         """Bring every index up to the current candidates: add new keys, rebuild when grown."""
@@ -249,10 +255,8 @@ class LorannSelector(DecodeSelector):
                 continue
             if hi > lo:
                 new = keys_np[b, lo:hi]
-                self.indexes[b].add(new.astype(np.float32))
-                nrm = np.linalg.norm(new.astype(np.float64), axis=1)
-                self._norm_max[b, 0] = max(self._norm_max[b, 0], nrm.max(initial=0.0))
-                self._update_split_norms(b, new)
+                self.indexes[b].add(new)
+                self._update_norms(b, new)
             if self.refit_factor is not None and len(self.indexes[b]) >= self.refit_factor * self._built_size[b]:
                 self._build(b, keys_np[b, ctx.sinks:hi])
             elif self.split_factor is not None:
@@ -285,13 +289,22 @@ class LorannSelector(DecodeSelector):
         q_np = to_numpy(query).astype(np.float32)
         rr = AUTO_RERANK_FACTOR * k_need if self.points_to_rerank == "auto" else self.points_to_rerank
         m = min(max(k_need, rr), ctx.n_cand)
-        pos = np.full((B, H, m), -1, dtype=np.int64)
+        # a float32 cache re-ranked exactly by the index (in float32, from its copy of the keys,
+        # best first, ties to the lower key) needs no second scoring: ask for the k' best only
+        final = rr > 0 and not self.dynamic and keys.dtype == np.float32
+        m_ask = min(k_need, m) if final else m
+        pos = np.full((B, H, m_ask), -1, dtype=np.int64)
         with _one_numba_thread():  # H queries per call: a thread pool costs more than it saves
             for b in range(B):
                 index = self.indexes[b]
-                ids = index.search(q_np[b], m, self._clusters(index), rr)  # (H, m)
+                ids = index.search(q_np[b], m_ask, self._clusters(index), rr)  # (H, m_ask)
                 self.searches += 1
                 pos[b] = np.where(ids >= 0, ids + ctx.sinks, -1)
+        if final:
+            idx = xp.full((B, H, ctx.n_forced + k_need), -1, dtype=xp.int64)
+            idx[..., :ctx.n_forced] = xp.asarray(ctx.bounds.forced_indices())[None]
+            idx[..., ctx.n_forced:ctx.n_forced + m_ask] = xp.asarray(pos)
+            return idx, xp.full((B, H), k_need, dtype=xp.int64), None
         # exact re-scoring of the returned keys, in the cache's dtype
         pos_x = xp.asarray(np.sort(np.where(pos < 0, np.iinfo(np.int64).max, pos), axis=-1))
         pos_x = xp.where(pos_x == np.iinfo(np.int64).max, -1, pos_x)  # (B, H, m) ascending, -1 last
