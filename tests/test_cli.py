@@ -29,7 +29,7 @@ def test_help(command):
     (["eval", "run", "--retriever", "best"], "'--retriever': 'best' is not one of"),
     (["eval"], "Missing argument 'RUN_DIR'"),
     (["eval", "run", "--retriever", "simulated"], "needs --recall"),
-    (["embed", "--k", "0", "x"], "'--k': 0 is not in the range x>=1"),
+    (["embed", "--k", "0", "x"], "'--k': expected an integer >= 1 or 'auto', got '0'"),
     (["embed", "--dense-layers", "x", "x"], "'--dense-layers': expected comma-separated integers"),
     (["embed"], "Missing argument 'TEXTS...'"),
     (["embed", "--tail", "mean", "x"], "apply only with --k"),
