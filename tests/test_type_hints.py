@@ -12,7 +12,12 @@ import topkattn
 
 TYPED_MODULES = ["topkattn.model", "topkattn.storage", "topkattn.backend", "topkattn.checks",
                  "topkattn.decoding.runner", "topkattn.training.checkpoint", "topkattn.training.runs",
-                 "topkattn.training.tasks", "topkattn.interop", "topkattn.interop.torch", "topkattn.interop.jax"]
+                 "topkattn.training.tasks", "topkattn.interop", "topkattn.interop.torch", "topkattn.interop.jax",
+                 "topkattn.ops.block_attention", "topkattn.ops.block_selection", "topkattn.ops.blockwise_attention",
+                 "topkattn.ops.cpu_kernels", "topkattn.ops.dense_attention", "topkattn.ops.dynamic_k",
+                 "topkattn.ops.masked_attention", "topkattn.ops.reference", "topkattn.ops.selection",
+                 "topkattn.ops.sparse_attention", "topkattn.ops.tail_attention", "topkattn.ops.topk_attention",
+                 "topkattn.ops.ternary"]
 OPTIONAL = {"topkattn.interop.torch": "torch", "topkattn.interop.jax": "jax"}
 
 

@@ -24,9 +24,14 @@ S = 8192 already faster from T = 4 queries, gather faster at T <= 2 (millisecond
 :mod:`topkattn.cuda.block_attention`, and the backward of :mod:`topkattn.cuda.sparse_backward`
 on the expanded indices.
 """
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
 import numpy as np
 
-from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module, to_caller_kind
+from topkattn.backend import FLOAT_DTYPES, Array, as_engine_array, get_array_module, to_caller_kind
 from topkattn.checks import check_choice, check_int, check_real
 from topkattn.ops.block_selection import BlockBounds, block_means, expand_blocks, select_blocks
 from topkattn.ops.blockwise_attention import blockwise_attention_backward, blockwise_attention_forward
@@ -41,8 +46,9 @@ ROUTES = ("auto", "gather", "blockwise")
 GATHER_MAX_SLOTS = 4096  # "auto" gathers when B * H * T * K is at most this (decode-like calls)
 
 
-def block_topk_attention(q, k, v, *, block_size=64, topk_blocks=4, causal=True, scale=None,
-                         chunk_size=None, route="auto", impl="auto"):
+def block_topk_attention(q: Array, k: Array, v: Array, *, block_size: int = 64, topk_blocks: int = 4,
+                         causal: bool = True, scale: float | None = None, chunk_size: int | None = None,
+                         route: str = "auto", impl: str = "auto") -> Array:
     """Block top-k attention: each query attends, with one softmax, its ``topk_blocks`` best key blocks.
 
     Args:
@@ -80,8 +86,9 @@ def block_topk_attention(q, k, v, *, block_size=64, topk_blocks=4, causal=True, 
     return out
 
 
-def block_topk_attention_forward(q, k, v, *, block_size=64, topk_blocks=4, causal=True, scale=None,
-                                 chunk_size=None, route="auto", impl="auto"):
+def block_topk_attention_forward(q: Array, k: Array, v: Array, *, block_size: int = 64, topk_blocks: int = 4,
+                                 causal: bool = True, scale: float | None = None, chunk_size: int | None = None,
+                                 route: str = "auto", impl: str = "auto") -> tuple[Array, BlockAttentionSaved]:
     """Forward pass of :func:`block_topk_attention`: returns ``(out, saved)``.
 
     ``saved`` (a :class:`BlockAttentionSaved`) keeps q, k, v, the output, the selected
@@ -123,7 +130,7 @@ def block_topk_attention_forward(q, k, v, *, block_size=64, topk_blocks=4, causa
     return to_caller_kind(out, like), saved
 
 
-def block_topk_attention_backward(dout, saved):
+def block_topk_attention_backward(dout: Array, saved: BlockAttentionSaved) -> tuple[Array, Array, Array]:
     """Gradients ``(dq, dk, dv)`` of :func:`block_topk_attention` from ``dout`` (B, H, T, Dv).
 
     The block selection is constant (the gate has no gradient): only the keys of the
@@ -152,16 +159,18 @@ class BlockAttentionSaved:
 
     __slots__ = ("q", "k", "v", "blocks", "out", "lse", "scale", "bounds", "route", "like", "impl")
 
-    def __init__(self, q, k, v, blocks, out, lse, scale, bounds, route, like, impl="auto"):
+    def __init__(self, q: Array, k: Array, v: Array, blocks: Array, out: Array, lse: Array, scale: float,
+                 bounds: BlockBounds, route: str, like: Any, impl: str = "auto") -> None:
         self.q, self.k, self.v, self.blocks, self.out, self.lse = q, k, v, blocks, out, lse
         self.scale, self.bounds, self.route, self.like, self.impl = scale, bounds, route, like, impl
 
-    def indices(self):
+    def indices(self) -> Array:
         """(B, H, T, K) int64 token indices of the attended keys, -1 = empty slot."""
         return expand_blocks(self.blocks, self.bounds)
 
 
-def choose_route(route, xp, k, v, means=None, n_slots=None):
+def choose_route(route: str, xp: ModuleType, k: Array, v: Array, means: Array | None = None,
+                 n_slots: int | None = None) -> str:
     """The attend route taken for ``route`` ("auto", "gather" or "blockwise").
 
     "auto": "gather" when ``n_slots`` (B * H * T * K) is at most ``GATHER_MAX_SLOTS``, else
@@ -191,7 +200,8 @@ def _use_cuda(impl, q, v, m):
     return m <= MAX_RANKED and 1 <= q.shape[-1] <= MAX_DIM and 1 <= v.shape[-1] <= MAX_DIM
 
 
-def check_inputs(q, k, v, *, block_size, topk_blocks, scale, chunk_size, route, impl):
+def check_inputs(q: Array, k: Array, v: Array, *, block_size: int, topk_blocks: int, scale: float | None,
+                 chunk_size: int | None, route: str, impl: str) -> None:
     """Validate the arguments of :func:`block_topk_attention_forward`: TypeError for a wrong
     type, ValueError for a wrong value or shape, naming the argument."""
     for name, a in (("q", q), ("k", k), ("v", v)):

@@ -26,9 +26,11 @@ selection: it carries no gradient.  Memory: one (B, H, c, Nb) gate tile per chun
 (B, H, T, Kb) result; no (T, S) matrix.
 Reference: :func:`topkattn.ops.reference.block_topk_attention_reference`.
 """
+from __future__ import annotations
+
 import numpy as np
 
-from topkattn.backend import get_array_module
+from topkattn.backend import Array, get_array_module
 from topkattn.ops.selection import ranked_topm_xp
 from topkattn.threads import blas_single_thread, n_workers, pool
 
@@ -51,7 +53,7 @@ class BlockBounds:
     ``m``: ranked slots per row (Kb - 1 under causal, the own block taking slot 0; else Kb).
     """
 
-    def __init__(self, S, T, *, block_size, topk_blocks, causal):
+    def __init__(self, S: int, T: int, *, block_size: int, topk_blocks: int, causal: bool) -> None:
         self.S, self.T, self.block_size, self.causal = int(S), int(T), int(block_size), bool(causal)
         self.n_blocks = -(-self.S // self.block_size)
         self.n_sel = min(int(topk_blocks), self.n_blocks)
@@ -68,12 +70,12 @@ class BlockBounds:
             self.m = self.n_sel
 
     @property
-    def n_slots(self):
+    def n_slots(self) -> int:
         """K = Kb * block_size token index slots per query."""
         return self.n_sel * self.block_size
 
 
-def block_means(k, block_size):
+def block_means(k: Array, block_size: int) -> Array:
     """(B, G, Nb, D): the mean of the keys each block holds (the last block may be partial).
 
     Computed in k's dtype (a sum over the block, then one division).
@@ -93,8 +95,8 @@ def block_means(k, block_size):
     return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=2)
 
 
-def select_blocks(q, k, *, block_size, topk_blocks, causal=True, chunk_size=None, impl="auto",
-                  means=None):
+def select_blocks(q: Array, k: Array, *, block_size: int, topk_blocks: int, causal: bool = True,
+                  chunk_size: int | None = None, impl: str = "auto", means: Array | None = None) -> Array:
     """Block index tensor (B, H, T, Kb) int64 of the blocks each query attends, -1 padded.
 
     q (B, H, T, D), k (B, G, S, D); ``means`` (B, G, Nb, D) may be passed when already
@@ -159,7 +161,7 @@ def select_blocks(q, k, *, block_size, topk_blocks, causal=True, chunk_size=None
     return blocks
 
 
-def expand_blocks(blocks, bounds):
+def expand_blocks(blocks: Array, bounds: BlockBounds) -> Array:
     """Token index tensor idx (B, H, T, K) from blocks (B, H, T, Kb), K = Kb * block_size.
 
     Slot s * block_size + i holds key blocks[s] * block_size + i, or -1 where the block slot

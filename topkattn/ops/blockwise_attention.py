@@ -32,9 +32,14 @@ gather route, which follows the full rule of :mod:`topkattn.ops.reference`.  A N
 in q gives that row a NaN output and lse (a NaN or +inf among its scores), a NaN dq, and
 nothing to dk, dv.
 """
+from __future__ import annotations
+
+from types import ModuleType
+
 import numpy as np
 
-from topkattn.backend import get_array_module, to_numpy
+from topkattn.backend import Array, get_array_module, to_numpy
+from topkattn.ops.block_selection import BlockBounds
 from topkattn.ops.sparse_attention import inactive_rows
 from topkattn.threads import blas_single_thread, n_workers, pool
 
@@ -46,7 +51,8 @@ except Exception:  # pragma: no cover - numba missing or broken
 TILE_BYTES = 8 * 2**20  # budget for one segment piece's (n, bs) score tile
 
 
-def blockwise_attention_forward(q, k, v, blocks, bounds, scale, impl="auto"):
+def blockwise_attention_forward(q: Array, k: Array, v: Array, blocks: Array, bounds: BlockBounds, scale: float,
+                                impl: str = "auto") -> tuple[Array, Array]:
     """(out (B, H, T, Dv), lse (B, H, T)) of softmax attention over the selected blocks.
 
     blocks (B, H, T, Kb) int64 (-1 = empty), bounds the :class:`~topkattn.ops.block_selection.
@@ -100,7 +106,9 @@ def blockwise_attention_forward(q, k, v, blocks, bounds, scale, impl="auto"):
     return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
 
 
-def blockwise_attention_backward(dout, q, k, v, blocks, bounds, out, lse, scale, impl="auto"):
+def blockwise_attention_backward(dout: Array, q: Array, k: Array, v: Array, blocks: Array, bounds: BlockBounds,
+                                 out: Array, lse: Array, scale: float,
+                                 impl: str = "auto") -> tuple[Array, Array, Array]:
     """(dq, dk, dv) of :func:`blockwise_attention_forward` from dout (B, H, T, Dv).
 
     A row whose output is not finite gets a NaN dq and sends nothing to dk, dv; a row with
@@ -161,7 +169,7 @@ def _use_kernels(impl, xp):
     return impl == "auto" and xp is np and _kernels is not None
 
 
-def block_segments(xp, blocks, G, n_blocks):
+def block_segments(xp: ModuleType, blocks: Array, G: int, n_blocks: int) -> tuple[Array, Array, Array]:
     """Selections grouped by key block: ``(rows, keys, starts)``.
 
     rows (n_ent,) int64: the flattened (b, h, t) row of every valid selection, sorted by its

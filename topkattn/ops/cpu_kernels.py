@@ -4,6 +4,8 @@ Each kernel names the reference it must match; tests compare them.
 Compiled lazily on first call and cached on disk (:func:`topkattn.threads.njit`: the first
 real compile prints one line on stderr).
 """
+from __future__ import annotations
+
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -11,6 +13,7 @@ from numba.core import cgutils
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
+from topkattn.backend import Array
 from topkattn.threads import njit
 
 
@@ -86,7 +89,7 @@ PANEL_KEYS = 8  # keys per vector panel (8 accumulators of one vector each)
 PREFETCH_ROWS = 16  # the panel hints the key rows this far ahead into cache (a hint: never read)
 
 
-def decode_topm_scan(keys, qs, qt, j0, j1, m, vals, ids):
+def decode_topm_scan(keys: Array, qs: Array, qt: Array, j0: int, j1: int, m: int, vals: Array, ids: Array) -> None:
     """Each head's ``m`` best keys among keys j0 .. j1-1 for one decode query, in one pass.
 
     keys: (S, D) C-contiguous, one KV head's cache rows; qs: (rep, D) the scaled queries of the
@@ -356,7 +359,7 @@ def _panel(typingctx, keys, qt, tile, thresh, hits, j0, nk, t0, c0, tc0, hc):
     return sig, codegen
 
 
-def fp_align(array_type):
+def fp_align(array_type: types.Array) -> int:
     """Byte alignment the vector loads and stores of :func:`_panel` assume: one element."""
     return 4 if array_type.dtype == types.float32 else 8
 

@@ -18,9 +18,14 @@ by a zero weight); a NaN or +inf among a row's visible scores gives a NaN row; a
 output is not finite gets a NaN dq and sends nothing to dk, dv.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import ModuleType
+
 import numpy as np
 
-from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module, to_numpy
+from topkattn.backend import FLOAT_DTYPES, Array, as_engine_array, get_array_module, to_numpy
 from topkattn.checks import check_int, check_real
 from topkattn.ops.selection import decode_scores
 from topkattn.ops.sparse_attention import inactive_rows
@@ -28,7 +33,7 @@ from topkattn.ops.sparse_attention import inactive_rows
 TILE_BYTES = 16 * 2**20  # budget for one chunk's (B, H, c, S) score tile
 
 
-def default_scale(D):
+def default_scale(D: int) -> float:
     """1 / sqrt(D), the default score scale (1 for D = 0, where every score is 0)."""
     return 1.0 / np.sqrt(max(int(D), 1))
 
@@ -38,12 +43,14 @@ class DenseAttentionSaved:
 
     __slots__ = ("q", "k", "v", "out", "lse", "scale", "causal", "chunk_size")
 
-    def __init__(self, q, k, v, out, lse, scale, causal, chunk_size):
+    def __init__(self, q: Array, k: Array, v: Array, out: Array, lse: Array, scale: float, causal: bool,
+                 chunk_size: int) -> None:
         self.q, self.k, self.v, self.out, self.lse = q, k, v, out, lse
         self.scale, self.causal, self.chunk_size = scale, causal, chunk_size
 
 
-def dense_attention(q, k, v, *, causal=True, scale=None, chunk_size=None):
+def dense_attention(q: Array, k: Array, v: Array, *, causal: bool = True, scale: float | None = None,
+                    chunk_size: int | None = None) -> Array:
     """Dense softmax attention: q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> (B, H, T, Dv).
 
     ``scale`` multiplies q.k (default 1/sqrt(D), 1 for D = 0).  Rows that see no key give
@@ -53,7 +60,8 @@ def dense_attention(q, k, v, *, causal=True, scale=None, chunk_size=None):
     return dense_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)[0]
 
 
-def dense_attention_forward(q, k, v, *, causal=True, scale=None, chunk_size=None):
+def dense_attention_forward(q: Array, k: Array, v: Array, *, causal: bool = True, scale: float | None = None,
+                            chunk_size: int | None = None) -> tuple[Array, DenseAttentionSaved]:
     """``(out, saved)``; saved keeps q, k, v, out and the logsumexp (B, H, T)."""
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
     check_qkv(q, k, v, scale, chunk_size)
@@ -88,7 +96,7 @@ def dense_attention_forward(q, k, v, *, causal=True, scale=None, chunk_size=None
     return out, DenseAttentionSaved(q, k, v, out, lse, scale, causal, c)
 
 
-def dense_attention_backward(dout, saved):
+def dense_attention_backward(dout: Array, saved: DenseAttentionSaved) -> tuple[Array, Array, Array]:
     """``(dq, dk, dv)`` from dout (B, H, T, Dv).
 
     A row whose output is not finite gets a NaN dq and sends nothing to dk, dv; a NaN or
@@ -134,7 +142,7 @@ def dense_attention_backward(dout, saved):
     return dq, dk, dv
 
 
-def dense_attention_decode(query, keys, values, scale):
+def dense_attention_decode(query: Array, keys: Array, values: Array, scale: float) -> Array:
     """Dense softmax of one decode query per row over all S keys: (B, H, D) -> (B, H, Dv).
 
     keys (B, G, S, D) and values (B, G, S, Dv) may be views into a larger cache buffer:
@@ -162,7 +170,7 @@ def dense_attention_decode(query, keys, values, scale):
     return out.reshape(B, H, Dv)
 
 
-def finite_keys(xp, a):
+def finite_keys(xp: ModuleType, a: Array) -> tuple[Array, np.ndarray]:
     """``(a_ok, bad)`` for keys or values a (B, G, S, X): a_ok is a with every key row that
     holds a NaN or inf zeroed (a itself when there is none); bad the host int64 array of
     those key indices j (in any batch and head)."""
@@ -173,7 +181,7 @@ def finite_keys(xp, a):
     return xp.where(nonfinite[..., None], 0, a), bad
 
 
-def visible_mask(t0, t1, n, S, T, causal):
+def visible_mask(t0: int, t1: int, n: int, S: int, T: int, causal: bool) -> np.ndarray | None:
     """Host (c, n) bool: key j visible to query row t0 + i; None when every row sees all n."""
     if not causal:
         return None
@@ -182,7 +190,8 @@ def visible_mask(t0, t1, n, S, T, causal):
     return None if vis.all() else vis
 
 
-def weighted_values(xp, w, v_ok, v, bad_keys, attend):
+def weighted_values(xp: ModuleType, w: Array, v_ok: Array, v: Array, bad_keys: np.ndarray,
+                    attend: Array | None) -> Array:
     """sum_j w[..., j] v_j over the keys each row attends: (B, G, rep*c, Dv).
 
     w (B, G, rep, c, n) weights (0 off the attended keys); v_ok: v (B, G, S, Dv) with the
@@ -214,7 +223,7 @@ def weighted_values(xp, w, v_ok, v, bad_keys, attend):
     return o.reshape(B, G, rep * c, Dv)
 
 
-def check_dout(dout, out):
+def check_dout(dout: Array, out: Array) -> Array:
     """dout as an engine array of out's shape (B, H, T, Dv) and dtype.
 
     TypeError unless a real floating-point array (complex, object, bool, integer refused)
@@ -231,7 +240,7 @@ def check_dout(dout, out):
     return dout.astype(out.dtype, copy=False)
 
 
-def query_chunks(T, S, c, causal):
+def query_chunks(T: int, S: int, c: int, causal: bool) -> Iterator[tuple[int, int, int]]:
     """(t0, t1, n_cols): query chunks and the number of keys the chunk's last row sees."""
     for t0 in range(0, T, c):
         t1 = min(T, t0 + c)
@@ -239,7 +248,8 @@ def query_chunks(T, S, c, causal):
         yield t0, t1, n
 
 
-def chunk_scores(xp, qg, k, t0, t1, n, S, T, scale, causal):
+def chunk_scores(xp: ModuleType, qg: Array, k: Array, t0: int, t1: int, n: int, S: int, T: int, scale: float,
+                 causal: bool) -> Array:
     B, G, rep, _, D = qg.shape
     c = t1 - t0
     qc = qg[:, :, :, t0:t1].reshape(B, G, rep * c, D)
@@ -252,7 +262,7 @@ def chunk_scores(xp, qg, k, t0, t1, n, S, T, scale, causal):
     return s
 
 
-def check_qkv(q, k, v, scale, chunk_size):
+def check_qkv(q: Array, k: Array, v: Array, scale: float | None, chunk_size: int | None) -> None:
     for name, a, letters in (("q", q, "(B, H, T, D)"), ("k", k, "(B, G, S, D)"), ("v", v, "(B, G, S, Dv)")):
         if a.ndim != 4:
             raise ValueError(f"{name} must be 4-D {letters}, got shape {tuple(a.shape)}")

@@ -25,13 +25,16 @@ which holds whatever the index missed (the outside mass over all keys is at most
 outside mass measured against the selected keys alone).  A row is ``certified`` when
 rigorous <= tail_bound or k takes every candidate.
 """
+from __future__ import annotations
+
 import numpy as np
 
-from topkattn.backend import get_array_module
+from topkattn.backend import Array, get_array_module
 
 
-def dynamic_k_from_ranked(vals, lse_forced, n_cand, *, tail_bound, max_topk, n_ret=None,
-                          outside_upper=None):
+def dynamic_k_from_ranked(vals: Array, lse_forced: Array, n_cand: Array, *, tail_bound: float, max_topk: int,
+                          n_ret: Array | None = None,
+                          outside_upper: Array | None = None) -> tuple[Array, Array, Array, Array]:
     """Choose k per row from exact ranked scores and certify the left-out softmax mass.
 
     Args:
@@ -77,7 +80,8 @@ def dynamic_k_from_ranked(vals, lse_forced, n_cand, *, tail_bound, max_topk, n_r
     return kc, certified, nominal, rigorous
 
 
-def choose_k(vals, lse_forced, n_cand, n_ret, tail_bound):
+def choose_k(vals: Array, lse_forced: Array, n_cand: Array, n_ret: Array,
+             tail_bound: float) -> tuple[Array, Array, Array, Array, Array]:
     """The smallest k whose nominal bound is at most ``tail_bound``, per row.
 
     vals (rows, m) ranked exact scores (float64, -inf padded, m >= 1); lse_forced (rows,);

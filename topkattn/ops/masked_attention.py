@@ -28,9 +28,13 @@ value reaches only the rows that select it; backward gives a NaN row a NaN dq an
 send nothing to dk, dv.  A non-finite dout in a live row goes to the gather backward (a
 product over the tile would multiply its inf by the zero weights of unselected keys).
 """
+from __future__ import annotations
+
+from types import ModuleType
+
 import numpy as np
 
-from topkattn.backend import get_array_module
+from topkattn.backend import Array, get_array_module
 from topkattn.ops.dense_attention import check_dout, finite_keys, weighted_values
 from topkattn.ops.sparse_attention import SparseAttentionSaved, inactive_rows, sparse_attention_backward
 
@@ -44,7 +48,7 @@ class MaskedAttentionSaved(SparseAttentionSaved):
     __slots__ = ("chunk_size",)
 
 
-def masked_is_cheaper(S, K, D, Dv):
+def masked_is_cheaper(S: int, K: int, D: int, Dv: int) -> bool:
     """Whether the dense-tile path beats the gather path for S keys and K slots per query.
 
     Per query the tile path does about S (D + Dv) multiply-adds in BLAS and a dozen passes
@@ -56,7 +60,8 @@ def masked_is_cheaper(S, K, D, Dv):
     return 3 * S <= 2 * K * (D + Dv)
 
 
-def masked_attention_forward(q, k, v, idx, scale, chunk_size=None):
+def masked_attention_forward(q: Array, k: Array, v: Array, idx: Array, scale: float,
+                             chunk_size: int | None = None) -> tuple[Array, MaskedAttentionSaved]:
     """out (B, H, T, Dv) and a :class:`MaskedAttentionSaved` from q (B, H, T, D),
     k (B, G, S, D), v (B, G, S, Dv) and the selection idx (B, H, T, K) int (-1 = empty).
 
@@ -98,7 +103,7 @@ def masked_attention_forward(q, k, v, idx, scale, chunk_size=None):
     return out, saved
 
 
-def masked_attention_backward(dout, saved):
+def masked_attention_backward(dout: Array, saved: MaskedAttentionSaved) -> tuple[Array, Array, Array]:
     """``(dq, dk, dv)`` from dout (B, H, T, Dv); keys no row selected get exactly zero."""
     if not isinstance(saved, MaskedAttentionSaved):
         raise TypeError(f"saved must come from masked_attention_forward, got {type(saved).__name__}")
@@ -149,7 +154,7 @@ def masked_attention_backward(dout, saved):
     return dq, dk, dv
 
 
-def hide_unselected(xp, s, idx, finite):
+def hide_unselected(xp: ModuleType, s: Array, idx: Array, finite: bool) -> None:
     """Set the scores s (B, H, c, n) of the keys idx (B, H, c, K) does not select to -inf, in place.
 
     With ``finite`` scores by adding a mask of 0 (selected) and -inf (elsewhere): an arithmetic
@@ -170,7 +175,7 @@ def hide_unselected(xp, s, idx, finite):
         xp.copyto(s, -np.inf, where=unsel.reshape(B, H, c, n + 1)[..., :n])
 
 
-def unselected_mask(xp, idx, n):
+def unselected_mask(xp: ModuleType, idx: Array, n: int) -> Array:
     """(B, H, c, n) bool: False at the keys idx (B, H, c, K) selects, True elsewhere (-1 slots
     select nothing; every index < n)."""
     B, H, c, K = idx.shape

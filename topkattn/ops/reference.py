@@ -12,13 +12,15 @@ or inf value makes the rows attending it non-finite, and no other row).  Backwar
 gets a NaN dq and sends nothing to dk, dv; a row with logsumexp -inf gets zero dq.
 The default scale is 1 / sqrt(D) (1 for D = 0, where every score is 0).
 """
+from __future__ import annotations
+
 import numpy as np
 
-from topkattn.backend import to_numpy
+from topkattn.backend import Array, to_numpy
 from topkattn.ops.selection import forget_draws
 
 
-def rank_row(scores, candidates):
+def rank_row(scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Candidate key indices of one row sorted by score, descending; ties to the lower index.
 
     NaN ranks above every number (so NaN inputs reach the output).
@@ -29,12 +31,12 @@ def rank_row(scores, candidates):
     return js[np.argsort(-key, kind="stable")]
 
 
-def default_scale(D):
+def default_scale(D: int) -> float:
     """1 / sqrt(D), the default score scale (1 for D = 0: an empty dot product scores 0)."""
     return 1.0 / np.sqrt(max(int(D), 1))
 
 
-def attend_row(s, vv):
+def attend_row(s: np.ndarray, vv: np.ndarray) -> tuple[np.ndarray, float, np.ndarray | None]:
     """Softmax attention of one row over its attended keys, by the non-finite rule above.
 
     s: (n,) float64 attended scores; vv: (n, Dv) their values.
@@ -54,7 +56,7 @@ def attend_row(s, vv):
     return out, m + np.log(e.sum()), p
 
 
-def visible_and_forced(S, T, t, causal, sinks, window):
+def visible_and_forced(S: int, T: int, t: int, causal: bool, sinks: int, window: int) -> tuple[np.ndarray, np.ndarray]:
     """(S,) bool masks of query row t: the keys it may see, and those it always attends.
 
     Query t sits at position S - T + t; causal rows see keys 0..pos, others all S keys.
@@ -69,8 +71,10 @@ def visible_and_forced(S, T, t, causal, sinks, window):
     return visible, forced
 
 
-def topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, temperature=1.0,
-                             forget_rate=0.0, seed=None, sinks=0, window=0):
+def topk_attention_reference(q: Array, k: Array, v: Array, *, topk: int, causal: bool = True,
+                             scale: float | None = None, temperature: float = 1.0, forget_rate: float = 0.0,
+                             seed: int | np.random.Generator | None = None, sinks: int = 0,
+                             window: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dense reference of ``topk_attention_forward``.
 
     Returns (out (B, H, T, Dv), mask (B, H, T, S) bool of attended keys, lse (B, H, T)),
@@ -111,7 +115,7 @@ def topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, temperat
     return out, mask, lse
 
 
-def masked_attention_reference(q, k, v, mask, scale):
+def masked_attention_reference(q: Array, k: Array, v: Array, mask: np.ndarray, scale: float) -> np.ndarray:
     """Softmax attention restricted to ``mask`` (B, H, T, S) in float64: out (B, H, T, Dv).
 
     Each row attends only its masked keys (:func:`attend_row`): a NaN or inf in a key or
@@ -120,7 +124,8 @@ def masked_attention_reference(q, k, v, mask, scale):
     return _masked_rows(q, k, v, mask, scale)[0]
 
 
-def masked_attention_grad_reference(q, k, v, mask, scale, dout):
+def masked_attention_grad_reference(q: Array, k: Array, v: Array, mask: np.ndarray, scale: float,
+                                    dout: Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients (dq, dk, dv) in float64 of sum(out * dout), out = masked_attention_reference.
 
     The rule of the fast backward passes: a NaN row (output not finite) gets a NaN dq and
@@ -167,7 +172,8 @@ def _masked_rows(q, k, v, mask, scale):
     return out, lse, probs, (q, k, v)
 
 
-def dense_attention_reference(q, k, v, *, causal=True, scale=None):
+def dense_attention_reference(q: Array, k: Array, v: Array, *, causal: bool = True,
+                              scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Dense reference of ``dense_attention_forward``: (out (B, H, T, Dv), lse (B, H, T)), float64."""
     mask = causal_mask(q.shape, k.shape, causal)
     scale = default_scale(q.shape[-1]) if scale is None else scale
@@ -175,7 +181,7 @@ def dense_attention_reference(q, k, v, *, causal=True, scale=None):
     return out, lse
 
 
-def causal_mask(q_shape, k_shape, causal=True):
+def causal_mask(q_shape: tuple[int, ...], k_shape: tuple[int, ...], causal: bool = True) -> np.ndarray:
     """(B, H, T, S) bool: the keys each query may see (query t sits at S - T + t)."""
     B, H, T = q_shape[:3]
     S = k_shape[2]
@@ -185,8 +191,9 @@ def causal_mask(q_shape, k_shape, causal=True):
     return np.broadcast_to(vis, (B, H, T, S))
 
 
-def dynamic_topk_reference(q, k, *, tail_bound, max_topk=None, causal=True, scale=None,
-                           sinks=0, window=0):
+def dynamic_topk_reference(q: Array, k: Array, *, tail_bound: float, max_topk: int | None = None, causal: bool = True,
+                           scale: float | None = None, sinks: int = 0,
+                           window: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Dense reference of ``selection.select_dynamic_topk`` with the true left-out mass.
 
     Returns (k_chosen, certified, bound, true_out_mass), each (B, H, T): for every row the
@@ -224,8 +231,9 @@ def dynamic_topk_reference(q, k, *, tail_bound, max_topk=None, causal=True, scal
     return tuple(out)
 
 
-def tail_topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, sinks=0, window=0,
-                                  mask=None):
+def tail_topk_attention_reference(q: Array, k: Array, v: Array, *, topk: int, causal: bool = True,
+                                  scale: float | None = None, sinks: int = 0, window: int = 0,
+                                  mask: np.ndarray | None = None) -> np.ndarray:
     """Dense reference of ``tail_topk_attention``: out (B, H, T, Dv) float64.
 
     Per row: p = softmax over the visible keys, A = the keys top-k attention attends
@@ -264,7 +272,9 @@ def tail_topk_attention_reference(q, k, v, *, topk, causal=True, scale=None, sin
     return out
 
 
-def block_topk_attention_reference(q, k, v, *, block_size, topk_blocks, causal=True, scale=None):
+def block_topk_attention_reference(q: Array, k: Array, v: Array, *, block_size: int, topk_blocks: int,
+                                   causal: bool = True,
+                                   scale: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Brute-force reference of ``block_topk_attention_forward`` (MoBA block selection), float64.
 
     For each query row: the mean of every block's keys (block n holds keys n * block_size ..

@@ -24,9 +24,11 @@ K'+2, ... -- what an ANN index with recall 1 - r returns.  The drop draws
 (B, H, T, K') come from :func:`forget_draws` so every implementation (NumPy,
 Numba, CUDA, the reference) makes the same choices for one seed.
 """
+from __future__ import annotations
+
 import numpy as np
 
-from topkattn.backend import get_array_module
+from topkattn.backend import Array, get_array_module
 from topkattn.checks import logsumexp_rows, make_rng
 from topkattn.ops.dynamic_k import choose_k
 from topkattn.threads import blas_single_thread, n_workers, pool
@@ -51,7 +53,7 @@ class RowBounds:
     Candidates of row t are the keys j with sinks <= j < end[t] and not win_lo[t] <= j < win_hi[t].
     """
 
-    def __init__(self, S, T, *, topk, causal, sinks, window):
+    def __init__(self, S: int, T: int, *, topk: int, causal: bool, sinks: int, window: int) -> None:
         pos = np.arange(T, dtype=np.int64) + (S - T)  # (T,)
         self.S, self.T = S, T
         self.sinks = int(sinks)
@@ -66,15 +68,15 @@ class RowBounds:
         self.n_win = min(int(window), S)
         self.n_sel = min(int(topk), S)
 
-    def n_candidates(self):
+    def n_candidates(self) -> np.ndarray:
         """(T,) int64: the selection candidates of each row (visible keys less sinks and window)."""
         return np.maximum(self.end - self.sinks, 0) - (self.win_hi - self.win_lo)
 
     @property
-    def n_slots(self):
+    def n_slots(self) -> int:
         return self.n_sink + self.n_win + self.n_sel
 
-    def forced_indices(self):
+    def forced_indices(self) -> np.ndarray:
         """(T, P' + W') int64: sink and window key indices of each row, -1 where absent."""
         T = self.T
         sink = np.broadcast_to(np.arange(self.n_sink, dtype=np.int64), (T, self.n_sink)).copy()
@@ -84,7 +86,7 @@ class RowBounds:
         win[win < self.win_lo[:, None]] = -1
         return np.concatenate([sink, win], axis=1)
 
-    def candidate_mask(self, t0, t1, n_cols, col0=0):
+    def candidate_mask(self, t0: int, t1: int, n_cols: int, col0: int = 0) -> np.ndarray:
         """(t1 - t0, n_cols) bool: True where key col0 + j is a selection candidate of row t."""
         j = np.arange(col0, col0 + n_cols, dtype=np.int64)[None, :]
         sl = slice(t0, t1)
@@ -92,7 +94,8 @@ class RowBounds:
                 & ~((j >= self.win_lo[sl, None]) & (j < self.win_hi[sl, None])))
 
 
-def forget_draws(seed, shape, forget_rate):
+def forget_draws(seed: int | np.random.Generator | None, shape: tuple[int, ...],
+                 forget_rate: float) -> np.ndarray | None:
     """Bool drop mask of ``shape`` (B, H, T, K'): True = this ranked slot is forgotten.
 
     Drawn on the host with NumPy so every implementation sees the same draws for a seed.
@@ -102,7 +105,7 @@ def forget_draws(seed, shape, forget_rate):
     return make_rng(seed, allow_none=True).random(shape) < forget_rate
 
 
-def apply_forgetting(ranked, drop, n_sel):
+def apply_forgetting(ranked: Array, drop: Array, n_sel: int) -> Array:
     """Compose the forgetful selection from ranked candidates.
 
     ranked: (rows, M) int64 key indices in rank order (-1 = none), M >= n_sel.
@@ -121,7 +124,7 @@ def apply_forgetting(ranked, drop, n_sel):
     return out
 
 
-def ranked_topm_xp(tile, cand, m):
+def ranked_topm_xp(tile: Array, cand: Array, m: int) -> Array:
     """Top-``m`` columns of each row of ``tile`` among ``cand``, in rank order (NumPy/CuPy path).
 
     tile: (rows, cols) scores; cand: (rows, cols) bool candidates.  Returns (rows, m) int64,
@@ -162,8 +165,9 @@ def _rank_order(xp, work, cand):
     return xp.take_along_axis(first, by_score, axis=-1)
 
 
-def select_topk(q, k, *, topk, causal=True, scale, sinks=0, window=0, forget_rate=0.0,
-                seed=None, chunk_size=None, impl="auto"):
+def select_topk(q: Array, k: Array, *, topk: int, causal: bool = True, scale: float, sinks: int = 0, window: int = 0,
+                forget_rate: float = 0.0, seed: int | np.random.Generator | None = None, chunk_size: int | None = None,
+                impl: str = "auto") -> Array:
     """Indices (B, H, T, K) of the keys each query attends (forced + top-k), -1 padded.
 
     q (B, H, T, D), k (B, G, S, D); ``scale`` multiplies q.k (already divided by the
@@ -197,7 +201,7 @@ def select_topk(q, k, *, topk, causal=True, scale, sinks=0, window=0, forget_rat
     return idx
 
 
-def fused_ranked_rows(q, k, bounds, m, scale):
+def fused_ranked_rows(q: Array, k: Array, bounds: RowBounds, m: int, scale: float) -> np.ndarray:
     """(B, H, T, m) int64: each query row's m best candidates, ranked, -1 padded (NumPy, Numba).
 
     q (B, H, T, D), k (B, G, S, D) of one dtype.  Scores and ranking in one pass per head
@@ -239,8 +243,9 @@ def fused_ranked_rows(q, k, bounds, m, scale):
     return ranked
 
 
-def select_dynamic_topk(q, k, *, tail_bound, max_topk=None, causal=True, scale, sinks=0,
-                        window=0, chunk_size=None, impl="auto"):
+def select_dynamic_topk(q: Array, k: Array, *, tail_bound: float, max_topk: int | None = None, causal: bool = True,
+                        scale: float, sinks: int = 0, window: int = 0, chunk_size: int | None = None,
+                        impl: str = "auto") -> tuple[Array, dict[str, Array]]:
     """Dynamic k: per query the smallest k whose left-out softmax mass is provably <= tail_bound.
 
     With the selected keys (forced + the k best candidates) and s_(k) the k-th best
@@ -287,7 +292,7 @@ def select_dynamic_topk(q, k, *, tail_bound, max_topk=None, causal=True, scale, 
 
 
 # -- one decode query per row (position S - 1 of a cache) ---------------------------------
-def grouped_keys(keys, H):
+def grouped_keys(keys: Array, H: int) -> Array:
     """A (B, G, S, D) view of decode keys (B, S, D) (shared by all heads) or (B, G, S, D)."""
     kg = keys[:, None] if keys.ndim == 3 else keys
     if H % kg.shape[1]:
@@ -295,7 +300,7 @@ def grouped_keys(keys, H):
     return kg
 
 
-def decode_scores(query, keys, scale):
+def decode_scores(query: Array, keys: Array, scale: float) -> Array:
     """(B, H, S) scores scale * q_h . k_j of one query per row against every cached key.
 
     query (B, H, D); keys (B, S, D) or (B, G, S, D), possibly a strided view of a cache
@@ -317,7 +322,8 @@ def decode_scores(query, keys, scale):
     return s.reshape(B, H, S)
 
 
-def rank_decode_candidates(query, keys, bounds, m, scale, impl="auto"):
+def rank_decode_candidates(query: Array, keys: Array, bounds: RowBounds, m: int, scale: float,
+                           impl: str = "auto") -> Array:
     """(B*H, m) int64: the exact ranking of each decode row's candidates (not forced keys), -1 padded.
 
     ``bounds``: the :class:`RowBounds` of the decode row (S keys, T = 1).  ``impl``: "auto"
@@ -342,7 +348,7 @@ def rank_decode_candidates(query, keys, bounds, m, scale, impl="auto"):
 FUSED_TASK_WORK = 1 << 25
 
 
-def fused_decode_ranking(query, kg, c0, c1, m, scale):
+def fused_decode_ranking(query: Array, kg: Array, c0: int, c1: int, m: int, scale: float) -> np.ndarray:
     """(B*H, m) int64: each decode row's m best keys among c0 .. c1-1, ranked, -1 padded.
 
     query (B, H, D) NumPy; kg (B, G, S, D) NumPy (e.g. a view of a cache buffer; each (b, g)
@@ -403,7 +409,8 @@ def fused_decode_ranking(query, kg, c0, c1, m, scale):
     return ranked.reshape(B * H, m)
 
 
-def select_decode(query, keys, *, topk, sinks=0, window=0, scale=1.0, tail_bound=None, impl="auto"):
+def select_decode(query: Array, keys: Array, *, topk: int, sinks: int = 0, window: int = 0, scale: float = 1.0,
+                  tail_bound: float | None = None, impl: str = "auto") -> tuple[Array, Array, Array | None]:
     """Exact selection for one decode query per row: ``(idx (B, H, K), k (B, H), certified)``.
 
     query (B, H, D) at position S - 1; keys (B, S, D) shared by all heads, or (B, G, S, D)

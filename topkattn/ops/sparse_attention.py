@@ -16,9 +16,13 @@ weight 0 and a row with nothing to attend gives zeros (lse -inf); only the value
 attends reach it.  Backward: a row whose output is not finite gets a NaN dq and sends
 nothing to dk, dv (:func:`inactive_rows`), so one bad row never poisons shared keys.
 """
+from __future__ import annotations
+
+from types import ModuleType
+
 import numpy as np
 
-from topkattn.backend import get_array_module
+from topkattn.backend import Array, get_array_module
 from topkattn.threads import n_workers, pool
 
 try:
@@ -34,11 +38,12 @@ class SparseAttentionSaved:
 
     __slots__ = ("q", "k", "v", "idx", "out", "lse", "scale")
 
-    def __init__(self, q, k, v, idx, out, lse, scale):
+    def __init__(self, q: Array, k: Array, v: Array, idx: Array, out: Array, lse: Array, scale: float) -> None:
         self.q, self.k, self.v, self.idx, self.out, self.lse, self.scale = q, k, v, idx, out, lse, scale
 
 
-def sparse_attention_forward(q, k, v, idx, scale, impl="auto"):
+def sparse_attention_forward(q: Array, k: Array, v: Array, idx: Array, scale: float,
+                             impl: str = "auto") -> tuple[Array, SparseAttentionSaved]:
     """out (B, H, T, Dv), saved.  Inputs are assumed validated (see topk_attention_forward).
 
     ``impl``: "auto" runs the Numba kernel :func:`topkattn.ops.cpu_kernels.sparse_attend_rows`
@@ -78,7 +83,7 @@ def sparse_attention_forward(q, k, v, idx, scale, impl="auto"):
     return out, SparseAttentionSaved(q, k, v, idx, out, lse, scale)
 
 
-def inactive_rows(xp, out, lse):
+def inactive_rows(xp: ModuleType, out: Array, lse: Array) -> tuple[Array, Array]:
     """(B, H, T) bool masks ``(inactive, nan_rows)`` of a forward's rows for backward.
 
     nan_rows: the output is not finite (or lse is NaN): such a row gets a NaN dq.
@@ -89,7 +94,7 @@ def inactive_rows(xp, out, lse):
     return nan_rows | ~xp.isfinite(lse), nan_rows
 
 
-def sparse_attention_backward(dout, saved):
+def sparse_attention_backward(dout: Array, saved: SparseAttentionSaved) -> tuple[Array, Array, Array]:
     """(dq, dk, dv) from dout (B, H, T, Dv).  Unselected keys get exactly zero gradient.
 
     Rows whose forward output is not finite (a NaN or inf among the scores or values they
@@ -140,7 +145,8 @@ def sparse_attention_backward(dout, saved):
 
 
 
-def sparse_attention_decode(query, keys, values, idx, scale, impl="auto"):
+def sparse_attention_decode(query: Array, keys: Array, values: Array, idx: Array, scale: float,
+                            impl: str = "auto") -> Array:
     """Softmax over the selected keys of one decode query per row (no backward: inference).
 
     query (B, H, D); keys (B, G, S, D); values (B, G, S, Dv); idx (B, H, K) (-1 = empty).

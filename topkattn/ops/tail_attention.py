@@ -33,9 +33,13 @@ row, a NaN or inf value reaches only the rows that see it (never an earlier row)
 with nothing to attend gives zeros; a row whose output is not finite gets a NaN dq and
 sends nothing to dk, dv.
 """
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
 
-from topkattn.backend import as_engine_array, get_array_module, to_caller_kind
+from topkattn.backend import Array, as_engine_array, get_array_module, to_caller_kind
 from topkattn.checks import check_int, check_real
 from topkattn.ops.dense_attention import (
     TILE_BYTES,
@@ -57,13 +61,15 @@ class TailAttentionSaved:
 
     __slots__ = ("q", "k", "v", "idx", "out", "lse", "scale", "causal", "chunk_size", "like")
 
-    def __init__(self, q, k, v, idx, out, lse, scale, causal, chunk_size, like):
+    def __init__(self, q: Array, k: Array, v: Array, idx: Array, out: Array, lse: Array, scale: float, causal: bool,
+                 chunk_size: int, like: Any) -> None:
         self.q, self.k, self.v, self.idx, self.out, self.lse = q, k, v, idx, out, lse
         self.scale, self.causal, self.chunk_size, self.like = scale, causal, chunk_size, like
 
 
-def tail_topk_attention(q, k, v, *, topk, causal=True, scale=None, sinks=0, window=0, chunk_size=None,
-                        tail_bound=None, max_topk=None):
+def tail_topk_attention(q: Array, k: Array, v: Array, *, topk: int | str, causal: bool = True,
+                        scale: float | None = None, sinks: int = 0, window: int = 0, chunk_size: int | None = None,
+                        tail_bound: float | None = None, max_topk: int | None = None) -> Array:
     """Top-k attention whose dropped softmax mass goes to the mean of the unselected values.
 
     q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> (B, H, T, Dv).  ``topk``, ``causal``,
@@ -78,8 +84,10 @@ def tail_topk_attention(q, k, v, *, topk, causal=True, scale=None, sinks=0, wind
                                        max_topk=max_topk)[0]
 
 
-def tail_topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, sinks=0, window=0,
-                                chunk_size=None, tail_bound=None, max_topk=None):
+def tail_topk_attention_forward(q: Array, k: Array, v: Array, *, topk: int | str, causal: bool = True,
+                                scale: float | None = None, sinks: int = 0, window: int = 0,
+                                chunk_size: int | None = None, tail_bound: float | None = None,
+                                max_topk: int | None = None) -> tuple[Array, TailAttentionSaved]:
     """``(out, saved)`` of :func:`tail_topk_attention`; saved keeps the indices and the full lse."""
     like = q
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
@@ -130,7 +138,7 @@ def tail_topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, sinks
     return to_caller_kind(out, like), saved
 
 
-def tail_topk_attention_backward(dout, saved):
+def tail_topk_attention_backward(dout: Array, saved: TailAttentionSaved) -> tuple[Array, Array, Array]:
     """``(dq, dk, dv)`` of :func:`tail_topk_attention` from dout (B, H, T, Dv).
 
     The selection is constant (as for top-k attention), but the tail weight 1 - alpha

@@ -30,11 +30,15 @@ Implementations: the float64 loop references at the bottom of this module; the v
 xp path (NumPy or CuPy); the Numba CPU kernel :func:`topkattn.ops.ternary_kernels.ternary_matmul_rows`
 for ``packed_matmul`` on NumPy arrays.
 """
+from __future__ import annotations
+
 import math
+from collections.abc import Mapping
 
 import numpy as np
+from numpy.typing import DTypeLike
 
-from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module, to_numpy
+from topkattn.backend import FLOAT_DTYPES, Array, as_engine_array, get_array_module, to_numpy
 from topkattn.checks import check_choice, check_int, check_real
 from topkattn.threads import n_workers, pool
 
@@ -49,7 +53,7 @@ _PARALLEL_MIN_WORK = 1 << 21  # N * Dout * Din below which packed_matmul stays o
 
 
 # -- public functions --------------------------------------------------------------------------
-def ternary_quantize(W, eps=DEFAULT_EPS):
+def ternary_quantize(W: Array, eps: float = DEFAULT_EPS) -> tuple[Array, float]:
     """Absmean ternary quantisation of a weight matrix: ``(Wq, s)``.
 
     W: float array of any shape (a weight matrix (Dout, Din)); eps > 0 keeps s positive.
@@ -62,7 +66,7 @@ def ternary_quantize(W, eps=DEFAULT_EPS):
     return Wq, float(s)
 
 
-def quantize_activations(x, bits=8, eps=DEFAULT_EPS):
+def quantize_activations(x: Array, bits: int = 8, eps: float = DEFAULT_EPS) -> tuple[Array, Array]:
     """Per-token absmax quantisation of activations: ``(xq, a)``.
 
     x: float (..., Din); bits in [2, 8].  Returns xq (int8, x's shape) with values in
@@ -74,13 +78,14 @@ def quantize_activations(x, bits=8, eps=DEFAULT_EPS):
     return _quantize_acts(x, bits, check_eps(eps))
 
 
-def ternary_linear(x, W, *, act_bits=None, eps=DEFAULT_EPS):
+def ternary_linear(x: Array, W: Array, *, act_bits: int | None = None, eps: float = DEFAULT_EPS) -> Array:
     """y = x~ W~^T (..., Dout) of a ternary projection; see :func:`ternary_linear_forward`."""
     y, _ = ternary_linear_forward(x, W, act_bits=act_bits, eps=eps)
     return y
 
 
-def ternary_linear_forward(x, W, *, act_bits=None, eps=DEFAULT_EPS):
+def ternary_linear_forward(x: Array, W: Array, *, act_bits: int | None = None,
+                           eps: float = DEFAULT_EPS) -> tuple[Array, TernaryLinearSaved]:
     """Forward of a BitNet b1.58 projection: ``(y, saved)``.
 
     x: (..., Din), W: (Dout, Din) float master weights, the same float dtype (float32 or
@@ -112,7 +117,7 @@ def ternary_linear_forward(x, W, *, act_bits=None, eps=DEFAULT_EPS):
     return y, TernaryLinearSaved(x_deq, w_deq)
 
 
-def ternary_linear_backward(dy, saved):
+def ternary_linear_backward(dy: Array, saved: TernaryLinearSaved) -> tuple[Array, Array]:
     """Straight-through gradients ``(dx, dW)``: dx = dy W~ (..., Din), dW = sum_rows dy^T x~ (Dout, Din).
 
     dy: (..., Dout), the shape of the forward's output.  dW is the gradient of the float master
@@ -139,11 +144,11 @@ class TernaryLinearSaved:
 
     __slots__ = ("x_deq", "w_deq")
 
-    def __init__(self, x_deq, w_deq):
+    def __init__(self, x_deq: Array, w_deq: Array) -> None:
         self.x_deq, self.w_deq = x_deq, w_deq
 
 
-def pack_ternary(Wq):
+def pack_ternary(Wq: Array) -> Array:
     """Pack ternary values (..., Din) in {-1, 0, +1} (any integer dtype) into codes (..., nb) uint8.
 
     Layout in the module docstring (nb = ceil(Din / 4), 4 weights per byte, planar order).
@@ -168,7 +173,7 @@ def pack_ternary(Wq):
             | (planes[..., 3, :] << 6)).astype(np.uint8)
 
 
-def unpack_ternary(codes, d_in):
+def unpack_ternary(codes: Array, d_in: int) -> Array:
     """Ternary values (..., Din) int8 from codes (..., nb) uint8 written by :func:`pack_ternary`.
 
     d_in must satisfy ceil(d_in / 4) == nb.  ValueError for a code 3 or a d_in that does not fit.
@@ -192,7 +197,7 @@ class PackedTernary:
 
     __slots__ = ("codes", "scale", "d_out", "d_in")
 
-    def __init__(self, codes, scale, d_in):
+    def __init__(self, codes: Array, scale: float, d_in: int) -> None:
         codes = _check_codes(codes, d_in)
         if codes.ndim != 2:
             raise ValueError(f"codes must be 2-D (Dout, nb), got shape {tuple(codes.shape)}")
@@ -201,29 +206,29 @@ class PackedTernary:
         self.d_out, self.d_in = int(codes.shape[0]), int(d_in)
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, int]:
         return self.d_out, self.d_in
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return int(self.codes.nbytes) + 8
 
-    def unpack(self):
+    def unpack(self) -> Array:
         """Wq (Dout, Din) int8 in {-1, 0, +1}."""
         return unpack_ternary(self.codes, self.d_in)
 
-    def dequantize(self, dtype=np.float32):
+    def dequantize(self, dtype: DTypeLike = np.float32) -> Array:
         """W~ = s * Wq (Dout, Din) in ``dtype``."""
         return (self.unpack() * self.scale).astype(dtype)
 
-    def to_arrays(self, prefix=""):
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         """``{prefix + "codes", prefix + "scale", prefix + "shape"}`` -> host NumPy arrays."""
         return {prefix + "codes": to_numpy(self.codes),
                 prefix + "scale": np.array([self.scale], dtype=np.float64),
                 prefix + "shape": np.array([self.d_out, self.d_in], dtype=np.int64)}
 
     @classmethod
-    def from_arrays(cls, arrays, prefix=""):
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str = "") -> PackedTernary:
         """The inverse of :meth:`to_arrays`; ValueError naming a missing or malformed entry."""
         for key in ("codes", "scale", "shape"):
             if prefix + key not in arrays:
@@ -243,7 +248,7 @@ class PackedTernary:
         return f"PackedTernary(d_out={self.d_out}, d_in={self.d_in}, scale={self.scale:.6g}, nbytes={self.nbytes})"
 
 
-def pack_weight(W, eps=DEFAULT_EPS):
+def pack_weight(W: Array, eps: float = DEFAULT_EPS) -> PackedTernary:
     """Quantise float master weights W (Dout, Din) and pack them: a :class:`PackedTernary`."""
     W = _check_float("W", W)
     if W.ndim != 2:
@@ -252,7 +257,8 @@ def pack_weight(W, eps=DEFAULT_EPS):
     return PackedTernary(pack_ternary(Wq), float(s), W.shape[1])
 
 
-def packed_matmul(x, packed, *, act_bits=None, eps=DEFAULT_EPS, impl="auto"):
+def packed_matmul(x: Array, packed: PackedTernary, *, act_bits: int | None = None, eps: float = DEFAULT_EPS,
+                  impl: str = "auto") -> Array:
     """y = s * (x~ @ Wq^T) (..., Dout) with the weights read from their 2-bit packed form.
 
     x: (..., Din) float32 or float64 (NumPy or CuPy); packed: a :class:`PackedTernary`;
@@ -290,12 +296,12 @@ def packed_matmul(x, packed, *, act_bits=None, eps=DEFAULT_EPS, impl="auto"):
 
 
 # -- argument checks (shared with the layers) ----------------------------------------------------
-def check_act_bits(act_bits, optional=True, name="act_bits"):
+def check_act_bits(act_bits: int | None, optional: bool = True, name: str = "act_bits") -> int | None:
     """None (with ``optional``) or an int in [2, 8]: the activation bits of a ternary projection."""
     return check_int(name, act_bits, 2, 8, optional=optional)
 
 
-def check_eps(eps):
+def check_eps(eps: float) -> float:
     """eps > 0 of the quantisers."""
     return check_real("eps", eps, 0.0, lo_open=True)
 
@@ -355,7 +361,7 @@ def _run_kernel(x2, codes, out):
 
 
 # -- float64 references (slow loops, obviously correct) -------------------------------------------
-def ternary_quantize_reference(W, eps=DEFAULT_EPS):
+def ternary_quantize_reference(W: Array, eps: float = DEFAULT_EPS) -> tuple[np.ndarray, float]:
     """(Wq int64, s) by loops: s = sum|w| / n + eps, q = min(1, max(-1, round-half-even(w / s)))."""
     W = np.asarray(W, dtype=np.float64)
     flat = W.ravel()
@@ -364,7 +370,7 @@ def ternary_quantize_reference(W, eps=DEFAULT_EPS):
     return np.array(q, dtype=np.int64).reshape(W.shape), s
 
 
-def quantize_activations_reference(x, bits=8, eps=DEFAULT_EPS):
+def quantize_activations_reference(x: Array, bits: int = 8, eps: float = DEFAULT_EPS) -> tuple[np.ndarray, np.ndarray]:
     """(xq int64 (..., Din), a (..., 1)) by loops over tokens and entries."""
     x = np.asarray(x, dtype=np.float64)
     qp = 2 ** (bits - 1) - 1
@@ -378,7 +384,7 @@ def quantize_activations_reference(x, bits=8, eps=DEFAULT_EPS):
     return xq.reshape(x.shape), a.reshape(x.shape[:-1] + (1,))
 
 
-def ternary_linear_reference(x, W, act_bits=None, eps=DEFAULT_EPS):
+def ternary_linear_reference(x: Array, W: Array, act_bits: int | None = None, eps: float = DEFAULT_EPS) -> np.ndarray:
     """y (..., Dout) = x~ W~^T by loops, in float64."""
     x_deq, w_deq = _dequantized_reference(x, W, act_bits, eps)
     rows = x_deq.reshape(-1, x_deq.shape[-1])
@@ -389,7 +395,8 @@ def ternary_linear_reference(x, W, act_bits=None, eps=DEFAULT_EPS):
     return y.reshape(x_deq.shape[:-1] + (w_deq.shape[0],))
 
 
-def ternary_linear_backward_reference(dy, x, W, act_bits=None, eps=DEFAULT_EPS):
+def ternary_linear_backward_reference(dy: Array, x: Array, W: Array, act_bits: int | None = None,
+                                      eps: float = DEFAULT_EPS) -> tuple[np.ndarray, np.ndarray]:
     """(dx, dW) of the straight-through rule by loops: dx = dy W~, dW = sum_rows dy^T x~."""
     x_deq, w_deq = _dequantized_reference(x, W, act_bits, eps)
     d_out, d_in = w_deq.shape
@@ -404,7 +411,7 @@ def ternary_linear_backward_reference(dy, x, W, act_bits=None, eps=DEFAULT_EPS):
     return dx.reshape(x_deq.shape), dW
 
 
-def pack_reference(Wq):
+def pack_reference(Wq: Array) -> np.ndarray:
     """codes (Dout, nb) uint8 of Wq (Dout, Din) by loops: weight j -> byte j % nb, bits 2 * (j // nb)."""
     Wq = np.asarray(Wq)
     d_out, d_in = Wq.shape
@@ -417,7 +424,7 @@ def pack_reference(Wq):
     return codes
 
 
-def unpack_reference(codes, d_in):
+def unpack_reference(codes: Array, d_in: int) -> np.ndarray:
     """Wq (Dout, Din) int64 from codes (Dout, nb) by loops (the inverse of :func:`pack_reference`)."""
     codes = np.asarray(codes)
     nb = codes.shape[1]
@@ -429,7 +436,8 @@ def unpack_reference(codes, d_in):
     return Wq
 
 
-def packed_matmul_reference(x, codes, scale, d_in, act_bits=None, eps=DEFAULT_EPS):
+def packed_matmul_reference(x: Array, codes: Array, scale: float, d_in: int, act_bits: int | None = None,
+                            eps: float = DEFAULT_EPS) -> np.ndarray:
     """y (..., Dout) = s * (x~ @ Wq^T) with Wq unpacked by loops, sums in float64."""
     x = np.asarray(x, dtype=np.float64)
     if act_bits is not None:

@@ -4,9 +4,11 @@ Shape letters: B batch, H query heads, G KV heads (H % G == 0), T queries, S key
 D head dim, Dv value dim, K index slots per query.
 """
 
+from __future__ import annotations
+
 import numpy as np
 
-from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module, to_caller_kind
+from topkattn.backend import FLOAT_DTYPES, Array, as_engine_array, get_array_module, to_caller_kind
 from topkattn.checks import check_choice, check_int, check_real, make_rng
 from topkattn.ops.dense_attention import check_dout, default_scale
 from topkattn.ops.selection import select_dynamic_topk, select_topk
@@ -17,9 +19,10 @@ from topkattn.ops.sparse_attention import (
 )
 
 
-def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, forget_rate=0.0,
-                   seed=None, sinks=0, window=0, chunk_size=None, tail_bound=None, max_topk=None,
-                   impl="auto"):
+def topk_attention(q: Array, k: Array, v: Array, *, topk: int | str, causal: bool = True, scale: float | None = None,
+                   temperature: float = 1.0, forget_rate: float = 0.0, seed: int | np.random.Generator | None = None,
+                   sinks: int = 0, window: int = 0, chunk_size: int | None = None, tail_bound: float | None = None,
+                   max_topk: int | None = None, impl: str = "auto") -> Array:
     """Top-k attention: each query attends softmax-weighted to its ``topk`` best keys.
 
     Args:
@@ -59,9 +62,11 @@ def topk_attention(q, k, v, *, topk, causal=True, scale=None, temperature=1.0, f
     return out
 
 
-def topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, temperature=1.0,
-                           forget_rate=0.0, seed=None, sinks=0, window=0, chunk_size=None,
-                           tail_bound=None, max_topk=None, impl="auto"):
+def topk_attention_forward(q: Array, k: Array, v: Array, *, topk: int | str, causal: bool = True,
+                           scale: float | None = None, temperature: float = 1.0, forget_rate: float = 0.0,
+                           seed: int | np.random.Generator | None = None, sinks: int = 0, window: int = 0,
+                           chunk_size: int | None = None, tail_bound: float | None = None, max_topk: int | None = None,
+                           impl: str = "auto") -> tuple[Array, SparseAttentionSaved]:
     """Forward pass of :func:`topk_attention`: returns ``(out, saved)``.
 
     ``saved`` (a :class:`TopkAttentionSaved`) keeps only what backward needs: q, k, v,
@@ -106,7 +111,7 @@ def topk_attention_forward(q, k, v, *, topk, causal=True, scale=None, temperatur
     return to_caller_kind(out, like), saved
 
 
-def topk_attention_backward(dout, saved):
+def topk_attention_backward(dout: Array, saved: SparseAttentionSaved) -> tuple[Array, Array, Array]:
     """Gradients ``(dq, dk, dv)`` of :func:`topk_attention` from ``dout`` (B, H, T, Dv).
 
     The selection is constant: gradients reach only the selected keys; every other key
@@ -148,8 +153,10 @@ def _use_cuda(impl, q, v, n_sel):
     return cuda_usable() and fits(2 * n_sel, q.shape[-1], v.shape[-1])
 
 
-def check_inputs(q, k, v, *, topk, scale, temperature, forget_rate, sinks, window, chunk_size,
-                  tail_bound=None, max_topk=None, impl="auto", seed=None):
+def check_inputs(q: Array, k: Array, v: Array, *, topk: int | str, scale: float | None, temperature: float,
+                 forget_rate: float, sinks: int, window: int, chunk_size: int | None, tail_bound: float | None = None,
+                 max_topk: int | None = None, impl: str = "auto",
+                 seed: int | np.random.Generator | None = None) -> None:
     """Validate the arguments of :func:`topk_attention_forward` (shared with the context-parallel op):
     TypeError for a wrong type, ValueError for a wrong value or shape, naming the argument."""
     for name, a in (("q", q), ("k", k), ("v", v)):
