@@ -17,7 +17,11 @@ TYPED_MODULES = ["topkattn.model", "topkattn.storage", "topkattn.backend", "topk
                  "topkattn.ops.cpu_kernels", "topkattn.ops.dense_attention", "topkattn.ops.dynamic_k",
                  "topkattn.ops.masked_attention", "topkattn.ops.reference", "topkattn.ops.selection",
                  "topkattn.ops.sparse_attention", "topkattn.ops.tail_attention", "topkattn.ops.topk_attention",
-                 "topkattn.ops.ternary"]
+                 "topkattn.ops.ternary", "topkattn.distributed.comm", "topkattn.distributed.context_parallel",
+                 "topkattn.distributed.data_parallel", "topkattn.distributed.exchange",
+                 "topkattn.distributed.head_parallel", "topkattn.distributed.sharded_cache",
+                 "topkattn.distributed.sharded_decoding", "topkattn.distributed.sharded_layers",
+                 "topkattn.decoding.selectors", "topkattn.cuda.launch"]
 OPTIONAL = {"topkattn.interop.torch": "torch", "topkattn.interop.jax": "jax"}
 
 
@@ -45,7 +49,9 @@ def _type_checking_names(mod):
     """Names a module imports only under ``if TYPE_CHECKING:`` (resolved here for get_type_hints)."""
     from topkattn.decoding.selectors import DecodeSelector
     from topkattn.model import Transformer
-    return {"DecodeSelector": DecodeSelector, "Transformer": Transformer, "Self": typing.Any}
+    from topkattn.training.train import TrainConfig, TrainResult
+    return {"DecodeSelector": DecodeSelector, "Transformer": Transformer, "Self": typing.Any,
+            "TrainConfig": TrainConfig, "TrainResult": TrainResult}
 
 
 @pytest.mark.parametrize("module", TYPED_MODULES)

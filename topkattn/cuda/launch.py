@@ -11,14 +11,18 @@ Under the Numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before
 take NumPy arrays; that is how the kernels are tested on machines without a GPU.
 Mixing (NumPy arrays on a real GPU, CuPy arrays under the simulator) raises.
 """
+from __future__ import annotations
+
 import sys
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from topkattn.backend import get_array_module, is_cupy_array
 
 
-def simulator_enabled():
+def simulator_enabled() -> bool:
     """True when Numba's CUDA simulator is on (read from numba's config, no GPU probe)."""
     try:
         from numba.core import config
@@ -31,7 +35,7 @@ NUMBA_CUDA_MISSING = ("the CUDA kernels need numba-cuda: pip install 'topkattn[c
                       "for a GPU, or 'topkattn[test]' for the CPU simulator")
 
 
-def get_cuda():
+def get_cuda() -> ModuleType:
     """Return ``numba.cuda`` if it can run kernels (a GPU or the simulator), else RuntimeError.
 
     numba-cuda must be installed (the cuda12/cuda13/test extras): Numba's own deprecated
@@ -54,7 +58,7 @@ def get_cuda():
     return cuda
 
 
-def cuda_usable():
+def cuda_usable() -> bool:
     """True when the CUDA kernels can run on CuPy arrays: a real GPU, numba.cuda and CuPy."""
     if simulator_enabled() or "cupy" not in sys.modules:
         return False
@@ -65,7 +69,7 @@ def cuda_usable():
     return True
 
 
-def array_module(*arrays):
+def array_module(*arrays: Any) -> ModuleType:
     """The array module kernels allocate with: CuPy on a GPU, NumPy under the simulator.
 
     Raises RuntimeError with the reason when the arrays cannot reach a kernel.
@@ -89,7 +93,7 @@ def _stream(cuda):
     return cuda.default_stream() if ptr == 0 else cuda.external_stream(ptr)
 
 
-def launch(kernel, grid, block, *args):
+def launch(kernel: Any, grid: int | tuple[int, ...], block: int | tuple[int, ...], *args: Any) -> None:
     """Run ``kernel[grid, block, stream](*args)`` on CuPy's current stream (or the simulator).
 
     CuPy arguments are wrapped with ``numba.cuda.as_cuda_array(..., sync=False)``: the
@@ -107,11 +111,11 @@ def launch(kernel, grid, block, *args):
     kernel[grid, block, _stream(cuda)](*args)
 
 
-def cdiv(a, b):
+def cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
-def pow2_at_least(n, lo=1):
+def pow2_at_least(n: int, lo: int = 1) -> int:
     """The smallest power of two >= max(n, lo): kernel specialisations are keyed by it."""
     n = max(int(n), int(lo))
     return 1 << (n - 1).bit_length()

@@ -26,9 +26,14 @@ Dynamic k: with ``tail_bound=eps`` a selector picks per row the smallest k whose
 left-out softmax mass is at most eps (see :mod:`topkattn.ops.dynamic_k`), capped at
 ``max_topk`` (default: the layer's ``topk``).
 """
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
-from topkattn.backend import get_array_module, to_numpy
+from topkattn.backend import Array, get_array_module, to_numpy
 from topkattn.checks import check_choice, check_int, check_real, logsumexp_rows, make_rng
 from topkattn.ops.selection import RowBounds, apply_forgetting, grouped_keys, rank_decode_candidates, select_decode
 
@@ -41,7 +46,7 @@ class DecodeStats:
     ``certified``: rows whose left-out mass bound is certified (dynamic k only).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.rows = 0
         self.hits = 0
         self.wanted = 0
@@ -51,7 +56,7 @@ class DecodeStats:
         self.dynamic_rows = 0
         self.k_hist = np.zeros(1, dtype=np.int64)
 
-    def add_k(self, k_row):
+    def add_k(self, k_row: Array) -> None:
         k = to_numpy(k_row).astype(np.int64).ravel()
         self.rows += k.size
         if k.size:
@@ -60,19 +65,20 @@ class DecodeStats:
                 self.k_hist = np.concatenate([self.k_hist, np.zeros(len(h) - len(self.k_hist), np.int64)])
             self.k_hist[:len(h)] += h
 
-    def add_recall(self, hits, wanted, rank_hits=None, rank_wanted=None):
+    def add_recall(self, hits: Array, wanted: Array, rank_hits: Array | None = None,
+                   rank_wanted: Array | None = None) -> None:
         self.hits += int(to_numpy(hits).sum())
         self.wanted += int(to_numpy(wanted).sum())
         if rank_hits is not None:
             self.rank_hits = _add_padded(self.rank_hits, to_numpy(rank_hits))
             self.rank_wanted = _add_padded(self.rank_wanted, to_numpy(rank_wanted))
 
-    def add_certified(self, certified):
+    def add_certified(self, certified: Array) -> None:
         c = to_numpy(certified)
         self.certified += int(c.sum())
         self.dynamic_rows += c.size
 
-    def merge(self, other):
+    def merge(self, other: DecodeStats) -> DecodeStats:
         self.rows += other.rows
         self.hits += other.hits
         self.wanted += other.wanted
@@ -88,31 +94,31 @@ class DecodeStats:
         return self
 
     @property
-    def recall_by_rank(self):
+    def recall_by_rank(self) -> list[float | None]:
         """[r]: fraction of the rows seeking their exact rank-r key (0 = best) that selected it."""
         return [float(h / w) if w else None for h, w in zip(self.rank_hits, self.rank_wanted)]
 
     @property
-    def recall(self):
+    def recall(self) -> float:
         """Fraction of the exact top-k keys that were selected (1.0 when none were sought)."""
         return self.hits / self.wanted if self.wanted else 1.0
 
     @property
-    def mean_k(self):
+    def mean_k(self) -> float:
         return float((self.k_hist * np.arange(len(self.k_hist))).sum() / self.rows) if self.rows else 0.0
 
     @property
-    def certified_fraction(self):
+    def certified_fraction(self) -> float | None:
         return self.certified / self.dynamic_rows if self.dynamic_rows else None
 
-    def k_quantiles(self, qs=(0.1, 0.5, 0.9)):
+    def k_quantiles(self, qs: Sequence[float] = (0.1, 0.5, 0.9)) -> list[int]:
         """Quantiles of the chosen k (from the histogram)."""
         if not self.rows:
             return [0 for _ in qs]
         c = np.cumsum(self.k_hist)
         return [int(np.searchsorted(c, q * self.rows, side="left")) for q in qs]
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "recall": self.recall, "mean_k": self.mean_k,
                 "certified_fraction": self.certified_fraction, "recall_by_rank": self.recall_by_rank,
                 "k_hist": {int(k): int(n) for k, n in enumerate(self.k_hist) if n}}
@@ -136,7 +142,8 @@ class DecodeSelector:
 
     selects_exactly = False  # True: the selection is the exact ranking itself (recall 1 without a re-rank)
 
-    def __init__(self, *, tail_bound=None, max_topk=None, measure_recall=True):
+    def __init__(self, *, tail_bound: float | None = None, max_topk: int | None = None,
+                 measure_recall: bool = True) -> None:
         if max_topk is not None and tail_bound is None:
             raise ValueError("max_topk applies only with tail_bound (dynamic k)")
         self.tail_bound = None if tail_bound is None else check_real("tail_bound", tail_bound, 0.0, 1.0, hi_open=True)
@@ -148,18 +155,18 @@ class DecodeSelector:
         self._ctx = None
 
     @property
-    def dynamic(self):
+    def dynamic(self) -> bool:
         return self.tail_bound is not None
 
-    def begin_prefill(self):
+    def begin_prefill(self) -> None:
         """Select exactly and record queries until :meth:`end_prefill`."""
         self.prefilling = True
 
-    def end_prefill(self):
+    def end_prefill(self) -> None:
         """Leave prefill; subclasses build their index here."""
         self.prefilling = False
 
-    def reset_stats(self):
+    def reset_stats(self) -> None:
         self.stats = DecodeStats()
 
     def __call__(self, query, cache, *, topk, sinks=0, window=0, scale=1.0):
@@ -226,7 +233,8 @@ class ExactSelector(DecodeSelector):
 
     selects_exactly = True  # its recall is 1 by construction: no second pass to measure it
 
-    def __init__(self, *, impl="xp", tail_bound=None, max_topk=None, measure_recall=True):
+    def __init__(self, *, impl: str = "xp", tail_bound: float | None = None, max_topk: int | None = None,
+                 measure_recall: bool = True) -> None:
         super().__init__(tail_bound=tail_bound, max_topk=max_topk, measure_recall=measure_recall)
         self.impl = check_choice("impl", impl, ("xp", "cuda"))
         if impl == "cuda" and self.dynamic:
@@ -254,7 +262,8 @@ class SimulatedRecallSelector(DecodeSelector):
     ``seed``: int or numpy Generator; every step draws (B*H, K') from it.
     """
 
-    def __init__(self, recall, *, seed=0, measure_recall=True):
+    def __init__(self, recall: float, *, seed: int | np.random.Generator | None = 0,
+                 measure_recall: bool = True) -> None:
         super().__init__(measure_recall=measure_recall)
         self.recall = check_real("recall", recall, 0.0, 1.0, lo_open=True)
         self.rng = make_rng(seed)
@@ -277,7 +286,8 @@ class SimulatedRecallSelector(DecodeSelector):
 
 
 # -- shared helpers -----------------------------------------------------------------------
-def exact_select(query, keys, ctx, *, tail_bound=None):
+def exact_select(query: Array, keys: Array, ctx: _Context, *,
+                 tail_bound: float | None = None) -> tuple[Array, Array, Array | None]:
     """Exact selection of one decode step: ``(idx (B, H, K), k_row (B, H), certified or None)``.
 
     :func:`topkattn.ops.selection.select_decode` with the step's geometry, capped at ``ctx.k_cap``.
@@ -286,7 +296,8 @@ def exact_select(query, keys, ctx, *, tail_bound=None):
                          tail_bound=tail_bound)
 
 
-def recall_hits(query, keys, idx, k_row, ctx, by_rank=False):
+def recall_hits(query: Array, keys: Array, idx: Array, k_row: Array, ctx: _Context,
+                by_rank: bool = False) -> tuple[Array, ...]:
     """Per row, how many of the exact top-k_row candidates ``idx`` selected: (hits, wanted), (B*H,).
 
     ``idx`` (B, H, K) with the forced prefix first; k_row (B, H) the keys the row meant to
@@ -312,7 +323,8 @@ def recall_hits(query, keys, idx, k_row, ctx, by_rank=False):
     return hits, wanted
 
 
-def exact_recall(query, keys, idx, k_row, ctx, by_rank=False):
+def exact_recall(query: Array, keys: Array, idx: Array, k_row: Array, ctx: _Context,
+                 by_rank: bool = False) -> tuple[Array, ...]:
     """:func:`recall_hits` of a selection that is the exact ranking itself: every sought key found.
 
     Same returns, without scoring the cache again (an exact decode step reads it once, not twice).
@@ -328,7 +340,7 @@ def exact_recall(query, keys, idx, k_row, ctx, by_rank=False):
     return hits, wanted
 
 
-def forced_scores_lse(query, keys, ctx):
+def forced_scores_lse(query: Array, keys: Array, ctx: _Context) -> Array:
     """(B*H,) logsumexp of each row's forced-key scores (-inf when there are none)."""
     xp = ctx.xp
     B, H, _ = query.shape

@@ -4,17 +4,22 @@ Only mpi4py carries data (host buffers); nothing here is a transport of its own.
 imported when a distributed function first needs it, so ``import topkattn`` works without it,
 and :func:`require_mpi` says in one line what to install.
 """
+from __future__ import annotations
+
 import os
 import sys
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any, TextIO
 
 import numpy as np
 
-from topkattn.backend import get_array_module, to_numpy
+from topkattn.backend import Array, get_array_module, to_numpy
 
 INSTALL_HINT = 'pip install -e ".[mpi]" (mpi4py and an MPI from wheels)'
 
 
-def require_mpi():
+def require_mpi() -> ModuleType:
     """The ``mpi4py.MPI`` module; ImportError with the install command when it is missing."""
     try:
         from mpi4py import MPI
@@ -26,7 +31,7 @@ def require_mpi():
 LAUNCHER_VARS = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
 
 
-def launched_world(environ=None):
+def launched_world(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
     """``(rank, size)`` when an MPI launcher started this process as one of ``size`` > 1 ranks
     (read from its environment variables: MPICH/Hydra PMI_RANK/PMI_SIZE, Open MPI
     OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE), else None.  Imports nothing."""
@@ -42,12 +47,12 @@ def launched_world(environ=None):
     return None
 
 
-def world():
+def world() -> Any:
     """``MPI.COMM_WORLD``."""
     return require_mpi().COMM_WORLD
 
 
-def agree(comm, error):
+def agree(comm: Any, error: BaseException | None) -> None:
     """Raise on every rank if ``error`` (an exception or None) was raised on any rank.
 
     A check that fails on one rank only would leave the others waiting in the next
@@ -63,7 +68,7 @@ def agree(comm, error):
         raise RuntimeError(f"rank {rank} failed: {msg}")
 
 
-def allgather_rows(comm, a):
+def allgather_rows(comm: Any, a: Array) -> Array:
     """Stack ``a`` (rows, ...) of every rank: (ranks, rows, ...) on the array's device.
 
     Every rank must pass the same shape and dtype.  Host buffers carry the data.
@@ -75,7 +80,7 @@ def allgather_rows(comm, a):
     return xp.asarray(out)
 
 
-def allreduce_sum(comm, a):
+def allreduce_sum(comm: Any, a: Array) -> Array:
     """Elementwise sum of ``a`` over the ranks, on the array's device (NaN propagates)."""
     xp = get_array_module(a)
     host = np.ascontiguousarray(to_numpy(a))
@@ -84,7 +89,7 @@ def allreduce_sum(comm, a):
     return xp.asarray(out)
 
 
-def abort(comm, error, file=None):
+def abort(comm: Any, error: BaseException | None, file: TextIO | None = None) -> None:
     """Print ``Error: rank R: <message>`` on stderr and end every rank of the job (``comm.Abort(1)``)."""
     stream = file or sys.stderr
     msg = str(error) or type(error).__name__
@@ -92,7 +97,7 @@ def abort(comm, error, file=None):
     comm.Abort(1)
 
 
-def install_excepthook(comm):
+def install_excepthook(comm: Any) -> Callable[..., Any]:
     """Make an uncaught exception on this rank end the whole job (:func:`abort`) instead of
     leaving the other ranks waiting in a collective; returns the previous hook."""
     previous = sys.excepthook

@@ -23,9 +23,13 @@ with the merged out and lse gives dk_local, dv_local and this rank's share of dq
 summed over the ranks.  Traffic per call: 2 * ranks * rows * M numbers for the selection,
 rows * (ranks + Dv) for the merge, rows * D for dq: O(T * K * ranks), never O(T * S).
 """
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
 
-from topkattn.backend import as_engine_array, get_array_module, to_caller_kind
+from topkattn.backend import Array, as_engine_array, get_array_module, to_caller_kind
 from topkattn.checks import check_int, logsumexp_rows
 from topkattn.distributed.comm import agree, allgather_rows, allreduce_sum
 from topkattn.ops.dense_attention import check_dout, default_scale
@@ -34,8 +38,10 @@ from topkattn.ops.sparse_attention import SparseAttentionSaved, sparse_attention
 from topkattn.ops.topk_attention import check_inputs
 
 
-def topk_attention(q, k_local, v_local, *, comm, topk, key_offset, causal=True, scale=None, temperature=1.0,
-                   forget_rate=0.0, seed=None, sinks=0, window=0, chunk_size=None):
+def topk_attention(q: Array, k_local: Array, v_local: Array, *, comm: Any, topk: int, key_offset: int,
+                   causal: bool = True, scale: float | None = None, temperature: float = 1.0, forget_rate: float = 0.0,
+                   seed: int | np.random.Generator | None = None, sinks: int = 0, window: int = 0,
+                   chunk_size: int | None = None) -> Array:
     """Exact top-k attention over keys sharded along S: ``out`` (B, H, T, Dv), complete on every rank.
 
     q (B, H, T, D), the same on every rank; k_local (B, G, Sp, D) and v_local (B, G, Sp, Dv),
@@ -52,8 +58,10 @@ def topk_attention(q, k_local, v_local, *, comm, topk, key_offset, causal=True, 
     return out
 
 
-def topk_attention_forward(q, k_local, v_local, *, comm, topk, key_offset, causal=True, scale=None,
-                           temperature=1.0, forget_rate=0.0, seed=None, sinks=0, window=0, chunk_size=None):
+def topk_attention_forward(q: Array, k_local: Array, v_local: Array, *, comm: Any, topk: int, key_offset: int,
+                           causal: bool = True, scale: float | None = None, temperature: float = 1.0,
+                           forget_rate: float = 0.0, seed: int | np.random.Generator | None = None, sinks: int = 0,
+                           window: int = 0, chunk_size: int | None = None) -> tuple[Array, ContextParallelSaved]:
     """``(out, saved)`` of :func:`topk_attention`; ``saved.global_idx`` (B, H, T, K) holds the
     selected global positions (equal on every rank), ``saved.idx`` their local positions on
     this rank (-1 where another rank owns the key)."""
@@ -105,7 +113,7 @@ def topk_attention_forward(q, k_local, v_local, *, comm, topk, key_offset, causa
     return to_caller_kind(out, like), saved
 
 
-def topk_attention_backward(dout, saved):
+def topk_attention_backward(dout: Array, saved: ContextParallelSaved) -> tuple[Array, Array, Array]:
     """``(dq, dk_local, dv_local)``: dq complete on every rank, dk/dv of this rank's own keys."""
     if not isinstance(saved, ContextParallelSaved):
         raise TypeError(f"saved must come from distributed topk_attention_forward, got {type(saved).__name__}")
@@ -173,7 +181,7 @@ def _local_candidates(q, k, bounds, m, scale, offset, chunk_size):
     return scores.reshape(-1, m), keys.reshape(-1, m)
 
 
-def merge_candidates(scores, keys, m):
+def merge_candidates(scores: Array, keys: Array, m: int) -> Array:
     """The global top ``m`` of every row from the ranks' candidates (ranks, rows, M): (rows, M)
     global indices in rank order (score descending, ties to the lower index), -1 padded."""
     xp = get_array_module(scores, keys)

@@ -21,16 +21,24 @@ environment only (MPICH/Hydra ``PMI_RANK``/``PMI_SIZE``, Open MPI ``OMPI_COMM_WO
 ``OMPI_COMM_WORLD_SIZE``), so a process that ``mpiexec`` did not start with N > 1 never
 imports mpi4py.
 """
+from __future__ import annotations
+
 import hashlib
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from topkattn.backend import get_array_module, to_numpy
+from topkattn.backend import Array, get_array_module, to_numpy
 from topkattn.checks import check_int
 from topkattn.distributed.comm import require_mpi
 
+if TYPE_CHECKING:
+    from topkattn.training.train import TrainConfig, TrainResult
 
-def split_rows(batch_size, rank, size):
+
+def split_rows(batch_size: int, rank: int, size: int) -> tuple[int, int]:
     """Rows ``(start, stop)`` of a batch of ``batch_size`` that ``rank`` of ``size`` trains on;
     ValueError naming both when batch_size is not a multiple of the ranks."""
     check_int("batch_size", batch_size, 1)
@@ -44,7 +52,7 @@ def split_rows(batch_size, rank, size):
     return rank * per, (rank + 1) * per
 
 
-def params_checksum(params):
+def params_checksum(params: Mapping[str, Array]) -> str:
     """SHA-256 hex digest of the parameters' names, shapes, dtypes and bytes, by sorted name."""
     h = hashlib.sha256()
     for name in sorted(params):
@@ -54,7 +62,7 @@ def params_checksum(params):
     return h.hexdigest()
 
 
-def check_replicas(comm, params):
+def check_replicas(comm: Any, params: Mapping[str, Array]) -> None:
     """Raise RuntimeError on every rank unless every rank's ``params`` are bit-identical
     (compares :func:`params_checksum` across the ranks; one small allgather)."""
     sums = comm.allgather(params_checksum(params))
@@ -75,7 +83,7 @@ class GradientReducer:
     ``calls`` counts the calls, ``allreduces`` the Allreduce calls made.
     """
 
-    def __init__(self, comm, check_every=0):
+    def __init__(self, comm: Any, check_every: int = 0) -> None:
         self.comm = comm
         self.check_every = check_int("check_every", check_every, 0)
         self.calls = self.allreduces = 0
@@ -119,13 +127,15 @@ class PeerError(RuntimeError):
     """Another rank failed before the first step (``rank``, ``kind`` its exception's class name,
     ``message``)."""
 
-    def __init__(self, rank, kind, message):
+    def __init__(self, rank: int, kind: str, message: str) -> None:
         super().__init__(f"rank {rank}: {kind}: {message}")
         self.rank, self.kind, self.message = rank, kind, message
 
 
-def train_data_parallel(cfg, comm, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100,
-                        progress=None, log=None, eval_every=None, check_every=0):
+def train_data_parallel(cfg: TrainConfig, comm: Any, *, out_dir: str | os.PathLike | None = None, resume: bool = False,
+                        device: str = "cpu", checkpoint_every: int = 100, progress: Callable[..., Any] | None = None,
+                        log: Callable[..., Any] | None = None, eval_every: int | None = None,
+                        check_every: int = 0) -> TrainResult:
     """:func:`topkattn.training.train.train` over the ranks of ``comm``: returns its TrainResult on
     every rank (the same losses and, checked at the end, the same parameters).
 
@@ -146,7 +156,7 @@ def train_data_parallel(cfg, comm, *, out_dir=None, resume=False, device="cpu", 
     return result
 
 
-def agree_setup(comm, error):
+def agree_setup(comm: Any, error: BaseException | None) -> None:
     """Every rank raises when one failed: the failing rank its error, the others :class:`PeerError`."""
     msgs = comm.allgather(None if error is None else (type(error).__name__, str(error)))
     if error is not None:

@@ -11,15 +11,22 @@ the data), and a failure on one rank never leaves the others waiting.
 ``spec``: ``[(name, shape, dtype), ...]``, the same on every rank (the shapes follow from
 the step's geometry, never from rank-local data).
 """
-import numpy as np
+from __future__ import annotations
 
-from topkattn.backend import to_numpy
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from topkattn.backend import Array, to_numpy
 from topkattn.distributed.comm import agree
 
 STATUS_BYTES = 8
 
 
-def spec_bytes(spec):
+def spec_bytes(spec: Sequence[tuple[str, tuple[int, ...], DTypeLike]]) -> int:
     """Payload bytes of one rank's buffer for ``spec`` (status word included)."""
     return STATUS_BYTES + sum(_nbytes(shape, dtype) for _, shape, dtype in spec)
 
@@ -28,7 +35,9 @@ def _nbytes(shape, dtype):
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-def allgather_fields(comm, spec, values, error=None, xp=np):
+def allgather_fields(comm: Any, spec: Sequence[tuple[str, tuple[int, ...], DTypeLike]],
+                     values: Mapping[str, Array] | None, error: BaseException | None = None,
+                     xp: ModuleType = np) -> dict[str, Array]:
     """``{name: (ranks,) + shape array}`` of every rank's fields, on ``xp``; raises on every rank
     when any rank passed an ``error``.
 

@@ -44,15 +44,20 @@ the slice of the full draws, which the ops do not offer, so a layer with ``forge
 is refused (ValueError).  Gradient clipping must use the norm over every rank's slices:
 :func:`head_parallel_grad_norm` (and :func:`clip_head_parallel_grad_norm`) here, not the single-process ones.
 """
+from __future__ import annotations
+
 import math
+from typing import Any
 
 import numpy as np
 
-from topkattn.backend import get_array_module
+from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_real
 from topkattn.distributed.comm import agree, allgather_rows, allreduce_sum
 from topkattn.distributed.data_parallel import params_checksum
+from topkattn.layers.cache import MLACache
 from topkattn.layers.mla import MLA
+from topkattn.layers.module import Module
 from topkattn.model import Transformer
 
 # param name -> (head axis, per-head size attribute) of the head-sliced weights
@@ -90,7 +95,7 @@ class HeadParallelMLA(MLA):
     Raises ValueError (on every rank) when H % P != 0 or ``layer.forget_rate > 0``.
     """
 
-    def __init__(self, layer, comm):
+    def __init__(self, layer: MLA, comm: Any) -> None:
         _check_comm(comm)
         error = None
         try:
@@ -139,11 +144,11 @@ class HeadParallelMLA(MLA):
             self.add_param(name, value)
 
     # -- training ----------------------------------------------------------------------
-    def forward(self, x, seed=None):
+    def forward(self, x: Array, seed: int | np.random.Generator | None = None) -> Array:
         """y (B, T, d), the full output (equal on every rank): the rank's partial output summed."""
         return allreduce_sum(self.comm, super().forward(x, seed=seed))
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         """dx (B, T, d) (full, equal on every rank) from dy (B, T, d), the same on every rank.
 
         Accumulates the rank's sliced gradients locally and the replicated ones summed over
@@ -176,7 +181,7 @@ class HeadParallelMLA(MLA):
         return buf[total:].reshape(x.shape)
 
     # -- decoding ------------------------------------------------------------------------
-    def step(self, x_t, cache):
+    def step(self, x_t: Array, cache: MLACache) -> Array:
         """y_t (B, 1, d), the full output: the rank's heads' absorbed output summed over the ranks."""
         return allreduce_sum(self.comm, super().step(x_t, cache))
 
@@ -192,11 +197,11 @@ class HeadParallelMLA(MLA):
                 out[name] = a
         return out
 
-    def full_params(self):
+    def full_params(self) -> dict[str, Array]:
         """The full layer's params (H heads), gathered from every rank (a collective call)."""
         return self._gather(self.params)
 
-    def gather_grads(self):
+    def gather_grads(self) -> dict[str, Array]:
         """The full layer's gradients (H heads), gathered from every rank (a collective call)."""
         return self._gather(self.grads)
 
@@ -207,7 +212,7 @@ def _modules(module, prefix=""):
         yield from _modules(child, f"{prefix}{name}.")
 
 
-def head_parallel(model, comm):
+def head_parallel(model: Transformer | Module, comm: Any) -> Transformer | Module:
     """Convert every MLA of ``model`` (a :class:`~topkattn.model.Transformer` or a module
     holding MLA children) into a :class:`HeadParallelMLA` on ``comm``, in place; returns ``model``.
 
@@ -250,19 +255,19 @@ def _full(model, which):
     return {prefix + name: a for prefix, module in _modules(model) for name, a in _own(module, which).items()}
 
 
-def full_model_params(model):
+def full_model_params(model: Transformer | Module) -> dict[str, Array]:
     """Flat ``name -> array`` of ``model``'s params with every head-parallel MLA gathered to full
     shape: the names and shapes of the single-process model (a collective call)."""
     return _full(model, "params")
 
 
-def gather_model_grads(model):
+def gather_model_grads(model: Transformer | Module) -> dict[str, Array]:
     """Flat ``name -> array`` of ``model``'s gradients, head-sliced ones gathered to full shape
     (a collective call); equal to the single-process model's ``grads``."""
     return _full(model, "grads")
 
 
-def head_parallel_grad_norm(model):
+def head_parallel_grad_norm(model: Transformer | Module) -> float:
     """The L2 norm of the full model's gradients (float64 accumulation), equal on every rank
     and to the single-process :func:`topkattn.training.optim.global_grad_norm`: replicated
     gradients counted once, the head slices' squares summed over the ranks (one allreduce)."""
@@ -284,7 +289,7 @@ def head_parallel_grad_norm(model):
     return math.sqrt(rep + loc)
 
 
-def clip_head_parallel_grad_norm(model, max_norm):
+def clip_head_parallel_grad_norm(model: Transformer | Module, max_norm: float) -> float:
     """Scale every gradient of ``model`` in place so the full model's norm is at most ``max_norm``
     (the same factor on every rank); returns the norm before clipping, as
     :func:`topkattn.training.optim.clip_grad_norm` does for one process."""

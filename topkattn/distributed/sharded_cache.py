@@ -21,26 +21,32 @@ A rank computes and stores only the latents of its own positions (the layer skip
 projections); the forced keys (persistent-token sinks, the sliding window) are stored, like
 every key, by their owner, and that owner attends them.
 """
-import numpy as np
+from __future__ import annotations
 
-from topkattn.backend import get_array_module
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_int
 from topkattn.layers.cache import GrowingBuffer
 
 
-def owner_of(positions, ranks, block):
+def owner_of(positions: int | Array, ranks: int, block: int) -> int | Array:
     """The rank owning each global position (int or int array)."""
     return (positions // block) % ranks
 
 
-def owned_below(x, rank, ranks, block):
+def owned_below(x: int | Array, rank: int, ranks: int, block: int) -> int | Array:
     """How many of the positions 0 .. x - 1 rank ``rank`` owns (= its local row of the first
     position >= x it owns); int or int array ``x`` >= 0."""
     period = block * ranks
     return (x // period) * block + np.clip(x % period - rank * block, 0, block)
 
 
-def local_row(positions, rank, ranks, block):
+def local_row(positions: Array, rank: int, ranks: int, block: int) -> Array:
     """Local rows of global ``positions`` (int array, -1 = empty): the row where rank ``rank``
     stores each, or -1 where it does not own it (or the slot is empty)."""
     xp = get_array_module(positions)
@@ -51,7 +57,7 @@ def local_row(positions, rank, ranks, block):
     return xp.where(mine, row, -1)
 
 
-def global_position(rows, rank, ranks, block):
+def global_position(rows: Array, rank: int, ranks: int, block: int) -> Array:
     """Global positions of rank ``rank``'s local ``rows`` (int array, -1 stays -1)."""
     xp = get_array_module(rows)
     r = xp.maximum(rows, 0)
@@ -59,7 +65,7 @@ def global_position(rows, rank, ranks, block):
     return xp.where(rows >= 0, pos, -1)
 
 
-def shard_positions(n, rank, ranks, block=64):
+def shard_positions(n: int, rank: int, ranks: int, block: int = 64) -> np.ndarray:
     """The positions 0 .. n - 1 that rank ``rank`` of ``ranks`` owns, ascending (int64)."""
     n, rank, ranks, block = (check_int(a, v, lo) for a, v, lo in
                              (("n", n, 0), ("rank", rank, 0), ("ranks", ranks, 1), ("block", block, 1)))
@@ -126,7 +132,8 @@ class ShardedMLACache(_ShardedRows):
     ``owner``: the layer, as on :class:`topkattn.layers.cache.MLACache`.
     """
 
-    def __init__(self, xp, batch, C, R, dtype, weights, owner, *, rank, ranks, block):
+    def __init__(self, xp: ModuleType, batch: int, C: int, R: int, dtype: DTypeLike, weights: Any, owner: Any, *,
+                 rank: int, ranks: int, block: int) -> None:
         self.batch, self.C, self.R = batch, C, R
         self.buf = GrowingBuffer(xp, (batch, 0, C + R), axis=1, dtype=dtype)
         self.weights = weights
@@ -134,16 +141,16 @@ class ShardedMLACache(_ShardedRows):
         self._init_shard(rank, ranks, block)
 
     @property
-    def keys(self):
+    def keys(self) -> Array:
         return self.buf.view()
 
-    def extend(self, rows):
+    def extend(self, rows: Array) -> None:
         """Append positions n_rows .. n_rows + m - 1 from ``rows`` (B, m, C + R): only the owned are kept."""
         mine = self._mine(rows.shape[1])
         if mine.any():
             self.buf.append(rows[:, get_array_module(rows).asarray(np.flatnonzero(mine))])
 
-    def push(self, row):
+    def push(self, row: Array | None) -> None:
         """Append the next position: ``row`` (B, 1, C + R) when this rank owns it, else None."""
         if (row is not None) != self.owns_next():
             raise ValueError(f"position {self.n_rows} belongs to rank "
@@ -154,11 +161,11 @@ class ShardedMLACache(_ShardedRows):
             self.buf.append(row)
 
     @property
-    def floats_per_token(self):
+    def floats_per_token(self) -> int:
         return self.buf.data.shape[-1]
 
     @property
-    def bytes_per_token(self):
+    def bytes_per_token(self) -> int:
         return self.floats_per_token * self.buf.data.dtype.itemsize
 
 
@@ -166,7 +173,8 @@ class ShardedKVCache(_ShardedRows):
     """This rank's rows of a full KV cache (plain attention) sharded by position: ``keys``
     (B, G, Sp, D) and ``values`` (B, G, Sp, Dv) of the positions it owns, ascending."""
 
-    def __init__(self, xp, batch, G, D, Dv, dtype, owner, *, rank, ranks, block):
+    def __init__(self, xp: ModuleType, batch: int, G: int, D: int, Dv: int, dtype: DTypeLike, owner: Any, *, rank: int,
+                 ranks: int, block: int) -> None:
         self.batch = batch
         self.kbuf = GrowingBuffer(xp, (batch, G, 0, D), axis=2, dtype=dtype)
         self.vbuf = GrowingBuffer(xp, (batch, G, 0, Dv), axis=2, dtype=dtype)
@@ -174,14 +182,14 @@ class ShardedKVCache(_ShardedRows):
         self._init_shard(rank, ranks, block)
 
     @property
-    def keys(self):
+    def keys(self) -> Array:
         return self.kbuf.view()
 
     @property
-    def values(self):
+    def values(self) -> Array:
         return self.vbuf.view()
 
-    def extend(self, k, v):
+    def extend(self, k: Array, v: Array) -> None:
         """Append positions n_rows .. n_rows + m - 1 from k (B, G, m, D), v (B, G, m, Dv): the owned ones."""
         mine = self._mine(k.shape[2])
         if mine.any():
@@ -189,7 +197,7 @@ class ShardedKVCache(_ShardedRows):
             self.kbuf.append(k[:, :, sel])
             self.vbuf.append(v[:, :, sel])
 
-    def push(self, k, v):
+    def push(self, k: Array | None, v: Array | None) -> None:
         """Append the next position: k (B, G, 1, D), v (B, G, 1, Dv) when this rank owns it, else None, None."""
         if (k is not None) != self.owns_next():
             raise ValueError(f"position {self.n_rows} belongs to rank "
@@ -201,12 +209,12 @@ class ShardedKVCache(_ShardedRows):
             self.vbuf.append(v)
 
     @property
-    def floats_per_token(self):
+    def floats_per_token(self) -> int:
         k, v = self.kbuf.data, self.vbuf.data
         return k.shape[1] * k.shape[3] + v.shape[1] * v.shape[3]
 
     @property
-    def bytes_per_token(self):
+    def bytes_per_token(self) -> int:
         return self.floats_per_token * self.kbuf.data.dtype.itemsize
 
 

@@ -42,9 +42,14 @@ maximum over the ranks), both sent in the first exchange.
 by shard and merged: one more exchange per step for a non-exact inner), so they are the
 same on every rank.  Every rank must construct the same selectors and decode the same tokens.
 """
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 
-from topkattn.backend import get_array_module, to_numpy
+from topkattn.backend import Array, get_array_module, to_numpy
 from topkattn.checks import check_int, logsumexp_rows
 from topkattn.decoding.lorann import LorannSelector
 from topkattn.decoding.selectors import DecodeSelector, ExactSelector
@@ -67,7 +72,7 @@ class ShardedSelection:
 
     __slots__ = ("idx", "rows", "scores", "lse", "k", "certified")
 
-    def __init__(self, idx, rows, scores, lse, k, certified):
+    def __init__(self, idx: Array, rows: Array, scores: Array, lse: Array, k: Array, certified: Array | None) -> None:
         self.idx, self.rows, self.scores, self.lse, self.k, self.certified = idx, rows, scores, lse, k, certified
 
 
@@ -120,7 +125,8 @@ class ShardedSelector(DecodeSelector):
     the selector returns its ``idx``.
     """
 
-    def __init__(self, inner_factory, comm, *, measure_recall=True, dynamic_first=32):
+    def __init__(self, inner_factory: Callable[[], DecodeSelector], comm: Any, *, measure_recall: bool = True,
+                 dynamic_first: int = 32) -> None:
         super().__init__(measure_recall=False)  # recall is measured here, on the merged selection
         if not callable(inner_factory):
             raise TypeError(f"inner_factory must be a callable returning a DecodeSelector, "
@@ -152,11 +158,11 @@ class ShardedSelector(DecodeSelector):
         return inner
 
     # -- prefill ---------------------------------------------------------------------------
-    def begin_prefill(self):
+    def begin_prefill(self) -> None:
         super().begin_prefill()
         self.inner.begin_prefill()
 
-    def end_prefill(self):
+    def end_prefill(self) -> None:
         super().end_prefill()
         error = None
         try:
@@ -178,7 +184,8 @@ class ShardedSelector(DecodeSelector):
     def __call__(self, query, cache, *, topk, sinks=0, window=0, scale=1.0):
         return self.select(query, cache, topk=topk, sinks=sinks, window=window, scale=scale).idx
 
-    def select(self, query, cache, *, topk, sinks=0, window=0, scale=1.0):
+    def select(self, query: Array, cache: _ShardedRows, *, topk: int, sinks: int = 0, window: int = 0,
+               scale: float = 1.0) -> ShardedSelection:
         """The merged :class:`ShardedSelection` of one decode step (a collective call)."""
         if not isinstance(cache, _ShardedRows):
             raise TypeError(f"ShardedSelector needs a cache sharded by position (a layer converted with "
@@ -444,7 +451,8 @@ def _recall(idx, truth, k_row, st, xp):
     return found.sum(axis=1), wanted, found.sum(axis=0), sought.sum(axis=0)
 
 
-def sharded_selector_factory(make_selectors, comm=None, **options):
+def sharded_selector_factory(make_selectors: Callable[[int], Sequence[DecodeSelector]], comm: Any = None,
+                             **options: Any) -> Callable[[int], list[ShardedSelector]]:
     """Wrap ``make_selectors(batch_number) -> [selector per layer]`` (e.g.
     :func:`topkattn.decoding.runner.selector_factory`) so each layer's selector searches this
     rank's shard: ``make(batch_number) -> [ShardedSelector per layer]``.  ``comm``: default

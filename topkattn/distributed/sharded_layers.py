@@ -20,16 +20,20 @@ global logsumexp ``lse`` of the attended scores, and one Allreduce of (B, H, Dv)
 parts.  The training path (``forward``/``backward``) is the layer's own, unchanged (replicated).
 :func:`shard_decoding` converts a model's attention layers in place.
 """
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
 
-from topkattn.backend import get_array_module
+from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_int, logsumexp_rows
 from topkattn.decoding.selectors import ExactSelector
 from topkattn.distributed.comm import allreduce_sum
 from topkattn.distributed.exchange import allgather_fields
 from topkattn.distributed.head_parallel import HeadParallelMLA
 from topkattn.distributed.sharded_cache import ShardedKVCache, ShardedMLACache
-from topkattn.distributed.sharded_decoding import ShardedSelector
+from topkattn.distributed.sharded_decoding import ShardedSelection, ShardedSelector
 from topkattn.layers.attention import Attention
 from topkattn.layers.cache import check_step_input
 from topkattn.layers.mla import MLA
@@ -54,7 +58,7 @@ def _bad_rows(lse):
     return xp.isnan(lse) | (lse == xp.inf)
 
 
-def attend_selection(comm, query, keys, values, sel):
+def attend_selection(comm: Any, query: Array, keys: Array, values: Array, sel: ShardedSelection) -> Array:
     """out (B, H, Dv): softmax attention over the merged selection ``sel``
     (:class:`~topkattn.distributed.ShardedSelection`), each rank over its own keys.
 
@@ -78,7 +82,7 @@ def attend_selection(comm, query, keys, values, sel):
     return xp.where(_bad_rows(lse), xp.nan, out)
 
 
-def attend_all(comm, query, keys, values, scale):
+def attend_all(comm: Any, query: Array, keys: Array, values: Array, scale: float) -> Array:
     """out (B, H, Dv): dense softmax attention over every rank's keys (keys and values as in
     :func:`attend_selection`).  One Allgather of the ranks' logsumexp (B*H numbers each) and
     one Allreduce of B*H*Dv numbers."""
@@ -152,13 +156,13 @@ class ShardedMLA(_ShardedDecode, MLA):
     """``layer`` (an :class:`~topkattn.layers.mla.MLA`, whose params it shares) decoding over a
     latent cache sharded by position on ``comm``'s ranks (round-robin blocks of ``block``)."""
 
-    def __init__(self, layer, comm, *, block=64):
+    def __init__(self, layer: MLA, comm: Any, *, block: int = 64) -> None:
         if not isinstance(layer, MLA) or isinstance(layer, (ShardedMLA, HeadParallelMLA)):
             raise TypeError(f"layer must be a plain MLA (not head-parallel or already sharded), got "
                             f"{type(layer).__name__}")
         self._init_sharded(layer, comm, block)
 
-    def init_cache(self, batch):
+    def init_cache(self, batch: int) -> ShardedMLACache:
         """An empty :class:`~topkattn.distributed.ShardedMLACache` (this rank's persistent rows in it)."""
         batch = check_int("batch", batch, 1)
         p = self.params
@@ -171,7 +175,7 @@ class ShardedMLA(_ShardedDecode, MLA):
             cache.prefix = self.persistent_tokens
         return cache
 
-    def step(self, x_t, cache):
+    def step(self, x_t: Array, cache: ShardedMLACache) -> Array:
         """y_t (B, 1, d) for x_t (B, 1, d) (the same on every rank); the owner of the token's
         position stores its [c ; kr]."""
         x_t = check_step_input(self, self._check_x(x_t), cache)
@@ -197,12 +201,12 @@ class ShardedAttention(_ShardedDecode, Attention):
     """``layer`` (a plain :class:`~topkattn.layers.attention.Attention`, whose params it shares)
     decoding over a key-value cache sharded by position on ``comm``'s ranks."""
 
-    def __init__(self, layer, comm, *, block=64):
+    def __init__(self, layer: Attention, comm: Any, *, block: int = 64) -> None:
         if not isinstance(layer, Attention) or isinstance(layer, ShardedAttention):
             raise TypeError(f"layer must be a plain Attention (not already sharded), got {type(layer).__name__}")
         self._init_sharded(layer, comm, block)
 
-    def init_cache(self, batch):
+    def init_cache(self, batch: int) -> ShardedKVCache:
         """An empty :class:`~topkattn.distributed.ShardedKVCache` (this rank's persistent rows in it)."""
         batch = check_int("batch", batch, 1)
         p = self.params
@@ -216,7 +220,7 @@ class ShardedAttention(_ShardedDecode, Attention):
             cache.prefix = P
         return cache
 
-    def step(self, x_t, cache):
+    def step(self, x_t: Array, cache: ShardedKVCache) -> Array:
         """y_t (B, 1, d) for x_t (B, 1, d); the owner of the token's position stores its key and value."""
         x_t = check_step_input(self, self._check_x(x_t), cache)
         B = x_t.shape[0]
@@ -240,7 +244,7 @@ def _modules(module):
         yield from _modules(child)
 
 
-def shard_decoding(model, comm, *, block=64):
+def shard_decoding(model: Transformer, comm: Any, *, block: int = 64) -> Transformer:
     """Make every attention layer of ``model`` (a :class:`~topkattn.model.Transformer` or a module
     holding MLA/Attention children) decode over a cache sharded by position on ``comm``, in
     place; returns ``model``.  The layers keep their params (shared, same names); only
