@@ -5,11 +5,13 @@ peak extra memory = max RSS of the process - RSS after the inputs were created.
 Report ratios from one run: this machine is shared and noisy.
 
     python benchmarks/bench_topk_attention.py                      # the issue's grid
-    python benchmarks/bench_topk_attention.py --sizes 1024 4096 --json out.json
+    python benchmarks/bench_topk_attention.py --sizes 1024 4096 --json out.json    # and out.png
     python benchmarks/bench_topk_attention.py --sizes 8192 --methods topkattn torch-sdpa --long 0 --rounds 3
 
 Each row keeps the best wall time and the best process CPU time (all threads) of its runs;
-the CPU-time ratios are the steadier ones on a shared machine.
+the CPU-time ratios are the steadier ones on a shared machine.  With ``--json`` (or ``--png``)
+the charts of time and peak memory against the sequence length per method are stored in the
+JSON under ``"plots"`` and drawn to a PNG (benchmarks/plotting.py).
 """
 import argparse
 import json
@@ -20,6 +22,7 @@ import sys
 import time
 
 import numpy as np
+import plotting
 
 METHODS = ["topkattn", "numpy-dense", "torch-sdpa", "torch-topk-seed"]
 
@@ -132,6 +135,7 @@ def main():
                     help="run every case this many times, round-robin, and keep each one's best (a shared "
                          "machine's load then hits the methods alike)")
     ap.add_argument("--json", help="write the rows to this JSON file")
+    ap.add_argument("--png", metavar="PATH", help="time and memory charts [default: the --json path with .png]")
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "T", "H"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -165,11 +169,37 @@ def main():
             print(f"{T:>6} {H:>2}  {r['fwd_s'] / s['fwd_s']:>13.2f} {r['fwd_bwd_s'] / s['fwd_bwd_s']:>13.2f} "
                   f"{r['peak_extra_mib'] / max(s['peak_extra_mib'], 1e-9):>13.2f}"
                   f" {r['fwd_cpu_s'] / s['fwd_cpu_s']:>13.2f} {r['fwd_bwd_cpu_s'] / s['fwd_bwd_cpu_s']:>13.2f}")
+    charts = time_charts(rows, a.heads)
     if a.json:
         from topkattn.storage import atomic_write_json
 
-        atomic_write_json(a.json, dict(device="cpu", cores=os.cpu_count(), k=a.k, D=a.dim, rows=rows),
+        atomic_write_json(a.json, dict(device="cpu", cores=os.cpu_count(), k=a.k, D=a.dim, rows=rows, plots=charts),
                           prefix=".bench-")
+    plotting.save_png(charts, plotting.png_path(a.png, a.json),
+                      title=f"top-k attention vs dense, CPU ({os.cpu_count()} cores, D={a.dim}, k={a.k})")
+
+
+def time_charts(rows, heads):
+    """Forward and forward + backward wall time, and peak extra memory, against the sequence
+    length T (= S), one line per method and head count (log-log; failed runs left out)."""
+    ok = [r for r in rows if "error" not in r]
+    groups = list(dict.fromkeys((r["method"], r["H"]) for r in ok))
+
+    def lines(key, scale=1.0):
+        out = []
+        for m, H in groups:
+            rs = sorted((r for r in ok if (r["method"], r["H"]) == (m, H)), key=lambda r: r["T"])
+            out.append(plotting.series(m if H == heads else f"{m} (H={H})", [r["T"] for r in rs],
+                                       [r[key] * scale for r in rs]))
+        return out
+
+    charts = [plotting.chart(f"forward (B=1, H={heads}, causal)", "sequence length T (= S)", "ms",
+                             lines("fwd_s", 1e3), xscale="log", yscale="log"),
+              plotting.chart("forward + backward", "sequence length T (= S)", "ms", lines("fwd_bwd_s", 1e3),
+                             xscale="log", yscale="log"),
+              plotting.chart("peak memory above the inputs (forward + backward)", "sequence length T (= S)", "MiB",
+                             lines("peak_extra_mib"), xscale="log", yscale="log")]
+    return [c for c in charts if c["series"]]
 
 
 def _fmt(r):
