@@ -10,7 +10,7 @@ also keeps the median).  Runs dense attention (topk=None) and top-k attention (`
 ``--threads`` threads (default 1: OpenBLAS threads fighting over busy cores made single
 matrix products 20x slower in our runs).
 
-    python benchmarks/bench_mla_decode.py [--contexts 4096 16384 65536] [--reps 5] [--json PATH]
+    python benchmarks/bench_mla_decode.py [--contexts 4096 16384 65536] [--reps 5] [--json PATH] [--png PATH]
     python benchmarks/bench_mla_decode.py --device cupy   # on a GPU
 
 Roofline (top-k rows, NumPy): per step, the bytes read (the weights the step multiplies, once;
@@ -23,6 +23,9 @@ MLA selection does 2 H (C + R) = 9216 FLOPs per 1152-byte token (8 FLOP/B), MHA 
 per 4096-byte token (0.5 FLOP/B): MLA wins on a machine whose compute rate is above
 9216 / 4096 = 2.25x its bandwidth in bytes/s.  ``--h200`` adds the same bound with an H200's
 rates (4.8 TB/s HBM3e, 67 TFLOP/s FP32 FMA; launch latencies left out).
+
+With ``--json`` (or ``--png``) the charts (step time and its roofline bound, cache size, against
+the context) are stored in the JSON under ``"plots"`` and drawn to a PNG (benchmarks/plotting.py).
 """
 import argparse
 import os
@@ -34,6 +37,7 @@ if __name__ == "__main__":  # BLAS threads must be fixed before NumPy loads (see
     threads_from_argv()
 
 import numpy as np
+import plotting
 
 from topkattn.layers import MLA, Attention
 
@@ -134,6 +138,7 @@ def main(argv=None):
     ap.add_argument("--device", choices=["numpy", "cupy"], default="numpy")
     ap.add_argument("--threads", default="1", help="BLAS threads (default 1: stable timings on a shared machine)")
     ap.add_argument("--json", default=None, help="write the results to this path")
+    ap.add_argument("--png", metavar="PATH", help="step time and cache charts [default: the --json path with .png]")
     ap.add_argument("--no-roofline", action="store_true", help="skip the rate measurements and the bound")
     args = ap.parse_args(argv)
 
@@ -196,12 +201,39 @@ def main(argv=None):
                     f"{r['mla_step_ms']:.2f}", f"{r['mha_step_ms']:.2f}", f"{r['h200_mla_us']:.1f}",
                     f"{r['h200_mha_us']:.1f}")
             print(" | ".join(f"{v:>11}" for v in vals))
+    charts = decode_charts(rows)
     if args.json:
         from topkattn.storage import atomic_write_json
 
-        atomic_write_json(args.json, {"args": vars(args), "expected_cache_ratio": expected, "rows": rows},
-                          prefix=".bench-")
+        atomic_write_json(args.json, {"args": vars(args), "expected_cache_ratio": expected, "rows": rows,
+                                      "plots": charts}, prefix=".bench-")
+    plotting.save_png(charts, plotting.png_path(args.png, args.json),
+                      title=f"MLA vs MHA decode step (H={H}, head dim {D}, C={C}, R={R}, batch {B}, {args.dtype}, "
+                            f"{args.device})")
     return rows
+
+
+def decode_charts(rows):
+    """Best step time against the context per layer and attention (the top-k rows' roofline
+    bounds as faint lines), and the cache size per layer, log-log."""
+    modes = list(dict.fromkeys(r["attention"] for r in rows))
+    steps, bounds = [], []
+    for mode in modes:
+        rs = sorted((r for r in rows if r["attention"] == mode), key=lambda r: r["context"])
+        ctx = [r["context"] for r in rs]
+        for name in ("mla", "mha"):
+            steps.append(plotting.series(f"{name.upper()} {mode}", ctx, [r[f"{name}_step_ms"] for r in rs]))
+            if all(f"{name}_roof_ms" in r for r in rs):
+                bounds.append(plotting.series(f"{name.upper()} {mode} bound", ctx, [r[f"{name}_roof_ms"] for r in rs],
+                                              alpha=0.4))
+    first = sorted((r for r in rows if r["attention"] == modes[0]), key=lambda r: r["context"]) if rows else []
+    cache = [plotting.series(name.upper(), [r["context"] for r in first], [r[f"{name}_cache_MiB"] for r in first])
+             for name in ("mla", "mha")] if first else []
+    charts = [plotting.chart("decode step (best of the reps)", "context (cached tokens)", "ms", steps + bounds,
+                             xscale="log", yscale="log"),
+              plotting.chart("KV cache per sequence", "context (cached tokens)", "MiB", cache,
+                             xscale="log", yscale="log")]
+    return [c for c in charts if c["series"]]
 
 
 if __name__ == "__main__":
