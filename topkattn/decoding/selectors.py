@@ -169,7 +169,8 @@ class DecodeSelector:
     def reset_stats(self) -> None:
         self.stats = DecodeStats()
 
-    def __call__(self, query, cache, *, topk, sinks=0, window=0, scale=1.0):
+    def __call__(self, query: Array, cache: Any, *, topk: int, sinks: int = 0, window: int = 0,
+                 scale: float = 1.0) -> Array:
         keys = cache.keys
         xp = get_array_module(query, keys)
         if query.ndim != 3:

@@ -181,7 +181,8 @@ class ShardedSelector(DecodeSelector):
         self._norm_max = np.zeros(shape + (3,))  # max |key|, |latent part|, |rope part|
 
     # -- the protocol ----------------------------------------------------------------------
-    def __call__(self, query, cache, *, topk, sinks=0, window=0, scale=1.0):
+    def __call__(self, query: Array, cache: _ShardedRows, *, topk: int, sinks: int = 0, window: int = 0,
+                 scale: float = 1.0) -> Array:
         return self.select(query, cache, topk=topk, sinks=sinks, window=window, scale=scale).idx
 
     def select(self, query: Array, cache: _ShardedRows, *, topk: int, sinks: int = 0, window: int = 0,
