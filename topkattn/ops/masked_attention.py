@@ -57,7 +57,8 @@ def masked_is_cheaper(S: int, K: int, D: int, Dv: int) -> bool:
     its backward.  Tile / gather time: 0.47 at B H = 128, S = 64, K = 8, D + Dv = 40 (train-toy's
     default); 0.87 at B H = 256, S = 256, K = 8, D + Dv = 80 (its --d-model 256 --heads 8
     --seq-len 256); 1.03 at S = 192, K = 8, D + Dv = 80; 1.26 at S = 128, K = 4; 2.1 at S = 512,
-    K = 8; 0.45 at S = 512, K = 32.  Near the boundary the two are within a quarter.
+    K = 8; 0.45 at S = 512, K = 32.  On the boundary (S = K (D + Dv) / 2.5: train-toy's large size,
+    and S = 128, K = 4) the two are within a quarter either way.
     """
     return 5 * S <= 2 * K * (D + Dv)
 
