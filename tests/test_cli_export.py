@@ -55,8 +55,9 @@ def test_exported_model_gives_identical_logits(run, tmp_path):
     with safe_open(str(path), framework="numpy") as f:  # what another framework sees
         meta = f.metadata()
         assert set(f.keys()) == set(model.params)
-    assert json.loads(meta["topkattn.config"]) == model.cfg.to_dict()
-    assert json.loads(meta["topkattn.train_config"]) == cfg.to_dict()
+    as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples such as dense_layers become lists)
+    assert json.loads(meta["topkattn.config"]) == as_json(model.cfg.to_dict())
+    assert json.loads(meta["topkattn.train_config"]) == as_json(cfg.to_dict())
     assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
 
 
