@@ -22,14 +22,17 @@ Forgetful masking (rate r): each selected key is dropped with probability r
 and the freed slots are refilled, in rank order, by the keys ranked K'+1,
 K'+2, ... -- what an ANN index with recall 1 - r returns.  The drop draws
 (B, H, T, K') come from :func:`forget_draws` so every implementation (NumPy,
-Numba, CUDA, the reference) makes the same choices for one seed.
+Numba, CUDA, the reference) makes the same choices for one seed.  With
+``head_slice=(h0, h1, H_all)`` the draws are made for all H_all heads and heads
+h0 .. h1-1 kept: a process holding those heads (head-parallel) drops what the
+all-heads call drops for them.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from topkattn.backend import Array, get_array_module
-from topkattn.checks import logsumexp_rows, make_rng
+from topkattn.checks import check_int, logsumexp_rows, make_rng
 from topkattn.ops.dynamic_k import choose_k
 from topkattn.threads import blas_single_thread, n_workers, pool
 
@@ -95,14 +98,35 @@ class RowBounds:
 
 
 def forget_draws(seed: int | np.random.Generator | None, shape: tuple[int, ...],
-                 forget_rate: float) -> np.ndarray | None:
+                 forget_rate: float, head_slice: tuple[int, int, int] | None = None) -> np.ndarray | None:
     """Bool drop mask of ``shape`` (B, H, T, K'): True = this ranked slot is forgotten.
 
     Drawn on the host with NumPy so every implementation sees the same draws for a seed.
+    ``head_slice=(h0, h1, H_all)`` (h1 - h0 == H): draw (B, H_all, T, K') as the call on all
+    H_all heads would, from the same seed and consuming as much of a Generator, and return
+    heads h0 .. h1-1 of it.
     """
     if forget_rate <= 0.0:
         return None
-    return make_rng(seed, allow_none=True).random(shape) < forget_rate
+    rng = make_rng(seed, allow_none=True)
+    if head_slice is None:
+        return rng.random(shape) < forget_rate
+    h0, h1, H_all = check_head_slice(head_slice, shape[1])
+    full = rng.random((shape[0], H_all, *shape[2:]))  # (B, H_all, T, K')
+    return np.ascontiguousarray(full[:, h0:h1] < forget_rate)
+
+
+def check_head_slice(head_slice: object, H: int) -> tuple[int, int, int]:
+    """``head_slice`` as ints ``(h0, h1, H_all)`` with 0 <= h0, h1 - h0 == H (the query heads
+    given) and h1 <= H_all; TypeError / ValueError naming ``head_slice`` otherwise."""
+    if not (isinstance(head_slice, (tuple, list)) and len(head_slice) == 3):
+        raise TypeError(f"head_slice must be a tuple (h0, h1, H_all) of 3 ints, "
+                        f"got {type(head_slice).__name__} {head_slice!r}")
+    h0, h1, H_all = (check_int(f"head_slice[{i}]", n) for i, n in enumerate(head_slice))
+    if not (0 <= h0 and h1 - h0 == H and h1 <= H_all):
+        raise ValueError(f"head_slice (h0, h1, H_all) must satisfy 0 <= h0, h1 - h0 == H = {H} (the query "
+                         f"heads given) and h1 <= H_all, got {tuple(head_slice)!r}")
+    return h0, h1, H_all
 
 
 def apply_forgetting(ranked: Array, drop: Array, n_sel: int) -> Array:
@@ -167,21 +191,25 @@ def _rank_order(xp, work, cand):
 
 def select_topk(q: Array, k: Array, *, topk: int, causal: bool = True, scale: float, sinks: int = 0, window: int = 0,
                 forget_rate: float = 0.0, seed: int | np.random.Generator | None = None, chunk_size: int | None = None,
-                impl: str = "auto") -> Array:
+                impl: str = "auto", head_slice: tuple[int, int, int] | None = None) -> Array:
     """Indices (B, H, T, K) of the keys each query attends (forced + top-k), -1 padded.
 
     q (B, H, T, D), k (B, G, S, D); ``scale`` multiplies q.k (already divided by the
     temperature).  Scores are computed chunk by chunk: peak extra memory is one
     (B, H, chunk, S) tile plus the (B, H, T, K) result.  ``impl``: "auto" (Numba
     on CPU when available), "numba" or "numpy" (vectorised NumPy/CuPy).
+    ``head_slice=(h0, h1, H_all)``: q holds heads h0 .. h1-1 of H_all; the forgetful draws
+    are those of the all-heads call (:func:`forget_draws`).
     Inputs are validated by :func:`topkattn.topk_attention_forward`.
     """
     xp = get_array_module(q, k)
     B, H, T, _ = q.shape
     S = k.shape[2]
+    if head_slice is not None:  # checked whatever forget_rate is
+        head_slice = check_head_slice(head_slice, H)
     bounds = RowBounds(S, T, topk=topk, causal=causal, sinks=sinks, window=window)
     n_sel = bounds.n_sel
-    drop = forget_draws(seed, (B, H, T, n_sel), forget_rate)  # host (B, H, T, K') or None
+    drop = forget_draws(seed, (B, H, T, n_sel), forget_rate, head_slice)  # host (B, H, T, K') or None
     n_drop_max = 0 if drop is None else int(drop.sum(axis=-1).max(initial=0))
     m = n_sel + n_drop_max  # ranked candidates needed per row
 
@@ -528,4 +556,5 @@ def _choose_numba(impl, xp):
 
 
 __all__ = ["RowBounds", "select_topk", "select_dynamic_topk", "select_decode", "decode_scores",
-           "rank_decode_candidates", "grouped_keys", "forget_draws", "apply_forgetting", "ranked_topm_xp"]
+           "rank_decode_candidates", "grouped_keys", "forget_draws", "check_head_slice", "apply_forgetting",
+           "ranked_topm_xp"]
