@@ -89,6 +89,7 @@ GLOBAL_DIM_REDUCTION_SAMPLES = 16384
 FUSED_MAX_QUERIES = 16  # up to this many queries: fused Numba kernel, no BLAS
 SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up)
 BLOCK_MIN_GROUP = 4  # GEMM path once clusters get this many queries on average (measured)
+SPARE_DIVISOR = 4  # a build leaves each cluster (and the slot storage) 1/4 spare room
 DEFAULT_TRAIN_SIZE = 5  # train_size=None: this many nearest clusters, at most n_clusters
 _DISTANCES = ("ip", "l2")
 IP = 0  # the reference's lorann.IP: maximum inner product (distance -q.x)
@@ -323,11 +324,11 @@ class LorannIndex:
         self._size = np.array([len(mm) for mm in members], np.int64)
         self._n_live = int(np.count_nonzero(self._size))  # non-empty clusters
         self._fit_size = self._size.copy()
-        self._cap = self._size.copy()
+        self._cap = self._size + self._size // SPARE_DIVISOR + 8  # room to grow before a move
         self._start = np.zeros(c, np.int64)
         self._start[1:] = np.cumsum(self._cap)[:-1]
         self._used = int(self._cap.sum())
-        self._alloc_slots(self._used)
+        self._alloc_slots(self._used + self._used // SPARE_DIVISOR)  # room for moved and new clusters
         self._assign = np.zeros(len(self._data), np.int64)  # capacity follows _data
         self._assign[: len(assign)] = assign
         say("fitting reduced-rank models")
@@ -360,6 +361,14 @@ class LorannIndex:
         self._overgrown = set()  # clusters grown past refit_growth, refit when next visited
         self.built = True
         self._device = {}
+        self._grow_clusters(c, capacity=c + c // SPARE_DIVISOR + 8)  # room for splits
+        if self.max_cluster_size is not None:  # clusters k-means left too big: split them now
+            say("splitting clusters above max_cluster_size")
+            while True:
+                job = self._take_job()
+                if job is None or job["kind"] != "split":
+                    break
+                self._apply_job(job, self._compute_job(job))
 
     def _fit(self, ci, beta, gram):
         """Fit, quantise and store cluster ci's model from its OLS beta (Dg, n_c)."""
@@ -424,11 +433,21 @@ class LorannIndex:
         ``add``/``refit`` touched (a decode step refreshes one)."""
         with self._tr_lock:
             need = self.rank * len(self._bdeq)
-            if self._tr is None or len(self._tr[0]) != need:
+            if self._tr is None:
                 bt = np.zeros(need, np.float32)
                 ct = np.zeros(need, np.int8) if self.quantization_bits == 8 else None
                 self._tr_stale.clear()
                 cl = np.arange(self.n_clusters, dtype=np.int64)
+            elif len(self._tr[0]) != need:  # the slot storage grew: the layout is unchanged, copy
+                old_bt, old_ct = self._tr
+                bt = np.zeros(need, np.float32)
+                bt[:len(old_bt)] = old_bt
+                ct = None
+                if old_ct is not None:
+                    ct = np.zeros(need, np.int8)
+                    ct[:len(old_ct)] = old_ct
+                cl = np.fromiter(self._tr_stale, np.int64)
+                self._tr_stale.clear()
             elif self._tr_stale:
                 bt, ct = self._tr
                 cl = np.fromiter(self._tr_stale, np.int64)
@@ -1052,10 +1071,11 @@ class LorannIndex:
     _CLUSTER_ARRAYS = ("_cent", "_cnorm", "_adeq", "_adeq_t", "_acodes", "_ascale", "_P", "_size",
                        "_fit_size", "_cap", "_start", "_cgen")
 
-    def _grow_clusters(self, n):
+    def _grow_clusters(self, n, capacity=None):
         """Make room for n clusters: every per-cluster array becomes a view of the first n rows of
-        a buffer with doubling capacity (a split appends one cluster, copying only on doubling);
-        the new rows are zero (an empty cluster, capacity 0)."""
+        a buffer with doubling capacity (a split appends one cluster, copying only on doubling;
+        ``capacity``: at least this many rows when a buffer is made); the new rows are zero (an
+        empty cluster, capacity 0)."""
         old = self.n_clusters
         for name in self._CLUSTER_ARRAYS:
             arr = getattr(self, name)
@@ -1063,14 +1083,15 @@ class LorannIndex:
                 continue
             buf = self._cbuf.get(name)
             if buf is None or len(buf) < n:
-                cap = max(n, 2 * old, 8)
+                cap = max(n, 2 * old, 8, capacity or 0)
                 buf = np.zeros((cap,) + arr.shape[1:], arr.dtype)
                 buf[:old] = arr[:old]
                 self._cbuf[name] = buf
             buf[old:n] = 0
             setattr(self, name, buf[:n])
-        self._start[old:n] = self._used
-        self._gram.extend([None] * (n - old))
+        if n > old:
+            self._start[old:n] = self._used
+            self._gram.extend([None] * (n - old))
         self.n_clusters = n
 
     # ------------------------------------------------------------------ persistence
