@@ -38,10 +38,11 @@ SHARED_TILE_BYTES = 16 * 1024
 
 
 def topk_forward(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget_rate=0.0,
-                 seed=None):
+                 seed=None, head_slice=None):
     """(out (B, H, T, Dv), idx (B, H, T, K) int64, lse (B, H, T)) by the fused kernel.
 
-    ``scale`` multiplies q.k (already divided by the temperature).  Inputs are CuPy arrays
+    ``scale`` multiplies q.k (already divided by the temperature).  ``head_slice``: the
+    forgetful draws of :func:`topkattn.ops.selection.forget_draws`.  Inputs are CuPy arrays
     (NumPy under the simulator), validated by :func:`topkattn.topk_attention_forward`.
     """
     xp = array_module(q, k, v)
@@ -49,7 +50,7 @@ def topk_forward(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget
     S, Dv = k.shape[2], v.shape[3]
     bounds = RowBounds(S, T, topk=topk, causal=causal, sinks=sinks, window=window)
     n_sel = bounds.n_sel
-    drop = forget_draws(seed, (B, H, T, n_sel), forget_rate)  # host (B, H, T, K') or None
+    drop = forget_draws(seed, (B, H, T, n_sel), forget_rate, head_slice)  # host (B, H, T, K') or None
     n_drop_max = 0 if drop is None else int(drop.sum(axis=-1).max(initial=0))
     m = n_sel + n_drop_max
     check_limits(m, D, Dv)
@@ -87,7 +88,7 @@ def topk_forward_auto(q, k, v, *, few_rows=16384, long_rows=2048, **kw):
 
 
 def topk_forward_tiled(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget_rate=0.0,
-                       seed=None, tile_bytes=None):
+                       seed=None, head_slice=None, tile_bytes=None):
     """The same contract as :func:`topk_forward`, scoring with matmul tiles instead.
 
     Per query chunk the (B*H*c, S') score tile comes from ``xp.matmul`` (cuBLAS, tensor
@@ -106,7 +107,7 @@ def topk_forward_tiled(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, 
     rep = H // G
     bounds = RowBounds(S, T, topk=topk, causal=causal, sinks=sinks, window=window)
     n_sel = bounds.n_sel
-    drop = forget_draws(seed, (B, H, T, n_sel), forget_rate)  # host (B, H, T, K') or None
+    drop = forget_draws(seed, (B, H, T, n_sel), forget_rate, head_slice)  # host (B, H, T, K') or None
     m = n_sel + (0 if drop is None else int(drop.sum(axis=-1).max(initial=0)))
     idx = xp.full((B, H, T, bounds.n_slots), -1, dtype=xp.int64)
     n_forced = bounds.n_sink + bounds.n_win

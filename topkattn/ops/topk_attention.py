@@ -11,7 +11,7 @@ import numpy as np
 from topkattn.backend import FLOAT_DTYPES, Array, as_engine_array, get_array_module, to_caller_kind
 from topkattn.checks import check_choice, check_int, check_real, make_rng
 from topkattn.ops.dense_attention import check_dout, default_scale
-from topkattn.ops.selection import select_dynamic_topk, select_topk
+from topkattn.ops.selection import check_head_slice, select_dynamic_topk, select_topk
 from topkattn.ops.sparse_attention import (
     SparseAttentionSaved,
     sparse_attention_backward,
@@ -22,7 +22,8 @@ from topkattn.ops.sparse_attention import (
 def topk_attention(q: Array, k: Array, v: Array, *, topk: int | str, causal: bool = True, scale: float | None = None,
                    temperature: float = 1.0, forget_rate: float = 0.0, seed: int | np.random.Generator | None = None,
                    sinks: int = 0, window: int = 0, chunk_size: int | None = None, tail_bound: float | None = None,
-                   max_topk: int | None = None, impl: str = "auto") -> Array:
+                   max_topk: int | None = None, impl: str = "auto",
+                   head_slice: tuple[int, int, int] | None = None) -> Array:
     """Top-k attention: each query attends softmax-weighted to its ``topk`` best keys.
 
     Args:
@@ -39,6 +40,10 @@ def topk_attention(q: Array, k: Array, v: Array, *, topk: int | str, causal: boo
       forget_rate: training-time forgetful masking: each selected key is dropped with this
         probability and refilled from the next-ranked keys (as an ANN index of recall
         1 - forget_rate would); ``seed`` (int or numpy Generator) makes it reproducible.
+      head_slice: ``(h0, h1, H_all)`` when q holds heads h0 .. h1-1 (h1 - h0 == H) of a layer
+        of H_all heads (head parallelism): the forgetful draws are those the call on all
+        H_all heads makes for these heads, so the result is that call's heads h0 .. h1-1.
+        Default None: the draws are made for the H heads given.
       sinks: the first ``sinks`` keys are always attended, in addition to the top-k.
       window: the ``window`` most recent visible keys are always attended, in addition.
       chunk_size: queries per chunk (default: automatic, about 16 MiB of scores per chunk);
@@ -58,7 +63,7 @@ def topk_attention(q: Array, k: Array, v: Array, *, topk: int | str, causal: boo
     out, _ = topk_attention_forward(q, k, v, topk=topk, causal=causal, scale=scale,
                                     temperature=temperature, forget_rate=forget_rate, seed=seed,
                                     sinks=sinks, window=window, chunk_size=chunk_size,
-                                    tail_bound=tail_bound, max_topk=max_topk, impl=impl)
+                                    tail_bound=tail_bound, max_topk=max_topk, impl=impl, head_slice=head_slice)
     return out
 
 
@@ -66,7 +71,8 @@ def topk_attention_forward(q: Array, k: Array, v: Array, *, topk: int | str, cau
                            scale: float | None = None, temperature: float = 1.0, forget_rate: float = 0.0,
                            seed: int | np.random.Generator | None = None, sinks: int = 0, window: int = 0,
                            chunk_size: int | None = None, tail_bound: float | None = None, max_topk: int | None = None,
-                           impl: str = "auto") -> tuple[Array, SparseAttentionSaved]:
+                           impl: str = "auto",
+                           head_slice: tuple[int, int, int] | None = None) -> tuple[Array, SparseAttentionSaved]:
     """Forward pass of :func:`topk_attention`: returns ``(out, saved)``.
 
     ``saved`` (a :class:`TopkAttentionSaved`) keeps only what backward needs: q, k, v,
@@ -79,7 +85,7 @@ def topk_attention_forward(q: Array, k: Array, v: Array, *, topk: int | str, cau
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
     check_inputs(q, k, v, topk=topk, scale=scale, temperature=temperature,
                   forget_rate=forget_rate, sinks=sinks, window=window, chunk_size=chunk_size,
-                  tail_bound=tail_bound, max_topk=max_topk, impl=impl, seed=seed)
+                  tail_bound=tail_bound, max_topk=max_topk, impl=impl, seed=seed, head_slice=head_slice)
     D = q.shape[-1]
     if impl == "cuda":  # refuse here, before any work, whichever topk: backward would need the GPU
         from topkattn.cuda.launch import array_module
@@ -96,13 +102,14 @@ def topk_attention_forward(q: Array, k: Array, v: Array, *, topk: int | str, cau
         from topkattn.cuda.topk_forward import topk_forward_auto
 
         out, idx, lse = topk_forward_auto(q, k, v, topk=int(topk), scale=eff_scale,
-                                     forget_rate=float(forget_rate), seed=seed,
+                                     forget_rate=float(forget_rate), seed=seed, head_slice=head_slice,
                                      **{n: common[n] for n in ("causal", "sinks", "window")})
         saved = TopkAttentionSaved(q, k, v, idx, out, lse, eff_scale)
         saved.like, saved.info, saved.impl = like, None, "cuda"
         return to_caller_kind(out, like), saved
     else:
-        idx = select_topk(q, k, topk=int(topk), forget_rate=float(forget_rate), seed=seed, **common)
+        idx = select_topk(q, k, topk=int(topk), forget_rate=float(forget_rate), seed=seed, head_slice=head_slice,
+                          **common)
     out, s = sparse_attention_forward(q, k, v, idx, eff_scale, impl="numpy" if impl == "numpy" else "auto")
     saved = TopkAttentionSaved(s.q, s.k, s.v, s.idx, s.out, s.lse, s.scale)
     saved.impl = "cuda" if impl == "cuda" else None
@@ -156,7 +163,8 @@ def _use_cuda(impl, q, v, n_sel):
 def check_inputs(q: Array, k: Array, v: Array, *, topk: int | str, scale: float | None, temperature: float,
                  forget_rate: float, sinks: int, window: int, chunk_size: int | None, tail_bound: float | None = None,
                  max_topk: int | None = None, impl: str = "auto",
-                 seed: int | np.random.Generator | None = None) -> None:
+                 seed: int | np.random.Generator | None = None,
+                 head_slice: tuple[int, int, int] | None = None) -> None:
     """Validate the arguments of :func:`topk_attention_forward` (shared with the context-parallel op):
     TypeError for a wrong type, ValueError for a wrong value or shape, naming the argument."""
     for name, a in (("q", q), ("k", k), ("v", v)):
@@ -203,3 +211,5 @@ def check_inputs(q: Array, k: Array, v: Array, *, topk: int | str, scale: float 
     check_choice("impl", impl, ("auto", "numba", "numpy", "cuda"))
     if seed is not None:  # checked whatever forget_rate is (a Generator is taken as is, not drawn from)
         make_rng(seed, "seed")
+    if head_slice is not None:  # checked whatever forget_rate is
+        check_head_slice(head_slice, H)
