@@ -14,6 +14,7 @@ pytest.importorskip("mpi4py")
 from topkattn.distributed import world
 from topkattn.distributed.head_parallel import (
     HeadParallelMLA,
+    HeadSliceGenerator,
     clip_head_parallel_grad_norm,
     full_model_params,
     gather_model_grads,
@@ -23,7 +24,9 @@ from topkattn.distributed.head_parallel import (
 from topkattn.layers.loss import softmax_cross_entropy
 from topkattn.layers.mla import MLA
 from topkattn.model import Transformer, TransformerConfig
+from topkattn.ops.selection import forget_draws
 from topkattn.training import optim
+from topkattn.training.train import RowSliceGenerator
 
 COMM = world()
 RTOL, ATOL = 1e-10, 1e-12
@@ -192,8 +195,6 @@ class _TwoRanks:
 
 
 def test_refusals():
-    with pytest.raises(ValueError, match="forget_rate must be 0"):
-        HeadParallelMLA(_mla(topk=2, forget_rate=0.2), COMM)
     with pytest.raises(TypeError, match="layer must be an MLA"):
         HeadParallelMLA(object(), COMM)
     with pytest.raises(TypeError, match="comm must be an mpi4py communicator"):
@@ -206,3 +207,75 @@ def test_refusals():
     if COMM.size > 1:  # a layer that differs between the ranks is refused on every rank
         with pytest.raises((ValueError, RuntimeError), match="same on every rank"):
             HeadParallelMLA(_mla(seed=COMM.rank), COMM)
+
+
+# ---------------------------------------------------------------- forgetful masking
+FORGET_CASES = [
+    dict(T=7, topk=2, forget_rate=0.5),  # short: the layer attends through select_topk + the dense tile
+    dict(T=20, topk=2, forget_rate=0.5),  # long: through topk_attention_forward
+    dict(T=9, topk=2, persistent_tokens=2, window=1, forget_rate=0.6),
+]
+
+
+@pytest.mark.parametrize("seed_kind", ["int", "generator"])
+@pytest.mark.parametrize("kw", FORGET_CASES)
+def test_layer_with_forgetting_equals_one_process(kw, seed_kind):
+    kw = dict(kw)
+    T = kw.pop("T")
+    ref = _mla(**kw)
+    hp = HeadParallelMLA(ref, COMM)
+    assert hp.forget_rate == ref.forget_rate
+    rng = np.random.default_rng(3)
+    x, dy = (rng.standard_normal((2, T, 12)) for _ in range(2))
+    seeds = (11, 11) if seed_kind == "int" else (np.random.default_rng(11), np.random.default_rng(11))
+    exact = _mla(**{**kw, "forget_rate": 0.0}).forward(x)
+    for call in range(2):  # a Generator seed: the second call draws where the first left it
+        y_ref = ref.forward(x, seed=seeds[0])
+        close(hp.forward(x, seed=seeds[1]), y_ref, f"y (call {call})")
+        close(hp.backward(dy), ref.backward(dy), f"dx (call {call})")
+        assert not np.allclose(y_ref, exact)  # forgetting changed the selection
+    full = hp.gather_grads()
+    for name, g in ref.grads.items():
+        close(full[name], g, f"grad {name}")
+    if seed_kind == "generator":
+        assert seeds[0].random() == seeds[1].random()  # both generators advanced alike
+    ref.training = hp.training = False  # eval: no forgetting, whatever the seed
+    close(hp.forward(x, seed=5), exact, "y (eval)")
+
+
+def test_model_with_forgetting_trains_as_one_process():
+    cfg = _cfg(topk=2, persistent_tokens=1, forget_rate=0.5)
+    ref = Transformer(cfg)
+    hp = head_parallel(Transformer(cfg), COMM)
+    opt_ref, opt = optim.AdamW(lr=1e-2), optim.AdamW(lr=1e-2)
+    for step in range(2):
+        tokens, targets = _tokens(cfg, T=12, seed=20 + step)
+        logits_ref = ref.forward(tokens, seed=100 + step)
+        close(hp.forward(tokens, seed=100 + step), logits_ref, f"logits (step {step})")
+        _, dl = softmax_cross_entropy(logits_ref, targets)
+        ref.backward(dl)
+        hp.backward(dl)
+        full = gather_model_grads(hp)
+        for name, g in ref.grads.items():
+            close(full[name], g, f"grad {name} (step {step})")
+        opt_ref.step(ref.params, ref.grads)
+        opt.step(hp.params, hp.grads)
+    for name, p in full_model_params(hp).items():
+        close(p, ref.params[name], f"param {name} after 2 steps")
+
+
+def test_head_slice_generator_draws_the_all_heads_block():
+    full = np.random.default_rng(7).random((2, 4, 3, 5))
+    g = HeadSliceGenerator(7, 1, 4)
+    np.testing.assert_array_equal(g.random((2, 2, 3, 5)), full[:, 1:3])
+    np.testing.assert_array_equal(forget_draws(HeadSliceGenerator(7, 2, 4), (2, 2, 3, 5), 0.4),
+                                  forget_draws(7, (2, 2, 3, 5), 0.4, head_slice=(2, 4, 4)))
+    # rows of a data-parallel batch, then heads: the (rows, heads) block of the whole draw
+    both = HeadSliceGenerator(RowSliceGenerator(7, 1, 2), 3, 4)
+    np.testing.assert_array_equal(both.random((1, 1, 3, 5)), full[1:2, 3:4])
+    with pytest.raises(ValueError, match=r"heads \[3, 5\) do not fit in a layer of 4 heads"):
+        HeadSliceGenerator(7, 3, 4).random((2, 2, 3, 5))
+    with pytest.raises(TypeError, match="needs a shape tuple"):
+        HeadSliceGenerator(7, 0, 4).random()
+    with pytest.raises(TypeError, match="seed must be an int seed"):
+        HeadSliceGenerator("7", 0, 4)

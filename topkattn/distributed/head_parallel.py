@@ -19,6 +19,10 @@ o_h, and its partial output
 
 Top-k selection (and dynamic k) is decided per head from that head's scores, so a rank
 holding a head slice selects exactly the keys the single process selects for those heads.
+Forgetful masking (``forget_rate > 0`` while training) draws (B, H, T, K') per layer from the
+seed (:func:`topkattn.ops.selection.forget_draws`); rank r draws the same block for all H heads
+and keeps its heads' part (the seed goes to the layer as a :class:`HeadSliceGenerator`, what
+the op's ``head_slice=(h0, h1, H)`` does), so it drops and refills the single process's keys.
 
 Backward: every rank gets the same dy.  do_h = W_O[:, h]^T dy is local, so are the
 gradients of the sliced weights (W_O's columns, W_UQ, W_QR, W_UK, W_UV rows of rank r's
@@ -38,10 +42,7 @@ rank keeps the replicated parameters identical.
 Decoding (``step``) works the same way: every rank caches the replicated latents [c ; kr]
 and its heads' absorbed partial output is summed over the ranks (one allreduce of B*d).
 
-Restriction: forgetful masking draws (B, H, T, K') per layer from the seed
-(:func:`topkattn.ops.selection.forget_draws`); a rank with a head slice would have to use
-the slice of the full draws, which the ops do not offer, so a layer with ``forget_rate > 0``
-is refused (ValueError).  Gradient clipping must use the norm over every rank's slices:
+Gradient clipping must use the norm over every rank's slices:
 :func:`head_parallel_grad_norm` (and :func:`clip_head_parallel_grad_norm`) here, not the single-process ones.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from topkattn.backend import Array, get_array_module
-from topkattn.checks import check_real
+from topkattn.checks import check_real, make_rng
 from topkattn.distributed.comm import agree, allgather_rows, allreduce_sum
 from topkattn.distributed.data_parallel import params_checksum
 from topkattn.layers.cache import MLACache
@@ -80,6 +81,36 @@ def _head_slice(a, axis, lo, hi):
     return get_array_module(a).ascontiguousarray(a[tuple(idx)])
 
 
+class HeadSliceGenerator(np.random.Generator):
+    """A Generator whose :meth:`random` of shape (B, Hp, ...) returns heads [head0, head0 + Hp)
+    of the (B, heads_total, ...) block the generator of ``seed`` draws.
+
+    The seed a :class:`HeadParallelMLA` hands its layer: the layer passes only ``seed`` on to
+    :func:`topkattn.ops.selection.forget_draws` (one ``random((B, Hp, T, K'))`` per forward),
+    which then returns what ``head_slice=(head0, head0 + Hp, heads_total)`` would.  ``seed``:
+    anything :func:`topkattn.checks.make_rng` takes; a Generator is drawn from (advanced as by
+    the all-heads call), so a data-parallel ``RowSliceGenerator`` composes (rows, then heads).
+    Only :meth:`random` slices; it is the one draw forgetful masking makes.
+    """
+
+    def __init__(self, seed: int | np.random.Generator, head0: int, heads_total: int) -> None:
+        inner = make_rng(seed)
+        super().__init__(inner.bit_generator)  # one stream: a draw through either advances both
+        self._inner = inner
+        self.head0, self.heads_total = int(head0), int(heads_total)
+
+    def random(self, size: Any = None, dtype: Any = np.float64, out: Any = None) -> np.ndarray:
+        if size is None or out is not None or np.ndim(size) == 0 or len(size) < 2:
+            raise TypeError(f"HeadSliceGenerator.random needs a shape tuple (B, heads, ...) and no out, "
+                            f"got size={size!r}")
+        size = tuple(int(n) for n in size)
+        h1 = self.head0 + size[1]
+        if h1 > self.heads_total:
+            raise ValueError(f"heads [{self.head0}, {h1}) do not fit in a layer of {self.heads_total} heads")
+        full = self._inner.random((size[0], self.heads_total, *size[2:]), dtype=dtype)  # (B, heads_total, ...)
+        return full[:, self.head0:h1]
+
+
 class HeadParallelMLA(MLA):
     """An :class:`~topkattn.layers.mla.MLA` of ``n_heads = H / P`` heads that is rank ``r``'s
     share of a full ``layer`` of H heads on ``comm`` (P ranks).
@@ -92,7 +123,10 @@ class HeadParallelMLA(MLA):
     results equal the single-process ``layer``.  Every rank must pass the same ``layer``
     (checked: ValueError otherwise).  ``project`` returns this rank's heads only.
 
-    Raises ValueError (on every rank) when H % P != 0 or ``layer.forget_rate > 0``.
+    With ``forget_rate > 0`` the rank's heads drop, for a seed, what the single-process layer
+    drops for them (see :meth:`forward`).
+
+    Raises ValueError (on every rank) when H % P != 0.
     """
 
     def __init__(self, layer: MLA, comm: Any) -> None:
@@ -107,10 +141,6 @@ class HeadParallelMLA(MLA):
             if H % n_ranks:
                 raise ValueError(f"layer.n_heads={H} must be a multiple of the number of ranks "
                                  f"comm.size={n_ranks} (each rank holds n_heads / ranks heads)")
-            if layer.forget_rate > 0:
-                raise ValueError(f"layer.forget_rate must be 0 for head-parallel MLA, got {layer.forget_rate!r} "
-                                 "(forgetful draws are made for all H heads at once; a head slice "
-                                 "cannot reproduce them)")
         except (TypeError, ValueError) as e:
             error = e
         agree(comm, error)
@@ -124,7 +154,7 @@ class HeadParallelMLA(MLA):
         p0 = layer.params["W_DQ"]
         super().__init__(layer.d_model, Hp, layer.q_lora_rank, layer.kv_lora_rank, layer.qk_nope_dim,
                          layer.qk_rope_dim, layer.v_head_dim, topk=layer.topk, seed=0, dtype=p0.dtype,
-                         persistent_tokens=layer.persistent_tokens, window=layer.window, forget_rate=0.0,
+                         persistent_tokens=layer.persistent_tokens, window=layer.window, forget_rate=layer.forget_rate,
                          rope_base=layer.rope_base, eps=layer.eps, tail_bound=layer.tail_bound,
                          max_topk=layer.max_topk)
         self.comm = comm
@@ -145,7 +175,15 @@ class HeadParallelMLA(MLA):
 
     # -- training ----------------------------------------------------------------------
     def forward(self, x: Array, seed: int | np.random.Generator | None = None) -> Array:
-        """y (B, T, d), the full output (equal on every rank): the rank's partial output summed."""
+        """y (B, T, d), the full output (equal on every rank): the rank's partial output summed.
+
+        Forgetful masking (``forget_rate > 0``, training): ``seed`` (the same on every rank, a
+        Generator in the same state) becomes a :class:`HeadSliceGenerator` of the rank's heads,
+        so the draws are the single process's.  ``seed=None`` draws fresh entropy on each rank:
+        valid forgetting, reproducible by nobody, as in one process.
+        """
+        if seed is not None and self.forget_rate > 0 and self.training:
+            seed = HeadSliceGenerator(seed, self.head_range[0], self.n_heads_total)
         return allreduce_sum(self.comm, super().forward(x, seed=seed))
 
     def backward(self, dy: Array) -> Array:
