@@ -199,6 +199,10 @@ def test_refusals():
         HeadParallelMLA(object(), COMM)
     with pytest.raises(TypeError, match="comm must be an mpi4py communicator"):
         HeadParallelMLA(_mla(), object())
+    for kw in (dict(selection="block", block_size=2, topk_blocks=1), dict(kv_experts=2), dict(ternary=True),
+               dict(k_rank=4, v_rank=5)):  # options the head slicing does not carry over
+        with pytest.raises(ValueError, match="head-parallel MLA supports plain MLA"):
+            HeadParallelMLA(_mla(**kw), COMM)
     with pytest.raises(ValueError, match="no MLA"):
         head_parallel(Transformer(_cfg(attention="mha", head_dim=4)), COMM)
     hp = HeadParallelMLA(_mla(), COMM)

@@ -138,6 +138,10 @@ class HeadParallelMLA(MLA):
             if isinstance(layer, HeadParallelMLA):
                 raise TypeError("layer is already a HeadParallelMLA")
             H, n_ranks = layer.n_heads, comm.size
+            if layer.variant or layer.selection != "token":
+                raise ValueError(f"head-parallel MLA supports plain MLA with token or dense attention, got "
+                                 f"selection={layer.selection!r}, kv_experts={layer.kv_experts}, "
+                                 f"k_rank={layer.k_rank}, v_rank={layer.v_rank}, ternary={layer.ternary}")
             if H % n_ranks:
                 raise ValueError(f"layer.n_heads={H} must be a multiple of the number of ranks "
                                  f"comm.size={n_ranks} (each rank holds n_heads / ranks heads)")
