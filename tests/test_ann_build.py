@@ -148,3 +148,16 @@ def test_build_uses_the_two_level_search_and_stays_a_partition():
     ids = ix.search(q, 5, c, len(x))
     ref = np.argsort(-(q.astype(np.float64) @ x.T.astype(np.float64)), axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(ids, ref)
+
+
+def test_split_axis_is_the_top_principal_axis():
+    """kmeans._top_axis (power iteration) finds eigh's top eigenvector of the covariance (up to
+    sign) when the top variance stands out; identical points give None."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((500, 40)) * np.concatenate([[3.0], np.linspace(1.5, 0.5, 39)])
+    c = x - x.mean(0)
+    axis = kmeans._top_axis(c)
+    ref = np.linalg.eigh(c.T @ c)[1][:, -1]
+    np.testing.assert_allclose(abs(axis @ ref), 1.0, atol=1e-6)
+    assert kmeans._top_axis(np.zeros((5, 3))) is None
+    assert kmeans._split(np.ones((6, 3), np.float32)) is None
