@@ -78,15 +78,20 @@ class TokenStream:
         return self.emb[self.tokens[lo:hi]]  # (n, d)
 
     def keys_into(self, out, lo, hi):
-        """Write the cached rows [c ; kr] (hi - lo, C + R) of positions lo .. hi - 1 into out."""
+        """Write the cached rows [c ; kr] (hi - lo, C + R) of positions lo .. hi - 1 into out
+        (a token's latent and unrotated rope key depend on the token only: computed once per
+        vocabulary entry, then gathered and rotated to each position)."""
         L, w = self.layer, self.w
         C = L.kv_lora_rank
+        if not hasattr(self, "_c_tab"):
+            self._c_tab = rms_norm_forward(self.emb @ w["W_DKV"].T, w["kv_norm"], L.eps)[0]  # (V, C)
+            self._kr_tab = self.emb @ w["W_KR"].T  # (V, R)
         for a in range(lo, hi, CHUNK):
             b = min(hi, a + CHUNK)
-            x = self.hidden(a, b)
-            out[a - lo:b - lo, :C] = rms_norm_forward(x @ w["W_DKV"].T, w["kv_norm"], L.eps)[0]
+            tok = self.tokens[a:b]
+            out[a - lo:b - lo, :C] = self._c_tab[tok]
             cos, sin = rope_angles(np.arange(a, b), L.qk_rope_dim, L.rope_base, np, np.float32)
-            out[a - lo:b - lo, C:] = rope_apply(x @ w["W_KR"].T, cos, sin)
+            out[a - lo:b - lo, C:] = rope_apply(self._kr_tab[tok], cos, sin)
 
     def queries(self, lo, hi):
         """Absorbed queries (hi - lo, H, C + R) of positions lo .. hi - 1 (``MLA.absorbed_query``)."""

@@ -25,7 +25,9 @@ def _int_or_auto(value, option):
 
 
 def _search(value):
-    """--clusters-to-search: an integer >= 1 or a fraction in (0, 1]."""
+    """--clusters-to-search: 'auto', an integer >= 1 or a fraction in (0, 1]."""
+    if value == "auto":
+        return value
     msg = f"--clusters-to-search must be an integer >= 1 or a fraction in (0, 1], got {value!r}"
     try:
         v = finite_float(value, "--clusters-to-search")
@@ -82,14 +84,17 @@ def _mpi_launch(retriever, tail_bound):
                    "[default: the key-value pairs for mqar, half the sequence for text].")
 @click.option("--clusters", default="auto", show_default=True,
               help="lorann: clusters per index, or 'auto' (ceil(sqrt(N)) at each build).")
-@click.option("--clusters-to-search", "search", default="0.25", show_default=True,
-              help="lorann: clusters probed per query, an integer or a fraction of the clusters.")
-@click.option("--rerank", type=click.IntRange(min=0), default=0, show_default=True,
-              help="lorann: candidates re-ranked exactly inside the index (0: approximate scores).")
-@click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--clusters-to-search", "search", default="auto", show_default=True,
+              help="lorann: clusters probed per query, an integer, a fraction of the clusters, or 'auto' "
+                   "(the clusters holding about max(8192, 16 sqrt(N)) keys).")
+@click.option("--rerank", type=click.IntRange(min=0), default=None,
+              help="lorann: candidates re-ranked exactly inside the index (0: approximate scores) "
+                   "[default: 2 k].")
+@click.option("--rank", type=click.IntRange(min=1), default=32, show_default=True,
               help="lorann: rank of each cluster's regression.")
-@click.option("--refit-factor", type=FiniteFloat(min=1.0, min_open=True), default=2.0,
-              show_default=True, help="lorann: rebuild an index once it has grown by this factor.")
+@click.option("--refit-factor", type=FiniteFloat(min=1.0, min_open=True), default=None,
+              help="lorann: rebuild an index from scratch once it has grown by this factor [default: never; "
+                   "it grows by adds, with background refits and cluster splits].")
 @click.option("--no-refit", is_flag=True, help="lorann: never rebuild (only incremental adds).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the simulated drops and the indexes' k-means.")
@@ -169,7 +174,8 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
                                f"token decoded by the retriever), got {prompt_len}")
     lorann = {}
     if retriever == "lorann":
-        lorann = dict(n_clusters=n_clusters, clusters_to_search=to_search, points_to_rerank=rerank, rank=rank,
+        lorann = dict(n_clusters=n_clusters, clusters_to_search=to_search,
+                      points_to_rerank="auto" if rerank is None else rerank, rank=rank,
                       refit_factor=None if no_refit else refit_factor)
     make = selector_factory(retriever, len(model.blocks), recall=recall, tail_bound=tail_bound, seed=seed,
                             **lorann)
@@ -206,7 +212,8 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     if cfg.attention == "block":
         out["recall"] = out["recall_by_rank"] = None  # no token selector ran: see attention_stats
     if retriever == "lorann":
-        out["index"] = {"clusters": clusters, "clusters_to_search": to_search, "rerank": rerank,
+        out["index"] = {"clusters": clusters, "clusters_to_search": to_search,
+                        "rerank": "auto" if rerank is None else rerank,
                         "rank": rank, "refit_factor": None if no_refit else refit_factor}
     if rank != 0:  # the ranks agree; one of them speaks
         return

@@ -247,3 +247,20 @@ def test_build_splits_clusters_above_max_cluster_size():
     assert not ix.maintenance_pending
     _check_partition(ix)
     np.testing.assert_array_equal(ix.search(q, 6, ix.n_clusters, 2000), _exact(q, x, 6))
+
+
+def test_background_grows_the_point_storage_ahead_of_the_adds():
+    """Nearly full point storage: the maintenance thread doubles it (copying the old rows with no
+    lock held) before an add would have to; every point and search stays the same."""
+    x = _mixture(1300, 8, 16)
+    q = _mixture(5, 8, 17)
+    ix = LorannIndex(x[:100], 2, None, 8, 4, 2, "ip", seed=0, refit_growth=None, background=True)
+    ix.build()
+    cap = len(ix._data)
+    ix.add(x[100:cap - 10])  # one add, then less than GROW_WHEN_FREE of the storage is free
+    assert ix.wait_maintenance(timeout=60)
+    assert ix.maintenance_jobs["grow"] == 1 and len(ix._data) == 2 * cap
+    ix.add(x[cap - 10:])
+    np.testing.assert_array_equal(ix.data, x)
+    np.testing.assert_allclose(ix._norms[:len(x)], (x.astype(np.float64) ** 2).sum(1), rtol=1e-5)
+    np.testing.assert_array_equal(ix.search(q, 4, 2, 1300), _exact(q, x, 4))

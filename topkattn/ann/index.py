@@ -89,6 +89,8 @@ GLOBAL_DIM_REDUCTION_SAMPLES = 16384
 FUSED_MAX_QUERIES = 16  # up to this many queries: fused Numba kernel, no BLAS
 SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up)
 BLOCK_MIN_GROUP = 4  # GEMM path once clusters get this many queries on average (measured)
+DATA_SPARE_DIVISOR = 8  # the point storage's room for adds (at least 1024 rows); doubled when due
+GROW_WHEN_FREE = 0.04  # background: double the point storage ahead, once less than this fraction is free
 SPARE_DIVISOR = 4  # a build leaves each cluster (and the slot storage) 1/4 spare room
 DEFAULT_TRAIN_SIZE = 5  # train_size=None: this many nearest clusters, at most n_clusters
 _DISTANCES = ("ip", "l2")
@@ -182,12 +184,16 @@ class LorannIndex:
         self.max_cluster_size = max_cluster_size
         self.background = bool(background)
         self._rng = make_rng(seed, allow_none=True)
+        # (capacity, Dx): the points and room for DATA_SPARE_DIVISOR-th more (``add``)
+        cap = n + max(1024, n // DATA_SPARE_DIVISOR)
+        self._data = np.zeros((cap, d), np.float32)
         with np.errstate(over="ignore"):  # overflow is reported below
-            self._data = np.array(data, dtype=np.float32, order="C")  # (N, Dx), capacity = len
-        if not np.isfinite(self._data).all():
+            self._data[:n] = data
+        if not np.isfinite(self._data[:n]).all():
             raise ValueError("data has values outside the float32 range")
         self._n = n
-        self._norms = np.einsum("nd,nd->n", self._data, self._data)  # (N,)
+        self._norms = np.zeros(cap, np.float32)
+        self._norms[:n] = np.einsum("nd,nd->n", self._data[:n], self._data[:n])  # (N,)
         self.built = False
         self._device = {}
         self._init_runtime()
@@ -202,7 +208,7 @@ class LorannIndex:
         self._mlock = threading.Condition()  # the maintenance worker's state below
         self._worker_alive = False
         self._maintenance_error = None
-        self.maintenance_jobs = {"refit": 0, "split": 0, "discarded": 0}
+        self.maintenance_jobs = {"refit": 0, "split": 0, "grow": 0, "discarded": 0}
         self._nosplit = {}  # cluster -> size at which its points were found alike (no split)
         self._oversized = set()  # clusters seen above max_cluster_size by an add (kept exact by _take_job)
         self._cbuf = {}  # capacity buffers of the per-cluster arrays (see _grow_clusters)
@@ -366,7 +372,7 @@ class LorannIndex:
             say("splitting clusters above max_cluster_size")
             while True:
                 job = self._take_job()
-                if job is None or job["kind"] != "split":
+                if job is None or job["kind"] == "refit":
                     break
                 self._apply_job(job, self._compute_job(job))
 
@@ -920,7 +926,8 @@ class LorannIndex:
         with self._mlock:
             if self._worker_alive or self._maintenance_error is not None:
                 return
-            if not (self._overgrown or self._oversized) or self._take_job(peek=True) is None:
+            short = len(self._data) - self._n < GROW_WHEN_FREE * len(self._data)
+            if not (self._overgrown or self._oversized or short) or self._take_job(peek=True) is None:
                 return
             self._worker_alive = True
         threading.Thread(target=self._worker, name="lorann-maintenance", daemon=True).start()
@@ -952,6 +959,10 @@ class LorannIndex:
         points added since its fit when ``refit_growth`` is None).  ``peek``: only whether
         there is one (returns True or None, no snapshot).
         """
+        if self.background and len(self._data) - self._n < GROW_WHEN_FREE * len(self._data):
+            if peek:
+                return True
+            return dict(kind="grow", c=None, n0=self._n, data=self._data, norms=self._norms)
         c, kind = None, None
         if self.max_cluster_size is not None:
             over = np.flatnonzero(self._size > self.max_cluster_size)
@@ -989,6 +1000,13 @@ class LorannIndex:
     def _compute_job(self, job):
         """The heavy part of a job, without any lock: 2-means of the cluster's points (split)
         and the reduced-rank fit of each part."""
+        if job["kind"] == "grow":  # rows below n0 never change: copy them with no lock held
+            n0, cap = job["n0"], 2 * len(job["data"])
+            data = np.zeros((cap, self.dim), np.float32)
+            data[:n0] = job["data"][:n0]
+            norms = np.zeros(cap, np.float32)
+            norms[:n0] = job["norms"][:n0]
+            return dict(data=data, norms=norms)
         xr = self._reduce(job["pts"])  # (n0, Dg)
         with blas_single_thread():
             if job["kind"] == "refit":
@@ -1002,6 +1020,19 @@ class LorannIndex:
     def _apply_job(self, job, result):
         """Swap a job's result in (caller holds the write lock); a cluster rewritten since the
         snapshot (its generation moved on) discards it."""
+        if job["kind"] == "grow":
+            if self._data is not job["data"]:  # an add outgrew it meanwhile (and copied it itself)
+                self.maintenance_jobs["discarded"] += 1
+                return
+            data, norms, n0, n = result["data"], result["norms"], job["n0"], self._n
+            data[n0:n] = self._data[n0:n]  # the rows added meanwhile
+            norms[n0:n] = self._norms[n0:n]
+            assign = np.zeros(len(data), np.int64)
+            assign[:n] = self._assign[:n]
+            self._data, self._norms, self._assign = data, norms, assign
+            self._device = {}
+            self.maintenance_jobs["grow"] += 1
+            return
         c = job["c"]
         if self._cgen[c] != job["gen"]:
             self.maintenance_jobs["discarded"] += 1
