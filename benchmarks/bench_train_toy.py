@@ -24,6 +24,9 @@ reports tokens/s and topkattn / best-torch:
 
 topkattn runs :func:`topkattn.training.train.train` under the command's default
 --blas-threads; torch runs at 1 and 2 threads (``torch.set_num_threads``), the better counts.
+On a shared machine wall time swings with the other processes' load; the last columns compare
+the one-thread contenders by CPU seconds per step as well (steadier; torch at 2 threads is left
+out there, its CPU time counts both threads).
 Results go to benchmarks/results/train_toy_vs_torch.json (``--json`` to change).
 """
 import argparse
@@ -186,16 +189,22 @@ def _rel_err(a, b):
 
 
 def time_topkattn(cfg, blas_threads):
-    """Seconds per step of topkattn.training.train.train over cfg.steps - 1 steps (the first
-    untimed), under the command's BLAS thread limit."""
+    """(wall, CPU) seconds per step of topkattn.training.train.train over cfg.steps - 1 steps (the
+    first untimed), under the command's BLAS thread limit."""
     from threadpoolctl import threadpool_limits
 
     from topkattn.training.train import train
 
     stamps = []
     with threadpool_limits(limits=blas_threads, user_api="blas") if blas_threads else _nothing():
-        train(cfg, progress=lambda *a: stamps.append(time.perf_counter()))
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        train(cfg, progress=lambda *a: stamps.append((time.perf_counter(), time.process_time())))
+    return _per_step(stamps)
+
+
+def _per_step(stamps):
+    """(wall, CPU) seconds per step between the first and the last of (perf_counter, process_time) stamps."""
+    n = len(stamps) - 1
+    return ((stamps[-1][0] - stamps[0][0]) / n, (stamps[-1][1] - stamps[0][1]) / n)
 
 
 def time_baseline(cfg, blas_threads, tree):
@@ -205,18 +214,18 @@ def time_baseline(cfg, blas_threads, tree):
             "from bench_train_toy import time_topkattn; from topkattn.training.train import TrainConfig;"
             "names = {f.name for f in dataclasses.fields(TrainConfig)};"  # fields the older code knows
             "kw = {k: v for k, v in json.loads(sys.argv[3]).items() if k in names};"
-            "print(time_topkattn(TrainConfig(**kw), int(sys.argv[4])))")
+            "print(*time_topkattn(TrainConfig(**kw), int(sys.argv[4])))")
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
     out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)),
                           os.path.abspath(tree), json.dumps(cfg.to_dict()), str(blas_threads or 0)],
                          env=env, capture_output=True, text=True, cwd=os.path.abspath(tree))
     if out.returncode != 0:
         raise SystemExit(f"baseline run in {tree} failed:\n{out.stderr}")
-    return float(out.stdout.strip().splitlines()[-1])
+    return tuple(float(v) for v in out.stdout.strip().splitlines()[-1].split())
 
 
 def time_torch(cfg, threads):
-    """Seconds per step of the torch peer (same weights, batches and lr schedule), first step untimed."""
+    """(wall, CPU) seconds per step of the torch peer (same weights, batches and lr schedule), first step untimed."""
     import torch
     from torch_toy_model import from_topkattn, make_adamw, train_step
 
@@ -234,8 +243,8 @@ def time_torch(cfg, threads):
         lr = warmup_cosine_lr(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                               min_lr=cfg.lr * cfg.min_lr_ratio)
         train_step(peer, opt, torch.from_numpy(x), torch.from_numpy(y), lr, cfg.clip_norm)
-        stamps.append(time.perf_counter())
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        stamps.append((time.perf_counter(), time.process_time()))
+    return _per_step(stamps)
 
 
 class _nothing:
@@ -298,18 +307,21 @@ def main_peer():
                 for t in torch_threads:
                     runs[f"torch{t}"].append(time_torch(cfg, t))
             tokens = cfg.batch_size * cfg.seq_len
-            tok_s = {name: tokens / min(v) for name, v in runs.items()}
+            tok_s = {name: tokens / min(w for w, _ in v) for name, v in runs.items()}
+            tok_cpu_s = {name: tokens / min(c for _, c in v) for name, v in runs.items()}
             best_torch = max(tok_s[f"torch{t}"] for t in torch_threads)
             results.append({"size": size, "attention": cfg.attention, "k": cfg.k if row != "dense" else None,
                             "d_model": cfg.d_model, "heads": cfg.heads, "seq_len": cfg.seq_len,
                             "batch_size": cfg.batch_size, "timed_steps": steps - 1, "rounds": args.rounds,
                             "seconds_per_step": runs, "tokens_per_s": tok_s,
+                            "tokens_per_cpu_s": tok_cpu_s,
                             "ratio_vs_best_torch": tok_s["topkattn"] / best_torch, "check": err})
             print(f"{size} {row}: " + ", ".join(f"{n} {v:,.0f} tok/s" for n, v in tok_s.items()),
                   file=sys.stderr, flush=True)
     base = ["baseline tok/s", "baseline / best torch"] if args.baseline else []
+    cpu = ["per CPU-s: topkattn / torch 1T"] + (["baseline / torch 1T"] if args.baseline else [])
     head = ["size", "attention", "topkattn tok/s"] + [f"torch {t}T tok/s" for t in torch_threads] + [
-        "topkattn / best torch"] + base
+        "topkattn / best torch"] + base + (cpu if 1 in torch_threads else [])
     table = []
     for r in results:
         best_torch = max(r["tokens_per_s"][f"torch{t}"] for t in torch_threads)
@@ -318,6 +330,10 @@ def main_peer():
                + [f"{r['ratio_vs_best_torch']:.2f}x"])
         if args.baseline:
             row += [f"{r['tokens_per_s']['baseline']:,.0f}", f"{r['tokens_per_s']['baseline'] / best_torch:.2f}x"]
+        if 1 in torch_threads:  # one-thread contenders by CPU time: steadier than wall time on a shared machine
+            c = r["tokens_per_cpu_s"]
+            row += [f"{c['topkattn'] / c['torch1']:.2f}x"] + (
+                [f"{c['baseline'] / c['torch1']:.2f}x"] if args.baseline else [])
         table.append(row)
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
