@@ -214,7 +214,7 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     if retriever == "lorann":
         out["index"] = {"clusters": clusters, "clusters_to_search": to_search,
                         "rerank": "auto" if rerank is None else rerank,
-                        "rank": rank, "refit_factor": None if no_refit else refit_factor}
+                        "rank": lorann["rank"], "refit_factor": None if no_refit else refit_factor}
     if rank != 0:  # the ranks agree; one of them speaks
         return
     if as_json:

@@ -189,11 +189,13 @@ class LorannIndex:
         self._data = np.zeros((cap, d), np.float32)
         with np.errstate(over="ignore"):  # overflow is reported below
             self._data[:n] = data
-        if not np.isfinite(self._data[:n]).all():
+        if data.dtype != np.float32 and not _all_finite(self._data[:n]):
             raise ValueError("data has values outside the float32 range")
         self._n = n
         self._norms = np.zeros(cap, np.float32)
-        self._norms[:n] = np.einsum("nd,nd->n", self._data[:n], self._data[:n])  # (N,)
+        for lo in range(0, n, 65536):  # (N,) in blocks (einsum's temporaries stay small)
+            blk = self._data[lo:min(n, lo + 65536)]
+            self._norms[lo:lo + len(blk)] = np.einsum("nd,nd->n", blk, blk)
         self.built = False
         self._device = {}
         self._init_runtime()
@@ -353,7 +355,7 @@ class LorannIndex:
             qgram_full = None
             if not approximate and T is not None:  # the same mixture in the full dimension
                 qgram_full = _cluster_gram(qfull, _mean_gram(tq), len(mem))  # (Dx, Dx)
-            beta = rrr.ols_beta(xr[mem], pts, T, qgram_full, gram, approximate)  # (Dg, n_c)
+            beta = rrr.ols_beta(pts if T is None else xr[mem], pts, T, qgram_full, gram, approximate)  # (Dg, n_c)
             return gram, self._fit_model(beta, gram)
 
         with blas_single_thread(), ThreadPoolExecutor(n_workers()) as pool:
@@ -375,6 +377,7 @@ class LorannIndex:
                 if job is None or job["kind"] == "refit":
                     break
                 self._apply_job(job, self._compute_job(job))
+        self._mirror()  # the CPU kernels' transposed B, now rather than in the first search
 
     def _fit(self, ci, beta, gram):
         """Fit, quantise and store cluster ci's model from its OLS beta (Dg, n_c)."""
@@ -1354,7 +1357,14 @@ def _as_matrix(x, name, allow_1d=False):
         raise ValueError(f"{name} must be {want}, got shape {x.shape}")
     if x.size == 0 and x.ndim == 2 and x.shape[0] == 0:
         raise ValueError(f"{name} must not be empty, got shape {x.shape}")
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
+    if x.dtype.kind == "f" and not _all_finite(x):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return x
+
+
+def _all_finite(x, rows=16384):
+    """np.isfinite(x).all() in row blocks (no full-size boolean temporary for a million rows)."""
+    if x.ndim < 2 or len(x) <= rows:
+        return bool(np.isfinite(x).all())
+    return all(bool(np.isfinite(x[lo:lo + rows]).all()) for lo in range(0, len(x), rows))
 
