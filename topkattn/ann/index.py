@@ -493,6 +493,15 @@ class LorannIndex:
         thread and restored afterwards, so concurrent calls do not affect each other; BLAS
         keeps its own (process-wide) thread count.  Ignored for CuPy queries.
         """
+        if (type(q) is np.ndarray and q.ndim == 1 and q.dtype == np.float32 and type(k) is int
+                and type(clusters_to_search) is int and type(points_to_rerank) is int and n_threads == -1
+                and self.built and k >= 1 and clusters_to_search >= 1 and points_to_rerank >= 0
+                and q.shape[0] == self.dim and q.flags.c_contiguous and np.isfinite(q).all()):
+            found = self._search_one(q, k, clusters_to_search, points_to_rerank)  # the latency path
+            if found is not None:
+                if found[0].shape[1] == k and not return_distances:
+                    return found[0][0]
+                return self._result(found, k, q[None], True, return_distances, np)
         self._require_built()
         xp = get_array_module(q)
         q2, single = self._check_queries(q, "q", xp)
@@ -507,6 +516,28 @@ class LorannIndex:
                 with self._lock.write():
                     found = self._search(q2, k, w, rr, xp, exclusive=True)
         return self._result(found, k, q2, single, return_distances, xp)
+
+    def _search_one(self, q, k, w, rr):
+        """:meth:`search` of one valid float32 query (Dx,) with int arguments, the checks and
+        dispatch of the general path skipped (single-query latency: ~15 us of ~45); None when a
+        lazy refit is due (the general path does it)."""
+        with self._lock.read():
+            n = self._n
+            k, rr = min(k, n), min(rr, n)
+            w = min(w, self.n_clusters, self._n_live)
+            if self._overgrown and not self.background:  # a lazy refit may be due: general path
+                return None
+            qr = (q if self._T is None else q @ self._T)[None]  # (1, Dg)
+            ids = np.empty((1, k), np.int64)
+            scores = np.empty((1, k), np.float32)
+            bt, ct = self._mirror()
+            int8 = ct is not None
+            kernels.route_search_one(qr, q[None], self._cent, self._cnorm, w,
+                                     self._acodes if int8 else self._adeq_t, self._ascale, ct if int8 else bt,
+                                     self._bscale, int8, self._start, self._size, self._cap, self._slot_id,
+                                     self._norms, self.distance == "l2", self._data, max(k, rr), k, rr > 0,
+                                     ids, scores)
+            return ids, scores
 
     def _search(self, q, k, w, rr, xp, exclusive):
         """(ids, scores) (Q, min(k, N)), or None when a lazy refit is due and not ``exclusive``."""

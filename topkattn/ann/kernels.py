@@ -17,6 +17,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from topkattn.threads import njit
+
 # fast-math without "no NaN / no inf": -inf is the "no threshold yet" score and must compare
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
@@ -47,12 +49,12 @@ def _threadsafe_launch(kernel):
     return launch
 
 
-@nb.njit(inline="always")
+@njit(inline="always")
 def _worse(s1, i1, s2, i2):
     return s1 < s2 or (s1 == s2 and i1 > i2)
 
 
-@nb.njit(inline="always")
+@njit(inline="always")
 def _sift_down(hs, hi, n, p):
     while True:
         c = 2 * p + 1
@@ -68,7 +70,7 @@ def _sift_down(hs, hi, n, p):
             break
 
 
-@nb.njit(inline="always")
+@njit(inline="always")
 def _push(hs, hi, n, m, s, i):
     """Offer (s, i) to a bounded min-heap of capacity m holding n items; return the new n."""
     if n < m:
@@ -92,7 +94,7 @@ def _push(hs, hi, n, m, s, i):
     return n
 
 
-@nb.njit(inline="always")
+@njit(inline="always")
 def _drain_sorted(hs, hi, n, out_s, out_i):
     """Empty the heap into out_* best first."""
     while n > 0:
@@ -126,13 +128,13 @@ def _prefetch(typingctx, arr, index):
 _PREFETCH_AHEAD = 8  # candidate rows fetched ahead of the re-rank dot (random rows of data)
 
 
-@nb.njit(inline="always")
+@njit(inline="always")
 def _prefetch_row(flat, d, pid):
     for o in range(0, d, 16):  # one hint per 64-byte line of float32
         _prefetch(flat, pid * d + o)
 
 
-@nb.njit(inline="always")
+@njit(inline="always")
 def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s):
     """Write the k best of the nc candidates (exact re-rank if ``rerank``) into row qi, padded
     with id -1 / score -inf."""
@@ -149,7 +151,7 @@ def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s)
         _prefetch_row(flat, d, cand_i[j])
     hs = np.empty(k, np.float32)
     hi = np.empty(k, np.int64)
-    n = 0
+    n = np.int64(0)
     for j in range(nc):
         if j + _PREFETCH_AHEAD < nc:
             _prefetch_row(flat, d, cand_i[j + _PREFETCH_AHEAD])
@@ -166,7 +168,7 @@ def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s)
     _drain_sorted(hs, hi, n, out_s[qi], out_i[qi])
 
 
-@nb.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _best_m_sorted(cs, ci, n, m):
     """Reorder cs/ci[:n] so the first min(n, m) are the best, best first (score desc, ties to
     the lower id); returns min(n, m).  Insertion sort: callers cut n to about m first."""
@@ -182,7 +184,7 @@ def _best_m_sorted(cs, ci, n, m):
     return min(n, m)
 
 
-@nb.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _cut_to_m(cs, ci, n, m):
     """Reorder cs/ci[:n] so the first min(n, m) are the m best, in no order (score desc, ties
     to the lower id); returns min(n, m).  A few extra go one worst-scan each."""
@@ -199,7 +201,7 @@ def _cut_to_m(cs, ci, n, m):
     return n
 
 
-@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _count_ge(x, t):
     """How many of x are >= t (a vectorised loop, no branches; x a contiguous view: indexing
     a longer array at j0 + u would keep LLVM from vectorising)."""
@@ -209,7 +211,7 @@ def _count_ge(x, t):
     return c
 
 
-@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _mth_bound(x, m):
     """A score t with at least m of x (m <= len(x)) >= t, at most (max - min) / 2^16 below
     the m-th largest: bisection on the value with branch-free counts (quickselect's
@@ -233,7 +235,7 @@ def _mth_bound(x, m):
     return lo
 
 
-@nb.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _compact(cs, ci, n, m):
     """Keep the candidates scoring at least (a tight lower bound of) the m-th best of cs[:n]
     (m <= n; ties all stay); returns (new n, that score).  Degenerate ties that would keep
@@ -264,7 +266,7 @@ def _lowest_bit(typingctx, x):
     return sig, codegen
 
 
-@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _append_at_least(row, ids, th, cs, ci, n):
     """Append every score of row >= th (and its id) to cs/ci after n; returns the new n.
     The caller guarantees room.  Each block of 64 scores becomes a bit mask of those >= th
@@ -291,7 +293,7 @@ def _append_at_least(row, ids, th, cs, ci, n):
     return n
 
 
-@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def scan_row(row, ids, th, cs, ci, n, m):
     """Offer every score of ``row`` (n_c,) (point ids ``ids``) that is >= th to the candidate
     buffer cs/ci holding n; returns (n, th).  A vectorised count of the scores >= th comes
@@ -330,7 +332,7 @@ def scan_row(row, ids, th, cs, ci, n, m):
 
 
 @_threadsafe_launch
-@nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def score_clusters(qr, rows, starts, visit, adeq, bt, start, size, cap, slot_id, norms, l2, m,
                    cand_s, cand_i, cand_n, thresh, scratch_q, scratch_t, scratch_s, scratch_n):
     """Approximate scores of every visited cluster for its queries, straight into candidate buffers.
@@ -382,7 +384,7 @@ def score_clusters(qr, rows, starts, visit, adeq, bt, start, size, cap, slot_id,
 
 
 @_threadsafe_launch
-@nb.njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def raise_thresholds(cand_s, cand_i, cand_n, m, thresh):
     """Compact every buffer holding more than m candidates and raise its query's threshold to
     the best m-th score found (between the scoring passes of :meth:`LorannIndex._score_blocks`)."""
@@ -398,7 +400,7 @@ def raise_thresholds(cand_s, cand_i, cand_n, m, thresh):
 
 
 @_threadsafe_launch
-@nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank, out_i, out_s):
     """Each query's m best candidates over all threads' buffers (score desc, ties to the lower
     id), re-ranked exactly when ``rerank``; the k best go to out_i (Q, Kn) int64 and out_s
@@ -410,7 +412,7 @@ def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank,
             total += cand_n[p, qi]
         cs = np.empty(total, np.float32)
         ci = np.empty(total, np.int64)
-        n = 0
+        n = np.int64(0)
         for p in range(n_parts):
             for j in range(cand_n[p, qi]):
                 cs[n] = cand_s[p, qi, j]
@@ -419,7 +421,7 @@ def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank,
         _select_finish(qi, queries[qi], data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s)
 
 
-@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _select_finish(qi, q, data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s):
     """The m best of the n candidates cs/ci (score desc, ties to the lower id), re-ranked
     exactly when ``rerank``, the k best into row qi of out_i/out_s."""
@@ -432,7 +434,7 @@ def _select_finish(qi, q, data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s
     _finish(qi, q, data, norms, l2, cs, ci, n, k, rerank, out_i, out_s)
 
 
-@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size, cap,
                slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
     """One query: per cluster (best first) t = A_c^T q, the scores of its points into a row
@@ -447,7 +449,7 @@ def _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, s
     ci = np.empty(2 * m, np.int64)
     tq = np.empty(r, np.float32)
     q = qr[qi]
-    n = 0
+    n = np.int64(0)
     th = np.float32(-np.inf)
     for j in range(clusters.shape[1]):
         c = clusters[qi, j]
@@ -495,7 +497,7 @@ def _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, s
 
 
 @_threadsafe_launch
-@nb.njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def fused_search(qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size, cap,
                  slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
     """Score, select and re-rank in one pass, query-parallel (no BLAS calls).
@@ -508,12 +510,12 @@ def fused_search(qr, queries, clusters, a_src, a_scale, src, bscale, scaled, sta
     float32.  Cluster c's points sit at slots start[c] .. start[c] + size[c].
     Same output contract as :func:`merge_rerank`.
     """
-    for qi in nb.prange(qr.shape[0]):
-        _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size,
+    for qi in nb.prange(qr.shape[0]):  # (int64 qi: the serial kernel's specialisation of _fused_one)
+        _fused_one(np.int64(qi), qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size,
                    cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
 
 
-@nb.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def fused_search_serial(qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size,
                         cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
     """:func:`fused_search` on one thread (single queries: no thread-pool wake-up)."""
@@ -522,7 +524,7 @@ def fused_search_serial(qr, queries, clusters, a_src, a_scale, src, bscale, scal
                    cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
 
 
-@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _top_of_row(row, w, out):
     """The w best positions of row (Nc,) into out (Wc,), best first (ties to the lower one): a
     bisection bound, then a sort of the ~w above it (cheaper than a heap at these sizes)."""
@@ -530,7 +532,7 @@ def _top_of_row(row, w, out):
     th = _mth_bound(row, w)
     cs = np.empty(nc, np.float32)
     ci = np.empty(nc, np.int64)
-    n = 0
+    n = np.int64(0)
     for j in range(nc):
         if row[j] >= th:
             cs[n] = row[j]
@@ -539,14 +541,18 @@ def _top_of_row(row, w, out):
     if n <= 64:
         _best_m_sorted(cs, ci, n, w)
         out[:] = ci[:w]
-    else:  # ids ascending, so a stable sort on the score sends ties to the lower one
-        order = np.argsort(-cs[:n], kind="mergesort")
-        for j in range(w):
-            out[j] = ci[order[j]]
+    else:  # a bounded heap (no sort: Numba's sorts cost seconds of compile time)
+        hs = np.empty(w, np.float32)
+        hi = np.empty(w, np.int64)
+        m = 0
+        for j in range(n):
+            m = _push(hs, hi, m, w, cs[j], ci[j])
+        _drain_sorted(hs, hi, m, cs, ci)
+        out[:] = ci[:w]
 
 
 @_threadsafe_launch
-@nb.njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def top_columns(scores, w, out):
     """The w best columns of each row of scores (Q, Nc), best first (ties to the lower
     column), into out (Q, Wc) int64."""
@@ -555,14 +561,14 @@ def top_columns(scores, w, out):
 
 
 @_threadsafe_launch
-@nb.njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def top_few_columns(scores, w, out):
     """:func:`top_columns` for a small w (a sorted insertion buffer per row, no allocation):
     the w best columns of each row of scores (Q, Nc), best first, ties to the lower column."""
     for qi in nb.prange(scores.shape[0]):
         row = scores[qi]
         o = out[qi]
-        n = 0
+        n = np.int64(0)
         for j in range(row.shape[0]):
             v = row[j]
             if n == w and not v > row[o[w - 1]]:  # columns ascend: a tie keeps the earlier one
@@ -576,7 +582,7 @@ def top_few_columns(scores, w, out):
                 n += 1
 
 
-@nb.njit(inline="always")
+@njit(inline="always")
 def _transpose_one(c, start, size, cap, bdeq, bcodes, codes, bt, ct):
     r = bdeq.shape[1]
     lo, n, cp = start[c], size[c], cap[c]
@@ -589,7 +595,7 @@ def _transpose_one(c, start, size, cap, bdeq, bcodes, codes, bt, ct):
 
 
 @_threadsafe_launch
-@nb.njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def transpose_clusters(clusters, start, size, cap, bdeq, bcodes, codes, bt, ct):
     """Write the transposed blocks of ``clusters`` into the mirror (see
     ``LorannIndex._mirror``): bt[Rk*start[c] + v*cap[c] + j] = bdeq[start[c] + j, v] for the
@@ -598,14 +604,14 @@ def transpose_clusters(clusters, start, size, cap, bdeq, bcodes, codes, bt, ct):
         _transpose_one(clusters[i], start, size, cap, bdeq, bcodes, codes, bt, ct)
 
 
-@nb.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def transpose_clusters_serial(clusters, start, size, cap, bdeq, bcodes, codes, bt, ct):
     """:func:`transpose_clusters` on one thread (the cluster or two a decode step touched)."""
     for i in range(len(clusters)):
         _transpose_one(clusters[i], start, size, cap, bdeq, bcodes, codes, bt, ct)
 
 
-@nb.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def group_visits(top, n_clusters, rows, starts):
     """Group the visits top (Q, Wc) by cluster (a counting sort): the visits of cluster c are
     rows[starts[c]:starts[c + 1]], the ids of its queries in increasing order."""
@@ -624,14 +630,14 @@ def group_visits(top, n_clusters, rows, starts):
 
 
 @_threadsafe_launch
-@nb.njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def exact_topk(scores, k, out_i, out_s):
     """Row-wise top-k of a (Q, N) score block, ties to the lower column; best first."""
     nq, nn = scores.shape
     for qi in nb.prange(nq):
         hs = np.empty(k, np.float32)
         hi = np.empty(k, np.int64)
-        n = 0
+        n = np.int64(0)
         for t in range(nn):
             if n == k and scores[qi, t] < hs[0]:
                 continue
@@ -640,7 +646,7 @@ def exact_topk(scores, k, out_i, out_s):
 
 
 @_threadsafe_launch
-@nb.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def nearest_in_groups(x, cent, cnorm, l2, top, rows, starts, gstarts, members, scratch_x, scratch_s,
                       best_s, best_i):
     """The best centroid of each point's probed groups, group by group (a GEMM per group).
@@ -692,7 +698,7 @@ def nearest_in_groups(x, cent, cnorm, l2, top, rows, starts, gstarts, members, s
                     best_i[i, p] = bid
 
 
-@nb.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def best_of_probes(best_s, best_i, out):
     """out (N,) = the id of the best (score desc, ties to the lower id) of each row of best_s /
     best_i (N, probe) (:func:`nearest_in_groups`); -1 when a row has none."""
@@ -710,7 +716,7 @@ def best_of_probes(best_s, best_i, out):
         out[i] = bid
 
 
-@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def assign_column(xr, cent, cnorm, l2, proj, out_b):
     """Nearest cluster of one reduced point xr (Dg,) and its model column out_b = proj[c] @ xr.
 
@@ -739,7 +745,7 @@ def assign_column(xr, cent, cnorm, l2, proj, out_b):
     return c
 
 
-@nb.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def quantize_row_into(b, levels, codes, deq):
     """Quantise one row like ``quant.quantize_rows`` (8-bit codes, unpacked); returns its scale."""
     amax = np.float32(0.0)
@@ -755,7 +761,7 @@ def quantize_row_into(b, levels, codes, deq):
     return scale
 
 
-@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def route_small(qr, cent, cnorm, size, l2, w, out):
     """The w best non-empty clusters of each query, best first (ties to the lower cluster).
 
@@ -772,14 +778,41 @@ def route_small(qr, cent, cnorm, size, l2, w, out):
             n_live += 1
     s = np.empty(n_live, np.float32)
     pos = np.empty(w, np.int64)
+    g = qr.shape[1]
     for qi in range(qr.shape[0]):
         q = qr[qi]
-        for t in range(n_live):
-            cj = cent[live[t]]  # row views: contiguous, vectorised dots
-            acc = np.float32(0.0)
-            for u in range(q.shape[0]):
-                acc += q[u] * cj[u]
-            s[t] = 2 * acc - cnorm[live[t]] if l2 else acc
+        t = 0
+        while t < n_live:  # four centroids per pass: independent accumulators (latency-bound)
+            n4 = min(4, n_live - t)
+            r0 = cent[live[t]]
+            r1 = cent[live[t + 1]] if n4 > 1 else r0
+            r2 = cent[live[t + 2]] if n4 > 2 else r0
+            r3 = cent[live[t + 3]] if n4 > 3 else r0
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for u in range(g):
+                v = q[u]
+                a0 += v * r0[u]
+                a1 += v * r1[u]
+                a2 += v * r2[u]
+                a3 += v * r3[u]
+            for j in range(n4):
+                acc = a0 if j == 0 else (a1 if j == 1 else (a2 if j == 2 else a3))
+                s[t + j] = 2 * acc - cnorm[live[t + j]] if l2 else acc
+            t += n4
         _top_of_row(s, w, pos)
         for t in range(w):
             out[qi, t] = live[pos[t]]
+
+
+@njit(cache=True, nogil=True)
+def route_search_one(qr, query, cent, cnorm, w, a_src, a_scale, src, bscale, scaled, start, size, cap,
+                     slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
+    """One query end to end (:func:`route_small`, then :func:`fused_search_serial`) in one call:
+    the single-query latency path of ``LorannIndex.search``.  qr (1, Dg), query (1, Dx)."""
+    top = np.empty((1, w), np.int64)
+    route_small(qr, cent, cnorm, size, l2, w, top)
+    _fused_one(np.int64(0), qr, query, top, a_src, a_scale, src, bscale, scaled, start, size, cap, slot_id, norms, l2,
+               data, m, k, rerank, out_i, out_s)

@@ -17,7 +17,7 @@ import numba as nb
 import numpy as np
 
 from topkattn.ann import kernels
-from topkattn.threads import blas_single_thread
+from topkattn.threads import blas_single_thread, njit
 
 BLOCK = 8192
 TREE_BLOCK = 65536  # points per pass of the two-level search (bigger GEMMs per group)
@@ -161,7 +161,7 @@ def _update(x, assign, c, old):
     return cent, sizes
 
 
-@nb.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _segment_sum(sums, x, assign):
     for i in range(x.shape[0]):
         a = assign[i]
@@ -283,7 +283,7 @@ def balanced_assign(x, centroids, distance, slack=0.05, candidates=16):
     return assign
 
 
-@nb.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _greedy_fill(order, pref, cap, counts, assign):
     left = []
     for i in order:

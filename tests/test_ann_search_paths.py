@@ -1,0 +1,40 @@
+"""LorannIndex.search: the single-query latency path (one float32 query, int arguments: route
+and search in one kernel call) returns exactly what the general path returns."""
+import numpy as np
+import pytest
+
+from topkattn.ann import LorannIndex
+
+
+@pytest.mark.parametrize("distance,bits", [("ip", 8), ("l2", 8), ("ip", None), ("l2", 4)])
+def test_single_query_path_equals_general_path(distance, bits):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3000, 20)) + rng.integers(0, 4, (3000, 1))).astype(np.float32)
+    q = rng.standard_normal((12, 20)).astype(np.float32)
+    ix = LorannIndex(x, 30, 16, bits, 8, 2, distance, seed=0)
+    ix.build()
+    for k, w, rr in ((10, 4, 0), (10, 6, 40), (5, 30, 3000), (4000, 2, 50)):
+        for qi in q:
+            fast = ix.search(qi, k, w, rr, return_distances=True)  # 1-D float32, ints: the fast path
+            slow = ix.search(qi[None].astype(np.float64), np.int64(k), w, rr, return_distances=True)
+            np.testing.assert_array_equal(fast[0], slow[0][0])
+            np.testing.assert_array_equal(fast[1], slow[1][0])
+            np.testing.assert_array_equal(ix.search(qi, k, w, rr), slow[0][0])
+
+
+def test_single_query_path_checks_its_input_like_the_general_path():
+    x = np.random.default_rng(1).standard_normal((200, 6)).astype(np.float32)
+    ix = LorannIndex(x, 4, None, 8, 2, 2, "ip")
+    ix.build()
+    bad = x[0].copy()
+    bad[2] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        ix.search(bad, 3, 2, 0)
+    with pytest.raises(ValueError, match="shape"):
+        ix.search(x[0, :5].copy(), 3, 2, 0)
+    with pytest.raises(ValueError, match="k"):
+        ix.search(x[0], 0, 2, 0)
+    with pytest.raises(ValueError, match="points_to_rerank"):
+        ix.search(x[0], 3, 2, -1)
+    huge = np.full(6, 3e19, np.float32)  # finite (q.q would overflow float32): searched, no error
+    assert ix.search(huge, 3, 2, 0).shape == (3,)
