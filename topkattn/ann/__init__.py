@@ -10,6 +10,8 @@ returns int32 and float64, see ``topkattn.ann.index``)::
     ids = index.search(q, k=10, clusters_to_search=24, points_to_rerank=50)   # (Q, 10) int64
     ids, dist = index.search(q, 10, 24, 50, True)                             # dist = -q.x
     index.add(new_key)                                 # searchable at once, no rebuild
+    index = LorannIndex(keys, 256, max_cluster_size=2048, background=True)  # grows without stalls:
+    # big clusters split and grown ones refit in a maintenance thread (index.maintain() to do it now)
     index.save("keys.lorann.npz"); index = LorannIndex.load("keys.lorann.npz")
 
 Modules: ``index`` (the class), ``kmeans`` (IVF partition), ``rrr`` (reduced-rank

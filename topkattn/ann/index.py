@@ -34,12 +34,23 @@ apply here.  Extras: ``add``/``refit``, CuPy queries, ``seed``, ``refit_growth``
 ``search_state``, thread-safe sharing.
 
 Threads: one :class:`~topkattn.ann.rwlock.RWLock` per index; searches share it, every
-mutation (``add``, ``refit``, ``build``, and a search's lazy refit) holds it alone.
+mutation (``add``, ``refit``, ``build``, a search's lazy refit, a maintenance job's swap)
+holds it alone.
 
 Implementation notes
+- Build: k-means on a sample (256 points per cluster, at most 131072), the final
+  assignment by a two-level search (about sqrt(Nc) groups of centroids, 4 probed) from
+  384 clusters on; clusters above ``max_cluster_size`` are split before the build returns.
 - Model fit: the right singular vectors of the fitted values X beta come from the
-  (Dg, Dg) eigenproblem of F beta beta^T F^T with F^T F = X^T X, so a cluster costs
-  O(Qt Dg^2 + N Dg^2) and the (Qt, N) fitted-value matrix is never formed.
+  (Dg, Dg) eigenproblem of F beta beta^T F^T with F^T F = X^T X (its top Rk eigenvectors by
+  subspace iteration above 96 dims), so a cluster costs O(Qt Dg^2 + N Dg^2) and the (Qt, N)
+  fitted-value matrix is never formed; every point's column of B is then placed by P (the
+  least-squares placement ``add`` uses).  A cluster with fewer training queries than points
+  tops its queries' Gram up with the mean Gram of all training queries.
+- Maintenance (``max_cluster_size``, ``refit_growth``, ``background``): a job snapshots one
+  cluster (split by 2-means from its principal axis, or refit), fits with no lock held and
+  swaps the result in under the write lock; the point storage is doubled ahead of need the
+  same way.  Nothing a decode step does waits for a fit or a whole-index copy.
 - Quantisation: A (per rank component) and B (per point) are stored as 8- or
   4-bit codes with one float32 scale per row; scoring uses exactly the
   dequantised values; queries stay in float32.  The CPU kernels read B from a
@@ -47,7 +58,8 @@ Implementation notes
   codes, 4x less memory traffic, for the fused kernel, which reads A's 8-bit
   codes too), refreshed per cluster that ``add``/``refit`` touched; BLAS has no
   int8 GEMM, so it uses the float32.
-- Search (CPU): up to 16 queries, or batches whose visited clusters get fewer
+- Search (CPU): one float32 query with int arguments takes a latency path (routing and
+  search in one Numba call, no generic checks).  Up to 16 queries, or batches whose visited clusters get fewer
   than 4 queries on average, run the fused Numba kernel (query-parallel, or
   serial for 1-2 queries: A_c^T q, then 16 points per vector op); larger batches
   group queries by cluster and run two single-threaded BLAS GEMMs per visited
