@@ -5,8 +5,8 @@ Variants (train-toy's model: MLA, d=64, 2 layers, 4 heads):
 
     dense           full causal attention
     topk-k8/k32     token top-k, k = 8 / 32
-    tail-mean       token top-k with tail="mean": NOT in the layers yet (the op exists,
-                    ops/tail_attention.py; Attention/MLA take no ``tail``): listed, not trained
+    tail-k8         token top-k, k = 8, with tail="mean" (the dropped softmax mass goes to the
+                    mean unselected value, ops/tail_attention.py)
     dynamic-k       token top-k with topk="auto", tail_bound 0.05 (set on the layers: TrainConfig
                     has no dynamic k)
     block-16x2      block top-k (MoBA), blocks of 16, 2 per query (own included)
@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +47,7 @@ VARIANTS = {  # name -> (TrainConfig fields, layer overrides or None, op method 
     "dense": ({"attention": "dense"}, None, ("torch-sdpa", {})),
     "topk-k8": ({"attention": "topk", "k": 8}, None, ("token-k8", {})),
     "topk-k32": ({"attention": "topk", "k": 32}, None, ("token-kN", {"block_size": 16, "topk_blocks": 2})),
-    "tail-mean": None,
+    "tail-k8": ({"attention": "topk", "k": 8, "tail": "mean"}, None, None),
     "dynamic-k": ({"attention": "topk", "k": 8}, {"topk": "auto", "tail_bound": 0.05}, None),
     "block-16x2": ({"attention": "block", "block_size": 16, "topk_blocks": 2}, None,
                    ("block-blockwise", {"block_size": 16, "topk_blocks": 2})),
@@ -116,14 +117,16 @@ def op_costs(a):
     """{variant: {"fwd_bwd_s", "peak_extra_mib", rel to SDPA}} at T = S = a.op_len (subprocesses)."""
     have_torch = __import__("importlib").util.find_spec("torch") is not None
     out = {}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")  # one run: ratios only between rows of the same stamp
     for name in a.variants:
         spec = VARIANTS[name]
-        if spec is None or spec[2] is None or (spec[2][0] == "torch-sdpa" and not have_torch):
+        if spec[2] is None or (spec[2][0] == "torch-sdpa" and not have_torch):
             continue
         method, kw = spec[2]
         ns = argparse.Namespace(heads=8, dim=64, block_size=kw.get("block_size", 16),
                                 topk_blocks=kw.get("topk_blocks", 2), repeat=a.op_repeat, timeout=a.op_timeout)
         out[name] = bench_block_attention.run_case(method, a.op_len, ns)
+        out[name]["sdpa_run"] = stamp
         print(f"op {name:>14} ({method}): {out[name]}", flush=True)
     ref = out.get("dense")
     for r in out.values():
@@ -141,9 +144,6 @@ def fmt_table(rows, costs, tasks, variants):
     lines = [head, "-" * len(head)]
     by = {(r["variant"], r["task"]): r for r in rows}
     for v in variants:
-        if VARIANTS[v] is None:
-            lines.append(f"{v:>14}  not trained: the layers take no tail= yet (ops/tail_attention.py has the op)")
-            continue
         line = f"{v:>14}"
         for t in tasks:
             r = by.get((v, t))
@@ -160,6 +160,37 @@ def fmt_table(rows, costs, tasks, variants):
                      f" {c['peak_extra_mib']:>7.0f} {c.get('mem_vs_sdpa', float('nan')):>6.2f}")
         lines.append(line)
     return "\n".join(lines)
+
+
+BUDGET_ARGS = ("seed", "mqar_steps", "text_steps", "long_steps", "text_long_steps", "long_len", "long_pairs",
+               "long_batch", "op_len")
+
+
+def merge_previous(a, rows, costs):
+    """``(rows, costs)`` with those of ``a.json`` added for the pairs not measured now.  The old
+    file must have the same budget (seed, steps, lengths): rows from another budget would not
+    compare.  The rows measured now replace the old ones."""
+    if not a.json or not os.path.exists(a.json):
+        raise SystemExit(f"--merge needs an existing --json file, got {a.json!r}")
+    with open(a.json) as f:
+        old = json.load(f)
+    diff = {k: (old["args"].get(k), getattr(a, k)) for k in BUDGET_ARGS if old["args"].get(k) != getattr(a, k)}
+    if diff:
+        raise SystemExit(f"--merge: {a.json} was measured with another budget (old, new): {diff}")
+    now = {(r["variant"], r["task"]) for r in rows}
+    kept = [r for r in old["rows"] if (r["variant"], r["task"]) not in now and r["variant"] in VARIANTS]
+    merged_costs = {k: v for k, v in old.get("op_costs", {}).items() if k in VARIANTS}
+    merged_costs.update(costs)
+    ref = merged_costs.get("dense")
+    for r in merged_costs.values():  # ratios against the SDPA row measured in the same run only
+        if r is not ref and ref is not None and r.get("sdpa_run") != ref.get("sdpa_run"):
+            r.pop("fwd_bwd_vs_sdpa", None)
+            r.pop("mem_vs_sdpa", None)
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    merged = sorted(kept + rows, key=lambda r: (order[r["variant"]], TASKS.index(r["task"])))
+    a.variants = sorted({r["variant"] for r in merged} | set(a.variants), key=order.get)
+    a.tasks = [t for t in TASKS if any(r["task"] == t for r in merged)]
+    return merged, merged_costs
 
 
 def main():
@@ -183,19 +214,21 @@ def main():
     ap.add_argument("--no-op", action="store_true", help="skip the attention-op cost columns")
     ap.add_argument("--json", default=RESULTS, help=f"write the rows here (default {RESULTS}; '' to skip)")
     ap.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows and op costs of an existing --json file for the (variant, task) pairs not "
+                         "run now (their budgets must match: checked)")
     a = ap.parse_args()
     if a.quick:
         a.mqar_steps, a.text_steps, a.long_steps, a.text_long_steps, a.long_batch = 100, 50, 15, 15, 4
     rows = []
     for v in a.variants:
-        if VARIANTS[v] is None:
-            print(f"{v}: not trained (the layers take no tail= yet)", flush=True)
-            continue
         for t in a.tasks:
             r = train_row(v, t, a)
             rows.append(r)
             print(json.dumps(r), flush=True)
     costs = {} if a.no_op else op_costs(a)
+    if a.merge:
+        rows, costs = merge_previous(a, rows, costs)
     print()
     print(f"budget: mqar {a.mqar_steps} steps, mqar-long {a.long_steps} (T={a.long_len}, {a.long_pairs} pairs), "
           f"text {a.text_steps} (T=128), text-long {a.text_long_steps} (T={a.long_len}); seed {a.seed}; "
@@ -204,7 +237,7 @@ def main():
     if a.json:
         from topkattn.storage import atomic_write_json
 
-        trained = [v for v in a.variants if VARIANTS[v] is not None]
+        trained = list(a.variants)
         by = {(r["variant"], r["task"]): r for r in rows}
         charts = []
         for t in a.tasks:
@@ -213,7 +246,7 @@ def main():
                                          [plotting.series(v, [by[(v, t)]["keys_per_query"]], [by[(v, t)][key]])
                                           for v in trained if (v, t) in by], xscale="log"))
         doc = {"device": "cpu", "cores": os.cpu_count(), "args": vars(a), "rows": rows, "op_costs": costs,
-               "not_trained": {"tail-mean": "Attention/MLA take no tail= yet"}, "plots": charts}
+               "plots": charts}
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         atomic_write_json(a.json, doc, prefix=".bench-")
         print(f"wrote {a.json}")
