@@ -1,7 +1,8 @@
 """Time and peak memory of block top-k attention (MoBA), both routes, against token top-k and SDPA.
 
 Methods (B = 1, H = 8, D = 64, causal, float32; each (method, T) in its own subprocess so
-peak RSS is measured cleanly: peak extra memory = max RSS - RSS after the inputs were made):
+peak RSS is measured cleanly: peak extra memory = the high-water RSS after the inputs were made
+(benchmarks/memory.py) - RSS then):
 
     block-blockwise   block_topk_attention, route="blockwise" (per key-block GEMMs, online softmax;
                       the Numba group kernels of ops/block_kernels.py, the default)
@@ -20,24 +21,15 @@ Report ratios from one run: this machine is shared and noisy.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
+import memory
 import numpy as np
 
 METHODS = ["block-blockwise", "block-blockwise-numpy", "block-gather", "token-kN", "token-k8", "torch-sdpa"]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "block_attention.json")
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(method, T, H, D, block_size, topk_blocks, repeat):
@@ -75,7 +67,7 @@ def worker(method, T, H, D, block_size, topk_blocks, repeat):
 
         def bwd(state):
             state.backward(tdout)
-    base = rss_bytes()
+    base = memory.start_peak()
     t_fwd, t_both = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -86,7 +78,7 @@ def worker(method, T, H, D, block_size, topk_blocks, repeat):
         del state
         t_fwd.append(t1 - t0)
         t_both.append(t2 - t0)
-    peak = peak_rss_bytes() - base
+    peak = memory.peak_extra_bytes(base)
     print(json.dumps(dict(method=method, T=T, H=H, fwd_s=min(t_fwd), fwd_bwd_s=min(t_both),
                           peak_extra_mib=max(peak, 0) / 2**20)))
 

@@ -16,24 +16,15 @@ JSON under ``"plots"`` and drawn to a PNG (benchmarks/plotting.py).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
+import memory
 import numpy as np
 import plotting
 
 METHODS = ["topkattn", "numpy-dense", "torch-sdpa", "torch-topk-seed"]
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(method, T, H, D, k, repeat):
@@ -89,7 +80,7 @@ def worker(method, T, H, D, k, repeat):
 
         def bwd(state):
             state.backward(tdout)
-    base = rss_bytes()
+    base = memory.start_peak()
     t_fwd, t_both, c_fwd, c_both = [], [], [], []
     for _ in range(repeat):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -102,7 +93,7 @@ def worker(method, T, H, D, k, repeat):
         t_both.append(t2 - t0)
         c_fwd.append(c1 - c0)
         c_both.append(c2 - c0)
-    peak = peak_rss_bytes() - base
+    peak = memory.peak_extra_bytes(base)
     print(json.dumps(dict(method=method, T=T, H=H, fwd_s=min(t_fwd), fwd_bwd_s=min(t_both),
                           fwd_cpu_s=min(c_fwd), fwd_bwd_cpu_s=min(c_both),
                           peak_extra_mib=max(peak, 0) / 2**20)))
