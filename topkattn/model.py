@@ -25,7 +25,7 @@ import numpy as np
 
 from topkattn.backend import Array, get_array_module, to_numpy
 from topkattn.checks import ConfigDict, check_choice, check_int, check_real, float_dtype, make_rng
-from topkattn.layers.attend import check_selection
+from topkattn.layers.attend import check_selection, check_tail
 from topkattn.layers.attention import Attention
 from topkattn.layers.attention_stats import AttentionStats
 from topkattn.layers.block import Block
@@ -86,6 +86,7 @@ class TransformerConfig(ConfigDict):
     block_size: int | None = None  # selection="block": keys per block
     topk_blocks: int | None = None  # selection="block": blocks each query attends (its own included)
     dense_layers: tuple[int, ...] = ()  # layer indices with dense attention (hybrid: the others sparse)
+    tail: str | None = None  # None | "mean": token top-k's dropped softmax mass to the mean unselected value
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "q_lora_rank", "kv_lora_rank",
@@ -114,6 +115,7 @@ class TransformerConfig(ConfigDict):
         layer indices in [0, n_layers), kept as a sorted tuple (a JSON list loads too)."""
         check_selection(self.selection, self.block_size, self.topk_blocks, topk=self.topk, window=self.window,
                         forget_rate=self.forget_rate)
+        check_tail(self.tail, selection=self.selection, topk=self.topk, forget_rate=self.forget_rate)
         if isinstance(self.dense_layers, (str, bytes)) or not isinstance(self.dense_layers, Iterable):
             raise TypeError(f"dense_layers must be a sequence of layer indices, got {self.dense_layers!r}")
         layers = [check_int("dense_layers[]", i, 0, self.n_layers - 1) for i in self.dense_layers]
@@ -124,9 +126,9 @@ class TransformerConfig(ConfigDict):
     def layer_attention(self, i: int) -> dict[str, Any]:
         """The attention selection keywords of layer ``i``: dense in ``dense_layers``, else the config's."""
         if i in self.dense_layers:
-            return {"topk": None, "selection": "token", "block_size": None, "topk_blocks": None}
+            return {"topk": None, "selection": "token", "block_size": None, "topk_blocks": None, "tail": None}
         return {"topk": self.topk, "selection": self.selection, "block_size": self.block_size,
-                "topk_blocks": self.topk_blocks}
+                "topk_blocks": self.topk_blocks, "tail": self.tail}
 
     def _check_variants(self) -> None:
         """The attention variants' cross-field rules (ValueError naming the fields)."""

@@ -10,11 +10,13 @@ K index slots per query.
     y = W_O attn(q, k, v)                          scale 1/sqrt(D), sinks=P
 Decoding keeps the full key and value cache: G (D + Dv) numbers per token.
 """
+from typing import Any
+
 import numpy as np
 
-from topkattn.backend import get_array_module
+from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
-from topkattn.layers.attend import attention_backward, attention_forward, check_selection
+from topkattn.layers.attend import attention_backward, attention_forward, check_selection, check_tail
 from topkattn.layers.cache import BlockMeans, KVCache, attend_step, check_step_input
 from topkattn.layers.module import Module, as_input, check_grad_output, check_topk, normal
 from topkattn.layers.rope import check_rope_base, rope_angles, rope_apply
@@ -33,13 +35,15 @@ class Attention(Module):
     (:func:`topkattn.layers.cache.attend_step`); topk stays None, window and forget_rate 0.
     backward accumulates into ``grads``.  ``selector`` picks each decode step's keys (token top-k).
     ``stats``: None, or an :class:`~topkattn.layers.attention_stats.AttentionStats` recording
-    every forward and decode step.
+    every forward and decode step.  ``tail="mean"``: top-k with a mean tail, as in :class:`MLA`.
     """
 
-    def __init__(self, d_model, n_heads, n_kv_heads=None, head_dim=None, v_head_dim=None, topk=None,
-                 seed=0, dtype="float32", *, persistent_tokens=0, window=0, forget_rate=0.0,
-                 rope=True, rope_base=10000.0, tail_bound=None, max_topk=None, selection="token",
-                 block_size=None, topk_blocks=None):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
+                 v_head_dim: int | None = None, topk: int | str | None = None,
+                 seed: int | np.random.Generator | None = 0, dtype: Any = "float32", *, persistent_tokens: int = 0,
+                 window: int = 0, forget_rate: float = 0.0, rope: bool = True, rope_base: float = 10000.0,
+                 tail_bound: float | None = None, max_topk: int | None = None, selection: str = "token",
+                 block_size: int | None = None, topk_blocks: int | None = None, tail: str | None = None) -> None:
         super().__init__()
         self.d_model = d = check_int("d_model", d_model, 1)
         self.n_heads = H = check_int("n_heads", n_heads, 1)
@@ -61,6 +65,7 @@ class Attention(Module):
         self.topk, self.tail_bound, self.max_topk = check_topk(topk, tail_bound, max_topk, self.forget_rate)
         self.selection, self.block_size, self.topk_blocks = check_selection(
             selection, block_size, topk_blocks, topk=self.topk, window=self.window, forget_rate=self.forget_rate)
+        self.tail = check_tail(tail, selection=self.selection, topk=self.topk, forget_rate=self.forget_rate)
         self.stats = None  # an AttentionStats to record forwards and decode steps
         self.rope_base = check_rope_base("rope_base", rope_base)
         self.scale = 1.0 / np.sqrt(D)
@@ -78,7 +83,7 @@ class Attention(Module):
         self._saved = None
 
     @property
-    def kv_bytes_per_token(self):
+    def kv_bytes_per_token(self) -> int:
         """Bytes the decode cache holds per token: G (D + Dv) floats."""
         return self.n_kv_heads * (self.head_dim + self.v_head_dim) * self.params["W_Q"].dtype.itemsize
 
@@ -90,7 +95,7 @@ class Attention(Module):
     def _rot(self, a, cs, inverse=False):
         return rope_apply(a, *cs, inverse=inverse) if self.rope else a
 
-    def forward(self, x, seed=None):
+    def forward(self, x: Array, seed: int | None = None) -> Array:
         """y (B, T, d) from x (B, T, d), causal.  ``seed`` drives forgetful masking."""
         x = self._check_x(x)
         xp = get_array_module(x)
@@ -109,7 +114,7 @@ class Attention(Module):
         self._saved = (x, cs, att, of)
         return of @ p["W_O"].T
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         """dx (B, T, d) from dy (B, T, d); accumulates parameter gradients into ``grads``."""
         if self._saved is None:
             raise RuntimeError("Attention.backward called before forward")
@@ -134,7 +139,7 @@ class Attention(Module):
         g["W_V"] += dvf.T @ xf
         return (dqf @ p["W_Q"] + dkf @ p["W_K"] + dvf @ p["W_V"]).reshape(B, T, d)
 
-    def with_kv_heads(self, n_kv_heads):
+    def with_kv_heads(self, n_kv_heads: int) -> "Attention":
         """A copy converted to ``n_kv_heads`` KV heads (MHA -> GQA -> MQA) by mean-pooling
         each group of KV heads (the GQA paper's uptraining start point).
 
@@ -150,7 +155,7 @@ class Attention(Module):
                         persistent_tokens=self.persistent_tokens, window=self.window,
                         forget_rate=self.forget_rate, rope=self.rope, rope_base=self.rope_base,
                         tail_bound=self.tail_bound, max_topk=self.max_topk, selection=self.selection,
-                        block_size=self.block_size, topk_blocks=self.topk_blocks)
+                        block_size=self.block_size, topk_blocks=self.topk_blocks, tail=self.tail)
         new.to_device(get_array_module(p["W_Q"]))
         r = G // G2
         pooled = {
@@ -167,7 +172,7 @@ class Attention(Module):
         return new
 
     # -- decoding ------------------------------------------------------------------------
-    def init_cache(self, batch):
+    def init_cache(self, batch: int) -> KVCache:
         """An empty :class:`KVCache` (full keys and values) for ``batch`` rows."""
         batch = check_int("batch", batch, 1)
         p = self.params
@@ -182,7 +187,7 @@ class Attention(Module):
             cache.prefix = P
         return cache
 
-    def step(self, x_t, cache):
+    def step(self, x_t: Array, cache: KVCache) -> Array:
         """y_t (B, 1, d) for x_t (B, 1, d); appends this token's keys and values to ``cache``."""
         x_t = check_step_input(self, self._check_x(x_t), cache)
         B = x_t.shape[0]

@@ -26,12 +26,14 @@ shared latent cache (:mod:`topkattn.layers.kv_experts`); ``k_rank``/``v_rank`` s
 value latents (DiffQKV: the cache holds [ck_j ; kr_j] and cv_j, an index only the first);
 ``ternary`` (with ``act_bits``) BitNet b1.58 projections, packed at decode.
 """
+from typing import Any
+
 import numpy as np
 
-from topkattn.backend import get_array_module
+from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
 from topkattn.layers import mla_variants
-from topkattn.layers.attend import attention_backward, attention_forward, check_selection
+from topkattn.layers.attend import attention_backward, attention_forward, check_selection, check_tail
 from topkattn.layers.cache import BlockMeans, MLACache, attend_step, check_step_input
 from topkattn.layers.module import Module, as_input, check_grad_output, check_topk, normal
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
@@ -57,6 +59,10 @@ class MLA(Module):
     query scores them: q_abs . mean([c ; kr]) = q . mean(k) by linearity (persistent rows
     open block 0 in both).  topk stays None, window and forget_rate 0.  ``stats``: None, or an
     :class:`~topkattn.layers.attention_stats.AttentionStats` recording forwards and decode steps.
+    ``tail="mean"`` (token top-k only, fixed or dynamic k, forget_rate 0): the softmax mass the
+    selection drops goes to the mean value of the unselected keys
+    (:func:`topkattn.ops.tail_attention.tail_topk_attention`), in training and at decode (there
+    with exact selection only: :func:`topkattn.layers.cache.attend_step`).
 
     Variants (any of them runs :mod:`topkattn.layers.mla_variants`):
     ``kv_experts`` E >= 1 (0: none): W_UK (E*H*Dn, C), W_UV (E*H*Dv, C) and W_router (E, d);
@@ -70,11 +76,15 @@ class MLA(Module):
     straight-through backward; ``act_bits`` (ternary only): per-token absmax activations.
     """
 
-    def __init__(self, d_model, n_heads, q_lora_rank, kv_lora_rank, qk_nope_dim, qk_rope_dim,
-                 v_head_dim, topk=None, seed=0, dtype="float32", *, persistent_tokens=0, window=0,
-                 forget_rate=0.0, rope_base=10000.0, eps=1e-6, tail_bound=None, max_topk=None,
-                 kv_experts=0, kv_experts_active=None, aux_loss_weight=0.01, k_rank=None, v_rank=None,
-                 ternary=False, act_bits=None, selection="token", block_size=None, topk_blocks=None):
+    def __init__(self, d_model: int, n_heads: int, q_lora_rank: int, kv_lora_rank: int, qk_nope_dim: int,
+                 qk_rope_dim: int, v_head_dim: int, topk: int | str | None = None,
+                 seed: int | np.random.Generator | None = 0, dtype: Any = "float32", *, persistent_tokens: int = 0,
+                 window: int = 0, forget_rate: float = 0.0, rope_base: float = 10000.0, eps: float = 1e-6,
+                 tail_bound: float | None = None, max_topk: int | None = None, kv_experts: int = 0,
+                 kv_experts_active: int | None = None, aux_loss_weight: float = 0.01, k_rank: int | None = None,
+                 v_rank: int | None = None, ternary: bool = False, act_bits: int | None = None,
+                 selection: str = "token", block_size: int | None = None, topk_blocks: int | None = None,
+                 tail: str | None = None) -> None:
         super().__init__()
         self.d_model = check_int("d_model", d_model, 1)
         self.n_heads = H = check_int("n_heads", n_heads, 1)
@@ -94,6 +104,7 @@ class MLA(Module):
         self.topk, self.tail_bound, self.max_topk = check_topk(topk, tail_bound, max_topk, self.forget_rate)
         self.selection, self.block_size, self.topk_blocks = check_selection(
             selection, block_size, topk_blocks, topk=self.topk, window=self.window, forget_rate=self.forget_rate)
+        self.tail = check_tail(tail, selection=self.selection, topk=self.topk, forget_rate=self.forget_rate)
         self.stats = None  # an AttentionStats to record forwards and decode steps
         self.rope_base = check_rope_base("rope_base", rope_base)
         self.eps = check_real("eps", eps, 0.0)  # of the q and kv RMSNorms
@@ -148,12 +159,12 @@ class MLA(Module):
         self.quant_eps = DEFAULT_EPS
 
     @property
-    def variant(self):
+    def variant(self) -> bool:
         """Whether a variant option is set (the general path of :mod:`topkattn.layers.mla_variants` runs)."""
         return bool(self.kv_experts or self.split_latents or self.ternary)
 
     @property
-    def kv_bytes_per_token(self):
+    def kv_bytes_per_token(self) -> int:
         """Bytes the decode cache holds per token: (Ck + R (+ Cv with separate ranks)) floats."""
         floats = self.k_rank + self.qk_rope_dim + (self.v_rank if self.split_latents else 0)
         return floats * self.params["W_DQ"].dtype.itemsize
@@ -183,7 +194,7 @@ class MLA(Module):
         kr = rope_apply(x @ p["W_KR"].T, *cs)  # (B, T, R)
         return c, kr, skv
 
-    def latent_keys(self, x):
+    def latent_keys(self, x: Array) -> Array:
         """Cached-key form [c_j ; kr_j] (B, P + T, C + R) of a sequence x (B, T, d), no state kept."""
         x = self._check_x(x)
         if self.variant:  # the index part [ck_j ; kr_j] (values apart with separate ranks)
@@ -203,7 +214,7 @@ class MLA(Module):
         pk = xp.broadcast_to(self.params["persist_kr"][None], (B, P, kr.shape[2]))
         return xp.concatenate([pc, c], axis=1), xp.concatenate([pk, kr], axis=1)
 
-    def project(self, x):
+    def project(self, x: Array) -> tuple[Array, Array, Array]:
         """Unabsorbed q (B, H, T, Dn+R), k (B, H, S, Dn+R), v (B, H, S, Dv) of x (B, T, d) (plain MLA)."""
         if self.variant:
             raise ValueError("project() gives plain MLA's unabsorbed q, k, v; this layer has variant options "
@@ -224,7 +235,7 @@ class MLA(Module):
         krh = xp.broadcast_to(kr_all[:, None], (B, H, S, R))
         return xp.concatenate([kn, krh], axis=-1), v
 
-    def forward(self, x, seed=None):
+    def forward(self, x: Array, seed: int | None = None) -> Array:
         """y (B, T, d) from x (B, T, d), causal.  ``seed`` drives forgetful masking."""
         x = self._check_x(x)
         if self.variant:
@@ -239,7 +250,7 @@ class MLA(Module):
         self._saved = (x, cq, sq, cs, c_all, kr_all, skv, att, of)
         return of @ self.params["W_O"].T
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         """dx (B, T, d) from dy (B, T, d); accumulates parameter gradients into ``grads``."""
         if self._saved is None:
             raise RuntimeError("MLA.backward called before forward")
@@ -285,7 +296,7 @@ class MLA(Module):
         return dckv @ p["W_DKV"] + dkr @ p["W_KR"] + dcq_raw @ p["W_DQ"]
 
     # -- decoding ------------------------------------------------------------------------
-    def decode_weights(self):
+    def decode_weights(self) -> dict[str, Array]:
         """The absorbed (decode-mode) weights, see :func:`absorb_mla_weights` (variants:
         :func:`topkattn.layers.mla_variants.decode_weights`)."""
         if self.variant:
@@ -293,7 +304,7 @@ class MLA(Module):
         w = absorb_mla_weights(self.params, self.n_heads, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim)
         return dict(w, **decode_factors(self.params, self.n_heads, self.qk_nope_dim, self.v_head_dim))
 
-    def init_cache(self, batch):
+    def init_cache(self, batch: int) -> MLACache:
         """An empty :class:`MLACache` for ``batch`` rows; absorbs the current weights."""
         batch = check_int("batch", batch, 1)
         if self.variant:
@@ -316,7 +327,7 @@ class MLA(Module):
                                            self.block_size)
         return cache
 
-    def absorbed_query(self, x_t, position, weights):
+    def absorbed_query(self, x_t: Array, position: int, weights: dict[str, Array]) -> Array:
         """q_abs (B, H, C + R) for x_t (B, d) at token ``position``."""
         if self.variant:
             return mla_variants.absorbed_query(self, x_t, position, weights)[0]
@@ -332,7 +343,7 @@ class MLA(Module):
         qr = rope_apply((cq @ weights["W_QR"].T).reshape(B, H, R), *cs)
         return get_array_module(x_t).concatenate([q_lat, qr], axis=-1)
 
-    def step(self, x_t, cache):
+    def step(self, x_t: Array, cache: MLACache) -> Array:
         """y_t (B, 1, d) for x_t (B, 1, d); appends [c ; kr] (C + R floats) per row to ``cache``."""
         x_t = check_step_input(self, self._check_x(x_t), cache)
         if self.variant:
@@ -357,7 +368,7 @@ class MLA(Module):
         return (o_lat.reshape(B, -1) @ w["W_OV"].T)[:, None]  # (B, 1, d)
 
 
-def decode_factors(params, n_heads, qk_nope_dim, v_head_dim):
+def decode_factors(params: dict[str, Array], n_heads: int, qk_nope_dim: int, v_head_dim: int) -> dict[str, Array]:
     """The factors of the absorbed products, laid out for one decode step (copies: a snapshot).
 
     W_UQ (H*Dn, Lq), W_UKh (H, Dn, C), W_UVh (H, C, Dv) = W_UV_h^T, W_O (d, H*Dv).  A step
@@ -372,7 +383,8 @@ def decode_factors(params, n_heads, qk_nope_dim, v_head_dim):
             "W_UVh": params["W_UV"].reshape(H, Dv, C).swapaxes(1, 2).copy(), "W_O": params["W_O"].copy()}
 
 
-def absorb_mla_weights(params, n_heads, qk_nope_dim, qk_rope_dim, v_head_dim):
+def absorb_mla_weights(params: dict[str, Array], n_heads: int, qk_nope_dim: int, qk_rope_dim: int,
+                       v_head_dim: int) -> dict[str, Array]:
     """Convert training-mode MLA params to decode mode (weight absorption).
 
     Returns a dict with W_DQ, q_norm, W_QR, W_DKV, kv_norm, W_KR unchanged and
