@@ -114,6 +114,7 @@ class TrainConfig(ConfigDict):
     block_size: int = 16          # attention="block": keys per block
     topk_blocks: int = 2          # attention="block": blocks per query, its own included
     dense_layers: list = dataclasses.field(default_factory=list)  # layers kept dense (hybrid)
+    tail: str | None = None       # attention="topk": None | "mean" (dropped softmax mass to the mean unselected value)
 
     def __post_init__(self):
         check_choice("task", self.task, ("mqar", "text"))
@@ -136,6 +137,9 @@ class TrainConfig(ConfigDict):
             check_real(name, getattr(self, name), 0.0, 1.0)
         if not isinstance(self.token_shift, bool):
             raise TypeError(f"token_shift must be True or False, got {self.token_shift!r}")
+        if self.tail is not None and self.attention != "topk":
+            raise ValueError(f"tail applies to attention='topk' (token top-k), got tail={self.tail!r} with "
+                             f"attention={self.attention!r}")
         self.dense_layers = list(model_config(self, 64).dense_layers)  # the variants' and dense_layers' checks
         if self.task == "mqar":  # the task's own checks (vocabulary and length fit the pairs)
             MQAR(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
@@ -160,6 +164,7 @@ def model_config(cfg, vocab_size):
         selection="block" if cfg.attention == "block" else "token",
         block_size=cfg.block_size if cfg.attention == "block" else None,
         topk_blocks=cfg.topk_blocks if cfg.attention == "block" else None, dense_layers=tuple(cfg.dense_layers),
+        tail=cfg.tail if cfg.attention == "topk" else None,
         rope_base=float(cfg.rope_base), token_shift=cfg.token_shift, dtype="float32", seed=cfg.seed,
         kv_experts=cfg.kv_experts, kv_experts_active=cfg.kv_experts_active, k_rank=cfg.k_rank, v_rank=cfg.v_rank,
         q_head_dim=cfg.q_head_dim, ternary=cfg.ternary, act_bits=cfg.act_bits)
