@@ -21,7 +21,11 @@ TYPED_MODULES = ["topkattn.model", "topkattn.storage", "topkattn.backend", "topk
                  "topkattn.distributed.data_parallel", "topkattn.distributed.exchange",
                  "topkattn.distributed.head_parallel", "topkattn.distributed.sharded_cache",
                  "topkattn.distributed.sharded_decoding", "topkattn.distributed.sharded_layers",
-                 "topkattn.decoding.selectors", "topkattn.cuda.launch"]
+                 "topkattn.decoding.selectors", "topkattn.cuda.launch",
+                 "topkattn.layers.module", "topkattn.layers.embedding", "topkattn.layers.rmsnorm",
+                 "topkattn.layers.layernorm", "topkattn.layers.rope", "topkattn.layers.swiglu",
+                 "topkattn.layers.gelu", "topkattn.layers.moe", "topkattn.layers.block", "topkattn.layers.loss",
+                 "topkattn.layers.token_shift", "topkattn.layers.projection", "topkattn.layers.attention_stats"]
 OPTIONAL = {"topkattn.interop.torch": "torch", "topkattn.interop.jax": "jax"}
 
 

@@ -26,9 +26,15 @@ attention op (any op's saved state: dense, top-k, masked, dynamic k, block) and
 ``as_dict()`` is JSON-able: ``{"updates", "last": {...}, "total": {...}}`` with the same keys in
 ``last`` (the latest update) and ``total``.  :meth:`merged` sums several layers' statistics.
 """
-import numpy as np
+from __future__ import annotations
 
-from topkattn.backend import as_engine_array, get_array_module, to_numpy
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from topkattn.backend import Array, as_engine_array, get_array_module, to_numpy
 from topkattn.checks import check_int
 
 
@@ -38,16 +44,17 @@ class AttentionStats:
     ``last``: the latest update's counts (None before any); ``total``: the sum over updates.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.reset()
 
-    def reset(self):
+    def reset(self) -> None:
         """Forget every update."""
         self.last = None
         self.total = _Counts()
 
     # -- recording -----------------------------------------------------------------------
-    def update(self, idx, *, n_keys, causal=True, score_dtype="float32", blocks=None, index_bytes=None):
+    def update(self, idx: Array, *, n_keys: int, causal: bool = True, score_dtype: DTypeLike = "float32",
+               blocks: Array | None = None, index_bytes: int | None = None) -> dict[str, Any]:
         """Record one top-k forward or decode step; returns this update's summary (as in ``as_dict``).
 
         idx: (B, H, T, K) or, for a decode step, (B, H, K) integer key indices, -1 = empty slot.
@@ -84,7 +91,8 @@ class AttentionStats:
         self._record(c)
         return c.summary()
 
-    def update_dense(self, batch, heads, queries, *, n_keys, causal=True, score_dtype="float32"):
+    def update_dense(self, batch: int, heads: int, queries: int, *, n_keys: int, causal: bool = True,
+                     score_dtype: DTypeLike = "float32") -> dict[str, Any]:
         """Record one dense forward (every row attends every visible key; no index tensor)."""
         B, H = check_int("batch", batch, 1), check_int("heads", heads, 1)
         T, S = check_int("queries", queries, 1), check_int("n_keys", n_keys, 0)
@@ -98,7 +106,7 @@ class AttentionStats:
         self._record(c)
         return c.summary()
 
-    def record_forward(self, saved):
+    def record_forward(self, saved: Any) -> dict[str, Any]:
         """Record a training forward from the ``saved`` state its attention op returned.
 
         Any saved state with ``q`` (B, H, T, D) and ``k`` (B, G, S, D): with an ``idx`` (top-k,
@@ -120,7 +128,7 @@ class AttentionStats:
             return self.update_dense(*q.shape[:3], n_keys=k.shape[2], causal=causal, score_dtype=q.dtype)
         return self.update(idx, n_keys=k.shape[2], causal=causal, score_dtype=q.dtype)
 
-    def record_step(self, query, n_keys, idx=None):
+    def record_step(self, query: Array, n_keys: int, idx: Array | None = None) -> dict[str, Any]:
         """Record one decode step: query (B, H, D) (its batch, heads and dtype), the S cached keys,
         and idx (B, H, K) of a top-k step (None: a dense step)."""
         if getattr(query, "ndim", None) != 3:
@@ -135,7 +143,7 @@ class AttentionStats:
         self.total.add(c)
 
     # -- combining and reporting ---------------------------------------------------------
-    def merge(self, other):
+    def merge(self, other: AttentionStats) -> AttentionStats:
         """Add ``other``'s counts (its latest update and its total) to this one; returns self."""
         if not isinstance(other, AttentionStats):
             raise TypeError(f"other must be an AttentionStats, got {type(other).__name__}")
@@ -147,7 +155,7 @@ class AttentionStats:
         return self
 
     @classmethod
-    def merged(cls, stats):
+    def merged(cls, stats: Iterable[AttentionStats]) -> AttentionStats:
         """One AttentionStats holding the sums of ``stats`` (e.g. every layer of a model)."""
         out = cls()
         for s in stats:
@@ -155,10 +163,10 @@ class AttentionStats:
         return out
 
     @property
-    def updates(self):
+    def updates(self) -> int:
         return self.total.updates
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         """``{"updates": n, "last": summary or None, "total": summary}`` (JSON-able)."""
         return {"updates": self.total.updates, "last": None if self.last is None else self.last.summary(),
                 "total": self.total.summary()}

@@ -4,9 +4,12 @@ Shape letters: tokens (B, T) int, W_E (V, d) weight, x (B, T, d), logits (B, T, 
     forward:  x = W_E[tokens]          backward: dW_E[tokens] += dx  (scatter-add)
     logits:   logits = h W_E^T         backward: dh = dlogits W_E;  dW_E += dlogits^T h
 """
-import numpy as np
+from __future__ import annotations
 
-from topkattn.backend import as_engine_array, get_array_module
+import numpy as np
+from numpy.typing import DTypeLike
+
+from topkattn.backend import Array, as_engine_array, get_array_module
 from topkattn.checks import check_int, float_dtype, make_rng
 from topkattn.layers.module import Module, as_input, check_grad_output, normal
 
@@ -19,7 +22,8 @@ except Exception:  # pragma: no cover - numba missing or broken
 class Embedding(Module):
     """``params`` {"weight" (V, d)}, init N(0, 1/d).  backward/backward_logits accumulate."""
 
-    def __init__(self, vocab_size, dim, seed=0, dtype="float32", std=None):
+    def __init__(self, vocab_size: int, dim: int, seed: int | np.random.Generator = 0, dtype: DTypeLike = "float32",
+                 std: float | None = None) -> None:
         super().__init__()
         self.vocab_size = check_int("vocab_size", vocab_size, 1)
         self.dim = check_int("dim", dim, 1)
@@ -28,7 +32,7 @@ class Embedding(Module):
         self._tokens = None
         self._h = None
 
-    def check_tokens(self, tokens):
+    def check_tokens(self, tokens: Array) -> Array:
         tokens = as_engine_array(tokens, "tokens")
         xp = get_array_module(self.params["weight"])
         if get_array_module(tokens) is not xp:  # index on the weight's device
@@ -42,15 +46,15 @@ class Embedding(Module):
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
         return tokens
 
-    def forward(self, tokens):
+    def forward(self, tokens: Array) -> Array:
         tokens = self.check_tokens(tokens)
         self._tokens = tokens
         return self.params["weight"][tokens]  # (B, T, d)
 
-    def step(self, tokens):
+    def step(self, tokens: Array) -> Array:
         return self.params["weight"][self.check_tokens(tokens)]
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> None:
         """Scatter-add dy (B, T, d), the gradient of forward's output, into the rows of the tokens."""
         if self._tokens is None:
             raise RuntimeError("Embedding.backward called before forward")
@@ -70,17 +74,17 @@ class Embedding(Module):
         return None
 
     # -- tied output head -----------------------------------------------------------------
-    def logits(self, h):
+    def logits(self, h: Array) -> Array:
         """Tied head: logits (B, T, V) = h W_E^T; keeps h for :meth:`backward_logits`."""
         W = self.params["weight"]
         h = as_input(h, "h", W.dtype, last_dim=self.dim)
         self._h = h
         return h @ W.T
 
-    def logits_step(self, h):
+    def logits_step(self, h: Array) -> Array:
         return h @ self.params["weight"].T
 
-    def backward_logits(self, dlogits):
+    def backward_logits(self, dlogits: Array) -> Array:
         if self._h is None:
             raise RuntimeError("Embedding.backward_logits called before logits")
         W = self.params["weight"]

@@ -6,11 +6,13 @@ the tanh form 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) used by GPT-2.
     forward:  y  = x * Phi(x)
     backward: dx = dy * (Phi(x) + x * phi(x)),   phi the standard normal density
 """
+from __future__ import annotations
+
 import math
 
 import numpy as np
 
-from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module
+from topkattn.backend import FLOAT_DTYPES, Array, as_engine_array, get_array_module
 from topkattn.layers.module import check_grad_output
 
 _APPROXIMATIONS = ("none", "tanh")
@@ -19,7 +21,7 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def gelu(x, approximate="none"):
+def gelu(x: Array, approximate: str = "none") -> Array:
     """GELU of ``x`` (any shape, float32/float64, NumPy or CuPy).
 
     approximate: "none" (exact, erf-based; BERT, MiniLM) or "tanh".
@@ -28,7 +30,7 @@ def gelu(x, approximate="none"):
     return y
 
 
-def gelu_forward(x, approximate="none"):
+def gelu_forward(x: Array, approximate: str = "none") -> tuple[Array, tuple[Array, str]]:
     """Returns ``(y, saved)``; ``saved`` keeps only x and the form used."""
     x = as_engine_array(x, "x")
     if x.dtype not in FLOAT_DTYPES:
@@ -44,7 +46,7 @@ def gelu_forward(x, approximate="none"):
     return y.astype(x.dtype, copy=False), (x, approximate)
 
 
-def gelu_backward(dy, saved):
+def gelu_backward(dy: Array, saved: tuple[Array, str]) -> Array:
     """dx from dy (same shape as x)."""
     x, approximate = saved
     dy = check_grad_output(dy, x.shape, x)  # the shape of x

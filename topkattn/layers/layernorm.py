@@ -11,15 +11,19 @@ Backward (per row):
     g      = dy * gamma
     dx     = rstd * (g - mean_c g - xhat * mean_c (g * xhat))
 """
+from __future__ import annotations
+
+from types import ModuleType
 
 import numpy as np
+from numpy.typing import DTypeLike
 
-from topkattn.backend import FLOAT_DTYPES, as_engine_array, get_array_module
+from topkattn.backend import FLOAT_DTYPES, Array, as_engine_array, get_array_module
 from topkattn.checks import check_int, check_real
 from topkattn.layers.module import check_grad_output
 
 
-def layer_norm(x, gamma, beta, eps=1e-5):
+def layer_norm(x: Array, gamma: Array, beta: Array, eps: float = 1e-5) -> Array:
     """LayerNorm of ``x`` (..., d) over its last axis; gamma, beta (d,).
 
     float32/float64, NumPy or CuPy; the result has x's dtype.  The variance is the
@@ -29,7 +33,8 @@ def layer_norm(x, gamma, beta, eps=1e-5):
     return y
 
 
-def layer_norm_forward(x, gamma, beta, eps=1e-5):
+def layer_norm_forward(x: Array, gamma: Array, beta: Array,
+                       eps: float = 1e-5) -> tuple[Array, tuple[Array, Array, Array]]:
     """Returns ``(y, saved)``; ``saved`` keeps xhat (..., d), rstd (..., 1) and gamma."""
     x, gamma, beta = (as_engine_array(a, n) for a, n in ((x, "x"), (gamma, "gamma"), (beta, "beta")))
     _check(x, gamma, beta, eps)
@@ -43,7 +48,7 @@ def layer_norm_forward(x, gamma, beta, eps=1e-5):
     return y, (xhat, rstd, gamma)
 
 
-def layer_norm_backward(dy, saved):
+def layer_norm_backward(dy: Array, saved: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
     """``(dx, dgamma, dbeta)`` from dy (..., d)."""
     xhat, rstd, gamma = saved
     dy = check_grad_output(dy, xhat.shape, xhat)  # (..., d)
@@ -63,18 +68,18 @@ class LayerNorm:
     accumulates into ``grads``.
     """
 
-    def __init__(self, dim, eps=1e-5, dtype=np.float32, xp=np):
+    def __init__(self, dim: int, eps: float = 1e-5, dtype: DTypeLike = np.float32, xp: ModuleType = np) -> None:
         check_int("dim", dim, 1)
         self.eps = check_real("eps", eps, 0.0)
         self.params = {"weight": xp.ones(dim, dtype=dtype), "bias": xp.zeros(dim, dtype=dtype)}
         self.grads = {name: xp.zeros_like(p) for name, p in self.params.items()}
         self._saved = None
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y, self._saved = layer_norm_forward(x, self.params["weight"], self.params["bias"], self.eps)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         if self._saved is None:
             raise RuntimeError("LayerNorm.backward called before forward")
         dx, dgamma, dbeta = layer_norm_backward(dy, self._saved)

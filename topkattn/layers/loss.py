@@ -5,14 +5,16 @@ Shape letters: logits (..., V), targets (...) int.
     dlogits_i = (softmax(logits_i) - onehot(target_i)) / n   (n the non-ignored targets; zero rows
                 for ignored targets)
 """
+from __future__ import annotations
+
 import numpy as np
 
-from topkattn.backend import as_engine_array, get_array_module
+from topkattn.backend import Array, as_engine_array, get_array_module
 
 IGNORE = -100  # the target of a position nothing is scored at (tasks, losses, evaluation)
 
 
-def softmax_cross_entropy(logits, targets, ignore_index=IGNORE):
+def softmax_cross_entropy(logits: Array, targets: Array, ignore_index: int = IGNORE) -> tuple[float, Array]:
     """``(loss, dlogits)``: the mean loss (Python float) and its gradient (logits' shape/dtype).
 
     Row maxima are subtracted before exp, so logits of 1e4 stay finite.  With no

@@ -5,61 +5,68 @@ A layer owns ``params`` (name -> array) and ``grads`` (the same keys, same shape
 **accumulates** into ``grads`` (call :meth:`Module.zero_grad` between steps).  Children
 are registered with :meth:`Module.add` and named ``child.param`` in :meth:`named_params`.
 """
-import numpy as np
+from __future__ import annotations
 
-from topkattn.backend import as_engine_array, get_array_module
+from collections.abc import ItemsView, Iterator
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from topkattn.backend import Array, as_engine_array, get_array_module
 from topkattn.checks import check_int, check_real
 
 
 class Module:
     """Base of every layer: own params/grads plus named children."""
 
-    def __init__(self):
-        self.params = {}
-        self.grads = {}
-        self._children = {}
+    def __init__(self) -> None:
+        self.params: dict[str, Array] = {}
+        self.grads: dict[str, Array] = {}
+        self._children: dict[str, Module] = {}
 
     # -- registration ------------------------------------------------------------------
-    def add_param(self, name, value):
+    def add_param(self, name: str, value: Array) -> Array:
         self.params[name] = value
         self.grads[name] = get_array_module(value).zeros_like(value)
         return value
 
-    def add(self, name, child):
+    def add(self, name: str, child: Module) -> Module:
         self._children[name] = child
         return child
 
-    def children(self):
+    def children(self) -> ItemsView[str, Module]:
         return self._children.items()
 
-    def step(self, x):
+    def step(self, x: Array) -> Array:
         """Forward of one decode step for a position-wise layer, keeping nothing for backward."""
         y = self.forward(x)
         self._saved = None
         return y
 
     # -- flat views ----------------------------------------------------------------------
-    def named_params(self, prefix=""):
+    def named_params(self, prefix: str = "") -> Iterator[tuple[str, Array]]:
         """Yield ``(dotted name, param array)`` for this layer and all descendants."""
         for n, p in self.params.items():
             yield prefix + n, p
         for cn, c in self._children.items():
             yield from c.named_params(f"{prefix}{cn}.")
 
-    def named_grads(self, prefix=""):
+    def named_grads(self, prefix: str = "") -> Iterator[tuple[str, Array]]:
         for n, g in self.grads.items():
             yield prefix + n, g
         for cn, c in self._children.items():
             yield from c.named_grads(f"{prefix}{cn}.")
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         """Set every gradient to zero in place (the arrays keep their identity)."""
         for g in self.grads.values():
             g[...] = 0
         for c in self._children.values():
             c.zero_grad()
 
-    def to_device(self, xp):
+    def to_device(self, xp: ModuleType) -> Module:
         """Move params and grads to ``xp`` (numpy or cupy); returns self."""
         for n in list(self.params):
             self.params[n] = _move(self.params[n], xp)
@@ -69,7 +76,7 @@ class Module:
         return self
 
     @property
-    def xp(self):
+    def xp(self) -> ModuleType:
         for _, p in self.named_params():
             return get_array_module(p)
         return np
@@ -85,10 +92,11 @@ class FlatParameters:
     one small operation per array.
     """
 
-    def __init__(self, names, params, grads, slices, views):
+    def __init__(self, names: list[str], params: Array, grads: Array, slices: dict[str, tuple[int, int]],
+                 views: dict[str, tuple[Array, Array]]) -> None:
         self.names, self.params, self.grads, self.slices, self.views = names, params, grads, slices, views
 
-    def holds(self, params, grads):
+    def holds(self, params: dict[str, Array], grads: dict[str, Array]) -> bool:
         """True when the dicts ``params`` and ``grads`` (name -> array) are exactly these views."""
         if len(params) != len(self.views) or len(grads) != len(self.views):
             return False
@@ -98,7 +106,7 @@ class FlatParameters:
         return True
 
 
-def flatten_parameters(root):
+def flatten_parameters(root: Module) -> FlatParameters | None:
     """Move every parameter and gradient of the module tree ``root`` into one buffer each (in
     ``named_params`` order) and make the layers' arrays views into them; returns a
     :class:`FlatParameters`, or None (nothing moved) when the parameters differ in dtype or
@@ -152,7 +160,8 @@ def _move(a, xp):
     return xp.asarray(a)
 
 
-def check_topk(topk, tail_bound=None, max_topk=None, forget_rate=0.0):
+def check_topk(topk: int | str | None, tail_bound: float | None = None, max_topk: int | None = None,
+               forget_rate: float = 0.0) -> tuple[int | str | None, float | None, int | None]:
     """Validated ``(topk, tail_bound, max_topk)`` of an attention layer.
 
     topk: None (dense), an integer >= 1, or "auto" (dynamic k: per query the smallest k whose
@@ -175,11 +184,11 @@ def check_topk(topk, tail_bound=None, max_topk=None, forget_rate=0.0):
     return check_int("topk", topk, 1), None, None
 
 
-def normal(rng, shape, std, dtype):
+def normal(rng: np.random.Generator, shape: int | tuple[int, ...], std: float, dtype: DTypeLike) -> np.ndarray:
     return (rng.standard_normal(shape) * std).astype(dtype)
 
 
-def check_grad_output(dy, shape, like, name="dy"):
+def check_grad_output(dy: Any, shape: tuple[int, ...], like: Array, name: str = "dy") -> Array:
     """The gradient ``dy`` a backward pass receives, checked against its forward.
 
     ``shape``: the shape of the forward's output (``dy`` must have exactly that shape: a
@@ -200,7 +209,8 @@ def check_grad_output(dy, shape, like, name="dy"):
     return dy.astype(like.dtype, copy=False)
 
 
-def as_input(x, name, dtype, last_dim=None, ndim=None, letters=None):
+def as_input(x: Any, name: str, dtype: DTypeLike, last_dim: int | None = None, ndim: int | None = None,
+             letters: str | None = None) -> Array:
     """Engine array of float ``dtype``; ValueError naming ``name`` on a bad shape."""
     x = as_engine_array(x, name)
     if x.dtype.kind != "f":

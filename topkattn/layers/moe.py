@@ -11,9 +11,12 @@ The selection and f are piecewise constant (no gradient); aux reaches Wr through
 Backward: dgate_k = dy . expert_k(x);  dp[sel] = (dgate - sum_j gate_j dgate_j) / sum p[sel];
 dp += aux_loss_weight * E f_e / n;  dlogits = p * (dp - sum_e p dp).
 """
-import numpy as np
+from __future__ import annotations
 
-from topkattn.backend import get_array_module
+import numpy as np
+from numpy.typing import DTypeLike
+
+from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
 from topkattn.layers.module import Module, as_input, check_grad_output, normal
 from topkattn.layers.swiglu import SwiGLU
@@ -27,8 +30,8 @@ class MoE(Module):
     ``task_loss + aux_loss_weight * aux_loss``.  Gradients accumulate into ``grads``.
     """
 
-    def __init__(self, d_model, d_ff, n_experts=4, moe_topk=2, aux_loss_weight=0.01, seed=0,
-                 dtype="float32"):
+    def __init__(self, d_model: int, d_ff: int, n_experts: int = 4, moe_topk: int = 2, aux_loss_weight: float = 0.01,
+                 seed: int | np.random.Generator = 0, dtype: DTypeLike = "float32") -> None:
         super().__init__()
         self.d_model = check_int("d_model", d_model, 1)
         self.n_experts = check_int("n_experts", n_experts, 1)
@@ -56,7 +59,7 @@ class MoE(Module):
         Z = ps.sum(-1, keepdims=True)
         return p, sel, ps / Z, Z
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         d = self.d_model
         x = as_input(x, "x", self.params["router"].dtype, last_dim=d, letters=f"(..., d={d})")
         xp = get_array_module(x)
@@ -83,7 +86,7 @@ class MoE(Module):
         self._saved = (shape, xf, p, sel, gate, Z, f, per_expert)
         return out.reshape(shape)
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         if self._saved is None:
             raise RuntimeError("MoE.backward called before forward")
         shape, xf, p, sel, gate, Z, f, per_expert = self._saved

@@ -10,6 +10,9 @@ of x~ to x.  Layers call :func:`weight_view` once per forward and keep W~ for th
 At decode a ternary weight is a :class:`topkattn.ops.ternary.PackedTernary` (2 bits per weight)
 that :func:`decode_project` multiplies directly.
 """
+from __future__ import annotations
+
+from topkattn.backend import Array
 from topkattn.ops.ternary import (
     DEFAULT_EPS,
     PackedTernary,
@@ -20,7 +23,7 @@ from topkattn.ops.ternary import (
 )
 
 
-def weight_view(W, ternary, eps=DEFAULT_EPS):
+def weight_view(W: Array, ternary: bool, eps: float = DEFAULT_EPS) -> Array:
     """W~ = s Wq (W's shape and dtype) with ``ternary``, else W itself."""
     if not ternary:
         return W
@@ -28,7 +31,7 @@ def weight_view(W, ternary, eps=DEFAULT_EPS):
     return (Wq * s).astype(W.dtype)
 
 
-def act_view(x, act_bits, eps=DEFAULT_EPS):
+def act_view(x: Array, act_bits: int | None, eps: float = DEFAULT_EPS) -> Array:
     """x~ = xq / a (x's shape and dtype, per-token absmax over the last axis) with ``act_bits``, else x."""
     if act_bits is None:
         return x
@@ -36,7 +39,8 @@ def act_view(x, act_bits, eps=DEFAULT_EPS):
     return (xq / a).astype(x.dtype)
 
 
-def ternary_product(x, W, ternary, act_bits=None, eps=DEFAULT_EPS):
+def ternary_product(x: Array, W: Array, ternary: bool, act_bits: int | None = None,
+                    eps: float = DEFAULT_EPS) -> tuple[Array, Array, Array]:
     """``(y, x~, W~)`` of a projection y = x~ W~^T (..., Dout) in training (x~, W~ for the backward).
 
     With ``act_bits`` the product is evaluated as (xq Wq^T) s / a: the integer product is exact in
@@ -55,12 +59,12 @@ def ternary_product(x, W, ternary, act_bits=None, eps=DEFAULT_EPS):
     return (y / a).astype(dt), (xq / a).astype(dt), Wt
 
 
-def decode_weight(W, ternary, eps=DEFAULT_EPS):
+def decode_weight(W: Array, ternary: bool, eps: float = DEFAULT_EPS) -> Array | PackedTernary:
     """A decode-time snapshot of W: its :class:`PackedTernary` with ``ternary``, else a copy."""
     return pack_weight(W, eps) if ternary else W.copy()
 
 
-def decode_project(x, W, act_bits=None, eps=DEFAULT_EPS):
+def decode_project(x: Array, W: Array | PackedTernary, act_bits: int | None = None, eps: float = DEFAULT_EPS) -> Array:
     """y = x~ W~^T (..., Dout) for a :func:`decode_weight` W (packed: read at 2 bits per weight)."""
     if isinstance(W, PackedTernary):
         if act_bits is None:

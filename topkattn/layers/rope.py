@@ -7,14 +7,20 @@ Shape letters: x (..., T, R) with R even, positions (T,).  For i < R/2 the pair
     y_{i+R/2} = x_i sin + x_{i+R/2} cos
 Backward is the inverse rotation (the transpose): angle -> -angle.
 """
-import numpy as np
+from __future__ import annotations
 
-from topkattn.backend import as_engine_array, get_array_module
+from collections.abc import Sequence
+from types import ModuleType
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from topkattn.backend import Array, as_engine_array, get_array_module
 from topkattn.checks import check_int, check_real
 from topkattn.layers.module import Module, check_grad_output
 
 
-def check_rope_base(name, base):
+def check_rope_base(name: str, base: float) -> float:
     """``float(base)``: the rotary base, a finite real number > 1 (TypeError / ValueError naming ``name``).
 
     A base <= 1 (or NaN, or infinite) gives no usable rotation: the angles base^(-2i/R) do
@@ -23,7 +29,8 @@ def check_rope_base(name, base):
     return check_real(name, base, 1.0, lo_open=True)
 
 
-def rope_angles(positions, R, base, xp=np, dtype=np.float64):
+def rope_angles(positions: Sequence[int] | np.ndarray, R: int, base: float, xp: ModuleType = np,
+                dtype: DTypeLike = np.float64) -> tuple[Array, Array]:
     """(cos, sin), each (T, R/2), for integer ``positions`` (T,)."""
     half = R // 2
     inv = base ** (-np.arange(half, dtype=np.float64) / half)  # (R/2,)
@@ -31,7 +38,7 @@ def rope_angles(positions, R, base, xp=np, dtype=np.float64):
     return xp.asarray(np.cos(ang).astype(dtype)), xp.asarray(np.sin(ang).astype(dtype))
 
 
-def rope_apply(x, cos, sin, inverse=False):
+def rope_apply(x: Array, cos: Array, sin: Array, inverse: bool = False) -> Array:
     """Rotate x (..., T, R) by (cos, sin) (T, R/2); ``inverse`` rotates back (backward).
 
     Computed as x * [cos, cos] + [x2, x1] * [-sin, sin] over whole rows (the same products and
@@ -57,7 +64,7 @@ def rope_apply(x, cos, sin, inverse=False):
 class RoPE(Module):
     """Parameter-free rotary layer: ``forward(x, positions)``, ``backward(dy)``."""
 
-    def __init__(self, dim, base=10000.0):
+    def __init__(self, dim: int, base: float = 10000.0) -> None:
         super().__init__()
         self.dim = check_int("dim", dim, 2)
         if dim % 2:
@@ -66,10 +73,10 @@ class RoPE(Module):
         self._cs = None
         self._shape = None
 
-    def angles(self, positions, like):
+    def angles(self, positions: Sequence[int] | np.ndarray, like: Array) -> tuple[Array, Array]:
         return rope_angles(positions, self.dim, self.base, get_array_module(like), like.dtype)
 
-    def forward(self, x, positions):
+    def forward(self, x: Array, positions: Sequence[int] | np.ndarray) -> Array:
         x = as_engine_array(x, "x")
         if x.dtype.kind != "f":
             raise TypeError(f"x must be a float array, got {x.dtype}")
@@ -81,10 +88,10 @@ class RoPE(Module):
         self._shape = x.shape
         return rope_apply(x, *self._cs)
 
-    def step(self, x, positions):
+    def step(self, x: Array, positions: Sequence[int] | np.ndarray) -> Array:
         return rope_apply(x, *self.angles(positions, x))
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         if self._cs is None:
             raise RuntimeError("RoPE.backward called before forward")
         dy = check_grad_output(dy, self._shape, self._cs[0])  # (..., T, R)

@@ -4,9 +4,12 @@ Shape letters: x (..., d), W1 and W3 (Dff, d), W2 (d, Dff), a = W1 x, b = W3 x (
     silu(a) = a * sigmoid(a),  silu'(a) = sigmoid(a) * (1 + a * (1 - sigmoid(a)))
 Backward: dh = dy W2;  da = dh * b * silu'(a);  db = dh * silu(a);  dx = da W1 + db W3.
 """
-import numpy as np
+from __future__ import annotations
 
-from topkattn.backend import get_array_module
+import numpy as np
+from numpy.typing import DTypeLike
+
+from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_int, float_dtype, make_rng
 from topkattn.layers.module import Module, as_input, check_grad_output, normal
 
@@ -38,7 +41,8 @@ def _sigmoid(xp, a):
 class SwiGLU(Module):
     """``params`` {"W1" (Dff, d), "W3" (Dff, d), "W2" (d, Dff)}; backward accumulates into ``grads``."""
 
-    def __init__(self, d_model, d_ff, seed=0, dtype="float32"):
+    def __init__(self, d_model: int, d_ff: int, seed: int | np.random.Generator = 0,
+                 dtype: DTypeLike = "float32") -> None:
         super().__init__()
         self.d_model, self.d_ff = check_int("d_model", d_model, 1), check_int("d_ff", d_ff, 1)
         dt = float_dtype(dtype)
@@ -48,7 +52,7 @@ class SwiGLU(Module):
         self.add_param("W2", normal(rng, (d_model, d_ff), 1 / np.sqrt(d_ff), dt))
         self._saved = None
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         p = self.params
         x = as_input(x, "x", p["W1"].dtype, last_dim=self.d_model, letters=f"(..., d={self.d_model})")
         xp = get_array_module(x)
@@ -60,7 +64,7 @@ class SwiGLU(Module):
         self._saved = (x, a, b, sg, h)
         return h @ p["W2"].T  # (..., d)
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         if self._saved is None:
             raise RuntimeError("SwiGLU.backward called before forward")
         p, g = self.params, self.grads

@@ -7,9 +7,12 @@ at t-1); attention alone has to discover it as a previous-token head, which on M
 thousands of steps of plateau for dense and top-k attention alike.  The shift (the short
 convolution of RWKV / H3 / Based / Mamba) supplies it; W starts at zero (the identity map).
 """
-import numpy as np
+from __future__ import annotations
 
-from topkattn.backend import get_array_module
+import numpy as np
+from numpy.typing import DTypeLike
+
+from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_int, float_dtype
 from topkattn.layers.module import Module, as_input, check_grad_output
 
@@ -22,13 +25,13 @@ class TokenShift(Module):
     dx_t = dy_t + W^T dy_{t+1}.
     """
 
-    def __init__(self, dim, dtype="float32"):
+    def __init__(self, dim: int, dtype: DTypeLike = "float32") -> None:
         super().__init__()
         self.dim = check_int("dim", dim, 1)
         self.add_param("weight", np.zeros((self.dim, self.dim), dtype=float_dtype(dtype)))
         self._prev = None
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         W = self.params["weight"]
         x = as_input(x, "x", W.dtype, ndim=3, last_dim=self.dim, letters=f"(B, T, d={self.dim})")
         xp = get_array_module(x)
@@ -37,7 +40,7 @@ class TokenShift(Module):
         self._prev = prev
         return x + prev @ W.T
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         if self._prev is None:
             raise RuntimeError("TokenShift.backward called before forward")
         d = self.dim
@@ -48,7 +51,7 @@ class TokenShift(Module):
         dx[:, :-1] += dy[:, 1:] @ W                  # (B, T-1, d)
         return dx
 
-    def step(self, x_t, prev):
+    def step(self, x_t: Array, prev: Array | None) -> Array:
         """y_t for x_t (B, 1, d) given the previous input ``prev`` (B, 1, d) or None."""
         if prev is None:
             return x_t.copy()
