@@ -25,7 +25,9 @@ TYPED_MODULES = ["topkattn.model", "topkattn.storage", "topkattn.backend", "topk
                  "topkattn.layers.module", "topkattn.layers.embedding", "topkattn.layers.rmsnorm",
                  "topkattn.layers.layernorm", "topkattn.layers.rope", "topkattn.layers.swiglu",
                  "topkattn.layers.gelu", "topkattn.layers.moe", "topkattn.layers.block", "topkattn.layers.loss",
-                 "topkattn.layers.token_shift", "topkattn.layers.projection", "topkattn.layers.attention_stats"]
+                 "topkattn.layers.token_shift", "topkattn.layers.projection", "topkattn.layers.attention_stats",
+                 "topkattn.decoding.lorann", "topkattn.pretrained.bert", "topkattn.pretrained.samples",
+                 "topkattn.testing"]
 OPTIONAL = {"topkattn.interop.torch": "torch", "topkattn.interop.jax": "jax"}
 
 

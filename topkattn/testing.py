@@ -21,9 +21,14 @@ Conventions
   ``directional_grad_check`` returns name -> (numerical, analytic), ``assert_grads_close``
   compares them, ``check_layer_grads`` does both for a layer's input and parameters.
 """
+from __future__ import annotations
+
 import os
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from topkattn.checks import make_rng
 
@@ -33,13 +38,14 @@ TOLERANCES = {
 }
 
 
-def tolerance(dtype):
+def tolerance(dtype: DTypeLike) -> dict[str, float]:
     """``dict(rtol=..., atol=...)`` for results computed in ``dtype`` (a dtype, type or name)."""
     return dict(TOLERANCES[np.dtype(dtype)])
 
 
-def make_qkv(rng, B=1, H=2, G=2, T=5, S=9, D=8, Dv=6, dtype=np.float64, *, topk=None, margin=None,
-             candidates=None):
+def make_qkv(rng: int | np.random.Generator, B: int = 1, H: int = 2, G: int = 2, T: int = 5, S: int = 9, D: int = 8,
+             Dv: int = 6, dtype: DTypeLike = np.float64, *, topk: int | None = None, margin: float | None = None,
+             candidates: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Standard-normal q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) cast to ``dtype``.
 
     With ``margin``: re-draws (from the same generator) until, in every row, the ``topk``-th
@@ -61,7 +67,7 @@ def make_qkv(rng, B=1, H=2, G=2, T=5, S=9, D=8, Dv=6, dtype=np.float64, *, topk=
     raise RuntimeError(f"no draw in 200 keeps a score margin of {margin} at topk={topk}")
 
 
-def score_gap(q, k, topk, candidates):
+def score_gap(q: np.ndarray, k: np.ndarray, topk: int, candidates: np.ndarray) -> float:
     """Smallest gap between the ``topk``-th and (topk+1)-th candidate score q.k / sqrt(D)
     over all rows with more than ``topk`` candidates (inf if there is none)."""
     H, G, D = q.shape[1], k.shape[1], q.shape[-1]
@@ -74,7 +80,7 @@ def score_gap(q, k, topk, candidates):
     return float(np.min(top[:, topk - 1] - top[:, topk]))
 
 
-def mask_from_idx(idx, S):
+def mask_from_idx(idx: ArrayLike, S: int) -> np.ndarray:
     """(..., S) bool mask with True at every key index in ``idx`` (..., K); -1 slots are ignored."""
     idx = np.asarray(idx)
     m = np.zeros(idx.shape[:-1] + (S,), dtype=bool)
@@ -83,7 +89,9 @@ def mask_from_idx(idx, S):
     return m
 
 
-def directional_grad_check(loss, arrays, analytic, rng, h=1e-6, directions=None):
+def directional_grad_check(loss: Callable[[], float], arrays: Mapping[str, np.ndarray],
+                           analytic: Mapping[str, ArrayLike], rng: np.random.Generator, h: float = 1e-6,
+                           directions: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple[float, float]]:
     """Compare numerical and analytic directional derivatives.
 
     loss: callable () -> float that reads ``arrays`` (perturbed in place, then restored).
@@ -109,7 +117,7 @@ def directional_grad_check(loss, arrays, analytic, rng, h=1e-6, directions=None)
     return out
 
 
-def assert_grads_close(results, rtol=1e-6, atol=1e-8):
+def assert_grads_close(results: Mapping[str, tuple[float, float]], rtol: float = 1e-6, atol: float = 1e-8) -> None:
     """Raise AssertionError naming every array whose derivatives disagree:
     ``|numerical - analytic| <= atol + rtol * |numerical|`` must hold."""
     bad = {n: v for n, v in results.items() if not abs(v[0] - v[1]) <= atol + rtol * abs(v[0])}
@@ -118,7 +126,10 @@ def assert_grads_close(results, rtol=1e-6, atol=1e-8):
             f"{n}: {v[0]:.10g} vs {v[1]:.10g}" for n, v in bad.items()))
 
 
-def check_layer_grads(layer, x, rng, forward=None, backward=None, **tol):
+def check_layer_grads(layer: Any, x: np.ndarray, rng: np.random.Generator,
+                      forward: Callable[[np.ndarray], np.ndarray] | None = None,
+                      backward: Callable[[np.ndarray], np.ndarray | None] | None = None,
+                      **tol: float) -> dict[str, tuple[float, float]]:
     """Gradient check of sum(forward(x) * R) with respect to ``x`` and every parameter.
 
     layer: has ``named_params``, ``named_grads``, ``zero_grad``; forward/backward default to
@@ -139,7 +150,7 @@ def check_layer_grads(layer, x, rng, forward=None, backward=None, **tol):
     return res
 
 
-def fuzz_profile(default_examples):
+def fuzz_profile(default_examples: int) -> dict[str, Any]:
     """Keyword arguments for ``hypothesis.settings`` from ``TOPKATTN_FUZZ``: unset (or "short")
     runs ``default_examples`` derandomised examples (CI), "long" 2000 random ones, a number
     that many.  ValueError for anything else."""

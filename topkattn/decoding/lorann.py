@@ -37,14 +37,17 @@ Defaults (measured in ``benchmarks/bench_long_decode.py``): sqrt(N) clusters, ra
 holding about max(8192, 16 sqrt(N)) keys, so the scanned fraction of the keys falls as the
 context grows) and ``points_to_rerank="auto"`` (2 K' candidates re-ranked exactly).
 """
+from __future__ import annotations
+
 import contextlib
 import math
 import numbers
+from typing import Any
 
 import numpy as np
 
 from topkattn.ann import LorannIndex
-from topkattn.backend import get_array_module, to_numpy
+from topkattn.backend import Array, get_array_module, to_numpy
 from topkattn.checks import check_choice, check_int, check_real
 from topkattn.decoding.selectors import DecodeSelector, _Context, exact_select, forced_scores_lse
 from topkattn.ops.dynamic_k import dynamic_k_from_ranked
@@ -55,7 +58,7 @@ AUTO_POINTS_PER_ROOT = 16  # ... this * sqrt(N)) keys per query
 AUTO_RERANK_FACTOR = 2  # points_to_rerank="auto": this many times K' candidates re-ranked exactly
 
 
-def auto_clusters_to_search(n_clusters, n_points):
+def auto_clusters_to_search(n_clusters: int, n_points: int) -> int:
     """Clusters probed per query by ``clusters_to_search="auto"``: enough clusters of the mean
     size to scan max(AUTO_MIN_POINTS, AUTO_POINTS_PER_ROOT * sqrt(N)) keys, at least 1, at most
     n_clusters.  The scanned fraction falls as the index grows (every cluster below ~8k keys,
@@ -93,10 +96,12 @@ class LorannSelector(DecodeSelector):
       seed: seed of the indexes' sampling and k-means.
     """
 
-    def __init__(self, *, n_clusters=None, clusters_to_search="auto", points_to_rerank="auto", rank=32,
-                 global_dim=None, quantization_bits=8, train_size=2, refit_factor=None,
-                 refit_growth=0.5, split_factor=2.0, background=True, max_training_queries=8192,
-                 tail_bound=None, max_topk=None, seed=0, measure_recall=True):
+    def __init__(self, *, n_clusters: int | None = None, clusters_to_search: int | float | str = "auto",
+                 points_to_rerank: int | str = "auto", rank: int = 32, global_dim: int | None = None,
+                 quantization_bits: int | None = 8, train_size: int = 2, refit_factor: float | None = None,
+                 refit_growth: float = 0.5, split_factor: float | None = 2.0, background: bool = True,
+                 max_training_queries: int = 8192, tail_bound: float | None = None, max_topk: int | None = None,
+                 seed: int = 0, measure_recall: bool = True) -> None:
         super().__init__(tail_bound=tail_bound, max_topk=max_topk, measure_recall=measure_recall)
         self.n_clusters = check_int("n_clusters", n_clusters, 1, optional=True)
         if isinstance(clusters_to_search, str):
@@ -130,7 +135,7 @@ class LorannSelector(DecodeSelector):
         self.indexes = []
         self.last_info = None  # dynamic k: k, certified, bound, certified_bound, n_returned (B, H), last step
 
-    def prefill(self, cache, queries, *, sinks=0, window=0):
+    def prefill(self, cache: Any, queries: Array, *, sinks: int = 0, window: int = 0) -> None:
         """Build the indexes over a prompt already in ``cache``, trained on its queries, in one call.
 
         For a prompt processed outside the decode protocol (a batched forward instead of
@@ -186,7 +191,7 @@ class LorannSelector(DecodeSelector):
             while self._n_queries[b] - len(self._queries[b][0]) >= self.max_training_queries:
                 self._n_queries[b] -= len(self._queries[b].pop(0))
 
-    def end_prefill(self):
+    def end_prefill(self) -> None:
         """Leave prefill: build each batch element's index over the prompt's candidate keys."""
         super().end_prefill()
         ctx = self._ctx

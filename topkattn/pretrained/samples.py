@@ -6,6 +6,7 @@ Written for this project; varied topics, styles (narrative, letter, minutes, ins
 science, history) and lengths so that the cosine-vs-key-fraction curves of
 ``benchmarks/bench_pretrained_topk.py`` and the tests do not hinge on one style of text.
 """
+from __future__ import annotations
 
 SAMPLE_PARAGRAPHS = (
     "The old lighthouse on the northern cape was switched off in the spring of 1987, after a "
@@ -102,7 +103,7 @@ SAMPLE_PARAGRAPHS = (
 )
 
 
-def eval_texts():
+def eval_texts() -> list[str]:
     """The evaluation set, 18 texts of about 95-250 tokens plus 12 shorter ones (about 45-80):
     the 12 paragraphs, 6 two-paragraph texts, and the first three sentences of each paragraph."""
     P = SAMPLE_PARAGRAPHS
@@ -463,6 +464,6 @@ LONG_PASSAGES = (
 )
 
 
-def long_texts():
+def long_texts() -> list[str]:
     """The 18 :data:`LONG_PASSAGES` (about 130-505 tokens; encode with ``max_seq_length=512``)."""
     return list(LONG_PASSAGES)
