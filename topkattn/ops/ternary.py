@@ -11,6 +11,12 @@ Weights, absmean (BitNet b1.58, Ma et al. 2024), per matrix:
 Activations, absmax per token (optional, ``act_bits`` b in [2, 8], BitNet's 8 by default there):
     Qp = 2^(b-1) - 1;  a = Qp / max(max_j |x_j|, eps)      (..., 1) float64
     xq = clip(round(a x), -Qp - 1, Qp)           int8;  x~ = xq / a   (x~ = x without act_bits)
+  round: half to even, and a x within ``tie_band(x.dtype)`` (2048 ulps of 1.0 in x's dtype:
+  2^-12 for float32, 2^-41 for float64) of a half-integer counts as that half-integer.  Values
+  built from integer products (a quantised projection's output, or an attention output that one
+  key carries) hit exact ties such as 127 n / (2 n) = 63.5, and two evaluation orders of the same
+  number (a batched forward and a decode step) land an ulp either side; the band rounds both the
+  same way, so decode equals forward.  (Outside the band the quantiser is round-to-nearest.)
 Forward:  y = x~ W~^T                            (..., Dout)
 Backward, the straight-through estimator (STE) of BitNet b1.58 (Bengio et al. 2013): round and
 clip pass the gradient as the identity and the scales s, a are constants (``w + (q(w) - w).detach()``):
@@ -337,12 +343,21 @@ def _quantize_weight(W, eps):
     return Wq, s
 
 
+def tie_band(dtype: DTypeLike) -> float:
+    """Half-width of the band around a half-integer that the activation quantiser treats as a tie
+    (in units of the quantisation step): 2048 ulps of 1.0 in ``dtype`` (see the module docstring)."""
+    return 2048.0 * float(np.finfo(np.dtype(dtype)).eps)
+
+
 def _quantize_acts(x, bits, eps):
     xp = get_array_module(x)
     qp = 2 ** (bits - 1) - 1
     x64 = x.astype(xp.float64)
     a = qp / xp.maximum(xp.abs(x64).max(axis=-1, keepdims=True), eps)  # (..., 1)
-    xq = xp.clip(xp.round(x64 * a), -qp - 1, qp).astype(np.int8)
+    y = x64 * a
+    half = xp.floor(y) + 0.5
+    y = xp.where(xp.abs(y - half) <= tie_band(x.dtype), half, y)  # near-ties are ties (half to even below)
+    xq = xp.clip(xp.round(y), -qp - 1, qp).astype(np.int8)
     return xq, a
 
 
@@ -372,6 +387,7 @@ def ternary_quantize_reference(W: Array, eps: float = DEFAULT_EPS) -> tuple[np.n
 
 def quantize_activations_reference(x: Array, bits: int = 8, eps: float = DEFAULT_EPS) -> tuple[np.ndarray, np.ndarray]:
     """(xq int64 (..., Din), a (..., 1)) by loops over tokens and entries."""
+    band = tie_band(np.asarray(x).dtype if np.asarray(x).dtype.kind == "f" else np.float64)
     x = np.asarray(x, dtype=np.float64)
     qp = 2 ** (bits - 1) - 1
     rows = x.reshape(-1, x.shape[-1])
@@ -380,7 +396,10 @@ def quantize_activations_reference(x: Array, bits: int = 8, eps: float = DEFAULT
     for n, row in enumerate(rows):
         a[n, 0] = qp / max(max(abs(float(v)) for v in row), eps)
         for j, v in enumerate(row):
-            xq[n, j] = min(qp, max(-qp - 1, round(float(v) * a[n, 0])))
+            y = float(v) * a[n, 0]
+            if abs(y - (math.floor(y) + 0.5)) <= band:  # a near-tie is the tie
+                y = math.floor(y) + 0.5
+            xq[n, j] = min(qp, max(-qp - 1, round(y)))  # Python round: half to even
     return xq.reshape(x.shape), a.reshape(x.shape[:-1] + (1,))
 
 
