@@ -150,6 +150,9 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
         if retriever != "exact":
             raise click.UsageError(f"{run_dir} was trained with block top-k attention: it decodes with its block "
                                    f"means (--retriever exact), not --retriever {retriever}")
+    if cfg.tail is not None and retriever != "exact":
+        raise click.UsageError(f"{run_dir} was trained with --tail {cfg.tail}: its decode scores every cached key "
+                               f"for the tail weight (--retriever exact), not --retriever {retriever}")
     task = make_task(cfg)
     inputs, targets = heldout_set(task, cfg)
     inputs, targets = inputs[:n_sequences], targets[:n_sequences]
@@ -180,6 +183,9 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     make = selector_factory(retriever, len(model.blocks), recall=recall, tail_bound=tail_bound, seed=seed,
                             **lorann)
     ranks, rank = _mpi_launch(retriever, tail_bound)
+    if ranks > 1 and cfg.tail is not None:
+        raise click.UsageError(f"{run_dir} was trained with --tail {cfg.tail}: sharded decoding (mpiexec) has no "
+                               f"tail; decode it in one process")
     if ranks > 1:  # every rank decodes the same sequences; each stores and searches its share of the cache
         from topkattn.distributed import shard_decoding, sharded_selector_factory, world
 
@@ -204,7 +210,8 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
            "train_attention": cfg.attention, "train_k": cfg.k if cfg.attention == "topk" else None,
            "train_forget_rate": cfg.forget_rate, "per_layer": res["per_layer"], "ranks": ranks,
            "train_block": [cfg.block_size, cfg.topk_blocks] if cfg.attention == "block" else None,
-           "train_dense_layers": list(cfg.dense_layers), "attention_stats": model.attention_stats()}
+           "train_dense_layers": list(cfg.dense_layers), "train_tail": cfg.tail,
+           "attention_stats": model.attention_stats()}
     if cfg.task == "text":
         out["bits_per_char"] = res["bits_per_token"]  # byte-level tokens
     if k_eval is None:

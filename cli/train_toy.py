@@ -35,6 +35,9 @@ from topkattn.cli.common import (
 @click.option("--dense-layers", default=None, callback=lambda ctx, param, value: _layer_list(value),
               help="Comma-separated layer indices (from 0) that keep dense attention, the others "
                    "using --attention topk or block (a hybrid model), e.g. --dense-layers 0.")
+@click.option("--tail", type=click.Choice(["none", "mean"]), default=None,
+              help="With --attention topk: none (softmax over the kept keys) or mean (the softmax mass of "
+                   "the keys not kept goes to their mean value) [default: none].")
 @click.option("--forget-rate", type=FiniteFloat(0.0, 1.0, max_open=True), default=0.0,
               show_default=True, help="Forgetful masking: drop each selected key with this "
                                       "probability and refill from the next-ranked keys.")
@@ -133,6 +136,8 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
     given = {name for name in options
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     values = {name: v for name, v in options.items() if v is not None}
+    if values.get("tail") == "none":
+        values["tail"] = None  # kept: a given --tail none must match a resumed checkpoint's
     task = values["task"]
     values.setdefault("seq_len", 64 if task == "mqar" else 128)
     values.setdefault("steps", 600 if task == "mqar" else 500)
@@ -158,6 +163,7 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
             tqdm.write(msg, file=sys.stderr)
 
     desc = f"{cfg.task} {cfg.attention}" + (f" k={cfg.k}" if cfg.attention == "topk" else "") + (
+        f" tail={cfg.tail}" if cfg.tail else "") + (
         f" {cfg.block_size}x{cfg.topk_blocks}" if cfg.attention == "block" else "")
     try:
         error = None
@@ -251,7 +257,15 @@ def _layer_list(value):
 
 
 def _check_attention_options(values, given):
-    """Usage errors for block options without --attention block and --dense-layers out of range."""
+    """Usage errors for block options without --attention block, --tail mean without --attention
+    topk or with --forget-rate, and --dense-layers out of range."""
+    if values.get("tail") is not None:
+        if values["attention"] != "topk":
+            raise click.UsageError(f"--tail {values['tail']} applies to --attention topk (token top-k), got "
+                                   f"--attention {values['attention']}")
+        if values.get("forget_rate"):
+            raise click.UsageError(f"--tail {values['tail']} does not combine with --forget-rate (the tail op "
+                                   f"draws no forgetting), got --forget-rate {values['forget_rate']:g}")
     if values["attention"] != "block":
         for name in ("block_size", "topk_blocks"):
             if name in given:
@@ -301,6 +315,8 @@ def format_table(rows):
         c = m.get("config", {})
         k = f"{c.get('block_size')}x{c.get('topk_blocks')}" if m["attention"] == "block" else (
             "-" if m["k"] is None else str(m["k"]))
+        if c.get("tail"):
+            k += f" {c['tail']}-tail"
         if c.get("dense_layers"):
             k += " dense " + ",".join(str(i) for i in c["dense_layers"])
         lines.append([m["task"], m["attention"], k,

@@ -22,6 +22,7 @@ TYPED_MODULES = ["topkattn.model", "topkattn.storage", "topkattn.backend", "topk
                  "topkattn.distributed.head_parallel", "topkattn.distributed.sharded_cache",
                  "topkattn.distributed.sharded_decoding", "topkattn.distributed.sharded_layers",
                  "topkattn.decoding.selectors", "topkattn.cuda.launch",
+                 "topkattn.layers.attend", "topkattn.layers.cache", "topkattn.layers.mla", "topkattn.layers.attention",
                  "topkattn.layers.module", "topkattn.layers.embedding", "topkattn.layers.rmsnorm",
                  "topkattn.layers.layernorm", "topkattn.layers.rope", "topkattn.layers.swiglu",
                  "topkattn.layers.gelu", "topkattn.layers.moe", "topkattn.layers.block", "topkattn.layers.loss",
