@@ -139,6 +139,16 @@ def quality_rows(*, device="cpu", variants=QUALITY_VARIANTS):
     return {"texts": len(texts), "tokens_min": int(lengths.min()), "tokens_max": int(lengths.max()), "rows": rows}
 
 
+def fmt_quality(doc):
+    """The MiniLM rows (:func:`quality_rows`) as a text table."""
+    lines = [f"all-MiniLM-L6-v2, {doc['texts']} texts of {doc['tokens_min']}-{doc['tokens_max']} tokens",
+             f"{'variant':>30} {'mean cos':>9} {'min cos':>8} {'key frac':>9} {'keys/tok':>9} {'time/dense':>11}"]
+    for r in doc["rows"]:
+        lines.append(f"{r['variant']:>30} {r['mean_cos']:>9.4f} {r['min_cos']:>8.4f} {r['key_fraction']:>9.3f} "
+                     f"{r['mean_k']:>9.1f} {r['time_ratio_to_dense']:>11.2f}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -166,11 +176,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quality:
         doc = quality_rows(device=args.device)
-        print(f"all-MiniLM-L6-v2, {doc['texts']} texts of {doc['tokens_min']}-{doc['tokens_max']} tokens")
-        print(f"{'variant':>30} {'mean cos':>9} {'min cos':>8} {'key frac':>9} {'keys/tok':>9} {'time/dense':>11}")
-        for r in doc["rows"]:
-            print(f"{r['variant']:>30} {r['mean_cos']:>9.4f} {r['min_cos']:>8.4f} {r['key_fraction']:>9.3f} "
-                  f"{r['mean_k']:>9.1f} {r['time_ratio_to_dense']:>11.2f}")
+        print(fmt_quality(doc))
         if args.json:
             atomic_write_json(args.json, doc, prefix=".bench-")
         return

