@@ -289,3 +289,18 @@ def test_train_toy_table_shows_the_tail():
     m = {"task": "mqar", "attention": "topk", "k": 8, "forget_rate": 0.0, "steps": 1, "train_loss": 1.0,
          "accuracy": 0.5, "tokens_per_s": None, "seconds": 1.0, "config": {"tail": "mean"}}
     assert "8 mean-tail" in format_table([m])
+
+
+def test_distributed_layers_refuse_the_tail():
+    """Head-parallel MLA and sharded decoding carry no tail: refused, never silently plain top-k."""
+    pytest.importorskip("mpi4py")
+    from topkattn.distributed import shard_decoding, world
+    from topkattn.distributed.head_parallel import HeadParallelMLA
+
+    comm = world()
+    with pytest.raises(ValueError, match="head-parallel MLA supports plain MLA.*tail='mean'"):
+        HeadParallelMLA(_mla(), comm)
+    model = Transformer(_cfg(topk=2, tail="mean"))
+    with pytest.raises(ValueError, match="sharded decoding attends plain top-k; layer has tail='mean'"):
+        shard_decoding(model, comm)
+    assert all(type(b.attn) is MLA for b in model.blocks)  # left as it was

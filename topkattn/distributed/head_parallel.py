@@ -138,9 +138,9 @@ class HeadParallelMLA(MLA):
             if isinstance(layer, HeadParallelMLA):
                 raise TypeError("layer is already a HeadParallelMLA")
             H, n_ranks = layer.n_heads, comm.size
-            if layer.variant or layer.selection != "token":
+            if layer.variant or layer.selection != "token" or layer.tail is not None:
                 raise ValueError(f"head-parallel MLA supports plain MLA with token or dense attention, got "
-                                 f"selection={layer.selection!r}, kv_experts={layer.kv_experts}, "
+                                 f"selection={layer.selection!r}, tail={layer.tail!r}, kv_experts={layer.kv_experts}, "
                                  f"k_rank={layer.k_rank}, v_rank={layer.v_rank}, ternary={layer.ternary}")
             if H % n_ranks:
                 raise ValueError(f"layer.n_heads={H} must be a multiple of the number of ranks "

@@ -121,6 +121,9 @@ class _ShardedDecode:
     def _init_sharded(self, layer, comm, block):
         _check_comm(comm)
         block = check_int("block", block, 1)
+        if getattr(layer, "tail", None) is not None:  # the tail needs every rank's scores and values merged
+            raise ValueError(f"sharded decoding attends plain top-k; layer has tail={layer.tail!r} (decode it in "
+                             f"one process)")
         vars(self).update(vars(layer))  # the same params, grads and settings: a view of ``layer``
         self.comm, self.block = comm, block
         self.last_selection = None  # the ShardedSelection of the last top-k step
