@@ -75,7 +75,7 @@ class TransformerConfig(ConfigDict):
     rope_base: float = 10000.0
     dtype: str = "float32"
     seed: int = 0
-    kv_experts: int = 0  # "mla": E expert KV up-projections (0: none), topkattn.layers.kv_experts
+    kv_experts: int = 0  # E expert KV up-projections ("mla") or K/V projections ("mha"); 0: none
     kv_experts_active: int | None = None  # experts per query token, None: min(2, kv_experts)
     k_rank: int | None = None  # "mla": key latent rank (DiffQKV); None: kv_lora_rank
     v_rank: int | None = None  # "mla": value latent rank; either rank set: separate latents
@@ -133,12 +133,14 @@ class TransformerConfig(ConfigDict):
     def _check_variants(self) -> None:
         """The attention variants' cross-field rules (ValueError naming the fields)."""
         E, r = self.kv_experts, self.kv_experts_active
+        if r is not None and not E:
+            raise ValueError(f"kv_experts_active needs kv_experts >= 1, got kv_experts_active={r} with kv_experts=0")
         if r is not None and r > E:
             raise ValueError(f"kv_experts_active must be <= kv_experts={E}, got {r}")
-        if self.attention == "mha" and (E or self.k_rank is not None or self.v_rank is not None):
-            raise ValueError("kv_experts, k_rank and v_rank need attention='mla'")
-        if self.attention == "mha" and self.ternary:
-            raise ValueError("ternary needs attention='mla' (plain attention has no ternary path yet)")
+        if self.attention == "mha" and (self.k_rank is not None or self.v_rank is not None):
+            raise ValueError(f"k_rank and v_rank are MLA's separate key/value latent ranks and need attention='mla', "
+                             f"got k_rank={self.k_rank!r}, v_rank={self.v_rank!r} with attention='mha' (plain "
+                             f"attention's widths are head_dim/q_head_dim and v_head_dim)")
         if self.q_head_dim is not None and self.attention == "mla" and self.q_head_dim <= self.qk_rope_dim:
             raise ValueError(f"q_head_dim must exceed qk_rope_dim={self.qk_rope_dim} (the nope part is "
                              f"q_head_dim - qk_rope_dim), got {self.q_head_dim}")
@@ -182,7 +184,9 @@ class Transformer(Module):
                 head_dim = c.head_dim if c.q_head_dim is None else c.q_head_dim
                 attn = Attention(c.d_model, c.n_heads, c.n_kv_heads, head_dim, c.v_head_dim,
                                  **c.layer_attention(i), seed=r, dtype=c.dtype, persistent_tokens=c.persistent_tokens,
-                                 window=c.window, forget_rate=c.forget_rate, rope_base=c.rope_base)
+                                 window=c.window, forget_rate=c.forget_rate, rope_base=c.rope_base,
+                                 kv_experts=c.kv_experts, kv_experts_active=c.kv_experts_active,
+                                 aux_loss_weight=c.aux_loss_weight, ternary=c.ternary, act_bits=c.act_bits)
             if c.ffn == "moe":
                 ffn = MoE(c.d_model, c.d_ff, c.n_experts, c.moe_topk, c.aux_loss_weight, seed=r, dtype=c.dtype)
             else:

@@ -16,6 +16,7 @@ import numpy as np
 
 from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_int, check_real, float_dtype, make_rng
+from topkattn.layers import attention_variants
 from topkattn.layers.attend import attention_backward, attention_forward, check_selection, check_tail
 from topkattn.layers.cache import BlockMeans, KVCache, attend_step, check_step_input
 from topkattn.layers.module import Module, as_input, check_grad_output, check_topk, normal
@@ -36,6 +37,12 @@ class Attention(Module):
     backward accumulates into ``grads``.  ``selector`` picks each decode step's keys (token top-k).
     ``stats``: None, or an :class:`~topkattn.layers.attention_stats.AttentionStats` recording
     every forward and decode step.  ``tail="mean"``: top-k with a mean tail, as in :class:`MLA`.
+
+    Variants (:mod:`topkattn.layers.attention_variants` runs them): ``kv_experts`` E >= 1 expert K/V
+    projections W_K (E*G*D, d), W_V (E*G*Dv, d) and W_router (E, d), each token's key and value
+    mixed by its ``kv_experts_active`` r best experts (default min(2, E)); ``aux_loss`` and
+    ``aux_loss_weight`` as in :class:`MLA`.  ``ternary``: W_Q, W_K, W_V, W_O BitNet b1.58 ternary
+    (``act_bits``: per-token absmax activations), packed at 2 bits per weight at decode.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
@@ -43,8 +50,11 @@ class Attention(Module):
                  seed: int | np.random.Generator | None = 0, dtype: Any = "float32", *, persistent_tokens: int = 0,
                  window: int = 0, forget_rate: float = 0.0, rope: bool = True, rope_base: float = 10000.0,
                  tail_bound: float | None = None, max_topk: int | None = None, selection: str = "token",
-                 block_size: int | None = None, topk_blocks: int | None = None, tail: str | None = None) -> None:
+                 block_size: int | None = None, topk_blocks: int | None = None, tail: str | None = None,
+                 kv_experts: int = 0, kv_experts_active: int | None = None, aux_loss_weight: float = 0.01,
+                 ternary: bool = False, act_bits: int | None = None) -> None:
         super().__init__()
+        attention_variants.init_options(self, kv_experts, kv_experts_active, aux_loss_weight, ternary, act_bits)
         self.d_model = d = check_int("d_model", d_model, 1)
         self.n_heads = H = check_int("n_heads", n_heads, 1)
         self.n_kv_heads = G = H if n_kv_heads is None else check_int("n_kv_heads", n_kv_heads, 1)
@@ -74,13 +84,21 @@ class Attention(Module):
         dt = float_dtype(dtype)
         rng = make_rng(seed)
         self.add_param("W_Q", normal(rng, (H * D, d), 1 / np.sqrt(d), dt))
-        self.add_param("W_K", normal(rng, (G * D, d), 1 / np.sqrt(d), dt))
-        self.add_param("W_V", normal(rng, (G * Dv, d), 1 / np.sqrt(d), dt))
+        nE = max(1, self.kv_experts)
+        self.add_param("W_K", normal(rng, (nE * G * D, d), 1 / np.sqrt(d), dt))
+        self.add_param("W_V", normal(rng, (nE * G * Dv, d), 1 / np.sqrt(d), dt))
         self.add_param("W_O", normal(rng, (d, H * Dv), 1 / np.sqrt(H * Dv), dt))
         if P:
             self.add_param("persist_k", normal(rng, (G, P, D), 1.0, dt))
             self.add_param("persist_v", normal(rng, (G, P, Dv), 1.0, dt))
+        if self.kv_experts:
+            self.add_param("W_router", normal(rng, (self.kv_experts, d), 1 / np.sqrt(d), dt))
         self._saved = None
+
+    @property
+    def variant(self) -> bool:
+        """Whether ``kv_experts`` or ``ternary`` is set (:mod:`topkattn.layers.attention_variants` runs)."""
+        return bool(self.kv_experts or self.ternary)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -98,6 +116,8 @@ class Attention(Module):
     def forward(self, x: Array, seed: int | None = None) -> Array:
         """y (B, T, d) from x (B, T, d), causal.  ``seed`` drives forgetful masking."""
         x = self._check_x(x)
+        if self.variant:
+            return attention_variants.forward(self, x, seed)
         xp = get_array_module(x)
         p = self.params
         B, T, _ = x.shape
@@ -118,6 +138,8 @@ class Attention(Module):
         """dx (B, T, d) from dy (B, T, d); accumulates parameter gradients into ``grads``."""
         if self._saved is None:
             raise RuntimeError("Attention.backward called before forward")
+        if self.variant:
+            return attention_variants.backward(self, dy)
         x, cs, att, of = self._saved
         p, g = self.params, self.grads
         B, T, d = x.shape
@@ -147,6 +169,8 @@ class Attention(Module):
         queries and W_O are kept.  Exact when the pooled heads were equal.
         """
         G2 = check_int("n_kv_heads", n_kv_heads, 1)
+        if self.variant:
+            raise ValueError("with_kv_heads converts plain attention; this layer has kv_experts or ternary")
         G, H, D, Dv = self.n_kv_heads, self.n_heads, self.head_dim, self.v_head_dim
         if G % G2 or H % G2:
             raise ValueError(f"n_kv_heads must divide the current n_kv_heads={G}, got {G2}")
@@ -185,11 +209,15 @@ class Attention(Module):
             cache.kbuf.append(xp.broadcast_to(p["persist_k"][None], (batch, G, P, self.head_dim)))
             cache.vbuf.append(xp.broadcast_to(p["persist_v"][None], (batch, G, P, self.v_head_dim)))
             cache.prefix = P
+        if self.variant:  # packed (ternary) or copied projections and the router, taken now
+            cache.weights = attention_variants.decode_weights(self)
         return cache
 
     def step(self, x_t: Array, cache: KVCache) -> Array:
         """y_t (B, 1, d) for x_t (B, 1, d); appends this token's keys and values to ``cache``."""
         x_t = check_step_input(self, self._check_x(x_t), cache)
+        if self.variant:
+            return attention_variants.step(self, x_t, cache)
         B = x_t.shape[0]
         xp = get_array_module(x_t)
         p = self.params

@@ -1,4 +1,6 @@
-"""KV experts of MLA: a router picks r of E expert up-projection pairs (W_UK_e, W_UV_e) per token.
+"""KV experts of MLA (and of :class:`~topkattn.layers.attention.Attention`): a router picks r of E
+expert up-projection pairs (W_UK_e, W_UV_e) per token (Attention: expert K/V projections, mixed
+on the key's own token by :func:`mix_rows`, see :mod:`topkattn.layers.attention_variants`).
 
 Shape letters: N routed rows (B T in training, B at decode), E experts, r = kv_experts_active,
 B batch, H heads, T queries, Dn nope head dim, Dv value head dim, C key latent rank, Cv value
@@ -143,3 +145,17 @@ def _used(gates):
     xp = get_array_module(gates)
     used = (gates != 0).reshape(-1, gates.shape[-1]).any(0)
     return [int(e) for e in np.flatnonzero(np.asarray(used.get() if xp is not np else used))]
+
+
+def mix_rows(rows, gates):
+    """out (N, F) = sum_e gates[n, e] rows[n, e] of per-expert rows (N, E, F) (Attention's KV experts:
+    each token's key or value is its experts' projections mixed by its own gates)."""
+    xp = get_array_module(rows)
+    return xp.matmul(gates[:, None, :], rows)[:, 0]  # (N, F)
+
+
+def mix_rows_backward(dout, rows, gates):
+    """``(drows (N, E, F), dgates (N, E))`` of :func:`mix_rows` from dout (N, F); experts with a zero
+    gate get zero row gradient."""
+    xp = get_array_module(rows)
+    return gates[:, :, None] * dout[:, None, :], xp.matmul(rows, dout[:, :, None])[..., 0]

@@ -115,10 +115,12 @@ class TrainConfig(ConfigDict):
     topk_blocks: int = 2          # attention="block": blocks per query, its own included
     dense_layers: list = dataclasses.field(default_factory=list)  # layers kept dense (hybrid)
     tail: str | None = None       # attention="topk": None | "mean" (dropped softmax mass to the mean unselected value)
+    attention_layer: str = "mla"  # "mla" | "mha" (plain multi-head attention, head dim d_model / heads)
 
     def __post_init__(self):
         check_choice("task", self.task, ("mqar", "text"))
         check_choice("attention", self.attention, ("topk", "dense", "block"))
+        check_choice("attention_layer", self.attention_layer, ("mla", "mha"))
         check_int("block_size", self.block_size, 1)
         check_int("topk_blocks", self.topk_blocks, 1)
         for name, lo in (("k", 1), ("layers", 1), ("d_model", 1), ("heads", 1), ("seq_len", 2),
@@ -158,7 +160,7 @@ def model_config(cfg, vocab_size):
     rope = max(2, (hd // 2) // 2 * 2)
     return TransformerConfig(
         vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,
-        attention="mla", q_lora_rank=max(8, cfg.d_model // 2), kv_lora_rank=max(8, cfg.d_model // 2),
+        attention=cfg.attention_layer, q_lora_rank=max(8, cfg.d_model // 2), kv_lora_rank=max(8, cfg.d_model // 2),
         qk_nope_dim=hd, qk_rope_dim=rope, v_head_dim=hd, ffn="swiglu", d_ff=2 * cfg.d_model,
         topk=cfg.k if cfg.attention == "topk" else None, forget_rate=float(cfg.forget_rate),
         selection="block" if cfg.attention == "block" else "token",
@@ -193,6 +195,10 @@ def n_model_params(mc):
     Ck, Cv, E = mc.k_rank or C, mc.v_rank or C, max(1, mc.kv_experts)
     mla = (Lq * d + Lq + H * Dn * Lq + H * R * Lq + Ck * d + Ck + E * H * (Dn * Ck + Dv * Cv) + R * d
            + d * H * Dv + P * (Ck + R) + (Cv * d + Cv + P * Cv if split else 0) + mc.kv_experts * d)
+    if mc.attention == "mha":  # W_Q, E expert W_K and W_V (E = 1 without experts), W_O, the router, persistent k/v
+        G, Dq = mc.n_kv_heads or H, mc.q_head_dim or mc.head_dim or d // H
+        Dv = mc.v_head_dim or Dq
+        mla = d * H * Dq + E * G * (Dq + Dv) * d + d * H * Dv + mc.kv_experts * d + P * G * (Dq + Dv)
     per_layer = 2 * d + mla + 3 * d * Dff
     head = 0 if mc.tie_embeddings else mc.vocab_size * d
     return mc.vocab_size * d + mc.n_layers * per_layer + d + head + (d * d if mc.token_shift else 0)
