@@ -255,3 +255,20 @@ def test_bad_config_and_uses():
 def test_router_is_the_mla_one():
     """One router: the variant path imports kv_experts.route (no copy)."""
     assert av.route is route
+
+
+@pytest.mark.parametrize("kw", [dict(kv_experts=4, kv_experts_active=2), dict(ternary=True)])
+def test_train_toy_mha_variants(kw):
+    """A tiny train-toy run (the train API of ``topkattn train-toy --attention-layer mha``): the model is
+    plain attention with the variant, the loss falls, the parameter count the memory estimate uses is exact."""
+    from topkattn.training.train import TrainConfig, model_config, n_model_params, train
+
+    cfg = TrainConfig(attention_layer="mha", steps=25, eval_size=32, **kw)
+    res = train(cfg)
+    attn = res.model.blocks[0].attn
+    assert isinstance(attn, Attention) and attn.variant
+    assert attn.kv_experts == kw.get("kv_experts", 0) and attn.ternary == kw.get("ternary", False)
+    assert np.isfinite(res.losses).all() and res.losses[-5:].mean() < res.losses[:5].mean() - 0.2
+    assert n_model_params(model_config(cfg, 64)) == res.model.n_params()
+    with pytest.raises(ValueError, match="attention_layer"):
+        TrainConfig(attention_layer="gqa")
