@@ -9,6 +9,7 @@ layers; plain MHA of the same heads for reference), parameters, training tokens/
 
     python benchmarks/bench_variants.py                          # every variant, the default budget
     python benchmarks/bench_variants.py --variants mla diffqkv --mqar-steps 600 --text-steps 500
+    python benchmarks/bench_variants.py --quick --variants mla mha mha-ternary   # a smoke run, no JSON
 
 Report ratios measured in one run (the machine is shared and noisy).
 """
@@ -25,6 +26,9 @@ VARIANTS = {  # name -> TrainConfig fields (train-toy flags)
     "diffqkv-8-16-q32": {"k_rank": 8, "v_rank": 16, "q_head_dim": 32},
     "ternary": {"ternary": True},
     "ternary-act8": {"ternary": True, "act_bits": 8},
+    "mha": {"attention_layer": "mha"},  # plain multi-head attention (head dim d / heads), and its variants
+    "mha-kv-experts-4-2": {"attention_layer": "mha", "kv_experts": 4, "kv_experts_active": 2},
+    "mha-ternary": {"attention_layer": "mha", "ternary": True},
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "variants.json")
 
@@ -42,7 +46,7 @@ def decode_step_seconds(model, context, repeats):
     with model.decoding():
         cache = model.init_cache(1)
         for c in cache:
-            if hasattr(c, "vbuf") or hasattr(c, "buf"):
+            if hasattr(c, "buf"):  # MLACache: latent rows (and value rows with separate ranks)
                 keys = rng.standard_normal((1, context, c.buf.data.shape[-1])).astype(np.float32)
                 vals = None
                 if getattr(c, "vbuf", None) is not None:
@@ -66,6 +70,8 @@ def decode_step_seconds(model, context, repeats):
 def mha_bytes_per_token(model):
     """Bytes per token of plain MHA with the model's heads and head dims (full K and V per head)."""
     c = model.cfg
+    if c.attention == "mha":
+        return model.kv_bytes_per_token()
     nope = c.qk_nope_dim if c.q_head_dim is None else c.q_head_dim - c.qk_rope_dim
     return c.n_layers * c.n_heads * (nope + c.qk_rope_dim + c.v_head_dim) * np.dtype(c.dtype).itemsize
 
@@ -79,7 +85,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=RESULTS)
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 60 MQAR and 20 text steps, a 4k context, 2 repeats, no JSON written")
     args = ap.parse_args()
+    if args.quick:
+        args.mqar_steps, args.text_steps, args.context, args.repeats, args.json = 60, 20, 4096, 2, None
     rows = []
     for name in args.variants:
         fields = VARIANTS[name]
@@ -95,12 +105,12 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
-    head = f"{'variant':18s} {'MQAR acc':>9s} {'text bpc':>9s} {'KV B/tok':>9s} {'MHA B/tok':>9s} " \
+    head = f"{'variant':20s} {'MQAR acc':>9s} {'text bpc':>9s} {'KV B/tok':>9s} {'MHA B/tok':>9s} " \
            f"{'params':>8s} {'tok/s':>8s} {'step@' + str(args.context // 1024) + 'k ms':>12s}"
     print(head)
     for r in rows:
         bpc = "-" if r["text_bits_per_char"] is None else f"{r['text_bits_per_char']:.3f}"
-        print(f"{r['variant']:18s} {100 * r['mqar_accuracy']:8.2f}% {bpc:>9s} {r['kv_bytes_per_token']:9d} "
+        print(f"{r['variant']:20s} {100 * r['mqar_accuracy']:8.2f}% {bpc:>9s} {r['kv_bytes_per_token']:9d} "
               f"{r['mha_kv_bytes_per_token']:9d} {r['n_params']:8d} {r['tokens_per_s']:8.0f} "
               f"{1e3 * r['decode_step_s']:12.2f}")
     if args.json:
