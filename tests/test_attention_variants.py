@@ -272,3 +272,22 @@ def test_train_toy_mha_variants(kw):
     assert n_model_params(model_config(cfg, 64)) == res.model.n_params()
     with pytest.raises(ValueError, match="attention_layer"):
         TrainConfig(attention_layer="gqa")
+
+
+def test_sharded_decoding_refuses_variants():
+    """The position-sharded decode steps are plain attention's: a variant layer is refused, not mis-decoded."""
+    from topkattn.distributed.sharded_layers import ShardedAttention
+
+    class FakeComm:
+        def Get_size(self):
+            return 1
+
+        def Get_rank(self):
+            return 0
+
+        allgather = Allgather = Allreduce = None
+
+    for kw in (dict(kv_experts=2), dict(ternary=True)):
+        with pytest.raises(ValueError, match="sharded decoding runs plain MLA or attention"):
+            ShardedAttention(_attn(**kw), FakeComm())
+    ShardedAttention(_attn(), FakeComm())  # plain attention still shards

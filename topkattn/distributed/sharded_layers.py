@@ -124,6 +124,9 @@ class _ShardedDecode:
         if getattr(layer, "tail", None) is not None:  # the tail needs every rank's scores and values merged
             raise ValueError(f"sharded decoding attends plain top-k; layer has tail={layer.tail!r} (decode it in "
                              f"one process)")
+        if getattr(layer, "variant", False):  # KV experts, split ranks, ternary: the sharded steps are plain ones
+            raise ValueError("sharded decoding runs plain MLA or attention; layer has variant options (kv_experts, "
+                             "k_rank/v_rank or ternary): decode it in one process")
         vars(self).update(vars(layer))  # the same params, grads and settings: a view of ``layer``
         self.comm, self.block = comm, block
         self.last_selection = None  # the ShardedSelection of the last top-k step
