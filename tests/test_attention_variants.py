@@ -38,7 +38,8 @@ def _decode(m, x):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("topk,P,sel", [(None, 0, {}), (3, 2, {}),
-                                        (None, 1, dict(selection="block", block_size=3, topk_blocks=2))])
+                                        (None, 1, dict(selection="block", block_size=3, topk_blocks=2)),
+                                        (3, 0, dict(tail="mean"))])
 def test_decode_equals_forward(name, topk, P, sel):
     rng = np.random.default_rng(3)
     m = _attn(topk, P, **VARIANTS[name], **sel)

@@ -18,6 +18,8 @@ with ``act_bits``, else x and o; :func:`topkattn.layers.projection.ternary_produ
     k, v = [persist_k ; k], [persist_v ; v]
     y = o~ W~_O^T,  o = attn(q, k, v)                               scale 1/sqrt(D)
 ``aux_loss`` is the router's load-balancing loss; backward adds ``aux_loss_weight`` times its gradient.
+Cost: every expert's K and V projection is computed for every token (E times plain attention's K/V
+projection work, one matmul each); the gates zero the unchosen experts' rows.
 
 **Cached keys across experts.**  A key is mixed by the gates of its OWN token (the token whose x made
 it), so k_j and v_j are fixed once token j is seen: the decode cache stores the mixed k_j, v_j (G (D +
