@@ -155,7 +155,8 @@ def make_task(cfg):
 
 
 def model_config(cfg, vocab_size):
-    """The :class:`TransformerConfig` of a run: MLA, SwiGLU, dims derived from d_model/heads."""
+    """The :class:`TransformerConfig` of a run: MLA (or plain attention with ``attention_layer="mha"``),
+    SwiGLU, dims derived from d_model/heads."""
     hd = cfg.d_model // cfg.heads
     rope = max(2, (hd // 2) // 2 * 2)
     return TransformerConfig(
@@ -187,7 +188,8 @@ def n_model_params(mc):
     """The parameter count of :func:`model_config`'s model (MLA + SwiGLU, tied head), without
     building it: embedding V d; per layer two RMSNorm gains, MLA's projections and norms, and
     SwiGLU's three matrices; the final norm; the token shift's d x d.  Variants: E KV experts
-    (E W_UK, W_UV and the router E x d), separate key/value latents (W_DV, v_norm, persist_cv)."""
+    (E W_UK, W_UV and the router E x d), separate key/value latents (W_DV, v_norm, persist_cv);
+    ``attention="mha"``: W_Q, E expert W_K/W_V, W_O, the router and the persistent keys/values instead."""
     d, H, Lq, C = mc.d_model, mc.n_heads, mc.q_lora_rank, mc.kv_lora_rank
     Dn, R, Dv, Dff, P = mc.qk_nope_dim, mc.qk_rope_dim, mc.v_head_dim, mc.d_ff, mc.persistent_tokens
     Dn = Dn if mc.q_head_dim is None else mc.q_head_dim - R
