@@ -85,6 +85,9 @@ from topkattn.cli.common import (
               help="Ternary (BitNet b1.58) attention projections, packed at 2 bits per weight at decode.")
 @click.option("--act-bits", type=click.IntRange(2, 8), default=None,
               help="With --ternary: per-token absmax activation bits [default: float activations].")
+@click.option("--attention-layer", type=click.Choice(["mla", "mha"]), default=None,
+              help="The attention layer: mla (multi-head latent attention) or mha (plain multi-head attention, "
+                   "head dim d-model/heads; takes --kv-experts and --ternary too) [default: mla].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for checkpoint.npz, metrics.json and history.json.")
 @click.option("--resume", is_flag=True,
