@@ -292,3 +292,23 @@ def test_sharded_decoding_refuses_variants():
         with pytest.raises(ValueError, match="sharded decoding runs plain MLA or attention"):
             ShardedAttention(_attn(**kw), FakeComm())
     ShardedAttention(_attn(), FakeComm())  # plain attention still shards
+
+
+@pytest.mark.parametrize("flags", [["--kv-experts", "4", "--kv-experts-active", "2"], ["--ternary", "--act-bits", "8"]])
+def test_cli_train_toy_attention_layer_mha(flags):
+    """``topkattn train-toy --attention-layer mha`` with the variant flags: the run's config and cache bytes."""
+    import json
+
+    from click.testing import CliRunner
+
+    from topkattn.cli.main import main
+
+    r = CliRunner().invoke(main, ["train-toy", "--d-model", "16", "--heads", "2", "--seq-len", "12",
+                                  "--num-kv-pairs", "3", "--steps", "4", "--attention-layer", "mha", *flags, "--json",
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert out["config"]["attention_layer"] == "mha"
+    assert out["kv_bytes_per_token"] == 2 * 2 * 16 * 4  # layers x (K + V) x d_model floats x 4 bytes
+    r = CliRunner().invoke(main, ["train-toy", "--attention-layer", "gqa"])
+    assert r.exit_code != 0 and "--attention-layer" in r.output
