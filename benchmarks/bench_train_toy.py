@@ -22,8 +22,9 @@ reports tokens/s and topkattn / best-torch:
     python benchmarks/bench_train_toy.py --peer torch                  # default + large, dense + k=8
     python benchmarks/bench_train_toy.py --peer torch --sizes default --rounds 5
 
-topkattn runs :func:`topkattn.training.train.train` under the command's default
---blas-threads; torch runs at 1 and 2 threads (``torch.set_num_threads``), the better counts.
+topkattn runs :func:`topkattn.training.train.train` with the command's default
+--blas-threads (auto: threads by the step's size and the idle cores; the count used is in the
+JSON rows, ``topkattn_threads``); torch runs at 1 and 2 threads (``torch.set_num_threads``), the better counts.
 On a shared machine wall time swings with the other processes' load; the last columns compare
 the one-thread contenders by CPU seconds per step as well (steadier; torch at 2 threads is left
 out there, its CPU time counts both threads).
@@ -188,16 +189,22 @@ def _rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
+USED_THREADS = []  # the thread count each time_topkattn run trained with (train's metrics["threads"])
+
+
 def time_topkattn(cfg, blas_threads):
     """(wall, CPU) seconds per step of topkattn.training.train.train over cfg.steps - 1 steps (the
-    first untimed), under the command's BLAS thread limit."""
+    first untimed), with the command's --blas-threads default: "auto" (train's own policy, what the
+    command passes), or an int (older versions: a BLAS limit around train)."""
     from threadpoolctl import threadpool_limits
 
     from topkattn.training.train import train
 
     stamps = []
-    with threadpool_limits(limits=blas_threads, user_api="blas") if blas_threads else _nothing():
-        train(cfg, progress=lambda *a: stamps.append((time.perf_counter(), time.process_time())))
+    fixed = isinstance(blas_threads, int) and blas_threads > 0
+    with threadpool_limits(limits=blas_threads, user_api="blas") if fixed else _nothing():
+        res = train(cfg, progress=lambda *a: stamps.append((time.perf_counter(), time.process_time())))
+    USED_THREADS.append(res.metrics.get("threads"))
     return _per_step(stamps)
 
 
@@ -214,7 +221,7 @@ def time_baseline(cfg, blas_threads, tree):
             "from bench_train_toy import time_topkattn; from topkattn.training.train import TrainConfig;"
             "names = {f.name for f in dataclasses.fields(TrainConfig)};"  # fields the older code knows
             "kw = {k: v for k, v in json.loads(sys.argv[3]).items() if k in names};"
-            "print(*time_topkattn(TrainConfig(**kw), int(sys.argv[4])))")
+            "b = sys.argv[4]; print(*time_topkattn(TrainConfig(**kw), b if b == 'auto' else int(b)))")
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
     out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)),
                           os.path.abspath(tree), json.dumps(cfg.to_dict()), str(blas_threads or 0)],
@@ -298,6 +305,7 @@ def main_peer():
             print(f"{size} {row}: float64 check passed ({', '.join(f'{k} {v:.1e}' for k, v in err.items())})",
                   file=sys.stderr, flush=True)
             runs = {"topkattn": [], **{f"torch{t}": [] for t in torch_threads}}
+            USED_THREADS.clear()
             if args.baseline:
                 runs["baseline"] = []
             for _ in range(args.rounds):
@@ -315,7 +323,8 @@ def main_peer():
                             "batch_size": cfg.batch_size, "timed_steps": steps - 1, "rounds": args.rounds,
                             "seconds_per_step": runs, "tokens_per_s": tok_s,
                             "tokens_per_cpu_s": tok_cpu_s,
-                            "ratio_vs_best_torch": tok_s["topkattn"] / best_torch, "check": err})
+                            "ratio_vs_best_torch": tok_s["topkattn"] / best_torch, "check": err,
+                            "topkattn_threads": list(USED_THREADS)})
             print(f"{size} {row}: " + ", ".join(f"{n} {v:,.0f} tok/s" for n, v in tok_s.items()),
                   file=sys.stderr, flush=True)
     base = ["baseline tok/s", "baseline / best torch"] if args.baseline else []

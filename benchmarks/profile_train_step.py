@@ -173,6 +173,7 @@ def main():
     ap.add_argument("--size", default="default", choices=["default", "large"])
     ap.add_argument("--rows", default="dense,8")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: train's policy by size)")
     ap.add_argument("--json", dest="json_path", default=None)
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -186,11 +187,12 @@ def main():
         from topkattn.training.train import step_work
 
         def policy(cfg):
-            return cpu_policy(threads_for(step_work(cfg)))
+            return cpu_policy(args.threads or threads_for(step_work(cfg)))
     except ImportError:
         def policy(cfg):
             return contextlib.nullcontext()
-    with threadpool_limits(limits=blas, user_api="blas") if blas else contextlib.nullcontext():
+    fixed = isinstance(blas, int) and blas > 0  # older versions: an int default (a BLAS limit)
+    with threadpool_limits(limits=blas, user_api="blas") if fixed else contextlib.nullcontext():
         for row in args.rows.split(","):
             cfg = peer_config(args.size, row.strip())
             with policy(cfg):

@@ -19,6 +19,23 @@ from topkattn.cli.common import (
 )
 
 
+class BlasThreads(click.ParamType):
+    """--blas-threads: "auto" or an integer >= 0."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or (isinstance(value, int) and value >= 0):
+            return value
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            n = -1
+        if n < 0:
+            self.fail(f"expected 'auto' or an integer >= 0, got {value!r}", param, ctx)
+        return n
+
+
 @click.command("train-toy", cls=RankZeroCommand, context_settings=CONTEXT_SETTINGS)
 @click.option("--task", type=click.Choice(["mqar", "text"]), default="mqar", show_default=True,
               help="mqar: multi-query associative recall (held-out accuracy); text: byte-level LM "
@@ -96,9 +113,9 @@ from topkattn.cli.common import (
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Steps between checkpoints (one is always written at the end).")
 @device_option
-@click.option("--blas-threads", type=click.IntRange(min=0), default=1, show_default=True,
-              help="BLAS threads while training (the toy matrices are small: with more threads "
-                   "OpenBLAS can be many times slower); 0 keeps the library's setting.")
+@click.option("--blas-threads", type=BlasThreads(), default="auto", show_default=True,
+              help="CPU threads (BLAS and the worker pool) while training: auto chooses by the step's size "
+                   "and the idle cores (one thread for the default size); 0 keeps the library's setting.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the final metrics as one JSON object on stdout (the bar stays on stderr).")
 @quiet_option
@@ -181,14 +198,16 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
             agree_setup(comm, error)  # every rank raises when one failed
         elif error is not None:
             raise error
-        with progress_bar(cfg.steps, desc, "step", quiet or rank != 0) as bar, _blas_limit(blas_threads, log):
+        limit = _blas_limit(blas_threads, log) if comm is not None else _nothing()  # one process: train() applies it
+        with progress_bar(cfg.steps, desc, "step", quiet or rank != 0) as bar, limit:
             def progress(step, loss, lr, tok_s):
                 bar.update(step - bar.n)  # a resumed run jumps to its checkpoint's step
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
 
             if comm is None:
                 result = train(cfg, out_dir=out_dir, resume=resume, device=device,
-                               checkpoint_every=checkpoint_every, progress=progress, log=log)
+                               checkpoint_every=checkpoint_every, progress=progress, log=log,
+                               threads=None if blas_threads == 0 else blas_threads)
             else:
                 from topkattn.distributed.data_parallel import train_data_parallel
                 result = train_data_parallel(cfg, comm, out_dir=out_dir, resume=resume, device=device,
@@ -291,10 +310,15 @@ def _option(field):
     return "--" + field.replace("_", "-")
 
 
-def _blas_limit(n, log):
-    """A context limiting BLAS threads to ``n`` (threadpoolctl); a no-op for 0 or without it."""
+def _nothing():
     import contextlib
-    if n == 0:
+    return contextlib.nullcontext()
+
+
+def _blas_limit(n, log):
+    """A context limiting BLAS threads to ``n`` (threadpoolctl); a no-op for 0, "auto" or without it."""
+    import contextlib
+    if n == 0 or n == "auto":
         return contextlib.nullcontext()
     try:
         from threadpoolctl import threadpool_limits

@@ -294,6 +294,7 @@ def test_forward_never_materialises_the_full_score_matrix():
     T = S = 2048
     q, k, v = make_qkv(0, 1, 1, 1, T, S, D=16, Dv=16, dtype=np.float32)
     ta.topk_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], topk=4)  # compile outside the trace
+    ta.topk_attention(q[:, :, :300], k[:, :, :300], v[:, :, :300], topk=4)  # rows > SHORT_KEYS: the fused scan
     tracemalloc.start()
     out, saved = ta.topk_attention_forward(q, k, v, topk=4, chunk_size=32)
     ta.topk_attention_backward(np.ones_like(out), saved)

@@ -43,6 +43,10 @@ except Exception:  # pragma: no cover - numba missing or broken
 
 # Default budget for one chunk's (rows, S) score tile, in bytes.
 TILE_BYTES = 16 * 2**20
+# fused_ranked_rows ranks rows of at most this many keys from a BLAS score tile
+# (cpu_kernels.ranked_topm_rows): faster than the fused scan there (train-toy's T = 64: 8.0 -> 4.1 ms
+# per layer; T = 256: about even), and the tile is small.
+SHORT_KEYS = 256
 
 
 class RowBounds:
@@ -236,21 +240,44 @@ def fused_ranked_rows(q: Array, k: Array, bounds: RowBounds, m: int, scale: floa
     (:func:`topkattn.ops.cpu_kernels.rows_topm_scan`): no (rows, S) score tile is made, so
     memory is O(T * (D + m)).  Row blocks are split into pieces of about equal work (a causal
     row sees more keys the later it sits) and run on the worker pool.  The rule of
-    :func:`ranked_topm_xp`.
+    :func:`ranked_topm_xp`.  Rows of at most ``SHORT_KEYS`` keys are ranked from a score tile
+    instead (one matrix product per chunk of queries, :func:`_ranked_chunks`): faster there, the
+    same rule; the scores come from BLAS instead of the scan's multiply-adds in key order (equal
+    here, in our checks; they could differ in the last bit, which only a near-tie would show).
     """
     B, H, T, D = q.shape
+    if bounds.S <= SHORT_KEYS:  # short rows: a score tile per chunk of queries, then one ranking pass
+        ranked = np.full((B, H, T, m), -1, dtype=np.int64)
+        for t0, t1, _tile, r in _ranked_chunks(q, k, bounds, m, True, scale, None, "numba"):
+            ranked[:, :, t0:t1] = r.reshape(B, H, t1 - t0, m)
+        return ranked
     G = k.shape[1]
     rep = H // G
     lanes = 64 // q.dtype.itemsize  # query rows per vector
     Tp = -(-T // lanes) * lanes
     qt = np.zeros((B, H, D, Tp), dtype=q.dtype)  # (B, H, D, Tp) scaled queries, transposed
     qt[..., :T] = (q * q.dtype.type(scale)).swapaxes(-1, -2)
-    keys = [[np.ascontiguousarray(k[b, g]) for g in range(G)] for b in range(B)]  # (S, D) views
     ranked = np.full((B, H, T, m), -1, dtype=np.int64)
-    # work of each block of `lanes` rows: the keys its last row may see
-    block_work = np.maximum(bounds.end[np.minimum(np.arange(lanes, Tp + 1, lanes), T) - 1] - bounds.sinks, 1)
     nw = n_workers()
     pieces = 1 if nw == 1 else max(1, -(-4 * nw // (B * H)))  # row pieces per head
+    if pieces == 1:  # whole heads: one kernel call per worker (a call per head cost more than its work)
+        kc = np.ascontiguousarray(k)  # (B, G, S, D)
+        n_jobs = 1 if nw == 1 or B * H * T * bounds.S * D < FUSED_TASK_WORK else nw
+        cuts = [B * H * j // n_jobs for j in range(n_jobs + 1)]
+
+        def heads(i0, i1):
+            _cpu_kernels.heads_topm_scan(kc, qt, i0, i1, bounds.end, bounds.win_lo, bounds.win_hi,
+                                         bounds.sinks, m, ranked)
+
+        if n_jobs == 1:
+            heads(0, B * H)
+        else:
+            for job in [pool().submit(heads, i0, i1) for i0, i1 in zip(cuts[:-1], cuts[1:])]:
+                job.result()
+        return ranked
+    keys = [[np.ascontiguousarray(k[b, g]) for g in range(G)] for b in range(B)]  # (S, D) views
+    # work of each block of `lanes` rows: the keys its last row may see
+    block_work = np.maximum(bounds.end[np.minimum(np.arange(lanes, Tp + 1, lanes), T) - 1] - bounds.sinks, 1)
     cum = np.cumsum(block_work)
     cuts = np.searchsorted(cum, cum[-1] * np.arange(1, pieces) / pieces)  # equal-work block boundaries
     edges = sorted({0, len(block_work), *map(int, cuts)})
