@@ -1,6 +1,9 @@
-"""MPI plumbing shared by the distributed modes: mpi4py on demand, agreement on errors.
+"""MPI plumbing shared by the distributed modes: mpi4py on demand, agreement on errors, and the
+array collectives routed by :func:`device_route`.
 
-Only mpi4py carries data (host buffers); nothing here is a transport of its own.  mpi4py is
+mpi4py carries control messages and host (NumPy) buffers; CuPy buffers go through NCCL
+(:mod:`topkattn.distributed.device_comm`) when it is chosen for the communicator, else they are
+copied to the host and sent through MPI.  Nothing here is a transport of its own.  mpi4py is
 imported when a distributed function first needs it, so ``import topkattn`` works without it,
 and :func:`require_mpi` says in one line what to install.
 """
@@ -14,7 +17,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from topkattn.backend import Array, get_array_module, to_numpy
+from topkattn.backend import Array, get_array_module, is_cupy_array, to_numpy
+from topkattn.distributed.device_comm import DeviceComm, device_comm_for
 
 INSTALL_HINT = 'pip install -e ".[mpi]" (mpi4py and an MPI from wheels)'
 
@@ -68,11 +72,22 @@ def agree(comm: Any, error: BaseException | None) -> None:
         raise RuntimeError(f"rank {rank} failed: {msg}")
 
 
+def device_route(comm: Any, a: Array) -> DeviceComm | None:
+    """How the collectives of ``a`` travel over ``comm``: the NCCL :class:`DeviceComm` for a CuPy
+    array when NCCL is chosen for ``comm`` (see :func:`topkattn.distributed.device_comm.device_comm_for`;
+    the first CuPy collective chooses, collectively), None for MPI (NumPy arrays always)."""
+    return device_comm_for(comm) if is_cupy_array(a) else None
+
+
 def allgather_rows(comm: Any, a: Array) -> Array:
     """Stack ``a`` (rows, ...) of every rank: (ranks, rows, ...) on the array's device.
 
-    Every rank must pass the same shape and dtype.  Host buffers carry the data.
+    Every rank must pass the same shape and dtype.  NCCL carries a CuPy array when
+    :func:`device_route` says so, host buffers through MPI otherwise.
     """
+    device = device_route(comm, a)
+    if device is not None:
+        return device.allgather(a)
     xp = get_array_module(a)
     host = np.ascontiguousarray(to_numpy(a))
     out = np.empty((comm.size,) + host.shape, dtype=host.dtype)
@@ -80,13 +95,24 @@ def allgather_rows(comm: Any, a: Array) -> Array:
     return xp.asarray(out)
 
 
-def allreduce_sum(comm: Any, a: Array) -> Array:
-    """Elementwise sum of ``a`` over the ranks, on the array's device (NaN propagates)."""
+def allreduce_sum(comm: Any, a: Array, inplace: bool = False) -> Array:
+    """Elementwise sum of ``a`` over the ranks, on the array's device (NaN propagates); one
+    collective.  ``inplace``: written into ``a``, which is returned.  NCCL carries a CuPy array
+    when :func:`device_route` says so, host buffers through MPI otherwise."""
+    device = device_route(comm, a)
+    if device is not None:
+        return device.allreduce_sum(a, out=a if inplace else None)
+    MPI = require_mpi()
     xp = get_array_module(a)
-    host = np.ascontiguousarray(to_numpy(a))
-    out = np.empty_like(host)
-    comm.Allreduce(host, out, op=require_mpi().SUM)
-    return xp.asarray(out)
+    host = np.ascontiguousarray(to_numpy(a))  # ``a`` itself for a contiguous NumPy array
+    if not inplace:
+        out = np.empty_like(host)
+        comm.Allreduce(host, out, op=MPI.SUM)
+        return xp.asarray(out)
+    comm.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
+    if host is not a:
+        a[...] = xp.asarray(host)
+    return a
 
 
 def abort(comm: Any, error: BaseException | None, file: TextIO | None = None) -> None:

@@ -3,10 +3,12 @@
 Every rank holds the whole model (replicated parameters) and trains on rows
 ``[r B / N, (r + 1) B / N)`` of every step's batch (B = ``cfg.batch_size``, N ranks; B % N
 must be 0).  After the backward, :class:`GradientReducer` packs every gradient, the loss and
-the aux loss into one contiguous float64 buffer and sums it with one ``Allreduce``; each rank
+the aux loss into one contiguous float64 buffer and sums it with one all-reduce; each rank
 first scales its part by ``weight`` = its scored targets / the batch's (the loss is a mean over
 the non-ignored targets, so the global gradient is the count-weighted sum of the ranks' mean
-gradients, exactly the single-process gradient in real arithmetic).  Clipping and AdamW then
+gradients, exactly the single-process gradient in real arithmetic).  On GPUs the buffer stays
+on the device and NCCL sums it when chosen (``TOPKATTN_DEVICE_COMM``, see
+:mod:`topkattn.distributed.device_comm`).  Clipping and AdamW then
 run identically on every rank.  The forgetful masking draws, per layer, the whole batch's block
 and keeps the rank's rows (:class:`topkattn.training.train.RowSliceGenerator`), so the loss
 history equals the single-process run's to float32 rounding.
@@ -32,7 +34,8 @@ import numpy as np
 
 from topkattn.backend import Array, get_array_module, to_numpy
 from topkattn.checks import check_int
-from topkattn.distributed.comm import require_mpi
+from topkattn.distributed.comm import allreduce_sum
+from topkattn.distributed.device_comm import use_local_device
 
 if TYPE_CHECKING:
     from topkattn.training.train import TrainConfig, TrainResult
@@ -75,12 +78,14 @@ class GradientReducer:
     """The ``reduce_grads`` hook of :func:`topkattn.training.train.train` over ``comm``.
 
     ``reducer(params, grads, loss, aux, weight)`` writes ``weight * grad`` of every parameter,
-    then ``weight * loss`` and ``weight * aux``, into one contiguous float64 buffer (packed on
-    the gradients' device, one host copy), sums it over the ranks with one ``Allreduce``
-    (in place) and unpacks it into ``grads``; returns the summed ``(loss, aux)``.  The first
+    then ``weight * loss`` and ``weight * aux``, into one contiguous float64 buffer on the
+    gradients' device, sums it over the ranks in place with one collective
+    (:func:`topkattn.distributed.comm.allreduce_sum`: MPI ``Allreduce`` for NumPy; for CuPy NCCL
+    when chosen for ``comm``, else MPI through one host copy) and unpacks it into ``grads``;
+    returns the summed ``(loss, aux)``.  The first
     call checks that every rank packs the same layout (names and shapes); with
     ``check_every`` > 0 every that many calls :func:`check_replicas` compares the parameters.
-    ``calls`` counts the calls, ``allreduces`` the Allreduce calls made.
+    ``calls`` counts the calls, ``allreduces`` the all-reduces made.
     """
 
     def __init__(self, comm: Any, check_every: int = 0) -> None:
@@ -105,22 +110,21 @@ class GradientReducer:
         self.calls += 1
         xp = get_array_module(*grads.values()) if grads else np
         sizes = [int(g.size) for g in grads.values()]
-        buf = xp.empty(sum(sizes) + 2, dtype=xp.float64)
+        buf = xp.empty(sum(sizes) + 2, dtype=xp.float64)  # on the gradients' device
         o = 0
         for g, n in zip(grads.values(), sizes):
             buf[o:o + n] = g.reshape(-1)
             o += n
         buf[:o] *= weight
-        host = np.ascontiguousarray(to_numpy(buf))
-        host[o], host[o + 1] = float(loss) * weight, float(aux) * weight
-        self.comm.Allreduce(require_mpi().IN_PLACE, host, op=require_mpi().SUM)
+        buf[o], buf[o + 1] = float(loss) * weight, float(aux) * weight
+        allreduce_sum(self.comm, buf, inplace=True)  # NumPy: MPI; CuPy: NCCL when chosen, else MPI via the host
         self.allreduces += 1
-        total = xp.asarray(host[:o])
         o = 0
         for g, n in zip(grads.values(), sizes):
-            g[...] = total[o:o + n].reshape(g.shape)
+            g[...] = buf[o:o + n].reshape(g.shape)
             o += n
-        return float(host[o]), float(host[o + 1])
+        loss_sum, aux_sum = (float(v) for v in to_numpy(buf[o:o + 2]))
+        return loss_sum, aux_sum
 
 
 class PeerError(RuntimeError):
@@ -141,11 +145,15 @@ def train_data_parallel(cfg: TrainConfig, comm: Any, *, out_dir: str | os.PathLi
 
     ``progress`` and ``log`` are called on rank 0 only; rank 0 writes the files.  ValueError
     (on every rank) when ``cfg.batch_size`` is not a multiple of ``comm.size``.  ``check_every``
-    > 0 also compares the parameters across the ranks every that many steps.
+    > 0 also compares the parameters across the ranks every that many steps.  ``device="gpu"``
+    first makes GPU ``local rank % device count`` current on each rank
+    (:func:`topkattn.distributed.device_comm.use_local_device`).
     """
     from topkattn.training.train import train
 
     rows = split_rows(cfg.batch_size, comm.rank, comm.size)
+    if device == "gpu":
+        use_local_device(comm)  # GPU local rank % count, so that NCCL can carry the gradients
     writer = comm.rank == 0
     reducer = GradientReducer(comm, check_every=check_every)
     result = train(cfg, out_dir=out_dir, resume=resume, device=device, checkpoint_every=checkpoint_every,

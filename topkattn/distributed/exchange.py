@@ -1,12 +1,14 @@
-"""One Allgather for several fields of a step, with the agreement on errors folded in.
+"""One all-gather for several fields of a step, with the agreement on errors folded in.
 
 A decode step of sharded decoding sends, per rank, a few arrays (candidate scores, their
 positions, a logsumexp per row, ...).  :func:`allgather_fields` packs them into one byte
-buffer behind an 8-byte status word and makes **one** ``Allgather``: a rank that failed
-while computing its fields still takes part (its status says so, its fields are zeros), and
-only then, when some status is set, every rank calls :func:`topkattn.distributed.comm.agree`
-to learn the message and raise.  So a step costs one collective, not two (an agreement and
-the data), and a failure on one rank never leaves the others waiting.
+buffer behind an 8-byte status word and makes **one** all-gather
+(:func:`topkattn.distributed.comm.allgather_rows`: MPI ``Allgather`` of host bytes, or NCCL for
+a CuPy buffer when chosen): a rank that failed while computing its fields still takes part
+(its status says so, its fields are zeros), and only then, when some status is set, every
+rank calls :func:`topkattn.distributed.comm.agree` to learn the message and raise.  So a step
+costs one collective, not two (an agreement and the data), and a failure on one rank never
+leaves the others waiting.
 
 ``spec``: ``[(name, shape, dtype), ...]``, the same on every rank (the shapes follow from
 the step's geometry, never from rank-local data).
@@ -21,7 +23,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from topkattn.backend import Array, to_numpy
-from topkattn.distributed.comm import agree
+from topkattn.distributed.comm import agree, allgather_rows
 
 STATUS_BYTES = 8
 
@@ -42,33 +44,33 @@ def allgather_fields(comm: Any, spec: Sequence[tuple[str, tuple[int, ...], DType
     when any rank passed an ``error``.
 
     ``values``: ``{name: array}`` matching ``spec`` (cast to its dtype; ignored when ``error``
-    is set, then zeros are sent).  One ``comm.Allgather`` of :func:`spec_bytes` bytes per rank.
+    is set, then zeros are sent).  One :func:`topkattn.distributed.comm.allgather_rows` of
+    :func:`spec_bytes` bytes per rank: the buffer is packed on ``xp``, so with CuPy it travels
+    through NCCL when that is chosen for ``comm`` (MPI host buffers otherwise).
     """
-    buf = np.zeros(spec_bytes(spec), dtype=np.uint8)
+    buf = xp.zeros(spec_bytes(spec), dtype=xp.uint8)
     if error is None:
         try:
             off = STATUS_BYTES
             for name, shape, dtype in spec:
-                a = np.ascontiguousarray(to_numpy(values[name]), dtype=dtype)
+                a = xp.ascontiguousarray(to_numpy(values[name]) if xp is np else xp.asarray(values[name]), dtype=dtype)
                 if a.shape != tuple(shape):
                     raise ValueError(f"field {name!r} has shape {a.shape}, the step's spec says {tuple(shape)}")
                 n = a.nbytes
-                buf[off:off + n] = a.reshape(-1).view(np.uint8)
+                buf[off:off + n] = a.reshape(-1).view(xp.uint8)
                 off += n
         except (KeyError, TypeError, ValueError) as e:  # a rank's own bug: still exchange, then agree
             error = e
     if error is not None:
         buf[:] = 0
         buf[0] = 1
-    out = np.empty((comm.Get_size(), buf.size), dtype=np.uint8)
-    comm.Allgather(buf, out)
-    if out[:, 0].any():
+    out = allgather_rows(comm, buf)  # (ranks, bytes)
+    if to_numpy(out[:, 0]).any():
         agree(comm, error)  # every rank saw a status: all of them call it, all raise
     got, off = {}, STATUS_BYTES
     for name, shape, dtype in spec:
         n = _nbytes(shape, dtype)
-        part = np.ascontiguousarray(out[:, off:off + n]).view(dtype).reshape((out.shape[0],) + tuple(shape))
-        got[name] = part if xp is np else xp.asarray(part)
+        got[name] = xp.ascontiguousarray(out[:, off:off + n]).view(dtype).reshape((out.shape[0],) + tuple(shape))
         off += n
     return got
 
