@@ -109,12 +109,17 @@ def _device_info(mode: str) -> dict[str, Any]:
                             "why_not": None}
     if mode == "mpi":
         return info
-    _, info["why_not"] = _nccl_module()
-    import cupy
+    try:
+        import cupy
 
-    dev = cupy.cuda.Device()
-    info["device"] = int(dev.id)
-    info["bus"] = str(dev.pci_bus_id)
+        dev = cupy.cuda.Device()
+        info["device"], info["bus"] = int(dev.id), str(dev.pci_bus_id)
+    except ImportError:
+        info["why_not"] = "CuPy is not installed"
+    except Exception as e:  # no driver, no device: CuPy's CUDARuntimeError and kin
+        info["why_not"] = f"no usable GPU ({type(e).__name__}: {e})"
+    else:
+        _, info["why_not"] = _nccl_module()
     return info
 
 
@@ -122,7 +127,8 @@ def shared_gpus(infos: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], lis
     """``{(host, PCI bus id): ranks}`` of every GPU that more than one rank uses."""
     users: dict[tuple[str, str], list[int]] = {}
     for r, info in enumerate(infos):
-        users.setdefault((info["host"], info["bus"]), []).append(r)
+        if info["bus"] is not None:
+            users.setdefault((info["host"], info["bus"]), []).append(r)
     return {gpu: ranks for gpu, ranks in users.items() if len(ranks) > 1}
 
 
