@@ -20,6 +20,12 @@ keys falls on about W / block ranks).
 A rank computes and stores only the latents of its own positions (the layer skips the others'
 projections); the forced keys (persistent-token sinks, the sliding window) are stored, like
 every key, by their owner, and that owner attends them.
+
+A block top-k layer (``selection="block"``) needs ``block`` to be a multiple of its
+``block_size``: then every selection block lies inside one sharding block, this rank's rows
+fall into whole selection blocks, and ``block_means`` (a
+:class:`~topkattn.layers.cache.BlockMeans` over this rank's rows) keeps the means of exactly
+the selection blocks it owns.
 """
 from __future__ import annotations
 
@@ -84,6 +90,7 @@ class _ShardedRows:
         self.block = check_int("block", block, 1)
         self.n_rows = 0  # S: positions cached on all ranks together
         self.prefix = 0
+        self.block_means = None  # block top-k layers: a BlockMeans of this rank's rows (its own selection blocks)
 
     @property
     def n_tokens(self):

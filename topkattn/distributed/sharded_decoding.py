@@ -41,6 +41,19 @@ maximum over the ranks), both sent in the first exchange.
 ``stats`` are taken on the merged selection (recall against the exact top-k, found shard
 by shard and merged: one more exchange per step for a non-exact inner), so they are the
 same on every rank.  Every rank must construct the same selectors and decode the same tokens.
+
+**Block top-k** (a layer with ``selection="block"``; no selector): :func:`select_blocks_sharded`.
+The sharding ``block`` is a multiple of the layer's ``block_size``, so each selection block lives
+on one rank, and this rank's cache rows fall into whole selection blocks: its ``block_means``
+(a :class:`~topkattn.layers.cache.BlockMeans` over its own rows, folded as in one process, so
+the same numbers) holds the means of the blocks it owns.  Per step it ranks its blocks before
+the query's own one by q . mean (unscaled, one product per KV group, as
+:func:`topkattn.ops.block_selection.select_blocks`), offers its top Kb - 1 (score, block
+index) in one Allgather (O(ranks * Kb) numbers per head, not O(S)), and the union is ranked by
+the single-process rule (score descending, ties to the lower block, NaN on top); the own block
+is forced and counted.  The chosen blocks expand to global positions
+(:func:`~topkattn.ops.block_selection.expand_blocks`); each rank scores its own keys among them,
+one Allgather of the ranks' logsumexp (:func:`merged_lse`) gives the selection's ``lse``.
 """
 from __future__ import annotations
 
@@ -55,7 +68,8 @@ from topkattn.decoding.lorann import LorannSelector
 from topkattn.decoding.selectors import DecodeSelector, ExactSelector
 from topkattn.distributed.comm import agree, require_mpi
 from topkattn.distributed.exchange import allgather_fields
-from topkattn.distributed.sharded_cache import _ShardedRows, shard_positions
+from topkattn.distributed.sharded_cache import _ShardedRows, owned_below, shard_positions
+from topkattn.ops.block_selection import BlockBounds, expand_blocks
 from topkattn.ops.dynamic_k import choose_k, dynamic_k_from_ranked
 from topkattn.ops.selection import RowBounds, grouped_keys, rank_decode_candidates, ranked_topm_xp
 
@@ -380,6 +394,91 @@ class ShardedSelector(DecodeSelector):
                                 k_row.reshape(B, H), None if certified is None else certified.reshape(B, H))
 
 
+def merged_lse(comm: Any, local: Callable[[], Array], n: int, xp: Any = np) -> Array:
+    """(n,) float64: the logsumexp over every rank of ``local()`` (n,) (this rank's logsumexp per
+    row, -inf where it has no key).  One Allgather of 8 + 8 n bytes; an exception raised by
+    ``local`` on any rank is raised on every rank."""
+    error = fields = None
+    try:
+        fields = {"lse": local()}
+    except Exception as e:  # agreed in the exchange
+        error = e
+    got = allgather_fields(comm, [("lse", (n,), np.float64)], fields, error, xp)
+    return logsumexp_rows(xp.moveaxis(got["lse"], 0, -1))
+
+
+def check_block_sharding(block: int, block_size: int) -> None:
+    """ValueError unless the sharding ``block`` is a multiple of a block layer's ``block_size``
+    (then every selection block lives on one rank)."""
+    if block % block_size:
+        raise ValueError(f"block (the sharding block, positions dealt round-robin) must be a multiple of the "
+                         f"layer's block_size={block_size} so that each selection block lives on one rank, "
+                         f"got block={block}")
+
+
+def select_blocks_sharded(comm: Any, query: Array, cache: _ShardedRows, *, block_size: int, topk_blocks: int,
+                          scale: float) -> tuple[ShardedSelection, Array]:
+    """``(selection, blocks (B, H, Kb))`` of one block top-k decode step over a sharded cache
+    (a collective call; see the module docstring).
+
+    query (B, H, D) sits at the last cached position S - 1; ``cache.block_means`` holds this
+    rank's blocks.  ``blocks``: own block first, then the others in rank order (-1 empty), equal
+    on every rank and to :func:`topkattn.layers.cache.select_block_step` in one process;
+    ``selection.idx`` (B, H, K) their global positions, ``scores`` scaled by ``scale``.
+    """
+    if not isinstance(cache, _ShardedRows):
+        raise TypeError(f"select_blocks_sharded needs a cache sharded by position, got {type(cache).__name__}")
+    state = cache.block_means
+    if state is None or state.block_size != block_size:
+        raise ValueError("cache has no block state for this layer's block_size: make it with the sharded layer's "
+                         "init_cache")
+    check_block_sharding(cache.block, block_size)
+    keys = cache.keys
+    xp = get_array_module(query, keys)
+    B, H, D = query.shape
+    n, S = B * H, cache.n_rows
+    kg = grouped_keys(keys, H)  # (B, G, Sp, D)
+    G = kg.shape[1]
+    bounds = BlockBounds(S, 1, block_size=block_size, topk_blocks=topk_blocks, causal=True)
+    m, own = bounds.m, int(bounds.own[0])
+    blocks = xp.full((B, H, bounds.n_sel), -1, dtype=xp.int64)
+    blocks[..., 0] = own
+    error = fields = None
+    try:
+        means = state.update(kg)  # (B, G, Nl, D): this rank's blocks, in position order
+        if m:
+            n_mine = int(owned_below(own * block_size, cache.rank, cache.ranks, cache.block)) // block_size
+            fields = {"cand_s": xp.full((n, m), -xp.inf, dtype=query.dtype), "cand_j": xp.full((n, m), -1)}
+            if n_mine:  # this rank's candidate blocks: its first n_mine, global blocks ids
+                ids = xp.asarray(cache.positions_of(np.arange(n_mine, dtype=np.int64) * block_size) // block_size)
+                qg = query.reshape(B, G, H // G, D)
+                gate = xp.matmul(qg, means[:, :, :n_mine].swapaxes(-1, -2)).reshape(n, n_mine)  # unscaled q . mean
+                cols = ranked_topm_xp(gate, xp.ones(gate.shape, dtype=bool), m)  # (n, m), -1 padded
+                c = xp.maximum(cols, 0)
+                fields = {"cand_s": xp.where(cols >= 0, xp.take_along_axis(gate, c, axis=1), -xp.inf),
+                          "cand_j": xp.where(cols >= 0, ids[c], -1)}
+    except Exception as e:  # agreed in the next exchange: no rank is left waiting
+        error = e
+    if m:  # one Allgather of every rank's best Kb - 1 blocks
+        spec = [("cand_s", (n, m), query.dtype), ("cand_j", (n, m), np.int32 if S < 2**31 else np.int64)]
+        got = allgather_fields(comm, spec, fields, error, xp)
+        blocks[..., 1:] = _merge_ranked(got["cand_s"], got["cand_j"], m)[1].reshape(B, H, m)
+    idx = expand_blocks(blocks[:, :, None], bounds)[:, :, 0]  # (B, H, K) global positions
+    rows = cache.local_rows(idx)
+    scores = None
+
+    def local_lse():
+        nonlocal scores
+        if error is not None:  # Kb = 1: no candidate exchange ran
+            raise error
+        scores = _score_rows(query, keys, rows, scale)  # (B, H, K), -inf where another rank's
+        return logsumexp_rows(scores.reshape(n, -1))
+
+    lse = merged_lse(comm, local_lse, n, xp).reshape(B, H)
+    sel = ShardedSelection(idx, rows, scores, lse, (idx >= 0).sum(axis=-1), None)
+    return sel, blocks
+
+
 def _cand_spec(n, m, dtype, st):
     return [("cand_s", (n, m), dtype), ("cand_j", (n, m), st.pos_dtype)]
 
@@ -468,4 +567,5 @@ def sharded_selector_factory(make_selectors: Callable[[int], Sequence[DecodeSele
     return make
 
 
-__all__ = ["ShardedSelection", "ShardedSelector", "shard_positions", "sharded_selector_factory"]
+__all__ = ["ShardedSelection", "ShardedSelector", "check_block_sharding", "merged_lse", "select_blocks_sharded",
+           "shard_positions", "sharded_selector_factory"]

@@ -12,13 +12,18 @@ layer with a sharded decode: ``init_cache`` makes a cache holding only this rank
    rank that owns its position (the others skip those projections), which stores it;
 2. top-k: selects through a :class:`~topkattn.distributed.ShardedSelector` (the layer's
    ``selector``, or an exact one when it is None), then :func:`attend_selection`; dense
-   (``topk=None``): :func:`attend_all`;
+   (``topk=None``): :func:`attend_all`; block top-k (``selection="block"``): the blocks chosen
+   from every rank's block means (:func:`~topkattn.distributed.sharded_decoding.select_blocks_sharded`),
+   then :func:`attend_selection`;
 3. projects the merged output as the single-process layer does.
 
 Both attentions are exact: each rank computes ``sum_{j its own} exp(s_j - lse) v_j`` with the
 global logsumexp ``lse`` of the attended scores, and one Allreduce of (B, H, Dv) adds the ranks'
 parts.  The training path (``forward``/``backward``) is the layer's own, unchanged (replicated).
-:func:`shard_decoding` converts a model's attention layers in place.
+:func:`shard_decoding` converts a model's attention layers in place.  The sharding ``block``
+defaults to 64, rounded up to a multiple of a block layer's ``block_size`` (a selection block
+must live on one rank); an explicit ``block`` that is not such a multiple is a ValueError.
+A step is recorded in ``layer.stats`` as in one process (the global positions attended).
 """
 from __future__ import annotations
 
@@ -30,12 +35,17 @@ from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_int, logsumexp_rows
 from topkattn.decoding.selectors import ExactSelector
 from topkattn.distributed.comm import allreduce_sum
-from topkattn.distributed.exchange import allgather_fields
 from topkattn.distributed.head_parallel import HeadParallelMLA
 from topkattn.distributed.sharded_cache import ShardedKVCache, ShardedMLACache
-from topkattn.distributed.sharded_decoding import ShardedSelection, ShardedSelector
+from topkattn.distributed.sharded_decoding import (
+    ShardedSelection,
+    ShardedSelector,
+    check_block_sharding,
+    merged_lse,
+    select_blocks_sharded,
+)
 from topkattn.layers.attention import Attention
-from topkattn.layers.cache import check_step_input
+from topkattn.layers.cache import BlockMeans, check_step_input
 from topkattn.layers.mla import MLA
 from topkattn.layers.rmsnorm import rms_norm_forward
 from topkattn.layers.rope import rope_angles, rope_apply
@@ -91,13 +101,7 @@ def attend_all(comm: Any, query: Array, keys: Array, values: Array, scale: float
     vg = grouped_keys(values, H)  # (B, G, Sp, Dv)
     G, Sp = vg.shape[1], vg.shape[2]
     s = decode_scores(query, keys, scale) if Sp else xp.zeros((B, H, 0), dtype=query.dtype)  # (B, H, Sp)
-    error, fields = None, None
-    try:
-        fields = {"lse": logsumexp_rows(s.reshape(B * H, Sp))}
-    except Exception as e:  # agreed in the exchange
-        error = e
-    got = allgather_fields(comm, [("lse", (B * H,), np.float64)], fields, error, xp)
-    lse = logsumexp_rows(xp.moveaxis(got["lse"], 0, -1)).reshape(B, H, 1)
+    lse = merged_lse(comm, lambda: logsumexp_rows(s.reshape(B * H, Sp)), B * H, xp).reshape(B, H, 1)
     out = xp.zeros((B, G, H // G, vg.shape[-1]), dtype=query.dtype)
     if Sp:
         p = _weights(s, lse, xp.ones(s.shape, dtype=bool)).astype(query.dtype).reshape(B, G, H // G, Sp)
@@ -115,12 +119,26 @@ def _check_comm(comm):
     return comm
 
 
+DEFAULT_BLOCK = 64
+
+
+def sharding_block(layer: MLA | Attention, block: int | None = None) -> int:
+    """The sharding block of ``layer``: ``block`` (ValueError unless an int >= 1 and, for a block
+    top-k layer, a multiple of its ``block_size``), or by default 64 rounded up to such a multiple."""
+    bs = layer.block_size if getattr(layer, "selection", "token") == "block" else 1
+    if block is None:
+        return -(-DEFAULT_BLOCK // bs) * bs
+    block = check_int("block", block, 1)
+    check_block_sharding(block, bs)
+    return block
+
+
 class _ShardedDecode:
     """What the sharded layers share: the communicator, the block, the step's selection."""
 
     def _init_sharded(self, layer, comm, block):
         _check_comm(comm)
-        block = check_int("block", block, 1)
+        block = sharding_block(layer, block)
         if getattr(layer, "tail", None) is not None:  # the tail needs every rank's scores and values merged
             raise ValueError(f"sharded decoding attends plain top-k; layer has tail={layer.tail!r} (decode it in "
                              f"one process)")
@@ -148,13 +166,33 @@ class _ShardedDecode:
                             f"{type(sel).__name__}; wrap it with topkattn.distributed.sharded_selector_factory")
         return sel
 
+    def _block_state(self, cache, G, D):
+        """``cache`` with a BlockMeans of this rank's rows (B, G, Nl, D) for a block layer."""
+        if self.selection == "block":
+            keys = cache.keys
+            cache.block_means = BlockMeans(get_array_module(keys), cache.batch, G, D, keys.dtype, self.block_size)
+        return cache
+
     def _attend(self, query, cache, keys, values):
+        stats = getattr(self, "stats", None)
+        if self.selection == "block":  # the blocks from every rank's means; a decode selector is not used
+            sel, blocks = select_blocks_sharded(self.comm, query, cache, block_size=self.block_size,
+                                                topk_blocks=self.topk_blocks, scale=self.scale)
+            self.last_selection = sel
+            if stats is not None:
+                stats.update(sel.idx, n_keys=cache.n_rows, score_dtype=query.dtype, blocks=blocks,
+                             index_bytes=int(blocks.nbytes))
+            return attend_selection(self.comm, query, keys, values, sel)
         if self.topk is None:
+            if stats is not None:
+                stats.record_step(query, cache.n_rows)
             return attend_all(self.comm, query, keys, values, self.scale)
         k = (self.max_topk or cache.n_rows) if self.topk == "auto" else self.topk
         sel = self._decode_selector().select(query, cache, topk=k, sinks=self.persistent_tokens, window=self.window,
                                              scale=self.scale)
         self.last_selection = sel
+        if stats is not None:
+            stats.record_step(query, cache.n_rows, sel.idx)
         return attend_selection(self.comm, query, keys, values, sel)
 
 
@@ -162,7 +200,7 @@ class ShardedMLA(_ShardedDecode, MLA):
     """``layer`` (an :class:`~topkattn.layers.mla.MLA`, whose params it shares) decoding over a
     latent cache sharded by position on ``comm``'s ranks (round-robin blocks of ``block``)."""
 
-    def __init__(self, layer: MLA, comm: Any, *, block: int = 64) -> None:
+    def __init__(self, layer: MLA, comm: Any, *, block: int | None = None) -> None:
         if not isinstance(layer, MLA) or isinstance(layer, (ShardedMLA, HeadParallelMLA)):
             raise TypeError(f"layer must be a plain MLA (not head-parallel or already sharded), got "
                             f"{type(layer).__name__}")
@@ -175,6 +213,7 @@ class ShardedMLA(_ShardedDecode, MLA):
         xp = get_array_module(p["W_DQ"])
         cache = ShardedMLACache(xp, batch, self.kv_lora_rank, self.qk_rope_dim, p["W_DQ"].dtype,
                                 self.decode_weights(), owner=self, **self._shard())
+        self._block_state(cache, 1, self.kv_lora_rank + self.qk_rope_dim)  # means of the latent keys [c ; kr]
         if self.persistent_tokens:
             rows = xp.concatenate([p["persist_c"], p["persist_kr"]], axis=-1)  # (P, C + R)
             cache.extend(xp.broadcast_to(rows[None], (batch,) + rows.shape))
@@ -207,7 +246,7 @@ class ShardedAttention(_ShardedDecode, Attention):
     """``layer`` (a plain :class:`~topkattn.layers.attention.Attention`, whose params it shares)
     decoding over a key-value cache sharded by position on ``comm``'s ranks."""
 
-    def __init__(self, layer: Attention, comm: Any, *, block: int = 64) -> None:
+    def __init__(self, layer: Attention, comm: Any, *, block: int | None = None) -> None:
         if not isinstance(layer, Attention) or isinstance(layer, ShardedAttention):
             raise TypeError(f"layer must be a plain Attention (not already sharded), got {type(layer).__name__}")
         self._init_sharded(layer, comm, block)
@@ -219,6 +258,7 @@ class ShardedAttention(_ShardedDecode, Attention):
         xp = get_array_module(p["W_Q"])
         G, D, Dv = self.n_kv_heads, self.head_dim, self.v_head_dim
         cache = ShardedKVCache(xp, batch, G, D, Dv, p["W_Q"].dtype, self, **self._shard())
+        self._block_state(cache, G, D)
         if self.persistent_tokens:
             P = self.persistent_tokens
             cache.extend(xp.broadcast_to(p["persist_k"][None], (batch, G, P, D)),
@@ -250,13 +290,16 @@ def _modules(module):
         yield from _modules(child)
 
 
-def shard_decoding(model: Transformer, comm: Any, *, block: int = 64) -> Transformer:
+def shard_decoding(model: Transformer, comm: Any, *, block: int | None = None) -> Transformer:
     """Make every attention layer of ``model`` (a :class:`~topkattn.model.Transformer` or a module
     holding MLA/Attention children) decode over a cache sharded by position on ``comm``, in
     place; returns ``model``.  The layers keep their params (shared, same names); only
-    ``init_cache``/``step`` change.  Every rank must pass the same model and decode the same tokens."""
+    ``init_cache``/``step`` change.  ``block``: positions dealt round-robin in blocks of it
+    (:func:`sharding_block`: default 64, rounded up per block top-k layer to a multiple of its
+    ``block_size``).  Every rank must pass the same model and decode the same tokens."""
     _check_comm(comm)
-    block = check_int("block", block, 1)
+    if block is not None:
+        block = check_int("block", block, 1)
     if not hasattr(model, "children"):
         raise TypeError(f"model must be a Transformer or a layer, got {type(model).__name__}")
     todo = []
@@ -280,4 +323,4 @@ def shard_decoding(model: Transformer, comm: Any, *, block: int = 64) -> Transfo
     return model
 
 
-__all__ = ["ShardedAttention", "ShardedMLA", "attend_all", "attend_selection", "shard_decoding"]
+__all__ = ["ShardedAttention", "ShardedMLA", "attend_all", "attend_selection", "shard_decoding", "sharding_block"]
