@@ -606,3 +606,70 @@ def sparse_attend_rows(q, k, v, idx, scale, t0, t1, out, lse):
             for d in range(Dv):
                 out[t, d] += w * v[j, d]
         lse[t] = m0 + np.log(denom)
+
+
+@njit(fastmath=_ATTEND_FAST)
+def sparse_attend_heads(q, k, v, idx, scale, i0, i1, out, lse):
+    """:func:`sparse_attend_rows` over every row of heads i0 .. i1-1 (flat ``b * H + h``) in one call.
+
+    q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv), idx (B, H, T, K), out (B, H, T, Dv),
+    lse (B, H, T), all C-contiguous; head h reads KV head h // (H // G).  The same arithmetic
+    as one call per head, without a Python call (and its dispatch) per head.
+    """
+    H = q.shape[1]
+    rep = H // k.shape[1]
+    T = q.shape[2]
+    for i in range(i0, i1):
+        b = i // H
+        h = i - b * H
+        sparse_attend_rows(q[b, h], k[b, h // rep], v[b, h // rep], idx[b, h], scale, 0, T, out[b, h], lse[b, h])
+
+
+@njit(fastmath=_ATTEND_FAST)
+def sparse_backward_groups(q, k, v, idx, lse, dout, delta, scale, g0, g1, dq, dk, dv):
+    """Backward of softmax over the selected keys for KV heads g0 .. g1-1 (flat ``b * G + g``).
+
+    q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv), idx (B, H, T, K) (-1 = empty), lse (B, H, T),
+    dout (B, H, T, Dv), delta (B, H, T) = dout . out; writes dq (B, H, T, D) and adds into dk, dv
+    (zero-filled by the caller), all C-contiguous.  Per row t and slot i with key j:
+    p = exp(scale q_t . k_j - lse_t), dv_j += p dout_t, ds = p (dout_t . v_j - delta_t) scale,
+    dq_t += ds k_j, dk_j += ds q_t.  A KV head's rows are summed by one call (its rep query
+    heads in order), so the sums are deterministic whatever the threads.  For finite inputs and
+    rows whose forward is finite (callers check): the rule for the others is
+    :func:`topkattn.ops.sparse_attention.sparse_attention_backward`'s.
+    Reference: :func:`topkattn.ops.reference.masked_attention_grad_reference`.
+    """
+    G = k.shape[1]
+    H, T, D = q.shape[1], q.shape[2], q.shape[3]
+    rep = H // G
+    K = idx.shape[3]
+    Dv = v.shape[3]
+    sc = q.dtype.type(scale)
+    zero = q.dtype.type(0)
+    for pair in range(g0, g1):
+        b = pair // G
+        g = pair - b * G
+        kk = k[b, g]
+        vv = v[b, g]
+        dkk = dk[b, g]
+        dvv = dv[b, g]
+        for h in range(g * rep, (g + 1) * rep):
+            for t in range(T):
+                L = lse[b, h, t]
+                dl = delta[b, h, t]
+                for i in range(K):
+                    j = idx[b, h, t, i]
+                    if j < 0:
+                        continue
+                    s = zero
+                    for d in range(D):
+                        s += (q[b, h, t, d] * sc) * kk[j, d]
+                    p = np.exp(s - L)
+                    dp = zero
+                    for d in range(Dv):
+                        dp += dout[b, h, t, d] * vv[j, d]
+                        dvv[j, d] += p * dout[b, h, t, d]
+                    ds = p * (dp - dl) * sc
+                    for d in range(D):
+                        dq[b, h, t, d] += ds * kk[j, d]
+                        dkk[j, d] += ds * q[b, h, t, d]

@@ -21,6 +21,14 @@ few passes over a (B, H, c, n) tile, cheaper while S is small next to K (D + Dv)
 float sums (the scores come from a matrix product instead of an elementwise product and sum).
 Peak extra memory: one (B, H, c, S) tile, c chosen for about 16 MiB.
 
+On NumPy float arrays with Numba (the training CPU path) neither tile nor gather is made: the
+Numba row kernels (:func:`topkattn.ops.cpu_kernels.sparse_attend_heads` forward,
+:func:`topkattn.ops.cpu_kernels.sparse_backward_groups` backward: one call per worker, not per
+head) attend each row's selected keys directly -- the gather path's arithmetic, without its
+(B, H, c, K, D) copies and scatter-adds.  At train-toy's default size (B H = 128, T = 64, K = 8,
+D + Dv = 40) forward 2.9 -> 0.9 ms and backward 9.5 -> 1.9 ms a layer.  The backward kernel
+takes finite inputs whose rows are all live; anything else goes the tile way below.
+
 Non-finite inputs follow the rule of :mod:`topkattn.ops.reference` (``attend_row``), as the
 gather path: a NaN or +inf among a row's selected scores gives a NaN row (out and lse);
 -inf scores get weight 0; a row with nothing selected gives zeros and lse -inf; a NaN or inf
@@ -37,8 +45,15 @@ import numpy as np
 from topkattn.backend import Array, get_array_module
 from topkattn.ops.dense_attention import check_dout, finite_keys, weighted_values
 from topkattn.ops.sparse_attention import SparseAttentionSaved, inactive_rows, sparse_attention_backward
+from topkattn.threads import n_workers, pool
+
+try:  # Numba CPU kernels are optional at run time: the NumPy path needs no compiler.
+    from topkattn.ops import cpu_kernels as _cpu_kernels
+except Exception:  # pragma: no cover - numba missing or broken
+    _cpu_kernels = None
 
 TILE_BYTES = 16 * 2**20  # budget for one chunk's (B, H, c, S) score tile
+KERNEL_TASK_WORK = 1 << 22  # multiply-adds per worker task of the row kernels; below 2 tasks: one thread
 
 
 class MaskedAttentionSaved(SparseAttentionSaved):
@@ -80,6 +95,15 @@ def masked_attention_forward(q: Array, k: Array, v: Array, idx: Array, scale: fl
     saved = MaskedAttentionSaved(q, k, v, idx, out, lse, scale)
     saved.chunk_size = chunk_size
     if idx.shape[-1] == 0 or T == 0 or S == 0 or B * H == 0:
+        return out, saved
+    if _use_kernels(xp, q, k, v):  # NumPy: the selected keys row by row, no tile
+        qc, kc, vc, ic = (np.ascontiguousarray(a) for a in (q, k, v, idx))
+        work = B * H * T * idx.shape[-1] * (D + Dv)
+
+        def heads(i0, i1):
+            _cpu_kernels.sparse_attend_heads(qc, kc, vc, ic, float(scale), i0, i1, out, lse)
+
+        _split(heads, B * H, work)
         return out, saved
     sc = q.dtype.type(scale)
     qg = q.reshape(B, G, rep, T, D)
@@ -123,6 +147,19 @@ def masked_attention_backward(dout: Array, saved: MaskedAttentionSaved) -> tuple
         return dq, dk, dv
     sc = q.dtype.type(saved.scale)
     inactive, nan_rows = inactive_rows(xp, out, lse)  # (B, H, T)
+    if (_use_kernels(xp, q, k, v, dout) and not bool(inactive.any()) and bool(np.isfinite(dout).all())
+            and bool(np.isfinite(k).all()) and bool(np.isfinite(v).all())):  # every row live, all finite
+        qc, kc, vc, ic, doc = (np.ascontiguousarray(a) for a in (q, k, v, idx, dout))
+        delta = np.ascontiguousarray((doc * out).sum(-1))  # (B, H, T)
+        lc = np.ascontiguousarray(lse)
+        work = B * H * T * idx.shape[-1] * 2 * (D + Dv)
+
+        def groups(g0, g1):
+            _cpu_kernels.sparse_backward_groups(qc, kc, vc, ic, lc, doc, delta, float(saved.scale), g0, g1,
+                                                dq, dk, dv)
+
+        _split(groups, B * G, work)
+        return dq, dk, dv
     live = ~inactive
     qg = xp.where(live[..., None], q, 0).reshape(B, G, rep, T, D)  # inactive rows send nothing
     dout_live = xp.where(live[..., None], dout, 0)
@@ -155,6 +192,24 @@ def masked_attention_backward(dout: Array, saved: MaskedAttentionSaved) -> tuple
         dq[:, :, t0:t1] = xp.where(nan_rows[:, :, t0:t1, None], np.nan, dq_c)
         dk[:, :, :n] += xp.matmul(ds.swapaxes(-1, -2), qc)
     return dq, dk, dv
+
+
+def _use_kernels(xp, *arrays):
+    """The row kernels run for NumPy float32/float64 arrays of one dtype with Numba importable."""
+    return (xp is np and _cpu_kernels is not None and arrays[0].dtype in (np.float32, np.float64)
+            and all(a.dtype == arrays[0].dtype for a in arrays))
+
+
+def _split(run, n, work):
+    """run(i0, i1) over 0 .. n-1: inline, or in contiguous ranges on the worker pool when there are
+    workers and ``work`` multiply-adds is worth two tasks."""
+    nw = min(n_workers(), n)
+    if nw <= 1 or work < 2 * KERNEL_TASK_WORK:
+        run(0, n)
+        return
+    cuts = [n * j // nw for j in range(nw + 1)]
+    for job in [pool().submit(run, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
+        job.result()
 
 
 def hide_unselected(xp: ModuleType, s: Array, idx: Array, finite: bool) -> None:
