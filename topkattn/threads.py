@@ -123,17 +123,46 @@ _POLICY = threading.local()  # .cap: the worker cap of the innermost cpu_policy 
 _HEAP = {"kept": False}
 
 
+LOADAVG = "/proc/loadavg"
+IDLE_SAMPLES, IDLE_INTERVAL_S = 8, 0.005  # reads of the running-task count (40 ms in all)
+
+
 def idle_cores():
-    """Cores the other processes leave idle: the core count less the 1-minute load average,
-    rounded down, at least 1.  Conservative on purpose (the load average lags, and counts this
-    process's own recent work): with OpenBLAS at 2 threads next to other busy processes, a
-    train-toy step of the large size took 5x as long (9.5 s against 1.5-2 s at load 2 on 2 cores)."""
+    """Cores the other processes leave idle now: the core count less the tasks running besides
+    the calling thread (the kernel's running count in /proc/loadavg, averaged over
+    ``IDLE_SAMPLES`` reads ``IDLE_INTERVAL_S`` apart), rounded to nearest, at least 1.  Where
+    /proc/loadavg is missing: the core count less the 1-minute load average, rounded down.
+
+    The running count, not the load average: the load average lags by a minute and counts this
+    process's own recent work (a benchmark that had just trained on one core saw load >= 1 and
+    never got a second core).  Still asked once, at the start of a run: with OpenBLAS at 2
+    threads next to other busy processes, a train-toy step of the large size took 5x as long
+    (9.5 s against 1.5-2 s at load 2 on 2 cores)."""
     cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - platforms without a load average
-        return cores
-    return max(1, min(cores, int(cores - load)))
+    others = _others_running()
+    if others is None:
+        try:
+            return max(1, min(cores, int(cores - os.getloadavg()[0])))
+        except (AttributeError, OSError):  # pragma: no cover - platforms without a load average
+            return cores
+    return max(1, min(cores, int(cores - others + 0.5)))
+
+
+def _others_running():
+    """Mean running tasks other than this thread over a few reads of /proc/loadavg; None without it."""
+    import time
+
+    total = 0
+    for i in range(IDLE_SAMPLES):
+        if i:
+            time.sleep(IDLE_INTERVAL_S)
+        try:
+            with open(LOADAVG) as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        total += max(0, running - 1)
+    return total / IDLE_SAMPLES
 
 
 def threads_for(work):
