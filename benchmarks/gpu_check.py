@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -234,7 +235,9 @@ def stage_plan(dry_run: bool, out: Path, work: Path, py: str) -> list[dict]:
     """The stages in order: name, command, cap (max seconds), reserve (seconds kept for it by the
     stages before it), log file."""
     me = [py, str(HERE)]
-    pytest = [py, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs", "--color=no"]
+    # one broken test module must not stop the others from being collected and run
+    pytest = [py, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs", "--color=no",
+              "--continue-on-collection-errors"]
     run_dir = str(work / "run")
     if dry_run:
         cuda_tests = ["-m", "cuda", "tests/test_cuda_gpu.py", "tests/test_cuda_kernels.py",
@@ -248,11 +251,12 @@ def stage_plan(dry_run: bool, out: Path, work: Path, py: str) -> list[dict]:
         parallel = (["-n", os.environ.get("GPU_CHECK_WORKERS", "8")] if _has_module(py, "xdist") else [])
         per_test = (["--timeout", "120", "--timeout-method", "thread" if parallel else "signal"]
                     if _has_module(py, "pytest_timeout") else [])
-        cuda_tests = [*parallel, *per_test, "-m", "cuda", "tests"]
+        # GPU_CHECK_CUDA_TESTS: another selection for a rerun, e.g. "-m cuda tests/test_cuda_kernels.py -k mla"
+        cuda_tests = [*parallel, *per_test, *shlex.split(os.environ.get("GPU_CHECK_CUDA_TESTS", "-m cuda tests"))]
         extra_tests = [*parallel, *per_test, "tests/test_interop_torch.py", "tests/test_interop_jax.py",
                        "tests/test_ann.py::test_cupy_queries_match_numpy",
                        "tests/test_ann.py::test_cupy_search_skips_empty_clusters"]
-        train = ["train-toy", "--k", "8", "--device", "gpu"]
+        train = ["train-toy", "--k", "8", "--device", "gpu", *shlex.split(os.environ.get("GPU_CHECK_TRAIN_ARGS", ""))]
         evaluate = ["eval", run_dir, "--retriever", "exact"]
         bench = ["--sizes", *map(str, SIZES)]
         probe = []
@@ -308,7 +312,9 @@ def run_all(out: Path, deadline: float, dry_run: bool, only: list[str] | None = 
 
     def run_lane(lane):
         for i, st in enumerate(lane):
-            timeout = stage_timeout(st["cap"], deadline - time.time(), sum(s["reserve"] for s in lane[i + 1:]))
+            # a stage that times out may take KILL_GRACE_S more to stop: kept out of its time
+            timeout = stage_timeout(st["cap"], deadline - time.time() - KILL_GRACE_S,
+                                    sum(s["reserve"] for s in lane[i + 1:]))
             if st.get("needs") and not Path(st["needs"]).exists():
                 result["stages"][st["name"]] = dict(status="skipped", reason=f"{st['needs']} missing")
             elif timeout < MIN_STAGE_S:
@@ -319,6 +325,9 @@ def run_all(out: Path, deadline: float, dry_run: bool, only: list[str] | None = 
                     (out / f"{st['name']}.xml").unlink(missing_ok=True)  # never read a stale file
                 info = run_stage(st["name"], st["cmd"], log, timeout, env, append=st.get("append", False))
                 info["log"] = st["log"]
+                if info["status"] != "ok":  # the end of its output, for the summary the device call returns
+                    lines = [ln for ln in stage_text(log, st["name"]).splitlines()[1:-1] if ln.strip()]
+                    info["tail"] = [ln[:300] for ln in lines[-6:]]
                 with lock:
                     result["stages"][st["name"]] = info
                     collect(result, st["name"], out, log)
@@ -384,6 +393,7 @@ def summary_text(r: dict) -> str:
     for name, st in r["stages"].items():
         lines.append(f"  {name:<13} {st.get('status'):<8} {st.get('seconds', '')}"
                      f"{' ' + st['reason'] if st.get('reason') else ''}")
+        lines += [f"      | {ln[:200]}" for ln in st.get("tail", [])]
     for key in ("pytest_cuda", "pytest_extra"):
         p = r.get(key)
         if p:
@@ -795,7 +805,11 @@ def derived(row: dict, T: int, ceil: dict) -> dict:
     w = work_counts(T)
     out = dict(fwd_ratio=ratio("topk_fwd_ms", "sdpa_fwd_ms"), fwd_bwd_ratio=ratio("topk_fwd_bwd_ms", "sdpa_fwd_bwd_ms"),
                mem_ratio=ratio("topk_fwd_bwd_peak_bytes", "sdpa_fwd_bwd_peak_bytes"),
-               fwd_mem_ratio=ratio("topk_fwd_peak_bytes", "sdpa_fwd_peak_bytes"))
+               fwd_mem_ratio=ratio("topk_fwd_peak_bytes", "sdpa_fwd_peak_bytes"),
+               # against float32 SDPA (memory-efficient backend): the same dtype as the top-k path
+               fwd_ratio_fp32=ratio("topk_fwd_ms", "sdpa_fp32_fwd_ms"),
+               fwd_bwd_ratio_fp32=ratio("topk_fwd_bwd_ms", "sdpa_fp32_fwd_bwd_ms"),
+               mem_ratio_fp32=ratio("topk_fwd_bwd_peak_bytes", "sdpa_fp32_fwd_bwd_peak_bytes"))
     tf, tfb, sf, sfb = (row.get(k) for k in ("topk_fwd_ms", "topk_fwd_bwd_ms", "sdpa_fwd_ms", "sdpa_fwd_bwd_ms"))
     if isinstance(tf, float) and isinstance(tfb, float):
         bwd = max(tfb - tf, 1e-6)
@@ -873,7 +887,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out")
     r.add_argument("--budget", type=float, default=330.0, help="seconds for all stages (default 330)")
     r.add_argument("--deadline", type=float, default=None, help="absolute end (epoch seconds); wins over --budget")
-    r.add_argument("--stages", nargs="+", default=None, help="only these stages")
+    r.add_argument("--stages", nargs="+", default=os.environ.get("GPU_CHECK_STAGES", "").split() or None,
+                   help="only these stages (default: all, or $GPU_CHECK_STAGES)")
     r.add_argument("--dry-run", action="store_true")
     p = sub.add_parser("probe")
     p.add_argument("--dry-run", action="store_true")

@@ -12,6 +12,9 @@
 # benchmarks/gpu_wheels.sh) are installed into /tmp/site and put first on PYTHONPATH.
 # GPU_CHECK_WHEELS=always|never|auto (default auto) forces the choice.  topkattn itself is not
 # installed: the checkout is on PYTHONPATH and gpu_check.py loads cli/ as topkattn.cli.
+# For a rerun after a fix: GPU_CHECK_STAGES="probe pytest_cuda" (a subset of probe pytest_cuda bench
+# train_toy eval pytest_extra), GPU_CHECK_CUDA_TESTS="-m cuda tests/test_cuda_kernels.py -k mla",
+# GPU_CHECK_TRAIN_ARGS="--steps 300", GPU_CHECK_WORKERS=8 (pytest-xdist workers).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD

@@ -117,7 +117,8 @@ def test_cli_loads_from_the_checkout_without_an_install():
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check_out")
     env = dict(os.environ, GPU_CHECK_WORK=str(tmp_path_factory.mktemp("gpu_check_work")))
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    for name in ("NUMBA_ENABLE_CUDASIM", "GPU_CHECK_STAGES"):
+        env.pop(name, None)
     r = subprocess.run([sys.executable, str(SCRIPT), "run", "--dry-run", "--out", str(out), "--budget", "240"],
                        cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
     return r, out, json.loads((out / "gpu_check.json").read_text())
