@@ -523,3 +523,43 @@ def test_allgather_fields_error_on_one_rank_raises_on_every_rank(fake):
         return str(info.value)
 
     assert run_ranks(2, rank_fn) == ["rank 1 failed: ValueError: rank 1 broke", "rank 1 broke"]
+
+
+# ---------------------------------------------------------------- real CuPy and NCCL (GPU machines only)
+
+
+def _real_cupy_with_nccl():
+    """CuPy with a GPU and NCCL, or skip (this machine may have none: the fakes above cover the logic)."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no GPU")
+        from cupy.cuda import nccl
+    except Exception as e:  # no driver, CuPy without NCCL
+        pytest.skip(f"no usable GPU or NCCL: {e}")
+    if not getattr(nccl, "available", False):
+        pytest.skip("CuPy without NCCL")
+    return cupy
+
+
+@pytest.mark.cuda
+def test_real_nccl_one_rank_collectives_and_fused_allreduce(monkeypatch):
+    """The real ``cupy.cuda.nccl`` on one GPU (a one-rank communicator; MPI replaced by the fake
+    world for control): pointers, counts, datatypes and the stream as NCCL takes them."""
+    cupy = _real_cupy_with_nccl()
+    monkeypatch.setattr(dc, "_CHOSEN", {})
+    comm = ThreadComm(Clique(1), 0)
+    device = dc.select_device_comm(comm, "nccl")
+    assert isinstance(device, dc.DeviceComm)
+    for dtype in (np.float16, np.float32, np.float64, np.int32, np.int64, np.uint8):
+        host = (np.arange(24) % 7).astype(dtype).reshape(4, 6)
+        a = cupy.asarray(host)
+        np.testing.assert_array_equal(device.allreduce_sum(a).get(), host)
+        np.testing.assert_array_equal(device.allgather(a[:, ::2]).get(), host[None, :, ::2])
+        np.testing.assert_array_equal(device.bcast(a.copy()).get(), host)
+        np.testing.assert_array_equal(device.reduce_sum(a).get(), host)
+    calls = device.calls
+    g = {"w": cupy.ones((3, 5)), "b": cupy.full(4, 2.0)}
+    assert GradientReducer(comm)(None, g, 1.5, 0.25, 0.5) == (0.75, 0.125)
+    np.testing.assert_array_equal(g["w"].get(), np.full((3, 5), 0.5))
+    assert device.calls == calls + 1 and "Allreduce" not in comm.calls

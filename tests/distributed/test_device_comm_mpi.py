@@ -108,3 +108,33 @@ def test_ranks_disagreeing_on_the_mode_raise_on_every_rank():
     with pytest.raises(RuntimeError, match="the ranks disagree on TOPKATTN_DEVICE_COMM"):
         dc.select_device_comm(COMM, "mpi" if R == 0 else "auto")
     assert id(COMM) not in dc._CHOSEN
+
+
+def _usable_cupy():
+    """CuPy with a GPU, or skip (the same answer on every rank of one machine)."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no GPU")
+    except Exception as e:  # no driver
+        pytest.skip(f"no usable GPU: {e}")
+    return cupy
+
+
+@pytest.mark.cuda
+def test_cupy_arrays_over_real_mpi(recwarn):
+    """On a GPU machine: each rank on GPU local rank % count; CuPy sums are right whichever transport
+    ``auto`` picks, and with more ranks than GPUs (shared GPU) it is MPI with a warning on rank 0."""
+    cupy = _usable_cupy()
+    dc.forget_device_comm(COMM)
+    dc.use_local_device(COMM)
+    out = allreduce_sum(COMM, cupy.asarray(_rank_data(R)))
+    assert isinstance(out, cupy.ndarray)
+    np.testing.assert_array_equal(out.get(), sum(_rank_data(r) for r in range(P)))
+    chosen = dc.device_comm_for(COMM)
+    fallback = [w for w in recwarn if issubclass(w.category, dc.DeviceCommFallback)]
+    if P > cupy.cuda.runtime.getDeviceCount():  # one host: some ranks share a GPU
+        assert chosen is None and len(fallback) == (R == 0)
+    if chosen is not None:
+        assert chosen.calls == 1 and not fallback
+    dc.forget_device_comm(COMM)
