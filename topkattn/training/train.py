@@ -19,6 +19,8 @@ the bare Transformer.
 
 Shape letters: B batch, T sequence length, d model width, V vocabulary.
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import math
@@ -26,6 +28,8 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +63,7 @@ LEGACY_TEMPORARY = re.compile(r"(history|metrics)\.json\.tmp-[0-9]+")
 class OutDirError(OSError):
     """``out_dir`` cannot be created or written; found before the first step (``path``, ``reason``)."""
 
-    def __init__(self, path, reason):
+    def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"out_dir {path} is not a writable folder ({reason})")
         self.path, self.reason = path, reason
 
@@ -73,7 +77,7 @@ class RunTooLargeError(ValueError):
     """A run whose :func:`step_memory_estimate` exceeds the machine's memory (``estimate``,
     ``available``, in bytes)."""
 
-    def __init__(self, message, estimate, available):
+    def __init__(self, message: str, estimate: int, available: int) -> None:
         super().__init__(message)
         self.estimate, self.available = estimate, available
 
@@ -147,14 +151,14 @@ class TrainConfig(ConfigDict):
             MQAR(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
 
 
-def make_task(cfg):
+def make_task(cfg: TrainConfig) -> MQAR | TextCorpus:
     """The task object of a config (:class:`MQAR` or :class:`TextCorpus`)."""
     if cfg.task == "mqar":
         return MQAR(vocab_size=cfg.vocab_size, seq_len=cfg.seq_len, num_kv_pairs=cfg.num_kv_pairs)
     return TextCorpus(seq_len=cfg.seq_len)
 
 
-def model_config(cfg, vocab_size):
+def model_config(cfg: TrainConfig, vocab_size: int) -> TransformerConfig:
     """The :class:`TransformerConfig` of a run: MLA (or plain attention with ``attention_layer="mha"``),
     SwiGLU, dims derived from d_model/heads."""
     hd = cfg.d_model // cfg.heads
@@ -173,7 +177,7 @@ def model_config(cfg, vocab_size):
         q_head_dim=cfg.q_head_dim, ternary=cfg.ternary, act_bits=cfg.act_bits)
 
 
-def make_optimizer(cfg, model):
+def make_optimizer(cfg: TrainConfig, model: Transformer) -> AdamW:
     """The AdamW of a run of ``cfg`` over ``model``'s parameters (train-toy's hyper-parameters).
 
     The parameters and gradients are first moved into one buffer each
@@ -184,7 +188,7 @@ def make_optimizer(cfg, model):
                  flat=flatten_parameters(model))
 
 
-def n_model_params(mc):
+def n_model_params(mc: TransformerConfig) -> int:
     """The parameter count of :func:`model_config`'s model (MLA + SwiGLU, tied head), without
     building it: embedding V d; per layer two RMSNorm gains, MLA's projections and norms, and
     SwiGLU's three matrices; the final norm; the token shift's d x d.  Variants: E KV experts
@@ -206,7 +210,7 @@ def n_model_params(mc):
     return mc.vocab_size * d + mc.n_layers * per_layer + d + head + (d * d if mc.token_shift else 0)
 
 
-def step_memory_estimate(cfg):
+def step_memory_estimate(cfg: TrainConfig) -> int:
     """A lower bound, in bytes, of the peak memory of a training run of ``cfg`` (a :class:`TrainConfig`).
 
     Counted, with 4 bytes a float32 and 8 an int64 token:
@@ -247,7 +251,7 @@ def step_memory_estimate(cfg):
     return 4 * 4 * n_model_params(mc) + max(train_step, evaluation)
 
 
-def machine_memory(device="cpu"):
+def machine_memory(device: str = "cpu") -> int | None:
     """Bytes of memory a run on ``device`` can use at most: the host's RAM, plus the GPU's memory
     with device "gpu"; None when the platform does not say."""
     try:
@@ -259,7 +263,7 @@ def machine_memory(device="cpu"):
     return total
 
 
-def check_memory(cfg, device="cpu"):
+def check_memory(cfg: TrainConfig, device: str = "cpu") -> None:
     """Raise :class:`RunTooLargeError` when :func:`step_memory_estimate` exceeds :func:`machine_memory`."""
     need, have = step_memory_estimate(cfg), machine_memory(device)
     if have is not None and need > have:
@@ -269,7 +273,7 @@ def check_memory(cfg, device="cpu"):
             f"more than this machine's {format_bytes(have)}", need, have)
 
 
-def format_bytes(n):
+def format_bytes(n: float) -> str:
     """``n`` bytes as a short human-readable string (1024-based units)."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
@@ -277,7 +281,7 @@ def format_bytes(n):
         n /= 1024
 
 
-def probe_out_dir(out_dir):
+def probe_out_dir(out_dir: str | os.PathLike) -> None:
     """Create ``out_dir`` (and its parents) and write and delete a probe file in it, named as the
     atomic writer names its temporary files (``<TEMP_PREFIX>*.tmp``, so a leftover probe is
     cleaned like one); :class:`OutDirError` naming the folder when any of it fails."""
@@ -293,33 +297,34 @@ def probe_out_dir(out_dir):
         raise OutDirError(out_dir, e.strerror or str(e)) from e
 
 
-def remove_leftovers(out_dir):
+def remove_leftovers(out_dir: str | os.PathLike) -> list[str]:
     """Delete the temporary files an interrupted save left in ``out_dir`` (this run's folder):
     the atomic writer's ``<TEMP_PREFIX>*.tmp`` and the older ``history.json.tmp-<pid>`` /
     ``metrics.json.tmp-<pid>``; returns their names.  Other files are left alone."""
     return remove_stale_temporaries(out_dir, TEMP_PREFIX, also=LEGACY_TEMPORARY)
 
 
-def step_seed(seed, stream, step):
+def step_seed(seed: int, stream: int, step: int) -> int:
     """A 63-bit integer seed for (run seed, stream, step)."""
     ss = np.random.SeedSequence([int(seed), int(stream), int(step)])
     return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def train_batch(task, cfg, step):
+def train_batch(task: MQAR | TextCorpus, cfg: TrainConfig, step: int) -> tuple[np.ndarray, np.ndarray]:
     """The training batch of step ``step``: ``(inputs, targets)`` int64 (B, T)."""
     rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, step])
     return task.batch(rng, cfg.batch_size)
 
 
-def heldout_set(task, cfg):
+def heldout_set(task: MQAR | TextCorpus, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """The held-out evaluation set (another seed stream than training)."""
     if cfg.task == "mqar":
         return task.batch(np.random.default_rng([cfg.seed, EVAL_STREAM]), cfg.eval_size)
     return task.heldout(cfg.eval_size)
 
 
-def evaluate(model, task, cfg, batch_size=EVAL_BATCH):
+def evaluate(model: Transformer, task: MQAR | TextCorpus, cfg: TrainConfig,
+             batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """Held-out metrics: mqar -> accuracy and loss; text -> loss and bits per character."""
     x_all, y_all = heldout_set(task, cfg)
     xp = model.xp
@@ -367,11 +372,12 @@ class RowSliceGenerator(np.random.Generator):
     forgetful masking makes.
     """
 
-    def __init__(self, seed, row_start, rows_total):
+    def __init__(self, seed: Any, row_start: int, rows_total: int) -> None:
         super().__init__(np.random.PCG64(seed))  # what np.random.default_rng(seed) builds
         self.row_start, self.rows_total = int(row_start), int(rows_total)
 
-    def random(self, size=None, dtype=np.float64, out=None):
+    def random(self, size: tuple[int, ...] | None = None, dtype: Any = np.float64,
+               out: np.ndarray | None = None) -> np.ndarray:
         if size is None or out is not None or np.ndim(size) == 0:
             raise TypeError("RowSliceGenerator.random needs a shape tuple (rows, ...) and no out")
         size = tuple(int(n) for n in size)
@@ -396,7 +402,7 @@ def _forward(model, x, seed, rows, total):
         del model.layer_seeds
 
 
-def check_batch_slice(batch_slice, batch_size):
+def check_batch_slice(batch_slice: tuple[int, int] | list[int] | None, batch_size: int) -> tuple[int, int] | None:
     """``batch_slice`` as a (start, stop) pair of ints with 0 <= start < stop <= batch_size, or None."""
     if batch_slice is None:
         return None
@@ -415,7 +421,7 @@ def _rng_state(cfg, step):
             "seed": int(cfg.seed), "next_step": int(step)}
 
 
-def step_work(cfg):
+def step_work(cfg: TrainConfig) -> int:
     """Multiply-adds of the largest matrix product of a training step of ``cfg`` (tokens times
     d_model times the wider of the feed-forward width and the vocabulary): the size the CPU
     thread policy (:func:`topkattn.threads.threads_for`) is chosen by."""
@@ -423,9 +429,13 @@ def step_work(cfg):
     return cfg.batch_size * cfg.seq_len * cfg.d_model * max(2 * cfg.d_model, V)
 
 
-def train(cfg, *, out_dir=None, resume=False, device="cpu", checkpoint_every=100,
-          progress=None, log=None, eval_every=None, batch_slice=None, reduce_grads=None,
-          is_writer=True, after_setup=None, threads="auto"):
+def train(cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None, resume: bool = False, device: str = "cpu",
+          checkpoint_every: int = 100, progress: Callable[[int, float, float, float], Any] | None = None,
+          log: Callable[[str], Any] | None = None, eval_every: int | None = None,
+          batch_slice: tuple[int, int] | None = None,
+          reduce_grads: Callable[[dict, dict, float, float, float], tuple[float, float]] | None = None,
+          is_writer: bool = True, after_setup: Callable[[BaseException | None], Any] | None = None,
+          threads: int | str = "auto") -> TrainResult:
     """Train a toy model; returns a :class:`TrainResult` (metrics, per-step losses, model).
 
     Args:
@@ -630,7 +640,7 @@ def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eva
     return TrainResult(metrics=metrics, losses=np.asarray(losses), model=model)
 
 
-def load_params(model, saved, path):
+def load_params(model: Transformer, saved: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Copy checkpoint arrays ``saved`` (name -> array) into ``model.params``; CheckpointError
     naming ``path`` when a name, shape or dtype does not fit."""
     have, got = set(model.params), set(saved)
@@ -645,7 +655,7 @@ def load_params(model, saved, path):
         p[...] = get_array_module(p).asarray(a)
 
 
-def saved_config(state):
+def saved_config(state: dict[str, Any]) -> dict[str, Any]:
     """The run config dict of a loaded training state, with the defaults of fields that
     older checkpoints lack (``token_shift``: those runs had none; the others: TrainConfig's)."""
     cfg = dict(state["config"])
