@@ -581,14 +581,16 @@ class Device:
             name = "gpu_check_peak"
 
             def __init__(self):
-                self.now = self.peak = 0
+                self.live, self.now, self.peak = {}, 0, 0
 
             def malloc_postprocess(self, **kw):
-                self.now += kw["mem_size"]
-                self.peak = max(self.peak, self.now)
+                if kw.get("mem_ptr"):  # 0: the allocation failed
+                    self.live[kw["pmem_id"]] = kw["mem_size"]
+                    self.now += kw["mem_size"]
+                    self.peak = max(self.peak, self.now)
 
-            def free_postprocess(self, **kw):
-                self.now -= kw["mem_size"]
+            def free_postprocess(self, **kw):  # blocks allocated before the hook are not counted
+                self.now -= self.live.pop(kw["pmem_id"], 0)
 
         self.sync()
         hook = Peak()
@@ -884,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="all stages, gpu_check.json under --out")
-    r.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out")
+    r.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check_out")
     r.add_argument("--budget", type=float, default=330.0, help="seconds for all stages (default 330)")
     r.add_argument("--deadline", type=float, default=None, help="absolute end (epoch seconds); wins over --budget")
     r.add_argument("--stages", nargs="+", default=os.environ.get("GPU_CHECK_STAGES", "").split() or None,

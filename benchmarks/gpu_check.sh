@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
 T0=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-330}
-OUT=${OUT:-$ROOT/gpu_check_out}
+OUT=${OUT:-/tmp/gpu_check_out}  # the device tool sets OUT; its files come back
 mkdir -p "$OUT"
 PY=${GPU_CHECK_PYTHON:-python3}
 WHEELS=${GPU_CHECK_WHEELS:-auto}
