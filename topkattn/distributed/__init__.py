@@ -1,6 +1,9 @@
 """Scale-out over MPI (mpi4py; imported on first use, so nothing here needs it at import time).
 
-    comm              mpi4py on demand, agreement on errors, host-buffer collectives
+    comm              mpi4py on demand, agreement on errors, the array collectives (one dispatch:
+                      NumPy through MPI, CuPy through NCCL when chosen, else through the host)
+    device_comm       NCCL via cupy.cuda.nccl for CuPy buffers: DeviceComm, TOPKATTN_DEVICE_COMM
+                      (auto|nccl|mpi), use_local_device (see docs/distributed.md)
     context_parallel  exact top-k attention over keys sharded along S:
                       topk_attention, topk_attention_forward, topk_attention_backward
     data_parallel     toy training with the batch split over the ranks: train_data_parallel,
