@@ -409,12 +409,12 @@ def summary_text(r: dict) -> str:
         lines.append(f"ceilings: {r['ceilings']}")
     if r["topk_vs_sdpa"]:
         lines.append(f"{'T':>6} {'topk fwd':>9} {'sdpa fwd':>9} {'ratio':>6} {'topk f+b':>9} {'sdpa f+b':>9} "
-                     f"{'ratio':>6} {'mem':>6}  (ms; ratios topk/sdpa)")
+                     f"{'ratio':>6} {'bwd':>6} {'mem':>6}  (ms; ratios topk/sdpa)")
         for row in r["topk_vs_sdpa"]:
             lines.append(f"{row['T']:>6} {_f(row.get('topk_fwd_ms'))} {_f(row.get('sdpa_fwd_ms'))} "
                          f"{_f(row.get('fwd_ratio'), 6)} {_f(row.get('topk_fwd_bwd_ms'))} "
                          f"{_f(row.get('sdpa_fwd_bwd_ms'))} {_f(row.get('fwd_bwd_ratio'), 6)} "
-                         f"{_f(row.get('mem_ratio'), 6)}  {row.get('error') or ''}")
+                         f"{_f(row.get('bwd_ratio'), 6)} {_f(row.get('mem_ratio'), 6)}  {row.get('error') or ''}")
     return "\n".join(lines)
 
 
