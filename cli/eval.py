@@ -114,7 +114,8 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
 
     A block top-k run (train-toy --attention block) decodes as trained: the cache keeps each key
     block's mean and every step attends its own block and the best others (--retriever exact, no
-    --k).  A hybrid run's --dense-layers stay dense unless --k is given (then every layer takes it).
+    --k; under mpiexec each rank keeps the means of its own blocks and the choice is merged).
+    A hybrid run's --dense-layers stay dense unless --k is given (then every layer takes it).
     --json adds attention_stats: the keys each layer attended per decode step.
     """
     from topkattn.decoding.runner import evaluate_decoding, selector_factory
@@ -189,7 +190,10 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     if ranks > 1:  # every rank decodes the same sequences; each stores and searches its share of the cache
         from topkattn.distributed import shard_decoding, sharded_selector_factory, world
 
-        shard_decoding(model, world())
+        try:  # block top-k layers: positions dealt in blocks of 64 rounded up to a multiple of --block-size
+            shard_decoding(model, world())
+        except ValueError as e:  # layers sharded decoding does not run (variants): the same on every rank
+            raise click.UsageError(f"{run_dir}: {e}") from None
         make = sharded_selector_factory(make, world())
         quiet = quiet or rank != 0
     # a hybrid run without --k keeps its dense layers dense (each layer its own k)
