@@ -178,6 +178,8 @@ def child_env(dry_run: bool) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX takes 75% of the GPU otherwise
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")  # the device machine runs commands as root
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     if dry_run:
         env["NUMBA_ENABLE_CUDASIM"] = "1"
     else:
@@ -271,7 +273,11 @@ def stage_plan(dry_run: bool, out: Path, work: Path, py: str) -> list[dict]:
              log="cli.log", append=True, needs=str(Path(run_dir) / "checkpoint.npz")),
         dict(name="pytest_extra", cmd=[*pytest, f"--junitxml={out / 'pytest_extra.xml'}", *extra_tests],
              cap=90, reserve=20, log="pytest.log", append=True),
-    ]
+    ] + ([] if dry_run else [  # NCCL over two MPI ranks on the one GPU (docs/distributed.md); console counts
+        dict(name="pytest_mpi", cmd=["mpiexec", "-n", "2", py, "-m", "pytest", "-p", "no:cacheprovider", "-v",
+                                     "-rfEs", "--color=no", "-m", "cuda", "tests/distributed/test_device_comm_mpi.py"],
+             cap=60, reserve=15, log="pytest.log", append=True, needs_cmd="mpiexec"),
+    ])
 
 
 def _has_module(py: str, name: str) -> bool:
@@ -296,7 +302,7 @@ def run_all(out: Path, deadline: float, dry_run: bool, only: list[str] | None = 
     plan = [s for s in stage_plan(dry_run, out, work, sys.executable) if only is None or s["name"] in only]
     result = dict(schema=1, dry_run=dry_run, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), git=_git_head(), device=None, env=None, pytest_cuda=None, train_toy_gpu=None,
-        eval=None, ceilings=None, topk_vs_sdpa=[], pytest_extra=None,
+        eval=None, ceilings=None, topk_vs_sdpa=[], pytest_extra=None, pytest_mpi=None,
         stages={s["name"]: dict(status="not_run") for s in plan},
         budget_s=round(deadline - t_start), elapsed_s=0.0)
     json_path = out / "gpu_check.json"
@@ -317,6 +323,8 @@ def run_all(out: Path, deadline: float, dry_run: bool, only: list[str] | None = 
                                     sum(s["reserve"] for s in lane[i + 1:]))
             if st.get("needs") and not Path(st["needs"]).exists():
                 result["stages"][st["name"]] = dict(status="skipped", reason=f"{st['needs']} missing")
+            elif st.get("needs_cmd") and not shutil.which(st["needs_cmd"]):
+                result["stages"][st["name"]] = dict(status="skipped", reason=f"no {st['needs_cmd']} on PATH")
             elif timeout < MIN_STAGE_S:
                 result["stages"][st["name"]] = dict(status="skipped", reason="no time left in the budget")
             else:
@@ -358,7 +366,7 @@ def collect(result: dict, name: str, out: Path, log: Path) -> None:
         env = last_json_line(text, "PROBE ")
         result["env"] = env
         result["device"] = env.get("device") if env else None
-    elif name in ("pytest_cuda", "pytest_extra"):
+    elif name in ("pytest_cuda", "pytest_extra", "pytest_mpi"):
         res = pytest_result(out / f"{name}.xml", text)
         res["complete"] = result["stages"][name]["status"] != "timeout"  # a timed-out run counts what ran
         result[name] = res
@@ -394,7 +402,7 @@ def summary_text(r: dict) -> str:
         lines.append(f"  {name:<13} {st.get('status'):<8} {st.get('seconds', '')}"
                      f"{' ' + st['reason'] if st.get('reason') else ''}")
         lines += [f"      | {ln[:200]}" for ln in st.get("tail", [])]
-    for key in ("pytest_cuda", "pytest_extra"):
+    for key in ("pytest_cuda", "pytest_extra", "pytest_mpi"):
         p = r.get(key)
         if p:
             lines.append(f"{key}: passed {p['passed']} failed {p['failed']} skipped {p['skipped']} "
