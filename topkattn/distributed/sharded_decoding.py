@@ -448,8 +448,9 @@ def select_blocks_sharded(comm: Any, query: Array, cache: _ShardedRows, *, block
         means = state.update(kg)  # (B, G, Nl, D): this rank's blocks, in position order
         if m:
             n_mine = int(owned_below(own * block_size, cache.rank, cache.ranks, cache.block)) // block_size
-            fields = {"cand_s": xp.full((n, m), -xp.inf, dtype=query.dtype), "cand_j": xp.full((n, m), -1)}
-            if n_mine:  # this rank's candidate blocks: its first n_mine, global blocks ids
+            fields = {"cand_s": xp.full((n, m), -xp.inf, dtype=query.dtype),
+                      "cand_j": xp.full((n, m), -1, dtype=xp.int64)}  # a rank with no candidate block offers none
+            if n_mine:  # this rank's candidate blocks: its first n_mine (global block indices ids)
                 ids = xp.asarray(cache.positions_of(np.arange(n_mine, dtype=np.int64) * block_size) // block_size)
                 qg = query.reshape(B, G, H // G, D)
                 gate = xp.matmul(qg, means[:, :, :n_mine].swapaxes(-1, -2)).reshape(n, n_mine)  # unscaled q . mean
