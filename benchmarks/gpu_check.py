@@ -14,8 +14,8 @@ leaves a valid file).  Subcommands:
 pytest_cuda.xml, pytest_extra.xml, cli.log (train-toy and eval), bench.log.  Stages, in order:
 probe, pytest_cuda (``pytest -m cuda``, real kernels), bench (top-k fwd and fwd+bwd vs torch SDPA
 flash at T = S = 8k, 32k, 64k, H=8, D=64, k=8, causal, B=1), train_toy (``train-toy --k 8
---device gpu``), eval (``eval --retriever exact``: the CLI has no --device, it decodes on the
-CPU), pytest_extra (the GPU branches of the torch/JAX interop and the LoRANN CuPy tests).
+--device gpu``), eval (``eval --retriever exact --device gpu`` on the train-toy run),
+pytest_extra (the GPU branches of the torch/JAX interop and the LoRANN CuPy tests).
 
 ``--dry-run`` runs the same stages on the CPU at tiny sizes: the CUDA simulator for the tests,
 NumPy arrays for the op, torch SDPA on the CPU, train-toy --device cpu for 10 steps, in two lanes
@@ -259,7 +259,7 @@ def stage_plan(dry_run: bool, out: Path, work: Path, py: str) -> list[dict]:
                        "tests/test_ann.py::test_cupy_queries_match_numpy",
                        "tests/test_ann.py::test_cupy_search_skips_empty_clusters"]
         train = ["train-toy", "--k", "8", "--device", "gpu", *shlex.split(os.environ.get("GPU_CHECK_TRAIN_ARGS", ""))]
-        evaluate = ["eval", run_dir, "--retriever", "exact"]
+        evaluate = ["eval", run_dir, "--retriever", "exact", "--device", "gpu"]
         bench = ["--sizes", *map(str, SIZES)]
         probe = []
     return [
@@ -384,7 +384,7 @@ def collect(result: dict, name: str, out: Path, log: Path) -> None:
         m = last_json_line(text)
         if m is not None:
             result["eval"] = dict(accuracy=m.get("accuracy"), recall=m.get("recall"), seconds=m.get("seconds"),
-                                  retriever=m.get("retriever"), device="cpu (topkattn eval has no --device)")
+                                  retriever=m.get("retriever"), device=m.get("device"))
 
 
 def _git_head() -> str | None:

@@ -8,7 +8,7 @@ import math
 
 import click
 
-from topkattn.cli.common import FiniteFloat, command, fail, finite_float, progress_bar, quiet_option
+from topkattn.cli.common import FiniteFloat, command, device_option, fail, finite_float, progress_bar, quiet_option
 
 
 def _int_or_auto(value, option):
@@ -100,9 +100,10 @@ def _mpi_launch(retriever, tail_bound):
               help="Seed of the simulated drops and the indexes' k-means.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object on stdout instead of the table (the bar stays on stderr).")
+@device_option
 @quiet_option
 def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batch_size, prompt_len,
-             clusters, search, rerank, rank, refit_factor, no_refit, seed, as_json, quiet):
+             clusters, search, rerank, rank, refit_factor, no_refit, seed, as_json, device, quiet):
     """Decode a train-toy run's held-out set token by token with a retriever; print accuracy and recall.
 
     \b
@@ -111,6 +112,7 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
               topkattn eval run/ --retriever exact --k 16 --tail-bound 0.01
               topkattn eval run/ --retriever lorann --k auto --tail-bound 0.01 --max-k 32
               mpiexec -n 2 topkattn eval run/ --retriever lorann   (the cache sharded over 2 ranks)
+              topkattn eval run/ --device gpu       (weights, caches and decode steps as CuPy arrays)
 
     A block top-k run (train-toy --attention block) decodes as trained: the cache keeps each key
     block's mean and every step attends its own block and the best others (--retriever exact, no
@@ -143,6 +145,10 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
         raise click.UsageError(str(e)) from None
     except CheckpointError as e:
         fail(str(e))
+    if device == "gpu":  # the decode runner follows the parameters' array module
+        from topkattn.backend import require_cupy
+
+        model.to_device(require_cupy())
     if cfg.attention == "block":
         for name, value in (("--k", k), ("--tail-bound", tail_bound), ("--max-k", max_k)):
             if value is not None:
@@ -214,7 +220,7 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
            "train_attention": cfg.attention, "train_k": cfg.k if cfg.attention == "topk" else None,
            "train_forget_rate": cfg.forget_rate, "per_layer": res["per_layer"], "ranks": ranks,
            "train_block": [cfg.block_size, cfg.topk_blocks] if cfg.attention == "block" else None,
-           "train_dense_layers": list(cfg.dense_layers), "train_tail": cfg.tail,
+           "train_dense_layers": list(cfg.dense_layers), "train_tail": cfg.tail, "device": device,
            "attention_stats": model.attention_stats()}
     if cfg.task == "text":
         out["bits_per_char"] = res["bits_per_token"]  # byte-level tokens

@@ -88,3 +88,25 @@ def test_gpu_long_rows_split_topk_matches_numpy():
     got = topk_select(cp.asarray(s), 64).get()
     want = ranked_topm_xp(s, np.ones_like(s, dtype=bool), 64)
     np.testing.assert_array_equal(got, want)
+
+
+def test_eval_decodes_on_the_gpu_as_on_the_cpu(tmp_path):
+    """`topkattn eval --device gpu`: the decode runs on CuPy arrays and scores what the CPU scores."""
+    import json
+
+    from click.testing import CliRunner
+
+    from topkattn.cli.main import main
+    from topkattn.training.train import TrainConfig, train
+
+    cfg = TrainConfig(task="mqar", k=3, layers=1, d_model=16, heads=2, seq_len=16, steps=3, batch_size=4,
+                      vocab_size=16, num_kv_pairs=2, eval_size=6, warmup_steps=1)
+    train(cfg, out_dir=str(tmp_path))
+    outs = {}
+    for device in ("cpu", "gpu"):
+        r = CliRunner().invoke(main, ["eval", str(tmp_path), "--device", device, "--json", "--quiet"])
+        assert r.exit_code == 0, r.output
+        outs[device] = json.loads(r.stdout)
+    assert outs["gpu"]["device"] == "gpu"
+    assert outs["gpu"]["accuracy"] == pytest.approx(outs["cpu"]["accuracy"], abs=1e-12)
+    assert outs["gpu"]["loss"] == pytest.approx(outs["cpu"]["loss"], rel=1e-4)

@@ -113,6 +113,20 @@ def test_usage_errors_are_one_line(run, args, msg):
     assert msg in r.output and len(r.output.strip().splitlines()) == 1
 
 
+def test_device_is_reported_and_gpu_without_cupy_is_a_usage_error(run):
+    path, _, _ = run
+    assert _json([path, "--n-sequences", "2"])["device"] == "cpu"
+    try:
+        from topkattn.backend import require_cupy
+
+        require_cupy()
+        pytest.skip("a GPU is usable here: tests/test_cuda_gpu.py decodes on it")
+    except RuntimeError:
+        pass
+    r = _eval([path, "--device", "gpu"])
+    assert r.exit_code == 2 and r.output.startswith("Error: --device gpu: ") and r.output.count("\n") == 1
+
+
 def test_missing_and_corrupt_checkpoint(tmp_path):
     r = _eval([str(tmp_path / "nope")])
     assert r.exit_code == 2 and "no checkpoint" in r.output
