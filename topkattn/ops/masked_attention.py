@@ -44,8 +44,13 @@ import numpy as np
 
 from topkattn.backend import Array, get_array_module
 from topkattn.ops.dense_attention import check_dout, finite_keys, weighted_values
-from topkattn.ops.sparse_attention import SparseAttentionSaved, inactive_rows, sparse_attention_backward
-from topkattn.threads import n_workers, pool
+from topkattn.ops.sparse_attention import (
+    SparseAttentionSaved,
+    inactive_rows,
+    kernel_backward,
+    run_split,
+    sparse_attention_backward,
+)
 
 try:  # Numba CPU kernels are optional at run time: the NumPy path needs no compiler.
     from topkattn.ops import cpu_kernels as _cpu_kernels
@@ -53,7 +58,6 @@ except Exception:  # pragma: no cover - numba missing or broken
     _cpu_kernels = None
 
 TILE_BYTES = 16 * 2**20  # budget for one chunk's (B, H, c, S) score tile
-KERNEL_TASK_WORK = 1 << 22  # multiply-adds per worker task of the row kernels; below 2 tasks: one thread
 
 
 class MaskedAttentionSaved(SparseAttentionSaved):
@@ -103,7 +107,7 @@ def masked_attention_forward(q: Array, k: Array, v: Array, idx: Array, scale: fl
         def heads(i0, i1):
             _cpu_kernels.sparse_attend_heads(qc, kc, vc, ic, float(scale), i0, i1, out, lse)
 
-        _split(heads, B * H, work)
+        run_split(heads, B * H, work)
         return out, saved
     sc = q.dtype.type(scale)
     qg = q.reshape(B, G, rep, T, D)
@@ -147,19 +151,9 @@ def masked_attention_backward(dout: Array, saved: MaskedAttentionSaved) -> tuple
         return dq, dk, dv
     sc = q.dtype.type(saved.scale)
     inactive, nan_rows = inactive_rows(xp, out, lse)  # (B, H, T)
-    if (_use_kernels(xp, q, k, v, dout) and not bool(inactive.any()) and bool(np.isfinite(dout).all())
-            and bool(np.isfinite(k).all()) and bool(np.isfinite(v).all())):  # every row live, all finite
-        qc, kc, vc, ic, doc = (np.ascontiguousarray(a) for a in (q, k, v, idx, dout))
-        delta = np.ascontiguousarray((doc * out).sum(-1))  # (B, H, T)
-        lc = np.ascontiguousarray(lse)
-        work = B * H * T * idx.shape[-1] * 2 * (D + Dv)
-
-        def groups(g0, g1):
-            _cpu_kernels.sparse_backward_groups(qc, kc, vc, ic, lc, doc, delta, float(saved.scale), g0, g1,
-                                                dq, dk, dv)
-
-        _split(groups, B * G, work)
-        return dq, dk, dv
+    grads = kernel_backward(q, k, v, idx, out, lse, dout, saved.scale, inactive)  # NumPy: no tile
+    if grads is not None:
+        return grads
     live = ~inactive
     qg = xp.where(live[..., None], q, 0).reshape(B, G, rep, T, D)  # inactive rows send nothing
     dout_live = xp.where(live[..., None], dout, 0)
@@ -198,18 +192,6 @@ def _use_kernels(xp, *arrays):
     """The row kernels run for NumPy float32/float64 arrays of one dtype with Numba importable."""
     return (xp is np and _cpu_kernels is not None and arrays[0].dtype in (np.float32, np.float64)
             and all(a.dtype == arrays[0].dtype for a in arrays))
-
-
-def _split(run, n, work):
-    """run(i0, i1) over 0 .. n-1: inline, or in contiguous ranges on the worker pool when there are
-    workers and ``work`` multiply-adds is worth two tasks."""
-    nw = min(n_workers(), n)
-    if nw <= 1 or work < 2 * KERNEL_TASK_WORK:
-        run(0, n)
-        return
-    cuts = [n * j // nw for j in range(nw + 1)]
-    for job in [pool().submit(run, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
-        job.result()
 
 
 def hide_unselected(xp: ModuleType, s: Array, idx: Array, finite: bool) -> None:

@@ -193,6 +193,49 @@ def sparse_attention_decode(query: Array, keys: Array, values: Array, idx: Array
 ATTEND_TASK_SLOTS = 1 << 16
 
 
+KERNEL_TASK_WORK = 1 << 22  # multiply-adds per worker task of the row kernels; below 2 tasks: one thread
+
+
+def kernel_backward(q: Array, k: Array, v: Array, idx: Array, out: Array, lse: Array, dout: Array, scale: float,
+                    inactive: Array) -> tuple[Array, Array, Array] | None:
+    """``(dq, dk, dv)`` of softmax over the selected keys idx (B, H, T, K) by the Numba kernel
+    :func:`topkattn.ops.cpu_kernels.sparse_backward_groups` (KV heads split over the worker
+    pool), or None where it does not apply: not NumPy float arrays of one dtype, no Numba, a row
+    in ``inactive`` (B, H, T) (its forward was not finite, or attended nothing), or a non-finite
+    dout, key or value -- the vectorised path handles those by the rules of
+    :func:`sparse_attention_backward`.  The same sums as that path up to their order (so
+    :func:`sparse_attention_backward` itself keeps the vectorised path: its tests compare a run
+    with a non-finite input to a clean one at 1e-12; :mod:`topkattn.ops.masked_attention` uses this)."""
+    xp = get_array_module(q, k, v)
+    if not (_use_kernel(xp, q, k, v, dout) and not bool(inactive.any()) and bool(np.isfinite(dout).all())
+            and bool(np.isfinite(k).all()) and bool(np.isfinite(v).all())):
+        return None
+    B, H, T, D = q.shape
+    G, Dv = k.shape[1], v.shape[3]
+    qc, kc, vc, ic, doc = (np.ascontiguousarray(a) for a in (q, k, v, idx, dout))
+    delta = np.ascontiguousarray((doc * out).sum(-1))  # (B, H, T)
+    lc = np.ascontiguousarray(lse)
+    dq, dk, dv = np.zeros_like(qc), np.zeros_like(kc), np.zeros_like(vc)
+
+    def groups(g0, g1):
+        _cpu_kernels.sparse_backward_groups(qc, kc, vc, ic, lc, doc, delta, float(scale), g0, g1, dq, dk, dv)
+
+    run_split(groups, B * G, B * H * T * idx.shape[-1] * 2 * (D + Dv))
+    return dq, dk, dv
+
+
+def run_split(run: object, n: int, work: int) -> None:
+    """run(i0, i1) over 0 .. n-1: inline, or in contiguous ranges on the worker pool when there
+    are workers and ``work`` multiply-adds is worth two tasks (``KERNEL_TASK_WORK`` each)."""
+    nw = min(n_workers(), n)
+    if nw <= 1 or work < 2 * KERNEL_TASK_WORK:
+        run(0, n)
+        return
+    cuts = [n * j // nw for j in range(nw + 1)]
+    for job in [pool().submit(run, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
+        job.result()
+
+
 def _use_kernel(xp, *arrays):
     """The Numba kernels run for NumPy float arrays of one dtype (every other input: the xp path)."""
     return (xp is np and _cpu_kernels is not None and arrays[0].dtype in (np.float32, np.float64)
