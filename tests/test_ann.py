@@ -172,6 +172,7 @@ def test_numba_paths_match_dense_reference(built, data, nq, min_group, monkeypat
     from topkattn.ann import index as index_module
 
     monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP", min_group)
+    monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP_INT8", min_group)
     _, q = data
     for rr in (0, 30):
         assert_matches_dense_reference(built, q[:nq], 5, rr)
@@ -295,6 +296,7 @@ def test_numba_paths_match_dense_reference_after_adds(data, bits, monkeypatch):
         ix.add(pts)
         for nq, min_group in paths:
             monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP", min_group)
+            monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP_INT8", min_group)
             for rr in (0, 20):
                 assert_matches_dense_reference(ix, q[:nq], 3, rr)
     assert (ix._cap > ix._size).any()  # the state the mirror must handle
@@ -581,6 +583,7 @@ def _search_every_path(ix, q, k, w, rr, monkeypatch):
 
     out = {"serial": ix.search(q[:1], k, w, rr), "fused": ix.search(q[:8], k, w, rr)}
     monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP", 0)
+    monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP_INT8", 0)
     out["blocks"] = ix.search(q, k, w, rr)
     monkeypatch.undo()
     q2, _ = ix._check_queries(q, "q", np)
@@ -714,6 +717,7 @@ def test_points_to_rerank_is_capped_at_the_points(data, monkeypatch):
     ix = LorannIndex(x[:600], 8, rank=4)
     ix.build()
     monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP", 0)
+    monkeypatch.setattr(index_module, "BLOCK_MIN_GROUP_INT8", 0)
     want = ix.search(q[:40], 5, 3, 600)
     tracemalloc.start()
     try:

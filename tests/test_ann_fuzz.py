@@ -201,7 +201,9 @@ def test_index_api_raises_documented_errors_or_returns_valid_results(case):
             ix = LorannIndex.load(path)
     k, w, rr = search["k"], search["clusters_to_search"], search["points_to_rerank"]
     try:
-        with mock.patch.object(index_module, "BLOCK_MIN_GROUP", 0 if extra["block"] else 4):
+        group = 0 if extra["block"] else 4
+        with mock.patch.object(index_module, "BLOCK_MIN_GROUP", group), \
+                mock.patch.object(index_module, "BLOCK_MIN_GROUP_INT8", group if extra["block"] else 4096):
             ids, dist = ix.search(q, k, w, rr, return_distances=True)
     except (TypeError, ValueError) as e:
         assert s_errors or k == 10 ** 15, f"valid search refused: {e}"

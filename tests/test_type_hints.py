@@ -30,7 +30,9 @@ TYPED_MODULES = ["topkattn.model", "topkattn.storage", "topkattn.backend", "topk
                  "topkattn.layers.gelu", "topkattn.layers.moe", "topkattn.layers.block", "topkattn.layers.loss",
                  "topkattn.layers.token_shift", "topkattn.layers.projection", "topkattn.layers.attention_stats",
                  "topkattn.decoding.lorann", "topkattn.pretrained.bert", "topkattn.pretrained.samples",
-                 "topkattn.testing"]
+                 "topkattn.testing",
+                 "topkattn.ann.index", "topkattn.ann.kernels", "topkattn.ann.kmeans", "topkattn.ann.quant",
+                 "topkattn.ann.rrr"]
 OPTIONAL = {"topkattn.interop.torch": "torch", "topkattn.interop.jax": "jax"}
 
 

@@ -52,19 +52,23 @@ Implementation notes
   swaps the result in under the write lock; the point storage is doubled ahead of need the
   same way.  Nothing a decode step does waits for a fit or a whole-index copy.
 - Quantisation: A (per rank component) and B (per point) are stored as 8- or
-  4-bit codes with one float32 scale per row; scoring uses exactly the
-  dequantised values; queries stay in float32.  The CPU kernels read B from a
-  transposed mirror (per cluster an (Rk, cap_c) block: float32, and the 8-bit
-  codes, 4x less memory traffic, for the fused kernel, which reads A's 8-bit
-  codes too), refreshed per cluster that ``add``/``refit`` touched; BLAS has no
-  int8 GEMM, so it uses the float32.
-- Search (CPU): one float32 query with int arguments takes a latency path (routing and
-  search in one Numba call, no generic checks).  Up to 16 queries, or batches whose visited clusters get fewer
-  than 4 queries on average, run the fused Numba kernel (query-parallel, or
-  serial for 1-2 queries: A_c^T q, then 16 points per vector op); larger batches
-  group queries by cluster and run two single-threaded BLAS GEMMs per visited
+  4-bit codes with one float32 scale per row; scoring uses the dequantised
+  values (to float32 accuracy).  The CPU kernels read B from a transposed mirror (per cluster
+  float32 (Rk, cap_c) blocks for the GEMM path and, 8-bit, the codes with two rank
+  components of a point side by side, 4x less memory traffic).  8-bit fused scoring is
+  integer arithmetic: the query and then A_c^T q are split into two int16 parts each
+  (float32-level accuracy) and multiplied with the int8 codes of A and B by pair dots
+  (``vpdpwssd`` with AVX-512 VNNI), 16 points per instruction; BLAS has no int8 GEMM, so
+  the GEMM path uses the float32 mirror.
+- Search (CPU): one float32 query with int arguments takes a latency path (finiteness
+  check, global reduction, routing and search in one Numba call, no generic checks).  Up
+  to 16 queries, batches whose visited clusters get fewer than 4 queries on average, and
+  every batch of an 8-bit index (measured faster than the GEMM path up to 2000 queries per
+  cluster) run the fused Numba kernel (query-parallel, or serial for 1-2 queries);
+  other batches group queries by cluster and run two single-threaded BLAS GEMMs per visited
   cluster inside one ``prange`` (every query's best cluster first, so each
-  query's candidate threshold is good before the rest).  Candidates: a
+  query's candidate threshold is good before the rest).  Routing of a few queries scores
+  the transposed centroids (16 clusters per vector operation).  Candidates: a
   vectorised count per score row, a branch-free 64-bit-mask append (only set
   bits are visited), buffers compacted by a bisection bound on the m-th best;
   the exact re-rank prefetches the candidate rows.  CuPy queries take a padded
@@ -82,14 +86,16 @@ import contextlib
 import numbers
 import os
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numba
 import numpy as np
 
 from topkattn.ann import kernels, kmeans, quant, rrr
 from topkattn.ann.rwlock import RWLock
-from topkattn.backend import get_array_module, is_cupy_array, to_numpy
+from topkattn.backend import Array, get_array_module, is_cupy_array, to_numpy
 from topkattn.checks import check_choice, check_int, check_real, make_rng
 from topkattn.threads import blas_single_thread, n_workers
 
@@ -100,7 +106,8 @@ KMEANS_MAX_SAMPLE = 131072  # 1M points in 1024 clusters: 128 per cluster
 GLOBAL_DIM_REDUCTION_SAMPLES = 16384
 FUSED_MAX_QUERIES = 16  # up to this many queries: fused Numba kernel, no BLAS
 SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up)
-BLOCK_MIN_GROUP = 4  # GEMM path once clusters get this many queries on average (measured)
+BLOCK_MIN_GROUP = 4  # GEMM path once clusters get this many queries on average (measured; float32 and 4-bit)
+BLOCK_MIN_GROUP_INT8 = 4096  # 8-bit: the integer fused kernel beat the GEMM path up to 2000 (measured)
 DATA_SPARE_DIVISOR = 8  # the point storage's room for adds (at least 1024 rows); doubled when due
 GROW_WHEN_FREE = 0.04  # background: double the point storage ahead, once less than this fraction is free
 SPARE_DIVISOR = 4  # a build leaves each cluster (and the slot storage) 1/4 spare room
@@ -109,6 +116,8 @@ _DISTANCES = ("ip", "l2")
 IP = 0  # the reference's lorann.IP: maximum inner product (distance -q.x)
 L2 = 1  # the reference's lorann.L2: squared Euclidean distance
 _DISTANCE_CODES = {IP: "ip", L2: "l2"}
+_NO_REDUCTION = np.zeros((0, 0), np.float32)  # route_search_one's t_red without a global reduction
+_NO_PAIRS = np.zeros((0, 0, 0, 2), np.int8)  # the fused kernels' pair-layout A codes argument when not 8-bit
 
 
 class LorannIndex:
@@ -156,9 +165,11 @@ class LorannIndex:
     kernels of all indexes take turns.
     """
 
-    def __init__(self, data, n_clusters, global_dim=None, quantization_bits=8, rank=32,
-                 train_size=None, distance="ip", balanced=False, copy=False, *, seed=0,
-                 refit_growth=0.5, max_cluster_size=None, background=False):
+    def __init__(self, data: np.ndarray, n_clusters: int, global_dim: int | None = None,
+                 quantization_bits: int | None = 8, rank: int = 32, train_size: int | None = None,
+                 distance: int | str = "ip", balanced: bool = False, copy: bool = False, *,
+                 seed: int | np.random.Generator | None = 0, refit_growth: float | None = 0.5,
+                 max_cluster_size: int | None = None, background: bool = False) -> None:
         data = _as_matrix(data, "data")
         n, d = data.shape
         if d < 2:  # rank must be >= 1 and < d
@@ -219,6 +230,7 @@ class LorannIndex:
         self._tr = None
         self._tr_stale = set()
         self._tr_lock = threading.Lock()
+        self._cent_tr = None  # (centroids, norms, centroids transposed): see _centroids_t
         self._mlock = threading.Condition()  # the maintenance worker's state below
         self._worker_alive = False
         self._maintenance_error = None
@@ -228,38 +240,39 @@ class LorannIndex:
         self._cbuf = {}  # capacity buffers of the per-cluster arrays (see _grow_clusters)
 
     # ------------------------------------------------------------------ properties
-    def __len__(self):
+    def __len__(self) -> int:
         return self._n
 
     @property
-    def dim(self):
+    def dim(self) -> int:
         return self._data.shape[1]
 
     @property
-    def n_samples(self):
+    def n_samples(self) -> int:
         return self._n
 
     @property
-    def data(self):
+    def data(self) -> np.ndarray:
         """The stored points (N, Dx) float32 (a view; do not modify)."""
         with self._lock.read():
             return self._data[: self._n]
 
     @property
-    def cluster_sizes(self):
+    def cluster_sizes(self) -> np.ndarray:
         self._require_built()
         with self._lock.read():
             return self._size.copy()
 
     @property
-    def stale_clusters(self):
+    def stale_clusters(self) -> np.ndarray:
         """Clusters that received points since their last fit (their model lags)."""
         self._require_built()
         with self._lock.read():
             return np.flatnonzero(self._size != self._fit_size)
 
     # ------------------------------------------------------------------ build
-    def build(self, approximate=True, verbose=False, n_threads=-1, *, training_queries=None):
+    def build(self, approximate: bool = True, verbose: bool = False, n_threads: int = -1, *,
+              training_queries: np.ndarray | None = None) -> None:
         """Cluster the points and fit every cluster's reduced-rank model.
 
         The reference's signature: ``build(approximate, verbose, n_threads)`` positionally,
@@ -337,6 +350,8 @@ class LorannIndex:
         self._acodes = None if self.quantization_bits is None else np.zeros(
             (c, r, _code_cols(g, self.quantization_bits)),
             np.int8 if self.quantization_bits == 8 else np.uint8)
+        self._apair = None if self.quantization_bits != 8 else np.zeros(
+            (c,) + kernels.a_pairs(np.zeros((r, g), np.int8)).shape, np.int8)  # the fused kernel's A codes
         self._ascale = np.zeros((c, r), np.float32)
         self._P = np.zeros((c, r, g), np.float32)
         self._gram = [None] * c  # (Dg, Dg) float32 per cluster (a list: splits append)
@@ -413,6 +428,8 @@ class LorannIndex:
         else:
             codes, scale = quant.quantize_rows(A.T, self.quantization_bits)  # rows = rank comps
             self._acodes[ci] = codes
+            if self._apair is not None:
+                self._apair[ci] = kernels.a_pairs(codes)
             self._ascale[ci] = scale
             self._adeq[ci] = quant.dequantize_rows(codes, scale, self.quantization_bits,
                                                    self.global_dim).T
@@ -448,15 +465,18 @@ class LorannIndex:
 
     def _mirror(self):
         """B transposed per cluster for the CPU kernels: flat arrays in the slot layout, cluster
-        c's block (Rk, cap_c) row-major at Rk * start[c] (float32 ``bt``; the 8-bit codes ``ct``
-        or None), so its GEMM reads a contiguous (Rk, n) block and the fused kernel scores 16
-        points per vector instruction.  Built on first use, then refreshed per cluster that
-        ``add``/``refit`` touched (a decode step refreshes one)."""
+        c's block (Rk, cap_c) row-major at Rk * start[c] (float32 ``bt``), so its GEMM reads a
+        contiguous (Rk, n) block; and the 8-bit codes ``ct`` (or None) in pair layout, cluster
+        c's (ceil(Rk/2), cap_c, 2) block at 2 ceil(Rk/2) start[c] (two rank components of a
+        point side by side), so the fused kernel scores 16 points per integer pair dot.  Built
+        on first use, then refreshed per cluster that ``add``/``refit`` touched (a decode step
+        refreshes one)."""
         with self._tr_lock:
             need = self.rank * len(self._bdeq)
+            need_c = 2 * ((self.rank + 1) // 2) * len(self._bdeq) + kernels.CODE_PAD
             if self._tr is None:
                 bt = np.zeros(need, np.float32)
-                ct = np.zeros(need, np.int8) if self.quantization_bits == 8 else None
+                ct = np.zeros(need_c, np.int8) if self.quantization_bits == 8 else None
                 self._tr_stale.clear()
                 cl = np.arange(self.n_clusters, dtype=np.int64)
             elif len(self._tr[0]) != need:  # the slot storage grew: the layout is unchanged, copy
@@ -465,7 +485,7 @@ class LorannIndex:
                 bt[:len(old_bt)] = old_bt
                 ct = None
                 if old_ct is not None:
-                    ct = np.zeros(need, np.int8)
+                    ct = np.zeros(need_c, np.int8)
                     ct[:len(old_ct)] = old_ct
                 cl = np.fromiter(self._tr_stale, np.int64)
                 self._tr_stale.clear()
@@ -484,8 +504,8 @@ class LorannIndex:
             return self._tr
 
     # ------------------------------------------------------------------ search
-    def search(self, q, k, clusters_to_search, points_to_rerank, return_distances=False,
-               n_threads=-1):
+    def search(self, q: Array, k: int, clusters_to_search: int, points_to_rerank: int,
+               return_distances: bool = False, n_threads: int = -1) -> Array | tuple[Array, Array]:
         """Approximate k nearest neighbours of ``q`` (Dx,) or (Q, Dx).
 
         Routes each query to its ``clusters_to_search`` best non-empty centroids (all of
@@ -508,7 +528,7 @@ class LorannIndex:
         if (type(q) is np.ndarray and q.ndim == 1 and q.dtype == np.float32 and type(k) is int
                 and type(clusters_to_search) is int and type(points_to_rerank) is int and n_threads == -1
                 and self.built and k >= 1 and clusters_to_search >= 1 and points_to_rerank >= 0
-                and q.shape[0] == self.dim and q.flags.c_contiguous and np.isfinite(q).all()):
+                and q.shape[0] == self._data.shape[1] and q.flags.c_contiguous):
             found = self._search_one(q, k, clusters_to_search, points_to_rerank)  # the latency path
             if found is not None:
                 if found[0].shape[1] == k and not return_distances:
@@ -530,26 +550,38 @@ class LorannIndex:
         return self._result(found, k, q2, single, return_distances, xp)
 
     def _search_one(self, q, k, w, rr):
-        """:meth:`search` of one valid float32 query (Dx,) with int arguments, the checks and
-        dispatch of the general path skipped (single-query latency: ~15 us of ~45); None when a
-        lazy refit is due (the general path does it)."""
+        """:meth:`search` of one float32 query (Dx,) with int arguments, the checks and dispatch
+        of the general path skipped (single-query latency); None when the query is not finite
+        or a lazy refit is due (the general path reports or does it)."""
         with self._lock.read():
+            if self._overgrown and not self.background:  # a lazy refit may be due: general path
+                return None
             n = self._n
             k, rr = min(k, n), min(rr, n)
             w = min(w, self.n_clusters, self._n_live)
-            if self._overgrown and not self.background:  # a lazy refit may be due: general path
-                return None
-            qr = (q if self._T is None else q @ self._T)[None]  # (1, Dg)
             ids = np.empty((1, k), np.int64)
             scores = np.empty((1, k), np.float32)
-            bt, ct = self._mirror()
+            tr = self._tr  # the mirror, refreshed only when due (no lock taken otherwise)
+            if tr is None or self._tr_stale or len(tr[0]) != self.rank * len(self._bdeq):
+                tr = self._mirror()
+            bt, ct = tr
             int8 = ct is not None
-            kernels.route_search_one(qr, q[None], self._cent, self._cnorm, w,
-                                     self._acodes if int8 else self._adeq_t, self._ascale, ct if int8 else bt,
-                                     self._bscale, int8, self._start, self._size, self._cap, self._slot_id,
-                                     self._norms, self.distance == "l2", self._data, max(k, rr), k, rr > 0,
-                                     ids, scores)
+            if not kernels.route_search_one(q, _NO_REDUCTION if self._T is None else self._T, self._centroids_t(),
+                                            self._cnorm, w, self._adeq_t, self._ascale,
+                                            self._apair if int8 else _NO_PAIRS, ct if int8 else bt, self._bscale,
+                                            int8, self._start, self._size, self._cap, self._slot_id, self._norms,
+                                            self.distance == "l2", self._data, max(k, rr), k, rr > 0, ids, scores):
+                return None
             return ids, scores
+
+    def _centroids_t(self):
+        """The centroids transposed (Dg, Nc) for :func:`kernels.route_small`, made again when the
+        centroid or norm arrays were replaced or a cluster rewritten (``_after_rewrite``)."""
+        made = self._cent_tr
+        if made is None or made[0] is not self._cent or made[1] is not self._cnorm:
+            made = (self._cent, self._cnorm, np.ascontiguousarray(self._cent.T))
+            self._cent_tr = made
+        return made[2]
 
     def _search(self, q, k, w, rr, xp, exclusive):
         """(ids, scores) (Q, min(k, N)), or None when a lazy refit is due and not ``exclusive``."""
@@ -560,7 +592,8 @@ class LorannIndex:
             return self._search_cpu(q, k, w, rr, exclusive)
         return self._search_xp(q, k, w, rr, xp, exclusive)
 
-    def exact_search(self, q, k, return_distances=False, n_threads=-1):
+    def exact_search(self, q: Array, k: int, return_distances: bool = False,
+                     n_threads: int = -1) -> Array | tuple[Array, Array]:
         """Exact k nearest neighbours by brute force (ties to the lower id); k above
         len(index) pads with -1 like :meth:`search`; ``n_threads`` as in :meth:`search`."""
         xp = get_array_module(q)
@@ -582,7 +615,7 @@ class LorannIndex:
                 scores = xp.take_along_axis(s, ids, axis=1)
         return self._result((ids, scores), k, q2, single, return_distances, xp)
 
-    def get_dissimilarity(self, u, v):
+    def get_dissimilarity(self, u: np.ndarray, v: np.ndarray) -> float:
         """The index's distance between two vectors u, v (Dx,), as a Python float: ``-u.v``
         for ``ip``, the squared Euclidean distance for ``l2`` (the values :meth:`search`
         returns; computed in float32 like them).  Works before ``build``."""
@@ -643,12 +676,16 @@ class LorannIndex:
 
     def _search_cpu_inner(self, q, k, w, rr, exclusive):
         nq = len(q)
-        qr = np.ascontiguousarray(self._reduce(q), np.float32)  # (Q, Dg)
         if nq <= FUSED_MAX_QUERIES:
+            qr = q
+            if self._T is not None:  # as the single-query path reduces (the same values)
+                qr = np.empty((nq, self.global_dim), np.float32)
+                kernels.reduce_queries(q, self._T, qr)
             top = np.empty((nq, w), np.int64)
-            kernels.route_small(qr, self._cent, self._cnorm, self._size, self.distance == "l2",
+            kernels.route_small(qr, self._centroids_t(), self._cnorm, self._size, self.distance == "l2",
                                 w, top)
         else:
+            qr = np.ascontiguousarray(self._reduce(q), np.float32)  # (Q, Dg)
             top = self._route(qr, w, np)  # (Q, Wc)
         if not self._lazy_refit(top, exclusive):
             return None
@@ -656,11 +693,12 @@ class LorannIndex:
         ids = np.empty((nq, k), np.int64)  # the kernels write every row (padding included)
         scores = np.empty((nq, k), np.float32)
         l2 = self.distance == "l2"
-        if nq <= FUSED_MAX_QUERIES or nq * w < BLOCK_MIN_GROUP * self.n_clusters:
+        min_group = BLOCK_MIN_GROUP_INT8 if self.quantization_bits == 8 else BLOCK_MIN_GROUP
+        if nq <= FUSED_MAX_QUERIES or nq * w < min_group * self.n_clusters:
             fn = kernels.fused_search_serial if nq <= SERIAL_MAX_QUERIES else kernels.fused_search
             bt, ct = self._mirror()
             int8 = ct is not None  # then read A's and B's 8-bit codes (4x less memory traffic)
-            fn(qr, q, top, self._acodes if int8 else self._adeq_t, self._ascale,
+            fn(qr, q, top, self._adeq_t, self._ascale, self._apair if int8 else _NO_PAIRS,
                ct if int8 else bt, self._bscale, int8, self._start, self._size, self._cap,
                self._slot_id, self._norms, l2, self._data, m, k, rr > 0, ids, scores)
         else:
@@ -780,7 +818,7 @@ class LorannIndex:
         return (ids[0], dist[0]) if single else (ids, dist)
 
     # ------------------------------------------------------------------ streaming inserts
-    def add(self, new_points):
+    def add(self, new_points: np.ndarray) -> np.ndarray:
         """Insert points (Dx,) or (n_new, Dx); returns their ids (continuing from len(index)).
 
         Each point joins its nearest cluster and is searchable at once: its
@@ -878,7 +916,7 @@ class LorannIndex:
             self._oversized.add(int(c))
         return slice(lo, lo + p)
 
-    def refit(self, clusters=None):
+    def refit(self, clusters: Iterable[int] | None = None) -> None:
         """Refit the reduced-rank models of ``clusters`` (default: every cluster with new points).
 
         Uses the cluster's stored training-query Gram and its current members
@@ -931,7 +969,7 @@ class LorannIndex:
 
 
     # ------------------------------------------------------------------ maintenance
-    def maintain(self):
+    def maintain(self) -> int:
         """Do every due maintenance job now, in the calling thread: split the clusters larger
         than ``max_cluster_size`` (largest first) and refit the ones grown past
         ``refit_growth`` (or, without it, any with points added since their fit).  Returns
@@ -950,7 +988,7 @@ class LorannIndex:
                 self._apply_job(job, result)
             done += 1
 
-    def wait_maintenance(self, timeout=None):
+    def wait_maintenance(self, timeout: float | None = None) -> bool:
         """Wait until the maintenance thread has nothing left to do (True) or ``timeout``
         seconds pass (False).  An exception raised in the thread is raised here (once)."""
         with self._mlock:
@@ -961,7 +999,7 @@ class LorannIndex:
         return ok
 
     @property
-    def maintenance_pending(self):
+    def maintenance_pending(self) -> bool:
         """Whether a maintenance job (split or refit) is due or running."""
         with self._lock.read():
             return self._worker_alive or self._take_job(peek=True) is not None
@@ -1138,6 +1176,7 @@ class LorannIndex:
 
     def _after_rewrite(self, c):
         self._cgen[c] += 1
+        self._cent_tr = None  # a split moved its centroids in place
         self._tr_stale.add(int(c))
         self._device = {}
         if self.refit_growth is not None and self._size[c] > self._fit_size[c] * (1 + self.refit_growth):
@@ -1145,7 +1184,7 @@ class LorannIndex:
         else:
             self._overgrown.discard(int(c))
 
-    _CLUSTER_ARRAYS = ("_cent", "_cnorm", "_adeq", "_adeq_t", "_acodes", "_ascale", "_P", "_size",
+    _CLUSTER_ARRAYS = ("_cent", "_cnorm", "_adeq", "_adeq_t", "_acodes", "_apair", "_ascale", "_P", "_size",
                        "_fit_size", "_cap", "_start", "_cgen")
 
     def _grow_clusters(self, n, capacity=None):
@@ -1172,7 +1211,7 @@ class LorannIndex:
         self.n_clusters = n
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Write the index atomically to ``path`` (the :mod:`topkattn.storage` container:
         versioned .npz, JSON header, SHA-256 per array)."""
         self._require_built()
@@ -1183,7 +1222,7 @@ class LorannIndex:
             persist.save_index(self, path)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: str | os.PathLike) -> "LorannIndex":
         """Load an index written by :meth:`save`.
 
         :class:`topkattn.storage.StorageError` (a ValueError) naming the file if it is
@@ -1196,7 +1235,7 @@ class LorannIndex:
         _check_path(path)
         return persist.load_index(cls, path)
 
-    def search_state(self):
+    def search_state(self) -> dict[str, Any]:
         """The built index's search state as host arrays, for scoring kernels outside ``ann/``.
 
         A dict: ``T`` (global projection or None), ``cent``/``cnorm`` (centroids, their

@@ -134,6 +134,136 @@ def _prefetch_row(flat, d, pid):
         _prefetch(flat, pid * d + o)
 
 
+_PAIR_LANES = 16  # int32 lanes of one pair dot (a 512-bit vector: 16 points x 2 int8 codes)
+CODE_PAD = 128  # bytes past the end of a pair-layout array that a last block may read (never used)
+
+
+def _pair_dot_codegen(blocks):
+    """Code of :func:`_pair_dot16` over ``blocks`` adjacent blocks of 16 lanes (each step's two
+    factors broadcast once for all of them, and as many independent accumulators)."""
+
+    def codegen(context, builder, signature, args):
+        out_a = context.make_array(signature.args[0])(context, builder, args[0])
+        codes_a = context.make_array(signature.args[2])(context, builder, args[2])
+        xs_a = [context.make_array(signature.args[j])(context, builder, args[j]) for j in (5, 6)]
+        i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+        v16 = ir.VectorType(i32, _PAIR_LANES)
+        v32 = ir.VectorType(i32, 2 * _PAIR_LANES)
+        accs = [[cgutils.alloca_once(builder, v16) for _ in range(blocks)] for _ in xs_a]
+        for acc in sum(accs, []):
+            builder.store(ir.Constant(v16, None), acc)
+        even = ir.Constant(v16, [2 * t for t in range(_PAIR_LANES)])
+        odd = ir.Constant(v16, [2 * t + 1 for t in range(_PAIR_LANES)])
+        splat = ir.Constant(v16, [0] * _PAIR_LANES)
+        byte = ir.VectorType(i8, 2 * _PAIR_LANES).as_pointer()
+        codes = builder.bitcast(codes_a.data, i8.as_pointer())
+        with cgutils.for_range(builder, args[7]) as loop:
+            i = loop.index
+            at = builder.add(args[3], builder.mul(i, args[4]))
+            factors = []
+            for x_a in xs_a:
+                xv = builder.load(builder.gep(x_a.data, [i]))
+                xs = builder.insert_element(ir.Constant(v16, None), xv, ir.Constant(i32, 0))
+                xs = builder.shuffle_vector(xs, xs, splat)
+                factors.append(builder.sext(builder.bitcast(xs, ir.VectorType(i16, 2 * _PAIR_LANES)), v32))
+            for b in range(blocks):
+                ptr = builder.gep(codes, [builder.add(at, ir.Constant(at.type, 2 * _PAIR_LANES * b))])
+                a = builder.sext(builder.load(builder.bitcast(ptr, byte), align=1), v32)
+                for xw, acc in zip(factors, accs):
+                    prod = builder.mul(a, xw)
+                    pair = builder.add(builder.shuffle_vector(prod, prod, even),
+                                       builder.shuffle_vector(prod, prod, odd))
+                    builder.store(builder.add(builder.load(acc[b]), pair), acc[b])
+        row = cgutils.unpack_tuple(builder, out_a.strides, 2)[0]  # bytes from out[0] to out[1]
+        base = builder.bitcast(out_a.data, i8.as_pointer())
+        for h, acc in enumerate(accs):
+            for b in range(blocks):
+                lane = builder.add(args[1], ir.Constant(args[1].type, _PAIR_LANES * b))
+                at = builder.add(builder.mul(row, ir.Constant(row.type, h)),
+                                 builder.mul(lane, ir.Constant(lane.type, 4)))
+                builder.store(builder.load(acc[b]), builder.bitcast(builder.gep(base, [at]), v16.as_pointer()),
+                              align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _pair_dot16(typingctx, out, out_off, codes, code_off, stride, x_hi, x_lo, npairs):
+    """Two integer dot products of 16 lanes: for h in (hi, lo), out[h, out_off:out_off + 16]
+    (int32) = sum over i < npairs of the lane dots of the 32 int8 codes at byte
+    code_off + i * stride of ``codes`` (lane t: codes 2t, 2t + 1) with x_h[i], an int32
+    holding two int16 (low half: the even code's factor).  ``out`` is (2, >= out_off + 16).
+
+    Exact integer arithmetic: a sign extension to int16 and multiply-adds of adjacent pairs,
+    which LLVM turns into ``vpmovsxbw`` + ``vpdpwssd`` (AVX-512 VNNI) or ``vpmaddwd`` +
+    ``vpaddd`` (AVX2/AVX-512BW); other targets get the generic vector code.  The codes are
+    loaded once for both factors (the high and low int16 parts of one float vector, see
+    :func:`_quantize_pairs`).  Reads 32 bytes per step from any C-contiguous array (by its
+    data pointer), so a block may read past the points it uses (callers pad the array by
+    :data:`CODE_PAD`).  Callers keep sum |code| * |x| below 2^31 (:func:`_pair_levels`).
+    """
+    return types.void(out, out_off, codes, code_off, stride, x_hi, x_lo, npairs), _pair_dot_codegen(1)
+
+
+@intrinsic
+def _pair_dot32(typingctx, out, out_off, codes, code_off, stride, x_hi, x_lo, npairs):
+    """:func:`_pair_dot16` over 32 lanes (two adjacent blocks: 64 bytes of codes per step)."""
+    return types.void(out, out_off, codes, code_off, stride, x_hi, x_lo, npairs), _pair_dot_codegen(2)
+
+
+@intrinsic
+def _pair_dot64(typingctx, out, out_off, codes, code_off, stride, x_hi, x_lo, npairs):
+    """:func:`_pair_dot16` over 64 lanes (four adjacent blocks: 128 bytes of codes per step)."""
+    return types.void(out, out_off, codes, code_off, stride, x_hi, x_lo, npairs), _pair_dot_codegen(4)
+
+
+@njit(inline="always")
+def _pair_levels(npairs):
+    """The int16 level of a factor whose pair dots with npairs pairs of int8 codes stay below
+    2^31 (32767 up to 258 pairs)."""
+    return min(32767, 2147483647 // (254 * max(npairs, 1)))
+
+
+@njit(inline="always", fastmath=_FAST)
+def _quantize_pairs(x, n, levels, hi, lo):
+    """x[:n] (float32) as two int16 parts packed two per int32 into hi and lo[: (n + 1) // 2]
+    (an odd tail's partner 0): x ~ hi * s_hi + lo * s_lo with s_hi = max|x| / levels and s_lo
+    = max|x - hi s_hi| / levels, so the error is about 2^-30 of max|x| (a float32's own
+    rounding: scores of many points cancel their large terms, and one int16 part would not
+    do).  Returns (s_hi, s_lo), zero for an all-zero part."""
+    amax = np.float32(0.0)
+    for v in range(n):
+        amax = max(amax, abs(x[v]))
+    s_hi = amax / np.float32(levels)
+    inv = np.float32(1.0) / s_hi if s_hi > 0 else np.float32(0.0)
+    rmax = np.float32(0.0)
+    for v in range(n):
+        rmax = max(rmax, abs(x[v] - np.rint(x[v] * inv) * s_hi))
+    s_lo = rmax / np.float32(levels)
+    inv_lo = np.float32(1.0) / s_lo if s_lo > 0 else np.float32(0.0)
+    for i in range(n // 2):
+        a, b = x[2 * i], x[2 * i + 1]
+        ca, cb = np.rint(a * inv), np.rint(b * inv)
+        hi[i] = (np.int32(ca) & np.int32(0xFFFF)) | (np.int32(cb) << np.int32(16))
+        la, lb = np.rint((a - ca * s_hi) * inv_lo), np.rint((b - cb * s_hi) * inv_lo)
+        lo[i] = (np.int32(la) & np.int32(0xFFFF)) | (np.int32(lb) << np.int32(16))
+    if n % 2:
+        a = x[n - 1]
+        ca = np.rint(a * inv)
+        hi[n // 2] = np.int32(ca) & np.int32(0xFFFF)
+        lo[n // 2] = np.int32(np.rint((a - ca * s_hi) * inv_lo)) & np.int32(0xFFFF)
+    return s_hi, s_lo
+
+
+@njit(inline="always", fastmath=_FAST)
+def _scale_row(acc_hi, acc_lo, s_hi, s_lo, scale, out):
+    """out = (acc_hi * s_hi + acc_lo * s_lo) * scale (the float values of two pair-dot parts;
+    contiguous views, so the loop vectorises)."""
+    for t in range(out.shape[0]):
+        out[t] = (np.float32(acc_hi[t]) * s_hi + np.float32(acc_lo[t]) * s_lo) * scale[t]
+
+
 @njit(inline="always")
 def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s):
     """Write the k best of the nc candidates (exact re-rank if ``rerank``) into row qi, padded
@@ -333,8 +463,11 @@ def scan_row(row, ids, th, cs, ci, n, m):
 
 @_threadsafe_launch
 @njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
-def score_clusters(qr, rows, starts, visit, adeq, bt, start, size, cap, slot_id, norms, l2, m,
-                   cand_s, cand_i, cand_n, thresh, scratch_q, scratch_t, scratch_s, scratch_n):
+def score_clusters(qr: np.ndarray, rows: np.ndarray, starts: np.ndarray, visit: np.ndarray, adeq: np.ndarray,
+                   bt: np.ndarray, start: np.ndarray, size: np.ndarray, cap: np.ndarray, slot_id: np.ndarray,
+                   norms: np.ndarray, l2: bool, m: int, cand_s: np.ndarray, cand_i: np.ndarray, cand_n: np.ndarray,
+                   thresh: np.ndarray, scratch_q: np.ndarray, scratch_t: np.ndarray, scratch_s: np.ndarray,
+                   scratch_n: np.ndarray) -> None:
     """Approximate scores of every visited cluster for its queries, straight into candidate buffers.
 
     Clusters run in parallel (``prange``; two BLAS GEMMs each: (cnt, Dg) @ A_c, then
@@ -385,7 +518,7 @@ def score_clusters(qr, rows, starts, visit, adeq, bt, start, size, cap, slot_id,
 
 @_threadsafe_launch
 @njit(parallel=True, cache=True, nogil=True)
-def raise_thresholds(cand_s, cand_i, cand_n, m, thresh):
+def raise_thresholds(cand_s: np.ndarray, cand_i: np.ndarray, cand_n: np.ndarray, m: int, thresh: np.ndarray) -> None:
     """Compact every buffer holding more than m candidates and raise its query's threshold to
     the best m-th score found (between the scoring passes of :meth:`LorannIndex._score_blocks`)."""
     n_parts, nq, _ = cand_s.shape
@@ -401,7 +534,9 @@ def raise_thresholds(cand_s, cand_i, cand_n, m, thresh):
 
 @_threadsafe_launch
 @njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
-def merge_rerank(cand_s, cand_i, cand_n, data, queries, norms, l2, m, k, rerank, out_i, out_s):
+def merge_rerank(cand_s: np.ndarray, cand_i: np.ndarray, cand_n: np.ndarray, data: np.ndarray, queries: np.ndarray,
+                 norms: np.ndarray, l2: bool, m: int, k: int, rerank: bool, out_i: np.ndarray,
+                 out_s: np.ndarray) -> None:
     """Each query's m best candidates over all threads' buffers (score desc, ties to the lower
     id), re-ranked exactly when ``rerank``; the k best go to out_i (Q, Kn) int64 and out_s
     (Q, Kn) float32, padded with -1 / -inf."""
@@ -435,11 +570,16 @@ def _select_finish(qi, q, data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size, cap,
+def _fused_one(qi, qr, queries, clusters, a_src, a_scale, a_pair, src, bscale, scaled, start, size, cap,
                slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
-    """One query: per cluster (best first) t = A_c^T q, the scores of its points into a row
-    (16 points per vector instruction from the transposed mirror), :func:`scan_row` into the
-    candidate buffer, then :func:`_select_finish`."""
+    """One query: per cluster (best first) t = A_c^T q, the scores of its points into a row,
+    :func:`scan_row` into the candidate buffer, then :func:`_select_finish`.
+
+    8-bit (``scaled``): q and then t are split into two int16 parts each
+    (:func:`_quantize_pairs`: float32-level accuracy) and both products are exact integer pair
+    dots (:func:`_pair_dot16`: 16 rank components of A_c from ``a_pair``, 16 points of B_c from
+    the pair-layout mirror ``src``).  Otherwise float32: t from a_src (Nc, Rk, Dg),
+    then 16 points per vector operation from the float mirror ``src``."""
     r = a_src.shape[1]
     most = 0
     for j in range(clusters.shape[1]):
@@ -451,21 +591,58 @@ def _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, s
     q = qr[qi]
     n = np.int64(0)
     th = np.float32(-np.inf)
+    g = q.shape[0]
+    gp = (g + 1) // 2  # pairs of A's codes per rank component
+    rp = (r + 1) // 2  # pairs of B's codes per point
+    r16 = a_pair.shape[2] if scaled else 0  # rank rounded up to 16 lanes
+    qpairs = np.empty((2, gp), np.int32)
+    tpairs = np.empty((2, rp), np.int32)
+    iacc = np.empty((2, max(most, r16) + 4 * _PAIR_LANES), np.int32)
+    qs_hi, qs_lo = np.float32(0.0), np.float32(0.0)
+    if scaled:
+        qs_hi, qs_lo = _quantize_pairs(q, g, _pair_levels(gp), qpairs[0], qpairs[1])
     for j in range(clusters.shape[1]):
         c = clusters[qi, j]
         n_c = size[c]
         if n_c == 0:
+            continue
+        p0 = start[c]
+        cp = cap[c]
+        ids = slot_id[p0:p0 + n_c]
+        row = sc[:n_c]
+        if scaled:
+            base = c * gp * r16 * 2
+            vb = 0
+            while vb < r16:
+                if vb + 2 * _PAIR_LANES <= r16:
+                    _pair_dot32(iacc, vb, a_pair, base + 2 * vb, 2 * r16, qpairs[0], qpairs[1], gp)
+                    vb += 2 * _PAIR_LANES
+                else:
+                    _pair_dot16(iacc, vb, a_pair, base + 2 * vb, 2 * r16, qpairs[0], qpairs[1], gp)
+                    vb += _PAIR_LANES
+            _scale_row(iacc[0, :r], iacc[1, :r], qs_hi, qs_lo, a_scale[c], tq)
+            ts_hi, ts_lo = _quantize_pairs(tq, r, _pair_levels(rp), tpairs[0], tpairs[1])
+            base = 2 * rp * p0
+            b0 = 0
+            while b0 < n_c:  # 64 points per call while 48 or more are left, then 16
+                if b0 + 3 * _PAIR_LANES < n_c:
+                    _pair_dot64(iacc, b0, src, base + 2 * b0, 2 * cp, tpairs[0], tpairs[1], rp)
+                    b0 += 4 * _PAIR_LANES
+                else:
+                    _pair_dot16(iacc, b0, src, base + 2 * b0, 2 * cp, tpairs[0], tpairs[1], rp)
+                    b0 += _PAIR_LANES
+            _scale_row(iacc[0, :n_c], iacc[1, :n_c], ts_hi, ts_lo, bscale[p0:p0 + n_c], row)
+            if l2:
+                for t in range(n_c):
+                    row[t] = 2 * row[t] - norms[ids[t]]
+            n, th = scan_row(row, ids, th, cs, ci, n, m)
             continue
         for v in range(r):  # t = A_c^T q: contiguous dots (2.4x faster than rows of A_c)
             a = a_src[c, v]
             acc = np.float32(0.0)
             for u in range(q.shape[0]):
                 acc += q[u] * np.float32(a[u])
-            tq[v] = acc * a_scale[c, v] if scaled else acc
-        p0 = start[c]
-        cp = cap[c]
-        ids = slot_id[p0:p0 + n_c]
-        row = sc[:n_c]
+            tq[v] = acc
         row[:] = 0
         v = 0
         while v < r:  # four rank components per pass over the row (fewer loads/stores of it)
@@ -486,9 +663,6 @@ def _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, s
                 for t in range(n_c):
                     row[t] += x0 * np.float32(b0[t])
                 v += 1
-        if scaled:
-            for t in range(n_c):
-                row[t] *= bscale[p0 + t]
         if l2:
             for t in range(n_c):
                 row[t] = 2 * row[t] - norms[ids[t]]
@@ -498,29 +672,33 @@ def _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, s
 
 @_threadsafe_launch
 @njit(parallel=True, cache=True, nogil=True)
-def fused_search(qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size, cap,
-                 slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
+def fused_search(qr: np.ndarray, queries: np.ndarray, clusters: np.ndarray, a_src: np.ndarray, a_scale: np.ndarray,
+                 a_pair: np.ndarray, src: np.ndarray, bscale: np.ndarray, scaled: bool, start: np.ndarray,
+                 size: np.ndarray, cap: np.ndarray, slot_id: np.ndarray, norms: np.ndarray, l2: bool,
+                 data: np.ndarray, m: int, k: int, rerank: bool, out_i: np.ndarray, out_s: np.ndarray) -> None:
     """Score, select and re-rank in one pass, query-parallel (no BLAS calls).
 
-    qr (Q, Dg) reduced queries, clusters (Q, Wc) clusters to search.  A_c^T comes from
-    a_src (Nc, Rk, Dg): the 8-bit codes times a_scale (Nc, Rk) (per rank component) when
-    ``scaled``, else the dequantised float32.  B is read from the transposed mirror ``src``
-    (``LorannIndex._mirror``: cluster c's (Rk, cap[c]) block at Rk * start[c]): 8-bit codes
-    times ``bscale`` (per slot) when ``scaled`` (4x less memory traffic than float32), else
-    float32.  Cluster c's points sit at slots start[c] .. start[c] + size[c].
+    qr (Q, Dg) reduced queries, clusters (Q, Wc) clusters to search.  When ``scaled`` (8-bit):
+    A_c's codes in pair layout ``a_pair`` (Nc, ceil(Dg/2), Rk16, 2) (:func:`a_pairs`) times
+    a_scale (Nc, Rk) (per rank component), and B's codes from the pair-layout mirror ``src``
+    (``LorannIndex._mirror``: cluster c's (ceil(Rk/2), cap[c], 2) block at 2 ceil(Rk/2) start[c])
+    times ``bscale`` (per slot): integer pair dots, 4x less memory traffic than float32.
+    Otherwise A_c^T from a_src (Nc, Rk, Dg) float32 and B from the float32 mirror ``src``
+    (cluster c's (Rk, cap[c]) block at Rk * start[c]).  Cluster c's points sit at slots
+    start[c] .. start[c] + size[c].
     Same output contract as :func:`merge_rerank`.
     """
     for qi in nb.prange(qr.shape[0]):  # (int64 qi: the serial kernel's specialisation of _fused_one)
-        _fused_one(np.int64(qi), qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size,
-                   cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
+        _fused_one(np.int64(qi), qr, queries, clusters, a_src, a_scale, a_pair, src, bscale, scaled, start,
+                   size, cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
 
 
 @njit(cache=True, nogil=True)
-def fused_search_serial(qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size,
+def fused_search_serial(qr, queries, clusters, a_src, a_scale, a_pair, src, bscale, scaled, start, size,
                         cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
     """:func:`fused_search` on one thread (single queries: no thread-pool wake-up)."""
     for qi in range(qr.shape[0]):
-        _fused_one(qi, qr, queries, clusters, a_src, a_scale, src, bscale, scaled, start, size,
+        _fused_one(qi, qr, queries, clusters, a_src, a_scale, a_pair, src, bscale, scaled, start, size,
                    cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
 
 
@@ -553,7 +731,7 @@ def _top_of_row(row, w, out):
 
 @_threadsafe_launch
 @njit(parallel=True, cache=True, nogil=True)
-def top_columns(scores, w, out):
+def top_columns(scores: np.ndarray, w: int, out: np.ndarray) -> None:
     """The w best columns of each row of scores (Q, Nc), best first (ties to the lower
     column), into out (Q, Wc) int64."""
     for qi in nb.prange(scores.shape[0]):
@@ -562,7 +740,7 @@ def top_columns(scores, w, out):
 
 @_threadsafe_launch
 @njit(parallel=True, cache=True, nogil=True)
-def top_few_columns(scores, w, out):
+def top_few_columns(scores: np.ndarray, w: int, out: np.ndarray) -> None:
     """:func:`top_columns` for a small w (a sorted insertion buffer per row, no allocation):
     the w best columns of each row of scores (Q, Nc), best first, ties to the lower column."""
     for qi in nb.prange(scores.shape[0]):
@@ -587,19 +765,23 @@ def _transpose_one(c, start, size, cap, bdeq, bcodes, codes, bt, ct):
     r = bdeq.shape[1]
     lo, n, cp = start[c], size[c], cap[c]
     base = r * lo
+    pbase = 2 * ((r + 1) // 2) * lo
     for j in range(n):
         for v in range(r):
             bt[base + v * cp + j] = bdeq[lo + j, v]
             if codes:
-                ct[base + v * cp + j] = bcodes[lo + j, v]
+                ct[pbase + (v // 2) * 2 * cp + 2 * j + (v & 1)] = bcodes[lo + j, v]
 
 
 @_threadsafe_launch
 @njit(parallel=True, cache=True, nogil=True)
-def transpose_clusters(clusters, start, size, cap, bdeq, bcodes, codes, bt, ct):
+def transpose_clusters(clusters: np.ndarray, start: np.ndarray, size: np.ndarray, cap: np.ndarray, bdeq: np.ndarray,
+                       bcodes: np.ndarray, codes: bool, bt: np.ndarray, ct: np.ndarray) -> None:
     """Write the transposed blocks of ``clusters`` into the mirror (see
     ``LorannIndex._mirror``): bt[Rk*start[c] + v*cap[c] + j] = bdeq[start[c] + j, v] for the
-    size[c] points j, and the same from the 8-bit ``bcodes`` into ``ct`` when ``codes``."""
+    size[c] points j, and, when ``codes``, the 8-bit ``bcodes`` into ``ct`` in pair layout:
+    ct[2 Rp start[c] + (v // 2) 2 cap[c] + 2 j + v % 2] with Rp = ceil(Rk / 2) (two rank
+    components of a point side by side, for :func:`_pair_dot16`)."""
     for i in nb.prange(len(clusters)):
         _transpose_one(clusters[i], start, size, cap, bdeq, bcodes, codes, bt, ct)
 
@@ -631,7 +813,7 @@ def group_visits(top, n_clusters, rows, starts):
 
 @_threadsafe_launch
 @njit(parallel=True, cache=True, nogil=True)
-def exact_topk(scores, k, out_i, out_s):
+def exact_topk(scores: np.ndarray, k: int, out_i: np.ndarray, out_s: np.ndarray) -> None:
     """Row-wise top-k of a (Q, N) score block, ties to the lower column; best first."""
     nq, nn = scores.shape
     for qi in nb.prange(nq):
@@ -647,8 +829,9 @@ def exact_topk(scores, k, out_i, out_s):
 
 @_threadsafe_launch
 @njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
-def nearest_in_groups(x, cent, cnorm, l2, top, rows, starts, gstarts, members, scratch_x, scratch_s,
-                      best_s, best_i):
+def nearest_in_groups(x: np.ndarray, cent: np.ndarray, cnorm: np.ndarray, l2: bool, top: np.ndarray,
+                      rows: np.ndarray, starts: np.ndarray, gstarts: np.ndarray, members: np.ndarray,
+                      scratch_x: np.ndarray, scratch_s: np.ndarray, best_s: np.ndarray, best_i: np.ndarray) -> None:
     """The best centroid of each point's probed groups, group by group (a GEMM per group).
 
     x (N, Dx) points, cent (Nc, Dx) centroids, cnorm (Nc,) their squared norms, top (N, probe)
@@ -762,57 +945,85 @@ def quantize_row_into(b, levels, codes, deq):
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def route_small(qr, cent, cnorm, size, l2, w, out):
+def route_small(qr, cent_t, cnorm, size, l2, w, out):
     """The w best non-empty clusters of each query, best first (ties to the lower cluster).
 
-    qr (Q, Dg), cent (Nc, Dg), size (Nc,) points per cluster (clusters with none are never
-    chosen: the caller keeps w <= the number of non-empty clusters), out (Q, Wc) int64.  For
-    a few queries, where the NumPy call overhead of ``LorannIndex._route`` dominates.
+    qr (Q, Dg), cent_t (Dg, Nc) the centroids transposed (``LorannIndex._centroids_t``: the
+    scores of all clusters build up 16 per vector operation, one query component at a time),
+    size (Nc,) points per cluster (clusters with none are never chosen: the caller keeps
+    w <= the number of non-empty clusters), out (Q, Wc) int64.  For a few queries, where the
+    NumPy call overhead of ``LorannIndex._route`` dominates.
     """
-    nc = cent.shape[0]
+    g, nc = cent_t.shape
     live = np.empty(nc, np.int64)
     n_live = 0
     for j in range(nc):
         if size[j] > 0:
             live[n_live] = j
             n_live += 1
+    every = np.empty(nc, np.float32)
     s = np.empty(n_live, np.float32)
     pos = np.empty(w, np.int64)
-    g = qr.shape[1]
     for qi in range(qr.shape[0]):
         q = qr[qi]
-        t = 0
-        while t < n_live:  # four centroids per pass: independent accumulators (latency-bound)
-            n4 = min(4, n_live - t)
-            r0 = cent[live[t]]
-            r1 = cent[live[t + 1]] if n4 > 1 else r0
-            r2 = cent[live[t + 2]] if n4 > 2 else r0
-            r3 = cent[live[t + 3]] if n4 > 3 else r0
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            for u in range(g):
-                v = q[u]
-                a0 += v * r0[u]
-                a1 += v * r1[u]
-                a2 += v * r2[u]
-                a3 += v * r3[u]
-            for j in range(n4):
-                acc = a0 if j == 0 else (a1 if j == 1 else (a2 if j == 2 else a3))
-                s[t + j] = 2 * acc - cnorm[live[t + j]] if l2 else acc
-            t += n4
+        every[:] = 0
+        for u in range(g):
+            v = q[u]
+            row = cent_t[u]
+            for j in range(nc):
+                every[j] += v * row[j]
+        for t in range(n_live):
+            j = live[t]
+            s[t] = 2 * every[j] - cnorm[j] if l2 else every[j]
         _top_of_row(s, w, pos)
         for t in range(w):
             out[qi, t] = live[pos[t]]
 
 
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def reduce_queries(q, t_red, out):
+    """out (Q, Dg) = q (Q, Dx) @ t_red (Dx, Dg), one row of t_red at a time (vectorised over Dg):
+    the few-query paths' global reduction (the single-query path and the general one compute
+    it alike, so they return the same)."""
+    for i in range(q.shape[0]):
+        red = out[i]
+        red[:] = 0
+        for u in range(q.shape[1]):
+            v = q[i, u]
+            row = t_red[u]
+            for j in range(red.shape[0]):
+                red[j] += v * row[j]
+
+
 @njit(cache=True, nogil=True)
-def route_search_one(qr, query, cent, cnorm, w, a_src, a_scale, src, bscale, scaled, start, size, cap,
-                     slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
+def route_search_one(query, t_red, cent_t, cnorm, w, a_src, a_scale, a_pair, src, bscale, scaled, start, size,
+                     cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
     """One query end to end (:func:`route_small`, then :func:`fused_search_serial`) in one call:
-    the single-query latency path of ``LorannIndex.search``.  qr (1, Dg), query (1, Dx)."""
+    the single-query latency path of ``LorannIndex.search``.  query (Dx,); t_red (Dx, Dg) the
+    global reduction or an empty (0, 0) array for none.  False (nothing written) when the
+    query is not finite (the caller's general path reports it)."""
+    for u in range(query.shape[0]):
+        if not np.isfinite(query[u]):
+            return False
+    q2 = query.reshape(1, query.shape[0])
+    if t_red.shape[0] == 0:
+        qr = q2
+    else:
+        qr = np.empty((1, t_red.shape[1]), np.float32)
+        reduce_queries(q2, t_red, qr)
     top = np.empty((1, w), np.int64)
-    route_small(qr, cent, cnorm, size, l2, w, top)
-    _fused_one(np.int64(0), qr, query, top, a_src, a_scale, src, bscale, scaled, start, size, cap, slot_id, norms, l2,
-               data, m, k, rerank, out_i, out_s)
+    route_small(qr, cent_t, cnorm, size, l2, w, top)
+    _fused_one(np.int64(0), qr, q2, top, a_src, a_scale, a_pair, src, bscale, scaled, start, size, cap, slot_id,
+               norms, l2, data, m, k, rerank, out_i, out_s)
+    return True
+
+
+def a_pairs(codes: np.ndarray) -> np.ndarray:
+    """A_c's 8-bit codes (Rk, Dg) in the pair layout of the fused kernel: (ceil(Dg/2), Rk16, 2)
+    int8, out[i, v, e] = codes[v, 2i + e] (zero past Dg and Rk), Rk16 = Rk rounded up to 16."""
+    r, g = codes.shape
+    gp = (g + 1) // 2
+    r16 = -(-r // _PAIR_LANES) * _PAIR_LANES
+    padded = np.zeros((r16, 2 * gp), np.int8)
+    padded[:r, :g] = codes
+    return np.ascontiguousarray(padded.reshape(r16, gp, 2).transpose(1, 0, 2))

@@ -28,7 +28,8 @@ TREE_PROBE = 4  # groups searched per point by the two-level search
 TREE_ITERATIONS = 5  # Lloyd iterations grouping the centroids
 
 
-def centroid_scores(x, centroids, distance, cnorm=None):
+def centroid_scores(x: np.ndarray, centroids: np.ndarray, distance: str,
+                    cnorm: np.ndarray | None = None) -> np.ndarray:
     """(N, Nc) float32 scores of points ``x`` (N, Dx) against ``centroids`` (Nc, Dx)."""
     s = x @ centroids.T  # (N, Nc)
     if distance == "l2":
@@ -39,7 +40,7 @@ def centroid_scores(x, centroids, distance, cnorm=None):
     return s
 
 
-def nearest_clusters(x, centroids, w, distance):
+def nearest_clusters(x: np.ndarray, centroids: np.ndarray, w: int, distance: str) -> np.ndarray:
     """Indices (N, Wc) int64 of the ``w`` best clusters per point, best first (ties to lower id)."""
     n = len(x)
     c = len(centroids)
@@ -56,8 +57,9 @@ def nearest_clusters(x, centroids, w, distance):
     return out
 
 
-def kmeans(x, n_clusters, *, distance="ip", iters=10, sample_size=None, balanced=False,
-           rng=None):
+def kmeans(x: np.ndarray, n_clusters: int, *, distance: str = "ip", iters: int = 10,
+           sample_size: int | None = None, balanced: bool = False,
+           rng: int | np.random.Generator | None = None) -> np.ndarray:
     """Train ``n_clusters`` centroids (Nc, Dx) float32 on ``x`` (N, Dx).
 
     Lloyd iterations on a random sample of ``sample_size`` rows (all rows if None);
@@ -89,7 +91,8 @@ def kmeans(x, n_clusters, *, distance="ip", iters=10, sample_size=None, balanced
     return cent
 
 
-def assign_nearest(x, centroids, distance, *, rng=0):
+def assign_nearest(x: np.ndarray, centroids: np.ndarray, distance: str, *,
+                   rng: int | np.random.Generator | None = 0) -> np.ndarray:
     """The nearest centroid (N,) int64 of every point of ``x`` (N, Dx) among ``centroids`` (Nc, Dx).
 
     Exact (ties to the lower id) below TREE_MIN_CLUSTERS centroids; from there the
@@ -169,7 +172,7 @@ def _segment_sum(sums, x, assign):
             sums[a, j] += x[i, j]
 
 
-def fill_empty(x, cent, assign, distance):
+def fill_empty(x: np.ndarray, cent: np.ndarray, assign: np.ndarray, distance: str) -> int:
     """Give every empty cluster half of the largest cluster that can be split (in place).
 
     x (N, Dx) points, cent (Nc, Dx) centroids, assign (N,) int64 cluster of each point.  An
@@ -251,7 +254,8 @@ def _postprocess(cent, distance):
         cent[nz] /= norm[nz, None]
 
 
-def balanced_assign(x, centroids, distance, slack=0.05, candidates=16):
+def balanced_assign(x: np.ndarray, centroids: np.ndarray, distance: str, slack: float = 0.05,
+                    candidates: int = 16) -> np.ndarray:
     """Assign each row of ``x`` to one cluster with at most ceil(N/Nc*(1+slack)) rows per cluster.
 
     Rows are placed in order of confidence (gap between their best and

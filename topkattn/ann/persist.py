@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from topkattn.ann import quant
+from topkattn.ann import kernels, quant
 from topkattn.checks import check_choice, check_int, check_real
 from topkattn.storage import HEADER_KEY, StorageError, load_container, save_container
 
@@ -123,6 +123,7 @@ def load_index(cls, path):
         ).reshape(c, r, g).transpose(0, 2, 1))
         self._bdeq = quant.dequantize_rows(self._bcodes, self._bscale, bits, r)
     self._adeq_t = np.ascontiguousarray(self._adeq.transpose(0, 2, 1))
+    self._apair = None if bits != 8 else np.stack([kernels.a_pairs(a) for a in self._acodes])
     over = np.flatnonzero(self._size > self._fit_size * (1 + (self.refit_growth or np.inf)))
     self._overgrown = set(int(c) for c in over)
     self.built = True

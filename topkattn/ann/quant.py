@@ -12,7 +12,7 @@ import numpy as np
 LEVELS = {8: 127, 4: 7}
 
 
-def quantize_rows(x, bits):
+def quantize_rows(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Quantise each row of ``x`` (rows, cols) to ``bits`` bits.
 
     Returns ``(codes, scale)``: codes int8 (rows, cols) for 8 bits, packed uint8
@@ -31,14 +31,14 @@ def quantize_rows(x, bits):
     return codes, scale
 
 
-def dequantize_rows(codes, scale, bits, ncols):
+def dequantize_rows(codes: np.ndarray, scale: np.ndarray, bits: int, ncols: int) -> np.ndarray:
     """Inverse of :func:`quantize_rows`: float32 (rows, ncols) = scale * code."""
     if bits == 4:
         codes = unpack4(codes, ncols)
     return codes.astype(np.float32) * np.asarray(scale, np.float32)[:, None]
 
 
-def pack4(codes):
+def pack4(codes: np.ndarray) -> np.ndarray:
     """Pack int8 codes in [-7, 7] of shape (rows, cols) into uint8 (rows, ceil(cols/2))."""
     n, r = codes.shape
     u = (codes.astype(np.int16) + 8).astype(np.uint8)  # 1..15
@@ -47,7 +47,7 @@ def pack4(codes):
     return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
 
 
-def unpack4(packed, ncols):
+def unpack4(packed: np.ndarray, ncols: int) -> np.ndarray:
     """Unpack uint8 (rows, ceil(cols/2)) into int8 codes (rows, ncols)."""
     lo = (packed & 0x0F).astype(np.int8) - 8
     hi = (packed >> 4).astype(np.int8) - 8

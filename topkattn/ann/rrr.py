@@ -26,7 +26,7 @@ SUBSPACE_ROUNDS = 3  # each: two products with the matrix, then one orthonormali
 _SUBSPACE_SEED = 0x10A7
 
 
-def gram_sqrt(gram):
+def gram_sqrt(gram: np.ndarray) -> np.ndarray:
     """Return F (Dg, Dg) with F^T F = gram (symmetric PSD): the Cholesky factor L^T (10x
     cheaper than an eigendecomposition), or sqrt(w) U^T from one when gram is singular."""
     gram = np.asarray(gram, np.float64)
@@ -38,7 +38,7 @@ def gram_sqrt(gram):
         return np.sqrt(w)[:, None] * u.T
 
 
-def top_eigh(sym, r):
+def top_eigh(sym: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     """The r largest eigenvalues (descending, (r,)) and eigenvectors (Dg, r) of the symmetric
     PSD matrix ``sym`` (Dg, Dg), float64.
 
@@ -65,7 +65,8 @@ def top_eigh(sym, r):
     return w, basis @ v
 
 
-def fit_cluster(beta, gram, rank, factor=None):
+def fit_cluster(beta: np.ndarray, gram: np.ndarray, rank: int,
+                factor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit the rank-``rank`` model of one cluster.
 
     beta: (Dg, N) OLS coefficients; gram: (Dg, Dg) Gram of the reduced training queries;
@@ -117,7 +118,8 @@ def fit_cluster(beta, gram, rank, factor=None):
     return A, Bt, P
 
 
-def ols_beta(points_red, points, transform, query_gram_full, gram, approximate):
+def ols_beta(points_red: np.ndarray, points: np.ndarray, transform: np.ndarray | None,
+             query_gram_full: np.ndarray | None, gram: np.ndarray, approximate: bool) -> np.ndarray:
     """OLS coefficients beta (Dg, N) of one cluster.
 
     points_red: (N, Dg) reduced points; points: (N, Dx); transform: (Dx, Dg) or None;
