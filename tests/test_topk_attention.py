@@ -399,6 +399,25 @@ def test_dynamic_k_cap_reports_uncertified_rows():
     np.testing.assert_allclose(saved.info["bound"][0, 0, 0], 56 / 8)
 
 
+@pytest.mark.parametrize("dtype,gain", [(np.float32, 2.0), (np.float64, 1.0), (np.float32, 1e4)])
+def test_dynamic_selection_numba_rows_equal_the_vectorised_path(dtype, gain):
+    """The Numba row kernel that picks each row's k (stopping at it) chooses what the vectorised
+    choose_k chooses, and idx keeps only the slots some row uses (the forced ones + the largest k)."""
+    from topkattn.ops.selection import select_dynamic_topk
+
+    q, k, _ = make_qkv(5, 2, 4, 2, 40, 40, D=8, dtype=dtype)
+    q *= dtype(gain)
+    for eps, kw in [(0.0, {}), (0.05, dict(sinks=2, window=3)), (0.5, dict(causal=False)), (0.2, dict(max_topk=6))]:
+        a_idx, a = select_dynamic_topk(q, k, tail_bound=eps, scale=0.3, impl="numba", chunk_size=7, **kw)
+        b_idx, b = select_dynamic_topk(q, k, tail_bound=eps, scale=0.3, impl="numpy", chunk_size=7, **kw)
+        np.testing.assert_array_equal(a["k"], b["k"])
+        np.testing.assert_array_equal(a["certified"], b["certified"])
+        np.testing.assert_allclose(a["bound"], b["bound"], rtol=1e-12, atol=1e-300)
+        np.testing.assert_array_equal(a_idx, b_idx)
+        forced = kw.get("sinks", 0) + kw.get("window", 0)
+        assert a_idx.shape[-1] == forced + a["k"].max()
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(topk="auto"), "tail_bound"),
     (dict(topk="auto", tail_bound=1.5), "tail_bound"),

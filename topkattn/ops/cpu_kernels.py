@@ -66,6 +66,44 @@ def ranked_topm_rows(tile, out, end, win_lo, win_hi, sinks, m):
 
 
 @njit
+def choose_k_ranked(tile, ranked, lse_forced, n_cand, n_ret, tail_bound, k_out, found_out, nominal_out):
+    """:func:`topkattn.ops.dynamic_k.choose_k` row by row, reading the ranked scores from the tile.
+
+    tile (rows, n) scores; ranked (rows, m) column indices in descending score order (-1 =
+    none); lse_forced (rows,) float64; n_cand, n_ret (rows,) int64.  Writes k_out (int64),
+    found_out (bool) and nominal_out (float64), each (rows,).  The same float64 arithmetic in
+    the same order as choose_k (a running sum of exp(score - top), then top + log(forced +
+    sum)), stopping at the first k that meets the bound instead of evaluating every k."""
+    rows, m = ranked.shape
+    for r in range(rows):
+        lf = lse_forced[r]
+        v0 = -np.inf if ranked[r, 0] < 0 else np.float64(tile[r, ranked[r, 0]])
+        top = lf if lf > v0 else v0
+        if np.isnan(lf) or np.isnan(v0) or not np.isfinite(top):
+            top = 0.0
+        base = np.exp(lf - top)
+        k_max = min(m, n_ret[r])
+        found = False
+        k_row = k_max
+        nominal = 0.0
+        csum = 0.0
+        for j in range(k_max):
+            v = -np.inf if ranked[r, j] < 0 else np.float64(tile[r, ranked[r, j]])
+            csum += np.exp(v - top)
+            lse = top + np.log(base + csum)
+            n_rest = n_cand[r] - (j + 1)
+            nom = n_rest * np.exp(v - lse) if n_rest > 0 else 0.0
+            nominal = nom
+            if n_rest <= 0 or (tail_bound > 0 and nom <= tail_bound):
+                found = True
+                k_row = j + 1
+                break
+        k_out[r] = k_row
+        found_out[r] = found
+        nominal_out[r] = nominal if k_row > 0 else 0.0
+
+
+@njit
 def scatter_add_rows(out, rows, vals):
     """out[rows[i]] += vals[i] for every i with rows[i] >= 0, in index order (deterministic).
 

@@ -312,8 +312,9 @@ def select_dynamic_topk(q: Array, k: Array, *, tail_bound: float, max_topk: int 
     ``tail_bound`` (``tail_bound = 0`` takes every candidate), capped at ``max_topk``
     (default: S); a row that hits the cap uncertified is reported in ``certified``.
 
-    Returns (idx (B, H, T, P' + W' + max_topk), info) where info holds, each (B, H, T):
-    ``k`` the chosen k, ``certified`` bool, ``bound`` the certified bound on the outside mass.
+    Returns (idx (B, H, T, P' + W' + K), info) where K is the largest k chosen (<= max_topk:
+    the slots no row uses are dropped) and info holds, each (B, H, T): ``k`` the chosen k,
+    ``certified`` bool, ``bound`` the certified bound on the outside mass.
     """
     xp = get_array_module(q, k)
     B, H, T, _ = q.shape
@@ -330,18 +331,28 @@ def select_dynamic_topk(q: Array, k: Array, *, tail_bound: float, max_topk: int 
     for t0, t1, tile, ranked in _ranked_chunks(q, k, bounds, m, causal, scale, chunk_size, impl):
         c = t1 - t0
         n_rows = B * H * c
-        vals = xp.take_along_axis(tile, xp.maximum(ranked, 0), axis=-1).astype(xp.float64)
-        vals = xp.where(ranked >= 0, vals, -xp.inf)  # (rows, m) ranked scores
         f = xp.broadcast_to(forced_all[None, t0:t1], (B * H, c, forced_all.shape[1])).reshape(n_rows, -1)
         fvals = xp.where(f >= 0, xp.take_along_axis(tile, xp.maximum(f, 0), axis=-1), -xp.inf)
         n_cand = xp.asarray(np.tile(n_cand_all[t0:t1], B * H))  # (rows,)
         n_ret = xp.minimum(n_cand, m)  # exact ranking: every candidate up to m is returned
-        kc, found, row_bound, _, _ = choose_k(vals, logsumexp_rows(fvals), n_cand, n_ret, tail_bound)
+        lse_f = logsumexp_rows(fvals).astype(xp.float64)
+        if _choose_numba(impl, xp):  # row by row, stopping at each row's k (choose_k's numbers)
+            kc, found = np.empty(n_rows, np.int64), np.empty(n_rows, np.bool_)
+            row_bound = np.empty(n_rows, np.float64)
+            _cpu_kernels.choose_k_ranked(tile, ranked, lse_f, n_cand.astype(np.int64), n_ret.astype(np.int64),
+                                         float(tail_bound), kc, found, row_bound)
+        else:
+            vals = xp.take_along_axis(tile, xp.maximum(ranked, 0), axis=-1).astype(xp.float64)
+            vals = xp.where(ranked >= 0, vals, -xp.inf)  # (rows, m) ranked scores
+            kc, found, row_bound, _, _ = choose_k(vals, lse_f, n_cand, n_ret, tail_bound)
         sel = xp.where(xp.arange(m)[None, :] < kc[:, None], ranked, -1)
         idx[:, :, t0:t1, n_forced:] = sel.reshape(B, H, c, m)
         k_chosen[:, :, t0:t1] = kc.reshape(B, H, c)
         certified[:, :, t0:t1] = (found | (kc >= n_cand)).reshape(B, H, c)
         bound_out[:, :, t0:t1] = row_bound.reshape(B, H, c)
+    width = n_forced + (int(k_chosen.max()) if k_chosen.size else 0)  # later slots are -1 in every row
+    if width < idx.shape[-1]:
+        idx = xp.ascontiguousarray(idx[..., :width])
     return idx, dict(k=k_chosen, certified=certified, bound=bound_out)
 
 
