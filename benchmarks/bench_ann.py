@@ -55,6 +55,7 @@ def timed(fn, repeat=1):
 
 
 def single_latency(search, queries, n_single):
+    """Mean seconds per call of ``search`` over the first n_single queries, one at a time."""
     qs = queries[:n_single]
     search(qs[0])  # warm up
     t = time.perf_counter()
@@ -76,7 +77,8 @@ def main():
     ap.add_argument("--clusters", type=str, default="8,16,24,32,48")
     ap.add_argument("--rerank", type=str, default="0,50,100")
     ap.add_argument("--single", type=int, default=200, help="queries timed one at a time")
-    ap.add_argument("--repeat", type=int, default=3, help="batch timings: best of")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="alternating rounds per setting (batch and single-query timings: medians)")
     ap.add_argument("--training-queries", action="store_true",
                     help="also pass generated training queries to build (both LoRANNs)")
     ap.add_argument("--seed", type=int, default=0)
@@ -132,25 +134,28 @@ def main():
             methods["lorann"] = (lambda q, c, r: ref.search(q, k, c, r))
         except ImportError:
             print("lorann not installed: skipped")
-    # the methods alternate within each setting (best of --repeat), so that load drift on
-    # a shared machine hits both sides of a ratio alike
+    # the methods alternate within each setting, --repeat rounds, medians reported, so that
+    # load drift on a shared machine hits both sides of a ratio alike
+    per_round = max(1, args.single // args.repeat)
     for c in cs_list:
         for r in rr_list:
-            best = {name: (np.inf, None) for name in methods}
-            lat = {name: np.inf for name in methods}
+            times = {name: [] for name in methods}
+            lat = {name: [] for name in methods}
+            found = {}
             for name, search in methods.items():
                 search(queries[:8], c, r)  # warm up (JIT, caches)
-            for _ in range(args.repeat):
+            for rnd in range(args.repeat):
+                qs = queries[(rnd * per_round) % len(queries):][:per_round]
                 for name, search in methods.items():
-                    found, t = timed(lambda: search(queries, c, r), 1)
-                    if t < best[name][0]:
-                        best[name] = (t, found)
-                    lat[name] = min(lat[name], single_latency(
-                        lambda q: search(q, c, r), queries, max(1, args.single // args.repeat)))
+                    found[name], t = timed(lambda: search(queries, c, r), 1)
+                    times[name].append(t)
+                    lat[name].append(single_latency(lambda q: search(q, c, r), qs, len(qs)))
             for name in methods:
-                t, found = best[name]
-                rows.append(dict(method=name, clusters=c, rerank=r, recall=recall(found, truth),
-                                 qps=len(queries) / t, latency_ms=lat[name] * 1e3))
+                rows.append(dict(method=name, clusters=c, rerank=r, recall=recall(found[name], truth),
+                                 qps=len(queries) / float(np.median(times[name])),
+                                 latency_ms=float(np.median(lat[name])) * 1e3,
+                                 qps_rounds=[len(queries) / t for t in times[name]],
+                                 latency_ms_rounds=[t * 1e3 for t in lat[name]]))
     rows.sort(key=lambda row: list(methods).index(row["method"]) if row["method"] in methods
               else -1)
     if "faiss" not in skip:
@@ -202,11 +207,36 @@ def main():
             print(f"{r['clusters']:>9}{r['rerank']:>8}{r['recall'] - f['recall']:>+10.4f}"
                   f"{r['qps'] / f['qps']:>11.2f}{r['latency_ms'] / f['latency_ms']:>15.2f}")
         print(f"build time ratio (ours / reference): {builds['topkattn'] / builds['lorann']:.2f}")
+        equal = equal_recall(rows)
+        print("\nbatch q/s at equal recall (ours: the fastest setting whose recall >= the reference's):")
+        print(f"{'reference':>20}{'recall':>9}{'ours':>20}{'recall':>9}{'q/s ratio':>11}")
+        for e in equal:
+            ours_s = "-" if e["ours"] is None else f"{e['ours'][0]}/{e['ours'][1]}"
+            print(f"{str(e['reference'][0]) + '/' + str(e['reference'][1]):>20}{e['ref_recall']:>9.4f}{ours_s:>20}"
+                  f"{_s(e['ours_recall'], '.4f'):>9}{_s(e['qps_ratio'], '.2f'):>11}")
     if args.json:
         from topkattn.storage import atomic_write_json
 
-        atomic_write_json(args.json, {"args": vars(args), "build_s": builds, "warmup_build_s": t_warm,
-                                      "rows": rows}, prefix=".bench-")
+        out = {"args": vars(args), "build_s": builds, "warmup_build_s": t_warm, "rows": rows,
+               "timing": "batch q/s and 1-query latency: medians of --repeat alternating rounds"}
+        if "lorann" in methods:
+            out["equal_recall"] = equal_recall(rows)
+        atomic_write_json(args.json, out, prefix=".bench-")
+
+
+def equal_recall(rows):
+    """Per reference row (clusters, rerank): the fastest topkattn row (by batch q/s) whose recall
+    is at least the reference's, and the q/s ratio (None where no topkattn row reaches it)."""
+    ours = [r for r in rows if r["method"] == "topkattn"]
+    out = []
+    for f in (r for r in rows if r["method"] == "lorann"):
+        ok = [r for r in ours if r["recall"] >= f["recall"]]
+        best = max(ok, key=lambda r: r["qps"]) if ok else None
+        out.append(dict(reference=(f["clusters"], f["rerank"]), ref_recall=f["recall"], ref_qps=f["qps"],
+                        ours=None if best is None else (best["clusters"], best["rerank"]),
+                        ours_recall=None if best is None else best["recall"],
+                        qps_ratio=None if best is None else best["qps"] / f["qps"]))
+    return out
 
 
 def add_experiment(args):

@@ -106,6 +106,7 @@ KMEANS_MAX_SAMPLE = 131072  # 1M points in 1024 clusters: 128 per cluster
 GLOBAL_DIM_REDUCTION_SAMPLES = 16384
 FUSED_MAX_QUERIES = 16  # up to this many queries: fused Numba kernel, no BLAS
 SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up)
+PARALLEL_CHUNK = 4  # queries per work item of the parallel fused kernel (dynamic hand-out)
 BLOCK_MIN_GROUP = 4  # GEMM path once clusters get this many queries on average (measured; float32 and 4-bit)
 BLOCK_MIN_GROUP_INT8 = 4096  # 8-bit: the integer fused kernel beat the GEMM path up to 2000 (measured)
 DATA_SPARE_DIVISOR = 8  # the point storage's room for adds (at least 1024 rows); doubled when due
@@ -669,21 +670,23 @@ class LorannIndex:
 
     def _search_cpu(self, q, k, w, rr, exclusive):
         nq = len(q)
-        if nq <= FUSED_MAX_QUERIES:  # no BLAS at all: Numba routing and scoring
-            return self._search_cpu_inner(q, k, w, rr, exclusive)
+        min_group = BLOCK_MIN_GROUP_INT8 if self.quantization_bits == 8 else BLOCK_MIN_GROUP
+        fused = nq <= FUSED_MAX_QUERIES or nq * w < min_group * self.n_clusters
+        if fused:  # no BLAS at all: Numba reduction, routing and scoring
+            return self._search_cpu_inner(q, k, w, rr, exclusive, fused)
         with blas_single_thread():  # many small GEMMs: a threaded BLAS only spins
-            return self._search_cpu_inner(q, k, w, rr, exclusive)
+            return self._search_cpu_inner(q, k, w, rr, exclusive, fused)
 
-    def _search_cpu_inner(self, q, k, w, rr, exclusive):
+    def _search_cpu_inner(self, q, k, w, rr, exclusive, fused):
         nq = len(q)
-        if nq <= FUSED_MAX_QUERIES:
+        if fused:  # the reduction and routing in Numba too (a BLAS call would wake its threads)
             qr = q
             if self._T is not None:  # as the single-query path reduces (the same values)
                 qr = np.empty((nq, self.global_dim), np.float32)
                 kernels.reduce_queries(q, self._T, qr)
             top = np.empty((nq, w), np.int64)
-            kernels.route_small(qr, self._centroids_t(), self._cnorm, self._size, self.distance == "l2",
-                                w, top)
+            route = kernels.route_small if nq <= FUSED_MAX_QUERIES else kernels.route_many
+            route(qr, self._centroids_t(), self._cnorm, self._size, self.distance == "l2", w, top)
         else:
             qr = np.ascontiguousarray(self._reduce(q), np.float32)  # (Q, Dg)
             top = self._route(qr, w, np)  # (Q, Wc)
@@ -693,14 +696,19 @@ class LorannIndex:
         ids = np.empty((nq, k), np.int64)  # the kernels write every row (padding included)
         scores = np.empty((nq, k), np.float32)
         l2 = self.distance == "l2"
-        min_group = BLOCK_MIN_GROUP_INT8 if self.quantization_bits == 8 else BLOCK_MIN_GROUP
-        if nq <= FUSED_MAX_QUERIES or nq * w < min_group * self.n_clusters:
+        if fused:
             fn = kernels.fused_search_serial if nq <= SERIAL_MAX_QUERIES else kernels.fused_search
             bt, ct = self._mirror()
             int8 = ct is not None  # then read A's and B's 8-bit codes (4x less memory traffic)
-            fn(qr, q, top, self._adeq_t, self._ascale, self._apair if int8 else _NO_PAIRS,
-               ct if int8 else bt, self._bscale, int8, self._start, self._size, self._cap,
-               self._slot_id, self._norms, l2, self._data, m, k, rr > 0, ids, scores)
+            # queries handed out 4 at a time, not in one block per thread: on a busy machine a
+            # descheduled worker then holds up 4 queries, not half the batch
+            chunk = numba.set_parallel_chunksize(PARALLEL_CHUNK)
+            try:
+                fn(qr, q, top, self._adeq_t, self._ascale, self._apair if int8 else _NO_PAIRS,
+                   ct if int8 else bt, self._bscale, int8, self._start, self._size, self._cap,
+                   self._slot_id, self._norms, l2, self._data, m, k, rr > 0, ids, scores)
+            finally:
+                numba.set_parallel_chunksize(chunk)
         else:
             self._score_blocks(q, qr, top, w, m, k, rr, l2, ids, scores)
         return ids, scores
