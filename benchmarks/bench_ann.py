@@ -54,14 +54,17 @@ def timed(fn, repeat=1):
     return out, best
 
 
-def single_latency(search, queries, n_single):
-    """Mean seconds per call of ``search`` over the first n_single queries, one at a time."""
+def single_latency(search, queries, n_single, cpu=False):
+    """Mean seconds per call of ``search`` over the first n_single queries, one at a time; with
+    ``cpu`` (wall, process CPU) seconds: CPU time counts only while the process runs, so a
+    busy shared machine (descheduling) inflates it far less than wall time."""
     qs = queries[:n_single]
     search(qs[0])  # warm up
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for q in qs:
         search(q)
-    return (time.perf_counter() - t) / len(qs)
+    wall, used = (time.perf_counter() - t) / len(qs), (time.process_time() - c) / len(qs)
+    return (wall, used) if cpu else wall
 
 
 def main():
@@ -140,20 +143,28 @@ def main():
     for c in cs_list:
         for r in rr_list:
             times = {name: [] for name in methods}
+            cpu = {name: [] for name in methods}
             lat = {name: [] for name in methods}
+            lat_cpu = {name: [] for name in methods}
             found = {}
             for name, search in methods.items():
                 search(queries[:8], c, r)  # warm up (JIT, caches)
             for rnd in range(args.repeat):
                 qs = queries[(rnd * per_round) % len(queries):][:per_round]
                 for name, search in methods.items():
+                    c0 = time.process_time()
                     found[name], t = timed(lambda: search(queries, c, r), 1)
+                    cpu[name].append(time.process_time() - c0)
                     times[name].append(t)
-                    lat[name].append(single_latency(lambda q: search(q, c, r), qs, len(qs)))
+                    wall, used = single_latency(lambda q: search(q, c, r), qs, len(qs), cpu=True)
+                    lat[name].append(wall)
+                    lat_cpu[name].append(used)
             for name in methods:
                 rows.append(dict(method=name, clusters=c, rerank=r, recall=recall(found[name], truth),
                                  qps=len(queries) / float(np.median(times[name])),
                                  latency_ms=float(np.median(lat[name])) * 1e3,
+                                 q_per_cpu_s=len(queries) / float(np.median(cpu[name])),
+                                 latency_cpu_ms=float(np.median(lat_cpu[name])) * 1e3,
                                  qps_rounds=[len(queries) / t for t in times[name]],
                                  latency_ms_rounds=[t * 1e3 for t in lat[name]]))
     rows.sort(key=lambda row: list(methods).index(row["method"]) if row["method"] in methods
@@ -191,34 +202,38 @@ def main():
     print("\nbuild time (s): " + ", ".join(f"{m} {t:.2f}" for m, t in builds.items())
           + f"  (topkattn's Numba kernels loaded by a {warm}-point warm-up build: {t_warm:.2f} s)")
     print(f"\n{'method':<20}{'clusters':>9}{'rerank':>8}{'recall@' + str(k):>11}"
-          f"{'batch q/s':>12}{'1-query ms':>12}")
+          f"{'batch q/s':>12}{'q/cpu-s':>10}{'1-query ms':>12}{'cpu ms':>8}")
     for row in rows:
         print(f"{row['method']:<20}{_s(row['clusters']):>9}{_s(row['rerank']):>8}"
-              f"{row['recall']:>11.4f}{row['qps']:>12.0f}"
-              f"{_s(row['latency_ms'], '.3f'):>12}")
+              f"{row['recall']:>11.4f}{row['qps']:>12.0f}{_s(row.get('q_per_cpu_s'), '.0f'):>10}"
+              f"{_s(row['latency_ms'], '.3f'):>12}{_s(row.get('latency_cpu_ms'), '.3f'):>8}")
     if "lorann" in methods:
         print("\nours / reference at identical parameters:")
-        print(f"{'clusters':>9}{'rerank':>8}{'d recall':>10}{'q/s ratio':>11}{'latency ratio':>15}")
+        print(f"{'clusters':>9}{'rerank':>8}{'d recall':>10}{'q/s ratio':>11}{'q/cpu-s':>9}"
+              f"{'latency ratio':>15}{'cpu':>7}")
         ref_rows = {(r["clusters"], r["rerank"]): r for r in rows if r["method"] == "lorann"}
         for r in rows:
             if r["method"] != "topkattn":
                 continue
             f = ref_rows[(r["clusters"], r["rerank"])]
             print(f"{r['clusters']:>9}{r['rerank']:>8}{r['recall'] - f['recall']:>+10.4f}"
-                  f"{r['qps'] / f['qps']:>11.2f}{r['latency_ms'] / f['latency_ms']:>15.2f}")
+                  f"{r['qps'] / f['qps']:>11.2f}{r['q_per_cpu_s'] / f['q_per_cpu_s']:>9.2f}"
+                  f"{r['latency_ms'] / f['latency_ms']:>15.2f}{r['latency_cpu_ms'] / f['latency_cpu_ms']:>7.2f}")
         print(f"build time ratio (ours / reference): {builds['topkattn'] / builds['lorann']:.2f}")
         equal = equal_recall(rows)
         print("\nbatch q/s at equal recall (ours: the fastest setting whose recall >= the reference's):")
-        print(f"{'reference':>20}{'recall':>9}{'ours':>20}{'recall':>9}{'q/s ratio':>11}")
+        print(f"{'reference':>20}{'recall':>9}{'ours':>20}{'recall':>9}{'q/s ratio':>11}{'q/cpu-s':>9}")
         for e in equal:
             ours_s = "-" if e["ours"] is None else f"{e['ours'][0]}/{e['ours'][1]}"
             print(f"{str(e['reference'][0]) + '/' + str(e['reference'][1]):>20}{e['ref_recall']:>9.4f}{ours_s:>20}"
-                  f"{_s(e['ours_recall'], '.4f'):>9}{_s(e['qps_ratio'], '.2f'):>11}")
+                  f"{_s(e['ours_recall'], '.4f'):>9}{_s(e['qps_ratio'], '.2f'):>11}"
+                  f"{_s(e['q_per_cpu_s_ratio'], '.2f'):>9}")
     if args.json:
         from topkattn.storage import atomic_write_json
 
         out = {"args": vars(args), "build_s": builds, "warmup_build_s": t_warm, "rows": rows,
-               "timing": "batch q/s and 1-query latency: medians of --repeat alternating rounds"}
+               "timing": "batch q/s and 1-query latency (wall and process CPU time): medians of --repeat "
+                         "alternating rounds"}
         if "lorann" in methods:
             out["equal_recall"] = equal_recall(rows)
         atomic_write_json(args.json, out, prefix=".bench-")
@@ -235,7 +250,8 @@ def equal_recall(rows):
         out.append(dict(reference=(f["clusters"], f["rerank"]), ref_recall=f["recall"], ref_qps=f["qps"],
                         ours=None if best is None else (best["clusters"], best["rerank"]),
                         ours_recall=None if best is None else best["recall"],
-                        qps_ratio=None if best is None else best["qps"] / f["qps"]))
+                        qps_ratio=None if best is None else best["qps"] / f["qps"],
+                        q_per_cpu_s_ratio=None if best is None else best["q_per_cpu_s"] / f["q_per_cpu_s"]))
     return out
 
 
