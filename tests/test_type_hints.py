@@ -12,7 +12,8 @@ import topkattn
 
 TYPED_MODULES = ["topkattn.model", "topkattn.storage", "topkattn.backend", "topkattn.checks",
                  "topkattn.decoding.runner", "topkattn.training.checkpoint", "topkattn.training.runs",
-                 "topkattn.training.train", "topkattn.training.tasks", "topkattn.interop", "topkattn.interop.torch",
+                 "topkattn.training.train", "topkattn.training.optim", "topkattn.threads",
+                 "topkattn.training.tasks", "topkattn.interop", "topkattn.interop.torch",
                  "topkattn.interop.jax",
                  "topkattn.ops.block_attention", "topkattn.ops.block_selection", "topkattn.ops.blockwise_attention",
                  "topkattn.ops.cpu_kernels", "topkattn.ops.dense_attention", "topkattn.ops.dynamic_k",

@@ -16,10 +16,14 @@ same count for BLAS and for the worker pool; and freed memory is kept for reuse
 (:func:`keep_freed_memory`), since mapping and zeroing fresh pages for every large temporary
 took a fifth of a train-toy step.
 """
+from __future__ import annotations
+
 import contextlib
 import os
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 _BLAS_CONTROLLER = []
 _POOL = []
@@ -74,7 +78,7 @@ def _restore_blas(limiter):
 
 
 @contextlib.contextmanager
-def blas_single_thread():
+def blas_single_thread() -> Iterator[None]:
     """Context pinning BLAS to one thread (threadpoolctl; a no-op if it is missing).
 
     Reference-counted and thread-safe: any number of threads may hold it at once, in any
@@ -101,7 +105,7 @@ def blas_single_thread():
                 _on_blas_thread(_restore_blas, _BLAS_LIMITER.pop())
 
 
-def n_workers():
+def n_workers() -> int:
     """Worker threads to use: Numba's thread count, at most the number of cores and at most
     the cap of an enclosing :func:`cpu_policy` on this thread; 1 inside a worker of :func:`pool`
     (nested work runs inline, so the pool can never deadlock)."""
@@ -127,7 +131,7 @@ LOADAVG = "/proc/loadavg"
 IDLE_SAMPLES, IDLE_INTERVAL_S = 8, 0.005  # reads of the running-task count (40 ms in all)
 
 
-def idle_cores():
+def idle_cores() -> int:
     """Cores the other processes leave idle now: the core count less the tasks running besides
     the calling thread (the kernel's running count in /proc/loadavg, averaged over
     ``IDLE_SAMPLES`` reads ``IDLE_INTERVAL_S`` apart), rounded to nearest, at least 1.  Where
@@ -165,7 +169,7 @@ def _others_running():
     return total / IDLE_SAMPLES
 
 
-def threads_for(work):
+def threads_for(work: float) -> int:
     """Threads worth using for calls of ``work`` multiply-adds each (e.g. a training step's
     largest matrix product): 1 below :data:`PARALLEL_WORK`, else :func:`n_workers` at most the
     :func:`idle_cores`."""
@@ -175,7 +179,7 @@ def threads_for(work):
 
 
 @contextlib.contextmanager
-def cpu_policy(threads):
+def cpu_policy(threads: int) -> Iterator[int]:
     """Within: BLAS at ``threads`` threads (threadpoolctl) and :func:`n_workers` at most
     ``threads`` on this thread (the ops' worker pool), and glibc's malloc keeping freed memory
     (:func:`keep_freed_memory`).  ``threads`` from :func:`threads_for`; restored on exit
@@ -197,7 +201,7 @@ def cpu_policy(threads):
         _POLICY.cap = outer
 
 
-def keep_freed_memory():
+def keep_freed_memory() -> None:
     """Make glibc's malloc serve blocks up to 512 MiB from the heap and keep up to 1 GiB of
     freed memory mapped (``mallopt`` M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), so the same-sized
     temporaries of every training step reuse pages instead of mapping and zeroing fresh ones
@@ -237,7 +241,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
-def pool():
+def pool() -> ThreadPoolExecutor:
     """The process-wide worker pool (created on first use, one thread per core)."""
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix=_PREFIX))
@@ -261,7 +265,7 @@ _JIT_KERNELS = set()  # py_func of every dispatcher made by njit
 _JIT_STATE = {"printed": False, "enabled": None, "compiles": 0, "listener": None}
 
 
-def njit(*args, **options):
+def njit(*args: Callable[..., Any], **options: Any) -> Any:
     """``numba.njit`` with ``cache=True, nogil=True`` unless given, registered for the compile notice.
 
     Bare (``@njit``) or with Numba's options (``@njit(parallel=True, fastmath={...})``).
@@ -286,17 +290,17 @@ def njit(*args, **options):
     return wrap
 
 
-def is_package_kernel(dispatcher):
+def is_package_kernel(dispatcher: Any) -> bool:
     """True if ``dispatcher`` was made by :func:`njit`."""
     return getattr(dispatcher, "py_func", None) in _JIT_KERNELS
 
 
-def set_compile_notice(enabled):
+def set_compile_notice(enabled: bool | None) -> None:
     """Print (True) or suppress (False) the first-compile line; None: follow TOPKATTN_COMPILE_NOTICE."""
     _JIT_STATE["enabled"] = None if enabled is None else bool(enabled)
 
 
-def compile_count():
+def compile_count() -> int:
     """Kernels made by :func:`njit` that this process compiled (not loaded from the disk cache)."""
     return _JIT_STATE["compiles"]
 

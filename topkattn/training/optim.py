@@ -7,15 +7,21 @@ keys; the training loop calls, per step::
     norm = clip_grad_norm(grads, max_norm)          # scales grads in place, returns the pre-clip norm
     opt.step(params, grads, lr=warmup_cosine_lr(step, ...))
 """
+from __future__ import annotations
+
 import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from topkattn.backend import get_array_module, to_numpy
+from topkattn.backend import Array, get_array_module, to_numpy
 from topkattn.checks import check_int, check_real
+from topkattn.layers.module import FlatParameters
 
 
-def warmup_cosine_lr(step, *, base_lr, warmup_steps, total_steps, min_lr=0.0):
+def warmup_cosine_lr(step: int, *, base_lr: float, warmup_steps: int, total_steps: int,
+                     min_lr: float = 0.0) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine decay.
 
     Steps 0 .. warmup_steps-1 ramp linearly from base_lr/warmup_steps to base_lr; from
@@ -35,7 +41,7 @@ def warmup_cosine_lr(step, *, base_lr, warmup_steps, total_steps, min_lr=0.0):
     return float(min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress)))
 
 
-def global_grad_norm(grads):
+def global_grad_norm(grads: Mapping[str, Array]) -> float:
     """The L2 norm of all gradient arrays together, as a Python float (accumulated in float64).
 
     The sum stays on the arrays' device; only the final scalar crosses to the host (one
@@ -50,7 +56,7 @@ def global_grad_norm(grads):
     return 0.0 if total is None else math.sqrt(float(total))
 
 
-def clip_grad_norm(grads, max_norm):
+def clip_grad_norm(grads: Mapping[str, Array], max_norm: float) -> float:
     """Scale every gradient in place so the global L2 norm is at most ``max_norm``.
 
     Returns the norm before clipping (a float).  A non-finite norm leaves the gradients
@@ -65,7 +71,7 @@ def clip_grad_norm(grads, max_norm):
     return norm
 
 
-def default_decay_filter(name, param):
+def default_decay_filter(name: str, param: Array) -> bool:
     """Decay matrices (embeddings, projections); leave vectors (norm gains, biases) alone."""
     return param.ndim >= 2
 
@@ -90,8 +96,9 @@ class AdamW:
     flat moments), so :meth:`state_dict` and checkpoints are unchanged.
     """
 
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 decay_filter=default_decay_filter, flat=None):
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, decay_filter: Callable[[str, Array], bool] = default_decay_filter,
+                 flat: FlatParameters | None = None) -> None:
         check_real("lr", lr, 0.0)
         if len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -130,7 +137,7 @@ class AdamW:
                     runs.append((a, b))
         self._decay_runs = runs
 
-    def step(self, params, grads, lr=None):
+    def step(self, params: dict[str, Array], grads: dict[str, Array], lr: float | None = None) -> None:
         """Update ``params`` in place from ``grads`` (same keys); ``lr`` overrides ``self.lr``."""
         if set(params) != set(grads):
             missing = sorted(set(params) - set(grads))
@@ -196,7 +203,7 @@ class AdamW:
         w2 /= w1
         P -= w2
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """The optimizer state as host arrays and scalars (for checkpoints)."""
         return {
             "t": self.t,
@@ -206,7 +213,7 @@ class AdamW:
                       "eps": self.eps, "weight_decay": self.weight_decay},
         }
 
-    def load_state_dict(self, state, like=None):
+    def load_state_dict(self, state: Mapping[str, Any], like: Mapping[str, Array] | None = None) -> None:
         """Restore from :meth:`state_dict`; ``like`` (a params dict) picks the array library."""
         t = state["t"]
         check_int("state['t']", t, 0)
