@@ -33,7 +33,11 @@ TYPED_MODULES = ["topkattn.model", "topkattn.storage", "topkattn.backend", "topk
                  "topkattn.decoding.lorann", "topkattn.pretrained.bert", "topkattn.pretrained.samples",
                  "topkattn.testing",
                  "topkattn.ann.index", "topkattn.ann.kernels", "topkattn.ann.kmeans", "topkattn.ann.quant",
-                 "topkattn.ann.rrr"]
+                 "topkattn.ann.rrr", "topkattn.ann.persist", "topkattn.ann.rwlock",
+                 "topkattn.layers.attention_variants", "topkattn.layers.kv_experts", "topkattn.layers.linear",
+                 "topkattn.layers.mla_variants", "topkattn.layers.ternary_io",
+                 "topkattn.cuda.block_attention", "topkattn.cuda.lorann_score", "topkattn.cuda.mla_decode",
+                 "topkattn.cuda.sparse_backward", "topkattn.cuda.topk_forward", "topkattn.cuda.topk_select"]
 OPTIONAL = {"topkattn.interop.torch": "torch", "topkattn.interop.jax": "jax"}
 
 
@@ -60,9 +64,10 @@ def _public_callables(mod):
 def _type_checking_names(mod):
     """Names a module imports only under ``if TYPE_CHECKING:`` (resolved here for get_type_hints)."""
     from topkattn.decoding.selectors import DecodeSelector
+    from topkattn.layers.mla import MLA
     from topkattn.model import Transformer
     from topkattn.training.train import TrainConfig, TrainResult
-    return {"DecodeSelector": DecodeSelector, "Transformer": Transformer, "Self": typing.Any,
+    return {"DecodeSelector": DecodeSelector, "MLA": MLA, "Transformer": Transformer, "Self": typing.Any,
             "TrainConfig": TrainConfig, "TrainResult": TrainResult}
 
 

@@ -14,12 +14,18 @@ Version 1 (before the container) had a ``__header__`` with ``"format":
 "topkattn.ann.LorannIndex"`` and a ``__checksum__`` entry, one SHA-256 over the header and
 every array; it still loads.
 """
+from __future__ import annotations
+
 import hashlib
 import json
+import os
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from topkattn.ann import kernels, quant
+from topkattn.ann.index import LorannIndex  # (index imports this module only inside save / load)
 from topkattn.checks import check_choice, check_int, check_real
 from topkattn.storage import HEADER_KEY, StorageError, load_container, save_container
 
@@ -35,7 +41,7 @@ DENSE_ARRAYS = ("adeq", "bdeq")
 QUANTISED_ARRAYS = ("acodes", "ascale", "bcodes", "bscale")
 
 
-def save_index(index, path):
+def save_index(index: LorannIndex, path: str | os.PathLike) -> None:
     """Atomically write ``index`` to ``path``."""
     c = index.n_clusters
     order = np.concatenate([np.arange(index._start[i], index._start[i] + index._size[i])
@@ -69,7 +75,7 @@ def save_index(index, path):
     save_container(path, arrays, params, kind=KIND, version=VERSION, prefix=TEMP_PREFIX)
 
 
-def load_index(cls, path):
+def load_index(cls: type[LorannIndex], path: str | os.PathLike) -> LorannIndex:
     """Read an index written by :func:`save_index` (or a version-1 one)."""
     files, p, _ = load_container(path, kind=KIND, max_version=VERSION, legacy=_load_legacy)
     lacking = sorted(set(PARAMS) - set(p)) if isinstance(p, dict) else list(PARAMS)
@@ -132,7 +138,7 @@ def load_index(cls, path):
     return self
 
 
-def check_index(path, p, files):
+def check_index(path: str | os.PathLike, p: Mapping[str, Any], files: Mapping[str, np.ndarray]) -> None:
     """StorageError naming ``path`` unless the parameters ``p`` and arrays ``files`` of an
     index fit together (see the module docstring)."""
     def bad(what):

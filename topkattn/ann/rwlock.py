@@ -7,6 +7,8 @@ reading thread may take the read side again (it does not wait behind a queued wr
 would wait for it).  A reading thread asking for the write side gets RuntimeError: two such
 upgrades would wait for each other forever, so release the read side first.
 """
+from __future__ import annotations
+
 import threading
 from threading import get_ident
 
@@ -14,7 +16,7 @@ from threading import get_ident
 class RWLock:
     """``with lock.read(): ...`` (shared) and ``with lock.write(): ...`` (exclusive)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._mutex = threading.Lock()  # guards the counts below
         self._cond = threading.Condition(self._mutex)  # waits for them to change
         self._readers = 0  # threads holding the read side (the writer's nested reads not counted)
@@ -27,18 +29,18 @@ class RWLock:
         self._read = _ReadSide(self)
         self._write = _WriteSide(self)
 
-    def read(self):
+    def read(self) -> _ReadSide:
         """Context manager holding the read side."""
         return self._read
 
-    def write(self):
+    def write(self) -> _WriteSide:
         """Context manager holding the write side."""
         return self._write
 
-    def acquire_read(self):
+    def acquire_read(self) -> None:
         self._read.__enter__()
 
-    def release_read(self):
+    def release_read(self) -> None:
         self._read.__exit__(None, None, None)
 
     def _wait_to_read(self, me):
@@ -52,7 +54,7 @@ class RWLock:
             self._readers += 1
             return True
 
-    def acquire_write(self):
+    def acquire_write(self) -> None:
         me = threading.get_ident()
         with self._mutex:
             if self._writer == me:
@@ -73,7 +75,7 @@ class RWLock:
             self._writer = me
             self._depth = 1
 
-    def release_write(self):
+    def release_write(self) -> None:
         with self._mutex:
             if self._writer != threading.get_ident():
                 raise RuntimeError("release_write by a thread that does not hold the write side")

@@ -23,15 +23,18 @@ on the expanded token indices (``block_selection.expand_blocks``).
 Reference: :func:`topkattn.ops.reference.block_topk_attention_reference` (blocks equal to
 ``block_selection.select_blocks``).
 """
+from __future__ import annotations
+
 import functools
 import math
 
 import numpy as np
 from numba import cuda, types
 
+from topkattn.backend import Array
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 from topkattn.cuda.topk_select import device_functions
-from topkattn.ops.block_selection import block_means
+from topkattn.ops.block_selection import BlockBounds, block_means
 
 MAX_RANKED = 1024  # thread-local buffer limit (topk_blocks - 1 under causal)
 MAX_DIM = 256  # D and Dv limit (thread-local query and accumulator)
@@ -39,7 +42,7 @@ SHARED_TILE_BYTES = 16 * 1024
 THREADS = 128
 
 
-def block_forward(q, k, v, *, bounds, scale):
+def block_forward(q: Array, k: Array, v: Array, *, bounds: BlockBounds, scale: float) -> tuple[Array, Array, Array]:
     """(out (B, H, T, Dv), blocks (B, H, T, Kb) int64, lse (B, H, T)) by the CUDA kernels.
 
     ``bounds``: the :class:`~topkattn.ops.block_selection.BlockBounds` of the call; ``scale``
@@ -62,7 +65,7 @@ def block_forward(q, k, v, *, bounds, scale):
     return out, blocks, lse
 
 
-def block_select(q, k, *, bounds, means=None):
+def block_select(q: Array, k: Array, *, bounds: BlockBounds, means: Array | None = None) -> Array:
     """(B, H, T, Kb) int64 selected blocks in rank order (own block first under causal), -1 padded.
 
     ``means`` (B, G, Nb, D): the block means when already computed.
@@ -87,7 +90,7 @@ def block_select(q, k, *, bounds, means=None):
     return blocks
 
 
-def check_limits(m, D, Dv):
+def check_limits(m: int, D: int, Dv: int) -> None:
     """Raise ValueError when a shape exceeds what the kernels keep in thread-local memory."""
     if m > MAX_RANKED:
         raise ValueError(f"the CUDA block selection ranks at most {MAX_RANKED} blocks per query, got {m}; "

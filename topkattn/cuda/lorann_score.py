@@ -26,13 +26,18 @@ clusters only (all of them when fewer than Wc are non-empty), as the index does.
 Reference: ``LorannIndex.search`` (NumPy path; its ``_search_xp`` is the dense padded form)
 and, in the tests, an explicit float64 dequantise-and-score loop.
 """
+from __future__ import annotations
+
 import functools
 import math
 from collections import namedtuple
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 from numba import cuda, types
 
+from topkattn.backend import Array
 from topkattn.checks import check_int
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 from topkattn.cuda.topk_select import topm_rows
@@ -44,7 +49,7 @@ LorannArrays = namedtuple("LorannArrays", "T cent cnorm a ascale b bscale start 
 LorannArrays.__doc__ = "Device arrays of a LoRANN index in the layout of this module's docstring."
 
 
-def lorann_arrays(index, xp):
+def lorann_arrays(index: Any, xp: ModuleType) -> LorannArrays:  # index: a LorannIndex (cuda must not import ann)
     """A built :class:`topkattn.ann.LorannIndex`'s search state (``index.search_state()``) as
     device arrays of ``xp``, copied to the device once, here, not per search; ``live`` lists
     the non-empty clusters (the only ones routed to)."""
@@ -55,7 +60,8 @@ def lorann_arrays(index, xp):
                         live=xp.asarray(np.flatnonzero(st["size"] > 0).astype(np.int64)))
 
 
-def lorann_search(arrays, q, k, clusters_to_search, points_to_rerank):
+def lorann_search(arrays: LorannArrays, q: Array, k: int, clusters_to_search: int,
+                  points_to_rerank: int) -> tuple[Array, Array]:
     """Approximate top-k of queries q (Q, Dx) float32: (ids (Q, Kn) int64, scores (Q, Kn) float32).
 
     Scores are larger-is-better (``q.x``; l2: ``2 q.x - |x|^2``), ids padded with -1 and
@@ -95,7 +101,7 @@ def lorann_search(arrays, q, k, clusters_to_search, points_to_rerank):
     return i, s
 
 
-def lorann_score(arrays, qr, clusters, m):
+def lorann_score(arrays: LorannArrays, qr: Array, clusters: Array, m: int) -> tuple[Array, Array]:
     """The Mc best (scores (Q, Mc) float32, ids (Q, Mc) int64) of reduced queries qr (Q, Dg)
     over their searched ``clusters`` (Q, Wc) int64, scored by the quantised low-rank models."""
     xp = array_module(qr, clusters)

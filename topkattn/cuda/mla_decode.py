@@ -22,12 +22,15 @@ k = keys, v = keys[..., :C] (and :func:`topkattn.ops.selection.select_decode` fo
 indices).  As a decode selector (the protocol of :mod:`topkattn.decoding.selectors`):
 ``layer.selector = ExactSelector(impl="cuda")``.
 """
+from __future__ import annotations
+
 import functools
 import math
 
 import numpy as np
 from numba import cuda, types
 
+from topkattn.backend import Array
 from topkattn.checks import check_int
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 from topkattn.cuda.topk_select import topm_rows
@@ -36,7 +39,8 @@ from topkattn.ops.selection import RowBounds
 THREADS = 128
 
 
-def mla_decode(q_abs, keys, *, topk, C, scale, sinks=0, window=0):
+def mla_decode(q_abs: Array, keys: Array, *, topk: int, C: int, scale: float, sinks: int = 0,
+               window: int = 0) -> tuple[Array, Array, Array]:
     """One decode step: (o_lat (B, H, C), idx (B, H, K) int64, lse (B, H)).
 
     q_abs (B, H, C + R) absorbed queries; keys (B, S, C + R) the latent cache rows
@@ -48,7 +52,7 @@ def mla_decode(q_abs, keys, *, topk, C, scale, sinks=0, window=0):
     return o, idx, lse
 
 
-def attend_selected(q_abs, keys, idx, *, C, scale):
+def attend_selected(q_abs: Array, keys: Array, idx: Array, *, C: int, scale: float) -> tuple[Array, Array]:
     """(o_lat (B, H, C), lse (B, H)): softmax over the keys ``idx`` (B, H, K) (-1 = empty) of
     each absorbed query, values keys[..., :C].  Any selector's indices (exact, LoRANN) fit."""
     xp = array_module(q_abs, keys, idx)
@@ -70,7 +74,8 @@ def attend_selected(q_abs, keys, idx, *, C, scale):
     return o, lse
 
 
-def mla_select(q_abs, keys, *, topk, scale, sinks=0, window=0, return_scores=False):
+def mla_select(q_abs: Array, keys: Array, *, topk: int, scale: float, sinks: int = 0, window: int = 0,
+               return_scores: bool = False) -> Array | tuple[Array, Array]:
     """idx (B, H, K) of the decode query (position S - 1): forced keys first, then the top-k.
 
     Same rule as :func:`topkattn.ops.selection.select_decode`; with ``return_scores``

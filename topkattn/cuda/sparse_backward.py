@@ -27,19 +27,24 @@ poisons keys other rows share; rows with no key (lse -inf) get zeros.  A key a r
 Reference: :func:`topkattn.ops.sparse_attention.sparse_attention_backward` (itself checked
 against float64 finite differences of :func:`topkattn.ops.reference.topk_attention_reference`).
 """
+from __future__ import annotations
+
 import functools
 import math
+from types import ModuleType
 
 import numpy as np
 from numba import cuda, types
 
+from topkattn.backend import Array
 from topkattn.cuda.launch import array_module, cdiv, launch, simulator_enabled
 
 THREADS = 128
 PIECE = 512  # longest segment one thread sums directly (4 under the simulator)
 
 
-def sparse_backward(dout, q, k, v, idx, out, lse, scale):
+def sparse_backward(dout: Array, q: Array, k: Array, v: Array, idx: Array, out: Array, lse: Array,
+                    scale: float) -> tuple[Array, Array, Array]:
     """(dq (B, H, T, D), dk (B, G, S, D), dv (B, G, S, Dv)) from dout (B, H, T, Dv).
 
     CuPy arrays (NumPy under the simulator); ``scale`` is the score scale of the forward.
@@ -80,7 +85,7 @@ def sparse_backward(dout, q, k, v, idx, out, lse, scale):
     return dq, dk, dv
 
 
-def key_segments(xp, idx, G, S):
+def key_segments(xp: ModuleType, idx: Array, G: int, S: int) -> tuple[Array, Array]:
     """Entries grouped by key: ``order`` (n_ent,) entry numbers sorted by key, ``seg`` (B*G*S + 1,).
 
     Entry e = r * K + i is slot i of row r = (b, h, t); its key row is (b * G + h // (H / G)) * S

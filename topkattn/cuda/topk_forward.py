@@ -22,12 +22,16 @@ row's attended scores makes that row's out and lse NaN; a row with no key gets z
 and lse = -inf.  Reference: :func:`topkattn.ops.reference.topk_attention_reference`
 (indices equal to ``topk_attention_forward(impl="numpy")``).
 """
+from __future__ import annotations
+
 import functools
 import math
+from typing import Any
 
 import numpy as np
 from numba import cuda, types
 
+from topkattn.backend import Array
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 from topkattn.cuda.topk_select import device_functions, topm_rows
 from topkattn.ops.selection import RowBounds, forget_draws
@@ -37,8 +41,9 @@ MAX_DIM = 256  # D and Dv limit (thread-local query and accumulator)
 SHARED_TILE_BYTES = 16 * 1024
 
 
-def topk_forward(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget_rate=0.0,
-                 seed=None, head_slice=None):
+def topk_forward(q: Array, k: Array, v: Array, *, topk: int, causal: bool = True, scale: float, sinks: int = 0,
+                 window: int = 0, forget_rate: float = 0.0, seed: int | np.random.Generator | None = None,
+                 head_slice: tuple[int, int, int] | None = None) -> tuple[Array, Array, Array]:
     """(out (B, H, T, Dv), idx (B, H, T, K) int64, lse (B, H, T)) by the fused kernel.
 
     ``scale`` multiplies q.k (already divided by the temperature).  ``head_slice``: the
@@ -76,7 +81,8 @@ def topk_forward(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget
     return out, idx, lse
 
 
-def topk_forward_auto(q, k, v, *, few_rows=16384, long_rows=2048, **kw):
+def topk_forward_auto(q: Array, k: Array, v: Array, *, few_rows: int = 16384, long_rows: int = 2048,
+                      **kw: Any) -> tuple[Array, Array, Array]:
     """:func:`topk_forward` (fused), or :func:`topk_forward_tiled` when there are fewer than
     ``few_rows`` query rows B*H*T over at least ``long_rows`` keys: the fused kernel runs one
     thread per query row, too few to fill a GPU for decode-like shapes, while the tiled
@@ -87,8 +93,10 @@ def topk_forward_auto(q, k, v, *, few_rows=16384, long_rows=2048, **kw):
     return topk_forward(q, k, v, **kw)
 
 
-def topk_forward_tiled(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, forget_rate=0.0,
-                       seed=None, head_slice=None, tile_bytes=None):
+def topk_forward_tiled(q: Array, k: Array, v: Array, *, topk: int, causal: bool = True, scale: float,
+                       sinks: int = 0, window: int = 0, forget_rate: float = 0.0,
+                       seed: int | np.random.Generator | None = None, head_slice: tuple[int, int, int] | None = None,
+                       tile_bytes: int | None = None) -> tuple[Array, Array, Array]:
     """The same contract as :func:`topk_forward`, scoring with matmul tiles instead.
 
     Per query chunk the (B*H*c, S') score tile comes from ``xp.matmul`` (cuBLAS, tensor
@@ -140,7 +148,7 @@ def topk_forward_tiled(q, k, v, *, topk, causal=True, scale, sinks=0, window=0, 
     return out, idx, saved.lse
 
 
-def check_limits(m, D, Dv):
+def check_limits(m: int, D: int, Dv: int) -> None:
     """Raise ValueError when a shape exceeds what the kernel keeps in thread-local memory."""
     if m > MAX_RANKED:
         raise ValueError(f"the CUDA kernel keeps at most {MAX_RANKED} ranked keys per query "
@@ -152,7 +160,7 @@ def check_limits(m, D, Dv):
                          f"Dv={Dv}; use impl='numpy'")
 
 
-def fits(m, D, Dv, m_auto=256):
+def fits(m: int, D: int, Dv: int, m_auto: int = 256) -> bool:
     """True when ``impl='auto'`` should pick this kernel (small enough top-k and head dims)."""
     return m <= m_auto and 1 <= D <= MAX_DIM and 1 <= Dv <= MAX_DIM
 

@@ -19,12 +19,17 @@ candidate matrix (rows, n_par * m) that the same kernel reduces again until n_pa
 Every comparison uses the full order (score, then column) so merging in any order gives
 the exact result.  Also used by the MLA decode step and the LoRANN search.
 """
+from __future__ import annotations
+
 import functools
 import math
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 from numba import cuda, types
 
+from topkattn.backend import Array
 from topkattn.checks import check_int
 from topkattn.cuda.launch import array_module, cdiv, launch, pow2_at_least, simulator_enabled
 
@@ -32,8 +37,9 @@ PER_THREAD = 256  # columns one thread scans at least (and >= 16 m) before a mer
 THREADS = 128
 
 
-def topk_select(scores, m, *, end=None, win_lo=None, win_hi=None, sinks=0, return_scores=False,
-                _per_thread=None):
+def topk_select(scores: Array, m: int, *, end: Array | None = None, win_lo: Array | None = None,
+                win_hi: Array | None = None, sinks: int = 0, return_scores: bool = False,
+                _per_thread: int | None = None) -> Array | tuple[Array, Array]:
     """Top-``m`` columns of each row of ``scores`` (rows, cols), best first, -1 padded.
 
     Args:
@@ -68,7 +74,8 @@ def topk_select(scores, m, *, end=None, win_lo=None, win_hi=None, sinks=0, retur
     return (ids, vals) if return_scores else ids
 
 
-def topm_rows(xp, vals, ids, m, end, win_lo, win_hi, sinks, per_thread=None):
+def topm_rows(xp: ModuleType, vals: Array, ids: Array | None, m: int, end: Array, win_lo: Array, win_hi: Array,
+              sinks: int, per_thread: int | None = None) -> tuple[Array, Array]:
     """Rank-ordered top-m of each row: (values (rows, m), ids (rows, m) int64), reduced level by level.
 
     ``ids`` None: the candidates are the columns of ``vals`` within the bounds and NaN ranks
@@ -118,7 +125,7 @@ def _device_functions():
 
 
 @functools.cache
-def device_functions():
+def device_functions() -> tuple[Any, Any]:
     """(better, topm_insert) CUDA device functions shared by the kernels of this package."""
     return _device_functions()
 

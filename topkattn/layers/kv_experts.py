@@ -27,9 +27,11 @@ Backward:  d gates[t, e] = sum_h (W_UK[e, h]^T qn[t, h]) . dq_lat[t, h] + (W_UV[
 dsel -> dp: dp[sel] = (dgate - sum_r gate dgate) / sum p[sel];  dp += w_aux E f / N;
 dlogits = p * (dp - sum_e p dp).  Experts a row did not choose get exactly zero gradient from it.
 """
+from __future__ import annotations
+
 import numpy as np
 
-from topkattn.backend import get_array_module
+from topkattn.backend import Array, get_array_module
 
 
 class RouterSaved:
@@ -38,11 +40,11 @@ class RouterSaved:
 
     __slots__ = ("p", "sel", "gates", "Z", "f")
 
-    def __init__(self, p, sel, gates, Z, f):
+    def __init__(self, p: Array, sel: Array, gates: Array, Z: Array, f: Array) -> None:
         self.p, self.sel, self.gates, self.Z, self.f = p, sel, gates, Z, f
 
 
-def route(x, Wr, r):
+def route(x: Array, Wr: Array, r: int) -> tuple[Array, float, RouterSaved]:
     """``(gates (N, E), aux, saved)`` of the top-``r`` router on rows x (N, d) with Wr (E, d).
 
     aux is the unweighted load-balancing loss (a float); gates are zero off the chosen experts.
@@ -67,7 +69,7 @@ def route(x, Wr, r):
     return gates, aux, RouterSaved(p, sel, gates, Z, f)
 
 
-def router_backward(dgates, saved, aux_weight):
+def router_backward(dgates: Array, saved: RouterSaved, aux_weight: float) -> Array:
     """dlogits (N, E) of the router from dgates (N, E) plus ``aux_weight`` times d(aux)."""
     xp = get_array_module(dgates)
     p, sel = saved.p, saved.sel
@@ -82,7 +84,7 @@ def router_backward(dgates, saved, aux_weight):
     return p * (dp - (p * dp).sum(-1, keepdims=True))  # (N, E)
 
 
-def expert_query(qn, W_UK, gates):
+def expert_query(qn: Array, W_UK: Array, gates: Array) -> Array:
     """q_lat (B, H, T, C) = sum_e gates[..., e] W_UK[e, h]^T qn[..., h, t, :].
 
     qn (B, H, T, Dn); W_UK (E, H, Dn, C); gates (B, T, E).  Experts no row chose are skipped.
@@ -95,7 +97,7 @@ def expert_query(qn, W_UK, gates):
     return out
 
 
-def expert_query_backward(dq_lat, qn, W_UK, gates):
+def expert_query_backward(dq_lat: Array, qn: Array, W_UK: Array, gates: Array) -> tuple[Array, Array, Array]:
     """``(dqn (B, H, T, Dn), dW_UK (E, H, Dn, C), dgates (B, T, E))`` of :func:`expert_query`."""
     xp = get_array_module(qn)
     dqn = xp.zeros_like(qn)
@@ -111,7 +113,7 @@ def expert_query_backward(dq_lat, qn, W_UK, gates):
     return dqn, dW, dgates
 
 
-def expert_values(o_lat, W_UV, gates):
+def expert_values(o_lat: Array, W_UV: Array, gates: Array) -> Array:
     """o (B, H, T, Dv) = sum_e gates[..., e] W_UV[e, h] o_lat[..., h, t, :].
 
     o_lat (B, H, T, Cv); W_UV (E, H, Dv, Cv); gates (B, T, E).
@@ -124,7 +126,7 @@ def expert_values(o_lat, W_UV, gates):
     return out
 
 
-def expert_values_backward(do, o_lat, W_UV, gates):
+def expert_values_backward(do: Array, o_lat: Array, W_UV: Array, gates: Array) -> tuple[Array, Array, Array]:
     """``(do_lat (B, H, T, Cv), dW_UV (E, H, Dv, Cv), dgates (B, T, E))`` of :func:`expert_values`."""
     xp = get_array_module(o_lat)
     do_lat = xp.zeros_like(o_lat)
@@ -147,14 +149,14 @@ def _used(gates):
     return [int(e) for e in np.flatnonzero(np.asarray(used.get() if xp is not np else used))]
 
 
-def mix_rows(rows, gates):
+def mix_rows(rows: Array, gates: Array) -> Array:
     """out (N, F) = sum_e gates[n, e] rows[n, e] of per-expert rows (N, E, F) (Attention's KV experts:
     each token's key or value is its experts' projections mixed by its own gates)."""
     xp = get_array_module(rows)
     return xp.matmul(gates[:, None, :], rows)[:, 0]  # (N, F)
 
 
-def mix_rows_backward(dout, rows, gates):
+def mix_rows_backward(dout: Array, rows: Array, gates: Array) -> tuple[Array, Array]:
     """``(drows (N, E, F), dgates (N, E))`` of :func:`mix_rows` from dout (N, F); experts with a zero
     gate get zero row gradient."""
     xp = get_array_module(rows)

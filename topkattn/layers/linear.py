@@ -9,12 +9,17 @@ through to the float master weight: dW = sum_rows dy^T x~, dx = dy W~
 (:mod:`topkattn.ops.ternary`).  ``params["weight"]`` stays the float master weight (what
 training checkpoints hold); decode steps multiply with the 2-bit packed form (``packed``).
 """
-import numpy as np
+from __future__ import annotations
 
+import numpy as np
+from numpy.typing import DTypeLike
+
+from topkattn.backend import Array
 from topkattn.checks import check_int, float_dtype, make_rng
 from topkattn.layers.module import Module, as_input, check_grad_output, normal
 from topkattn.ops.ternary import (
     DEFAULT_EPS,
+    PackedTernary,
     check_act_bits,
     check_eps,
     pack_weight,
@@ -37,8 +42,9 @@ class Linear(Module):
     ``params["weight"]`` by hand.
     """
 
-    def __init__(self, d_in, d_out, bias=False, seed=0, dtype="float32", std=None, *, ternary=False,
-                 act_bits=None, eps=DEFAULT_EPS):
+    def __init__(self, d_in: int, d_out: int, bias: bool = False, seed: int | np.random.Generator = 0,
+                 dtype: DTypeLike = "float32", std: float | None = None, *, ternary: bool = False,
+                 act_bits: int | None = None, eps: float = DEFAULT_EPS) -> None:
         super().__init__()
         self.d_in, self.d_out = check_int("d_in", d_in, 1), check_int("d_out", d_out, 1)
         if not isinstance(ternary, bool):
@@ -58,7 +64,7 @@ class Linear(Module):
         self._x = None
         self._ternary_saved = None
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         W = self.params["weight"]
         x = as_input(x, "x", W.dtype, last_dim=self.d_in, letters=f"(..., Din={self.d_in})")
         self._x = x
@@ -71,7 +77,7 @@ class Linear(Module):
             y = y + self.params["bias"]
         return y
 
-    def step(self, x):
+    def step(self, x: Array) -> Array:
         """Forward of one decode step, keeping nothing for backward; a ternary layer reads its packed weights."""
         if not self.ternary:
             return self.forward(x)
@@ -83,14 +89,14 @@ class Linear(Module):
             y = y + self.params["bias"]
         return y
 
-    def pack(self):
+    def pack(self) -> PackedTernary:
         """Quantise and pack the current weight (ternary layers): sets and returns ``packed``."""
         if not self.ternary:
             raise ValueError("pack() needs a ternary Linear (ternary=True)")
         self.packed = pack_weight(self.params["weight"], eps=self.eps)
         return self.packed
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         if self._x is None:
             raise RuntimeError("Linear.backward called before forward")
         W = self.params["weight"]

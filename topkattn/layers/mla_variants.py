@@ -29,9 +29,14 @@ p_h(j) cv~_j, o_h = W~_UV_h o_lat_h (the mix), y = W~_O act(o).  With ternary th
 projections (W_DQ, W_UQ, W_QR, W_DKV, W_DV, W_KR, W_O) are packed at 2 bits per weight; W_UK
 and W_UV are used dequantised (they multiply the absorbed query and the attended latent).
 """
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from topkattn.backend import get_array_module
+from topkattn.backend import Array, get_array_module
 from topkattn.layers.attend import attention_backward, attention_forward
 from topkattn.layers.cache import MLACache, attend_step
 from topkattn.layers.kv_experts import (
@@ -46,17 +51,21 @@ from topkattn.layers.module import check_grad_output
 from topkattn.layers.projection import act_view, decode_project, decode_weight, ternary_product, weight_view
 from topkattn.layers.rmsnorm import rms_norm_backward, rms_norm_forward
 from topkattn.layers.rope import rope_angles, rope_apply
+from topkattn.ops.ternary import PackedTernary
+
+if TYPE_CHECKING:  # mla imports this module
+    from topkattn.layers.mla import MLA
 
 PACKED = ("W_DQ", "W_UQ", "W_QR", "W_DKV", "W_DV", "W_KR", "W_O")  # packed at decode with ternary
 
 
-def projection_names(layer):
+def projection_names(layer: MLA) -> tuple[str, ...]:
     """The learned projections of ``layer`` (ternary with ``layer.ternary``)."""
     names = ("W_DQ", "W_UQ", "W_QR", "W_DKV", "W_UK", "W_UV", "W_KR", "W_O")
     return names + (("W_DV",) if layer.split_latents else ())
 
 
-def forward(layer, x, seed=None):
+def forward(layer: MLA, x: Array, seed: int | None = None) -> Array:
     """y (B, T, d) of the general path; sets ``layer.aux_loss`` (the router's, 0 without experts)."""
     p = layer.params
     xp = get_array_module(x)
@@ -94,7 +103,7 @@ def forward(layer, x, seed=None):
     return y
 
 
-def backward(layer, dy):
+def backward(layer: MLA, dy: Array) -> Array:
     """dx (B, T, d) of the general path; accumulates into ``layer.grads`` (router: + aux gradient)."""
     s = layer._saved
     p, g, W = layer.params, layer.grads, s["W"]
@@ -183,7 +192,7 @@ def _latents_backward(layer, s, dcka, dcva, dkr_all):
     return dxa
 
 
-def latent_rows(layer, x):
+def latent_rows(layer: MLA, x: Array) -> tuple[Array, Array]:
     """``(keys (B, S, Ck + R), values (B, S, Cv))``: the rows decoding caches for a sequence x (B, T, d)."""
     xp = get_array_module(x)
     cs = rope_angles(np.arange(x.shape[1]), layer.qk_rope_dim, layer.rope_base, xp, x.dtype)
@@ -192,7 +201,7 @@ def latent_rows(layer, x):
 
 
 # -- decoding ------------------------------------------------------------------------------
-def decode_weights(layer):
+def decode_weights(layer: MLA) -> dict[str, Array | PackedTernary]:
     """The decode-time weights: packed (ternary) or copied projections, the norms, W~_UK and W~_UV
     per head (W_UKh (H, Dn, Ck), W_UVh (H, Cv, Dv)) or per expert (W_UKe (E, H, Dn, Ck),
     W_UVe (E, H, Dv, Cv)) and the router."""
@@ -214,7 +223,7 @@ def decode_weights(layer):
     return w
 
 
-def init_cache(layer, batch):
+def init_cache(layer: MLA, batch: int) -> MLACache:
     """An empty :class:`MLACache` (values apart with separate ranks), persistent rows first."""
     p = layer.params
     xp = get_array_module(p["W_DQ"])
@@ -231,7 +240,8 @@ def init_cache(layer, batch):
     return cache
 
 
-def absorbed_query(layer, x1, position, w):
+def absorbed_query(layer: MLA, x1: Array, position: int,
+                   w: Mapping[str, Array | PackedTernary]) -> tuple[Array, Array | None]:
     """``(q_abs (B, H, Ck + R), gates (B, E) or None)`` of one decode step's input x1 (B, d)."""
     xp = get_array_module(x1)
     B = x1.shape[0]
@@ -249,7 +259,7 @@ def absorbed_query(layer, x1, position, w):
     return xp.concatenate([q_lat, qr], axis=-1), gates
 
 
-def step(layer, x_t, cache):
+def step(layer: MLA, x_t: Array, cache: MLACache) -> Array:
     """y_t (B, 1, d) of one decode step (x_t checked by the caller); appends the token's rows."""
     xp = get_array_module(x_t)
     w, B = cache.weights, x_t.shape[0]

@@ -16,6 +16,13 @@ Which layers carry packed weights: a layer's ``packed`` attribute is a ``PackedT
 for its ``weight`` parameter (:class:`topkattn.layers.Linear`), or a dict ``{param name:
 PackedTernary}`` (layers with several projections).
 """
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from topkattn.layers.module import Module
 from topkattn.ops.ternary import PackedTernary
 from topkattn.storage import StorageError, load_container, save_container
 
@@ -24,7 +31,7 @@ VERSION = 1
 TEMP_PREFIX = ".ternary-"
 
 
-def packed_weights(module, prefix=""):
+def packed_weights(module: Module, prefix: str = "") -> dict[str, PackedTernary]:
     """``{dotted param name: PackedTernary}`` of every packed weight in ``module`` and its children."""
     out = {}
     packed = getattr(module, "packed", None)
@@ -37,7 +44,7 @@ def packed_weights(module, prefix=""):
     return out
 
 
-def save_packed(path, packed, meta=None):
+def save_packed(path: str | os.PathLike, packed: Mapping[str, PackedTernary], meta: Any = None) -> None:
     """Atomically write ``packed`` ({name: PackedTernary}) and the JSON-able ``meta`` to ``path``."""
     arrays = {}
     for name, p in packed.items():
@@ -48,7 +55,7 @@ def save_packed(path, packed, meta=None):
                    prefix=TEMP_PREFIX)
 
 
-def load_packed(path):
+def load_packed(path: str | os.PathLike) -> tuple[dict[str, PackedTernary], Any]:
     """Read :func:`save_packed`'s file: ``({name: PackedTernary}, meta)``.
 
     :class:`topkattn.storage.StorageError` naming the file if it is missing, corrupted, of
@@ -67,7 +74,7 @@ def load_packed(path):
     return out, doc.get("user")
 
 
-def load_packed_into(module, packed):
+def load_packed_into(module: Module, packed: Mapping[str, PackedTernary]) -> None:
     """Set the packed weights of ``module``'s ternary layers from ``packed`` ({name: PackedTernary}).
 
     Every ternary :class:`topkattn.layers.Linear` under ``module`` must find ``<path>weight``
@@ -86,7 +93,7 @@ def load_packed_into(module, packed):
         layer.packed = packed[name]
 
 
-def _ternary_linears(module, prefix=""):
+def _ternary_linears(module: Module, prefix: str = "") -> Iterator[tuple[str, Module]]:
     if getattr(module, "ternary", False) is True and hasattr(module, "d_in") and "weight" in module.params:
         yield prefix + "weight", module
     for name, child in module.children():
