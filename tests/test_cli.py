@@ -52,7 +52,7 @@ def test_device_choices_are_the_same_everywhere():
         for p in cmd.params:
             if p.name == "device":
                 choices[name] = (tuple(p.type.choices), p.default)
-    assert choices == {"train-toy": (("cpu", "gpu"), "cpu"), "embed": (("cpu", "gpu"), "cpu")}
+    assert choices == {name: (("cpu", "gpu"), "cpu") for name in ("train-toy", "eval", "embed")}
 
 
 @pytest.mark.parametrize("command", ["train-toy", "embed"])

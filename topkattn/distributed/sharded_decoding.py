@@ -255,9 +255,8 @@ class ShardedSelector(DecodeSelector):
             keep = xp.arange(m_round)[None, :] < k_row[:, None]
             ranked, pos = pos, xp.where(keep, pos, -1)
             vals = xp.where(keep, vals, -xp.inf)
-            if m_round < m:  # the slots the cap allows, -1 padded
-                pos = xp.concatenate([pos, xp.full((n, m - m_round), -1, dtype=pos.dtype)], axis=1)
-                vals = xp.concatenate([vals, xp.full((n, m - m_round), -xp.inf, dtype=vals.dtype)], axis=1)
+            width = int(k_row.max()) if n else 0  # as in one process: the slots no row uses are dropped
+            pos, vals = pos[:, :width], vals[:, :width]
         else:
             ranked = pos
             k_row = xp.full(n, st.k_fixed, dtype=xp.int64)
@@ -544,7 +543,7 @@ def _recall(idx, truth, k_row, st, xp):
     B, H, K = idx.shape
     m = K - st.n_forced
     wanted = xp.minimum(xp.asarray(k_row).reshape(B * H), st.n_cand)
-    truth = _pad(xp.zeros((B * H, truth.shape[1])), truth, m)[1][:, :m]
+    truth = _pad(xp.zeros((B * H, truth.shape[1])), truth, m)[1] if truth.shape[1] < m else truth[:, :m]
     sel = idx.reshape(B * H, K)[:, st.n_forced:]  # (rows, K')
     sought = xp.arange(m)[None, :] < wanted[:, None]
     top = xp.where(sought, truth, -2)
