@@ -638,6 +638,79 @@ def test_dense_matches_reference_and_gradients(causal):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
 
 
+DENSE_KERNEL_CASES = {  # name: (B, H, G, T, S, D, Dv, causal, chunk_size)
+    "gqa": (2, 4, 2, 7, 9, 5, 3, True, None),
+    "chunks": (2, 4, 2, 7, 9, 5, 3, True, 2),
+    "not-causal": (1, 3, 1, 6, 4, 4, 2, False, 4),
+    "T>S": (1, 2, 2, 6, 3, 4, 3, True, 2),  # the first 3 rows see no key
+    "T=1": (2, 2, 1, 1, 5, 3, 3, True, None),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", list(DENSE_KERNEL_CASES))
+def test_dense_kernels_equal_reference_and_numpy_path(case, dtype, monkeypatch):
+    """The Numba dense kernels (finite NumPy inputs) against the float64 reference and the
+    NumPy chunk loop, forward (out, lse) and backward, with logits up to 1e4."""
+    import sys
+
+    from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_forward
+    from topkattn.ops.reference import causal_mask, dense_attention_reference, masked_attention_grad_reference
+
+    dense = sys.modules["topkattn.ops.dense_attention"]
+    B, H, G, T, S, D, Dv, causal, chunk = DENSE_KERNEL_CASES[case]
+    q, k, v = make_qkv(28, B, H, G, T, S, D, Dv)
+    for big in (1.0, 1e4 / 3):  # scores of order 1 and 1e4
+        qb, kb, vb = (a.astype(dtype) for a in (q * big, k, v))
+        out, saved = dense_attention_forward(qb, kb, vb, causal=causal, chunk_size=chunk)
+        assert saved.kernel_chunk is not None  # the kernels ran
+        ro, rlse = dense_attention_reference(qb.astype(np.float64), kb, vb, causal=causal)
+        tol = tolerance(dtype)
+        np.testing.assert_allclose(out, ro, **tol)
+        np.testing.assert_allclose(saved.lse, rlse, rtol=tol["rtol"], atol=tol["atol"] * big)
+        dout = np.random.default_rng(2).standard_normal(out.shape).astype(dtype)
+        grads = dense_attention_backward(dout, saved)
+        if big == 1.0:
+            want = masked_attention_grad_reference(q, k, v, causal_mask(q.shape, k.shape, causal), 1 / np.sqrt(D),
+                                                   dout.astype(np.float64))
+            for a, b in zip(grads, want):
+                np.testing.assert_allclose(a, b, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+        assert all(np.isfinite(g).all() for g in grads)
+        with monkeypatch.context() as m:
+            m.setattr(dense, "_kernels", None)
+            out_n, saved_n = dense_attention_forward(qb, kb, vb, causal=causal, chunk_size=chunk)
+            assert saved_n.kernel_chunk is None
+            grads_n = dense_attention_backward(dout, saved_n)
+        np.testing.assert_allclose(out, out_n, **tol)
+        for a, b in zip(grads, grads_n):
+            np.testing.assert_allclose(a, b, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10 * big)
+
+
+def test_dense_kernels_central_differences():
+    from topkattn.ops.dense_attention import dense_attention_backward, dense_attention_forward
+
+    q, k, v = make_qkv(29, 1, 4, 2, 5, 7, 3, 2)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((1, 4, 5, 2))
+    out, saved = dense_attention_forward(q, k, v, chunk_size=2)
+    assert saved.kernel_chunk is not None
+    dq, dk, dv = dense_attention_backward(w, saved)
+
+    def loss():
+        return float((dense_attention_forward(q, k, v, chunk_size=2)[0] * w).sum())
+
+    assert_grads_close(directional_grad_check(loss, {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, rng))
+
+
+def test_dense_nonfinite_inputs_take_the_numpy_path():
+    from topkattn.ops.dense_attention import dense_attention_forward
+
+    q, k, v = make_qkv(30, 1, 2, 1, 4, 4, 3, 3)
+    v[0, 0, 3, 0] = np.nan
+    assert dense_attention_forward(q, k, v)[1].kernel_chunk is None
+    assert dense_attention_forward(q, k, np.nan_to_num(v))[1].kernel_chunk is not None
+
+
 @pytest.mark.parametrize("special", [np.nan, np.inf])
 def test_dense_decode_nonfinite_rule(special):
     from topkattn.ops.dense_attention import dense_attention_decode

@@ -28,9 +28,17 @@ import numpy as np
 from topkattn.backend import FLOAT_DTYPES, Array, as_engine_array, get_array_module, to_numpy
 from topkattn.checks import check_int, check_real
 from topkattn.ops.selection import decode_scores
-from topkattn.ops.sparse_attention import inactive_rows
+from topkattn.ops.sparse_attention import inactive_rows, run_split
+from topkattn.threads import blas_single_thread, n_workers
+
+try:  # Numba CPU kernels are optional at run time: the NumPy path needs no compiler.
+    from topkattn.ops import dense_kernels as _kernels
+except Exception:  # pragma: no cover - numba missing or broken
+    _kernels = None
 
 TILE_BYTES = 16 * 2**20  # budget for one chunk's (B, H, c, S) score tile
+KERNEL_TILE_BYTES = 4 * 2**20  # budget for one (b, g) group's (rep c, S) tile in the Numba kernels
+KERNEL_CHUNK = 64  # queries per tile at most: causal chunks skip the keys after their last row
 
 
 def default_scale(D: int) -> float:
@@ -39,14 +47,16 @@ def default_scale(D: int) -> float:
 
 
 class DenseAttentionSaved:
-    """q, k, v, out, lse (B, H, T), scale, causal, chunk_size."""
+    """q, k, v, out, lse (B, H, T), scale, causal, chunk_size (of the NumPy path) and
+    kernel_chunk (queries per tile of the Numba kernels; None: the forward did not use them)."""
 
-    __slots__ = ("q", "k", "v", "out", "lse", "scale", "causal", "chunk_size")
+    __slots__ = ("q", "k", "v", "out", "lse", "scale", "causal", "chunk_size", "kernel_chunk")
 
     def __init__(self, q: Array, k: Array, v: Array, out: Array, lse: Array, scale: float, causal: bool,
                  chunk_size: int) -> None:
         self.q, self.k, self.v, self.out, self.lse = q, k, v, out, lse
         self.scale, self.causal, self.chunk_size = scale, causal, chunk_size
+        self.kernel_chunk = None
 
 
 def dense_attention(q: Array, k: Array, v: Array, *, causal: bool = True, scale: float | None = None,
@@ -62,7 +72,12 @@ def dense_attention(q: Array, k: Array, v: Array, *, causal: bool = True, scale:
 
 def dense_attention_forward(q: Array, k: Array, v: Array, *, causal: bool = True, scale: float | None = None,
                             chunk_size: int | None = None) -> tuple[Array, DenseAttentionSaved]:
-    """``(out, saved)``; saved keeps q, k, v, out and the logsumexp (B, H, T)."""
+    """``(out, saved)``; saved keeps q, k, v, out and the logsumexp (B, H, T).
+
+    On NumPy float32/float64 inputs with Numba and every entry finite, the Numba group
+    kernels of :mod:`topkattn.ops.dense_kernels` compute it (the same arithmetic, sums in
+    another order); otherwise the NumPy/CuPy chunk loop below.
+    """
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
     check_qkv(q, k, v, scale, chunk_size)
     xp = get_array_module(q, k, v)
@@ -70,7 +85,9 @@ def dense_attention_forward(q: Array, k: Array, v: Array, *, causal: bool = True
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     rep = H // G
     scale = default_scale(D) if scale is None else float(scale)
-    c = chunk_size or max(1, TILE_BYTES // max(1, B * H * S * q.dtype.itemsize))
+    if _use_kernels(xp, q, k, v):
+        return _kernel_forward(q, k, v, causal, scale, chunk_size)
+    c = _numpy_chunk(B * H * S * q.dtype.itemsize, chunk_size)
     out = xp.zeros((B, H, T, Dv), dtype=q.dtype)
     lse = xp.full((B, H, T), -np.inf, dtype=q.dtype)
     qg = q.reshape(B, G, rep, T, D)
@@ -107,6 +124,8 @@ def dense_attention_backward(dout: Array, saved: DenseAttentionSaved) -> tuple[A
     q, k, v, out, lse = saved.q, saved.k, saved.v, saved.out, saved.lse
     dout = check_dout(dout, out)
     xp = get_array_module(q)
+    if _use_kernels(xp, q, k, v, dout):
+        return _kernel_backward(dout, saved)
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     rep = H // G
@@ -139,6 +158,68 @@ def dense_attention_backward(dout: Array, saved: DenseAttentionSaved) -> tuple[A
         dq_c = xp.matmul(ds, k_ok[:, :, :n]).reshape(B, H, c, D)
         dq[:, :, t0:t1] = xp.where(nan_rows[:, :, t0:t1, None], np.nan, dq_c)
         dk[:, :, :n] += xp.matmul(ds.swapaxes(-1, -2), qc)
+    return dq, dk, dv
+
+
+def _use_kernels(xp, *arrays):
+    """The Numba kernels run for finite NumPy float32/float64 arrays of one dtype, Numba importable."""
+    return (xp is np and _kernels is not None and arrays[0].dtype in (np.float32, np.float64)
+            and all(a.dtype == arrays[0].dtype for a in arrays) and all(bool(np.isfinite(a).all()) for a in arrays))
+
+
+def _numpy_chunk(bytes_per_query: int, chunk_size: int | None) -> int:
+    """Queries per chunk of the NumPy path: ``chunk_size``, or a (B, H, c, S) tile of about TILE_BYTES."""
+    return chunk_size or max(1, TILE_BYTES // max(1, bytes_per_query))
+
+
+def _kernel_chunk(rep: int, S: int, itemsize: int, chunk_size: int | None) -> int:
+    """Queries per tile of the Numba kernels: ``chunk_size``, or at most KERNEL_CHUNK with a
+    (rep c, S) tile of at most KERNEL_TILE_BYTES."""
+    return chunk_size or max(1, min(KERNEL_CHUNK, KERNEL_TILE_BYTES // max(1, rep * S * itemsize)))
+
+
+def _run_groups(run, n_groups: int, work: int) -> None:
+    """run(i0, i1) over the (b, g) groups: on the worker pool with one BLAS thread each when
+    there are more groups than one (their GEMMs are small), else inline with the BLAS threads
+    the process has."""
+    if n_workers() > 1 and n_groups > 1:
+        with blas_single_thread():
+            run_split(run, n_groups, work)
+    else:
+        run(0, n_groups)
+
+
+def _kernel_forward(q, k, v, causal, scale, chunk_size):
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    c = _kernel_chunk(H // G, S, q.dtype.itemsize, chunk_size)
+    out = np.empty((B, H, T, Dv), dtype=q.dtype)
+    lse = np.empty((B, H, T), dtype=q.dtype)
+
+    def groups(i0, i1):
+        _kernels.dense_forward_groups(q, k, v, bool(causal), float(scale), c, i0, i1, out, lse)
+
+    _run_groups(groups, B * G, B * H * T * S * (D + Dv))
+    numpy_chunk = _numpy_chunk(B * H * S * q.dtype.itemsize, chunk_size)  # should a backward fall back
+    saved = DenseAttentionSaved(q, k, v, out, lse, scale, causal, numpy_chunk)
+    saved.kernel_chunk = c
+    return out, saved
+
+
+def _kernel_backward(dout, saved):
+    q, k, v = saved.q, saved.k, saved.v
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    c = saved.kernel_chunk or _kernel_chunk(H // G, S, q.dtype.itemsize, None)
+    dq = np.zeros_like(q, order="C")  # chunks that see no key are skipped
+    dk = np.zeros((B, G, S, D), dtype=q.dtype)
+    dv = np.zeros((B, G, S, Dv), dtype=q.dtype)
+
+    def groups(i0, i1):
+        _kernels.dense_backward_groups(q, k, v, saved.out, saved.lse, dout, bool(saved.causal), float(saved.scale),
+                                       c, i0, i1, dq, dk, dv)
+
+    _run_groups(groups, B * G, 2 * B * H * T * S * (D + Dv))
     return dq, dk, dv
 
 
