@@ -40,13 +40,20 @@ _BLAS_LIMITER = []  # the active threadpoolctl limiter while any entry is held
 _BLAS_THREAD = []  # the one-thread executor that lowers and restores the limit
 
 
+def _load_numba_blas() -> None:
+    """Load the BLAS Numba's np.dot calls (SciPy's, a library apart from NumPy's) so that a
+    thread limit set now covers it too: loaded later by a kernel's first call, it would run
+    with its default thread count under any limit set before."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        pass
+
+
 def _blas_controller():
     """The process-wide ThreadpoolController (None without threadpoolctl); call under _BLAS_LOCK."""
     if not _BLAS_CONTROLLER:
-        try:
-            import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: limit it too)
-        except ImportError:  # pragma: no cover - scipy is a dependency
-            pass
+        _load_numba_blas()
         try:
             from threadpoolctl import ThreadpoolController
 
@@ -188,6 +195,7 @@ def cpu_policy(threads: int) -> Iterator[int]:
     keep_freed_memory()
     outer = getattr(_POLICY, "cap", None)
     _POLICY.cap = threads
+    _load_numba_blas()
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency

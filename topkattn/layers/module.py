@@ -143,6 +143,25 @@ def flatten_parameters(root: Module) -> FlatParameters | None:
     return FlatParameters([n for n, _ in named], flat_p, flat_g, slices, views)
 
 
+def share_parameters(src: Module, dst: Module) -> None:
+    """Make the layers of ``dst`` (a copy of ``src``: the same parameter names and shapes) hold
+    ``src``'s parameter arrays themselves, so an in-place update of ``src``'s parameters is
+    ``dst``'s too; ``dst`` keeps its own gradients.  ValueError naming the first parameter
+    that differs."""
+    mine = dict(src.named_params())
+    theirs = dict(dst.named_params())
+    if list(mine) != list(theirs) or any(mine[n].shape != theirs[n].shape for n in mine):
+        bad = next((n for n in mine if n not in theirs or mine[n].shape != theirs[n].shape), None)
+        raise ValueError(f"dst must have src's parameters (names and shapes); they differ at {bad!r}")
+    for name, a in mine.items():
+        owner, key = _owner(dst, name)
+        owner.params[key] = a
+    if dst.params is not None:  # a root that caches the dotted dicts (the Transformer): refresh them
+        for name, a in mine.items():
+            if name in dst.params:
+                dst.params[name] = a
+
+
 def _owner(module, dotted):
     """The module owning the parameter ``dotted`` (a name of ``named_params``) and its own key."""
     while True:
