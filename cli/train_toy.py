@@ -114,8 +114,8 @@ class BlasThreads(click.ParamType):
               help="Steps between checkpoints (one is always written at the end).")
 @device_option
 @click.option("--blas-threads", type=BlasThreads(), default="auto", show_default=True,
-              help="CPU threads (BLAS and the worker pool) while training: auto chooses by the step's size "
-                   "and the idle cores (one thread for the default size); 0 keeps the library's setting.")
+              help="CPU threads while training (the batch's two halves at once, BLAS and the worker pool): "
+                   "auto takes the idle cores (one thread for tiny steps); 0 keeps the library's setting.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the final metrics as one JSON object on stdout (the bar stays on stderr).")
 @quiet_option

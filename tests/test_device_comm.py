@@ -563,3 +563,12 @@ def test_real_nccl_one_rank_collectives_and_fused_allreduce(monkeypatch):
     assert GradientReducer(comm)(None, g, 1.5, 0.25, 0.5) == (0.75, 0.125)
     np.testing.assert_array_equal(g["w"].get(), np.full((3, 5), 0.5))
     assert device.calls == calls + 1 and "Allreduce" not in comm.calls
+
+
+def test_local_rank_and_size_count_the_ranks_of_one_host(monkeypatch):
+    hosts = ["a", "b", "a", "a"]  # rank r runs on hosts[r]
+    for rank in range(4):
+        monkeypatch.setattr(dc.socket, "gethostname", lambda r=rank: hosts[r])
+        comm = ScriptedComm(rank, 4, lambda obj, r: hosts[r])
+        assert dc.local_size(comm) == (3 if hosts[rank] == "a" else 1)
+        assert dc.local_rank(comm) == hosts[:rank].count(hosts[rank])

@@ -25,6 +25,7 @@ imports mpi4py.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Mapping
@@ -35,7 +36,7 @@ import numpy as np
 from topkattn.backend import Array, get_array_module, to_numpy
 from topkattn.checks import check_int
 from topkattn.distributed.comm import allreduce_sum
-from topkattn.distributed.device_comm import use_local_device
+from topkattn.distributed.device_comm import local_size, use_local_device
 
 if TYPE_CHECKING:
     from topkattn.training.train import TrainConfig, TrainResult
@@ -149,17 +150,19 @@ def train_data_parallel(cfg: TrainConfig, comm: Any, *, out_dir: str | os.PathLi
     first makes GPU ``local rank % device count`` current on each rank
     (:func:`topkattn.distributed.device_comm.use_local_device`).
     """
-    from topkattn.training.train import train
+    from topkattn.training.train import run_threads, train
 
     rows = split_rows(cfg.batch_size, comm.rank, comm.size)
     if device == "gpu":
         use_local_device(comm)  # GPU local rank % count, so that NCCL can carry the gradients
     writer = comm.rank == 0
     reducer = GradientReducer(comm, check_every=check_every)
+    share = max(1, (os.cpu_count() or 1) // local_size(comm))  # the host's cores over its ranks
+    threads = min(share, run_threads(dataclasses.replace(cfg, batch_size=rows[1] - rows[0]), device))
     result = train(cfg, out_dir=out_dir, resume=resume, device=device, checkpoint_every=checkpoint_every,
                    progress=progress if writer else None, log=log if writer else None,
                    eval_every=eval_every, batch_slice=rows, reduce_grads=reducer, is_writer=writer,
-                   after_setup=lambda e: agree_setup(comm, e))
+                   after_setup=lambda e: agree_setup(comm, e), threads=threads)
     check_replicas(comm, result.model.params)
     return result
 

@@ -75,6 +75,12 @@ def local_rank(comm: Any) -> int:
     return sum(1 for h in hosts[:rank] if h == hosts[rank])
 
 
+def local_size(comm: Any) -> int:
+    """The number of ranks on this rank's host (one ``allgather`` of host names)."""
+    hosts = comm.allgather(socket.gethostname())
+    return sum(1 for h in hosts if h == hosts[comm.Get_rank()])
+
+
 def local_device(comm: Any, n_devices: int) -> int:
     """The GPU for this rank: ``local rank % n_devices`` (collective: one ``allgather``)."""
     if not isinstance(n_devices, int) or n_devices < 1:
