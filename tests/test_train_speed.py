@@ -127,6 +127,23 @@ def test_thread_policy_by_size_and_idle_cores(monkeypatch):
     assert step_work(large) == 32 * 256 * 256 * 512 > threads.PARALLEL_WORK
 
 
+def test_auto_threads_run_the_halves_at_once_on_idle_cores(monkeypatch):
+    import importlib
+
+    from topkattn import threads
+
+    train_mod = importlib.import_module("topkattn.training.train")
+    default = TrainConfig()
+    tiny = TrainConfig(d_model=16, heads=2, seq_len=12, num_kv_pairs=3, vocab_size=16, batch_size=4)
+    monkeypatch.setattr(train_mod, "idle_cores", lambda: 64)
+    assert train_mod.run_threads(default) == threads.n_workers()  # below PARALLEL_WORK, yet two halves pay
+    assert train_mod.run_threads(tiny) == 1  # step_work < HALVES_WORK: thread hand-offs cost more
+    assert train_mod.run_threads(TrainConfig(kv_experts=2)) == threads.threads_for(train_mod.step_work(default))
+    assert train_mod.run_threads(default, device="gpu") == threads.threads_for(train_mod.step_work(default))
+    monkeypatch.setattr(train_mod, "idle_cores", lambda: 1)  # a busy machine: one thread
+    assert train_mod.run_threads(default) == 1
+
+
 def test_cpu_policy_caps_the_workers_and_restores_them():
     from threadpoolctl import threadpool_info
 

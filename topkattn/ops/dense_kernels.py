@@ -10,7 +10,8 @@ layers' (B, T, H, D) -> (B, H, T, D) transposes): each chunk copies its queries 
 and values it sees into contiguous tiles.  Per query chunk the two GEMMs go to BLAS
 (``np.dot``) and the softmax work between them is one fused pass per row (causal mask, max,
 exp, sum) over an (m, n) tile, instead of a dozen NumPy passes over a (B, H, c, S) tile.  The
-arithmetic is :mod:`topkattn.ops.dense_attention`'s, with the sums in another order.
+arithmetic is :mod:`topkattn.ops.dense_attention`'s, with the sums in another order and, in
+float32, the vectorised exp of :mod:`topkattn.ops.kernel_math` (within 3e-7 relative).
 
 The inputs must be finite (the caller checks; :mod:`topkattn.ops.dense_attention` handles the
 rest by the rule of :mod:`topkattn.ops.reference`).  A score can then still overflow (+inf, or
@@ -19,6 +20,7 @@ nothing sent to dk, dv.
 """
 import numpy as np
 
+from topkattn.ops.kernel_math import fast_exp
 from topkattn.threads import njit
 
 # fast-math without "no NaN / no inf": a NaN or +inf score still makes a NaN row and -inf hides a key
@@ -73,7 +75,7 @@ def dense_forward_groups(q, k, v, causal, scale, chunk, i0, i1, out, lse):
                 m0 = cast[0]
                 tot = 0.0
                 for j in range(end):
-                    e = np.exp(s[r, j] - m0)
+                    e = fast_exp(s[r, j] - m0)
                     s[r, j] = e
                     tot += e
                 for j in range(end, n):
@@ -156,7 +158,7 @@ def dense_backward_groups(q, k, v, out, lse, dout, causal, scale, chunk, i0, i1,
                 end = max(0, min(n, S - T + t0 + r % c + 1)) if causal else n
                 L = lse_r[r]
                 for j in range(end):
-                    p[r, j] = np.exp(p[r, j] * sc - L)
+                    p[r, j] = fast_exp(p[r, j] * sc - L)
                 for j in range(end, n):
                     p[r, j] = 0.0
             dvn = np.dot(p.T, dos)  # (n, Dv)
