@@ -76,7 +76,7 @@ def dense_attention_forward(q: Array, k: Array, v: Array, *, causal: bool = True
 
     On NumPy float32/float64 inputs with Numba and every entry finite, the Numba group
     kernels of :mod:`topkattn.ops.dense_kernels` compute it (the same arithmetic, sums in
-    another order); otherwise the NumPy/CuPy chunk loop below.
+    another order, float32 exp within 3e-7 relative); otherwise the NumPy/CuPy chunk loop below.
     """
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
     check_qkv(q, k, v, scale, chunk_size)

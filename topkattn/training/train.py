@@ -416,7 +416,7 @@ def _forward(model, x, seed, rows, total):
         del model.layer_seeds
 
 
-def shards_steps(cfg: TrainConfig, xp: Any, rows: int) -> bool:
+def trains_in_halves(cfg: TrainConfig, xp: Any, rows: int) -> bool:
     """Whether a run of ``cfg`` trains each step's ``rows`` rows as two halves (module
     docstring): on NumPy, with two rows or more, and without an auxiliary loss (KV experts)."""
     return xp is np and rows >= DATA_SHARDS and not cfg.kv_experts
@@ -424,10 +424,10 @@ def shards_steps(cfg: TrainConfig, xp: Any, rows: int) -> bool:
 
 def run_threads(cfg: TrainConfig, device: str = "cpu") -> int:
     """The CPU threads ``threads="auto"`` gives a run: where its steps go in two halves
-    (:func:`shards_steps`) and a step has at least :data:`HALVES_WORK` multiply-adds
+    (:func:`trains_in_halves`) and a step has at least :data:`HALVES_WORK` multiply-adds
     (:func:`step_work`), the idle cores up to the worker count (the halves run at once); else
     :func:`topkattn.threads.threads_for` by the step's size (BLAS threads)."""
-    if device == "cpu" and shards_steps(cfg, np, cfg.batch_size) and step_work(cfg) >= HALVES_WORK:
+    if device == "cpu" and trains_in_halves(cfg, np, cfg.batch_size) and step_work(cfg) >= HALVES_WORK:
         return max(1, min(n_workers(), idle_cores()))
     return threads_for(step_work(cfg))
 
@@ -640,7 +640,7 @@ def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eva
     min_lr = cfg.lr * cfg.min_lr_ratio
     rows = cfg.batch_size if batch_slice is None else batch_slice[1] - batch_slice[0]
     halves = None  # the second half's model and the two gradient buffers (module docstring)
-    if shards_steps(cfg, xp, rows) and opt.flat is not None:
+    if trains_in_halves(cfg, xp, rows) and opt.flat is not None:
         replica, flat = model_replica(model)
         if flat is not None and flat.slices == opt.flat.slices:
             halves = (replica, opt.flat.grads, flat.grads)
