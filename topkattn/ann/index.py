@@ -384,15 +384,16 @@ class LorannIndex:
             if not approximate and T is not None:  # the same mixture in the full dimension
                 qgram_full = _cluster_gram(qfull, _mean_gram(tq), len(mem))  # (Dx, Dx)
             beta = rrr.ols_beta(pts if T is None else xr[mem], pts, T, qgram_full, gram, approximate)  # (Dg, n_c)
-            return gram, self._fit_model(beta, gram)
+            fitted = self._fit_model(beta, gram)
+            # stored here, on the pool's thread: each cluster writes only its own rows and slots
+            self._gram[ci] = gram.astype(np.float32)
+            lo = self._start[ci]
+            self._slot_id[lo:lo + len(mem)] = mem
+            self._store_fit(ci, *fitted)
 
         with blas_single_thread(), ThreadPoolExecutor(n_workers()) as pool:
-            for ci, (gram, fitted) in enumerate(pool.map(fit_one, range(c))):
-                mem = members[ci]
-                self._gram[ci] = gram.astype(np.float32)
-                lo = self._start[ci]
-                self._slot_id[lo:lo + len(mem)] = mem
-                self._store_fit(ci, *fitted)
+            for _ in pool.map(fit_one, range(c)):  # (raises a fit's exception here)
+                pass
         self._approximate = bool(approximate)
         self._overgrown = set()  # clusters grown past refit_growth, refit when next visited
         self.built = True

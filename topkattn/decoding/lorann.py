@@ -247,11 +247,15 @@ class LorannSelector(DecodeSelector):
             self._norm_max[b, 1:] = np.inf
         for lo in range(0, len(data), 16384):
             d = data[lo:lo + 16384]
-            sq = np.einsum("nd,nd->nd", d, d, dtype=np.float64)  # (n, D) squares, float64
-            self._norm_max[b, 0] = max(self._norm_max[b, 0], np.sqrt(sq.sum(1).max(initial=0.0)))
-            if split:
-                self._norm_max[b, 1] = max(self._norm_max[b, 1], np.sqrt(sq[:, :C].sum(1).max(initial=0.0)))
-                self._norm_max[b, 2] = max(self._norm_max[b, 2], np.sqrt(sq[:, C:].sum(1).max(initial=0.0)))
+            if split:  # squared norms of the two parts, summed in float64 without an (n, D) temporary
+                lat = np.einsum("nd,nd->n", d[:, :C], d[:, :C], dtype=np.float64)  # (n,)
+                rope = np.einsum("nd,nd->n", d[:, C:], d[:, C:], dtype=np.float64)  # (n,)
+                self._norm_max[b, 0] = max(self._norm_max[b, 0], np.sqrt((lat + rope).max(initial=0.0)))
+                self._norm_max[b, 1] = max(self._norm_max[b, 1], np.sqrt(lat.max(initial=0.0)))
+                self._norm_max[b, 2] = max(self._norm_max[b, 2], np.sqrt(rope.max(initial=0.0)))
+            else:
+                sq = np.einsum("nd,nd->n", d, d, dtype=np.float64)  # (n,)
+                self._norm_max[b, 0] = max(self._norm_max[b, 0], np.sqrt(sq.max(initial=0.0)))
 
     def _sync(self, keys_np, ctx):
         """Bring every index up to the current candidates: add new keys, rebuild when grown."""
