@@ -68,17 +68,20 @@ def nccl_datatype(nccl: ModuleType, dtype: DTypeLike) -> int:
     return int(getattr(nccl, name))
 
 
+def _same_host(comm: Any) -> list[bool]:
+    """Per rank: whether it runs on this rank's host (one ``allgather`` of host names)."""
+    hosts = comm.allgather(socket.gethostname())
+    return [h == hosts[comm.Get_rank()] for h in hosts]
+
+
 def local_rank(comm: Any) -> int:
     """This rank's index among the ranks on the same host (one ``allgather`` of host names)."""
-    hosts = comm.allgather(socket.gethostname())
-    rank = comm.Get_rank()
-    return sum(1 for h in hosts[:rank] if h == hosts[rank])
+    return sum(_same_host(comm)[:comm.Get_rank()])
 
 
 def local_size(comm: Any) -> int:
     """The number of ranks on this rank's host (one ``allgather`` of host names)."""
-    hosts = comm.allgather(socket.gethostname())
-    return sum(1 for h in hosts if h == hosts[comm.Get_rank()])
+    return sum(_same_host(comm))
 
 
 def local_device(comm: Any, n_devices: int) -> int:
