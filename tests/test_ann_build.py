@@ -117,8 +117,12 @@ def test_nearest_in_groups_equals_argmax_over_candidates():
 
 
 @pytest.mark.parametrize("w", [1, 3, 16])
-def test_top_few_columns_equals_stable_argsort(w):
-    s = np.random.default_rng(6).integers(0, 6, (300, 40)).astype(np.float32)  # many ties
+@pytest.mark.parametrize("cols", [16, 40, 257])
+@pytest.mark.parametrize("ties", [True, False])
+def test_top_few_columns_equals_stable_argsort(w, cols, ties):
+    rng = np.random.default_rng(6)
+    s = (rng.integers(0, 6, (300, cols)) if ties else rng.standard_normal((300, cols))).astype(np.float32)
+    s[0] = 1.0  # a row of one value: every column ties with the bound
     out = np.empty((300, w), np.int64)
     kernels.top_few_columns(s, w, out)
     np.testing.assert_array_equal(out, np.argsort(-s, axis=1, kind="stable")[:, :w])

@@ -38,3 +38,37 @@ def test_single_query_path_checks_its_input_like_the_general_path():
         ix.search(x[0], 3, 2, -1)
     huge = np.full(6, 3e19, np.float32)  # finite (q.q would overflow float32): searched, no error
     assert ix.search(huge, 3, 2, 0).shape == (3,)
+
+
+@pytest.mark.parametrize("nc", [7, 100, 259])
+@pytest.mark.parametrize("l2", [False, True])
+def test_route_small_equals_a_stable_ranking_of_exact_scores(nc, l2):
+    """The few-query routing kernel (register panels of 4 queries x 64 clusters, zero-padded
+    columns, a scalar tail for unpadded ones) ranks the non-empty clusters like a stable
+    float64 argsort; halves make every float32 product and sum exact, so ties are real."""
+    from topkattn.ann import kernels
+
+    rng = np.random.default_rng(nc)
+    g, nq = 24, 11
+    cent = (rng.integers(-4, 5, (nc, g)) / 2).astype(np.float32)
+    cent[3] = cent[1]  # tied clusters
+    qr = (rng.integers(-4, 5, (nq, g)) / 2).astype(np.float32)
+    size = rng.integers(1, 9, nc)
+    size[[0, 5]] = 0  # empty clusters are never chosen
+    cnorm = np.einsum("cd,cd->c", cent, cent).astype(np.float32)
+    s = qr.astype(np.float64) @ cent.T.astype(np.float64)
+    if l2:
+        s = 2 * s - cnorm
+    s[:, size == 0] = -np.inf
+    padded = np.zeros((g, -(-nc // 16) * 16), np.float32)
+    padded[:, :nc] = cent.T
+    for w in (w for w in (1, 5, 16, 20) if w <= (size > 0).sum()):  # as the callers keep it
+        want = np.argsort(-s, axis=1, kind="stable")[:, :w]
+        for cent_t in (padded, np.ascontiguousarray(cent.T)):
+            out = np.empty((nq, w), np.int64)
+            kernels.route_small(qr, cent_t, cnorm, size, l2, w, out)
+            np.testing.assert_array_equal(out, want)
+            one = np.empty((1, w), np.int64)  # one query at a time: the same answer
+            for i in (0, nq - 1):
+                kernels.route_small(qr[i:i + 1], cent_t, cnorm, size, l2, w, one)
+                np.testing.assert_array_equal(one[0], want[i])

@@ -577,11 +577,15 @@ class LorannIndex:
             return ids, scores
 
     def _centroids_t(self):
-        """The centroids transposed (Dg, Nc) for :func:`kernels.route_small`, made again when the
-        centroid or norm arrays were replaced or a cluster rewritten (``_after_rewrite``)."""
+        """The centroids transposed (Dg, Nc rounded up to 16, zero columns past Nc) for
+        :func:`kernels.route_small`, made again when the centroid or norm arrays were replaced
+        or a cluster rewritten (``_after_rewrite``)."""
         made = self._cent_tr
         if made is None or made[0] is not self._cent or made[1] is not self._cnorm:
-            made = (self._cent, self._cnorm, np.ascontiguousarray(self._cent.T))
+            nc, g = self._cent.shape
+            cent_t = np.zeros((g, -(-nc // 16) * 16), np.float32)
+            cent_t[:, :nc] = self._cent.T
+            made = (self._cent, self._cnorm, cent_t)
             self._cent_tr = made
         return made[2]
 

@@ -218,6 +218,84 @@ def _pair_dot64(typingctx, out, out_off, codes, code_off, stride, x_hi, x_lo, np
     return types.void(out, out_off, codes, code_off, stride, x_hi, x_lo, npairs), _pair_dot_codegen(4)
 
 
+def _fma_panel_codegen(rows, blocks):
+    """Code of :func:`_fma_panel`: ``rows`` queries times ``blocks`` adjacent blocks of 16
+    float32 lanes, all rows * blocks accumulators held in registers for the whole loop (each
+    load of the matrix serves every row)."""
+
+    def codegen(context, builder, signature, args):
+        out_a, mat_a, x_a = (context.make_array(signature.args[j])(context, builder, args[j]) for j in (0, 3, 5))
+        f32, i32, i8 = ir.FloatType(), ir.IntType(32), ir.IntType(8)
+        v16 = ir.VectorType(f32, _PAIR_LANES)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]),
+                                             "llvm.fma.v16f32")
+        accs = [[cgutils.alloca_once(builder, v16) for _ in range(blocks)] for _ in range(rows)]
+        for acc in sum(accs, []):
+            builder.store(ir.Constant(v16, None), acc)
+        splat = ir.Constant(ir.VectorType(i32, _PAIR_LANES), [0] * _PAIR_LANES)
+        undef = ir.Constant(v16, None)
+        four = ir.Constant(args[2].type, 4)
+        m_row = cgutils.unpack_tuple(builder, mat_a.strides, 2)[0]  # bytes between rows
+        x_row = cgutils.unpack_tuple(builder, x_a.strides, 2)[0]
+        o_row = cgutils.unpack_tuple(builder, out_a.strides, 2)[0]
+        m_base, x_base, o_base = (builder.bitcast(a.data, i8.as_pointer()) for a in (mat_a, x_a, out_a))
+        x_at = [builder.mul(builder.add(args[1], ir.Constant(args[1].type, r)), x_row) for r in range(rows)]
+        with cgutils.for_range(builder, args[6]) as loop:
+            u = loop.index
+            at = builder.add(builder.mul(u, m_row), builder.mul(args[4], four))
+            cols = [builder.load(builder.bitcast(builder.gep(m_base, [builder.add(at, ir.Constant(at.type, 64 * b))]),
+                                                 v16.as_pointer()), align=4) for b in range(blocks)]
+            for r in range(rows):
+                ptr = builder.bitcast(builder.gep(x_base, [builder.add(x_at[r], builder.mul(u, four))]),
+                                      f32.as_pointer())
+                xs = builder.shuffle_vector(builder.insert_element(undef, builder.load(ptr), ir.Constant(i32, 0)),
+                                            undef, splat)
+                for b in range(blocks):
+                    acc = accs[r][b]
+                    builder.store(builder.call(fma, [xs, cols[b], builder.load(acc)]), acc)
+        for r in range(rows):
+            row = builder.mul(builder.add(args[1], ir.Constant(args[1].type, r)), o_row)
+            for b in range(blocks):
+                at = builder.add(row, builder.mul(builder.add(args[2], ir.Constant(args[2].type, 16 * b)), four))
+                builder.store(builder.load(accs[r][b]), builder.bitcast(builder.gep(o_base, [at]), v16.as_pointer()),
+                              align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """a * b + c rounded once (llvm.fma.f32): the scalar tail of :func:`_fma_panel`'s sums."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+        return builder.call(fn, list(args))
+
+    return sig, codegen
+
+
+def _fma_panel(rows, blocks):
+    """An intrinsic ``f(out, row0, out_col, mat, col, x, n)``: for r < rows,
+    out[row0 + r, out_col:out_col + 16 * blocks] = sum over u < n of
+    x[row0 + r, u] * mat[u, col:col + 16 * blocks], in float32 with one fused multiply-add per
+    u in increasing u (every row and column rounds alike, whatever the panel).  out, mat and x
+    are 2-D float32 arrays with contiguous rows."""
+
+    @intrinsic
+    def panel(typingctx, out, row0, out_col, mat, col, x, n):
+        return types.void(out, row0, out_col, mat, col, x, n), _fma_panel_codegen(rows, blocks)
+
+    return panel
+
+
+_fma_1x16 = _fma_panel(1, 1)
+_fma_1x64 = _fma_panel(1, 4)
+_fma_4x64 = _fma_panel(4, 4)  # 16 accumulators: each 64-column load serves four queries
+
+
 @njit(inline="always")
 def _pair_levels(npairs):
     """The int16 level of a factor whose pair dots with npairs pairs of int8 codes stay below
@@ -342,9 +420,20 @@ def _count_ge(x, t):
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
+def _least_at_least(x, t):
+    """The least of x that is >= t (+inf if none; a vectorised, branch-free pass)."""
+    best = np.float32(np.inf)
+    for j in range(x.shape[0]):
+        v = x[j]
+        best = min(best, v if v >= t else np.float32(np.inf))
+    return best
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _mth_bound(x, m):
     """A score t with at least m of x (m <= len(x)) >= t, at most (max - min) / 2^16 below
-    the m-th largest: bisection on the value with branch-free counts (quickselect's
+    the m-th largest (the m-th largest itself once a bisection step finds exactly m at or
+    above its midpoint): bisection on the value with branch-free counts (quickselect's
     mispredicted branches cost ~10x more at these sizes)."""
     lo = x[0]
     hi = x[0]
@@ -358,7 +447,10 @@ def _mth_bound(x, m):
         mid = np.float32(0.5) * (lo + hi)
         if not lo < mid < hi:
             break
-        if _count_ge(x, mid) >= m:
+        c = _count_ge(x, mid)
+        if c == m:  # exactly the m best at or above mid: the least of them is the m-th
+            return _least_at_least(x, mid)
+        if c > m:
             lo = mid
         else:
             hi = mid
@@ -702,23 +794,19 @@ def fused_search_serial(qr, queries, clusters, a_src, a_scale, a_pair, src, bsca
                    cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
 
 
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def _top_of_row(row, w, out):
-    """The w best positions of row (Nc,) into out (Wc,), best first (ties to the lower one): a
-    bisection bound, then a sort of the ~w above it (cheaper than a heap at these sizes)."""
-    nc = row.shape[0]
-    th = _mth_bound(row, w)
-    cs = np.empty(nc, np.float32)
-    ci = np.empty(nc, np.int64)
+@njit(inline="always")
+def _best_above(row, th, w, out, cs, ci):
+    """The w best positions of row (best first, ties to the lower one) into out, given a bound
+    th with at least w entries of row at or above it: those entries are gathered into the
+    scratch cs/ci (N,) and sorted (a bounded heap when many tie at th)."""
     n = np.int64(0)
-    for j in range(nc):
+    for j in range(row.shape[0]):
         if row[j] >= th:
             cs[n] = row[j]
             ci[n] = j
             n += 1
     if n <= 64:
         _best_m_sorted(cs, ci, n, w)
-        out[:] = ci[:w]
     else:  # a bounded heap (no sort: Numba's sorts cost seconds of compile time)
         hs = np.empty(w, np.float32)
         hi = np.empty(w, np.int64)
@@ -726,7 +814,15 @@ def _top_of_row(row, w, out):
         for j in range(n):
             m = _push(hs, hi, m, w, cs[j], ci[j])
         _drain_sorted(hs, hi, m, cs, ci)
-        out[:] = ci[:w]
+    out[:] = ci[:w]
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _top_of_row(row, w, out):
+    """The w best positions of row (Nc,) into out (Wc,), best first (ties to the lower one): a
+    bisection bound, then a sort of the ~w above it (cheaper than a heap at these sizes)."""
+    nc = row.shape[0]
+    _best_above(row, _mth_bound(row, w), w, out, np.empty(nc, np.float32), np.empty(nc, np.int64))
 
 
 @_threadsafe_launch
@@ -738,26 +834,45 @@ def top_columns(scores: np.ndarray, w: int, out: np.ndarray) -> None:
         _top_of_row(scores[qi], w, out[qi])
 
 
+@njit(inline="always", fastmath=_FAST)
+def _top_few(row, w, out, cs, ci):
+    """The w <= 16 best positions of row (N,) into out (Wc,), best first, ties to the lower
+    position; cs/ci (N,) scratch.  The 16 lane maxima of row's 16-wide blocks (one vectorised
+    pass) are 16 distinct entries, so the w-th best of them is a lower bound with at least w
+    entries at or above it; only those are gathered and sorted (:func:`_best_above`, usually
+    about w)."""
+    n = row.shape[0]
+    full = n - n % _PAIR_LANES
+    th = np.float32(-np.inf)
+    if full:
+        lane = np.empty(_PAIR_LANES, np.float32)
+        lane[:] = row[:_PAIR_LANES]
+        for j0 in range(_PAIR_LANES, full, _PAIR_LANES):
+            blk = row[j0:j0 + _PAIR_LANES]
+            for t in range(_PAIR_LANES):
+                lane[t] = max(lane[t], blk[t])
+        for a in range(1, _PAIR_LANES):  # sort the maxima, best first
+            v = lane[a]
+            b = a - 1
+            while b >= 0 and lane[b] < v:
+                lane[b + 1] = lane[b]
+                b -= 1
+            lane[b + 1] = v
+        th = lane[w - 1]
+    _best_above(row, th, w, out, cs, ci)
+
+
 @_threadsafe_launch
 @njit(parallel=True, cache=True, nogil=True)
 def top_few_columns(scores: np.ndarray, w: int, out: np.ndarray) -> None:
-    """:func:`top_columns` for a small w (a sorted insertion buffer per row, no allocation):
-    the w best columns of each row of scores (Q, Nc), best first, ties to the lower column."""
-    for qi in nb.prange(scores.shape[0]):
-        row = scores[qi]
-        o = out[qi]
-        n = np.int64(0)
-        for j in range(row.shape[0]):
-            v = row[j]
-            if n == w and not v > row[o[w - 1]]:  # columns ascend: a tie keeps the earlier one
-                continue
-            p = n if n < w else w - 1
-            while p > 0 and v > row[o[p - 1]]:
-                o[p] = o[p - 1]
-                p -= 1
-            o[p] = j
-            if n < w:
-                n += 1
+    """:func:`top_columns` for w <= 16 (:func:`_top_few`, blocks of 64 rows in parallel): the w
+    best columns of each row of scores (Q, Nc), best first, ties to the lower column."""
+    nq, nc = scores.shape
+    for b in nb.prange((nq + 63) // 64):
+        cs = np.empty(nc, np.float32)
+        ci = np.empty(nc, np.int64)
+        for qi in range(64 * b, min(nq, 64 * b + 64)):
+            _top_few(scores[qi], w, out[qi], cs, ci)
 
 
 @njit(inline="always")
@@ -948,36 +1063,58 @@ def quantize_row_into(b, levels, codes, deq):
 def route_small(qr, cent_t, cnorm, size, l2, w, out):
     """The w best non-empty clusters of each query, best first (ties to the lower cluster).
 
-    qr (Q, Dg), cent_t (Dg, Nc) the centroids transposed (``LorannIndex._centroids_t``: the
-    scores of all clusters build up 16 per vector operation, one query component at a time),
-    size (Nc,) points per cluster (clusters with none are never chosen: the caller keeps
-    w <= the number of non-empty clusters), out (Q, Wc) int64.  For a few queries, where the
-    NumPy call overhead of ``LorannIndex._route`` dominates.
+    qr (Q, Dg), cent_t (Dg, >= Nc) the centroids transposed, zero columns past Nc
+    (``LorannIndex._centroids_t`` pads Nc to a multiple of 16: the scores of four queries and
+    64 clusters build up in registers, one query component at a time, :func:`_fma_panel`, the
+    same values for any batch; unpadded columns take a scalar loop), size (Nc,) points per cluster
+    (clusters with none are never chosen: the caller keeps w <= the number of non-empty
+    clusters), out (Q, Wc) int64.  For a few queries, where the NumPy call overhead of
+    ``LorannIndex._route`` dominates.
     """
-    g, nc = cent_t.shape
+    g, width = cent_t.shape
+    nc = size.shape[0]
+    nq = qr.shape[0]
     live = np.empty(nc, np.int64)
     n_live = 0
     for j in range(nc):
         if size[j] > 0:
             live[n_live] = j
             n_live += 1
-    every = np.empty(nc, np.float32)
+    every = np.empty((4, width), np.float32)  # the scores of up to four queries
     s = np.empty(n_live, np.float32)
     pos = np.empty(w, np.int64)
-    for qi in range(qr.shape[0]):
-        q = qr[qi]
-        every[:] = 0
-        for u in range(g):
-            v = q[u]
-            row = cent_t[u]
-            for j in range(nc):
-                every[j] += v * row[j]
-        for t in range(n_live):
-            j = live[t]
-            s[t] = 2 * every[j] - cnorm[j] if l2 else every[j]
-        _top_of_row(s, w, pos)
-        for t in range(w):
-            out[qi, t] = live[pos[t]]
+    cs = np.empty(n_live, np.float32)  # _top_few's scratch
+    ci = np.empty(n_live, np.int64)
+    for q0 in range(0, nq, 4):
+        nr = min(4, nq - q0)
+        j0 = 0
+        while j0 + 4 * _PAIR_LANES <= width:
+            if nr == 4:
+                _fma_4x64(every, 0, j0, cent_t, j0, qr[q0:], g)
+            else:
+                for r in range(nr):
+                    _fma_1x64(every, r, j0, cent_t, j0, qr[q0:], g)
+            j0 += 4 * _PAIR_LANES
+        while j0 + _PAIR_LANES <= width:
+            for r in range(nr):
+                _fma_1x16(every, r, j0, cent_t, j0, qr[q0:], g)
+            j0 += _PAIR_LANES
+        for r in range(nr):
+            q = qr[q0 + r]
+            for j in range(j0, nc):
+                acc = np.float32(0.0)
+                for u in range(g):
+                    acc = _fma32(q[u], cent_t[u, j], acc)
+                every[r, j] = acc
+            for t in range(n_live):
+                j = live[t]
+                s[t] = 2 * every[r, j] - cnorm[j] if l2 else every[r, j]
+            if w <= _PAIR_LANES:
+                _top_few(s, w, pos, cs, ci)
+            else:
+                _top_of_row(s, w, pos)
+            for t in range(w):
+                out[q0 + r, t] = live[pos[t]]
 
 
 @_threadsafe_launch
