@@ -221,13 +221,15 @@ def main():
                   f"{r['latency_ms'] / f['latency_ms']:>15.2f}{r['latency_cpu_ms'] / f['latency_cpu_ms']:>7.2f}")
         print(f"build time ratio (ours / reference): {builds['topkattn'] / builds['lorann']:.2f}")
         equal = equal_recall(rows)
-        print("\nbatch q/s at equal recall (ours: the fastest setting whose recall >= the reference's):")
-        print(f"{'reference':>20}{'recall':>9}{'ours':>20}{'recall':>9}{'q/s ratio':>11}{'q/cpu-s':>9}")
+        print("\nbatch q/s at equal recall (ours: the fastest setting whose recall >= the reference's; "
+              "frontier: ours interpolated on our recall-q/s frontier at the reference's recall):")
+        print(f"{'reference':>20}{'recall':>9}{'ours':>20}{'recall':>9}{'q/s ratio':>11}{'q/cpu-s':>9}"
+              f"{'frontier':>10}")
         for e in equal:
             ours_s = "-" if e["ours"] is None else f"{e['ours'][0]}/{e['ours'][1]}"
             print(f"{str(e['reference'][0]) + '/' + str(e['reference'][1]):>20}{e['ref_recall']:>9.4f}{ours_s:>20}"
                   f"{_s(e['ours_recall'], '.4f'):>9}{_s(e['qps_ratio'], '.2f'):>11}"
-                  f"{_s(e['q_per_cpu_s_ratio'], '.2f'):>9}")
+                  f"{_s(e['q_per_cpu_s_ratio'], '.2f'):>9}{_s(e['interp_qps_ratio'], '.2f'):>10}")
     if args.json:
         from topkattn.storage import atomic_write_json
 
@@ -241,18 +243,47 @@ def main():
 
 def equal_recall(rows):
     """Per reference row (clusters, rerank): the fastest topkattn row (by batch q/s) whose recall
-    is at least the reference's, and the q/s ratio (None where no topkattn row reaches it)."""
+    is at least the reference's, and the q/s ratio (None where no topkattn row reaches it);
+    ``interp_qps_ratio``: ours read off our recall-q/s frontier at exactly the reference's
+    recall (log q/s linear in recall between the two frontier points around it), which a
+    step of the setting grid cannot swing (None outside our measured recalls)."""
     ours = [r for r in rows if r["method"] == "topkattn"]
+    front = pareto_front([(r["recall"], r["qps"]) for r in ours])
     out = []
     for f in (r for r in rows if r["method"] == "lorann"):
         ok = [r for r in ours if r["recall"] >= f["recall"]]
         best = max(ok, key=lambda r: r["qps"]) if ok else None
+        at = frontier_qps(front, f["recall"])
         out.append(dict(reference=(f["clusters"], f["rerank"]), ref_recall=f["recall"], ref_qps=f["qps"],
                         ours=None if best is None else (best["clusters"], best["rerank"]),
                         ours_recall=None if best is None else best["recall"],
                         qps_ratio=None if best is None else best["qps"] / f["qps"],
-                        q_per_cpu_s_ratio=None if best is None else best["q_per_cpu_s"] / f["q_per_cpu_s"]))
+                        q_per_cpu_s_ratio=None if best is None else best["q_per_cpu_s"] / f["q_per_cpu_s"],
+                        interp_qps_ratio=None if at is None else at / f["qps"]))
     return out
+
+
+def pareto_front(points):
+    """The (recall, q/s) points no other point beats on both, by increasing recall."""
+    front = []
+    for rec, qps in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not front or qps > front[-1][1]:
+            front.append((rec, qps))
+    return front[::-1]
+
+
+def frontier_qps(front, recall):
+    """q/s on the frontier at ``recall``: log-linear between the points around it (the point
+    itself when one has that recall), None below the first or above the last point."""
+    for (r0, q0), (r1, q1) in zip(front, front[1:]):
+        if r0 <= recall <= r1:
+            if r1 == r0:
+                return q1
+            t = (recall - r0) / (r1 - r0)
+            return float(np.exp((1 - t) * np.log(q0) + t * np.log(q1)))
+    if front and front[-1][0] == recall:
+        return front[-1][1]
+    return None
 
 
 def add_experiment(args):
