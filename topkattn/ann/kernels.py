@@ -138,14 +138,15 @@ _PAIR_LANES = 16  # int32 lanes of one pair dot (a 512-bit vector: 16 points x 2
 CODE_PAD = 128  # bytes past the end of a pair-layout array that a last block may read (never used)
 
 
-def _pair_dot_codegen(blocks):
-    """Code of :func:`_pair_dot16` over ``blocks`` adjacent blocks of 16 lanes (each step's two
-    factors broadcast once for all of them, and as many independent accumulators)."""
+def _pair_dot_codegen(blocks, parts=2):
+    """Code of :func:`_pair_dot16` over ``blocks`` adjacent blocks of 16 lanes (each step's
+    factors broadcast once for all of them, and as many independent accumulators); with
+    ``parts=1`` the first factor only (x_hi into out[0]: half the multiply-adds)."""
 
     def codegen(context, builder, signature, args):
         out_a = context.make_array(signature.args[0])(context, builder, args[0])
         codes_a = context.make_array(signature.args[2])(context, builder, args[2])
-        xs_a = [context.make_array(signature.args[j])(context, builder, args[j]) for j in (5, 6)]
+        xs_a = [context.make_array(signature.args[j])(context, builder, args[j]) for j in (5, 6)[:parts]]
         i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
         v16 = ir.VectorType(i32, _PAIR_LANES)
         v32 = ir.VectorType(i32, 2 * _PAIR_LANES)
@@ -216,6 +217,22 @@ def _pair_dot32(typingctx, out, out_off, codes, code_off, stride, x_hi, x_lo, np
 def _pair_dot64(typingctx, out, out_off, codes, code_off, stride, x_hi, x_lo, npairs):
     """:func:`_pair_dot16` over 64 lanes (four adjacent blocks: 128 bytes of codes per step)."""
     return types.void(out, out_off, codes, code_off, stride, x_hi, x_lo, npairs), _pair_dot_codegen(4)
+
+
+def _pair_dot_hi(blocks):
+    """An intrinsic like :func:`_pair_dot16` over 16 * blocks lanes with the first factor only
+    (out[0] = the pair dots with x_hi; x_lo is not read)."""
+
+    @intrinsic
+    def dot(typingctx, out, out_off, codes, code_off, stride, x_hi, x_lo, npairs):
+        return types.void(out, out_off, codes, code_off, stride, x_hi, x_lo, npairs), _pair_dot_codegen(blocks, 1)
+
+    return dot
+
+
+_pair_dot16_hi = _pair_dot_hi(1)
+_pair_dot32_hi = _pair_dot_hi(2)
+_pair_dot64_hi = _pair_dot_hi(4)
 
 
 def _fma_panel_codegen(rows, blocks):
@@ -335,9 +352,14 @@ def _quantize_pairs(x, n, levels, hi, lo):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _scale_row(acc_hi, acc_lo, s_hi, s_lo, scale, out):
+def _scale_row(acc_hi, acc_lo, s_hi, s_lo, scale, out, hi_only):
     """out = (acc_hi * s_hi + acc_lo * s_lo) * scale (the float values of two pair-dot parts;
-    contiguous views, so the loop vectorises)."""
+    contiguous views, so the loop vectorises); acc_hi * s_hi * scale when ``hi_only`` (acc_lo
+    not read)."""
+    if hi_only:
+        for t in range(out.shape[0]):
+            out[t] = np.float32(acc_hi[t]) * s_hi * scale[t]
+        return
     for t in range(out.shape[0]):
         out[t] = (np.float32(acc_hi[t]) * s_hi + np.float32(acc_lo[t]) * s_lo) * scale[t]
 
@@ -346,8 +368,9 @@ def _scale_row(acc_hi, acc_lo, s_hi, s_lo, scale, out):
 def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s):
     """Write the k best of the nc candidates (exact re-rank if ``rerank``: cand_s[:nc] is
     overwritten with the exact scores) into row qi, padded with id -1 / score -inf."""
-    out_i[qi, :] = -1
-    out_s[qi, :] = -np.inf
+    for j in range(out_i.shape[1]):  # (loops: a slice assignment's generic code compiles for seconds)
+        out_i[qi, j] = -1
+        out_s[qi, j] = -np.inf
     if not rerank:
         for j in range(min(k, nc)):
             out_i[qi, j] = cand_i[j]
@@ -669,8 +692,11 @@ def _fused_one(qi, qr, queries, clusters, a_src, a_scale, a_pair, src, bscale, s
     8-bit (``scaled``): q and then t are split into two int16 parts each
     (:func:`_quantize_pairs`: float32-level accuracy) and both products are exact integer pair
     dots (:func:`_pair_dot16`: 16 rank components of A_c from ``a_pair``, 16 points of B_c from
-    the pair-layout mirror ``src``).  Otherwise float32: t from a_src (Nc, Rk, Dg),
-    then 16 points per vector operation from the float mirror ``src``."""
+    the pair-layout mirror ``src``).  With ``rerank`` the scores only pick the candidates that
+    exact scores then order, so the products take the first part alone (about 2^-16 of
+    max|x|, far below the 8-bit codes' own error; half the multiply-adds,
+    :func:`_pair_dot_hi`).  Otherwise float32: t from a_src (Nc, Rk, Dg), then 16 points per
+    vector operation from the float mirror ``src``."""
     r = a_src.shape[1]
     most = 0
     for j in range(clusters.shape[1]):
@@ -706,23 +732,35 @@ def _fused_one(qi, qr, queries, clusters, a_src, a_scale, a_pair, src, bscale, s
             vb = 0
             while vb < r16:
                 if vb + 2 * _PAIR_LANES <= r16:
-                    _pair_dot32(iacc, vb, a_pair, base + 2 * vb, 2 * r16, qpairs[0], qpairs[1], gp)
+                    if rerank:
+                        _pair_dot32_hi(iacc, vb, a_pair, base + 2 * vb, 2 * r16, qpairs[0], qpairs[1], gp)
+                    else:
+                        _pair_dot32(iacc, vb, a_pair, base + 2 * vb, 2 * r16, qpairs[0], qpairs[1], gp)
                     vb += 2 * _PAIR_LANES
                 else:
-                    _pair_dot16(iacc, vb, a_pair, base + 2 * vb, 2 * r16, qpairs[0], qpairs[1], gp)
+                    if rerank:
+                        _pair_dot16_hi(iacc, vb, a_pair, base + 2 * vb, 2 * r16, qpairs[0], qpairs[1], gp)
+                    else:
+                        _pair_dot16(iacc, vb, a_pair, base + 2 * vb, 2 * r16, qpairs[0], qpairs[1], gp)
                     vb += _PAIR_LANES
-            _scale_row(iacc[0, :r], iacc[1, :r], qs_hi, qs_lo, a_scale[c], tq)
+            _scale_row(iacc[0, :r], iacc[1, :r], qs_hi, qs_lo, a_scale[c], tq, rerank)
             ts_hi, ts_lo = _quantize_pairs(tq, r, _pair_levels(rp), tpairs[0], tpairs[1])
             base = 2 * rp * p0
             b0 = 0
             while b0 < n_c:  # 64 points per call while 48 or more are left, then 16
                 if b0 + 3 * _PAIR_LANES < n_c:
-                    _pair_dot64(iacc, b0, src, base + 2 * b0, 2 * cp, tpairs[0], tpairs[1], rp)
+                    if rerank:
+                        _pair_dot64_hi(iacc, b0, src, base + 2 * b0, 2 * cp, tpairs[0], tpairs[1], rp)
+                    else:
+                        _pair_dot64(iacc, b0, src, base + 2 * b0, 2 * cp, tpairs[0], tpairs[1], rp)
                     b0 += 4 * _PAIR_LANES
                 else:
-                    _pair_dot16(iacc, b0, src, base + 2 * b0, 2 * cp, tpairs[0], tpairs[1], rp)
+                    if rerank:
+                        _pair_dot16_hi(iacc, b0, src, base + 2 * b0, 2 * cp, tpairs[0], tpairs[1], rp)
+                    else:
+                        _pair_dot16(iacc, b0, src, base + 2 * b0, 2 * cp, tpairs[0], tpairs[1], rp)
                     b0 += _PAIR_LANES
-            _scale_row(iacc[0, :n_c], iacc[1, :n_c], ts_hi, ts_lo, bscale[p0:p0 + n_c], row)
+            _scale_row(iacc[0, :n_c], iacc[1, :n_c], ts_hi, ts_lo, bscale[p0:p0 + n_c], row, rerank)
             if l2:
                 for t in range(n_c):
                     row[t] = 2 * row[t] - norms[ids[t]]
@@ -734,7 +772,8 @@ def _fused_one(qi, qr, queries, clusters, a_src, a_scale, a_pair, src, bscale, s
             for u in range(q.shape[0]):
                 acc += q[u] * np.float32(a[u])
             tq[v] = acc
-        row[:] = 0
+        for t in range(n_c):
+            row[t] = 0
         v = 0
         while v < r:  # four rank components per pass over the row (fewer loads/stores of it)
             o = r * p0 + v * cp
@@ -793,7 +832,7 @@ def fused_search_serial(qr, queries, clusters, a_src, a_scale, a_pair, src, bsca
                    cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s)
 
 
-@njit(inline="always")
+@njit(cache=True, nogil=True)
 def _best_above(row, th, w, out, cs, ci):
     """The w best positions of row (best first, ties to the lower one) into out, given a bound
     th with at least w entries of row at or above it: those entries are gathered into the
@@ -813,7 +852,8 @@ def _best_above(row, th, w, out, cs, ci):
         for j in range(n):
             m = _push(hs, hi, m, w, cs[j], ci[j])
         _drain_sorted(hs, hi, m, cs, ci)
-    out[:] = ci[:w]
+    for j in range(w):
+        out[j] = ci[j]
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
@@ -833,7 +873,7 @@ def top_columns(scores: np.ndarray, w: int, out: np.ndarray) -> None:
         _top_of_row(scores[qi], w, out[qi])
 
 
-@njit(inline="always", fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _top_few(row, w, out, cs, ci):
     """The w <= 16 best positions of row (N,) into out (Wc,), best first, ties to the lower
     position; cs/ci (N,) scratch.  The 16 lane maxima of row's 16-wide blocks (one vectorised
@@ -845,7 +885,8 @@ def _top_few(row, w, out, cs, ci):
     th = np.float32(-np.inf)
     if full:
         lane = np.empty(_PAIR_LANES, np.float32)
-        lane[:] = row[:_PAIR_LANES]
+        for t in range(_PAIR_LANES):
+            lane[t] = row[t]
         for j0 in range(_PAIR_LANES, full, _PAIR_LANES):
             blk = row[j0:j0 + _PAIR_LANES]
             for t in range(_PAIR_LANES):
@@ -911,7 +952,8 @@ def transpose_clusters_serial(clusters, start, size, cap, bdeq, bcodes, codes, b
 def group_visits(top, n_clusters, rows, starts):
     """Group the visits top (Q, Wc) by cluster (a counting sort): the visits of cluster c are
     rows[starts[c]:starts[c + 1]], the ids of its queries in increasing order."""
-    starts[:] = 0
+    for c in range(starts.shape[0]):
+        starts[c] = 0
     for qi in range(top.shape[0]):
         for j in range(top.shape[1]):
             starts[top[qi, j] + 1] += 1
@@ -1135,7 +1177,8 @@ def reduce_queries(q, t_red, out):
     it alike, so they return the same)."""
     for i in range(q.shape[0]):
         red = out[i]
-        red[:] = 0
+        for j in range(red.shape[0]):
+            red[j] = 0
         for u in range(q.shape[1]):
             v = q[i, u]
             row = t_red[u]
