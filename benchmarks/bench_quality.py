@@ -5,8 +5,8 @@ Variants (train-toy's model: MLA, d=64, 2 layers, 4 heads):
 
     dense           full causal attention
     topk-k8/k32     token top-k, k = 8 / 32
-    tail-k8         token top-k, k = 8, with tail="mean" (the dropped softmax mass goes to the
-                    mean unselected value, ops/tail_attention.py)
+    tail-k8/k32     token top-k, k = 8 / 32, with tail="mean" (the dropped softmax mass goes to
+                    the mean unselected value, ops/tail_attention.py)
     dynamic-k       token top-k with topk="auto", tail_bound 0.05 (set on the layers: TrainConfig
                     has no dynamic k)
     block-16x2      block top-k (MoBA), blocks of 16, 2 per query (own included)
@@ -56,6 +56,7 @@ VARIANTS = {  # name -> (TrainConfig fields, layer overrides or None, op method 
     "topk-k8": ({"attention": "topk", "k": 8}, None, ("token-k8", {})),
     "topk-k32": ({"attention": "topk", "k": 32}, None, ("token-kN", {"block_size": 16, "topk_blocks": 2})),
     "tail-k8": ({"attention": "topk", "k": 8, "tail": "mean"}, None, None),
+    "tail-k32": ({"attention": "topk", "k": 32, "tail": "mean"}, None, None),
     "dynamic-k": ({"attention": "topk", "k": 8}, {"topk": "auto", "tail_bound": 0.05}, None),
     "block-16x2": ({"attention": "block", "block_size": 16, "topk_blocks": 2}, None,
                    ("block-blockwise", {"block_size": 16, "topk_blocks": 2})),
