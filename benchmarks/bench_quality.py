@@ -95,6 +95,22 @@ def layer_overrides(overrides):
         tt.Transformer = base
 
 
+def task_metric(task):
+    """The quality column of a task's rows: MQAR accuracy (higher is better), else bits/char."""
+    return "accuracy" if task.startswith("mqar") else "bits_per_char"
+
+
+def add_budget_args(ap):
+    """The step budgets and long-task shape options (shared with bench_quality_seeds.py)."""
+    ap.add_argument("--mqar-steps", type=int, default=600)
+    ap.add_argument("--text-steps", type=int, default=500)
+    ap.add_argument("--long-steps", type=int, default=400)
+    ap.add_argument("--text-long-steps", type=int, default=400)
+    ap.add_argument("--long-len", type=int, default=512)
+    ap.add_argument("--long-pairs", type=int, default=24)
+    ap.add_argument("--long-batch", type=int, default=8)
+
+
 def task_fields(task, a):
     if task == "mqar":
         return {"task": "mqar", "seq_len": 64, "steps": a.mqar_steps, "batch_size": 32}
@@ -159,7 +175,7 @@ def fmt_table(rows, costs, tasks, variants):
             if r is None:
                 line += f" {'-':>15} {'-':>7} {'-':>7}"
                 continue
-            q = r["accuracy"] if t.startswith("mqar") else r["bits_per_char"]
+            q = r[task_metric(t)]
             line += f" {q:>15.4f} {r['keys_per_query']:>7.1f} {r['tokens_per_s'] or 0:>7.0f}"
         c = costs.get(v)
         if c is None or "error" in c:
@@ -245,13 +261,7 @@ def main():
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mqar-steps", type=int, default=600)
-    ap.add_argument("--text-steps", type=int, default=500)
-    ap.add_argument("--long-steps", type=int, default=400)
-    ap.add_argument("--text-long-steps", type=int, default=400)
-    ap.add_argument("--long-len", type=int, default=512)
-    ap.add_argument("--long-pairs", type=int, default=24)
-    ap.add_argument("--long-batch", type=int, default=8)
+    add_budget_args(ap)
     ap.add_argument("--quick", action="store_true",
                     help="a small budget: 100 MQAR, 50 text, 15 long steps of 4 sequences (far from converged)")
     ap.add_argument("--threads", type=int, default=1)
@@ -296,7 +306,7 @@ def main():
         by = {(r["variant"], r["task"]): r for r in rows}
         charts = []
         for t in a.tasks:
-            key = "accuracy" if t.startswith("mqar") else "bits_per_char"
+            key = task_metric(t)
             charts.append(plotting.chart(f"{t}: {key} vs keys attended per query", "keys per query", key,
                                          [plotting.series(v, [by[(v, t)]["keys_per_query"]], [by[(v, t)][key]])
                                           for v in trained if (v, t) in by], xscale="log"))

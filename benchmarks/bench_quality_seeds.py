@@ -29,10 +29,6 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "q
 DEFAULT_VARIANTS = ["dense", "topk-k32", "tail-k32", "hybrid-k32-d0"]
 
 
-def metric_name(task):
-    return "accuracy" if task.startswith("mqar") else "bits_per_char"
-
-
 def _stats(values):
     """mean, sample sd (ddof 1; 0 for one value), standard error, min, max of a non-empty list."""
     n = len(values)
@@ -50,7 +46,7 @@ def seed_summary(rows, baseline="dense"):
     keys = sorted({(r["variant"], r["task"]) for r in rows}, key=lambda vt: (vt[1], vt[0] != baseline, vt[0]))
     out = []
     for variant, task in keys:
-        key = metric_name(task)
+        key = bench_quality.task_metric(task)
         seeds = sorted(s for (v, t, s) in by if (v, t) == (variant, task))
         values = [by[(variant, task, s)][key] for s in seeds]
         entry = {"variant": variant, "task": task, "metric": key, "seeds": seeds, "values": values,
@@ -96,13 +92,7 @@ def parse_args(argv=None):
     ap.add_argument("--baseline", default="dense", choices=list(bench_quality.VARIANTS),
                     help="the variant every gap is measured against (trained too)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="rows trained at once")
-    ap.add_argument("--mqar-steps", type=int, default=600)
-    ap.add_argument("--text-steps", type=int, default=500)
-    ap.add_argument("--long-steps", type=int, default=400)
-    ap.add_argument("--text-long-steps", type=int, default=400)
-    ap.add_argument("--long-len", type=int, default=512)
-    ap.add_argument("--long-pairs", type=int, default=24)
-    ap.add_argument("--long-batch", type=int, default=8)
+    bench_quality.add_budget_args(ap)
     ap.add_argument("--json", default=RESULTS, help=f"write the rows here (default {RESULTS}; '' to skip)")
     ap.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
     a = ap.parse_args(argv)
@@ -122,8 +112,8 @@ def main(argv=None):
     with ProcessPoolExecutor(a.jobs) as pool:
         for row in pool.map(_train, jobs):
             rows.append(row)
-            print(f"seed {row['seed']} {row['task']} {row['variant']}: "
-                  f"{metric_name(row['task'])} {row[metric_name(row['task'])]:.4f}", flush=True)
+            key = bench_quality.task_metric(row["task"])
+            print(f"seed {row['seed']} {row['task']} {row['variant']}: {key} {row[key]:.4f}", flush=True)
     summary = seed_summary(rows, a.baseline)
     print()
     print(f"seeds {a.seeds}; each task at bench_quality's budget; gap = variant - {a.baseline} at the same seed")
@@ -131,7 +121,7 @@ def main(argv=None):
     if a.json:
         from topkattn.storage import atomic_write_json
 
-        charts = [plotting.chart(f"{t}: {metric_name(t)} gap to {a.baseline} by seed", "seed", "gap",
+        charts = [plotting.chart(f"{t}: {bench_quality.task_metric(t)} gap to {a.baseline} by seed", "seed", "gap",
                                  [plotting.series(e["variant"], [f"seed {s}" for s in e["gap_seeds"]], e["gaps"])
                                   for e in summary if e["task"] == t and e.get("gaps")], kind="bar")
                   for t in a.tasks]
