@@ -165,3 +165,21 @@ def test_split_axis_is_the_top_principal_axis():
     np.testing.assert_allclose(abs(axis @ ref), 1.0, atol=1e-6)
     assert kmeans._top_axis(np.zeros((5, 3))) is None
     assert kmeans._split(np.ones((6, 3), np.float32)) is None
+
+
+@pytest.mark.parametrize("distance", ["ip", "l2"])
+def test_build_is_scale_equivariant_and_large_data_does_not_overflow(distance):
+    # data scaled by 2^30 (|x| ~ 1e9: float32 products of the fit would overflow unscaled) or
+    # 2^-30 gives the same approximate ranking and the distances times scale^2
+    x = np.random.default_rng(3).standard_normal((400, 16)).astype(np.float32)
+    out = {}
+    for sc in (1.0, 2.0**30, 2.0**-30):
+        idx = LorannIndex(x * np.float32(sc), 4, rank=4, distance=distance)
+        with np.errstate(over="raise", invalid="raise"):
+            idx.build()
+        ids, d = idx.search(x[:30] * np.float32(sc), 5, clusters_to_search=2, points_to_rerank=0,
+                            return_distances=True)
+        out[sc] = (ids, d / sc**2)
+    for sc in (2.0**30, 2.0**-30):
+        np.testing.assert_array_equal(out[sc][0], out[1.0][0])
+        np.testing.assert_allclose(out[sc][1], out[1.0][1], rtol=1e-6, atol=1e-6)

@@ -65,6 +65,12 @@ def top_eigh(sym: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     return w, basis @ v
 
 
+def _pow2_scale(x: np.ndarray) -> float:
+    """A power of two c with max|c x| in [0.5, 1) (1.0 for an empty or all-zero x): an exact rescaling."""
+    top = float(np.max(np.abs(x))) if x.size else 0.0
+    return 1.0 if not top or not np.isfinite(top) else float(2.0 ** -np.frexp(top)[1])
+
+
 def fit_cluster(beta: np.ndarray, gram: np.ndarray, rank: int,
                 factor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit the rank-``rank`` model of one cluster.
@@ -90,10 +96,14 @@ def fit_cluster(beta: np.ndarray, gram: np.ndarray, rank: int,
     gram = np.asarray(gram, np.float64)
     f = gram_sqrt(gram) if factor is None else np.asarray(factor, np.float64)
     # the (Dg, Dg) products run in beta's dtype (float32 for the index: 2x faster, and the
-    # placement P below is solved in float64 from whatever A results, so it stays exact)
-    bb = beta @ beta.T  # (Dg, Dg), the O(N Dg^2) step
-    fc = f.astype(beta.dtype)
-    mm = (fc @ bb @ fc.T).astype(np.float64)  # (Dg, Dg) = M M^T
+    # placement P below is solved in float64 from whatever A results, so it stays exact), on
+    # beta and F scaled by powers of two (exact) to about 1, so that large data (|x| ~ 1e9)
+    # cannot overflow float32: bb, mm and the eigenvalues are those of the scaled factors
+    cb, cf = _pow2_scale(beta), _pow2_scale(f)
+    beta_s = beta * beta.dtype.type(cb) if cb != 1.0 else beta
+    bb = beta_s @ beta_s.T  # (Dg, Dg) = cb^2 beta beta^T, the O(N Dg^2) step
+    fc = (f * cf).astype(beta.dtype)
+    mm = (fc @ bb @ fc.T).astype(np.float64)  # (Dg, Dg) = (cb cf)^2 M M^T
     keep = min(rank, g, n)
     A = np.zeros((g, rank))
     Bt = np.zeros((n, rank))
@@ -105,8 +115,8 @@ def fit_cluster(beta: np.ndarray, gram: np.ndarray, rank: int,
     r_eff = int(np.sum(w > tol))
     if not r_eff:
         return A, Bt, P
-    s = np.sqrt(w[:r_eff])  # (r_eff,)
-    a = bb.astype(np.float64) @ (f.T @ u[:, :r_eff]) / s  # (Dg, r_eff) = beta V
+    s = np.sqrt(w[:r_eff])  # (r_eff,) = cb cf times M's singular values
+    a = bb.astype(np.float64) @ (cf * f.T @ u[:, :r_eff]) / (s * cb)  # (Dg, r_eff) = beta V
     ag = a.T @ gram  # (r_eff, Dg)
     try:
         p = np.linalg.solve(ag @ a, ag)  # (r_eff, Dg)
