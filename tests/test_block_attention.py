@@ -414,3 +414,16 @@ def test_backward_rejects_wrong_dout_and_foreign_saved():
         ta.block_topk_attention_backward(np.ones((1, 2, 5, 5)), saved)
     with pytest.raises(TypeError, match="saved must come from block_topk_attention_forward"):
         ta.block_topk_attention_backward(out, ta.topk_attention_forward(q, k, v, topk=2)[1])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_size_beyond_any_int64_is_one_block_of_every_key(causal):
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((1, 2, 5, 4)), rng.standard_normal((1, 2, 7, 4)), rng.standard_normal((1, 2, 7, 3))
+    out, saved = ta.block_topk_attention_forward(q, k, v, block_size=10**30, topk_blocks=1, causal=causal)
+    np.testing.assert_allclose(out, ta.topk_attention(q, k, v, topk=7, causal=causal), atol=1e-12)
+    assert saved.indices().shape[-1] == 7  # K = one block of S keys, not 10**30 slots
+    dout = rng.standard_normal(out.shape)
+    ref = ta.block_topk_attention_forward(q, k, v, block_size=7, topk_blocks=1, causal=causal)[1]
+    for g, r in zip(ta.block_topk_attention_backward(dout, saved), ta.block_topk_attention_backward(dout, ref)):
+        np.testing.assert_allclose(g, r, atol=1e-12)

@@ -850,3 +850,18 @@ def test_dense_nonfinite_value_in_one_kv_head_stays_in_its_head():
         want, lse = dense_attention_reference(q, k, v, causal=causal)
         np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-14, equal_nan=True)
         np.testing.assert_allclose(saved.lse, lse, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sinks", "window"])
+def test_sinks_or_window_beyond_any_int64_mean_every_key(name):
+    # 10**30 (a valid int, too big for int64) attends every key, as S does: dense attention
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((1, 2, 5, 4)), rng.standard_normal((1, 2, 7, 4)), rng.standard_normal((1, 2, 7, 3))
+    dense = ta.topk_attention(q, k, v, topk=7)
+    for op in (ta.topk_attention, ta.tail_topk_attention):
+        np.testing.assert_allclose(op(q, k, v, topk=2, **{name: 10**30}), dense, atol=1e-12)
+    out, saved = ta.topk_attention_forward(q, k, v, topk=2, **{name: 10**30})
+    ref_out, ref_saved = ta.topk_attention_forward(q, k, v, topk=2, **{name: 7})
+    dout = rng.standard_normal(out.shape)
+    for g, r in zip(ta.topk_attention_backward(dout, saved), ta.topk_attention_backward(dout, ref_saved)):
+        np.testing.assert_allclose(g, r, atol=1e-12)

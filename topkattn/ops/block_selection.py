@@ -54,7 +54,8 @@ class BlockBounds:
     """
 
     def __init__(self, S: int, T: int, *, block_size: int, topk_blocks: int, causal: bool) -> None:
-        self.S, self.T, self.block_size, self.causal = int(S), int(T), int(block_size), bool(causal)
+        self.S, self.T, self.causal = int(S), int(T), bool(causal)
+        self.block_size = min(int(block_size), max(self.S, 1))  # one block of all S keys either way
         self.n_blocks = -(-self.S // self.block_size)
         self.n_sel = min(int(topk_blocks), self.n_blocks)
         pos = np.arange(T, dtype=np.int64) + (S - T)  # (T,)

@@ -63,7 +63,8 @@ class RowBounds:
     def __init__(self, S: int, T: int, *, topk: int, causal: bool, sinks: int, window: int) -> None:
         pos = np.arange(T, dtype=np.int64) + (S - T)  # (T,)
         self.S, self.T = S, T
-        self.sinks = int(sinks)
+        sinks, window = min(int(sinks), S), min(int(window), S)  # more than S means all S (no int64 overflow)
+        self.sinks = sinks
         self.end = np.clip(pos + 1, 0, S) if causal else np.full(T, S, dtype=np.int64)
         if window > 0:  # the `window` most recent visible keys (causal=False: the last keys)
             self.win_lo = np.clip(self.end - window, sinks, S)
@@ -71,8 +72,8 @@ class RowBounds:
         else:
             self.win_lo = np.zeros(T, dtype=np.int64)
             self.win_hi = np.zeros(T, dtype=np.int64)
-        self.n_sink = min(int(sinks), S)
-        self.n_win = min(int(window), S)
+        self.n_sink = sinks
+        self.n_win = window
         self.n_sel = min(int(topk), S)
 
     def n_candidates(self) -> np.ndarray:
