@@ -296,6 +296,11 @@ def _check_attention_options(values, given):
     elif "k" in given:
         raise click.UsageError("--k applies to --attention topk; --attention block takes --block-size and "
                                "--topk-blocks")
+    if values["attention"] == "dense":
+        for name in ("k", "forget_rate"):
+            if name in given:
+                raise click.UsageError(f"{_option(name)} applies to --attention topk; --attention dense attends "
+                                       f"every key")
     layers = values.get("layers", 2)
     for i in values.get("dense_layers") or ():
         if i >= layers:

@@ -260,6 +260,8 @@ def test_old_checkpoint_config_takes_the_new_defaults():
     (["--dense-layers", "1,1"], "--dense-layers repeats"),
     (["--block-size", "4"], "--block-size applies only with --attention block"),
     (["--attention", "block", "--k", "3"], "--k applies to --attention topk"),
+    (["--attention", "dense", "--k", "3"], "--k applies to --attention topk; --attention dense attends every key"),
+    (["--attention", "dense", "--forget-rate", "0.5"], "--forget-rate applies to --attention topk"),
     (["--attention", "block", "--topk-blocks", "0"], "--topk-blocks"),
 ])
 def test_train_toy_usage_errors(args, needle):

@@ -3,6 +3,7 @@ on the same mask, torch.autograd.gradcheck in float64, zero-copy DLPack boundari
 import numpy as np
 import pytest
 
+import topkattn as ta
 from topkattn.testing import make_qkv
 
 torch = pytest.importorskip("torch")
@@ -282,3 +283,13 @@ def test_low_precision_is_computed_in_float32_and_cast_back(dtype):
         torch.testing.assert_close(a.grad, b.grad.to(dtype), rtol=0, atol=0)
     np.testing.assert_allclose(ref.detach().numpy(), topk_attention_reference(
         *(t.detach().numpy() for t in (q32, k32, v32)), topk=3, sinks=1)[0], rtol=2e-5, atol=2e-5)
+
+
+def test_plain_op_names_a_bfloat16_tensor_numpy_cannot_import():
+    # the engine's ops (not the torch bridge) read tensors through DLPack: bfloat16 gets a TypeError
+    # naming the argument and the dtype, not DLPack's bare RuntimeError
+    q, k, v = (t.detach() for t in _inputs(15))
+    with pytest.raises(TypeError, match=r"^q must be float32 or float64.*bfloat16"):
+        ta.topk_attention(q.bfloat16(), k, v, topk=3)
+    with pytest.raises(TypeError, match=r"^v must be float32 or float64.*bfloat16"):
+        ta.block_topk_attention(q, k, v.bfloat16(), block_size=2, topk_blocks=1)

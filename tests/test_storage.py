@@ -138,6 +138,7 @@ def test_corrupted_container_is_one_error_naming_the_file(tmp_path):
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, o=np.array([{"a": 1}], dtype=object))
     _raises(pickled, "truncated or corrupted")                   # never unpickled
+    _raises(tmp_path, "is a folder, not a topkattn thing file")
 
     with pytest.raises(MissingFileError, match="does not exist") as e:
         load_container(tmp_path / "missing.npz", kind="thing", max_version=1)

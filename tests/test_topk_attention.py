@@ -865,3 +865,18 @@ def test_sinks_or_window_beyond_any_int64_mean_every_key(name):
     dout = rng.standard_normal(out.shape)
     for g, r in zip(ta.topk_attention_backward(dout, saved), ta.topk_attention_backward(dout, ref_saved)):
         np.testing.assert_allclose(g, r, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", ["no", None, 1, 0.0])
+def test_causal_must_be_a_bool_in_every_op(causal):
+    from topkattn.ops.dense_attention import dense_attention
+
+    q = np.zeros((1, 1, 2, 2))
+    calls = [lambda c: ta.topk_attention(q, q, q, topk=1, causal=c),
+             lambda c: ta.tail_topk_attention(q, q, q, topk=1, causal=c),
+             lambda c: ta.block_topk_attention(q, q, q, block_size=1, topk_blocks=1, causal=c),
+             lambda c: dense_attention(q, q, q, causal=c)]
+    for call in calls:
+        with pytest.raises(TypeError, match=f"causal must be True or False, got {type(causal).__name__}"):
+            call(causal)
+        np.testing.assert_array_equal(call(np.bool_(False)), call(False))

@@ -604,3 +604,11 @@ def test_leftover_json_temporaries_are_removed_at_the_next_run(tmp_path):
 def test_config_refuses_a_rope_base_the_layers_cannot_use(value):
     with pytest.raises(ValueError, match="rope_base must be > 1, got "):
         TrainConfig(rope_base=value)
+
+
+def test_config_refuses_forgetting_with_dense_attention():
+    # dense attention drops no key: a forget_rate there would be recorded yet do nothing
+    with pytest.raises(ValueError, match="forget_rate applies to attention='topk'.*got forget_rate=0.5 with "
+                                         "attention='dense'"):
+        TrainConfig(attention="dense", forget_rate=0.5)
+    assert TrainConfig(attention="topk", forget_rate=0.5, dense_layers=[0]).forget_rate == 0.5

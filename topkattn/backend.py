@@ -74,11 +74,16 @@ def as_engine_array(x: Any, name: str = "array") -> Array:
             return require_cupy().from_dlpack(x)
         try:
             return np.from_dlpack(x)
-        except (BufferError, TypeError, RuntimeError):
-            # e.g. a torch tensor that requires grad: detach first
-            if _framework(x) == "torch":
+        except (BufferError, TypeError, RuntimeError) as e:
+            err = e
+        if _framework(x) == "torch":  # e.g. a tensor that requires grad: detach first
+            try:
                 return np.from_dlpack(x.detach())
-            raise
+            except (BufferError, TypeError, RuntimeError) as e:
+                err = e
+        # e.g. bfloat16, which NumPy cannot hold
+        raise TypeError(f"{name} must be float32 or float64 (or an array NumPy can import), got "
+                        f"{type(x).__name__} of dtype {getattr(x, 'dtype', '?')}: {err}") from err
     if hasattr(x, "__cuda_array_interface__"):
         return require_cupy().asarray(x)
     try:

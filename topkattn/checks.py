@@ -51,6 +51,13 @@ def check_real(name: str, value: Any, lo: float | None = None, hi: float | None 
     return v
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``bool(value)`` of True/False (or a NumPy bool); TypeError for anything else (1, "no", None)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """``value`` if it is one of the strings ``choices``; TypeError for a non-string, ValueError
     listing the choices for another string."""

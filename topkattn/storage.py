@@ -206,6 +206,8 @@ def _read_members(path, kind):
                                    f"({type(e).__name__}: {e})") from e
     except FileNotFoundError:
         raise MissingFileError(f"{kind} {path} does not exist") from None
+    except IsADirectoryError:
+        raise StorageError(f"{kind} {path} is a folder, not a topkattn {kind} file") from None
     if members is None:
         raise StorageError(f"{kind} {path} is a single .npy array, not a topkattn {kind} file")
     return members

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, Array, as_engine_array, get_array_module, to_caller_kind
-from topkattn.checks import check_choice, check_int, check_real
+from topkattn.checks import check_bool, check_choice, check_int, check_real
 from topkattn.ops.block_selection import BlockBounds, block_means, expand_blocks, select_blocks
 from topkattn.ops.blockwise_attention import blockwise_attention_backward, blockwise_attention_forward
 from topkattn.ops.dense_attention import check_dout, default_scale
@@ -99,6 +99,7 @@ def block_topk_attention_forward(q: Array, k: Array, v: Array, *, block_size: in
     """
     like = q
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
+    causal = check_bool("causal", causal)
     check_inputs(q, k, v, block_size=block_size, topk_blocks=topk_blocks, scale=scale,
                  chunk_size=chunk_size, route=route, impl=impl)
     xp = get_array_module(q, k, v)

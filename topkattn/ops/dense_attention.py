@@ -26,7 +26,7 @@ from types import ModuleType
 import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, Array, as_engine_array, get_array_module, to_numpy
-from topkattn.checks import check_int, check_real
+from topkattn.checks import check_bool, check_int, check_real
 from topkattn.ops.selection import decode_scores
 from topkattn.ops.sparse_attention import inactive_rows, run_split
 from topkattn.threads import blas_single_thread, n_workers
@@ -80,6 +80,7 @@ def dense_attention_forward(q: Array, k: Array, v: Array, *, causal: bool = True
     """
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
     check_qkv(q, k, v, scale, chunk_size)
+    causal = check_bool("causal", causal)
     xp = get_array_module(q, k, v)
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from topkattn.backend import Array, as_engine_array, get_array_module, to_caller_kind
-from topkattn.checks import check_int, check_real
+from topkattn.checks import check_bool, check_int, check_real
 from topkattn.ops.dense_attention import (
     TILE_BYTES,
     check_dout,
@@ -106,7 +106,7 @@ def tail_topk_attention_forward(q: Array, k: Array, v: Array, *, topk: int | str
     G, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     rep = H // G
     scale = default_scale(D) if scale is None else float(scale)
-    causal = bool(causal)
+    causal = check_bool("causal", causal)
     c = chunk_size or max(1, TILE_BYTES // max(1, B * H * S * q.dtype.itemsize))
     if topk == "auto":
         idx, _ = select_dynamic_topk(q, k, tail_bound=float(tail_bound), max_topk=max_topk, causal=causal,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from topkattn.backend import FLOAT_DTYPES, Array, as_engine_array, get_array_module, to_caller_kind
-from topkattn.checks import check_choice, check_int, check_real, make_rng
+from topkattn.checks import check_bool, check_choice, check_int, check_real, make_rng
 from topkattn.ops.dense_attention import check_dout, default_scale
 from topkattn.ops.selection import check_head_slice, select_dynamic_topk, select_topk
 from topkattn.ops.sparse_attention import (
@@ -83,6 +83,7 @@ def topk_attention_forward(q: Array, k: Array, v: Array, *, topk: int | str, cau
     """
     like = q
     q, k, v = (as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
+    causal = check_bool("causal", causal)
     check_inputs(q, k, v, topk=topk, scale=scale, temperature=temperature,
                   forget_rate=forget_rate, sinks=sinks, window=window, chunk_size=chunk_size,
                   tail_bound=tail_bound, max_topk=max_topk, impl=impl, seed=seed, head_slice=head_slice)

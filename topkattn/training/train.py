@@ -157,6 +157,9 @@ class TrainConfig(ConfigDict):
             check_real(name, getattr(self, name), 0.0, 1.0)
         if not isinstance(self.token_shift, bool):
             raise TypeError(f"token_shift must be True or False, got {self.token_shift!r}")
+        if self.forget_rate and self.attention == "dense":
+            raise ValueError(f"forget_rate applies to attention='topk' (dense attention drops no key), got "
+                             f"forget_rate={self.forget_rate!r} with attention='dense'")
         if self.tail is not None and self.attention != "topk":
             raise ValueError(f"tail applies to attention='topk' (token top-k), got tail={self.tail!r} with "
                              f"attention={self.attention!r}")
