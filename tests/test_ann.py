@@ -457,6 +457,14 @@ def test_bad_input(data):
     np.testing.assert_array_equal(ix.search(q, 5, 9, 10), ix.search(q, 5, 8, 10))
     with pytest.raises(ValueError, match="points_to_rerank"):
         ix.search(q, 5, 2, -1)
+    for bad in ("no", None, 1):  # one query (the latency path) and a batch, search and exact_search
+        for queries in (q[0], q):
+            with pytest.raises(TypeError, match="return_distances must be True or False"):
+                ix.search(queries, 5, 2, 10, return_distances=bad)
+            with pytest.raises(TypeError, match="return_distances must be True or False"):
+                ix.exact_search(queries, 5, return_distances=bad)
+    np.testing.assert_array_equal(ix.search(q, 5, 2, 10, return_distances=np.bool_(True))[1],
+                                  ix.search(q, 5, 2, 10, return_distances=True)[1])
     with pytest.raises(ValueError, match="new_points"):
         ix.add(np.zeros((2, 31), np.float32))
     with pytest.raises(ValueError, match="non-finite"):

@@ -96,7 +96,7 @@ import numpy as np
 from topkattn.ann import kernels, kmeans, quant, rrr
 from topkattn.ann.rwlock import RWLock
 from topkattn.backend import Array, get_array_module, is_cupy_array, to_numpy
-from topkattn.checks import check_choice, check_int, check_real, make_rng
+from topkattn.checks import check_bool, check_choice, check_int, check_real, make_rng
 from topkattn.threads import blas_single_thread, n_workers
 
 KMEANS_ITERATIONS = 10
@@ -527,6 +527,8 @@ class LorannIndex:
         thread and restored afterwards, so concurrent calls do not affect each other; BLAS
         keeps its own (process-wide) thread count.  Ignored for CuPy queries.
         """
+        if return_distances is not False and return_distances is not True:
+            return_distances = check_bool("return_distances", return_distances)
         if (type(q) is np.ndarray and q.ndim == 1 and q.dtype == np.float32 and type(k) is int
                 and type(clusters_to_search) is int and type(points_to_rerank) is int and n_threads == -1
                 and self.built and k >= 1 and clusters_to_search >= 1 and points_to_rerank >= 0
@@ -605,6 +607,7 @@ class LorannIndex:
         xp = get_array_module(q)
         q2, single = self._check_queries(q, "q", xp)
         k = check_int("k", k, 1, None)
+        return_distances = check_bool("return_distances", return_distances)
         n_threads = _check_threads(n_threads)
         with self._lock.read(), _numba_threads(n_threads):
             kk = min(k, self._n)
