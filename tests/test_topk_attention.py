@@ -880,3 +880,14 @@ def test_causal_must_be_a_bool_in_every_op(causal):
         with pytest.raises(TypeError, match=f"causal must be True or False, got {type(causal).__name__}"):
             call(causal)
         np.testing.assert_array_equal(call(np.bool_(False)), call(False))
+
+
+def test_masked_array_is_refused_and_other_ndarray_subclasses_are_read_as_plain_arrays(tmp_path):
+    q, k, v = make_qkv(0)
+    with pytest.raises(TypeError, match=r"^q must be a plain array, not a masked array"):
+        ta.topk_attention(np.ma.masked_array(q, mask=q > 0), k, v, topk=2)
+    mm = np.memmap(tmp_path / "q.dat", dtype=q.dtype, mode="w+", shape=q.shape)
+    mm[:] = q
+    out = ta.topk_attention(mm, k, v, topk=2)
+    assert type(out) is np.ndarray
+    np.testing.assert_array_equal(out, ta.topk_attention(q, k, v, topk=2))

@@ -64,8 +64,13 @@ def as_engine_array(x: Any, name: str = "array") -> Array:
     JAX, ...) are imported zero-copy with ``from_dlpack`` (CuPy for CUDA
     devices).  Python lists and scalars go through ``numpy.asarray``.
     """
-    if isinstance(x, np.ndarray) or is_cupy_array(x):
+    if type(x) is np.ndarray or is_cupy_array(x):
         return x
+    if isinstance(x, np.ma.MaskedArray):  # its mask would be dropped silently
+        raise TypeError(f"{name} must be a plain array, not a masked array (its mask would be ignored): "
+                        f"pass {name}.filled(value)")
+    if isinstance(x, np.ndarray):  # another subclass (np.matrix, memmap, ...): its plain ndarray view
+        return x.view(np.ndarray)
     if hasattr(x, "__dlpack__"):
         device_type = None
         if hasattr(x, "__dlpack_device__"):
