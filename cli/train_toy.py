@@ -110,6 +110,9 @@ class BlasThreads(click.ParamType):
 @click.option("--resume", is_flag=True,
               help="Continue from --out's checkpoint; options left out take the checkpoint's "
                    "values, options given must match it.")
+@click.option("--overwrite", is_flag=True,
+              help="Start a new run in an --out folder that holds another run's checkpoint, replacing its "
+                   "files (without it, such a folder is refused unless --resume continues it).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Steps between checkpoints (one is always written at the end).")
 @device_option
@@ -120,7 +123,7 @@ class BlasThreads(click.ParamType):
               help="Print the final metrics as one JSON object on stdout (the bar stays on stderr).")
 @quiet_option
 @click.pass_context
-def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_json, quiet,
+def train_toy(ctx, out_dir, resume, overwrite, checkpoint_every, device, blas_threads, as_json, quiet,
               **options):
     """Train a small MLA decoder with top-k attention and report held-out quality.
 
@@ -141,10 +144,12 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
     from topkattn.training.runs import resume_config
     from topkattn.training.train import (
         OutDirError,
+        RunExistsError,
         RunTooLargeError,
         SaveError,
         TrainConfig,
         check_memory,
+        check_run_folder,
         format_bytes,
         probe_out_dir,
         train,
@@ -190,8 +195,9 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
         try:  # train() checks both too; here before the bar is drawn (one line)
             check_memory(cfg, device)
             if out_dir is not None and rank == 0:
+                check_run_folder(out_dir, resume=resume, overwrite=overwrite)
                 probe_out_dir(out_dir)
-        except (OutDirError, RunTooLargeError) as e:
+        except (OutDirError, RunTooLargeError, RunExistsError) as e:
             error = e
         if comm is not None:
             from topkattn.distributed.data_parallel import agree_setup
@@ -207,15 +213,19 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
             if comm is None:
                 result = train(cfg, out_dir=out_dir, resume=resume, device=device,
                                checkpoint_every=checkpoint_every, progress=progress, log=log,
-                               threads=None if blas_threads == 0 else blas_threads)
+                               threads=None if blas_threads == 0 else blas_threads, overwrite=overwrite)
             else:
                 from topkattn.distributed.data_parallel import train_data_parallel
                 result = train_data_parallel(cfg, comm, out_dir=out_dir, resume=resume, device=device,
-                                             checkpoint_every=checkpoint_every, progress=progress, log=log)
+                                             checkpoint_every=checkpoint_every, progress=progress, log=log,
+                                             overwrite=overwrite)
     except ConfigMismatchError as e:  # a field the checkpoint lacks (an older run)
         raise click.UsageError(str(e)) from None
     except OutDirError as e:  # found before the first step
         raise click.UsageError(f"--out {e.path} is not a writable folder ({e.reason})") from None
+    except RunExistsError as e:
+        raise click.UsageError(f"--out {out_dir} already holds a run ({e.path}): --resume continues it, "
+                               f"--overwrite starts over in its place") from None
     except RunTooLargeError as e:
         raise click.UsageError(
             f"the run needs at least {format_bytes(e.estimate)} of memory (a lower-bound estimate for "
@@ -232,7 +242,7 @@ def train_toy(ctx, out_dir, resume, checkpoint_every, device, blas_threads, as_j
         from topkattn.distributed.data_parallel import PeerError
         if not isinstance(e, PeerError):
             raise  # with MPI the excepthook ends the job
-        if e.kind in ("OutDirError", "RunTooLargeError", "ConfigMismatchError"):
+        if e.kind in ("OutDirError", "RunTooLargeError", "ConfigMismatchError", "RunExistsError"):
             raise click.UsageError(str(e)) from None  # the failing rank's status: 2
         fail(str(e))
     if rank != 0:

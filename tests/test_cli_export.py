@@ -107,6 +107,8 @@ def test_from_safetensors_refuses_bad_files(tmp_path):
     model.to_safetensors(good)
     with pytest.raises(MissingFileError):
         Transformer.from_safetensors(tmp_path / "missing.safetensors")
+    with pytest.raises(StorageError, match=f"model {tmp_path} is a folder, not a safetensors file"):
+        Transformer.from_safetensors(tmp_path)
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:-10])
     with pytest.raises(StorageError, match="not a readable safetensors file"):

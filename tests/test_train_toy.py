@@ -27,6 +27,7 @@ from topkattn.training.tasks import IGNORE
 from topkattn.training.train import (
     FORGET_STREAM,
     OutDirError,
+    RunExistsError,
     RunTooLargeError,
     SaveError,
     TrainConfig,
@@ -612,3 +613,26 @@ def test_config_refuses_forgetting_with_dense_attention():
                                          "attention='dense'"):
         TrainConfig(attention="dense", forget_rate=0.5)
     assert TrainConfig(attention="topk", forget_rate=0.5, dense_layers=[0]).forget_rate == 0.5
+
+
+def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoint(tmp_path):
+    # nothing a user wrote is lost: a second run into the same --out neither resuming nor
+    # overwriting is refused before it touches a file; --overwrite starts over in its place
+    out = tmp_path / "run"
+    cfg = TrainConfig(d_model=16, heads=2, seq_len=12, num_kv_pairs=3, steps=2, batch_size=4, eval_size=8)
+    train(cfg, out_dir=out, threads=1)
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    with pytest.raises(RunExistsError, match="already holds a run's checkpoint") as e:
+        train(dataclasses.replace(cfg, seed=1), out_dir=out, threads=1)
+    assert e.value.path == str(out / "checkpoint.npz")
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "2", "--out", str(out)])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "already holds a run" in r.output and "--resume continues it, --overwrite starts over" in r.output
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "2", "--seed", "1", "--out", str(out),
+                                  "--overwrite", "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 1
+    train(dataclasses.replace(cfg, seed=2), out_dir=out, threads=1, overwrite=True)
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 2

@@ -455,6 +455,8 @@ class Transformer(Module):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise MissingFileError(f"model {path} does not exist")
+        if os.path.isdir(path):
+            raise StorageError(f"model {path} is a folder, not a safetensors file")
         try:
             with st.safe_open(path, framework="numpy") as f:
                 meta = f.metadata() or {}

@@ -140,7 +140,7 @@ class PeerError(RuntimeError):
 def train_data_parallel(cfg: TrainConfig, comm: Any, *, out_dir: str | os.PathLike | None = None, resume: bool = False,
                         device: str = "cpu", checkpoint_every: int = 100, progress: Callable[..., Any] | None = None,
                         log: Callable[..., Any] | None = None, eval_every: int | None = None,
-                        check_every: int = 0) -> TrainResult:
+                        check_every: int = 0, overwrite: bool = False) -> TrainResult:
     """:func:`topkattn.training.train.train` over the ranks of ``comm``: returns its TrainResult on
     every rank (the same losses and, checked at the end, the same parameters).
 
@@ -162,7 +162,7 @@ def train_data_parallel(cfg: TrainConfig, comm: Any, *, out_dir: str | os.PathLi
     result = train(cfg, out_dir=out_dir, resume=resume, device=device, checkpoint_every=checkpoint_every,
                    progress=progress if writer else None, log=log if writer else None,
                    eval_every=eval_every, batch_slice=rows, reduce_grads=reducer, is_writer=writer,
-                   after_setup=lambda e: agree_setup(comm, e), threads=threads)
+                   after_setup=lambda e: agree_setup(comm, e), threads=threads, overwrite=overwrite)
     check_replicas(comm, result.model.params)
     return result
 

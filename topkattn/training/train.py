@@ -82,6 +82,15 @@ class OutDirError(OSError):
         self.path, self.reason = path, reason
 
 
+class RunExistsError(FileExistsError):
+    """``out_dir`` already holds a run's checkpoint and the new run neither resumes nor
+    overwrites it (``path``: the checkpoint); found before the first step, nothing is touched."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path} already holds a run's checkpoint: resume it, or overwrite it to start over")
+        self.path = path
+
+
 class SaveError(OSError):
     """Writing a checkpoint, metrics.json or history.json into ``out_dir`` failed during the run;
     the files written before are kept."""
@@ -314,6 +323,14 @@ def probe_out_dir(out_dir: str | os.PathLike) -> None:
         raise OutDirError(out_dir, e.strerror or str(e)) from e
 
 
+def check_run_folder(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> None:
+    """:class:`RunExistsError` when ``out_dir`` holds a checkpoint that a run neither resuming nor
+    overwriting would replace."""
+    existing = os.path.join(os.fspath(out_dir), CHECKPOINT_NAME)
+    if not resume and not overwrite and os.path.exists(existing):
+        raise RunExistsError(existing)
+
+
 def remove_leftovers(out_dir: str | os.PathLike) -> list[str]:
     """Delete the temporary files an interrupted save left in ``out_dir`` (this run's folder):
     the atomic writer's ``<TEMP_PREFIX>*.tmp`` and the older ``history.json.tmp-<pid>`` /
@@ -513,7 +530,7 @@ def train(cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None, resume:
           batch_slice: tuple[int, int] | None = None,
           reduce_grads: Callable[[dict, dict, float, float, float], tuple[float, float]] | None = None,
           is_writer: bool = True, after_setup: Callable[[BaseException | None], Any] | None = None,
-          threads: int | str = "auto") -> TrainResult:
+          threads: int | str = "auto", overwrite: bool = False) -> TrainResult:
     """Train a toy model; returns a :class:`TrainResult` (metrics, per-step losses, model).
 
     Args:
@@ -524,6 +541,9 @@ def train(cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None, resume:
         :class:`OutDirError` if that fails; a write failing later raises :class:`SaveError`
         and keeps the files written before.  Temporary files an interrupted save left
         there are removed.
+      overwrite: without ``resume``, an ``out_dir`` that already holds a checkpoint raises
+        :class:`RunExistsError` before anything is written, unless this is True (the new run's
+        files then replace the old run's).
       resume: continue from ``out_dir/checkpoint.npz``; its config must equal ``cfg``
         (:class:`~topkattn.training.checkpoint.ConfigMismatchError` names the fields otherwise), a
         corrupt file raises :class:`~topkattn.training.checkpoint.CheckpointError`.
@@ -564,12 +584,12 @@ def train(cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None, resume:
         result = _train(cfg, out_dir=out_dir, resume=resume, device=device, checkpoint_every=checkpoint_every,
                         progress=progress, log=log, eval_every=eval_every, batch_slice=batch_slice,
                         reduce_grads=reduce_grads, is_writer=is_writer, after_setup=after_setup,
-                        n_threads=n_threads)
+                        n_threads=n_threads, overwrite=overwrite)
     return result
 
 
 def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eval_every, batch_slice,
-           reduce_grads, is_writer, after_setup, n_threads):
+           reduce_grads, is_writer, after_setup, n_threads, overwrite):
     """The body of :func:`train` (arguments as there), under its thread policy."""
     try:  # everything that can fail before step 1
         check_choice("device", device, ("cpu", "gpu"))
@@ -579,6 +599,7 @@ def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eva
             raise ValueError("resume needs out_dir (the folder holding checkpoint.npz)")
         if out_dir is not None:
             out_dir = os.fspath(out_dir)
+            check_run_folder(out_dir, resume=resume, overwrite=overwrite)
         check_memory(cfg, device)
         log = log or (lambda msg: None)
         t_start, c_start = time.perf_counter(), time.process_time()
