@@ -138,3 +138,19 @@ def test_eager_forward_hands_the_engine_zero_copy_views(monkeypatch):
     assert seen == [(np.ndarray, q.unsafe_buffer_pointer())]
     ref, _, _ = topk_attention_reference(*(np.asarray(a) for a in (q, k, v)), topk=3, window=1)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_jit_checks_shapes_and_dtypes_at_trace_time():
+    # the engine's own errors, raised while tracing (not a host-callback failure at run time)
+    q, k, v = _inputs(7)
+    f = jax.jit(lambda a, b, c: tj.topk_attention(a, b, c, topk=2))
+    with pytest.raises(ValueError, match="query heads H=3 must be a multiple of KV heads G=2"):
+        f(jnp.ones((1, 3, 4, 4)), jnp.ones((1, 2, 5, 4)), jnp.ones((1, 2, 5, 4)))
+    for dtype in (jnp.int32, jnp.bfloat16):
+        with pytest.raises(TypeError, match=f"q must be float32 or float64, got {jnp.dtype(dtype).name}"):
+            f(*(jnp.ones((1, 2, 4, 4), dtype),) * 3)
+    with pytest.raises(ValueError, match="window must be an integer >= 0"):
+        jax.jit(lambda a, b, c: tj.topk_attention(a, b, c, topk=2, window=-1))(q, k, v)
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        tj.topk_attention(q, k, v, topk=2, causal="yes")
+    np.testing.assert_array_equal(np.asarray(f(q, k, v)), np.asarray(tj.topk_attention(q, k, v, topk=2)))

@@ -293,3 +293,17 @@ def test_plain_op_names_a_bfloat16_tensor_numpy_cannot_import():
         ta.topk_attention(q.bfloat16(), k, v, topk=3)
     with pytest.raises(TypeError, match=r"^v must be float32 or float64.*bfloat16"):
         ta.block_topk_attention(q, k, v.bfloat16(), block_size=2, topk_blocks=1)
+
+
+def test_bridge_clamps_ints_beyond_int64_like_the_engine():
+    # topk / sinks / window above S mean every key (chunk_size above T: one chunk), as in the NumPy
+    # op; the schema's int64 would overflow on 10**30 without the clamp
+    q, k, v = (t.detach() for t in _inputs(16))
+    dense = topk_attention(q, k, v, topk=k.shape[-2])
+    for kw in (dict(topk=10**30), dict(topk=2, window=10**30), dict(topk=2, sinks=10**30),
+               dict(topk=k.shape[-2], chunk_size=10**30)):
+        torch.testing.assert_close(topk_attention(q, k, v, **kw), dense, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\) for the torch bridge"):
+        topk_attention(q, k, v, topk=2, forget_rate=0.5, seed=10**30)
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        topk_attention(q, k, v, topk=2, causal="yes")

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from topkattn.backend import as_engine_array, to_numpy
-from topkattn.checks import check_int
+from topkattn.checks import check_bool
 from topkattn.ops.sparse_attention import SparseAttentionSaved
-from topkattn.ops.topk_attention import topk_attention_backward, topk_attention_forward
+from topkattn.ops.topk_attention import check_inputs, topk_attention_backward, topk_attention_forward
 
 
 def topk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, topk: int, causal: bool = True,
@@ -51,7 +51,7 @@ def topk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, topk: int, causa
     if forget_rate and seed is None:
         raise ValueError("forget_rate > 0 needs an int seed in the JAX bridge "
                          f"(got forget_rate={forget_rate!r}, seed=None)")
-    opts = (("topk", topk), ("causal", bool(causal)), ("scale", scale), ("temperature", temperature),
+    opts = (("topk", topk), ("causal", check_bool("causal", causal)), ("scale", scale), ("temperature", temperature),
             ("forget_rate", forget_rate), ("seed", seed), ("sinks", sinks), ("window", window),
             ("chunk_size", chunk_size))
     return _op(opts)(q, k, v)
@@ -83,7 +83,13 @@ def _forward(q, k, v, kw):
         out, saved = topk_attention_forward(*(as_engine_array(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v"))), **kw)
         return jnp.from_dlpack(out), jnp.from_dlpack(saved.idx.astype(np.int32)), jnp.from_dlpack(saved.lse)
     q, k, v = (jnp.asarray(a) for a in (q, k, v))
-    K = _slots(q.shape, k.shape, kw)
+    # traced: check shapes, dtypes and options now, with the engine's own checks on zero-stride
+    # stand-ins, so that a bad call fails at trace time naming the argument (not in the callback)
+    if isinstance(kw["topk"], str):  # dynamic k has no static number of slots
+        raise ValueError(f"topk must be an integer >= 1 in the JAX bridge, got {kw['topk']!r}")
+    stand_ins = [np.broadcast_to(np.zeros((), a.dtype), a.shape) for a in (q, k, v)]
+    check_inputs(*stand_ins, **{name: val for name, val in kw.items() if name != "causal"})
+    K = _slots(k.shape[2], kw)
     B, H, T, _ = q.shape
     shapes = (jax.ShapeDtypeStruct((B, H, T, v.shape[-1]), q.dtype),
               jax.ShapeDtypeStruct((B, H, T, K), jnp.int32),
@@ -116,13 +122,9 @@ def _backward(dout, q, k, v, out, idx, lse, kw):
     return jax.pure_callback(host, shapes, dout, q, k, v, out, idx, lse, vmap_method="sequential")
 
 
-def _slots(q_shape, k_shape, kw):
-    """K, the index slots per query the engine returns (so a traced call knows its shape)."""
-    _, _, T, _ = q_shape
-    S = k_shape[2]
-    if isinstance(kw["topk"], str):  # dynamic k has no static number of slots
-        raise ValueError(f"topk must be an integer >= 1 in the JAX bridge, got {kw['topk']!r}")
-    check_int("topk", kw["topk"], 1)
+def _slots(S, kw):
+    """K, the index slots per query the engine returns for S keys and the (checked) options ``kw``
+    (so a traced call knows its shape)."""
     return min(int(kw["sinks"]), S) + min(int(kw["window"]), S) + min(int(kw["topk"]), S)
 
 

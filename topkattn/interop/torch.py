@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from topkattn.checks import check_int
+from topkattn.checks import check_bool, check_int
 from topkattn.ops.sparse_attention import SparseAttentionSaved
 from topkattn.ops.topk_attention import check_inputs, topk_attention_backward, topk_attention_forward
 
@@ -70,7 +70,7 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, *, topk: int, causal: bool =
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     opts = _op_options(topk=topk, causal=causal, scale=scale, temperature=temperature,
                        forget_rate=forget_rate, seed=seed, sinks=sinks, window=window,
-                       chunk_size=chunk_size)
+                       chunk_size=chunk_size, T=q.shape[-2], S=k.shape[-2])
     if low:
         out, _, _ = _TopkAttention.apply(q.float(), k.float(), v.float(), *opts)
         return out.to(q.dtype)
@@ -78,16 +78,21 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, *, topk: int, causal: bool =
     return out
 
 
-def _op_options(*, topk, causal, scale, temperature, forget_rate, seed, sinks, window, chunk_size):
-    """The forward op's scalar arguments in schema order, checked (errors name the argument)."""
+def _op_options(*, topk, causal, scale, temperature, forget_rate, seed, sinks, window, chunk_size, T, S):
+    """The forward op's scalar arguments in schema order, checked (errors name the argument).
+    topk, sinks and window above S (and chunk_size above T) mean what S (T) means: clamped, so
+    that any Python int fits the schema's int64."""
     if isinstance(topk, str):
         raise ValueError(f"topk must be an integer >= 1 (the torch bridge has no 'auto'), got {topk!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an integer or None for the torch bridge, got {type(seed).__name__}")
-    return (check_int("topk", topk, 1), bool(causal), None if scale is None else _real("scale", scale),
-            _real("temperature", temperature), _real("forget_rate", forget_rate), seed,
-            check_int("sinks", sinks, 0), check_int("window", window, 0),
-            check_int("chunk_size", chunk_size, 1, optional=True))
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63) for the torch bridge, got {seed!r}")
+    chunk = check_int("chunk_size", chunk_size, 1, optional=True)
+    return (min(check_int("topk", topk, 1), max(S, 1)), check_bool("causal", causal),
+            None if scale is None else _real("scale", scale), _real("temperature", temperature),
+            _real("forget_rate", forget_rate), seed, min(check_int("sinks", sinks, 0), S),
+            min(check_int("window", window, 0), S), None if chunk is None else min(chunk, max(T, 1)))
 
 
 def _real(name, value):
