@@ -10,11 +10,19 @@ higher) as mean, sample standard deviation, standard error, min and max over the
     python benchmarks/bench_quality_seeds.py                     # text-long, 5 seeds, 2 jobs
     python benchmarks/bench_quality_seeds.py --tasks text --seeds 0 1 2 --variants dense topk-k8
 
+The committed results (ten seeds of dense and k = 32; tail-k32 and hybrid-k32-d0 over the first five):
+
+    python benchmarks/bench_quality_seeds.py --text-long-steps 400
+    python benchmarks/bench_quality_seeds.py --text-long-steps 400 --variants dense topk-k32 --seeds 5 6 7 8 9 --merge
+    python benchmarks/bench_quality_seeds.py --text-long-steps 1000 --variants dense topk-k32 \
+        --seeds 0 1 2 3 4 5 6 7 8 9 --json benchmarks/results/quality_seeds_1000.json
+
 Rows train in --jobs processes at once (one thread each): their tokens/s columns are then not
 comparable, and this benchmark reports quality only (bench_quality.py for the costs).
 Writes benchmarks/results/quality_seeds.json and a PNG of the gaps per seed.
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -77,6 +85,27 @@ def fmt_summary(summary):
     return "\n".join(lines)
 
 
+def previous_rows(a, jobs):
+    """The rows of the existing ``a.json`` to keep (--merge): those whose (variant, task, seed) is
+    not trained now, each checked to have been trained with the budget this run would use for it
+    (bench_quality.row_budget); exit with the stale rows listed otherwise, before any training."""
+    if not a.json or not os.path.exists(a.json):
+        raise SystemExit(f"--merge needs an existing --json file, got {a.json!r}")
+    with open(a.json) as f:
+        old = json.load(f)
+    now = {(v, t, s) for v, t, s, _ in jobs}
+    kept, stale = [], []
+    for r in old["rows"]:
+        if (r["variant"], r["task"], r["seed"]) in now or r["variant"] not in bench_quality.VARIANTS:
+            continue
+        want = bench_quality.row_budget(r["task"], argparse.Namespace(**{**vars(a), "seed": r["seed"]}))
+        (kept if r.get("budget") == want else stale).append(r)
+    if stale:
+        raise SystemExit("--merge: these rows of {} were trained with another budget: {}".format(
+            a.json, "; ".join(f"{r['variant']}/{r['task']}/seed {r['seed']}" for r in stale)))
+    return kept
+
+
 def _train(job):
     variant, task, seed, a = job
     a = argparse.Namespace(**{**vars(a), "seed": seed})
@@ -95,6 +124,9 @@ def parse_args(argv=None):
     bench_quality.add_budget_args(ap)
     ap.add_argument("--json", default=RESULTS, help=f"write the rows here (default {RESULTS}; '' to skip)")
     ap.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of the existing --json file for the (variant, task, seed) not trained now "
+                         "(their budgets must match: checked) and summarise them all")
     a = ap.parse_args(argv)
     if any(s < 0 for s in a.seeds) or len(set(a.seeds)) != len(a.seeds):
         ap.error(f"--seeds must be distinct non-negative integers, got {a.seeds}")
@@ -108,12 +140,23 @@ def main(argv=None):
     a = parse_args(argv)
     variants = [a.baseline] + [v for v in a.variants if v != a.baseline]
     jobs = [(v, t, s, a) for s in a.seeds for t in a.tasks for v in variants]
+    kept = previous_rows(a, jobs) if a.merge else []
     rows = []
     with ProcessPoolExecutor(a.jobs) as pool:
         for row in pool.map(_train, jobs):
             rows.append(row)
             key = bench_quality.task_metric(row["task"])
             print(f"seed {row['seed']} {row['task']} {row['variant']}: {key} {row[key]:.4f}", flush=True)
+    report(a, kept + rows)
+
+
+def report(a, rows):
+    """Summarise ``rows`` (of every seed, variant and task they hold; ``a.seeds``, ``a.tasks`` and
+    ``a.variants`` are set to theirs), print the table and write the JSON and the PNG."""
+    rows = sorted(rows, key=lambda r: (r["seed"], r["task"], r["variant"] != a.baseline, r["variant"]))
+    a.seeds = sorted({r["seed"] for r in rows})
+    a.tasks = [t for t in bench_quality.TASKS if any(r["task"] == t for r in rows)]
+    a.variants = [v for v in bench_quality.VARIANTS if any(r["variant"] == v for r in rows)]
     summary = seed_summary(rows, a.baseline)
     print()
     print(f"seeds {a.seeds}; each task at bench_quality's budget; gap = variant - {a.baseline} at the same seed")

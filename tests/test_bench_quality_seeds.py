@@ -1,4 +1,5 @@
 """benchmarks/bench_quality_seeds.py: the per-seed pairing with the baseline and the statistics."""
+import argparse
 import importlib.util
 import math
 import sys
@@ -54,3 +55,24 @@ def test_bad_arguments_exit_2(argv, capsys):
         seeds.parse_args(argv)
     assert e.value.code == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_merge_keeps_the_rows_not_trained_now_and_refuses_another_budget(tmp_path):
+    import json
+
+    path = tmp_path / "q.json"
+    a = seeds.parse_args(["--seeds", "2", "--variants", "dense", "--json", str(path), "--merge"])
+    budget = lambda seed, **kw: seeds.bench_quality.row_budget(  # noqa: E731
+        "text-long", argparse.Namespace(**{**vars(a), "seed": seed, **kw}))
+    old = [{**_row("dense", "text-long", 0, 2.8), "budget": budget(0)},
+           {**_row("dense", "text-long", 2, 9.9), "budget": budget(2)},   # trained again now: replaced
+           {**_row("topk-k32", "text-long", 0, 2.9), "budget": budget(0)}]
+    path.write_text(json.dumps({"args": {}, "rows": old}))
+    jobs = [("dense", "text-long", 2, a)]
+    assert seeds.previous_rows(a, jobs) == [old[0], old[2]]
+    old[2]["budget"] = budget(0, text_long_steps=a.text_long_steps + 1)
+    path.write_text(json.dumps({"args": {}, "rows": old}))
+    with pytest.raises(SystemExit, match="trained with another budget: topk-k32/text-long/seed 0"):
+        seeds.previous_rows(a, jobs)
+    with pytest.raises(SystemExit, match="--merge needs an existing --json file"):
+        seeds.previous_rows(seeds.parse_args(["--json", str(tmp_path / "none.json"), "--merge"]), jobs)
