@@ -378,3 +378,13 @@ def test_an_error_on_one_rank_is_raised_on_every_rank():
     sels = [ShardedSelector(Failing, COMM) for _ in range(2)]
     with pytest.raises((ValueError, RuntimeError), match="index broke"):
         _decode(_sharded(), sels, _tokens())
+
+
+@pytest.mark.parametrize("kw,needle", [({"topk": 0}, "topk must be an integer >= 1"),
+                                       ({"topk": 2.5}, "topk must be an integer"),
+                                       ({"topk": 2, "sinks": -1}, "sinks must be an integer >= 0"),
+                                       ({"topk": 2, "window": -1}, "window must be an integer >= 0")])
+def test_sharded_selector_checks_topk_sinks_window(kw, needle):
+    # checked before anything else (on every rank alike: no rank is left waiting in a collective)
+    with pytest.raises((TypeError, ValueError), match=needle):
+        ShardedSelector(ExactSelector, COMM)(np.zeros((1, 2, 4)), None, **kw)

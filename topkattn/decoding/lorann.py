@@ -27,7 +27,8 @@ the index keeps itself fit as it grows, without ever stopping a step for a rebui
 cluster grown past ``refit_growth`` is refit, and one grown past ``split_factor`` times the
 target cluster size (sqrt(N), or N / n_clusters) is split in two by 2-means, both in the
 index's background maintenance thread while searches go on with the old model
-(``background``; see :class:`topkattn.ann.LorannIndex`).  ``refit_factor`` instead rebuilds
+(``background``; without it, inside the step that makes them due; see
+:class:`topkattn.ann.LorannIndex`).  ``refit_factor`` instead rebuilds
 the index from scratch whenever it has grown by that factor (re-clustered, trained on the
 recent queries; the step that triggers it waits for the build).  Rows with at most K'
 candidates need no search and take every candidate.
@@ -86,14 +87,16 @@ class LorannSelector(DecodeSelector):
         global_dim are capped by the key dim; global_dim None = no reduction).
       refit_factor: rebuild the index from scratch when it holds this many times the keys
         it was built with (None, the default: never; it grows by adds, refits and splits).
-      refit_growth: refit a cluster grown by this fraction since its fit (see LorannIndex).
+      refit_growth: refit a cluster grown by this fraction (> 0) since its fit, or None (see
+        LorannIndex).
       split_factor: split a cluster holding more than this many times the target cluster
         size (N / n_clusters, or sqrt(N)) (None: never split).
       background: refits and splits run in each index's maintenance thread (True, the
-        default) instead of inside the decode steps that make them due.
+        default) instead of inside the decode steps that make them due
+        (:meth:`topkattn.ann.LorannIndex.maintain`).
       max_training_queries: most recent query rows kept per batch element for (re)builds.
       tail_bound, max_topk: dynamic k (see :class:`DecodeSelector`).
-      seed: seed of the indexes' sampling and k-means.
+      seed: non-negative int seed of the indexes' sampling and k-means.
     """
 
     def __init__(self, *, n_clusters: int | None = None, clusters_to_search: int | float | str = "auto",
@@ -116,20 +119,21 @@ class LorannSelector(DecodeSelector):
             self.points_to_rerank = check_int("points_to_rerank", points_to_rerank, 0)
         self.rank = check_int("rank", rank, 1)
         self.global_dim = check_int("global_dim", global_dim, 1, optional=True)
-        if quantization_bits not in (None, 4, 8):
+        if quantization_bits is not None and check_int("quantization_bits", quantization_bits) not in (4, 8):
             raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
-        self.quantization_bits = quantization_bits
+        self.quantization_bits = None if quantization_bits is None else int(quantization_bits)
         self.train_size = check_int("train_size", train_size, 1)
         self.refit_factor = None if refit_factor is None else check_real("refit_factor", refit_factor, 1.0,
                                                                           lo_open=True)
-        self.refit_growth = refit_growth
+        self.refit_growth = None if refit_growth is None else check_real("refit_growth", refit_growth, 0.0,
+                                                                          lo_open=True)
         self.split_factor = None if split_factor is None else check_real("split_factor", split_factor, 1.0,
                                                                           lo_open=True)
         if not isinstance(background, (bool, np.bool_)):
             raise TypeError(f"background must be a bool, got {type(background).__name__} {background!r}")
         self.background = bool(background)
         self.max_training_queries = check_int("max_training_queries", max_training_queries, 1)
-        self.seed = seed
+        self.seed = check_int("seed", seed, 0)
         self.builds = 0  # index (re)builds, all batch elements
         self.searches = 0  # index.search calls
         self.indexes = []
@@ -216,8 +220,7 @@ class LorannSelector(DecodeSelector):
         nc = max(1, min(nc, N))
         gd = D if self.global_dim is None else min(self.global_dim, D)
         rank = max(1, min(self.rank, D - 1, gd))
-        seed = np.random.SeedSequence([int(self.seed) if isinstance(self.seed, numbers.Integral) else 0,
-                                       b, self.builds])
+        seed = np.random.SeedSequence([self.seed, b, self.builds])
         idx = LorannIndex(data, nc, global_dim=gd if gd < D else None,  # (the index copies it to float32)
                           quantization_bits=self.quantization_bits, rank=rank,
                           train_size=min(self.train_size, nc), distance="ip",
@@ -258,7 +261,8 @@ class LorannSelector(DecodeSelector):
                 self._norm_max[b, 0] = max(self._norm_max[b, 0], np.sqrt(sq.max(initial=0.0)))
 
     def _sync(self, keys_np, ctx):
-        """Bring every index up to the current candidates: add new keys, rebuild when grown."""
+        """Bring every index up to the current candidates: add new keys, rebuild when grown and,
+        without ``background``, run the index maintenance (splits, refits) now due."""
         B = keys_np.shape[0]
         lo = ctx.sinks + self._n_indexed
         hi = ctx.cand_end
@@ -274,6 +278,8 @@ class LorannSelector(DecodeSelector):
                 self._build(b, keys_np[b, ctx.sinks:hi])
             elif self.split_factor is not None:
                 self.indexes[b].max_cluster_size = self._max_cluster_size(len(self.indexes[b]))
+            if not self.background and self.indexes[b].maintenance_pending:
+                self.indexes[b].maintain()  # the splits and refits this step made due, done in it
         self._n_indexed = ctx.n_cand
 
     def _clusters(self, index):

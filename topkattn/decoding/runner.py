@@ -38,6 +38,7 @@ def selector_factory(retriever: str, n_layers: int, *, recall: float | None = No
     arguments go to :class:`LorannSelector`).  ``tail_bound``: dynamic k (exact, lorann).
     """
     check_choice("retriever", retriever, ("exact", "simulated", "lorann"))
+    seed = check_int("seed", seed, 0)
     if retriever == "simulated" and recall is None:
         raise ValueError("retriever='simulated' needs recall")
     if retriever == "simulated" and tail_bound is not None:
@@ -51,10 +52,10 @@ def selector_factory(retriever: str, n_layers: int, *, recall: float | None = No
             if retriever == "exact":
                 sels.append(ExactSelector(tail_bound=tail_bound))
             elif retriever == "simulated":
-                rng = np.random.default_rng([int(seed), int(batch_no), layer])
+                rng = np.random.default_rng([seed, int(batch_no), layer])
                 sels.append(SimulatedRecallSelector(recall, seed=rng))
             else:
-                sels.append(LorannSelector(tail_bound=tail_bound, seed=int(seed) * 1000 + layer, **lorann))
+                sels.append(LorannSelector(tail_bound=tail_bound, seed=seed * 1000 + layer, **lorann))
         return sels
 
     return make

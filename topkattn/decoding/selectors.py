@@ -9,7 +9,9 @@ slots, F forced slots, M ranked candidates per row (``m`` in code).
     selector(query, cache, *, topk, sinks, window, scale) -> idx (B, H, K) int64
 
 with query (B, H, D) and ``cache.keys`` (B, S, D) (MLA latents, shared by all heads) or
-(B, G, S, D).  The query sits at position S - 1 and sees every cached key.  ``idx`` holds
+(B, G, S, D); ``topk`` an int >= 1 (a dynamic-k layer passes its cap), ``sinks`` and
+``window`` ints >= 0 (checked once, in :meth:`DecodeSelector.__call__`, for every selector
+here).  The query sits at position S - 1 and sees every cached key.  ``idx`` holds
 the forced keys (sinks, window) first, then the selected ones, -1 padded (the rule of
 :mod:`topkattn.ops.selection`).  A layer whose ``selector`` is None selects exactly with
 :func:`topkattn.ops.selection.select_decode`; the selectors here are :class:`DecodeSelector`
@@ -34,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from topkattn.backend import Array, get_array_module, to_numpy
-from topkattn.checks import check_choice, check_int, check_real, logsumexp_rows, make_rng
+from topkattn.checks import check_bool, check_choice, check_int, check_real, logsumexp_rows, make_rng
 from topkattn.ops.selection import RowBounds, apply_forgetting, grouped_keys, rank_decode_candidates, select_decode
 
 
@@ -148,7 +150,7 @@ class DecodeSelector:
             raise ValueError("max_topk applies only with tail_bound (dynamic k)")
         self.tail_bound = None if tail_bound is None else check_real("tail_bound", tail_bound, 0.0, 1.0, hi_open=True)
         self.max_topk = check_int("max_topk", max_topk, 1, optional=True)
-        self.measure_recall = bool(measure_recall)
+        self.measure_recall = check_bool("measure_recall", measure_recall)
         self.prefilling = False
         self.stats = DecodeStats()
         self._cache = None
@@ -171,6 +173,9 @@ class DecodeSelector:
 
     def __call__(self, query: Array, cache: Any, *, topk: int, sinks: int = 0, window: int = 0,
                  scale: float = 1.0) -> Array:
+        topk = check_int("topk", topk, 1)
+        sinks = check_int("sinks", sinks, 0)
+        window = check_int("window", window, 0)
         keys = cache.keys
         xp = get_array_module(query, keys)
         if query.ndim != 3:
@@ -182,8 +187,8 @@ class DecodeSelector:
             self._cache = cache
             self._reset(cache)
         k_cap = (self.max_topk or topk) if self.dynamic else topk
-        self._ctx = ctx = _Context(S=keys.shape[-2], topk=int(topk), k_cap=int(k_cap), sinks=int(sinks),
-                                   window=int(window), scale=float(scale), xp=xp)
+        self._ctx = ctx = _Context(S=keys.shape[-2], topk=topk, k_cap=k_cap, sinks=sinks, window=window,
+                                   scale=float(scale), xp=xp)
         if self.prefilling:
             self._observe(query, cache, ctx)
             idx, _, _ = exact_select(query, keys, ctx, tail_bound=self.tail_bound)

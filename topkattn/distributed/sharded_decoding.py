@@ -202,6 +202,7 @@ class ShardedSelector(DecodeSelector):
     def select(self, query: Array, cache: _ShardedRows, *, topk: int, sinks: int = 0, window: int = 0,
                scale: float = 1.0) -> ShardedSelection:
         """The merged :class:`ShardedSelection` of one decode step (a collective call)."""
+        topk, sinks, window = check_int("topk", topk, 1), check_int("sinks", sinks, 0), check_int("window", window, 0)
         if not isinstance(cache, _ShardedRows):
             raise TypeError(f"ShardedSelector needs a cache sharded by position (a layer converted with "
                             f"topkattn.distributed.shard_decoding), got {type(cache).__name__}")

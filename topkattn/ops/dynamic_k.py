@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from topkattn.backend import Array, get_array_module
+from topkattn.checks import check_int, check_real
 
 
 def dynamic_k_from_ranked(vals: Array, lse_forced: Array, n_cand: Array, *, tail_bound: float, max_topk: int,
@@ -51,6 +52,8 @@ def dynamic_k_from_ranked(vals: Array, lse_forced: Array, n_cand: Array, *, tail
     certificate (bool), the bound that chose k and the bound that holds regardless of
     what the retriever missed (float64).
     """
+    tail_bound = check_real("tail_bound", tail_bound, 0.0, 1.0, hi_open=True)
+    max_topk = check_int("max_topk", max_topk, 1)
     xp = get_array_module(vals)
     n_rows, M = vals.shape
     vals = vals.astype(xp.float64)
@@ -62,9 +65,9 @@ def dynamic_k_from_ranked(vals: Array, lse_forced: Array, n_cand: Array, *, tail
     if outside_upper is None:
         outside_upper = xp.full(n_rows, xp.inf)
     outside_upper = xp.asarray(outside_upper, dtype=xp.float64).reshape(n_rows)
-    m = min(M, int(max_topk))
+    m = min(M, max_topk)
     n_out = n_cand - n_ret
-    if m == 0:
+    if m == 0:  # no candidate returned (M = 0)
         with np.errstate(over="ignore", invalid="ignore"):
             rig = xp.where(n_out > 0, n_out * xp.exp(outside_upper - lse_forced), 0.0)
         rig = xp.where(xp.isnan(rig), xp.inf, rig)
