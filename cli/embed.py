@@ -54,7 +54,7 @@ class TopkType(click.ParamType):
               help="With --k: the last keys every token always attends ([SEP] with 1).")
 @click.option("--dense-layers", default="", metavar="I,J",
               help="With --k: comma-separated layers that keep dense attention (negative from the end).")
-@click.option("--max-length", type=click.IntRange(min=1), default=None, metavar="N",
+@click.option("--max-length", type=click.IntRange(min=2), default=None, metavar="N",
               help="Truncate texts to N tokens (default: the model's, 256 for all-MiniLM-L6-v2; at most "
                    "its position embeddings, 512).")
 @click.option("--json", "as_json", is_flag=True,

@@ -7,6 +7,7 @@ import json
 import math
 
 import click
+import numpy as np
 
 from topkattn.cli.common import FiniteFloat, command, device_option, fail, finite_float, progress_bar, quiet_option
 
@@ -123,6 +124,7 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     from topkattn.decoding.runner import evaluate_decoding, selector_factory
     from topkattn.training.checkpoint import CheckpointError
     from topkattn.training.runs import load_run
+    from topkattn.training.tasks import IGNORE
     from topkattn.training.train import heldout_set, make_task
 
     if retriever == "simulated" and recall is None:
@@ -182,6 +184,10 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     elif prompt_len >= T:  # nothing would be decoded by the retriever, nothing scored
         raise click.UsageError(f"--prompt-len must be below the run's sequence length {T} (at least one "
                                f"token decoded by the retriever), got {prompt_len}")
+    scored = np.flatnonzero((np.asarray(targets) != IGNORE).any(axis=0))  # positions holding a target
+    if not scored.size or scored[-1] < prompt_len:  # eval would score no token
+        raise click.UsageError(f"--prompt-len {prompt_len} leaves no scored target after it (the run's "
+                               f"{cfg.task} sequences score none past position {scored[-1] if scored.size else -1})")
     lorann = {}
     if retriever == "lorann":
         lorann = dict(n_clusters=n_clusters, clusters_to_search=to_search,
@@ -259,3 +265,4 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     w = max(len(r[0]) for r in rows)
     for name, val in rows:
         click.echo(f"{name:<{w}}  {val}")
+

@@ -2,6 +2,7 @@
 LoRANN at full recall == exact, simulated recall, dynamic k, and one-line errors."""
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -284,7 +285,19 @@ def test_non_finite_numbers_and_a_prompt_past_the_sequence_are_usage_errors(run,
     assert msg in r.output
 
 
-def test_the_longest_prompt_still_decodes_one_token(run):
-    path, _, _ = run
-    out = _json([path, "--prompt-len", "15", "--quiet"])
-    assert out["prompt_len"] == 15
+
+def test_a_prompt_past_the_last_scored_target_is_a_usage_error(tmp_path):
+    # MQAR scores no target at its last positions: a prompt covering them left n_scored 0 and
+    # NaN (invalid JSON) metrics; the last scored position as the prompt's end still scores one
+    out = tmp_path / "run"
+    cfg = TrainConfig(task="mqar", k=3, layers=1, d_model=16, heads=2, seq_len=12, steps=2, batch_size=4,
+                      num_kv_pairs=3, eval_size=N_SEQ, warmup_steps=1)
+    train(cfg, out_dir=str(out))
+    _, targets = heldout_set(make_task(cfg), cfg)
+    last = int(np.flatnonzero((targets != IGNORE).any(axis=0))[-1])
+    assert last < cfg.seq_len - 1  # the case: positions after the last scored one exist
+    r = _eval([str(out), "--prompt-len", str(last + 1), "--quiet", "--json"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert f"--prompt-len {last + 1} leaves no scored target after it" in r.output
+    got = _json([str(out), "--prompt-len", str(last), "--quiet"])
+    assert got["n_scored"] > 0 and math.isfinite(got["accuracy"])

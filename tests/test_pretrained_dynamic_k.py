@@ -186,7 +186,11 @@ def test_cli_max_length(model_dir):
     assert code == 0, out
     assert json.loads(out)["tokens"] == [30]  # the folder says 12, the option wins
     code, out = _run(["--max-length", "41", "--model-dir", str(model_dir), long_text])
-    assert code == 2 and out == "Error: --max-length: max_seq_length must be an integer in [1, 40], got 41\n"
+    assert code == 2 and out == "Error: --max-length: max_seq_length must be an integer in [2, 40], got 41\n"
+    code, out = _run(["--max-length", "1", "--model-dir", str(model_dir), long_text])  # below [CLS] [SEP]
+    assert code == 2 and out.startswith("Error: Invalid value for '--max-length'") and out.count("\n") == 1, out
+    code, out = _run(["--json", "--max-length", "2", "--model-dir", str(model_dir), long_text])
+    assert code == 0 and json.loads(out)["tokens"] == [2], out
 
 
 # -- all-MiniLM-L6-v2 on texts of 128-512 tokens -------------------------------------------------

@@ -262,8 +262,9 @@ class SentenceEncoder:
         self.set_max_seq_length(max_seq_length)
 
     def set_max_seq_length(self, n: int) -> None:
-        """Truncate texts to ``n`` tokens from now on (1 <= n <= the model's max_position_embeddings)."""
-        self.max_seq_length = check_int("max_seq_length", n, 1, self.encoder.config.max_position_embeddings)
+        """Truncate texts to ``n`` tokens from now on, [CLS] and [SEP] included (2 <= n <= the
+        model's max_position_embeddings: below 2 the tokenizer would not truncate at all)."""
+        self.max_seq_length = check_int("max_seq_length", n, 2, self.encoder.config.max_position_embeddings)
         self.tokenizer.enable_truncation(max_length=self.max_seq_length)
 
     @classmethod
