@@ -443,3 +443,21 @@ def test_load_packed_refuses_bad_files(tmp_path):
     assert arrays["w/codes"].dtype == np.uint8 and arrays["w/codes"].shape == (2, 2)
     with pytest.raises(TypeError, match=r"packed\['w'\] must be a PackedTernary, got ndarray"):
         save_packed(good, {"w": np.ones(2)})
+
+
+def test_empty_inputs_follow_the_zero_conventions_and_a_0d_x_is_refused():
+    # an empty W: mean|W| taken as 0 (s = eps, not NaN); Din = 0: rows of zeros (a = Qp / eps);
+    # both quantisers equal their loop references there, and the linear map gives zeros
+    Wq, s = tr.ternary_quantize(np.zeros((0, 3)), eps=1e-3)
+    assert Wq.shape == (0, 3) and s == pytest.approx(1e-3)
+    assert tr.ternary_quantize_reference(np.zeros((0, 3)), 1e-3)[1] == s
+    xq, a = tr.quantize_activations(np.zeros((2, 0)), bits=8, eps=1e-3)
+    ref_q, ref_a = tr.quantize_activations_reference(np.zeros((2, 0)), bits=8, eps=1e-3)
+    assert xq.shape == ref_q.shape == (2, 0)
+    np.testing.assert_array_equal(a, np.full((2, 1), 127 / 1e-3))
+    np.testing.assert_array_equal(ref_a, a)
+    for act_bits in (None, 8):
+        np.testing.assert_array_equal(tr.ternary_linear(np.ones((2, 0)), np.ones((3, 0)), act_bits=act_bits),
+                                      np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"x must have a last axis \(\.\.\., Din\), got a 0-d array"):
+        tr.quantize_activations(np.float64(2.0))

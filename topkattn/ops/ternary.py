@@ -80,6 +80,8 @@ def quantize_activations(x: Array, bits: int = 8, eps: float = DEFAULT_EPS) -> t
     gets a = Qp / eps and xq = 0.
     """
     x = _check_float("x", x)
+    if x.ndim == 0:
+        raise ValueError("x must have a last axis (..., Din), got a 0-d array")
     bits = check_act_bits(bits, optional=False, name="bits")
     return _quantize_acts(x, bits, check_eps(eps))
 
@@ -338,7 +340,7 @@ def _quantize_weight(W, eps):
     """(Wq int8, s) with s a float64 0-d array of W's module (no host sync on the GPU)."""
     xp = get_array_module(W)
     W64 = W.astype(xp.float64)
-    s = xp.abs(W64).mean() + eps
+    s = xp.abs(W64).sum() / max(W.size, 1) + eps  # an empty W: mean|W| taken as 0, s = eps
     Wq = xp.clip(xp.round(W64 / s), -1, 1).astype(np.int8)
     return Wq, s
 
@@ -353,7 +355,10 @@ def _quantize_acts(x, bits, eps):
     xp = get_array_module(x)
     qp = 2 ** (bits - 1) - 1
     x64 = x.astype(xp.float64)
-    a = qp / xp.maximum(xp.abs(x64).max(axis=-1, keepdims=True), eps)  # (..., 1)
+    if x.shape[-1]:
+        a = qp / xp.maximum(xp.abs(x64).max(axis=-1, keepdims=True), eps)  # (..., 1)
+    else:  # Din = 0: every row is a row of zeros
+        a = xp.full(x.shape[:-1] + (1,), qp / eps)
     y = x64 * a
     half = xp.floor(y) + 0.5
     y = xp.where(xp.abs(y - half) <= tie_band(x.dtype), half, y)  # near-ties are ties (half to even below)
@@ -380,7 +385,7 @@ def ternary_quantize_reference(W: Array, eps: float = DEFAULT_EPS) -> tuple[np.n
     """(Wq int64, s) by loops: s = sum|w| / n + eps, q = min(1, max(-1, round-half-even(w / s)))."""
     W = np.asarray(W, dtype=np.float64)
     flat = W.ravel()
-    s = math.fsum(abs(float(w)) for w in flat) / flat.size + eps
+    s = math.fsum(abs(float(w)) for w in flat) / max(flat.size, 1) + eps
     q = [min(1, max(-1, round(float(w) / s))) for w in flat]  # Python round: half to even
     return np.array(q, dtype=np.int64).reshape(W.shape), s
 
@@ -390,11 +395,11 @@ def quantize_activations_reference(x: Array, bits: int = 8, eps: float = DEFAULT
     band = tie_band(np.asarray(x).dtype if np.asarray(x).dtype.kind == "f" else np.float64)
     x = np.asarray(x, dtype=np.float64)
     qp = 2 ** (bits - 1) - 1
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (N, Din); Din may be 0
     xq = np.zeros(rows.shape, dtype=np.int64)
     a = np.zeros((rows.shape[0], 1))
     for n, row in enumerate(rows):
-        a[n, 0] = qp / max(max(abs(float(v)) for v in row), eps)
+        a[n, 0] = qp / max(max((abs(float(v)) for v in row), default=0.0), eps)
         for j, v in enumerate(row):
             y = float(v) * a[n, 0]
             if abs(y - (math.floor(y) + 0.5)) <= band:  # a near-tie is the tie
