@@ -15,6 +15,7 @@ import argparse
 import time
 
 import numpy as np
+from bench_args import positive_int
 
 
 def make_data(n, d, n_queries, seed=0, components=64):
@@ -68,10 +69,10 @@ def single_latency(search, queries, n_single, cpu=False):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=100_000)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=positive_int, default=100_000)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--queries", type=positive_int, default=1000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--n-clusters", type=int, default=256)
     ap.add_argument("--global-dim", type=int, default=128)

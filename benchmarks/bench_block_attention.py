@@ -96,7 +96,7 @@ def run_case(method, T, a):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
@@ -134,7 +134,7 @@ def main():
             if r is None:
                 continue
             rel_t = r["fwd_bwd_s"] / ref["fwd_bwd_s"] if ref else float("nan")
-            rel_m = r["peak_extra_mib"] / max(ref["peak_extra_mib"], 1e-9) if ref else float("nan")
+            rel_m = memory.mem_ratio(r["peak_extra_mib"], ref["peak_extra_mib"]) if ref else float("nan")
             print(f"{T:>6} {r['label']:>21} {r['fwd_s']:>8.3f} {r['fwd_bwd_s']:>8.3f} {r['peak_extra_mib']:>8.1f} "
                   f"{rel_t:>12.2f} {rel_m:>12.2f}")
     if a.json:

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import plotting
+from bench_args import positive_int
 
 from topkattn.decoding import LorannSelector, decode_teacher_forced
 from topkattn.model import Transformer
@@ -56,8 +57,8 @@ def buckets(length, prompt):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default=None, help="train-toy run folder (default: a fresh model)")
-    ap.add_argument("--length", type=int, default=1024, help="tokens per sequence")
-    ap.add_argument("--prompt", type=int, default=64, help="prefill tokens (index built over them)")
+    ap.add_argument("--length", type=positive_int, default=1024, help="tokens per sequence")
+    ap.add_argument("--prompt", type=positive_int, default=64, help="prefill tokens (index built over them)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--clusters-to-search", type=float, default=0.25)
@@ -66,6 +67,8 @@ def main(argv=None):
     ap.add_argument("--json", dest="json_path", default=None)
     ap.add_argument("--png", default=None, help="recall vs context chart [default: the --json path with .png]")
     args = ap.parse_args(argv)
+    if args.prompt >= args.length:
+        ap.error(f"--prompt must be below --length ({args.length}): at least one token is decoded, got {args.prompt}")
     def log(msg):
         return print(msg, file=sys.stderr, flush=True)
 

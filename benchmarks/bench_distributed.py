@@ -391,7 +391,7 @@ def fit_compute(t_full, t_half, S):
 
 # -- main -----------------------------------------------------------------------------------------
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller problems and fewer repeats (about 1 minute)")
     ap.add_argument("--reps", type=int, default=None, help="timed repeats per measurement (default 5, quick 3)")
     ap.add_argument("--cp-keys", type=int, default=None, help="S of the context-parallel op (default 8192)")

@@ -28,6 +28,8 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
+import plotting
+from bench_args import positive_int
 
 from topkattn.ops import cpu_kernels
 from topkattn.ops.selection import select_decode
@@ -97,20 +99,20 @@ def torch_route(keys, query, topk, threads):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 65536, 262144, 1048576])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", type=positive_int, nargs="+", default=[16384, 65536, 262144, 1048576])
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--latent", type=int, default=256, help="C")
     ap.add_argument("--rope", type=int, default=32, help="R")
     ap.add_argument("--topk", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=positive_int, default=5)
     ap.add_argument("--no-current", action="store_true", help="skip the GEMM + partition route")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for every method (fused workers, BLAS, torch, the parallel read); "
                          "default: Numba's thread count.  On a shared machine --threads 1 with the CPU-time "
                          "columns gives the steadiest ratios")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--png", default=None)
+    ap.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
     a = ap.parse_args(argv)
     H, D, k = a.heads, a.latent + a.rope, a.topk
     if a.threads:
@@ -188,12 +190,12 @@ def main(argv=None):
         vals = [r["context"]] + [f"{r[n + '_cpu_ms']:.1f}" for n in names]
         vals.append(f"{r['fused_cpu_ms'] / r['read_1t_cpu_ms']:.2f}x")
         print(" | ".join(f"{v:>12}" for v in vals))
+    charts = _charts(rows)
     if a.json:
         from topkattn.storage import atomic_write_json
 
-        atomic_write_json(a.json, {"args": vars(a), "roof": roof, "rows": rows}, prefix=".bench-")
-    if a.png:
-        _plot(rows, a.png)
+        atomic_write_json(a.json, {"args": vars(a), "roof": roof, "rows": rows, "plots": charts}, prefix=".bench-")
+    plotting.save_png(charts, plotting.png_path(a.png, a.json), title="exact decode selection")
     return rows
 
 
@@ -211,29 +213,15 @@ def _fmt(r):
     return "  ".join(parts)
 
 
-def _plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not importable: no plot")
-        return
+def _charts(rows):
+    """The chart spec (benchmarks/plotting.py): ms per selection against the context, with the read
+    lines and the 2x-read goal."""
     S = [r["context"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, style in (("read", "k--"), ("read_1t", "k:"), ("fused", "o-"), ("current", "s-"), ("torch", "^-")):
-        if all(name + "_ms" in r for r in rows):
-            ax.plot(S, [r[name + "_ms"] for r in rows], style, label=name)
-    ax.plot(S, [2 * r["read_ms"] for r in rows], color="grey", lw=0.8, label="2x read (goal)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context (keys)")
-    ax.set_ylabel("ms per decode step selection")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    lines = [plotting.series(name, S, [r[name + "_ms"] for r in rows])
+             for name in ("read", "read_1t", "fused", "current", "torch") if all(name + "_ms" in r for r in rows)]
+    lines.append(plotting.series("2x read (goal)", S, [2 * r["read_ms"] for r in rows]))
+    return [plotting.chart("exact decode selection against the cache read", "context (keys)",
+                           "ms per decode step selection", lines, xscale="log", yscale="log")]
 
 
 if __name__ == "__main__":

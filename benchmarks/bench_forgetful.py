@@ -29,6 +29,7 @@ import sys
 import time
 
 import plotting
+from bench_args import rate_list
 
 from topkattn.decoding.runner import evaluate_decoding, selector_factory
 from topkattn.storage import atomic_write_json
@@ -86,7 +87,8 @@ def evaluate_run(run_dir, settings, n_sequences, batch_size, seed, log):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--forget-rates", default="0,0.15", help="comma-separated; the first is the baseline")
+    ap.add_argument("--forget-rates", type=rate_list, default="0,0.15",
+                    help="comma-separated; the first is the baseline")
     ap.add_argument("--steps", type=int, default=None, help="default: train-toy's default budget")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -96,7 +98,7 @@ def main(argv=None):
     ap.add_argument("--json", dest="json_path", default=None, help="write the table and settings here")
     ap.add_argument("--png", default=None, help="accuracy vs recall chart [default: the --json path with .png]")
     args = ap.parse_args(argv)
-    rates = [float(r) for r in args.forget_rates.split(",")]
+    rates = args.forget_rates
     def log(msg):
         return print(msg, file=sys.stderr, flush=True)
 

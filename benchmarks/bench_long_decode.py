@@ -48,6 +48,8 @@ if __name__ == "__main__":  # BLAS threads must be fixed before NumPy loads
     threads_from_argv(default="2")
 
 import numpy as np
+import plotting
+from bench_args import positive_int
 
 from topkattn.decoding import LorannSelector
 from topkattn.layers import MLA
@@ -296,37 +298,21 @@ def print_table(rows, names):
                   f"{m['median_ms'] / r['read_ms']:>7.2f} {rec:>7} {b:>8} {bp:>10} {im:>10}")
 
 
-def plot(rows, names, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
-        return
+def charts(rows, names):
+    """The chart spec (benchmarks/plotting.py): median selection step against the context, with the
+    cache read and a fifth of it (the LoRANN goal)."""
     ctx = [r["context"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(ctx, [r["read_ms"] for r in rows], "k--", label="read the cache once")
-    ax.plot(ctx, [r["read_ms"] / 5 for r in rows], "k:", label="read / 5")
-    for name in names:
-        if all(name in r for r in rows):
-            ax.plot(ctx, [r[name]["median_ms"] for r in rows], "o-", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("cached tokens")
-    ax.set_ylabel("decode selection step (ms, median)")
-    ax.set_title("MLA decode selection, H=16, C=256, R=32, k=64")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}", file=sys.stderr)
+    lines = [plotting.series("read the cache once", ctx, [r["read_ms"] for r in rows]),
+             plotting.series("read / 5", ctx, [r["read_ms"] / 5 for r in rows])]
+    lines += [plotting.series(name, ctx, [r[name]["median_ms"] for r in rows])
+              for name in names if all(name in r for r in rows)]
+    return [plotting.chart("MLA decode selection, H=16, C=256, R=32, k=64", "cached tokens",
+                           "decode selection step (ms, median)", lines, xscale="log", yscale="log")]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", type=int, nargs="+", default=None,
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", type=positive_int, nargs="+", default=None,
                     help="cached tokens [default: 16384 65536 262144 1048576; --quick: 16384 65536]")
     ap.add_argument("--quick", action="store_true", help="16k and 64k, 48 steps, a short growth run")
     ap.add_argument("--steps", type=int, default=200, help="decode steps timed per context and method")
@@ -349,7 +335,7 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--threads", default="2", help="BLAS threads (read before NumPy loads)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--png", default=None)
+    ap.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
     args = ap.parse_args(argv)
     if args.contexts is None:
         args.contexts = [16384, 65536] if args.quick else [16384, 65536, 262144, 1048576]
@@ -396,12 +382,12 @@ def main(argv=None):
                   f"{g['rebuilds']:>9} {g['jobs']['split']:>7} {g['jobs']['refit']:>7} {g['n_clusters']:>9}")
     out["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak resident memory of the process: {out['peak_rss_MiB']:.0f} MiB")
+    out["plots"] = charts(rows, names)
     if args.json:
         from topkattn.storage import atomic_write_json
 
         atomic_write_json(args.json, out, prefix=".bench-")
-    if args.png:
-        plot(rows, names, args.png)
+    plotting.save_png(out["plots"], plotting.png_path(args.png, args.json), title="long-context decode")
     return out
 
 

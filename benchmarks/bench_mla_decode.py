@@ -21,8 +21,8 @@ per-thread rate on an in-cache block times the worker threads.  The bound is
 weights / their bandwidth + max(cache bytes / read bandwidth, selection FLOPs / compute rate).
 MLA selection does 2 H (C + R) = 9216 FLOPs per 1152-byte token (8 FLOP/B), MHA 2 H D = 2048
 per 4096-byte token (0.5 FLOP/B): MLA wins on a machine whose compute rate is above
-9216 / 4096 = 2.25x its bandwidth in bytes/s.  ``--h200`` adds the same bound with an H200's
-rates (4.8 TB/s HBM3e, 67 TFLOP/s FP32 FMA; launch latencies left out).
+9216 / 4096 = 2.25x its bandwidth in bytes/s.  The h200 columns give the same bound with an
+H200's rates (4.8 TB/s HBM3e, 67 TFLOP/s FP32 FMA; launch latencies left out).
 
 With ``--json`` (or ``--png``) the charts (step time and its roofline bound, cache size, against
 the context) are stored in the JSON under ``"plots"`` and drawn to a PNG (benchmarks/plotting.py).
@@ -38,6 +38,7 @@ if __name__ == "__main__":  # BLAS threads must be fixed before NumPy loads (see
 
 import numpy as np
 import plotting
+from bench_args import positive_int
 
 from topkattn.layers import MLA, Attention
 
@@ -123,8 +124,8 @@ def roofline(mla, mha, runs, S, args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", type=positive_int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--latent", type=int, default=256, help="C, the MLA kv_lora_rank")
@@ -133,7 +134,7 @@ def main(argv=None):
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--topk", type=int, default=64, help="top-k for the sparse rows (0: dense only)")
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=positive_int, default=15)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", choices=["numpy", "cupy"], default="numpy")
     ap.add_argument("--threads", default="1", help="BLAS threads (default 1: stable timings on a shared machine)")

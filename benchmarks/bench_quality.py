@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_block_attention  # the op timing subprocesses
 import bench_pretrained_topk  # the MiniLM rows
+import memory
 import plotting
 
 VARIANTS = {  # name -> (TrainConfig fields, layer overrides or None, op method for the cost columns)
@@ -157,7 +158,9 @@ def op_costs(a):
     for r in out.values():
         if ref and "error" not in ref and "error" not in r:
             r["fwd_bwd_vs_sdpa"] = r["fwd_bwd_s"] / ref["fwd_bwd_s"]
-            r["mem_vs_sdpa"] = r["peak_extra_mib"] / max(ref["peak_extra_mib"], 1e-9)
+            ratio = memory.mem_ratio(r["peak_extra_mib"], ref["peak_extra_mib"])
+            if ratio == ratio:  # NaN (SDPA's peak below resolution): no ratio
+                r["mem_vs_sdpa"] = ratio
     return out
 
 
@@ -257,7 +260,7 @@ def minilm_rows(a):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     ap.add_argument("--seed", type=int, default=0)

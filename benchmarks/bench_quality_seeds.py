@@ -114,7 +114,7 @@ def _train(job):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(bench_quality.VARIANTS))
     ap.add_argument("--tasks", nargs="+", default=["text-long"], choices=bench_quality.TASKS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])

@@ -26,6 +26,7 @@ if __name__ == "__main__":  # thread counts must be fixed before NumPy / Numba l
     os.environ["NUMBA_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"]
 
 import numpy as np
+from bench_args import positive_int
 
 from topkattn.layers import Linear
 from topkattn.ops.ternary import pack_weight, packed_matmul, ternary_quantize
@@ -69,10 +70,10 @@ def bench_shape(d, n_rows, reps, rng):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 256, 1024, 4096])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=positive_int, default=20)
     ap.add_argument("--threads", default="1", help="BLAS and Numba threads (default 1)")
     ap.add_argument("--json", default=None, help="write the results to this path")
     args = ap.parse_args(argv)

@@ -23,6 +23,7 @@ import time
 import memory
 import numpy as np
 import plotting
+from bench_args import non_negative_int, positive_int
 
 METHODS = ["topkattn", "numpy-dense", "torch-sdpa", "torch-topk-seed"]
 
@@ -112,13 +113,14 @@ def run_case(method, T, H, D, k, repeat, timeout):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=positive_int, nargs="+", default=[1024, 4096, 8192, 16384])
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--long", type=int, default=65536, help="extra H=1 run of topkattn at this T (0: skip)")
+    ap.add_argument("--long", type=non_negative_int, default=65536,
+                    help="extra H=1 run of topkattn at this T (0: skip)")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--dense-max", type=int, default=8192, help="largest T for numpy-dense/torch-topk-seed")
     ap.add_argument("--timeout", type=int, default=900)
@@ -158,7 +160,7 @@ def main():
         s = by.get(("torch-sdpa", T, H))
         if m == "topkattn" and s:
             print(f"{T:>6} {H:>2}  {r['fwd_s'] / s['fwd_s']:>13.2f} {r['fwd_bwd_s'] / s['fwd_bwd_s']:>13.2f} "
-                  f"{r['peak_extra_mib'] / max(s['peak_extra_mib'], 1e-9):>13.2f}"
+                  f"{memory.mem_ratio(r['peak_extra_mib'], s['peak_extra_mib']):>13.2f}"
                   f" {r['fwd_cpu_s'] / s['fwd_cpu_s']:>13.2f} {r['fwd_bwd_cpu_s'] / s['fwd_bwd_cpu_s']:>13.2f}")
     charts = time_charts(rows, a.heads)
     if a.json:

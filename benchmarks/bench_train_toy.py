@@ -77,7 +77,7 @@ def run_one(row, args, extra):
 def main():
     if "--peer" in sys.argv[1:]:
         return main_peer()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="mqar", choices=["mqar", "text"])
     ap.add_argument("--rows", default="dense,2,4,8,16",
@@ -88,9 +88,12 @@ def main():
     ap.add_argument("--threads", type=int, default=None,
                     help="set OPENBLAS/OMP/MKL/NUMBA thread counts in the children")
     ap.add_argument("--json", dest="json_path", default=None, help="also write the rows to this file")
-    args, extra = ap.parse_known_args()
-    if extra and extra[0] == "--":
-        extra = extra[1:]
+    ap.add_argument("--peer", choices=["torch"],
+                    help="time train-toy's loop against the same model in PyTorch instead "
+                         "(its own options: --peer torch --help)")
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, extra = ap.parse_args(argv[:cut]), argv[cut + 1:]  # after "--": train-toy's own options
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for r in rows:
         if r != "dense" and not r.isdigit():

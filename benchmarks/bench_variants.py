@@ -8,8 +8,8 @@ Columns: held-out MQAR accuracy, text bits/char, KV-cache bytes per token (the m
 layers; plain MHA of the same heads for reference), parameters, training tokens/s, decode step.
 
     python benchmarks/bench_variants.py                          # every variant, the default budget
-    python benchmarks/bench_variants.py --variants mla diffqkv --mqar-steps 600 --text-steps 500
-    python benchmarks/bench_variants.py --quick --variants mla mha mha-ternary   # a smoke run, no JSON
+    python benchmarks/bench_variants.py --variants mla diffqkv-8-16-q32 --mqar-steps 600 --text-steps 500
+    python benchmarks/bench_variants.py --quick --variants mla mha mha-ternary   # a smoke run (JSON only with --json)
 
 Report ratios measured in one run (the machine is shared and noisy).
 """
@@ -77,19 +77,21 @@ def mha_bytes_per_token(model):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--mqar-steps", type=int, default=600)
     ap.add_argument("--text-steps", type=int, default=150)
     ap.add_argument("--context", type=int, default=65536)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=RESULTS)
+    ap.add_argument("--json", default=None, help=f"write the rows here (default {RESULTS}; none with --quick)")
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run: 60 MQAR and 20 text steps, a 4k context, 2 repeats, no JSON written")
+                    help="a smoke run: 60 MQAR and 20 text steps, a 4k context, 2 repeats, JSON only with --json")
     args = ap.parse_args()
     if args.quick:
-        args.mqar_steps, args.text_steps, args.context, args.repeats, args.json = 60, 20, 4096, 2, None
+        args.mqar_steps, args.text_steps, args.context, args.repeats = 60, 20, 4096, 2
+    elif args.json is None:
+        args.json = RESULTS
     rows = []
     for name in args.variants:
         fields = VARIANTS[name]

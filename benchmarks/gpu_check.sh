@@ -15,6 +15,13 @@
 # For a rerun after a fix: GPU_CHECK_STAGES="probe pytest_cuda" (a subset of probe pytest_cuda bench
 # train_toy eval pytest_extra), GPU_CHECK_CUDA_TESTS="-m cuda tests/test_cuda_kernels.py -k mla",
 # GPU_CHECK_TRAIN_ARGS="--steps 300", GPU_CHECK_WORKERS=8 (pytest-xdist workers).
+case "${1:-}" in  # the comment block above is the help
+  -h|--help) sed -n '2,/^[^#]/p' "$0" | sed -e '/^[^#]/d' -e 's/^# \{0,1\}//'; exit 0 ;;
+esac
+if [ "$#" -gt 0 ]; then
+  echo "gpu_check.sh takes no arguments (settings are the GPU_CHECK_* environment variables; --help), got: $*" >&2
+  exit 2
+fi
 set -u
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD

@@ -10,6 +10,15 @@
 # Not carried: CuPy (the image has cupy-cuda13x; a CuPy wheel is over 100 MB and the working
 # tree that travels is limited to 64 MiB), torch, JAX, numba (the image's), the cuda-* packages.
 # .whl/ is added to .git/info/exclude so that it is never committed.
+case "${1:-}" in  # the comment block above is the help
+  -h|--help) sed -n '2,/^[^#]/p' "$0" | sed -e '/^[^#]/d' -e 's/^# \{0,1\}//'; exit 0 ;;
+esac
+for spec in "$@"; do
+  case "$spec" in
+    *==*) ;;
+    *) echo "gpu_wheels.sh: each argument must be NAME==VERSION (--help), got: $spec" >&2; exit 2 ;;
+  esac
+done
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${GPU_PYTHON_VERSION:-3.12}

@@ -41,3 +41,11 @@ def peak_extra_bytes(base):
     except OSError:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return max(peak - base, 0)
+
+
+MIN_MIB = 0.5  # a peak this small is below what the RSS high-water mark resolves
+
+
+def mem_ratio(peak_mib, ref_mib):
+    """``peak_mib / ref_mib``, or NaN when the reference peak is too small to divide by (< MIN_MIB)."""
+    return peak_mib / ref_mib if ref_mib >= MIN_MIB else float("nan")

@@ -170,7 +170,7 @@ def _tiny(cfg):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="default", choices=["default", "large"])
     ap.add_argument("--rows", default="dense,8")
     ap.add_argument("--steps", type=int, default=20)

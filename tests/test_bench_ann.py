@@ -1,10 +1,12 @@
 """benchmarks/bench_ann.py's equal-recall comparison: the step pick and the frontier reading."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its own imports (bench_args)
 _spec = importlib.util.spec_from_file_location("bench_ann", ROOT / "benchmarks" / "bench_ann.py")
 bench_ann = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_ann)
