@@ -130,12 +130,27 @@ def test_one_ranks_bad_input_fails_every_rank_naming_it():
     (dict(topk=3, forget_rate=0.2), ValueError, "needs a seed"),
     (dict(topk=3, key_offset=-1), ValueError, "key_offset"),
     (dict(topk=0), ValueError, "topk must be an integer >= 1"),
+    (dict(topk=3, causal=None), TypeError, "causal must be True or False, got NoneType"),
 ])
 def test_bad_arguments(kw, exc, msg):
     q, k, v, _ = _inputs(np.float64)
     lo, hi = _shard(k.shape[2])
     kw = {"key_offset": lo, **kw}
     with pytest.raises(exc, match=msg):
+        topk_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], comm=COMM, **kw)
+
+
+@pytest.mark.parametrize("name,mine", [("topk", lambda r: 3 + r), ("causal", lambda r: r == 0),
+                                       ("window", lambda r: r), ("seed", lambda r: 7 + r)])
+def test_options_differing_across_ranks_fail_every_rank_naming_them(name, mine):
+    # each rank would select differently (or abort in a collective of mismatched sizes): refused
+    q, k, v, _ = _inputs(np.float64)
+    lo, hi = _shard(k.shape[2])
+    kw = {"topk": 3, "key_offset": lo, "forget_rate": 0.2 if name == "seed" else 0.0, "seed": 7, name: mine(COMM.rank)}
+    if COMM.size == 1:  # one rank agrees with itself
+        topk_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], comm=COMM, **kw)
+        return
+    with pytest.raises(ValueError, match=f"needs the same {name} on every rank, got rank 0: {name}="):
         topk_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], comm=COMM, **kw)
 
 

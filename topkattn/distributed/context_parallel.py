@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from topkattn.backend import Array, as_engine_array, get_array_module, to_caller_kind
-from topkattn.checks import check_int, logsumexp_rows
+from topkattn.checks import check_bool, check_int, logsumexp_rows
 from topkattn.distributed.comm import agree, allgather_rows, allreduce_sum
 from topkattn.ops.dense_attention import check_dout, default_scale
 from topkattn.ops.selection import TILE_BYTES, RowBounds, apply_forgetting, forget_draws, ranked_topm_xp
@@ -73,6 +73,7 @@ def topk_attention_forward(q: Array, k_local: Array, v_local: Array, *, comm: An
             raise ValueError(f"topk must be an integer >= 1 (dynamic k is single-process), got {topk!r}")
         check_inputs(q, k, v, topk=topk, scale=scale, temperature=temperature, forget_rate=forget_rate,
                      sinks=sinks, window=window, chunk_size=chunk_size, seed=seed)
+        causal = check_bool("causal", causal)
         key_offset = check_int("key_offset", key_offset, 0)
         if forget_rate and seed is None:
             raise ValueError("forget_rate > 0 needs a seed in context-parallel attention (every rank must "
@@ -80,12 +81,15 @@ def topk_attention_forward(q: Array, k_local: Array, v_local: Array, *, comm: An
     except (TypeError, ValueError) as e:
         error = e
     agree(comm, error)
-    S = _global_keys(comm, q, k, v, key_offset)
+    options = dict(topk=int(topk), causal=causal, sinks=int(sinks), window=int(window), forget_rate=float(forget_rate),
+                   seed=seed if seed is None or isinstance(seed, int) else "Generator",
+                   scale=scale if scale is None else float(scale), temperature=float(temperature))
+    S = _global_keys(comm, q, k, v, key_offset, options)
     xp = get_array_module(q, k, v)
     B, H, T, D = q.shape
     Sp = k.shape[2]
     eff_scale = (default_scale(D) if scale is None else float(scale)) / float(temperature)
-    bounds = RowBounds(S, T, topk=int(topk), causal=bool(causal), sinks=int(sinks), window=int(window))
+    bounds = RowBounds(S, T, topk=int(topk), causal=causal, sinks=int(sinks), window=int(window))
     n_sel = bounds.n_sel
     drop = forget_draws(seed, (B, H, T, n_sel), forget_rate)  # host, equal on every rank
     m = n_sel + (0 if drop is None else int(drop.sum(axis=-1).max(initial=0)))
@@ -134,12 +138,20 @@ class ContextParallelSaved(SparseAttentionSaved):
     __slots__ = ("global_idx", "comm", "like")
 
 
-def _global_keys(comm, q, k, v, key_offset):
+def _global_keys(comm, q, k, v, key_offset, options):
     """S, the keys of every rank together; ValueError on every rank unless the shards tile [0, S)
-    and every rank has the same queries' shape, dtype and head layout."""
-    mine = (key_offset, k.shape[2], tuple(q.shape), k.shape[0], k.shape[1], k.shape[3], v.shape[3], q.dtype.str)
+    and every rank has the same queries' shape, dtype and head layout and the same ``options``
+    (topk, causal, ...: a rank would otherwise select differently, or abort in a collective of
+    mismatched sizes)."""
+    mine = (key_offset, k.shape[2], tuple(q.shape), k.shape[0], k.shape[1], k.shape[3], v.shape[3], q.dtype.str,
+            options)
     shards = comm.allgather(mine)
-    layouts = {s[2:] for s in shards}
+    differ = sorted(n for n in options if any(s[8][n] != options[n] for s in shards))
+    if differ:
+        raise ValueError(f"context-parallel attention needs the same {', '.join(differ)} on every rank, got "
+                         + "; ".join(f"rank {r}: " + ", ".join(f"{n}={s[8][n]!r}" for n in differ)
+                                     for r, s in enumerate(shards)))
+    layouts = {s[2:8] for s in shards}
     if len(layouts) != 1:
         raise ValueError("every rank must pass the same q shape, dtype, batch, KV heads and head dims; got "
                          + ", ".join(f"rank {r}: q {s[2]}, k (B={s[3]}, G={s[4]}, D={s[5]}), Dv={s[6]}, {s[7]}"
