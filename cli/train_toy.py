@@ -260,7 +260,8 @@ def _mpi_world(cfg):
     """``MPI.COMM_WORLD`` when mpiexec started this process as one of several ranks (read from
     the launcher's environment, see :func:`topkattn.distributed.comm.launched_world`),
     else None, without importing mpi4py.  Installs the hook that ends the job on an uncaught
-    error; a usage error when --batch-size is not a multiple of the ranks or mpi4py is missing."""
+    error; a usage error when --batch-size is not a multiple of the ranks, with --kv-experts (its
+    whole-batch balancing loss) or when mpi4py is missing."""
     from topkattn.distributed.comm import install_excepthook, launched_world
     if launched_world() is None:
         return None
@@ -272,6 +273,9 @@ def _mpi_world(cfg):
     if comm.size == 1:
         return None
     install_excepthook(comm)
+    if cfg.kv_experts:
+        raise click.UsageError(f"--kv-experts under mpiexec: the experts' load-balancing loss is one over the "
+                               f"whole batch, which {comm.size} ranks would split; train KV experts in one process")
     if cfg.batch_size % comm.size:
         raise click.UsageError(f"--batch-size ({cfg.batch_size}) must be a multiple of the number of "
                                f"MPI ranks ({comm.size})")

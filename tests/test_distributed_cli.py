@@ -63,6 +63,14 @@ def test_batch_size_not_a_multiple_of_the_ranks_is_one_usage_error():
     assert p.stdout == ""
 
 
+def test_kv_experts_under_mpiexec_is_one_usage_error():
+    # their balancing loss is one over the whole batch: data parallel would change the losses
+    p = _mpi(*CLI, *TINY, "--kv-experts", "2", "--kv-experts-active", "1")
+    assert p.returncode == 2 and p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: --kv-experts under mpiexec: the experts' load-balancing")
+
+
 def test_a_bad_out_on_rank0_ends_every_rank(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     p = _mpi(*CLI, *TINY, "--batch-size", "4", "--out", str(tmp_path / "file" / "run"))

@@ -16,6 +16,7 @@ from topkattn.distributed.comm import launched_world, world
 from topkattn.distributed.data_parallel import (
     GradientReducer,
     PeerError,
+    check_data_parallel,
     check_replicas,
     params_checksum,
     split_rows,
@@ -199,3 +200,13 @@ def test_a_setup_error_on_rank0_is_raised_on_every_rank(tmp_path):
     else:
         with pytest.raises(PeerError, match="rank 0: OutDirError: out_dir .* is not a writable folder"):
             train_data_parallel(tiny_cfg(steps=2), COMM, out_dir=blocker)
+
+
+def test_kv_experts_are_refused_over_several_ranks():
+    cfg = tiny_cfg(kv_experts=2, kv_experts_active=1)
+    check_data_parallel(cfg, 1)  # one rank: the whole batch, nothing split
+    with pytest.raises(ValueError, match=r"kv_experts \(2\): the experts' load-balancing loss is one over the whole"):
+        check_data_parallel(cfg, 2)
+    if COMM.size > 1:
+        with pytest.raises(ValueError, match="train KV experts in one process"):
+            train_data_parallel(cfg, COMM)

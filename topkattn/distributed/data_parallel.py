@@ -137,6 +137,18 @@ class PeerError(RuntimeError):
         self.rank, self.kind, self.message = rank, kind, message
 
 
+def check_data_parallel(cfg: TrainConfig, size: int) -> None:
+    """ValueError (the same on every rank: it reads only the config) for a run data parallelism
+    over ``size`` > 1 ranks cannot reproduce: KV experts, whose load-balancing loss is a function of
+    the whole batch (each rank's share would be balanced on its own rows instead), or a batch size
+    that is not a multiple of the ranks."""
+    if size > 1 and cfg.kv_experts:
+        raise ValueError(f"kv_experts ({cfg.kv_experts}): the experts' load-balancing loss is one over the "
+                         f"whole batch, which data parallelism over {size} ranks would split; train KV experts "
+                         f"in one process")
+    split_rows(cfg.batch_size, 0, size)
+
+
 def train_data_parallel(cfg: TrainConfig, comm: Any, *, out_dir: str | os.PathLike | None = None, resume: bool = False,
                         device: str = "cpu", checkpoint_every: int = 100, progress: Callable[..., Any] | None = None,
                         log: Callable[..., Any] | None = None, eval_every: int | None = None,
@@ -145,13 +157,14 @@ def train_data_parallel(cfg: TrainConfig, comm: Any, *, out_dir: str | os.PathLi
     every rank (the same losses and, checked at the end, the same parameters).
 
     ``progress`` and ``log`` are called on rank 0 only; rank 0 writes the files.  ValueError
-    (on every rank) when ``cfg.batch_size`` is not a multiple of ``comm.size``.  ``check_every``
+    (on every rank) for a run :func:`check_data_parallel` refuses.  ``check_every``
     > 0 also compares the parameters across the ranks every that many steps.  ``device="gpu"``
     first makes GPU ``local rank % device count`` current on each rank
     (:func:`topkattn.distributed.device_comm.use_local_device`).
     """
     from topkattn.training.train import run_threads, train
 
+    check_data_parallel(cfg, comm.size)
     rows = split_rows(cfg.batch_size, comm.rank, comm.size)
     if device == "gpu":
         use_local_device(comm)  # GPU local rank % count, so that NCCL can carry the gradients
