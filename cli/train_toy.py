@@ -167,21 +167,30 @@ def train_toy(ctx, out_dir, resume, overwrite, checkpoint_every, device, blas_th
     values.setdefault("seq_len", 64 if task == "mqar" else 128)
     values.setdefault("steps", 600 if task == "mqar" else 500)
     values.setdefault("warmup_steps", max(1, values["steps"] // 20))
-    if resume:
-        try:
-            values = resume_config(out_dir, values, given, label=_option)
-        except (FileNotFoundError, ConfigMismatchError) as e:
-            raise click.UsageError(f"--resume: {e}") from None
-        except CheckpointError as e:
-            fail(str(e))
-    _check_attention_options(values, given)
-    try:
-        cfg = TrainConfig.from_dict(values)
-    except (ValueError, TypeError) as e:
-        raise click.UsageError(str(e)) from None
-
-    comm = _mpi_world(cfg)  # None: one process (not started by mpiexec with > 1 rank)
+    comm = _mpi_world()  # None: one process (not started by mpiexec with > 1 rank)
     rank = 0 if comm is None else comm.rank
+    setup_error = None
+    try:  # under MPI every rank reads its own checkpoint: an error on one rank must end them all
+        if resume:
+            try:
+                values = resume_config(out_dir, values, given, label=_option)
+            except (FileNotFoundError, ConfigMismatchError) as e:
+                raise click.UsageError(f"--resume: {e}") from None
+            except CheckpointError as e:
+                fail(str(e))
+        _check_attention_options(values, given)
+        try:
+            cfg = TrainConfig.from_dict(values)
+        except (ValueError, TypeError) as e:
+            raise click.UsageError(str(e)) from None
+        if comm is not None:
+            _check_mpi_config(cfg, comm)
+    except click.ClickException as e:
+        setup_error = e
+    if comm is not None:
+        _agree_click_error(comm, setup_error)
+    elif setup_error is not None:
+        raise setup_error
 
     def log(msg):
         if rank == 0:
@@ -256,12 +265,11 @@ def train_toy(ctx, out_dir, resume, overwrite, checkpoint_every, device, blas_th
             click.echo(f"checkpoint and metrics in {out_dir}")
 
 
-def _mpi_world(cfg):
+def _mpi_world():
     """``MPI.COMM_WORLD`` when mpiexec started this process as one of several ranks (read from
     the launcher's environment, see :func:`topkattn.distributed.comm.launched_world`),
     else None, without importing mpi4py.  Installs the hook that ends the job on an uncaught
-    error; a usage error when --batch-size is not a multiple of the ranks, with --kv-experts (its
-    whole-batch balancing loss) or when mpi4py is missing."""
+    error; a usage error when mpi4py is missing."""
     from topkattn.distributed.comm import install_excepthook, launched_world
     if launched_world() is None:
         return None
@@ -273,13 +281,34 @@ def _mpi_world(cfg):
     if comm.size == 1:
         return None
     install_excepthook(comm)
+    return comm
+
+
+def _check_mpi_config(cfg, comm):
+    """Usage errors for a run data parallelism cannot train: --batch-size not a multiple of the
+    ranks, --kv-experts (its whole-batch balancing loss)."""
     if cfg.kv_experts:
         raise click.UsageError(f"--kv-experts under mpiexec: the experts' load-balancing loss is one over the "
                                f"whole batch, which {comm.size} ranks would split; train KV experts in one process")
     if cfg.batch_size % comm.size:
         raise click.UsageError(f"--batch-size ({cfg.batch_size}) must be a multiple of the number of "
                                f"MPI ranks ({comm.size})")
-    return comm
+
+
+def _agree_click_error(comm, error):
+    """Every rank raises when the set-up raised ``error`` (a click error, or None) on any rank:
+    the failing rank its own error, the others one of the same exit status naming the rank
+    (rank 0 alone prints it).  Without this a rank whose checkpoint is missing (node-local
+    disks) left the others waiting in the first collective."""
+    errors = comm.allgather(None if error is None else (error.exit_code, error.format_message()))
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        r, (code, message) = failed[0]
+        peer = click.ClickException(f"rank {r}: {message}")
+        peer.exit_code = code
+        raise peer
 
 
 def _layer_list(value):

@@ -105,3 +105,15 @@ def test_one_process_never_imports_mpi4py():
     p = _run([sys.executable, "-c", code])
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "False"
+
+
+def test_a_checkpoint_missing_on_one_rank_ends_every_rank(tmp_path):
+    # node-local disks: rank 1's --out holds no checkpoint; it must end the job (rank 0 naming
+    # rank 1), not leave rank 0 waiting in the first collective
+    here, there = str(tmp_path / "here"), str(tmp_path / "there")
+    assert _run([*CLI, *TINY, "--out", here]).returncode == 0
+    p = _run([MPIEXEC, "-n", "1", *CLI, "--out", here, "--resume", "--quiet",
+              ":", "-n", "1", *CLI, "--out", there, "--resume", "--quiet"])
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == [f"Error: rank 1: --resume: no checkpoint at {there}/checkpoint.npz "
+                                             f"(the folder holds no train-toy checkpoint)"]
