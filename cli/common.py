@@ -83,6 +83,22 @@ def command(name):
     return click.command(name, cls=RankZeroCommand, context_settings=CONTEXT_SETTINGS)
 
 
+def agree_click_error(comm, error):
+    """Every rank raises when the set-up raised ``error`` (a click error, or None) on any rank:
+    the failing rank its own error, the others one of the same exit status naming the rank
+    (rank 0 alone prints it): the set-up of an MPI job (e.g. a run missing on one rank's
+    node-local disk) never leaves the other ranks waiting in the first collective."""
+    errors = comm.allgather(None if error is None else (error.exit_code, error.format_message()))
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        r, (code, message) = failed[0]
+        peer = click.ClickException(f"rank {r}: {message}")
+        peer.exit_code = code
+        raise peer
+
+
 def fail(message):
     """Stop the command (raises, like ``ctx.fail``): ``Error: message`` on stderr, exit status 1
     (the work failed, not the usage)."""

@@ -9,7 +9,16 @@ import math
 import click
 import numpy as np
 
-from topkattn.cli.common import FiniteFloat, command, device_option, fail, finite_float, progress_bar, quiet_option
+from topkattn.cli.common import (
+    FiniteFloat,
+    agree_click_error,
+    command,
+    device_option,
+    fail,
+    finite_float,
+    progress_bar,
+    quiet_option,
+)
 
 
 def _int_or_auto(value, option):
@@ -141,64 +150,76 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
         raise click.UsageError("--k auto (dynamic k) needs --tail-bound EPS")
     if max_k is not None and k != "auto":
         raise click.UsageError("--max-k is the cap of --k auto; with an integer --k that k is the cap")
-    try:
-        cfg, model = load_run(run_dir)
-    except FileNotFoundError as e:
-        raise click.UsageError(str(e)) from None
-    except CheckpointError as e:
-        fail(str(e))
-    if device == "gpu":  # the decode runner follows the parameters' array module
-        from topkattn.backend import require_cupy
+    ranks, mpi_rank = _mpi_launch(retriever, tail_bound)
+    setup_error = None
+    try:  # under MPI every rank loads its own copy of the run: an error on one rank must end them all
+        try:
+            cfg, model = load_run(run_dir)
+        except FileNotFoundError as e:
+            raise click.UsageError(str(e)) from None
+        except CheckpointError as e:
+            fail(str(e))
+        if device == "gpu":  # the decode runner follows the parameters' array module
+            from topkattn.backend import require_cupy
 
-        model.to_device(require_cupy())
-    if cfg.attention == "block":
-        for name, value in (("--k", k), ("--tail-bound", tail_bound), ("--max-k", max_k)):
-            if value is not None:
-                raise click.UsageError(f"{name} applies to token top-k; {run_dir} was trained with block top-k "
-                                       f"attention, which decodes with its own block selection")
-        if retriever != "exact":
-            raise click.UsageError(f"{run_dir} was trained with block top-k attention: it decodes with its block "
-                                   f"means (--retriever exact), not --retriever {retriever}")
-    if cfg.tail is not None and retriever != "exact":
-        raise click.UsageError(f"{run_dir} was trained with --tail {cfg.tail}: its decode scores every cached key "
-                               f"for the tail weight (--retriever exact), not --retriever {retriever}")
-    task = make_task(cfg)
-    inputs, targets = heldout_set(task, cfg)
-    inputs, targets = inputs[:n_sequences], targets[:n_sequences]
-    if k == "auto":
-        k_eval = max_k or inputs.shape[1]  # the cap: every key a query can see by default
-    elif k is not None:
-        k_eval = k
-    elif cfg.attention == "topk":
-        k_eval = cfg.k
-    elif cfg.attention == "block":
-        k_eval = None  # the block layers' own selection
-    elif retriever == "exact" and tail_bound is None:
-        k_eval = None  # a dense-trained run, decoded as trained: dense
-    else:
-        raise click.UsageError(f"{run_dir} was trained with dense attention: give --k K (or --k auto) "
-                               f"for --retriever {retriever}" + (" with --tail-bound" if retriever == "exact" else ""))
-    T = inputs.shape[1]
-    if prompt_len is None:
-        prompt_len = 2 * cfg.num_kv_pairs if cfg.task == "mqar" else T // 2
-    elif prompt_len >= T:  # nothing would be decoded by the retriever, nothing scored
-        raise click.UsageError(f"--prompt-len must be below the run's sequence length {T} (at least one "
-                               f"token decoded by the retriever), got {prompt_len}")
-    scored = np.flatnonzero((np.asarray(targets) != IGNORE).any(axis=0))  # positions holding a target
-    if not scored.size or scored[-1] < prompt_len:  # eval would score no token
-        raise click.UsageError(f"--prompt-len {prompt_len} leaves no scored target after it (the run's "
-                               f"{cfg.task} sequences score none past position {scored[-1] if scored.size else -1})")
-    lorann = {}
-    if retriever == "lorann":
-        lorann = dict(n_clusters=n_clusters, clusters_to_search=to_search,
-                      points_to_rerank="auto" if rerank is None else rerank, rank=rank,
-                      refit_factor=None if no_refit else refit_factor)
-    make = selector_factory(retriever, len(model.blocks), recall=recall, tail_bound=tail_bound, seed=seed,
-                            **lorann)
-    ranks, rank = _mpi_launch(retriever, tail_bound)
-    if ranks > 1 and cfg.tail is not None:
-        raise click.UsageError(f"{run_dir} was trained with --tail {cfg.tail}: sharded decoding (mpiexec) has no "
-                               f"tail; decode it in one process")
+            model.to_device(require_cupy())
+        if cfg.attention == "block":
+            for name, value in (("--k", k), ("--tail-bound", tail_bound), ("--max-k", max_k)):
+                if value is not None:
+                    raise click.UsageError(f"{name} applies to token top-k; {run_dir} was trained with block top-k "
+                                           f"attention, which decodes with its own block selection")
+            if retriever != "exact":
+                raise click.UsageError(f"{run_dir} was trained with block top-k attention: it decodes with its block "
+                                       f"means (--retriever exact), not --retriever {retriever}")
+        if cfg.tail is not None and retriever != "exact":
+            raise click.UsageError(f"{run_dir} was trained with --tail {cfg.tail}: its decode scores every cached key "
+                                   f"for the tail weight (--retriever exact), not --retriever {retriever}")
+        task = make_task(cfg)
+        inputs, targets = heldout_set(task, cfg)
+        inputs, targets = inputs[:n_sequences], targets[:n_sequences]
+        if k == "auto":
+            k_eval = max_k or inputs.shape[1]  # the cap: every key a query can see by default
+        elif k is not None:
+            k_eval = k
+        elif cfg.attention == "topk":
+            k_eval = cfg.k
+        elif cfg.attention == "block":
+            k_eval = None  # the block layers' own selection
+        elif retriever == "exact" and tail_bound is None:
+            k_eval = None  # a dense-trained run, decoded as trained: dense
+        else:
+            with_bound = " with --tail-bound" if retriever == "exact" else ""
+            raise click.UsageError(f"{run_dir} was trained with dense attention: give --k K (or --k auto) "
+                                   f"for --retriever {retriever}{with_bound}")
+        T = inputs.shape[1]
+        if prompt_len is None:
+            prompt_len = 2 * cfg.num_kv_pairs if cfg.task == "mqar" else T // 2
+        elif prompt_len >= T:  # nothing would be decoded by the retriever, nothing scored
+            raise click.UsageError(f"--prompt-len must be below the run's sequence length {T} (at least one "
+                                   f"token decoded by the retriever), got {prompt_len}")
+        scored = np.flatnonzero((np.asarray(targets) != IGNORE).any(axis=0))  # positions holding a target
+        if not scored.size or scored[-1] < prompt_len:  # eval would score no token
+            last = scored[-1] if scored.size else -1
+            raise click.UsageError(f"--prompt-len {prompt_len} leaves no scored target after it (the run's "
+                                   f"{cfg.task} sequences score none past position {last})")
+        lorann = {}
+        if retriever == "lorann":
+            lorann = dict(n_clusters=n_clusters, clusters_to_search=to_search,
+                          points_to_rerank="auto" if rerank is None else rerank, rank=rank,
+                          refit_factor=None if no_refit else refit_factor)
+        make = selector_factory(retriever, len(model.blocks), recall=recall, tail_bound=tail_bound, seed=seed,
+                                **lorann)
+        if ranks > 1 and cfg.tail is not None:
+            raise click.UsageError(f"{run_dir} was trained with --tail {cfg.tail}: sharded decoding (mpiexec) has no "
+                                   f"tail; decode it in one process")
+    except click.ClickException as e:
+        setup_error = e
+    if ranks > 1:
+        from topkattn.distributed import world
+
+        agree_click_error(world(), setup_error)
+    elif setup_error is not None:
+        raise setup_error
     if ranks > 1:  # every rank decodes the same sequences; each stores and searches its share of the cache
         from topkattn.distributed import shard_decoding, sharded_selector_factory, world
 
@@ -207,7 +228,7 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
         except ValueError as e:  # layers sharded decoding does not run (variants): the same on every rank
             raise click.UsageError(f"{run_dir}: {e}") from None
         make = sharded_selector_factory(make, world())
-        quiet = quiet or rank != 0
+        quiet = quiet or mpi_rank != 0
     # a hybrid run without --k keeps its dense layers dense (each layer its own k)
     own_k = k is None and tail_bound is None and (cfg.attention == "block" or bool(cfg.dense_layers))
     model.enable_attention_stats()
@@ -238,7 +259,7 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
         out["index"] = {"clusters": clusters, "clusters_to_search": to_search,
                         "rerank": "auto" if rerank is None else rerank,
                         "rank": lorann["rank"], "refit_factor": None if no_refit else refit_factor}
-    if rank != 0:  # the ranks agree; one of them speaks
+    if mpi_rank != 0:  # the ranks agree; one of them speaks
         return
     if as_json:
         click.echo(json.dumps(out, sort_keys=True))

@@ -12,6 +12,7 @@ from topkattn.cli.common import (
     CONTEXT_SETTINGS,
     FiniteFloat,
     RankZeroCommand,
+    agree_click_error,
     device_option,
     fail,
     progress_bar,
@@ -188,7 +189,7 @@ def train_toy(ctx, out_dir, resume, overwrite, checkpoint_every, device, blas_th
     except click.ClickException as e:
         setup_error = e
     if comm is not None:
-        _agree_click_error(comm, setup_error)
+        agree_click_error(comm, setup_error)
     elif setup_error is not None:
         raise setup_error
 
@@ -294,21 +295,6 @@ def _check_mpi_config(cfg, comm):
         raise click.UsageError(f"--batch-size ({cfg.batch_size}) must be a multiple of the number of "
                                f"MPI ranks ({comm.size})")
 
-
-def _agree_click_error(comm, error):
-    """Every rank raises when the set-up raised ``error`` (a click error, or None) on any rank:
-    the failing rank its own error, the others one of the same exit status naming the rank
-    (rank 0 alone prints it).  Without this a rank whose checkpoint is missing (node-local
-    disks) left the others waiting in the first collective."""
-    errors = comm.allgather(None if error is None else (error.exit_code, error.format_message()))
-    if error is not None:
-        raise error
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if failed:
-        r, (code, message) = failed[0]
-        peer = click.ClickException(f"rank {r}: {message}")
-        peer.exit_code = code
-        raise peer
 
 
 def _layer_list(value):

@@ -86,3 +86,13 @@ def test_two_ranks_refuse_the_simulated_retriever(run_dir):
     r = _run(["eval", run_dir, "--retriever", "simulated", "--recall", "0.5", *EVAL], ranks=2)
     assert r.returncode == 2 and r.stdout == ""
     assert "--retriever simulated runs in one process" in r.stderr
+
+
+def test_a_run_missing_on_one_rank_ends_every_rank(run_dir, tmp_path):
+    # node-local disks: rank 1 has no copy of the run; the job ends with rank 0 naming rank 1
+    missing = str(tmp_path / "nowhere")
+    cmd = [MPIEXEC, "-n", "1", *CLI, "eval", run_dir, *EVAL, ":", "-n", "1", *CLI, "eval", missing, *EVAL]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: rank 1: ") and missing in lines[0], r.stderr
