@@ -296,7 +296,6 @@ def _check_mpi_config(cfg, comm):
                                f"MPI ranks ({comm.size})")
 
 
-
 def _layer_list(value):
     """--dense-layers "I,J" as a list of ints (None stays None); a usage error otherwise."""
     if value is None:
