@@ -286,4 +286,3 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     w = max(len(r[0]) for r in rows)
     for name, val in rows:
         click.echo(f"{name:<{w}}  {val}")
-

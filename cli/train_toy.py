@@ -158,6 +158,9 @@ def train_toy(ctx, out_dir, resume, overwrite, checkpoint_every, device, blas_th
 
     if resume and out_dir is None:
         raise click.UsageError("--resume needs --out DIR (the folder holding checkpoint.npz)")
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in --out, --overwrite starts over in its place: "
+                               "give one of them")
     # every option collected in **options is a TrainConfig field of the same name
     given = {name for name in options
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}

@@ -862,5 +862,5 @@ def test_numpy_scalar_arguments_are_stored_as_plain_values(tmp_path, data):
         LorannIndex(x[:300], 4, rank=4, distance=2.0)
     with pytest.raises(ValueError, match="distance must be IP"):  # ints: the IP/L2 constants only
         LorannIndex(x[:300], 4, rank=4, distance=2)
-    with pytest.raises(TypeError, match="balanced must be a bool"):
+    with pytest.raises(TypeError, match="balanced must be True or False"):
         LorannIndex(x[:300], 4, rank=4, balanced="yes")

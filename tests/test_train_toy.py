@@ -607,11 +607,15 @@ def test_config_refuses_a_rope_base_the_layers_cannot_use(value):
         TrainConfig(rope_base=value)
 
 
-def test_config_refuses_forgetting_with_dense_attention():
-    # dense attention drops no key: a forget_rate there would be recorded yet do nothing
+def test_a_new_run_refuses_forgetting_with_dense_attention(tmp_path):
+    # dense attention drops no key: a forget_rate there would be recorded yet do nothing.  The
+    # config itself stays valid, so that a run saved so by an older version still loads and resumes
+    cfg = TrainConfig(attention="dense", forget_rate=0.5, d_model=16, heads=2, seq_len=12, num_kv_pairs=3,
+                      steps=2, batch_size=4, eval_size=8)
     with pytest.raises(ValueError, match="forget_rate applies to attention='topk'.*got forget_rate=0.5 with "
                                          "attention='dense'"):
-        TrainConfig(attention="dense", forget_rate=0.5)
+        train(cfg, threads=1)
+    assert not (tmp_path / "run").exists()
     assert TrainConfig(attention="topk", forget_rate=0.5, dense_layers=[0]).forget_rate == 0.5
 
 
@@ -630,6 +634,8 @@ def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoint(tmp_path):
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "already holds a run" in r.output and "--resume continues it, --overwrite starts over" in r.output
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    r = CliRunner().invoke(main, ["train-toy", "--out", str(out), "--resume", "--overwrite"])
+    assert r.exit_code == 2 and "--resume continues the run in --out, --overwrite starts over" in r.output
     r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "2", "--seed", "1", "--out", str(out),
                                   "--overwrite", "--quiet", "--json"])
     assert r.exit_code == 0, r.output

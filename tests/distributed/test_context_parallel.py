@@ -141,7 +141,8 @@ def test_bad_arguments(kw, exc, msg):
 
 
 @pytest.mark.parametrize("name,mine", [("topk", lambda r: 3 + r), ("causal", lambda r: r == 0),
-                                       ("window", lambda r: r), ("seed", lambda r: 7 + r)])
+                                       ("window", lambda r: r), ("seed", lambda r: 7 + r),
+                                       ("seed", lambda r: np.int64(7 + r))])
 def test_options_differing_across_ranks_fail_every_rank_naming_them(name, mine):
     # each rank would select differently (or abort in a collective of mismatched sizes): refused
     q, k, v, _ = _inputs(np.float64)
@@ -152,6 +153,18 @@ def test_options_differing_across_ranks_fail_every_rank_naming_them(name, mine):
         return
     with pytest.raises(ValueError, match=f"needs the same {name} on every rank, got rank 0: {name}="):
         topk_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], comm=COMM, **kw)
+
+
+def test_seeds_may_differ_without_forgetting_and_numpy_ints_equal_ints():
+    # the seed draws nothing when forget_rate is 0; np.int64(7) and 7 are the same seed
+    q, k, v, _ = _inputs(np.float64)
+    lo, hi = _shard(k.shape[2])
+    out = topk_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], comm=COMM, key_offset=lo, topk=3, seed=COMM.rank)
+    np.testing.assert_allclose(out, ta.topk_attention(q, k, v, topk=3), atol=1e-12)
+    seed = np.int64(7) if COMM.rank == 0 else 7
+    out = topk_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], comm=COMM, key_offset=lo, topk=3, forget_rate=0.3,
+                         seed=seed)
+    np.testing.assert_allclose(out, ta.topk_attention(q, k, v, topk=3, forget_rate=0.3, seed=7), atol=1e-12)
 
 
 def test_missing_mpi4py_says_what_to_install(monkeypatch):

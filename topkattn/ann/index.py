@@ -190,13 +190,12 @@ class LorannIndex:
             quantization_bits = check_int("quantization_bits", quantization_bits)
             if quantization_bits not in (4, 8):
                 raise ValueError(f"quantization_bits must be None, 4 or 8, got {quantization_bits!r}")
-        if not isinstance(balanced, (bool, np.bool_)):
-            raise TypeError(f"balanced must be a bool, got {type(balanced).__name__} {balanced!r}")
-        _check_bool("copy", copy)
+        check_bool("balanced", balanced)
+        check_bool("copy", copy)
         if refit_growth is not None:
             refit_growth = check_real("refit_growth", refit_growth, 0.0, lo_open=True)
         max_cluster_size = check_int("max_cluster_size", max_cluster_size, 2, optional=True)
-        _check_bool("background", background)
+        check_bool("background", background)
         self.n_clusters = n_clusters
         self.global_dim = global_dim
         self.quantization_bits = quantization_bits
@@ -284,7 +283,7 @@ class LorannIndex:
         dimensionality reduction instead of using the projected points.  ``verbose`` prints
         progress.  ``n_threads``: see :meth:`search`.
         """
-        _check_bool("approximate", approximate)
+        check_bool("approximate", approximate)
         if not isinstance(verbose, (bool, np.bool_)):
             hint = ("; pass training queries as training_queries=..."
                     if hasattr(verbose, "shape") or isinstance(verbose, (list, tuple)) else "")
@@ -1383,12 +1382,6 @@ def _check_distance(distance):
         raise TypeError(f"distance must be IP, L2 (ints) or a string 'ip'/'l2', "
                         f"got {type(distance).__name__} {distance!r}")
     return check_choice("distance", distance.lower(), _DISTANCES)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
 
 
 def _check_threads(n_threads):

@@ -49,7 +49,7 @@ import numpy as np
 
 from topkattn.ann import LorannIndex
 from topkattn.backend import Array, get_array_module, to_numpy
-from topkattn.checks import check_choice, check_int, check_real
+from topkattn.checks import check_bool, check_choice, check_int, check_real
 from topkattn.decoding.selectors import DecodeSelector, _Context, exact_select, forced_scores_lse
 from topkattn.ops.dynamic_k import dynamic_k_from_ranked
 from topkattn.ops.selection import ranked_topm_xp
@@ -102,7 +102,7 @@ class LorannSelector(DecodeSelector):
     def __init__(self, *, n_clusters: int | None = None, clusters_to_search: int | float | str = "auto",
                  points_to_rerank: int | str = "auto", rank: int = 32, global_dim: int | None = None,
                  quantization_bits: int | None = 8, train_size: int = 2, refit_factor: float | None = None,
-                 refit_growth: float = 0.5, split_factor: float | None = 2.0, background: bool = True,
+                 refit_growth: float | None = 0.5, split_factor: float | None = 2.0, background: bool = True,
                  max_training_queries: int = 8192, tail_bound: float | None = None, max_topk: int | None = None,
                  seed: int = 0, measure_recall: bool = True) -> None:
         super().__init__(tail_bound=tail_bound, max_topk=max_topk, measure_recall=measure_recall)
@@ -129,9 +129,7 @@ class LorannSelector(DecodeSelector):
                                                                           lo_open=True)
         self.split_factor = None if split_factor is None else check_real("split_factor", split_factor, 1.0,
                                                                           lo_open=True)
-        if not isinstance(background, (bool, np.bool_)):
-            raise TypeError(f"background must be a bool, got {type(background).__name__} {background!r}")
-        self.background = bool(background)
+        self.background = check_bool("background", background)
         self.max_training_queries = check_int("max_training_queries", max_training_queries, 1)
         self.seed = check_int("seed", seed, 0)
         self.builds = 0  # index (re)builds, all batch elements

@@ -25,6 +25,7 @@ rows * (ranks + Dv) for the merge, rows * D for dq: O(T * K * ranks), never O(T 
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -82,7 +83,7 @@ def topk_attention_forward(q: Array, k_local: Array, v_local: Array, *, comm: An
         error = e
     agree(comm, error)
     options = dict(topk=int(topk), causal=causal, sinks=int(sinks), window=int(window), forget_rate=float(forget_rate),
-                   seed=seed if seed is None or isinstance(seed, int) else "Generator",
+                   seed=_seed_key(seed) if forget_rate else None,
                    scale=scale if scale is None else float(scale), temperature=float(temperature))
     S = _global_keys(comm, q, k, v, key_offset, options)
     xp = get_array_module(q, k, v)
@@ -136,6 +137,12 @@ class ContextParallelSaved(SparseAttentionSaved):
     """What backward needs on this rank: local keys and indices, the merged out and lse."""
 
     __slots__ = ("global_idx", "comm", "like")
+
+
+def _seed_key(seed):
+    """What the ranks must agree on of a forgetting seed: the integer, or "Generator" (a generator's
+    state is not compared)."""
+    return int(seed) if isinstance(seed, numbers.Integral) else None if seed is None else "Generator"
 
 
 def _global_keys(comm, q, k, v, key_offset, options):

@@ -166,9 +166,6 @@ class TrainConfig(ConfigDict):
             check_real(name, getattr(self, name), 0.0, 1.0)
         if not isinstance(self.token_shift, bool):
             raise TypeError(f"token_shift must be True or False, got {self.token_shift!r}")
-        if self.forget_rate and self.attention == "dense":
-            raise ValueError(f"forget_rate applies to attention='topk' (dense attention drops no key), got "
-                             f"forget_rate={self.forget_rate!r} with attention='dense'")
         if self.tail is not None and self.attention != "topk":
             raise ValueError(f"tail applies to attention='topk' (token top-k), got tail={self.tail!r} with "
                              f"attention={self.attention!r}")
@@ -542,8 +539,9 @@ def train(cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None, resume:
         and keeps the files written before.  Temporary files an interrupted save left
         there are removed.
       overwrite: without ``resume``, an ``out_dir`` that already holds a checkpoint raises
-        :class:`RunExistsError` before anything is written, unless this is True (the new run's
-        files then replace the old run's).
+        :class:`RunExistsError` before anything is written, unless this is True: the new run's
+        files then replace the old run's, each when the new run first writes it (the checkpoint
+        at the first save, metrics.json at the end).
       resume: continue from ``out_dir/checkpoint.npz``; its config must equal ``cfg``
         (:class:`~topkattn.training.checkpoint.ConfigMismatchError` names the fields otherwise), a
         corrupt file raises :class:`~topkattn.training.checkpoint.CheckpointError`.
@@ -597,9 +595,13 @@ def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eva
         batch_slice = check_batch_slice(batch_slice, cfg.batch_size)
         if resume and out_dir is None:
             raise ValueError("resume needs out_dir (the folder holding checkpoint.npz)")
+        if cfg.forget_rate and cfg.attention == "dense" and not resume:  # (older runs so made still resume)
+            raise ValueError(f"forget_rate applies to attention='topk' (dense attention drops no key), got "
+                             f"forget_rate={cfg.forget_rate!r} with attention='dense'")
         if out_dir is not None:
             out_dir = os.fspath(out_dir)
-            check_run_folder(out_dir, resume=resume, overwrite=overwrite)
+            if is_writer:  # the only process that writes there
+                check_run_folder(out_dir, resume=resume, overwrite=overwrite)
         check_memory(cfg, device)
         log = log or (lambda msg: None)
         t_start, c_start = time.perf_counter(), time.process_time()
