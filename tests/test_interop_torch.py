@@ -307,3 +307,17 @@ def test_bridge_clamps_ints_beyond_int64_like_the_engine():
         topk_attention(q, k, v, topk=2, forget_rate=0.5, seed=10**30)
     with pytest.raises(TypeError, match="causal must be True or False"):
         topk_attention(q, k, v, topk=2, causal="yes")
+
+
+def test_a_dlpack_failure_that_is_not_the_dtype_keeps_its_own_error(monkeypatch):
+    # a float32 tensor NumPy cannot import for another reason: DLPack's error, not a dtype message
+    from topkattn import backend
+
+    def refuse(x):
+        raise BufferError("not on the CPU")
+
+    monkeypatch.setattr(backend.np, "from_dlpack", refuse)
+    with pytest.raises(BufferError, match="not on the CPU"):
+        backend.as_engine_array(torch.zeros(2), "q")
+    with pytest.raises(TypeError, match=r"^q must be float32 or float64.*bfloat16"):
+        backend.as_engine_array(torch.zeros(2, dtype=torch.bfloat16), "q")

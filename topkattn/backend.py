@@ -86,9 +86,12 @@ def as_engine_array(x: Any, name: str = "array") -> Array:
                 return np.from_dlpack(x.detach())
             except (BufferError, TypeError, RuntimeError) as e:
                 err = e
+        dtype = str(getattr(x, "dtype", "?"))
+        if dtype.rsplit(".", 1)[-1] in ("float32", "float64"):
+            raise err  # not the dtype (a device, a layout): DLPack's own error
         # e.g. bfloat16, which NumPy cannot hold
         raise TypeError(f"{name} must be float32 or float64 (or an array NumPy can import), got "
-                        f"{type(x).__name__} of dtype {getattr(x, 'dtype', '?')}: {err}") from err
+                        f"{type(x).__name__} of dtype {dtype}: {err}") from err
     if hasattr(x, "__cuda_array_interface__"):
         return require_cupy().asarray(x)
     try:
