@@ -2,26 +2,25 @@
 import argparse
 
 
-def positive_int(text):
-    """An integer >= 1."""
+def _int_at_least(text, lo):
+    """``int(text)`` if it is an integer >= ``lo``; ArgumentTypeError otherwise."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+        value = None
+    if value is None or value < lo:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text!r}")
     return value
+
+
+def positive_int(text):
+    """An integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text):
     """An integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def rate_list(text):
