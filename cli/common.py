@@ -99,6 +99,20 @@ def agree_click_error(comm, error):
         raise peer
 
 
+def load_run_or_fail(run_dir):
+    """``(cfg, model)`` of a train-toy run folder: a usage error when it holds no run, a failure
+    (exit 1) when its checkpoint is corrupt."""
+    from topkattn.training.checkpoint import CheckpointError
+    from topkattn.training.runs import load_run
+
+    try:
+        return load_run(run_dir)
+    except FileNotFoundError as e:
+        raise click.UsageError(str(e)) from None
+    except CheckpointError as e:
+        fail(str(e))
+
+
 def fail(message):
     """Stop the command (raises, like ``ctx.fail``): ``Error: message`` on stderr, exit status 1
     (the work failed, not the usage)."""

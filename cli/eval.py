@@ -16,6 +16,7 @@ from topkattn.cli.common import (
     device_option,
     fail,
     finite_float,
+    load_run_or_fail,
     progress_bar,
     quiet_option,
 )
@@ -131,8 +132,6 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     --json adds attention_stats: the keys each layer attended per decode step.
     """
     from topkattn.decoding.runner import evaluate_decoding, selector_factory
-    from topkattn.training.checkpoint import CheckpointError
-    from topkattn.training.runs import load_run
     from topkattn.training.tasks import IGNORE
     from topkattn.training.train import heldout_set, make_task
 
@@ -153,12 +152,7 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
     ranks, mpi_rank = _mpi_launch(retriever, tail_bound)
     setup_error = None
     try:  # under MPI every rank loads its own copy of the run: an error on one rank must end them all
-        try:
-            cfg, model = load_run(run_dir)
-        except FileNotFoundError as e:
-            raise click.UsageError(str(e)) from None
-        except CheckpointError as e:
-            fail(str(e))
+        cfg, model = load_run_or_fail(run_dir)
         if device == "gpu":  # the decode runner follows the parameters' array module
             from topkattn.backend import require_cupy
 

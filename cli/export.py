@@ -8,7 +8,7 @@ import os
 
 import click
 
-from topkattn.cli.common import command, fail
+from topkattn.cli.common import command, fail, load_run_or_fail
 
 TRAIN_CONFIG_KEY = "topkattn.train_config"  # the run's TrainConfig as JSON, in the safetensors metadata
 
@@ -32,17 +32,10 @@ def export(run_dir, out, dtype, force, as_json):
     (pip install 'topkattn[export]').  The file is written atomically; an existing OUT is
     kept unless --force.
     """
-    from topkattn.training.checkpoint import CheckpointError
-    from topkattn.training.runs import load_run
 
     if os.path.exists(out) and not force:
         raise click.UsageError(f"OUT {out!r} exists; pass --force to replace it")
-    try:
-        cfg, model = load_run(run_dir)
-    except FileNotFoundError as e:
-        raise click.UsageError(str(e)) from None
-    except CheckpointError as e:
-        fail(str(e))
+    cfg, model = load_run_or_fail(run_dir)
     try:
         model.to_safetensors(out, dtype=dtype, metadata={TRAIN_CONFIG_KEY: json.dumps(cfg.to_dict(), sort_keys=True)})
     except ImportError as e:

@@ -10,7 +10,7 @@ import unicodedata
 
 import click
 
-from topkattn.cli.common import FiniteFloat, command, fail, progress_bar, quiet_option
+from topkattn.cli.common import FiniteFloat, command, load_run_or_fail, progress_bar, quiet_option
 
 
 def prompt_tokens(task, vocab_size, prompt, prompt_ids):
@@ -83,17 +83,10 @@ def generate(run_dir, prompt, prompt_ids, max_new_tokens, temperature, top_p, se
     print token ids.  --temperature 0 (the default) is greedy and needs no seed.
     """
     from topkattn.decoding.runner import selector_factory
-    from topkattn.training.checkpoint import CheckpointError
-    from topkattn.training.runs import load_run
 
     if top_p != 1.0 and temperature == 0:
         raise click.UsageError("--top-p applies only with --temperature > 0 (0 is greedy)")
-    try:
-        cfg, model = load_run(run_dir)
-    except FileNotFoundError as e:
-        raise click.UsageError(str(e)) from None
-    except CheckpointError as e:
-        fail(str(e))
+    cfg, model = load_run_or_fail(run_dir)
     ids = prompt_tokens(cfg.task, model.cfg.vocab_size, prompt, prompt_ids)
     if k is None and cfg.attention == "dense" and retriever == "lorann":
         raise click.UsageError(f"{run_dir} was trained with dense attention: give --k K for --retriever lorann")
