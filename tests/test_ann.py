@@ -322,6 +322,11 @@ def test_lazy_refit_and_refit(data):
     ix2.add(x[600:700])
     ix2.refit()
     assert len(ix2.stale_clusters) == 0
+    ix2.add(x[700:800])
+    stale = ix2.stale_clusters
+    for empty in ([], (), np.array([], np.int64)):  # an empty sequence refits nothing (it was a TypeError)
+        ix2.refit(empty)
+        np.testing.assert_array_equal(ix2.stale_clusters, stale)
 
 
 def test_add_before_build_is_indexed(data):

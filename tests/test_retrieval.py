@@ -459,3 +459,25 @@ def test_dynamic_k_from_ranked_checks_tail_bound_and_max_topk(kw, err, name):
     k, cert, _, _ = dynamic_k_from_ranked(vals, np.full(1, -np.inf), np.array([2]), tail_bound=np.float32(0.0),
                                           max_topk=np.int64(2))
     assert k.tolist() == [2] and cert.tolist() == [True]
+
+
+@pytest.mark.parametrize("refit_factor", [None, 1.2])
+def test_lorann_non_finite_query_is_refused_without_poisoning_later_builds(refit_factor):
+    """A NaN query used to join the training queries before any check, so every later build
+    (on the next clean query, or the next rebuild) failed with an error naming training_queries."""
+    keys = np.random.default_rng(0).standard_normal((1, 40, 6)).astype(np.float32)
+    s = LorannSelector(n_clusters=3, refit_factor=refit_factor, **{k: v for k, v in FULL.items()
+                                                                  if k != "quantization_bits"})
+    ref = ExactSelector()
+    q = np.random.default_rng(1).standard_normal((1, 2, 6)).astype(np.float32)
+    if refit_factor is not None:  # an index built first; the rebuild comes after the bad step
+        s(q, _Cache(keys), topk=3)
+    bad = q.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="query contains non-finite"):
+        s(bad, _Cache(keys), topk=3)
+    grown = np.concatenate([keys, np.random.default_rng(2).standard_normal((1, 11, 6)).astype(np.float32)], 1)
+    for kk in (keys, grown):  # the grown cache (51 keys) makes refit_factor=1.2 rebuild
+        got = s(q, _Cache(kk), topk=3)
+        want = ref(q, _Cache(kk), topk=3)
+        np.testing.assert_array_equal(np.sort(got, -1), np.sort(want, -1))

@@ -941,6 +941,8 @@ class LorannIndex:
         self._require_built()
         if clusters is not None:
             cl = np.atleast_1d(np.asarray(clusters))
+            if cl.ndim == 1 and cl.size == 0:  # an empty sequence: nothing to refit
+                cl = cl.astype(np.int64)
             if cl.dtype.kind not in "iu" or cl.ndim != 1:
                 raise TypeError(f"clusters must be an int or a 1-D sequence of ints, got {clusters!r}")
             bad = cl[(cl < 0) | (cl >= self.n_clusters)]

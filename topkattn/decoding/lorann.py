@@ -186,7 +186,10 @@ class LorannSelector(DecodeSelector):
         self._split = getattr(cache, "C", None)
 
     def _observe(self, query, cache, ctx):
-        q = to_numpy(query).astype(np.float32)  # (B, H, D)
+        with np.errstate(over="ignore"):
+            q = to_numpy(query).astype(np.float32)  # (B, H, D)
+        if not np.isfinite(q).all():  # refused before it joins the training queries of every later build
+            raise ValueError("query contains non-finite values (or values outside the float32 range)")
         for b in range(q.shape[0]):
             self._queries[b].append(q[b])
             self._n_queries[b] += q.shape[1]
