@@ -159,7 +159,8 @@ def _read_json(path):
 @click.argument("source", type=click.Path(exists=True))
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
               help="PNG to write [default: RUN_DIR/loss.png for a run, RESULTS.png beside RESULTS.json].")
-def plot(source, out):
+@click.option("--force", is_flag=True, help="Replace the PNG if it exists.")
+def plot(source, out, force):
     """Draw a benchmark's results (RESULTS.json with a "plots" list) or a run's loss and learning-rate
     curves (RUN_DIR or its history.json) into a PNG.
 
@@ -168,27 +169,34 @@ def plot(source, out):
               topkattn plot run/ -o loss.png
               topkattn plot forgetful.json -o forgetful.png
 
-    Needs matplotlib (pip install 'topkattn[plot]').
+    Needs matplotlib (pip install 'topkattn[plot]').  An existing PNG is kept unless --force.
     """
+    if out == "":
+        raise click.UsageError("-o/--out must name a file, got ''")
     title = None
     if os.path.isdir(source):
-        hist = os.path.join(source, "history.json")
-        if not os.path.exists(hist):
+        src = os.path.join(source, "history.json")
+        if not os.path.exists(src):
             raise click.UsageError(f"{source} has no history.json (RUN_DIR must be a train-toy --out folder)")
-        doc, default_out = _read_json(hist), os.path.join(source, "loss.png")
+        default_out = os.path.join(source, "loss.png")
     else:
-        doc, default_out = _read_json(source), os.path.splitext(source)[0] + ".png"
+        src, default_out = source, os.path.splitext(source)[0] + ".png"
     folder = source if os.path.isdir(source) else os.path.dirname(source)
+    metrics_path = os.path.join(folder, "metrics.json")  # a run's, for the title
+    out = out or default_out
+    if os.path.realpath(out) in (os.path.realpath(src), os.path.realpath(metrics_path)):
+        raise click.UsageError(f"-o {out!r} is a file the plot is drawn from; name another PNG")
+    if os.path.exists(out) and not force:
+        raise click.UsageError(f"{out!r} exists; pass --force to replace it")
+    doc = _read_json(src)
     try:
         if isinstance(doc, dict) and "plots" in doc:
             charts, title = check_charts(doc["plots"]), doc.get("title")
         elif isinstance(doc, dict) and "loss" in doc:
-            metrics_path = os.path.join(folder, "metrics.json")  # the run's, for the title
             charts, title = history_charts(doc, _read_json(metrics_path) if os.path.exists(metrics_path) else None)
         else:
             fail(f"{source} holds neither a 'plots' list (a benchmark's JSON) nor a run's history "
                  f"('loss' per step)")
-        out = out or default_out
         draw_charts(charts, out, title=title)
     except ChartError as e:
         fail(f"{source}: {e}")

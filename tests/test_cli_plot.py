@@ -133,6 +133,28 @@ def test_usage_errors_and_unreadable_json(tmp_path):
     assert h.exit_code == 0 and "history.json" in h.output and "-o, --out" in h.output
 
 
+@needs_matplotlib
+def test_an_existing_png_is_kept_unless_forced(run, tmp_path):
+    def refused(r):
+        return r.exit_code == 2 and r.output.startswith("Error: ") and r.output.count("\n") == 1
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"keep me")
+    r = _plot(run, "-o", str(out))
+    assert refused(r) and "--force" in r.output and out.read_bytes() == b"keep me"
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(_bench_doc(1)))
+    (tmp_path / "bench.png").write_bytes(b"keep me too")  # the default output beside the JSON
+    r = _plot(str(src))
+    assert refused(r) and (tmp_path / "bench.png").read_bytes() == b"keep me too"
+    r = _plot(str(src), "--force")
+    assert r.exit_code == 0, r.output
+    assert png_size(tmp_path / "bench.png")[0] > 0
+    r = _plot(str(src), "-o", str(src), "--force")  # never the file it draws, even forced
+    assert refused(r) and "drawn from" in r.output and json.loads(src.read_text()) == _bench_doc(1)
+    r = _plot(run, "-o", "")
+    assert refused(r) and "-o/--out" in r.output
+
+
 def test_missing_matplotlib_is_one_line(run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
