@@ -869,3 +869,50 @@ def test_numpy_scalar_arguments_are_stored_as_plain_values(tmp_path, data):
         LorannIndex(x[:300], 4, rank=4, distance=2)
     with pytest.raises(TypeError, match="balanced must be True or False"):
         LorannIndex(x[:300], 4, rank=4, balanced="yes")
+
+
+@pytest.mark.parametrize("bits", [8, None])
+def test_l2_exact_results_far_from_the_origin(bits):
+    """Points 1000 from the origin, neighbours 0.1-3 apart: exact search, full re-ranked search
+    (single, small-batch and batch paths) and the dense padded path give float64 brute force's
+    ids and distances.  The float32 expansion |q|^2 - 2 q.x + |x|^2 lost these distances to
+    cancellation (every row wrong at this offset, distance 2.0 for a true 0.107)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2000, 16)) + 1000).astype(np.float32)
+    q = (x[:40] + 0.1 * rng.standard_normal((40, 16))).astype(np.float32)
+    d64 = ((q.astype(np.float64)[:, None, :] - x.astype(np.float64)[None]) ** 2).sum(-1)  # (40, N)
+    want_ids = np.argsort(d64, axis=1, kind="stable")[:, :3]
+    want_d = np.take_along_axis(d64, want_ids, axis=1)
+    ix = LorannIndex(x, 10, None, bits, 4, None, "l2")
+    ix.build()
+    q2, _ = ix._check_queries(q, "q", np)
+    results = [ix.exact_search(q, 3, True), ix.search(q, 3, 10, 2000, True),
+               ix._output(*ix._search_xp(q2, 3, 10, 2000, np, exclusive=True), q2, False, True, np)]
+    results += [tuple(np.stack(r) for r in zip(*[ix.search(qi, 3, 10, 2000, True) for qi in q]))]
+    results += [ix.search(q[:2], 3, 10, 2000, True)]  # (compared on its two rows below)
+    for ids, dist in results:
+        n = len(ids)
+        np.testing.assert_array_equal(ids, want_ids[:n])
+        np.testing.assert_allclose(dist, want_d[:n], rtol=1e-4, atol=1e-3)
+
+
+def test_rows_whose_products_overflow_float32_are_refused():
+    """Finite float32 rows of norm ~1e19 used to be accepted and then gave NaN distances, wrong
+    ids, -1 ids or an internal bincount error; 3e17 (squared norms < 2^124) still works exactly."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    for distance in ("ip", "l2"):
+        with pytest.raises(ValueError, match="data has rows of squared norm"):
+            LorannIndex(x * np.float32(1e19), 4, None, None, 2, None, distance)
+        big = x * np.float32(3e17)
+        ix = LorannIndex(big, 4, None, None, 2, None, distance)
+        ix.build()
+        for fn in (lambda v: ix.search(v, 3, 4, 300), lambda v: ix.exact_search(v, 3), ix.add):
+            for v in (big[7] * np.float32(10), big[:2] * np.float32(10)):  # single and batch paths
+                with pytest.raises(ValueError, match="(q|new_points) has rows of squared norm"):
+                    fn(v)
+        q = big[7] + np.float32(3e16) * rng.standard_normal(8).astype(np.float32)
+        b64, q64 = big.astype(np.float64), q.astype(np.float64)
+        want = np.argsort(((b64 - q64) ** 2).sum(1) if distance == "l2" else -(b64 @ q64), kind="stable")[:3]
+        np.testing.assert_array_equal(ix.exact_search(q, 3), want)
+        np.testing.assert_array_equal(ix.search(q, 3, 4, 300), want)

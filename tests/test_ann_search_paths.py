@@ -36,8 +36,10 @@ def test_single_query_path_checks_its_input_like_the_general_path():
         ix.search(x[0], 0, 2, 0)
     with pytest.raises(ValueError, match="points_to_rerank"):
         ix.search(x[0], 3, 2, -1)
-    huge = np.full(6, 3e19, np.float32)  # finite (q.q would overflow float32): searched, no error
-    assert ix.search(huge, 3, 2, 0).shape == (3,)
+    huge = np.full(6, 3e19, np.float32)  # finite, but q.q overflows float32: refused on both paths
+    for qq in (huge, huge[None]):
+        with pytest.raises(ValueError, match="q has rows of squared norm inf"):
+            ix.search(qq, 3, 2, 0)
 
 
 @pytest.mark.parametrize("nc", [7, 100, 259])

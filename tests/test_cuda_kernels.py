@@ -442,8 +442,7 @@ def test_lorann_search_matches_index(bits, distance):
         ids, scores = lorann_search(arr, dev(q), 5, 3, rr)
         want_ids, want_d = index.search(q, 5, 3, rr, return_distances=True)
         np.testing.assert_array_equal(host(ids), want_ids)
-        want_s = -want_d if distance == "ip" else (q * q).sum(1)[:, None] - want_d
-        np.testing.assert_allclose(host(scores), want_s, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(host(scores), -want_d, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

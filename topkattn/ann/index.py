@@ -109,6 +109,7 @@ SERIAL_MAX_QUERIES = 2  # up to this many: on one thread (no thread-pool wake-up
 PARALLEL_CHUNK = 4  # queries per work item of the parallel fused kernel (dynamic hand-out)
 BLOCK_MIN_GROUP = 4  # GEMM path once clusters get this many queries on average (measured; float32 and 4-bit)
 BLOCK_MIN_GROUP_INT8 = 4096  # 8-bit: the integer fused kernel beat the GEMM path up to 2000 (measured)
+MAX_SQUARED_NORM = 2.0 ** 124  # rows above it could overflow float32 products (|q - x|^2 <= 2^126)
 DATA_SPARE_DIVISOR = 8  # the point storage's room for adds (at least 1024 rows); doubled when due
 GROW_WHEN_FREE = 0.04  # background: double the point storage ahead, once less than this fraction is free
 SPARE_DIVISOR = 4  # a build leaves each cluster (and the slot storage) 1/4 spare room
@@ -125,7 +126,9 @@ class LorannIndex:
     """A LoRANN index over the rows of ``data`` (N, Dx).
 
     Args:
-        data: index points (N, Dx), real and finite; stored as float32 (copied).
+        data: index points (N, Dx), real and finite, each row of squared norm at most 2^124
+            (larger products would overflow float32; queries and added points too); stored as
+            float32 (copied).
         n_clusters: number of k-means clusters Nc (about sqrt(N) is a good start).
         global_dim: reduced dimension Dg learned from the (training-query) data by
             PCA, or None for no reduction (Dg = Dx).
@@ -219,6 +222,7 @@ class LorannIndex:
         for lo in range(0, n, 65536):  # (N,) in blocks (einsum's temporaries stay small)
             blk = self._data[lo:min(n, lo + 65536)]
             self._norms[lo:lo + len(blk)] = np.einsum("nd,nd->n", blk, blk)
+        _check_norms(self._norms[:n], "data", np)
         self.built = False
         self._device = {}
         self._init_runtime()
@@ -554,8 +558,8 @@ class LorannIndex:
 
     def _search_one(self, q, k, w, rr):
         """:meth:`search` of one float32 query (Dx,) with int arguments, the checks and dispatch
-        of the general path skipped (single-query latency); None when the query is not finite
-        or a lazy refit is due (the general path reports or does it)."""
+        of the general path skipped (single-query latency); None when the query is not finite or
+        too large, or a lazy refit is due (the general path reports or does it)."""
         with self._lock.read():
             if self._overgrown and not self.background:  # a lazy refit may be due: general path
                 return None
@@ -569,8 +573,9 @@ class LorannIndex:
                 tr = self._mirror()
             bt, ct = tr
             int8 = ct is not None
-            if not kernels.route_search_one(q, _NO_REDUCTION if self._T is None else self._T, self._centroids_t(),
-                                            self._cnorm, w, self._adeq_t, self._ascale,
+            t_red = _NO_REDUCTION if self._T is None else self._T
+            if not kernels.route_search_one(q, MAX_SQUARED_NORM, t_red, self._centroids_t(), self._cnorm, w,
+                                            self._adeq_t, self._ascale,
                                             self._apair if int8 else _NO_PAIRS, ct if int8 else bt, self._bscale,
                                             int8, self._start, self._size, self._cap, self._slot_id, self._norms,
                                             self.distance == "l2", self._data, max(k, rr), k, rr > 0, ids, scores):
@@ -646,12 +651,19 @@ class LorannIndex:
             return float(np.dot(diff, diff))
 
     def _exact_scores(self, q, data):
-        s = q @ data.T  # (Q, N)
-        if self.distance == "l2":
-            xp = get_array_module(s)
-            norms = self._norms[: self._n] if xp is np else self._dev(xp)["norms"]
-            s = 2 * s - norms
-        return s.astype(np.float32, copy=False)
+        """Minus the distances (Q, N) float32: ``q.x`` (ip) or ``-|q - x|^2`` (l2), the latter as
+        sums of squared differences (CPU) or in float64 (array libraries): the float32
+        expansion ``|q|^2 - 2 q.x + |x|^2`` loses small distances far from the origin."""
+        if self.distance == "ip":
+            return (q @ data.T).astype(np.float32, copy=False)
+        xp = get_array_module(q)
+        if xp is np:
+            out = np.empty((len(q), len(data)), np.float32)
+            kernels.neg_sq_distances(q, data, out)
+            return out
+        q64, d64 = q.astype(xp.float64), data.astype(xp.float64)
+        d2 = (q64 * q64).sum(1)[:, None] - 2 * (q64 @ d64.T) + (d64 * d64).sum(1)[None, :]
+        return (-xp.maximum(d2, 0)).astype(xp.float32)
 
     def _route(self, qr, w, xp):
         """The w best non-empty clusters (Q, Wc) of reduced queries qr (Q, Dg), best first;
@@ -756,8 +768,7 @@ class LorannIndex:
                                        scratch_s, scratch_n)
                 if i + 1 < len(passes):
                     kernels.raise_thresholds(cand_s, cand_i, cand_n, m, thresh)
-        kernels.merge_rerank(cand_s, cand_i, cand_n, self._data, q, self._norms, l2, m, k, rr > 0,
-                             ids, scores)
+        kernels.merge_rerank(cand_s, cand_i, cand_n, self._data, q, l2, m, k, rr > 0, ids, scores)
 
     def _search_xp(self, q, k, w, rr, xp, exclusive):
         """Array-library path (CuPy, or NumPy as the reference): padded dense tensors."""
@@ -788,10 +799,16 @@ class LorannIndex:
             cid = xp.take_along_axis(pid, sel, axis=1)
             cs = xp.take_along_axis(s, sel, axis=1)
             if rr > 0:
-                ex = xp.einsum("qd,qmd->qm", q[b:b + chunk], dev["data"][xp.maximum(cid, 0)])
-                if self.distance == "l2":
-                    ex = 2 * ex - dev["norms"][xp.maximum(cid, 0)]
+                rows = dev["data"][xp.maximum(cid, 0)]  # (q, mm, Dx)
+                if self.distance == "l2":  # sums of squared differences (see _exact_scores)
+                    diff = rows - q[b:b + chunk, None, :]
+                    ex = -xp.einsum("qmd,qmd->qm", diff, diff)
+                else:
+                    ex = xp.einsum("qd,qmd->qm", q[b:b + chunk], rows)
                 cs = xp.where(cid >= 0, ex, -np.inf).astype(xp.float32)
+            elif self.distance == "l2":  # the approximate 2 q.x - |x|^2 as -|q - x|^2
+                qb = q[b:b + chunk]
+                cs = cs - xp.einsum("qd,qd->q", qb, qb)[:, None].astype(xp.float32)
             kk = min(k, mm)
             sel2 = _topk_xp(xp, cs, cid, kk)
             fi = xp.take_along_axis(cid, sel2, axis=1)
@@ -822,13 +839,10 @@ class LorannIndex:
                              f"{len(self)} points (ids past them are -1)") from None
 
     def _output(self, ids, scores, q, single, return_distances, xp):
+        """Scores are minus the distances (``q.x`` for ip, ``-|q - x|^2`` for l2)."""
         if not return_distances:
             return ids[0] if single else ids
-        if self.distance == "ip":
-            dist = -scores
-        else:
-            qn = xp.einsum("qd,qd->q", q, q).astype(xp.float32)
-            dist = xp.maximum(qn[:, None] - scores, 0)
+        dist = -scores if self.distance == "ip" else xp.maximum(-scores, 0)
         dist = xp.where(ids >= 0, dist, np.inf).astype(xp.float32)
         return (ids[0], dist[0]) if single else (ids, dist)
 
@@ -1304,6 +1318,8 @@ class LorannIndex:
                 q2 = np.ascontiguousarray(q2, dtype=np.float32)
             if q2.dtype != q.dtype and not np.isfinite(q2).all():
                 raise ValueError(f"{name} has values outside the float32 range")
+        with np.errstate(over="ignore"):
+            _check_norms(xp.einsum("qd,qd->q", q2, q2), name, xp)
         return q2, single
 
     def _dev(self, xp):
@@ -1453,6 +1469,16 @@ def _as_matrix(x, name, allow_1d=False):
     if x.dtype.kind == "f" and not _all_finite(x):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return x
+
+
+def _check_norms(sq_norms, name, xp):
+    """ValueError naming ``name`` when a row's float32 squared norm is above MAX_SQUARED_NORM (or
+    overflowed): the index's products of such rows could overflow float32."""
+    top = float(sq_norms.max()) if sq_norms.size else 0.0
+    if not top <= MAX_SQUARED_NORM:
+        raise ValueError(f"{name} has rows of squared norm {top:.3g}, above the supported 2^124 = "
+                         f"{MAX_SQUARED_NORM:.3g} (products of such rows overflow float32); scale the "
+                         f"vectors down")
 
 
 def _all_finite(x, rows=16384):

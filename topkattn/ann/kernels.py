@@ -3,7 +3,9 @@
 Shape letters (the ANN index's own): Q queries, Wc clusters searched per query, Dx data dim,
 Dg reduced dim, Nc clusters, Rk rank, Kn results, Mc candidates kept for re-ranking (``m``),
 Nt threads (one candidate buffer each).
-Scores are "larger is better" (``q.x`` for ip, ``2 q.x - |x|^2`` for l2).
+Scores are "larger is better": candidates are scored ``q.x`` (ip) or ``2 q.x - |x|^2`` (l2, the
+same order as minus the distance); the results written are minus the distances (``-|q - x|^2``
+for l2, see :func:`_finish`).
 Ties go to the lower point id.  Reference: ``LorannIndex._search_xp`` (dense,
 padded array-library path); tests compare the two.
 """
@@ -365,16 +367,25 @@ def _scale_row(acc_hi, acc_lo, s_hi, s_lo, scale, out, hi_only):
 
 
 @njit(inline="always")
-def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s):
+def _finish(qi, q, data, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s):
     """Write the k best of the nc candidates (exact re-rank if ``rerank``: cand_s[:nc] is
-    overwritten with the exact scores) into row qi, padded with id -1 / score -inf."""
+    overwritten with the exact scores) into row qi, padded with id -1 / score -inf.
+
+    The scores written are minus the distances: ``q.x`` for ip, ``-|q - x|^2`` for l2 (the
+    candidates' ``2 q.x - |x|^2`` minus ``|q|^2``).  Exact l2 scores are computed as the sum
+    of squared differences, not from the norms: for points far from the origin the expansion
+    would lose the small distances to float32 cancellation."""
     for j in range(out_i.shape[1]):  # (loops: a slice assignment's generic code compiles for seconds)
         out_i[qi, j] = -1
         out_s[qi, j] = -np.inf
     if not rerank:
+        qn = np.float32(0.0)
+        if l2:
+            for t in range(q.shape[0]):
+                qn += q[t] * q[t]
         for j in range(min(k, nc)):
             out_i[qi, j] = cand_i[j]
-            out_s[qi, j] = cand_s[j]
+            out_s[qi, j] = cand_s[j] - qn
         return
     d = data.shape[1]
     flat = data.reshape(-1)
@@ -384,11 +395,17 @@ def _finish(qi, q, data, norms, l2, cand_s, cand_i, nc, k, rerank, out_i, out_s)
         if j + _PREFETCH_AHEAD < nc:
             _prefetch_row(flat, d, cand_i[j + _PREFETCH_AHEAD])
         pid = cand_i[j]
-        x = data[pid]  # a row view: the dot loop vectorises (2-D indexing would not)
+        x = data[pid]  # a row view: the loops vectorise (2-D indexing would not)
         acc = np.float32(0.0)
-        for t in range(d):
-            acc += q[t] * x[t]
-        cand_s[j] = 2 * acc - norms[pid] if l2 else acc
+        if l2:
+            for t in range(d):
+                diff = q[t] - x[t]
+                acc += diff * diff
+            cand_s[j] = -acc
+        else:
+            for t in range(d):
+                acc += q[t] * x[t]
+            cand_s[j] = acc
     n = nc
     if n > k:  # the k best by a bound and one filter pass (a heap's sifts cost ~2x the dots)
         n = _compact(cand_s, cand_i, n, k)[0]
@@ -649,8 +666,7 @@ def raise_thresholds(cand_s: np.ndarray, cand_i: np.ndarray, cand_n: np.ndarray,
 @_threadsafe_launch
 @njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def merge_rerank(cand_s: np.ndarray, cand_i: np.ndarray, cand_n: np.ndarray, data: np.ndarray, queries: np.ndarray,
-                 norms: np.ndarray, l2: bool, m: int, k: int, rerank: bool, out_i: np.ndarray,
-                 out_s: np.ndarray) -> None:
+                 l2: bool, m: int, k: int, rerank: bool, out_i: np.ndarray, out_s: np.ndarray) -> None:
     """Each query's m best candidates over all threads' buffers (score desc, ties to the lower
     id), re-ranked exactly when ``rerank``; the k best go to out_i (Q, Kn) int64 and out_s
     (Q, Kn) float32, padded with -1 / -inf."""
@@ -667,11 +683,11 @@ def merge_rerank(cand_s: np.ndarray, cand_i: np.ndarray, cand_n: np.ndarray, dat
                 cs[n] = cand_s[p, qi, j]
                 ci[n] = cand_i[p, qi, j]
                 n += 1
-        _select_finish(qi, queries[qi], data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s)
+        _select_finish(qi, queries[qi], data, l2, cs, ci, n, m, k, rerank, out_i, out_s)
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def _select_finish(qi, q, data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s):
+def _select_finish(qi, q, data, l2, cs, ci, n, m, k, rerank, out_i, out_s):
     """The m best of the n candidates cs/ci (score desc, ties to the lower id), re-ranked
     exactly when ``rerank``, the k best into row qi of out_i/out_s."""
     if n > m:  # cut to the scores >= (a bound of) the m-th best in O(n) first
@@ -680,7 +696,7 @@ def _select_finish(qi, q, data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s
         n = _cut_to_m(cs, ci, n, m)
     else:
         n = _best_m_sorted(cs, ci, n, m)
-    _finish(qi, q, data, norms, l2, cs, ci, n, k, rerank, out_i, out_s)
+    _finish(qi, q, data, l2, cs, ci, n, k, rerank, out_i, out_s)
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
@@ -797,7 +813,7 @@ def _fused_one(qi, qr, queries, clusters, a_src, a_scale, a_pair, src, bscale, s
             for t in range(n_c):
                 row[t] = 2 * row[t] - norms[ids[t]]
         n, th = scan_row(row, ids, th, cs, ci, n, m)
-    _select_finish(qi, queries[qi], data, norms, l2, cs, ci, n, m, k, rerank, out_i, out_s)
+    _select_finish(qi, queries[qi], data, l2, cs, ci, n, m, k, rerank, out_i, out_s)
 
 
 @_threadsafe_launch
@@ -965,6 +981,26 @@ def group_visits(top, n_clusters, rows, starts):
             c = top[qi, j]
             rows[fill[c]] = qi
             fill[c] += 1
+
+
+@_threadsafe_launch
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+def neg_sq_distances(q: np.ndarray, data: np.ndarray, out: np.ndarray) -> None:
+    """out (Q, N) = -|q_i - x_j|^2 for queries q (Q, D) and points data (N, D), float32, as sums
+    of squared differences (accurate far from the origin, unlike the norm expansion); parallel
+    over blocks of 64 points, each point row reused from cache by every query."""
+    nq, d = q.shape
+    n = data.shape[0]
+    for blk in nb.prange((n + 63) // 64):
+        for j in range(blk * 64, min(n, blk * 64 + 64)):
+            x = data[j]
+            for i in range(nq):
+                qi = q[i]
+                acc = np.float32(0.0)
+                for t in range(d):
+                    diff = qi[t] - x[t]
+                    acc += diff * diff
+                out[i, j] = -acc
 
 
 @_threadsafe_launch
@@ -1187,15 +1223,20 @@ def reduce_queries(q, t_red, out):
 
 
 @njit(cache=True, nogil=True)
-def route_search_one(query, t_red, cent_t, cnorm, w, a_src, a_scale, a_pair, src, bscale, scaled, start, size,
-                     cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
+def route_search_one(query, max_sq_norm, t_red, cent_t, cnorm, w, a_src, a_scale, a_pair, src, bscale, scaled,
+                     start, size, cap, slot_id, norms, l2, data, m, k, rerank, out_i, out_s):
     """One query end to end (:func:`route_small`, then :func:`fused_search_serial`) in one call:
     the single-query latency path of ``LorannIndex.search``.  query (Dx,); t_red (Dx, Dg) the
     global reduction or an empty (0, 0) array for none.  False (nothing written) when the
-    query is not finite (the caller's general path reports it)."""
+    query is not finite or its squared norm is above ``max_sq_norm`` (the caller's general path
+    reports it)."""
+    sq = np.float32(0.0)
     for u in range(query.shape[0]):
         if not np.isfinite(query[u]):
             return False
+        sq += query[u] * query[u]
+    if not sq <= max_sq_norm:  # (overflowed to inf included)
+        return False
     q2 = query.reshape(1, query.shape[0])
     if t_red.shape[0] == 0:
         qr = q2

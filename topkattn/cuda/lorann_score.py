@@ -64,8 +64,9 @@ def lorann_search(arrays: LorannArrays, q: Array, k: int, clusters_to_search: in
                   points_to_rerank: int) -> tuple[Array, Array]:
     """Approximate top-k of queries q (Q, Dx) float32: (ids (Q, Kn) int64, scores (Q, Kn) float32).
 
-    Scores are larger-is-better (``q.x``; l2: ``2 q.x - |x|^2``), ids padded with -1 and
-    -inf.  ``points_to_rerank`` = 0 returns the approximate scores of the best Kn.
+    Scores are minus the distances (``q.x``; l2: ``-|q - x|^2``), like ``LorannIndex.search``'s;
+    ids padded with -1 and -inf.  ``points_to_rerank`` = 0 returns the approximate scores of the
+    best Kn.
     """
     xp = array_module(q)
     if q.ndim != 2 or q.shape[1] != arrays.data.shape[1]:
@@ -92,11 +93,14 @@ def lorann_search(arrays: LorannArrays, q: Array, k: int, clusters_to_search: in
     m = max(int(k), min(int(points_to_rerank), arrays.data.shape[0]))  # more would only pad
     cand_s, cand_i = lorann_score(arrays, qr, clusters, m)
     if points_to_rerank == 0:
-        return cand_i[:, :k].copy(), cand_s[:, :k].copy()
+        s = cand_s[:, :k].copy()
+        if arrays.l2:  # 2 q.x - |x|^2 as -|q - x|^2
+            s -= (q * q).sum(1)[:, None]
+        return cand_i[:, :k].copy(), s
     ex = xp.empty((Q, m), dtype=xp.float32)
     threads = 32 if simulator_enabled() else THREADS
-    launch(_rerank_kernel(), cdiv(Q * m, threads), threads, q, arrays.data, arrays.norms,
-           1 if arrays.l2 else 0, cand_i, ex)
+    launch(_rerank_kernel(), cdiv(Q * m, threads), threads, q, arrays.data, 1 if arrays.l2 else 0,
+           cand_i, ex)
     s, i = topm_rows(xp, ex, cand_i, int(k), full(0), full(0), full(0), 0)
     return i, s
 
@@ -187,7 +191,7 @@ def _rerank_kernel():
     INF = math.inf
 
     @cuda.jit
-    def rerank_kernel(q, data, norms, l2, cand, ex):
+    def rerank_kernel(q, data, l2, cand, ex):
         x = cuda.grid(1)
         Q, M = cand.shape
         if x >= Q * M:
@@ -199,11 +203,15 @@ def _rerank_kernel():
             ex[qi, i] = np.float32(-INF)
             return
         acc = np.float32(0)
-        for d in range(q.shape[1]):
-            acc += q[qi, d] * data[pid, d]
-        if l2 != 0:
-            acc = np.float32(2) * acc - norms[pid]
-        ex[qi, i] = acc
+        if l2 != 0:  # the sum of squared differences (the norm expansion loses small distances)
+            for d in range(q.shape[1]):
+                diff = q[qi, d] - data[pid, d]
+                acc += diff * diff
+            ex[qi, i] = -acc
+        else:
+            for d in range(q.shape[1]):
+                acc += q[qi, d] * data[pid, d]
+            ex[qi, i] = acc
 
     return rerank_kernel
 
