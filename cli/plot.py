@@ -21,6 +21,7 @@ matplotlib is optional (``pip install 'topkattn[plot]'``); it is imported only t
 import io
 import json
 import math
+import numbers
 import os
 
 import click
@@ -29,6 +30,7 @@ from topkattn.cli.common import command, fail
 
 SCALES = ("linear", "log")
 KINDS = ("line", "bar")
+MAX_MAGNITUDE = 1e300  # the largest |x| or |y| drawn: matplotlib's axis limits overflow near float64's maximum
 MATPLOTLIB_MISSING = "plotting needs matplotlib: pip install 'topkattn[plot]'"
 
 
@@ -49,6 +51,8 @@ def check_charts(charts):
                 raise ChartError(f"{where}.{key} must be 'linear' or 'log', got {c.get(key)!r}")
         if c.get("kind", "line") not in KINDS:
             raise ChartError(f"{where}.kind must be 'line' or 'bar', got {c.get('kind')!r}")
+        if c.get("kind", "line") == "bar" and c.get("xscale", "linear") != "linear":
+            raise ChartError(f"{where}: a bar chart's x axis holds categories, its xscale must be 'linear'")
         series = c.get("series")
         if not isinstance(series, list) or not series:
             raise ChartError(f"{where}.series must be a non-empty list")
@@ -58,9 +62,45 @@ def check_charts(charts):
                 raise ChartError(f"{w} must be an object with lists 'x' and 'y'")
             if len(s["x"]) != len(s["y"]):
                 raise ChartError(f"{w}: x has {len(s['x'])} values, y {len(s['y'])}")
-            if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in s["y"]):
-                raise ChartError(f"{w}.y must hold numbers (null for a gap)")
+            alpha = s.get("alpha")
+            if alpha is not None and not (_is_number(alpha) and 0 <= alpha <= 1):
+                raise ChartError(f"{w}.alpha must be a number in [0, 1], got {_brief(alpha)}")
+            for i, v in enumerate(s["x"]):
+                if not (v is None or isinstance(v, str) or _drawable(v)):
+                    raise ChartError(f"{w}.x must hold numbers (of magnitude at most {MAX_MAGNITUDE:g}) or strings: "
+                                     f"x[{i}] is {_brief(v)}")
+            for i, v in enumerate(s["y"]):
+                if not (v is None or _drawable(v)):
+                    raise ChartError(f"{w}.y must hold numbers (null for a gap) of magnitude at most "
+                                     f"{MAX_MAGNITUDE:g}: y[{i}] is {_brief(v)}")
     return charts
+
+
+def _is_number(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _drawable(v):
+    """Whether ``v`` is a number matplotlib can place on an axis: NaN and the infinities (not
+    drawn) or a magnitude at most MAX_MAGNITUDE (its limits and ticks overflow beyond)."""
+    if not _is_number(v):
+        return False
+    try:
+        v = float(v)
+    except OverflowError:  # an integer beyond float64
+        return False
+    return not math.isfinite(v) or abs(v) <= MAX_MAGNITUDE
+
+
+def _brief(v):
+    """``v`` as JSON for a message, cut to 40 characters."""
+    if isinstance(v, int) and abs(v) >= 10**40:
+        return f"an integer of {len(str(abs(v)))} digits"
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError):  # charts built in Python may hold any object
+        text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def draw_charts(charts, path, *, title=None):
@@ -118,8 +158,13 @@ def history_charts(history, metrics=None):
     """The charts of a run's ``history.json`` ({"loss": [...], "lr": [...]}) and the figure title
     from its ``metrics.json``: ``(charts, title)``."""
     loss, lr = history.get("loss"), history.get("lr")
-    if not isinstance(loss, list) or not loss or not all(isinstance(v, (int, float)) for v in loss):
+    if not isinstance(loss, list) or not loss:
         raise ChartError("history has no per-step 'loss' list")
+    for key, values in (("loss", loss), ("lr", lr if isinstance(lr, list) else [])):
+        for i, v in enumerate(values):  # named here: the charts' own names are not in the file
+            if not _drawable(v):
+                raise ChartError(f"history '{key}' must hold numbers of magnitude at most {MAX_MAGNITUDE:g}: "
+                                 f"{key}[{i}] is {_brief(v)}")
     steps = list(range(1, len(loss) + 1))
     w = max(1, len(loss) // 50)
     avg = [sum(loss[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(loss))]
@@ -133,15 +178,15 @@ def history_charts(history, metrics=None):
         charts.append({"title": "learning rate", "xlabel": "step", "ylabel": "learning rate",
                        "series": [{"label": None, "x": steps, "y": lr}]})
     title = None
-    if metrics:
+    if isinstance(metrics, dict) and metrics:  # numbers that are not numbers are left out of the title
         parts = [str(metrics.get("task", "")), str(metrics.get("attention", ""))]
         if metrics.get("k") is not None:
             parts.append(f"k={metrics['k']}")
-        if metrics.get("forget_rate"):
+        if _drawable(metrics.get("forget_rate")) and metrics["forget_rate"]:
             parts.append(f"forget={metrics['forget_rate']:g}")
-        if metrics.get("accuracy") is not None:
+        if _drawable(metrics.get("accuracy")):
             parts.append(f"held-out accuracy {metrics['accuracy']:.4f}")
-        elif metrics.get("bits_per_char") is not None:
+        elif _drawable(metrics.get("bits_per_char")):
             parts.append(f"held-out {metrics['bits_per_char']:.3f} bits/char")
         title = " ".join(p for p in parts if p)
     return charts, title

@@ -72,6 +72,9 @@ def test_history_charts_numbers():
     assert charts[1]["series"][0]["y"] == [0.1] * 100
     assert title == "mqar topk k=8 forget=0.1 held-out accuracy 0.5000"
     charts, _ = history_charts({"loss": [2.0, 1.5, 1.2]})
+    _, title = history_charts({"loss": [1.0]}, {"task": "mqar", "forget_rate": "x", "accuracy": 10**400})
+    assert title == "mqar"  # a metrics.json whose numbers are not numbers: left out of the title
+    assert history_charts({"loss": [1.0]}, [1, 2])[1] is None
     assert len(charts) == 1 and len(charts[0]["series"]) == 1 and charts[0]["yscale"] == "linear"
 
 
@@ -110,6 +113,15 @@ def test_benchmark_json_png(tmp_path):
     ({"plots": [{"xscale": "cubic", "series": [{"x": [1], "y": [1]}]}]}, "plots[0].xscale"),
     ({"plots": [{"kind": "pie", "series": [{"x": [1], "y": [1]}]}]}, "plots[0].kind must be 'line' or 'bar'"),
     ({"loss": []}, "no per-step 'loss' list"),
+    ({"plots": [{"series": [{"x": [1], "y": [1], "alpha": 5}]}]}, "series[0].alpha must be a number in [0, 1]"),
+    ({"plots": [{"series": [{"x": [1], "y": [1], "alpha": "x"}]}]}, "alpha must be a number in [0, 1], got \"x\""),
+    ({"plots": [{"series": [{"x": [{}, 2], "y": [1, 2]}]}]}, "plots[0].series[0].x must hold numbers"),
+    ({"plots": [{"series": [{"x": [1, 2], "y": [1e308, -1e308]}]}]}, "y[0] is 1e+308"),
+    ({"plots": [{"series": [{"x": [1, 2], "y": [1, 10**400]}]}]}, "y[1] is an integer of 401 digits"),
+    ({"plots": [{"kind": "bar", "xscale": "log", "series": [{"x": ["a"], "y": [1]}]}]}, "xscale must be 'linear'"),
+    ({"loss": [1e308, 1e308]}, "history 'loss' must hold numbers of magnitude at most 1e+300: loss[0] is 1e+308"),
+    ({"loss": [True, 2.0]}, "history 'loss' must hold numbers of magnitude at most 1e+300: loss[0] is true"),
+    ({"loss": [1.0, 2.0], "lr": [0.1, "x"]}, "history 'lr' must hold numbers"),
 ])
 def test_bad_documents_fail_in_one_line(tmp_path, doc, msg):
     src = tmp_path / "r.json"
