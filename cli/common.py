@@ -101,16 +101,22 @@ def agree_click_error(comm, error):
 
 def load_run_or_fail(run_dir):
     """``(cfg, model)`` of a train-toy run folder: a usage error when it holds no run, a failure
-    (exit 1) when its checkpoint is corrupt."""
+    (exit 1) when its checkpoint is corrupt or its parameters are not finite (a diverged run's:
+    decoding it gives only NaN)."""
     from topkattn.training.checkpoint import CheckpointError
     from topkattn.training.runs import load_run
+    from topkattn.training.train import nonfinite_parameter
 
     try:
-        return load_run(run_dir)
+        cfg, model = load_run(run_dir)
     except FileNotFoundError as e:
         raise click.UsageError(str(e)) from None
     except CheckpointError as e:
         fail(str(e))
+    bad = nonfinite_parameter(model.params)
+    if bad is not None:
+        fail(f"the run in {run_dir} diverged: its parameter {bad!r} holds NaN or infinite values")
+    return cfg, model
 
 
 def fail(message):

@@ -4,6 +4,7 @@ Thin: parses options, draws the progress bar, prints the table; the loop is
 :func:`topkattn.training.train.train`.
 """
 import json
+import os
 import sys
 
 import click
@@ -112,8 +113,9 @@ class BlasThreads(click.ParamType):
               help="Continue from --out's checkpoint; options left out take the checkpoint's "
                    "values, options given must match it.")
 @click.option("--overwrite", is_flag=True,
-              help="Start a new run in an --out folder that holds another run's checkpoint, replacing its "
-                   "files (without it, such a folder is refused unless --resume continues it).")
+              help="Start a new run in an --out folder that holds another run's checkpoint (or a "
+                   "metrics.json or history.json), replacing those files (without it, such a folder is "
+                   "refused unless --resume continues its run).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Steps between checkpoints (one is always written at the end).")
 @device_option
@@ -144,6 +146,7 @@ def train_toy(ctx, out_dir, resume, overwrite, checkpoint_every, device, blas_th
     from topkattn.training.checkpoint import CheckpointError, ConfigMismatchError
     from topkattn.training.runs import resume_config
     from topkattn.training.train import (
+        CHECKPOINT_NAME,
         OutDirError,
         RunExistsError,
         RunTooLargeError,
@@ -237,8 +240,11 @@ def train_toy(ctx, out_dir, resume, overwrite, checkpoint_every, device, blas_th
     except OutDirError as e:  # found before the first step
         raise click.UsageError(f"--out {e.path} is not a writable folder ({e.reason})") from None
     except RunExistsError as e:
-        raise click.UsageError(f"--out {out_dir} already holds a run ({e.path}): --resume continues it, "
-                               f"--overwrite starts over in its place") from None
+        if os.path.basename(e.path) == CHECKPOINT_NAME:
+            raise click.UsageError(f"--out {out_dir} already holds a run ({e.path}): --resume continues it, "
+                                   f"--overwrite starts over in its place") from None
+        raise click.UsageError(f"--out {out_dir} already holds {os.path.basename(e.path)}, which this run would "
+                               f"replace: --overwrite replaces it, or give another --out") from None
     except RunTooLargeError as e:
         raise click.UsageError(
             f"the run needs at least {format_bytes(e.estimate)} of memory (a lower-bound estimate for "

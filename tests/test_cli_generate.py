@@ -181,3 +181,14 @@ def test_generate_checks_its_arguments():
         model.generate([1, 9], 1)
     with pytest.raises(ValueError, match="one selector per layer"):
         model.generate([1, 2], 1, selectors=[ExactSelector(), ExactSelector()])
+
+
+@pytest.mark.parametrize("retriever", ["exact", "lorann"])
+def test_a_diverged_run_is_refused_in_one_line(mqar_run, tmp_path, retriever):
+    # a FloatingPointError (exact) or ValueError (lorann) traceback
+    from test_eval_cli import diverged_copy
+
+    path = diverged_copy(mqar_run, tmp_path / "diverged")
+    r = _generate([path, "--prompt-ids", "1 2", "--retriever", retriever])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, (r.output, r.exception)
+    assert r.output.startswith(f"Error: the run in {path} diverged: its parameter 'embed.weight'")

@@ -301,3 +301,25 @@ def test_a_prompt_past_the_last_scored_target_is_a_usage_error(tmp_path):
     assert f"--prompt-len {last + 1} leaves no scored target after it" in r.output
     got = _json([str(out), "--prompt-len", str(last), "--quiet"])
     assert got["n_scored"] > 0 and math.isfinite(got["accuracy"])
+
+
+def diverged_copy(run_dir, dest):
+    """A copy of the run folder whose checkpoint holds a NaN parameter (a diverged run)."""
+    import shutil
+
+    from topkattn.training.checkpoint import load_checkpoint, save_checkpoint
+
+    shutil.copytree(run_dir, dest)
+    arrays, meta = load_checkpoint(dest / "checkpoint.npz")
+    arrays["param/embed.weight"][0, 0] = np.nan
+    save_checkpoint(dest / "checkpoint.npz", arrays, meta)
+    return str(dest)
+
+
+@pytest.mark.parametrize("args", [["--json"], ["--retriever", "lorann"]])
+def test_a_diverged_run_is_refused_in_one_line(run, tmp_path, args):
+    # --json printed NaN (invalid JSON) and RuntimeWarnings; lorann a ValueError traceback
+    path = diverged_copy(run[0], tmp_path / "diverged")
+    r = _eval([path, "--quiet", *args])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, (r.output, r.exception)
+    assert r.output == f"Error: the run in {path} diverged: its parameter 'embed.weight' holds NaN or infinite values\n"

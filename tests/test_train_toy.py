@@ -569,6 +569,36 @@ def test_divergence_says_whether_the_state_was_saved(tmp_path):
     assert load_training_state(str(out / "checkpoint.npz"))["step"] == 1
 
 
+def test_a_diverged_update_is_never_saved(tmp_path, monkeypatch):
+    """--lr 1e308: step 1's update made every parameter NaN and that was saved as the "last good
+    state", after NumPy's overflow warnings; a checkpoint is a state whose parameters are finite."""
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "3", "--lr", "1e308", "--out", str(out)])
+    _one_line_error(r, 1)  # no RuntimeWarning lines
+    assert "the parameters after step 1 are not finite, not saved; no checkpoint was written" in r.output
+    assert not (out / "checkpoint.npz").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(FloatingPointError, match="no checkpoint was written"):
+            train(tiny_cfg(steps=3, lr=1e308), out_dir=str(tmp_path / "lib"), threads=1)
+    step = AdamW.step
+    calls = []
+
+    def overflowing_third_update(self, params, grads, lr=None):  # a loss still finite, a parameter not
+        step(self, params, grads, lr=lr)
+        calls.append(1)
+        if len(calls) == 3:
+            params["embed.weight"][0, 0] = np.inf
+
+    monkeypatch.setattr(AdamW, "step", overflowing_third_update)
+    out = tmp_path / "every"
+    with pytest.raises(FloatingPointError, match="step 3: parameter 'embed.weight' is no longer finite .*the "
+                                                 "checkpoint of step 2 is kept"):
+        train(tiny_cfg(steps=5), out_dir=str(out), threads=1, checkpoint_every=1)
+    state = load_training_state(str(out / "checkpoint.npz"))
+    assert state["step"] == 2 and all(np.isfinite(v).all() for v in state["params"].values())
+
+
 def test_leftover_json_temporaries_are_removed_at_the_next_run(tmp_path):
     """A kill -9 during the final JSON write leaves <TEMP_PREFIX>*.tmp (the atomic writer's name);
     the next run in the folder removes it, and the older writer's <name>.json.tmp-<pid> too."""
@@ -642,3 +672,23 @@ def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoint(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 1
     train(dataclasses.replace(cfg, seed=2), out_dir=out, threads=1, overwrite=True)
     assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 2
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "history.json"])
+def test_a_new_run_refuses_a_folder_holding_files_it_would_write(tmp_path, name):
+    # a folder without a checkpoint but with a file train-toy writes (the user's, or a run whose
+    # checkpoint was deleted): refused before the first step, kept; --overwrite replaces it
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text("mine")
+    cfg = TrainConfig(d_model=16, heads=2, seq_len=12, num_kv_pairs=3, steps=2, batch_size=4, eval_size=8)
+    with pytest.raises(RunExistsError, match="exists and a new run would replace it") as e:
+        train(cfg, out_dir=out, threads=1)
+    assert e.value.path == str(out / name) and os.listdir(out) == [name]
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "2", "--out", str(out), "--quiet"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"already holds {name}, which this run would replace: --overwrite" in r.output
+    assert os.listdir(out) == [name] and (out / name).read_text() == "mine"
+    r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "2", "--out", str(out), "--quiet", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "history.json", "metrics.json"]

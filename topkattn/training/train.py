@@ -83,11 +83,16 @@ class OutDirError(OSError):
 
 
 class RunExistsError(FileExistsError):
-    """``out_dir`` already holds a run's checkpoint and the new run neither resumes nor
-    overwrites it (``path``: the checkpoint); found before the first step, nothing is touched."""
+    """``out_dir`` already holds a file the new run would write and the run neither resumes nor
+    overwrites it (``path``: the run's checkpoint when there is one, else the first such file,
+    e.g. a ``metrics.json`` of the user's); found before the first step, nothing is touched."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(f"{path} already holds a run's checkpoint: resume it, or overwrite it to start over")
+        if os.path.basename(path) == CHECKPOINT_NAME:
+            message = f"{path} already holds a run's checkpoint: resume it, or overwrite it to start over"
+        else:
+            message = f"{path} exists and a new run would replace it: overwrite it, or write the run elsewhere"
+        super().__init__(message)
         self.path = path
 
 
@@ -321,11 +326,23 @@ def probe_out_dir(out_dir: str | os.PathLike) -> None:
 
 
 def check_run_folder(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> None:
-    """:class:`RunExistsError` when ``out_dir`` holds a checkpoint that a run neither resuming nor
-    overwriting would replace."""
-    existing = os.path.join(os.fspath(out_dir), CHECKPOINT_NAME)
-    if not resume and not overwrite and os.path.exists(existing):
-        raise RunExistsError(existing)
+    """:class:`RunExistsError` when ``out_dir`` holds a file (a checkpoint, ``metrics.json``,
+    ``history.json``) that a run neither resuming nor overwriting would replace."""
+    if resume or overwrite:
+        return
+    for name in (CHECKPOINT_NAME, METRICS_NAME, HISTORY_NAME):  # the checkpoint first: a run to resume
+        existing = os.path.join(os.fspath(out_dir), name)
+        if os.path.lexists(existing):
+            raise RunExistsError(existing)
+
+
+def nonfinite_parameter(params: dict[str, Any]) -> str | None:
+    """The name of the first parameter in ``params`` (name -> array) holding a NaN or an
+    infinity (a diverged run's), or None when every one is finite."""
+    for name, p in params.items():
+        if not bool(get_array_module(p).isfinite(p).all()):
+            return name
+    return None
 
 
 def remove_leftovers(out_dir: str | os.PathLike) -> list[str]:
@@ -538,10 +555,10 @@ def train(cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None, resume:
         :class:`OutDirError` if that fails; a write failing later raises :class:`SaveError`
         and keeps the files written before.  Temporary files an interrupted save left
         there are removed.
-      overwrite: without ``resume``, an ``out_dir`` that already holds a checkpoint raises
-        :class:`RunExistsError` before anything is written, unless this is True: the new run's
-        files then replace the old run's, each when the new run first writes it (the checkpoint
-        at the first save, metrics.json at the end).
+      overwrite: without ``resume``, an ``out_dir`` that already holds a file the run writes
+        (a checkpoint, metrics.json, history.json) raises :class:`RunExistsError` before
+        anything is written, unless this is True: the new run's files then replace those, each
+        when the new run first writes it (the checkpoint at the first save, metrics.json at the end).
       resume: continue from ``out_dir/checkpoint.npz``; its config must equal ``cfg``
         (:class:`~topkattn.training.checkpoint.ConfigMismatchError` names the fields otherwise), a
         corrupt file raises :class:`~topkattn.training.checkpoint.CheckpointError`.
@@ -571,7 +588,9 @@ def train(cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None, resume:
 
     A run whose :func:`step_memory_estimate` (a lower bound) exceeds the machine's memory is
     refused with :class:`RunTooLargeError` before anything is allocated.  A non-finite loss or
-    gradient norm raises FloatingPointError (the last good state is saved with ``out_dir``).
+    gradient norm raises FloatingPointError (with ``out_dir`` the last state is saved when its
+    parameters are finite; a checkpoint with a non-finite parameter is never written, a save
+    finding one raises FloatingPointError and keeps the checkpoint on disk).
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -644,14 +663,20 @@ def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eva
         after_setup(None)
     saved_at = start if resume else None  # the step of the newest checkpoint on disk
 
+    def kept():
+        return "no checkpoint was written" if saved_at is None else f"the checkpoint of step {saved_at} is kept"
+
     def write_failed(what, e):
-        kept = "no checkpoint was written" if saved_at is None else f"the checkpoint of step {saved_at} is kept"
-        return SaveError(f"cannot write {what} in {out_dir} ({e.strerror or e}); {kept}")
+        return SaveError(f"cannot write {what} in {out_dir} ({e.strerror or e}); {kept()}")
 
     def save(step):
         nonlocal saved_at
         if ckpt_path is None or not is_writer:
             return
+        bad = nonfinite_parameter(model.params)
+        if bad is not None:  # never replace a good checkpoint by a diverged state
+            raise FloatingPointError(f"step {step}: parameter {bad!r} is no longer finite (the run diverged); "
+                                     f"{kept()}")
         try:
             save_training_state(ckpt_path, params=model.params, optimizer=opt, step=step,
                                 config=cfg.to_dict(), rng=_rng_state(cfg, step),
@@ -700,18 +725,21 @@ def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eva
                                   total_steps=cfg.steps, min_lr=min_lr)
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 if ckpt_path is None:
-                    kept = "the state was not saved (no out_dir)"
+                    state = "the state was not saved (no out_dir)"
                 elif not is_writer:
-                    kept = "the writing process saves the last good state"
+                    state = "the writing process saves the last good state (when finite)"
+                elif nonfinite_parameter(model.params) is not None:  # the update of step `step` overflowed
+                    state = f"the parameters after step {step} are not finite, not saved; {kept()}"
                 else:
                     try:
                         save(step)
-                        kept = f"last good state saved at step {step} in {ckpt_path}"
+                        state = f"last good state saved at step {step} in {ckpt_path}"
                     except SaveError as e:
-                        kept = f"the last good state could not be saved: {e}"
+                        state = f"the last good state could not be saved: {e}"
                 raise FloatingPointError(f"step {step + 1}: non-finite loss {loss} or gradient norm "
-                                         f"{norm}; {kept}")
-            opt.step(model.params, model.grads, lr=lr)
+                                         f"{norm}; {state}")
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflowing update: the next step stops the run
+                opt.step(model.params, model.grads, lr=lr)
             losses.append(float(loss) + float(aux))
             lrs.append(lr)
             done = step + 1
