@@ -30,9 +30,14 @@ def export(run_dir, out, dtype, force, as_json):
     Load it back with topkattn.model.Transformer.from_safetensors(path) (the same logits for
     float32), or read the tensors from PyTorch, JAX or NumPy with the safetensors package
     (pip install 'topkattn[export]').  The file is written atomically; an existing OUT is
-    kept unless --force.
+    kept unless --force, and the run's own files (checkpoint.npz, metrics.json, history.json)
+    are never OUT.
     """
+    from topkattn.training.train import CHECKPOINT_NAME, HISTORY_NAME, METRICS_NAME
 
+    own = {os.path.realpath(os.path.join(run_dir, n)) for n in (CHECKPOINT_NAME, METRICS_NAME, HISTORY_NAME)}
+    if os.path.realpath(out) in own:  # even with --force: the run would lose what it is made of
+        raise click.UsageError(f"OUT {out!r} is a file of the run in {run_dir}; write the export elsewhere")
     if os.path.exists(out) and not force:
         raise click.UsageError(f"OUT {out!r} exists; pass --force to replace it")
     cfg, model = load_run_or_fail(run_dir)

@@ -4,6 +4,7 @@ bad files raise StorageError, and a missing safetensors names the extra."""
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +60,17 @@ def test_exported_model_gives_identical_logits(run, tmp_path):
     assert json.loads(meta["topkattn.config"]) == as_json(model.cfg.to_dict())
     assert json.loads(meta["topkattn.train_config"]) == as_json(cfg.to_dict())
     assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("name", ["checkpoint.npz", "metrics.json", "history.json"])
+def test_never_writes_over_the_runs_own_files_even_forced(run, tmp_path, name):
+    before = (Path(run) / name).read_bytes()
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(Path(run) / name)  # the same file by another name
+    for out in (os.path.join(run, name), os.path.join(run, ".", name), str(link)):
+        r = _export(run, out, "--force")
+        assert r.exit_code == 2 and r.output.count("\n") == 1 and "is a file of the run" in r.output, r.output
+    assert (Path(run) / name).read_bytes() == before
 
 
 def test_refuses_to_overwrite_unless_forced_and_float16(run, tmp_path):
