@@ -119,6 +119,30 @@ def load_run_or_fail(run_dir):
     return cfg, model
 
 
+def check_decode_options(run_dir, cfg, retriever, token_options=()):
+    """Usage errors for decoding a train-toy run (``cfg``) the way it cannot decode: token top-k
+    options (``token_options``: those given, e.g. ``["--k"]``) or a retriever other than exact
+    on a block top-k run, and an approximate retriever on a run trained with a tail."""
+    if cfg.attention == "block":
+        for name in token_options:
+            raise click.UsageError(f"{name} applies to token top-k; {run_dir} was trained with block top-k "
+                                   f"attention, which decodes with its own block selection")
+        if retriever != "exact":
+            raise click.UsageError(f"{run_dir} was trained with block top-k attention: it decodes with its block "
+                                   f"means (--retriever exact), not --retriever {retriever}")
+    if cfg.tail is not None and retriever != "exact":
+        raise click.UsageError(f"{run_dir} was trained with --tail {cfg.tail}: its decode scores every cached key "
+                               f"for the tail weight (--retriever exact), not --retriever {retriever}")
+
+
+def given_options(ctx, *names):
+    """The options among the parameters ``names`` that the command line set (not left at their
+    defaults), each as its long option (e.g. ``--clusters-to-search`` for ``search``)."""
+    params = {p.name: p for p in ctx.command.params}
+    return [max(params[n].opts, key=len) for n in names
+            if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+
+
 def fail(message):
     """Stop the command (raises, like ``ctx.fail``): ``Error: message`` on stderr, exit status 1
     (the work failed, not the usage)."""

@@ -12,10 +12,12 @@ import numpy as np
 from topkattn.cli.common import (
     FiniteFloat,
     agree_click_error,
+    check_decode_options,
     command,
     device_option,
     fail,
     finite_float,
+    given_options,
     load_run_or_fail,
     progress_bar,
     quiet_option,
@@ -141,6 +143,14 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
         raise click.UsageError(f"--recall applies only to --retriever simulated, not {retriever}")
     if retriever == "simulated" and tail_bound is not None:
         raise click.UsageError("--tail-bound (dynamic k) works with --retriever exact or lorann")
+    index_options = given_options(click.get_current_context(), "clusters", "search", "rerank", "rank",
+                                  "refit_factor", "no_refit")
+    if retriever != "lorann" and index_options:
+        verb = "applies" if len(index_options) == 1 else "apply"
+        raise click.UsageError(f"{', '.join(index_options)} {verb} only to --retriever lorann, not {retriever}")
+    if refit_factor is not None and no_refit:
+        raise click.UsageError("--refit-factor rebuilds an index once it has grown by that factor, --no-refit never "
+                               "rebuilds: give one of them")
     k = _int_or_auto(k, "--k")
     n_clusters = _int_or_auto(clusters, "--clusters")
     n_clusters = None if n_clusters == "auto" else n_clusters
@@ -157,17 +167,8 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
             from topkattn.backend import require_cupy
 
             model.to_device(require_cupy())
-        if cfg.attention == "block":
-            for name, value in (("--k", k), ("--tail-bound", tail_bound), ("--max-k", max_k)):
-                if value is not None:
-                    raise click.UsageError(f"{name} applies to token top-k; {run_dir} was trained with block top-k "
-                                           f"attention, which decodes with its own block selection")
-            if retriever != "exact":
-                raise click.UsageError(f"{run_dir} was trained with block top-k attention: it decodes with its block "
-                                       f"means (--retriever exact), not --retriever {retriever}")
-        if cfg.tail is not None and retriever != "exact":
-            raise click.UsageError(f"{run_dir} was trained with --tail {cfg.tail}: its decode scores every cached key "
-                                   f"for the tail weight (--retriever exact), not --retriever {retriever}")
+        check_decode_options(run_dir, cfg, retriever, [name for name, value in (
+            ("--k", k), ("--tail-bound", tail_bound), ("--max-k", max_k)) if value is not None])
         task = make_task(cfg)
         inputs, targets = heldout_set(task, cfg)
         inputs, targets = inputs[:n_sequences], targets[:n_sequences]

@@ -4,26 +4,39 @@ Thin: parses the prompt and options, builds the retriever's selectors, draws the
 prints the tokens; the work is :meth:`topkattn.model.Transformer.generate`.
 """
 import json
+import os
 import re
 import time
 import unicodedata
 
 import click
 
-from topkattn.cli.common import FiniteFloat, command, load_run_or_fail, progress_bar, quiet_option
+from topkattn.cli.common import (
+    FiniteFloat,
+    check_decode_options,
+    command,
+    given_options,
+    load_run_or_fail,
+    progress_bar,
+    quiet_option,
+)
 
 
 def prompt_tokens(task, vocab_size, prompt, prompt_ids):
     """The prompt as token ids: a text run's characters as UTF-8 bytes (its vocabulary is the
-    256 byte values), or ``prompt_ids`` ("3 17 5" or "3,17,5") for any run; usage errors
-    naming the option."""
+    256 byte values; bytes of the argument that are not UTF-8 are kept as they are), or
+    ``prompt_ids`` ("3 17 5" or "3,17,5") for any run; usage errors naming the option."""
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT (text runs) or --prompt-ids IDS")
     if prompt is not None:
         if task != "text":
             raise click.UsageError(f"--prompt TEXT needs a text run; this run's task is {task!r} (no text "
                                    f"vocabulary): give token ids with --prompt-ids")
-        ids = list(prompt.encode("utf-8", errors="replace"))
+        try:  # the argument's bytes as given: os.fsencode undoes how Python decoded argv (surrogateescape)
+            raw = os.fsencode(prompt)
+        except UnicodeEncodeError:  # a character no byte stands for (e.g. a lone surrogate from Python)
+            raw = prompt.encode("utf-8", errors="replace")
+        ids = list(raw)
         if not ids:
             raise click.UsageError("--prompt must not be empty")
         return ids
@@ -35,6 +48,21 @@ def prompt_tokens(task, vocab_size, prompt, prompt_ids):
     if bad:
         raise click.UsageError(f"--prompt-ids must lie in [0, {vocab_size}) (the run's vocabulary), got {bad[0]}")
     return ids
+
+
+def check_generation_memory(model, prompt_len, max_new_tokens):
+    """A usage error naming --max-new-tokens when the tokens and every layer's decode cache for
+    ``prompt_len + max_new_tokens`` positions (a lower bound of what generating takes) exceed
+    this machine's memory."""
+    from topkattn.training.train import format_bytes, machine_memory
+
+    positions = prompt_len + max_new_tokens
+    per_position = 8 + model.kv_bytes_per_token()  # an int64 token and its cached keys and values
+    need, have = positions * per_position, machine_memory()
+    if have is not None and need > have:
+        raise click.UsageError(f"--max-new-tokens {max_new_tokens}: generating needs at least {format_bytes(need)} "
+                               f"of memory ({per_position} bytes per position for the tokens and the decode "
+                               f"cache), more than this machine's {format_bytes(have)}")
 
 
 def decode_text(ids):
@@ -86,10 +114,16 @@ def generate(run_dir, prompt, prompt_ids, max_new_tokens, temperature, top_p, se
 
     if top_p != 1.0 and temperature == 0:
         raise click.UsageError("--top-p applies only with --temperature > 0 (0 is greedy)")
+    index_options = given_options(click.get_current_context(), "search", "rerank")
+    if retriever != "lorann" and index_options:
+        verb = "applies" if len(index_options) == 1 else "apply"
+        raise click.UsageError(f"{', '.join(index_options)} {verb} only to --retriever lorann, not {retriever}")
     cfg, model = load_run_or_fail(run_dir)
     ids = prompt_tokens(cfg.task, model.cfg.vocab_size, prompt, prompt_ids)
+    check_decode_options(run_dir, cfg, retriever, ["--k"] if k is not None else [])
     if k is None and cfg.attention == "dense" and retriever == "lorann":
         raise click.UsageError(f"{run_dir} was trained with dense attention: give --k K for --retriever lorann")
+    check_generation_memory(model, len(ids), max_new_tokens)
     lorann = dict(clusters_to_search=search, points_to_rerank=rerank) if retriever == "lorann" else {}
     selectors = selector_factory(retriever, len(model.blocks), seed=seed, **lorann)(0)
     t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 a greedy loop over the full forward pass, sampling follows temperature/top-p, LoRANN at full
 recall equals exact, and one-line usage errors."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -152,6 +153,12 @@ def test_progress_bar_only_when_asked_on_a_non_terminal(mqar_run):
     (["--prompt-ids", "1", "--temperature", "nan"], "not a finite number"),
     (["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["--prompt-ids", "1", "--retriever", "faiss"], "--retriever"),
+    # a MemoryError traceback: the tokens' array was allocated before the first step
+    (["--prompt-ids", "1", "--max-new-tokens", "99999999999"], "--max-new-tokens 99999999999: generating needs"),
+    # index settings were ignored with the exact retriever
+    (["--prompt-ids", "1", "--rerank", "3"], "--rerank applies only to --retriever lorann, not exact"),
+    (["--prompt-ids", "1", "--clusters-to-search", "0.25", "--rerank", "0"],
+     "--clusters-to-search, --rerank apply only to --retriever lorann"),
 ])
 def test_usage_errors_are_one_line(mqar_run, args, msg):
     r = _generate([mqar_run, *args])
@@ -192,3 +199,39 @@ def test_a_diverged_run_is_refused_in_one_line(mqar_run, tmp_path, retriever):
     r = _generate([path, "--prompt-ids", "1 2", "--retriever", retriever])
     assert r.exit_code == 1 and r.output.count("\n") == 1, (r.output, r.exception)
     assert r.output.startswith(f"Error: the run in {path} diverged: its parameter 'embed.weight'")
+
+
+def test_non_utf8_prompt_bytes_are_kept(text_run):
+    # '?' (63) stood for each: argv's undecodable bytes arrive as surrogate escapes
+    out = _json([text_run, "--prompt", os.fsdecode(b"\xff\xfe"), "--max-new-tokens", "1"])
+    assert out["prompt_ids"] == [255, 254] and out["prompt"] == "\ufffd\ufffd"
+    assert _json([text_run, "--prompt", "h\u00e9", "--max-new-tokens", "1"])["prompt_ids"] == list("h\u00e9".encode())
+
+
+@pytest.fixture(scope="module")
+def block_run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("block"), "--steps", "2", "--seq-len", "16", "--num-kv-pairs", "2",
+                  "--vocab-size", "16", "--attention", "block", "--block-size", "4")
+
+
+@pytest.fixture(scope="module")
+def tail_run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("tail"), "--steps", "2", "--seq-len", "16", "--num-kv-pairs", "2",
+                  "--vocab-size", "16", "--tail", "mean")
+
+
+@pytest.mark.parametrize("which,args,msg", [
+    # eval's refusals: --k was ignored on a block run; lorann on a block or tail run a traceback
+    ("block", ["--k", "3"], "--k applies to token top-k; {run} was trained with block top-k attention"),
+    ("block", ["--retriever", "lorann"], "{run} was trained with block top-k attention: it decodes with its block "
+                                         "means (--retriever exact), not --retriever lorann"),
+    ("tail", ["--retriever", "lorann"], "{run} was trained with --tail mean: its decode scores every cached key"),
+])
+def test_runs_that_decode_one_way_refuse_the_others_as_eval_does(block_run, tail_run, which, args, msg):
+    run = block_run if which == "block" else tail_run
+    r = _generate([run, "--prompt-ids", "1 2", "--max-new-tokens", "2", *args])
+    assert r.exit_code == 2 and r.output.startswith(f"Error: {msg.format(run=run)}"), r.output
+    assert r.output.count("\n") == 1
+    e = CliRunner().invoke(main, ["eval", run, *args])
+    assert e.exit_code == 2 and msg.format(run=run) in e.output
+    assert _generate([run, "--prompt-ids", "1 2", "--max-new-tokens", "2"]).exit_code == 0

@@ -106,6 +106,14 @@ def test_table_output(run):
     (["--retriever", "exact", "--recall", "0.5"], "applies only"),
     (["--retriever", "lorann", "--clusters", "zero"], "clusters"),
     (["--retriever", "lorann", "--clusters-to-search", "1.5"], "fraction"),
+    # index settings were ignored without lorann (the defaults given explicitly too)
+    (["--clusters", "4"], "--clusters applies only to --retriever lorann, not exact"),
+    (["--retriever", "simulated", "--recall", "0.5", "--rerank", "2", "--rank", "32"],
+     "--rerank, --rank apply only to --retriever lorann, not simulated"),
+    (["--clusters-to-search", "auto"], "--clusters-to-search applies only to --retriever lorann"),
+    (["--refit-factor", "2"], "--refit-factor applies only to --retriever lorann"),
+    (["--no-refit"], "--no-refit applies only to --retriever lorann"),
+    (["--retriever", "lorann", "--refit-factor", "2", "--no-refit"], "give one of them"),
 ])
 def test_usage_errors_are_one_line(run, args, msg):
     path, _, _ = run
