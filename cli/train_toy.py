@@ -246,10 +246,12 @@ def train_toy(ctx, out_dir, resume, overwrite, checkpoint_every, device, blas_th
         raise click.UsageError(f"--out {out_dir} already holds {os.path.basename(e.path)}, which this run would "
                                f"replace: --overwrite replaces it, or give another --out") from None
     except RunTooLargeError as e:
+        vocab = f" --vocab-size {cfg.vocab_size}" if cfg.task == "mqar" else ""
         raise click.UsageError(
             f"the run needs at least {format_bytes(e.estimate)} of memory (a lower-bound estimate for "
-            f"--batch-size {cfg.batch_size} --seq-len {cfg.seq_len} --d-model {cfg.d_model} --layers {cfg.layers}), "
-            f"more than this machine's {format_bytes(e.available)}: lower --batch-size or --seq-len") from None
+            f"--batch-size {cfg.batch_size} --seq-len {cfg.seq_len}{vocab} --d-model {cfg.d_model} --layers "
+            f"{cfg.layers}), more than this machine's {format_bytes(e.available)}: lower {_options_to_lower(cfg)}"
+        ) from None
     except (CheckpointError, FloatingPointError) as e:  # with MPI: raised on every rank alike
         fail(str(e))
     except SaveError as e:
@@ -273,6 +275,32 @@ def train_toy(ctx, out_dir, resume, overwrite, checkpoint_every, device, blas_th
         click.echo(format_table([m]))
         if out_dir is not None:
             click.echo(f"checkpoint and metrics in {out_dir}")
+
+
+def _options_to_lower(cfg):
+    """The size options (``"--batch-size or --seq-len"``, ``"--vocab-size"``, ``"--d-model"`` or
+    ``"--layers"``) whose smallest values cut the run's memory estimate most: what to lower
+    when the run does not fit."""
+    import copy
+
+    from topkattn.training.train import step_memory_estimate
+
+    groups = [("--batch-size or --seq-len", {"batch_size": 1, "seq_len": 2}), ("--d-model", {"d_model": 4 * cfg.heads}),
+              ("--layers", {"layers": 1})]
+    if cfg.task == "mqar":  # the text task's vocabulary is the 256 bytes
+        groups.insert(1, ("--vocab-size", {"vocab_size": 4}))
+    best, least = groups[0][0], None
+    for options, smallest in groups:
+        small = copy.copy(cfg)  # only estimated, never built: the fields need not make a valid run together
+        for field, value in smallest.items():
+            setattr(small, field, value)
+        try:
+            need = step_memory_estimate(small)
+        except (ValueError, TypeError):
+            continue
+        if least is None or need < least:
+            best, least = options, need
+    return best
 
 
 def _mpi_world():
@@ -316,8 +344,13 @@ def _layer_list(value):
 
 
 def _check_attention_options(values, given):
-    """Usage errors for block options without --attention block, --tail mean without --attention
-    topk or with --forget-rate, and --dense-layers out of range."""
+    """Usage errors for MQAR options with --task text, block options without --attention block,
+    --tail mean without --attention topk or with --forget-rate, and --dense-layers out of range."""
+    if values["task"] != "mqar":
+        for name in ("vocab_size", "num_kv_pairs"):
+            if name in given:
+                raise click.UsageError(f"{_option(name)} applies only to --task mqar; --task {values['task']} is "
+                                       f"byte level (a vocabulary of 256)")
     if values.get("tail") is not None:
         if values["attention"] != "topk":
             raise click.UsageError(f"--tail {values['tail']} applies to --attention topk (token top-k), got "

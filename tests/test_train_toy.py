@@ -259,6 +259,9 @@ def test_cli_corrupt_checkpoint_is_an_error(tmp_path, damage):
     (["--bogus"], "--bogus"),
     (["--resume"], "--resume needs --out"),
     (["--num-kv-pairs", "40"], "num_kv_pairs must be at most"),
+    # MQAR's options were ignored by the text task (its default values given explicitly too)
+    (["--task", "text", "--vocab-size", "64"], "--vocab-size applies only to --task mqar"),
+    (["--task", "text", "--num-kv-pairs", "4"], "--num-kv-pairs applies only to --task mqar"),
 ])
 def test_cli_bad_options_exit_2_one_line(args, needle):
     r = CliRunner().invoke(main, ["train-toy", *args])
@@ -526,12 +529,16 @@ def test_memory_estimate_refuses_impossible_sizes(monkeypatch):
     """--batch-size 1000000000 gave a MemoryError traceback, --seq-len 10000000 ran without end."""
     train_mod = importlib.import_module("topkattn.training.train")  # the package exports train()
     monkeypatch.setattr(train_mod, "machine_memory", lambda device="cpu": 4 * 2**30)  # a small laptop
-    for args, size in ((["--batch-size", "1000000000"], "TiB"), (["--seq-len", "10000000"], "TiB")):
+    for args, size, lower in ((["--batch-size", "1000000000"], "TiB", "--batch-size or --seq-len"),
+                              (["--seq-len", "10000000"], "TiB", "--batch-size or --seq-len"),
+                              (["--vocab-size", "99999999999"], "PiB", "--vocab-size"),  # blamed the batch
+                              (["--d-model", "1048576"], "TiB", "--d-model"),
+                              (["--layers", "10000000"], "TiB", "--layers")):
         r = CliRunner().invoke(main, ["train-toy", *args, "--quiet"])
         _one_line_error(r, 2)
         assert "the run needs at least " in r.output and size in r.output
-        assert "more than this machine's 4.0 GiB: lower --batch-size or --seq-len" in r.output
-        assert args[1] in r.output
+        assert r.output.endswith(f"more than this machine's 4.0 GiB: lower {lower}\n")
+        assert " ".join(args) in r.output
     with pytest.raises(RunTooLargeError, match="batch_size=1000000000"):
         train(TrainConfig(batch_size=10**9))
     check_memory(TrainConfig())                                   # the defaults
