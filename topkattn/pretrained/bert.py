@@ -24,7 +24,7 @@ import json
 import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +61,29 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> BertConfig:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+        """The config of a Hugging Face ``config.json``; ValueError naming ``path`` when it is
+        not a JSON object holding the fields (positive integer sizes) or asks for what the
+        encoder does not implement."""
+        raw = _read_json(path, dict)
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{path}: only absolute position embeddings are supported, "
                              f"got {raw['position_embedding_type']!r}")
-        if raw.get("hidden_act", "gelu") not in _ACTIVATIONS:
-            raise ValueError(f"{path}: hidden_act must be one of {sorted(_ACTIVATIONS)}, "
-                             f"got {raw['hidden_act']!r}")
-        names = cls.__dataclass_fields__
-        return cls(**{k: raw[k] for k in names if k in raw})
+        act = raw.get("hidden_act", "gelu")
+        if not isinstance(act, str) or act not in _ACTIVATIONS:
+            raise ValueError(f"{path}: hidden_act must be one of {sorted(_ACTIVATIONS)}, got {act!r}")
+        fields = cls.__dataclass_fields__
+        missing = [k for k, f in fields.items() if f.default is MISSING and k not in raw]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}")
+        for k in fields:
+            if k in ("layer_norm_eps", "hidden_act") or k not in raw:
+                continue
+            if isinstance(raw[k], bool) or not isinstance(raw[k], int) or raw[k] < 1:
+                raise ValueError(f"{path}: {k} must be a positive integer, got {raw[k]!r}")
+        eps = raw.get("layer_norm_eps", 1e-12)
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+            raise ValueError(f"{path}: layer_norm_eps must be a number in (0, 1), got {eps!r}")
+        return cls(**{k: raw[k] for k in fields if k in raw})
 
     @property
     def head_dim(self) -> int:
@@ -100,30 +113,36 @@ class BertEncoder:
         self.xp = require_cupy() if device == "cuda" else np
         w = {(k[5:] if k.startswith("bert.") else k): v for k, v in weights.items()}
 
-        def get(name, transpose=False):
+        d, ff = config.hidden_size, config.intermediate_size
+
+        def get(name, shape, transpose=False):  # shape: Hugging Face's (a Linear's weight is (out, in))
             if name not in w:
                 raise ValueError(f"weights lack {name!r} (have {len(w)} tensors)")
             a = np.asarray(w[name], dtype=dtype)
+            if a.shape != shape:
+                raise ValueError(f"weight {name!r} has shape {a.shape}, the config makes it {shape}")
             return self.xp.asarray(np.ascontiguousarray(a.T) if transpose else a)
 
         e = "embeddings."
-        self.word = get(e + "word_embeddings.weight")  # (V, d)
-        self.pos = get(e + "position_embeddings.weight")  # (max positions, d)
-        self.type = get(e + "token_type_embeddings.weight")  # (2, d)
-        self.emb_ln = (get(e + "LayerNorm.weight"), get(e + "LayerNorm.bias"))
+        self.word = get(e + "word_embeddings.weight", (config.vocab_size, d))  # (V, d)
+        self.pos = get(e + "position_embeddings.weight", (config.max_position_embeddings, d))  # (max positions, d)
+        self.type = get(e + "token_type_embeddings.weight", (config.type_vocab_size, d))  # (2, d)
+        self.emb_ln = (get(e + "LayerNorm.weight", (d,)), get(e + "LayerNorm.bias", (d,)))
         self.layers = []
         for i in range(config.num_hidden_layers):
             p = f"encoder.layer.{i}."
             a = p + "attention."
-            qkv_w = self.xp.concatenate([get(a + f"self.{n}.weight", True) for n in ("query", "key", "value")], 1)
-            qkv_b = self.xp.concatenate([get(a + f"self.{n}.bias") for n in ("query", "key", "value")])
+            qkv_w = self.xp.concatenate([get(a + f"self.{n}.weight", (d, d), True) for n in ("query", "key", "value")],
+                                        1)
+            qkv_b = self.xp.concatenate([get(a + f"self.{n}.bias", (d,)) for n in ("query", "key", "value")])
             self.layers.append({
                 "qkv": (qkv_w, qkv_b),  # (d, 3d), (3d,)
-                "attn_out": (get(a + "output.dense.weight", True), get(a + "output.dense.bias")),
-                "attn_ln": (get(a + "output.LayerNorm.weight"), get(a + "output.LayerNorm.bias")),
-                "ffn_in": (get(p + "intermediate.dense.weight", True), get(p + "intermediate.dense.bias")),
-                "ffn_out": (get(p + "output.dense.weight", True), get(p + "output.dense.bias")),
-                "ffn_ln": (get(p + "output.LayerNorm.weight"), get(p + "output.LayerNorm.bias")),
+                "attn_out": (get(a + "output.dense.weight", (d, d), True), get(a + "output.dense.bias", (d,))),
+                "attn_ln": (get(a + "output.LayerNorm.weight", (d,)), get(a + "output.LayerNorm.bias", (d,))),
+                "ffn_in": (get(p + "intermediate.dense.weight", (ff, d), True),
+                           get(p + "intermediate.dense.bias", (ff,))),
+                "ffn_out": (get(p + "output.dense.weight", (d, ff), True), get(p + "output.dense.bias", (d,))),
+                "ffn_ln": (get(p + "output.LayerNorm.weight", (d,)), get(p + "output.LayerNorm.bias", (d,))),
             })
 
     def __call__(self, input_ids: ArrayLike, token_type_ids: ArrayLike | None = None, *, topk: int | str | None = None,
@@ -289,19 +308,35 @@ class SentenceEncoder:
                 raise FileNotFoundError(f"model_dir {str(d)!r} has no {name}")
         config = BertConfig.from_json(d / "config.json")
         max_len = config.max_position_embeddings
-        if (d / "sentence_bert_config.json").is_file():
-            max_len = min(max_len, json.loads((d / "sentence_bert_config.json").read_text())["max_seq_length"])
+        st_config = d / "sentence_bert_config.json"
+        if st_config.is_file():
+            n = _read_json(st_config, dict).get("max_seq_length", max_len)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                raise ValueError(f"{st_config}: max_seq_length must be an integer >= 2, got {n!r}")
+            max_len = min(max_len, n)
         max_len = max_len if max_seq_length is None else max_seq_length  # checked by set_max_seq_length
         pooling = d / "1_Pooling" / "config.json"
-        if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", False):
+        if pooling.is_file() and not _read_json(pooling, dict).get("pooling_mode_mean_tokens", False):
             raise ValueError(f"{pooling}: only mean pooling is supported")
         normalize = True
         if (d / "modules.json").is_file():
-            modules = json.loads((d / "modules.json").read_text())
-            normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
-        encoder = BertEncoder(config, load_file(str(d / "model.safetensors")), device=device, dtype=dtype)
-        return cls(Tokenizer.from_file(str(d / "tokenizer.json")), encoder,
-                   max_seq_length=max_len, normalize=normalize)
+            modules = _read_json(d / "modules.json", list)
+            normalize = any(isinstance(m, dict) and str(m.get("type", "")).endswith("Normalize") for m in modules)
+        weights_path = d / "model.safetensors"
+        try:
+            weights = load_file(str(weights_path))
+        except Exception as e:  # safetensors raises its own SafetensorError (truncated, not safetensors, ...)
+            raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
+        try:
+            encoder = BertEncoder(config, weights, device=device, dtype=dtype)
+        except ValueError as e:
+            raise ValueError(f"{weights_path} does not fit {d / 'config.json'}: {e}") from e
+        tokenizer_path = d / "tokenizer.json"
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{tokenizer_path} is not a usable tokenizer: {e}") from e
+        return cls(tokenizer, encoder, max_seq_length=max_len, normalize=normalize)
 
     def tokenize(self, texts: Iterable[str]) -> list[np.ndarray]:
         """Token ids of each text ([CLS] ... [SEP], truncated to max_seq_length): a list of int64 arrays."""
@@ -393,6 +428,20 @@ def load_minilm(*, device: str = "cpu", dtype: DTypeLike = np.float32,
     """all-MiniLM-L6-v2 as a :class:`SentenceEncoder` (from the installed package, offline);
     ``max_seq_length`` (default 256, at most 512) truncates longer texts."""
     return SentenceEncoder.from_dir(minilm_dir(), device=device, dtype=dtype, max_seq_length=max_seq_length)
+
+
+def _read_json(path, kind):
+    """The JSON document in ``path``, which must be a ``kind`` (dict or list); ValueError naming
+    the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON: {e}") from e
+    if not isinstance(doc, kind):
+        want = "object" if kind is dict else "list"
+        raise ValueError(f"{path} must hold a JSON {want}, got {type(doc).__name__}")
+    return doc
 
 
 def _linear(x, w, b):
