@@ -101,7 +101,7 @@ def agree_click_error(comm, error):
 
 def load_run_or_fail(run_dir):
     """``(cfg, model)`` of a train-toy run folder: a usage error when it holds no run, a failure
-    (exit 1) when its checkpoint is corrupt or its parameters are not finite (a diverged run's:
+    (exit 1) when its checkpoint is corrupt or the run diverged (parameters or logits not finite:
     decoding it gives only NaN)."""
     from topkattn.training.checkpoint import CheckpointError
     from topkattn.training.runs import load_run
@@ -116,7 +116,23 @@ def load_run_or_fail(run_dir):
     bad = nonfinite_parameter(model.params)
     if bad is not None:
         fail(f"the run in {run_dir} diverged: its parameter {bad!r} holds NaN or infinite values")
+    if not _finite_logits(model):
+        fail(f"the run in {run_dir} diverged: its parameters are finite but so large that its logits are not")
     return cfg, model
+
+
+def _finite_logits(model):
+    """Whether the model's logits for a short probe sequence (every token id in turn) are finite:
+    a run saved just before it diverged can hold finite parameters that overflow every forward."""
+    import numpy as np
+
+    tokens = np.arange(16, dtype=np.int64)[None] % model.cfg.vocab_size
+    was_training = model.training
+    try:
+        with np.errstate(all="ignore"):  # the overflow is the finding, not a warning to print
+            return bool(np.isfinite(model.eval().forward(tokens)).all())
+    finally:
+        model.train(was_training)
 
 
 def check_decode_options(run_dir, cfg, retriever, token_options=()):

@@ -311,23 +311,31 @@ def test_a_prompt_past_the_last_scored_target_is_a_usage_error(tmp_path):
     assert got["n_scored"] > 0 and math.isfinite(got["accuracy"])
 
 
-def diverged_copy(run_dir, dest):
-    """A copy of the run folder whose checkpoint holds a NaN parameter (a diverged run)."""
+def diverged_copy(run_dir, dest, how="nan"):
+    """A copy of the run folder holding a diverged run: "nan": a NaN parameter; "huge": every
+    parameter 1e10 times larger (finite, but every forward overflows)."""
     import shutil
 
     from topkattn.training.checkpoint import load_checkpoint, save_checkpoint
 
     shutil.copytree(run_dir, dest)
     arrays, meta = load_checkpoint(dest / "checkpoint.npz")
-    arrays["param/embed.weight"][0, 0] = np.nan
+    if how == "nan":
+        arrays["param/embed.weight"][0, 0] = np.nan
+    else:
+        for name in arrays:
+            if name.startswith("param/"):
+                arrays[name] *= np.float32(1e10)
     save_checkpoint(dest / "checkpoint.npz", arrays, meta)
     return str(dest)
 
 
+@pytest.mark.parametrize("how,why", [("nan", "its parameter 'embed.weight' holds NaN or infinite values"),
+                                     ("huge", "its parameters are finite but so large that its logits are not")])
 @pytest.mark.parametrize("args", [["--json"], ["--retriever", "lorann"]])
-def test_a_diverged_run_is_refused_in_one_line(run, tmp_path, args):
+def test_a_diverged_run_is_refused_in_one_line(run, tmp_path, args, how, why):
     # --json printed NaN (invalid JSON) and RuntimeWarnings; lorann a ValueError traceback
-    path = diverged_copy(run[0], tmp_path / "diverged")
+    path = diverged_copy(run[0], tmp_path / "diverged", how)
     r = _eval([path, "--quiet", *args])
     assert r.exit_code == 1 and r.output.count("\n") == 1, (r.output, r.exception)
-    assert r.output == f"Error: the run in {path} diverged: its parameter 'embed.weight' holds NaN or infinite values\n"
+    assert r.output == f"Error: the run in {path} diverged: {why}\n"
