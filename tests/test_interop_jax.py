@@ -154,3 +154,19 @@ def test_jit_checks_shapes_and_dtypes_at_trace_time():
     with pytest.raises(TypeError, match="causal must be True or False"):
         tj.topk_attention(q, k, v, topk=2, causal="yes")
     np.testing.assert_array_equal(np.asarray(f(q, k, v)), np.asarray(tj.topk_attention(q, k, v, topk=2)))
+
+
+def test_options_equal_in_value_but_not_in_type_are_checked_on_their_own():
+    """The bridge caches one function per option set; 2 == 2.0 and 0 == False made one call
+    reuse another's cached options: a valid call refused after a bad one, a bad one let through
+    after a valid one."""
+    q, k, v = _inputs(6)
+    with pytest.raises(TypeError, match="topk must be an integer, got float"):
+        tj.topk_attention(q, k, v, topk=2.0)
+    want = topk_attention_reference(*(np.asarray(a) for a in (q, k, v)), topk=2)[0]
+    np.testing.assert_allclose(np.asarray(tj.topk_attention(q, k, v, topk=2)), want, rtol=1e-12, atol=1e-12)
+    tj.topk_attention(q, k, v, topk=3, sinks=0)
+    with pytest.raises(TypeError, match="topk must be an integer, got float"):
+        tj.topk_attention(q, k, v, topk=3.0, sinks=0)
+    with pytest.raises(TypeError, match="sinks"):
+        tj.topk_attention(q, k, v, topk=3, sinks=False)

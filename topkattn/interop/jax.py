@@ -54,13 +54,15 @@ def topk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, topk: int, causa
     opts = (("topk", topk), ("causal", check_bool("causal", causal)), ("scale", scale), ("temperature", temperature),
             ("forget_rate", forget_rate), ("seed", seed), ("sinks", sinks), ("window", window),
             ("chunk_size", chunk_size))
-    return _op(opts)(q, k, v)
+    # each value's type joins the cache key: 2 == 2.0 == True would otherwise share one cached
+    # function, so a call would be checked with another call's values (refused or let through)
+    return _op(tuple((name, type(val), val) for name, val in opts))(q, k, v)
 
 
 @functools.lru_cache(maxsize=128)
 def _op(opts):
     """One custom_vjp function per option set (options are static, not traced)."""
-    kw = dict(opts)
+    kw = {name: val for name, _, val in opts}
 
     @jax.custom_vjp
     def attn(q, k, v):
