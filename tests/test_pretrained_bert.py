@@ -214,6 +214,9 @@ def test_bad_inputs(model_dir, tmp_path):
         enc.encode(["the cat"], batch_size=0)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 23\)"):
         enc.encoder(np.array([[2, 99]]))
+    for bad in (-1, 2):  # -1 silently read type 1 (a negative index wraps), 2 was a bare IndexError
+        with pytest.raises(ValueError, match=rf"token_type_ids must lie in \[0, 2\), got range \[{bad}, {bad}\]"):
+            enc.encoder(np.array([[2, 3]]), token_type_ids=np.full((1, 2), bad))
     with pytest.raises(ValueError, match="T=41 tokens, more than max_position_embeddings 40"):
         enc.encoder(np.zeros((1, 41), dtype=np.int64))
     with pytest.raises(FileNotFoundError, match="has no config.json"):

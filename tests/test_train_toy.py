@@ -699,3 +699,35 @@ def test_a_new_run_refuses_a_folder_holding_files_it_would_write(tmp_path, name)
     r = CliRunner().invoke(main, ["train-toy", *TINY, "--steps", "2", "--out", str(out), "--quiet", "--overwrite"])
     assert r.exit_code == 0, r.output
     assert sorted(os.listdir(out)) == ["checkpoint.npz", "history.json", "metrics.json"]
+
+
+def test_config_numpy_scalars_are_stored_as_python_values(tmp_path):
+    """check_int/check_real accept NumPy scalars; the configs kept them as they were, so the
+    metrics and the checkpoint's config were not JSON-serialisable (the save failed after every
+    step had run, leaving out_dir empty)."""
+    cfg = tiny_cfg(k=np.int64(2), lr=np.float32(0.01), steps=np.int64(2), seed=np.uint8(3))
+    assert type(cfg.k) is int and type(cfg.steps) is int and type(cfg.seed) is int and type(cfg.lr) is float
+    assert cfg.lr == float(np.float32(0.01))
+    result = train(cfg, out_dir=tmp_path / "run")
+    json.dumps(result.metrics, allow_nan=False)
+    assert (tmp_path / "run" / "checkpoint.npz").exists()
+    from topkattn.model import TransformerConfig
+    mcfg = TransformerConfig(vocab_size=np.int64(11), topk=np.int32(2))
+    assert type(mcfg.vocab_size) is int and type(mcfg.topk) is int
+    json.dumps(mcfg.to_dict())
+
+
+@pytest.mark.parametrize("kw,err,needle", [
+    (dict(beta2=1.0), ValueError, r"beta2 must be .*\[0, 1\)"),  # AdamW's own check named betas[1]
+    (dict(dense_layers=None), TypeError, "dense_layers must be a sequence of layer indices, got None"),
+])
+def test_config_fields_are_checked_by_name(kw, err, needle):
+    with pytest.raises(err, match=needle):
+        tiny_cfg(**kw)
+
+
+@pytest.mark.parametrize("bad,err", [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_eval_every_is_checked(bad, err):
+    """-1 evaluated every step (done % -1 == 0); 1.5 and True were accepted silently."""
+    with pytest.raises(err, match="eval_every"):
+        train(tiny_cfg(steps=2), eval_every=bad)

@@ -101,6 +101,14 @@ class ConfigDict:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def _plain_scalars(self) -> None:
+        """Replace NumPy scalar fields (np.int64(2), np.float32(0.1), ...) by the Python values the
+        checks accept them as, so the config stays JSON-serialisable (checkpoints, metrics)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.generic):
+                setattr(self, f.name, v.item())
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:
         if not isinstance(d, Mapping):

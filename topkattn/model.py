@@ -89,6 +89,7 @@ class TransformerConfig(ConfigDict):
     tail: str | None = None  # None | "mean": token top-k's dropped softmax mass to the mean unselected value
 
     def __post_init__(self) -> None:
+        self._plain_scalars()
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "q_lora_rank", "kv_lora_rank",
                      "qk_nope_dim", "qk_rope_dim", "v_head_dim", "d_ff", "n_experts", "moe_topk"):
             check_int(name, getattr(self, name), 1)

@@ -185,6 +185,11 @@ class BertEncoder:
         tt = xp.zeros_like(ids) if token_type_ids is None else xp.asarray(token_type_ids)
         if tt.shape != ids.shape:
             raise ValueError(f"token_type_ids must have shape {tuple(ids.shape)}, got {tuple(tt.shape)}")
+        if tt.dtype.kind not in "iu":
+            raise ValueError(f"token_type_ids must be an integer array, got {tt.dtype}")
+        if tt.size and (int(tt.min()) < 0 or int(tt.max()) >= cfg.type_vocab_size):
+            raise ValueError(f"token_type_ids must lie in [0, {cfg.type_vocab_size}), got range "
+                             f"[{int(tt.min())}, {int(tt.max())}]")
         plan = attention_plan(topk, tail=tail, tail_bound=tail_bound, max_topk=max_topk, sinks=sinks,
                               window=window, attention=attention, block_size=block_size,
                               topk_blocks=topk_blocks, T=T)

@@ -40,7 +40,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -150,6 +150,7 @@ class TrainConfig(ConfigDict):
     attention_layer: str = "mla"  # "mla" | "mha" (plain multi-head attention, head dim d_model / heads)
 
     def __post_init__(self):
+        self._plain_scalars()
         check_choice("task", self.task, ("mqar", "text"))
         check_choice("attention", self.attention, ("topk", "dense", "block"))
         check_choice("attention_layer", self.attention_layer, ("mla", "mha"))
@@ -167,13 +168,16 @@ class TrainConfig(ConfigDict):
         for name in ("lr", "clip_norm"):
             check_real(name, getattr(self, name), 0.0, lo_open=True)
         check_rope_base("rope_base", self.rope_base)
-        for name in ("weight_decay", "min_lr_ratio", "beta2"):
+        for name in ("weight_decay", "min_lr_ratio"):
             check_real(name, getattr(self, name), 0.0, 1.0)
+        check_real("beta2", self.beta2, 0.0, 1.0, hi_open=True)  # AdamW's second-moment decay
         if not isinstance(self.token_shift, bool):
             raise TypeError(f"token_shift must be True or False, got {self.token_shift!r}")
         if self.tail is not None and self.attention != "topk":
             raise ValueError(f"tail applies to attention='topk' (token top-k), got tail={self.tail!r} with "
                              f"attention={self.attention!r}")
+        if isinstance(self.dense_layers, (str, bytes)) or not isinstance(self.dense_layers, Iterable):
+            raise TypeError(f"dense_layers must be a sequence of layer indices, got {self.dense_layers!r}")
         self.dense_layers = list(model_config(self, 64).dense_layers)  # the variants' and dense_layers' checks
         if self.task == "mqar":  # the task's own checks (vocabulary and length fit the pairs)
             MQAR(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
@@ -596,6 +600,7 @@ def train(cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None, resume:
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     if threads is not None and threads != "auto":
         check_int("threads", threads, 1)
+    eval_every = check_int("eval_every", eval_every, 1, optional=True)
     n_threads = run_threads(cfg, device) if threads == "auto" else threads
     with cpu_policy(n_threads) if n_threads is not None else contextlib.nullcontext():
         result = _train(cfg, out_dir=out_dir, resume=resume, device=device, checkpoint_every=checkpoint_every,
