@@ -221,7 +221,8 @@ class LorannIndex:
         self._norms = np.zeros(cap, np.float32)
         for lo in range(0, n, 65536):  # (N,) in blocks (einsum's temporaries stay small)
             blk = self._data[lo:min(n, lo + 65536)]
-            self._norms[lo:lo + len(blk)] = np.einsum("nd,nd->n", blk, blk)
+            with np.errstate(over="ignore"):  # an overflow is reported below
+                self._norms[lo:lo + len(blk)] = np.einsum("nd,nd->n", blk, blk)
         _check_norms(self._norms[:n], "data", np)
         self.built = False
         self._device = {}
