@@ -210,3 +210,16 @@ def test_kv_experts_are_refused_over_several_ranks():
     if COMM.size > 1:
         with pytest.raises(ValueError, match="train KV experts in one process"):
             train_data_parallel(cfg, COMM)
+
+
+@pytest.mark.parametrize("name,mine", [("steps", lambda r: 2 + r), ("k", lambda r: 4 + r),
+                                       ("forget_rate", lambda r: 0.3 * r), ("batch_size", lambda r: 4 + 2 * r)])
+def test_configs_differing_across_ranks_fail_every_rank_naming_them(name, mine):
+    # other steps left a rank waiting in an all-reduce; another k or forget_rate trained silently apart
+    cfg = tiny_cfg(**{"steps": 2, name: mine(COMM.rank)})
+    if COMM.size == 1:  # one rank agrees with itself
+        train_data_parallel(cfg, COMM)
+        return
+    with pytest.raises(ValueError, match=f"train_data_parallel needs the same {name} on every rank, "
+                                         f"got rank 0: {name}="):
+        train_data_parallel(cfg, COMM)

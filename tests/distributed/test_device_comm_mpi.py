@@ -63,6 +63,17 @@ def test_numpy_collectives_are_mpi_whatever_the_mode(monkeypatch, mode):
     assert id(comm) not in dc._CHOSEN  # no transport choice: nothing asked CuPy
 
 
+def test_zero_d_arrays_keep_their_shape():
+    # a 0-d sum is 0-d and a 0-d gather is (ranks,), as the 1-d ones are (n,) and (ranks, n)
+    out = allreduce_sum(COMM, np.array(2.0 + R))
+    assert out.shape == () and out == sum(2.0 + r for r in range(P))
+    a = np.array(1.0 + R)
+    assert allreduce_sum(COMM, a, inplace=True) is a and a.shape == () and a == sum(1.0 + r for r in range(P))
+    got = allgather_rows(COMM, np.array(R))
+    assert got.shape == (P,)
+    np.testing.assert_array_equal(got, np.arange(P))
+
+
 def test_integer_and_float32_sums_are_exact():
     for dtype in (np.int32, np.int64, np.float32):
         out = allreduce_sum(COMM, _rank_data(R, dtype))

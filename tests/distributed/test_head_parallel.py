@@ -186,7 +186,7 @@ class _TwoRanks:
     size, rank = 2, 0
 
     def allgather(self, obj):
-        return [obj, None]
+        return [obj, obj]
 
     def Allreduce(self, *a, **k):
         raise AssertionError("no data may move")
@@ -209,8 +209,39 @@ def test_refusals():
     with pytest.raises(TypeError, match="already a HeadParallelMLA"):
         HeadParallelMLA(hp, COMM)
     if COMM.size > 1:  # a layer that differs between the ranks is refused on every rank
-        with pytest.raises((ValueError, RuntimeError), match="same on every rank"):
+        with pytest.raises(ValueError, match="head-parallel MLA needs the same params on every rank"):
             HeadParallelMLA(_mla(seed=COMM.rank), COMM)
+
+
+@pytest.mark.parametrize("name,mine", [("topk", lambda r: 2 + r), ("window", lambda r: r),
+                                       ("persistent_tokens", lambda r: r), ("forget_rate", lambda r: 0.2 * r)])
+def test_settings_differing_across_ranks_fail_every_rank_naming_them(name, mine):
+    # the params alone were compared: another topk (window, ...) on a rank gave a silently wrong output
+    kw = {"topk": 2, name: mine(COMM.rank)}
+    if COMM.size == 1:  # one rank agrees with itself
+        HeadParallelMLA(_mla(**kw), COMM)
+        head_parallel(Transformer(_cfg(**kw)), COMM)
+        return
+    named = f"needs the same ([a-z_]+, )*{name}(, [a-z_]+)* on every rank, got rank 0: .*{name}="  # (params too)
+    with pytest.raises(ValueError, match="head-parallel MLA " + named):
+        HeadParallelMLA(_mla(**kw), COMM)
+    with pytest.raises(ValueError, match="head_parallel " + named):
+        head_parallel(Transformer(_cfg(**kw)), COMM)
+    model = Transformer(_cfg(topk=2))
+    model.blocks[1].attn.scale *= 1 + COMM.rank  # a layer changed after construction: its own check names it
+    with pytest.raises(ValueError, match="head-parallel MLA needs the same scale on every rank"):
+        head_parallel(model, COMM)
+    assert not isinstance(model.blocks[0].attn, HeadParallelMLA)  # refused: the model is left as it was
+
+
+@pytest.mark.parametrize("mine", [lambda r: dict(n_layers=2 + r), lambda r: dict(attention="mha" if r else "mla",
+                                                                                 head_dim=4)])
+def test_models_of_another_structure_fail_every_rank(mine):
+    # a rank with more MLA layers, or none, raised alone and left the others waiting in an allgather
+    if COMM.size == 1:
+        return
+    with pytest.raises(ValueError, match="head_parallel needs the same .* on every rank"):
+        head_parallel(Transformer(_cfg(**mine(COMM.rank))), COMM)
 
 
 # ---------------------------------------------------------------- forgetful masking

@@ -388,3 +388,37 @@ def test_sharded_selector_checks_topk_sinks_window(kw, needle):
     # checked before anything else (on every rank alike: no rank is left waiting in a collective)
     with pytest.raises((TypeError, ValueError), match=needle):
         ShardedSelector(ExactSelector, COMM)(np.zeros((1, 2, 4)), None, **kw)
+
+
+@pytest.mark.parametrize("name,mine", [("block", lambda r: dict(block=BLOCK + r)), ("topk", lambda r: dict(topk=4 + r)),
+                                       ("seed", lambda r: dict(seed=3 + r)), ("window", lambda r: dict(window=r)),
+                                       ("n_layers", lambda r: dict(n_layers=2 + r))])
+def test_models_differing_across_ranks_fail_every_rank_naming_them(name, mine):
+    # nothing was compared: another block, seed or window decoded silently wrong, another topk or
+    # n_layers broke a collective ("Message truncated") or left a rank waiting
+    kw = dict(block=BLOCK) | mine(COMM.rank)
+    block = kw.pop("block")
+    if COMM.size == 1:  # one rank agrees with itself
+        shard_decoding(_model(**kw), COMM, block=block)
+        return
+    with pytest.raises(ValueError, match=f"shard_decoding needs the same ([a-z_]+, )*{name}(, [a-z_]+)* on every "
+                                         f"rank, got rank 0: .*{name}="):
+        shard_decoding(_model(**kw), COMM, block=block)
+    model = _model()
+    model.blocks[1].attn.topk = 4 + COMM.rank  # a layer changed after construction: its own check names it
+    with pytest.raises(ValueError, match="sharded decoding needs the same topk on every rank, got rank 0: topk=4"):
+        shard_decoding(model, COMM, block=BLOCK)
+
+
+def test_a_batch_differing_across_ranks_fails_every_rank():
+    # another batch broke the first step's exchange (its size): init_cache compares it, once per cache
+    model = _sharded()
+    if COMM.size == 1:
+        model.init_cache(2 + COMM.rank)
+        return
+    with pytest.raises(ValueError, match="sharded decoding needs the same batch on every rank, got rank 0: batch=2"):
+        model.init_cache(2 + COMM.rank)
+    bad = 0 if COMM.rank == COMM.size - 1 else 2  # one rank's invalid batch: every rank raises
+    expected = (ValueError, "batch must be") if COMM.rank == COMM.size - 1 else (RuntimeError, "failed: ValueError")
+    with pytest.raises(expected[0], match=expected[1]):
+        model.init_cache(bad)

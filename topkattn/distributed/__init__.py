@@ -16,8 +16,12 @@
                       HeadParallelMLA, head_parallel, full_model_params, gather_model_grads,
                       head_parallel_grad_norm, clip_head_parallel_grad_norm
 
-Run a script under ``mpiexec -n N python script.py``; every rank passes the same queries and
-its own slice of the keys and values (``key_offset``).
+Run a script under ``mpiexec -n N python -m mpi4py script.py`` (or call
+:func:`install_excepthook` first): then an exception on one rank ends the job instead of
+leaving the other ranks waiting in a collective.  The set-up functions compare the settings
+that must agree on every rank (ValueError on every rank naming them); per-step inputs
+(tokens, batches) are not compared.  In context parallelism every rank passes the same queries
+and its own slice of the keys and values (``key_offset``).
 """
 from topkattn.distributed.comm import INSTALL_HINT, abort, install_excepthook, launched_world, require_mpi, world
 from topkattn.distributed.context_parallel import topk_attention, topk_attention_backward, topk_attention_forward

@@ -63,13 +63,56 @@ def agree(comm: Any, error: BaseException | None) -> None:
     collective; after this call every rank raises: the failing rank its own error, the
     others a RuntimeError naming the rank and its message.
     """
-    msgs = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
+    _raise_agreed(error, comm.allgather(_message(error)))
+
+
+def _message(error):
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def _raise_agreed(error, msgs):
     if error is not None:
         raise error
     bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
     if bad:
         rank, msg = bad[0]
         raise RuntimeError(f"rank {rank} failed: {msg}")
+
+
+class _Absent:
+    def __repr__(self):
+        return "(absent)"
+
+
+_ABSENT = _Absent()
+
+
+def settings_mismatch(what: str, everyone: list[Mapping[str, Any] | None]) -> ValueError | None:
+    """The ValueError naming the settings that differ between the ranks' dicts ``everyone``
+    (one per rank, None for a rank with none to compare), or None when they agree:
+    ``<what> needs the same a, b on every rank, got rank 0: a=1, b=2; rank 1: a=3, b=4``."""
+    shown = [(r, s) for r, s in enumerate(everyone) if s is not None]
+    first = shown[0][1] if shown else {}
+    names = sorted({n for _, s in shown for n in s})
+    differ = [n for n in names if any(s.get(n, _ABSENT) != first.get(n, _ABSENT) for _, s in shown)]
+    if not differ:
+        return None
+    return ValueError(f"{what} needs the same {', '.join(differ)} on every rank, got "
+                      + "; ".join(f"rank {r}: " + ", ".join(f"{n}={s.get(n, _ABSENT)!r}" for n in differ)
+                                  for r, s in shown))
+
+
+def agree_settings(comm: Any, what: str, settings: Mapping[str, Any] | None,
+                   error: BaseException | None = None) -> None:
+    """One allgather of every rank's ``settings`` (a dict of plain values that must be equal on
+    every rank; None when this rank's checks failed before it had them) and ``error`` (the
+    outcome of its local checks, as :func:`agree`).  Then, on every rank: the ValueError of
+    :func:`settings_mismatch` when the settings differ, else what :func:`agree` raises."""
+    everyone = comm.allgather((None if settings is None else dict(settings), _message(error)))
+    mismatch = settings_mismatch(what, [s for s, _ in everyone])
+    if mismatch is not None:
+        raise mismatch
+    _raise_agreed(error, [m for _, m in everyone])
 
 
 def device_route(comm: Any, a: Array) -> DeviceComm | None:
@@ -89,7 +132,7 @@ def allgather_rows(comm: Any, a: Array) -> Array:
     if device is not None:
         return device.allgather(a)
     xp = get_array_module(a)
-    host = np.ascontiguousarray(to_numpy(a))
+    host = np.asarray(to_numpy(a), order="C")  # (ascontiguousarray would make a 0-d array 1-d)
     out = np.empty((comm.size,) + host.shape, dtype=host.dtype)
     comm.Allgather(host, out)
     return xp.asarray(out)
@@ -104,7 +147,7 @@ def allreduce_sum(comm: Any, a: Array, inplace: bool = False) -> Array:
         return device.allreduce_sum(a, out=a if inplace else None)
     MPI = require_mpi()
     xp = get_array_module(a)
-    host = np.ascontiguousarray(to_numpy(a))  # ``a`` itself for a contiguous NumPy array
+    host = np.asarray(to_numpy(a), order="C")  # ``a`` itself for a contiguous NumPy array; 0-d stays 0-d
     if not inplace:
         out = np.empty_like(host)
         comm.Allreduce(host, out, op=MPI.SUM)
@@ -125,7 +168,11 @@ def abort(comm: Any, error: BaseException | None, file: TextIO | None = None) ->
 
 def install_excepthook(comm: Any) -> Callable[..., Any]:
     """Make an uncaught exception on this rank end the whole job (:func:`abort`) instead of
-    leaving the other ranks waiting in a collective; returns the previous hook."""
+    leaving the other ranks waiting in a collective; returns the previous hook.
+
+    Call it at the top of a script of your own (or run it under ``mpiexec -n N python -m mpi4py
+    script.py``, which does the same): the library agrees on errors at set-up, but an error in a
+    per-step input on one rank (e.g. a token outside the vocabulary) is raised on that rank only."""
     previous = sys.excepthook
 
     def hook(kind, value, tb):

@@ -32,7 +32,7 @@ import numpy as np
 
 from topkattn.backend import Array, as_engine_array, get_array_module, to_caller_kind
 from topkattn.checks import check_bool, check_int, logsumexp_rows
-from topkattn.distributed.comm import agree, allgather_rows, allreduce_sum
+from topkattn.distributed.comm import agree, allgather_rows, allreduce_sum, settings_mismatch
 from topkattn.ops.dense_attention import check_dout, default_scale
 from topkattn.ops.selection import TILE_BYTES, RowBounds, apply_forgetting, forget_draws, ranked_topm_xp
 from topkattn.ops.sparse_attention import SparseAttentionSaved, sparse_attention_backward, sparse_attention_forward
@@ -153,11 +153,9 @@ def _global_keys(comm, q, k, v, key_offset, options):
     mine = (key_offset, k.shape[2], tuple(q.shape), k.shape[0], k.shape[1], k.shape[3], v.shape[3], q.dtype.str,
             options)
     shards = comm.allgather(mine)
-    differ = sorted(n for n in options if any(s[8][n] != options[n] for s in shards))
-    if differ:
-        raise ValueError(f"context-parallel attention needs the same {', '.join(differ)} on every rank, got "
-                         + "; ".join(f"rank {r}: " + ", ".join(f"{n}={s[8][n]!r}" for n in differ)
-                                     for r, s in enumerate(shards)))
+    mismatch = settings_mismatch("context-parallel attention", [s[8] for s in shards])
+    if mismatch is not None:
+        raise mismatch
     layouts = {s[2:8] for s in shards}
     if len(layouts) != 1:
         raise ValueError("every rank must pass the same q shape, dtype, batch, KV heads and head dims; got "

@@ -14,9 +14,12 @@ and keeps the rank's rows (:class:`topkattn.training.train.RowSliceGenerator`), 
 history equals the single-process run's to float32 rounding.
 
 Rank 0 writes the files (checkpoint, metrics.json, history.json) and reports; every rank reads
-the checkpoint on ``resume``.  Errors before the first step are agreed (every rank raises);
-a failure on one rank later ends the job through :func:`topkattn.distributed.comm.abort` (``Error: rank R: ...`` on
-stderr, ``comm.Abort(1)``), never a hang.
+the checkpoint on ``resume``.  The ranks first compare their configs (a ValueError naming the
+fields that differ, on every rank); errors before the first step are agreed (every rank raises).
+A failure on one rank during the steps raises on that rank only, while the others wait in the
+next all-reduce: ``topkattn train-toy`` ends the job then (:func:`topkattn.distributed.comm.abort`,
+``Error: rank R: ...`` on stderr, ``comm.Abort(1)``); a script of your own should run under
+``mpiexec -n N python -m mpi4py script.py`` or call :func:`topkattn.distributed.comm.install_excepthook`.
 
 Launch detection (:func:`topkattn.distributed.comm.launched_world`) reads the launcher's
 environment only (MPICH/Hydra ``PMI_RANK``/``PMI_SIZE``, Open MPI ``OMPI_COMM_WORLD_RANK``/
@@ -35,7 +38,7 @@ import numpy as np
 
 from topkattn.backend import Array, get_array_module, to_numpy
 from topkattn.checks import check_int
-from topkattn.distributed.comm import allreduce_sum
+from topkattn.distributed.comm import agree_settings, allreduce_sum
 from topkattn.distributed.device_comm import local_size, use_local_device
 
 if TYPE_CHECKING:
@@ -156,15 +159,27 @@ def train_data_parallel(cfg: TrainConfig, comm: Any, *, out_dir: str | os.PathLi
     """:func:`topkattn.training.train.train` over the ranks of ``comm``: returns its TrainResult on
     every rank (the same losses and, checked at the end, the same parameters).
 
-    ``progress`` and ``log`` are called on rank 0 only; rank 0 writes the files.  ValueError
-    (on every rank) for a run :func:`check_data_parallel` refuses.  ``check_every``
+    ``progress`` and ``log`` are called on rank 0 only; rank 0 writes the files.  Every rank
+    must pass the same ``cfg`` (and ``resume``, ``device``, ``check_every``): compared first,
+    a ValueError naming the fields that differ on every rank.  ValueError (on every rank) for
+    a run :func:`check_data_parallel` refuses.  ``check_every``
     > 0 also compares the parameters across the ranks every that many steps.  ``device="gpu"``
     first makes GPU ``local rank % device count`` current on each rank
-    (:func:`topkattn.distributed.device_comm.use_local_device`).
+    (:func:`topkattn.distributed.device_comm.use_local_device`).  An error on one rank during
+    the steps leaves the others waiting unless the script runs under ``python -m mpi4py`` or
+    calls :func:`topkattn.distributed.comm.install_excepthook` (see the module docstring).
     """
-    from topkattn.training.train import run_threads, train
+    from topkattn.training.train import TrainConfig, run_threads, train
 
-    check_data_parallel(cfg, comm.size)
+    error = settings = None
+    try:  # one collective: the same config everywhere (else e.g. other steps: a hang), the checks agreed
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        settings = dict(cfg.to_dict(), resume=resume, device=device, check_every=check_every)
+        check_data_parallel(cfg, comm.size)
+    except (TypeError, ValueError) as e:
+        error = e
+    agree_settings(comm, "train_data_parallel", settings, error)
     rows = split_rows(cfg.batch_size, comm.rank, comm.size)
     if device == "gpu":
         use_local_device(comm)  # GPU local rank % count, so that NCCL can carry the gradients

@@ -54,7 +54,7 @@ import numpy as np
 
 from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_real, make_rng
-from topkattn.distributed.comm import agree, allgather_rows, allreduce_sum
+from topkattn.distributed.comm import agree_settings, allgather_rows, allreduce_sum
 from topkattn.distributed.data_parallel import params_checksum
 from topkattn.layers.cache import MLACache
 from topkattn.layers.mla import MLA
@@ -65,6 +65,41 @@ from topkattn.model import Transformer
 SLICED = {"W_UQ": (0, "qk_nope_dim"), "W_QR": (0, "qk_rope_dim"), "W_UK": (0, "qk_nope_dim"),
           "W_UV": (0, "v_head_dim"), "W_O": (1, "v_head_dim")}
 REPLICATED = ("W_DQ", "q_norm", "W_DKV", "kv_norm", "W_KR", "persist_c", "persist_kr")
+# the settings of an attention layer that every rank must share (those the layer has): compared
+# across the ranks by HeadParallelMLA and the sharded decode layers before any data moves
+LAYER_SETTINGS = ("d_model", "n_heads", "n_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_dim",
+                  "qk_rope_dim", "v_head_dim", "rope", "topk", "tail_bound", "max_topk", "persistent_tokens",
+                  "window", "forget_rate", "selection", "block_size", "topk_blocks", "tail", "rope_base", "eps",
+                  "scale", "training", "kv_experts", "kv_experts_active", "aux_loss_weight", "k_rank", "v_rank",
+                  "ternary", "act_bits")
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def layer_settings(layer: Module) -> dict[str, Any]:
+    """``{name: value}`` of ``layer``'s :data:`LAYER_SETTINGS` (plain Python values), its class,
+    dtype and selector class, and ``params``: a fingerprint of its parameters."""
+    out = {"layer": type(layer).__name__}
+    out.update((n, _plain(getattr(layer, n))) for n in LAYER_SETTINGS if hasattr(layer, n))
+    out["dtype"] = str(next(iter(layer.params.values())).dtype) if layer.params else None
+    out["selector"] = None if getattr(layer, "selector", None) is None else type(layer.selector).__name__
+    out["params"] = params_checksum(layer.params)[:16]
+    return out
+
+
+def model_settings(model: Module, skip: tuple[type, ...] = ()) -> dict[str, Any]:
+    """``{name: value}`` every rank must share for ``model``: a Transformer's config fields, the
+    model's class and ``params``, a fingerprint of the params of every module but those of a
+    ``skip`` class (e.g. head-parallel layers, whose slices differ by rank)."""
+    cfg = getattr(model, "cfg", None)
+    out = {n: _plain(v) for n, v in cfg.to_dict().items()} if hasattr(cfg, "to_dict") else {}
+    out["model"] = type(model).__name__
+    params = {prefix + n: a for prefix, m in _modules(model) if not isinstance(m, (Transformer, *skip))
+              for n, a in m.params.items()}
+    out["params"] = params_checksum(params)[:16]
+    return out
 
 
 def _check_comm(comm):
@@ -121,7 +156,8 @@ class HeadParallelMLA(MLA):
     ``step`` are the MLA's own, with the output summed over the ranks and the replicated
     gradients and dx summed in one packed allreduce (see the module docstring), so the
     results equal the single-process ``layer``.  Every rank must pass the same ``layer``
-    (checked: ValueError otherwise).  ``project`` returns this rank's heads only.
+    (checked: its :func:`layer_settings` and params are compared, a ValueError naming what
+    differs on every rank).  ``project`` returns this rank's heads only.
 
     With ``forget_rate > 0`` the rank's heads drop, for a seed, what the single-process layer
     drops for them (see :meth:`forward`).
@@ -131,7 +167,7 @@ class HeadParallelMLA(MLA):
 
     def __init__(self, layer: MLA, comm: Any) -> None:
         _check_comm(comm)
-        error = None
+        error = settings = None
         try:
             if not isinstance(layer, MLA):
                 raise TypeError(f"layer must be an MLA, got {type(layer).__name__}")
@@ -145,15 +181,12 @@ class HeadParallelMLA(MLA):
             if H % n_ranks:
                 raise ValueError(f"layer.n_heads={H} must be a multiple of the number of ranks "
                                  f"comm.size={n_ranks} (each rank holds n_heads / ranks heads)")
+            settings = layer_settings(layer)
         except (TypeError, ValueError) as e:
             error = e
-        agree(comm, error)
-        error = None
-        digests = comm.allgather(params_checksum(layer.params))
-        if len(set(digests)) != 1:
-            error = ValueError("layer must be the same on every rank (its params differ between ranks; "
-                               "build it from the same seed or broadcast it)")
-        agree(comm, error)
+        # one collective: the same settings and params (build the layer from the same seed or
+        # broadcast it) and no rank's check failed, else the same error on every rank
+        agree_settings(comm, "head-parallel MLA", settings, error)
         Hp = H // n_ranks
         p0 = layer.params["W_DQ"]
         super().__init__(layer.d_model, Hp, layer.q_lora_rank, layer.kv_lora_rank, layer.qk_nope_dim,
@@ -259,21 +292,29 @@ def head_parallel(model: Transformer | Module, comm: Any) -> Transformer | Modul
     holding MLA children) into a :class:`HeadParallelMLA` on ``comm``, in place; returns ``model``.
 
     The flat ``params``/``grads`` keep their names (``blocks.i.attn.W_UQ`` is now the rank's
-    slice).  Every rank must pass the same model.  ValueError when it has no MLA (e.g.
+    slice).  Every rank must pass the same model: its config, its MLA layers, their settings
+    (:func:`layer_settings`) and its params are compared across the ranks first, a ValueError
+    naming what differs on every rank.  ValueError (on every rank) when it has no MLA (e.g.
     ``attention="mha"``) or an MLA's heads do not divide over the ranks.
     """
     _check_comm(comm)
-    if not hasattr(model, "children"):
-        raise TypeError(f"model must be a Transformer or a layer, got {type(model).__name__}")
-    todo, found = [], 0
-    for _, module in list(_modules(model)):
-        for name, child in module.children():
-            if isinstance(child, MLA):
-                found += 1
-                if not isinstance(child, HeadParallelMLA):
-                    todo.append((module, name, child))
-    if not found:
-        raise ValueError("model has no MLA layer to split over heads (head-parallel needs attention='mla')")
+    error = settings = None
+    try:  # the local checks and the model's description, agreed before any collective depends on them
+        if not hasattr(model, "children"):
+            raise TypeError(f"model must be a Transformer or a layer, got {type(model).__name__}")
+        todo, layers = [], []
+        for prefix, module in list(_modules(model)):
+            for name, child in module.children():
+                if isinstance(child, MLA):
+                    layers.append((prefix + name, type(child).__name__))
+                    if not isinstance(child, HeadParallelMLA):
+                        todo.append((module, name, child))
+        settings = dict(model_settings(model, skip=(HeadParallelMLA,)), mla_layers=layers)
+        if not layers:
+            raise ValueError("model has no MLA layer to split over heads (head-parallel needs attention='mla')")
+    except (TypeError, ValueError) as e:
+        error = e
+    agree_settings(comm, "head_parallel", settings, error)
     converted = [(module, name, child, HeadParallelMLA(child, comm)) for module, name, child in todo]
     for module, name, child, hp in converted:  # all built first: a refusal leaves the model as it was
         module._children[name] = hp

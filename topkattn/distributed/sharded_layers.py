@@ -20,9 +20,10 @@ layer with a sharded decode: ``init_cache`` makes a cache holding only this rank
 Both attentions are exact: each rank computes ``sum_{j its own} exp(s_j - lse) v_j`` with the
 global logsumexp ``lse`` of the attended scores, and one Allreduce of (B, H, Dv) adds the ranks'
 parts.  The training path (``forward``/``backward``) is the layer's own, unchanged (replicated).
-:func:`shard_decoding` converts a model's attention layers in place.  The sharding ``block``
-defaults to 64, rounded up to a multiple of a block layer's ``block_size`` (a selection block
-must live on one rank); an explicit ``block`` that is not such a multiple is a ValueError.
+:func:`shard_decoding` converts a model's attention layers in place, after comparing the model
+across the ranks.  The sharding ``block`` defaults to 64, rounded up to a multiple of a block
+layer's ``block_size`` (a selection block must live on one rank); an explicit ``block`` that
+is not such a multiple is a ValueError.
 A step is recorded in ``layer.stats`` as in one process (the global positions attended).
 """
 from __future__ import annotations
@@ -34,8 +35,8 @@ import numpy as np
 from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_int, logsumexp_rows
 from topkattn.decoding.selectors import ExactSelector
-from topkattn.distributed.comm import allreduce_sum
-from topkattn.distributed.head_parallel import HeadParallelMLA
+from topkattn.distributed.comm import agree_settings, allreduce_sum
+from topkattn.distributed.head_parallel import HeadParallelMLA, _modules, layer_settings, model_settings
 from topkattn.distributed.sharded_cache import ShardedKVCache, ShardedMLACache
 from topkattn.distributed.sharded_decoding import (
     ShardedSelection,
@@ -138,13 +139,22 @@ class _ShardedDecode:
 
     def _init_sharded(self, layer, comm, block):
         _check_comm(comm)
-        block = sharding_block(layer, block)
-        if getattr(layer, "tail", None) is not None:  # the tail needs every rank's scores and values merged
-            raise ValueError(f"sharded decoding attends plain top-k; layer has tail={layer.tail!r} (decode it in "
-                             f"one process)")
-        if getattr(layer, "variant", False):  # KV experts, split ranks, ternary: the sharded steps are plain ones
-            raise ValueError("sharded decoding runs plain MLA or attention; layer has variant options (kv_experts, "
-                             "k_rank/v_rank or ternary): decode it in one process")
+        error = settings = None
+        try:
+            self._check_layer(layer)
+            block = sharding_block(layer, block)
+            if getattr(layer, "tail", None) is not None:  # the tail needs every rank's scores and values merged
+                raise ValueError(f"sharded decoding attends plain top-k; layer has tail={layer.tail!r} (decode it "
+                                 f"in one process)")
+            if getattr(layer, "variant", False):  # KV experts, split ranks, ternary: the sharded steps are plain
+                raise ValueError("sharded decoding runs plain MLA or attention; layer has variant options "
+                                 "(kv_experts, k_rank/v_rank or ternary): decode it in one process")
+            settings = dict(layer_settings(layer), block=block)
+        except (TypeError, ValueError) as e:
+            error = e
+        # one collective: the same layer (settings, params) and block on every rank, else the same error on
+        # every rank (a different topk or block would select differently or break a collective's sizes)
+        agree_settings(comm, "sharded decoding", settings, error)
         vars(self).update(vars(layer))  # the same params, grads and settings: a view of ``layer``
         self.comm, self.block = comm, block
         self.last_selection = None  # the ShardedSelection of the last top-k step
@@ -152,6 +162,17 @@ class _ShardedDecode:
 
     def _shard(self):
         return dict(rank=self.comm.Get_rank(), ranks=self.comm.Get_size(), block=self.block)
+
+    def _check_batch(self, batch):
+        """``batch`` (an int >= 1), the same on every rank: every step's exchange has its size
+        (one small collective per cache, none per step; ValueError on every rank otherwise)."""
+        error = None
+        try:
+            batch = check_int("batch", batch, 1)
+        except (TypeError, ValueError) as e:
+            error = e
+        agree_settings(self.comm, "sharded decoding", None if error else {"batch": batch}, error)
+        return batch
 
     def _decode_selector(self):
         sel = self.selector
@@ -201,14 +222,18 @@ class ShardedMLA(_ShardedDecode, MLA):
     latent cache sharded by position on ``comm``'s ranks (round-robin blocks of ``block``)."""
 
     def __init__(self, layer: MLA, comm: Any, *, block: int | None = None) -> None:
+        self._init_sharded(layer, comm, block)
+
+    @staticmethod
+    def _check_layer(layer):
         if not isinstance(layer, MLA) or isinstance(layer, (ShardedMLA, HeadParallelMLA)):
             raise TypeError(f"layer must be a plain MLA (not head-parallel or already sharded), got "
                             f"{type(layer).__name__}")
-        self._init_sharded(layer, comm, block)
 
     def init_cache(self, batch: int) -> ShardedMLACache:
-        """An empty :class:`~topkattn.distributed.ShardedMLACache` (this rank's persistent rows in it)."""
-        batch = check_int("batch", batch, 1)
+        """An empty :class:`~topkattn.distributed.ShardedMLACache` (this rank's persistent rows in it);
+        a collective call: ``batch`` must be the same on every rank."""
+        batch = self._check_batch(batch)
         p = self.params
         xp = get_array_module(p["W_DQ"])
         cache = ShardedMLACache(xp, batch, self.kv_lora_rank, self.qk_rope_dim, p["W_DQ"].dtype,
@@ -247,13 +272,17 @@ class ShardedAttention(_ShardedDecode, Attention):
     decoding over a key-value cache sharded by position on ``comm``'s ranks."""
 
     def __init__(self, layer: Attention, comm: Any, *, block: int | None = None) -> None:
-        if not isinstance(layer, Attention) or isinstance(layer, ShardedAttention):
-            raise TypeError(f"layer must be a plain Attention (not already sharded), got {type(layer).__name__}")
         self._init_sharded(layer, comm, block)
 
+    @staticmethod
+    def _check_layer(layer):
+        if not isinstance(layer, Attention) or isinstance(layer, ShardedAttention):
+            raise TypeError(f"layer must be a plain Attention (not already sharded), got {type(layer).__name__}")
+
     def init_cache(self, batch: int) -> ShardedKVCache:
-        """An empty :class:`~topkattn.distributed.ShardedKVCache` (this rank's persistent rows in it)."""
-        batch = check_int("batch", batch, 1)
+        """An empty :class:`~topkattn.distributed.ShardedKVCache` (this rank's persistent rows in it);
+        a collective call: ``batch`` must be the same on every rank."""
+        batch = self._check_batch(batch)
         p = self.params
         xp = get_array_module(p["W_Q"])
         G, D, Dv = self.n_kv_heads, self.head_dim, self.v_head_dim
@@ -284,36 +313,47 @@ class ShardedAttention(_ShardedDecode, Attention):
         return (o.reshape(B, H * Dv) @ p["W_O"].T)[:, None]
 
 
-def _modules(module):
-    yield module
-    for _, child in module.children():
-        yield from _modules(child)
-
-
 def shard_decoding(model: Transformer, comm: Any, *, block: int | None = None) -> Transformer:
     """Make every attention layer of ``model`` (a :class:`~topkattn.model.Transformer` or a module
     holding MLA/Attention children) decode over a cache sharded by position on ``comm``, in
     place; returns ``model``.  The layers keep their params (shared, same names); only
     ``init_cache``/``step`` change.  ``block``: positions dealt round-robin in blocks of it
     (:func:`sharding_block`: default 64, rounded up per block top-k layer to a multiple of its
-    ``block_size``).  Every rank must pass the same model and decode the same tokens."""
+    ``block_size``).
+
+    Every rank must pass the same model and ``block``: its config, attention layers, their settings
+    (:func:`~topkattn.distributed.head_parallel.layer_settings`) and params are compared across the
+    ranks here (a few small collectives), a ValueError naming what differs on every rank;
+    ``init_cache`` compares the batch.  Every rank must also decode the same tokens: the steps'
+    inputs are not compared (no collective is spent on it), and an input error on one rank
+    only (e.g. a token outside the vocabulary) raises on that rank alone while the others wait
+    in the step's collective: run scripts under ``mpiexec -n N python -m mpi4py script.py``
+    or call :func:`topkattn.distributed.install_excepthook` so that it ends the job."""
     _check_comm(comm)
-    if block is not None:
-        block = check_int("block", block, 1)
-    if not hasattr(model, "children"):
-        raise TypeError(f"model must be a Transformer or a layer, got {type(model).__name__}")
+    error = settings = None
+    try:  # the local checks and the model's description, agreed before the layers' own checks
+        if block is not None:
+            block = check_int("block", block, 1)
+        if not hasattr(model, "children"):
+            raise TypeError(f"model must be a Transformer or a layer, got {type(model).__name__}")
+        found, layers = [], []
+        for prefix, module in list(_modules(model)):
+            for name, child in module.children():
+                if isinstance(child, HeadParallelMLA):
+                    raise ValueError("shard_decoding does not combine with head_parallel (a head-parallel MLA "
+                                     "already splits the heads over the ranks)")
+                if isinstance(child, (MLA, Attention)):
+                    layers.append((prefix + name, type(child).__name__))
+                    if not isinstance(child, (ShardedMLA, ShardedAttention)):
+                        found.append((module, name, child))
+        settings = dict(model_settings(model), block=block, attention_layers=layers)
+    except (TypeError, ValueError) as e:
+        error = e
+    agree_settings(comm, "shard_decoding", settings, error)
     todo = []
-    for module in list(_modules(model)):
-        for name, child in module.children():
-            if isinstance(child, HeadParallelMLA):
-                raise ValueError("shard_decoding does not combine with head_parallel (a head-parallel MLA "
-                                 "already splits the heads over the ranks)")
-            if isinstance(child, (ShardedMLA, ShardedAttention)):
-                continue
-            if isinstance(child, MLA):
-                todo.append((module, name, child, ShardedMLA(child, comm, block=block)))
-            elif isinstance(child, Attention):
-                todo.append((module, name, child, ShardedAttention(child, comm, block=block)))
+    for module, name, child in found:
+        kind = ShardedMLA if isinstance(child, MLA) else ShardedAttention
+        todo.append((module, name, child, kind(child, comm, block=block)))
     for module, name, child, sharded in todo:
         module._children[name] = sharded
         if getattr(module, "attn", None) is child:
