@@ -286,7 +286,10 @@ def test_sharded_decoding_refuses_variants():
         def Get_rank(self):
             return 0
 
-        allgather = Allgather = Allreduce = None
+        def allgather(self, obj):  # construction agrees its checks and settings (one rank here)
+            return [obj]
+
+        Allgather = Allreduce = None
 
     for kw in (dict(kv_experts=2), dict(ternary=True)):
         with pytest.raises(ValueError, match="sharded decoding runs plain MLA or attention"):
