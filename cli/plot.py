@@ -204,7 +204,7 @@ def _read_json(path):
 @click.argument("source", type=click.Path(exists=True))
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
               help="PNG to write [default: RUN_DIR/loss.png for a run, RESULTS.png beside RESULTS.json].")
-@click.option("--force", is_flag=True, help="Replace the PNG if it exists.")
+@click.option("--force", is_flag=True, help="Replace an existing PNG named by -o.")
 def plot(source, out, force):
     """Draw a benchmark's results (RESULTS.json with a "plots" list) or a run's loss and learning-rate
     curves (RUN_DIR or its history.json) into a PNG.
@@ -214,7 +214,8 @@ def plot(source, out, force):
               topkattn plot run/ -o loss.png
               topkattn plot forgetful.json -o forgetful.png
 
-    Needs matplotlib (pip install 'topkattn[plot]').  An existing PNG is kept unless --force.
+    Needs matplotlib (pip install 'topkattn[plot]').  A file named by -o that exists is kept
+    unless --force; the default PNG is redrawn.
     """
     if out == "":
         raise click.UsageError("-o/--out must name a file, got ''")
@@ -228,10 +229,10 @@ def plot(source, out, force):
         src, default_out = source, os.path.splitext(source)[0] + ".png"
     folder = source if os.path.isdir(source) else os.path.dirname(source)
     metrics_path = os.path.join(folder, "metrics.json")  # a run's, for the title
-    out = out or default_out
+    named, out = out is not None, out or default_out
     if os.path.realpath(out) in (os.path.realpath(src), os.path.realpath(metrics_path)):
         raise click.UsageError(f"-o {out!r} is a file the plot is drawn from; name another PNG")
-    if os.path.exists(out) and not force:
+    if named and os.path.exists(out) and not force:  # the default PNG is this command's own: redrawn
         raise click.UsageError(f"{out!r} exists; pass --force to replace it")
     doc = _read_json(src)
     try:

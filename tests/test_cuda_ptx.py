@@ -65,7 +65,7 @@ def _signatures():
                      arr(f32, 1), arr(i64, 1), arr(i64, 1), arr(i64, 1), arr(f32, 1), i64, i64,
                      arr(f32, 3), arr(i64, 3))))
     out.append(("lorann_rerank", lorann_score._rerank_kernel(),
-                (arr(f32, 2), arr(f32, 2), arr(f32, 1), i64, arr(i64, 2), arr(f32, 2))))
+                (arr(f32, 2), arr(f32, 2), i64, arr(i64, 2), arr(f32, 2))))
     del numba
     return out
 

@@ -221,6 +221,9 @@ def test_bad_inputs(model_dir, tmp_path):
         enc.encoder(np.zeros((1, 41), dtype=np.int64))
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         SentenceEncoder.from_dir(tmp_path)
+    with pytest.raises(ValueError, match="device must be .cpu. or .cuda.") as e:  # not blamed on the weights file
+        SentenceEncoder.from_dir(model_dir, device="tpu")
+    assert "does not fit" not in str(e.value)
     cfg, w = random_bert(np.random.default_rng(1))
     del w["encoder.layer.1.output.dense.bias"]
     with pytest.raises(ValueError, match="weights lack 'encoder.layer.1.output.dense.bias'"):

@@ -105,9 +105,12 @@ class ConfigDict:
         """Replace NumPy scalar fields (np.int64(2), np.float32(0.1), ...) by the Python values the
         checks accept them as, so the config stays JSON-serialisable (checkpoints, metrics)."""
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, np.generic):
-                setattr(self, f.name, v.item())
+            setattr(self, f.name, plain_value(getattr(self, f.name)))
+
+
+def plain_value(v: Any) -> Any:
+    """A NumPy scalar as its Python value (``np.int64(2)`` -> ``2``); anything else unchanged."""
+    return v.item() if isinstance(v, np.generic) else v
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:

@@ -10,11 +10,13 @@ Data layout (that of :class:`topkattn.ann.LorannIndex`, gathered by :func:`loran
   (no quantisation); ascale (Nc, Rk) float32:  A_c[u, v] = code[c, v, u] * ascale[c, v]
   b (Z, Rk) int8 / (Z, ceil(Rk/2)) uint8 / (Z, Rk) float32; bscale (Z,):  B[z, v] = code[z, v] * bscale[z]
   start (Nc,), size (Nc,) int64: cluster c's points sit at slots start[c] .. start[c] + size[c];
-  slot_id (Z,) int64 the point id of each slot; norms (N,) |x|^2; data (N, Dx) for re-ranking.
+  slot_id (Z,) int64 the point id of each slot; norms (N,) |x|^2 (l2 candidate scores); data (N, Dx) for re-ranking.
 
     score(q, z) = (qr_q A_c) . B[z]          qr = q T (Q, Dg);  l2: 2 score - |x|^2
     candidates  = the Mc best scores over the Wc searched clusters (ties to the lower id)
-    results     = the Kn best candidates by exact q . x (re-ranking), or by score
+    results     = the Kn best candidates by exact q . x or -|q - x|^2 (l2, a sum of squared
+                  differences) when re-ranking, else by score (l2: minus |q|^2); result scores are
+                  minus the distances
 
 Kernels: (1) one block per (query, searched cluster): the threads first form
 tq = qr A_c (Rk,) in shared memory, dequantising A's codes on the fly, then each thread

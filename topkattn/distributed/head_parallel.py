@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from topkattn.backend import Array, get_array_module
-from topkattn.checks import check_real, make_rng
+from topkattn.checks import check_real, make_rng, plain_value
 from topkattn.distributed.comm import agree_settings, allgather_rows, allreduce_sum
 from topkattn.distributed.data_parallel import params_checksum
 from topkattn.layers.cache import MLACache
@@ -74,15 +74,11 @@ LAYER_SETTINGS = ("d_model", "n_heads", "n_kv_heads", "head_dim", "q_lora_rank",
                   "ternary", "act_bits")
 
 
-def _plain(v):
-    return v.item() if isinstance(v, np.generic) else v
-
-
 def layer_settings(layer: Module) -> dict[str, Any]:
     """``{name: value}`` of ``layer``'s :data:`LAYER_SETTINGS` (plain Python values), its class,
     dtype and selector class, and ``params``: a fingerprint of its parameters."""
     out = {"layer": type(layer).__name__}
-    out.update((n, _plain(getattr(layer, n))) for n in LAYER_SETTINGS if hasattr(layer, n))
+    out.update((n, plain_value(getattr(layer, n))) for n in LAYER_SETTINGS if hasattr(layer, n))
     out["dtype"] = str(next(iter(layer.params.values())).dtype) if layer.params else None
     out["selector"] = None if getattr(layer, "selector", None) is None else type(layer.selector).__name__
     out["params"] = params_checksum(layer.params)[:16]
@@ -94,7 +90,7 @@ def model_settings(model: Module, skip: tuple[type, ...] = ()) -> dict[str, Any]
     model's class and ``params``, a fingerprint of the params of every module but those of a
     ``skip`` class (e.g. head-parallel layers, whose slices differ by rank)."""
     cfg = getattr(model, "cfg", None)
-    out = {n: _plain(v) for n, v in cfg.to_dict().items()} if hasattr(cfg, "to_dict") else {}
+    out = {n: plain_value(v) for n, v in cfg.to_dict().items()} if hasattr(cfg, "to_dict") else {}
     out["model"] = type(model).__name__
     params = {prefix + n: a for prefix, m in _modules(model) if not isinstance(m, (Transformer, *skip))
               for n, a in m.params.items()}

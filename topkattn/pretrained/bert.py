@@ -93,6 +93,10 @@ class BertConfig:
 _ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
+class WeightsMismatchError(ValueError):
+    """The weights lack a tensor the config needs, or hold one of another shape."""
+
+
 class BertEncoder:
     """The BERT encoder stack: token ids (B, T) -> hidden states (B, T, d).
 
@@ -117,10 +121,10 @@ class BertEncoder:
 
         def get(name, shape, transpose=False):  # shape: Hugging Face's (a Linear's weight is (out, in))
             if name not in w:
-                raise ValueError(f"weights lack {name!r} (have {len(w)} tensors)")
+                raise WeightsMismatchError(f"weights lack {name!r} (have {len(w)} tensors)")
             a = np.asarray(w[name], dtype=dtype)
             if a.shape != shape:
-                raise ValueError(f"weight {name!r} has shape {a.shape}, the config makes it {shape}")
+                raise WeightsMismatchError(f"weight {name!r} has shape {a.shape}, the config makes it {shape}")
             return self.xp.asarray(np.ascontiguousarray(a.T) if transpose else a)
 
         e = "embeddings."
@@ -334,7 +338,7 @@ class SentenceEncoder:
             raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
         try:
             encoder = BertEncoder(config, weights, device=device, dtype=dtype)
-        except ValueError as e:
+        except WeightsMismatchError as e:  # (a bad device, dtype or config keeps its own error)
             raise ValueError(f"{weights_path} does not fit {d / 'config.json'}: {e}") from e
         tokenizer_path = d / "tokenizer.json"
         try:

@@ -570,7 +570,8 @@ def train(cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None, resume:
       progress: called after every step as ``progress(step, loss, lr, tokens_per_s)``
         (step counts from 1).
       log: called with one-line messages (e.g. ``tqdm.write``).
-      eval_every: also evaluate on the held-out set every this many steps and ``log`` it.
+      eval_every: also evaluate on the held-out set every this many steps and ``log`` it (0 or
+        None: never).
       threads: CPU threads for BLAS and the worker pool while training: "auto" (default) by
         the step's size (:func:`step_work`, :func:`topkattn.threads.threads_for`: one thread
         for train-toy's default size), an int, or None to leave the settings as they are.
@@ -600,7 +601,7 @@ def train(cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None, resume:
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     if threads is not None and threads != "auto":
         check_int("threads", threads, 1)
-    eval_every = check_int("eval_every", eval_every, 1, optional=True)
+    eval_every = check_int("eval_every", eval_every, 0, optional=True)  # 0 or None: never
     n_threads = run_threads(cfg, device) if threads == "auto" else threads
     with cpu_policy(n_threads) if n_threads is not None else contextlib.nullcontext():
         result = _train(cfg, out_dir=out_dir, resume=resume, device=device, checkpoint_every=checkpoint_every,
@@ -676,12 +677,14 @@ def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eva
 
     def save(step):
         nonlocal saved_at
-        if ckpt_path is None or not is_writer:
+        if ckpt_path is None:
             return
-        bad = nonfinite_parameter(model.params)
+        bad = nonfinite_parameter(model.params)  # on every rank (the replicas are equal): all raise alike
         if bad is not None:  # never replace a good checkpoint by a diverged state
             raise FloatingPointError(f"step {step}: parameter {bad!r} is no longer finite (the run diverged); "
                                      f"{kept()}")
+        if not is_writer:
+            return
         try:
             save_training_state(ckpt_path, params=model.params, optimizer=opt, step=step,
                                 config=cfg.to_dict(), rng=_rng_state(cfg, step),
