@@ -159,6 +159,14 @@ def given_options(ctx, *names):
             if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
 
 
+def refuse_given(options, only_for):
+    """Usage error naming ``options`` (:func:`given_options`' result) when any was given: they apply
+    only to ``only_for`` (e.g. ``"--retriever lorann, not exact"``)."""
+    if options:
+        verb = "applies" if len(options) == 1 else "apply"
+        raise click.UsageError(f"{', '.join(options)} {verb} only to {only_for}")
+
+
 def fail(message):
     """Stop the command (raises, like ``ctx.fail``): ``Error: message`` on stderr, exit status 1
     (the work failed, not the usage)."""

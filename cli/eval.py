@@ -21,6 +21,7 @@ from topkattn.cli.common import (
     load_run_or_fail,
     progress_bar,
     quiet_option,
+    refuse_given,
 )
 
 
@@ -145,9 +146,8 @@ def eval_cmd(run_dir, retriever, recall, k, tail_bound, max_k, n_sequences, batc
         raise click.UsageError("--tail-bound (dynamic k) works with --retriever exact or lorann")
     index_options = given_options(click.get_current_context(), "clusters", "search", "rerank", "rank",
                                   "refit_factor", "no_refit")
-    if retriever != "lorann" and index_options:
-        verb = "applies" if len(index_options) == 1 else "apply"
-        raise click.UsageError(f"{', '.join(index_options)} {verb} only to --retriever lorann, not {retriever}")
+    if retriever != "lorann":
+        refuse_given(index_options, f"--retriever lorann, not {retriever}")
     if refit_factor is not None and no_refit:
         raise click.UsageError("--refit-factor rebuilds an index once it has grown by that factor, --no-refit never "
                                "rebuilds: give one of them")

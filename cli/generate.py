@@ -19,6 +19,7 @@ from topkattn.cli.common import (
     load_run_or_fail,
     progress_bar,
     quiet_option,
+    refuse_given,
 )
 
 
@@ -115,9 +116,8 @@ def generate(run_dir, prompt, prompt_ids, max_new_tokens, temperature, top_p, se
     if top_p != 1.0 and temperature == 0:
         raise click.UsageError("--top-p applies only with --temperature > 0 (0 is greedy)")
     index_options = given_options(click.get_current_context(), "search", "rerank")
-    if retriever != "lorann" and index_options:
-        verb = "applies" if len(index_options) == 1 else "apply"
-        raise click.UsageError(f"{', '.join(index_options)} {verb} only to --retriever lorann, not {retriever}")
+    if retriever != "lorann":
+        refuse_given(index_options, f"--retriever lorann, not {retriever}")
     cfg, model = load_run_or_fail(run_dir)
     ids = prompt_tokens(cfg.task, model.cfg.vocab_size, prompt, prompt_ids)
     check_decode_options(run_dir, cfg, retriever, ["--k"] if k is not None else [])
