@@ -2,7 +2,8 @@
 
 Lowest first:  backend, threads, checks  ->  ops (+ cuda)  ->  layers  ->  model  ->
 {decoding, training}  ->  distributed  ->  cli.  Beside ops: ann and storage (on backend/threads/checks and
-storage only).  Beside the layers: interop and pretrained (on ops and layers).  testing (the
+storage only).  Beside the layers: interop and pretrained (on ops and layers; pretrained reads its
+files through storage).  testing (the
 tests' helpers) on checks and backend only, and nothing in the library imports it.
 A "unit" is a module of the package root or a subpackage; ``cli/`` is installed as topkattn.cli.
 """
@@ -27,7 +28,7 @@ ALLOWED = {  # unit -> the other units it may import
     "layers": BELOW_LAYERS,
     "model": BELOW_LAYERS | {"layers"},
     "interop": BASE | {"ops", "cuda", "layers"},
-    "pretrained": BASE | {"ops", "cuda", "layers"},
+    "pretrained": BASE | {"ops", "cuda", "layers", "storage"},
     "decoding": BELOW_LAYERS | {"layers", "model"},
     "training": BELOW_LAYERS | {"layers", "model"},
     "distributed": BELOW_LAYERS | {"layers", "model", "decoding", "training"},  # MPI on top of the rest
