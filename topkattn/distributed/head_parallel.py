@@ -283,6 +283,26 @@ def _modules(module, prefix=""):
         yield from _modules(child, f"{prefix}{name}.")
 
 
+def layers_of(model: Module, kinds: tuple[type, ...]) -> list[tuple[Module, str, Module, str]]:
+    """Every layer of ``model`` that is one of ``kinds``, as (parent, name, layer, dotted path), in
+    walk order; TypeError when ``model`` is not a module."""
+    if not hasattr(model, "children"):
+        raise TypeError(f"model must be a Transformer or a layer, got {type(model).__name__}")
+    return [(module, name, child, prefix + name) for prefix, module in list(_modules(model))
+            for name, child in module.children() if isinstance(child, kinds)]
+
+
+def replace_layers(model: Module, replaced: list[tuple[Module, str, Module, Module]]) -> None:
+    """Put each (parent, name, old, new) layer in its parent's place (and ``attn``), then rebuild a
+    Transformer's flat parameter views."""
+    for module, name, old, new in replaced:
+        module._children[name] = new
+        if getattr(module, "attn", None) is old:
+            module.attn = new
+    if isinstance(model, Transformer):
+        model._rebuild()
+
+
 def head_parallel(model: Transformer | Module, comm: Any) -> Transformer | Module:
     """Convert every MLA of ``model`` (a :class:`~topkattn.model.Transformer` or a module
     holding MLA children) into a :class:`HeadParallelMLA` on ``comm``, in place; returns ``model``.
@@ -296,28 +316,17 @@ def head_parallel(model: Transformer | Module, comm: Any) -> Transformer | Modul
     _check_comm(comm)
     error = settings = None
     try:  # the local checks and the model's description, agreed before any collective depends on them
-        if not hasattr(model, "children"):
-            raise TypeError(f"model must be a Transformer or a layer, got {type(model).__name__}")
-        todo, layers = [], []
-        for prefix, module in list(_modules(model)):
-            for name, child in module.children():
-                if isinstance(child, MLA):
-                    layers.append((prefix + name, type(child).__name__))
-                    if not isinstance(child, HeadParallelMLA):
-                        todo.append((module, name, child))
+        found = layers_of(model, (MLA,))
+        layers = [(path, type(child).__name__) for _, _, child, path in found]
+        todo = [(module, name, child) for module, name, child, _ in found if not isinstance(child, HeadParallelMLA)]
         settings = dict(model_settings(model, skip=(HeadParallelMLA,)), mla_layers=layers)
         if not layers:
             raise ValueError("model has no MLA layer to split over heads (head-parallel needs attention='mla')")
     except (TypeError, ValueError) as e:
         error = e
     agree_settings(comm, "head_parallel", settings, error)
-    converted = [(module, name, child, HeadParallelMLA(child, comm)) for module, name, child in todo]
-    for module, name, child, hp in converted:  # all built first: a refusal leaves the model as it was
-        module._children[name] = hp
-        if getattr(module, "attn", None) is child:
-            module.attn = hp
-    if isinstance(model, Transformer):
-        model._rebuild()
+    # all built first: a refusal leaves the model as it was
+    replace_layers(model, [(module, name, child, HeadParallelMLA(child, comm)) for module, name, child in todo])
     return model
 
 

@@ -36,7 +36,13 @@ from topkattn.backend import Array, get_array_module
 from topkattn.checks import check_int, logsumexp_rows
 from topkattn.decoding.selectors import ExactSelector
 from topkattn.distributed.comm import agree_settings, allreduce_sum
-from topkattn.distributed.head_parallel import HeadParallelMLA, _modules, layer_settings, model_settings
+from topkattn.distributed.head_parallel import (
+    HeadParallelMLA,
+    layer_settings,
+    layers_of,
+    model_settings,
+    replace_layers,
+)
 from topkattn.distributed.sharded_cache import ShardedKVCache, ShardedMLACache
 from topkattn.distributed.sharded_decoding import (
     ShardedSelection,
@@ -334,32 +340,19 @@ def shard_decoding(model: Transformer, comm: Any, *, block: int | None = None) -
     try:  # the local checks and the model's description, agreed before the layers' own checks
         if block is not None:
             block = check_int("block", block, 1)
-        if not hasattr(model, "children"):
-            raise TypeError(f"model must be a Transformer or a layer, got {type(model).__name__}")
-        found, layers = [], []
-        for prefix, module in list(_modules(model)):
-            for name, child in module.children():
-                if isinstance(child, HeadParallelMLA):
-                    raise ValueError("shard_decoding does not combine with head_parallel (a head-parallel MLA "
-                                     "already splits the heads over the ranks)")
-                if isinstance(child, (MLA, Attention)):
-                    layers.append((prefix + name, type(child).__name__))
-                    if not isinstance(child, (ShardedMLA, ShardedAttention)):
-                        found.append((module, name, child))
+        every = layers_of(model, (MLA, Attention))
+        if any(isinstance(child, HeadParallelMLA) for _, _, child, _ in every):
+            raise ValueError("shard_decoding does not combine with head_parallel (a head-parallel MLA "
+                             "already splits the heads over the ranks)")
+        layers = [(path, type(child).__name__) for _, _, child, path in every]
+        found = [(module, name, child) for module, name, child, _ in every
+                 if not isinstance(child, (ShardedMLA, ShardedAttention))]
         settings = dict(model_settings(model), block=block, attention_layers=layers)
     except (TypeError, ValueError) as e:
         error = e
     agree_settings(comm, "shard_decoding", settings, error)
-    todo = []
-    for module, name, child in found:
-        kind = ShardedMLA if isinstance(child, MLA) else ShardedAttention
-        todo.append((module, name, child, kind(child, comm, block=block)))
-    for module, name, child, sharded in todo:
-        module._children[name] = sharded
-        if getattr(module, "attn", None) is child:
-            module.attn = sharded
-    if isinstance(model, Transformer):
-        model._rebuild()
+    replace_layers(model, [(module, name, child, (ShardedMLA if isinstance(child, MLA) else ShardedAttention)(
+        child, comm, block=block)) for module, name, child in found])
     return model
 
 
