@@ -40,7 +40,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -176,8 +176,6 @@ class TrainConfig(ConfigDict):
         if self.tail is not None and self.attention != "topk":
             raise ValueError(f"tail applies to attention='topk' (token top-k), got tail={self.tail!r} with "
                              f"attention={self.attention!r}")
-        if isinstance(self.dense_layers, (str, bytes)) or not isinstance(self.dense_layers, Iterable):
-            raise TypeError(f"dense_layers must be a sequence of layer indices, got {self.dense_layers!r}")
         self.dense_layers = list(model_config(self, 64).dense_layers)  # the variants' and dense_layers' checks
         if self.task == "mqar":  # the task's own checks (vocabulary and length fit the pairs)
             MQAR(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs)
@@ -202,7 +200,7 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> TransformerConfig:
         topk=cfg.k if cfg.attention == "topk" else None, forget_rate=float(cfg.forget_rate),
         selection="block" if cfg.attention == "block" else "token",
         block_size=cfg.block_size if cfg.attention == "block" else None,
-        topk_blocks=cfg.topk_blocks if cfg.attention == "block" else None, dense_layers=tuple(cfg.dense_layers),
+        topk_blocks=cfg.topk_blocks if cfg.attention == "block" else None, dense_layers=cfg.dense_layers,
         tail=cfg.tail if cfg.attention == "topk" else None,
         rope_base=float(cfg.rope_base), token_shift=cfg.token_shift, dtype="float32", seed=cfg.seed,
         kv_experts=cfg.kv_experts, kv_experts_active=cfg.kv_experts_active, k_rank=cfg.k_rank, v_rank=cfg.v_rank,
@@ -736,14 +734,14 @@ def _train(cfg, *, out_dir, resume, device, checkpoint_every, progress, log, eva
                     state = "the state was not saved (no out_dir)"
                 elif not is_writer:
                     state = "the writing process saves the last good state (when finite)"
-                elif nonfinite_parameter(model.params) is not None:  # the update of step `step` overflowed
-                    state = f"the parameters after step {step} are not finite, not saved; {kept()}"
                 else:
                     try:
                         save(step)
                         state = f"last good state saved at step {step} in {ckpt_path}"
                     except SaveError as e:
                         state = f"the last good state could not be saved: {e}"
+                    except FloatingPointError:  # save's own check: the update of step `step` overflowed
+                        state = f"the parameters after step {step} are not finite, not saved; {kept()}"
                 raise FloatingPointError(f"step {step + 1}: non-finite loss {loss} or gradient norm "
                                          f"{norm}; {state}")
             with np.errstate(over="ignore", invalid="ignore"):  # an overflowing update: the next step stops the run
